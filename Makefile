@@ -1,0 +1,34 @@
+# Two entry points, each doing all the set-up on a fresh machine:
+#   make test   create .venv, install, lint, run the whole test suite
+#   make demo   create .venv, install, run the pipeline on the packaged sample input into ./data
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+# Nothing may fetch model weights from a hub at test or demo time.
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install test lint demo clean
+
+install: $(INSTALLED)
+
+# torch and torchvision first, pinned: open_clip_torch would otherwise pull whatever torch is newest.
+$(INSTALLED): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/pytest
+
+demo: install
+	$(BIN)/laion-assets demo
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,177 @@
+"""The `laion-assets` command: run the per-shard assets from a shell or a script, or the demo."""
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import dagster as dg
+import yaml
+
+from laion_assets.defs.jobs import PER_SHARD_ASSETS
+from laion_assets.defs.metadata import LAYER
+from laion_assets.defs.partitions import shards
+from laion_assets.defs.resources import build_resources
+from laion_assets.pipeline.sources import parse_source_name
+from laion_assets.pipeline.storage import INCOMING, root_from_env
+
+
+@dataclass
+class ShardOutcome:
+    shard: str
+    ran: list[str] = field(default_factory=list)  # asset names materialised
+    rows: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+
+    def line(self) -> str:
+        if self.error:
+            return f"{self.shard}: FAILED ({', '.join(self.ran)}): {self.error}"
+        if not self.ran:
+            return f"{self.shard}: up to date"
+        return f"{self.shard}: " + ", ".join(f"{name} {self.rows.get(name, '?')} rows" for name in self.ran)
+
+
+@contextmanager
+def dagster_instance() -> Iterator[dg.DagsterInstance]:
+    """The instance at $DAGSTER_HOME, or a temporary in-memory one."""
+    if os.environ.get("DAGSTER_HOME"):
+        with dg.DagsterInstance.get() as instance:
+            yield instance
+    else:
+        yield dg.DagsterInstance.ephemeral()
+
+
+def select_assets(names: list[str] | None) -> list[dg.AssetsDefinition]:
+    by_name = {a.key.to_user_string(): a for a in PER_SHARD_ASSETS}
+    if not names:
+        return list(PER_SHARD_ASSETS)
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise SystemExit(f"laion-assets: unknown assets {unknown}; choose from {list(by_name)}")
+    return [by_name[n] for n in names]
+
+
+def load_run_config(path: Path | None) -> dict:
+    """A launchpad-style run config file: `ops: {<asset>: {config: {...}}}`."""
+    if path is None:
+        return {}
+    config = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(config, dict) or set(config) - {"ops"}:
+        raise SystemExit(
+            f"laion-assets: {path}: expected a mapping with only an `ops:` block, got {config!r}"
+        )
+    return config
+
+
+def run_pipeline(
+    root: str,
+    assets: list[dg.AssetsDefinition],
+    run_config: dict,
+    force: bool = False,
+    echo: Callable[[str], None] = print,
+) -> list[ShardOutcome]:
+    """Register a shard per file in `incoming/`, then materialise the selected assets each shard lacks."""
+    resources_ = build_resources(root)
+    store = resources_["store"].get_store()
+    shard_names = sorted({parse_source_name(f.name).shard for f in store.list(INCOMING)})
+    echo(f"{len(shard_names)} shards in {store.url(INCOMING)}")
+    outcomes = []
+    with dagster_instance() as instance:
+        known = set(instance.get_dynamic_partitions(shards.name))
+        instance.add_dynamic_partitions(shards.name, [s for s in shard_names if s not in known])
+        for shard in shard_names:
+            todo = [
+                a
+                for a in assets
+                if force
+                or not store.exists(store.shard_file(a.metadata_by_key[a.key][LAYER], shard, "parquet"))
+            ]
+            outcome = (
+                _materialize(instance, resources_, shard, todo, run_config) if todo else ShardOutcome(shard)
+            )
+            echo(outcome.line())
+            outcomes.append(outcome)
+    return outcomes
+
+
+def _materialize(
+    instance, resources_, shard: str, todo: list[dg.AssetsDefinition], run_config: dict
+) -> ShardOutcome:
+    names = [a.key.to_user_string() for a in todo]
+    ops = {name: block for name, block in (run_config.get("ops") or {}).items() if name in names}
+    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    result = dg.materialize(
+        PER_SHARD_ASSETS,
+        selection=todo,
+        partition_key=shard,
+        instance=instance,
+        resources=resources_,
+        run_config={"ops": ops, **quiet} if ops else quiet,
+        raise_on_error=False,
+        tags={"laion_assets/trigger": "cli"},
+    )
+    outcome = ShardOutcome(shard, ran=names)
+    for name in names:
+        for materialization in result.asset_materializations_for_node(name):
+            outcome.rows[name] = materialization.metadata["dagster/row_count"].value
+    outcome.error = failure_message(result)
+    return outcome
+
+
+def failure_message(result: dg.ExecuteInProcessResult) -> str | None:
+    """The innermost error of the first failed step, without its class name; None if no step failed."""
+    failure = next((e for e in result.all_events if e.is_step_failure), None)
+    if failure is None:
+        return None
+    error = failure.step_failure_data.error
+    while error.cause is not None:
+        error = error.cause
+    return error.message.strip().split(f"{error.cls_name}: ", 1)[-1]
+
+
+def seed_demo_input(root: str) -> list[str]:
+    """Copy the packaged sample sources into `{root}/incoming/` where they are not there yet."""
+    store = build_resources(root)["store"].get_store()
+    copied = []
+    for sample in resources.files("laion_assets").joinpath("sample").iterdir():
+        target = f"{INCOMING}/{sample.name}"
+        if not store.exists(target):
+            store.write_bytes(target, sample.read_bytes())
+            copied.append(sample.name)
+    return copied
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="laion-assets", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    root_help = "dataset root: a folder or s3://bucket/prefix (default: $LAION_ASSETS_ROOT, else ./data)"
+
+    run = sub.add_parser("run", help="materialise the per-shard assets for every file in {root}/incoming/")
+    run.add_argument("--root", default=None, help=root_help)
+    run.add_argument("--select", default=None, help="comma-separated asset names (default: all)")
+    run.add_argument("--config", type=Path, default=None, help="run config YAML, as in the launchpad")
+    run.add_argument("--force", action="store_true", help="materialise again where the outputs exist")
+
+    demo = sub.add_parser("demo", help="copy the sample input into {root}/incoming/ and run everything")
+    demo.add_argument("--root", default=None, help=root_help)
+
+    args = parser.parse_args(argv)
+    root = args.root or root_from_env()
+    if args.command == "demo":
+        copied = seed_demo_input(root)
+        print(f"sample input: {', '.join(copied) or 'already in place'}")
+        outcomes = run_pipeline(root, list(PER_SHARD_ASSETS), {})
+        print(f"outputs under {build_resources(root)['store'].get_store().url('')}")
+        print(f"open the Dagster UI on the same data: LAION_ASSETS_ROOT={root} dagster dev")
+    else:
+        assets = select_assets(args.select.split(",") if args.select else None)
+        outcomes = run_pipeline(root, assets, load_run_config(args.config), force=args.force)
+    return 1 if any(o.error for o in outcomes) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The sensor that turns new files in `incoming/` into shards, and the schedule that catches up."""
+
+import json
+
+import dagster as dg
+
+from laion_assets.defs.jobs import PER_SHARD_ASSETS, shard_job
+from laion_assets.defs.partitions import shards
+from laion_assets.defs.resources import DatasetStoreResource
+from laion_assets.pipeline.sources import parse_source_name
+from laion_assets.pipeline.storage import INCOMING
+
+SOURCE_FILE_TAG = "laion_assets/source_file"
+
+
+@dg.sensor(job=shard_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
+def incoming_files_sensor(
+    context: dg.SensorEvaluationContext, store: DatasetStoreResource
+) -> dg.SensorResult:
+    """Adds a shard for each new file in `{root}/incoming/` and runs its assets.
+
+    The cursor maps each file name to its content fingerprint (S3 ETag, or size and mtime), so a
+    file counts once; a file replaced with new content gets its shard run again.
+    """
+    seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+    files = store.get_store().list(INCOMING)
+    known = set(context.instance.get_dynamic_partitions(shards.name))
+    new_shards: list[str] = []
+    run_requests = []
+    for file in files:
+        if seen.get(file.name) == file.fingerprint:
+            continue
+        shard = parse_source_name(file.name).shard
+        if shard not in known and shard not in new_shards:
+            new_shards.append(shard)
+        run_requests.append(
+            dg.RunRequest(
+                run_key=f"{file.name}:{file.fingerprint}",
+                partition_key=shard,
+                tags={
+                    SOURCE_FILE_TAG: file.name,
+                    "laion_assets/trigger": "changed" if file.name in seen else "new",
+                },
+            )
+        )
+    return dg.SensorResult(
+        run_requests=run_requests,
+        dynamic_partitions_requests=[shards.build_add_request(new_shards)] if new_shards else [],
+        cursor=json.dumps({f.name: f.fingerprint for f in files}, sort_keys=True),
+        skip_reason=None if run_requests else f"no new or changed files among {len(files)} in incoming/",
+    )
+
+
+def shards_to_catch_up(instance: dg.DagsterInstance, partition_keys: list[str]) -> list[str]:
+    """Shards where some per-shard asset was never materialised or its last attempt failed."""
+    stale: set[str] = set()
+    for asset in PER_SHARD_ASSETS:
+        statuses = instance.get_status_by_partition(asset.key, partition_keys, shards) or {}
+        stale.update(
+            key for key in partition_keys if statuses.get(key) in (None, dg.AssetPartitionStatus.FAILED)
+        )
+    return [key for key in partition_keys if key in stale]
+
+
+@dg.schedule(job=shard_job, cron_schedule="0 3 * * *", default_status=dg.DefaultScheduleStatus.RUNNING)
+def catch_up_schedule(context: dg.ScheduleEvaluationContext, store: DatasetStoreResource):
+    """Nightly: reruns each shard still in `incoming/` whose assets are missing or whose last run failed."""
+    present = {parse_source_name(f.name).shard for f in store.get_store().list(INCOMING)}
+    keys = [k for k in context.instance.get_dynamic_partitions(shards.name) if k in present]
+    stale = shards_to_catch_up(context.instance, keys)
+    if not stale:
+        return dg.SkipReason(f"all {len(keys)} shards are materialised")
+    day = context.scheduled_execution_time.strftime("%Y-%m-%d")
+    return [
+        dg.RunRequest(
+            run_key=f"catch-up:{day}:{shard}", partition_key=shard, tags={"laion_assets/trigger": "catch-up"}
+        )
+        for shard in stale
+    ]

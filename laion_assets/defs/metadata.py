@@ -1,0 +1,20 @@
+"""Helpers for the metadata that assets attach to their definitions and materialisations."""
+
+import dagster as dg
+import pyarrow as pa
+
+# Asset definition metadata: the storage layer (folder under the root) holding `<shard>.parquet`.
+LAYER = "laion_assets/layer"
+
+
+def preview(table: pa.Table, columns: list[str], rows: int = 5, width: int = 80) -> dg.MetadataValue:
+    """The first rows as a markdown table, long cells cut."""
+
+    def cell(value: object) -> str:
+        text = "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    head = table.select(columns).slice(0, rows).to_pylist()
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in head]
+    return dg.MetadataValue.md("\n".join(lines))

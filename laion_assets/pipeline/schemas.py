@@ -1,0 +1,40 @@
+"""The one place where the columns of every stored table are defined (see DESIGN.md)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# crawl_metadata/<shard>.parquet: one row per (url, caption) found in a source file.
+# `key` is `<shard>-<row:08d>` and is the join key of every later stage.
+# `source_offset` is the byte offset of the WARC record for WAT sources and the
+# row number inside the file for URL lists.
+CRAWL_METADATA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("url", pa.string(), nullable=False),
+        pa.field("caption", pa.string(), nullable=False),
+        pa.field("page_url", pa.string()),
+        pa.field("license", pa.string()),
+        pa.field("source_file", pa.string(), nullable=False),
+        pa.field("source_offset", pa.int64()),
+    ]
+)
+
+
+def make_key(shard: str, row: int) -> str:
+    return f"{shard}-{row:08d}"
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Cast `table` to `schema` for the contract columns, keeping any extra columns after them.
+
+    Raises ValueError naming the missing columns, so a writer can never drop one silently.
+    """
+    missing = [name for name in schema.names if name not in table.column_names]
+    if missing:
+        raise ValueError(f"table lacks contract columns {missing}; has {table.column_names}")
+    extras = [name for name in table.column_names if name not in schema.names]
+    contract = table.select(schema.names).cast(schema)
+    for name in extras:
+        contract = contract.append_column(table.schema.field(name), table.column(name))
+    return contract

@@ -1,0 +1,272 @@
+"""Reading source files from `{root}/incoming/`: URL lists and Common Crawl WAT files.
+
+A reader returns an Arrow table of candidate rows (`url`, `caption`, `page_url`, `license`,
+`source_offset` and pass-through columns) plus the count of rows it dropped by reason. The rules
+shared by every format (valid URL, non-empty caption, dedup) are applied later in `crawl.py`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import re
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO
+from urllib.parse import urljoin, urlsplit
+
+import ftfy
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+from warcio.archiveiterator import ArchiveIterator
+from warcio.exceptions import ArchiveLoadFailed
+
+from laion_assets.pipeline import schemas
+
+URL_LIST_FORMATS = {
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+}
+WAT_SUFFIXES = (".warc.wat", ".wat")
+
+# Looked up case-insensitively, first match wins: LAION (URL/TEXT/LICENSE), DataComp (url/text),
+# img2dataset (url/caption).
+URL_CANDIDATES = ("url", "image_url", "img_url")
+CAPTION_CANDIDATES = ("caption", "text", "alt", "alt_text")
+LICENSE_CANDIDATES = ("license",)
+PAGE_URL_CANDIDATES = ("page_url",)
+
+# Columns a reader produces itself. A pass-through source column named like any contract column is
+# renamed `source_<name>`.
+READER_COLUMNS = ("url", "caption", "page_url", "license", "source_offset")
+
+
+class SourceError(ValueError):
+    """A source file that cannot be read; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class SourceName:
+    name: str
+    shard: str
+    format: str  # parquet | csv | tsv | jsonl | wat | unknown
+    gzipped: bool
+
+
+def parse_source_name(name: str) -> SourceName:
+    """The shard and format of a file in `incoming/`.
+
+    The shard is the stem restricted to `[A-Za-z0-9_-]`. A file of unknown format still names a
+    shard (its last extension removed), so it shows up as a partition that fails with a clear
+    message instead of being skipped unnoticed.
+    """
+    stem, gzipped = (name[: -len(".gz")], True) if name.lower().endswith(".gz") else (name, False)
+    lower = stem.lower()
+    suffix = next((s for s in (*WAT_SUFFIXES, *URL_LIST_FORMATS) if lower.endswith(s)), None)
+    if suffix is None:
+        fmt, stem = "unknown", stem.rsplit(".", 1)[0] if "." in stem.lstrip(".") else stem
+    else:
+        fmt, stem = ("wat" if suffix in WAT_SUFFIXES else URL_LIST_FORMATS[suffix]), stem[: -len(suffix)]
+    shard = re.sub(r"[^A-Za-z0-9_-]", "_", stem) or "_"
+    return SourceName(name=name, shard=shard, format=fmt, gzipped=gzipped)
+
+
+def find_source(names: list[str], shard: str) -> SourceName:
+    """The one source file among `names` that makes `shard`."""
+    matches = [s for s in map(parse_source_name, names) if s.shard == shard]
+    if not matches:
+        raise SourceError(f"no file in incoming/ makes shard {shard!r} (is it deleted or renamed?)")
+    if len(matches) > 1:
+        raise SourceError(
+            f"several files in incoming/ make shard {shard!r}: {[m.name for m in matches]}; "
+            "rename all but one, shard names must be unique"
+        )
+    return matches[0]
+
+
+@dataclass(frozen=True)
+class ColumnNames:
+    """Source column names; None means: find it among the common names."""
+
+    url: str | None = None
+    caption: str | None = None
+    license: str | None = None
+
+
+def read_source(stream: IO[bytes], source: SourceName, columns: ColumnNames, min_alt_length: int):
+    """Read one source file into candidate rows. Returns (table, dropped-by-reason counter)."""
+    if source.format == "unknown":
+        known = ", ".join([*URL_LIST_FORMATS, ".warc.wat"])
+        raise SourceError(f"{source.name}: unknown source format; expected one of {known}, optionally .gz")
+    try:
+        if source.gzipped:
+            _check_gzip_magic(stream, source.name)
+        if source.format == "wat":
+            # warcio decompresses member by member itself, so offsets are those of the file on disk
+            # (what Common Crawl's indexes use to fetch one record with a range request).
+            return read_wat(stream, source.name, min_alt_length)
+        if source.gzipped:
+            stream = gzip.GzipFile(fileobj=stream, mode="rb")
+        return read_url_list(stream, source, columns), Counter()
+    except SourceError:
+        raise
+    except (OSError, EOFError, zlib.error, pa.ArrowException, UnicodeDecodeError) as exc:
+        raise SourceError(f"{source.name}: cannot read as {source.format}: {exc}") from exc
+
+
+def _check_gzip_magic(stream: IO[bytes], name: str) -> None:
+    if stream.read(2) != b"\x1f\x8b":
+        raise SourceError(f"{name}: not a readable gzip file (it does not start with the gzip magic bytes)")
+    stream.seek(0)
+
+
+# URL lists
+
+
+def read_url_list(stream: IO[bytes], source: SourceName, columns: ColumnNames) -> pa.Table:
+    table = _read_table(stream, source.format)
+    url = _find_column(table, columns.url, URL_CANDIDATES, "URL", source.name, required=True)
+    caption = _find_column(table, columns.caption, CAPTION_CANDIDATES, "caption", source.name, required=True)
+    license_ = _find_column(
+        table, columns.license, LICENSE_CANDIDATES, "license", source.name, required=False
+    )
+    page_url = _find_column(table, None, PAGE_URL_CANDIDATES, "page URL", source.name, required=False)
+    picked = {"url": url, "caption": caption, "license": license_, "page_url": page_url}
+    out = {
+        name: table.column(col).cast(pa.string()) if col else pa.nulls(table.num_rows, pa.string())
+        for name, col in picked.items()
+    }
+    out["source_offset"] = pa.array(range(table.num_rows), pa.int64())
+    used = {c for c in picked.values() if c}
+    for name in table.column_names:
+        if name not in used:
+            out[f"source_{name}" if name in schemas.CRAWL_METADATA.names else name] = table.column(name)
+    return pa.table(out)
+
+
+def _read_table(stream: IO[bytes], fmt: str) -> pa.Table:
+    if fmt == "parquet":
+        return pq.read_table(io.BytesIO(stream.read()))
+    if fmt == "jsonl":
+        return pa_json.read_json(stream)
+    delimiter = "\t" if fmt == "tsv" else ","
+    return pa_csv.read_csv(
+        stream,
+        parse_options=pa_csv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+        convert_options=pa_csv.ConvertOptions(strings_can_be_null=True),
+    )
+
+
+def _find_column(
+    table: pa.Table, configured: str | None, candidates: tuple[str, ...], what: str, name: str, required: bool
+) -> str | None:
+    if configured:
+        if configured not in table.column_names:
+            raise SourceError(
+                f"{name}: configured {what} column {configured!r} not found; columns are {table.column_names}"
+            )
+        return configured
+    by_lower = {}
+    for col in table.column_names:
+        by_lower.setdefault(col.lower(), col)
+    found = next((by_lower[c] for c in candidates if c in by_lower), None)
+    if found is None and required:
+        raise SourceError(
+            f"{name}: no {what} column found (looked for {list(candidates)}, any case); "
+            f"columns are {table.column_names}; set the column name in the crawl_metadata config"
+        )
+    return found
+
+
+# Common Crawl WAT
+
+
+def read_wat(stream: IO[bytes], name: str, min_alt_length: int) -> tuple[pa.Table, Counter]:
+    """Every `<img>` with alt text in the HTML response records of a WAT file, as LAION extracted them."""
+    dropped: Counter = Counter()
+    rows: dict[str, list] = {c: [] for c in READER_COLUMNS}
+    for offset, envelope in _wat_envelopes(stream, name, dropped):
+        for row in _image_links(envelope, min_alt_length, dropped):
+            for column, value in zip(READER_COLUMNS, (*row, offset), strict=True):
+                rows[column].append(value)
+    schema = pa.schema([(c, pa.int64() if c == "source_offset" else pa.string()) for c in READER_COLUMNS])
+    return pa.table(rows, schema=schema), dropped
+
+
+def _wat_envelopes(stream: IO[bytes], name: str, dropped: Counter) -> Iterator[tuple[int, dict]]:
+    """(record offset, Envelope) of each parseable metadata record; unparseable ones are counted."""
+    records = ArchiveIterator(stream, no_record_parse=False, arc2warc=False)
+    seen = 0
+    try:
+        for record in records:
+            seen += 1
+            if record.rec_type != "metadata":
+                continue
+            payload = record.content_stream().read()
+            offset = records.get_record_offset()  # reads the record to its end: take the payload first
+            try:
+                envelope = json.loads(payload)["Envelope"]
+            except (ValueError, KeyError, TypeError):
+                dropped["corrupt_record"] += 1
+                continue
+            yield offset, envelope
+    except (ArchiveLoadFailed, OSError, EOFError, zlib.error) as exc:
+        if seen == 0:
+            raise SourceError(f"{name}: not a readable WAT file: {exc}") from exc
+        # A damaged tail: what was read stands, the rest of the file is one counted corrupt record.
+        dropped["corrupt_record"] += 1
+
+
+def _image_links(envelope: dict, min_alt_length: int, dropped: Counter) -> Iterator[tuple]:
+    """(url, caption, page_url, license) for each usable `<img>` of one HTML response."""
+    try:
+        header = envelope["WARC-Header-Metadata"]
+        if header.get("WARC-Type") != "response":
+            return
+        html = envelope["Payload-Metadata"]["HTTP-Response-Metadata"]["HTML-Metadata"]
+        page_url = header["WARC-Target-URI"]
+    except (KeyError, TypeError):
+        return  # not an HTML page: no images to take
+    head = html.get("Head") or {}
+    base = urljoin(page_url, head.get("Base") or "")
+    links = [link for link in (html.get("Links") or []) if isinstance(link, dict)]
+    license_ = _page_license(links + [x for x in head.get("Link") or [] if isinstance(x, dict)], base)
+    for link in links:
+        if link.get("path") != "IMG@/src" or "url" not in link:
+            continue
+        src = str(link["url"]).strip()
+        if src.lower().startswith(("data:", "javascript:")):
+            dropped["data_or_javascript_url"] += 1
+            continue
+        url = urljoin(base, src)
+        if urlsplit(url).path.lower().endswith((".svg", ".gif")):
+            dropped["svg_or_gif"] += 1
+            continue
+        alt = clean_text(str(link.get("alt") or ""))
+        if len(alt) < min_alt_length:
+            dropped["short_alt"] += 1
+            continue
+        yield url, alt, page_url, license_
+
+
+def _page_license(links: list[dict], base: str) -> str | None:
+    """The first Creative Commons URL linked with rel=license, as LAION recorded it."""
+    for link in links:
+        rel = str(link.get("rel") or "").lower().split()
+        url = urljoin(base, str(link.get("url") or ""))
+        if "license" in rel and "creativecommons.org" in url.lower():
+            return url
+    return None
+
+
+def clean_text(text: str) -> str:
+    """Mojibake fixed and whitespace collapsed."""
+    return " ".join(ftfy.fix_text(text).split())

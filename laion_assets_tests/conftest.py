@@ -1,0 +1,68 @@
+"""Shared fixtures: a real S3 endpoint on loopback (moto's server), local and S3 dataset roots."""
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+
+from laion_assets.pipeline.storage import DatasetStore
+
+# Nothing in the tests may reach a model hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server on a free loopback port, with the AWS_* variables pointing at it."""
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield endpoint
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def s3_root(s3_endpoint: str) -> str:
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/datasets/laion"
+
+
+@pytest.fixture
+def local_root(tmp_path) -> str:
+    return str(tmp_path / "data")
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request) -> str:
+    """Each test using this runs once on a local folder and once on S3."""
+    return request.getfixturevalue(f"{request.param}_root")
+
+
+@pytest.fixture
+def store(root: str) -> DatasetStore:
+    return DatasetStore(root)

@@ -1,0 +1,74 @@
+import os
+import subprocess
+import sys
+
+import dagster as dg
+import pytest
+
+from laion_assets.cli import main
+from laion_assets.defs.partitions import shards
+from laion_assets.pipeline.storage import DatasetStore
+
+A = b"url,caption\nhttp://a.com/1.jpg,a cat\nhttp://a.com/2.jpg,a dog\n"
+B = b'{"link": "http://b.com/1.jpg", "caption": "a bird"}\n'
+
+
+@pytest.fixture(autouse=True)
+def _no_dagster_home(monkeypatch):
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+
+
+def test_run_every_shard_then_nothing_left(root, tmp_path, capsys):
+    store = DatasetStore(root)
+    store.write_bytes("incoming/a.csv", A)
+    store.write_bytes("incoming/b.jsonl", B)
+    assert main(["run", "--root", root]) == 1  # b has no URL column the reader knows
+    out = capsys.readouterr().out
+    assert "2 shards in" in out
+    assert "a: crawl_metadata 2 rows" in out
+    assert "b: FAILED (crawl_metadata): b.jsonl: no URL column found" in out
+    assert store.read_parquet("crawl_metadata/a.parquet").num_rows == 2
+
+    # a run config, as the launchpad takes it, fixes b; a is skipped as present
+    config = tmp_path / "run.yaml"
+    config.write_text("ops:\n  crawl_metadata:\n    config:\n      url_column: link\n")
+    assert main(["run", "--root", root, "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "a: up to date" in out
+    assert "b: crawl_metadata 1 rows" in out
+
+    assert main(["run", "--root", root, "--select", "crawl_metadata", "--force"]) == 1
+    assert "a: crawl_metadata 2 rows" in capsys.readouterr().out
+
+
+def test_run_registers_shards_in_dagster_home(local_root, tmp_path, monkeypatch, capsys):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    DatasetStore(local_root).write_bytes("incoming/a.csv", A)
+    assert main(["run", "--root", local_root]) == 0
+    with dg.DagsterInstance.get() as instance:
+        assert instance.get_dynamic_partitions(shards.name) == ["a"]
+        assert instance.get_materialized_partitions(dg.AssetKey("crawl_metadata")) == {"a"}
+
+
+def test_unknown_asset_and_bad_config(local_root, tmp_path):
+    with pytest.raises(SystemExit, match=r"unknown assets \['nope'\]"):
+        main(["run", "--root", local_root, "--select", "nope"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("resources:\n  store: {}\n")
+    with pytest.raises(SystemExit, match="only an `ops:` block"):
+        main(["run", "--root", local_root, "--config", str(bad)])
+
+
+def test_demo_as_a_user_runs_it(tmp_path):
+    """The installed console script, in a fresh folder, with the default root."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "LAION_ASSETS_ROOT")}
+    script = os.path.join(os.path.dirname(sys.executable), "laion-assets")
+    done = subprocess.run(
+        [script, "demo"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "sample-laion-style: crawl_metadata 4 rows" in done.stdout
+    table = DatasetStore(str(tmp_path / "data")).read_parquet("crawl_metadata/sample-laion-style.parquet")
+    assert table.column("caption").to_pylist()[0] == "A red square on a white background"

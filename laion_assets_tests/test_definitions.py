@@ -1,0 +1,38 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from laion_assets.definitions import defs
+from laion_assets.defs.resources import build_resources
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_definitions_list_assets_sensor_schedule():
+    repo = defs.get_repository_def()
+    assert {key.to_user_string() for key in repo.asset_graph.get_all_asset_keys()} == {"crawl_metadata"}
+    assert [s.name for s in repo.sensor_defs] == ["incoming_files_sensor"]
+    assert [s.name for s in repo.schedule_defs] == ["catch_up_schedule"]
+    assert repo.get_job("shard_pipeline").partitions_def.name == "shards"
+
+
+def test_root_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("LAION_ASSETS_ROOT", "s3://bucket/prefix")
+    assert build_resources()["store"].root == "s3://bucket/prefix"
+    assert build_resources("/data/x")["store"].root == "/data/x"
+    monkeypatch.delenv("LAION_ASSETS_ROOT")
+    assert build_resources()["store"].root == "./data"
+
+
+def test_dagster_cli_validates_the_workspace():
+    dagster = os.path.join(os.path.dirname(sys.executable), "dagster")
+    done = subprocess.run(
+        [dagster, "definitions", "validate", "-w", "workspace.yaml"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "All code locations passed validation" in done.stdout + done.stderr

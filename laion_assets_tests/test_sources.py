@@ -1,0 +1,191 @@
+import gzip
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+import pytest
+
+from laion_assets.pipeline.crawl import CrawlConfig, build_crawl_metadata
+from laion_assets.pipeline.sources import ColumnNames, SourceError, find_source, parse_source_name
+from laion_assets.pipeline.storage import DatasetStore
+
+
+@pytest.mark.parametrize(
+    ("name", "shard", "fmt", "gzipped"),
+    [
+        (
+            "CC-MAIN-20220924151538-20220924181538-00000.warc.wat.gz",
+            "CC-MAIN-20220924151538-20220924181538-00000",
+            "wat",
+            True,
+        ),
+        ("part-00000.snappy.parquet", "part-00000_snappy", "parquet", False),
+        ("urls.csv.gz", "urls", "csv", True),
+        ("cc 3m (train).TSV", "cc_3m__train_", "tsv", False),
+        ("datacomp.jsonl", "datacomp", "jsonl", False),
+        ("notes.xlsx", "notes", "unknown", False),
+    ],
+)
+def test_parse_source_name(name, shard, fmt, gzipped):
+    source = parse_source_name(name)
+    assert (source.shard, source.format, source.gzipped) == (shard, fmt, gzipped)
+
+
+def test_find_source_names_the_problem():
+    assert find_source(["a.csv", "b.jsonl"], "b").name == "b.jsonl"
+    with pytest.raises(SourceError, match=r"no file in incoming/ makes shard 'c'"):
+        find_source(["a.csv"], "c")
+    with pytest.raises(SourceError, match=r"several files .* 'a': \['a.csv', 'a.jsonl'\]"):
+        find_source(["a.csv", "a.jsonl"], "a")
+
+
+# One table per dataset convention: LAION-400M parquet, DataComp, img2dataset.
+LAION = {
+    "URL": ["http://a.com/1.jpg", "https://b.org/2.png"],
+    "TEXT": ["a red car", "two dogs"],
+    "LICENSE": ["?", "https://creativecommons.org/licenses/by/4.0/"],
+    "similarity": [0.31, 0.42],
+}
+DATACOMP = {
+    "uid": ["u1", "u2"],
+    "url": ["http://a.com/1.jpg", "https://b.org/2.png"],
+    "text": ["a red car", "two dogs"],
+}
+IMG2DATASET = {"url": ["http://a.com/1.jpg", "https://b.org/2.png"], "caption": ["a red car", "two dogs"]}
+
+
+def _encode(columns: dict, fmt: str) -> bytes:
+    table = pa.table(columns)
+    out = io.BytesIO()
+    if fmt == "parquet":
+        pq.write_table(table, out)
+    elif fmt in ("csv", "tsv"):
+        pa_csv.write_csv(table, out, pa_csv.WriteOptions(delimiter="\t" if fmt == "tsv" else ","))
+    else:
+        out.write("".join(json.dumps(row) + "\n" for row in table.to_pylist()).encode())
+    return out.getvalue()
+
+
+def _crawl(store: DatasetStore, name: str, data: bytes, config: CrawlConfig | None = None):
+    store.write_bytes(f"incoming/{name}", data)
+    return build_crawl_metadata(store, parse_source_name(name), config or CrawlConfig())
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "tsv", "jsonl"])
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize(
+    ("convention", "extras"), [(LAION, ["similarity"]), (DATACOMP, ["uid"]), (IMG2DATASET, [])]
+)
+def test_url_lists_every_format_and_convention(local_root, fmt, gz, convention, extras):
+    data = _encode(convention, fmt)
+    name = f"part-1.{fmt}" + (".gz" if gz else "")
+    result = _crawl(DatasetStore(local_root), name, gzip.compress(data) if gz else data)
+    rows = result.table.to_pylist()
+    assert [(r["key"], r["url"], r["caption"]) for r in rows] == [
+        ("part-1-00000000", "http://a.com/1.jpg", "a red car"),
+        ("part-1-00000001", "https://b.org/2.png", "two dogs"),
+    ]
+    assert result.table.column_names == [
+        "key",
+        "url",
+        "caption",
+        "page_url",
+        "license",
+        "source_file",
+        "source_offset",
+        *extras,
+    ]
+    assert [r["source_file"] for r in rows] == [name, name]
+    assert [r["source_offset"] for r in rows] == [0, 1]
+    expected_license = LAION["LICENSE"] if convention is LAION else [None, None]
+    assert [r["license"] for r in rows] == expected_license
+
+
+def test_rules_drop_and_count(local_root):
+    rows = [
+        {"url": "http://a.com/1.jpg", "caption": "kept"},
+        {"url": "  http://a.com/1.jpg ", "caption": "kept  "},  # the same pair once trimmed
+        {"url": "http://a.com/1.jpg", "caption": "same url, other caption"},
+        {"url": None, "caption": "no url"},
+        {"url": "ftp://a.com/x.jpg", "caption": "ftp"},
+        {"url": "/relative/x.jpg", "caption": "relative"},
+        {"url": "http://", "caption": "no host"},
+        {"url": "HTTPS://B.org/2.png", "caption": "upper-case scheme"},
+        {"url": "http://a.com/2.jpg", "caption": "   "},
+        {"url": "http://a.com/3.jpg", "caption": None},
+    ]
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    result = _crawl(DatasetStore(local_root), "s.jsonl", data)
+    assert [(r["url"], r["caption"], r["source_offset"]) for r in result.table.to_pylist()] == [
+        ("http://a.com/1.jpg", "kept", 0),
+        ("http://a.com/1.jpg", "same url, other caption", 2),
+        ("HTTPS://B.org/2.png", "upper-case scheme", 7),
+    ]
+    assert result.rows_read == 10
+    assert result.dropped == {"duplicate": 1, "empty_caption": 2, "invalid_url": 4}
+
+
+def test_configured_columns_and_reserved_names_pass_through(local_root):
+    data = _encode(
+        {
+            "link": ["http://a.com/x.jpg"],
+            "alt": ["a thing"],
+            "page_url": ["http://a.com/"],
+            "key": ["theirs"],
+            "lic": ["cc-by"],
+        },
+        "parquet",
+    )
+    config = CrawlConfig(columns=ColumnNames(url="link", license="lic"))
+    row = _crawl(DatasetStore(local_root), "c.parquet", data, config).table.to_pylist()[0]
+    assert row["url"] == "http://a.com/x.jpg"
+    assert row["caption"] == "a thing"  # found by its common name
+    assert row["license"] == "cc-by"
+    assert row["page_url"] == "http://a.com/"
+    assert row["key"] == "c-00000000" and row["source_key"] == "theirs"
+
+
+def test_no_url_column_names_file_and_columns(local_root):
+    data = _encode({"link": ["http://a.com/x.jpg"], "caption": ["x"]}, "csv")
+    with pytest.raises(
+        SourceError, match=r"bad\.csv: no URL column found .* columns are \['link', 'caption'\]"
+    ):
+        _crawl(DatasetStore(local_root), "bad.csv", data)
+
+
+def test_configured_column_missing(local_root):
+    with pytest.raises(SourceError, match=r"configured caption column 'words' not found"):
+        _crawl(
+            DatasetStore(local_root),
+            "x.csv",
+            _encode(IMG2DATASET, "csv"),
+            CrawlConfig(columns=ColumnNames(caption="words")),
+        )
+
+
+def test_unreadable_gzip(local_root):
+    with pytest.raises(SourceError, match=r"broken\.csv\.gz: not a readable gzip file"):
+        _crawl(DatasetStore(local_root), "broken.csv.gz", b"url,caption\nhttp://a/x.jpg,x\n")
+
+
+def test_truncated_gzip(local_root):
+    data = gzip.compress(_encode(IMG2DATASET, "jsonl") * 50)
+    with pytest.raises(SourceError, match=r"cut\.jsonl\.gz: cannot read as jsonl"):
+        _crawl(DatasetStore(local_root), "cut.jsonl.gz", data[: len(data) // 2])
+
+
+def test_unknown_format(local_root):
+    with pytest.raises(SourceError, match=r"notes\.xlsx: unknown source format"):
+        _crawl(DatasetStore(local_root), "notes.xlsx", b"PK\x03\x04")
+
+
+def test_not_parquet(local_root):
+    with pytest.raises(SourceError, match=r"fake\.parquet: cannot read as parquet"):
+        _crawl(DatasetStore(local_root), "fake.parquet", b"url,caption\n")
+
+
+def test_crawl_on_s3(s3_root):
+    result = _crawl(DatasetStore(s3_root), "laion.parquet", _encode(LAION, "parquet"))
+    assert result.table.num_rows == 2

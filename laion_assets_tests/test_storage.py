@@ -1,0 +1,83 @@
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from laion_assets.pipeline.storage import DatasetStore
+
+
+def test_write_read_list_remove(store: DatasetStore):
+    assert store.list("incoming") == []
+    store.write_bytes("incoming/b.csv", b"url,caption\n")
+    store.write_bytes("incoming/a.jsonl", b"{}\n")
+    store.write_bytes("incoming/.hidden", b"x")
+    store.write_bytes("incoming/_SUCCESS", b"")
+    assert [f.name for f in store.list("incoming")] == ["a.jsonl", "b.csv"]
+    assert [f.size for f in store.list("incoming")] == [3, 12]
+    with store.open("incoming/b.csv") as f:
+        assert f.read() == b"url,caption\n"
+    assert store.exists("incoming/a.jsonl")
+    store.remove("incoming/a.jsonl")
+    assert not store.exists("incoming/a.jsonl")
+    assert [f.name for f in store.list("incoming")] == ["b.csv"]
+
+
+def test_fingerprint_changes_with_content(store: DatasetStore):
+    store.write_bytes("incoming/a.csv", b"one")
+    before = store.list("incoming")[0].fingerprint
+    store.write_bytes("incoming/a.csv", b"three")
+    assert store.list("incoming")[0].fingerprint != before
+
+
+def test_failed_write_leaves_old_file_whole(store: DatasetStore):
+    store.write_bytes("crawl_metadata/s.parquet", b"old content")
+    with (
+        pytest.raises(RuntimeError, match="writer died"),
+        store.atomic_write("crawl_metadata/s.parquet") as f,
+    ):
+        f.write(b"new but half")
+        raise RuntimeError("writer died")
+    with store.open("crawl_metadata/s.parquet") as f:
+        assert f.read() == b"old content"
+    # no temporary file is left where a listing can see it
+    assert [f.name for f in store.list("crawl_metadata")] == ["s.parquet"]
+
+
+def test_failed_first_write_leaves_nothing(store: DatasetStore):
+    with pytest.raises(RuntimeError), store.atomic_write("images/s.tar") as f:
+        f.write(b"x" * 10_000)
+        raise RuntimeError("writer died")
+    assert not store.exists("images/s.tar")
+
+
+def test_parquet_roundtrip_with_file_metadata(store: DatasetStore):
+    table = pa.table({"key": ["s-00000000"], "n": [1]})
+    store.write_parquet("embeddings/s.parquet", table, metadata={"model": "ViT-B-32"})
+    back = store.read_parquet("embeddings/s.parquet")
+    assert back.to_pylist() == [{"key": "s-00000000", "n": 1}]
+    assert back.schema.metadata[b"model"] == b"ViT-B-32"
+
+
+def test_urls_and_paths(local_root, s3_root):
+    s3 = DatasetStore(s3_root + "/")
+    assert s3.root == s3_root
+    assert s3.url("pairs/a.parquet") == f"{s3_root}/pairs/a.parquet"
+    assert s3.shard_file("pairs", "a", "tar") == "pairs/a.tar"
+    local = DatasetStore(local_root)
+    assert local.url("card/README.md") == f"{local_root}/card/README.md"
+
+
+def test_parquet_on_s3_is_readable_by_pyarrow_directly(s3_root):
+    store = DatasetStore(s3_root)
+    store.write_parquet("pairs/a.parquet", pa.table({"x": [1, 2, 3]}))
+    with store.fs.open(store.path("pairs/a.parquet"), "rb") as f:
+        assert pq.read_table(f).num_rows == 3
+
+
+def test_rejects_unknown_scheme():
+    with pytest.raises(ValueError, match="unsupported dataset root"):
+        DatasetStore("gs://bucket/x")
+
+
+def test_open_refuses_writing(local_root):
+    with pytest.raises(ValueError, match="atomic_write"):
+        DatasetStore(local_root).open("x", "wb")

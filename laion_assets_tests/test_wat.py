@@ -1,0 +1,143 @@
+import pytest
+
+from laion_assets.pipeline.crawl import CrawlConfig, build_crawl_metadata
+from laion_assets.pipeline.sources import SourceError, parse_source_name
+from laion_assets.pipeline.storage import DatasetStore
+from laion_assets_tests.wat_files import Page, img, license_link, wat_bytes
+
+CC_BY = "https://creativecommons.org/licenses/by-sa/4.0/"
+WAT_NAME = "CC-MAIN-20220924151538-20220924181538-00000.warc.wat.gz"
+SHARD = "CC-MAIN-20220924151538-20220924181538-00000"
+
+PAGES = [
+    Page(
+        url="https://blog.example.com/posts/cats.html",
+        links=[
+            img("/img/cat.jpg", "A grey cat asleep on a sofa"),
+            img("small.png", "cat"),  # alt under 5 characters
+            img("https://cdn.example.net/logo.svg", "The blog logo"),
+            img("anim.GIF?v=2", "An animated banner"),
+            img("data:image/png;base64,iVBORw0KGgo=", "Inline pixel image"),
+            img("javascript:void(0)", "Scripted image link"),
+            img("photos/dog.webp", "  A  brown   dog\n running  "),  # whitespace collapsed
+            img("photos/none.jpg"),  # no alt at all
+            {"path": "A@/href", "url": "/about", "text": "About"},
+            license_link(CC_BY),
+        ],
+    ),
+    Page(
+        url="http://shop.example.org/a/b/item?id=7",
+        base="https://static.example.org/assets/",
+        links=[
+            img("chair.jpeg", "Oak chair with a woven seat"),
+            img("//other.example.com/lamp.jpg", "Brass desk lamp â€” vintage"),  # mojibake fixed
+            img("/img/cat.jpg", "Oak chair with a woven seat"),
+            img("chair.jpeg", "Oak chair with a woven seat"),  # exact duplicate of the first
+        ],
+        head_links=[{"path": "LINK@/href", "url": "/license", "rel": "license"}],  # not Creative Commons
+    ),
+    Page(
+        url="https://photos.example.com/",
+        links=[img("mountain.jpg", "Snowy mountain at dawn")],
+        head_links=[{"path": "LINK@/href", "url": CC_BY.replace("by-sa", "by"), "rel": "License"}],
+    ),
+]
+
+
+def _crawl(store: DatasetStore, data: bytes, name: str = WAT_NAME):
+    store.write_bytes(f"incoming/{name}", data)
+    return build_crawl_metadata(store, parse_source_name(name), CrawlConfig())
+
+
+def test_wat_extracts_images_exactly(store):
+    result = _crawl(store, wat_bytes(PAGES))
+    rows = [
+        {k: r[k] for k in ("key", "url", "caption", "page_url", "license")} for r in result.table.to_pylist()
+    ]
+    assert rows == [
+        {
+            "key": f"{SHARD}-00000000",
+            "url": "https://blog.example.com/img/cat.jpg",
+            "caption": "A grey cat asleep on a sofa",
+            "page_url": PAGES[0].url,
+            "license": CC_BY,
+        },
+        {
+            "key": f"{SHARD}-00000001",
+            "url": "https://blog.example.com/posts/photos/dog.webp",
+            "caption": "A brown dog running",
+            "page_url": PAGES[0].url,
+            "license": CC_BY,
+        },
+        {
+            "key": f"{SHARD}-00000002",
+            "url": "https://static.example.org/assets/chair.jpeg",
+            "caption": "Oak chair with a woven seat",
+            "page_url": PAGES[1].url,
+            "license": None,
+        },
+        {
+            "key": f"{SHARD}-00000003",
+            "url": "https://other.example.com/lamp.jpg",
+            "caption": "Brass desk lamp — vintage",
+            "page_url": PAGES[1].url,
+            "license": None,
+        },
+        {
+            "key": f"{SHARD}-00000004",
+            "url": "https://static.example.org/img/cat.jpg",
+            "caption": "Oak chair with a woven seat",
+            "page_url": PAGES[1].url,
+            "license": None,
+        },
+        {
+            "key": f"{SHARD}-00000005",
+            "url": "https://photos.example.com/mountain.jpg",
+            "caption": "Snowy mountain at dawn",
+            "page_url": PAGES[2].url,
+            "license": "https://creativecommons.org/licenses/by/4.0/",
+        },
+    ]
+    assert result.dropped == {
+        "data_or_javascript_url": 2,
+        "duplicate": 1,
+        "empty_caption": 0,
+        "invalid_url": 0,
+        "short_alt": 2,
+        "svg_or_gif": 2,
+    }
+    assert {r["source_file"] for r in result.table.to_pylist()} == {WAT_NAME}
+
+
+def test_wat_offsets_point_at_the_records(local_root):
+    data = wat_bytes(PAGES)
+    result = _crawl(DatasetStore(local_root), data)
+    offsets = result.table.column("source_offset").to_pylist()
+    # images of one page share their record's offset; each offset starts a gzip member
+    assert offsets[0] == offsets[1] < offsets[2] == offsets[3] == offsets[4] < offsets[5]
+    assert all(data[o : o + 2] == b"\x1f\x8b" for o in offsets)
+
+
+def test_corrupt_record_is_skipped_and_counted(local_root):
+    result = _crawl(DatasetStore(local_root), wat_bytes(PAGES, corrupt_after=0))
+    assert result.table.num_rows == 6
+    assert result.dropped["corrupt_record"] == 1
+
+
+def test_damaged_tail_keeps_what_was_read(local_root):
+    data = wat_bytes(PAGES)
+    result = _crawl(DatasetStore(local_root), data[:-40])
+    assert result.table.num_rows == 5  # the last page's record is cut
+    assert result.dropped["corrupt_record"] == 1
+
+
+def test_not_a_wat_file(local_root):
+    with pytest.raises(SourceError, match=rf"{WAT_NAME}: not a readable gzip file"):
+        _crawl(DatasetStore(local_root), b"<html>not a warc</html>")
+
+
+def test_min_alt_length_is_configurable(local_root):
+    store = DatasetStore(local_root)
+    store.write_bytes(f"incoming/{WAT_NAME}", wat_bytes(PAGES))
+    result = build_crawl_metadata(store, parse_source_name(WAT_NAME), CrawlConfig(min_alt_length=3))
+    assert "cat" in result.table.column("caption").to_pylist()
