@@ -10,6 +10,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from laion_assets.pipeline.storage import DatasetStore
+from laion_assets_tests.web import TestWeb
 
 # Nothing in the tests may reach a model hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -66,3 +67,11 @@ def root(request) -> str:
 @pytest.fixture
 def store(root: str) -> DatasetStore:
     return DatasetStore(root)
+
+
+@pytest.fixture
+def web() -> Iterator[TestWeb]:
+    """A real HTTP server on 127.0.0.1 with images and failures (see web.py)."""
+    server = TestWeb().start()
+    yield server
+    server.stop()

@@ -2,18 +2,36 @@
 
 import dagster as dg
 
+from laion_assets.defs.checks import PER_SHARD_CHECKS
 from laion_assets.defs.jobs import PER_SHARD_ASSETS
 from laion_assets.defs.partitions import shards
 from laion_assets.defs.resources import build_resources
 
+# Run config for downloads from the test web on 127.0.0.1: the guard off, failures quick.
+LOCAL_WEB = {
+    "allow_private_networks": True,
+    "connect_timeout": 1,
+    "read_timeout": 1,
+    "request_timeout": 2,
+    "retry_backoff": 0.05,
+}
+
+
+def local_web_config(**crawl_config) -> dict:
+    ops = {"downloaded_images": {"config": LOCAL_WEB}}
+    if crawl_config:
+        ops["crawl_metadata"] = {"config": crawl_config}
+    return {"ops": ops}
+
 
 def materialize_shard(
-    instance: dg.DagsterInstance, root: str, shard: str, run_config: dict | None = None
+    instance: dg.DagsterInstance, root: str, shard: str, run_config: dict | None = None, selection=None
 ) -> dg.ExecuteInProcessResult:
     if shard not in instance.get_dynamic_partitions(shards.name):
         instance.add_dynamic_partitions(shards.name, [shard])
     return dg.materialize(
-        PER_SHARD_ASSETS,
+        [*PER_SHARD_ASSETS, *PER_SHARD_CHECKS],
+        selection=selection,
         partition_key=shard,
         instance=instance,
         resources=build_resources(root),

@@ -7,7 +7,7 @@ from laion_assets.defs.automation import SOURCE_FILE_TAG, catch_up_schedule, inc
 from laion_assets.defs.partitions import shards
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline.storage import DatasetStore
-from laion_assets_tests.dagster_helpers import materialize_shard
+from laion_assets_tests.dagster_helpers import local_web_config, materialize_shard
 
 GOOD = b"url,caption\nhttp://a.com/1.jpg,a cat\n"
 
@@ -53,13 +53,14 @@ def test_sensor_adds_shards_once_and_reruns_changed_files(root):
     assert [r.partition_keys for r in third.dynamic_partitions_requests] == [["b"]]
 
 
-def test_sensor_requested_run_materialises_the_shard(local_root):
+def test_sensor_requested_run_materialises_the_shard(local_root, web):
     store = DatasetStore(local_root)
-    store.write_bytes("incoming/a.csv", GOOD)
+    store.write_bytes("incoming/a.csv", f"url,caption\n{web.url('/img/red.jpg')},a red square\n".encode())
     instance = dg.DagsterInstance.ephemeral()
     (request,) = _tick(instance, local_root, None).run_requests
-    assert materialize_shard(instance, local_root, request.partition_key).success
+    assert materialize_shard(instance, local_root, request.partition_key, local_web_config()).success
     assert store.read_parquet("crawl_metadata/a.parquet").num_rows == 1
+    assert store.read_parquet("images/a.parquet").column("status").to_pylist() == ["success"]
 
 
 def _schedule(instance: dg.DagsterInstance, root: str):
@@ -72,21 +73,23 @@ def _schedule(instance: dg.DagsterInstance, root: str):
         return catch_up_schedule(context)
 
 
-def test_schedule_requests_missing_and_failed_shards(local_root):
+def test_schedule_requests_missing_and_failed_shards(local_root, web):
     store = DatasetStore(local_root)
-    store.write_bytes("incoming/done.csv", GOOD)
+    good = f"url,caption\n{web.url('/img/red.jpg')},a red square\n".encode()
+    store.write_bytes("incoming/done.csv", good)
     store.write_bytes("incoming/broken.csv", b"link,words\nx,y\n")
-    store.write_bytes("incoming/never.csv", GOOD)
+    store.write_bytes("incoming/never.csv", good)
+    config = local_web_config()
     with dg.instance_for_test() as instance:  # on disk: schedules need an instance they can reload
         instance.add_dynamic_partitions(shards.name, ["done", "broken", "never", "gone"])  # gone: no source
-        assert materialize_shard(instance, local_root, "done").success
-        assert not materialize_shard(instance, local_root, "broken").success
+        assert materialize_shard(instance, local_root, "done", config).success
+        assert not materialize_shard(instance, local_root, "broken", config).success
 
         requests = _schedule(instance, local_root)
         assert sorted(r.partition_key for r in requests) == ["broken", "never"]
         assert all(r.run_key.startswith("catch-up:2026-11-23:") for r in requests)
 
-        store.write_bytes("incoming/broken.csv", GOOD)  # fixed at the source
-        assert materialize_shard(instance, local_root, "broken").success
-        assert materialize_shard(instance, local_root, "never").success
+        store.write_bytes("incoming/broken.csv", good)  # fixed at the source
+        assert materialize_shard(instance, local_root, "broken", config).success
+        assert materialize_shard(instance, local_root, "never", config).success
         assert isinstance(_schedule(instance, local_root), dg.SkipReason)

@@ -4,10 +4,12 @@ import sys
 
 import dagster as dg
 import pytest
+import yaml
 
 from laion_assets.cli import main
 from laion_assets.defs.partitions import shards
 from laion_assets.pipeline.storage import DatasetStore
+from laion_assets_tests.dagster_helpers import local_web_config
 
 A = b"url,caption\nhttp://a.com/1.jpg,a cat\nhttp://a.com/2.jpg,a dog\n"
 B = b'{"link": "http://b.com/1.jpg", "caption": "a bird"}\n'
@@ -22,7 +24,8 @@ def test_run_every_shard_then_nothing_left(root, tmp_path, capsys):
     store = DatasetStore(root)
     store.write_bytes("incoming/a.csv", A)
     store.write_bytes("incoming/b.jsonl", B)
-    assert main(["run", "--root", root]) == 1  # b has no URL column the reader knows
+    # only the crawl stage here: these URLs go nowhere (downloads: test_run_downloads_from_the_local_web)
+    assert main(["run", "--root", root, "--select", "crawl_metadata"]) == 1  # b: no URL column it knows
     out = capsys.readouterr().out
     assert "2 shards in" in out
     assert "a: crawl_metadata 2 rows" in out
@@ -32,7 +35,7 @@ def test_run_every_shard_then_nothing_left(root, tmp_path, capsys):
     # a run config, as the launchpad takes it, fixes b; a is skipped as present
     config = tmp_path / "run.yaml"
     config.write_text("ops:\n  crawl_metadata:\n    config:\n      url_column: link\n")
-    assert main(["run", "--root", root, "--config", str(config)]) == 0
+    assert main(["run", "--root", root, "--select", "crawl_metadata", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "a: up to date" in out
     assert "b: crawl_metadata 1 rows" in out
@@ -46,10 +49,29 @@ def test_run_registers_shards_in_dagster_home(local_root, tmp_path, monkeypatch,
     home.mkdir()
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     DatasetStore(local_root).write_bytes("incoming/a.csv", A)
-    assert main(["run", "--root", local_root]) == 0
+    assert main(["run", "--root", local_root, "--select", "crawl_metadata"]) == 0
     with dg.DagsterInstance.get() as instance:
         assert instance.get_dynamic_partitions(shards.name) == ["a"]
         assert instance.get_materialized_partitions(dg.AssetKey("crawl_metadata")) == {"a"}
+
+
+def test_run_downloads_from_the_local_web(root, web, tmp_path, capsys):
+    store = DatasetStore(root)
+    urls = [web.url("/img/red.jpg"), web.url("/404.jpg"), web.url("/img/blue.webp")]
+    store.write_bytes(
+        "incoming/w.csv", ("url,caption\n" + "".join(f"{u},image {i}\n" for i, u in enumerate(urls))).encode()
+    )
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(local_web_config()))
+    assert main(["run", "--root", root, "--config", str(config)]) == 0
+    assert "w: crawl_metadata 3 rows, downloaded_images 3 rows" in capsys.readouterr().out
+    assert store.read_parquet("images/w.parquet").column("status").to_pylist() == [
+        "success",
+        "failed_to_download",
+        "success",
+    ]
+    assert main(["run", "--root", root]) == 0
+    assert "w: up to date" in capsys.readouterr().out
 
 
 def test_unknown_asset_and_bad_config(local_root, tmp_path):
@@ -69,6 +91,6 @@ def test_demo_as_a_user_runs_it(tmp_path):
         [script, "demo"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
-    assert "sample-laion-style: crawl_metadata 4 rows" in done.stdout
+    assert "sample-laion-style: crawl_metadata 4 rows, downloaded_images 4 rows" in done.stdout
     table = DatasetStore(str(tmp_path / "data")).read_parquet("crawl_metadata/sample-laion-style.parquet")
     assert table.column("caption").to_pylist()[0] == "A red square on a white background"

@@ -5,6 +5,7 @@ from laion_assets.pipeline.storage import DatasetStore
 from laion_assets_tests.dagster_helpers import materialize_shard
 from laion_assets_tests.wat_files import Page, img, wat_bytes
 
+CRAWL = ["crawl_metadata"]  # these tests are about reading sources; their URLs go nowhere
 URLS = (
     b"url,caption,extra\nhttp://a.com/1.jpg,one cat,x\nhttp://a.com/2.jpg,two cats,y\n"
     b"http://a.com/2.jpg,two cats,z\nnot-a-url,three cats,w\n"
@@ -15,7 +16,7 @@ def test_materialize_writes_parquet_and_metadata(root):
     store = DatasetStore(root)
     store.write_bytes("incoming/part-7.csv", URLS)
     instance = dg.DagsterInstance.ephemeral()
-    result = materialize_shard(instance, root, "part-7")
+    result = materialize_shard(instance, root, "part-7", selection=CRAWL)
     assert result.success
     table = store.read_parquet("crawl_metadata/part-7.parquet")
     assert table.column("key").to_pylist() == ["part-7-00000000", "part-7-00000001"]
@@ -33,12 +34,12 @@ def test_rematerialising_replaces_the_shard(local_root):
     store = DatasetStore(local_root)
     store.write_bytes("incoming/s.csv", URLS)
     instance = dg.DagsterInstance.ephemeral()
-    assert materialize_shard(instance, local_root, "s").success
+    assert materialize_shard(instance, local_root, "s", selection=CRAWL).success
     first = store.read_parquet("crawl_metadata/s.parquet")
-    assert materialize_shard(instance, local_root, "s").success
+    assert materialize_shard(instance, local_root, "s", selection=CRAWL).success
     assert store.read_parquet("crawl_metadata/s.parquet").equals(first)  # same inputs, same result
     store.write_bytes("incoming/s.csv", b"url,caption\nhttp://b.com/9.jpg,only one\n")
-    assert materialize_shard(instance, local_root, "s").success
+    assert materialize_shard(instance, local_root, "s", selection=CRAWL).success
     assert store.read_parquet("crawl_metadata/s.parquet").column("url").to_pylist() == ["http://b.com/9.jpg"]
 
 
@@ -47,7 +48,7 @@ def test_run_config_names_the_columns(local_root):
     store.write_bytes("incoming/s.tsv", b"link\tdescription\nhttp://a.com/1.jpg\ta cat\n")
     config = {"ops": {"crawl_metadata": {"config": {"url_column": "link", "caption_column": "description"}}}}
     instance = dg.DagsterInstance.ephemeral()
-    result = materialize_shard(instance, local_root, "s", config)
+    result = materialize_shard(instance, local_root, "s", config, selection=CRAWL)
     assert result.success
     assert store.read_parquet("crawl_metadata/s.parquet").column("caption").to_pylist() == ["a cat"]
 
@@ -56,7 +57,7 @@ def test_bad_file_fails_the_partition_with_a_message(local_root):
     store = DatasetStore(local_root)
     store.write_bytes("incoming/bad.csv", b"link,words\nhttp://a.com/1.jpg,a cat\n")
     instance = dg.DagsterInstance.ephemeral()
-    result = materialize_shard(instance, local_root, "bad")
+    result = materialize_shard(instance, local_root, "bad", selection=CRAWL)
     assert not result.success
     assert failure_message(result).startswith("bad.csv: no URL column found")
     assert "columns are ['link', 'words']" in failure_message(result)
@@ -68,7 +69,7 @@ def test_wat_shard_on_s3(s3_root):
     page = Page("https://x.example/", links=[img("a.jpg", "a long enough caption"), img("b.jpg", "tiny")])
     store.write_bytes("incoming/seg-1.warc.wat.gz", wat_bytes([page]))
     instance = dg.DagsterInstance.ephemeral()
-    result = materialize_shard(instance, s3_root, "seg-1")
+    result = materialize_shard(instance, s3_root, "seg-1", selection=CRAWL)
     assert result.success
     meta = result.asset_materializations_for_node("crawl_metadata")[0].metadata
     assert meta["dropped/short_alt"].value == 1

@@ -11,7 +11,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_definitions_list_assets_sensor_schedule():
     repo = defs.get_repository_def()
-    assert {key.to_user_string() for key in repo.asset_graph.get_all_asset_keys()} == {"crawl_metadata"}
+    assert {key.to_user_string() for key in repo.asset_graph.get_all_asset_keys()} == {
+        "crawl_metadata",
+        "downloaded_images",
+    }
+    assert {c.name for c in repo.asset_graph.asset_check_keys} == {"one_row_per_crawl_row"}
     assert [s.name for s in repo.sensor_defs] == ["incoming_files_sensor"]
     assert [s.name for s in repo.schedule_defs] == ["catch_up_schedule"]
     assert repo.get_job("shard_pipeline").partitions_def.name == "shards"

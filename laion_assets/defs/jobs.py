@@ -3,8 +3,9 @@
 import dagster as dg
 
 from laion_assets.defs.crawl import crawl_metadata
+from laion_assets.defs.download import downloaded_images
 
-PER_SHARD_ASSETS = [crawl_metadata]
+PER_SHARD_ASSETS = [crawl_metadata, downloaded_images]
 
 shard_job = dg.define_asset_job(
     "shard_pipeline",

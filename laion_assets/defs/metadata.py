@@ -18,3 +18,9 @@ def preview(table: pa.Table, columns: list[str], rows: int = 5, width: int = 80)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in head]
     return dg.MetadataValue.md("\n".join(lines))
+
+
+def counts_table(counts: list[tuple[str, int]], label: str) -> dg.MetadataValue:
+    """`(name, count)` pairs as a two-column markdown table."""
+    lines = [f"| {label} | rows |", "|---|---|"] + [f"| {name} | {n} |" for name, n in counts]
+    return dg.MetadataValue.md("\n".join(lines) if counts else "none")

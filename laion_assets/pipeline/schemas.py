@@ -21,6 +21,33 @@ CRAWL_METADATA = pa.schema(
 )
 
 
+# images/<shard>.parquet: exactly one row per crawl_metadata row, whatever happened to it.
+SUCCESS = "success"
+FAILED_TO_DOWNLOAD = "failed_to_download"
+FAILED_TO_DECODE = "failed_to_decode"
+OPTED_OUT = "opted_out"  # X-Robots-Tag opt-out directive, or robots.txt
+BLOCKED = "blocked"  # the URL resolves to a private, loopback, link-local or multicast address
+FILTERED_SIZE = "filtered_size"  # min_image_size / max_aspect_ratio
+STATUSES = (SUCCESS, FAILED_TO_DOWNLOAD, FAILED_TO_DECODE, OPTED_OUT, BLOCKED, FILTERED_SIZE)
+
+IMAGES = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("url", pa.string(), nullable=False),
+        pa.field("caption", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error_message", pa.string()),
+        pa.field("http_status", pa.int32()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("original_width", pa.int32()),
+        pa.field("original_height", pa.int32()),
+        pa.field("sha256", pa.string()),
+        pa.field("num_bytes", pa.int64()),  # bytes downloaded (before re-encoding)
+    ]
+)
+
+
 def make_key(shard: str, row: int) -> str:
     return f"{shard}-{row:08d}"
 

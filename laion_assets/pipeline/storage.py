@@ -122,6 +122,11 @@ class DatasetStore:
         with self.open(relpath) as f:
             return pq.read_table(f)
 
+    def parquet_num_rows(self, relpath: str) -> int:
+        """Row count from the parquet footer, without reading the data."""
+        with self.open(relpath) as f:
+            return pq.ParquetFile(f).metadata.num_rows
+
     # writing
 
     @contextmanager

@@ -1,0 +1,220 @@
+"""The downloaded_images stage: every crawl row fetched, decoded, resized, and recorded with a status.
+
+Work is spread over a thread pool; a scheduler hands out URLs round-robin over hosts and never
+runs more than `per_host_connections` requests on one host. Fetching and Pillow's decoding and
+resizing release the GIL, so threads use every core. Images stream into the tar as they finish;
+only the small per-row records are held until the parquet is written, sorted by key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import IO
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+
+from laion_assets.pipeline import schemas
+from laion_assets.pipeline.fetch import Fetcher, FetchSettings
+from laion_assets.pipeline.imaging import DecodeError, FilteredSize, ImageSettings, process_image
+from laion_assets.pipeline.shard_tar import TarShardWriter, read_samples
+
+
+@dataclass(frozen=True)
+class DownloadSettings(FetchSettings, ImageSettings):
+    threads: int = 32
+    shard_timeout: float = 3600.0  # seconds for the whole shard; rows not fetched by then fail
+    retry_failed: bool = False  # refetch only the failed_to_download rows of the previous result
+
+
+@dataclass(frozen=True)
+class _Job:
+    key: str
+    url: str
+    caption: str
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).netloc.lower()
+
+
+@dataclass
+class DownloadResult:
+    table: pa.Table  # the images parquet, one row per crawl row, sorted by key
+    seconds: float
+    fetched: int  # rows attempted in this run
+    reused: int  # rows kept from the previous result (retry_failed)
+
+    def status_counts(self) -> dict[str, int]:
+        counts = Counter(self.table.column("status").to_pylist())
+        return {status: counts.get(status, 0) for status in schemas.STATUSES}
+
+    def top_errors(self, n: int = 5) -> list[tuple[str, int]]:
+        """Error classes (the text before the first colon) of unsuccessful rows, most frequent first."""
+        errors = (e.split(":", 1)[0] for e in self.table.column("error_message").to_pylist() if e)
+        return Counter(errors).most_common(n)
+
+    def top_failing_hosts(self, n: int = 5) -> list[tuple[str, int]]:
+        failed = (schemas.FAILED_TO_DOWNLOAD, schemas.FAILED_TO_DECODE)
+        rows = zip(self.table.column("url").to_pylist(), self.table.column("status").to_pylist(), strict=True)
+        return Counter(urlsplit(url).netloc.lower() for url, status in rows if status in failed).most_common(
+            n
+        )
+
+
+class HostScheduler:
+    """Hands out jobs round-robin over hosts, at most `per_host` running on one host at a time."""
+
+    def __init__(self, jobs: list[_Job], per_host: int) -> None:
+        self._queues: dict[str, deque[_Job]] = {}
+        for job in jobs:
+            self._queues.setdefault(job.host, deque()).append(job)
+        self._hosts = deque(self._queues)
+        self._running: Counter = Counter()
+        self._per_host = per_host
+
+    def next(self) -> _Job | None:
+        for _ in range(len(self._hosts)):
+            host = self._hosts[0]
+            if self._running[host] < self._per_host:
+                job = self._queues[host].popleft()
+                if self._queues[host]:
+                    self._hosts.rotate(-1)
+                else:
+                    self._hosts.popleft()
+                self._running[host] += 1
+                return job
+            self._hosts.rotate(-1)
+        return None
+
+    def done(self, job: _Job) -> None:
+        self._running[job.host] -= 1
+
+
+def download_shard(
+    crawl: pa.Table,
+    settings: DownloadSettings,
+    tar_out: IO[bytes],
+    previous: tuple[pa.Table, IO[bytes]] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> DownloadResult:
+    """Fetch the `url` of every `crawl` row; write successes to `tar_out`, return one record per row.
+
+    `previous` is the last result (images table, tar stream): with `settings.retry_failed`, its
+    rows that did not fail to download are kept and their samples copied, the rest fetched again.
+    """
+    start = time.monotonic()
+    deadline = start + settings.shard_timeout
+    jobs = [
+        _Job(r["key"], r["url"], r["caption"]) for r in crawl.select(["key", "url", "caption"]).to_pylist()
+    ]
+    records: list[dict] = []
+    with TarShardWriter(tar_out) as writer:
+        if previous is not None and settings.retry_failed:
+            kept = _reuse(jobs, *previous, writer)
+            records.extend(kept.values())
+            jobs = [job for job in jobs if job.key not in kept]
+        reused = len(records)
+        for record, members in _fetch_all(jobs, settings, deadline, progress):
+            if members:
+                writer.write(record["key"], members)
+            records.append(record)
+    table = pa.Table.from_pylist(records, schema=schemas.IMAGES).sort_by("key")
+    return DownloadResult(table=table, seconds=time.monotonic() - start, fetched=len(jobs), reused=reused)
+
+
+def _fetch_all(
+    jobs: list[_Job], settings: DownloadSettings, deadline: float, progress: Callable[[str], None] | None
+) -> Iterator[tuple[dict, dict[str, bytes] | None]]:
+    fetcher = Fetcher(settings)
+    scheduler = HostScheduler(jobs, settings.per_host_connections)
+    started = last_report = time.monotonic()
+    done_count = 0
+    with ThreadPoolExecutor(settings.threads, thread_name_prefix="download") as pool:
+        running = {}
+        while True:
+            while len(running) < settings.threads and (job := scheduler.next()) is not None:
+                if time.monotonic() >= deadline:
+                    scheduler.done(job)
+                    error = f"shard deadline: not started within shard_timeout={settings.shard_timeout:g}s"
+                    yield _record(job, schemas.FAILED_TO_DOWNLOAD, error), None
+                    continue
+                running[pool.submit(_download_one, fetcher, settings, job, deadline)] = job
+            if not running:
+                return
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                scheduler.done(running.pop(future))
+                yield future.result()
+            done_count += len(finished)
+            if progress and time.monotonic() - last_report > 30:
+                last_report = time.monotonic()
+                progress(f"{done_count}/{len(jobs)} rows, {done_count / (last_report - started):.1f} rows/s")
+
+
+def _download_one(
+    fetcher: Fetcher, settings: DownloadSettings, job: _Job, deadline: float
+) -> tuple[dict, dict[str, bytes] | None]:
+    """One row: never raises, whatever the URL or the bytes do."""
+    try:
+        fetched = fetcher.fetch(job.url, deadline)
+        record = _record(job, fetched.status, fetched.error, http_status=fetched.http_status)
+        if fetched.status != schemas.SUCCESS:
+            return record, None
+        record.update(sha256=hashlib.sha256(fetched.body).hexdigest(), num_bytes=len(fetched.body))
+        image = process_image(fetched.body, settings)
+    except DecodeError as exc:
+        record.update(status=schemas.FAILED_TO_DECODE, error_message=str(exc))
+        return record, None
+    except FilteredSize as exc:
+        record.update(status=schemas.FILTERED_SIZE, error_message=str(exc))
+        record.update(original_width=exc.width, original_height=exc.height)
+        return record, None
+    except Exception as exc:  # a bug or an exotic library error must cost one row, not the shard
+        return _record(job, schemas.FAILED_TO_DOWNLOAD, f"unexpected: {type(exc).__name__}: {exc}"), None
+    record.update(
+        width=image.width,
+        height=image.height,
+        original_width=image.original_width,
+        original_height=image.original_height,
+    )
+    members = {
+        settings.encode_format: image.data,
+        "txt": job.caption.encode(),
+        "json": json.dumps(record, ensure_ascii=False).encode(),
+    }
+    return record, members
+
+
+def _record(job: _Job, status: str, error: str | None, http_status: int | None = None) -> dict:
+    return {
+        "key": job.key,
+        "url": job.url,
+        "caption": job.caption,
+        "status": status,
+        "error_message": error,
+        "http_status": http_status,
+    }
+
+
+def _reuse(jobs: list[_Job], table: pa.Table, tar: IO[bytes], writer: TarShardWriter) -> dict[str, dict]:
+    """Previous records to keep (same key and url, not failed_to_download); copies their samples."""
+    urls = {job.key: job.url for job in jobs}
+    candidates = {
+        row["key"]: row
+        for row in table.to_pylist()
+        if row["status"] != schemas.FAILED_TO_DOWNLOAD and urls.get(row["key"]) == row["url"]
+    }
+    copied = set()
+    for key, members in read_samples(tar):
+        if key in candidates and candidates[key]["status"] == schemas.SUCCESS:
+            writer.write(key, members)
+            copied.add(key)
+    # a success whose sample is missing from the old tar is fetched again
+    return {k: row for k, row in candidates.items() if row["status"] != schemas.SUCCESS or k in copied}

@@ -1,0 +1,149 @@
+"""Decode, orient, filter, resize and encode one downloaded image.
+
+JPEGs are decoded with Pillow's `draft` mode: libjpeg scales by 1/2, 1/4 or 1/8 inside the
+DCT, never below the target size, so a 2048 px photo headed for 256 px is decoded at 512 px,
+several times faster than a full decode followed by a resize. A high-quality resize finishes it.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
+ENCODE_FORMATS = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
+_EXIF_ORIENTATION = 0x0112
+_SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 or 270 degrees
+
+
+class DecodeError(Exception):
+    """The bytes are not an image we can decode (status failed_to_decode)."""
+
+
+class FilteredSize(Exception):
+    """The image is decodable but outside the size rules (status filtered_size)."""
+
+    def __init__(self, message: str, width: int, height: int):
+        super().__init__(message)
+        self.width, self.height = width, height
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    image_size: int = 256
+    resize_mode: str = "border"
+    resize_only_if_bigger: bool = False
+    encode_format: str = "jpg"
+    encode_quality: int = 95
+    min_image_size: int = 0
+    max_aspect_ratio: float = 0.0  # 0: no limit
+    max_pixels: int = 89_478_485  # decompression-bomb cap (Pillow's own default)
+
+    def __post_init__(self) -> None:
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode {self.resize_mode!r} is not one of {RESIZE_MODES}")
+        if self.encode_format not in ENCODE_FORMATS:
+            raise ValueError(f"encode_format {self.encode_format!r} is not one of {tuple(ENCODE_FORMATS)}")
+
+
+@dataclass(frozen=True)
+class ProcessedImage:
+    data: bytes
+    width: int
+    height: int
+    original_width: int
+    original_height: int
+
+
+def process_image(data: bytes, settings: ImageSettings) -> ProcessedImage:
+    if not data:
+        raise DecodeError("empty body")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as exc:
+        raise DecodeError("not an image: no known image format in the bytes") from exc
+    except Image.DecompressionBombError as exc:
+        raise DecodeError(f"decompression bomb: {exc}") from exc
+    except (OSError, ValueError) as exc:
+        raise DecodeError(f"cannot decode: {exc}") from exc
+    raw_width, raw_height = image.size
+    if raw_width * raw_height > settings.max_pixels:
+        raise DecodeError(
+            f"decompression bomb: {raw_width}x{raw_height} pixels is over max_pixels={settings.max_pixels}"
+        )
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # a broken EXIF block is not worth losing the image for
+        orientation = 1
+    width, height = (raw_height, raw_width) if orientation in _SWAPS_AXES else (raw_width, raw_height)
+    _check_size(width, height, settings)
+
+    target = _target_size(width, height, settings)
+    if target != (width, height) and image.format == "JPEG":
+        request = (target[1], target[0]) if orientation in _SWAPS_AXES else target
+        image.draft("RGB", request)
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        image = _to_rgb(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DecodeError(f"cannot decode: {exc}") from exc
+
+    if target != image.size:
+        filter_ = Image.Resampling.LANCZOS if target[0] < image.size[0] else Image.Resampling.BICUBIC
+        image = image.resize(target, filter_)
+    image = _crop_or_pad(image, settings)
+    out = io.BytesIO()
+    fmt = ENCODE_FORMATS[settings.encode_format]
+    image.save(out, fmt, **({"quality": settings.encode_quality} if fmt != "PNG" else {}))
+    return ProcessedImage(out.getvalue(), image.width, image.height, width, height)
+
+
+def _check_size(width: int, height: int, settings: ImageSettings) -> None:
+    if min(width, height) < settings.min_image_size:
+        raise FilteredSize(
+            f"too small: {width}x{height} is under min_image_size={settings.min_image_size}", width, height
+        )
+    ratio = max(width, height) / max(1, min(width, height))
+    if settings.max_aspect_ratio and ratio > settings.max_aspect_ratio:
+        message = f"aspect ratio: {ratio:.2f} is over max_aspect_ratio={settings.max_aspect_ratio:g}"
+        raise FilteredSize(message, width, height)
+
+
+def _target_size(width: int, height: int, settings: ImageSettings) -> tuple[int, int]:
+    """The size to resize to before any crop or border."""
+    mode, size = settings.resize_mode, settings.image_size
+    if mode == "no":
+        return width, height
+    side = min(width, height) if mode in ("keep_ratio", "center_crop") else max(width, height)
+    scale = size / side
+    if settings.resize_only_if_bigger and scale >= 1:
+        return width, height
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _crop_or_pad(image: Image.Image, settings: ImageSettings) -> Image.Image:
+    size = settings.image_size
+    if settings.resize_mode == "center_crop":
+        w, h = min(size, image.width), min(size, image.height)
+        left, top = (image.width - w) // 2, (image.height - h) // 2
+        return image.crop((left, top, left + w, top + h))
+    if settings.resize_mode == "border" and image.size != (size, size):
+        canvas = Image.new("RGB", (max(size, image.width), max(size, image.height)))
+        canvas.paste(image, ((canvas.width - image.width) // 2, (canvas.height - image.height) // 2))
+        return canvas
+    return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB; transparent pixels become white, as a browser would show them on a white page."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
