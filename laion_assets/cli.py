@@ -1,6 +1,7 @@
 """The `laion-assets` command: run the per-shard assets from a shell or a script, or the demo."""
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ from laion_assets.defs.jobs import PER_SHARD_ASSETS
 from laion_assets.defs.metadata import LAYER
 from laion_assets.defs.partitions import shards
 from laion_assets.defs.resources import build_resources
+from laion_assets.pipeline.clip import ClipSettings
 from laion_assets.pipeline.sources import parse_source_name
 from laion_assets.pipeline.storage import INCOMING, root_from_env
 
@@ -73,9 +75,10 @@ def run_pipeline(
     run_config: dict,
     force: bool = False,
     echo: Callable[[str], None] = print,
+    clip: ClipSettings | None = None,
 ) -> list[ShardOutcome]:
     """Register a shard per file in `incoming/`, then materialise the selected assets each shard lacks."""
-    resources_ = build_resources(root)
+    resources_ = build_resources(root, clip)
     store = resources_["store"].get_store()
     shard_names = sorted({parse_source_name(f.name).shard for f in store.list(INCOMING)})
     echo(f"{len(shard_names)} shards in {store.url(INCOMING)}")
@@ -158,13 +161,16 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = sub.add_parser("demo", help="copy the sample input into {root}/incoming/ and run everything")
     demo.add_argument("--root", default=None, help=root_help)
+    demo.add_argument("--model", default="laion-assets-tiny", help="open_clip model name")
+    demo.add_argument("--pretrained", default="none", help="open_clip tag, checkpoint path, or none")
 
     args = parser.parse_args(argv)
     root = args.root or root_from_env()
     if args.command == "demo":
         copied = seed_demo_input(root)
         print(f"sample input: {', '.join(copied) or 'already in place'}")
-        outcomes = run_pipeline(root, list(PER_SHARD_ASSETS), {})
+        clip = dataclasses.replace(ClipSettings.from_env(), model=args.model, pretrained=args.pretrained)
+        outcomes = run_pipeline(root, list(PER_SHARD_ASSETS), {}, clip=clip)
         print(f"outputs under {build_resources(root)['store'].get_store().url('')}")
         print(f"open the Dagster UI on the same data: LAION_ASSETS_ROOT={root} dagster dev")
     else:

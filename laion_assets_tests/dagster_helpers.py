@@ -6,6 +6,10 @@ from laion_assets.defs.checks import PER_SHARD_CHECKS
 from laion_assets.defs.jobs import PER_SHARD_ASSETS
 from laion_assets.defs.partitions import shards
 from laion_assets.defs.resources import build_resources
+from laion_assets.pipeline.clip import ClipSettings
+
+# A real open_clip model on a tiny architecture, random weights with a fixed seed: nothing to download.
+TINY_CLIP = ClipSettings(model="laion-assets-tiny", pretrained="none", device="cpu", batch_size=4)
 
 # Run config for downloads from the test web on 127.0.0.1: the guard off, failures quick.
 LOCAL_WEB = {
@@ -25,7 +29,12 @@ def local_web_config(**crawl_config) -> dict:
 
 
 def materialize_shard(
-    instance: dg.DagsterInstance, root: str, shard: str, run_config: dict | None = None, selection=None
+    instance: dg.DagsterInstance,
+    root: str,
+    shard: str,
+    run_config: dict | None = None,
+    selection=None,
+    clip: ClipSettings = TINY_CLIP,
 ) -> dg.ExecuteInProcessResult:
     if shard not in instance.get_dynamic_partitions(shards.name):
         instance.add_dynamic_partitions(shards.name, [shard])
@@ -34,7 +43,7 @@ def materialize_shard(
         selection=selection,
         partition_key=shard,
         instance=instance,
-        resources=build_resources(root),
+        resources=build_resources(root, clip),
         run_config=run_config,
         raise_on_error=False,
     )

@@ -55,7 +55,10 @@ def test_run_registers_shards_in_dagster_home(local_root, tmp_path, monkeypatch,
         assert instance.get_materialized_partitions(dg.AssetKey("crawl_metadata")) == {"a"}
 
 
-def test_run_downloads_from_the_local_web(root, web, tmp_path, capsys):
+def test_run_downloads_from_the_local_web(root, web, tmp_path, capsys, monkeypatch):
+    # the model is chosen the way a deployment chooses it
+    monkeypatch.setenv("LAION_ASSETS_CLIP_MODEL", "laion-assets-tiny")
+    monkeypatch.setenv("LAION_ASSETS_CLIP_PRETRAINED", "none")
     store = DatasetStore(root)
     urls = [web.url("/img/red.jpg"), web.url("/404.jpg"), web.url("/img/blue.webp")]
     store.write_bytes(
@@ -64,7 +67,10 @@ def test_run_downloads_from_the_local_web(root, web, tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(local_web_config()))
     assert main(["run", "--root", root, "--config", str(config)]) == 0
-    assert "w: crawl_metadata 3 rows, downloaded_images 3 rows" in capsys.readouterr().out
+    assert (
+        "w: crawl_metadata 3 rows, downloaded_images 3 rows, clip_embeddings 2 rows"
+        in capsys.readouterr().out
+    )
     assert store.read_parquet("images/w.parquet").column("status").to_pylist() == [
         "success",
         "failed_to_download",
@@ -91,6 +97,9 @@ def test_demo_as_a_user_runs_it(tmp_path):
         [script, "demo"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
-    assert "sample-laion-style: crawl_metadata 4 rows, downloaded_images 4 rows" in done.stdout
+    assert (
+        "sample-laion-style: crawl_metadata 4 rows, downloaded_images 4 rows, clip_embeddings 0 rows"
+        in done.stdout
+    )
     table = DatasetStore(str(tmp_path / "data")).read_parquet("crawl_metadata/sample-laion-style.parquet")
     assert table.column("caption").to_pylist()[0] == "A red square on a white background"

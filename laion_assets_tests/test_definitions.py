@@ -14,6 +14,7 @@ def test_definitions_list_assets_sensor_schedule():
     assert {key.to_user_string() for key in repo.asset_graph.get_all_asset_keys()} == {
         "crawl_metadata",
         "downloaded_images",
+        "clip_embeddings",
     }
     assert {c.name for c in repo.asset_graph.asset_check_keys} == {"one_row_per_crawl_row"}
     assert [s.name for s in repo.sensor_defs] == ["incoming_files_sensor"]

@@ -7,8 +7,8 @@ import dagster as dg
 import pydantic
 
 
-def config_class(settings_type: type, name: str) -> type[dg.Config]:
-    """A `dg.Config` with the fields and defaults of the frozen dataclass `settings_type`."""
+def config_class(settings_type: type, name: str, base: type[dg.Config] = dg.Config) -> type:
+    """A `dg.Config` (or a subclass such as a resource) with the fields and defaults of `settings_type`."""
     hints = typing.get_type_hints(settings_type)
     fields = {}
     for field in dataclasses.fields(settings_type):
@@ -17,11 +17,11 @@ def config_class(settings_type: type, name: str) -> type[dg.Config]:
         if typing.get_origin(annotation) is tuple:  # run config has lists, not tuples
             annotation, default = list[typing.get_args(annotation)[0]], list(default)
         fields[field.name] = (annotation, pydantic.Field(default=default))
-    return pydantic.create_model(name, __base__=dg.Config, __module__=__name__, **fields)
+    return pydantic.create_model(name, __base__=base, __module__=base.__module__, **fields)
 
 
 def settings_from(config: dg.Config, settings_type: type):
-    """The pipeline settings for a run config built by `config_class`."""
+    """The pipeline settings for a config or resource built by `config_class`."""
     values = {}
     for field in dataclasses.fields(settings_type):
         value = getattr(config, field.name)

@@ -4,8 +4,9 @@ import dagster as dg
 
 from laion_assets.defs.crawl import crawl_metadata
 from laion_assets.defs.download import downloaded_images
+from laion_assets.defs.embed import clip_embeddings
 
-PER_SHARD_ASSETS = [crawl_metadata, downloaded_images]
+PER_SHARD_ASSETS = [crawl_metadata, downloaded_images, clip_embeddings]
 
 shard_job = dg.define_asset_job(
     "shard_pipeline",

@@ -1,7 +1,12 @@
 """Dagster resources over the pipeline's objects."""
 
-import dagster as dg
+import dataclasses
 
+import dagster as dg
+from pydantic import PrivateAttr
+
+from laion_assets.defs.config import config_class, settings_from
+from laion_assets.pipeline.clip import ClipEncoder, ClipSettings
 from laion_assets.pipeline.storage import DatasetStore, root_from_env
 
 
@@ -14,6 +19,28 @@ class DatasetStoreResource(dg.ConfigurableResource):
         return DatasetStore(self.root)
 
 
-def build_resources(root: str | None = None) -> dict[str, dg.ConfigurableResource]:
-    """The resources of a run; `root` defaults to $LAION_ASSETS_ROOT, else ./data."""
-    return {"store": DatasetStoreResource(root=root or root_from_env())}
+class _ClipEncoderBase(dg.ConfigurableResource):
+    """Holds one loaded model per run, so every batch and asset of the run shares it."""
+
+    _encoder: ClipEncoder | None = PrivateAttr(default=None)
+
+    def get_encoder(self) -> ClipEncoder:
+        if self._encoder is None:
+            self._encoder = ClipEncoder(settings_from(self, ClipSettings))
+        return self._encoder
+
+
+# model, pretrained (tag, checkpoint path or "none"), device, batch_size, seed
+ClipEncoderResource = config_class(ClipSettings, "ClipEncoderResource", base=_ClipEncoderBase)
+
+
+def build_resources(
+    root: str | None = None, clip: ClipSettings | None = None
+) -> dict[str, dg.ConfigurableResource]:
+    """The resources of a run: `root` defaults to $LAION_ASSETS_ROOT (else ./data), `clip` to the
+    LAION_ASSETS_CLIP_* variables (else ViT-B-32 / datacomp_xl_s13b_b90k)."""
+    clip = clip or ClipSettings.from_env()
+    return {
+        "store": DatasetStoreResource(root=root or root_from_env()),
+        "clip": ClipEncoderResource(**dataclasses.asdict(clip)),
+    }

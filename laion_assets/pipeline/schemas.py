@@ -48,6 +48,27 @@ IMAGES = pa.schema(
 )
 
 
+def embeddings(dim: int) -> pa.Schema:
+    """embeddings/<shard>.parquet: L2-normalised CLIP embeddings of each `success` image and its caption.
+
+    `similarity` is their cosine, computed in float32 before the cast to float16. The model name and
+    pretrained tag are in the file's metadata (`EMBEDDING_MODEL`, `EMBEDDING_PRETRAINED`).
+    """
+    vector = pa.list_(pa.float16(), dim)
+    return pa.schema(
+        [
+            pa.field("key", pa.string(), nullable=False),
+            pa.field("image_embedding", vector, nullable=False),
+            pa.field("text_embedding", vector, nullable=False),
+            pa.field("similarity", pa.float32(), nullable=False),
+        ]
+    )
+
+
+EMBEDDING_MODEL = "laion_assets.clip_model"
+EMBEDDING_PRETRAINED = "laion_assets.clip_pretrained"
+
+
 def make_key(shard: str, row: int) -> str:
     return f"{shard}-{row:08d}"
 

@@ -1,0 +1,149 @@
+import dataclasses
+import io
+
+import dagster as dg
+import numpy as np
+import open_clip
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from laion_assets.cli import failure_message
+from laion_assets.pipeline import schemas
+from laion_assets.pipeline.clip import ClipEncoder, ClipSettings, ModelUnavailable
+from laion_assets.pipeline.download import download_shard
+from laion_assets.pipeline.embed import embed_shard
+from laion_assets.pipeline.shard_tar import TarShardWriter, read_samples
+from laion_assets.pipeline.storage import DatasetStore
+from laion_assets_tests.dagster_helpers import TINY_CLIP, local_web_config, materialize_shard
+from laion_assets_tests.test_download import FAST, crawl_table
+
+PATHS = ["/img/red.jpg", "/img/green.png", "/404.jpg", "/img/blue.webp", "/exif.jpg", "/img/transparent.png"]
+
+
+@pytest.fixture(scope="module")
+def encoder() -> ClipEncoder:
+    return ClipEncoder(TINY_CLIP)
+
+
+def _downloaded(web) -> tuple[pa.Table, bytes]:
+    crawl = crawl_table([web.url(p) for p in PATHS])
+    captions = [
+        "a red square",
+        "a tall green rectangle",
+        "nothing",
+        "a blue square",
+        "a rotated photo",
+        "clear",
+    ]
+    crawl = crawl.set_column(2, "caption", pa.array(captions))
+    tar = io.BytesIO()
+    return download_shard(crawl, FAST, tar).table, tar.getvalue()
+
+
+def test_embeddings_equal_open_clips_own(web, encoder):
+    images, tar = _downloaded(web)
+    result = embed_shard(
+        images, io.BytesIO(tar), encoder, batch_size=3
+    )  # 5 images: a full and a partial batch
+    table = result.table
+    assert table.schema == schemas.embeddings(64)
+    successes = [r["key"] for r in images.to_pylist() if r["status"] == schemas.SUCCESS]
+    assert table.column("key").to_pylist() == sorted(successes) and len(successes) == 5
+
+    # the reference: open_clip itself, built separately with the same seed
+    torch.manual_seed(TINY_CLIP.seed)
+    model, _, preprocess = open_clip.create_model_and_transforms("laion-assets-tiny", pretrained=None)
+    tokenizer = open_clip.get_tokenizer("laion-assets-tiny")
+    model.eval()
+    samples = dict(read_samples(io.BytesIO(tar)))
+    captions = dict(zip(images.column("key").to_pylist(), images.column("caption").to_pylist(), strict=True))
+    with torch.no_grad():
+        for row in table.to_pylist():
+            pixels = preprocess(Image.open(io.BytesIO(samples[row["key"]]["jpg"])))[None]
+            image = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)[0].numpy()
+            text = torch.nn.functional.normalize(
+                model.encode_text(tokenizer([captions[row["key"]]])), dim=-1
+            )[0].numpy()
+            np.testing.assert_allclose(np.array(row["image_embedding"], np.float32), image, atol=2e-3)
+            np.testing.assert_allclose(np.array(row["text_embedding"], np.float32), text, atol=2e-3)
+            assert row["similarity"] == pytest.approx(float(image @ text), abs=1e-5)
+            stored = np.array(row["image_embedding"], np.float32) @ np.array(
+                row["text_embedding"], np.float32
+            )
+            assert row["similarity"] == pytest.approx(float(stored), abs=5e-3)
+            assert np.linalg.norm(np.array(row["image_embedding"], np.float32)) == pytest.approx(1, abs=2e-3)
+
+
+def test_undecodable_stored_image_is_counted_and_skipped(encoder):
+    images = pa.table(
+        {
+            "key": ["s-00000000", "s-00000001"],
+            "caption": ["a red thing", "broken"],
+            "status": ["success", "success"],
+        }
+    )
+    tar = io.BytesIO()
+    with TarShardWriter(tar) as writer:
+        red = io.BytesIO()
+        Image.new("RGB", (32, 32), (255, 0, 0)).save(red, "JPEG")
+        writer.write("s-00000000", {"jpg": red.getvalue(), "txt": b"a red thing"})
+        writer.write("s-00000001", {"jpg": b"\xff\xd8 not really a jpeg", "txt": b"broken"})
+    result = embed_shard(images, io.BytesIO(tar.getvalue()), encoder, batch_size=8)
+    assert result.table.column("key").to_pylist() == ["s-00000000"]
+    assert result.undecodable == ["s-00000001"]
+
+
+def test_missing_weights_fail_at_once_with_advice():
+    with pytest.raises(ModelUnavailable, match=r"checkpoint file /no/such/model.bin does not exist"):
+        ClipEncoder(dataclasses.replace(TINY_CLIP, pretrained="/no/such/model.bin"))
+    with pytest.raises(ModelUnavailable, match=r"not-a-tag.*LAION_ASSETS_CLIP_PRETRAINED=/path/to/it"):
+        ClipEncoder(dataclasses.replace(TINY_CLIP, pretrained="not-a-tag"))
+
+
+def test_local_checkpoint_loads_the_same_weights(tmp_path, encoder):
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(encoder.model.state_dict(), checkpoint)
+    loaded = ClipEncoder(dataclasses.replace(TINY_CLIP, pretrained=str(checkpoint), seed=12345))
+    texts = ["a red square", "a dog"]
+    assert torch.equal(loaded.encode_texts(texts), encoder.encode_texts(texts))
+
+
+def test_settings_from_environment(monkeypatch):
+    monkeypatch.setenv("LAION_ASSETS_CLIP_MODEL", "ViT-L-14")
+    monkeypatch.setenv("LAION_ASSETS_CLIP_PRETRAINED", "/models/vit-l.bin")
+    monkeypatch.setenv("LAION_ASSETS_DEVICE", "cuda:1")
+    monkeypatch.setenv("LAION_ASSETS_CLIP_BATCH_SIZE", "512")
+    assert ClipSettings.from_env() == ClipSettings("ViT-L-14", "/models/vit-l.bin", "cuda:1", 512)
+    for name in (
+        "LAION_ASSETS_CLIP_MODEL",
+        "LAION_ASSETS_CLIP_PRETRAINED",
+        "LAION_ASSETS_DEVICE",
+        "LAION_ASSETS_CLIP_BATCH_SIZE",
+    ):
+        monkeypatch.delenv(name)
+    assert ClipSettings.from_env() == ClipSettings("ViT-B-32", "datacomp_xl_s13b_b90k", "auto", 256)
+
+
+def test_asset_writes_embeddings_and_resumes_after_a_failed_run(root, web):
+    store = DatasetStore(root)
+    urls = "".join(f'{{"url": "{web.url(p)}", "caption": "image at {p}"}}\n' for p in PATHS)
+    store.write_bytes("incoming/e.jsonl", urls.encode())
+    instance = dg.DagsterInstance.ephemeral()
+    broken = dataclasses.replace(TINY_CLIP, pretrained="/no/such/model.bin")
+    failed = materialize_shard(instance, root, "e", local_web_config(), clip=broken)
+    assert not failed.success
+    assert failure_message(failed).startswith("checkpoint file /no/such/model.bin does not exist")
+    assert store.exists("images/e.parquet") and not store.exists("embeddings/e.parquet")
+
+    resumed = materialize_shard(instance, root, "e", selection=["clip_embeddings"])
+    assert resumed.success
+    table = store.read_parquet("embeddings/e.parquet")
+    images = store.read_parquet("images/e.parquet")
+    successes = {r["key"] for r in images.to_pylist() if r["status"] == schemas.SUCCESS}
+    assert set(table.column("key").to_pylist()) == successes and len(successes) == 5
+    assert table.schema.metadata[schemas.EMBEDDING_MODEL.encode()] == b"laion-assets-tiny"
+    assert table.schema.metadata[schemas.EMBEDDING_PRETRAINED.encode()] == b"none"
+    meta = resumed.asset_materializations_for_node("clip_embeddings")[0].metadata
+    assert meta["dagster/row_count"].value == 5 and meta["dim"].value == 64 and meta["device"].value == "cpu"
