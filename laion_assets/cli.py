@@ -102,7 +102,11 @@ def run_pipeline(
 
 
 def _materialize(
-    instance, resources_, shard: str, todo: list[dg.AssetsDefinition], run_config: dict
+    instance: dg.DagsterInstance,
+    resources_: dict[str, dg.ConfigurableResource],
+    shard: str,
+    todo: list[dg.AssetsDefinition],
+    run_config: dict,
 ) -> ShardOutcome:
     names = [a.key.to_user_string() for a in todo]
     ops = {name: block for name, block in (run_config.get("ops") or {}).items() if name in names}

@@ -56,9 +56,8 @@ def embed_shard(
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             return key, None
 
-    keys: list[str] = []
     undecodable: list[str] = []
-    image_parts, text_parts, similarity_parts = [], [], []
+    out = _Embeddings(encoder.dim)
     batch: list[tuple[str, torch.Tensor]] = []
     with ThreadPoolExecutor(workers, thread_name_prefix="preprocess") as pool:
         for key, pixels in _ordered_map(pool, prepare, samples, lookahead=2 * batch_size):
@@ -67,33 +66,45 @@ def embed_shard(
                 continue
             batch.append((key, pixels))
             if len(batch) == batch_size:
-                _encode(encoder, batch, captions, keys, image_parts, text_parts, similarity_parts)
+                out.add(encoder, batch, captions)
                 batch = []
         if batch:
-            _encode(encoder, batch, captions, keys, image_parts, text_parts, similarity_parts)
-
-    dim = encoder.dim
-    table = pa.table(
-        {
-            "key": pa.array(keys, pa.string()),
-            "image_embedding": _fixed_size(image_parts, dim),
-            "text_embedding": _fixed_size(text_parts, dim),
-            "similarity": pa.array(np.concatenate(similarity_parts) if keys else [], pa.float32()),
-        },
-        schema=schemas.embeddings(dim),
-    ).sort_by("key")
-    return EmbedResult(table=table, undecodable=undecodable, seconds=time.monotonic() - start)
+            out.add(encoder, batch, captions)
+    return EmbedResult(table=out.table(), undecodable=undecodable, seconds=time.monotonic() - start)
 
 
-def _encode(encoder, batch, captions, keys, image_parts, text_parts, similarity_parts) -> None:
-    batch_keys = [key for key, _ in batch]
-    image = encoder.encode_images(torch.stack([pixels for _, pixels in batch]))
-    text = encoder.encode_texts([captions[key] for key in batch_keys])
-    similarity = (image * text).sum(dim=-1)
-    keys.extend(batch_keys)
-    image_parts.append(image.cpu().numpy().astype(np.float16))
-    text_parts.append(text.cpu().numpy().astype(np.float16))
-    similarity_parts.append(similarity.cpu().numpy().astype(np.float32))
+class _Embeddings:
+    """Batches of embeddings as they come from the model, and the sorted table they make."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.keys: list[str] = []
+        self.images: list[np.ndarray] = []
+        self.texts: list[np.ndarray] = []
+        self.similarities: list[np.ndarray] = []
+
+    def add(
+        self, encoder: ClipEncoder, batch: list[tuple[str, torch.Tensor]], captions: dict[str, str]
+    ) -> None:
+        keys = [key for key, _ in batch]
+        image = encoder.encode_images(torch.stack([pixels for _, pixels in batch]))
+        text = encoder.encode_texts([captions[key] for key in keys])
+        self.keys.extend(keys)
+        self.similarities.append((image * text).sum(dim=-1).cpu().numpy().astype(np.float32))
+        self.images.append(image.cpu().numpy().astype(np.float16))
+        self.texts.append(text.cpu().numpy().astype(np.float16))
+
+    def table(self) -> pa.Table:
+        similarity = np.concatenate(self.similarities) if self.keys else np.zeros(0, np.float32)
+        return pa.table(
+            {
+                "key": pa.array(self.keys, pa.string()),
+                "image_embedding": _fixed_size(self.images, self.dim),
+                "text_embedding": _fixed_size(self.texts, self.dim),
+                "similarity": pa.array(similarity, pa.float32()),
+            },
+            schema=schemas.embeddings(self.dim),
+        ).sort_by("key")
 
 
 def _fixed_size(parts: list[np.ndarray], dim: int) -> pa.FixedSizeListArray:

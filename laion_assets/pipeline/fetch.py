@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 from urllib.robotparser import RobotFileParser
 
 import urllib3
@@ -232,7 +232,7 @@ class Fetcher:
                     return directive
         return None
 
-    def _robots_allow(self, parts, url: str) -> bool:
+    def _robots_allow(self, parts: SplitResult, url: str) -> bool:
         origin = f"{parts.scheme}://{parts.netloc}"
         with self._lock:
             lock = self._robots_locks.setdefault(origin, threading.Lock())
