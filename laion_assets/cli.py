@@ -1,7 +1,9 @@
 """The `laion-assets` command: run the per-shard assets from a shell or a script, or the demo."""
 
 import argparse
+import csv
 import dataclasses
+import json
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -17,6 +19,7 @@ from laion_assets.defs.jobs import PER_SHARD_ASSETS
 from laion_assets.defs.metadata import LAYER
 from laion_assets.defs.partitions import shards
 from laion_assets.defs.resources import build_resources
+from laion_assets.pipeline import catalog
 from laion_assets.pipeline.clip import ClipSettings
 from laion_assets.pipeline.sources import parse_source_name
 from laion_assets.pipeline.storage import INCOMING, root_from_env
@@ -140,6 +143,34 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str | None:
     return error.message.strip().split(f"{error.cls_name}: ", 1)[-1]
 
 
+OUTPUT_FORMATS = {".csv": "csv", ".json": "json", ".parquet": "parquet"}
+
+
+def run_sql(root: str, query: str, fmt: str = "table", output: Path | None = None) -> None:
+    """Run `query` against the DuckDB views of `root`; print it, or write it to `output`."""
+    connection = catalog.connect(build_resources(root)["store"].get_store())
+    if output is not None:
+        kind = OUTPUT_FORMATS.get(output.suffix.lower())
+        if kind is None:
+            raise SystemExit(f"laion-assets: --output must end in one of {list(OUTPUT_FORMATS)}")
+        options = "FORMAT json, ARRAY true" if kind == "json" else f"FORMAT {kind}"
+        target = str(output).replace("'", "''")
+        connection.execute(f"COPY ({query.rstrip().rstrip(';')}) TO '{target}' ({options})")
+        print(f"wrote {output}")
+        return
+    relation = connection.sql(query)
+    if fmt == "table":
+        relation.show(max_rows=100, max_width=200)
+        return
+    columns, rows = relation.columns, relation.fetchall()
+    if fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    else:
+        print(json.dumps([dict(zip(columns, row, strict=True)) for row in rows], default=str, indent=1))
+
+
 def seed_demo_input(root: str) -> list[str]:
     """Copy the packaged sample sources into `{root}/incoming/` where they are not there yet."""
     store = build_resources(root)["store"].get_store()
@@ -168,8 +199,19 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--model", default="laion-assets-tiny", help="open_clip model name")
     demo.add_argument("--pretrained", default="none", help="open_clip tag, checkpoint path, or none")
 
+    sql = sub.add_parser("sql", help="query the DuckDB views (crawl_metadata, images, embeddings, pairs)")
+    sql.add_argument("query", help='e.g. "SELECT status, count(*) FROM images GROUP BY 1"')
+    sql.add_argument("--root", default=None, help=root_help)
+    sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    sql.add_argument(
+        "--output", type=Path, default=None, help="write the result to a .csv, .json or .parquet file"
+    )
+
     args = parser.parse_args(argv)
     root = args.root or root_from_env()
+    if args.command == "sql":
+        run_sql(root, args.query, args.format, args.output)
+        return 0
     if args.command == "demo":
         copied = seed_demo_input(root)
         print(f"sample input: {', '.join(copied) or 'already in place'}")

@@ -1,0 +1,89 @@
+"""DuckDB views over the stored parquet: `crawl_metadata`, `images`, `embeddings`, `pairs`.
+
+On S3, DuckDB reads the files itself through its httpfs extension, loaded from the pip-installed
+`duckdb-extension-httpfs` wheel (DuckDB cannot download extensions offline), with an S3 secret
+made from the standard AWS_* variables. Nothing is copied.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import duckdb
+
+from laion_assets.pipeline.storage import DatasetStore
+
+LAYERS = ("crawl_metadata", "images", "embeddings", "pairs")
+
+
+def httpfs_extension_path() -> Path:
+    """The httpfs build shipped in the wheel that matches the installed duckdb."""
+    import duckdb_extension_httpfs
+
+    path = (
+        Path(duckdb_extension_httpfs.__file__).parent
+        / "extensions"
+        / f"v{duckdb.__version__}"
+        / "httpfs.duckdb_extension"
+    )
+    if not path.is_file():
+        raise RuntimeError(
+            f"no httpfs extension for duckdb {duckdb.__version__} at {path}: install the matching wheel, "
+            f"pip install duckdb-extension-httpfs=={duckdb.__version__}"
+        )
+    return path
+
+
+def _s3_secret_sql() -> str:
+    env = os.environ
+    options = {"TYPE": "s3", "PROVIDER": "config"}
+    if env.get("AWS_ACCESS_KEY_ID"):
+        options["KEY_ID"] = env["AWS_ACCESS_KEY_ID"]
+        options["SECRET"] = env.get("AWS_SECRET_ACCESS_KEY", "")
+    if env.get("AWS_SESSION_TOKEN"):
+        options["SESSION_TOKEN"] = env["AWS_SESSION_TOKEN"]
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        options["REGION"] = region
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:  # MinIO, moto, R2: host:port, path-style URLs, TLS as the URL says
+        parts = urlsplit(endpoint)
+        options["ENDPOINT"] = parts.netloc
+        options["URL_STYLE"] = "path"
+        options["USE_SSL"] = "true" if parts.scheme == "https" else "false"
+    rendered = ", ".join(
+        f"{name} {value}" if value in ("true", "false") else f"{name} '{_quote(value)}'"
+        for name, value in options.items()
+    )
+    return f"CREATE OR REPLACE SECRET laion_assets_s3 ({rendered})"
+
+
+def _quote(value: str) -> str:
+    return value.replace("'", "''")
+
+
+def connect(store: DatasetStore, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with a view for each layer that has parquet files under the store's root."""
+    connection = duckdb.connect(database)
+    if store.is_s3:
+        connection.execute(f"LOAD '{_quote(str(httpfs_extension_path()))}'")
+        connection.execute(_s3_secret_sql())
+    create_views(connection, store)
+    return connection
+
+
+def create_views(connection: duckdb.DuckDBPyConnection, store: DatasetStore) -> list[str]:
+    """(Re)create the views; a layer with no files yet gets none. Returns the view names."""
+    created = []
+    for layer in LAYERS:
+        if not any(f.name.endswith(".parquet") for f in store.list(layer)):
+            continue
+        pattern = _quote(store.url(f"{layer}/*.parquet"))
+        # union_by_name: URL lists pass their own extra columns through, so shards may differ
+        connection.execute(
+            f"CREATE OR REPLACE VIEW {layer} AS SELECT * FROM read_parquet('{pattern}', union_by_name = true)"
+        )
+        created.append(layer)
+    return created

@@ -1,0 +1,91 @@
+import json
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from laion_assets.cli import main
+from laion_assets.pipeline import catalog
+from laion_assets.pipeline.storage import DatasetStore
+
+
+def _two_shards(store: DatasetStore) -> None:
+    store.write_parquet(
+        "images/a.parquet",
+        pa.table(
+            {
+                "key": ["a-00000000", "a-00000001", "a-00000002"],
+                "url": ["http://x.com/1.jpg", "http://y.org/2.jpg", "http://x.com/3.jpg"],
+                "status": ["success", "failed_to_download", "success"],
+            }
+        ),
+    )
+    store.write_parquet(
+        "images/b.parquet",
+        pa.table(
+            {
+                "key": ["b-00000000"],
+                "url": ["http://y.org/9.jpg"],
+                "status": ["opted_out"],
+            }
+        ),
+    )
+    store.write_bytes("images/a.tar", b"not parquet: the views read *.parquet only")
+    store.write_parquet(
+        "crawl_metadata/a.parquet", pa.table({"key": ["a-00000000"], "caption": ["x"], "TEXT2": [1]})
+    )
+    store.write_parquet(
+        "crawl_metadata/b.parquet", pa.table({"key": ["b-00000000"], "caption": ["y"], "extra": ["e"]})
+    )
+
+
+def test_views_over_every_shard(root):
+    store = DatasetStore(root)
+    assert catalog.create_views(duckdb.connect(), store) == []  # nothing yet: no views, no error
+    _two_shards(store)
+    connection = catalog.connect(store)
+    assert connection.sql("SELECT status, count(*) FROM images GROUP BY 1 ORDER BY 1").fetchall() == [
+        ("failed_to_download", 1),
+        ("opted_out", 1),
+        ("success", 2),
+    ]
+    # shards with different pass-through columns are unioned by name
+    assert connection.sql("SELECT key, TEXT2, extra FROM crawl_metadata ORDER BY key").fetchall() == [
+        ("a-00000000", 1, None),
+        ("b-00000000", None, "e"),
+    ]
+    views = {
+        name
+        for (name,) in connection.sql("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()
+    }
+    assert views == {"images", "crawl_metadata"}
+
+
+def test_sql_command_formats_and_outputs(root, tmp_path, capsys):
+    _two_shards(DatasetStore(root))
+    query = "SELECT split_part(url, '/', 3) AS host, count(*) AS n FROM images GROUP BY 1 ORDER BY 1"
+    assert main(["sql", "--root", root, "--format", "csv", query]) == 0
+    assert capsys.readouterr().out.splitlines() == ["host,n", "x.com,2", "y.org,2"]
+    assert main(["sql", "--root", root, "--format", "json", query]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"host": "x.com", "n": 2}, {"host": "y.org", "n": 2}]
+    assert main(["sql", "--root", root, query]) == 0
+    table = capsys.readouterr().out
+    assert "x.com" in table and "host" in table
+    assert main(["sql", "--root", root, "--output", str(tmp_path / "hosts.parquet"), query + ";"]) == 0
+    assert pq.read_table(tmp_path / "hosts.parquet").to_pylist() == [
+        {"host": "x.com", "n": 2},
+        {"host": "y.org", "n": 2},
+    ]
+    assert main(["sql", "--root", root, "--output", str(tmp_path / "hosts.json"), query]) == 0
+    assert json.loads((tmp_path / "hosts.json").read_text()) == [
+        {"host": "x.com", "n": 2},
+        {"host": "y.org", "n": 2},
+    ]
+    with pytest.raises(SystemExit, match="--output must end in one of"):
+        main(["sql", "--root", root, "--output", str(tmp_path / "hosts.xlsx"), query])
+
+
+def test_unknown_view_is_a_clear_error(local_root):
+    with pytest.raises(duckdb.CatalogException, match="pairs"):
+        main(["sql", "--root", local_root, "SELECT * FROM pairs"])
