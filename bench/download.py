@@ -226,6 +226,8 @@ def main() -> None:
                 "run",
                 "--root",
                 str(ours_root),
+                "--select",
+                "crawl_metadata,downloaded_images",
                 "--config",
                 str(config),
             ],

@@ -133,12 +133,16 @@ def _materialize(
 
 
 def failure_message(result: dg.ExecuteInProcessResult) -> str | None:
-    """The innermost error of the first failed step, without its class name; None if no step failed."""
+    """The first error of the first failed step that Dagster did not wrap, without its class name.
+
+    Dagster wraps the asset's exception; that exception may itself wrap a library error, and its own
+    message (with the advice in it) is the one to show. None if no step failed.
+    """
     failure = next((e for e in result.all_events if e.is_step_failure), None)
     if failure is None:
         return None
     error = failure.step_failure_data.error
-    while error.cause is not None:
+    while error.cause is not None and error.cls_name.startswith("Dagster"):
         error = error.cause
     return error.message.strip().split(f"{error.cls_name}: ", 1)[-1]
 

@@ -135,6 +135,15 @@ def test_asset_writes_embeddings_and_resumes_after_a_failed_run(root, web):
     failed = materialize_shard(instance, root, "e", local_web_config(), clip=broken)
     assert not failed.success
     assert failure_message(failed).startswith("checkpoint file /no/such/model.bin does not exist")
+    # an error that wraps a library's error is shown with its own message and advice
+    unknown = materialize_shard(
+        instance,
+        root,
+        "e",
+        selection=["clip_embeddings"],
+        clip=dataclasses.replace(TINY_CLIP, pretrained="not-a-tag"),
+    )
+    assert "LAION_ASSETS_CLIP_PRETRAINED=/path/to/it" in failure_message(unknown)
     assert store.exists("images/e.parquet") and not store.exists("embeddings/e.parquet")
 
     resumed = materialize_shard(instance, root, "e", selection=["clip_embeddings"])
