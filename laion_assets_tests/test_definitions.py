@@ -41,3 +41,13 @@ def test_dagster_cli_validates_the_workspace():
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "All code locations passed validation" in done.stdout + done.stderr
+
+
+def test_loading_definitions_does_not_import_torch():
+    """Every run process and CLI call loads the definitions; torch (0.5 GB, seconds) waits for the encoder."""
+    check = "import sys, laion_assets.definitions; print(sorted({'torch', 'open_clip'} & set(sys.modules)))"
+    done = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -2,6 +2,9 @@
 
 Weights are never replaced silently: when they cannot be had (offline, unknown tag, missing file)
 the encoder refuses to start and says how to point it at a local checkpoint.
+
+torch and open_clip are imported when an encoder is built, not with this module: loading the
+Dagster definitions (every run process, every CLI call) would otherwise cost seconds and 0.5 GB.
 """
 
 from __future__ import annotations
@@ -10,10 +13,11 @@ import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import open_clip
-import torch
-from PIL import Image
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "datacomp_xl_s13b_b90k"
@@ -55,6 +59,9 @@ class ClipEncoder:
     """An open_clip model with its own preprocessing and tokenizer, returning L2-normalised float32."""
 
     def __init__(self, settings: ClipSettings) -> None:
+        import open_clip
+        import torch
+
         open_clip.add_model_config(MODEL_CONFIGS)
         self.settings = settings
         self.device = torch.device(
@@ -84,23 +91,27 @@ class ClipEncoder:
 
     def _autocast(self):
         """fp16 (bf16 where supported) autocast on a GPU, plain fp32 on the CPU."""
+        import torch
+
         if self.device.type != "cuda":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
 
-    @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
-            features = self.model.encode_image(pixels.to(self.device, non_blocking=True))
-        return torch.nn.functional.normalize(features.float(), dim=-1)
+        import torch
 
-    @torch.inference_mode()
+        with torch.inference_mode(), self._autocast():
+            features = self.model.encode_image(pixels.to(self.device, non_blocking=True))
+            return torch.nn.functional.normalize(features.float(), dim=-1)
+
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        import torch
+
         tokens = self.tokenizer(texts).to(self.device, non_blocking=True)
-        with self._autocast():
+        with torch.inference_mode(), self._autocast():
             features = self.model.encode_text(tokens)
-        return torch.nn.functional.normalize(features.float(), dim=-1)
+            return torch.nn.functional.normalize(features.float(), dim=-1)
 
     def prepare(self, image: Image.Image) -> torch.Tensor:
         """open_clip's own preprocessing of one PIL image."""

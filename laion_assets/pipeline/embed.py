@@ -13,15 +13,18 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import IO, TypeVar
+from typing import IO, TYPE_CHECKING, TypeVar
 
 import numpy as np
 import pyarrow as pa
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.clip import ClipEncoder
+
+if TYPE_CHECKING:
+    import torch
+
+    from laion_assets.pipeline.clip import ClipEncoder
 from laion_assets.pipeline.imaging import ENCODE_FORMATS
 from laion_assets.pipeline.shard_tar import read_samples
 
@@ -86,6 +89,8 @@ class _Embeddings:
     def add(
         self, encoder: ClipEncoder, batch: list[tuple[str, torch.Tensor]], captions: dict[str, str]
     ) -> None:
+        import torch  # imported with the encoder, not with this module (see clip.py)
+
         keys = [key for key, _ in batch]
         image = encoder.encode_images(torch.stack([pixels for _, pixels in batch]))
         text = encoder.encode_texts([captions[key] for key in keys])
