@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.sources import ColumnNames, SourceName, read_source
 from laion_assets.pipeline.storage import INCOMING, DatasetStore
+from laion_assets.pipeline.tables import keep_first
 
 # Dropped-row reasons, as they appear in the materialisation metadata.
 INVALID_URL = "invalid_url"  # missing, or not an absolute http(s) URL
@@ -61,9 +62,6 @@ def apply_rules(table: pa.Table) -> tuple[pa.Table, Counter]:
     dropped[EMPTY_CAPTION] = pc.sum(pc.and_(valid_url, pc.invert(has_caption))).as_py() or 0
     table = table.filter(pc.and_(valid_url, has_caption))
 
-    rows = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
-    first = rows.group_by(["url", "caption"], use_threads=False).aggregate([("_row", "min")])
-    keep = pc.sort_indices(first.column("_row_min"))
-    unique = table.take(pc.take(first.column("_row_min"), keep))
+    unique = keep_first(table, ["url", "caption"])
     dropped[DUPLICATE] = table.num_rows - unique.num_rows
     return unique, dropped

@@ -69,6 +69,27 @@ EMBEDDING_MODEL = "laion_assets.clip_model"
 EMBEDDING_PRETRAINED = "laion_assets.clip_pretrained"
 
 
+# pairs/<shard>.parquet: the filtered dataset, LAION-400M's features plus our key, size and hash.
+NSFW_UNLIKELY, NSFW_UNSURE, NSFW, NSFW_UNTAGGED = "UNLIKELY", "UNSURE", "NSFW", "UNTAGGED"
+NSFW_TAGS = (NSFW_UNLIKELY, NSFW_UNSURE, NSFW, NSFW_UNTAGGED)
+
+PAIRS = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("caption", pa.string(), nullable=False),
+        pa.field("url", pa.string(), nullable=False),
+        pa.field("license", pa.string()),
+        pa.field("nsfw", pa.string(), nullable=False),
+        pa.field("original_height", pa.int32()),
+        pa.field("original_width", pa.int32()),
+        pa.field("similarity", pa.float64()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("sha256", pa.string()),
+    ]
+)
+
+
 def make_key(shard: str, row: int) -> str:
     return f"{shard}-{row:08d}"
 

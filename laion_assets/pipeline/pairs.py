@@ -1,0 +1,215 @@
+"""The filtered_pairs rules: crawl rows, download outcomes and embeddings joined on key, then
+filtered and tagged as LAION-400M did (defaults), or DataComp-style where configured.
+
+Rules, in the order of the funnel:
+1. `not_downloaded`: the image is not a `success` in `images`.
+2. `short_caption`: caption under `min_caption_length` characters.
+3. `datacomp_basic` (off by default): caption under 2 words or 6 characters, shorter side under 200,
+   aspect ratio over 3.
+4. `duplicate_url_caption`, `duplicate_sha256`: the first row (by key) of each kept.
+5. `low_similarity` / `no_embedding`: CLIP cosine under `min_similarity`, or, with `top_fraction`,
+   outside the top fraction by similarity; rows without an embedding cannot pass.
+6. `minors`: tagged NSFW or UNSURE while the caption or the two nearest categories name a minor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from laion_assets.pipeline import schemas
+from laion_assets.pipeline.tables import keep_first
+
+CATEGORIES_FILE = Path(__file__).parent / "data" / "nsfw_categories.json"
+FUNNEL = (
+    "not_downloaded",
+    "short_caption",
+    "datacomp_basic",
+    "duplicate_url_caption",
+    "duplicate_sha256",
+    "no_embedding",
+    "low_similarity",
+    "minors",
+)
+
+
+@dataclass(frozen=True)
+class PairsSettings:
+    min_similarity: float = 0.3  # LAION-400M's threshold for ViT-B/32
+    top_fraction: float = 0.0  # > 0: keep this fraction with the highest similarity instead (DataComp)
+    min_caption_length: int = 5
+    datacomp_basic_filter: bool = False
+    deduplicate: bool = True
+    drop_minors: bool = True
+
+
+@dataclass(frozen=True)
+class NsfwCategories:
+    """Category prompts with their text embeddings; `is_nsfw[i]` says whether category i is NSFW."""
+
+    names: list[str]
+    is_nsfw: np.ndarray
+    embeddings: np.ndarray  # (categories, D), L2-normalised
+    minors: tuple[str, ...]
+
+    @classmethod
+    def load(
+        cls, embed_texts: Callable[[list[str]], np.ndarray], path: Path = CATEGORIES_FILE
+    ) -> NsfwCategories:
+        data = json.loads(path.read_text())
+        names = data["nsfw"] + data["neutral"]
+        is_nsfw = np.array([True] * len(data["nsfw"]) + [False] * len(data["neutral"]))
+        return cls(names, is_nsfw, np.asarray(embed_texts(names), np.float32), tuple(data["minors"]))
+
+    def tag(self, image_embeddings: np.ndarray) -> tuple[list[str], list[tuple[str, str]]]:
+        """LAION's rule: both of the two nearest categories NSFW → NSFW, one → UNSURE, none → UNLIKELY."""
+        if len(image_embeddings) == 0:
+            return [], []
+        nearest = np.argsort(-(image_embeddings.astype(np.float32) @ self.embeddings.T), axis=1)[:, :2]
+        counts = self.is_nsfw[nearest].sum(axis=1)
+        tags = [(schemas.NSFW_UNLIKELY, schemas.NSFW_UNSURE, schemas.NSFW)[c] for c in counts]
+        return tags, [(self.names[a], self.names[b]) for a, b in nearest]
+
+    def names_a_minor(self, *texts: str) -> bool:
+        words = set(re.findall(r"[a-z]+", " ".join(texts).lower()))
+        return any(word in words for word in self.minors)
+
+
+@dataclass
+class PairsResult:
+    table: pa.Table  # schemas.PAIRS, sorted by key
+    embeddings: pa.Table  # key, image_embedding, text_embedding of the kept rows, same order
+    rows_in: int
+    removed: dict[str, int]  # by rule, in funnel order
+    nsfw: dict[str, int]  # kept rows by tag
+
+
+def build_pairs(
+    crawl: pa.Table,
+    images: pa.Table,
+    embeddings: pa.Table,
+    settings: PairsSettings,
+    categories: NsfwCategories,
+) -> PairsResult:
+    removed = dict.fromkeys(FUNNEL, 0)
+    has_license = "license" in crawl.column_names
+    license_ = (
+        crawl.column("license").cast(pa.string()) if has_license else pa.nulls(crawl.num_rows, pa.string())
+    )
+    table = pa.table({"key": crawl.column("key"), "license": license_})
+    image_columns = [
+        "key",
+        "url",
+        "caption",
+        "status",
+        "width",
+        "height",
+        "original_width",
+        "original_height",
+        "sha256",
+    ]
+    table = table.join(images.select(image_columns), "key", join_type="inner")
+    rows_in = table.num_rows
+    position = embeddings.select(["key", "similarity"]).append_column(
+        "_embedding_row", pa.array(range(embeddings.num_rows), pa.int64())
+    )
+    table = table.join(position, "key", join_type="left outer").sort_by("key")
+
+    def drop(rule: str, keep: pa.ChunkedArray | pa.Array) -> None:
+        nonlocal table
+        keep = pc.fill_null(keep, False)
+        removed[rule] += table.num_rows - pc.sum(keep).as_py() if table.num_rows else 0
+        table = table.filter(keep)
+
+    drop("not_downloaded", pc.equal(table.column("status"), schemas.SUCCESS))
+    drop(
+        "short_caption",
+        pc.greater_equal(pc.utf8_length(table.column("caption")), settings.min_caption_length),
+    )
+    if settings.datacomp_basic_filter:
+        drop("datacomp_basic", _datacomp_basic(table))
+    if settings.deduplicate:
+        for rule, columns in (
+            ("duplicate_url_caption", ["url", "caption"]),
+            ("duplicate_sha256", ["sha256"]),
+        ):
+            before = table.num_rows
+            table = keep_first(table, columns).sort_by("key")
+            removed[rule] += before - table.num_rows
+    drop("no_embedding", pc.is_valid(table.column("_embedding_row")))
+    drop("low_similarity", _similarity_rule(table.column("similarity"), settings))
+
+    rows = table.column("_embedding_row").to_numpy()
+    image_vectors = _vectors(embeddings.column("image_embedding"), rows)
+    tags, nearest = categories.tag(image_vectors)
+    if settings.drop_minors:
+        captions = table.column("caption").to_pylist()
+        keep = [
+            not (tag in (schemas.NSFW, schemas.NSFW_UNSURE) and categories.names_a_minor(caption, *near))
+            for tag, caption, near in zip(tags, captions, nearest, strict=True)
+        ]
+        drop("minors", pa.array(keep, pa.bool_()))
+        tags = [tag for tag, k in zip(tags, keep, strict=True) if k]
+        rows = rows[np.array(keep, bool)] if len(keep) else rows
+
+    table = table.append_column("nsfw", pa.array(tags, pa.string()))
+    table = table.set_column(
+        table.column_names.index("similarity"), "similarity", table.column("similarity").cast(pa.float64())
+    )
+    kept_embeddings = (
+        pa.table({"key": table.column("key")})
+        .append_column(
+            "image_embedding", embeddings.column("image_embedding").take(pa.array(rows, pa.int64()))
+        )
+        .append_column("text_embedding", embeddings.column("text_embedding").take(pa.array(rows, pa.int64())))
+    )
+    counts = Counter(tags)
+    return PairsResult(
+        table=schemas.conform(table, schemas.PAIRS).select(schemas.PAIRS.names),
+        embeddings=kept_embeddings,
+        rows_in=rows_in,
+        removed=removed,
+        nsfw={tag: counts.get(tag, 0) for tag in schemas.NSFW_TAGS},
+    )
+
+
+def _datacomp_basic(table: pa.Table) -> pa.Array:
+    """DataComp's basic filter: caption ≥ 2 words and > 5 characters, shorter side ≥ 200, aspect ≤ 3."""
+    captions = table.column("caption").to_pylist()
+    widths = table.column("original_width").to_pylist()
+    heights = table.column("original_height").to_pylist()
+    keep = []
+    for caption, width, height in zip(captions, widths, heights, strict=True):
+        shorter, longer = min(width or 0, height or 0), max(width or 0, height or 0)
+        keep.append(
+            len(caption.split()) >= 2 and len(caption) > 5 and shorter >= 200 and longer <= 3 * shorter
+        )
+    return pa.array(keep, pa.bool_())
+
+
+def _similarity_rule(similarity: pa.ChunkedArray, settings: PairsSettings) -> pa.Array:
+    if settings.top_fraction <= 0:
+        return pc.greater_equal(similarity, settings.min_similarity)
+    keep_count = math.ceil(settings.top_fraction * len(similarity))
+    values = np.nan_to_num(similarity.to_numpy(zero_copy_only=False).astype(np.float64), nan=-np.inf)
+    order = np.argsort(-values, kind="stable")  # ties keep key order
+    keep = np.zeros(len(values), bool)
+    keep[order[:keep_count]] = True
+    return pa.array(keep)
+
+
+def _vectors(column: pa.ChunkedArray, rows: np.ndarray) -> np.ndarray:
+    if len(rows) == 0:
+        return np.zeros((0, 0), np.float32)
+    chosen = column.take(pa.array(rows, pa.int64())).combine_chunks()
+    dim = chosen.type.list_size
+    return chosen.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)

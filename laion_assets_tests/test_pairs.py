@@ -1,0 +1,160 @@
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from laion_assets.pipeline import schemas
+from laion_assets.pipeline.pairs import FUNNEL, NsfwCategories, PairsSettings, build_pairs
+
+# Four categories on the axes of a 4-d space: two NSFW, two neutral (one naming a minor).
+CATEGORIES = NsfwCategories(
+    names=["explicit a", "explicit b", "a landscape", "a baby"],
+    is_nsfw=np.array([True, True, False, False]),
+    embeddings=np.eye(4, dtype=np.float32),
+    minors=("baby", "kid"),
+)
+
+
+def unit(*weights: float) -> list[float]:
+    v = np.array(weights, np.float32)
+    return (v / np.linalg.norm(v)).tolist()
+
+
+LANDSCAPE = unit(0.1, 0.0, 1.0, 0.2)  # nearest: landscape, then baby → UNLIKELY
+
+
+def shard(rows: list[dict]) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """crawl, images and embeddings tables for `rows` (defaults: a good 640x480 success)."""
+    full = []
+    for i, row in enumerate(rows):
+        full.append(
+            {
+                "key": f"s-{i:08d}",
+                "url": f"http://x.com/{i}.jpg",
+                "caption": f"a fine caption {i}",
+                "license": None,
+                "status": "success",
+                "ow": 640,
+                "oh": 480,
+                "sha256": f"h{i}",
+                "similarity": 0.5,
+                "image": LANDSCAPE,
+                **row,
+            }
+        )
+    crawl = pa.table({k: [r[k] for r in full] for k in ("key", "url", "caption", "license")})
+    images = pa.table(
+        {
+            "key": [r["key"] for r in full],
+            "url": [r["url"] for r in full],
+            "caption": [r["caption"] for r in full],
+            "status": [r["status"] for r in full],
+            "width": pa.array([256] * len(full), pa.int32()),
+            "height": pa.array([256] * len(full), pa.int32()),
+            "original_width": pa.array([r["ow"] for r in full], pa.int32()),
+            "original_height": pa.array([r["oh"] for r in full], pa.int32()),
+            "sha256": [r["sha256"] for r in full],
+        }
+    )
+    embedded = [r for r in full if r["status"] == "success" and r["similarity"] is not None]
+    vectors = pa.list_(pa.float16(), 4)
+    embeddings = pa.table(
+        {
+            "key": [r["key"] for r in embedded],
+            "image_embedding": pa.array([r["image"] for r in embedded], vectors),
+            "text_embedding": pa.array([r["image"] for r in embedded], vectors),
+            "similarity": pa.array([r["similarity"] for r in embedded], pa.float32()),
+        }
+    )
+    return crawl, images, embeddings
+
+
+def run(rows, **settings):
+    return build_pairs(*shard(rows), PairsSettings(**settings), CATEGORIES)
+
+
+def kept(result) -> list[int]:
+    return [int(k.split("-")[1]) for k in result.table.column("key").to_pylist()]
+
+
+def test_similarity_threshold_either_side():
+    result = run([{"similarity": 0.3}, {"similarity": 0.2999}, {"similarity": 0.95}, {"similarity": None}])
+    assert kept(result) == [0, 2]
+    assert result.removed["low_similarity"] == 1 and result.removed["no_embedding"] == 1
+    assert result.table.column("similarity").type == pa.float64()
+    assert result.table.column("similarity").to_pylist()[0] == pytest.approx(0.3, abs=1e-6)
+
+
+def test_top_fraction_keeps_the_best():
+    sims = [0.1, 0.9, 0.5, 0.7, 0.2]
+    result = run([{"similarity": s} for s in sims], top_fraction=0.4)
+    assert kept(result) == [1, 3]
+    assert result.removed["low_similarity"] == 3
+
+
+def test_caption_length_either_side():
+    result = run([{"caption": "abcde"}, {"caption": "abcd"}])
+    assert kept(result) == [0] and result.removed["short_caption"] == 1
+
+
+def test_datacomp_basic_filter_either_side():
+    rows = [
+        {"caption": "two words", "ow": 200, "oh": 600},  # shorter side 200, aspect exactly 3: kept
+        {"caption": "oneword1", "ow": 640, "oh": 480},  # one word
+        {"caption": "a b c", "ow": 640, "oh": 480},  # 5 characters: not over 5
+        {"caption": "two words", "ow": 199, "oh": 400},  # shorter side 199
+        {"caption": "two words", "ow": 200, "oh": 601},  # aspect just over 3
+    ]
+    assert kept(run(rows, datacomp_basic_filter=True)) == [0]
+    assert kept(run(rows)) == [0, 1, 2, 3, 4]  # off by default
+
+
+def test_duplicates_keep_the_first():
+    rows = [
+        {"url": "http://x.com/a.jpg", "caption": "same pair", "sha256": "h1"},
+        {"url": "http://x.com/a.jpg", "caption": "same pair", "sha256": "h2"},
+        {"sha256": "h1"},  # same image bytes as row 0
+        {"sha256": "h9"},
+    ]
+    result = run(rows)
+    assert kept(result) == [0, 3]
+    assert result.removed["duplicate_url_caption"] == 1 and result.removed["duplicate_sha256"] == 1
+
+
+def test_not_downloaded_rows_go_first_in_the_funnel():
+    result = run([{"status": "failed_to_download"}, {"status": "opted_out"}, {}])
+    assert kept(result) == [2]
+    assert result.rows_in == 3 and result.removed["not_downloaded"] == 2
+    assert list(result.removed) == list(FUNNEL)
+
+
+def test_nsfw_tags_from_the_two_nearest_categories():
+    rows = [
+        {"image": unit(1.0, 0.9, 0.1, 0.0)},  # explicit a, explicit b → NSFW
+        {"image": unit(1.0, 0.0, 0.9, 0.0)},  # explicit a, landscape → UNSURE
+        {"image": LANDSCAPE},
+    ]  # landscape, baby → UNLIKELY
+    result = run(rows)
+    assert result.table.column("nsfw").to_pylist() == ["NSFW", "UNSURE", "UNLIKELY"]
+    assert result.nsfw == {"UNLIKELY": 1, "UNSURE": 1, "NSFW": 1, "UNTAGGED": 0}
+    assert set(result.table.column("nsfw").to_pylist()) <= set(schemas.NSFW_TAGS)
+
+
+def test_minors_dropped_only_when_nsfw_or_unsure():
+    rows = [
+        {"image": unit(1.0, 0.0, 0.9, 0.0), "caption": "photo of a kid"},  # UNSURE + caption: dropped
+        {"image": unit(1.0, 0.0, 0.0, 0.9)},  # UNSURE, nearest category "a baby": dropped
+        {"image": LANDSCAPE, "caption": "a kid on a hill"},  # UNLIKELY: kept
+        {"image": unit(1.0, 0.9, 0.0, 0.0), "caption": "adults only"},
+    ]  # NSFW, no minor: kept
+    result = run(rows)
+    assert kept(result) == [2, 3] and result.removed["minors"] == 2
+    assert kept(run(rows, drop_minors=False)) == [0, 1, 2, 3]
+
+
+def test_output_is_the_contract_and_embeddings_follow_it():
+    crawl, images, embeddings = shard([{"license": "https://creativecommons.org/licenses/by/4.0/"}, {}])
+    result = build_pairs(crawl, images, embeddings, PairsSettings(), CATEGORIES)
+    assert result.table.schema == schemas.PAIRS
+    assert result.table.column("license").to_pylist()[0] == "https://creativecommons.org/licenses/by/4.0/"
+    assert result.embeddings.column("key").to_pylist() == result.table.column("key").to_pylist()
+    assert result.embeddings.column("image_embedding").type == pa.list_(pa.float16(), 4)
