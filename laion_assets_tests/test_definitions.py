@@ -15,6 +15,7 @@ def test_definitions_list_assets_sensor_schedule():
         "crawl_metadata",
         "downloaded_images",
         "clip_embeddings",
+        "filtered_pairs",
     }
     assert {c.name for c in repo.asset_graph.asset_check_keys} == {"one_row_per_crawl_row"}
     assert [s.name for s in repo.sensor_defs] == ["incoming_files_sensor"]

@@ -158,3 +158,70 @@ def test_output_is_the_contract_and_embeddings_follow_it():
     assert result.table.column("license").to_pylist()[0] == "https://creativecommons.org/licenses/by/4.0/"
     assert result.embeddings.column("key").to_pylist() == result.table.column("key").to_pylist()
     assert result.embeddings.column("image_embedding").type == pa.list_(pa.float16(), 4)
+
+
+def test_asset_writes_pairs_tar_and_funnel(root, web):
+    import dataclasses
+    import json
+
+    import dagster as dg
+    import webdataset as wds
+
+    from laion_assets.cli import failure_message
+    from laion_assets.pipeline.shard_tar import read_samples
+    from laion_assets.pipeline.storage import DatasetStore
+    from laion_assets_tests.dagster_helpers import LOCAL_WEB, TINY_CLIP, materialize_shard
+
+    store = DatasetStore(root)
+    paths = ["/img/red.jpg", "/img/green.png", "/404.jpg", "/img/blue.webp", "/img/red.jpg"]
+    lines = [{"url": web.url(p), "caption": f"a picture of {p}"} for p in paths]
+    lines[4]["caption"] = "the same red image again"  # same bytes as row 0: a sha256 duplicate
+    store.write_bytes("incoming/p.jsonl", "".join(json.dumps(line) + "\n" for line in lines).encode())
+    config = {
+        "ops": {
+            "downloaded_images": {"config": LOCAL_WEB},
+            # random weights make random NSFW tags: the minors rule is tested on hand-built embeddings above
+            "filtered_pairs": {
+                "config": {"min_similarity": -1.0, "write_embeddings": True, "drop_minors": False}
+            },
+        }
+    }
+    instance = dg.DagsterInstance.ephemeral()
+    result = materialize_shard(instance, root, "p", config)
+    assert result.success
+
+    pairs = store.read_parquet("pairs/p.parquet")
+    assert pairs.schema.remove_metadata() == schemas.PAIRS
+    assert pairs.column("key").to_pylist() == ["p-00000000", "p-00000001", "p-00000003"]
+    meta = result.asset_materializations_for_node("filtered_pairs")[0].metadata
+    removed = {k.split("/", 1)[1]: v.value for k, v in meta.items() if k.startswith("removed/")}
+    assert removed["not_downloaded"] == 1 and removed["duplicate_sha256"] == 1
+    assert meta["rows_in"].value - sum(removed.values()) == meta["dagster/row_count"].value == 3
+    assert sum(meta[f"nsfw/{t}"].value for t in schemas.NSFW_TAGS) == 3
+
+    with store.open("pairs/p.tar") as f:
+        samples = dict(read_samples(f))
+    with store.open("images/p.tar") as f:
+        originals = dict(read_samples(f))
+    assert sorted(samples) == pairs.column("key").to_pylist()
+    for key, members in samples.items():
+        assert members["jpg"] == originals[key]["jpg"]  # copied, not re-encoded
+        row = json.loads(members["json"])
+        assert (
+            row["nsfw"] in schemas.NSFW_TAGS
+            and row["key"] == key
+            and members["txt"].decode() == row["caption"]
+        )
+    if not store.is_s3:
+        assert len(list(wds.WebDataset(store.url("pairs/p.tar"), shardshuffle=False))) == 3
+    assert (
+        store.read_parquet("pairs_embeddings/p.parquet").column("key").to_pylist()
+        == pairs.column("key").to_pylist()
+    )
+
+    other_model = dataclasses.replace(TINY_CLIP, model="ViT-B-32")
+    mismatch = materialize_shard(instance, root, "p", selection=["filtered_pairs"], clip=other_model)
+    assert (
+        "embeddings were made with 'laion-assets-tiny' but the clip resource is 'ViT-B-32'"
+        in failure_message(mismatch)
+    )

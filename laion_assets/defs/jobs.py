@@ -5,8 +5,9 @@ import dagster as dg
 from laion_assets.defs.crawl import crawl_metadata
 from laion_assets.defs.download import downloaded_images
 from laion_assets.defs.embed import clip_embeddings
+from laion_assets.defs.pairs import filtered_pairs
 
-PER_SHARD_ASSETS = [crawl_metadata, downloaded_images, clip_embeddings]
+PER_SHARD_ASSETS = [crawl_metadata, downloaded_images, clip_embeddings, filtered_pairs]
 
 shard_job = dg.define_asset_job(
     "shard_pipeline",

@@ -21,12 +21,14 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from laion_assets.pipeline import schemas
+from laion_assets.pipeline.shard_tar import TarShardWriter, read_samples
 from laion_assets.pipeline.tables import keep_first
 
 CATEGORIES_FILE = Path(__file__).parent / "data" / "nsfw_categories.json"
@@ -213,3 +215,22 @@ def _vectors(column: pa.ChunkedArray, rows: np.ndarray) -> np.ndarray:
     chosen = column.take(pa.array(rows, pa.int64())).combine_chunks()
     dim = chosen.type.list_size
     return chosen.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+
+
+def write_pairs_tar(images_tar: IO[bytes], pairs: pa.Table, out: IO[bytes]) -> int:
+    """The kept samples as a training-ready webdataset: the image bytes copied as they are, the caption,
+    and a json with the pair's row. Returns the number of samples written."""
+    rows = {row["key"]: row for row in pairs.to_pylist()}
+    with TarShardWriter(out) as writer:
+        for key, members in read_samples(images_tar):
+            row = rows.get(key)
+            if row is None:
+                continue
+            image = {ext: data for ext, data in members.items() if ext not in ("txt", "json")}
+            sample = {
+                **image,
+                "txt": row["caption"].encode(),
+                "json": json.dumps(row, ensure_ascii=False).encode(),
+            }
+            writer.write(key, sample)
+        return writer.samples
