@@ -1,10 +1,9 @@
 """The `clip_embeddings` asset: CLIP image and text embeddings of a shard's downloaded images."""
 
 import dagster as dg
-import numpy as np
 
 from laion_assets.defs.download import downloaded_images
-from laion_assets.defs.metadata import LAYER, preview
+from laion_assets.defs.metadata import LAYER, preview, similarity_quantiles
 from laion_assets.defs.partitions import shards
 from laion_assets.defs.resources import ClipEncoderResource, DatasetStoreResource
 from laion_assets.pipeline import schemas
@@ -48,8 +47,6 @@ def clip_embeddings(
         context.log.warning(
             f"{len(result.undecodable)} stored images could not be read: {result.undecodable[:10]}"
         )
-    similarity = result.table.column("similarity").to_numpy()
-    quantiles = np.quantile(similarity, [0.1, 0.5, 0.9]).round(4).tolist() if len(similarity) else []
     rows = result.table.num_rows
     return dg.MaterializeResult(
         metadata={
@@ -59,7 +56,7 @@ def clip_embeddings(
             "pretrained": clip.pretrained,
             "device": str(encoder.device),
             "dim": encoder.dim,
-            "similarity_p10_p50_p90": str(quantiles),
+            "similarity_p10_p50_p90": similarity_quantiles(result.table),
             "seconds": round(result.seconds, 2),
             "images_per_second": round(rows / result.seconds, 1) if result.seconds else 0.0,
             "path": dg.MetadataValue.path(dataset.url(path)),

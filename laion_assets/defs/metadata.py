@@ -1,6 +1,7 @@
 """Helpers for the metadata that assets attach to their definitions and materialisations."""
 
 import dagster as dg
+import numpy as np
 import pyarrow as pa
 
 # Asset definition metadata: the storage layer (folder under the root) holding `<shard>.parquet`.
@@ -24,3 +25,9 @@ def counts_table(counts: list[tuple[str, int]], label: str) -> dg.MetadataValue:
     """`(name, count)` pairs as a two-column markdown table."""
     lines = [f"| {label} | rows |", "|---|---|"] + [f"| {name} | {n} |" for name, n in counts]
     return dg.MetadataValue.md("\n".join(lines) if counts else "none")
+
+
+def similarity_quantiles(table: pa.Table) -> str:
+    """p10, p50 and p90 of the `similarity` column, for a glance at a shard's CLIP scores."""
+    values = table.column("similarity").to_numpy()
+    return str(np.quantile(values, [0.1, 0.5, 0.9]).round(4).tolist() if len(values) else [])

@@ -3,11 +3,10 @@
 import contextlib
 
 import dagster as dg
-import numpy as np
 
 from laion_assets.defs.config import config_class, settings_from
 from laion_assets.defs.embed import clip_embeddings
-from laion_assets.defs.metadata import LAYER, preview
+from laion_assets.defs.metadata import LAYER, preview, similarity_quantiles
 from laion_assets.defs.partitions import shards
 from laion_assets.defs.resources import ClipEncoderResource, DatasetStoreResource
 from laion_assets.pipeline import schemas
@@ -62,8 +61,6 @@ def filtered_pairs(
     if config.write_embeddings:
         dataset.write_parquet(dataset.shard_file("pairs_embeddings", shard, "parquet"), result.embeddings)
 
-    similarity = result.table.column("similarity").to_numpy()
-    quantiles = np.quantile(similarity, [0.1, 0.5, 0.9]).round(4).tolist() if len(similarity) else []
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": result.table.num_rows,
@@ -71,7 +68,7 @@ def filtered_pairs(
             **{f"removed/{rule}": n for rule, n in result.removed.items()},
             **{f"nsfw/{tag}": n for tag, n in result.nsfw.items()},
             "samples_in_tar": samples,
-            "similarity_p10_p50_p90": str(quantiles),
+            "similarity_p10_p50_p90": similarity_quantiles(result.table),
             "path": dg.MetadataValue.path(dataset.url(path)),
             "preview": preview(result.table, ["key", "caption", "similarity", "nsfw"]),
         }
