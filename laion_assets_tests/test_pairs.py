@@ -189,6 +189,12 @@ def test_asset_writes_pairs_tar_and_funnel(root, web):
     instance = dg.DagsterInstance.ephemeral()
     result = materialize_shard(instance, root, "p", config)
     assert result.success
+    checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+    assert checks == {
+        "one_row_per_crawl_row": True,
+        "keys_are_success_images": True,
+        "follows_the_contract": True,
+    }
 
     pairs = store.read_parquet("pairs/p.parquet")
     assert pairs.schema.remove_metadata() == schemas.PAIRS
@@ -225,3 +231,36 @@ def test_asset_writes_pairs_tar_and_funnel(root, web):
         "embeddings were made with 'laion-assets-tiny' but the clip resource is 'ViT-B-32'"
         in failure_message(mismatch)
     )
+
+
+def test_checks_fail_on_broken_shards(local_root):
+    import json
+
+    from laion_assets.defs.checks import embeddings_of_success_images, pairs_follow_the_contract
+    from laion_assets.pipeline.storage import DatasetStore
+
+    store = DatasetStore(local_root)
+    crawl, images, embeddings = shard([{}, {}, {"status": "failed_to_download"}])
+    store.write_parquet("images/s.parquet", images)
+    store.write_parquet("embeddings/s.parquet", embeddings)
+    assert embeddings_of_success_images(store, "s").passed
+    broken = pa.concat_tables(
+        [embeddings, embeddings.slice(0, 1).set_column(0, "key", pa.array(["s-00000002"]))]
+    )  # an embedding for the image that failed
+    store.write_parquet("embeddings/s.parquet", broken)
+    check = embeddings_of_success_images(store, "s")
+    assert not check.passed
+    assert check.description == "shard s: 1 keys not a success image, 0 repeated"
+
+    good = build_pairs(crawl, images, embeddings, PairsSettings(), CATEGORIES).table
+    settings = {schemas.PAIRS_SETTINGS: json.dumps({"min_similarity": 0.6})}
+    store.write_parquet("pairs/s.parquet", good, metadata={schemas.PAIRS_SETTINGS: json.dumps({})})
+    assert pairs_follow_the_contract(store, "s").passed
+    store.write_parquet("pairs/s.parquet", good, metadata=settings)  # rows at 0.5 under a 0.6 rule
+    check = pairs_follow_the_contract(store, "s")
+    assert not check.passed and check.description == "shard s: low_similarity: 2"
+    store.write_parquet("pairs/s.parquet", pa.concat_tables([good, good.slice(0, 1)]))
+    check = pairs_follow_the_contract(store, "s")
+    assert check.description == "shard s: repeated_keys: 1, duplicate_url_caption: 1, duplicate_sha256: 1"
+    store.write_parquet("pairs/s.parquet", good.drop_columns(["sha256"]))
+    assert pairs_follow_the_contract(store, "s").description.startswith("shard s: schema: columns")

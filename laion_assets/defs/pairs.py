@@ -1,6 +1,8 @@
 """The `filtered_pairs` asset: a shard's images and embeddings filtered into LAION-400M form."""
 
 import contextlib
+import dataclasses
+import json
 
 import dagster as dg
 
@@ -48,7 +50,8 @@ def filtered_pairs(
         )
     encoder = clip.get_encoder()
     categories = NsfwCategories.load(lambda names: encoder.encode_texts(names).cpu().numpy())
-    result = build_pairs(crawl, images, embeddings, settings_from(config, PairsSettings), categories)
+    settings = settings_from(config, PairsSettings)
+    result = build_pairs(crawl, images, embeddings, settings, categories)
 
     tar_path = dataset.shard_file("pairs", shard, "tar")
     with contextlib.ExitStack() as stack:
@@ -57,7 +60,9 @@ def filtered_pairs(
             images_tar, result.table, stack.enter_context(dataset.atomic_write(tar_path))
         )
     path = dataset.shard_file("pairs", shard, "parquet")
-    dataset.write_parquet(path, result.table)
+    dataset.write_parquet(
+        path, result.table, metadata={schemas.PAIRS_SETTINGS: json.dumps(dataclasses.asdict(settings))}
+    )
     if config.write_embeddings:
         dataset.write_parquet(dataset.shard_file("pairs_embeddings", shard, "parquet"), result.embeddings)
 

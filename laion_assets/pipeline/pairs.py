@@ -234,3 +234,27 @@ def write_pairs_tar(images_tar: IO[bytes], pairs: pa.Table, out: IO[bytes]) -> i
             }
             writer.write(key, sample)
         return writer.samples
+
+
+def rule_violations(table: pa.Table, settings: PairsSettings) -> dict[str, int]:
+    """Rows of a pairs table that break a rule the settings made active (all zero for a sound shard).
+
+    The minors rule needs the category embeddings and is not re-checked here."""
+    captions = table.column("caption").to_pylist()
+    similarity = table.column("similarity").to_numpy(zero_copy_only=False)
+    violations = {
+        "short_caption": sum(len(c) < settings.min_caption_length for c in captions),
+        "nsfw_tag": sum(tag not in schemas.NSFW_TAGS for tag in table.column("nsfw").to_pylist()),
+        "low_similarity": int((similarity < settings.min_similarity).sum())
+        if settings.top_fraction <= 0
+        else 0,
+        "duplicate_url_caption": 0,
+        "duplicate_sha256": 0,
+        "datacomp_basic": 0,
+    }
+    if settings.deduplicate:
+        violations["duplicate_url_caption"] = table.num_rows - keep_first(table, ["url", "caption"]).num_rows
+        violations["duplicate_sha256"] = table.num_rows - keep_first(table, ["sha256"]).num_rows
+    if settings.datacomp_basic_filter:
+        violations["datacomp_basic"] = table.num_rows - pc.sum(_datacomp_basic(table)).as_py()
+    return violations

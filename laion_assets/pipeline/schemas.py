@@ -65,6 +65,7 @@ def embeddings(dim: int) -> pa.Schema:
     )
 
 
+PAIRS_SETTINGS = "laion_assets.pairs_settings"  # pairs parquet metadata: the rules' settings, as JSON
 EMBEDDING_MODEL = "laion_assets.clip_model"
 EMBEDDING_PRETRAINED = "laion_assets.clip_pretrained"
 
