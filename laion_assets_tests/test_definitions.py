@@ -17,7 +17,11 @@ def test_definitions_list_assets_sensor_schedule():
         "clip_embeddings",
         "filtered_pairs",
     }
-    assert {c.name for c in repo.asset_graph.asset_check_keys} == {"one_row_per_crawl_row"}
+    assert {c.name for c in repo.asset_graph.asset_check_keys} == {
+        "one_row_per_crawl_row",
+        "keys_are_success_images",
+        "follows_the_contract",
+    }
     assert [s.name for s in repo.sensor_defs] == ["incoming_files_sensor"]
     assert [s.name for s in repo.schedule_defs] == ["catch_up_schedule"]
     assert repo.get_job("shard_pipeline").partitions_def.name == "shards"

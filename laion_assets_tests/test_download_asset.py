@@ -40,7 +40,7 @@ def test_shard_downloads_with_status_metadata_and_check(root, web):
     assert meta["success_rate"].value == round(2 / 6, 4)
     assert "| HTTP 404 | 1 |" in meta["top_errors"].value
     assert f"| 127.0.0.1:{web.port} | 3 |" in meta["top_failing_hosts"].value
-    (check,) = result.get_asset_check_evaluations()
+    (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "one_row_per_crawl_row"]
     assert check.passed and check.metadata["images_rows"].value == 6
 
     # retry only what failed, through run config; the 404 is asked again, the successes are not
