@@ -15,14 +15,18 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
+from laion_assets.defs.catalog import catalog
 from laion_assets.defs.jobs import PER_SHARD_ASSETS
 from laion_assets.defs.metadata import LAYER
 from laion_assets.defs.partitions import shards
 from laion_assets.defs.resources import build_resources
-from laion_assets.pipeline import catalog
+from laion_assets.pipeline import catalog as duckdb_catalog
 from laion_assets.pipeline.clip import ClipSettings
 from laion_assets.pipeline.sources import parse_source_name
 from laion_assets.pipeline.storage import INCOMING, root_from_env
+
+ALL_ASSETS = [*PER_SHARD_ASSETS, catalog]  # per-shard assets, then the dataset-level ones
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}  # the summary lines say enough
 
 
 @dataclass
@@ -51,9 +55,9 @@ def dagster_instance() -> Iterator[dg.DagsterInstance]:
 
 
 def select_assets(names: list[str] | None) -> list[dg.AssetsDefinition]:
-    by_name = {a.key.to_user_string(): a for a in PER_SHARD_ASSETS}
+    by_name = {a.key.to_user_string(): a for a in ALL_ASSETS}
     if not names:
-        return list(PER_SHARD_ASSETS)
+        return list(ALL_ASSETS)
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise SystemExit(f"laion-assets: unknown assets {unknown}; choose from {list(by_name)}")
@@ -80,7 +84,8 @@ def run_pipeline(
     echo: Callable[[str], None] = print,
     clip: ClipSettings | None = None,
 ) -> list[ShardOutcome]:
-    """Register a shard per file in `incoming/`, then materialise the selected assets each shard lacks."""
+    """Register a shard per file in `incoming/`, materialise the selected assets each shard lacks, then the
+    selected dataset-level assets (the catalog) over every shard."""
     resources_ = build_resources(root, clip)
     store = resources_["store"].get_store()
     shard_names = sorted({parse_source_name(f.name).shard for f in store.list(INCOMING)})
@@ -89,10 +94,11 @@ def run_pipeline(
     with dagster_instance() as instance:
         known = set(instance.get_dynamic_partitions(shards.name))
         instance.add_dynamic_partitions(shards.name, [s for s in shard_names if s not in known])
+        per_shard = [a for a in assets if a in PER_SHARD_ASSETS]
         for shard in shard_names:
             todo = [
                 a
-                for a in assets
+                for a in per_shard
                 if force
                 or not store.exists(store.shard_file(a.metadata_by_key[a.key][LAYER], shard, "parquet"))
             ]
@@ -101,6 +107,15 @@ def run_pipeline(
             )
             echo(outcome.line())
             outcomes.append(outcome)
+        for asset in (a for a in assets if a not in PER_SHARD_ASSETS):
+            name = asset.key.to_user_string()
+            result = dg.materialize(
+                [asset], instance=instance, resources=resources_, run_config=QUIET, raise_on_error=False
+            )
+            error = failure_message(result)
+            path = None if error else result.asset_materializations_for_node(name)[0].metadata["path"].value
+            outcomes.append(ShardOutcome("(dataset)", ran=[name], error=error))
+            echo(f"{name}: FAILED: {error}" if error else f"{name}: {path}")
     return outcomes
 
 
@@ -113,14 +128,13 @@ def _materialize(
 ) -> ShardOutcome:
     names = [a.key.to_user_string() for a in todo]
     ops = {name: block for name, block in (run_config.get("ops") or {}).items() if name in names}
-    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     result = dg.materialize(
         PER_SHARD_ASSETS,
         selection=todo,
         partition_key=shard,
         instance=instance,
         resources=resources_,
-        run_config={"ops": ops, **quiet} if ops else quiet,
+        run_config={"ops": ops, **QUIET} if ops else QUIET,
         raise_on_error=False,
         tags={"laion_assets/trigger": "cli"},
     )
@@ -152,7 +166,7 @@ OUTPUT_FORMATS = {".csv": "csv", ".json": "json", ".parquet": "parquet"}
 
 def run_sql(root: str, query: str, fmt: str = "table", output: Path | None = None) -> None:
     """Run `query` against the DuckDB views of `root`; print it, or write it to `output`."""
-    connection = catalog.connect(build_resources(root)["store"].get_store())
+    connection = duckdb_catalog.connect(build_resources(root)["store"].get_store())
     if output is not None:
         kind = OUTPUT_FORMATS.get(output.suffix.lower())
         if kind is None:
@@ -220,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         copied = seed_demo_input(root)
         print(f"sample input: {', '.join(copied) or 'already in place'}")
         clip = dataclasses.replace(ClipSettings.from_env(), model=args.model, pretrained=args.pretrained)
-        outcomes = run_pipeline(root, list(PER_SHARD_ASSETS), {}, clip=clip)
+        outcomes = run_pipeline(root, list(ALL_ASSETS), {}, clip=clip)
         print(f"outputs under {build_resources(root)['store'].get_store().url('')}")
         print(f"open the Dagster UI on the same data: LAION_ASSETS_ROOT={root} dagster dev")
     else:

@@ -16,6 +16,7 @@ def test_definitions_list_assets_sensor_schedule():
         "downloaded_images",
         "clip_embeddings",
         "filtered_pairs",
+        "catalog",
     }
     assert {c.name for c in repo.asset_graph.asset_check_keys} == {
         "one_row_per_crawl_row",

@@ -89,3 +89,34 @@ def test_sql_command_formats_and_outputs(root, tmp_path, capsys):
 def test_unknown_view_is_a_clear_error(local_root):
     with pytest.raises(duckdb.CatalogException, match="pairs"):
         main(["sql", "--root", local_root, "SELECT * FROM pairs"])
+
+
+def test_catalog_asset_writes_a_database_file_with_the_views(root, tmp_path):
+    import dagster as dg
+
+    from laion_assets.defs.catalog import catalog as catalog_asset
+    from laion_assets.defs.resources import build_resources
+
+    store = DatasetStore(root)
+    _two_shards(store)
+    config = (
+        {} if not store.is_s3 else {"ops": {"catalog": {"config": {"database": str(tmp_path / "c.duckdb")}}}}
+    )
+    result = dg.materialize([catalog_asset], resources=build_resources(root), run_config=config)
+    path = result.asset_materializations_for_node("catalog")[0].metadata["path"].value
+    assert path == (str(tmp_path / "c.duckdb") if store.is_s3 else store.path("catalog.duckdb"))
+    connection = duckdb.connect(path, read_only=True)
+    if store.is_s3:  # a secret is per session: an S3 catalog needs httpfs and one, as the README says
+        catalog.enable_s3(connection)
+    assert connection.sql("SELECT count(*) FROM images").fetchall() == [(4,)]
+    assert connection.sql("SELECT count(*) FROM crawl_metadata").fetchall() == [(2,)]
+
+
+def test_run_writes_the_catalog_after_the_shards(local_root, capsys, monkeypatch):
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/a.csv", b"url,caption\nhttp://a.com/1.jpg,a cat\n")
+    assert main(["run", "--root", local_root, "--select", "crawl_metadata,catalog"]) == 0
+    assert f"catalog: {store.path('catalog.duckdb')}" in capsys.readouterr().out
+    connection = duckdb.connect(store.path("catalog.duckdb"), read_only=True)
+    assert connection.sql("SELECT caption FROM crawl_metadata").fetchall() == [("a cat",)]

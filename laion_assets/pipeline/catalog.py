@@ -68,10 +68,43 @@ def connect(store: DatasetStore, database: str = ":memory:") -> duckdb.DuckDBPyC
     """A DuckDB connection with a view for each layer that has parquet files under the store's root."""
     connection = duckdb.connect(database)
     if store.is_s3:
-        connection.execute(f"LOAD '{_quote(str(httpfs_extension_path()))}'")
-        connection.execute(_s3_secret_sql())
+        enable_s3(connection)
     create_views(connection, store)
     return connection
+
+
+def enable_s3(connection: duckdb.DuckDBPyConnection) -> None:
+    """httpfs from the wheel and an S3 secret from AWS_*: what a session needs to read an S3 root.
+
+    A secret lives in the session, not in a database file, so every connection to a catalog of an S3
+    root calls this (the duckdb CLI: LOAD httpfs; CREATE SECRET (TYPE s3, PROVIDER credential_chain))."""
+    connection.execute(f"LOAD '{_quote(str(httpfs_extension_path()))}'")
+    connection.execute(_s3_secret_sql())
+
+
+def default_catalog_path(store: DatasetStore) -> str:
+    """Beside a local root; in the working folder for an S3 root (DuckDB cannot write its file to S3)."""
+    return "catalog.duckdb" if store.is_s3 else store.path("catalog.duckdb")
+
+
+def write_catalog(store: DatasetStore, database: str) -> list[str]:
+    """A DuckDB database file with the views, replaced whole. Returns the view names."""
+    tmp = f"{database}.tmp-{os.getpid()}"
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    os.makedirs(os.path.dirname(os.path.abspath(database)), exist_ok=True)
+    connection = connect(store, tmp)
+    try:
+        views = [
+            name
+            for (name,) in connection.sql(
+                "SELECT view_name FROM duckdb_views() WHERE NOT internal"
+            ).fetchall()
+        ]
+    finally:
+        connection.close()
+    os.replace(tmp, database)
+    return sorted(views)
 
 
 def create_views(connection: duckdb.DuckDBPyConnection, store: DatasetStore) -> list[str]:

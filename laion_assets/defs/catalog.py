@@ -1,0 +1,24 @@
+"""The `catalog` asset: a DuckDB database file with a view per layer, for `duckdb data/catalog.duckdb`."""
+
+import dagster as dg
+
+from laion_assets.defs.jobs import PER_SHARD_ASSETS
+from laion_assets.defs.resources import DatasetStoreResource
+from laion_assets.pipeline import catalog as duckdb_catalog
+
+
+class CatalogConfig(dg.Config):
+    """`database`: the file to write; blank: {root}/catalog.duckdb locally, ./catalog.duckdb for S3."""
+
+    database: str = ""
+
+
+@dg.asset(deps=PER_SHARD_ASSETS, group_name="dataset", kinds={"duckdb"})
+def catalog(config: CatalogConfig, store: DatasetStoreResource) -> dg.MaterializeResult:
+    """Views crawl_metadata, images, embeddings and pairs over every materialised shard's parquet."""
+    dataset = store.get_store()
+    database = config.database or duckdb_catalog.default_catalog_path(dataset)
+    views = duckdb_catalog.write_catalog(dataset, database)
+    return dg.MaterializeResult(
+        metadata={"path": dg.MetadataValue.path(database), "views": ", ".join(views), "root": dataset.root}
+    )
