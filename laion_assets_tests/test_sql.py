@@ -120,3 +120,11 @@ def test_run_writes_the_catalog_after_the_shards(local_root, capsys, monkeypatch
     assert f"catalog: {store.path('catalog.duckdb')}" in capsys.readouterr().out
     connection = duckdb.connect(store.path("catalog.duckdb"), read_only=True)
     assert connection.sql("SELECT caption FROM crawl_metadata").fetchall() == [("a cat",)]
+
+
+def test_duckdb_resource_gives_the_same_views(root):
+    from laion_assets.defs.resources import build_resources
+
+    _two_shards(DatasetStore(root))
+    connection = build_resources(root)["duckdb"].get_connection()
+    assert connection.sql("SELECT count(*) FROM images WHERE status = 'success'").fetchall() == [(2,)]
