@@ -29,7 +29,6 @@ import yaml
 from PIL import Image
 
 WORK = Path(__file__).resolve().parent / ".work"
-I2D_VENV = WORK / "img2dataset-venv"
 
 
 def make_photos(folder: Path, distinct: int, seed: int = 0) -> list[Path]:
@@ -113,12 +112,14 @@ def timed(command: list[str], env: dict | None = None) -> tuple[float, int, str]
     return seconds, peak, output
 
 
-def ensure_img2dataset() -> Path:
-    binary = I2D_VENV / "bin" / "img2dataset"
+def ensure_peer(name: str, packages: list[str]) -> Path:
+    """The command `name` of a peer tool, installed with `packages` into its own venv under bench/.work/."""
+    venv = WORK / f"{name}-venv"
+    binary = venv / "bin" / name
     if not binary.exists():
-        print("installing img2dataset into", I2D_VENV, flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(I2D_VENV)], check=True)
-        subprocess.run([str(I2D_VENV / "bin" / "pip"), "install", "--quiet", "img2dataset"], check=True)
+        print(f"installing {name} into {venv}", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", *packages], check=True)
     return binary
 
 
@@ -151,7 +152,7 @@ def main() -> None:
     urls = [f"http://127.0.0.1:{args.port}/{i}.jpg" for i in range(args.images)]
     url_list = pa.table({"url": urls, "caption": [f"photo number {i}" for i in range(args.images)]})
 
-    img2dataset = ensure_img2dataset()
+    img2dataset = ensure_peer("img2dataset", ["img2dataset"])
     server = serve(site, args.port)
     try:
         i2d_out = WORK / "img2dataset-out"

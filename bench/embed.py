@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from download import WORK, make_photos, timed
+from download import WORK, ensure_peer, make_photos, timed
 
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.clip import ClipEncoder, ClipSettings
@@ -60,18 +60,6 @@ def build_shard(count: int) -> tuple[Path, Path]:
     return tar_path, table_path
 
 
-def ensure_clip_retrieval() -> Path:
-    venv = WORK / "clip-retrieval-venv"
-    binary = venv / "bin" / "clip-retrieval"
-    if not binary.exists():
-        print("installing clip-retrieval into", venv, flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        # clip-anytorch still imports pkg_resources, which setuptools 81 removed
-        pip = [str(venv / "bin" / "pip"), "install", "--quiet"]
-        subprocess.run([*pip, "clip-retrieval", "setuptools<81"], check=True)
-    return binary
-
-
 def run_clip_retrieval(args: argparse.Namespace, tar_path: Path) -> dict:
     """clip-retrieval inference on the same images and weights; images/s from its stats files."""
     import torch
@@ -91,7 +79,8 @@ def run_clip_retrieval(args: argparse.Namespace, tar_path: Path) -> dict:
     shutil.rmtree(output, ignore_errors=True)
     _, peak, _ = timed(
         [
-            str(ensure_clip_retrieval()),
+            # clip-anytorch still imports pkg_resources, which setuptools 81 removed
+            str(ensure_peer("clip-retrieval", ["clip-retrieval", "setuptools<81"])),
             "inference",
             "--input_dataset",  # a brace pattern, as clip-retrieval takes it
             str(WORK / f"embed-{args.images}-part{{0..1}}.tar"),

@@ -23,7 +23,7 @@ from laion_assets.defs.resources import build_resources
 from laion_assets.pipeline import catalog as duckdb_catalog
 from laion_assets.pipeline.clip import ClipSettings
 from laion_assets.pipeline.sources import parse_source_name
-from laion_assets.pipeline.storage import INCOMING, root_from_env
+from laion_assets.pipeline.storage import INCOMING, DatasetStore, root_from_env
 
 ALL_ASSETS = [*PER_SHARD_ASSETS, catalog]  # per-shard assets, then the dataset-level ones
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}  # the summary lines say enough
@@ -166,13 +166,13 @@ OUTPUT_FORMATS = {".csv": "csv", ".json": "json", ".parquet": "parquet"}
 
 def run_sql(root: str, query: str, fmt: str = "table", output: Path | None = None) -> None:
     """Run `query` against the DuckDB views of `root`; print it, or write it to `output`."""
-    connection = duckdb_catalog.connect(build_resources(root)["store"].get_store())
+    connection = duckdb_catalog.connect(DatasetStore(root))
     if output is not None:
         kind = OUTPUT_FORMATS.get(output.suffix.lower())
         if kind is None:
             raise SystemExit(f"laion-assets: --output must end in one of {list(OUTPUT_FORMATS)}")
         options = "FORMAT json, ARRAY true" if kind == "json" else f"FORMAT {kind}"
-        target = str(output).replace("'", "''")
+        target = duckdb_catalog.quote_literal(str(output))
         connection.execute(f"COPY ({query.rstrip().rstrip(';')}) TO '{target}' ({options})")
         print(f"wrote {output}")
         return
@@ -191,7 +191,7 @@ def run_sql(root: str, query: str, fmt: str = "table", output: Path | None = Non
 
 def seed_demo_input(root: str) -> list[str]:
     """Copy the packaged sample sources into `{root}/incoming/` where they are not there yet."""
-    store = build_resources(root)["store"].get_store()
+    store = DatasetStore(root)
     copied = []
     for sample in resources.files("laion_assets").joinpath("sample").iterdir():
         target = f"{INCOMING}/{sample.name}"
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sample input: {', '.join(copied) or 'already in place'}")
         clip = dataclasses.replace(ClipSettings.from_env(), model=args.model, pretrained=args.pretrained)
         outcomes = run_pipeline(root, list(ALL_ASSETS), {}, clip=clip)
-        print(f"outputs under {build_resources(root)['store'].get_store().url('')}")
+        print(f"outputs under {DatasetStore(root).url('')}")
         print(f"open the Dagster UI on the same data: LAION_ASSETS_ROOT={root} dagster dev")
     else:
         assets = select_assets(args.select.split(",") if args.select else None)

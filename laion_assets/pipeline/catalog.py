@@ -54,13 +54,14 @@ def _s3_secret_sql() -> str:
         options["URL_STYLE"] = "path"
         options["USE_SSL"] = "true" if parts.scheme == "https" else "false"
     rendered = ", ".join(
-        f"{name} {value}" if value in ("true", "false") else f"{name} '{_quote(value)}'"
+        f"{name} {value}" if value in ("true", "false") else f"{name} '{quote_literal(value)}'"
         for name, value in options.items()
     )
     return f"CREATE OR REPLACE SECRET laion_assets_s3 ({rendered})"
 
 
-def _quote(value: str) -> str:
+def quote_literal(value: str) -> str:
+    """`value` made safe inside a single-quoted SQL string."""
     return value.replace("'", "''")
 
 
@@ -78,7 +79,7 @@ def enable_s3(connection: duckdb.DuckDBPyConnection) -> None:
 
     A secret lives in the session, not in a database file, so every connection to a catalog of an S3
     root calls this (the duckdb CLI: LOAD httpfs; CREATE SECRET (TYPE s3, PROVIDER credential_chain))."""
-    connection.execute(f"LOAD '{_quote(str(httpfs_extension_path()))}'")
+    connection.execute(f"LOAD '{quote_literal(str(httpfs_extension_path()))}'")
     connection.execute(_s3_secret_sql())
 
 
@@ -113,7 +114,7 @@ def create_views(connection: duckdb.DuckDBPyConnection, store: DatasetStore) -> 
     for layer in LAYERS:
         if not any(f.name.endswith(".parquet") for f in store.list(layer)):
             continue
-        pattern = _quote(store.url(f"{layer}/*.parquet"))
+        pattern = quote_literal(store.url(f"{layer}/*.parquet"))
         # union_by_name: URL lists pass their own extra columns through, so shards may differ
         connection.execute(
             f"CREATE OR REPLACE VIEW {layer} AS SELECT * FROM read_parquet('{pattern}', union_by_name = true)"
