@@ -204,6 +204,11 @@ def test_asset_writes_pairs_tar_and_funnel(root, web):
     assert removed["not_downloaded"] == 1 and removed["duplicate_sha256"] == 1
     assert meta["rows_in"].value - sum(removed.values()) == meta["dagster/row_count"].value == 3
     assert sum(meta[f"nsfw/{t}"].value for t in schemas.NSFW_TAGS) == 3
+    file_meta = {k.decode(): v.decode() for k, v in pairs.schema.metadata.items()}
+    assert json.loads(file_meta[schemas.PAIRS_FUNNEL]) == {"rows_in": 5, "removed": removed}
+    provenance = json.loads(file_meta[schemas.PROVENANCE])
+    assert provenance["source_file"] == "p.jsonl" and provenance["run_id"] == result.run_id
+    assert provenance["shard"] == "p" and provenance["code_version"] == "0.1.0"
 
     with store.open("pairs/p.tar") as f:
         samples = dict(read_samples(f))

@@ -2,6 +2,8 @@
 
 import contextlib
 import dataclasses
+import datetime
+import importlib.metadata
 import json
 
 import dagster as dg
@@ -60,8 +62,22 @@ def filtered_pairs(
             images_tar, result.table, stack.enter_context(dataset.atomic_write(tar_path))
         )
     path = dataset.shard_file("pairs", shard, "parquet")
+    provenance = {
+        "shard": shard,
+        "source_file": crawl.column("source_file")[0].as_py() if crawl.num_rows else None,
+        "run_id": context.run_id,
+        "materialized_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "code_version": importlib.metadata.version("laion_assets"),
+    }
+    funnel = {"rows_in": result.rows_in, "removed": result.removed}
     dataset.write_parquet(
-        path, result.table, metadata={schemas.PAIRS_SETTINGS: json.dumps(dataclasses.asdict(settings))}
+        path,
+        result.table,
+        metadata={
+            schemas.PAIRS_SETTINGS: json.dumps(dataclasses.asdict(settings)),
+            schemas.PAIRS_FUNNEL: json.dumps(funnel),
+            schemas.PROVENANCE: json.dumps(provenance),
+        },
     )
     if config.write_embeddings:
         dataset.write_parquet(dataset.shard_file("pairs_embeddings", shard, "parquet"), result.embeddings)

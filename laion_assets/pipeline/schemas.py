@@ -65,7 +65,11 @@ def embeddings(dim: int) -> pa.Schema:
     )
 
 
-PAIRS_SETTINGS = "laion_assets.pairs_settings"  # pairs parquet metadata: the rules' settings, as JSON
+# pairs parquet metadata, each a JSON object:
+PAIRS_SETTINGS = "laion_assets.pairs_settings"  # the rules' settings (PairsSettings)
+PAIRS_FUNNEL = "laion_assets.funnel"  # {"rows_in": n, "removed": {rule: n, ...}} in funnel order
+# {"shard", "source_file", "run_id", "materialized_at" (UTC ISO 8601), "code_version"}
+PROVENANCE = "laion_assets.provenance"
 EMBEDDING_MODEL = "laion_assets.clip_model"
 EMBEDDING_PRETRAINED = "laion_assets.clip_pretrained"
 
