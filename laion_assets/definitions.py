@@ -2,17 +2,26 @@
 
 import dagster as dg
 
-from laion_assets.defs.automation import catch_up_schedule, incoming_files_sensor
+from laion_assets.defs.automation import automation_sensor, catch_up_schedule, incoming_files_sensor
 from laion_assets.defs.catalog import catalog
 from laion_assets.defs.checks import PER_SHARD_CHECKS
 from laion_assets.defs.jobs import PER_SHARD_ASSETS, shard_job
 from laion_assets.defs.resources import build_resources
+from laion_assets.pipeline.clip import ClipSettings
 
-defs = dg.Definitions(
-    assets=[*PER_SHARD_ASSETS, catalog],
-    asset_checks=PER_SHARD_CHECKS,
-    jobs=[shard_job],
-    sensors=[incoming_files_sensor],
-    schedules=[catch_up_schedule],
-    resources=build_resources(),
-)
+DATASET_ASSETS = [catalog]  # unpartitioned: read every materialised shard
+
+
+def build_definitions(root: str | None = None, clip: ClipSettings | None = None) -> dg.Definitions:
+    """Everything, with the resources for `root` and `clip` (by default from the environment)."""
+    return dg.Definitions(
+        assets=[*PER_SHARD_ASSETS, *DATASET_ASSETS],
+        asset_checks=PER_SHARD_CHECKS,
+        jobs=[shard_job],
+        sensors=[incoming_files_sensor, automation_sensor],
+        schedules=[catch_up_schedule],
+        resources=build_resources(root, clip),
+    )
+
+
+defs = build_definitions()

@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dagster as dg
+
 from laion_assets.definitions import defs
 from laion_assets.defs.resources import build_resources
 
@@ -23,9 +25,24 @@ def test_definitions_list_assets_sensor_schedule():
         "keys_are_success_images",
         "follows_the_contract",
     }
-    assert [s.name for s in repo.sensor_defs] == ["incoming_files_sensor"]
+    assert sorted(s.name for s in repo.sensor_defs) == ["follow_upstream_sensor", "incoming_files_sensor"]
     assert [s.name for s in repo.schedule_defs] == ["catch_up_schedule"]
     assert repo.get_job("shard_pipeline").partitions_def.name == "shards"
+
+
+def test_backfills_run_one_shard_per_run_and_assets_follow_their_upstream():
+    graph = defs.get_repository_def().asset_graph
+    per_shard = ["crawl_metadata", "downloaded_images", "clip_embeddings", "filtered_pairs"]
+    for name in per_shard:
+        assert graph.get(dg.AssetKey(name)).backfill_policy == dg.BackfillPolicy.multi_run(1)
+    labels = {key.to_user_string(): graph.get(key).automation_condition for key in graph.get_all_asset_keys()}
+    assert labels.pop("crawl_metadata") is None  # the incoming sensor starts each shard
+    assert {name: condition.get_label() for name, condition in labels.items()} == {
+        "downloaded_images": "eager",
+        "clip_embeddings": "eager",
+        "filtered_pairs": "eager",
+        "catalog": "after any shard is updated",
+    }
 
 
 def test_root_comes_from_the_environment(monkeypatch):

@@ -1,4 +1,5 @@
-"""The sensor that turns new files in `incoming/` into shards, and the schedule that catches up."""
+"""What runs without a person: the sensor that turns new files in `incoming/` into shard runs, the
+automation-condition sensor that makes assets follow their upstream, and the schedule that catches up."""
 
 import json
 
@@ -49,6 +50,16 @@ def incoming_files_sensor(
         cursor=json.dumps({f.name: f.fingerprint for f in files}, sort_keys=True),
         skip_reason=None if run_requests else f"no new or changed files among {len(files)} in incoming/",
     )
+
+
+automation_sensor = dg.AutomationConditionSensorDefinition(
+    "follow_upstream_sensor",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description="Requests the assets whose automation condition holds: a per-shard asset after its upstream "
+    "shard changed alone, the dataset-level assets (catalog, card) after any shard changed.",
+)
 
 
 def shards_to_catch_up(instance: dg.DagsterInstance, partition_keys: list[str]) -> list[str]:

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from laion_assets.defs.jobs import PER_SHARD_ASSETS
+from laion_assets.defs.partitions import FOLLOWS_ANY_SHARD
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline import catalog as duckdb_catalog
 
@@ -13,7 +14,9 @@ class CatalogConfig(dg.Config):
     database: str = ""
 
 
-@dg.asset(deps=PER_SHARD_ASSETS, group_name="dataset", kinds={"duckdb"})
+@dg.asset(
+    deps=PER_SHARD_ASSETS, group_name="dataset", kinds={"duckdb"}, automation_condition=FOLLOWS_ANY_SHARD
+)
 def catalog(config: CatalogConfig, store: DatasetStoreResource) -> dg.MaterializeResult:
     """Views crawl_metadata, images, embeddings and pairs over every materialised shard's parquet."""
     dataset = store.get_store()

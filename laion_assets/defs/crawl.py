@@ -3,7 +3,7 @@
 import dagster as dg
 
 from laion_assets.defs.metadata import LAYER, preview
-from laion_assets.defs.partitions import shards
+from laion_assets.defs.partitions import SHARD_BACKFILL, shards
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline.crawl import CrawlConfig, build_crawl_metadata
 from laion_assets.pipeline.sources import ColumnNames, find_source
@@ -21,6 +21,7 @@ class CrawlMetadataConfig(dg.Config):
 
 @dg.asset(
     partitions_def=shards,
+    backfill_policy=SHARD_BACKFILL,
     group_name="crawl",
     kinds={"parquet"},
     metadata={LAYER: "crawl_metadata"},

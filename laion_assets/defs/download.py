@@ -7,7 +7,7 @@ import dagster as dg
 from laion_assets.defs.config import config_class, settings_from
 from laion_assets.defs.crawl import crawl_metadata
 from laion_assets.defs.metadata import LAYER, counts_table, preview
-from laion_assets.defs.partitions import shards
+from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, shards
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.download import DownloadSettings, download_shard
@@ -17,6 +17,8 @@ DownloadImagesConfig = config_class(DownloadSettings, "DownloadImagesConfig")
 
 @dg.asset(
     partitions_def=shards,
+    backfill_policy=SHARD_BACKFILL,
+    automation_condition=FOLLOWS_ITS_SHARD,
     deps=[crawl_metadata],
     group_name="images",
     kinds={"webdataset", "parquet"},

@@ -4,7 +4,7 @@ import dagster as dg
 
 from laion_assets.defs.download import downloaded_images
 from laion_assets.defs.metadata import LAYER, preview, similarity_quantiles
-from laion_assets.defs.partitions import shards
+from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, shards
 from laion_assets.defs.resources import ClipEncoderResource, DatasetStoreResource
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.embed import embed_shard
@@ -18,6 +18,8 @@ class ClipEmbeddingsConfig(dg.Config):
 
 @dg.asset(
     partitions_def=shards,
+    backfill_policy=SHARD_BACKFILL,
+    automation_condition=FOLLOWS_ITS_SHARD,
     deps=[downloaded_images],
     group_name="embeddings",
     kinds={"pytorch", "parquet"},

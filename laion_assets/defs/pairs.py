@@ -11,7 +11,7 @@ import dagster as dg
 from laion_assets.defs.config import config_class, settings_from
 from laion_assets.defs.embed import clip_embeddings
 from laion_assets.defs.metadata import LAYER, preview, similarity_quantiles
-from laion_assets.defs.partitions import shards
+from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, shards
 from laion_assets.defs.resources import ClipEncoderResource, DatasetStoreResource
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.pairs import NsfwCategories, PairsSettings, build_pairs, write_pairs_tar
@@ -26,6 +26,8 @@ FilteredPairsConfig = config_class(PairsSettings, "FilteredPairsConfig", base=_P
 
 @dg.asset(
     partitions_def=shards,
+    backfill_policy=SHARD_BACKFILL,
+    automation_condition=FOLLOWS_ITS_SHARD,
     deps=[clip_embeddings],
     group_name="pairs",
     kinds={"parquet", "webdataset"},
@@ -65,7 +67,7 @@ def filtered_pairs(
     provenance = {
         "shard": shard,
         "source_file": crawl.column("source_file")[0].as_py() if crawl.num_rows else None,
-        "run_id": context.run_id,
+        "run_id": context.run.run_id,
         "materialized_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "code_version": importlib.metadata.version("laion_assets"),
     }
