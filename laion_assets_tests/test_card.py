@@ -1,0 +1,155 @@
+import io
+import json
+
+import dagster as dg
+import pytest
+import yaml
+from PIL import Image
+
+from laion_assets.defs.card import dataset_card
+from laion_assets.defs.resources import DatasetStoreResource
+from laion_assets.pipeline import catalog, schemas
+from laion_assets.pipeline.card import README, CardSettings, size_category, write_card
+from laion_assets.pipeline.pairs import FUNNEL
+from laion_assets.pipeline.storage import DatasetStore
+from laion_assets_tests.dagster_helpers import LOCAL_WEB, materialize_shard
+
+# shard -> image paths on the test web; each has a 404, `b` also an image that does not decode
+SHARDS = {
+    "a": ["/img/red.jpg", "/img/green.png", "/404.jpg"],
+    "b": ["/img/blue.webp", "/exif.jpg", "/404.jpg", "/garbage.jpg"],
+}
+
+
+def _materialize(instance: dg.DagsterInstance, root: str, web, shard: str, min_similarity: float):
+    """One shard through every per-shard asset; random CLIP weights, so every pair is kept."""
+    store = DatasetStore(root)
+    lines = [
+        {"url": web.url(path), "caption": f"a picture of {path} in {shard}", "license": "cc-by-4.0"}
+        for path in SHARDS[shard]
+    ]
+    store.write_bytes(f"incoming/{shard}.jsonl", "".join(json.dumps(line) + "\n" for line in lines).encode())
+    config = {
+        "ops": {
+            "downloaded_images": {"config": LOCAL_WEB},
+            "filtered_pairs": {"config": {"min_similarity": min_similarity, "drop_minors": False}},
+        }
+    }
+    result = materialize_shard(instance, root, shard, config)
+    assert result.success
+    return result
+
+
+def _front_matter(markdown: str) -> dict:
+    assert markdown.startswith("---\n")
+    return yaml.safe_load(markdown[4:].split("\n---\n", 1)[0])
+
+
+def test_card_over_two_shards(root, web):
+    store = DatasetStore(root)
+    instance = dg.DagsterInstance.ephemeral()
+    # the shards used different thresholds: the card lists both
+    runs = {
+        "a": _materialize(instance, root, web, "a", -1.0),
+        "b": _materialize(instance, root, web, "b", -0.9),
+    }
+
+    result = write_card(store)
+    markdown = result.markdown
+    with store.open(README) as f:
+        assert f.read().decode() == markdown
+
+    pairs = catalog.connect(store).sql("SELECT count(*) FROM pairs").fetchone()[0]
+    assert result.shards == 2 and result.pairs == pairs == 4
+    header = _front_matter(markdown)
+    assert header["license"] == "other"
+    assert header["size_categories"] == ["n<1K"]
+    assert header["configs"] == [
+        {"config_name": "default", "data_files": [{"split": "train", "path": "pairs/*.parquet"}]}
+    ]
+    assert "zero-shot-image-classification" in header["task_categories"]
+
+    funnels = []
+    for shard in SHARDS:
+        metadata = store.read_parquet(f"pairs/{shard}.parquet").schema.metadata
+        funnels.append(json.loads(metadata[schemas.PAIRS_FUNNEL.encode()]))
+    rows_in = sum(f["rows_in"] for f in funnels)
+    assert f"| rows in |  | {rows_in} |" in markdown
+    remaining = rows_in
+    for rule in FUNNEL:
+        removed = sum(f["removed"][rule] for f in funnels)
+        remaining -= removed
+        assert f"| {rule} | {removed} | {remaining} |" in markdown
+    assert remaining == pairs
+
+    statuses = dict(catalog.connect(store).sql("SELECT status, count(*) FROM images GROUP BY 1").fetchall())
+    assert statuses[schemas.FAILED_TO_DOWNLOAD] == 2 and statuses[schemas.FAILED_TO_DECODE] == 1
+    for status in schemas.STATUSES:
+        assert f"| {status} | {statuses.get(status, 0)} |" in markdown
+    assert "| HTTP 404 | 2 |" in markdown
+    assert f"| 127.0.0.1:{web.port} | 3 |" in markdown
+
+    assert "| laion-assets-tiny | none | a, b |" in markdown
+    assert "| min_similarity | -1.0 | -0.9 |" in markdown
+    for shard, run in runs.items():
+        assert f"| {shard} | {shard}.jsonl | {run.run_id} |" in markdown
+
+    assert "| `similarity` | double |" in markdown
+    for path in result.figures:
+        with store.open(path) as f:
+            image = Image.open(io.BytesIO(f.read()))
+            assert image.format == "PNG" and image.width > 100
+        assert f"](figures/{path.rsplit('/', 1)[1]})" in markdown
+    assert {p.rsplit("/", 1)[1] for p in result.figures} == {
+        "similarity.png",
+        "image_sizes.png",
+        "nsfw.png",
+        "licenses.png",
+        "samples.png",
+    }
+    assert "@misc{laion_style_image_text_pairs20" in markdown and "arXiv:2111.02114" in markdown
+
+    # the same stored data makes the same card, figures included
+    figures = {}
+    for path in result.figures:
+        with store.open(path) as f:
+            figures[path] = f.read()
+    again = write_card(store)
+    assert again.markdown == markdown
+    for path in again.figures:
+        with store.open(path) as f:
+            assert f.read() == figures[path]
+
+
+def test_asset_puts_the_card_in_its_metadata(local_root, web):
+    instance = dg.DagsterInstance.ephemeral()
+    _materialize(instance, local_root, web, "a", -1.0)
+    result = dg.materialize(
+        [dataset_card],
+        resources={"store": DatasetStoreResource(root=local_root)},
+        run_config={"ops": {"dataset_card": {"config": {"license": "cc-by-4.0", "grid_samples": 2}}}},
+        instance=instance,
+    )
+    assert result.success
+    metadata = result.asset_materializations_for_node("dataset_card")[0].metadata
+    markdown = metadata["card"].value
+    with DatasetStore(local_root).open(README) as f:
+        assert f.read().decode() == markdown
+    assert _front_matter(markdown)["license"] == "cc-by-4.0"
+    assert metadata["dagster/row_count"].value == 2 and metadata["shards"].value == 1
+    assert metadata["path"].value == DatasetStore(local_root).url(README)
+
+
+def test_no_shards_is_an_error(root):
+    store = DatasetStore(root)
+    with pytest.raises(ValueError, match=f"no materialised shards under {store.root}"):
+        write_card(store, CardSettings())
+    assert not store.exists(README)
+
+
+@pytest.mark.parametrize(
+    ("rows", "category"),
+    [(0, "n<1K"), (999, "n<1K"), (1_000, "1K<n<10K"), (250_000, "100K<n<1M"), (10**12, "n>1T")],
+)
+def test_size_category(rows, category):
+    assert size_category(rows) == category
