@@ -15,7 +15,7 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from laion_assets.defs.catalog import catalog
+from laion_assets.definitions import DATASET_ASSETS
 from laion_assets.defs.jobs import PER_SHARD_ASSETS
 from laion_assets.defs.metadata import LAYER
 from laion_assets.defs.partitions import shards
@@ -25,7 +25,7 @@ from laion_assets.pipeline.clip import ClipSettings
 from laion_assets.pipeline.sources import parse_source_name
 from laion_assets.pipeline.storage import INCOMING, DatasetStore, root_from_env
 
-ALL_ASSETS = [*PER_SHARD_ASSETS, catalog]  # per-shard assets, then the dataset-level ones
+ALL_ASSETS = [*PER_SHARD_ASSETS, *DATASET_ASSETS]  # per-shard assets, then the dataset-level ones
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}  # the summary lines say enough
 
 
@@ -85,7 +85,7 @@ def run_pipeline(
     clip: ClipSettings | None = None,
 ) -> list[ShardOutcome]:
     """Register a shard per file in `incoming/`, materialise the selected assets each shard lacks, then the
-    selected dataset-level assets (the catalog) over every shard."""
+    selected dataset-level assets (catalog, dataset_card) over every shard."""
     resources_ = build_resources(root, clip)
     store = resources_["store"].get_store()
     shard_names = sorted({parse_source_name(f.name).shard for f in store.list(INCOMING)})

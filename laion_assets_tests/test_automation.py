@@ -1,13 +1,16 @@
 import datetime
 import json
+from pathlib import Path
 
 import dagster as dg
+import duckdb
 
+from laion_assets.definitions import build_definitions
 from laion_assets.defs.automation import SOURCE_FILE_TAG, catch_up_schedule, incoming_files_sensor
 from laion_assets.defs.partitions import shards
-from laion_assets.defs.resources import DatasetStoreResource
+from laion_assets.defs.resources import DatasetStoreResource, build_resources
 from laion_assets.pipeline.storage import DatasetStore
-from laion_assets_tests.dagster_helpers import local_web_config, materialize_shard
+from laion_assets_tests.dagster_helpers import TINY_CLIP, local_web_config, materialize_shard
 
 GOOD = b"url,caption\nhttp://a.com/1.jpg,a cat\n"
 
@@ -92,4 +95,84 @@ def test_schedule_requests_missing_and_failed_shards(local_root, web):
         store.write_bytes("incoming/broken.csv", good)  # fixed at the source
         assert materialize_shard(instance, local_root, "broken", config).success
         assert materialize_shard(instance, local_root, "never", config).success
+        assert isinstance(_schedule(instance, local_root), dg.SkipReason)
+
+
+def _requested(evaluation) -> dict[str, set]:
+    return {
+        key.to_user_string(): evaluation.get_requested_partitions(key)
+        for key in (r.key for r in evaluation.results)
+        if evaluation.get_num_requested(key)
+    }
+
+
+def test_new_files_flow_to_pairs_card_and_catalog_and_a_failed_shard_is_caught_up(local_root, web):
+    """The whole automation on a real instance: sensor → shard runs → automation conditions → dataset
+    assets; then a shard whose download fails is requested again by the nightly schedule."""
+    store = DatasetStore(local_root)
+    for shard, paths in (("first", ["/img/red.jpg", "/img/green.png"]), ("second", ["/img/blue.webp"])):
+        lines = "".join(f"{web.url(p)},a picture of {p}\n" for p in paths)
+        store.write_bytes(f"incoming/{shard}.csv", f"url,caption\n{lines}".encode())
+    config = local_web_config()
+    config["ops"]["filtered_pairs"] = {"config": {"min_similarity": -1.0, "drop_minors": False}}
+    definitions = build_definitions(local_root, TINY_CLIP)
+    job = definitions.resolve_job_def("shard_pipeline")
+    assets = {a.key.to_user_string(): a for a in definitions.assets}
+    resources = build_resources(local_root, TINY_CLIP)
+
+    def run_shard(request: dg.RunRequest) -> bool:
+        return job.execute_in_process(
+            partition_key=request.partition_key,
+            instance=instance,
+            run_config=config,
+            tags=request.tags,
+            raise_on_error=False,
+        ).success
+
+    with dg.instance_for_test() as instance:
+        # The automation sensor ticks all along; its cursor tells what changed since the last tick.
+        evaluation = dg.evaluate_automation_conditions(definitions, instance)
+        assert evaluation.total_requested == 0
+        requests = _tick(instance, local_root, None).run_requests
+        assert sorted(r.partition_key for r in requests) == ["first", "second"]
+        assert all(run_shard(r) for r in requests)
+
+        evaluation = dg.evaluate_automation_conditions(definitions, instance, cursor=evaluation.cursor)
+        # The shard runs included every per-shard asset: only the dataset-level assets follow.
+        assert _requested(evaluation) == {"catalog": {None}, "dataset_card": {None}}
+        assert dg.materialize(
+            [assets[name] for name in _requested(evaluation)], instance=instance, resources=resources
+        ).success
+        assert (
+            dg.evaluate_automation_conditions(definitions, instance, cursor=evaluation.cursor).total_requested
+            == 0
+        )
+
+        assert [store.read_parquet(f"pairs/{s}.parquet").num_rows for s in ("first", "second")] == [2, 1]
+        with store.open("card/README.md") as f:
+            card = f.read().decode()
+        assert "first.csv" in card and "second.csv" in card
+        with duckdb.connect(f"{local_root}/catalog.duckdb", read_only=True) as catalog:
+            assert catalog.sql("SELECT count(*) FROM pairs").fetchone() == (3,)
+
+        # A person re-materialises one shard's crawl_metadata: the rest of that shard follows.
+        assert dg.materialize(
+            [assets["crawl_metadata"]], partition_key="first", instance=instance, resources=resources
+        ).success
+        following = _requested(
+            dg.evaluate_automation_conditions(definitions, instance, cursor=evaluation.cursor)
+        )
+        for name in ("downloaded_images", "clip_embeddings", "filtered_pairs"):
+            assert following[name] == {"first"}
+
+        # A download that fails (its tar cannot be written) leaves the shard for the nightly catch-up.
+        tar = Path(local_root) / "images" / "second.tar"
+        tar.unlink()
+        tar.mkdir()
+        second = next(r for r in requests if r.partition_key == "second")
+        assert not run_shard(second)
+        caught_up = _schedule(instance, local_root)
+        assert [r.partition_key for r in caught_up] == ["second"]
+        tar.rmdir()
+        assert all(run_shard(r) for r in caught_up)
         assert isinstance(_schedule(instance, local_root), dg.SkipReason)

@@ -56,6 +56,7 @@ def test_run_registers_shards_in_dagster_home(local_root, tmp_path, monkeypatch,
 
 
 def test_run_downloads_from_the_local_web(root, web, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an S3 root's catalog file goes to the working folder
     # the model is chosen the way a deployment chooses it
     monkeypatch.setenv("LAION_ASSETS_CLIP_MODEL", "laion-assets-tiny")
     monkeypatch.setenv("LAION_ASSETS_CLIP_PRETRAINED", "none")

@@ -19,6 +19,7 @@ def test_definitions_list_assets_sensor_schedule():
         "clip_embeddings",
         "filtered_pairs",
         "catalog",
+        "dataset_card",
     }
     assert {c.name for c in repo.asset_graph.asset_check_keys} == {
         "one_row_per_crawl_row",
@@ -42,6 +43,7 @@ def test_backfills_run_one_shard_per_run_and_assets_follow_their_upstream():
         "clip_embeddings": "eager",
         "filtered_pairs": "eager",
         "catalog": "after any shard is updated",
+        "dataset_card": "after any shard is updated",
     }
 
 
