@@ -65,6 +65,14 @@ def test_sensor_requested_run_materialises_the_shard(local_root, web):
     assert store.read_parquet("crawl_metadata/a.parquet").num_rows == 1
     assert store.read_parquet("images/a.parquet").column("status").to_pylist() == ["success"]
 
+    # Another instance (say `dagster dev` after `laion-assets run`) finds the shard in the store, from
+    # this very file: it registers the partition and runs nothing, until the file changes.
+    other = dg.DagsterInstance.ephemeral()
+    tick = _tick(other, local_root, None)
+    assert tick.run_requests == [] and other.get_dynamic_partitions(shards.name) == ["a"]
+    store.write_bytes("incoming/a.csv", f"url,caption\n{web.url('/img/blue.webp')},a blue square\n".encode())
+    assert [r.partition_key for r in _tick(other, local_root, tick.cursor).run_requests] == ["a"]
+
 
 def _schedule(instance: dg.DagsterInstance, root: str):
     # The context reloads the instance from its ref; leaving the block closes it again.

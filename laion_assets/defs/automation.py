@@ -8,8 +8,9 @@ import dagster as dg
 from laion_assets.defs.jobs import PER_SHARD_ASSETS, shard_job
 from laion_assets.defs.partitions import shards
 from laion_assets.defs.resources import DatasetStoreResource
+from laion_assets.pipeline import schemas
 from laion_assets.pipeline.sources import parse_source_name
-from laion_assets.pipeline.storage import INCOMING
+from laion_assets.pipeline.storage import INCOMING, DatasetStore, StoredFile
 
 SOURCE_FILE_TAG = "laion_assets/source_file"
 
@@ -21,10 +22,13 @@ def incoming_files_sensor(
     """Adds a shard for each new file in `{root}/incoming/` and runs its assets.
 
     The cursor maps each file name to its content fingerprint (S3 ETag, or size and mtime), so a
-    file counts once; a file replaced with new content gets its shard run again.
+    file counts once; a file replaced with new content gets its shard run again. A file the sensor
+    has not seen whose shard the store already holds, read from that same content (by `laion-assets
+    run` or the demo), gets its partition but no run.
     """
     seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
-    files = store.get_store().list(INCOMING)
+    dataset = store.get_store()
+    files = dataset.list(INCOMING)
     known = set(context.instance.get_dynamic_partitions(shards.name))
     new_shards: list[str] = []
     run_requests = []
@@ -34,6 +38,8 @@ def incoming_files_sensor(
         shard = parse_source_name(file.name).shard
         if shard not in known and shard not in new_shards:
             new_shards.append(shard)
+        if file.name not in seen and _already_stored(dataset, shard, file):
+            continue
         run_requests.append(
             dg.RunRequest(
                 run_key=f"{file.name}:{file.fingerprint}",
@@ -60,6 +66,15 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
     description="Requests the assets whose automation condition holds: a per-shard asset after its upstream "
     "shard changed alone, the dataset-level assets (catalog, card) after any shard changed.",
 )
+
+
+def _already_stored(dataset: DatasetStore, shard: str, file: StoredFile) -> bool:
+    """Whether `crawl_metadata/<shard>.parquet` was read from this very file content."""
+    path = dataset.shard_file("crawl_metadata", shard, "parquet")
+    if not dataset.exists(path):
+        return False
+    source = json.loads(dataset.parquet_metadata(path).get(schemas.SOURCE, "{}"))
+    return source == {"file": file.name, "fingerprint": file.fingerprint}
 
 
 def shards_to_catch_up(instance: dg.DagsterInstance, partition_keys: list[str]) -> list[str]:

@@ -1,10 +1,13 @@
 """The `crawl_metadata` asset: a source file from `incoming/` becomes a keyed parquet table."""
 
+import json
+
 import dagster as dg
 
 from laion_assets.defs.metadata import LAYER, preview
 from laion_assets.defs.partitions import SHARD_BACKFILL, shards
 from laion_assets.defs.resources import DatasetStoreResource
+from laion_assets.pipeline import schemas
 from laion_assets.pipeline.crawl import CrawlConfig, build_crawl_metadata
 from laion_assets.pipeline.sources import ColumnNames, find_source
 from laion_assets.pipeline.storage import INCOMING
@@ -31,13 +34,19 @@ def crawl_metadata(
 ) -> dg.MaterializeResult:
     """Image URLs and captions from one source file (URL list or WAT), cleaned, deduplicated and keyed."""
     dataset = store.get_store()
-    source = find_source([f.name for f in dataset.list(INCOMING)], context.partition_key)
+    files = {f.name: f for f in dataset.list(INCOMING)}
+    source = find_source(list(files), context.partition_key)
     columns = ColumnNames(url=config.url_column, caption=config.caption_column, license=config.license_column)
     result = build_crawl_metadata(
         dataset, source, CrawlConfig(columns=columns, min_alt_length=config.min_alt_length)
     )
     path = dataset.shard_file("crawl_metadata", source.shard, "parquet")
-    dataset.write_parquet(path, result.table)
+    fingerprint = files[source.name].fingerprint
+    dataset.write_parquet(
+        path,
+        result.table,
+        metadata={schemas.SOURCE: json.dumps({"file": source.name, "fingerprint": fingerprint})},
+    )
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": result.table.num_rows,

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import duckdb
 import numpy as np
-import pyarrow.parquet as pq
 import yaml
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -265,9 +264,9 @@ def _in_order(counts: dict[str, int], names: tuple[str, ...]) -> Counts:
 
 
 def _shard_record(store: DatasetStore, shard: str) -> ShardRecord:
-    pairs = _file_metadata(store, store.shard_file("pairs", shard, "parquet"))
+    pairs = store.parquet_metadata(store.shard_file("pairs", shard, "parquet"))
     embeddings_path = store.shard_file("embeddings", shard, "parquet")
-    embeddings = _file_metadata(store, embeddings_path) if store.exists(embeddings_path) else {}
+    embeddings = store.parquet_metadata(embeddings_path) if store.exists(embeddings_path) else {}
     model = embeddings.get(schemas.EMBEDDING_MODEL)
 
     def loaded(key: str) -> dict | None:
@@ -280,13 +279,6 @@ def _shard_record(store: DatasetStore, shard: str) -> ShardRecord:
         provenance=loaded(schemas.PROVENANCE),
         model=(model, embeddings.get(schemas.EMBEDDING_PRETRAINED, "")) if model else None,
     )
-
-
-def _file_metadata(store: DatasetStore, path: str) -> dict[str, str]:
-    """A parquet file's key-value metadata, read from its footer only."""
-    with store.open(path) as f:
-        metadata = pq.read_schema(f).metadata or {}
-    return {k.decode(): v.decode() for k, v in metadata.items()}
 
 
 # figures

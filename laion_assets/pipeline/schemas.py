@@ -21,6 +21,11 @@ CRAWL_METADATA = pa.schema(
 )
 
 
+# crawl_metadata parquet metadata, JSON: {"file": name in incoming/, "fingerprint": StoredFile.fingerprint}
+# of the source it was read from, so a sensor can tell a file that is already in the store.
+SOURCE = "laion_assets.source"
+
+
 # images/<shard>.parquet: exactly one row per crawl_metadata row, whatever happened to it.
 SUCCESS = "success"
 FAILED_TO_DOWNLOAD = "failed_to_download"

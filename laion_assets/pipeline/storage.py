@@ -127,6 +127,12 @@ class DatasetStore:
         with self.open(relpath) as f:
             return pq.ParquetFile(f).metadata.num_rows
 
+    def parquet_metadata(self, relpath: str) -> dict[str, str]:
+        """The file's key-value metadata (what `write_parquet(metadata=...)` stored), from the footer only."""
+        with self.open(relpath) as f:
+            metadata = pq.read_schema(f).metadata or {}
+        return {k.decode(): v.decode() for k, v in metadata.items()}
+
     # writing
 
     @contextmanager
