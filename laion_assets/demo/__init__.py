@@ -1,0 +1,7 @@
+"""The offline demo: a synthetic web of captioned images and a tiny CLIP model trained on it."""
+
+from pathlib import Path
+
+DEMO_MODEL = "laion-assets-demo"  # pipeline/model_configs/laion-assets-demo.json
+# Trained by `python -m laion_assets.demo.train`.
+DEMO_CHECKPOINT = Path(__file__).parent / "laion-assets-demo.pt"

@@ -1,0 +1,300 @@
+"""A synthetic web from a seed: coloured shapes on patterned backgrounds, published with alt text.
+
+About a fifth of the images carry the caption of another image that differs in both shape and
+colour, as if the captions had been shuffled: those are the pairs the CLIP filter should drop.
+Some URLs fail the way the real web does (404, 500, HTML, truncated JPEG, an opt-out header).
+Everything, image bytes included, is a function of the seed.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from functools import cached_property
+from urllib.parse import urlsplit
+
+from PIL import Image, ImageDraw
+
+RGB = tuple[int, int, int]
+
+COLOURS: dict[str, RGB] = {
+    "red": (215, 35, 35),
+    "orange": (245, 135, 20),
+    "yellow": (245, 215, 30),
+    "green": (40, 160, 60),
+    "teal": (0, 150, 150),
+    "blue": (40, 70, 215),
+    "purple": (135, 50, 180),
+    "pink": (245, 120, 190),
+}
+# Neutral, so that the shape's colour is never confused with the background's.
+BACKGROUNDS: dict[str, RGB] = {
+    "white": (245, 245, 245),
+    "grey": (150, 150, 150),
+    "beige": (225, 210, 180),
+    "black": (25, 25, 25),
+}
+SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "hexagon", "heart")
+PATTERNS = ("plain", "striped", "dotted", "checkered")
+
+IMAGE = "image"
+NOT_FOUND = "not_found"  # 404
+SERVER_ERROR = "server_error"  # 500
+NOT_AN_IMAGE = "not_an_image"  # an HTML page answered with 200
+TRUNCATED = "truncated"  # the first half of a JPEG
+OPTED_OUT = "opted_out"  # the image, with X-Robots-Tag: noai
+FAILURE_KINDS = (NOT_FOUND, SERVER_ERROR, NOT_AN_IMAGE, TRUNCATED, OPTED_OUT)
+DEFAULT_FAILURES: Mapping[str, int] = {
+    NOT_FOUND: 6,
+    SERVER_ERROR: 3,
+    NOT_AN_IMAGE: 4,
+    TRUNCATED: 4,
+    OPTED_OUT: 6,
+}
+
+LICENSES = (
+    None,
+    "https://creativecommons.org/licenses/by/4.0/",
+    "https://creativecommons.org/licenses/by-sa/4.0/",
+    "https://creativecommons.org/licenses/by-nc/4.0/",
+    "https://creativecommons.org/publicdomain/zero/1.0/",
+)
+LICENSE_WEIGHTS = (6, 2, 1, 1, 1)
+
+# Alt text as found on real pages; {a} is the article for the colour.
+TEMPLATES = (
+    "{a} {colour} {shape} on a {pattern} {background} background",
+    "{Colour} {shape}, {pattern} {background} background",
+    "stock photo: {colour} {shape}",
+    "{colour} {shape} icon",
+    "Illustration of {a} {colour} {shape} on {background}",
+    "{Colour} {shape} clip art, {pattern} background",
+    "simple {shape} shape in {colour}",
+    "{A} {colour} {shape} sticker - free download",
+    "{background} {pattern} wallpaper with {a} {colour} {shape}",
+    "{Colour} {shape} vector image",
+)
+ASPECT_RATIOS = (1.0, 1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3)
+JPEG_QUALITY = 90
+PNG_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class Item:
+    """One URL of the world: what its image shows and the caption it is published with."""
+
+    path: str  # e.g. "images/000042.jpg"
+    kind: str  # IMAGE or one of FAILURE_KINDS
+    colour: str
+    shape: str
+    pattern: str
+    background: str
+    caption: str  # for a mismatched item, another item's
+    mismatched: bool
+    license: str | None
+    seed: int  # image size, pattern, shape position, size and rotation
+
+    @property
+    def content_type(self) -> str:
+        return "image/png" if self.path.endswith(".png") else "image/jpeg"
+
+
+@dataclass(frozen=True)
+class World:
+    seed: int
+    items: tuple[Item, ...]
+
+    @property
+    def images(self) -> list[Item]:
+        """The items served as images, opted-out ones excluded."""
+        return [item for item in self.items if item.kind == IMAGE]
+
+    def rows(self, base_url: str) -> list[dict[str, str | None]]:
+        """The URL list: `url`, `caption`, `license` for every item, failures included."""
+        base = base_url.rstrip("/")
+        return [{"url": f"{base}/{i.path}", "caption": i.caption, "license": i.license} for i in self.items]
+
+    def item_at(self, url: str) -> Item | None:
+        """The item behind a URL (or a path), whatever the host: the ground truth for a crawled row."""
+        return self._by_path.get(urlsplit(url).path.lstrip("/"))
+
+    @cached_property
+    def _by_path(self) -> dict[str, Item]:
+        return {item.path: item for item in self.items}
+
+
+def caption(item: Item, template: str) -> str:
+    """The true description of `item`'s image in one of the TEMPLATES."""
+    article = "an" if item.colour[0] in "aeiou" else "a"
+    return template.format(
+        a=article,
+        A=article.capitalize(),
+        colour=item.colour,
+        Colour=item.colour.capitalize(),
+        shape=item.shape,
+        pattern=item.pattern,
+        background=item.background,
+    )
+
+
+def make_world(
+    images: int = 300,
+    seed: int = 0,
+    mismatch_fraction: float = 0.2,
+    failures: Mapping[str, int] = DEFAULT_FAILURES,
+) -> World:
+    """`images` image items, `mismatch_fraction` of them mismatched, plus `failures` (kind -> count)."""
+    unknown = set(failures) - set(FAILURE_KINDS)
+    if unknown:
+        raise ValueError(f"unknown failure kinds {sorted(unknown)}; known: {FAILURE_KINDS}")
+    rng = random.Random(seed)
+    kinds = [IMAGE] * images + [kind for kind, count in failures.items() for _ in range(count)]
+    rng.shuffle(kinds)
+    items = [_random_item(rng, number, kind) for number, kind in enumerate(kinds)]
+    image_numbers = [number for number, item in enumerate(items) if item.kind == IMAGE]
+    published = list(items)
+    for number in rng.sample(image_numbers, round(images * mismatch_fraction)):
+        item = items[number]
+        donor = rng.choice([d for d in items if d.shape != item.shape and d.colour != item.colour])
+        published[number] = replace(item, caption=donor.caption, mismatched=True)
+    return World(seed, tuple(published))
+
+
+def _random_item(rng: random.Random, number: int, kind: str) -> Item:
+    suffix = "png" if kind == IMAGE and rng.random() < PNG_FRACTION else "jpg"
+    item = Item(
+        path=f"images/{number:06d}.{suffix}",
+        kind=kind,
+        colour=rng.choice(list(COLOURS)),
+        shape=rng.choice(SHAPES),
+        pattern=rng.choice(PATTERNS),
+        background=rng.choice(list(BACKGROUNDS)),
+        caption="",
+        mismatched=False,
+        license=rng.choices(LICENSES, LICENSE_WEIGHTS)[0],
+        seed=rng.getrandbits(32),
+    )
+    return replace(item, caption=caption(item, rng.choice(TEMPLATES)))
+
+
+def render(item: Item) -> Image.Image:
+    """The item's image: its shape, in its colour, somewhere on its patterned background."""
+    rng = random.Random(item.seed)
+    width = rng.randrange(160, 481)
+    height = round(width / rng.choice(ASPECT_RATIOS))
+    background = BACKGROUNDS[item.background]
+    image = Image.new("RGB", (width, height), background)
+    draw = ImageDraw.Draw(image)
+    _draw_pattern(draw, (width, height), item.pattern, _pattern_ink(background), rng)
+    radius = rng.uniform(0.45, 0.8) * min(width, height) / 2
+    centre = (rng.uniform(radius, width - radius), rng.uniform(radius, height - radius))
+    _draw_shape(draw, item.shape, centre, radius, rng.uniform(-45, 45), COLOURS[item.colour])
+    return image
+
+
+def image_bytes(item: Item) -> bytes:
+    """The rendered image encoded as its URL says (JPEG or PNG)."""
+    out = io.BytesIO()
+    if item.content_type == "image/png":
+        render(item).save(out, "PNG")
+    else:
+        render(item).save(out, "JPEG", quality=JPEG_QUALITY)
+    return out.getvalue()
+
+
+def _pattern_ink(background: RGB) -> RGB:
+    """A shade of the background: darker on light ones, lighter on dark ones."""
+    step = -50 if sum(background) > 300 else 60
+    return tuple(channel + step for channel in background)
+
+
+def _draw_pattern(
+    draw: ImageDraw.ImageDraw, size: tuple[int, int], pattern: str, ink: RGB, rng: random.Random
+) -> None:
+    width, height = size
+    period = rng.randrange(12, 29)
+    half = period // 2
+    if pattern == "striped":
+        vertical = rng.random() < 0.5
+        for offset in range(0, width if vertical else height, period):
+            box = (offset, 0, offset + half, height) if vertical else (0, offset, width, offset + half)
+            draw.rectangle(box, fill=ink)
+    elif pattern == "dotted":
+        dot = max(2, period // 5)
+        for x in range(half, width, period):
+            for y in range(half, height, period):
+                draw.ellipse((x - dot, y - dot, x + dot, y + dot), fill=ink)
+    elif pattern == "checkered":
+        for x in range(0, width, period):
+            for y in range(0, height, period):
+                if (x // period + y // period) % 2:
+                    draw.rectangle((x, y, x + period - 1, y + period - 1), fill=ink)
+
+
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, centre: tuple[float, float], radius: float, angle: float, fill: RGB
+) -> None:
+    x, y = centre
+    box = (x - radius, y - radius, x + radius, y + radius)
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "ring":
+        draw.ellipse(box, outline=fill, width=max(2, round(radius * 0.35)))
+    else:
+        turn = math.radians(angle)
+        cos, sin = math.cos(turn), math.sin(turn)
+        points = [
+            (x + radius * (u * cos - v * sin), y + radius * (u * sin + v * cos)) for u, v in _OUTLINES[shape]
+        ]
+        draw.polygon(points, fill=fill)
+
+
+def _regular(corners: int, start: float, radii: tuple[float, ...] = (1.0,)) -> list[tuple[float, float]]:
+    """Points around the unit circle, cycling through `radii` (two radii make a star)."""
+    count = corners * len(radii)
+    return [
+        (
+            radii[i % len(radii)] * math.cos(start + 2 * math.pi * i / count),
+            radii[i % len(radii)] * math.sin(start + 2 * math.pi * i / count),
+        )
+        for i in range(count)
+    ]
+
+
+def _heart(steps: int = 48) -> list[tuple[float, float]]:
+    """The classic parametric heart, scaled into the unit square, point up."""
+    points = []
+    for i in range(steps):
+        t = 2 * math.pi * i / steps
+        u = 16 * math.sin(t) ** 3
+        v = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+        points.append((u / 17, -(v + 2.5) / 17))
+    return points
+
+
+_ARM = 0.32  # half the width of a cross's arm, as a fraction of its radius
+# Unit outlines (y down) of the polygon shapes, centred on the origin.
+_OUTLINES: dict[str, list[tuple[float, float]]] = {
+    "square": _regular(4, math.pi / 4),
+    "triangle": _regular(3, -math.pi / 2),
+    "hexagon": _regular(6, 0.0),
+    "star": _regular(5, -math.pi / 2, radii=(1.0, 0.45)),
+    "cross": [
+        (_ARM, -1),
+        (_ARM, -_ARM),
+        (1, -_ARM),
+        (1, _ARM),
+        (_ARM, _ARM),
+        (_ARM, 1),
+        (-_ARM, 1),
+        (-_ARM, _ARM),
+        (-1, _ARM),
+        (-1, -_ARM),
+        (-_ARM, -_ARM),
+        (-_ARM, -1),
+    ],
+    "heart": _heart(),
+}
