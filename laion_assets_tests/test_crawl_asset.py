@@ -1,7 +1,7 @@
 import dagster as dg
 
-from laion_assets.cli import failure_message
 from laion_assets.pipeline.storage import DatasetStore
+from laion_assets.runner import failure_message
 from laion_assets_tests.dagster_helpers import materialize_shard
 from laion_assets_tests.wat_files import Page, img, wat_bytes
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from laion_assets.cli import failure_message
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.clip import ClipEncoder, ClipSettings, ModelUnavailable
 from laion_assets.pipeline.download import download_shard
 from laion_assets.pipeline.embed import embed_shard
 from laion_assets.pipeline.shard_tar import TarShardWriter, read_samples
 from laion_assets.pipeline.storage import DatasetStore
+from laion_assets.runner import failure_message
 from laion_assets_tests.dagster_helpers import TINY_CLIP, local_web_config, materialize_shard
 from laion_assets_tests.test_download import FAST, crawl_table
 

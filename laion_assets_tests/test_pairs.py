@@ -167,9 +167,9 @@ def test_asset_writes_pairs_tar_and_funnel(root, web):
     import dagster as dg
     import webdataset as wds
 
-    from laion_assets.cli import failure_message
     from laion_assets.pipeline.shard_tar import read_samples
     from laion_assets.pipeline.storage import DatasetStore
+    from laion_assets.runner import failure_message
     from laion_assets_tests.dagster_helpers import LOCAL_WEB, TINY_CLIP, materialize_shard
 
     store = DatasetStore(root)

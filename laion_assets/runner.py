@@ -1,0 +1,130 @@
+"""Materialising the assets from Python: what `laion-assets run` and the demo do, shard by shard."""
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import dagster as dg
+
+from laion_assets.definitions import DATASET_ASSETS
+from laion_assets.defs.jobs import PER_SHARD_ASSETS
+from laion_assets.defs.metadata import LAYER
+from laion_assets.defs.partitions import shards
+from laion_assets.defs.resources import build_resources
+from laion_assets.pipeline.clip import ClipSettings
+from laion_assets.pipeline.sources import parse_source_name
+from laion_assets.pipeline.storage import INCOMING
+
+ALL_ASSETS = [*PER_SHARD_ASSETS, *DATASET_ASSETS]  # per-shard assets, then the dataset-level ones
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}  # the summary lines say enough
+
+
+@dataclass
+class ShardOutcome:
+    shard: str
+    ran: list[str] = field(default_factory=list)  # asset names materialised
+    rows: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+
+    def line(self) -> str:
+        if self.error:
+            return f"{self.shard}: FAILED ({', '.join(self.ran)}): {self.error}"
+        if not self.ran:
+            return f"{self.shard}: up to date"
+        return f"{self.shard}: " + ", ".join(f"{name} {self.rows.get(name, '?')} rows" for name in self.ran)
+
+
+@contextmanager
+def dagster_instance() -> Iterator[dg.DagsterInstance]:
+    """The instance at $DAGSTER_HOME, or a temporary in-memory one."""
+    if os.environ.get("DAGSTER_HOME"):
+        with dg.DagsterInstance.get() as instance:
+            yield instance
+    else:
+        yield dg.DagsterInstance.ephemeral()
+
+
+def run_pipeline(
+    root: str,
+    assets: list[dg.AssetsDefinition],
+    run_config: dict,
+    force: bool = False,
+    echo: Callable[[str], None] = print,
+    clip: ClipSettings | None = None,
+) -> list[ShardOutcome]:
+    """Register a shard per file in `incoming/`, materialise the selected assets each shard lacks, then the
+    selected dataset-level assets (catalog, dataset_card) over every shard."""
+    resources_ = build_resources(root, clip)
+    store = resources_["store"].get_store()
+    shard_names = sorted({parse_source_name(f.name).shard for f in store.list(INCOMING)})
+    echo(f"{len(shard_names)} shards in {store.url(INCOMING)}")
+    outcomes = []
+    with dagster_instance() as instance:
+        known = set(instance.get_dynamic_partitions(shards.name))
+        instance.add_dynamic_partitions(shards.name, [s for s in shard_names if s not in known])
+        per_shard = [a for a in assets if a in PER_SHARD_ASSETS]
+        for shard in shard_names:
+            todo = [
+                a
+                for a in per_shard
+                if force
+                or not store.exists(store.shard_file(a.metadata_by_key[a.key][LAYER], shard, "parquet"))
+            ]
+            outcome = (
+                _materialize(instance, resources_, shard, todo, run_config) if todo else ShardOutcome(shard)
+            )
+            echo(outcome.line())
+            outcomes.append(outcome)
+        for asset in (a for a in assets if a not in PER_SHARD_ASSETS):
+            name = asset.key.to_user_string()
+            result = dg.materialize(
+                [asset], instance=instance, resources=resources_, run_config=QUIET, raise_on_error=False
+            )
+            error = failure_message(result)
+            path = None if error else result.asset_materializations_for_node(name)[0].metadata["path"].value
+            outcomes.append(ShardOutcome("(dataset)", ran=[name], error=error))
+            echo(f"{name}: FAILED: {error}" if error else f"{name}: {path}")
+    return outcomes
+
+
+def _materialize(
+    instance: dg.DagsterInstance,
+    resources_: dict[str, dg.ConfigurableResource],
+    shard: str,
+    todo: list[dg.AssetsDefinition],
+    run_config: dict,
+) -> ShardOutcome:
+    names = [a.key.to_user_string() for a in todo]
+    ops = {name: block for name, block in (run_config.get("ops") or {}).items() if name in names}
+    result = dg.materialize(
+        PER_SHARD_ASSETS,
+        selection=todo,
+        partition_key=shard,
+        instance=instance,
+        resources=resources_,
+        run_config={"ops": ops, **QUIET} if ops else QUIET,
+        raise_on_error=False,
+        tags={"laion_assets/trigger": "cli"},
+    )
+    outcome = ShardOutcome(shard, ran=names)
+    for name in names:
+        for materialization in result.asset_materializations_for_node(name):
+            outcome.rows[name] = materialization.metadata["dagster/row_count"].value
+    outcome.error = failure_message(result)
+    return outcome
+
+
+def failure_message(result: dg.ExecuteInProcessResult) -> str | None:
+    """The first error of the first failed step that Dagster did not wrap, without its class name.
+
+    Dagster wraps the asset's exception; that exception may itself wrap a library error, and its own
+    message (with the advice in it) is the one to show. None if no step failed.
+    """
+    failure = next((e for e in result.all_events if e.is_step_failure), None)
+    if failure is None:
+        return None
+    error = failure.step_failure_data.error
+    while error.cause is not None and error.cls_name.startswith("Dagster"):
+        error = error.cause
+    return error.message.strip().split(f"{error.cls_name}: ", 1)[-1]
