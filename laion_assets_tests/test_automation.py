@@ -90,9 +90,13 @@ def test_schedule_requests_missing_and_failed_shards(local_root, web):
     store.write_bytes("incoming/done.csv", good)
     store.write_bytes("incoming/broken.csv", b"link,words\nx,y\n")
     store.write_bytes("incoming/never.csv", good)
+    store.write_bytes("incoming/elsewhere.csv", good)
     config = local_web_config()
+    # `laion-assets run` on its own temporary instance: the store holds the shard, this instance does not
+    assert materialize_shard(dg.DagsterInstance.ephemeral(), local_root, "elsewhere", config).success
     with dg.instance_for_test() as instance:  # on disk: schedules need an instance they can reload
-        instance.add_dynamic_partitions(shards.name, ["done", "broken", "never", "gone"])  # gone: no source
+        partitions = ["done", "broken", "never", "elsewhere", "gone"]  # gone: no source
+        instance.add_dynamic_partitions(shards.name, partitions)
         assert materialize_shard(instance, local_root, "done", config).success
         assert not materialize_shard(instance, local_root, "broken", config).success
 

@@ -6,6 +6,7 @@ import json
 import dagster as dg
 
 from laion_assets.defs.jobs import PER_SHARD_ASSETS, shard_job
+from laion_assets.defs.metadata import LAYER
 from laion_assets.defs.partitions import shards
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline import schemas
@@ -77,25 +78,44 @@ def _already_stored(dataset: DatasetStore, shard: str, file: StoredFile) -> bool
     return source == {"file": file.name, "fingerprint": file.fingerprint}
 
 
-def shards_to_catch_up(instance: dg.DagsterInstance, partition_keys: list[str]) -> list[str]:
-    """Shards where some per-shard asset was never materialised or its last attempt failed."""
-    stale: set[str] = set()
+def _stored_whole(dataset: DatasetStore, shard: str, file: StoredFile) -> bool:
+    """Every per-shard output of `shard` is in the store, made from this very source content."""
+    layers = [asset.metadata_by_key[asset.key][LAYER] for asset in PER_SHARD_ASSETS]
+    return _already_stored(dataset, shard, file) and all(
+        dataset.exists(dataset.shard_file(layer, shard, "parquet")) for layer in layers
+    )
+
+
+def shards_to_catch_up(
+    instance: dg.DagsterInstance, dataset: DatasetStore, sources: dict[str, StoredFile]
+) -> list[str]:
+    """Shards (of `sources`, shard -> its file) where the last attempt at some per-shard asset failed, or
+    where some per-shard asset was never materialised in this instance and the store does not hold the
+    shard's outputs either (it does after `laion-assets run` on another instance)."""
+    keys = list(sources)
+    failed: set[str] = set()
+    never: set[str] = set()
     for asset in PER_SHARD_ASSETS:
-        statuses = instance.get_status_by_partition(asset.key, partition_keys, shards) or {}
-        stale.update(
-            key for key in partition_keys if statuses.get(key) in (None, dg.AssetPartitionStatus.FAILED)
-        )
-    return [key for key in partition_keys if key in stale]
+        statuses = instance.get_status_by_partition(asset.key, keys, shards) or {}
+        failed.update(key for key in keys if statuses.get(key) == dg.AssetPartitionStatus.FAILED)
+        never.update(key for key in keys if statuses.get(key) is None)
+    return [
+        key
+        for key in keys
+        if key in failed or (key in never and not _stored_whole(dataset, key, sources[key]))
+    ]
 
 
 @dg.schedule(job=shard_job, cron_schedule="0 3 * * *", default_status=dg.DefaultScheduleStatus.RUNNING)
 def catch_up_schedule(context: dg.ScheduleEvaluationContext, store: DatasetStoreResource):
     """Nightly: reruns each shard still in `incoming/` whose assets are missing or whose last run failed."""
-    present = {parse_source_name(f.name).shard for f in store.get_store().list(INCOMING)}
-    keys = [k for k in context.instance.get_dynamic_partitions(shards.name) if k in present]
-    stale = shards_to_catch_up(context.instance, keys)
+    dataset = store.get_store()
+    files = {parse_source_name(f.name).shard: f for f in dataset.list(INCOMING)}
+    registered = set(context.instance.get_dynamic_partitions(shards.name))
+    sources = {shard: file for shard, file in files.items() if shard in registered}
+    stale = shards_to_catch_up(context.instance, dataset, sources)
     if not stale:
-        return dg.SkipReason(f"all {len(keys)} shards are materialised")
+        return dg.SkipReason(f"all {len(sources)} shards are materialised")
     day = context.scheduled_execution_time.strftime("%Y-%m-%d")
     return [
         dg.RunRequest(
