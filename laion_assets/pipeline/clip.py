@@ -106,11 +106,17 @@ class ClipEncoder:
             return torch.nn.functional.normalize(features.float(), dim=-1)
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        return self.encode_tokens(self.tokenize(texts))
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """The model's tokens of `texts` (truncated to its context length), on the CPU."""
+        return self.tokenizer(texts)
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         import torch
 
-        tokens = self.tokenizer(texts).to(self.device, non_blocking=True)
         with torch.inference_mode(), self._autocast():
-            features = self.model.encode_text(tokens)
+            features = self.model.encode_text(tokens.to(self.device, non_blocking=True))
             return torch.nn.functional.normalize(features.float(), dim=-1)
 
     def prepare(self, image: Image.Image) -> torch.Tensor:

@@ -57,22 +57,14 @@ class ProcessedImage:
     original_height: int
 
 
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """The whole image in `data`, in EXIF orientation, as RGB (what `process_image` resizes)."""
+    return _load_rgb(_open(data, max_pixels))
+
+
 def process_image(data: bytes, settings: ImageSettings) -> ProcessedImage:
-    if not data:
-        raise DecodeError("empty body")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError as exc:
-        raise DecodeError("not an image: no known image format in the bytes") from exc
-    except Image.DecompressionBombError as exc:
-        raise DecodeError(f"decompression bomb: {exc}") from exc
-    except (OSError, ValueError) as exc:
-        raise DecodeError(f"cannot decode: {exc}") from exc
+    image = _open(data, settings.max_pixels)
     raw_width, raw_height = image.size
-    if raw_width * raw_height > settings.max_pixels:
-        raise DecodeError(
-            f"decompression bomb: {raw_width}x{raw_height} pixels is over max_pixels={settings.max_pixels}"
-        )
     try:
         orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
     except Exception:  # a broken EXIF block is not worth losing the image for
@@ -84,12 +76,7 @@ def process_image(data: bytes, settings: ImageSettings) -> ProcessedImage:
     if target != (width, height) and image.format == "JPEG":
         request = (target[1], target[0]) if orientation in _SWAPS_AXES else target
         image.draft("RGB", request)
-    try:
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        image = _to_rgb(image)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DecodeError(f"cannot decode: {exc}") from exc
+    image = _load_rgb(image)
 
     if target != image.size:
         filter_ = Image.Resampling.LANCZOS if target[0] < image.size[0] else Image.Resampling.BICUBIC
@@ -99,6 +86,33 @@ def process_image(data: bytes, settings: ImageSettings) -> ProcessedImage:
     fmt = ENCODE_FORMATS[settings.encode_format]
     image.save(out, fmt, **({"quality": settings.encode_quality} if fmt != "PNG" else {}))
     return ProcessedImage(out.getvalue(), image.width, image.height, width, height)
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """The image in `data`, its pixels not decoded yet; DecodeError if it is none or a decompression bomb."""
+    if not data:
+        raise DecodeError("empty body")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as exc:
+        raise DecodeError("not an image: no known image format in the bytes") from exc
+    except Image.DecompressionBombError as exc:
+        raise DecodeError(f"decompression bomb: {exc}") from exc
+    except (OSError, ValueError) as exc:
+        raise DecodeError(f"cannot decode: {exc}") from exc
+    width, height = image.size
+    if width * height > max_pixels:
+        raise DecodeError(f"decompression bomb: {width}x{height} pixels is over max_pixels={max_pixels}")
+    return image
+
+
+def _load_rgb(image: Image.Image) -> Image.Image:
+    """Decode the pixels, turn them as the EXIF orientation says, and convert to RGB."""
+    try:
+        image.load()
+        return _to_rgb(ImageOps.exif_transpose(image))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DecodeError(f"cannot decode: {exc}") from exc
 
 
 def _check_size(width: int, height: int, settings: ImageSettings) -> None:

@@ -8,6 +8,7 @@ Layout (DESIGN.md, "Storage contract"):
     {root}/embeddings/<shard>.parquet
     {root}/pairs/<shard>.parquet | .tar
     {root}/card/README.md
+    {root}/search_index/index.parquet
 
 Every write is atomic: locally a temporary file in the same folder renamed over the target,
 on S3 one PUT or multipart upload that is completed only when the writer finished cleanly.
@@ -118,9 +119,9 @@ class DatasetStore:
             )
         return self.fs.open(self.path(relpath), mode)
 
-    def read_parquet(self, relpath: str) -> pa.Table:
+    def read_parquet(self, relpath: str, columns: list[str] | None = None) -> pa.Table:
         with self.open(relpath) as f:
-            return pq.read_table(f)
+            return pq.read_table(f, columns=columns)
 
     def parquet_num_rows(self, relpath: str) -> int:
         """Row count from the parquet footer, without reading the data."""
