@@ -8,9 +8,10 @@ from laion_assets.defs.catalog import catalog
 from laion_assets.defs.checks import PER_SHARD_CHECKS
 from laion_assets.defs.jobs import PER_SHARD_ASSETS, shard_job
 from laion_assets.defs.resources import build_resources
+from laion_assets.defs.search import search_index
 from laion_assets.pipeline.clip import ClipSettings
 
-DATASET_ASSETS = [catalog, dataset_card]  # unpartitioned: read every materialised shard
+DATASET_ASSETS = [catalog, dataset_card, search_index]  # unpartitioned: read every materialised shard
 
 
 def build_definitions(root: str | None = None, clip: ClipSettings | None = None) -> dg.Definitions:

@@ -9,6 +9,7 @@ from laion_assets.definitions import build_definitions
 from laion_assets.defs.automation import SOURCE_FILE_TAG, catch_up_schedule, incoming_files_sensor
 from laion_assets.defs.partitions import shards
 from laion_assets.defs.resources import DatasetStoreResource, build_resources
+from laion_assets.pipeline.search import INDEX
 from laion_assets.pipeline.storage import DatasetStore
 from laion_assets_tests.dagster_helpers import TINY_CLIP, local_web_config, materialize_shard
 
@@ -151,7 +152,7 @@ def test_new_files_flow_to_pairs_card_and_catalog_and_a_failed_shard_is_caught_u
 
         evaluation = dg.evaluate_automation_conditions(definitions, instance, cursor=evaluation.cursor)
         # The shard runs included every per-shard asset: only the dataset-level assets follow.
-        assert _requested(evaluation) == {"catalog": {None}, "dataset_card": {None}}
+        assert _requested(evaluation) == {"catalog": {None}, "dataset_card": {None}, "search_index": {None}}
         assert dg.materialize(
             [assets[name] for name in _requested(evaluation)], instance=instance, resources=resources
         ).success
@@ -166,6 +167,8 @@ def test_new_files_flow_to_pairs_card_and_catalog_and_a_failed_shard_is_caught_u
         assert "first.csv" in card and "second.csv" in card
         with duckdb.connect(f"{local_root}/catalog.duckdb", read_only=True) as catalog:
             assert catalog.sql("SELECT count(*) FROM pairs").fetchone() == (3,)
+        keys = store.read_parquet(INDEX, columns=["key"]).column("key").to_pylist()
+        assert sorted(keys) == ["first-00000000", "first-00000001", "second-00000000"]
 
         # A person re-materialises one shard's crawl_metadata: the rest of that shard follows.
         assert dg.materialize(

@@ -20,6 +20,7 @@ def test_definitions_list_assets_sensor_schedule():
         "filtered_pairs",
         "catalog",
         "dataset_card",
+        "search_index",
     }
     assert {c.name for c in repo.asset_graph.asset_check_keys} == {
         "one_row_per_crawl_row",
@@ -44,6 +45,7 @@ def test_backfills_run_one_shard_per_run_and_assets_follow_their_upstream():
         "filtered_pairs": "eager",
         "catalog": "after any shard is updated",
         "dataset_card": "after any shard is updated",
+        "search_index": "after any shard is updated",
     }
 
 

@@ -100,6 +100,22 @@ PAIRS = pa.schema(
 )
 
 
+def search_index(dim: int) -> pa.Schema:
+    """search_index/index.parquet: every pair of every shard with its image embedding, for /search.
+
+    The model name and pretrained tag of the embeddings are in the file's metadata (`EMBEDDING_MODEL`,
+    `EMBEDDING_PRETRAINED`), as in the embeddings files it is built from.
+    """
+    return pa.schema(
+        [
+            pa.field("key", pa.string(), nullable=False),
+            pa.field("url", pa.string(), nullable=False),
+            pa.field("caption", pa.string(), nullable=False),
+            pa.field("image_embedding", pa.list_(pa.float16(), dim), nullable=False),
+        ]
+    )
+
+
 def make_key(shard: str, row: int) -> str:
     return f"{shard}-{row:08d}"
 

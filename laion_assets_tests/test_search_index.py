@@ -1,0 +1,116 @@
+import json
+
+import dagster as dg
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from laion_assets.defs.resources import DatasetStoreResource
+from laion_assets.defs.search import search_index
+from laion_assets.pipeline import schemas
+from laion_assets.pipeline.search import INDEX, IndexMissing, ModelMismatch, SearchIndex, build_index
+from laion_assets.pipeline.storage import DatasetStore
+from laion_assets_tests.dagster_helpers import LOCAL_WEB, TINY_CLIP, materialize_shard
+
+SHARDS = {"a": ["/img/red.jpg", "/img/green.png", "/404.jpg"], "b": ["/img/blue.webp", "/exif.jpg"]}
+
+
+def _materialize(instance: dg.DagsterInstance, root: str, web, shard: str) -> None:
+    """One shard through every per-shard asset; no threshold, so random weights keep every pair."""
+    lines = [{"url": web.url(p), "caption": f"{p} in {shard}"} for p in SHARDS[shard]]
+    DatasetStore(root).write_bytes(
+        f"incoming/{shard}.jsonl", "".join(json.dumps(line) + "\n" for line in lines).encode()
+    )
+    config = {
+        "ops": {
+            "downloaded_images": {"config": LOCAL_WEB},
+            "filtered_pairs": {"config": {"min_similarity": -1.0, "drop_minors": False}},
+        }
+    }
+    assert materialize_shard(instance, root, shard, config).success
+
+
+@pytest.fixture
+def two_shards(root, web) -> DatasetStore:
+    instance = dg.DagsterInstance.ephemeral()
+    for shard in SHARDS:
+        _materialize(instance, root, web, shard)
+    return DatasetStore(root)
+
+
+def test_index_holds_every_pair_with_its_image_embedding(two_shards):
+    store = two_shards
+    result = build_index(store)
+    assert (result.rows, result.shards, result.missing_embeddings) == (4, 2, 0)  # the 404s are not pairs
+    assert (result.model, result.pretrained, result.dim) == ("laion-assets-tiny", "none", 64)
+
+    table = store.read_parquet(INDEX)
+    assert table.schema.remove_metadata() == schemas.search_index(64)
+    assert store.parquet_metadata(INDEX)[schemas.EMBEDDING_MODEL] == "laion-assets-tiny"
+    for shard in SHARDS:
+        pairs = store.read_parquet(f"pairs/{shard}.parquet")
+        embeddings = store.read_parquet(f"embeddings/{shard}.parquet")
+        rows = table.filter(pc.starts_with(table.column("key"), f"{shard}-"))
+        assert (
+            rows.select(["key", "url", "caption"]).to_pylist()
+            == pairs.select(["key", "url", "caption"]).to_pylist()
+        )
+        expected = dict(
+            zip(
+                embeddings.column("key").to_pylist(),
+                embeddings.column("image_embedding").to_pylist(),
+                strict=True,
+            )
+        )
+        for key, vector in zip(
+            rows.column("key").to_pylist(), rows.column("image_embedding").to_pylist(), strict=True
+        ):
+            assert vector == expected[key]
+
+    index = SearchIndex.load(store)
+    assert len(index) == 4 and index.dim == 64
+    np.testing.assert_allclose(np.linalg.norm(index.vectors, axis=1), 1.0, rtol=1e-6)
+    # each stored embedding finds its own row first, with cosine 1
+    for key, vector in zip(
+        table.column("key").to_pylist(), table.column("image_embedding").to_pylist(), strict=True
+    ):
+        query = np.asarray(vector, np.float32)
+        hits = index.search(query / np.linalg.norm(query), k=10)
+        assert len(hits) == 4 and hits[0].key == key and hits[0].similarity == pytest.approx(1.0, abs=1e-5)
+        assert [h.similarity for h in hits] == sorted((h.similarity for h in hits), reverse=True)
+
+    index.check_model("laion-assets-tiny", "none")
+    with pytest.raises(
+        ModelMismatch, match="embedded with laion-assets-tiny / none, this service runs ViT-B-32"
+    ):
+        index.check_model("ViT-B-32", "none")
+
+
+def test_shards_of_different_models_are_refused(two_shards):
+    store = two_shards
+    path = "embeddings/b.parquet"
+    store.write_parquet(path, store.read_parquet(path), metadata={schemas.EMBEDDING_MODEL: "ViT-B-32"})
+    with pytest.raises(ValueError, match=r"different models \(laion-assets-tiny/none: a; ViT-B-32/none: b\)"):
+        build_index(store)
+    assert not store.exists(INDEX)
+
+
+def test_no_pairs_no_index(root):
+    store = DatasetStore(root)
+    with pytest.raises(ValueError, match=f"no materialised shards under {store.root}"):
+        build_index(store)
+    with pytest.raises(IndexMissing, match="materialise the search_index asset"):
+        SearchIndex.load(store)
+
+
+def test_asset_reports_the_index(local_root, web):
+    instance = dg.DagsterInstance.ephemeral()
+    _materialize(instance, local_root, web, "a")
+    result = dg.materialize(
+        [search_index], resources={"store": DatasetStoreResource(root=local_root)}, instance=instance
+    )
+    assert result.success
+    metadata = result.asset_materializations_for_node("search_index")[0].metadata
+    assert metadata["dagster/row_count"].value == 2 and metadata["shards"].value == 1
+    assert metadata["model"].value == TINY_CLIP.model
+    assert metadata["path"].value == DatasetStore(local_root).url(INDEX)
