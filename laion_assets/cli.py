@@ -1,9 +1,10 @@
-"""The `laion-assets` command: run the per-shard assets from a shell or a script, or the demo."""
+"""The `laion-assets` command: run the per-shard assets, the demo, SQL queries, the CLIP service."""
 
 import argparse
 import csv
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -13,9 +14,11 @@ import yaml
 from laion_assets.demo import DEMO_CHECKPOINT, DEMO_MODEL
 from laion_assets.demo.run import run_demo
 from laion_assets.pipeline import catalog as duckdb_catalog
-from laion_assets.pipeline.clip import ClipSettings
+from laion_assets.pipeline.clip import ClipSettings, ModelUnavailable
 from laion_assets.pipeline.storage import DatasetStore, root_from_env
 from laion_assets.runner import ALL_ASSETS, run_pipeline
+from laion_assets.service import API_KEY_ENV, ServiceSettings
+from laion_assets.service import serve as serve_clip
 
 
 def select_assets(names: list[str] | None) -> list[dg.AssetsDefinition]:
@@ -98,8 +101,51 @@ def main(argv: list[str] | None = None) -> int:
         "--output", type=Path, default=None, help="write the result to a .csv, .json or .parquet file"
     )
 
+    serve = sub.add_parser(
+        "serve", help="the CLIP HTTP API: embed images and texts, compare them, search the dataset"
+    )
+    serve.add_argument("--host", default=ServiceSettings.host)
+    serve.add_argument("--port", type=int, default=ServiceSettings.port)
+    serve.add_argument("--root", default=None, help=f"{root_help}; /search uses its search index")
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV) or None,
+        help=f"required from every client when set (default: ${API_KEY_ENV}; none)",
+    )
+    serve.add_argument("--max-batch", type=int, default=ServiceSettings.max_batch, help="items per request")
+    serve.add_argument("--max-image-bytes", type=int, default=ServiceSettings.max_image_bytes)
+    serve.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=ServiceSettings.batch_wait * 1000,
+        help="how long a batch waits for requests still being prepared",
+    )
+    serve.add_argument("--no-batching", action="store_true", help="one model call per request")
+    serve.add_argument(
+        "--allow-private-networks",
+        action="store_true",
+        help="fetch url images from loopback and private networks",
+    )
+
     args = parser.parse_args(argv)
     root = args.root or root_from_env()
+    if args.command == "serve":
+        settings = ServiceSettings(
+            host=args.host,
+            port=args.port,
+            root=root,
+            api_key=args.api_key,
+            max_batch=args.max_batch,
+            max_image_bytes=args.max_image_bytes,
+            batching=not args.no_batching,
+            batch_wait=args.batch_wait_ms / 1000,
+            allow_private_networks=args.allow_private_networks,
+        )
+        try:
+            serve_clip(settings, ClipSettings.from_env())
+        except ModelUnavailable as exc:
+            raise SystemExit(f"laion-assets serve: {exc}") from exc
+        return 0
     if args.command == "sql":
         run_sql(root, args.query, args.format, args.output)
         return 0

@@ -1,10 +1,13 @@
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
 
 import dagster as dg
 import pytest
+import urllib3
 import yaml
 
 from laion_assets.cli import main
@@ -114,3 +117,42 @@ def test_demo_as_a_user_runs_it(tmp_path, monkeypatch):
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "data" / ".dagster"))  # the demo's runs are kept there
     with dg.DagsterInstance.get() as instance:
         assert instance.get_latest_materialization_event(dg.AssetKey("dataset_card")) is not None
+
+
+def test_serve_answers_with_the_model_from_the_environment(local_root):
+    """The installed console script serves on the port it is given, with the key and model it is given."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "LAION_ASSETS_CLIP_MODEL": "laion-assets-tiny",
+        "LAION_ASSETS_CLIP_PRETRAINED": "none",
+    }
+    script = os.path.join(os.path.dirname(sys.executable), "laion-assets")
+    command = [script, "serve", "--port", str(port), "--root", local_root, "--api-key", "k"]
+    server = subprocess.Popen([*command, "--max-batch", "2"], env=env, stderr=subprocess.PIPE)
+    http = urllib3.PoolManager(retries=False)
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            try:
+                info = http.request("GET", f"http://127.0.0.1:{port}/info?api_key=k", timeout=10)
+                break
+            except urllib3.exceptions.HTTPError:  # not listening yet
+                assert server.poll() is None, server.stderr.read().decode()
+                assert time.monotonic() < deadline, "laion-assets serve did not answer"
+                time.sleep(0.2)
+        assert info.status == 200, info.data
+        assert (info.json()["model"], info.json()["max_batch"]) == ("laion-assets-tiny", 2)
+        assert "no search index at" in info.json()["search_index_problem"]
+        assert http.request("GET", f"http://127.0.0.1:{port}/info", timeout=10).status == 401
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def test_serve_without_its_weights_says_why(monkeypatch, tmp_path):
+    monkeypatch.setenv("LAION_ASSETS_CLIP_PRETRAINED", str(tmp_path / "missing.pt"))
+    with pytest.raises(SystemExit, match=r"laion-assets serve: checkpoint file .*missing.pt does not exist"):
+        main(["serve", "--port", "0"])

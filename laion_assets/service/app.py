@@ -1,0 +1,383 @@
+"""The CLIP HTTP API: Roboflow-compatible embed and compare routes over the pipeline's ClipEncoder, and
+/search over the dataset's search index.
+
+Each request's images are fetched or decoded and preprocessed in threads, its texts tokenised; the
+model then sees them through a dynamic batcher, in one thread of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import uvicorn
+from fastapi import Depends, FastAPI, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, APIKeyQuery
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from laion_assets.pipeline.clip import ClipEncoder, ClipSettings
+from laion_assets.pipeline.fetch import FetchSettings
+from laion_assets.pipeline.imaging import ImageSettings
+from laion_assets.pipeline.search import IndexMissing, ModelMismatch, SearchIndex
+from laion_assets.pipeline.storage import DatasetStore
+from laion_assets.service import models as m
+from laion_assets.service.batcher import DynamicBatcher
+from laion_assets.service.inputs import InputError, decode_base64, fetch_image, open_image
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+API_KEY_ENV = "LAION_ASSETS_API_KEY"
+API_KEY_HEADER = "X-API-Key"
+_FETCH_THREADS = 16  # URL fetches wait on the network, not the CPU
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    host: str = "127.0.0.1"
+    port: int = 9001
+    root: str | None = None  # the dataset root whose search index /search answers from
+    api_key: str | None = None  # when set, every route but the docs requires it
+    max_batch: int = 8  # images, texts or prompts per request, as Roboflow's CLIP_MAX_BATCH_SIZE
+    max_image_bytes: int = 5_000_000  # per image, after base64 decoding or as fetched
+    max_pixels: int = ImageSettings.max_pixels  # decompression-bomb cap, as the downloader's
+    max_text_chars: int = 10_000
+    batching: bool = True
+    batch_wait: float = 0.002  # seconds a batch waits for requests still being prepared
+    allow_private_networks: bool = False  # fetch from loopback and private networks (tests, local demos)
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest request body: a compare's subject and max_batch prompts, all images in base64."""
+        return (self.max_batch + 1) * (4 * -(-self.max_image_bytes // 3) + 1024) + 65_536
+
+    def fetch_settings(self) -> FetchSettings:
+        """The downloader's timeouts and retries, this service's size cap and guard."""
+        return FetchSettings(
+            max_bytes=self.max_image_bytes, allow_private_networks=self.allow_private_networks
+        )
+
+
+class ClipService:
+    """The encoder behind the routes: inputs to embeddings, and the search index."""
+
+    def __init__(self, settings: ServiceSettings, encoder: ClipEncoder) -> None:
+        self.settings, self.encoder = settings, encoder
+        self.store = DatasetStore(settings.root) if settings.root else None
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="clip-model")
+        self._prepare = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="clip-prepare")
+        self._fetch = ThreadPoolExecutor(_FETCH_THREADS, thread_name_prefix="clip-fetch")
+        batch = encoder.settings.batch_size
+        self.images = DynamicBatcher(
+            self._encode_images, self._model_thread, batch, settings.batch_wait, settings.batching
+        )
+        self.texts = DynamicBatcher(
+            self._encode_tokens, self._model_thread, batch, settings.batch_wait, settings.batching
+        )
+        self.index: SearchIndex | None = None
+        self.index_problem: tuple[int, str] | None = None  # why /search cannot answer: status, reason
+        self._index_lock = asyncio.Lock()
+
+    @property
+    def model(self) -> str:
+        return self.encoder.settings.model
+
+    @property
+    def pretrained(self) -> str:
+        return self.encoder.settings.pretrained
+
+    async def close(self) -> None:
+        await self.images.close()
+        await self.texts.close()
+        for pool in (self._model_thread, self._prepare, self._fetch):
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    # checks
+
+    def check_version(self, clip_version_id: str | None) -> None:
+        if clip_version_id is not None and clip_version_id != self.model:
+            raise InputError(400, f"clip_version_id {clip_version_id!r}: this service runs {self.model!r}")
+
+    def check_count(self, field: str, count: int) -> None:
+        if count > self.settings.max_batch:
+            raise InputError(413, f"{field}: {count} items is over max_batch={self.settings.max_batch}")
+
+    # embeddings
+
+    async def embed(self, kind: m.Kind, items: list[tuple[str, m.Item]]) -> np.ndarray:
+        """One normalised float32 row per (label, item); images or texts as `kind` says."""
+        if kind == "image":
+            with self.images.preparing():
+                pixels = await asyncio.gather(*(self._pixels(label, image) for label, image in items))
+            return await self.images(list(pixels))
+        for label, text in items:
+            if len(text) > self.settings.max_text_chars:
+                raise InputError(
+                    413,
+                    f"{label}: {len(text)} characters is over max_text_chars={self.settings.max_text_chars}",
+                )
+        loop = asyncio.get_running_loop()
+        with self.texts.preparing():
+            texts = [text for _, text in items]
+            tokens = await loop.run_in_executor(self._prepare, self.encoder.tokenize, texts)
+        return await self.texts(list(tokens))
+
+    async def _pixels(self, label: str, image: m.ImageInput) -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        if image.type == "url":
+            data = await loop.run_in_executor(
+                self._fetch, fetch_image, label, image.value, self.settings.fetch_settings()
+            )
+            return await loop.run_in_executor(self._prepare, self._prepare_image, label, data)
+        return await loop.run_in_executor(self._prepare, self._prepare_base64, label, image.value)
+
+    def _prepare_base64(self, label: str, value: str) -> torch.Tensor:
+        return self._prepare_image(label, decode_base64(label, value, self.settings.max_image_bytes))
+
+    def _prepare_image(self, label: str, data: bytes) -> torch.Tensor:
+        return self.encoder.prepare(open_image(label, data, self.settings.max_pixels))
+
+    def _encode_images(self, pixels: list[torch.Tensor]) -> np.ndarray:
+        import torch
+
+        return self.encoder.encode_images(torch.stack(pixels)).cpu().numpy()
+
+    def _encode_tokens(self, tokens: list[torch.Tensor]) -> np.ndarray:
+        import torch
+
+        return self.encoder.encode_tokens(torch.stack(tokens)).cpu().numpy()
+
+    # search
+
+    def load_index(self) -> None:
+        """Loads the search index, or records why /search cannot answer."""
+        if self.store is None:
+            self.index_problem = (404, "this service was started without a dataset root")
+            return
+        try:
+            index = SearchIndex.load(self.store)
+            index.check_model(self.model, self.pretrained)
+        except IndexMissing as exc:
+            self.index_problem = (404, str(exc))
+        except ModelMismatch as exc:
+            self.index_problem = (409, str(exc))
+            log.warning("/search is off: %s", exc)
+        else:
+            self.index, self.index_problem = index, None
+            log.info("search index: %d rows from %s", len(index), self.store.root)
+
+    async def search_index(self) -> SearchIndex:
+        """The loaded index. A missing one is looked for again, so one built later is found."""
+        async with self._index_lock:
+            if self.index is None and (self.index_problem is None or self.index_problem[0] == 404):
+                await asyncio.to_thread(self.load_index)
+        if self.index is None:
+            raise InputError(*self.index_problem)
+        return self.index
+
+
+def create_app(settings: ServiceSettings, encoder: ClipEncoder) -> FastAPI:
+    """The FastAPI app over `encoder` (loaded by the caller, so tests and the CLI choose the model)."""
+    service = ClipService(settings, encoder)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(service.load_index)
+        yield
+        await service.close()
+
+    async def require_key(
+        query: str | None = Security(APIKeyQuery(name="api_key", auto_error=False)),
+        header: str | None = Security(APIKeyHeader(name=API_KEY_HEADER, auto_error=False)),
+    ) -> None:
+        if settings.api_key is None:
+            return
+        given = query or header
+        if given is None:
+            raise InputError(401, f"missing api_key: send it as ?api_key=... or an {API_KEY_HEADER} header")
+        if not secrets.compare_digest(given.encode(), settings.api_key.encode()):
+            raise InputError(401, "wrong api_key")
+
+    app = FastAPI(
+        title="laion_assets CLIP service",
+        description=(
+            "Embed images and texts and compare them with the CLIP model that filtered the dataset "
+            "(Roboflow Inference's CLIP routes), and search the dataset's pairs by text or image."
+        ),
+        version="1",
+        lifespan=lifespan,
+        dependencies=[Depends(require_key)],
+        responses={status: {"model": m.ErrorResponse} for status in (400, 401, 403, 413, 422)},
+    )
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    _add_error_handlers(app)
+
+    async def embeddings(
+        kind: m.Kind, value: m.Item | list, clip_version_id: str | None
+    ) -> m.EmbeddingResponse:
+        start = time.perf_counter()
+        service.check_version(clip_version_id)
+        items = _labelled(kind, value)
+        service.check_count(kind, len(items))
+        rows = await service.embed(kind, items)
+        return m.EmbeddingResponse(embeddings=rows.tolist(), time=time.perf_counter() - start)
+
+    @app.post("/clip/embed_image", response_model=m.EmbeddingResponse, summary="CLIP image embeddings")
+    async def embed_image(request: m.EmbedImageRequest) -> m.EmbeddingResponse:
+        return await embeddings("image", request.image, request.clip_version_id)
+
+    @app.post("/clip/embed_text", response_model=m.EmbeddingResponse, summary="CLIP text embeddings")
+    async def embed_text(request: m.EmbedTextRequest) -> m.EmbeddingResponse:
+        return await embeddings("text", request.text, request.clip_version_id)
+
+    @app.post("/clip/compare", response_model=m.CompareResponse, summary="CLIP cosine similarity")
+    async def compare(request: m.CompareRequest) -> m.CompareResponse:
+        start = time.perf_counter()
+        service.check_version(request.clip_version_id)
+        named = isinstance(request.prompt, dict)
+        prompts = (
+            [(f"prompt[{name!r}]", p) for name, p in request.prompt.items()]
+            if named
+            else _labelled("prompt", request.prompt)
+        )
+        service.check_count("prompt", len(prompts))
+        subject, prompt = await asyncio.gather(
+            service.embed(request.subject_type, [("subject", request.subject)]),
+            service.embed(request.prompt_type, prompts),
+        )
+        similarity = (prompt @ subject[0]).tolist()
+        return m.CompareResponse(
+            similarity=dict(zip(request.prompt, similarity, strict=True)) if named else similarity,
+            time=time.perf_counter() - start,
+        )
+
+    @app.post(
+        "/search",
+        response_model=m.SearchResponse,
+        summary="the dataset's pairs nearest to a text or an image",
+        responses={404: {"model": m.ErrorResponse}, 409: {"model": m.ErrorResponse}},
+    )
+    async def search(request: m.SearchRequest) -> m.SearchResponse:
+        start = time.perf_counter()
+        index = await service.search_index()
+        if request.image is not None:
+            query = await service.embed("image", [("image", request.image)])
+        else:
+            query = await service.embed("text", [("text", request.text)])
+        hits = await asyncio.to_thread(index.search, query[0], request.top_k)
+        return m.SearchResponse(
+            results=[m.SearchHit(**dataclasses.asdict(hit)) for hit in hits], time=time.perf_counter() - start
+        )
+
+    @app.get("/info", response_model=m.InfoResponse, summary="the model, the limits and the search index")
+    async def info() -> m.InfoResponse:
+        return m.InfoResponse(
+            model=service.model,
+            pretrained=service.pretrained,
+            device=str(encoder.device),
+            dim=encoder.dim,
+            max_batch=settings.max_batch,
+            max_image_bytes=settings.max_image_bytes,
+            batching=settings.batching,
+            search_index_rows=len(service.index) if service.index is not None else None,
+            search_index_problem=service.index_problem[1] if service.index_problem else None,
+            image_batches=m.BatcherStats(model_calls=service.images.model_calls, items=service.images.items),
+            text_batches=m.BatcherStats(model_calls=service.texts.model_calls, items=service.texts.items),
+        )
+
+    return app
+
+
+def _labelled(field: str, value: m.Item | list) -> list[tuple[str, m.Item]]:
+    """(label, item) pairs; the label names the item in error messages, e.g. image[3]."""
+    if isinstance(value, list):
+        return [(f"{field}[{i}]", item) for i, item in enumerate(value)]
+    return [(field, value)]
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error is JSON `{"detail": reason}`: 4xx for what the request got wrong, 500 only for a bug."""
+
+    @app.exception_handler(InputError)
+    async def input_error(request: Request, exc: InputError) -> JSONResponse:
+        return JSONResponse({"detail": exc.reason}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        reasons = [_validation_reason(error) for error in errors[:3]]
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        return JSONResponse({"detail": "; ".join(reasons) + more}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("error answering %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+
+
+def _validation_reason(error: dict) -> str:
+    where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+    message = error["msg"].removeprefix("Value error, ")  # what our validators raise says it all
+    return f"{where}: {message}" if where else message
+
+
+class BodyLimit:
+    """Answers 413 to a request body over `limit` bytes before anything parses it (chunked ones too)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._too_large(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await self._too_large(scope, receive, send)
+                return
+            if not message.get("more_body"):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = JSONResponse({"detail": f"request body is over {self.limit} bytes"}, status_code=413)
+        await response(scope, receive, send)
+
+
+def serve(settings: ServiceSettings, clip: ClipSettings) -> None:
+    """Load the model and answer on settings.host:settings.port until interrupted."""
+    app = create_app(settings, ClipEncoder(clip))
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
