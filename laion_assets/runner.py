@@ -9,7 +9,7 @@ import dagster as dg
 
 from laion_assets.definitions import DATASET_ASSETS
 from laion_assets.defs.jobs import PER_SHARD_ASSETS
-from laion_assets.defs.metadata import LAYER
+from laion_assets.defs.metadata import shard_output
 from laion_assets.defs.partitions import shards
 from laion_assets.defs.resources import build_resources
 from laion_assets.pipeline.clip import ClipSettings
@@ -65,12 +65,7 @@ def run_pipeline(
         instance.add_dynamic_partitions(shards.name, [s for s in shard_names if s not in known])
         per_shard = [a for a in assets if a in PER_SHARD_ASSETS]
         for shard in shard_names:
-            todo = [
-                a
-                for a in per_shard
-                if force
-                or not store.exists(store.shard_file(a.metadata_by_key[a.key][LAYER], shard, "parquet"))
-            ]
+            todo = [a for a in per_shard if force or not store.exists(shard_output(a, shard))]
             outcome = (
                 _materialize(instance, resources_, shard, todo, run_config) if todo else ShardOutcome(shard)
             )

@@ -6,7 +6,7 @@ import json
 import dagster as dg
 
 from laion_assets.defs.jobs import PER_SHARD_ASSETS, shard_job
-from laion_assets.defs.metadata import LAYER
+from laion_assets.defs.metadata import shard_output
 from laion_assets.defs.partitions import shards
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline import schemas
@@ -80,9 +80,8 @@ def _already_stored(dataset: DatasetStore, shard: str, file: StoredFile) -> bool
 
 def _stored_whole(dataset: DatasetStore, shard: str, file: StoredFile) -> bool:
     """Every per-shard output of `shard` is in the store, made from this very source content."""
-    layers = [asset.metadata_by_key[asset.key][LAYER] for asset in PER_SHARD_ASSETS]
     return _already_stored(dataset, shard, file) and all(
-        dataset.exists(dataset.shard_file(layer, shard, "parquet")) for layer in layers
+        dataset.exists(shard_output(asset, shard)) for asset in PER_SHARD_ASSETS
     )
 
 

@@ -4,8 +4,15 @@ import dagster as dg
 import numpy as np
 import pyarrow as pa
 
+from laion_assets.pipeline.storage import DatasetStore
+
 # Asset definition metadata: the storage layer (folder under the root) holding `<shard>.parquet`.
 LAYER = "laion_assets/layer"
+
+
+def shard_output(asset: dg.AssetsDefinition, shard: str) -> str:
+    """The parquet file a per-shard asset writes for `shard`, under the root: what tells it is done."""
+    return DatasetStore.shard_file(asset.metadata_by_key[asset.key][LAYER], shard, "parquet")
 
 
 def preview(table: pa.Table, columns: list[str], rows: int = 5, width: int = 80) -> dg.MetadataValue:

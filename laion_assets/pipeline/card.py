@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
 from laion_assets.pipeline import catalog, schemas
-from laion_assets.pipeline.pairs import FUNNEL
+from laion_assets.pipeline.pairs import FUNNEL, stored_pair_shards
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import DatasetStore
 
@@ -31,7 +31,6 @@ README = "card/README.md"
 FIGURES = "card/figures"
 DATA_FILES = "pairs/*.parquet"  # relative to the dataset root, which is what gets uploaded
 TASK_CATEGORIES = ("image-to-text", "text-to-image", "zero-shot-image-classification")
-FAILED = (schemas.FAILED_TO_DOWNLOAD, schemas.FAILED_TO_DECODE)  # what makes a host a failing host
 
 SIMILARITY_BIN = 0.01
 SIZE_BIN, SIZE_BINS = 64, 64  # pixels per bin, bins; the last bin holds all larger sizes too
@@ -186,12 +185,7 @@ def write_card(store: DatasetStore, settings: CardSettings = CardSettings()) -> 
 
 def gather_stats(store: DatasetStore, settings: CardSettings) -> CardStats:
     """Everything the card shows, from the stored shards. Raises ValueError if there are none."""
-    shards = [f.name.removesuffix(".parquet") for f in store.list("pairs") if f.name.endswith(".parquet")]
-    if not shards:
-        raise ValueError(
-            f"no materialised shards under {store.root}: there is no pairs/*.parquet yet; "
-            "materialise filtered_pairs for a shard before the dataset card"
-        )
+    shards = stored_pair_shards(store, "the dataset card")
     connection = catalog.connect(store)
     try:
         return _stats(connection, [_shard_record(store, shard) for shard in shards], settings)
@@ -242,7 +236,7 @@ def _stats(
         top_hosts=rows(
             "SELECT lower(regexp_extract(url, '^[^:/?#]+://([^/?#]*)', 1)) AS host, count(*) AS n "
             "FROM images WHERE list_contains(?, status) GROUP BY 1 ORDER BY n DESC, host LIMIT ?",
-            list(FAILED),
+            list(schemas.FAILURES),
             settings.top_n,
         ),
         nsfw=_in_order(nsfw, schemas.NSFW_TAGS),

@@ -61,11 +61,9 @@ class DownloadResult:
         return Counter(errors).most_common(n)
 
     def top_failing_hosts(self, n: int = 5) -> list[tuple[str, int]]:
-        failed = (schemas.FAILED_TO_DOWNLOAD, schemas.FAILED_TO_DECODE)
         rows = zip(self.table.column("url").to_pylist(), self.table.column("status").to_pylist(), strict=True)
-        return Counter(urlsplit(url).netloc.lower() for url, status in rows if status in failed).most_common(
-            n
-        )
+        hosts = (urlsplit(url).netloc.lower() for url, status in rows if status in schemas.FAILURES)
+        return Counter(hosts).most_common(n)
 
 
 class HostScheduler:

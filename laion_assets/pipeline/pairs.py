@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.shard_tar import TarShardWriter, read_samples
+from laion_assets.pipeline.storage import DatasetStore
 from laion_assets.pipeline.tables import keep_first
 
 CATEGORIES_FILE = Path(__file__).parent / "data" / "nsfw_categories.json"
@@ -215,6 +216,18 @@ def _vectors(column: pa.ChunkedArray, rows: np.ndarray) -> np.ndarray:
     chosen = column.take(pa.array(rows, pa.int64())).combine_chunks()
     dim = chosen.type.list_size
     return chosen.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+
+
+def stored_pair_shards(store: DatasetStore, purpose: str) -> list[str]:
+    """The shards with a `pairs/<shard>.parquet`; ValueError naming the root if there are none, since
+    `purpose` (e.g. "the dataset card") needs at least one."""
+    shards = [f.name.removesuffix(".parquet") for f in store.list("pairs") if f.name.endswith(".parquet")]
+    if not shards:
+        raise ValueError(
+            f"no materialised shards under {store.root}: there is no pairs/*.parquet yet; "
+            f"materialise filtered_pairs for a shard before {purpose}"
+        )
+    return shards
 
 
 def write_pairs_tar(images_tar: IO[bytes], pairs: pa.Table, out: IO[bytes]) -> int:

@@ -34,6 +34,7 @@ OPTED_OUT = "opted_out"  # X-Robots-Tag opt-out directive, or robots.txt
 BLOCKED = "blocked"  # the URL resolves to a private, loopback, link-local or multicast address
 FILTERED_SIZE = "filtered_size"  # min_image_size / max_aspect_ratio
 STATUSES = (SUCCESS, FAILED_TO_DOWNLOAD, FAILED_TO_DECODE, OPTED_OUT, BLOCKED, FILTERED_SIZE)
+FAILURES = (FAILED_TO_DOWNLOAD, FAILED_TO_DECODE)  # the statuses that count against a host
 
 IMAGES = pa.schema(
     [

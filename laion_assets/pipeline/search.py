@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from laion_assets.pipeline import schemas
+from laion_assets.pipeline.pairs import stored_pair_shards
 from laion_assets.pipeline.storage import DatasetStore
 
 INDEX = "search_index/index.parquet"
@@ -61,12 +62,7 @@ def build_index(store: DatasetStore) -> IndexBuild:
     Raises ValueError if there are no pairs yet, a shard lacks its embeddings, or shards were embedded
     with different models (their embeddings cannot be compared).
     """
-    shards = [f.name.removesuffix(".parquet") for f in store.list("pairs") if f.name.endswith(".parquet")]
-    if not shards:
-        raise ValueError(
-            f"no materialised shards under {store.root}: there is no pairs/*.parquet yet; "
-            "materialise filtered_pairs for a shard before the search index"
-        )
+    shards = stored_pair_shards(store, "the search index")
     models = {}
     for shard in shards:
         path = store.shard_file("embeddings", shard, "parquet")
