@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from laion_assets.pipeline import catalog, schemas
-from laion_assets.pipeline.storage import DatasetStore
+from laion_assets.pipeline.storage import PAIRS, DatasetStore
 
 WORK = Path(__file__).resolve().parent / ".work"
 LICENSES = np.array(
@@ -68,7 +68,7 @@ def main() -> None:
     per_shard = args.rows // args.shards
     rng = np.random.default_rng(0)
     for i in range(args.shards):
-        path = store.shard_file("pairs", f"bench{i:03d}", "parquet")
+        path = PAIRS.parquet(f"bench{i:03d}")
         if not store.exists(path):
             store.write_parquet(path, make_shard(rng, f"bench{i:03d}", per_shard))
     connection = catalog.connect(store)

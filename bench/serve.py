@@ -122,7 +122,7 @@ def time_search(rows: int, dim: int = 512, queries: int = 20) -> float:
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((rows, dim), dtype=np.float32)
     keys = pa.array([str(i) for i in range(rows)])
-    index = SearchIndex(pa.table({"key": keys, "url": keys, "caption": keys}), vectors, "m", "p")
+    index = SearchIndex(pa.table({"key": keys, "url": keys, "caption": keys}), vectors, None)
     times = []
     for query in index.vectors[:queries]:
         start = time.perf_counter()

@@ -1,4 +1,9 @@
-"""The `laion-assets` command: run the per-shard assets, the demo, SQL queries, the CLIP service."""
+"""The `laion-assets` command: run the per-shard assets, the demo, SQL queries, the CLIP service.
+
+Each sub-command imports what it needs when it runs: `sql` never loads Dagster, FastAPI or torch.
+"""
+
+from __future__ import annotations
 
 import argparse
 import csv
@@ -7,21 +12,20 @@ import json
 import os
 import sys
 from pathlib import Path
-
-import dagster as dg
-import yaml
+from typing import TYPE_CHECKING
 
 from laion_assets.demo import DEMO_CHECKPOINT, DEMO_MODEL
-from laion_assets.demo.run import run_demo
-from laion_assets.pipeline import catalog as duckdb_catalog
-from laion_assets.pipeline.clip import ClipSettings, ModelUnavailable
-from laion_assets.pipeline.storage import DatasetStore, root_from_env
-from laion_assets.runner import ALL_ASSETS, run_pipeline
-from laion_assets.service import API_KEY_ENV, ServiceSettings
-from laion_assets.service import serve as serve_clip
+from laion_assets.pipeline.clip import ClipSettings
+from laion_assets.pipeline.storage import root_from_env
+from laion_assets.service.settings import API_KEY_ENV, ServiceSettings
+
+if TYPE_CHECKING:
+    import dagster as dg
 
 
 def select_assets(names: list[str] | None) -> list[dg.AssetsDefinition]:
+    from laion_assets.runner import ALL_ASSETS
+
     by_name = {a.key.to_user_string(): a for a in ALL_ASSETS}
     if not names:
         return list(ALL_ASSETS)
@@ -33,6 +37,8 @@ def select_assets(names: list[str] | None) -> list[dg.AssetsDefinition]:
 
 def load_run_config(path: Path | None) -> dict:
     """A launchpad-style run config file: `ops: {<asset>: {config: {...}}}`."""
+    import yaml
+
     if path is None:
         return {}
     config = yaml.safe_load(path.read_text()) or {}
@@ -48,6 +54,9 @@ OUTPUT_FORMATS = {".csv": "csv", ".json": "json", ".parquet": "parquet"}
 
 def run_sql(root: str, query: str, fmt: str = "table", output: Path | None = None) -> None:
     """Run `query` against the DuckDB views of `root`; print it, or write it to `output`."""
+    from laion_assets.pipeline import catalog as duckdb_catalog
+    from laion_assets.pipeline.storage import DatasetStore
+
     connection = duckdb_catalog.connect(DatasetStore(root))
     if output is not None:
         kind = OUTPUT_FORMATS.get(output.suffix.lower())
@@ -71,8 +80,8 @@ def run_sql(root: str, query: str, fmt: str = "table", output: Path | None = Non
         print(json.dumps([dict(zip(columns, row, strict=True)) for row in rows], default=str, indent=1))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="laion-assets", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="laion-assets", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     root_help = "dataset root: a folder or s3://bucket/prefix (default: $LAION_ASSETS_ROOT, else ./data)"
 
@@ -127,34 +136,49 @@ def main(argv: list[str] | None = None) -> int:
         help="fetch url images from loopback and private networks",
     )
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     root = args.root or root_from_env()
     if args.command == "serve":
-        settings = ServiceSettings(
-            host=args.host,
-            port=args.port,
-            root=root,
-            api_key=args.api_key,
-            max_batch=args.max_batch,
-            max_image_bytes=args.max_image_bytes,
-            batching=not args.no_batching,
-            batch_wait=args.batch_wait_ms / 1000,
-            allow_private_networks=args.allow_private_networks,
-        )
-        try:
-            serve_clip(settings, ClipSettings.from_env())
-        except ModelUnavailable as exc:
-            raise SystemExit(f"laion-assets serve: {exc}") from exc
-        return 0
+        return serve(args, root)
     if args.command == "sql":
         run_sql(root, args.query, args.format, args.output)
         return 0
     if args.command == "demo":
+        from laion_assets.demo.run import run_demo
+
         clip = dataclasses.replace(ClipSettings.from_env(), model=args.model, pretrained=args.pretrained)
         return run_demo(root, clip, images=args.images)
+    from laion_assets.runner import run_pipeline
+
     assets = select_assets(args.select.split(",") if args.select else None)
     outcomes = run_pipeline(root, assets, load_run_config(args.config), force=args.force)
     return 1 if any(o.error for o in outcomes) else 0
+
+
+def serve(args: argparse.Namespace, root: str) -> int:
+    from laion_assets.pipeline.clip import ModelUnavailable
+    from laion_assets.service.app import serve as serve_clip
+
+    settings = ServiceSettings(
+        host=args.host,
+        port=args.port,
+        root=root,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        max_image_bytes=args.max_image_bytes,
+        batching=not args.no_batching,
+        batch_wait=args.batch_wait_ms / 1000,
+        allow_private_networks=args.allow_private_networks,
+    )
+    try:
+        serve_clip(settings, ClipSettings.from_env())
+    except ModelUnavailable as exc:
+        raise SystemExit(f"laion-assets serve: {exc}") from exc
+    return 0
 
 
 if __name__ == "__main__":

@@ -5,8 +5,7 @@ import dagster as dg
 from laion_assets.defs.automation import automation_sensor, catch_up_schedule, incoming_files_sensor
 from laion_assets.defs.card import dataset_card
 from laion_assets.defs.catalog import catalog
-from laion_assets.defs.checks import PER_SHARD_CHECKS
-from laion_assets.defs.jobs import PER_SHARD_ASSETS, shard_job
+from laion_assets.defs.jobs import PER_SHARD_ASSETS, PER_SHARD_CHECKS, shard_job
 from laion_assets.defs.resources import build_resources
 from laion_assets.defs.search import search_index
 from laion_assets.pipeline.clip import ClipSettings
@@ -15,7 +14,7 @@ DATASET_ASSETS = [catalog, dataset_card, search_index]  # unpartitioned: read ev
 
 
 def build_definitions(root: str | None = None, clip: ClipSettings | None = None) -> dg.Definitions:
-    """Everything, with the resources for `root` and `clip` (by default from the environment)."""
+    """Everything, with the resources for `root` and `clip` (by default from the environment, as EnvVars)."""
     return dg.Definitions(
         assets=[*PER_SHARD_ASSETS, *DATASET_ASSETS],
         asset_checks=PER_SHARD_CHECKS,

@@ -7,13 +7,14 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 
+from laion_assets import names
 from laion_assets.definitions import DATASET_ASSETS
-from laion_assets.defs.jobs import PER_SHARD_ASSETS
-from laion_assets.defs.metadata import shard_output
+from laion_assets.defs.jobs import PER_SHARD_ASSETS, PER_SHARD_CHECKS
+from laion_assets.defs.metadata import layer_of
 from laion_assets.defs.partitions import shards
 from laion_assets.defs.resources import build_resources
 from laion_assets.pipeline.clip import ClipSettings
-from laion_assets.pipeline.sources import parse_source_name
+from laion_assets.pipeline.lineage import incoming_by_shard, stale_layers
 from laion_assets.pipeline.storage import INCOMING
 
 ALL_ASSETS = [*PER_SHARD_ASSETS, *DATASET_ASSETS]  # per-shard assets, then the dataset-level ones
@@ -53,19 +54,21 @@ def run_pipeline(
     echo: Callable[[str], None] = print,
     clip: ClipSettings | None = None,
 ) -> list[ShardOutcome]:
-    """Register a shard per file in `incoming/`, materialise the selected assets each shard lacks, then the
-    selected dataset-level assets (catalog, dataset_card) over every shard."""
-    resources_ = build_resources(root, clip)
+    """Register a shard per file in `incoming/`, materialise the selected assets where a shard is not done
+    (see `pipeline/lineage.py`), then the selected dataset-level assets (catalog, dataset_card) over every
+    shard."""
+    resources_ = build_resources(root, clip or ClipSettings.from_env())
     store = resources_["store"].get_store()
-    shard_names = sorted({parse_source_name(f.name).shard for f in store.list(INCOMING)})
-    echo(f"{len(shard_names)} shards in {store.url(INCOMING)}")
+    sources = incoming_by_shard(store)
+    echo(f"{len(sources)} shards in {store.url(INCOMING)}")
     outcomes = []
     with dagster_instance() as instance:
         known = set(instance.get_dynamic_partitions(shards.name))
-        instance.add_dynamic_partitions(shards.name, [s for s in shard_names if s not in known])
-        per_shard = [a for a in assets if a in PER_SHARD_ASSETS]
-        for shard in shard_names:
-            todo = [a for a in per_shard if force or not store.exists(shard_output(a, shard))]
+        instance.add_dynamic_partitions(shards.name, [s for s in sources if s not in known])
+        per_shard = [a for a in PER_SHARD_ASSETS if a in assets]
+        for shard, source in sources.items():
+            stale = stale_layers(store, shard, source, [layer_of(a) for a in per_shard])
+            todo = per_shard if force else [a for a in per_shard if layer_of(a) in stale]
             outcome = (
                 _materialize(instance, resources_, shard, todo, run_config) if todo else ShardOutcome(shard)
             )
@@ -90,20 +93,20 @@ def _materialize(
     todo: list[dg.AssetsDefinition],
     run_config: dict,
 ) -> ShardOutcome:
-    names = [a.key.to_user_string() for a in todo]
-    ops = {name: block for name, block in (run_config.get("ops") or {}).items() if name in names}
+    asset_names = [a.key.to_user_string() for a in todo]
+    ops = {name: block for name, block in (run_config.get("ops") or {}).items() if name in asset_names}
     result = dg.materialize(
-        PER_SHARD_ASSETS,
+        [*PER_SHARD_ASSETS, *PER_SHARD_CHECKS],
         selection=todo,
         partition_key=shard,
         instance=instance,
         resources=resources_,
         run_config={"ops": ops, **QUIET} if ops else QUIET,
         raise_on_error=False,
-        tags={"laion_assets/trigger": "cli"},
+        tags={names.TRIGGER_TAG: "cli"},
     )
-    outcome = ShardOutcome(shard, ran=names)
-    for name in names:
+    outcome = ShardOutcome(shard, ran=asset_names)
+    for name in asset_names:
         for materialization in result.asset_materializations_for_node(name):
             outcome.rows[name] = materialization.metadata["dagster/row_count"].value
     outcome.error = failure_message(result)

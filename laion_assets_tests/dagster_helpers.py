@@ -2,8 +2,7 @@
 
 import dagster as dg
 
-from laion_assets.defs.checks import PER_SHARD_CHECKS
-from laion_assets.defs.jobs import PER_SHARD_ASSETS
+from laion_assets.defs.jobs import PER_SHARD_ASSETS, PER_SHARD_CHECKS
 from laion_assets.defs.partitions import shards
 from laion_assets.defs.resources import build_resources
 from laion_assets.pipeline.clip import ClipSettings

@@ -6,11 +6,11 @@ import dagster as dg
 import duckdb
 
 from laion_assets.definitions import build_definitions
-from laion_assets.defs.automation import SOURCE_FILE_TAG, catch_up_schedule, incoming_files_sensor
+from laion_assets.defs.automation import catch_up_schedule, incoming_files_sensor
 from laion_assets.defs.partitions import shards
 from laion_assets.defs.resources import DatasetStoreResource, build_resources
-from laion_assets.pipeline.search import INDEX
-from laion_assets.pipeline.storage import DatasetStore
+from laion_assets.names import SOURCE_FILE_TAG
+from laion_assets.pipeline.storage import SEARCH_INDEX, DatasetStore
 from laion_assets_tests.dagster_helpers import TINY_CLIP, local_web_config, materialize_shard
 
 GOOD = b"url,caption\nhttp://a.com/1.jpg,a cat\n"
@@ -167,7 +167,7 @@ def test_new_files_flow_to_pairs_card_and_catalog_and_a_failed_shard_is_caught_u
         assert "first.csv" in card and "second.csv" in card
         with duckdb.connect(f"{local_root}/catalog.duckdb", read_only=True) as catalog:
             assert catalog.sql("SELECT count(*) FROM pairs").fetchone() == (3,)
-        keys = store.read_parquet(INDEX, columns=["key"]).column("key").to_pylist()
+        keys = store.read_parquet(SEARCH_INDEX, columns=["key"]).column("key").to_pylist()
         assert sorted(keys) == ["first-00000000", "first-00000001", "second-00000000"]
 
         # A person re-materialises one shard's crawl_metadata: the rest of that shard follows.

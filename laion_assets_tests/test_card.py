@@ -6,12 +6,14 @@ import pytest
 import yaml
 from PIL import Image
 
+from laion_assets import names
 from laion_assets.defs.card import dataset_card
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline import catalog, schemas
-from laion_assets.pipeline.card import README, CardSettings, size_category, write_card
+from laion_assets.pipeline.card import CardSettings, write_card
+from laion_assets.pipeline.card.readme import size_category
 from laion_assets.pipeline.pairs import FUNNEL
-from laion_assets.pipeline.storage import DatasetStore
+from laion_assets.pipeline.storage import CARD, DatasetStore
 from laion_assets_tests.dagster_helpers import LOCAL_WEB, materialize_shard
 
 # shard -> image paths on the test web; each has a 404, `b` also an image that does not decode
@@ -56,7 +58,7 @@ def test_card_over_two_shards(root, web):
 
     result = write_card(store)
     markdown = result.markdown
-    with store.open(README) as f:
+    with store.open(CARD) as f:
         assert f.read().decode() == markdown
 
     pairs = catalog.connect(store).sql("SELECT count(*) FROM pairs").fetchone()[0]
@@ -72,7 +74,7 @@ def test_card_over_two_shards(root, web):
     funnels = []
     for shard in SHARDS:
         metadata = store.read_parquet(f"pairs/{shard}.parquet").schema.metadata
-        funnels.append(json.loads(metadata[schemas.PAIRS_FUNNEL.encode()]))
+        funnels.append(json.loads(metadata[names.PAIRS_FUNNEL_FOOTER.encode()]))
     rows_in = sum(f["rows_in"] for f in funnels)
     assert f"| rows in |  | {rows_in} |" in markdown
     remaining = rows_in
@@ -133,18 +135,18 @@ def test_asset_puts_the_card_in_its_metadata(local_root, web):
     assert result.success
     metadata = result.asset_materializations_for_node("dataset_card")[0].metadata
     markdown = metadata["card"].value
-    with DatasetStore(local_root).open(README) as f:
+    with DatasetStore(local_root).open(CARD) as f:
         assert f.read().decode() == markdown
     assert _front_matter(markdown)["license"] == "cc-by-4.0"
     assert metadata["dagster/row_count"].value == 2 and metadata["shards"].value == 1
-    assert metadata["path"].value == DatasetStore(local_root).url(README)
+    assert metadata["path"].value == DatasetStore(local_root).url(CARD)
 
 
 def test_no_shards_is_an_error(root):
     store = DatasetStore(root)
     with pytest.raises(ValueError, match=f"no materialised shards under {store.root}"):
         write_card(store, CardSettings())
-    assert not store.exists(README)
+    assert not store.exists(CARD)
 
 
 @pytest.mark.parametrize(

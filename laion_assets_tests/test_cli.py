@@ -156,3 +156,32 @@ def test_serve_without_its_weights_says_why(monkeypatch, tmp_path):
     monkeypatch.setenv("LAION_ASSETS_CLIP_PRETRAINED", str(tmp_path / "missing.pt"))
     with pytest.raises(SystemExit, match=r"laion-assets serve: checkpoint file .*missing.pt does not exist"):
         main(["serve", "--port", "0"])
+
+
+def test_run_reruns_a_shard_whose_source_file_was_replaced(local_root, capsys):
+    """The CLI, the sensor and the catch-up schedule share one rule (pipeline/lineage.py): a shard is done
+    when its outputs were made from the source file's current content, not merely when they exist."""
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/a.csv", A)
+    assert main(["run", "--root", local_root, "--select", "crawl_metadata"]) == 0
+    assert "a: crawl_metadata 2 rows" in capsys.readouterr().out
+    store.write_bytes("incoming/a.csv", A + b"http://a.com/3.jpg,a bird\n")  # same name, new content
+    assert main(["run", "--root", local_root, "--select", "crawl_metadata"]) == 0
+    assert "a: crawl_metadata 3 rows" in capsys.readouterr().out
+    assert store.read_parquet("crawl_metadata/a.parquet").num_rows == 3
+    assert main(["run", "--root", local_root, "--select", "crawl_metadata"]) == 0
+    assert "a: up to date" in capsys.readouterr().out
+
+
+def test_sql_loads_neither_dagster_nor_the_service_nor_torch(local_root):
+    """A query is a fast command: it needs DuckDB and the store, not the definitions or the models."""
+    check = (
+        "import sys; from laion_assets.cli import main; main(['sql', 'SELECT 42 AS answer', '--root', "
+        "sys.argv[1]]); print(sorted({'dagster', 'fastapi', 'matplotlib', 'torch', 'open_clip'} & "
+        "set(sys.modules)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", check, local_root], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "42" in done.stdout and done.stdout.strip().splitlines()[-1] == "[]"

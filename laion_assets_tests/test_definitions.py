@@ -1,12 +1,23 @@
+import dataclasses
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from laion_assets.definitions import defs
-from laion_assets.defs.resources import build_resources
+from laion_assets.defs.card import DatasetCardConfig
+from laion_assets.defs.config import settings_from
+from laion_assets.defs.download import DownloadImagesConfig
+from laion_assets.defs.pairs import FilteredPairsConfig
+from laion_assets.defs.resources import ClipEncoderResource, DatasetStoreResource, build_resources
+from laion_assets.pipeline.card import CardSettings
+from laion_assets.pipeline.clip import ClipSettings
+from laion_assets.pipeline.download import DownloadSettings
+from laion_assets.pipeline.pairs import PairsSettings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,7 +62,19 @@ def test_backfills_run_one_shard_per_run_and_assets_follow_their_upstream():
 
 def test_root_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("LAION_ASSETS_ROOT", "s3://bucket/prefix")
-    assert build_resources()["store"].root == "s3://bucket/prefix"
+    monkeypatch.setenv("LAION_ASSETS_CLIP_BATCH_SIZE", "7")
+    # This asserted the root resolved when the definitions load; it is a dg.EnvVar now, so the UI shows
+    # where the value comes from (#12), and it resolves when a run starts.
+    resources = build_resources()
+    assert isinstance(resources["store"].root, dg.EnvVar) and resources["store"].root.env_var_name == (
+        "LAION_ASSETS_ROOT"
+    )
+
+    @dg.asset
+    def settings_seen(store: DatasetStoreResource, clip: ClipEncoderResource) -> None:
+        assert (store.get_store().root, clip.batch_size, clip.model) == ("s3://bucket/prefix", 7, "ViT-B-32")
+
+    assert dg.materialize([settings_seen], resources=resources).success
     assert build_resources("/data/x")["store"].root == "/data/x"
     monkeypatch.delenv("LAION_ASSETS_ROOT")
     assert build_resources()["store"].root == "./data"
@@ -78,3 +101,40 @@ def test_loading_definitions_does_not_import_torch():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_dagster_dg_cli_checks_and_lists_the_definitions():
+    """`dg check defs` and `dg list defs`, as Dagster 1.13 users type them, on this layout."""
+    dg_cli = os.path.join(os.path.dirname(sys.executable), "dg")
+    env = {**os.environ, "VIRTUAL_ENV": str(Path(sys.executable).parent.parent)}
+
+    def dg_command(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([dg_cli, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+
+    checked = dg_command("check", "defs")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "All definitions loaded successfully" in checked.stdout + checked.stderr
+    listed = dg_command("list", "defs", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assets = {asset["asset_key"] for asset in json.loads(listed.stdout)["assets"]}
+    assert assets == {"crawl_metadata", "downloaded_images", "clip_embeddings", "filtered_pairs"} | {
+        "catalog",
+        "dataset_card",
+        "search_index",
+    }
+
+
+@pytest.mark.parametrize(
+    ("config", "settings"),
+    [
+        (DownloadImagesConfig, DownloadSettings),
+        (FilteredPairsConfig, PairsSettings),
+        (DatasetCardConfig, CardSettings),
+        (ClipEncoderResource, ClipSettings),
+    ],
+)
+def test_run_config_classes_carry_every_setting_with_its_default(config, settings):
+    """The config classes are written out for editors and the launchpad; they must not drift from the
+    pipeline's settings they are turned into."""
+    assert {f.name for f in dataclasses.fields(settings)} <= set(config.model_fields)
+    assert settings_from(config(), settings) == settings()

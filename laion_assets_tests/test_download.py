@@ -8,6 +8,7 @@ from PIL import Image
 
 from laion_assets.pipeline import fetch, schemas
 from laion_assets.pipeline.download import DownloadSettings, HostScheduler, _Job, download_shard
+from laion_assets.pipeline.imaging import ImageSettings, process_image
 
 # Short timeouts keep the failures quick; the guard is off because the web is on 127.0.0.1.
 FAST = DownloadSettings(
@@ -119,10 +120,11 @@ def test_successful_samples_are_resized_hashed_and_readable_by_webdataset(web, t
         assert sample["txt"].decode() == meta["caption"]
         image = Image.open(io.BytesIO(sample["jpg"]))
         assert image.format == "JPEG" and image.size == (256, 256) and image.mode == "RGB"
-    # the EXIF-rotated image is stored upright: portrait content centred with black borders left and right
+    # the EXIF-rotated image is stored upright: portrait content centred with white borders left and right
+    # (img2dataset's padding; this asserted black borders before border_color, which was the bug)
     exif_key = next(k for k, s in by_key.items() if json.loads(s["json"])["url"].endswith("/exif.jpg"))
     upright = Image.open(io.BytesIO(by_key[exif_key]["jpg"]))
-    assert upright.getpixel((10, 128)) == (0, 0, 0) and upright.getpixel((128, 128)) != (0, 0, 0)
+    assert upright.getpixel((10, 128)) == (255, 255, 255) and upright.getpixel((128, 128)) != (255, 255, 255)
 
 
 def test_size_filters(web):
@@ -285,3 +287,33 @@ def test_resize_modes(web, mode, size):
 
     ((_, members),) = list(read_samples(io.BytesIO(tar)))
     assert Image.open(io.BytesIO(members["jpg"])).size == size
+
+
+def _wide_photo() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (400, 200), (200, 30, 30)).save(out, "JPEG", quality=95)
+    return out.getvalue()
+
+
+def test_border_pads_white_like_img2dataset_or_in_the_colour_asked():
+    """LAION's datasets were resized by img2dataset, whose `border` pads white; CLIP sees the padding."""
+    padded = Image.open(io.BytesIO(process_image(_wide_photo(), ImageSettings()).data))
+    assert padded.size == (256, 256)
+    assert all(v >= 250 for v in padded.getpixel((128, 5)))  # the band above the picture
+    red, green, _ = padded.getpixel((128, 128))
+    assert red > 150 and green < 80
+    black = Image.open(io.BytesIO(process_image(_wide_photo(), ImageSettings(border_color="black")).data))
+    assert all(v <= 5 for v in black.getpixel((128, 5)))
+    with pytest.raises(ValueError, match="unknown color specifier"):
+        ImageSettings(border_color="no-such-colour")
+
+
+def test_resize_mode_no_survives_yaml():
+    """YAML 1.1 (PyYAML, as `--config` and `dagster job launch` read it) turns a bare `no` into false."""
+    import yaml
+
+    value = yaml.safe_load("resize_mode: no")["resize_mode"]
+    assert value is False
+    assert ImageSettings(resize_mode=value).resize_mode == "no"
+    with pytest.raises(ValueError, match="resize_mode True is not one of"):
+        ImageSettings(resize_mode=True)

@@ -1,6 +1,6 @@
 import dagster as dg
 
-from laion_assets.defs.checks import one_row_per_crawl_row
+from laion_assets.defs.download import one_row_per_crawl_row
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import DatasetStore
@@ -68,3 +68,17 @@ def test_check_fails_on_a_damaged_shard(local_root, web):
     check = one_row_per_crawl_row(store, "s")
     assert not check.passed
     assert check.description == "shard s: images has 1 rows, crawl_metadata 3 (2 missing)"
+
+
+def test_run_config_yaml_with_resize_mode_no(local_root, web):
+    """`resize_mode: no` in YAML run config (read as false by YAML 1.1) is the mode `no`, not a type error."""
+    import yaml
+
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/s.jsonl", _url_list(web, ["/img/red.jpg"]))
+    text = "resize_mode: no\n" + yaml.safe_dump(LOCAL_WEB)
+    run_config = {"ops": {"downloaded_images": {"config": yaml.safe_load(text)}}}
+    selection = ["crawl_metadata", "downloaded_images"]
+    assert materialize_shard(dg.DagsterInstance.ephemeral(), local_root, "s", run_config, selection).success
+    row = store.read_parquet("images/s.parquet").to_pylist()[0]
+    assert (row["width"], row["height"]) == (row["original_width"], row["original_height"]) == (640, 480)

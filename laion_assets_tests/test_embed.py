@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from laion_assets import names
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.clip import ClipEncoder, ClipSettings, ModelUnavailable
 from laion_assets.pipeline.download import download_shard
@@ -152,7 +153,36 @@ def test_asset_writes_embeddings_and_resumes_after_a_failed_run(root, web):
     images = store.read_parquet("images/e.parquet")
     successes = {r["key"] for r in images.to_pylist() if r["status"] == schemas.SUCCESS}
     assert set(table.column("key").to_pylist()) == successes and len(successes) == 5
-    assert table.schema.metadata[schemas.EMBEDDING_MODEL.encode()] == b"laion-assets-tiny"
-    assert table.schema.metadata[schemas.EMBEDDING_PRETRAINED.encode()] == b"none"
+    assert table.schema.metadata[names.CLIP_MODEL_FOOTER.encode()] == b"laion-assets-tiny"
+    assert table.schema.metadata[names.CLIP_PRETRAINED_FOOTER.encode()] == b"none"
     meta = resumed.asset_materializations_for_node("clip_embeddings")[0].metadata
     assert meta["dagster/row_count"].value == 5 and meta["dim"].value == 64 and meta["device"].value == "cpu"
+
+
+def test_model_identity_is_the_model_and_its_weights(tmp_path):
+    """One rule for "these embeddings can be compared": same model name and the same weights, a checkpoint
+    known by its content (not its path), random weights by their seed."""
+    from laion_assets.pipeline.clip import ModelIdentity, ModelMismatch
+
+    a, b, c = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "c.pt"
+    a.write_bytes(b"weights")
+    b.write_bytes(b"weights")
+    c.write_bytes(b"other weights")
+
+    def identity(pretrained: str, model: str = "ViT-B-32", seed: int = 0) -> ModelIdentity:
+        return ModelIdentity.of(ClipSettings(model=model, pretrained=pretrained, seed=seed))
+
+    assert identity(str(a)) == identity(str(b)) != identity(str(c))
+    assert identity("openai") != identity("datacomp_xl_s13b_b90k")
+    assert identity("openai") != identity("openai", model="ViT-B-16")
+    assert identity("none") == identity("NONE") != identity("none", seed=1)
+    footer = identity(str(a)).footer()
+    assert ModelIdentity.from_footer(footer) == identity(str(b))
+    # a file written before the weights were recorded: its tag is read as the weights
+    assert ModelIdentity.from_footer(
+        {names.CLIP_MODEL_FOOTER: "ViT-B-32", names.CLIP_PRETRAINED_FOOTER: "openai"}
+    ) == identity("openai")
+    with pytest.raises(
+        ModelMismatch, match=r"embedded with ViT-B-32 / openai, the service runs ViT-B-32 / dat"
+    ):
+        identity("openai").require(identity("datacomp_xl_s13b_b90k"), "it was", "the service", "re-embed")

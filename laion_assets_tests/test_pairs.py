@@ -2,6 +2,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from laion_assets import names
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.pairs import FUNNEL, NsfwCategories, PairsSettings, build_pairs
 
@@ -205,8 +206,8 @@ def test_asset_writes_pairs_tar_and_funnel(root, web):
     assert meta["rows_in"].value - sum(removed.values()) == meta["dagster/row_count"].value == 3
     assert sum(meta[f"nsfw/{t}"].value for t in schemas.NSFW_TAGS) == 3
     file_meta = {k.decode(): v.decode() for k, v in pairs.schema.metadata.items()}
-    assert json.loads(file_meta[schemas.PAIRS_FUNNEL]) == {"rows_in": 5, "removed": removed}
-    provenance = json.loads(file_meta[schemas.PROVENANCE])
+    assert json.loads(file_meta[names.PAIRS_FUNNEL_FOOTER]) == {"rows_in": 5, "removed": removed}
+    provenance = json.loads(file_meta[names.PROVENANCE_FOOTER])
     assert provenance["source_file"] == "p.jsonl" and provenance["run_id"] == result.run_id
     assert provenance["shard"] == "p" and provenance["code_version"] == "0.1.0"
 
@@ -232,16 +233,56 @@ def test_asset_writes_pairs_tar_and_funnel(root, web):
 
     other_model = dataclasses.replace(TINY_CLIP, model="ViT-B-32")
     mismatch = materialize_shard(instance, root, "p", selection=["filtered_pairs"], clip=other_model)
+    # This asserted the model name alone ("embeddings were made with 'laion-assets-tiny' but the clip
+    # resource is 'ViT-B-32'"): the weights count too now, so the message names them (#12).
     assert (
-        "embeddings were made with 'laion-assets-tiny' but the clip resource is 'ViT-B-32'"
+        "embeddings were embedded with laion-assets-tiny / none, the clip resource runs ViT-B-32 / none"
         in failure_message(mismatch)
     )
+
+
+def test_pairs_refuse_embeddings_of_other_weights_with_the_same_model_name(local_root, web, tmp_path):
+    """The NSFW prompts must be embedded by the very weights that embedded the images, not just by a model
+    of the same name (ViT-B-32/openai embeddings tagged with ViT-B-32/datacomp prompts went unnoticed)."""
+    import dataclasses
+
+    import dagster as dg
+    import open_clip
+    import torch
+
+    from laion_assets.pipeline.storage import DatasetStore
+    from laion_assets.runner import failure_message
+    from laion_assets_tests.dagster_helpers import LOCAL_WEB, TINY_CLIP, materialize_shard
+
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/w.csv", f"url,caption\n{web.url('/img/red.jpg')},a red square\n".encode())
+    instance = dg.DagsterInstance.ephemeral()
+    config = {"ops": {"downloaded_images": {"config": LOCAL_WEB}}}
+    embedded = ["crawl_metadata", "downloaded_images", "clip_embeddings"]
+    assert materialize_shard(instance, local_root, "w", config, selection=embedded).success  # seed 0
+
+    torch.manual_seed(1)
+    other_weights = tmp_path / "laion-assets-tiny-seed-1.pt"
+    torch.save(open_clip.create_model(TINY_CLIP.model).state_dict(), other_weights)
+    other = dataclasses.replace(TINY_CLIP, pretrained=str(other_weights))
+    mismatch = materialize_shard(instance, local_root, "w", selection=["filtered_pairs"], clip=other)
+    assert not mismatch.success and not store.exists("pairs/w.parquet")
+    assert (
+        f"shard w: its embeddings were embedded with laion-assets-tiny / none, the clip resource runs "
+        f"laion-assets-tiny / {other_weights}" in failure_message(mismatch)
+    )
+
+    # Weights are known by their content: embedded with the checkpoint, filtered with it moved elsewhere.
+    assert materialize_shard(instance, local_root, "w", selection=["clip_embeddings"], clip=other).success
+    moved = dataclasses.replace(TINY_CLIP, pretrained=str(other_weights.rename(tmp_path / "moved.pt")))
+    assert materialize_shard(instance, local_root, "w", selection=["filtered_pairs"], clip=moved).success
 
 
 def test_checks_fail_on_broken_shards(local_root):
     import json
 
-    from laion_assets.defs.checks import embeddings_of_success_images, pairs_follow_the_contract
+    from laion_assets.defs.embed import keys_are_success_images as embeddings_of_success_images
+    from laion_assets.defs.pairs import follows_the_contract as pairs_follow_the_contract
     from laion_assets.pipeline.storage import DatasetStore
 
     store = DatasetStore(local_root)
@@ -258,8 +299,8 @@ def test_checks_fail_on_broken_shards(local_root):
     assert check.description == "shard s: 1 keys not a success image, 0 repeated"
 
     good = build_pairs(crawl, images, embeddings, PairsSettings(), CATEGORIES).table
-    settings = {schemas.PAIRS_SETTINGS: json.dumps({"min_similarity": 0.6})}
-    store.write_parquet("pairs/s.parquet", good, metadata={schemas.PAIRS_SETTINGS: json.dumps({})})
+    settings = {names.PAIRS_SETTINGS_FOOTER: json.dumps({"min_similarity": 0.6})}
+    store.write_parquet("pairs/s.parquet", good, metadata={names.PAIRS_SETTINGS_FOOTER: json.dumps({})})
     assert pairs_follow_the_contract(store, "s").passed
     store.write_parquet("pairs/s.parquet", good, metadata=settings)  # rows at 0.5 under a 0.6 rule
     check = pairs_follow_the_contract(store, "s")

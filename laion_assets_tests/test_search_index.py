@@ -5,11 +5,13 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
+from laion_assets import names
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.defs.search import search_index
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.search import INDEX, IndexMissing, ModelMismatch, SearchIndex, build_index
-from laion_assets.pipeline.storage import DatasetStore
+from laion_assets.pipeline.clip import ModelIdentity, ModelMismatch
+from laion_assets.pipeline.search import IndexMissing, SearchIndex, write_search_index
+from laion_assets.pipeline.storage import SEARCH_INDEX, DatasetStore
 from laion_assets_tests.dagster_helpers import LOCAL_WEB, TINY_CLIP, materialize_shard
 
 SHARDS = {"a": ["/img/red.jpg", "/img/green.png", "/404.jpg"], "b": ["/img/blue.webp", "/exif.jpg"]}
@@ -40,13 +42,13 @@ def two_shards(root, web) -> DatasetStore:
 
 def test_index_holds_every_pair_with_its_image_embedding(two_shards):
     store = two_shards
-    result = build_index(store)
+    result = write_search_index(store)
     assert (result.rows, result.shards, result.missing_embeddings) == (4, 2, 0)  # the 404s are not pairs
     assert (result.model, result.pretrained, result.dim) == ("laion-assets-tiny", "none", 64)
 
-    table = store.read_parquet(INDEX)
+    table = store.read_parquet(SEARCH_INDEX)
     assert table.schema.remove_metadata() == schemas.search_index(64)
-    assert store.parquet_metadata(INDEX)[schemas.EMBEDDING_MODEL] == "laion-assets-tiny"
+    assert store.parquet_metadata(SEARCH_INDEX)[names.CLIP_MODEL_FOOTER] == "laion-assets-tiny"
     for shard in SHARDS:
         pairs = store.read_parquet(f"pairs/{shard}.parquet")
         embeddings = store.read_parquet(f"embeddings/{shard}.parquet")
@@ -79,26 +81,26 @@ def test_index_holds_every_pair_with_its_image_embedding(two_shards):
         assert len(hits) == 4 and hits[0].key == key and hits[0].similarity == pytest.approx(1.0, abs=1e-5)
         assert [h.similarity for h in hits] == sorted((h.similarity for h in hits), reverse=True)
 
-    index.check_model("laion-assets-tiny", "none")
+    index.check_model(ModelIdentity("laion-assets-tiny", "random:seed=0", "none"))
     with pytest.raises(
         ModelMismatch, match="embedded with laion-assets-tiny / none, this service runs ViT-B-32"
     ):
-        index.check_model("ViT-B-32", "none")
+        index.check_model(ModelIdentity("ViT-B-32", "random:seed=0", "none"))
 
 
 def test_shards_of_different_models_are_refused(two_shards):
     store = two_shards
     path = "embeddings/b.parquet"
-    store.write_parquet(path, store.read_parquet(path), metadata={schemas.EMBEDDING_MODEL: "ViT-B-32"})
+    store.write_parquet(path, store.read_parquet(path), metadata={names.CLIP_MODEL_FOOTER: "ViT-B-32"})
     with pytest.raises(ValueError, match=r"different models \(laion-assets-tiny/none: a; ViT-B-32/none: b\)"):
-        build_index(store)
-    assert not store.exists(INDEX)
+        write_search_index(store)
+    assert not store.exists(SEARCH_INDEX)
 
 
 def test_no_pairs_no_index(root):
     store = DatasetStore(root)
     with pytest.raises(ValueError, match=f"no materialised shards under {store.root}"):
-        build_index(store)
+        write_search_index(store)
     with pytest.raises(IndexMissing, match="materialise the search_index asset"):
         SearchIndex.load(store)
 
@@ -113,4 +115,4 @@ def test_asset_reports_the_index(local_root, web):
     metadata = result.asset_materializations_for_node("search_index")[0].metadata
     assert metadata["dagster/row_count"].value == 2 and metadata["shards"].value == 1
     assert metadata["model"].value == TINY_CLIP.model
-    assert metadata["path"].value == DatasetStore(local_root).url(INDEX)
+    assert metadata["path"].value == DatasetStore(local_root).url(SEARCH_INDEX)

@@ -27,18 +27,17 @@ from schemathesis.specs.openapi.checks import (
 
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.defs.search import search_index
-from laion_assets.demo import DEMO_CHECKPOINT, DEMO_MODEL
+from laion_assets.demo import DEMO_BORDER_COLOR, DEMO_CHECKPOINT, DEMO_MODEL
 from laion_assets.demo.run import write_sources
 from laion_assets.demo.web import WorldWeb
 from laion_assets.demo.world import make_world
 from laion_assets.pipeline import catalog
 from laion_assets.pipeline.clip import ClipEncoder, ClipSettings
 from laion_assets.pipeline.imaging import decode_image
-from laion_assets.pipeline.search import INDEX
 from laion_assets.pipeline.shard_tar import read_samples
-from laion_assets.pipeline.storage import DatasetStore
-from laion_assets.service import ServiceSettings, create_app
-from laion_assets.service.app import API_KEY_HEADER
+from laion_assets.pipeline.storage import SEARCH_INDEX, DatasetStore
+from laion_assets.service.app import API_KEY_HEADER, create_app
+from laion_assets.service.settings import ServiceSettings
 from laion_assets_tests.dagster_helpers import LOCAL_WEB, TINY_CLIP, materialize_shard
 from laion_assets_tests.web import IMAGES
 
@@ -368,7 +367,9 @@ def demo_root(tmp_path_factory) -> str:
     with WorldWeb(make_world(images=60, failures={})) as web:
         write_sources(DatasetStore(root), web.rows(), shards=2)
         for shard in ("synthetic-web-0", "synthetic-web-1"):
-            config = {"ops": {"downloaded_images": {"config": LOCAL_WEB}}}
+            # as the demo downloads: its model was trained on images padded black
+            download = {**LOCAL_WEB, "border_color": DEMO_BORDER_COLOR}
+            config = {"ops": {"downloaded_images": {"config": download}}}
             assert materialize_shard(instance, root, shard, config, clip=DEMO_CLIP).success
     resources = {"store": DatasetStoreResource(root=root)}
     assert dg.materialize([search_index], resources=resources, instance=instance).success
@@ -418,10 +419,10 @@ def test_search_waits_for_an_index_of_its_model(demo_root, demo_encoder, encoder
     with running(create_app(ServiceSettings(root=empty.root), demo_encoder)) as url:
         client = Client(url, key=None)
         got, answer = client.post("/search", {"text": "a red circle"})
-        assert got == 404 and f"no search index at {empty.url(INDEX)}" in answer["detail"]
+        assert got == 404 and f"no search index at {empty.url(SEARCH_INDEX)}" in answer["detail"]
         assert client.post("/clip/embed_text", {"text": "a red circle"})[0] == 200  # the rest works
-        with DatasetStore(demo_root).open(INDEX) as f:
-            empty.write_bytes(INDEX, f.read())  # built later: found without a restart
+        with DatasetStore(demo_root).open(SEARCH_INDEX) as f:
+            empty.write_bytes(SEARCH_INDEX, f.read())  # built later: found without a restart
         assert len(client.ok("/search", {"text": "a red circle"})["results"]) == 10
 
     with running(create_app(ServiceSettings(root=demo_root), encoder)) as url:

@@ -7,7 +7,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
-from laion_assets.pipeline.crawl import CrawlConfig, build_crawl_metadata
+from laion_assets.pipeline.crawl import CrawlSettings, build_crawl_metadata
 from laion_assets.pipeline.sources import ColumnNames, SourceError, find_source, parse_source_name
 from laion_assets.pipeline.storage import DatasetStore
 
@@ -68,9 +68,9 @@ def _encode(columns: dict, fmt: str) -> bytes:
     return out.getvalue()
 
 
-def _crawl(store: DatasetStore, name: str, data: bytes, config: CrawlConfig | None = None):
+def _crawl(store: DatasetStore, name: str, data: bytes, config: CrawlSettings | None = None):
     store.write_bytes(f"incoming/{name}", data)
-    return build_crawl_metadata(store, parse_source_name(name), config or CrawlConfig())
+    return build_crawl_metadata(store, parse_source_name(name), config or CrawlSettings())
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv", "tsv", "jsonl"])
@@ -138,7 +138,7 @@ def test_configured_columns_and_reserved_names_pass_through(local_root):
         },
         "parquet",
     )
-    config = CrawlConfig(columns=ColumnNames(url="link", license="lic"))
+    config = CrawlSettings(columns=ColumnNames(url="link", license="lic"))
     row = _crawl(DatasetStore(local_root), "c.parquet", data, config).table.to_pylist()[0]
     assert row["url"] == "http://a.com/x.jpg"
     assert row["caption"] == "a thing"  # found by its common name
@@ -161,7 +161,7 @@ def test_configured_column_missing(local_root):
             DatasetStore(local_root),
             "x.csv",
             _encode(IMG2DATASET, "csv"),
-            CrawlConfig(columns=ColumnNames(caption="words")),
+            CrawlSettings(columns=ColumnNames(caption="words")),
         )
 
 

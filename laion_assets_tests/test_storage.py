@@ -2,7 +2,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from laion_assets.pipeline.storage import DatasetStore
+from laion_assets.pipeline.storage import PAIRS, DatasetStore
 
 
 def test_write_read_list_remove(store: DatasetStore):
@@ -61,7 +61,7 @@ def test_urls_and_paths(local_root, s3_root):
     s3 = DatasetStore(s3_root + "/")
     assert s3.root == s3_root
     assert s3.url("pairs/a.parquet") == f"{s3_root}/pairs/a.parquet"
-    assert s3.shard_file("pairs", "a", "tar") == "pairs/a.tar"
+    assert PAIRS.tar("a") == "pairs/a.tar" and PAIRS.parquet("a") == "pairs/a.parquet"
     local = DatasetStore(local_root)
     assert local.url("card/README.md") == f"{local_root}/card/README.md"
 

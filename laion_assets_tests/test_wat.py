@@ -1,6 +1,6 @@
 import pytest
 
-from laion_assets.pipeline.crawl import CrawlConfig, build_crawl_metadata
+from laion_assets.pipeline.crawl import CrawlSettings, build_crawl_metadata
 from laion_assets.pipeline.sources import SourceError, parse_source_name
 from laion_assets.pipeline.storage import DatasetStore
 from laion_assets_tests.wat_files import Page, img, license_link, wat_bytes
@@ -46,7 +46,7 @@ PAGES = [
 
 def _crawl(store: DatasetStore, data: bytes, name: str = WAT_NAME):
     store.write_bytes(f"incoming/{name}", data)
-    return build_crawl_metadata(store, parse_source_name(name), CrawlConfig())
+    return build_crawl_metadata(store, parse_source_name(name), CrawlSettings())
 
 
 def test_wat_extracts_images_exactly(store):
@@ -139,5 +139,5 @@ def test_not_a_wat_file(local_root):
 def test_min_alt_length_is_configurable(local_root):
     store = DatasetStore(local_root)
     store.write_bytes(f"incoming/{WAT_NAME}", wat_bytes(PAGES))
-    result = build_crawl_metadata(store, parse_source_name(WAT_NAME), CrawlConfig(min_alt_length=3))
+    result = build_crawl_metadata(store, parse_source_name(WAT_NAME), CrawlSettings(min_alt_length=3))
     assert "cat" in result.table.column("caption").to_pylist()

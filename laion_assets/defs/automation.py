@@ -5,18 +5,23 @@ import json
 
 import dagster as dg
 
+from laion_assets import names
 from laion_assets.defs.jobs import PER_SHARD_ASSETS, shard_job
-from laion_assets.defs.metadata import shard_output
+from laion_assets.defs.metadata import layer_of
 from laion_assets.defs.partitions import shards
 from laion_assets.defs.resources import DatasetStoreResource
-from laion_assets.pipeline import schemas
-from laion_assets.pipeline.sources import parse_source_name
-from laion_assets.pipeline.storage import INCOMING, DatasetStore, StoredFile
+from laion_assets.pipeline.lineage import incoming_by_shard, stale_layers
+from laion_assets.pipeline.storage import DatasetStore, StoredFile
 
-SOURCE_FILE_TAG = "laion_assets/source_file"
+PER_SHARD_LAYERS = [layer_of(asset) for asset in PER_SHARD_ASSETS]
 
 
-@dg.sensor(job=shard_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
+@dg.sensor(
+    name=names.INCOMING_FILES_SENSOR,
+    job=shard_job,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+)
 def incoming_files_sensor(
     context: dg.SensorEvaluationContext, store: DatasetStoreResource
 ) -> dg.SensorResult:
@@ -24,43 +29,42 @@ def incoming_files_sensor(
 
     The cursor maps each file name to its content fingerprint (S3 ETag, or size and mtime), so a
     file counts once; a file replaced with new content gets its shard run again. A file the sensor
-    has not seen whose shard the store already holds, read from that same content (by `laion-assets
-    run` or the demo), gets its partition but no run.
+    has not seen whose shard is done in the store, made from that same content (by `laion-assets run`
+    or the demo), gets its partition but no run.
     """
     seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
     dataset = store.get_store()
-    files = dataset.list(INCOMING)
+    sources = incoming_by_shard(dataset)
     known = set(context.instance.get_dynamic_partitions(shards.name))
     new_shards: list[str] = []
     run_requests = []
-    for file in files:
+    for shard, file in sources.items():
         if seen.get(file.name) == file.fingerprint:
             continue
-        shard = parse_source_name(file.name).shard
-        if shard not in known and shard not in new_shards:
+        if shard not in known:
             new_shards.append(shard)
-        if file.name not in seen and _already_stored(dataset, shard, file):
+        if file.name not in seen and is_done(dataset, shard, file):
             continue
         run_requests.append(
             dg.RunRequest(
                 run_key=f"{file.name}:{file.fingerprint}",
                 partition_key=shard,
                 tags={
-                    SOURCE_FILE_TAG: file.name,
-                    "laion_assets/trigger": "changed" if file.name in seen else "new",
+                    names.SOURCE_FILE_TAG: file.name,
+                    names.TRIGGER_TAG: "changed" if file.name in seen else "new",
                 },
             )
         )
     return dg.SensorResult(
         run_requests=run_requests,
         dynamic_partitions_requests=[shards.build_add_request(new_shards)] if new_shards else [],
-        cursor=json.dumps({f.name: f.fingerprint for f in files}, sort_keys=True),
-        skip_reason=None if run_requests else f"no new or changed files among {len(files)} in incoming/",
+        cursor=json.dumps({f.name: f.fingerprint for f in sources.values()}, sort_keys=True),
+        skip_reason=None if run_requests else f"no new or changed files among {len(sources)} in incoming/",
     )
 
 
 automation_sensor = dg.AutomationConditionSensorDefinition(
-    "follow_upstream_sensor",
+    names.FOLLOW_UPSTREAM_SENSOR,
     target=dg.AssetSelection.all(),
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=30,
@@ -69,28 +73,17 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
 )
 
 
-def _already_stored(dataset: DatasetStore, shard: str, file: StoredFile) -> bool:
-    """Whether `crawl_metadata/<shard>.parquet` was read from this very file content."""
-    path = dataset.shard_file("crawl_metadata", shard, "parquet")
-    if not dataset.exists(path):
-        return False
-    source = json.loads(dataset.parquet_metadata(path).get(schemas.SOURCE, "{}"))
-    return source == {"file": file.name, "fingerprint": file.fingerprint}
-
-
-def _stored_whole(dataset: DatasetStore, shard: str, file: StoredFile) -> bool:
-    """Every per-shard output of `shard` is in the store, made from this very source content."""
-    return _already_stored(dataset, shard, file) and all(
-        dataset.exists(shard_output(asset, shard)) for asset in PER_SHARD_ASSETS
-    )
+def is_done(dataset: DatasetStore, shard: str, source: StoredFile) -> bool:
+    """Every per-shard layer of `shard` is in the store, made from this very source content."""
+    return not stale_layers(dataset, shard, source, PER_SHARD_LAYERS)
 
 
 def shards_to_catch_up(
     instance: dg.DagsterInstance, dataset: DatasetStore, sources: dict[str, StoredFile]
 ) -> list[str]:
     """Shards (of `sources`, shard -> its file) where the last attempt at some per-shard asset failed, or
-    where some per-shard asset was never materialised in this instance and the store does not hold the
-    shard's outputs either (it does after `laion-assets run` on another instance)."""
+    where some per-shard asset was never materialised in this instance and the shard is not done in the
+    store either (it is after `laion-assets run` on another instance)."""
     keys = list(sources)
     failed: set[str] = set()
     never: set[str] = set()
@@ -99,26 +92,28 @@ def shards_to_catch_up(
         failed.update(key for key in keys if statuses.get(key) == dg.AssetPartitionStatus.FAILED)
         never.update(key for key in keys if statuses.get(key) is None)
     return [
-        key
-        for key in keys
-        if key in failed or (key in never and not _stored_whole(dataset, key, sources[key]))
+        key for key in keys if key in failed or (key in never and not is_done(dataset, key, sources[key]))
     ]
 
 
-@dg.schedule(job=shard_job, cron_schedule="0 3 * * *", default_status=dg.DefaultScheduleStatus.RUNNING)
+@dg.schedule(
+    name=names.CATCH_UP_SCHEDULE,
+    job=shard_job,
+    cron_schedule="0 3 * * *",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+)
 def catch_up_schedule(context: dg.ScheduleEvaluationContext, store: DatasetStoreResource):
     """Nightly: reruns each shard still in `incoming/` whose assets are missing or whose last run failed."""
     dataset = store.get_store()
-    files = {parse_source_name(f.name).shard: f for f in dataset.list(INCOMING)}
     registered = set(context.instance.get_dynamic_partitions(shards.name))
-    sources = {shard: file for shard, file in files.items() if shard in registered}
+    sources = {shard: file for shard, file in incoming_by_shard(dataset).items() if shard in registered}
     stale = shards_to_catch_up(context.instance, dataset, sources)
     if not stale:
         return dg.SkipReason(f"all {len(sources)} shards are materialised")
     day = context.scheduled_execution_time.strftime("%Y-%m-%d")
     return [
         dg.RunRequest(
-            run_key=f"catch-up:{day}:{shard}", partition_key=shard, tags={"laion_assets/trigger": "catch-up"}
+            run_key=f"catch-up:{day}:{shard}", partition_key=shard, tags={names.TRIGGER_TAG: "catch-up"}
         )
         for shard in stale
     ]

@@ -1,19 +1,34 @@
-"""The `dataset_card` asset: {root}/card/README.md, the Hugging Face dataset card of every stored shard."""
+"""The `dataset_card` asset: the Hugging Face dataset card of every stored shard."""
 
 import dagster as dg
 
-from laion_assets.defs.config import config_class, settings_from
+from laion_assets import names
+from laion_assets.defs.config import settings_from
 from laion_assets.defs.jobs import PER_SHARD_ASSETS
 from laion_assets.defs.partitions import FOLLOWS_ANY_SHARD
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline.card import CardSettings, write_card
 
-# pretty_name, license, description, authors, grid_samples, top_n
-DatasetCardConfig = config_class(CardSettings, "DatasetCardConfig")
+S = CardSettings  # every default below is the pipeline's own
+
+
+class DatasetCardConfig(dg.Config):
+    """What the card says about the dataset, and how much of it it lists."""
+
+    pretty_name: str = S.pretty_name
+    license: str = S.license  # of the metadata; the images keep their own rights. "other" unless you know
+    description: str = S.description
+    authors: str = S.authors  # the BibTeX author field; blank leaves it out
+    grid_samples: int = S.grid_samples
+    top_n: int = S.top_n  # rows in the error, host and licence lists
 
 
 @dg.asset(
-    deps=PER_SHARD_ASSETS, group_name="dataset", kinds={"markdown"}, automation_condition=FOLLOWS_ANY_SHARD
+    name=names.DATASET_CARD_ASSET,
+    deps=PER_SHARD_ASSETS,
+    group_name="dataset",
+    kinds={"markdown"},
+    automation_condition=FOLLOWS_ANY_SHARD,
 )
 def dataset_card(config: DatasetCardConfig, store: DatasetStoreResource) -> dg.MaterializeResult:
     """README.md with YAML header, features, funnel, download outcomes, figures, samples and provenance."""

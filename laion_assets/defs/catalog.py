@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from laion_assets import names
 from laion_assets.defs.jobs import PER_SHARD_ASSETS
 from laion_assets.defs.partitions import FOLLOWS_ANY_SHARD
 from laion_assets.defs.resources import DatasetStoreResource
@@ -15,10 +16,14 @@ class CatalogConfig(dg.Config):
 
 
 @dg.asset(
-    deps=PER_SHARD_ASSETS, group_name="dataset", kinds={"duckdb"}, automation_condition=FOLLOWS_ANY_SHARD
+    name=names.CATALOG_ASSET,
+    deps=PER_SHARD_ASSETS,
+    group_name="dataset",
+    kinds={"duckdb"},
+    automation_condition=FOLLOWS_ANY_SHARD,
 )
 def catalog(config: CatalogConfig, store: DatasetStoreResource) -> dg.MaterializeResult:
-    """Views crawl_metadata, images, embeddings and pairs over every materialised shard's parquet."""
+    """A view per layer (crawl_metadata, images, embeddings, pairs, ...) over every materialised shard."""
     dataset = store.get_store()
     database = config.database or duckdb_catalog.default_catalog_path(dataset)
     views = duckdb_catalog.write_catalog(dataset, database)

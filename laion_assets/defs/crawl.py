@@ -1,16 +1,14 @@
 """The `crawl_metadata` asset: a source file from `incoming/` becomes a keyed parquet table."""
 
-import json
-
 import dagster as dg
 
-from laion_assets.defs.metadata import LAYER, preview
+from laion_assets import names
+from laion_assets.defs.metadata import preview, writes_layer
 from laion_assets.defs.partitions import SHARD_BACKFILL, shards
 from laion_assets.defs.resources import DatasetStoreResource
-from laion_assets.pipeline import schemas
-from laion_assets.pipeline.crawl import CrawlConfig, build_crawl_metadata
-from laion_assets.pipeline.sources import ColumnNames, find_source
-from laion_assets.pipeline.storage import INCOMING
+from laion_assets.pipeline.crawl import CrawlSettings, write_crawl_metadata
+from laion_assets.pipeline.sources import ColumnNames
+from laion_assets.pipeline.storage import CRAWL_METADATA
 
 
 class CrawlMetadataConfig(dg.Config):
@@ -19,42 +17,35 @@ class CrawlMetadataConfig(dg.Config):
     url_column: str | None = None
     caption_column: str | None = None
     license_column: str | None = None
-    min_alt_length: int = 5
+    min_alt_length: int = CrawlSettings.min_alt_length
+
+    def settings(self) -> CrawlSettings:
+        columns = ColumnNames(url=self.url_column, caption=self.caption_column, license=self.license_column)
+        return CrawlSettings(columns=columns, min_alt_length=self.min_alt_length)
 
 
 @dg.asset(
+    name=names.CRAWL_METADATA_ASSET,
     partitions_def=shards,
     backfill_policy=SHARD_BACKFILL,
     group_name="crawl",
     kinds={"parquet"},
-    metadata={LAYER: "crawl_metadata"},
+    metadata=writes_layer(CRAWL_METADATA),
 )
 def crawl_metadata(
     context: dg.AssetExecutionContext, config: CrawlMetadataConfig, store: DatasetStoreResource
 ) -> dg.MaterializeResult:
     """Image URLs and captions from one source file (URL list or WAT), cleaned, deduplicated and keyed."""
     dataset = store.get_store()
-    files = {f.name: f for f in dataset.list(INCOMING)}
-    source = find_source(list(files), context.partition_key)
-    columns = ColumnNames(url=config.url_column, caption=config.caption_column, license=config.license_column)
-    result = build_crawl_metadata(
-        dataset, source, CrawlConfig(columns=columns, min_alt_length=config.min_alt_length)
-    )
-    path = dataset.shard_file("crawl_metadata", source.shard, "parquet")
-    fingerprint = files[source.name].fingerprint
-    dataset.write_parquet(
-        path,
-        result.table,
-        metadata={schemas.SOURCE: json.dumps({"file": source.name, "fingerprint": fingerprint})},
-    )
+    result = write_crawl_metadata(dataset, context.partition_key, config.settings())
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": result.table.num_rows,
             "rows_read": result.rows_read,
             **{f"dropped/{reason}": n for reason, n in result.dropped.items()},
-            "source_file": source.name,
-            "format": source.format,
-            "path": dg.MetadataValue.path(dataset.url(path)),
+            "source_file": result.source.name,
+            "format": result.source.format,
+            "path": dg.MetadataValue.path(dataset.url(result.path)),
             "preview": preview(result.table, ["key", "url", "caption", "license"]),
         }
     )

@@ -1,47 +1,74 @@
 """The `downloaded_images` asset: a shard's URLs become a webdataset tar and a status parquet."""
 
-import contextlib
+from typing import Any
 
 import dagster as dg
+import pydantic
 
-from laion_assets.defs.config import config_class, settings_from
+from laion_assets import names
+from laion_assets.defs.checks import shard_check
+from laion_assets.defs.config import settings_from
 from laion_assets.defs.crawl import crawl_metadata
-from laion_assets.defs.metadata import LAYER, counts_table, preview
+from laion_assets.defs.metadata import counts_table, preview, writes_layer
 from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, shards
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.download import DownloadSettings, download_shard
+from laion_assets.pipeline.download import DownloadSettings, write_images
+from laion_assets.pipeline.imaging import RESIZE_MODES
+from laion_assets.pipeline.storage import CRAWL_METADATA, IMAGES, DatasetStore
 
-DownloadImagesConfig = config_class(DownloadSettings, "DownloadImagesConfig")
+D = DownloadSettings  # every default below is the pipeline's own
+
+
+class DownloadImagesConfig(dg.Config):
+    """How images are resized and encoded, and how they are fetched (img2dataset's names where it has one)."""
+
+    image_size: int = D.image_size
+    # Any, not str: YAML 1.1 reads a bare `no` as false, and false means the mode "no"
+    resize_mode: Any = pydantic.Field(default=D.resize_mode, description=f"one of {', '.join(RESIZE_MODES)}")
+    border_color: str = pydantic.Field(default=D.border_color, description="the padding of `border`")
+    resize_only_if_bigger: bool = D.resize_only_if_bigger
+    encode_format: str = D.encode_format  # jpg, webp or png
+    encode_quality: int = D.encode_quality
+    min_image_size: int = D.min_image_size  # shorter side, pixels; smaller images are filtered_size
+    max_aspect_ratio: float = D.max_aspect_ratio  # 0: no limit
+    max_pixels: int = D.max_pixels  # larger images are decompression bombs (failed_to_decode)
+    connect_timeout: float = D.connect_timeout
+    read_timeout: float = D.read_timeout
+    request_timeout: float = D.request_timeout  # the whole request, redirects and body included
+    max_bytes: int = D.max_bytes
+    max_redirects: int = D.max_redirects
+    retries: int = D.retries  # extra attempts after timeouts, resets, 429 and 5xx
+    retry_backoff: float = D.retry_backoff
+    max_retry_after: float = D.max_retry_after
+    per_host_connections: int = D.per_host_connections
+    user_agent_token: str = D.user_agent_token
+    respect_robots_txt: bool = D.respect_robots_txt
+    # X-Robots-Tag values that opt out
+    opt_out_directives: list[str] = pydantic.Field(default_factory=lambda: list(D.opt_out_directives))
+    allow_private_networks: bool = D.allow_private_networks
+    threads: int = D.threads
+    shard_timeout: float = D.shard_timeout
+    retry_failed: bool = D.retry_failed  # fetch again only the rows that failed to download last time
 
 
 @dg.asset(
+    name=names.DOWNLOADED_IMAGES_ASSET,
     partitions_def=shards,
     backfill_policy=SHARD_BACKFILL,
     automation_condition=FOLLOWS_ITS_SHARD,
     deps=[crawl_metadata],
     group_name="images",
     kinds={"webdataset", "parquet"},
-    metadata={LAYER: "images"},
+    metadata=writes_layer(IMAGES),
 )
 def downloaded_images(
     context: dg.AssetExecutionContext, config: DownloadImagesConfig, store: DatasetStoreResource
 ) -> dg.MaterializeResult:
     """Each crawl row fetched, resized into `images/<shard>.tar`, its outcome in `images/<shard>.parquet`."""
-    settings: DownloadSettings = settings_from(config, DownloadSettings)
     dataset = store.get_store()
     shard = context.partition_key
-    crawl = dataset.read_parquet(dataset.shard_file("crawl_metadata", shard, "parquet"))
-    tar_path = dataset.shard_file("images", shard, "tar")
-    parquet_path = dataset.shard_file("images", shard, "parquet")
-    with contextlib.ExitStack() as stack:
-        previous = None
-        if settings.retry_failed and dataset.exists(parquet_path) and dataset.exists(tar_path):
-            previous = (dataset.read_parquet(parquet_path), stack.enter_context(dataset.open(tar_path)))
-        tar_out = stack.enter_context(dataset.atomic_write(tar_path))
-        result = download_shard(crawl, settings, tar_out, previous, progress=context.log.info)
-    dataset.write_parquet(parquet_path, result.table)
-
+    result = write_images(dataset, shard, settings_from(config, DownloadSettings), progress=context.log.info)
     counts = result.status_counts()
     rows = result.table.num_rows
     return dg.MaterializeResult(
@@ -55,7 +82,29 @@ def downloaded_images(
             "reused_from_previous": result.reused,
             "seconds": round(result.seconds, 2),
             "images_per_second": round(result.fetched / result.seconds, 1) if result.seconds else 0.0,
-            "path": dg.MetadataValue.path(dataset.url(tar_path)),
+            "path": dg.MetadataValue.path(dataset.url(IMAGES.tar(shard))),
             "preview": preview(result.table, ["key", "status", "error_message", "width", "height"]),
         }
     )
+
+
+def one_row_per_crawl_row(dataset: DatasetStore, shard: str) -> dg.AssetCheckResult:
+    """`images/<shard>.parquet` has exactly as many rows as `crawl_metadata/<shard>.parquet`."""
+    crawl_rows = dataset.parquet_num_rows(CRAWL_METADATA.parquet(shard))
+    image_rows = dataset.parquet_num_rows(IMAGES.parquet(shard))
+    difference = crawl_rows - image_rows
+    return dg.AssetCheckResult(
+        passed=difference == 0,
+        metadata={"shard": shard, "crawl_metadata_rows": crawl_rows, "images_rows": image_rows},
+        description=None
+        if difference == 0
+        else (
+            f"shard {shard}: images has {image_rows} rows, crawl_metadata {crawl_rows} "
+            f"({abs(difference)} {'missing' if difference > 0 else 'extra'})"
+        ),
+    )
+
+
+one_row_per_crawl_row_check = shard_check(
+    downloaded_images, names.ONE_ROW_PER_CRAWL_ROW_CHECK, one_row_per_crawl_row
+)

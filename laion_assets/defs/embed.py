@@ -2,12 +2,15 @@
 
 import dagster as dg
 
+from laion_assets import names
+from laion_assets.defs.checks import shard_check
 from laion_assets.defs.download import downloaded_images
-from laion_assets.defs.metadata import LAYER, preview, similarity_quantiles
+from laion_assets.defs.metadata import preview, similarity_quantiles, writes_layer
 from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, shards
 from laion_assets.defs.resources import ClipEncoderResource, DatasetStoreResource
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.embed import embed_shard
+from laion_assets.pipeline.embed import write_embeddings
+from laion_assets.pipeline.storage import EMBEDDINGS, IMAGES, DatasetStore
 
 
 class ClipEmbeddingsConfig(dg.Config):
@@ -17,14 +20,15 @@ class ClipEmbeddingsConfig(dg.Config):
 
 
 @dg.asset(
+    name=names.CLIP_EMBEDDINGS_ASSET,
     partitions_def=shards,
     backfill_policy=SHARD_BACKFILL,
     automation_condition=FOLLOWS_ITS_SHARD,
     deps=[downloaded_images],
     group_name="embeddings",
     kinds={"pytorch", "parquet"},
-    metadata={LAYER: "embeddings"},
-    pool="gpu",
+    metadata=writes_layer(EMBEDDINGS),
+    pool=names.GPU_POOL,
 )
 def clip_embeddings(
     context: dg.AssetExecutionContext,
@@ -36,15 +40,7 @@ def clip_embeddings(
     dataset = store.get_store()
     shard = context.partition_key
     encoder = clip.get_encoder()
-    images = dataset.read_parquet(dataset.shard_file("images", shard, "parquet"))
-    with dataset.open(dataset.shard_file("images", shard, "tar")) as tar:
-        result = embed_shard(images, tar, encoder, clip.batch_size, config.preprocess_workers)
-    path = dataset.shard_file("embeddings", shard, "parquet")
-    dataset.write_parquet(
-        path,
-        result.table,
-        metadata={schemas.EMBEDDING_MODEL: clip.model, schemas.EMBEDDING_PRETRAINED: clip.pretrained},
-    )
+    result = write_embeddings(dataset, shard, encoder, clip.batch_size, config.preprocess_workers)
     if result.undecodable:
         context.log.warning(
             f"{len(result.undecodable)} stored images could not be read: {result.undecodable[:10]}"
@@ -54,14 +50,41 @@ def clip_embeddings(
         metadata={
             "dagster/row_count": rows,
             "undecodable_images": len(result.undecodable),
-            "model": clip.model,
-            "pretrained": clip.pretrained,
+            "model": encoder.identity.model,
+            "pretrained": encoder.identity.pretrained,
+            "weights": encoder.identity.weights,
             "device": str(encoder.device),
             "dim": encoder.dim,
             "similarity_p10_p50_p90": similarity_quantiles(result.table),
             "seconds": round(result.seconds, 2),
             "images_per_second": round(rows / result.seconds, 1) if result.seconds else 0.0,
-            "path": dg.MetadataValue.path(dataset.url(path)),
+            "path": dg.MetadataValue.path(dataset.url(EMBEDDINGS.parquet(shard))),
             "preview": preview(result.table, ["key", "similarity"]),
         }
     )
+
+
+def keys_are_success_images(dataset: DatasetStore, shard: str) -> dg.AssetCheckResult:
+    """Every `embeddings` key is a `success` row of `images`, once."""
+    images = dataset.read_parquet(IMAGES.parquet(shard), columns=["key", "status"])
+    keys = dataset.read_parquet(EMBEDDINGS.parquet(shard), columns=["key"]).column("key").to_pylist()
+    successes = {
+        k
+        for k, s in zip(images.column("key").to_pylist(), images.column("status").to_pylist(), strict=True)
+        if s == schemas.SUCCESS
+    }
+    not_success = sum(key not in successes for key in keys)
+    repeated = len(keys) - len(set(keys))
+    passed = not_success == 0 and repeated == 0
+    return dg.AssetCheckResult(
+        passed=passed,
+        metadata={"shard": shard, "not_a_success": not_success, "repeated_keys": repeated},
+        description=None
+        if passed
+        else f"shard {shard}: {not_success} keys not a success image, {repeated} repeated",
+    )
+
+
+keys_are_success_images_check = shard_check(
+    clip_embeddings, names.KEYS_ARE_SUCCESS_IMAGES_CHECK, keys_are_success_images
+)

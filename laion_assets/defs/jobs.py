@@ -1,16 +1,18 @@
-"""The per-shard assets, in order, and the job that materialises them for one shard."""
+"""The per-shard assets, in order, their checks, and the job that materialises them for one shard."""
 
 import dagster as dg
 
+from laion_assets import names
 from laion_assets.defs.crawl import crawl_metadata
-from laion_assets.defs.download import downloaded_images
-from laion_assets.defs.embed import clip_embeddings
-from laion_assets.defs.pairs import filtered_pairs
+from laion_assets.defs.download import downloaded_images, one_row_per_crawl_row_check
+from laion_assets.defs.embed import clip_embeddings, keys_are_success_images_check
+from laion_assets.defs.pairs import filtered_pairs, follows_the_contract_check
 
 PER_SHARD_ASSETS = [crawl_metadata, downloaded_images, clip_embeddings, filtered_pairs]
+PER_SHARD_CHECKS = [one_row_per_crawl_row_check, keys_are_success_images_check, follows_the_contract_check]
 
 shard_job = dg.define_asset_job(
-    "shard_pipeline",
+    names.SHARD_JOB,
     selection=dg.AssetSelection.assets(*PER_SHARD_ASSETS),
-    description="Every per-shard asset for one shard, in dependency order.",
+    description="Every per-shard asset for one shard, in dependency order, with its checks.",
 )

@@ -4,34 +4,32 @@ import dagster as dg
 import numpy as np
 import pyarrow as pa
 
-from laion_assets.pipeline.storage import DatasetStore
+from laion_assets import names
+from laion_assets.pipeline import markdown
+from laion_assets.pipeline.storage import SHARD_LAYERS, Layer
 
-# Asset definition metadata: the storage layer (folder under the root) holding `<shard>.parquet`.
-LAYER = "laion_assets/layer"
+_LAYERS = {layer.name: layer for layer in SHARD_LAYERS}
 
 
-def shard_output(asset: dg.AssetsDefinition, shard: str) -> str:
-    """The parquet file a per-shard asset writes for `shard`, under the root: what tells it is done."""
-    return DatasetStore.shard_file(asset.metadata_by_key[asset.key][LAYER], shard, "parquet")
+def writes_layer(layer: Layer) -> dict[str, str]:
+    """Definition metadata of a per-shard asset: the store layer it writes, shown in the UI."""
+    return {names.LAYER_METADATA: layer.name}
+
+
+def layer_of(asset: dg.AssetsDefinition) -> Layer:
+    """The store layer a per-shard asset writes (from its `writes_layer` metadata)."""
+    return _LAYERS[asset.metadata_by_key[asset.key][names.LAYER_METADATA]]
 
 
 def preview(table: pa.Table, columns: list[str], rows: int = 5, width: int = 80) -> dg.MetadataValue:
     """The first rows as a markdown table, long cells cut."""
-
-    def cell(value: object) -> str:
-        text = "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
-        return text if len(text) <= width else text[: width - 1] + "…"
-
     head = table.select(columns).slice(0, rows).to_pylist()
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in head]
-    return dg.MetadataValue.md("\n".join(lines))
+    return dg.MetadataValue.md(markdown.table(columns, ([row[c] for c in columns] for row in head), width))
 
 
 def counts_table(counts: list[tuple[str, int]], label: str) -> dg.MetadataValue:
     """`(name, count)` pairs as a two-column markdown table."""
-    lines = [f"| {label} | rows |", "|---|---|"] + [f"| {name} | {n} |" for name, n in counts]
-    return dg.MetadataValue.md("\n".join(lines) if counts else "none")
+    return dg.MetadataValue.md(markdown.table([label, "rows"], counts))
 
 
 def similarity_quantiles(table: pa.Table) -> str:

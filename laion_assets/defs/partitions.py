@@ -4,8 +4,10 @@ import warnings
 
 import dagster as dg
 
+from laion_assets import names
+
 # One partition per source file in `{root}/incoming/`.
-shards = dg.DynamicPartitionsDefinition(name="shards")
+shards = dg.DynamicPartitionsDefinition(name=names.SHARDS_PARTITIONS)
 
 # A backfill launches one run per shard: each shard's materialisation keeps its own metadata, a bad
 # shard fails alone (the catch-up schedule retries it), and the `gpu` pool serialises the embedding

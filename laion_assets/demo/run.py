@@ -7,18 +7,19 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from laion_assets.demo import DEMO_BORDER_COLOR
 from laion_assets.demo.score import score_filter
 from laion_assets.demo.web import WorldWeb
 from laion_assets.demo.world import make_world
 from laion_assets.pipeline import catalog
-from laion_assets.pipeline.card import README
 from laion_assets.pipeline.clip import ClipSettings
-from laion_assets.pipeline.storage import INCOMING, DatasetStore
+from laion_assets.pipeline.storage import CARD, CARD_FIGURES, INCOMING, PAIRS, DatasetStore
 from laion_assets.runner import ALL_ASSETS, run_pipeline
 
 SOURCE_PREFIX = "synthetic-web"
 # Downloads from 127.0.0.1: the private-network guard off, failures quick.
 DOWNLOAD_CONFIG = {
+    "border_color": DEMO_BORDER_COLOR,
     "allow_private_networks": True,
     "connect_timeout": 2,
     "read_timeout": 5,
@@ -76,8 +77,8 @@ def run_demo(
     kept = {key for (key,) in connection.sql(f"SELECT key FROM pairs WHERE {demo_rows}").fetchall()}
     score = score_filter(world, downloaded.fetchall(), kept)
     echo(f"CLIP filter against the known mismatches: {score.line()}")
-    echo(f"dataset card: {store.url(README)} (figures in {store.url('card/figures')})")
-    echo(f"pairs: {store.url('pairs')}/<shard>.parquet and .tar")
+    echo(f"dataset card: {store.url(CARD)} (figures in {store.url(CARD_FIGURES)})")
+    echo(f"pairs: {store.url(PAIRS.name)}/<shard>.parquet and .tar")
     echo(f"DuckDB catalog: {catalog.default_catalog_path(store)}")
     echo(f'$ laion-assets sql "{QUERY}"\n{connection.sql(QUERY)}')
     echo(

@@ -1,7 +1,7 @@
 """Trains the demo's tiny CLIP on the synthetic world and checks the LAION filter with it.
 
 The model sees what the pipeline will feed it: the served JPEG or PNG, resized by the downloader
-(`process_image` with default settings), decoded and put through open_clip's own preprocessing;
+(`process_image` with the demo's border colour), decoded and put through open_clip's own preprocessing;
 captions come in every template. Besides the standard CLIP loss, a margin term puts true captions
 above the filter's threshold and captions of a different shape and colour below it, so that the
 unchanged LAION threshold (0.3) separates matched from mismatched pairs. A third term makes
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from laion_assets.demo import DEMO_CHECKPOINT, DEMO_MODEL
+from laion_assets.demo import DEMO_BORDER_COLOR, DEMO_CHECKPOINT, DEMO_MODEL
 from laion_assets.demo.score import FilterScore
 from laion_assets.demo.world import (
     COLOURS,
@@ -57,7 +57,8 @@ NEAREST_CATEGORIES = ("a drawing or illustration", "a logo")
 
 def pipeline_view(item: Item) -> Image.Image:
     """The item's image as the embedding stage reads it from the downloaded shard."""
-    return Image.open(io.BytesIO(process_image(image_bytes(item), ImageSettings()).data))
+    settings = ImageSettings(border_color=DEMO_BORDER_COLOR)
+    return Image.open(io.BytesIO(process_image(image_bytes(item), settings).data))
 
 
 @dataclass(frozen=True)

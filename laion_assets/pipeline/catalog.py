@@ -1,4 +1,6 @@
-"""DuckDB views over the stored parquet: `crawl_metadata`, `images`, `embeddings`, `pairs`.
+"""DuckDB views over the stored parquet, one per per-shard layer (`crawl_metadata`, `images`,
+`embeddings`, `pairs`, `pairs_embeddings`), and the downloader's `url_host(url)` and
+`error_class(error_message)` as SQL functions.
 
 On S3, DuckDB reads the files itself through its httpfs extension, loaded from the pip-installed
 `duckdb-extension-httpfs` wheel (DuckDB cannot download extensions offline), with an S3 secret
@@ -13,9 +15,8 @@ from urllib.parse import urlsplit
 
 import duckdb
 
-from laion_assets.pipeline.storage import DatasetStore
-
-LAYERS = ("crawl_metadata", "images", "embeddings", "pairs")
+from laion_assets.pipeline import schemas
+from laion_assets.pipeline.storage import CATALOG, SHARD_LAYERS, DatasetStore, S3Settings
 
 
 def httpfs_extension_path() -> Path:
@@ -36,20 +37,17 @@ def httpfs_extension_path() -> Path:
     return path
 
 
-def _s3_secret_sql() -> str:
-    env = os.environ
+def _s3_secret_sql(s3: S3Settings) -> str:
     options = {"TYPE": "s3", "PROVIDER": "config"}
-    if env.get("AWS_ACCESS_KEY_ID"):
-        options["KEY_ID"] = env["AWS_ACCESS_KEY_ID"]
-        options["SECRET"] = env.get("AWS_SECRET_ACCESS_KEY", "")
-    if env.get("AWS_SESSION_TOKEN"):
-        options["SESSION_TOKEN"] = env["AWS_SESSION_TOKEN"]
-    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
-    if region:
-        options["REGION"] = region
-    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
-    if endpoint:  # MinIO, moto, R2: host:port, path-style URLs, TLS as the URL says
-        parts = urlsplit(endpoint)
+    if s3.key_id:
+        options["KEY_ID"] = s3.key_id
+        options["SECRET"] = s3.secret or ""
+    if s3.session_token:
+        options["SESSION_TOKEN"] = s3.session_token
+    if s3.region:
+        options["REGION"] = s3.region
+    if s3.endpoint:  # MinIO, moto, R2: host:port, path-style URLs, TLS as the URL says
+        parts = urlsplit(s3.endpoint)
         options["ENDPOINT"] = parts.netloc
         options["URL_STYLE"] = "path"
         options["USE_SSL"] = "true" if parts.scheme == "https" else "false"
@@ -70,6 +68,8 @@ def connect(store: DatasetStore, database: str = ":memory:") -> duckdb.DuckDBPyC
     connection = duckdb.connect(database)
     if store.is_s3:
         enable_s3(connection)
+    connection.create_function("url_host", schemas.url_host, ["VARCHAR"], "VARCHAR")
+    connection.create_function("error_class", schemas.error_class, ["VARCHAR"], "VARCHAR")
     create_views(connection, store)
     return connection
 
@@ -80,12 +80,12 @@ def enable_s3(connection: duckdb.DuckDBPyConnection) -> None:
     A secret lives in the session, not in a database file, so every connection to a catalog of an S3
     root calls this (the duckdb CLI: LOAD httpfs; CREATE SECRET (TYPE s3, PROVIDER credential_chain))."""
     connection.execute(f"LOAD '{quote_literal(str(httpfs_extension_path()))}'")
-    connection.execute(_s3_secret_sql())
+    connection.execute(_s3_secret_sql(S3Settings.from_env()))
 
 
 def default_catalog_path(store: DatasetStore) -> str:
     """Beside a local root; in the working folder for an S3 root (DuckDB cannot write its file to S3)."""
-    return "catalog.duckdb" if store.is_s3 else store.path("catalog.duckdb")
+    return CATALOG if store.is_s3 else store.path(CATALOG)
 
 
 def write_catalog(store: DatasetStore, database: str) -> list[str]:
@@ -111,13 +111,14 @@ def write_catalog(store: DatasetStore, database: str) -> list[str]:
 def create_views(connection: duckdb.DuckDBPyConnection, store: DatasetStore) -> list[str]:
     """(Re)create the views; a layer with no files yet gets none. Returns the view names."""
     created = []
-    for layer in LAYERS:
-        if not any(f.name.endswith(".parquet") for f in store.list(layer)):
+    for layer in SHARD_LAYERS:
+        if not any(f.name.endswith(".parquet") for f in store.list(layer.name)):
             continue
-        pattern = quote_literal(store.url(f"{layer}/*.parquet"))
+        pattern = quote_literal(store.url(layer.parquet_glob))
         # union_by_name: URL lists pass their own extra columns through, so shards may differ
         connection.execute(
-            f"CREATE OR REPLACE VIEW {layer} AS SELECT * FROM read_parquet('{pattern}', union_by_name = true)"
+            f"CREATE OR REPLACE VIEW {layer.name} AS "
+            f"SELECT * FROM read_parquet('{pattern}', union_by_name = true)"
         )
-        created.append(layer)
+        created.append(layer.name)
     return created

@@ -10,10 +10,14 @@ Dagster definitions (every run process, every CLI call) would otherwise cost sec
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from laion_assets import names
 
 if TYPE_CHECKING:
     import torch
@@ -25,10 +29,21 @@ NO_WEIGHTS = "none"
 # Architectures shipped with the package (a tiny one for tests and the offline demo).
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+# ClipSettings field -> the environment variable that sets it in a deployment
+SETTINGS_ENV = {
+    "model": "LAION_ASSETS_CLIP_MODEL",
+    "pretrained": "LAION_ASSETS_CLIP_PRETRAINED",
+    "device": "LAION_ASSETS_DEVICE",
+    "batch_size": "LAION_ASSETS_CLIP_BATCH_SIZE",
+}
 
 
 class ModelUnavailable(RuntimeError):
     """The model or its weights cannot be loaded; the message says what to do."""
+
+
+class ModelMismatch(ValueError):
+    """Embeddings made by one model are compared with, or searched by, another model's."""
 
 
 @dataclass(frozen=True)
@@ -41,18 +56,83 @@ class ClipSettings:
 
     @classmethod
     def from_env(cls) -> ClipSettings:
-        """Defaults overridden by LAION_ASSETS_CLIP_MODEL, _CLIP_PRETRAINED, _DEVICE and _CLIP_BATCH_SIZE."""
-        env = os.environ
-        return cls(
-            model=env.get("LAION_ASSETS_CLIP_MODEL") or DEFAULT_MODEL,
-            pretrained=env.get("LAION_ASSETS_CLIP_PRETRAINED") or DEFAULT_PRETRAINED,
-            device=env.get("LAION_ASSETS_DEVICE") or "auto",
-            batch_size=int(env.get("LAION_ASSETS_CLIP_BATCH_SIZE") or 256),
-        )
+        """The defaults, overridden by the variables of `SETTINGS_ENV` that are set."""
+        values = {name: os.environ[var] for name, var in SETTINGS_ENV.items() if os.environ.get(var)}
+        if "batch_size" in values:
+            values["batch_size"] = int(values["batch_size"])
+        return cls(**values)
 
 
 def _is_path(pretrained: str) -> bool:
     return os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model and weights made a set of embeddings. Two sets can be compared, and an index searched
+    with a model, only when their identities are equal: same model name and same `weights`."""
+
+    model: str
+    weights: str  # see weights_id
+    pretrained: str = field(default="", compare=False)  # as it was given, for messages
+
+    @classmethod
+    def of(cls, settings: ClipSettings) -> ModelIdentity:
+        return cls(settings.model, weights_id(settings.pretrained, settings.seed), settings.pretrained)
+
+    @classmethod
+    def from_footer(cls, footer: dict[str, str]) -> ModelIdentity | None:
+        """What a parquet footer written with `footer()` says; None if it names no model. Files written
+        before the weights were recorded are read as if made with seed 0."""
+        model = footer.get(names.CLIP_MODEL_FOOTER)
+        if not model:
+            return None
+        pretrained = footer.get(names.CLIP_PRETRAINED_FOOTER, "")
+        return cls(model, footer.get(names.CLIP_WEIGHTS_FOOTER) or weights_id(pretrained, 0), pretrained)
+
+    def footer(self) -> dict[str, str]:
+        return {
+            names.CLIP_MODEL_FOOTER: self.model,
+            names.CLIP_PRETRAINED_FOOTER: self.pretrained,
+            names.CLIP_WEIGHTS_FOOTER: self.weights,
+        }
+
+    def __str__(self) -> str:
+        return f"{self.model} / {self.pretrained or self.weights}"
+
+    def require(self, used: ModelIdentity, subject: str, user: str, advice: str) -> None:
+        """ModelMismatch unless `used` (what `user` runs) is this identity, the one `subject` (e.g. "the
+        search index was") was embedded with."""
+        if used == self:
+            return
+        made, runs = str(self), str(used)
+        if made == runs:  # same names, other weights (a checkpoint file replaced, another seed)
+            made, runs = f"{made} (weights {self.weights})", f"{runs} (weights {used.weights})"
+        raise ModelMismatch(f"{subject} embedded with {made}, {user} runs {runs}: {advice}")
+
+
+def weights_id(pretrained: str, seed: int) -> str:
+    """What the weights are: an open_clip tag as it is, a checkpoint file by the SHA-256 of its content
+    (two copies of one file are the same weights), random weights by their seed."""
+    if pretrained.lower() == NO_WEIGHTS:
+        return f"random:seed={seed}"
+    if _is_path(pretrained):
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            return f"missing:{path.absolute()}"
+        stat = path.stat()
+        return f"sha256:{_file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)}"
+    return pretrained
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """Cached by size and mtime: a checkpoint is hashed once per process, not once per shard."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class ClipEncoder:
@@ -84,6 +164,7 @@ class ClipEncoder:
                 "machine and set LAION_ASSETS_CLIP_PRETRAINED=/path/to/it, or `pretrained` in the clip "
                 "resource config"
             ) from exc
+        self.identity = ModelIdentity.of(settings)
         self.model = model.eval()
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(settings.model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -9,8 +10,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.sources import ColumnNames, SourceName, read_source
-from laion_assets.pipeline.storage import INCOMING, DatasetStore
+from laion_assets.pipeline.lineage import source_footer
+from laion_assets.pipeline.sources import ColumnNames, SourceName, find_source, read_source
+from laion_assets.pipeline.storage import CRAWL_METADATA, INCOMING, DatasetStore
 from laion_assets.pipeline.tables import keep_first
 
 # Dropped-row reasons, as they appear in the materialisation metadata.
@@ -21,7 +23,7 @@ _HTTP_URL = r"^https?://[^/?#\s]+"
 
 
 @dataclass(frozen=True)
-class CrawlConfig:
+class CrawlSettings:
     columns: ColumnNames = field(default_factory=ColumnNames)
     min_alt_length: int = 5  # WAT alt text shorter than this is dropped, as LAION did
 
@@ -31,11 +33,23 @@ class CrawlResult:
     table: pa.Table
     rows_read: int  # candidate rows before the shared rules (WAT: images with usable alt text)
     dropped: dict[str, int]  # by reason, every reason a reader or the rules applied
+    source: SourceName | None = None  # set by write_crawl_metadata
+    path: str = ""  # under the root, set by write_crawl_metadata
 
 
-def build_crawl_metadata(store: DatasetStore, source: SourceName, config: CrawlConfig) -> CrawlResult:
+def write_crawl_metadata(store: DatasetStore, shard: str, settings: CrawlSettings) -> CrawlResult:
+    """`crawl_metadata/<shard>.parquet` from the shard's file in `incoming/`, which its footer records."""
+    files = {f.name: f for f in store.list(INCOMING)}
+    source = find_source(list(files), shard)
+    result = build_crawl_metadata(store, source, settings)
+    path = CRAWL_METADATA.parquet(shard)
+    store.write_parquet(path, result.table, metadata=source_footer(files[source.name]))
+    return dataclasses.replace(result, source=source, path=path)
+
+
+def build_crawl_metadata(store: DatasetStore, source: SourceName, settings: CrawlSettings) -> CrawlResult:
     with store.open(f"{INCOMING}/{source.name}") as stream:
-        candidates, dropped = read_source(stream, source, config.columns, config.min_alt_length)
+        candidates, dropped = read_source(stream, source, settings.columns, settings.min_alt_length)
     table, rule_drops = apply_rules(candidates)
     dropped.update(rule_drops)
     keys = pa.array([schemas.make_key(source.shard, i) for i in range(table.num_rows)], pa.string())

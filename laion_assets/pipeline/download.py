@@ -8,6 +8,7 @@ only the small per-row records are held until the parquet is written, sorted by 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -16,14 +17,15 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import IO
-from urllib.parse import urlsplit
 
 import pyarrow as pa
 
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.fetch import Fetcher, FetchSettings
 from laion_assets.pipeline.imaging import DecodeError, FilteredSize, ImageSettings, process_image
+from laion_assets.pipeline.lineage import inherited_footer
 from laion_assets.pipeline.shard_tar import TarShardWriter, read_samples
+from laion_assets.pipeline.storage import CRAWL_METADATA, IMAGES, DatasetStore
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class _Job:
 
     @property
     def host(self) -> str:
-        return urlsplit(self.url).netloc.lower()
+        return schemas.url_host(self.url)
 
 
 @dataclass
@@ -57,12 +59,12 @@ class DownloadResult:
 
     def top_errors(self, n: int = 5) -> list[tuple[str, int]]:
         """Error classes (the text before the first colon) of unsuccessful rows, most frequent first."""
-        errors = (e.split(":", 1)[0] for e in self.table.column("error_message").to_pylist() if e)
+        errors = (schemas.error_class(e) for e in self.table.column("error_message").to_pylist() if e)
         return Counter(errors).most_common(n)
 
     def top_failing_hosts(self, n: int = 5) -> list[tuple[str, int]]:
         rows = zip(self.table.column("url").to_pylist(), self.table.column("status").to_pylist(), strict=True)
-        hosts = (urlsplit(url).netloc.lower() for url, status in rows if status in schemas.FAILURES)
+        hosts = (schemas.url_host(url) for url, status in rows if status in schemas.FAILURES)
         return Counter(hosts).most_common(n)
 
 
@@ -93,6 +95,25 @@ class HostScheduler:
 
     def done(self, job: _Job) -> None:
         self._running[job.host] -= 1
+
+
+def write_images(
+    store: DatasetStore, shard: str, settings: DownloadSettings, progress: Callable[[str], None] | None = None
+) -> DownloadResult:
+    """`images/<shard>.tar` and `images/<shard>.parquet` from the shard's crawl_metadata; with
+    `settings.retry_failed`, only the rows that failed to download last time are fetched again."""
+    crawl = store.read_parquet(CRAWL_METADATA.parquet(shard))
+    tar_path, parquet_path = IMAGES.tar(shard), IMAGES.parquet(shard)
+    with contextlib.ExitStack() as stack:
+        previous = None
+        if settings.retry_failed and store.exists(parquet_path) and store.exists(tar_path):
+            previous = (store.read_parquet(parquet_path), stack.enter_context(store.open(tar_path)))
+        tar_out = stack.enter_context(store.atomic_write(tar_path))
+        result = download_shard(crawl, settings, tar_out, previous, progress)
+    store.write_parquet(
+        parquet_path, result.table, metadata=inherited_footer(store, CRAWL_METADATA.parquet(shard))
+    )
+    return result
 
 
 def download_shard(

@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 
     from laion_assets.pipeline.clip import ClipEncoder
 from laion_assets.pipeline.imaging import ENCODE_FORMATS
+from laion_assets.pipeline.lineage import inherited_footer
 from laion_assets.pipeline.shard_tar import read_samples
+from laion_assets.pipeline.storage import EMBEDDINGS, IMAGES, DatasetStore
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -37,6 +39,18 @@ class EmbedResult:
     table: pa.Table
     undecodable: list[str]  # keys of successful downloads whose stored image could not be read
     seconds: float
+
+
+def write_embeddings(
+    store: DatasetStore, shard: str, encoder: ClipEncoder, batch_size: int, workers: int = 2
+) -> EmbedResult:
+    """`embeddings/<shard>.parquet` from the shard's images; the model and its weights in the footer."""
+    images = store.read_parquet(IMAGES.parquet(shard))
+    with store.open(IMAGES.tar(shard)) as tar:
+        result = embed_shard(images, tar, encoder, batch_size, workers)
+    footer = {**inherited_footer(store, IMAGES.parquet(shard)), **encoder.identity.footer()}
+    store.write_parquet(EMBEDDINGS.parquet(shard), result.table, metadata=footer)
+    return result
 
 
 def embed_shard(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 ENCODE_FORMATS = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
@@ -33,7 +33,10 @@ class FilteredSize(Exception):
 @dataclass(frozen=True)
 class ImageSettings:
     image_size: int = 256
+    # img2dataset's modes. YAML 1.1 (PyYAML, `dagster job launch --config`) reads a bare `no` as false,
+    # which means the mode "no" here.
     resize_mode: str = "border"
+    border_color: str = "white"  # the padding of `border`, as img2dataset's; a PIL colour name or #rrggbb
     resize_only_if_bigger: bool = False
     encode_format: str = "jpg"
     encode_quality: int = 95
@@ -42,10 +45,13 @@ class ImageSettings:
     max_pixels: int = 89_478_485  # decompression-bomb cap (Pillow's own default)
 
     def __post_init__(self) -> None:
+        if self.resize_mode is False:
+            object.__setattr__(self, "resize_mode", "no")
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode {self.resize_mode!r} is not one of {RESIZE_MODES}")
         if self.encode_format not in ENCODE_FORMATS:
             raise ValueError(f"encode_format {self.encode_format!r} is not one of {tuple(ENCODE_FORMATS)}")
+        ImageColor.getrgb(self.border_color)  # ValueError: unknown color specifier
 
 
 @dataclass(frozen=True)
@@ -145,7 +151,7 @@ def _crop_or_pad(image: Image.Image, settings: ImageSettings) -> Image.Image:
         left, top = (image.width - w) // 2, (image.height - h) // 2
         return image.crop((left, top, left + w, top + h))
     if settings.resize_mode == "border" and image.size != (size, size):
-        canvas = Image.new("RGB", (max(size, image.width), max(size, image.height)))
+        canvas = Image.new("RGB", (max(size, image.width), max(size, image.height)), settings.border_color)
         canvas.paste(image, ((canvas.width - image.width) // 2, (canvas.height - image.height) // 2))
         return canvas
     return image

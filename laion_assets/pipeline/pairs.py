@@ -14,6 +14,10 @@ Rules, in the order of the funnel:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import datetime
+import importlib.metadata
 import json
 import math
 import re
@@ -21,16 +25,29 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from laion_assets import names
 from laion_assets.pipeline import schemas
+from laion_assets.pipeline.clip import ModelIdentity
+from laion_assets.pipeline.lineage import inherited_footer
 from laion_assets.pipeline.shard_tar import TarShardWriter, read_samples
-from laion_assets.pipeline.storage import DatasetStore
+from laion_assets.pipeline.storage import (
+    CRAWL_METADATA,
+    EMBEDDINGS,
+    IMAGES,
+    PAIRS,
+    PAIRS_EMBEDDINGS,
+    DatasetStore,
+)
 from laion_assets.pipeline.tables import keep_first
+
+if TYPE_CHECKING:
+    from laion_assets.pipeline.clip import ClipEncoder
 
 CATEGORIES_FILE = Path(__file__).parent / "data" / "nsfw_categories.json"
 FUNNEL = (
@@ -94,6 +111,66 @@ class PairsResult:
     rows_in: int
     removed: dict[str, int]  # by rule, in funnel order
     nsfw: dict[str, int]  # kept rows by tag
+    samples_in_tar: int = 0  # set by write_pairs
+
+
+def write_pairs(
+    store: DatasetStore,
+    shard: str,
+    settings: PairsSettings,
+    encoder: ClipEncoder,
+    run_id: str,
+    write_embeddings: bool = False,
+) -> PairsResult:
+    """`pairs/<shard>.parquet` and `.tar` (and `pairs_embeddings/`) from the shard's crawl rows, images and
+    embeddings. The footer records the rules' settings, the funnel and the provenance (`run_id`).
+
+    Raises ModelMismatch when the embeddings come from another model or other weights than `encoder`'s,
+    which embeds the NSFW categories they are compared with."""
+    embeddings_path = EMBEDDINGS.parquet(shard)
+    embeddings_footer = store.parquet_metadata(embeddings_path)  # its source and model
+    made_by = ModelIdentity.from_footer(embeddings_footer)
+    if made_by is not None:
+        made_by.require(
+            encoder.identity,
+            f"shard {shard}: its embeddings were",
+            "the clip resource",
+            "the NSFW categories must be embedded by the same model: re-materialise clip_embeddings or "
+            "set the model",
+        )
+    crawl = store.read_parquet(CRAWL_METADATA.parquet(shard))
+    categories = NsfwCategories.load(lambda texts: encoder.encode_texts(texts).cpu().numpy())
+    result = build_pairs(
+        crawl,
+        store.read_parquet(IMAGES.parquet(shard)),
+        store.read_parquet(embeddings_path),
+        settings,
+        categories,
+    )
+    with contextlib.ExitStack() as stack:
+        images_tar = stack.enter_context(store.open(IMAGES.tar(shard)))
+        out = stack.enter_context(store.atomic_write(PAIRS.tar(shard)))
+        result.samples_in_tar = write_pairs_tar(images_tar, result.table, out)
+    footer = {
+        **inherited_footer(store, embeddings_path),
+        names.PAIRS_SETTINGS_FOOTER: json.dumps(dataclasses.asdict(settings)),
+        names.PAIRS_FUNNEL_FOOTER: json.dumps({"rows_in": result.rows_in, "removed": result.removed}),
+        names.PROVENANCE_FOOTER: json.dumps(_provenance(shard, crawl, run_id)),
+    }
+    store.write_parquet(PAIRS.parquet(shard), result.table, metadata=footer)
+    if write_embeddings:
+        store.write_parquet(PAIRS_EMBEDDINGS.parquet(shard), result.embeddings, metadata=embeddings_footer)
+    return result
+
+
+def _provenance(shard: str, crawl: pa.Table, run_id: str) -> dict[str, str | None]:
+    return {
+        "shard": shard,
+        "source_file": crawl.column("source_file")[0].as_py() if crawl.num_rows else None,
+        "run_id": run_id,
+        "materialized_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "code_version": importlib.metadata.version("laion_assets"),
+    }
 
 
 def build_pairs(
@@ -221,7 +298,7 @@ def _vectors(column: pa.ChunkedArray, rows: np.ndarray) -> np.ndarray:
 def stored_pair_shards(store: DatasetStore, purpose: str) -> list[str]:
     """The shards with a `pairs/<shard>.parquet`; ValueError naming the root if there are none, since
     `purpose` (e.g. "the dataset card") needs at least one."""
-    shards = [f.name.removesuffix(".parquet") for f in store.list("pairs") if f.name.endswith(".parquet")]
+    shards = [f.name.removesuffix(".parquet") for f in store.list(PAIRS.name) if f.name.endswith(".parquet")]
     if not shards:
         raise ValueError(
             f"no materialised shards under {store.root}: there is no pairs/*.parquet yet; "

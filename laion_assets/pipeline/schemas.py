@@ -1,6 +1,8 @@
-"""The one place where the columns of every stored table are defined (see DESIGN.md)."""
+"""The one place where the columns of every stored table are defined; every writer conforms to these."""
 
 from __future__ import annotations
+
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 
@@ -21,11 +23,6 @@ CRAWL_METADATA = pa.schema(
 )
 
 
-# crawl_metadata parquet metadata, JSON: {"file": name in incoming/, "fingerprint": StoredFile.fingerprint}
-# of the source it was read from, so a sensor can tell a file that is already in the store.
-SOURCE = "laion_assets.source"
-
-
 # images/<shard>.parquet: exactly one row per crawl_metadata row, whatever happened to it.
 SUCCESS = "success"
 FAILED_TO_DOWNLOAD = "failed_to_download"
@@ -35,6 +32,18 @@ BLOCKED = "blocked"  # the URL resolves to a private, loopback, link-local or mu
 FILTERED_SIZE = "filtered_size"  # min_image_size / max_aspect_ratio
 STATUSES = (SUCCESS, FAILED_TO_DOWNLOAD, FAILED_TO_DECODE, OPTED_OUT, BLOCKED, FILTERED_SIZE)
 FAILURES = (FAILED_TO_DOWNLOAD, FAILED_TO_DECODE)  # the statuses that count against a host
+
+
+def url_host(url: str) -> str:
+    """The host (with its port, if any) a URL is fetched from: what per-host limits and the failing-host
+    reports count by, in the downloader's metadata and the dataset card alike."""
+    return urlsplit(url).netloc.lower()
+
+
+def error_class(error_message: str) -> str:
+    """An `error_message`'s class: the text before its first colon (`HTTP 404: Not Found` -> `HTTP 404`)."""
+    return error_message.split(":", 1)[0]
+
 
 IMAGES = pa.schema(
     [
@@ -58,7 +67,7 @@ def embeddings(dim: int) -> pa.Schema:
     """embeddings/<shard>.parquet: L2-normalised CLIP embeddings of each `success` image and its caption.
 
     `similarity` is their cosine, computed in float32 before the cast to float16. The model name and
-    pretrained tag are in the file's metadata (`EMBEDDING_MODEL`, `EMBEDDING_PRETRAINED`).
+    pretrained tag are in the file's footer (`names.CLIP_*_FOOTER`).
     """
     vector = pa.list_(pa.float16(), dim)
     return pa.schema(
@@ -69,15 +78,6 @@ def embeddings(dim: int) -> pa.Schema:
             pa.field("similarity", pa.float32(), nullable=False),
         ]
     )
-
-
-# pairs parquet metadata, each a JSON object:
-PAIRS_SETTINGS = "laion_assets.pairs_settings"  # the rules' settings (PairsSettings)
-PAIRS_FUNNEL = "laion_assets.funnel"  # {"rows_in": n, "removed": {rule: n, ...}} in funnel order
-# {"shard", "source_file", "run_id", "materialized_at" (UTC ISO 8601), "code_version"}
-PROVENANCE = "laion_assets.provenance"
-EMBEDDING_MODEL = "laion_assets.clip_model"
-EMBEDDING_PRETRAINED = "laion_assets.clip_pretrained"
 
 
 # pairs/<shard>.parquet: the filtered dataset, LAION-400M's features plus our key, size and hash.
@@ -104,8 +104,8 @@ PAIRS = pa.schema(
 def search_index(dim: int) -> pa.Schema:
     """search_index/index.parquet: every pair of every shard with its image embedding, for /search.
 
-    The model name and pretrained tag of the embeddings are in the file's metadata (`EMBEDDING_MODEL`,
-    `EMBEDDING_PRETRAINED`), as in the embeddings files it is built from.
+    The model of the embeddings is in the file's footer (`names.CLIP_*_FOOTER`), as in the embeddings
+    files it is built from.
     """
     return pa.schema(
         [

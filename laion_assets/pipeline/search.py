@@ -1,7 +1,7 @@
 """The search index: the image embedding of every stored pair in one parquet file, searched exactly.
 
-`build_index` joins each shard's `pairs/<shard>.parquet` to its `embeddings/<shard>.parquet` on key and
-writes `search_index/index.parquet`. `SearchIndex` holds it in memory as a normalised float32 matrix
+`write_search_index` joins each shard's pairs to its embeddings on key and writes the index file
+(`storage.SEARCH_INDEX`). `SearchIndex` holds it in memory as a normalised float32 matrix
 and answers a query by one matrix-vector product over every row (cosine similarity, exact).
 
 Exact search costs 4 bytes per dimension per row in memory and one pass over that memory per query:
@@ -12,7 +12,6 @@ as clip-retrieval does for LAION-5B (tens of bytes per row, milliseconds per que
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,20 +20,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from laion_assets.pipeline import schemas
+from laion_assets.pipeline.clip import ModelIdentity, ModelMismatch
 from laion_assets.pipeline.pairs import stored_pair_shards
-from laion_assets.pipeline.storage import DatasetStore
+from laion_assets.pipeline.storage import EMBEDDINGS, PAIRS, SEARCH_INDEX, DatasetStore
 
-INDEX = "search_index/index.parquet"
 EXACT_SEARCH_ROWS = 1_000_000  # up to here exact search answers in about 0.1 s on two cores (D = 512)
 _ROWS = ["key", "url", "caption"]
 
 
 class IndexMissing(FileNotFoundError):
     """There is no search index in the store yet."""
-
-
-class ModelMismatch(ValueError):
-    """The index's embeddings come from another model than the one asked to search it."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +39,7 @@ class IndexBuild:
     shards: int
     model: str
     pretrained: str
+    weights: str
     dim: int
     missing_embeddings: int  # pairs whose key is not in their shard's embeddings (stale files)
 
@@ -56,45 +52,40 @@ class Hit:
     similarity: float
 
 
-def build_index(store: DatasetStore) -> IndexBuild:
-    """Write `search_index/index.parquet` from every shard that has pairs, one row group per shard.
+def write_search_index(store: DatasetStore) -> IndexBuild:
+    """Write the search index from every shard that has pairs, one row group per shard.
 
-    Raises ValueError if there are no pairs yet, a shard lacks its embeddings, or shards were embedded
-    with different models (their embeddings cannot be compared).
+    Raises ValueError if there are no pairs yet or a shard lacks its embeddings, and ModelMismatch if
+    shards were embedded with different models (their embeddings cannot be compared).
     """
     shards = stored_pair_shards(store, "the search index")
-    models = {}
+    models: dict[str, ModelIdentity | None] = {}
     for shard in shards:
-        path = store.shard_file("embeddings", shard, "parquet")
+        path = EMBEDDINGS.parquet(shard)
         if not store.exists(path):
             raise ValueError(f"shard {shard} has pairs but no {path}: materialise clip_embeddings for it")
-        metadata = store.parquet_metadata(path)
-        models[shard] = (
-            metadata.get(schemas.EMBEDDING_MODEL, ""),
-            metadata.get(schemas.EMBEDDING_PRETRAINED, ""),
+        models[shard] = ModelIdentity.from_footer(store.parquet_metadata(path))
+    by_model: dict[ModelIdentity | None, list[str]] = {}
+    for shard, model in models.items():
+        by_model.setdefault(model, []).append(shard)
+    if len(by_model) > 1:
+        listed = "; ".join(
+            f"{f'{m.model}/{m.pretrained}' if m else 'not recorded'}: {', '.join(s)}"
+            for m, s in by_model.items()
         )
-    if len(set(models.values())) > 1:
-        by_model = {}
-        for shard, model in models.items():
-            by_model.setdefault(model, []).append(shard)
-        listed = "; ".join(f"{m}/{p}: {', '.join(s)}" for (m, p), s in by_model.items())
-        raise ValueError(
+        raise ModelMismatch(
             f"shards were embedded with different models ({listed}); re-materialise clip_embeddings "
             "with one model for all of them"
         )
-    model, pretrained = models[shards[0]]
-    with store.open(store.shard_file("embeddings", shards[0], "parquet")) as f:
+    model = models[shards[0]] or ModelIdentity("", "")
+    with store.open(EMBEDDINGS.parquet(shards[0])) as f:
         dim = pq.read_schema(f).field("image_embedding").type.list_size
-    schema = schemas.search_index(dim).with_metadata(
-        {schemas.EMBEDDING_MODEL: model, schemas.EMBEDDING_PRETRAINED: pretrained}
-    )
+    schema = schemas.search_index(dim).with_metadata(model.footer())
     rows = missing = 0
-    with store.atomic_write(INDEX) as f, pq.ParquetWriter(f, schema, compression="zstd") as writer:
+    with store.atomic_write(SEARCH_INDEX) as f, pq.ParquetWriter(f, schema, compression="zstd") as writer:
         for shard in shards:
-            pairs = store.read_parquet(store.shard_file("pairs", shard, "parquet"), columns=_ROWS)
-            embeddings = store.read_parquet(
-                store.shard_file("embeddings", shard, "parquet"), columns=["key", "image_embedding"]
-            )
+            pairs = store.read_parquet(PAIRS.parquet(shard), columns=_ROWS)
+            embeddings = store.read_parquet(EMBEDDINGS.parquet(shard), columns=["key", "image_embedding"])
             positions = pc.index_in(pairs.column("key"), value_set=embeddings.column("key"))
             found = pc.is_valid(positions)
             kept = pairs.filter(found)
@@ -102,7 +93,9 @@ def build_index(store: DatasetStore) -> IndexBuild:
             writer.write_table(pa.Table.from_arrays([*kept.columns, vectors], schema=schema))
             rows += kept.num_rows
             missing += pairs.num_rows - kept.num_rows
-    return IndexBuild(INDEX, rows, len(shards), model, pretrained, dim, missing)
+    return IndexBuild(
+        SEARCH_INDEX, rows, len(shards), model.model, model.pretrained, model.weights, dim, missing
+    )
 
 
 class SearchIndex:
@@ -110,11 +103,11 @@ class SearchIndex:
 
     `vectors` (float32, one row per row of `rows`) is normalised in place: no second copy of the matrix."""
 
-    def __init__(self, rows: pa.Table, vectors: np.ndarray, model: str, pretrained: str) -> None:
+    def __init__(self, rows: pa.Table, vectors: np.ndarray, model: ModelIdentity | None) -> None:
         vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), np.finfo(np.float32).tiny)
         self.rows = rows.select(_ROWS)
         self.vectors = vectors
-        self.model, self.pretrained = model, pretrained
+        self.model = model
 
     def __len__(self) -> int:
         return self.rows.num_rows
@@ -126,12 +119,12 @@ class SearchIndex:
     @classmethod
     def load(cls, store: DatasetStore) -> SearchIndex:
         """Reads the embeddings batch by batch into one float32 matrix (never all of them as float16 too)."""
-        if not store.exists(INDEX):
+        if not store.exists(SEARCH_INDEX):
             raise IndexMissing(
-                f"no search index at {store.url(INDEX)}: materialise the search_index asset "
+                f"no search index at {store.url(SEARCH_INDEX)}: materialise the search_index asset "
                 "(laion-assets run --select search_index)"
             )
-        with store.open(INDEX) as f:
+        with store.open(SEARCH_INDEX) as f:
             parquet = pq.ParquetFile(f)
             schema = parquet.schema_arrow
             metadata = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
@@ -143,23 +136,17 @@ class SearchIndex:
                 vectors[start : start + batch.num_rows] = flat.reshape(batch.num_rows, dim)
                 start += batch.num_rows
             rows = parquet.read(columns=_ROWS)
-        return cls(
-            rows,
-            vectors,
-            metadata.get(schemas.EMBEDDING_MODEL, ""),
-            metadata.get(schemas.EMBEDDING_PRETRAINED, ""),
-        )
+        return cls(rows, vectors, ModelIdentity.from_footer(metadata))
 
-    def check_model(self, model: str, pretrained: str) -> None:
-        """Raises ModelMismatch unless the index was embedded with `model` and the same weights.
-
-        The weights are the same when the tags are equal or both name one checkpoint file."""
-        if model == self.model and _same_weights(pretrained, self.pretrained):
-            return
-        raise ModelMismatch(
-            f"the search index was embedded with {self.model} / {self.pretrained}, this service runs "
-            f"{model} / {pretrained}: serve with LAION_ASSETS_CLIP_MODEL={self.model} "
-            f"LAION_ASSETS_CLIP_PRETRAINED={self.pretrained}, or re-embed with this model and rebuild"
+    def check_model(self, used: ModelIdentity) -> None:
+        """Raises ModelMismatch unless the index was embedded with the model and weights of `used`."""
+        made = self.model or ModelIdentity("", "")
+        made.require(
+            used,
+            "the search index was",
+            "this service",
+            f"serve with LAION_ASSETS_CLIP_MODEL={made.model} LAION_ASSETS_CLIP_PRETRAINED={made.pretrained},"
+            " or re-embed with this model and rebuild",
         )
 
     def search(self, query: np.ndarray, k: int) -> list[Hit]:
@@ -174,12 +161,3 @@ class SearchIndex:
             Hit(similarity=float(scores[i]), **row)
             for i, row in zip(top, self.rows.take(top).to_pylist(), strict=True)
         ]
-
-
-def _same_weights(a: str, b: str) -> bool:
-    if a == b:
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # not both existing files
-        return False

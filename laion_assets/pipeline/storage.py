@@ -1,14 +1,8 @@
 """The dataset store: one root URL (a local folder or `s3://bucket/prefix`) and the layout inside it.
 
-Layout (DESIGN.md, "Storage contract"):
-
-    {root}/incoming/<source file>         one file = one shard
-    {root}/crawl_metadata/<shard>.parquet
-    {root}/images/<shard>.tar | .parquet
-    {root}/embeddings/<shard>.parquet
-    {root}/pairs/<shard>.parquet | .tar
-    {root}/card/README.md
-    {root}/search_index/index.parquet
+The layout has its one home here: the per-shard layers (`CRAWL_METADATA.parquet(shard)`,
+`IMAGES.tar(shard)`, ...) and the dataset-level files. Every asset, the DuckDB views and the card
+take their paths from these names; the folder names are part of every existing store.
 
 Every write is atomic: locally a temporary file in the same folder renamed over the target,
 on S3 one PUT or multipart upload that is completed only when the writer finished cleanly.
@@ -29,12 +23,51 @@ import pyarrow.parquet as pq
 
 DEFAULT_ROOT = "./data"
 ROOT_ENV = "LAION_ASSETS_ROOT"
-INCOMING = "incoming"
 _TMP_MARK = ".tmp-"
 
 
 def root_from_env() -> str:
     return os.environ.get(ROOT_ENV) or DEFAULT_ROOT
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A folder of per-shard files under the root: `<name>/<shard>.parquet`, and `.tar` where it has one."""
+
+    name: str
+    has_tar: bool = False
+
+    def parquet(self, shard: str) -> str:
+        return f"{self.name}/{shard}.parquet"
+
+    def tar(self, shard: str) -> str:
+        if not self.has_tar:
+            raise ValueError(f"layer {self.name} has no tar files")
+        return f"{self.name}/{shard}.tar"
+
+    def files(self, shard: str) -> list[str]:
+        """Every file of `shard` in this layer."""
+        return [self.parquet(shard), *([self.tar(shard)] if self.has_tar else [])]
+
+    @property
+    def parquet_glob(self) -> str:
+        return f"{self.name}/*.parquet"
+
+
+INCOMING = "incoming"  # source files, one per shard
+CRAWL_METADATA = Layer("crawl_metadata")
+IMAGES = Layer("images", has_tar=True)  # webdataset tar, and one status row per crawl row
+EMBEDDINGS = Layer("embeddings")
+PAIRS = Layer("pairs", has_tar=True)  # the filtered dataset, and its samples as a webdataset
+PAIRS_EMBEDDINGS = Layer("pairs_embeddings")  # optional: the kept rows' embeddings
+# The per-shard layers in pipeline order; each one is made from the one before it.
+SHARD_LAYERS = (CRAWL_METADATA, IMAGES, EMBEDDINGS, PAIRS, PAIRS_EMBEDDINGS)
+
+# Dataset-level files, made from every shard.
+SEARCH_INDEX = "search_index/index.parquet"
+CARD = "card/README.md"
+CARD_FIGURES = "card/figures"
+CATALOG = "catalog.duckdb"  # beside a local root
 
 
 @dataclass(frozen=True)
@@ -46,18 +79,34 @@ class StoredFile:
     fingerprint: str  # changes when the file's content is replaced (ETag on S3, size+mtime locally)
 
 
-def s3_options_from_env() -> dict:
-    """s3fs options from the standard AWS_* variables.
+@dataclass(frozen=True)
+class S3Settings:
+    """What the standard AWS_* variables say about S3: the one reading of them, for s3fs and DuckDB."""
 
-    Credentials and region are read by botocore itself; the endpoint is passed explicitly so that
-    `AWS_ENDPOINT_URL` (MinIO, moto, R2, ...) works with every botocore version.
-    """
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    client_kwargs = {"endpoint_url": endpoint} if endpoint else {}
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
-        client_kwargs["region_name"] = region
-    return {"client_kwargs": client_kwargs, "use_listings_cache": False}
+    endpoint: str | None = None  # AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL (MinIO, moto, R2, ...)
+    region: str | None = None
+    key_id: str | None = None
+    secret: str | None = None
+    session_token: str | None = None
+
+    @classmethod
+    def from_env(cls) -> S3Settings:
+        env = os.environ
+        return cls(
+            endpoint=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+            key_id=env.get("AWS_ACCESS_KEY_ID") or None,
+            secret=env.get("AWS_SECRET_ACCESS_KEY"),
+            session_token=env.get("AWS_SESSION_TOKEN") or None,
+        )
+
+    def s3fs_options(self) -> dict:
+        """Credentials are read by botocore itself; the endpoint is passed explicitly so that it works
+        with every botocore version."""
+        client_kwargs = {"endpoint_url": self.endpoint} if self.endpoint else {}
+        if self.region:
+            client_kwargs["region_name"] = self.region
+        return {"client_kwargs": client_kwargs, "use_listings_cache": False}
 
 
 class DatasetStore:
@@ -68,7 +117,7 @@ class DatasetStore:
             raise ValueError("the dataset root must not be empty")
         self.is_s3 = root.startswith("s3://")
         if self.is_s3:
-            self.fs = fsspec.filesystem("s3", **s3_options_from_env())
+            self.fs = fsspec.filesystem("s3", **S3Settings.from_env().s3fs_options())
             self._base = root[len("s3://") :].rstrip("/")
             self.root = f"s3://{self._base}"
         elif "://" in root and not root.startswith("file://"):
@@ -90,10 +139,6 @@ class DatasetStore:
     def url(self, relpath: str) -> str:
         """The full URL of `relpath`, as DuckDB and users see it."""
         return f"s3://{self.path(relpath)}" if self.is_s3 else self.path(relpath)
-
-    @staticmethod
-    def shard_file(layer: str, shard: str, extension: str) -> str:
-        return f"{layer}/{shard}.{extension}"
 
     # reading
 

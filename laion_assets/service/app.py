@@ -16,7 +16,6 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,49 +26,21 @@ from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, APIKeyQuery
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from laion_assets.pipeline.clip import ClipEncoder, ClipSettings
-from laion_assets.pipeline.fetch import FetchSettings
-from laion_assets.pipeline.imaging import ImageSettings
-from laion_assets.pipeline.search import IndexMissing, ModelMismatch, SearchIndex
+from laion_assets.pipeline.clip import ClipEncoder, ClipSettings, ModelMismatch
+from laion_assets.pipeline.search import IndexMissing, SearchIndex
 from laion_assets.pipeline.storage import DatasetStore
 from laion_assets.service import models as m
 from laion_assets.service.batcher import DynamicBatcher
 from laion_assets.service.inputs import InputError, decode_base64, fetch_image, open_image
+from laion_assets.service.settings import ServiceSettings
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
-API_KEY_ENV = "LAION_ASSETS_API_KEY"
 API_KEY_HEADER = "X-API-Key"
 _FETCH_THREADS = 16  # URL fetches wait on the network, not the CPU
-
-
-@dataclass(frozen=True)
-class ServiceSettings:
-    host: str = "127.0.0.1"
-    port: int = 9001
-    root: str | None = None  # the dataset root whose search index /search answers from
-    api_key: str | None = None  # when set, every route but the docs requires it
-    max_batch: int = 8  # images, texts or prompts per request, as Roboflow's CLIP_MAX_BATCH_SIZE
-    max_image_bytes: int = 5_000_000  # per image, after base64 decoding or as fetched
-    max_pixels: int = ImageSettings.max_pixels  # decompression-bomb cap, as the downloader's
-    max_text_chars: int = 10_000
-    batching: bool = True
-    batch_wait: float = 0.002  # seconds a batch waits for requests still being prepared
-    allow_private_networks: bool = False  # fetch from loopback and private networks (tests, local demos)
-
-    @property
-    def max_body_bytes(self) -> int:
-        """The largest request body: a compare's subject and max_batch prompts, all images in base64."""
-        return (self.max_batch + 1) * (4 * -(-self.max_image_bytes // 3) + 1024) + 65_536
-
-    def fetch_settings(self) -> FetchSettings:
-        """The downloader's timeouts and retries, this service's size cap and guard."""
-        return FetchSettings(
-            max_bytes=self.max_image_bytes, allow_private_networks=self.allow_private_networks
-        )
 
 
 class ClipService:
@@ -170,7 +141,7 @@ class ClipService:
             return
         try:
             index = SearchIndex.load(self.store)
-            index.check_model(self.model, self.pretrained)
+            index.check_model(self.encoder.identity)
         except IndexMissing as exc:
             self.index_problem = (404, str(exc))
         except ModelMismatch as exc:

@@ -1,0 +1,48 @@
+"""Names that live outside the code: in Dagster instances (assets, checks, jobs, sensors, schedules,
+partitions, cursors, run tags) and in the stored files (parquet footer keys).
+
+Changing one of them breaks what existing instances and stores hold: materialisation history, sensor
+cursors, run filters by tag, the footers of files already written. Add names; rename only with a
+migration. The folder names of the store live with the layout, in `pipeline/storage.py`. This module
+imports nothing, so every layer may use it.
+"""
+
+# Assets
+CRAWL_METADATA_ASSET = "crawl_metadata"
+DOWNLOADED_IMAGES_ASSET = "downloaded_images"
+CLIP_EMBEDDINGS_ASSET = "clip_embeddings"
+FILTERED_PAIRS_ASSET = "filtered_pairs"
+CATALOG_ASSET = "catalog"
+DATASET_CARD_ASSET = "dataset_card"
+SEARCH_INDEX_ASSET = "search_index"
+
+# Asset checks (the asset each one checks is in its name's comment)
+ONE_ROW_PER_CRAWL_ROW_CHECK = "one_row_per_crawl_row"  # downloaded_images
+KEYS_ARE_SUCCESS_IMAGES_CHECK = "keys_are_success_images"  # clip_embeddings
+FOLLOWS_THE_CONTRACT_CHECK = "follows_the_contract"  # filtered_pairs
+
+# Jobs, partitions, sensors, schedules and the concurrency pool
+SHARD_JOB = "shard_pipeline"
+SHARDS_PARTITIONS = "shards"  # DynamicPartitionsDefinition: one partition per file in incoming/
+INCOMING_FILES_SENSOR = "incoming_files_sensor"
+# Its cursor: a JSON object, file name in incoming/ -> StoredFile.fingerprint of the content last seen.
+FOLLOW_UPSTREAM_SENSOR = "follow_upstream_sensor"
+CATCH_UP_SCHEDULE = "catch_up_schedule"
+GPU_POOL = "gpu"
+
+# Run tags
+SOURCE_FILE_TAG = "laion_assets/source_file"  # the incoming file a sensor run was started for
+TRIGGER_TAG = "laion_assets/trigger"  # new | changed | catch-up | cli
+# Asset definition metadata: the store layer (folder) an asset writes its shard files into.
+LAYER_METADATA = "laion_assets/layer"
+
+# Parquet footer keys (file key-value metadata), each value a string
+# JSON {"file", "fingerprint"}: the incoming content a per-shard file was made from
+SOURCE_FOOTER = "laion_assets.source"
+CLIP_MODEL_FOOTER = "laion_assets.clip_model"  # embeddings, search index: open_clip model name
+CLIP_PRETRAINED_FOOTER = "laion_assets.clip_pretrained"  # the pretrained tag, checkpoint path or "none"
+CLIP_WEIGHTS_FOOTER = "laion_assets.clip_weights"  # the weights: tag, sha256 or seed (clip.weights_id)
+PAIRS_SETTINGS_FOOTER = "laion_assets.pairs_settings"  # JSON: the rules' settings (PairsSettings)
+PAIRS_FUNNEL_FOOTER = "laion_assets.funnel"  # JSON {"rows_in": n, "removed": {rule: n}} in funnel order
+# JSON {"shard", "source_file", "run_id", "materialized_at" (UTC ISO 8601), "code_version"}
+PROVENANCE_FOOTER = "laion_assets.provenance"

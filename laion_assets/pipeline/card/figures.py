@@ -1,0 +1,77 @@
+"""The card's charts, drawn with matplotlib's object API (Agg, no pyplot, no display)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from laion_assets.pipeline.card.stats import SIMILARITY_BIN, SIZE_BIN, SIZE_BINS, CardStats, Counts
+from laion_assets.pipeline.markdown import shorten
+
+# figures
+
+
+def render_figures(stats: CardStats) -> dict[str, bytes]:
+    """The charts as PNG bytes, by file name."""
+    return {
+        "similarity.png": _similarity_histogram(stats),
+        "image_sizes.png": _size_histogram(stats),
+        "nsfw.png": _bar_chart(stats.nsfw, "NSFW tags of the pairs", "pairs"),
+        "licenses.png": _bar_chart(stats.licenses, "Licences of the pairs", "pairs"),
+    }
+
+
+def _axes() -> tuple[Figure, Axes]:
+    # a bare Figure draws with Agg and never touches pyplot or a display
+    figure = Figure(figsize=(7, 4), layout="constrained")
+    return figure, figure.subplots()
+
+
+def _png(figure: Figure) -> bytes:
+    out = io.BytesIO()
+    figure.savefig(out, format="png", dpi=100, metadata={"Software": None})
+    return out.getvalue()
+
+
+def _similarity_histogram(stats: CardStats) -> bytes:
+    figure, ax = _axes()
+    starts = np.array([b for b, _ in stats.similarity_bins], float) * SIMILARITY_BIN
+    ax.bar(starts, [n for _, n in stats.similarity_bins], SIMILARITY_BIN, align="edge")
+    thresholds = stats.thresholds()
+    for threshold in thresholds:
+        ax.axvline(threshold, color="tab:red", linestyle="--", label=f"min_similarity = {threshold:g}")
+    if thresholds:
+        ax.legend()
+    ax.set(
+        title="CLIP similarity of every embedded image and its caption",
+        xlabel="cosine similarity",
+        ylabel="images",
+    )
+    return _png(figure)
+
+
+def _size_histogram(stats: CardStats) -> bytes:
+    figure, ax = _axes()
+    shown = 1 + max((b for bins in stats.size_bins.values() for b, _ in bins), default=0)
+    for column, bins in stats.size_bins.items():
+        counts = np.zeros(shown, int)
+        for b, n in bins:
+            counts[b] = n
+        ax.stairs(counts, np.arange(shown + 1) * SIZE_BIN, label=column.removeprefix("original_"))
+    ax.legend()
+    ax.set(
+        title="Original sizes of the downloaded images",
+        xlabel=f"pixels, in bins of {SIZE_BIN} ({SIZE_BIN * (SIZE_BINS - 1)} and up in one)",
+        ylabel="images",
+    )
+    return _png(figure)
+
+
+def _bar_chart(counts: Counts, title: str, xlabel: str) -> bytes:
+    figure, ax = _axes()
+    ax.barh([shorten(name, 48) for name, _ in reversed(counts)], [n for _, n in reversed(counts)])
+    ax.set(title=title, xlabel=xlabel)
+    return _png(figure)

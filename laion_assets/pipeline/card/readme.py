@@ -1,0 +1,217 @@
+"""The card's markdown: YAML front matter for the Hugging Face Hub, then its sections."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+
+import yaml
+
+from laion_assets.pipeline import schemas
+from laion_assets.pipeline.card.settings import CardSettings
+from laion_assets.pipeline.card.stats import CardStats, ShardRecord
+from laion_assets.pipeline.markdown import table
+from laion_assets.pipeline.storage import PAIRS
+
+DATA_FILES = PAIRS.parquet_glob  # relative to the dataset root, which is what gets uploaded
+TASK_CATEGORIES = ("image-to-text", "text-to-image", "zero-shot-image-classification")
+
+# LAION-400M's features (TFDS `laion400m`), with this project's key, stored size and hash.
+FEATURE_DESCRIPTIONS = {
+    "key": "`<shard>-<row:08d>`: the join key across all layers and the sample name in `pairs/<shard>.tar`",
+    "caption": "the alt text (or the source list's caption) found with the image",
+    "url": "where the image was downloaded from",
+    "license": "the licence the crawl found for the image (e.g. a Creative Commons URL); null if none",
+    "nsfw": "UNLIKELY, UNSURE or NSFW from CLIP zero-shot against NSFW categories (LAION's rule); UNTAGGED",
+    "original_height": "height of the image as downloaded, in pixels",
+    "original_width": "width of the image as downloaded, in pixels",
+    "similarity": "cosine similarity of the CLIP image and text embeddings",
+    "width": "width of the stored (resized) image in `pairs/<shard>.tar`",
+    "height": "height of the stored (resized) image in `pairs/<shard>.tar`",
+    "sha256": "SHA-256 of the downloaded bytes",
+}
+
+LAION_400M_BIBTEX = """@article{schuhmann2021laion400m,
+  title = {LAION-400M: Open Dataset of CLIP-Filtered 400 Million Image-Text Pairs},
+  author = {Schuhmann, Christoph and Vencu, Richard and Beaumont, Romain and Kaczmarczyk, Robert and
+            Mullis, Clayton and Katta, Aarush and Coombes, Theo and Jitsev, Jenia and Komatsuzaki, Aran},
+  journal = {arXiv preprint arXiv:2111.02114},
+  year = {2021}
+}"""
+
+
+_SIZE_CATEGORIES = (
+    (10**3, "n<1K"),
+    (10**4, "1K<n<10K"),
+    (10**5, "10K<n<100K"),
+    (10**6, "100K<n<1M"),
+    (10**7, "1M<n<10M"),
+    (10**8, "10M<n<100M"),
+    (10**9, "100M<n<1B"),
+    (10**10, "1B<n<10B"),
+    (10**11, "10B<n<100B"),
+    (10**12, "100B<n<1T"),
+)
+
+
+def size_category(rows: int) -> str:
+    """The Hugging Face `size_categories` value for a dataset of `rows` rows."""
+    return next((name for bound, name in _SIZE_CATEGORIES if rows < bound), "n>1T")
+
+
+# markdown
+
+
+def render_markdown(stats: CardStats, settings: CardSettings, figures: list[str]) -> str:
+    """The card: YAML front matter for the Hub, then the sections; `figures` are file names in figures/."""
+    header = {
+        "pretty_name": settings.pretty_name,
+        "license": settings.license,
+        "task_categories": list(TASK_CATEGORIES),
+        "size_categories": [size_category(stats.pairs)],
+        "tags": ["laion", "clip", "image-text-pairs", "webdataset"],
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": DATA_FILES}]}],
+    }
+    year = _build_year(stats.shards)
+    sections = [
+        f"---\n{yaml.safe_dump(header, sort_keys=False, allow_unicode=True)}---",
+        f"# {settings.pretty_name}",
+        _description(stats, settings),
+        _model_and_thresholds(stats),
+        _features(),
+        _funnel(stats),
+        _downloads(stats, settings),
+        _figures(figures),
+        _provenance(stats),
+        "## Licence\n\n"
+        f"The `license: {settings.license}` above covers the metadata (urls, captions, scores). The images "
+        "are not part of it: each keeps its own copyright and licence, given in the `license` column where "
+        "the crawl found one. Respect it, and the opt-outs of the sites they come from.",
+        "## Citation\n\n```bibtex\n"
+        f"{_dataset_bibtex(settings, year, stats.shards)}\n\n{LAION_400M_BIBTEX}\n```",
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+def _description(stats: CardStats, settings: CardSettings) -> str:
+    sources = table(["source file", "crawl rows"], stats.sources)
+    return (
+        f"## Dataset description\n\n{settings.description}\n\n"
+        f"{stats.pairs} pairs from {len(stats.shards)} shards: {stats.crawl_rows} crawl rows, "
+        f"{stats.downloaded} images downloaded, {stats.embedded} embedded.\n\n"
+        "To publish it, upload the dataset root with this file as its `README.md` and `card/figures/` as "
+        f"`figures/`: the `configs` above point at `{DATA_FILES}`, relative to the root. The same pairs, "
+        "with their images, are webdataset shards in `pairs/<shard>.tar`.\n\n"
+        f"### Sources\n\nEach source file is one shard.\n\n{sources}"
+    )
+
+
+def _model_and_thresholds(stats: CardStats) -> str:
+    models = _groups(stats.shards, lambda r: r.model)
+    model_rows = [
+        (*((model.model, model.pretrained) if model else ("not recorded", "")), _shard_names(shards))
+        for model, shards in models
+    ]
+    settings_groups = _groups(
+        stats.shards, lambda r: json.dumps(r.settings, sort_keys=True) if r.settings else None
+    )
+    names = sorted({name for key, _ in settings_groups if key for name in json.loads(key)})
+    setting_rows = [
+        (name, *(json.loads(key).get(name, "") if key else "not recorded" for key, _ in settings_groups))
+        for name in names
+    ]
+    settings_header = ["setting", *(f"shards {_shard_names(shards)}" for _, shards in settings_groups)]
+    return (
+        "## Model and thresholds\n\n"
+        "Images and captions are embedded with CLIP; a pair is kept when their cosine similarity is at least "
+        "`min_similarity` (LAION-400M: 0.3 with ViT-B/32), or, with `top_fraction` > 0, when it is in that "
+        "top fraction of its shard.\n\n"
+        f"{table(['CLIP model', 'pretrained', 'shards'], model_rows)}\n\n"
+        f"{table(settings_header, setting_rows)}"
+    )
+
+
+def _features() -> str:
+    rows = [(f"`{f.name}`", str(f.type), FEATURE_DESCRIPTIONS[f.name]) for f in schemas.PAIRS]
+    return (
+        "## Features\n\nOne row per pair in `pairs/<shard>.parquet`, LAION-400M's columns and more.\n\n"
+        f"{table(['column', 'type', 'description'], rows)}"
+    )
+
+
+def _funnel(stats: CardStats) -> str:
+    rows_in, removed = stats.funnel()
+    remaining, rows = rows_in, [("rows in", "", rows_in)]
+    for rule, n in removed.items():
+        remaining -= n
+        rows.append((rule, n, remaining))
+    missing = [r.shard for r in stats.shards if not r.funnel]
+    note = f"\n\nShards without a recorded funnel, left out: {_shard_names(missing)}." if missing else ""
+    return (
+        "## Filtering funnel\n\n"
+        "Rows removed by each rule, in the order they apply, summed over the shards. `rows in` are the "
+        f"crawl rows with a download outcome.\n\n{table(['rule', 'removed', 'remaining'], rows)}{note}"
+    )
+
+
+def _downloads(stats: CardStats, settings: CardSettings) -> str:
+    return (
+        "## Download outcomes\n\n"
+        f"{table(['status', 'rows'], stats.statuses)}\n\n"
+        f"### Top {settings.top_n} error classes\n\n{table(['error', 'rows'], stats.top_errors)}\n\n"
+        f"### Top {settings.top_n} failing hosts\n\n"
+        f"Rows that failed to download or decode, by host.\n\n{table(['host', 'rows'], stats.top_hosts)}"
+    )
+
+
+def _figures(figures: list[str]) -> str:
+    captions = {
+        "similarity.png": "CLIP similarity of every embedded image, with the threshold",
+        "image_sizes.png": "Original sizes of the downloaded images",
+        "nsfw.png": "NSFW tags of the pairs",
+        "licenses.png": "Licences of the pairs",
+        "samples.png": "Sample pairs",
+    }
+    return "## Figures\n\n" + "\n\n".join(f"![{captions[name]}](figures/{name})" for name in figures)
+
+
+def _provenance(stats: CardStats) -> str:
+    columns = ("source_file", "run_id", "materialized_at", "code_version")
+    rows = [
+        (r.shard, *((r.provenance or {}).get(c) or "not recorded" for c in columns)) for r in stats.shards
+    ]
+    return (
+        "## Provenance\n\nThe Dagster run that made each shard's pairs.\n\n"
+        f"{table(['shard', 'source file', 'run id', 'materialised at (UTC)', 'code version'], rows)}"
+    )
+
+
+def _build_year(shards: list[ShardRecord]) -> str | None:
+    """The year of the newest materialisation: the build date, from the data rather than the clock."""
+    times = [r.provenance["materialized_at"] for r in shards if r.provenance]
+    return max(times)[:4] if times else None
+
+
+def _dataset_bibtex(settings: CardSettings, year: str | None, shards: list[ShardRecord]) -> str:
+    key = re.sub(r"[^a-z0-9]+", "_", settings.pretty_name.lower()).strip("_") + (year or "")
+    versions = sorted({r.provenance["code_version"] for r in shards if r.provenance})
+    fields = [("title", settings.pretty_name), ("author", settings.authors), ("year", year or "")]
+    fields.append(("note", f"Built with laion_assets {', '.join(versions)}".rstrip()))
+    body = ",\n".join(f"  {name} = {{{value}}}" for name, value in fields if value)
+    return f"@misc{{{key},\n{body}\n}}"
+
+
+def _groups(
+    shards: list[ShardRecord], value: Callable[[ShardRecord], object]
+) -> list[tuple[object, list[str]]]:
+    """The distinct values over the shards, each with its shards, in order of first appearance."""
+    groups: dict[object, list[str]] = {}
+    for record in shards:
+        groups.setdefault(value(record), []).append(record.shard)
+    return list(groups.items())
+
+
+def _shard_names(shards: list[str], shown: int = 5) -> str:
+    more = f" and {len(shards) - shown} more" if len(shards) > shown else ""
+    return ", ".join(shards[:shown]) + more

@@ -1,0 +1,25 @@
+"""Markdown tables, for the dataset card and the previews in the Dagster UI."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+def table(header: list[str], rows: Iterable[tuple | list], width: int | None = None) -> str:
+    """A markdown table, each cell cut to `width` characters if given; "none" when there are no rows."""
+    rows = list(rows)
+    if not rows:
+        return "none"
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(value, width) for value in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def cell(value: object, width: int | None = None) -> str:
+    """`value` as one table cell: no pipes or line breaks to break the row; None is blank."""
+    text = "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
+    return shorten(text, width) if width else text
+
+
+def shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
