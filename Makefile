@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 # Nothing may fetch model weights from a hub at test or demo time.
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo clean postgres
 
 install: $(INSTALLED)
 
@@ -24,8 +24,16 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+test: lint postgres
 	$(BIN)/pytest
+
+# The deployment test starts a real PostgreSQL server from the machine's binaries (initdb, pg_ctl).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || \
+	  { echo "make test needs PostgreSQL's initdb and pg_ctl: install your system's postgresql package" >&2; \
+	    exit 1; }
 
 demo: install
 	$(BIN)/laion-assets demo

@@ -37,16 +37,12 @@ def select_assets(names: list[str] | None) -> list[dg.AssetsDefinition]:
 
 def load_run_config(path: Path | None) -> dict:
     """A launchpad-style run config file: `ops: {<asset>: {config: {...}}}`."""
-    import yaml
+    from laion_assets.defs.config import read_run_config
 
-    if path is None:
-        return {}
-    config = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(config, dict) or set(config) - {"ops"}:
-        raise SystemExit(
-            f"laion-assets: {path}: expected a mapping with only an `ops:` block, got {config!r}"
-        )
-    return config
+    try:
+        return read_run_config(path) if path else {}
+    except ValueError as exc:
+        raise SystemExit(f"laion-assets: {exc}") from exc
 
 
 OUTPUT_FORMATS = {".csv": "csv", ".json": "json", ".parquet": "parquet"}

@@ -5,6 +5,7 @@ import dagster as dg
 from laion_assets.defs.automation import automation_sensor, catch_up_schedule, incoming_files_sensor
 from laion_assets.defs.card import dataset_card
 from laion_assets.defs.catalog import catalog
+from laion_assets.defs.execution import executor_from_env
 from laion_assets.defs.jobs import PER_SHARD_ASSETS, PER_SHARD_CHECKS, shard_job
 from laion_assets.defs.resources import build_resources
 from laion_assets.defs.search import search_index
@@ -22,6 +23,7 @@ def build_definitions(root: str | None = None, clip: ClipSettings | None = None)
         sensors=[incoming_files_sensor, automation_sensor],
         schedules=[catch_up_schedule],
         resources=build_resources(root, clip),
+        executor=executor_from_env(),
     )
 
 

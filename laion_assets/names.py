@@ -28,7 +28,8 @@ INCOMING_FILES_SENSOR = "incoming_files_sensor"
 # Its cursor: a JSON object, file name in incoming/ -> StoredFile.fingerprint of the content last seen.
 FOLLOW_UPSTREAM_SENSOR = "follow_upstream_sensor"
 CATCH_UP_SCHEDULE = "catch_up_schedule"
-GPU_POOL = "gpu"
+GPU_POOL = "gpu"  # clip_embeddings: one slot per GPU
+DOWNLOAD_POOL = "download"  # downloaded_images: how many shards download at once
 
 # Run tags
 SOURCE_FILE_TAG = "laion_assets/source_file"  # the incoming file a sensor run was started for

@@ -12,23 +12,23 @@ def test_a_shard_is_done_when_every_layer_was_made_from_the_current_source(root)
     store.write_bytes("incoming/a.csv", A)
     source = incoming_by_shard(store)["a"]
     layers = [CRAWL_METADATA, IMAGES, EMBEDDINGS]
-    assert stale_layers(store, "a", source, layers) == layers  # nothing made yet
+    assert stale_layers(store, {"a": source}, layers)["a"] == layers  # nothing made yet
 
     store.write_parquet(CRAWL_METADATA.parquet("a"), ROW, metadata=source_footer(source))
     store.write_parquet(
         IMAGES.parquet("a"), ROW, metadata=inherited_footer(store, CRAWL_METADATA.parquet("a"))
     )
-    assert stale_layers(store, "a", source, layers) == [EMBEDDINGS]
+    assert stale_layers(store, {"a": source}, layers)["a"] == [EMBEDDINGS]
     store.write_parquet(EMBEDDINGS.parquet("a"), ROW)  # a file that does not say what it was made from
-    assert stale_layers(store, "a", source, layers) == [EMBEDDINGS]
+    assert stale_layers(store, {"a": source}, layers)["a"] == [EMBEDDINGS]
     store.write_parquet(EMBEDDINGS.parquet("a"), ROW, metadata=inherited_footer(store, IMAGES.parquet("a")))
-    assert stale_layers(store, "a", source, layers) == []
+    assert stale_layers(store, {"a": source}, layers)["a"] == []
 
     # The images were made from an older crawl: they and everything after them are stale.
     store.write_parquet(IMAGES.parquet("a"), ROW)
-    assert stale_layers(store, "a", source, layers) == [IMAGES, EMBEDDINGS]
+    assert stale_layers(store, {"a": source}, layers)["a"] == [IMAGES, EMBEDDINGS]
 
     store.write_bytes("incoming/a.csv", A + b"http://a.com/2.jpg,a dog\n")  # replaced with new content
     replaced = incoming_by_shard(store)["a"]
     assert replaced.fingerprint != source.fingerprint
-    assert stale_layers(store, "a", replaced, layers) == layers
+    assert stale_layers(store, {"a": replaced}, layers)["a"] == layers

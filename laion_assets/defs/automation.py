@@ -36,6 +36,8 @@ def incoming_files_sensor(
     dataset = store.get_store()
     sources = incoming_by_shard(dataset)
     known = set(context.instance.get_dynamic_partitions(shards.name))
+    unseen = {shard: file for shard, file in sources.items() if file.name not in seen}
+    done = done_shards(dataset, unseen)
     new_shards: list[str] = []
     run_requests = []
     for shard, file in sources.items():
@@ -43,7 +45,7 @@ def incoming_files_sensor(
             continue
         if shard not in known:
             new_shards.append(shard)
-        if file.name not in seen and is_done(dataset, shard, file):
+        if shard in done:
             continue
         run_requests.append(
             dg.RunRequest(
@@ -73,9 +75,9 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
 )
 
 
-def is_done(dataset: DatasetStore, shard: str, source: StoredFile) -> bool:
-    """Every per-shard layer of `shard` is in the store, made from this very source content."""
-    return not stale_layers(dataset, shard, source, PER_SHARD_LAYERS)
+def done_shards(dataset: DatasetStore, sources: dict[str, StoredFile]) -> set[str]:
+    """The shards of `sources` whose every per-shard layer is in the store, made from this very content."""
+    return {shard for shard, stale in stale_layers(dataset, sources, PER_SHARD_LAYERS).items() if not stale}
 
 
 def shards_to_catch_up(
@@ -91,9 +93,8 @@ def shards_to_catch_up(
         statuses = instance.get_status_by_partition(asset.key, keys, shards) or {}
         failed.update(key for key in keys if statuses.get(key) == dg.AssetPartitionStatus.FAILED)
         never.update(key for key in keys if statuses.get(key) is None)
-    return [
-        key for key in keys if key in failed or (key in never and not is_done(dataset, key, sources[key]))
-    ]
+    done = done_shards(dataset, {key: sources[key] for key in never - failed})
+    return [key for key in keys if key in failed or (key in never and key not in done)]
 
 
 @dg.schedule(

@@ -9,6 +9,7 @@ from laion_assets import names
 from laion_assets.defs.checks import shard_check
 from laion_assets.defs.config import settings_from
 from laion_assets.defs.crawl import crawl_metadata
+from laion_assets.defs.execution import DOWNLOAD_POD
 from laion_assets.defs.metadata import counts_table, preview, writes_layer
 from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, shards
 from laion_assets.defs.resources import DatasetStoreResource
@@ -61,6 +62,8 @@ class DownloadImagesConfig(dg.Config):
     group_name="images",
     kinds={"webdataset", "parquet"},
     metadata=writes_layer(IMAGES),
+    pool=names.DOWNLOAD_POOL,
+    op_tags=DOWNLOAD_POD,
 )
 def downloaded_images(
     context: dg.AssetExecutionContext, config: DownloadImagesConfig, store: DatasetStoreResource

@@ -5,6 +5,7 @@ import dagster as dg
 from laion_assets import names
 from laion_assets.defs.checks import shard_check
 from laion_assets.defs.download import downloaded_images
+from laion_assets.defs.execution import GPU_POD
 from laion_assets.defs.metadata import preview, similarity_quantiles, writes_layer
 from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, shards
 from laion_assets.defs.resources import ClipEncoderResource, DatasetStoreResource
@@ -29,6 +30,7 @@ class ClipEmbeddingsConfig(dg.Config):
     kinds={"pytorch", "parquet"},
     metadata=writes_layer(EMBEDDINGS),
     pool=names.GPU_POOL,
+    op_tags=GPU_POD,
 )
 def clip_embeddings(
     context: dg.AssetExecutionContext,

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from laion_assets import names
+from laion_assets.defs.config import deployment_run_config
 from laion_assets.defs.crawl import crawl_metadata
 from laion_assets.defs.download import downloaded_images, one_row_per_crawl_row_check
 from laion_assets.defs.embed import clip_embeddings, keys_are_success_images_check
@@ -15,4 +16,5 @@ shard_job = dg.define_asset_job(
     names.SHARD_JOB,
     selection=dg.AssetSelection.assets(*PER_SHARD_ASSETS),
     description="Every per-shard asset for one shard, in dependency order, with its checks.",
+    config=deployment_run_config(),
 )

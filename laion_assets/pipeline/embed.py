@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import io
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, TypeVar
@@ -27,6 +25,7 @@ if TYPE_CHECKING:
     from laion_assets.pipeline.clip import ClipEncoder
 from laion_assets.pipeline.imaging import ENCODE_FORMATS
 from laion_assets.pipeline.lineage import inherited_footer
+from laion_assets.pipeline.parallel import ordered_map
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import EMBEDDINGS, IMAGES, DatasetStore
 
@@ -77,7 +76,7 @@ def embed_shard(
     out = _Embeddings(encoder.dim)
     batch: list[tuple[str, torch.Tensor]] = []
     with ThreadPoolExecutor(workers, thread_name_prefix="preprocess") as pool:
-        for key, pixels in _ordered_map(pool, prepare, samples, lookahead=2 * batch_size):
+        for key, pixels in ordered_map(pool, prepare, samples, lookahead=2 * batch_size):
             if pixels is None:
                 undecodable.append(key)
                 continue
@@ -129,16 +128,3 @@ class _Embeddings:
 def _fixed_size(parts: list[np.ndarray], dim: int) -> pa.FixedSizeListArray:
     flat = np.concatenate(parts).reshape(-1) if parts else np.zeros(0, np.float16)
     return pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float16()), dim)
-
-
-def _ordered_map(
-    pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], lookahead: int
-) -> Iterator[R]:
-    """`map` over a pool, in order, with at most `lookahead` items in flight (bounded memory)."""
-    pending: deque = deque()
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= lookahead:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()

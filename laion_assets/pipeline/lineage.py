@@ -10,9 +10,10 @@ for is current; when one is not, it and every layer after it must be made again.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from laion_assets import names
+from laion_assets.pipeline.parallel import store_map
 from laion_assets.pipeline.sources import parse_source_name
 from laion_assets.pipeline.storage import INCOMING, DatasetStore, Layer, StoredFile
 
@@ -34,14 +35,31 @@ def incoming_by_shard(store: DatasetStore) -> dict[str, StoredFile]:
     return dict(sorted(files.items()))
 
 
-def is_current(store: DatasetStore, layer: Layer, shard: str, source: StoredFile) -> bool:
-    path = layer.parquet(shard)
-    return store.exists(path) and inherited_footer(store, path) == source_footer(source)
+def stale_layers(
+    store: DatasetStore, sources: Mapping[str, StoredFile], layers: Sequence[Layer]
+) -> dict[str, list[Layer]]:
+    """For each shard of `sources` (shard -> its source file now), the layers of `layers` (in pipeline
+    order) to make again: from the first one that is not current on; empty when the shard is done.
+
+    One listing per layer, then the footers of the files that exist, read in parallel: over 41,000
+    shards on S3 that is seconds, where a round trip per shard and layer would be many minutes."""
+    listed = {layer: {f.name for f in store.list(layer.name)} for layer in layers}
+    present = [(shard, layer) for shard in sources for layer in layers if f"{shard}.parquet" in listed[layer]]
+    made_from = dict(
+        zip(present, store_map(lambda item: _recorded_source(store, *item), present), strict=True)
+    )
+    stale = {}
+    for shard, source in sources.items():
+        now = source_footer(source)[names.SOURCE_FOOTER]
+        first = next(
+            (i for i, layer in enumerate(layers) if made_from.get((shard, layer)) != now), len(layers)
+        )
+        stale[shard] = list(layers[first:])
+    return stale
 
 
-def stale_layers(store: DatasetStore, shard: str, source: StoredFile, layers: Sequence[Layer]) -> list[Layer]:
-    """The layers of `layers` (in pipeline order) to make again: from the first that is not current on."""
-    for i, layer in enumerate(layers):
-        if not is_current(store, layer, shard, source):
-            return list(layers[i:])
-    return []
+def _recorded_source(store: DatasetStore, shard: str, layer: Layer) -> str | None:
+    try:
+        return store.parquet_metadata(layer.parquet(shard)).get(names.SOURCE_FOOTER)
+    except FileNotFoundError:  # removed since the listing
+        return None

@@ -13,6 +13,7 @@ from laion_assets.pipeline import catalog, schemas
 from laion_assets.pipeline.card.settings import CardSettings
 from laion_assets.pipeline.clip import ModelIdentity
 from laion_assets.pipeline.pairs import FUNNEL, stored_pair_shards
+from laion_assets.pipeline.parallel import store_map
 from laion_assets.pipeline.storage import EMBEDDINGS, PAIRS, DatasetStore
 
 SIMILARITY_BIN = 0.01
@@ -79,7 +80,8 @@ def gather_stats(store: DatasetStore, settings: CardSettings) -> CardStats:
     shards = stored_pair_shards(store, "the dataset card")
     connection = catalog.connect(store)
     try:
-        return _stats(connection, [_shard_record(store, shard) for shard in shards], settings)
+        records = list(store_map(lambda shard: _shard_record(store, shard), shards))
+        return _stats(connection, records, settings)
     finally:
         connection.close()
 
@@ -150,8 +152,10 @@ def _in_order(counts: dict[str, int], order: tuple[str, ...]) -> Counts:
 
 def _shard_record(store: DatasetStore, shard: str) -> ShardRecord:
     pairs = store.parquet_metadata(PAIRS.parquet(shard))
-    embeddings_path = EMBEDDINGS.parquet(shard)
-    embeddings = store.parquet_metadata(embeddings_path) if store.exists(embeddings_path) else {}
+    try:
+        embeddings = store.parquet_metadata(EMBEDDINGS.parquet(shard))
+    except FileNotFoundError:
+        embeddings = {}
 
     def loaded(key: str) -> dict | None:
         return json.loads(pairs[key]) if key in pairs else None

@@ -1,0 +1,304 @@
+"""Scale benchmark, by simulation: LAION-400M's 41,000 shards on a real PostgreSQL instance and moto's S3.
+
+    .venv/bin/python bench/scale.py [--shards 41000] [--dataset-shards 5000] [--submit-seconds 60]
+
+Starts a PostgreSQL server (the test suite's, from the machine's binaries), moto's S3 server on loopback,
+and a real dagster-webserver and dagster-daemon on deploy/dagster.yaml with the run queue paused
+(max_concurrent_runs: 0), then times:
+
+- registering --shards dynamic partitions in the instance;
+- one tick of the incoming sensor with that many files in s3://.../incoming/ (first tick, and a tick
+  with nothing new), against the same tick with one S3 request per shard and layer (the peer);
+- launching a backfill of shard_pipeline over every partition through GraphQL, and how fast the
+  daemon submits its runs (measured for --submit-seconds, then extrapolated);
+- the UI's partition-status query for an asset with that many partitions;
+- catalog, dataset_card and search_index over --dataset-shards small pair shards on S3, against the
+  same footer reads one at a time (the peer).
+
+Prints seconds, rates and peak memory (this process's RSS; the servers are other processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pyarrow as pa
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import dagster as dg
+from moto.server import ThreadedMotoServer
+
+from laion_assets import names
+from laion_assets.pipeline import catalog, lineage, parallel, schemas
+from laion_assets.pipeline.card import write_card
+from laion_assets.pipeline.search import write_search_index
+from laion_assets.pipeline.storage import CRAWL_METADATA, EMBEDDINGS, IMAGES, PAIRS, DatasetStore
+from laion_assets_tests.deployment import Deployment, Postgres, dagster_home, free_port
+
+BUCKET = "scale"
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(label: str, fn, *args, **kwargs):
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    seconds = time.perf_counter() - start
+    print(f"{label}: {seconds:.2f} s (peak RSS {peak_mb():.0f} MB)", flush=True)
+    return result, seconds
+
+
+def put_objects(s3, keys_and_bodies: list[tuple[str, bytes]]) -> None:
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(lambda kb: s3.put_object(Bucket=BUCKET, Key=kb[0], Body=kb[1]), keys_and_bodies))
+
+
+class parallel_reads:
+    """Sets how many store reads the pipeline has in flight, for the peer runs."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __enter__(self):
+        self.saved, parallel.STORE_READS = parallel.STORE_READS, self.n
+
+    def __exit__(self, *exc):
+        parallel.STORE_READS = self.saved
+
+
+def dataset_shard(shard: str, rows: int, rng: np.random.Generator) -> dict[str, bytes]:
+    """A small shard's four parquet files, as the pipeline writes them (schemas, footers)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    keys = [schemas.make_key(shard, i) for i in range(rows)]
+    urls = [f"http://example.com/{shard}/{i}.jpg" for i in range(rows)]
+    captions = [f"caption {i} of {shard}" for i in range(rows)]
+    source = {names.SOURCE_FOOTER: json.dumps({"file": f"{shard}.parquet", "fingerprint": "x"})}
+    vectors = rng.standard_normal((rows, 512)).astype(np.float16)
+    vector = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 512)
+    tables = {
+        CRAWL_METADATA.parquet(shard): pa.table(
+            {
+                "key": keys,
+                "url": urls,
+                "caption": captions,
+                "page_url": [None] * rows,
+                "license": [None] * rows,
+            }
+            | {"source_file": [f"{shard}.parquet"] * rows, "source_offset": list(range(rows))}
+        ),
+        IMAGES.parquet(shard): pa.table(
+            {"key": keys, "url": urls, "caption": captions, "status": ["success"] * rows}
+            | {"error_message": [None] * rows, "http_status": [200] * rows, "width": [256] * rows}
+            | {"height": [256] * rows, "original_width": [640] * rows, "original_height": [480] * rows}
+            | {"sha256": [f"{shard}{i}" for i in range(rows)], "num_bytes": [1000] * rows}
+        ),
+        EMBEDDINGS.parquet(shard): pa.table(
+            {"key": keys, "image_embedding": vector, "text_embedding": vector, "similarity": [0.35] * rows}
+        ),
+        PAIRS.parquet(shard): pa.table(
+            {
+                "key": keys,
+                "caption": captions,
+                "url": urls,
+                "license": [None] * rows,
+                "nsfw": ["UNLIKELY"] * rows,
+            }
+            | {"original_height": [480] * rows, "original_width": [640] * rows, "similarity": [0.35] * rows}
+            | {"width": [256] * rows, "height": [256] * rows, "sha256": [f"{shard}{i}" for i in range(rows)]}
+        ),
+    }
+    schema_of = {
+        CRAWL_METADATA.name: schemas.CRAWL_METADATA,
+        IMAGES.name: schemas.IMAGES,
+        EMBEDDINGS.name: schemas.embeddings(512),
+        PAIRS.name: schemas.PAIRS,
+    }
+    files = {}
+    for path, table in tables.items():
+        table = table.cast(schema_of[path.split("/", 1)[0]])
+        footer = {**source, names.CLIP_MODEL_FOOTER: "ViT-B-32", names.CLIP_PRETRAINED_FOOTER: "openai"}
+        if path.startswith(PAIRS.name):
+            footer |= {names.PAIRS_FUNNEL_FOOTER: json.dumps({"rows_in": rows, "removed": {}})}
+        out = io.BytesIO()
+        pq.write_table(table.replace_schema_metadata(footer), out)
+        files[path] = out.getvalue()
+    return files
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shards", type=int, default=41_000)
+    parser.add_argument("--dataset-shards", type=int, default=5_000)
+    parser.add_argument("--rows-per-dataset-shard", type=int, default=10)
+    parser.add_argument("--submit-seconds", type=float, default=60)
+    args = parser.parse_args()
+    print(f"machine: {os.cpu_count()} cores; shards {args.shards}; dataset shards {args.dataset_shards}")
+
+    work = Path(tempfile.mkdtemp(prefix="laion-scale-"))
+    s3_port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
+    moto.start()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    os.environ.update(env)
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+    s3.create_bucket(Bucket=BUCKET)
+    postgres = Postgres().start()
+    os.environ.update(postgres.env())
+    home = dagster_home(work, max_concurrent_runs=0)  # the queue paused: runs are submitted, none starts
+    os.environ["DAGSTER_HOME"] = str(home)
+    root = f"s3://{BUCKET}/laion"
+    os.environ["LAION_ASSETS_ROOT"] = root
+    store = DatasetStore(root)
+    shard_names = [f"shard-{i:06d}" for i in range(args.shards)]
+    try:
+        with dg.DagsterInstance.get() as instance:
+            timed(
+                f"register {args.shards} partitions", instance.add_dynamic_partitions, "shards", shard_names
+            )
+            timed(
+                f"put {args.shards} files into incoming/ (setup)",
+                put_objects,
+                s3,
+                [(f"laion/incoming/{s}.csv", b"url,caption\n") for s in shard_names],
+            )
+            sensor_ticks(instance, root, store)
+            dataset_assets(store, args, s3)
+            deployment_figures(instance, work, args, shard_names)
+    finally:
+        postgres.stop()
+        moto.stop()
+
+
+def sensor_ticks(instance: dg.DagsterInstance, root: str, store: DatasetStore) -> None:
+    from laion_assets.defs.automation import PER_SHARD_LAYERS, incoming_files_sensor
+    from laion_assets.defs.resources import DatasetStoreResource
+
+    def tick(cursor: str | None) -> dg.SensorResult:
+        context = dg.build_sensor_context(
+            instance=instance, cursor=cursor, resources={"store": DatasetStoreResource(root=root)}
+        )
+        return incoming_files_sensor(context)
+
+    first, seconds = timed("incoming sensor, first tick", tick, None)
+    print(f"  {len(first.run_requests)} run requests, {len(first.run_requests) / seconds:.0f} files/s")
+    timed("incoming sensor, a tick with nothing new", tick, first.cursor)
+    sources = lineage.incoming_by_shard(store)
+    sample = dict(list(sources.items())[:2000])
+    _, ours = timed(
+        "done rule over 2,000 shards (ours: a listing per layer)",
+        lineage.stale_layers,
+        store,
+        sample,
+        PER_SHARD_LAYERS,
+    )
+    _, peer = timed(
+        "done rule over 2,000 shards (peer: a request per shard and layer)",
+        lambda: {
+            s: [layer for layer in PER_SHARD_LAYERS if not store.exists(layer.parquet(s))] for s in sample
+        },
+    )
+    print(f"  ratio {peer / ours:.1f}x", flush=True)
+
+
+def dataset_assets(store: DatasetStore, args, s3) -> None:
+    rng = np.random.default_rng(0)
+    shards = [f"pairs-{i:05d}" for i in range(args.dataset_shards)]
+    bodies = [
+        (f"laion/{path}", body)
+        for shard in shards
+        for path, body in dataset_shard(shard, args.rows_per_dataset_shard, rng).items()
+    ]
+    timed(f"put {len(bodies)} shard files (setup)", put_objects, s3, bodies)
+    timed(
+        "catalog (views over every layer)",
+        catalog.write_catalog,
+        store,
+        str(Path(tempfile.mkdtemp()) / "c.duckdb"),
+    )
+    _, ours = timed("search_index (32 reads in flight)", write_search_index, store)
+    with parallel_reads(1):
+        _, peer = timed("search_index (peer: one read at a time)", write_search_index, store)
+    print(f"  ratio {peer / ours:.1f}x", flush=True)
+    _, ours = timed("dataset_card (32 footer reads in flight)", write_card, store)
+    with parallel_reads(1):
+        _, peer = timed("dataset_card (peer: one footer read at a time)", write_card, store)
+    print(f"  ratio {peer / ours:.1f}x", flush=True)
+
+
+LAUNCH = """mutation L($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) {
+  __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }"""
+STATUSES = """query S($k: AssetKeyInput!) { assetNodeOrError(assetKey: $k) { ... on AssetNode {
+  assetPartitionStatuses { __typename ... on DefaultPartitionStatuses { materializedPartitions
+  failedPartitions unmaterializedPartitions materializingPartitions } } } } }"""
+
+
+def deployment_figures(instance: dg.DagsterInstance, work: Path, args, shard_names: list[str]) -> None:
+    deployment = Deployment(work, dict(os.environ)).start()
+    try:
+        repository = {"repositoryLocationName": "laion_assets", "repositoryName": "__repository__"}
+        key = {"path": [names.FILTERED_PAIRS_ASSET]}
+        timed("UI partition-status query (one asset)", deployment.graphql, STATUSES, {"k": key})
+        # The asset page's backfill call, as the issue saw it fail in-process.
+        ranged = {
+            "partitionsByAssets": [
+                {"assetKey": key, "partitions": {"range": {"start": shard_names[0], "end": shard_names[9]}}}
+            ]
+        }
+        answer, _ = timed(
+            "asset backfill with partitionsByAssets + range (10 shards)", _launch, deployment, ranged
+        )
+        print(f"  answer: {answer}")
+        params = {
+            "selector": {
+                "partitionSetName": f"{names.SHARD_JOB}_partition_set",
+                "repositorySelector": repository,
+            },
+            "partitionNames": shard_names,
+        }
+        answer, _ = timed(f"launch a job backfill of {len(shard_names)} shards", _launch, deployment, params)
+        print(f"  answer: {str(answer)[:200]}")
+        start, before = time.time(), len(instance.get_run_ids())
+        time.sleep(args.submit_seconds)
+        submitted = len(instance.get_run_ids()) - before
+        rate = submitted / (time.time() - start)
+        print(
+            f"daemon submission: {submitted} runs in {args.submit_seconds:.0f} s = {rate:.1f} runs/s; "
+            f"{len(shard_names)} one-shard runs take {len(shard_names) / max(rate, 1e-9) / 3600:.1f} h "
+            "to submit",
+            flush=True,
+        )
+    finally:
+        deployment.stop()
+
+
+def _launch(deployment: Deployment, params: dict) -> dict:
+    try:
+        return deployment.graphql(LAUNCH, {"p": params})["launchPartitionBackfill"]
+    except AssertionError as exc:
+        return {"error": str(exc)[:500]}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Sets the named pool limits of a deployment's instance (PostgreSQL storage; SQLite refuses them).
+# Named limits are instance state, not dagster.yaml keys in Dagster 1.13: run this once after the
+# instance's database exists, and again whenever the cluster changes size.
+#   GPU_POOL_LIMIT       runs of clip_embeddings at once: the number of GPUs (default 1)
+#   DOWNLOAD_POOL_LIMIT  shards downloading at once, so a cluster does not flood one site (default 4)
+set -euo pipefail
+: "${DAGSTER_HOME:?set DAGSTER_HOME to the folder holding deploy/dagster.yaml}"
+dagster instance concurrency set gpu "${GPU_POOL_LIMIT:-1}"
+dagster instance concurrency set download "${DOWNLOAD_POOL_LIMIT:-4}"
+dagster instance concurrency get --all

@@ -1,0 +1,444 @@
+"""The production deployment: its files validate, and the real processes do what they promise."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import dagster as dg
+import pyarrow.compute as pc
+import pytest
+import yaml
+
+from laion_assets import names
+from laion_assets.pipeline.shard_tar import read_samples
+from laion_assets.pipeline.storage import DatasetStore
+from laion_assets_tests.dagster_helpers import LOCAL_WEB
+from laion_assets_tests.deployment import DEPLOY, Deployment, Postgres, dagster_home, wait_for
+
+RUN_LIMIT, DOWNLOAD_LIMIT = 3, 2  # small, so that six shards must queue
+SLOW_URLS = 120  # the shard killed mid-download: 120 answers of 0.3 s, 8 at a time
+
+
+def test_instance_yaml_passes_dagsters_own_validation(monkeypatch):
+    from dagster._core.instance.config import dagster_instance_config
+
+    for var in ("DAGSTER_POSTGRES_HOST", "DAGSTER_POSTGRES_USER", "DAGSTER_POSTGRES_PASSWORD"):
+        monkeypatch.setenv(var, "x")
+    monkeypatch.setenv("DAGSTER_POSTGRES_PORT", "5432")
+    monkeypatch.setenv("DAGSTER_POSTGRES_DB", "dagster")
+    config, _ = dagster_instance_config(str(DEPLOY), "dagster.yaml")
+    assert config["storage"]["postgres"]["postgres_db"]["scheme"] == "postgresql+psycopg2"
+    assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
+    assert config["concurrency"]["runs"]["max_concurrent_runs"] > 0
+    assert config["run_monitoring"]["enabled"] and config["run_retries"]["enabled"]
+    assert config["run_retries"]["retry_on_asset_or_op_failure"] is False
+    assert config["telemetry"]["enabled"] is False
+
+
+def _events(instance: dg.DagsterInstance, run_id: str) -> list:
+    return instance.all_logs(run_id)
+
+
+def _most_at_once(intervals: list[tuple[float, float]]) -> int:
+    """The largest number of the (start, end) intervals that overlap at one moment."""
+    edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    most = current = 0
+    for _, step in edges:
+        current += step
+        most = max(most, current)
+    return most
+
+
+def _step_intervals(instance: dg.DagsterInstance, records: list, step: str) -> list[tuple[float, float]]:
+    """When `step` ran in each of the runs (RunRecords), from its start and end events."""
+    intervals = []
+    for record in records:
+        starts = {}
+        for event in _events(instance, record.dagster_run.run_id):
+            if event.step_key != step or not event.is_dagster_event:
+                continue
+            if event.dagster_event.event_type == dg.DagsterEventType.STEP_START:
+                starts[step] = event.timestamp
+            elif (
+                event.dagster_event.event_type
+                in (
+                    dg.DagsterEventType.STEP_SUCCESS,
+                    dg.DagsterEventType.STEP_FAILURE,
+                )
+                and step in starts
+            ):
+                intervals.append((starts.pop(step), event.timestamp))
+        if step in starts:  # a step whose run died: it held its slot until the run ended
+            intervals.append((starts[step], record.end_time or time.time()))
+    return intervals
+
+
+def _run_worker_pid(instance: dg.DagsterInstance, run_id: str) -> int | None:
+    for event in _events(instance, run_id):
+        message = event.message or ""
+        if message.startswith("Started process for run (pid: "):
+            return int(message.split("pid: ", 1)[1].rstrip(")."))
+    return None
+
+
+def test_deployment_on_postgres_queues_pools_recovers_a_killed_run_and_backfills(
+    tmp_path, s3_root, web, monkeypatch
+):
+    """Sensor → queued shard runs under the run limit and the pools → catalog and card follow; a run
+    killed mid-download is failed and retried into a whole shard; a backfill the UI's way finishes."""
+    postgres = Postgres().start()
+    try:
+        _exercise_deployment(tmp_path, s3_root, web, monkeypatch, postgres)
+    finally:
+        postgres.stop()
+
+
+def _exercise_deployment(tmp_path, s3_root, web, monkeypatch, postgres: Postgres) -> None:
+    home = dagster_home(tmp_path, RUN_LIMIT)
+    run_config = tmp_path / "run.yaml"
+    run_config.write_text(yaml.safe_dump({"ops": {"downloaded_images": {"config": LOCAL_WEB}}}))
+    env = {
+        **postgres.env(),
+        "DAGSTER_HOME": str(home),
+        "LAION_ASSETS_ROOT": s3_root,
+        "LAION_ASSETS_CLIP_MODEL": "laion-assets-tiny",
+        "LAION_ASSETS_CLIP_PRETRAINED": "none",
+        "LAION_ASSETS_RUN_CONFIG": str(run_config),
+        "LAION_ASSETS_EXECUTOR": "in_process",
+        "GPU_POOL_LIMIT": "1",
+        "DOWNLOAD_POOL_LIMIT": str(DOWNLOAD_LIMIT),
+        "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    # The deployment's scripted step: named pool limits in the instance's PostgreSQL storage.
+    pools = subprocess.run(
+        ["bash", str(DEPLOY / "set-pools.sh")], capture_output=True, text=True, timeout=180, env=os.environ
+    )
+    assert pools.returncode == 0, pools.stdout + pools.stderr
+
+    store = DatasetStore(s3_root)
+    shards = [f"web-{i}" for i in range(5)] + ["slow"]
+    for shard in shards[:5]:
+        urls = [web.url("/img/red.jpg"), web.url("/404.jpg"), web.url(f"/slow/{shard}.jpg")]
+        store.write_bytes(f"incoming/{shard}.csv", _url_list(urls))
+    store.write_bytes("incoming/slow.csv", _url_list([web.url(f"/slow/k{i}.jpg") for i in range(SLOW_URLS)]))
+
+    deployment = Deployment(tmp_path, dict(os.environ)).start()
+    try:
+        with dg.DagsterInstance.get() as instance:
+            _sensor_runs_and_recovery(instance, store, web, shards)
+            _catalog_and_card_follow(instance, store)
+            _backfill_the_uis_way(instance, deployment, shards)
+    except BaseException:
+        for name in ("daemon", "code_server", "webserver"):
+            print(f"--- {name} log (tail)\n{deployment.log(name)[-6000:]}")
+        raise
+    finally:
+        deployment.stop()
+
+
+def _url_list(urls: list[str]) -> bytes:
+    return ("url,caption\n" + "".join(f"{url},a picture number {i}\n" for i, url in enumerate(urls))).encode()
+
+
+def _runs(instance: dg.DagsterInstance, **tags: str) -> list:
+    return list(instance.get_runs(filters=dg.RunsFilter(tags=tags or None)))
+
+
+def _sensor_runs_and_recovery(
+    instance: dg.DagsterInstance, store: DatasetStore, web, shards: list[str]
+) -> None:
+    # The sensor sees six new files and requests a run for each; the queue lets RUN_LIMIT run at once.
+    slow_run = wait_for(
+        lambda: next(
+            (
+                r
+                for r in _runs(instance, **{"dagster/partition": "slow"})
+                if r.status == dg.DagsterRunStatus.STARTED
+            ),
+            None,
+        ),
+        300,
+        "the slow shard's run to start",
+    )
+    wait_for(lambda: sum(web.hits[f"/slow/k{i}.jpg"] for i in range(SLOW_URLS)) >= 10, 180, "its download")
+    pid = wait_for(lambda: _run_worker_pid(instance, slow_run.run_id), 30, "its run worker's pid")
+    os.kill(pid, signal.SIGKILL)  # in the middle of the download
+
+    killed = wait_for(
+        lambda: (run := instance.get_run_by_id(slow_run.run_id)).is_finished and run,
+        120,
+        "the crash to be noticed",
+    )
+    assert killed.status == dg.DagsterRunStatus.FAILURE
+    retry = wait_for(
+        lambda: next(iter(_runs(instance, **{"dagster/parent_run_id": slow_run.run_id})), None),
+        180,
+        "the run retry",
+    )
+    assert retry.tags.get("dagster/retry_number") == "1"
+
+    def all_shards_done() -> bool:
+        done = instance.get_materialized_partitions(dg.AssetKey(names.FILTERED_PAIRS_ASSET))
+        return set(shards) <= done and not any(not r.is_finished for r in _runs(instance))
+
+    wait_for(all_shards_done, 600, "every shard's filtered_pairs")
+    assert instance.get_run_by_id(retry.run_id).status == dg.DagsterRunStatus.SUCCESS
+
+    # The killed shard is whole: one images row per crawl row, no duplicate, its samples once each,
+    # and nothing half-written in the store.
+    crawl = store.read_parquet("crawl_metadata/slow.parquet")
+    images = store.read_parquet("images/slow.parquet")
+    assert crawl.num_rows == images.num_rows == SLOW_URLS
+    assert len(set(images.column("key").to_pylist())) == SLOW_URLS
+    with store.open("images/slow.tar") as f:
+        keys = [key for key, _ in read_samples(f)]
+    successes = images.filter(pc.equal(images.column("status"), "success")).column("key").to_pylist()
+    assert sorted(keys) == sorted(successes) and len(keys) == len(set(keys))
+    for layer in ("crawl_metadata", "images", "embeddings", "pairs"):
+        listed = {f.name for f in store.list(layer)}
+        assert all(name.split(".", 1)[0] in shards for name in listed), listed
+    assert store.fs.find(store.path("images")) == sorted(
+        store.path(f"images/{shard}.{ext}") for shard in shards for ext in ("parquet", "tar")
+    )
+
+    # Never more than RUN_LIMIT runs at once, never two embedding steps at once, never more than
+    # DOWNLOAD_LIMIT downloads at once: from the run records and the step events.
+    runs = [r for r in instance.get_run_records() if r.dagster_run.job_name == names.SHARD_JOB]
+    assert len(runs) >= len(shards) + 1
+    assert _most_at_once([(r.start_time, r.end_time) for r in runs if r.start_time]) <= RUN_LIMIT
+    assert _most_at_once(_step_intervals(instance, runs, names.CLIP_EMBEDDINGS_ASSET)) == 1
+    assert _most_at_once(_step_intervals(instance, runs, names.DOWNLOADED_IMAGES_ASSET)) <= DOWNLOAD_LIMIT
+
+
+def _catalog_and_card_follow(instance: dg.DagsterInstance, store: DatasetStore) -> None:
+    last_shard = max(
+        e.timestamp
+        for e in instance.fetch_materializations(dg.AssetKey(names.FILTERED_PAIRS_ASSET), limit=100).records
+    )
+
+    def followed(asset: str) -> bool:
+        event = instance.get_latest_materialization_event(dg.AssetKey(asset))
+        return event is not None and event.timestamp >= last_shard
+
+    wait_for(
+        lambda: followed(names.CATALOG_ASSET) and followed(names.DATASET_CARD_ASSET), 300, "catalog and card"
+    )
+    with store.open("card/README.md") as f:
+        card = f.read().decode()
+    assert "slow.csv" in card and "web-4.csv" in card
+
+
+LAUNCH_BACKFILL = """
+mutation Launch($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message }
+    ... on PartitionSetNotFoundError { message }
+    ... on UnauthorizedError { message }
+  }
+}
+"""
+BACKFILL_STATUS = """
+query Status($id: String!) {
+  partitionBackfillOrError(backfillId: $id) { __typename ... on PartitionBackfill { status } }
+}
+"""
+
+
+def _backfill_the_uis_way(instance: dg.DagsterInstance, deployment: Deployment, shards: list[str]) -> None:
+    """The job page's "Launch backfill": every shard of shard_pipeline, through the GraphQL API."""
+    params = {
+        "selector": {
+            "partitionSetName": f"{names.SHARD_JOB}_partition_set",
+            "repositorySelector": {
+                "repositoryLocationName": "laion_assets",
+                "repositoryName": "__repository__",
+            },
+        },
+        "partitionNames": shards,
+    }
+    launched = deployment.graphql(LAUNCH_BACKFILL, {"params": params})["launchPartitionBackfill"]
+    assert launched["__typename"] == "LaunchBackfillSuccess", launched
+    backfill_id = launched["backfillId"]
+
+    def status() -> str | None:
+        answer = deployment.graphql(BACKFILL_STATUS, {"id": backfill_id})["partitionBackfillOrError"]
+        finished = answer["status"] not in ("REQUESTED", "CANCELING")
+        return answer["status"] if finished and not any(not r.is_finished for r in _runs(instance)) else None
+
+    assert wait_for(status, 600, "the backfill", interval=2) == "COMPLETED_SUCCESS"
+    runs = _runs(instance, **{"dagster/backfill": backfill_id})
+    assert sorted(r.tags["dagster/partition"] for r in runs) == sorted(shards)
+    assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+
+
+@pytest.mark.parametrize("path", ["docker-compose.yml", "workspace.yaml"])
+def test_deploy_yaml_files_parse(path):
+    assert isinstance(yaml.safe_load((DEPLOY / path).read_text()), dict)
+
+
+# The keys of Dagster's Helm chart (1.13) in the sections these values use, from the chart's
+# values.schema.json. Most of these sections reject any other key there (`additionalProperties: false`);
+# here every section is held to them, so a misspelt key fails the test rather than being ignored.
+CHART_KEYS = {
+    "dagster-user-deployments": {"enabled", "enableSubchart", "imagePullSecrets", "deployments"},
+    "dagster-user-deployments.deployments[]": {
+        "name",
+        "image",
+        "dagsterApiGrpcArgs",
+        "codeServerArgs",
+        "port",
+        "env",
+        "envConfigMaps",
+    }
+    | {"envSecrets", "resources", "replicaCount", "nodeSelector", "tolerations", "labels", "annotations"},
+    "runLauncher": {"type", "config"},
+    "runLauncher.config.k8sRunLauncher": {
+        "imagePullPolicy",
+        "image",
+        "jobNamespace",
+        "loadInclusterConfig",
+        "kubeconfigFile",
+        "envConfigMaps",
+    }
+    | {"envSecrets", "envVars", "volumes", "volumeMounts", "labels", "resources", "failPodOnRunFailure"}
+    | {"schedulerName", "securityContext", "runK8sConfig"},
+    "runLauncher.config.k8sRunLauncher.runK8sConfig": {
+        "containerConfig",
+        "podSpecConfig",
+        "podTemplateSpecMetadata",
+        "jobSpecConfig",
+        "jobMetadata",
+    },
+    "postgresql": {
+        "enabled",
+        "image",
+        "postgresqlHost",
+        "postgresqlUsername",
+        "postgresqlPassword",
+        "postgresqlDatabase",
+    }
+    | {"postgresqlParams", "postgresqlScheme", "service"},
+    "dagsterDaemon": {
+        "runCoordinator",
+        "runMonitoring",
+        "runRetries",
+        "env",
+        "envConfigMaps",
+        "envSecrets",
+        "resources",
+    }
+    | {"heartbeatTolerance", "sensors", "schedules", "backfills", "logFormat", "image", "annotations"},
+    "dagsterDaemon.runCoordinator": {"enabled", "type", "config"},
+    "dagsterDaemon.runCoordinator.config.queuedRunCoordinator": {
+        "maxConcurrentRuns",
+        "tagConcurrencyLimits",
+        "dequeueIntervalSeconds",
+        "dequeueUseThreads",
+    }
+    | {"dequeueNumWorkers", "blockOpConcurrencyLimitedRuns"},
+    "dagsterDaemon.runMonitoring": {
+        "enabled",
+        "startTimeoutSeconds",
+        "pollIntervalSeconds",
+        "cancelTimeoutSeconds",
+    }
+    | {"maxResumeRunAttempts", "freeSlotsAfterRunEndSeconds"},
+    "dagsterDaemon.runRetries": {"enabled", "maxRetries", "retryOnAssetOrOpFailure"},
+    "concurrency": {"enabled", "pools", "runs"},
+    "concurrency.pools": {"defaultLimit", "granularity", "opGranularityRunBuffer"},
+    "telemetry": {"enabled"},
+}
+
+
+def _section(values: dict, path: str) -> list[dict]:
+    found = [values]
+    for part in path.split("."):
+        many = part.endswith("[]")
+        found = [item.get(part.removesuffix("[]"), [] if many else {}) for item in found]
+        if many:
+            found = [entry for items in found for entry in items]
+    return found
+
+
+def test_helm_values_use_only_the_charts_keys_and_match_the_instance_yaml():
+    values = yaml.safe_load((DEPLOY / "helm" / "values.yaml").read_text())
+    assert set(values) <= {path.split(".", 1)[0] for path in CHART_KEYS}
+    for path, keys in CHART_KEYS.items():
+        for section in _section(values, path):
+            assert set(section) <= keys, f"{path}: keys the chart does not know: {set(section) - keys}"
+    assert values["runLauncher"]["type"] == "K8sRunLauncher"
+    assert values["postgresql"]["postgresqlScheme"] == "postgresql+psycopg2"
+    # the same production settings as deploy/dagster.yaml
+    instance = yaml.safe_load((DEPLOY / "dagster.yaml").read_text())
+    daemon = values["dagsterDaemon"]
+    assert daemon["runRetries"]["maxRetries"] == instance["run_retries"]["max_retries"]
+    assert (
+        daemon["runRetries"]["retryOnAssetOrOpFailure"]
+        is instance["run_retries"]["retry_on_asset_or_op_failure"]
+    )
+    assert (
+        daemon["runMonitoring"]["startTimeoutSeconds"] == instance["run_monitoring"]["start_timeout_seconds"]
+    )
+    assert values["concurrency"]["pools"]["defaultLimit"] == instance["concurrency"]["pools"]["default_limit"]
+    assert values["telemetry"]["enabled"] is instance["telemetry"]["enabled"] is False
+
+
+def test_heavy_assets_size_their_pods_and_run_in_their_pools():
+    from laion_assets.definitions import defs
+
+    graph = defs.get_repository_def().asset_graph
+    embed = graph.get(dg.AssetKey(names.CLIP_EMBEDDINGS_ASSET)).assets_def
+    download = graph.get(dg.AssetKey(names.DOWNLOADED_IMAGES_ASSET)).assets_def
+
+    def resources(asset: dg.AssetsDefinition) -> dict:  # Dagster keeps a tag's value as JSON text
+        return json.loads(asset.op.tags["dagster-k8s/config"])["container_config"]["resources"]
+
+    assert resources(embed)["limits"]["nvidia.com/gpu"] == "1"
+    cpu = resources(download)["requests"]
+    assert {"cpu", "memory"} <= set(cpu)
+    assert (embed.op.pool, download.op.pool) == (names.GPU_POOL, names.DOWNLOAD_POOL)
+
+
+def test_the_images_wheel_installs_and_loads_the_definitions(tmp_path):
+    """What deploy/Dockerfile does: build the wheel with no dependencies, install it, load the
+    definitions from it (outside the checkout) and find the packaged model and data files."""
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert "pip wheel --no-deps --wheel-dir /wheels ." in dockerfile
+    wheels = tmp_path / "wheels"
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(wheels), str(DEPLOY.parent)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    (wheel,) = wheels.glob("laion_assets-*.whl")
+    target = tmp_path / "site"
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    check = (
+        "import laion_assets, laion_assets.definitions as d; from laion_assets.demo import DEMO_CHECKPOINT; "
+        "from laion_assets.pipeline.pairs import CATEGORIES_FILE; from laion_assets.pipeline.clip import "
+        "MODEL_CONFIGS; print(laion_assets.__file__, len(d.defs.assets), DEMO_CHECKPOINT.is_file(), "
+        "CATEGORIES_FILE.is_file(), sorted(p.name for p in MODEL_CONFIGS.glob('*.json')))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    loaded = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    path, assets, checkpoint, categories, configs = loaded.stdout.split(" ", 4)
+    assert path.startswith(str(target)) and assets == "7" and checkpoint == categories == "True"
+    assert "laion-assets-tiny.json" in configs and "laion-assets-demo.json" in configs
