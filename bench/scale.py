@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,16 +38,36 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dagster as dg
-from moto.server import ThreadedMotoServer
 
 from laion_assets import names
 from laion_assets.pipeline import catalog, lineage, parallel, schemas
 from laion_assets.pipeline.card import write_card
 from laion_assets.pipeline.search import write_search_index
+from laion_assets.pipeline.shard_tar import TarShardWriter
 from laion_assets.pipeline.storage import CRAWL_METADATA, EMBEDDINGS, IMAGES, PAIRS, DatasetStore
-from laion_assets_tests.deployment import Deployment, Postgres, dagster_home, free_port
+from laion_assets_tests.deployment import Deployment, Postgres, dagster_home, free_port, wait_for
 
 BUCKET = "scale"
+
+
+def _tiny_jpeg() -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(out, "JPEG")
+    return out.getvalue()
+
+
+TINY_JPEG = _tiny_jpeg()
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def peak_mb() -> float:
@@ -138,6 +159,11 @@ def dataset_shard(shard: str, rows: int, rng: np.random.Generator) -> dict[str, 
         out = io.BytesIO()
         pq.write_table(table.replace_schema_metadata(footer), out)
         files[path] = out.getvalue()
+    tar = io.BytesIO()
+    with TarShardWriter(tar) as writer:
+        for key, caption in zip(keys, captions, strict=True):
+            writer.write(key, {"jpg": TINY_JPEG, "txt": caption.encode()})
+    files[PAIRS.tar(shard)] = tar.getvalue()
     return files
 
 
@@ -147,13 +173,19 @@ def main() -> None:
     parser.add_argument("--dataset-shards", type=int, default=5_000)
     parser.add_argument("--rows-per-dataset-shard", type=int, default=10)
     parser.add_argument("--submit-seconds", type=float, default=60)
+    parser.add_argument("--only-dataset", action="store_true", help="only the dataset-level assets")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores; shards {args.shards}; dataset shards {args.dataset_shards}")
 
     work = Path(tempfile.mkdtemp(prefix="laion-scale-"))
     s3_port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
-    moto.start()
+    # moto in a process of its own, so that it does not share this process's GIL with the clients
+    moto = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(lambda: _listening(s3_port), 60, "moto's S3 server")
     env = {
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
         "AWS_ACCESS_KEY_ID": "testing",
@@ -173,6 +205,9 @@ def main() -> None:
     store = DatasetStore(root)
     shard_names = [f"shard-{i:06d}" for i in range(args.shards)]
     try:
+        if args.only_dataset:
+            dataset_assets(store, args, s3)
+            return
         with dg.DagsterInstance.get() as instance:
             timed(
                 f"register {args.shards} partitions", instance.add_dynamic_partitions, "shards", shard_names
@@ -188,7 +223,7 @@ def main() -> None:
             deployment_figures(instance, work, args, shard_names)
     finally:
         postgres.stop()
-        moto.stop()
+        moto.terminate()
 
 
 def sensor_ticks(instance: dg.DagsterInstance, root: str, store: DatasetStore) -> None:
@@ -204,17 +239,18 @@ def sensor_ticks(instance: dg.DagsterInstance, root: str, store: DatasetStore) -
     first, seconds = timed("incoming sensor, first tick", tick, None)
     print(f"  {len(first.run_requests)} run requests, {len(first.run_requests) / seconds:.0f} files/s")
     timed("incoming sensor, a tick with nothing new", tick, first.cursor)
+    timed("  of which: listing incoming/", store.list, "incoming")
     sources = lineage.incoming_by_shard(store)
-    sample = dict(list(sources.items())[:2000])
+    sample = dict(list(sources.items())[:500])
     _, ours = timed(
-        "done rule over 2,000 shards (ours: a listing per layer)",
+        "done rule over 500 new shards (ours: a listing per layer)",
         lineage.stale_layers,
         store,
         sample,
         PER_SHARD_LAYERS,
     )
     _, peer = timed(
-        "done rule over 2,000 shards (peer: a request per shard and layer)",
+        "done rule over 500 new shards (peer: a request per shard and layer)",
         lambda: {
             s: [layer for layer in PER_SHARD_LAYERS if not store.exists(layer.parquet(s))] for s in sample
         },
@@ -231,6 +267,27 @@ def dataset_assets(store: DatasetStore, args, s3) -> None:
         for path, body in dataset_shard(shard, args.rows_per_dataset_shard, rng).items()
     ]
     timed(f"put {len(bodies)} shard files (setup)", put_objects, s3, bodies)
+    from laion_assets.defs.automation import PER_SHARD_LAYERS
+    from laion_assets.pipeline.storage import StoredFile
+
+    stored = {shard: StoredFile(f"{shard}.parquet", 1, "x") for shard in shards}  # as dataset_shard records
+    _, ours = timed(
+        f"done rule over {len(stored)} stored shards (32 footer reads in flight)",
+        lineage.stale_layers,
+        store,
+        stored,
+        PER_SHARD_LAYERS,
+    )
+    sample = dict(list(stored.items())[:500])
+    with parallel_reads(1):
+        _, peer = timed(
+            "  500 of them, one footer read at a time (peer)",
+            lineage.stale_layers,
+            store,
+            sample,
+            PER_SHARD_LAYERS,
+        )
+    print(f"  ratio per shard {peer / len(sample) / (ours / len(stored)):.1f}x", flush=True)
     timed(
         "catalog (views over every layer)",
         catalog.write_catalog,
@@ -279,10 +336,11 @@ def deployment_figures(instance: dg.DagsterInstance, work: Path, args, shard_nam
         }
         answer, _ = timed(f"launch a job backfill of {len(shard_names)} shards", _launch, deployment, params)
         print(f"  answer: {str(answer)[:200]}")
-        start, before = time.time(), len(instance.get_run_ids())
+        backfill = dg.RunsFilter(tags={"dagster/backfill": answer.get("backfillId", "")})
+        first = wait_for(lambda: instance.get_runs_count(backfill) > 0 and time.time(), 300, "the first run")
         time.sleep(args.submit_seconds)
-        submitted = len(instance.get_run_ids()) - before
-        rate = submitted / (time.time() - start)
+        submitted = instance.get_runs_count(backfill)
+        rate = submitted / (time.time() - first)
         print(
             f"daemon submission: {submitted} runs in {args.submit_seconds:.0f} s = {rate:.1f} runs/s; "
             f"{len(shard_names)} one-shard runs take {len(shard_names) / max(rate, 1e-9) / 3600:.1f} h "

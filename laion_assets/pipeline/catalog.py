@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import duckdb
 
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.storage import CATALOG, SHARD_LAYERS, DatasetStore, S3Settings
+from laion_assets.pipeline.storage import CATALOG, CRAWL_METADATA, SHARD_LAYERS, DatasetStore, S3Settings
 
 
 def httpfs_extension_path() -> Path:
@@ -115,10 +115,13 @@ def create_views(connection: duckdb.DuckDBPyConnection, store: DatasetStore) -> 
         if not any(f.name.endswith(".parquet") for f in store.list(layer.name)):
             continue
         pattern = quote_literal(store.url(layer.parquet_glob))
-        # union_by_name: URL lists pass their own extra columns through, so shards may differ
+        # URL lists pass their own extra columns through, so crawl_metadata shards may differ and need
+        # union_by_name, which reads every file's footer when the view is bound. The other layers have
+        # one schema: their views read a footer only when a query reads that file.
+        union = "true" if layer == CRAWL_METADATA else "false"
         connection.execute(
             f"CREATE OR REPLACE VIEW {layer.name} AS "
-            f"SELECT * FROM read_parquet('{pattern}', union_by_name = true)"
+            f"SELECT * FROM read_parquet('{pattern}', union_by_name = {union})"
         )
         created.append(layer.name)
     return created

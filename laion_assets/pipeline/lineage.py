@@ -43,6 +43,8 @@ def stale_layers(
 
     One listing per layer, then the footers of the files that exist, read in parallel: over 41,000
     shards on S3 that is seconds, where a round trip per shard and layer would be many minutes."""
+    if not sources:
+        return {}
     listed = {layer: {f.name for f in store.list(layer.name)} for layer in layers}
     present = [(shard, layer) for shard in sources for layer in layers if f"{shard}.parquet" in listed[layer]]
     made_from = dict(

@@ -89,56 +89,69 @@ def gather_stats(store: DatasetStore, settings: CardSettings) -> CardStats:
 def _stats(
     connection: duckdb.DuckDBPyConnection, shards: list[ShardRecord], settings: CardSettings
 ) -> CardStats:
+    """One pass over each layer's files (two over pairs, for the samples): each pass groups what the card
+    counts into a small table, and the card's queries read those, not the store again."""
+
     def rows(sql: str, *params: object) -> list[tuple]:
         return connection.execute(sql, list(params)).fetchall()
 
-    def count(sql: str) -> int:
-        return rows(sql)[0][0]
-
-    statuses = dict(rows("SELECT status, count(*) FROM images GROUP BY 1"))
-    nsfw = dict(rows("SELECT nsfw, count(*) FROM pairs GROUP BY 1"))
-    licenses = rows(
-        "SELECT coalesce(license, '(none)') AS license, count(*) AS n FROM pairs "
-        "GROUP BY 1 ORDER BY n DESC, license"
+    # error_class and url_host are the downloader's own functions (schemas.py), registered by connect
+    connection.execute(
+        "CREATE TEMP TABLE card_images AS SELECT status, "
+        "CASE WHEN error_message <> '' THEN error_class(error_message) END AS error, "
+        "CASE WHEN list_contains($failures, status) THEN url_host(url) END AS host, "
+        "CASE WHEN status = $success THEN least(original_width // $bin, $last) END AS width_bin, "
+        "CASE WHEN status = $success THEN least(original_height // $bin, $last) END AS height_bin, "
+        "count(*) AS n FROM images GROUP BY ALL",
+        {
+            "failures": list(schemas.FAILURES),
+            "success": schemas.SUCCESS,
+            "bin": SIZE_BIN,
+            "last": SIZE_BINS - 1,
+        },
     )
+    statuses = dict(rows("SELECT status, sum(n)::BIGINT FROM card_images GROUP BY 1"))
+    connection.execute(
+        "CREATE TEMP TABLE card_pairs AS SELECT nsfw, coalesce(license, '(none)') AS license, count(*) AS n "
+        "FROM pairs GROUP BY ALL"
+    )
+    licenses = rows("SELECT license, sum(n)::BIGINT AS n FROM card_pairs GROUP BY 1 ORDER BY n DESC, license")
     rest = sum(n for _, n in licenses[settings.top_n :])
-    size_bins = {
-        column: rows(
-            f"SELECT least({column} // ?, ?) AS bin, count(*) FROM images "
-            f"WHERE status = ? AND {column} IS NOT NULL GROUP BY 1 ORDER BY 1",
-            SIZE_BIN,
-            SIZE_BINS - 1,
-            schemas.SUCCESS,
-        )
-        for column in ("original_width", "original_height")
-    }
+    similarity_bins = rows(
+        "SELECT floor(similarity / ?)::BIGINT AS bin, count(*) FROM embeddings GROUP BY 1 ORDER BY 1",
+        SIMILARITY_BIN,
+    )
+    sources = rows("SELECT source_file, count(*) FROM crawl_metadata GROUP BY 1 ORDER BY 1")
     return CardStats(
         shards=shards,
-        crawl_rows=count("SELECT count(*) FROM crawl_metadata"),
+        crawl_rows=sum(n for _, n in sources),
         downloaded=statuses.get(schemas.SUCCESS, 0),
-        embedded=count("SELECT count(*) FROM embeddings"),
-        pairs=count("SELECT count(*) FROM pairs"),
-        sources=rows("SELECT source_file, count(*) FROM crawl_metadata GROUP BY 1 ORDER BY 1"),
+        embedded=sum(n for _, n in similarity_bins),
+        pairs=sum(n for _, n in licenses),
+        sources=sources,
         statuses=_in_order(statuses, schemas.STATUSES),
-        # error_class and url_host are the downloader's own functions (schemas.py), registered by connect
         top_errors=rows(
-            "SELECT error_class(error_message) AS error, count(*) AS n FROM images "
-            "WHERE error_message <> '' GROUP BY 1 ORDER BY n DESC, error LIMIT ?",
+            "SELECT error, sum(n)::BIGINT AS n FROM card_images WHERE error IS NOT NULL "
+            "GROUP BY 1 ORDER BY n DESC, error LIMIT ?",
             settings.top_n,
         ),
         top_hosts=rows(
-            "SELECT url_host(url) AS host, count(*) AS n "
-            "FROM images WHERE list_contains(?, status) GROUP BY 1 ORDER BY n DESC, host LIMIT ?",
-            list(schemas.FAILURES),
+            "SELECT host, sum(n)::BIGINT AS n FROM card_images WHERE host IS NOT NULL "
+            "GROUP BY 1 ORDER BY n DESC, host LIMIT ?",
             settings.top_n,
         ),
-        nsfw=_in_order(nsfw, schemas.NSFW_TAGS),
-        licenses=licenses[: settings.top_n] + ([("(other licences)", rest)] if rest else []),
-        similarity_bins=rows(
-            "SELECT floor(similarity / ?)::BIGINT AS bin, count(*) FROM embeddings GROUP BY 1 ORDER BY 1",
-            SIMILARITY_BIN,
+        nsfw=_in_order(
+            dict(rows("SELECT nsfw, sum(n)::BIGINT FROM card_pairs GROUP BY 1")), schemas.NSFW_TAGS
         ),
-        size_bins=size_bins,
+        licenses=licenses[: settings.top_n] + ([("(other licences)", rest)] if rest else []),
+        similarity_bins=similarity_bins,
+        size_bins={
+            f"original_{column}": rows(
+                f"SELECT {column}_bin, sum(n)::BIGINT FROM card_images WHERE {column}_bin IS NOT NULL "
+                "GROUP BY 1 ORDER BY 1"
+            )
+            for column in ("width", "height")
+        },
         samples=rows("SELECT key, caption FROM pairs ORDER BY md5(key), key LIMIT ?", settings.grid_samples),
     )
 
