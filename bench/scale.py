@@ -21,6 +21,7 @@ Prints seconds, rates and peak memory (this process's RSS; the servers are other
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -45,7 +47,7 @@ from laion_assets.pipeline.card import write_card
 from laion_assets.pipeline.search import write_search_index
 from laion_assets.pipeline.shard_tar import TarShardWriter
 from laion_assets.pipeline.storage import CRAWL_METADATA, EMBEDDINGS, IMAGES, PAIRS, DatasetStore
-from laion_assets_tests.deployment import Deployment, Postgres, dagster_home, free_port, wait_for
+from laion_assets_tests.deployment import Deployment, Postgres, dagster_home, free_port, listening, wait_for
 
 BUCKET = "scale"
 
@@ -61,13 +63,6 @@ def _tiny_jpeg() -> bytes:
 
 
 TINY_JPEG = _tiny_jpeg()
-
-
-def _listening(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def peak_mb() -> float:
@@ -87,17 +82,14 @@ def put_objects(s3, keys_and_bodies: list[tuple[str, bytes]]) -> None:
         list(pool.map(lambda kb: s3.put_object(Bucket=BUCKET, Key=kb[0], Body=kb[1]), keys_and_bodies))
 
 
-class parallel_reads:
-    """Sets how many store reads the pipeline has in flight, for the peer runs."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __enter__(self):
-        self.saved, parallel.STORE_READS = parallel.STORE_READS, self.n
-
-    def __exit__(self, *exc):
-        parallel.STORE_READS = self.saved
+@contextlib.contextmanager
+def parallel_reads(n: int) -> Iterator[None]:
+    """The pipeline's store reads in flight set to `n`, for the peer runs."""
+    saved, parallel.STORE_READS = parallel.STORE_READS, n
+    try:
+        yield
+    finally:
+        parallel.STORE_READS = saved
 
 
 def dataset_shard(shard: str, rows: int, rng: np.random.Generator) -> dict[str, bytes]:
@@ -185,7 +177,7 @@ def main() -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    wait_for(lambda: _listening(s3_port), 60, "moto's S3 server")
+    wait_for(lambda: listening(s3_port), 60, "moto's S3 server")
     env = {
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
         "AWS_ACCESS_KEY_ID": "testing",
@@ -294,7 +286,7 @@ def dataset_assets(store: DatasetStore, args, s3) -> None:
         store,
         str(Path(tempfile.mkdtemp()) / "c.duckdb"),
     )
-    _, ours = timed("search_index (32 reads in flight)", write_search_index, store)
+    _, ours = timed("search_index (8 shards in flight)", write_search_index, store)
     with parallel_reads(1):
         _, peer = timed("search_index (peer: one read at a time)", write_search_index, store)
     print(f"  ratio {peer / ours:.1f}x", flush=True)

@@ -66,7 +66,7 @@ def run_pipeline(
         known = set(instance.get_dynamic_partitions(shards.name))
         instance.add_dynamic_partitions(shards.name, [s for s in sources if s not in known])
         per_shard = [a for a in PER_SHARD_ASSETS if a in assets]
-        stale = stale_layers(store, sources, [layer_of(a) for a in per_shard])
+        stale = {} if force else stale_layers(store, sources, [layer_of(a) for a in per_shard])
         for shard in sources:
             todo = per_shard if force else [a for a in per_shard if layer_of(a) in stale[shard]]
             outcome = (

@@ -33,6 +33,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listening(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:`port`."""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.5):
     """The first truthy value of `condition()`, polled until `timeout` seconds; AssertionError after."""
     deadline = time.monotonic() + timeout
@@ -158,7 +164,7 @@ class Deployment:
             "--location-name",
             "laion_assets",
         )
-        wait_for(self._code_server_up, 120, "the code server")
+        wait_for(lambda: listening(self.code_port), 120, "the code server")
         self._start(
             "webserver",
             str(BIN / "dagster-webserver"),
@@ -178,10 +184,6 @@ class Deployment:
 
     def log(self, name: str) -> str:
         return (self.folder / f"{name}.log").read_text(errors="replace")
-
-    def _code_server_up(self) -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", self.code_port)) == 0
 
     def _webserver_up(self) -> bool:
         try:

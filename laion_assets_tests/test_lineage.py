@@ -16,12 +16,14 @@ def test_a_shard_is_done_when_every_layer_was_made_from_the_current_source(root)
 
     store.write_parquet(CRAWL_METADATA.parquet("a"), ROW, metadata=source_footer(source))
     store.write_parquet(
-        IMAGES.parquet("a"), ROW, metadata=inherited_footer(store, CRAWL_METADATA.parquet("a"))
+        IMAGES.parquet("a"), ROW, metadata=inherited_footer(store.read_parquet(CRAWL_METADATA.parquet("a")))
     )
     assert stale_layers(store, {"a": source}, layers)["a"] == [EMBEDDINGS]
     store.write_parquet(EMBEDDINGS.parquet("a"), ROW)  # a file that does not say what it was made from
     assert stale_layers(store, {"a": source}, layers)["a"] == [EMBEDDINGS]
-    store.write_parquet(EMBEDDINGS.parquet("a"), ROW, metadata=inherited_footer(store, IMAGES.parquet("a")))
+    store.write_parquet(
+        EMBEDDINGS.parquet("a"), ROW, metadata=inherited_footer(store.read_parquet(IMAGES.parquet("a")))
+    )
     assert stale_layers(store, {"a": source}, layers)["a"] == []
 
     # The images were made from an older crawl: they and everything after them are stale.

@@ -9,16 +9,14 @@ from pathlib import Path
 T = typing.TypeVar("T")
 
 
-def settings_from(config: object, settings_type: type[T], **overrides: object) -> T:
+def settings_from(config: object, settings_type: type[T]) -> T:
     """The pipeline settings `settings_type` made from the same-named fields of a `dg.Config` or resource
     (lists become the tuples the settings hold)."""
     values = {}
     for field in dataclasses.fields(settings_type):
-        if field.name in overrides:
-            continue
         value = getattr(config, field.name)
         values[field.name] = tuple(value) if isinstance(value, list) else value
-    return settings_type(**values, **overrides)
+    return settings_type(**values)
 
 
 RUN_CONFIG_ENV = "LAION_ASSETS_RUN_CONFIG"

@@ -110,9 +110,7 @@ def write_images(
             previous = (store.read_parquet(parquet_path), stack.enter_context(store.open(tar_path)))
         tar_out = stack.enter_context(store.atomic_write(tar_path))
         result = download_shard(crawl, settings, tar_out, previous, progress)
-    store.write_parquet(
-        parquet_path, result.table, metadata=inherited_footer(store, CRAWL_METADATA.parquet(shard))
-    )
+    store.write_parquet(parquet_path, result.table, metadata=inherited_footer(crawl))
     return result
 
 

@@ -11,7 +11,7 @@ import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, TypeVar
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -29,9 +29,6 @@ from laion_assets.pipeline.parallel import ordered_map
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import EMBEDDINGS, IMAGES, DatasetStore
 
-T = TypeVar("T")
-R = TypeVar("R")
-
 
 @dataclass
 class EmbedResult:
@@ -47,7 +44,7 @@ def write_embeddings(
     images = store.read_parquet(IMAGES.parquet(shard))
     with store.open(IMAGES.tar(shard)) as tar:
         result = embed_shard(images, tar, encoder, batch_size, workers)
-    footer = {**inherited_footer(store, IMAGES.parquet(shard)), **encoder.identity.footer()}
+    footer = {**inherited_footer(images), **encoder.identity.footer()}
     store.write_parquet(EMBEDDINGS.parquet(shard), result.table, metadata=footer)
     return result
 

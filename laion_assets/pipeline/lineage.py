@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 
+import pyarrow as pa
+
 from laion_assets import names
 from laion_assets.pipeline.parallel import store_map
 from laion_assets.pipeline.sources import parse_source_name
-from laion_assets.pipeline.storage import INCOMING, DatasetStore, Layer, StoredFile
+from laion_assets.pipeline.storage import INCOMING, DatasetStore, Layer, StoredFile, footer
 
 
 def source_footer(file: StoredFile) -> dict[str, str]:
@@ -23,9 +25,9 @@ def source_footer(file: StoredFile) -> dict[str, str]:
     return {names.SOURCE_FOOTER: json.dumps({"file": file.name, "fingerprint": file.fingerprint})}
 
 
-def inherited_footer(store: DatasetStore, upstream: str) -> dict[str, str]:
-    """The source entry of the parquet `upstream` (under the root), for a file made from it."""
-    source = store.parquet_metadata(upstream).get(names.SOURCE_FOOTER)
+def inherited_footer(upstream: pa.Table) -> dict[str, str]:
+    """The source entry of `upstream`, a table read from the layer before, for a file made from it."""
+    source = footer(upstream.schema).get(names.SOURCE_FOOTER)
     return {names.SOURCE_FOOTER: source} if source else {}
 
 

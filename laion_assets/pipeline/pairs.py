@@ -43,6 +43,7 @@ from laion_assets.pipeline.storage import (
     PAIRS,
     PAIRS_EMBEDDINGS,
     DatasetStore,
+    footer,
 )
 from laion_assets.pipeline.tables import keep_first
 
@@ -127,8 +128,8 @@ def write_pairs(
 
     Raises ModelMismatch when the embeddings come from another model or other weights than `encoder`'s,
     which embeds the NSFW categories they are compared with."""
-    embeddings_path = EMBEDDINGS.parquet(shard)
-    embeddings_footer = store.parquet_metadata(embeddings_path)  # its source and model
+    embeddings = store.read_parquet(EMBEDDINGS.parquet(shard))
+    embeddings_footer = footer(embeddings.schema)  # its source and model
     made_by = ModelIdentity.from_footer(embeddings_footer)
     if made_by is not None:
         made_by.require(
@@ -140,24 +141,18 @@ def write_pairs(
         )
     crawl = store.read_parquet(CRAWL_METADATA.parquet(shard))
     categories = NsfwCategories.load(lambda texts: encoder.encode_texts(texts).cpu().numpy())
-    result = build_pairs(
-        crawl,
-        store.read_parquet(IMAGES.parquet(shard)),
-        store.read_parquet(embeddings_path),
-        settings,
-        categories,
-    )
+    result = build_pairs(crawl, store.read_parquet(IMAGES.parquet(shard)), embeddings, settings, categories)
     with contextlib.ExitStack() as stack:
         images_tar = stack.enter_context(store.open(IMAGES.tar(shard)))
         out = stack.enter_context(store.atomic_write(PAIRS.tar(shard)))
         result.samples_in_tar = write_pairs_tar(images_tar, result.table, out)
-    footer = {
-        **inherited_footer(store, embeddings_path),
+    pairs_footer = {
+        **inherited_footer(embeddings),
         names.PAIRS_SETTINGS_FOOTER: json.dumps(dataclasses.asdict(settings)),
         names.PAIRS_FUNNEL_FOOTER: json.dumps({"rows_in": result.rows_in, "removed": result.removed}),
         names.PROVENANCE_FOOTER: json.dumps(_provenance(shard, crawl, run_id)),
     }
-    store.write_parquet(PAIRS.parquet(shard), result.table, metadata=footer)
+    store.write_parquet(PAIRS.parquet(shard), result.table, metadata=pairs_footer)
     if write_embeddings:
         store.write_parquet(PAIRS_EMBEDDINGS.parquet(shard), result.embeddings, metadata=embeddings_footer)
     return result

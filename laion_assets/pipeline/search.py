@@ -23,7 +23,7 @@ from laion_assets.pipeline import schemas
 from laion_assets.pipeline.clip import ModelIdentity, ModelMismatch
 from laion_assets.pipeline.pairs import stored_pair_shards
 from laion_assets.pipeline.parallel import store_map
-from laion_assets.pipeline.storage import EMBEDDINGS, PAIRS, SEARCH_INDEX, DatasetStore
+from laion_assets.pipeline.storage import EMBEDDINGS, PAIRS, SEARCH_INDEX, DatasetStore, footer
 
 EXACT_SEARCH_ROWS = 1_000_000  # up to here exact search answers in about 0.1 s on two cores (D = 512)
 _ROWS = ["key", "url", "caption"]
@@ -140,7 +140,7 @@ class SearchIndex:
         with store.open(SEARCH_INDEX) as f:
             parquet = pq.ParquetFile(f)
             schema = parquet.schema_arrow
-            metadata = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+            metadata = footer(schema)
             dim = schema.field("image_embedding").type.list_size
             vectors = np.empty((parquet.metadata.num_rows, dim), np.float32)
             start = 0

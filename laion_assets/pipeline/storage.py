@@ -45,10 +45,6 @@ class Layer:
             raise ValueError(f"layer {self.name} has no tar files")
         return f"{self.name}/{shard}.tar"
 
-    def files(self, shard: str) -> list[str]:
-        """Every file of `shard` in this layer."""
-        return [self.parquet(shard), *([self.tar(shard)] if self.has_tar else [])]
-
     @property
     def parquet_glob(self) -> str:
         return f"{self.name}/*.parquet"
@@ -176,8 +172,7 @@ class DatasetStore:
     def parquet_metadata(self, relpath: str) -> dict[str, str]:
         """The file's key-value metadata (what `write_parquet(metadata=...)` stored), from the footer only."""
         with self.open(relpath) as f:
-            metadata = pq.read_schema(f).metadata or {}
-        return {k.decode(): v.decode() for k, v in metadata.items()}
+            return footer(pq.read_schema(f))
 
     # writing
 
@@ -225,6 +220,11 @@ class DatasetStore:
     def remove(self, relpath: str) -> None:
         if self.exists(relpath):
             self.fs.rm(self.path(relpath))
+
+
+def footer(schema: pa.Schema) -> dict[str, str]:
+    """A parquet file's key-value metadata, as `write_parquet(metadata=...)` took it."""
+    return {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
 
 
 def _fingerprint(entry: dict) -> str:
