@@ -36,12 +36,14 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pyarrow as pa
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dagster as dg
 
 from laion_assets import names
+from laion_assets.defs.partitions import SHARDS_PER_RUN_ENV
 from laion_assets.pipeline import catalog, lineage, parallel, schemas
 from laion_assets.pipeline.card import write_card
 from laion_assets.pipeline.search import write_search_index
@@ -165,7 +167,9 @@ def main() -> None:
     parser.add_argument("--dataset-shards", type=int, default=5_000)
     parser.add_argument("--rows-per-dataset-shard", type=int, default=10)
     parser.add_argument("--submit-seconds", type=float, default=60)
+    parser.add_argument("--shards-per-run", type=int, default=8)
     parser.add_argument("--only-dataset", action="store_true", help="only the dataset-level assets")
+    parser.add_argument("--no-dataset", action="store_true", help="all but the dataset-level assets")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores; shards {args.shards}; dataset shards {args.dataset_shards}")
 
@@ -211,7 +215,10 @@ def main() -> None:
                 [(f"laion/incoming/{s}.csv", b"url,caption\n") for s in shard_names],
             )
             sensor_ticks(instance, root, store)
-            dataset_assets(store, args, s3)
+            # The incoming files go again, so that the deployments below time the backfills alone.
+            store.fs.rm(store.path("incoming"), recursive=True)
+            if not args.no_dataset:
+                dataset_assets(store, args, s3)
             deployment_figures(instance, work, args, shard_names)
     finally:
         postgres.stop()
@@ -298,6 +305,7 @@ def dataset_assets(store: DatasetStore, args, s3) -> None:
 
 LAUNCH = """mutation L($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) {
   __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }"""
+CANCEL = """mutation C($id: String!) { cancelPartitionBackfill(backfillId: $id) { __typename } }"""
 STATUSES = """query S($k: AssetKeyInput!) { assetNodeOrError(assetKey: $k) { ... on AssetNode {
   assetPartitionStatuses { __typename ... on DefaultPartitionStatuses { materializedPartitions
   failedPartitions unmaterializedPartitions materializingPartitions } } } } }"""
@@ -319,28 +327,70 @@ def deployment_figures(instance: dg.DagsterInstance, work: Path, args, shard_nam
             "asset backfill with partitionsByAssets + range (10 shards)", _launch, deployment, ranged
         )
         print(f"  answer: {answer}")
-        params = {
-            "selector": {
-                "partitionSetName": f"{names.SHARD_JOB}_partition_set",
-                "repositorySelector": repository,
-            },
-            "partitionNames": shard_names,
-        }
-        answer, _ = timed(f"launch a job backfill of {len(shard_names)} shards", _launch, deployment, params)
-        print(f"  answer: {str(answer)[:200]}")
-        backfill = dg.RunsFilter(tags={"dagster/backfill": answer.get("backfillId", "")})
-        first = wait_for(lambda: instance.get_runs_count(backfill) > 0 and time.time(), 300, "the first run")
-        time.sleep(args.submit_seconds)
-        submitted = instance.get_runs_count(backfill)
-        rate = submitted / (time.time() - first)
-        print(
-            f"daemon submission: {submitted} runs in {args.submit_seconds:.0f} s = {rate:.1f} runs/s; "
-            f"{len(shard_names)} one-shard runs take {len(shard_names) / max(rate, 1e-9) / 3600:.1f} h "
-            "to submit",
-            flush=True,
-        )
     finally:
         deployment.stop()
+    # The daemon creating the runs of a backfill over every shard: one at a time as Dagster does by
+    # default (the peer), with deploy/dagster.yaml's submit threads, and with runs of several shards.
+    threaded = os.environ["DAGSTER_HOME"]
+    serial = serial_home(Path(threaded), work / "serial")
+    for label, home, per_run in (
+        ("one at a time (Dagster's default)", serial, 1),
+        ("8 submit threads (deploy/dagster.yaml)", threaded, 1),
+        (f"8 submit threads, {args.shards_per_run} shards per run", threaded, args.shards_per_run),
+    ):
+        env = {**os.environ, "DAGSTER_HOME": str(home), SHARDS_PER_RUN_ENV: str(per_run)}
+        folder = work / f"submit-{per_run}-{Path(home).name}"
+        folder.mkdir()
+        deployment = Deployment(folder, env).start()
+        try:
+            submission(instance, deployment, repository, shard_names, label, per_run, args.submit_seconds)
+        finally:
+            deployment.stop()
+
+
+def serial_home(home: Path, folder: Path) -> Path:
+    """A DAGSTER_HOME like `home` whose daemon creates and launches runs one at a time."""
+    instance = yaml.safe_load((home / "dagster.yaml").read_text())
+    for section in ("sensors", "backfills"):
+        instance.pop(section)
+    instance["run_coordinator"].pop("config")
+    folder.mkdir(parents=True)
+    (folder / "dagster.yaml").write_text(yaml.safe_dump(instance))
+    return folder
+
+
+def submission(
+    instance: dg.DagsterInstance,
+    deployment: Deployment,
+    repository: dict,
+    shard_names: list[str],
+    label: str,
+    per_run: int,
+    seconds: float,
+) -> None:
+    """How fast the daemon creates the runs of a job backfill over `shard_names`, then cancels it."""
+    params = {
+        "selector": {
+            "partitionSetName": f"{names.SHARD_JOB}_partition_set",
+            "repositorySelector": repository,
+        },
+        "partitionNames": shard_names,
+    }
+    answer, _ = timed(f"launch a job backfill of {len(shard_names)} shards", _launch, deployment, params)
+    backfill_id = answer["backfillId"]
+    backfill = dg.RunsFilter(tags={"dagster/backfill": backfill_id})
+    first = wait_for(lambda: instance.get_runs_count(backfill) > 0 and time.time(), 300, "the first run")
+    time.sleep(seconds)
+    submitted = instance.get_runs_count(backfill)
+    rate = submitted / (time.time() - first)
+    deployment.graphql(CANCEL, {"id": backfill_id})
+    shards_per_s = rate * per_run
+    print(
+        f"daemon submission, {label}: {submitted} runs in {seconds:.0f} s = {rate:.1f} runs/s, "
+        f"{shards_per_s:.1f} shards/s: {len(shard_names)} shards take "
+        f"{len(shard_names) / max(shards_per_s, 1e-9) / 3600:.2f} h to submit",
+        flush=True,
+    )
 
 
 def _launch(deployment: Deployment, params: dict) -> dict:

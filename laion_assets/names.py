@@ -32,7 +32,7 @@ GPU_POOL = "gpu"  # clip_embeddings: one slot per GPU
 DOWNLOAD_POOL = "download"  # downloaded_images: how many shards download at once
 
 # Run tags
-SOURCE_FILE_TAG = "laion_assets/source_file"  # the incoming file a sensor run was started for
+SOURCE_FILE_TAG = "laion_assets/source_file"  # the incoming file of a sensor run; `first..last` for several
 TRIGGER_TAG = "laion_assets/trigger"  # new | changed | catch-up | cli
 # Asset definition metadata: the store layer (folder) an asset writes its shard files into.
 LAYER_METADATA = "laion_assets/layer"

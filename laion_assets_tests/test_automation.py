@@ -4,10 +4,12 @@ from pathlib import Path
 
 import dagster as dg
 import duckdb
+import pytest
 
 from laion_assets.definitions import build_definitions
 from laion_assets.defs.automation import catch_up_schedule, incoming_files_sensor
-from laion_assets.defs.partitions import shards
+from laion_assets.defs.checks import over_shards
+from laion_assets.defs.partitions import SHARDS_PER_RUN_ENV, shards, shards_per_run
 from laion_assets.defs.resources import DatasetStoreResource, build_resources
 from laion_assets.names import SOURCE_FILE_TAG
 from laion_assets.pipeline.storage import SEARCH_INDEX, DatasetStore
@@ -191,3 +193,70 @@ def test_new_files_flow_to_pairs_card_and_catalog_and_a_failed_shard_is_caught_u
         tar.rmdir()
         assert all(run_shard(r) for r in caught_up)
         assert isinstance(_schedule(instance, local_root), dg.SkipReason)
+
+
+def test_new_shards_share_runs_of_shards_per_run_and_each_is_materialised(local_root, web, monkeypatch):
+    """With LAION_ASSETS_SHARDS_PER_RUN=2, consecutive new shards share a run (a partition range); a run
+    over a range materialises each of its shards, with one check evaluation for the range."""
+    monkeypatch.setenv(SHARDS_PER_RUN_ENV, "2")
+    store = DatasetStore(local_root)
+    red = web.url("/img/red.jpg")
+    for shard in "abcde":
+        line = f"{red},a red square named {shard}"
+        store.write_bytes(f"incoming/{shard}.csv", f"url,caption\n{line}\n".encode())
+    config = local_web_config()
+    config["ops"]["filtered_pairs"] = {"config": {"min_similarity": -1.0, "drop_minors": False}}
+    # c is done in the store already: it gets a partition and no run, so a-b and d-e are the ranges
+    assert materialize_shard(dg.DagsterInstance.ephemeral(), local_root, "c", config).success
+    definitions = build_definitions(local_root, TINY_CLIP)
+    job = definitions.resolve_job_def("shard_pipeline")
+    with dg.instance_for_test() as instance:
+        first = _tick(instance, local_root, None)
+        assert instance.get_dynamic_partitions(shards.name) == list("abcde")
+        ranges = [
+            (r.tags["dagster/asset_partition_range_start"], r.tags["dagster/asset_partition_range_end"])
+            for r in first.run_requests
+        ]
+        assert ranges == [("a", "b"), ("d", "e")]
+        assert [r.tags[SOURCE_FILE_TAG] for r in first.run_requests] == ["a.csv..b.csv", "d.csv..e.csv"]
+        assert all(r.partition_key is None for r in first.run_requests)
+
+        for request in first.run_requests:  # as a run worker runs it: the range from the tags
+            result = job.execute_in_process(instance=instance, run_config=config, tags=request.tags)
+            checks = result.get_asset_check_evaluations()
+            assert len(checks) == 3 and all(c.passed for c in checks)
+        for asset in ("crawl_metadata", "downloaded_images", "clip_embeddings", "filtered_pairs"):
+            assert instance.get_materialized_partitions(dg.AssetKey(asset)) == {"a", "b", "d", "e"}
+        event = instance.get_latest_materialization_event(dg.AssetKey("downloaded_images"))
+        metadata = event.asset_materialization.metadata
+        assert metadata["shards_in_run"].value == 2
+        rows = {r.data["shard"]: r.data for r in metadata["shards"].value.records}
+        assert set(rows) == {"d", "e"} and rows["d"]["dagster/row_count"] == 1
+        assert rows["d"]["status/success"] == 1
+        assert store.read_parquet("pairs/e.parquet").column("caption").to_pylist() == ["a red square named e"]
+
+        # A changed file of a known shard runs alone: its neighbours need not run.
+        store.write_bytes("incoming/b.csv", f"url,caption\n{web.url('/img/blue.webp')},b again\n".encode())
+        (again,) = _tick(instance, local_root, first.cursor).run_requests
+        assert again.partition_key == "b" and again.tags["laion_assets/trigger"] == "changed"
+
+
+def test_a_check_over_several_shards_passes_only_if_each_does_and_names_those_that_fail():
+    results = {
+        "a": dg.AssetCheckResult(passed=True),
+        "b": dg.AssetCheckResult(passed=False, description="shard b: 1 missing"),
+        "c": dg.AssetCheckResult(passed=False, description="shard c: 2 extra"),
+    }
+    combined = over_shards(results)
+    assert not combined.passed
+    assert combined.metadata["failed_shards"].value == ["b", "c"]
+    assert combined.description == "shard b: 1 missing; shard c: 2 extra"
+    assert over_shards({"a": results["a"]}) is results["a"]
+    assert over_shards({"a": results["a"], "x": dg.AssetCheckResult(passed=True)}).passed
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5"])
+def test_shards_per_run_must_be_a_whole_number(monkeypatch, value):
+    monkeypatch.setenv(SHARDS_PER_RUN_ENV, value)
+    with pytest.raises(ValueError, match=SHARDS_PER_RUN_ENV):
+        shards_per_run()

@@ -351,6 +351,8 @@ CHART_KEYS = {
     }
     | {"maxResumeRunAttempts", "freeSlotsAfterRunEndSeconds"},
     "dagsterDaemon.runRetries": {"enabled", "maxRetries", "retryOnAssetOrOpFailure"},
+    "dagsterDaemon.sensors": {"useThreads", "numWorkers", "numSubmitWorkers"},
+    "dagsterDaemon.backfills": {"useThreads", "numWorkers", "numSubmitWorkers"},
     "concurrency": {"enabled", "pools", "runs"},
     "concurrency.pools": {"defaultLimit", "granularity", "opGranularityRunBuffer"},
     "telemetry": {"enabled"},
@@ -387,7 +389,37 @@ def test_helm_values_use_only_the_charts_keys_and_match_the_instance_yaml():
         daemon["runMonitoring"]["startTimeoutSeconds"] == instance["run_monitoring"]["start_timeout_seconds"]
     )
     assert values["concurrency"]["pools"]["defaultLimit"] == instance["concurrency"]["pools"]["default_limit"]
+    queue = daemon["runCoordinator"]["config"]["queuedRunCoordinator"]
+    assert queue["dequeueNumWorkers"] == instance["run_coordinator"]["config"]["dequeue_num_workers"]
+    for section in ("sensors", "backfills"):
+        assert daemon[section] == {
+            "useThreads": instance[section]["use_threads"],
+            "numWorkers": instance[section]["num_workers"],
+            "numSubmitWorkers": instance[section]["num_submit_workers"],
+        }
     assert values["telemetry"]["enabled"] is instance["telemetry"]["enabled"] is False
+
+
+@pytest.mark.parametrize(
+    ("value", "executor"),
+    [(None, "in_process"), ("in_process", "in_process"), ("multiprocess", "multiprocess"), ("k8s", "k8s")],
+)
+def test_the_executor_is_chosen_by_the_environment(monkeypatch, value, executor):
+    from laion_assets.defs.execution import EXECUTOR_ENV, executor_from_env
+
+    if value is None:
+        monkeypatch.delenv(EXECUTOR_ENV, raising=False)
+    else:
+        monkeypatch.setenv(EXECUTOR_ENV, value)
+    assert executor_from_env().name == executor
+
+
+def test_an_unknown_executor_is_refused(monkeypatch):
+    from laion_assets.defs.execution import EXECUTOR_ENV, executor_from_env
+
+    monkeypatch.setenv(EXECUTOR_ENV, "celery")
+    with pytest.raises(ValueError, match="celery"):
+        executor_from_env()
 
 
 def test_heavy_assets_size_their_pods_and_run_in_their_pools():

@@ -1,6 +1,7 @@
 """What runs without a person: the sensor that turns new files in `incoming/` into shard runs, the
 automation-condition sensor that makes assets follow their upstream, and the schedule that catches up."""
 
+import hashlib
 import json
 
 import dagster as dg
@@ -8,7 +9,7 @@ import dagster as dg
 from laion_assets import names
 from laion_assets.defs.jobs import PER_SHARD_ASSETS, shard_job
 from laion_assets.defs.metadata import layer_of
-from laion_assets.defs.partitions import shards
+from laion_assets.defs.partitions import range_tags, shards, shards_per_run
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline.lineage import incoming_by_shard, stale_layers
 from laion_assets.pipeline.storage import DatasetStore, StoredFile
@@ -30,38 +31,70 @@ def incoming_files_sensor(
     The cursor maps each file name to its content fingerprint (S3 ETag, or size and mtime), so a
     file counts once; a file replaced with new content gets its shard run again. A file the sensor
     has not seen whose shard is done in the store, made from that same content (by `laion-assets run`
-    or the demo), gets its partition but no run.
+    or the demo), gets its partition but no run. New shards share runs of `LAION_ASSETS_SHARDS_PER_RUN`.
     """
     seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
     dataset = store.get_store()
     sources = incoming_by_shard(dataset)
     known = set(context.instance.get_dynamic_partitions(shards.name))
-    unseen = {shard: file for shard, file in sources.items() if file.name not in seen}
+    changed = {shard: file for shard, file in sources.items() if seen.get(file.name) != file.fingerprint}
+    unseen = {shard: file for shard, file in changed.items() if file.name not in seen}
     done = done_shards(dataset, unseen)
-    new_shards: list[str] = []
-    run_requests = []
-    for shard, file in sources.items():
-        if seen.get(file.name) == file.fingerprint:
-            continue
-        if shard not in known:
-            new_shards.append(shard)
-        if shard in done:
-            continue
-        run_requests.append(
-            dg.RunRequest(
-                run_key=f"{file.name}:{file.fingerprint}",
-                partition_key=shard,
-                tags={
-                    names.SOURCE_FILE_TAG: file.name,
-                    names.TRIGGER_TAG: "changed" if file.name in seen else "new",
-                },
-            )
-        )
+    new_shards = [shard for shard in changed if shard not in known]
+    to_run = [shard for shard in changed if shard not in done]
+    run_requests = [
+        _run_request({shard: changed[shard] for shard in run}, seen)
+        for run in _runs(to_run, new_shards, shards_per_run())
+    ]
     return dg.SensorResult(
         run_requests=run_requests,
         dynamic_partitions_requests=[shards.build_add_request(new_shards)] if new_shards else [],
         cursor=json.dumps({f.name: f.fingerprint for f in sources.values()}, sort_keys=True),
         skip_reason=None if run_requests else f"no new or changed files among {len(sources)} in incoming/",
+    )
+
+
+def _runs(to_run: list[str], new_shards: list[str], per_run: int) -> list[list[str]]:
+    """The shards of `to_run`, grouped into runs of up to `per_run`.
+
+    The new shards join the partitions in the order of `new_shards`, so consecutive ones there can
+    share a run (a range of partitions); a shard known before runs alone, since its neighbours in the
+    partitions' order need not run."""
+    pending = set(to_run)
+    runs: list[list[str]] = []
+    current: list[str] = []
+    for shard in new_shards:
+        if shard in pending:
+            current.append(shard)
+        if current and (shard not in pending or len(current) == per_run):
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    new = set(new_shards)
+    return runs + [[shard] for shard in to_run if shard not in new]
+
+
+def _run_request(files: dict[str, StoredFile], seen: dict[str, str]) -> dg.RunRequest:
+    """A run of the shards of `files` (shard -> its file; consecutive partitions), keyed by their content."""
+    file_names = [file.name for file in files.values()]
+    trigger = "changed" if any(name in seen for name in file_names) else "new"
+    if len(files) == 1:
+        ((shard, file),) = files.items()
+        return dg.RunRequest(
+            run_key=f"{file.name}:{file.fingerprint}",
+            partition_key=shard,
+            tags={names.SOURCE_FILE_TAG: file.name, names.TRIGGER_TAG: trigger},
+        )
+    content = "\n".join(f"{file.name}:{file.fingerprint}" for file in files.values())
+    first, *_, last = files
+    return dg.RunRequest(
+        run_key=f"{file_names[0]}..{file_names[-1]}:{hashlib.sha256(content.encode()).hexdigest()[:16]}",
+        tags={
+            **range_tags(first, last),
+            names.SOURCE_FILE_TAG: f"{file_names[0]}..{file_names[-1]}",
+            names.TRIGGER_TAG: trigger,
+        },
     )
 
 

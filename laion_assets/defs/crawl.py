@@ -3,7 +3,7 @@
 import dagster as dg
 
 from laion_assets import names
-from laion_assets.defs.metadata import preview, writes_layer
+from laion_assets.defs.metadata import preview, shards_materialized, writes_layer
 from laion_assets.defs.partitions import SHARD_BACKFILL, shards
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline.crawl import CrawlSettings, write_crawl_metadata
@@ -37,9 +37,10 @@ def crawl_metadata(
 ) -> dg.MaterializeResult:
     """Image URLs and captions from one source file (URL list or WAT), cleaned, deduplicated and keyed."""
     dataset = store.get_store()
-    result = write_crawl_metadata(dataset, context.partition_key, config.settings())
-    return dg.MaterializeResult(
-        metadata={
+    metadata = {}
+    for shard in context.partition_keys:
+        result = write_crawl_metadata(dataset, shard, config.settings())
+        metadata[shard] = {
             "dagster/row_count": result.table.num_rows,
             "rows_read": result.rows_read,
             **{f"dropped/{reason}": n for reason, n in result.dropped.items()},
@@ -48,4 +49,4 @@ def crawl_metadata(
             "path": dg.MetadataValue.path(dataset.url(result.path)),
             "preview": preview(result.table, ["key", "url", "caption", "license"]),
         }
-    )
+    return shards_materialized(metadata)

@@ -10,7 +10,7 @@ from laion_assets.defs.checks import shard_check
 from laion_assets.defs.config import settings_from
 from laion_assets.defs.crawl import crawl_metadata
 from laion_assets.defs.execution import DOWNLOAD_POD
-from laion_assets.defs.metadata import counts_table, preview, writes_layer
+from laion_assets.defs.metadata import counts_table, preview, shards_materialized, writes_layer
 from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, shards
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline import schemas
@@ -70,12 +70,13 @@ def downloaded_images(
 ) -> dg.MaterializeResult:
     """Each crawl row fetched, resized into `images/<shard>.tar`, its outcome in `images/<shard>.parquet`."""
     dataset = store.get_store()
-    shard = context.partition_key
-    result = write_images(dataset, shard, settings_from(config, DownloadSettings), progress=context.log.info)
-    counts = result.status_counts()
-    rows = result.table.num_rows
-    return dg.MaterializeResult(
-        metadata={
+    settings = settings_from(config, DownloadSettings)
+    metadata = {}
+    for shard in context.partition_keys:
+        result = write_images(dataset, shard, settings, progress=context.log.info)
+        counts = result.status_counts()
+        rows = result.table.num_rows
+        metadata[shard] = {
             "dagster/row_count": rows,
             **{f"status/{status}": n for status, n in counts.items()},
             "success_rate": round(counts[schemas.SUCCESS] / rows, 4) if rows else 0.0,
@@ -88,7 +89,7 @@ def downloaded_images(
             "path": dg.MetadataValue.path(dataset.url(IMAGES.tar(shard))),
             "preview": preview(result.table, ["key", "status", "error_message", "width", "height"]),
         }
-    )
+    return shards_materialized(metadata)
 
 
 def one_row_per_crawl_row(dataset: DatasetStore, shard: str) -> dg.AssetCheckResult:

@@ -6,7 +6,7 @@ from laion_assets import names
 from laion_assets.defs.checks import shard_check
 from laion_assets.defs.download import downloaded_images
 from laion_assets.defs.execution import GPU_POD
-from laion_assets.defs.metadata import preview, similarity_quantiles, writes_layer
+from laion_assets.defs.metadata import preview, shards_materialized, similarity_quantiles, writes_layer
 from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, shards
 from laion_assets.defs.resources import ClipEncoderResource, DatasetStoreResource
 from laion_assets.pipeline import schemas
@@ -40,16 +40,15 @@ def clip_embeddings(
 ) -> dg.MaterializeResult:
     """Normalised float16 CLIP embeddings of each downloaded image and its caption, and their cosine."""
     dataset = store.get_store()
-    shard = context.partition_key
-    encoder = clip.get_encoder()
-    result = write_embeddings(dataset, shard, encoder, clip.batch_size, config.preprocess_workers)
-    if result.undecodable:
-        context.log.warning(
-            f"{len(result.undecodable)} stored images could not be read: {result.undecodable[:10]}"
-        )
-    rows = result.table.num_rows
-    return dg.MaterializeResult(
-        metadata={
+    encoder = clip.get_encoder()  # loaded once for every shard of the run
+    metadata = {}
+    for shard in context.partition_keys:
+        result = write_embeddings(dataset, shard, encoder, clip.batch_size, config.preprocess_workers)
+        if result.undecodable:
+            unread = result.undecodable
+            context.log.warning(f"{shard}: {len(unread)} stored images could not be read: {unread[:10]}")
+        rows = result.table.num_rows
+        metadata[shard] = {
             "dagster/row_count": rows,
             "undecodable_images": len(result.undecodable),
             "model": encoder.identity.model,
@@ -63,7 +62,7 @@ def clip_embeddings(
             "path": dg.MetadataValue.path(dataset.url(EMBEDDINGS.parquet(shard))),
             "preview": preview(result.table, ["key", "similarity"]),
         }
-    )
+    return shards_materialized(metadata)
 
 
 def keys_are_success_images(dataset: DatasetStore, shard: str) -> dg.AssetCheckResult:

@@ -23,10 +23,14 @@ GPU_POD = pod_resources({"cpu": "4", "memory": "8Gi"}, {"memory": "16Gi", "nvidi
 
 
 def executor_from_env() -> dg.ExecutorDefinition:
-    """$LAION_ASSETS_EXECUTOR: `multiprocess` (Dagster's default: a process per step), `in_process`
-    (one process per run: the least overhead per shard on one host), or `k8s` (a pod per step, sized
-    by the tags above; needs dagster-k8s and the K8sRunLauncher)."""
-    name = os.environ.get(EXECUTOR_ENV) or "multiprocess"
+    """$LAION_ASSETS_EXECUTOR: `in_process` (the default: one process per run), `multiprocess`
+    (Dagster's own default: a process per step), or `k8s` (a pod per step, sized by the tags above;
+    needs dagster-k8s and the K8sRunLauncher).
+
+    A shard's steps form a chain, so a process per step runs nothing in parallel; it only adds a Python
+    start, the imports and the model load to every step: 40 s per run against 7 s in one process
+    (bench/run_overhead.py)."""
+    name = os.environ.get(EXECUTOR_ENV) or "in_process"
     if name not in EXECUTORS:
         raise ValueError(f"{EXECUTOR_ENV}={name!r} is not one of {EXECUTORS}")
     if name == "k8s":

@@ -36,3 +36,30 @@ def similarity_quantiles(table: pa.Table) -> str:
     """p10, p50 and p90 of the `similarity` column, for a glance at a shard's CLIP scores."""
     values = table.column("similarity").to_numpy()
     return str(np.quantile(values, [0.1, 0.5, 0.9]).round(4).tolist() if len(values) else [])
+
+
+_COLUMN_TYPES = {bool: "bool", int: "int", float: "float", str: "string"}
+
+
+def shards_materialized(metadata_by_shard: dict[str, dict]) -> dg.MaterializeResult:
+    """The materialisation of the shards a run made, from each shard's metadata.
+
+    One shard keeps its metadata as it is. Dagster 1.13 gives every partition of a multi-shard run the
+    same metadata, so there each shard is a row of a table of its plain values (numbers and strings)."""
+    if len(metadata_by_shard) == 1:
+        return dg.MaterializeResult(metadata=next(iter(metadata_by_shard.values())))
+    columns: dict[str, str] = {}
+    for metadata in metadata_by_shard.values():
+        for name, value in metadata.items():
+            if type(value) in _COLUMN_TYPES:
+                columns.setdefault(name, _COLUMN_TYPES[type(value)])
+    records = [
+        dg.TableRecord({"shard": shard, **{name: metadata.get(name) for name in columns}})
+        for shard, metadata in metadata_by_shard.items()
+    ]
+    schema = dg.TableSchema(
+        columns=[dg.TableColumn("shard", "string")] + [dg.TableColumn(n, t) for n, t in columns.items()]
+    )
+    return dg.MaterializeResult(
+        metadata={"shards_in_run": len(records), "shards": dg.MetadataValue.table(records, schema)}
+    )

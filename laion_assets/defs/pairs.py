@@ -8,7 +8,7 @@ from laion_assets import names
 from laion_assets.defs.checks import shard_check
 from laion_assets.defs.config import settings_from
 from laion_assets.defs.embed import clip_embeddings
-from laion_assets.defs.metadata import preview, similarity_quantiles, writes_layer
+from laion_assets.defs.metadata import preview, shards_materialized, similarity_quantiles, writes_layer
 from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, shards
 from laion_assets.defs.resources import ClipEncoderResource, DatasetStoreResource
 from laion_assets.pipeline import schemas
@@ -48,13 +48,12 @@ def filtered_pairs(
 ) -> dg.MaterializeResult:
     """Pairs that pass the rules (CLIP similarity, caption, dedup, NSFW/minors), as parquet and webdataset."""
     dataset = store.get_store()
-    shard = context.partition_key
     settings = settings_from(config, PairsSettings)
-    result = write_pairs(
-        dataset, shard, settings, clip.get_encoder(), context.run.run_id, config.write_embeddings
-    )
-    return dg.MaterializeResult(
-        metadata={
+    encoder = clip.get_encoder()
+    metadata = {}
+    for shard in context.partition_keys:
+        result = write_pairs(dataset, shard, settings, encoder, context.run.run_id, config.write_embeddings)
+        metadata[shard] = {
             "dagster/row_count": result.table.num_rows,
             "rows_in": result.rows_in,
             **{f"removed/{rule}": n for rule, n in result.removed.items()},
@@ -64,7 +63,7 @@ def filtered_pairs(
             "path": dg.MetadataValue.path(dataset.url(PAIRS.parquet(shard))),
             "preview": preview(result.table, ["key", "caption", "similarity", "nsfw"]),
         }
-    )
+    return shards_materialized(metadata)
 
 
 def follows_the_contract(dataset: DatasetStore, shard: str) -> dg.AssetCheckResult:

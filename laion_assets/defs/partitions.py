@@ -1,5 +1,6 @@
 """Shard partitions, and the policies of the assets over them: how they backfill and when they follow."""
 
+import os
 import warnings
 
 import dagster as dg
@@ -9,10 +10,33 @@ from laion_assets import names
 # One partition per source file in `{root}/incoming/`.
 shards = dg.DynamicPartitionsDefinition(name=names.SHARDS_PARTITIONS)
 
-# A backfill launches one run per shard: each shard's materialisation keeps its own metadata, a bad
-# shard fails alone (the catch-up schedule retries it), and the `gpu` pool serialises the embedding
-# runs. What this repeats per shard, loading the CLIP model, costs seconds against minutes of work.
-SHARD_BACKFILL = dg.BackfillPolicy.multi_run(max_partitions_per_run=1)
+SHARDS_PER_RUN_ENV = "LAION_ASSETS_SHARDS_PER_RUN"
+
+
+def shards_per_run() -> int:
+    """$LAION_ASSETS_SHARDS_PER_RUN, 1 by default: how many shards one run of the sensor or of an asset
+    backfill materialises.
+
+    One shard per run keeps each shard's own materialisation metadata, and a bad shard fails alone (the
+    catch-up schedule retries it). More shards per run pay the run's fixed cost once for all of them
+    (the run worker and its imports, the CLIP model load, a pod on Kubernetes) and divide the runs the
+    daemon must submit; each shard's metadata is then a row of a table, and a failed check holds back
+    every shard of its run."""
+    value = os.environ.get(SHARDS_PER_RUN_ENV) or "1"
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{SHARDS_PER_RUN_ENV}={value!r} is not a whole number of shards, 1 or more")
+    return int(value)
+
+
+# A backfill, of the job or of the assets, launches runs of this many consecutive shards.
+SHARD_BACKFILL = dg.BackfillPolicy.multi_run(max_partitions_per_run=shards_per_run())
+
+
+def range_tags(first: str, last: str) -> dict[str, str]:
+    """The run tags of a run over the shards from `first` to `last`, in the partitions' order."""
+    return {"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last}
+
+
 # `backfill_policy` on an asset is "beta" in Dagster 1.13; the policy above is its plainest form.
 warnings.filterwarnings("ignore", message="Parameter `backfill_policy` of function `asset`")
 
