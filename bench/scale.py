@@ -1,6 +1,7 @@
 """Scale benchmark, by simulation: LAION-400M's 41,000 shards on a real PostgreSQL instance and moto's S3.
 
     .venv/bin/python bench/scale.py [--shards 41000] [--dataset-shards 5000] [--submit-seconds 60]
+        [--shards-per-run 8,64] [--parts sensor,dataset,deployment]
 
 Starts a PostgreSQL server (the test suite's, from the machine's binaries), moto's S3 server on loopback,
 and a real dagster-webserver and dagster-daemon on deploy/dagster.yaml with the run queue paused
@@ -167,9 +168,10 @@ def main() -> None:
     parser.add_argument("--dataset-shards", type=int, default=5_000)
     parser.add_argument("--rows-per-dataset-shard", type=int, default=10)
     parser.add_argument("--submit-seconds", type=float, default=60)
-    parser.add_argument("--shards-per-run", type=int, default=8)
-    parser.add_argument("--only-dataset", action="store_true", help="only the dataset-level assets")
-    parser.add_argument("--no-dataset", action="store_true", help="all but the dataset-level assets")
+    parser.add_argument("--shards-per-run", default="8,64", help="comma-separated sizes of grouped runs")
+    parser.add_argument(
+        "--parts", default="sensor,dataset,deployment", help="which of sensor, dataset, deployment to time"
+    )
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores; shards {args.shards}; dataset shards {args.dataset_shards}")
 
@@ -201,25 +203,25 @@ def main() -> None:
     store = DatasetStore(root)
     shard_names = [f"shard-{i:06d}" for i in range(args.shards)]
     try:
-        if args.only_dataset:
-            dataset_assets(store, args, s3)
-            return
+        parts = args.parts.split(",")
         with dg.DagsterInstance.get() as instance:
             timed(
                 f"register {args.shards} partitions", instance.add_dynamic_partitions, "shards", shard_names
             )
-            timed(
-                f"put {args.shards} files into incoming/ (setup)",
-                put_objects,
-                s3,
-                [(f"laion/incoming/{s}.csv", b"url,caption\n") for s in shard_names],
-            )
-            sensor_ticks(instance, root, store)
-            # The incoming files go again, so that the deployments below time the backfills alone.
-            store.fs.rm(store.path("incoming"), recursive=True)
-            if not args.no_dataset:
+            if "sensor" in parts:
+                timed(
+                    f"put {args.shards} files into incoming/ (setup)",
+                    put_objects,
+                    s3,
+                    [(f"laion/incoming/{s}.csv", b"url,caption\n") for s in shard_names],
+                )
+                sensor_ticks(instance, root, store)
+                # The incoming files go again, so that the deployments below time the backfills alone.
+                store.fs.rm(store.path("incoming"), recursive=True)
+            if "dataset" in parts:
                 dataset_assets(store, args, s3)
-            deployment_figures(instance, work, args, shard_names)
+            if "deployment" in parts:
+                deployment_figures(instance, work, args, shard_names)
     finally:
         postgres.stop()
         moto.terminate()
@@ -333,10 +335,11 @@ def deployment_figures(instance: dg.DagsterInstance, work: Path, args, shard_nam
     # default (the peer), with deploy/dagster.yaml's submit threads, and with runs of several shards.
     threaded = os.environ["DAGSTER_HOME"]
     serial = serial_home(Path(threaded), work / "serial")
+    grouped = [int(n) for n in args.shards_per_run.split(",")]
     for label, home, per_run in (
         ("one at a time (Dagster's default)", serial, 1),
         ("8 submit threads (deploy/dagster.yaml)", threaded, 1),
-        (f"8 submit threads, {args.shards_per_run} shards per run", threaded, args.shards_per_run),
+        *((f"8 submit threads, {n} shards per run", threaded, n) for n in grouped),
     ):
         env = {**os.environ, "DAGSTER_HOME": str(home), SHARDS_PER_RUN_ENV: str(per_run)}
         folder = work / f"submit-{per_run}-{Path(home).name}"
