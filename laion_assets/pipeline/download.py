@@ -24,7 +24,7 @@ from laion_assets.pipeline import schemas
 from laion_assets.pipeline.fetch import Fetcher, FetchSettings
 from laion_assets.pipeline.imaging import DecodeError, FilteredSize, ImageSettings, process_image
 from laion_assets.pipeline.lineage import inherited_footer
-from laion_assets.pipeline.shard_tar import TarShardWriter, read_samples
+from laion_assets.pipeline.shard_tar import TarShardWriter, encode_sample, read_samples
 from laion_assets.pipeline.storage import CRAWL_METADATA, IMAGES, DatasetStore
 
 
@@ -138,9 +138,9 @@ def download_shard(
             records.extend(kept.values())
             jobs = [job for job in jobs if job.key not in kept]
         reused = len(records)
-        for record, members in _fetch_all(jobs, settings, deadline, progress):
-            if members:
-                writer.write(record["key"], members)
+        for record, sample in _fetch_all(jobs, settings, deadline, progress):
+            if sample:
+                writer.write_encoded(sample)
             records.append(record)
     table = pa.Table.from_pylist(records, schema=schemas.IMAGES).sort_by("key")
     return DownloadResult(table=table, seconds=time.monotonic() - start, fetched=len(jobs), reused=reused)
@@ -148,7 +148,8 @@ def download_shard(
 
 def _fetch_all(
     jobs: list[_Job], settings: DownloadSettings, deadline: float, progress: Callable[[str], None] | None
-) -> Iterator[tuple[dict, dict[str, bytes] | None]]:
+) -> Iterator[tuple[dict, bytes | None]]:
+    """(record, its sample encoded for the tar, or None) for each job, in the order they finish."""
     fetcher = Fetcher(settings)
     scheduler = HostScheduler(jobs, settings.per_host_connections)
     started = last_report = time.monotonic()
@@ -177,7 +178,7 @@ def _fetch_all(
 
 def _download_one(
     fetcher: Fetcher, settings: DownloadSettings, job: _Job, deadline: float
-) -> tuple[dict, dict[str, bytes] | None]:
+) -> tuple[dict, bytes | None]:
     """One row: never raises, whatever the URL or the bytes do."""
     try:
         fetched = fetcher.fetch(job.url, deadline)
@@ -206,7 +207,7 @@ def _download_one(
         "txt": job.caption.encode(),
         "json": json.dumps(record, ensure_ascii=False).encode(),
     }
-    return record, members
+    return record, encode_sample(job.key, members)  # in this worker thread, not in the writer's
 
 
 def _record(job: _Job, status: str, error: str | None, http_status: int | None = None) -> dict:

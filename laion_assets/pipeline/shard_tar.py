@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import tarfile
 from collections.abc import Iterator
 from typing import IO
@@ -11,23 +10,60 @@ from typing import IO
 _MTIME = 0
 
 
+def _tarfile_member(name: str, data: bytes) -> bytes:
+    """`data` as the member `name`, header and padding, exactly as `tarfile` writes it (PAX format)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), _MTIME, 0o644
+    header = info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+    return header + data + tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE)
+
+
+# tarfile's own header of a plain member, to copy: building one in Python costs more than a resized
+# image's encoding, and the parent of download worker processes writes every sample of a shard.
+_HEADER = bytearray(_tarfile_member("x", b""))
+
+
+def encode_sample(key: str, members: dict[str, bytes]) -> bytes:
+    """One sample's tar members, `<key>.<extension>` for each of `members`, byte for byte as `tarfile`
+    writes them; `TarShardWriter.write_encoded` appends them to a shard."""
+    parts = []
+    for extension, data in members.items():
+        name = f"{key}.{extension}".encode()
+        if len(name) >= 100 or not name.isascii() or len(data) >= 8**11:
+            parts.append(_tarfile_member(f"{key}.{extension}", data))  # a PAX header of its own
+            continue
+        header = bytearray(_HEADER)
+        header[0:100] = name.ljust(100, tarfile.NUL)
+        header[124:136] = b"%011o\0" % len(data)
+        header[148:156] = b" " * 8
+        header[148:156] = b"%06o\0 " % sum(header)
+        parts += (header, data, tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE))
+    return b"".join(parts)
+
+
 class TarShardWriter:
-    """Writes samples to a binary stream without seeking, so it can stream to S3."""
+    """Writes samples to a binary stream without seeking, so it can stream to S3; the same bytes as
+    `tarfile` in PAX format (a test holds the two to it)."""
 
     def __init__(self, fileobj: IO[bytes]) -> None:
-        self._tar = tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT)  # noqa: SIM115 closed by close()
+        self._out = fileobj
+        self._offset = 0
         self.samples = 0
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
         """Add one sample: `members` maps an extension (`jpg`, `txt`, `json`) to its bytes."""
-        for extension, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{extension}")
-            info.size, info.mtime, info.mode = len(data), _MTIME, 0o644
-            self._tar.addfile(info, io.BytesIO(data))
+        self.write_encoded(encode_sample(key, members))
+
+    def write_encoded(self, sample: bytes) -> None:
+        """Add one sample made by `encode_sample`."""
+        self._out.write(sample)
+        self._offset += len(sample)
         self.samples += 1
 
     def close(self) -> None:
-        self._tar.close()  # writes the end-of-archive blocks; the stream stays open
+        """The end-of-archive blocks, padded to a whole record as `tarfile` does; the stream stays open."""
+        end = tarfile.NUL * (2 * tarfile.BLOCKSIZE)
+        self._out.write(end + tarfile.NUL * (-(self._offset + len(end)) % tarfile.RECORDSIZE))
 
     def __enter__(self) -> TarShardWriter:
         return self
