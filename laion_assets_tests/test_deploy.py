@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import dagster as dg
 import pyarrow.compute as pc
@@ -57,7 +56,8 @@ def _step_intervals(instance: dg.DagsterInstance, records: list, step: str) -> l
     intervals = []
     for record in records:
         starts = {}
-        for event in _events(instance, record.dagster_run.run_id):
+        events = _events(instance, record.dagster_run.run_id)
+        for event in events:
             if event.step_key != step or not event.is_dagster_event:
                 continue
             if event.dagster_event.event_type == dg.DagsterEventType.STEP_START:
@@ -71,8 +71,8 @@ def _step_intervals(instance: dg.DagsterInstance, records: list, step: str) -> l
                 and step in starts
             ):
                 intervals.append((starts.pop(step), event.timestamp))
-        if step in starts:  # a step whose run died: it held its slot until the run ended
-            intervals.append((starts[step], record.end_time or time.time()))
+        if step in starts:  # a step whose run died: it held its slot until the run's last event
+            intervals.append((starts[step], record.end_time or events[-1].timestamp))
     return intervals
 
 
@@ -211,8 +211,15 @@ def _sensor_runs_and_recovery(
     runs = [r for r in instance.get_run_records() if r.dagster_run.job_name == names.SHARD_JOB]
     assert len(runs) >= len(shards) + 1
     assert _most_at_once([(r.start_time, r.end_time) for r in runs if r.start_time]) <= RUN_LIMIT
+    for step, limit in ((names.CLIP_EMBEDDINGS_ASSET, 1), (names.DOWNLOADED_IMAGES_ASSET, DOWNLOAD_LIMIT)):
+        by_run = {
+            f"{r.dagster_run.tags.get('dagster/partition')} {r.dagster_run.run_id[:8]} "
+            f"{r.dagster_run.status.value} {r.start_time}-{r.end_time}": _step_intervals(instance, [r], step)
+            for r in runs
+        }
+        most = _most_at_once([interval for intervals in by_run.values() for interval in intervals])
+        assert most <= limit, f"{most} {step} steps at once, over {limit}: {by_run}"
     assert _most_at_once(_step_intervals(instance, runs, names.CLIP_EMBEDDINGS_ASSET)) == 1
-    assert _most_at_once(_step_intervals(instance, runs, names.DOWNLOADED_IMAGES_ASSET)) <= DOWNLOAD_LIMIT
 
 
 def _catalog_and_card_follow(instance: dg.DagsterInstance, store: DatasetStore) -> None:

@@ -14,7 +14,7 @@ SHARDS_PER_RUN_ENV = "LAION_ASSETS_SHARDS_PER_RUN"
 
 
 def shards_per_run() -> int:
-    """$LAION_ASSETS_SHARDS_PER_RUN, 1 by default: how many shards one run of the sensor or of an asset
+    """$LAION_ASSETS_SHARDS_PER_RUN, 1 by default: how many shards one run of the sensor or of a
     backfill materialises.
 
     One shard per run keeps each shard's own materialisation metadata, and a bad shard fails alone (the
