@@ -33,6 +33,7 @@ def test_instance_yaml_passes_dagsters_own_validation(monkeypatch):
     assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
     assert config["concurrency"]["runs"]["max_concurrent_runs"] > 0
     assert config["run_monitoring"]["enabled"] and config["run_retries"]["enabled"]
+    assert config["run_monitoring"]["free_slots_after_run_end_seconds"] > 0
     assert config["run_retries"]["retry_on_asset_or_op_failure"] is False
     assert config["telemetry"]["enabled"] is False
 
@@ -396,6 +397,10 @@ def test_helm_values_use_only_the_charts_keys_and_match_the_instance_yaml():
         daemon["runMonitoring"]["startTimeoutSeconds"] == instance["run_monitoring"]["start_timeout_seconds"]
     )
     assert values["concurrency"]["pools"]["defaultLimit"] == instance["concurrency"]["pools"]["default_limit"]
+    assert (
+        daemon["runMonitoring"]["freeSlotsAfterRunEndSeconds"]
+        == instance["run_monitoring"]["free_slots_after_run_end_seconds"]
+    )
     queue = daemon["runCoordinator"]["config"]["queuedRunCoordinator"]
     assert queue["dequeueNumWorkers"] == instance["run_coordinator"]["config"]["dequeue_num_workers"]
     for section in ("sensors", "backfills"):
