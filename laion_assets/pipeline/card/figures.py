@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
 
 from laion_assets.pipeline.card.stats import SIMILARITY_BIN, SIZE_BIN, SIZE_BINS, CardStats, Counts
 from laion_assets.pipeline.markdown import shorten
+
+if TYPE_CHECKING:  # matplotlib is imported when a card is drawn: half a second off every run's start
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 # figures
 
@@ -25,6 +28,8 @@ def render_figures(stats: CardStats) -> dict[str, bytes]:
 
 
 def _axes() -> tuple[Figure, Axes]:
+    from matplotlib.figure import Figure
+
     # a bare Figure draws with Agg and never touches pyplot or a display
     figure = Figure(figsize=(7, 4), layout="constrained")
     return figure, figure.subplots()
