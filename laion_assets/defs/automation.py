@@ -88,13 +88,10 @@ def _run_request(files: dict[str, StoredFile], seen: dict[str, str]) -> dg.RunRe
         )
     content = "\n".join(f"{file.name}:{file.fingerprint}" for file in files.values())
     first, *_, last = files
+    span = f"{file_names[0]}..{file_names[-1]}"
     return dg.RunRequest(
-        run_key=f"{file_names[0]}..{file_names[-1]}:{hashlib.sha256(content.encode()).hexdigest()[:16]}",
-        tags={
-            **range_tags(first, last),
-            names.SOURCE_FILE_TAG: f"{file_names[0]}..{file_names[-1]}",
-            names.TRIGGER_TAG: trigger,
-        },
+        run_key=f"{span}:{hashlib.sha256(content.encode()).hexdigest()[:16]}",
+        tags={**range_tags(first, last), names.SOURCE_FILE_TAG: span, names.TRIGGER_TAG: trigger},
     )
 
 

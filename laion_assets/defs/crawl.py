@@ -37,9 +37,10 @@ def crawl_metadata(
 ) -> dg.MaterializeResult:
     """Image URLs and captions from one source file (URL list or WAT), cleaned, deduplicated and keyed."""
     dataset = store.get_store()
+    settings = config.settings()
     metadata = {}
     for shard in context.partition_keys:
-        result = write_crawl_metadata(dataset, shard, config.settings())
+        result = write_crawl_metadata(dataset, shard, settings)
         metadata[shard] = {
             "dagster/row_count": result.table.num_rows,
             "rows_read": result.rows_read,
