@@ -135,11 +135,26 @@ def _exercise_deployment(tmp_path, s3_root, web, monkeypatch, postgres: Postgres
             _catalog_and_card_follow(instance, store)
             _backfill_the_uis_way(instance, deployment, shards)
     except BaseException:
-        for name in ("daemon", "code_server", "webserver"):
-            print(f"--- {name} log (tail)\n{deployment.log(name)[-6000:]}")
+        _print_what_went_wrong(deployment)
         raise
     finally:
         deployment.stop()
+
+
+def _print_what_went_wrong(deployment: Deployment) -> None:
+    """Each failed run's tags and engine events, the daemon's warnings and errors, each log's tail."""
+    with dg.DagsterInstance.get() as instance:
+        for run in _runs(instance):
+            if run.status == dg.DagsterRunStatus.FAILURE:
+                print(f"--- failed run {run.run_id}: {dict(run.tags)}")
+                for event in _events(instance, run.run_id):
+                    if event.step_key is None:
+                        print(f"  {event.timestamp:.1f} {event.message}")
+    daemon = deployment.log("daemon").splitlines()
+    trouble = [line for line in daemon if any(w in line for w in ("WARNING", "ERROR", "Error", "retry"))]
+    print("--- daemon warnings and errors\n" + "\n".join(trouble[-80:]))
+    for name in ("daemon", "code_server", "webserver"):
+        print(f"--- {name} log (tail)\n{deployment.log(name)[-4000:]}")
 
 
 def _url_list(urls: list[str]) -> bytes:

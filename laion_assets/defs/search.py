@@ -7,7 +7,14 @@ from laion_assets.defs.embed import clip_embeddings
 from laion_assets.defs.pairs import filtered_pairs
 from laion_assets.defs.partitions import FOLLOWS_ANY_SHARD
 from laion_assets.defs.resources import DatasetStoreResource
-from laion_assets.pipeline.search import EXACT_SEARCH_ROWS, write_search_index
+from laion_assets.pipeline.search import APPROXIMATE_FROM_ROWS, write_search_index
+
+
+class SearchIndexConfig(dg.Config):
+    """When the FAISS index is built and whether it is trained anew (see pipeline/faiss_index.py)."""
+
+    approximate_from_rows: int = APPROXIMATE_FROM_ROWS  # from this many pairs on, also build FAISS IVF-PQ
+    retrain: bool = False  # train anew even where the last trained index could be reused
 
 
 @dg.asset(
@@ -17,22 +24,33 @@ from laion_assets.pipeline.search import EXACT_SEARCH_ROWS, write_search_index
     kinds={"parquet"},
     automation_condition=FOLLOWS_ANY_SHARD,
 )
-def search_index(context: dg.AssetExecutionContext, store: DatasetStoreResource) -> dg.MaterializeResult:
-    """Every pair of every shard with its image embedding, for nearest-neighbour search by text or image."""
+def search_index(
+    context: dg.AssetExecutionContext, config: SearchIndexConfig, store: DatasetStoreResource
+) -> dg.MaterializeResult:
+    """Every pair of every shard with its image embedding, for nearest-neighbour search by text or image;
+    for a large dataset, an approximate FAISS index of them too."""
     dataset = store.get_store()
-    result = write_search_index(dataset)
+    result = write_search_index(dataset, config.approximate_from_rows, config.retrain)
     if result.missing_embeddings:
         context.log.warning(
             f"{result.missing_embeddings} pairs have no row in their shard's embeddings and are left out: "
             "re-materialise filtered_pairs for the shards whose embeddings changed"
         )
-    if result.rows > EXACT_SEARCH_ROWS:
-        context.log.warning(
-            f"{result.rows} rows is over {EXACT_SEARCH_ROWS}: exact search gets slow and memory-hungry; "
-            "see the README on an approximate index (FAISS IVF-PQ)"
+    approximate = result.approximate
+    searched_by = {"search": "exact" if approximate is None else f"FAISS {approximate.factory}"}
+    if approximate is not None:
+        searched_by.update(
+            {
+                "faiss_trained": "trained now" if approximate.trained else "reused the last trained index",
+                "faiss_trained_rows": approximate.trained_rows,
+                "faiss_index_bytes": approximate.index_bytes,
+                "faiss_train_seconds": approximate.train_seconds,
+                "faiss_add_seconds": approximate.add_seconds,
+            }
         )
     return dg.MaterializeResult(
         metadata={
+            **searched_by,
             "dagster/row_count": result.rows,
             "shards": result.shards,
             "model": result.model,

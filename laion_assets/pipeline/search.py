@@ -1,18 +1,25 @@
-"""The search index: the image embedding of every stored pair in one parquet file, searched exactly.
+"""The search index: the image embedding of every stored pair in one parquet file, and for a large
+dataset an approximate FAISS index beside it.
 
 `write_search_index` joins each shard's pairs to its embeddings on key and writes the index file
 (`storage.SEARCH_INDEX`). `SearchIndex` holds it in memory as a normalised float32 matrix
 and answers a query by one matrix-vector product over every row (cosine similarity, exact).
 
 Exact search costs 4 bytes per dimension per row in memory and one pass over that memory per query:
-for D = 512, 2 GB and about 0.1 s per query per million rows on two cores. That is fine up to
-`EXACT_SEARCH_ROWS`; beyond it, use an approximate index such as FAISS IVF-PQ built with autofaiss,
-as clip-retrieval does for LAION-5B (tens of bytes per row, milliseconds per query).
+for D = 512, 2 GB and about 0.1 s per query per million rows on two cores. So from
+`approximate_from_rows` pairs on (default 1 M) the build also makes an IVF-PQ index
+(`faiss_index.py`, as clip-retrieval serves LAION-5B), and `SearchIndex.load` returns
+`ApproximateSearchIndex`: 32 bytes per vector in memory, milliseconds per query, hits in exact order.
+The exact file stays: it is the data the approximate index is built from, and the reference it is
+measured against (bench/search.py).
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +32,12 @@ from laion_assets.pipeline.pairs import stored_pair_shards
 from laion_assets.pipeline.parallel import store_map
 from laion_assets.pipeline.storage import EMBEDDINGS, PAIRS, SEARCH_INDEX, DatasetStore, footer
 
-EXACT_SEARCH_ROWS = 1_000_000  # up to here exact search answers in about 0.1 s on two cores (D = 512)
+if TYPE_CHECKING:
+    from laion_assets.pipeline.faiss_index import ApproximateBuild, ApproximateIndex
+
+# Up to here exact search answers in about 0.1 s on two cores (D = 512); from here on the build adds
+# the approximate index (faiss_index.py, which imports FAISS only when it is needed).
+APPROXIMATE_FROM_ROWS = 1_000_000
 _ROWS = ["key", "url", "caption"]
 
 
@@ -43,6 +55,7 @@ class IndexBuild:
     weights: str
     dim: int
     missing_embeddings: int  # pairs whose key is not in their shard's embeddings (stale files)
+    approximate: ApproximateBuild | None  # the FAISS index, for a dataset of approximate_from_rows or more
 
 
 @dataclass(frozen=True)
@@ -53,8 +66,12 @@ class Hit:
     similarity: float
 
 
-def write_search_index(store: DatasetStore) -> IndexBuild:
-    """Write the search index from every shard that has pairs, one row group per shard.
+def write_search_index(
+    store: DatasetStore, approximate_from_rows: int = APPROXIMATE_FROM_ROWS, retrain: bool = False
+) -> IndexBuild:
+    """Write the search index from every shard that has pairs, one row group per shard, and the
+    approximate index when there are `approximate_from_rows` pairs or more (`retrain`: train it anew
+    even where the last trained index could be reused).
 
     Raises ValueError if there are no pairs yet or a shard lacks its embeddings, and ModelMismatch if
     shards were embedded with different models (their embeddings cannot be compared).
@@ -90,8 +107,23 @@ def write_search_index(store: DatasetStore) -> IndexBuild:
             writer.write_table(pa.Table.from_arrays([*kept.columns, vectors], schema=schema))
             rows += kept.num_rows
             missing += pairs.num_rows - kept.num_rows
+    from laion_assets.pipeline import faiss_index
+
+    approximate = None
+    if rows >= max(approximate_from_rows, faiss_index.MIN_ROWS):
+        approximate = faiss_index.build_approximate(store, model, retrain=retrain)
+    else:
+        faiss_index.remove_approximate(store)
     return IndexBuild(
-        SEARCH_INDEX, rows, len(shards), model.model, model.pretrained, model.weights, dim, missing
+        SEARCH_INDEX,
+        rows,
+        len(shards),
+        model.model,
+        model.pretrained,
+        model.weights,
+        dim,
+        missing,
+        approximate,
     )
 
 
@@ -126,17 +158,29 @@ class SearchIndex:
         return self.rows.num_rows
 
     @property
+    def kind(self) -> str:
+        return "exact"
+
+    @property
     def dim(self) -> int:
         return self.vectors.shape[1]
 
     @classmethod
-    def load(cls, store: DatasetStore) -> SearchIndex:
-        """Reads the embeddings batch by batch into one float32 matrix (never all of them as float16 too)."""
+    def load(cls, store: DatasetStore, cache: Path | None = None) -> SearchIndex:
+        """The approximate index when the store has one (memory-mapped; from S3 copied into `cache`
+        first), else the exact one: the embeddings read batch by batch into one float32 matrix (never
+        all of them as float16 too)."""
         if not store.exists(SEARCH_INDEX):
             raise IndexMissing(
                 f"no search index at {store.url(SEARCH_INDEX)}: materialise the search_index asset "
                 "(laion-assets run --select search_index)"
             )
+        from laion_assets.pipeline import faiss_index
+
+        build = faiss_index.read_build(store)
+        if build is not None:
+            cache = cache or Path(tempfile.gettempdir()) / "laion-assets-search-index"
+            return ApproximateSearchIndex(faiss_index.ApproximateIndex.load(store, build, cache))
         with store.open(SEARCH_INDEX) as f:
             parquet = pq.ParquetFile(f)
             schema = parquet.schema_arrow
@@ -162,15 +206,42 @@ class SearchIndex:
             " or re-embed with this model and rebuild",
         )
 
-    def search(self, query: np.ndarray, k: int) -> list[Hit]:
-        """The `k` rows most similar to `query` (a normalised embedding), best first."""
+    def nearest(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row numbers of the `k` rows most similar to `query` and their cosines, best first."""
         scores = self.vectors @ query.astype(np.float32, copy=False)
         k = min(k, len(scores))
         if k <= 0:
-            return []
+            return np.empty(0, np.int64), np.empty(0, np.float32)
         top = np.argpartition(-scores, k - 1)[:k]
         top = top[np.argsort(-scores[top], kind="stable")]
+        return top, scores[top]
+
+    def search(self, query: np.ndarray, k: int) -> list[Hit]:
+        """The `k` rows most similar to `query` (a normalised embedding), best first."""
+        top, scores = self.nearest(query, k)
         return [
-            Hit(similarity=float(scores[i]), **row)
-            for i, row in zip(top, self.rows.take(top).to_pylist(), strict=True)
+            Hit(similarity=float(score), **row)
+            for score, row in zip(scores, self.rows.take(top).to_pylist(), strict=True)
         ]
+
+
+class ApproximateSearchIndex(SearchIndex):
+    """The same answers from the FAISS build: candidates from IVF-PQ, ranked by their exact cosine."""
+
+    def __init__(self, index: ApproximateIndex) -> None:
+        from laion_assets.pipeline.faiss_index import model_of
+
+        self.approximate = index
+        self.rows = index.rows
+        self.model = model_of(index.build)
+
+    @property
+    def dim(self) -> int:
+        return self.approximate.build.dim
+
+    @property
+    def kind(self) -> str:
+        return self.approximate.build.factory
+
+    def nearest(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.approximate.nearest(query, k)

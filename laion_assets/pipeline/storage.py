@@ -61,6 +61,7 @@ SHARD_LAYERS = (CRAWL_METADATA, IMAGES, EMBEDDINGS, PAIRS, PAIRS_EMBEDDINGS)
 
 # Dataset-level files, made from every shard.
 SEARCH_INDEX = "search_index/index.parquet"
+SEARCH_INDEX_APPROXIMATE = "search_index/approximate.json"  # names the current FAISS build folder
 CARD = "card/README.md"
 CARD_FIGURES = "card/figures"
 CATALOG = "catalog.duckdb"  # beside a local root

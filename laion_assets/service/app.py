@@ -149,7 +149,7 @@ class ClipService:
             log.warning("/search is off: %s", exc)
         else:
             self.index, self.index_problem = index, None
-            log.info("search index: %d rows from %s", len(index), self.store.root)
+            log.info("search index: %d rows from %s (%s)", len(index), self.store.root, index.kind)
 
     async def search_index(self) -> SearchIndex:
         """The loaded index. A missing one is looked for again, so one built later is found."""
@@ -265,6 +265,7 @@ def create_app(settings: ServiceSettings, encoder: ClipEncoder) -> FastAPI:
             max_image_bytes=settings.max_image_bytes,
             batching=settings.batching,
             search_index_rows=len(service.index) if service.index is not None else None,
+            search_index_kind=service.index.kind if service.index is not None else None,
             search_index_problem=service.index_problem[1] if service.index_problem else None,
             image_batches=m.BatcherStats(model_calls=service.images.model_calls, items=service.images.items),
             text_batches=m.BatcherStats(model_calls=service.texts.model_calls, items=service.texts.items),

@@ -106,6 +106,9 @@ class InfoResponse(BaseModel):
     max_image_bytes: int
     batching: bool
     search_index_rows: int | None = Field(description="rows of the loaded search index; null if none")
+    search_index_kind: str | None = Field(
+        description='"exact", or the FAISS index that proposes candidates (e.g. "IVF4096_HNSW32,PQ64x4fs")'
+    )
     search_index_problem: str | None = Field(description="why /search cannot answer, if it cannot")
     image_batches: BatcherStats
     text_batches: BatcherStats
