@@ -10,7 +10,7 @@ per request (a 256 px photo-like JPEG as the downloader stores it, in base64), a
 warm-up requests. Prints requests/s, p50 and p99 latency and the ratio batcher on / off.
 
 Then times exact search (`SearchIndex.search`) over `--index-rows` random normalised embeddings, the
-figure behind EXACT_SEARCH_ROWS.
+figure behind APPROXIMATE_FROM_ROWS (search.py).
 """
 
 from __future__ import annotations

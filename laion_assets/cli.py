@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from laion_assets import names
 from laion_assets.demo import DEMO_CHECKPOINT, DEMO_MODEL
 from laion_assets.pipeline.clip import ClipSettings
 from laion_assets.pipeline.storage import root_from_env
@@ -148,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
 
         clip = dataclasses.replace(ClipSettings.from_env(), model=args.model, pretrained=args.pretrained)
         return run_demo(root, clip, images=args.images)
+    if args.select is None or names.DOWNLOADED_IMAGES_ASSET in args.select.split(","):
+        from laion_assets.pipeline.download import start_worker_server
+
+        start_worker_server()  # it imports the download code on the other core while Dagster loads here
     from laion_assets.runner import run_pipeline
 
     assets = select_assets(args.select.split(",") if args.select else None)

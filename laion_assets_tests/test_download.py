@@ -1,12 +1,17 @@
 import io
 import json
+import multiprocessing
+import tarfile
+import threading
+import time
+from dataclasses import replace
 
 import pyarrow as pa
 import pytest
 import webdataset as wds
 from PIL import Image
 
-from laion_assets.pipeline import fetch, schemas
+from laion_assets.pipeline import download, fetch, schemas
 from laion_assets.pipeline.download import DownloadSettings, HostScheduler, _Job, download_shard
 from laion_assets.pipeline.imaging import ImageSettings, process_image
 
@@ -68,9 +73,16 @@ EXPECTED = {
 }
 
 
-def test_every_failure_ends_in_its_status_and_the_shard_completes(web):
+@pytest.fixture(params=[1, 2], ids=["one process", "two worker processes"])
+def processes(request, monkeypatch) -> int:
+    """Each test using this runs in this process and again dealt over two worker processes."""
+    monkeypatch.setattr(download, "ROWS_PER_PROCESS", 4)  # so that these small shards are split too
+    return request.param
+
+
+def test_every_failure_ends_in_its_status_and_the_shard_completes(web, processes):
     urls = [web.url(path) for path in EXPECTED] + [web.blackhole_url, "ftp://example.com/x.jpg"]
-    result, _, rows = run(urls)
+    result, _, rows = run(urls, replace(FAST, processes=processes))
     assert result.table.num_rows == len(urls)
     assert result.table.column("key").to_pylist() == [schemas.make_key("s", i) for i in range(len(urls))]
     for path, (status, error) in EXPECTED.items():
@@ -90,13 +102,13 @@ def test_every_failure_ends_in_its_status_and_the_shard_completes(web):
     assert rows[web.url("/404.jpg")]["http_status"] == 404
 
 
-def test_successful_samples_are_resized_hashed_and_readable_by_webdataset(web, tmp_path):
+def test_successful_samples_are_resized_hashed_and_readable_by_webdataset(web, tmp_path, processes):
     import hashlib
 
     from laion_assets_tests.web import IMAGES
 
     paths = ["/img/red.jpg", "/img/green.png", "/img/blue.webp", "/exif.jpg", "/404.jpg"]
-    result, tar, rows = run([web.url(p) for p in paths])
+    result, tar, rows = run([web.url(p) for p in paths], replace(FAST, processes=processes))
     red = rows[web.url("/img/red.jpg")]
     assert (red["width"], red["height"], red["original_width"], red["original_height"]) == (
         256,
@@ -195,11 +207,42 @@ def test_redirect_into_a_private_network_is_refused_at_the_hop(web, monkeypatch)
     assert rows[web.url("/img/red.jpg")]["status"] == schemas.SUCCESS
 
 
-def test_per_host_cap(web):
-    settings = DownloadSettings(**{**FAST.__dict__, "per_host_connections": 2, "threads": 8})
+def test_per_host_cap(web, processes):
+    settings = replace(FAST, per_host_connections=2, threads=8, processes=processes)
     _, _, rows = run([web.url(f"/slow/{i}") for i in range(8)], settings)
     assert {r["status"] for r in rows.values()} == {schemas.SUCCESS}
-    assert web.max_in_flight == 2
+    assert web.max_in_flight == 2  # with two workers: one connection each
+
+
+def test_a_dead_worker_process_costs_its_unfinished_rows_only(web, monkeypatch):
+    monkeypatch.setattr(download, "ROWS_PER_PROCESS", 4)
+    settings = replace(FAST, per_host_connections=2, threads=2, processes=2)
+    urls = [web.url(f"/slow/{i}") for i in range(16)]
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(zip("rtm", run(urls, settings), strict=True)))
+    thread.start()
+    victim = wait_until(lambda: next(iter(multiprocessing.active_children()), None))
+    wait_until(lambda: sum(web.hits.values()) >= 2)
+    victim.kill()
+    thread.join(60)
+    result, rows = outcome["r"], outcome["m"]
+    assert result.table.num_rows == 16 and set(rows) == set(urls)  # every row, each once
+    died = [r for r in rows.values() if r["status"] == schemas.FAILED_TO_DOWNLOAD]
+    assert died and all(
+        r["error_message"].startswith("unexpected: download worker process died") for r in died
+    )
+    assert len(died) <= 8  # the other worker's rows all succeeded
+    assert sum(r["status"] == schemas.SUCCESS for r in rows.values()) == 16 - len(died)
+    with tarfile.open(fileobj=io.BytesIO(outcome["t"])) as tar:
+        assert len(tar.getnames()) == 3 * (16 - len(died))  # jpg, txt and json of each success
+
+
+def wait_until(condition, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+    return value
 
 
 def test_scheduler_round_robins_hosts():
@@ -317,3 +360,19 @@ def test_resize_mode_no_survives_yaml():
     assert ImageSettings(resize_mode=value).resize_mode == "no"
     with pytest.raises(ValueError, match="resize_mode True is not one of"):
         ImageSettings(resize_mode=True)
+
+
+def test_interpolations_are_img2datasets_names_and_defaults():
+    from laion_assets_tests.web import IMAGES
+
+    with pytest.raises(ValueError, match="interpolation 'sinc' is not one of"):
+        ImageSettings(downscale_interpolation="sinc")
+    photo = IMAGES["/img/red.jpg"][1]  # 640 x 480: made smaller
+    area = process_image(photo, ImageSettings(border_color="black"))
+    lanczos = process_image(photo, ImageSettings(border_color="black", downscale_interpolation="lanczos"))
+    assert (area.width, area.height) == (lanczos.width, lanczos.height) == (256, 256)
+    small = IMAGES["/exif.jpg"][1]  # 100 x 200 before EXIF rotation: made larger, Lanczos by default
+    up = process_image(small, ImageSettings(resize_mode="keep_ratio"))
+    bicubic = process_image(small, ImageSettings(resize_mode="keep_ratio", upscale_interpolation="bicubic"))
+    assert (up.width, up.height) == (bicubic.width, bicubic.height) == (256, 512)
+    assert up.data != bicubic.data

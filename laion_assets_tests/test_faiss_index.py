@@ -64,7 +64,7 @@ def test_a_large_dataset_is_searched_approximately_with_exact_order_and_rebuilt_
         _write_shard(store, shard, 1500)
     built = write_search_index(store, approximate_from_rows=4000)
     assert built.rows == 4500 and built.approximate is not None and built.approximate.trained
-    assert built.approximate.factory == "IVF64,PQ8x4fs" and built.approximate.trained_rows == 4500
+    assert built.approximate.factory == "IVF64,PQ16x4fs" and built.approximate.trained_rows == 4500
 
     index = SearchIndex.load(store)
     assert isinstance(index, ApproximateSearchIndex) and len(index) == 4500 and index.dim == DIM

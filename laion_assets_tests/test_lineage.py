@@ -1,10 +1,12 @@
 import pyarrow as pa
 
+from laion_assets.pipeline import schemas
 from laion_assets.pipeline.lineage import incoming_by_shard, inherited_footer, source_footer, stale_layers
 from laion_assets.pipeline.storage import CRAWL_METADATA, EMBEDDINGS, IMAGES, DatasetStore
 
 A = b"url,caption\nhttp://a.com/1.jpg,a cat\n"
 ROW = pa.table({"key": ["a-00000000"]})
+IMAGES_ROWS = schemas.IMAGES.empty_table()  # images and pairs files must have the contract's columns
 
 
 def test_a_shard_is_done_when_every_layer_was_made_from_the_current_source(root):
@@ -15,9 +17,8 @@ def test_a_shard_is_done_when_every_layer_was_made_from_the_current_source(root)
     assert stale_layers(store, {"a": source}, layers)["a"] == layers  # nothing made yet
 
     store.write_parquet(CRAWL_METADATA.parquet("a"), ROW, metadata=source_footer(source))
-    store.write_parquet(
-        IMAGES.parquet("a"), ROW, metadata=inherited_footer(store.read_parquet(CRAWL_METADATA.parquet("a")))
-    )
+    made_from_crawl = inherited_footer(store.read_parquet(CRAWL_METADATA.parquet("a")))
+    store.write_parquet(IMAGES.parquet("a"), IMAGES_ROWS, metadata=made_from_crawl)
     assert stale_layers(store, {"a": source}, layers)["a"] == [EMBEDDINGS]
     store.write_parquet(EMBEDDINGS.parquet("a"), ROW)  # a file that does not say what it was made from
     assert stale_layers(store, {"a": source}, layers)["a"] == [EMBEDDINGS]
@@ -27,8 +28,13 @@ def test_a_shard_is_done_when_every_layer_was_made_from_the_current_source(root)
     assert stale_layers(store, {"a": source}, layers)["a"] == []
 
     # The images were made from an older crawl: they and everything after them are stale.
-    store.write_parquet(IMAGES.parquet("a"), ROW)
+    store.write_parquet(IMAGES.parquet("a"), IMAGES_ROWS)
     assert stale_layers(store, {"a": source}, layers)["a"] == [IMAGES, EMBEDDINGS]
+    # ... or from this crawl, but before `host` joined the contract: the same
+    store.write_parquet(IMAGES.parquet("a"), IMAGES_ROWS.drop_columns(["host"]), metadata=made_from_crawl)
+    assert stale_layers(store, {"a": source}, layers)["a"] == [IMAGES, EMBEDDINGS]
+    store.write_parquet(IMAGES.parquet("a"), IMAGES_ROWS, metadata=made_from_crawl)
+    assert stale_layers(store, {"a": source}, layers)["a"] == []
 
     store.write_bytes("incoming/a.csv", A + b"http://a.com/2.jpg,a dog\n")  # replaced with new content
     replaced = incoming_by_shard(store)["a"]

@@ -153,9 +153,16 @@ def test_minors_dropped_only_when_nsfw_or_unsure():
 
 
 def test_output_is_the_contract_and_embeddings_follow_it():
-    crawl, images, embeddings = shard([{"license": "https://creativecommons.org/licenses/by/4.0/"}, {}])
+    crawl, images, embeddings = shard(
+        [
+            {"license": "https://creativecommons.org/licenses/by/4.0/"},
+            {"url": "https://User@Y.Org:8080/a.jpg"},
+        ]
+    )
     result = build_pairs(crawl, images, embeddings, PairsSettings(), CATEGORIES)
     assert result.table.schema == schemas.PAIRS
+    assert schemas.PAIRS.names[-1] == "host"  # after LAION-400M's columns, which keep their names and order
+    assert result.table.column("host").to_pylist() == ["x.com", "user@y.org:8080"]  # url_host, lower-cased
     assert result.table.column("license").to_pylist()[0] == "https://creativecommons.org/licenses/by/4.0/"
     assert result.embeddings.column("key").to_pylist() == result.table.column("key").to_pylist()
     assert result.embeddings.column("image_embedding").type == pa.list_(pa.float16(), 4)
@@ -310,3 +317,8 @@ def test_checks_fail_on_broken_shards(local_root):
     assert check.description == "shard s: repeated_keys: 1, duplicate_url_caption: 1, duplicate_sha256: 1"
     store.write_parquet("pairs/s.parquet", good.drop_columns(["sha256"]))
     assert pairs_follow_the_contract(store, "s").description.startswith("shard s: schema: columns")
+    store.write_parquet("pairs/s.parquet", good.drop_columns(["host"]))  # written before `host` existed
+    assert pairs_follow_the_contract(store, "s").description.startswith("shard s: schema: columns")
+    other_host = good.set_column(good.schema.get_field_index("host"), "host", pa.array(["y.org"] * 2))
+    store.write_parquet("pairs/s.parquet", other_host.cast(schemas.PAIRS))
+    assert pairs_follow_the_contract(store, "s").description == "shard s: host_not_of_url: 2"

@@ -128,3 +128,54 @@ def test_duckdb_resource_gives_the_same_views(root):
     _two_shards(DatasetStore(root))
     connection = build_resources(root)["duckdb"].get_connection()
     assert connection.sql("SELECT count(*) FROM images WHERE status = 'success'").fetchall() == [(2,)]
+
+
+def test_readme_queries_on_pairs(local_root):
+    from laion_assets.pipeline import schemas
+    from laion_assets.pipeline.pairs import write_pairs_parquet
+
+    store = DatasetStore(local_root)
+    for shard, urls, licenses, similarity in (
+        ("a", ["http://X.com/1.jpg", "http://y.org/2.jpg"], [None, "cc-by"], [0.31, 0.42]),
+        ("b", ["https://x.com/3.jpg"], [None], [0.37]),
+    ):
+        n = len(urls)
+        table = pa.table(
+            {
+                "key": [schemas.make_key(shard, i) for i in range(n)],
+                "caption": ["a caption"] * n,
+                "url": urls,
+                "license": pa.array(licenses, pa.string()),
+                "nsfw": ["UNLIKELY"] * n,
+                "original_height": [480] * n,
+                "original_width": [640] * n,
+                "similarity": similarity,
+                "width": [256] * n,
+                "height": [256] * n,
+                "sha256": [f"{shard}{i}" for i in range(n)],
+            }
+        )
+        write_pairs_parquet(store, shard, schemas.conform(schemas.with_host(table), schemas.PAIRS))
+    row_group = pq.ParquetFile(store.path("pairs/a.parquet")).metadata.row_group(0)
+    encodings = {row_group.column(i).path_in_schema: row_group.column(i).encodings for i in range(12)}
+    assert "BYTE_STREAM_SPLIT" in encodings["similarity"] and "RLE_DICTIONARY" in encodings["host"]
+    assert "RLE_DICTIONARY" not in encodings["url"]
+    connection = catalog.connect(store)
+    by_host = "SELECT host, count(*) AS n FROM pairs GROUP BY 1 ORDER BY n DESC LIMIT 20"
+    assert connection.sql(by_host).fetchall() == [("x.com", 2), ("y.org", 1)]
+    licenses = (
+        "SELECT coalesce(license, '?') AS license, count(*) AS n FROM pairs GROUP BY pairs.license "
+        "ORDER BY n DESC"
+    )
+    assert connection.sql(licenses).fetchall() == [("?", 2), ("cc-by", 1)]
+    histogram = "SELECT floor(similarity * 20) / 20 AS bin, count(*) AS n FROM pairs GROUP BY 1 ORDER BY 1"
+    old_histogram = "SELECT round(floor(similarity * 20) / 20, 2), count(*) FROM pairs GROUP BY 1 ORDER BY 1"
+    assert (
+        connection.sql(histogram).fetchall()
+        == connection.sql(old_histogram).fetchall()
+        == [
+            (0.3, 1),
+            (0.35, 1),
+            (0.4, 1),
+        ]
+    )

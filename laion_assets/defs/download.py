@@ -29,6 +29,8 @@ class DownloadImagesConfig(dg.Config):
     resize_mode: Any = pydantic.Field(default=D.resize_mode, description=f"one of {', '.join(RESIZE_MODES)}")
     border_color: str = pydantic.Field(default=D.border_color, description="the padding of `border`")
     resize_only_if_bigger: bool = D.resize_only_if_bigger
+    downscale_interpolation: str = D.downscale_interpolation  # nearest, bilinear, bicubic, area, lanczos
+    upscale_interpolation: str = D.upscale_interpolation
     encode_format: str = D.encode_format  # jpg, webp or png
     encode_quality: int = D.encode_quality
     min_image_size: int = D.min_image_size  # shorter side, pixels; smaller images are filtered_size
@@ -48,7 +50,8 @@ class DownloadImagesConfig(dg.Config):
     # X-Robots-Tag values that opt out
     opt_out_directives: list[str] = pydantic.Field(default_factory=lambda: list(D.opt_out_directives))
     allow_private_networks: bool = D.allow_private_networks
-    threads: int = D.threads
+    threads: int = D.threads  # in all, shared by the worker processes
+    processes: int = D.processes  # worker processes for a shard of over 256 rows; 0: one per core
     shard_timeout: float = D.shard_timeout
     retry_failed: bool = D.retry_failed  # fetch again only the rows that failed to download last time
 

@@ -67,7 +67,8 @@ def filtered_pairs(
 
 
 def follows_the_contract(dataset: DatasetStore, shard: str) -> dg.AssetCheckResult:
-    """`pairs` has exactly the contract's schema, unique keys, and no row that breaks an active rule."""
+    """`pairs` has exactly the contract's schema, unique keys, each `host` its URL's, and no row that
+    breaks an active rule."""
     table = dataset.read_parquet(PAIRS.parquet(shard))
     problems = {}
     if table.schema.remove_metadata() != schemas.PAIRS:

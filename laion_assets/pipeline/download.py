@@ -2,8 +2,13 @@
 
 Work is spread over a thread pool; a scheduler hands out URLs round-robin over hosts and never
 runs more than `per_host_connections` requests on one host. Fetching and Pillow's decoding and
-resizing release the GIL, so threads use every core. Images stream into the tar as they finish;
-only the small per-row records are held until the parquet is written, sorted by key.
+resizing release the GIL, but parsing HTTP and the Python around each image do not: one process
+with 32 threads keeps about 1.5 of 2 cores busy. So a shard of more than `ROWS_PER_PROCESS` rows is
+split over worker processes (`processes`, one per core by default), each with its share of the
+threads and of each host's connections; they are forked from a server that has this module imported
+already (multiprocessing's forkserver), so a worker starts in milliseconds. Samples and records come
+back to this process, which alone writes the tar. Images stream into the tar as they finish; only the
+small per-row records are held until the parquet is written, sorted by key.
 """
 
 from __future__ import annotations
@@ -11,11 +16,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.forkserver
+import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import IO
 
 import pyarrow as pa
@@ -27,10 +37,14 @@ from laion_assets.pipeline.lineage import inherited_footer
 from laion_assets.pipeline.shard_tar import TarShardWriter, encode_sample, read_samples
 from laion_assets.pipeline.storage import CRAWL_METADATA, IMAGES, DatasetStore
 
+ROWS_PER_PROCESS = 256  # a shard gets one worker process per this many rows to fetch, up to `processes`
+_BATCH = 16  # results a worker sends back at once
+
 
 @dataclass(frozen=True)
 class DownloadSettings(FetchSettings, ImageSettings):
-    threads: int = 32
+    threads: int = 32  # in all: each worker process gets its share
+    processes: int = 0  # worker processes for a large shard; 0: one per core; 1: all in this process
     shard_timeout: float = 3600.0  # seconds for the whole shard; rows not fetched by then fail
     retry_failed: bool = False  # refetch only the failed_to_download rows of the previous result
 
@@ -63,8 +77,10 @@ class DownloadResult:
         return Counter(errors).most_common(n)
 
     def top_failing_hosts(self, n: int = 5) -> list[tuple[str, int]]:
-        rows = zip(self.table.column("url").to_pylist(), self.table.column("status").to_pylist(), strict=True)
-        hosts = (schemas.url_host(url) for url, status in rows if status in schemas.FAILURES)
+        rows = zip(
+            self.table.column("host").to_pylist(), self.table.column("status").to_pylist(), strict=True
+        )
+        hosts = (host for host, status in rows if status in schemas.FAILURES)
         return Counter(hosts).most_common(n)
 
 
@@ -138,12 +154,114 @@ def download_shard(
             records.extend(kept.values())
             jobs = [job for job in jobs if job.key not in kept]
         reused = len(records)
-        for record, sample in _fetch_all(jobs, settings, deadline, progress):
+        for record, sample in _fetch_in_processes(jobs, settings, deadline, progress):
             if sample:
                 writer.write_encoded(sample)
             records.append(record)
     table = pa.Table.from_pylist(records, schema=schemas.IMAGES).sort_by("key")
     return DownloadResult(table=table, seconds=time.monotonic() - start, fetched=len(jobs), reused=reused)
+
+
+def process_count(settings: DownloadSettings, rows: int) -> int:
+    """Worker processes for `rows` rows to fetch: 1 means this process does the work itself."""
+    wanted = settings.processes or usable_cores()
+    return max(1, min(wanted, -(-rows // ROWS_PER_PROCESS), settings.threads, settings.per_host_connections))
+
+
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity, and a container's CPU limit (cgroup v2
+    `cpu.max`), which a Kubernetes pod has and `os.cpu_count()` does not see."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+    except (OSError, ValueError):
+        return cores
+    return cores if quota == "max" else max(1, min(cores, -(-int(quota) // int(period))))
+
+
+def _fetch_in_processes(
+    jobs: list[_Job], settings: DownloadSettings, deadline: float, progress: Callable[[str], None] | None
+) -> Iterator[tuple[dict, bytes | None]]:
+    """`_fetch_all`, with the jobs dealt over worker processes when there are enough of them.
+
+    Each worker gets every n-th job, 1/n of the threads and 1/n of each host's connections, so the
+    per-host limit holds across them. A worker that dies (a crash in a decoder) costs its unfinished
+    rows, each recorded as failed_to_download; the other workers' rows are kept."""
+    count = process_count(settings, len(jobs))
+    if count == 1:
+        yield from _fetch_all(jobs, settings, deadline, progress)
+        return
+    per_host = settings.per_host_connections // count
+    share = replace(settings, threads=settings.threads // count, per_host_connections=per_host)
+    context = _worker_context()
+    workers = {}
+    for part in (jobs[i::count] for i in range(count)):
+        receive, send = context.Pipe(duplex=False)
+        process = context.Process(target=_worker, args=(part, share, deadline, send), daemon=True)
+        process.start()
+        send.close()
+        workers[receive] = (process, {job.key: job for job in part})
+    started = last_report = time.monotonic()
+    done = 0
+    try:
+        while workers:
+            for receive in multiprocessing.connection.wait(list(workers)):
+                process, unfinished = workers[receive]
+                try:
+                    batch = receive.recv()
+                except EOFError:  # it died before saying it had finished
+                    process.join()
+                    error = f"unexpected: download worker process died (exit code {process.exitcode})"
+                    for job in unfinished.values():
+                        yield _record(job, schemas.FAILED_TO_DOWNLOAD, error), None
+                    batch = None
+                if batch is None:
+                    receive.close()
+                    del workers[receive]
+                    continue
+                for record, sample in batch:
+                    del unfinished[record["key"]]
+                    yield record, sample
+                done += len(batch)
+            if progress and time.monotonic() - last_report > 30:
+                last_report = time.monotonic()
+                progress(f"{done}/{len(jobs)} rows, {done / (last_report - started):.1f} rows/s")
+    finally:
+        for process, _ in workers.values():
+            process.kill()
+        for process, _ in workers.values():
+            process.join()
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Forkserver: workers are forked from a clean process that has imported this module once, not from
+    a run worker with its threads and its hundreds of MB."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+def start_worker_server() -> None:
+    """Starts the forkserver now, so that it imports this module while the caller does other work; the
+    first shard's workers then start at once. Without it, the first shard starts it."""
+    _worker_context()
+    multiprocessing.forkserver.ensure_running()
+
+
+def _worker(
+    jobs: list[_Job], settings: DownloadSettings, deadline: float, send: multiprocessing.connection.Connection
+) -> None:
+    """A worker process: its jobs through `_fetch_all`, the results sent back in small batches, then None."""
+    batch = []
+    for result in _fetch_all(jobs, settings, deadline, None):
+        batch.append(result)
+        if len(batch) >= _BATCH:
+            send.send(batch)
+            batch = []
+    if batch:
+        send.send(batch)
+    send.send(None)
+    send.close()
 
 
 def _fetch_all(
@@ -218,6 +336,7 @@ def _record(job: _Job, status: str, error: str | None, http_status: int | None =
         "status": status,
         "error_message": error,
         "http_status": http_status,
+        "host": job.host,
     }
 
 
@@ -225,7 +344,7 @@ def _reuse(jobs: list[_Job], table: pa.Table, tar: IO[bytes], writer: TarShardWr
     """Previous records to keep (same key and url, not failed_to_download); copies their samples."""
     urls = {job.key: job.url for job in jobs}
     candidates = {
-        row["key"]: row
+        row["key"]: {**row, "host": schemas.url_host(row["url"])}  # a file from before `host` lacks it
         for row in table.to_pylist()
         if row["status"] != schemas.FAILED_TO_DOWNLOAD and urls.get(row["key"]) == row["url"]
     }

@@ -3,7 +3,7 @@
 Past `APPROXIMATE_FROM_ROWS` pairs, `search_index` also builds this beside the exact index file
 (`storage.SEARCH_INDEX`), from that file, in one folder per build:
 
-- `index.faiss`: an inverted file (IVF) over PQ codes of 4 bits per sub-vector ("fast scan"): D / 16
+- `index.faiss`: an inverted file (IVF) over PQ codes of 4 bits per sub-vector ("fast scan"): D / 8
   bytes per vector plus an 8-byte id. It proposes `k * refine` candidates.
 - `vectors.npy`: every vector, normalised, float16, in row order. The candidates are re-ranked by their
   exact cosine from it, so the order of the hits is exact and only a true neighbour that was not proposed
@@ -48,7 +48,7 @@ MIN_ROWS = 1_000  # the PQ codebooks need a few hundred vectors to train on; bel
 RETRAIN_GROWTH = 4  # a trained index is reused until the dataset has this many times its training rows
 TRAIN_POINTS_PER_LIST = 40  # k-means wants about 39 points per centroid
 NPROBE = 64  # lists searched per query
-REFINE = 30  # candidates per wanted hit, re-ranked exactly
+REFINE = 100  # candidates per wanted hit, re-ranked exactly
 _ROWS = ["key", "url", "caption"]
 _BUILD_PREFIX = "search_index/approximate-"
 
@@ -79,11 +79,11 @@ def lists_for(rows: int) -> int:
 
 
 def factory_for(rows: int, dim: int) -> str:
-    """IVF over 4-bit PQ codes of dim/8 sub-vectors; past 1,024 lists the lists are found by HNSW, so that
-    assigning hundreds of millions of vectors does not compare each with every centroid."""
+    """IVF over 4-bit PQ codes of dim/4 sub-vectors (D/8 bytes); past 1,024 lists the lists are found by
+    HNSW, so that assigning hundreds of millions of vectors does not compare each with every centroid."""
     lists = lists_for(rows)
     coarse = f"IVF{lists}_HNSW32" if lists >= 1024 else f"IVF{lists}"
-    return f"{coarse},PQ{max(dim // 8, 1)}x4fs"
+    return f"{coarse},PQ{max(dim // 4, 2)}x4fs"
 
 
 def read_build(store: DatasetStore) -> ApproximateBuild | None:

@@ -2,7 +2,9 @@
 
 JPEGs are decoded with Pillow's `draft` mode: libjpeg scales by 1/2, 1/4 or 1/8 inside the
 DCT, never below the target size, so a 2048 px photo headed for 256 px is decoded at 512 px,
-several times faster than a full decode followed by a resize. A high-quality resize finishes it.
+several times faster than a full decode followed by a resize. A resize finishes it, with
+img2dataset's interpolations and defaults: area averaging down (Pillow's BOX filter, OpenCV's
+INTER_AREA), Lanczos up.
 """
 
 from __future__ import annotations
@@ -13,6 +15,17 @@ from dataclasses import dataclass
 from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
+# img2dataset's interpolation names (and its aliases), as Pillow filters
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "linear": Image.Resampling.BILINEAR,
+    "bilinear": Image.Resampling.BILINEAR,
+    "cubic": Image.Resampling.BICUBIC,
+    "bicubic": Image.Resampling.BICUBIC,
+    "area": Image.Resampling.BOX,
+    "lanczos": Image.Resampling.LANCZOS,
+    "lanczos4": Image.Resampling.LANCZOS,
+}
 ENCODE_FORMATS = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
 _EXIF_ORIENTATION = 0x0112
 _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 or 270 degrees
@@ -38,6 +51,8 @@ class ImageSettings:
     resize_mode: str = "border"
     border_color: str = "white"  # the padding of `border`, as img2dataset's; a PIL colour name or #rrggbb
     resize_only_if_bigger: bool = False
+    downscale_interpolation: str = "area"  # img2dataset's defaults
+    upscale_interpolation: str = "lanczos"
     encode_format: str = "jpg"
     encode_quality: int = 95
     min_image_size: int = 0
@@ -49,6 +64,9 @@ class ImageSettings:
             object.__setattr__(self, "resize_mode", "no")
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode {self.resize_mode!r} is not one of {RESIZE_MODES}")
+        for name in (self.downscale_interpolation, self.upscale_interpolation):
+            if name not in INTERPOLATIONS:
+                raise ValueError(f"interpolation {name!r} is not one of {tuple(INTERPOLATIONS)}")
         if self.encode_format not in ENCODE_FORMATS:
             raise ValueError(f"encode_format {self.encode_format!r} is not one of {tuple(ENCODE_FORMATS)}")
         ImageColor.getrgb(self.border_color)  # ValueError: unknown color specifier
@@ -82,11 +100,12 @@ def process_image(data: bytes, settings: ImageSettings) -> ProcessedImage:
     if target != (width, height) and image.format == "JPEG":
         request = (target[1], target[0]) if orientation in _SWAPS_AXES else target
         image.draft("RGB", request)
-    image = _load_rgb(image)
+    image = _load_rgb(image, orientation)
 
     if target != image.size:
-        filter_ = Image.Resampling.LANCZOS if target[0] < image.size[0] else Image.Resampling.BICUBIC
-        image = image.resize(target, filter_)
+        down = target[0] < image.size[0]
+        filter_ = settings.downscale_interpolation if down else settings.upscale_interpolation
+        image = image.resize(target, INTERPOLATIONS[filter_])
     image = _crop_or_pad(image, settings)
     out = io.BytesIO()
     fmt = ENCODE_FORMATS[settings.encode_format]
@@ -112,11 +131,12 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-def _load_rgb(image: Image.Image) -> Image.Image:
-    """Decode the pixels, turn them as the EXIF orientation says, and convert to RGB."""
+def _load_rgb(image: Image.Image, orientation: int | None = None) -> Image.Image:
+    """Decode the pixels, turn them as the EXIF orientation says, and convert to RGB. With the
+    orientation known and 1 (upright), the turn, a copy of every pixel, is skipped."""
     try:
         image.load()
-        return _to_rgb(ImageOps.exif_transpose(image))
+        return _to_rgb(image if orientation == 1 else ImageOps.exif_transpose(image))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DecodeError(f"cannot decode: {exc}") from exc
 

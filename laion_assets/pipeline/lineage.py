@@ -3,8 +3,9 @@ schedule share.
 
 Every per-shard parquet records in its footer the incoming content it was made from (the source file's
 name and fingerprint), copied down from the layer before it. A layer of a shard is current when its
-parquet exists and records the content the source file has now. A shard is done when every layer asked
-for is current; when one is not, it and every layer after it must be made again.
+parquet exists, records the content the source file has now and has the contract's columns. A shard is
+done when every layer asked for is current; when one is not, it and every layer after it must be made
+again.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import json
 from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from laion_assets import names
+from laion_assets.pipeline import schemas
 from laion_assets.pipeline.parallel import store_map
 from laion_assets.pipeline.sources import parse_source_name
-from laion_assets.pipeline.storage import INCOMING, DatasetStore, Layer, StoredFile, footer
+from laion_assets.pipeline.storage import IMAGES, INCOMING, PAIRS, DatasetStore, Layer, StoredFile, footer
 
 
 def source_footer(file: StoredFile) -> dict[str, str]:
@@ -62,8 +65,19 @@ def stale_layers(
     return stale
 
 
+# The columns a layer's file must have to be current: one written before a column joined the contract
+# (`host`) is made again, as one made from an older source is. The other layers' columns vary (a URL
+# list's own columns, the model's dimension).
+_CONTRACT_COLUMNS = {IMAGES: frozenset(schemas.IMAGES.names), PAIRS: frozenset(schemas.PAIRS.names)}
+
+
 def _recorded_source(store: DatasetStore, shard: str, layer: Layer) -> str | None:
+    """The source the file records, or None when it is gone or lacks a column of the contract."""
     try:
-        return store.parquet_metadata(layer.parquet(shard)).get(names.SOURCE_FOOTER)
+        with store.open(layer.parquet(shard)) as f:
+            schema = pq.read_schema(f)
     except FileNotFoundError:  # removed since the listing
         return None
+    if not _CONTRACT_COLUMNS.get(layer, frozenset()) <= set(schema.names):
+        return None
+    return footer(schema).get(names.SOURCE_FOOTER)

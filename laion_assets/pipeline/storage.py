@@ -208,7 +208,15 @@ class DatasetStore:
         with self.atomic_write(relpath) as f:
             f.write(data)
 
-    def write_parquet(self, relpath: str, table: pa.Table, metadata: dict[str, str] | None = None) -> None:
+    def write_parquet(
+        self,
+        relpath: str,
+        table: pa.Table,
+        metadata: dict[str, str] | None = None,
+        **options: object,
+    ) -> None:
+        """zstd-compressed, with pyarrow's defaults; `options` are `pyarrow.parquet.write_table`'s, over
+        those (a layer's own encodings, e.g. `pairs.PAIRS_PARQUET_OPTIONS`)."""
         if metadata:
             merged = {
                 **(table.schema.metadata or {}),
@@ -216,7 +224,7 @@ class DatasetStore:
             }
             table = table.replace_schema_metadata(merged)
         with self.atomic_write(relpath) as f:
-            pq.write_table(table, f, compression="zstd")
+            pq.write_table(table, f, **{"compression": "zstd", **options})
 
     def remove(self, relpath: str) -> None:
         if self.exists(relpath):

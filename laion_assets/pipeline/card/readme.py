@@ -30,6 +30,7 @@ FEATURE_DESCRIPTIONS = {
     "width": "width of the stored (resized) image in `pairs/<shard>.tar`",
     "height": "height of the stored (resized) image in `pairs/<shard>.tar`",
     "sha256": "SHA-256 of the downloaded bytes",
+    "host": "the URL's host, lower-cased, as the downloader counts hosts (not a LAION-400M column)",
 }
 
 LAION_400M_BIBTEX = """@article{schuhmann2021laion400m,

@@ -95,11 +95,11 @@ def _stats(
     def rows(sql: str, *params: object) -> list[tuple]:
         return connection.execute(sql, list(params)).fetchall()
 
-    # error_class and url_host are the downloader's own functions (schemas.py), registered by connect
+    # error_class is the downloader's own function (schemas.py), registered by connect
     connection.execute(
         "CREATE TEMP TABLE card_images AS SELECT status, "
         "CASE WHEN error_message <> '' THEN error_class(error_message) END AS error, "
-        "CASE WHEN list_contains($failures, status) THEN url_host(url) END AS host, "
+        "CASE WHEN list_contains($failures, status) THEN host END AS host, "
         "CASE WHEN status = $success THEN least(original_width // $bin, $last) END AS width_bin, "
         "CASE WHEN status = $success THEN least(original_height // $bin, $last) END AS height_bin, "
         "count(*) AS n FROM images GROUP BY ALL",
