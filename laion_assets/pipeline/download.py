@@ -251,16 +251,21 @@ def start_worker_server() -> None:
 def _worker(
     jobs: list[_Job], settings: DownloadSettings, deadline: float, send: multiprocessing.connection.Connection
 ) -> None:
-    """A worker process: its jobs through `_fetch_all`, the results sent back in small batches, then None."""
+    """A worker process: its jobs through `_fetch_all`, the results sent back in small batches, then None.
+    When the step's process is gone (killed), the next send fails and the worker stops after the
+    requests in flight."""
     batch = []
-    for result in _fetch_all(jobs, settings, deadline, None):
-        batch.append(result)
-        if len(batch) >= _BATCH:
+    try:
+        for result in _fetch_all(jobs, settings, deadline, None):
+            batch.append(result)
+            if len(batch) >= _BATCH:
+                send.send(batch)
+                batch = []
+        if batch:
             send.send(batch)
-            batch = []
-    if batch:
-        send.send(batch)
-    send.send(None)
+        send.send(None)
+    except BrokenPipeError:
+        return
     send.close()
 
 

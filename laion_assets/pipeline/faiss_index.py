@@ -1,6 +1,7 @@
 """The approximate search index for large datasets: FAISS IVF-PQ, re-ranked exactly.
 
-Past `APPROXIMATE_FROM_ROWS` pairs, `search_index` also builds this beside the exact index file
+From `approximate_from_rows` pairs on (`search.APPROXIMATE_FROM_ROWS`, 1 M, by default), `search_index`
+also builds this beside the exact index file
 (`storage.SEARCH_INDEX`), from that file, in one folder per build:
 
 - `index.faiss`: an inverted file (IVF) over PQ codes of 4 bits per sub-vector ("fast scan"): D / 8
