@@ -18,7 +18,7 @@ from laion_assets import names
 from laion_assets.demo import DEMO_CHECKPOINT, DEMO_MODEL
 from laion_assets.pipeline.clip import ClipSettings
 from laion_assets.pipeline.storage import root_from_env
-from laion_assets.service.settings import API_KEY_ENV, ServiceSettings
+from laion_assets.service.settings import API_KEY_ENV, MIN_API_KEY_CHARS, ServiceSettings, WeakApiKey
 
 if TYPE_CHECKING:
     import dagster as dg
@@ -116,7 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--api-key",
         default=os.environ.get(API_KEY_ENV) or None,
-        help=f"required from every client when set (default: ${API_KEY_ENV}; none)",
+        help=f"required from every client when set (default: ${API_KEY_ENV}; none); at least "
+        f"{MIN_API_KEY_CHARS} characters",
+    )
+    serve.add_argument(
+        "--allow-short-api-key",
+        action="store_true",
+        help=f"accept a key under {MIN_API_KEY_CHARS} characters",
     )
     serve.add_argument("--max-batch", type=int, default=ServiceSettings.max_batch, help="items per request")
     serve.add_argument("--max-image-bytes", type=int, default=ServiceSettings.max_image_bytes)
@@ -174,10 +180,11 @@ def serve(args: argparse.Namespace, root: str) -> int:
         batching=not args.no_batching,
         batch_wait=args.batch_wait_ms / 1000,
         allow_private_networks=args.allow_private_networks,
+        allow_short_api_key=args.allow_short_api_key,
     )
     try:
         serve_clip(settings, ClipSettings.from_env())
-    except ModelUnavailable as exc:
+    except (ModelUnavailable, WeakApiKey) as exc:
         raise SystemExit(f"laion-assets serve: {exc}") from exc
     return 0
 

@@ -1,9 +1,7 @@
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 
 import dagster as dg
 import pytest
@@ -14,6 +12,7 @@ from laion_assets.cli import main
 from laion_assets.defs.partitions import shards
 from laion_assets.pipeline.storage import DatasetStore
 from laion_assets_tests.dagster_helpers import local_web_config
+from laion_assets_tests.service_process import serving
 
 A = b"url,caption\nhttp://a.com/1.jpg,a cat\nhttp://a.com/2.jpg,a dog\n"
 B = b'{"link": "http://b.com/1.jpg", "caption": "a bird"}\n'
@@ -121,35 +120,24 @@ def test_demo_as_a_user_runs_it(tmp_path, monkeypatch):
 
 def test_serve_answers_with_the_model_from_the_environment(local_root):
     """The installed console script serves on the port it is given, with the key and model it is given."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "LAION_ASSETS_CLIP_MODEL": "laion-assets-tiny",
-        "LAION_ASSETS_CLIP_PRETRAINED": "none",
-    }
-    script = os.path.join(os.path.dirname(sys.executable), "laion-assets")
-    command = [script, "serve", "--port", str(port), "--root", local_root, "--api-key", "k"]
-    server = subprocess.Popen([*command, "--max-batch", "2"], env=env, stderr=subprocess.PIPE)
+    key = "a-key-of-24-characters-x"  # at least 16: a shorter one is refused (see below)
     http = urllib3.PoolManager(retries=False)
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            try:
-                info = http.request("GET", f"http://127.0.0.1:{port}/info?api_key=k", timeout=10)
-                break
-            except urllib3.exceptions.HTTPError:  # not listening yet
-                assert server.poll() is None, server.stderr.read().decode()
-                assert time.monotonic() < deadline, "laion-assets serve did not answer"
-                time.sleep(0.2)
+    with serving("--root", local_root, "--api-key", key, "--max-batch", "2") as served:
+        url = served.url
+        info = http.request("GET", f"{url}/info?api_key={key}", timeout=10)
         assert info.status == 200, info.data
         assert (info.json()["model"], info.json()["max_batch"]) == ("laion-assets-tiny", 2)
         assert "no search index at" in info.json()["search_index_problem"]
-        assert http.request("GET", f"http://127.0.0.1:{port}/info", timeout=10).status == 401
-    finally:
-        server.terminate()
-        server.wait(30)
+        assert http.request("GET", f"{url}/info", timeout=10).status == 401
+
+
+def test_serve_refuses_a_short_key_unless_allowed(monkeypatch, tmp_path):
+    with pytest.raises(SystemExit, match="the API key has 8 characters, under 16: use a longer one"):
+        main(["serve", "--port", "0", "--api-key", "short-ky"])
+    # allowed: it gets past the key to loading the model (here a missing checkpoint, to stop there)
+    monkeypatch.setenv("LAION_ASSETS_CLIP_PRETRAINED", str(tmp_path / "missing.pt"))
+    with pytest.raises(SystemExit, match=r"checkpoint file .*missing.pt does not exist"):
+        main(["serve", "--port", "0", "--api-key", "short-ky", "--allow-short-api-key"])
 
 
 def test_serve_without_its_weights_says_why(monkeypatch, tmp_path):

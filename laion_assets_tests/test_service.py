@@ -289,8 +289,16 @@ def test_api_key_by_query_or_header(service):
     assert anonymous.post(f"/clip/embed_text?api_key={KEY}", body)[0] == 200
     assert anonymous.post("/clip/embed_text", body) == (
         401,
-        {"detail": f"missing api_key: send it as ?api_key=... or an {API_KEY_HEADER} header"},
+        {
+            "detail": "missing api_key: send it as ?api_key=..., an Authorization: Bearer header, an "
+            f"{API_KEY_HEADER} header or an api_key field of the JSON body"
+        },
     )
+    # inference-sdk's other two places: the Bearer header and the JSON body, checked in the same order
+    assert anonymous.post("/clip/embed_text", body, Authorization=f"Bearer {KEY}")[0] == 200
+    assert anonymous.post("/clip/embed_text", {**body, "api_key": KEY})[0] == 200
+    assert anonymous.post("/clip/embed_text", {**body, "api_key": "nope"})[0] == 401
+    assert anonymous.post("/clip/embed_text?api_key=nope", {**body, "api_key": KEY})[0] == 401  # query first
     assert anonymous.post("/clip/embed_text?api_key=nope", body) == (401, {"detail": "wrong api_key"})
     assert anonymous.request("GET", "/info")[0] == 401
     assert anonymous.request("GET", "/openapi.json")[0] == 200  # the schema is public

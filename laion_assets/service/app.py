@@ -9,21 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
+import re
 import secrets
 import time
+import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 import uvicorn
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.security import APIKeyHeader, APIKeyQuery
+from fastapi.security import APIKeyHeader, APIKeyQuery, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from laion_assets.pipeline.clip import ClipEncoder, ClipSettings, ModelMismatch
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 API_KEY_HEADER = "X-API-Key"
+_BEARER = HTTPBearer(auto_error=False)  # `Authorization: Bearer <key>`, inference-sdk's header transport
 _FETCH_THREADS = 16  # URL fetches wait on the network, not the CPU
 
 
@@ -172,14 +176,22 @@ def create_app(settings: ServiceSettings, encoder: ClipEncoder) -> FastAPI:
         await service.close()
 
     async def require_key(
+        request: Request,
+        bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)],
         query: str | None = Security(APIKeyQuery(name="api_key", auto_error=False)),
         header: str | None = Security(APIKeyHeader(name=API_KEY_HEADER, auto_error=False)),
     ) -> None:
+        """The key wherever Roboflow's server and its client put it, in its order: `?api_key=`, then
+        `Authorization: Bearer`, then (ours) `X-API-Key`, then `api_key` in the JSON body."""
         if settings.api_key is None:
             return
-        given = query or header
+        given = query or (bearer.credentials if bearer else None) or header or await _body_key(request)
         if given is None:
-            raise InputError(401, f"missing api_key: send it as ?api_key=... or an {API_KEY_HEADER} header")
+            raise InputError(
+                401,
+                f"missing api_key: send it as ?api_key=..., an Authorization: Bearer header, an "
+                f"{API_KEY_HEADER} header or an api_key field of the JSON body",
+            )
         if not secrets.compare_digest(given.encode(), settings.api_key.encode()):
             raise InputError(401, "wrong api_key")
 
@@ -205,7 +217,9 @@ def create_app(settings: ServiceSettings, encoder: ClipEncoder) -> FastAPI:
         items = _labelled(kind, value)
         service.check_count(kind, len(items))
         rows = await service.embed(kind, items)
-        return m.EmbeddingResponse(embeddings=rows.tolist(), time=time.perf_counter() - start)
+        return m.EmbeddingResponse(
+            embeddings=rows.tolist(), time=time.perf_counter() - start, inference_id=str(uuid.uuid4())
+        )
 
     @app.post("/clip/embed_image", response_model=m.EmbeddingResponse, summary="CLIP image embeddings")
     async def embed_image(request: m.EmbedImageRequest) -> m.EmbeddingResponse:
@@ -234,6 +248,7 @@ def create_app(settings: ServiceSettings, encoder: ClipEncoder) -> FastAPI:
         return m.CompareResponse(
             similarity=dict(zip(request.prompt, similarity, strict=True)) if named else similarity,
             time=time.perf_counter() - start,
+            inference_id=str(uuid.uuid4()),
         )
 
     @app.post(
@@ -272,6 +287,21 @@ def create_app(settings: ServiceSettings, encoder: ClipEncoder) -> FastAPI:
         )
 
     return app
+
+
+async def _body_key(request: Request) -> str | None:
+    """`api_key` of a JSON body (inference-sdk's way for a self-hosted server). The body is parsed again
+    only when it holds the name; the key is never logged."""
+    if request.method != "POST":
+        return None
+    body = await request.body()  # already read and kept by FastAPI for the route's own body
+    if b'"api_key"' not in body:
+        return None
+    try:
+        value = json.loads(body).get("api_key")
+    except (ValueError, AttributeError):  # not JSON, or not an object: the route answers 422
+        return None
+    return value if isinstance(value, str) else None
 
 
 def _labelled(field: str, value: m.Item | list) -> list[tuple[str, m.Item]]:
@@ -350,6 +380,20 @@ class BodyLimit:
 
 
 def serve(settings: ServiceSettings, clip: ClipSettings) -> None:
-    """Load the model and answer on settings.host:settings.port until interrupted."""
+    """Load the model and answer on settings.host:settings.port until interrupted (WeakApiKey first, if
+    the key is too short)."""
+    settings.check_api_key()
     app = create_app(settings, ClipEncoder(clip))
+    logging.getLogger("uvicorn.access").addFilter(_hide_query_keys)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+
+
+_QUERY_KEY = re.compile(r"(api_key=)[^&\s]*")
+
+
+def _hide_query_keys(record: logging.LogRecord) -> bool:
+    """uvicorn's access log line with `?api_key=` blanked: a key sent in the query (inference-sdk's v0
+    mode) must not land in the logs. Keys in headers and bodies are never logged at all."""
+    if isinstance(record.args, tuple) and len(record.args) >= 3 and isinstance(record.args[2], str):
+        record.args = (*record.args[:2], _QUERY_KEY.sub(r"\1***", record.args[2]), *record.args[3:])
+    return True

@@ -68,16 +68,24 @@ class SearchRequest(BaseModel):
         return self
 
 
-class EmbeddingResponse(BaseModel):
+class InferenceIds(BaseModel):
+    """The fields every Roboflow inference response carries; inference-sdk reads `frame_id` and `time`."""
+
+    inference_id: str | None = Field(None, description="this answer's id (a UUID), for logs")
+    frame_id: int | None = Field(None, description="always null: no video frames here")
+
+
+class EmbeddingResponse(InferenceIds):
     embeddings: list[list[float]] = Field(description="one L2-normalised embedding per input, in order")
     time: float = Field(description="seconds taken, fetching and decoding included")
 
 
-class CompareResponse(BaseModel):
+class CompareResponse(InferenceIds):
     similarity: list[float] | dict[str, float] = Field(
         description="cosine similarity of the subject with each prompt: a list, or by name for a dict prompt"
     )
     time: float
+    parent_id: str | None = Field(None, description="always null: no parent inference here")
 
 
 class SearchHit(BaseModel):

@@ -8,6 +8,11 @@ from laion_assets.pipeline.fetch import FetchSettings
 from laion_assets.pipeline.imaging import ImageSettings
 
 API_KEY_ENV = "LAION_ASSETS_API_KEY"
+MIN_API_KEY_CHARS = 16
+
+
+class WeakApiKey(ValueError):
+    """The service was asked to start with a key too short to resist guessing."""
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,17 @@ class ServiceSettings:
     batching: bool = True
     batch_wait: float = 0.002  # seconds a batch waits for requests still being prepared
     allow_private_networks: bool = False  # fetch from loopback and private networks (tests, local demos)
+    allow_short_api_key: bool = False  # start with a key under MIN_API_KEY_CHARS characters
+
+    def check_api_key(self) -> None:
+        """WeakApiKey if the key is shorter than MIN_API_KEY_CHARS and that was not allowed."""
+        short = self.api_key is not None and len(self.api_key) < MIN_API_KEY_CHARS
+        if short and not self.allow_short_api_key:
+            raise WeakApiKey(
+                f"the API key has {len(self.api_key)} characters, under {MIN_API_KEY_CHARS}: use a longer "
+                "one (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(24))'`), or pass "
+                "--allow-short-api-key"
+            )
 
     @property
     def max_body_bytes(self) -> int:
