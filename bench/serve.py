@@ -11,6 +11,13 @@ warm-up requests. Prints requests/s, p50 and p99 latency and the ratio batcher o
 
 Then times exact search (`SearchIndex.search`) over `--index-rows` random normalised embeddings, the
 figure behind APPROXIMATE_FROM_ROWS (search.py).
+
+    .venv/bin/python bench/serve.py --soak 20000 [--model laion-assets-tiny]
+
+instead sends that many mixed requests from 8 threads to one server: texts of words never seen
+before (what grows a tokenizer's cache), images, compares, and bad requests (bad base64, too many
+prompts, a wrong field), and prints the server's RSS every tenth of the way, the answers by status,
+and fails if any was a 5xx. Memory that levels off is the point, so a small model is enough.
 """
 
 from __future__ import annotations
@@ -131,6 +138,68 @@ def time_search(rows: int, dim: int = 512, queries: int = 20) -> float:
     return float(np.percentile(times, 50))
 
 
+def soak(args: argparse.Namespace) -> None:
+    """`args.soak` mixed requests; the server's RSS as they go, and the answers by status."""
+    rng = np.random.default_rng(0)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    image = request_bodies(1)["/clip/embed_image"][0]
+
+    def body(i: int) -> tuple[str, bytes]:
+        words = " ".join("".join(rng.choice(letters, 7)) for _ in range(6))  # new words each time
+        kind = i % 10
+        if kind < 6:
+            return "/clip/embed_text", json.dumps({"text": f"{words} number {i}"}).encode()
+        if kind < 8:
+            return "/clip/embed_image", image
+        if kind == 8:
+            return "/clip/compare", json.dumps(
+                {"subject": words, "subject_type": "text", "prompt": [words[:9]]}
+            ).encode()
+        bad = [
+            {"image": {"type": "base64", "value": "%%%"}},
+            {"subject": "a", "subject_type": "text", "prompt": ["b"] * 9},
+            {"txt": "a"},
+        ]
+        return ("/clip/embed_image", "/clip/compare", "/clip/embed_text")[i % 3], json.dumps(
+            bad[i % 3]
+        ).encode()
+
+    bodies = [body(i) for i in range(args.soak)]
+    statuses: dict[int, int] = {}
+    with tempfile.TemporaryDirectory() as root:
+        server, url, info = start_server(args, True, root)
+        http = urllib3.PoolManager(maxsize=8, retries=False)
+
+        def send(item: tuple[str, bytes]) -> int:
+            response = http.request(
+                "POST", url + item[0], body=item[1], headers={"Content-Type": "application/json"}
+            )
+            return response.status
+
+        try:
+            print(f"{args.model} on {info['device']}, {args.soak} requests, 8 client threads; server RSS:")
+            step = max(args.soak // 10, 1)
+            with ThreadPoolExecutor(8) as pool:
+                for start in range(0, args.soak, step):
+                    for status in pool.map(send, bodies[start : start + step]):
+                        statuses[status] = statuses.get(status, 0) + 1
+                    print(f"  after {start + step:>6} requests: {rss_mb(server.pid):6.0f} MB", flush=True)
+        finally:
+            server.terminate()
+            server.wait(30)
+    print("answers by status:", dict(sorted(statuses.items())))
+    errors = sum(n for status, n in statuses.items() if status >= 500)
+    if errors:
+        raise SystemExit(f"{errors} answers were 5xx")
+
+
+def rss_mb(pid: int) -> float:
+    for row in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if row.startswith("VmRSS:"):
+            return int(row.split()[1]) / 1024
+    return float("nan")
+
+
 def line(*cells: object) -> str:
     """One row of the summary table: the route left-aligned, the figures right-aligned."""
     return f"{cells[0]:<18}" + "".join(f"{c:>{w}}" for c, w in zip(cells[1:], WIDTHS, strict=True))
@@ -143,7 +212,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=128, help="measured requests per route and setting")
     parser.add_argument("--concurrency", default="1,16", help="comma-separated client thread counts")
     parser.add_argument("--index-rows", type=int, default=1_000_000, help="0: skip the search timing")
+    parser.add_argument("--soak", type=int, default=0, help="send this many mixed requests and watch memory")
     args = parser.parse_args()
+    if args.soak:
+        soak(args)
+        return
     levels = [int(c) for c in args.concurrency.split(",")]
     bodies = request_bodies(args.requests + WARM_UP)
     results: dict[tuple[str, int, bool], dict] = {}

@@ -186,3 +186,18 @@ def test_model_identity_is_the_model_and_its_weights(tmp_path):
         ModelMismatch, match=r"embedded with ViT-B-32 / openai, the service runs ViT-B-32 / dat"
     ):
         identity("openai").require(identity("datacomp_xl_s13b_b90k"), "it was", "the service", "re-embed")
+
+
+def test_the_tokenizer_cache_is_bounded_and_tokens_unchanged(monkeypatch):
+    from laion_assets.pipeline import clip
+
+    monkeypatch.setattr(clip, "TOKENIZER_CACHE_WORDS", 100)
+    bounded = ClipEncoder(TINY_CLIP)
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), 8)) for _ in range(500)]
+    texts = [" ".join(words[i : i + 5]) for i in range(0, 500, 5)]
+    fixed = {"<start_of_text>", "<end_of_text>"} & set(bounded.tokenizer.cache)
+    tokens = bounded.tokenize(texts)
+    assert len(bounded.tokenizer.cache) <= 100 + len(fixed) and fixed <= set(bounded.tokenizer.cache)
+    assert torch.equal(tokens, open_clip.get_tokenizer(TINY_CLIP.model)(texts))  # what open_clip gives
+    assert torch.equal(bounded.tokenize(texts), tokens)  # and again, after evictions

@@ -135,6 +135,23 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
+TOKENIZER_CACHE_WORDS = 50_000  # open_clip keeps every word it has split; a service sees endless new ones
+
+
+class BoundedCache(dict):
+    """A dict that keeps its first entries (`fixed`) and at most `limit` others, dropping the oldest:
+    open_clip's tokenizer caches the BPE of every word it meets, which grows for ever in a service."""
+
+    def __init__(self, fixed: dict, limit: int) -> None:
+        super().__init__(fixed)
+        self._fixed, self._limit = frozenset(fixed), len(fixed) + limit
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        if len(self) > self._limit:
+            del self[next(k for k in self if k not in self._fixed)]
+
+
 class ClipEncoder:
     """An open_clip model with its own preprocessing and tokenizer, returning L2-normalised float32."""
 
@@ -168,6 +185,8 @@ class ClipEncoder:
         self.model = model.eval()
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(settings.model)
+        if isinstance(getattr(self.tokenizer, "cache", None), dict):  # open_clip's BPE tokenizer
+            self.tokenizer.cache = BoundedCache(self.tokenizer.cache, TOKENIZER_CACHE_WORDS)
         self.dim = int(open_clip.get_model_config(settings.model)["embed_dim"])
 
     def _autocast(self):
