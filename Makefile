@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 # Nothing may fetch model weights from a hub at test or demo time.
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test lint demo clean postgres
+.PHONY: install test lint demo clean postgres chromium
 
 install: $(INSTALLED)
 
@@ -24,7 +24,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint postgres
+test: lint postgres chromium
 	$(BIN)/pytest
 
 # The deployment test starts a real PostgreSQL server from the machine's binaries (initdb, pg_ctl).
@@ -34,6 +34,15 @@ postgres:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || \
 	  { echo "make test needs PostgreSQL's initdb and pg_ctl: install your system's postgresql package" >&2; \
 	    exit 1; }
+
+# The search page test drives a real browser through Playwright: Debian's chromium, as Playwright's own
+# browser download needs the internet.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  { echo "make test needs a chromium browser for the search page test: install your system's" \
+	    "chromium package (Debian: apt-get install chromium)" >&2; exit 1; }
 
 demo: install
 	$(BIN)/laion-assets demo

@@ -10,6 +10,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from laion_assets.pipeline.storage import DatasetStore
+from laion_assets_tests.demo_dataset import build_demo_dataset
 from laion_assets_tests.web import TestWeb
 
 # Nothing in the tests may reach a model hub.
@@ -75,3 +76,10 @@ def web() -> Iterator[TestWeb]:
     server = TestWeb().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> str:
+    """Two shards of a small synthetic web embedded with the demo model, and their search index; shared,
+    so read-only (copy it to change it)."""
+    return build_demo_dataset(str(tmp_path_factory.mktemp("demo") / "data"))

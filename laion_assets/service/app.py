@@ -35,6 +35,7 @@ from laion_assets.pipeline.storage import DatasetStore
 from laion_assets.service import models as m
 from laion_assets.service.batcher import DynamicBatcher
 from laion_assets.service.inputs import InputError, decode_base64, fetch_image, open_image
+from laion_assets.service.page import add_search_page
 from laion_assets.service.settings import ServiceSettings
 
 if TYPE_CHECKING:
@@ -286,6 +287,7 @@ def create_app(settings: ServiceSettings, encoder: ClipEncoder) -> FastAPI:
             text_batches=m.BatcherStats(model_calls=service.texts.model_calls, items=service.texts.items),
         )
 
+    add_search_page(app, service.store, key_required=settings.api_key is not None)  # `/`, /image, /pairs
     return app
 
 

@@ -1,0 +1,33 @@
+"""The demo dataset the search tests run on: two shards of a small synthetic web embedded with the demo
+model, and their search index."""
+
+import dagster as dg
+
+from laion_assets.defs.resources import DatasetStoreResource
+from laion_assets.defs.search import search_index
+from laion_assets.demo import DEMO_BORDER_COLOR, DEMO_CHECKPOINT, DEMO_MODEL
+from laion_assets.demo.run import write_sources
+from laion_assets.demo.web import WorldWeb
+from laion_assets.demo.world import make_world
+from laion_assets.pipeline.clip import ClipSettings
+from laion_assets.pipeline.storage import DatasetStore
+from laion_assets_tests.dagster_helpers import LOCAL_WEB, materialize_shard
+
+DEMO_CLIP = ClipSettings(model=DEMO_MODEL, pretrained=str(DEMO_CHECKPOINT), device="cpu", batch_size=64)
+DEMO_IMAGES = 60
+DEMO_SHARDS = ("synthetic-web-0", "synthetic-web-1")
+
+
+def build_demo_dataset(root: str) -> str:
+    """The pipeline run over `make_world(images=DEMO_IMAGES)` into `root`, search index included."""
+    instance = dg.DagsterInstance.ephemeral()
+    with WorldWeb(make_world(images=DEMO_IMAGES, failures={})) as web:
+        write_sources(DatasetStore(root), web.rows(), shards=len(DEMO_SHARDS))
+        for shard in DEMO_SHARDS:
+            # as the demo downloads: its model was trained on images padded black
+            download = {**LOCAL_WEB, "border_color": DEMO_BORDER_COLOR}
+            config = {"ops": {"downloaded_images": {"config": download}}}
+            assert materialize_shard(instance, root, shard, config, clip=DEMO_CLIP).success
+    resources = {"store": DatasetStoreResource(root=root)}
+    assert dg.materialize([search_index], resources=resources, instance=instance).success
+    return root
