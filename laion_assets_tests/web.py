@@ -8,6 +8,7 @@ import time
 import zlib
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs
 
 from PIL import Image
 
@@ -64,10 +65,12 @@ ROBOTS_TXT = b"User-agent: *\nDisallow: /private/\n"
 
 
 class TestWeb:
-    """`url(path)` gives the address of a route; `hits` counts requests per path."""
+    """`url(path)` gives the address of a route; `hits` counts requests per path, `hosts` keeps the
+    Host header of each path's last request."""
 
     def __init__(self) -> None:
         self.hits: Counter = Counter()
+        self.hosts: dict[str, str | None] = {}
         self.down: set[str] = set()  # paths answering 503 until removed
         self.in_flight = 0
         self.max_in_flight = 0
@@ -115,6 +118,7 @@ class TestWeb:
                 path = self.path
                 with web._lock:
                     web.hits[path] += 1
+                    web.hosts[path] = self.headers.get("Host")
                     hits = web.hits[path]
                     web.in_flight += 1
                     web.max_in_flight = max(web.max_in_flight, web.in_flight)
@@ -141,7 +145,7 @@ class TestWeb:
                 self._send(302, b"", "text/plain", Location=location)
 
             def _route(self, path: str, hits: int) -> None:
-                route = path.partition("?")[0]
+                route, _, query = path.partition("?")
                 if route in IMAGES:
                     content_type, body = IMAGES[route]
                     return self._send(200, body, content_type)
@@ -186,6 +190,8 @@ class TestWeb:
                     return self._redirect("/loop-b")
                 if route == "/loop-b":
                     return self._redirect("/loop-a")
+                if route == "/redirect":  # to the URL in ?to=
+                    return self._redirect(parse_qs(query)["to"][0])
                 if route == "/to-private":
                     return self._redirect("http://10.255.255.1/x.jpg")
                 if route == "/noai.jpg":

@@ -1,7 +1,9 @@
 """Fetching one image URL: bounded in time and bytes, polite, and refusing private networks.
 
 Redirects are followed here, not by urllib3, so that every hop passes the same address guard
-and robots check. Every request has a total deadline on top of the per-read timeout, so a server
+and robots check. The guard resolves a host once and the connection goes to the address it vetted,
+not to the name, which would be resolved again and could answer a private address the second time
+(DNS rebinding). Every request has a total deadline on top of the per-read timeout, so a server
 that drips one byte at a time cannot hold a worker longer than `request_timeout`.
 """
 
@@ -17,6 +19,7 @@ from urllib.parse import SplitResult, urljoin, urlsplit
 from urllib.robotparser import RobotFileParser
 
 import urllib3
+from urllib3.connection import port_by_scheme
 from urllib3.exceptions import (
     ConnectTimeoutError,
     HTTPError,
@@ -24,6 +27,7 @@ from urllib3.exceptions import (
     ProtocolError,
     ReadTimeoutError,
 )
+from urllib3.util import Url, parse_url
 
 from laion_assets.pipeline import schemas
 
@@ -92,7 +96,7 @@ class Fetcher:
             retries=False,
             headers={"User-Agent": self.user_agent, "Accept": "image/*,*/*;q=0.5"},
         )
-        self._guard_cache: dict[str, Fetched | None] = {}
+        self._guard_cache: dict[str, Fetched | str | None] = {}  # host → refusal or vetted address
         self._robots: dict[str, RobotFileParser | None] = {}
         self._robots_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
@@ -120,11 +124,11 @@ class Fetcher:
         deadline = min(deadline, time.monotonic() + self.settings.request_timeout)
         visited = set()
         for _ in range(self.settings.max_redirects + 1):
-            refusal = self._refusal(url, check_robots=image)
+            refusal, address = self._vet(url, check_robots=image)
             if refusal:
                 return refusal
             visited.add(url)
-            response = self._get(url, deadline)
+            response = self._get(url, address, deadline)
             reusable = False
             try:
                 if response.status in _REDIRECTS:
@@ -146,7 +150,8 @@ class Fetcher:
                 response.release_conn()
         return _failed(f"too many redirects: more than max_redirects={self.settings.max_redirects}")
 
-    def _get(self, url: str, deadline: float) -> urllib3.BaseHTTPResponse:
+    def _get(self, url: str, address: str | None, deadline: float) -> urllib3.BaseHTTPResponse:
+        """GET `url` from `address` (the host's vetted address), or by name when `address` is None."""
         s = self.settings
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -155,7 +160,9 @@ class Fetcher:
             connect=min(s.connect_timeout, remaining), read=min(s.read_timeout, remaining)
         )
         try:
-            return self.http.request("GET", url, redirect=False, preload_content=False, timeout=timeout)
+            if address is None:
+                return self.http.request("GET", url, redirect=False, preload_content=False, timeout=timeout)
+            return self._get_from(address, parse_url(url), timeout)
         except ConnectTimeoutError as exc:
             raise _Retryable(f"timeout: no connection within {timeout.connect_timeout:g}s") from exc
         except ReadTimeoutError as exc:
@@ -166,6 +173,30 @@ class Fetcher:
             raise _Retryable(f"connection broken: {_reason(exc)}") from exc
         except HTTPError as exc:  # malformed URL or response: retrying will not help
             raise _FetchFailed(f"request failed: {_reason(exc)}") from exc
+
+    def _get_from(self, address: str, url: Url, timeout: urllib3.Timeout) -> urllib3.BaseHTTPResponse:
+        """The request urllib3 makes for `url`, connected to `address` instead of the name it would resolve.
+
+        The Host header, and for https the SNI and the certificate check (server_hostname), go by the
+        URL's name. server_hostname is in the pool's key even for http, so each (scheme, address, port,
+        name) has its own pool of kept-alive connections, `per_host_connections` of them, as each host
+        had when connecting by name; hosts that share an address do not share a pool.
+        """
+        pool = self.http.connection_from_host(
+            f"[{address}]" if ":" in address else address,
+            port=url.port,
+            scheme=url.scheme,
+            pool_kwargs={"server_hostname": url.host.rstrip(".")},
+        )
+        return pool.urlopen(
+            "GET",
+            url.request_uri,
+            headers={**self.http.headers, "Host": _host_header(url)},
+            redirect=False,
+            assert_same_host=False,
+            preload_content=False,
+            timeout=timeout,
+        )
 
     def _read(self, response: urllib3.BaseHTTPResponse, deadline: float, image: bool) -> Fetched:
         s, status = self.settings, response.status
@@ -203,19 +234,24 @@ class Fetcher:
             raise _Retryable(f"connection broken: {_reason(exc)}", status) from exc
         return Fetched(schemas.SUCCESS, body=bytes(body), http_status=status)
 
-    def _refusal(self, url: str, check_robots: bool) -> Fetched | None:
+    def _vet(self, url: str, check_robots: bool) -> tuple[Fetched | None, str | None]:
+        """A refusal, or None and the address to connect to (None: connect by name, nothing to pin)."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            return _failed(f"unsupported URL: {url[:200]}")
+            return _failed(f"unsupported URL: {url[:200]}"), None
+        address = None
         if not self.settings.allow_private_networks:
-            if parts.hostname not in self._guard_cache:  # a race only resolves a host twice
+            # A race only resolves a host twice; each thread connects to the address it read here.
+            if parts.hostname not in self._guard_cache:
                 self._guard_cache[parts.hostname] = _address_refusal(parts.hostname)
-            if self._guard_cache[parts.hostname]:
-                return self._guard_cache[parts.hostname]
+            guard = self._guard_cache[parts.hostname]
+            if isinstance(guard, Fetched):
+                return guard, None
+            address = guard
         if check_robots and self.settings.respect_robots_txt and not self._robots_allow(parts, url):
             error = f"robots.txt: disallows {parts.path or '/'} for {self.settings.user_agent_token}"
-            return Fetched(schemas.OPTED_OUT, error=error)
-        return None
+            return Fetched(schemas.OPTED_OUT, error=error), None
+        return None, address
 
     def _opt_out(self, values: list[str]) -> str | None:
         """The first opt-out directive addressed to all robots or to our token."""
@@ -256,20 +292,46 @@ class Fetcher:
         return parser
 
 
-def _address_refusal(host: str) -> Fetched | None:
-    """Refuses a host that does not resolve or resolves to a non-public address (private, loopback, ...)."""
+def _address_refusal(host: str) -> Fetched | str | None:
+    """Refuses a host that does not resolve or resolves to a non-public address (private, loopback, ...).
+
+    Otherwise the address to connect to: the first it resolves to, all of them vetted. None for a public
+    IP literal, which has no name to resolve again.
+    """
     try:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError) as exc:
         return _failed(f"dns: cannot resolve {host}: {exc}")
+    vetted = []
     for info in infos:
         address = ipaddress.ip_address(info[4][0].split("%")[0])
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
             address = address.ipv4_mapped
-        if not address.is_global or address.is_multicast:
+        if not _is_public(address):
             error = f"private address: {host} resolves to {address} (set allow_private_networks to fetch it)"
             return Fetched(schemas.BLOCKED, error=error)
-    return None
+        vetted.append(str(address))
+    if not vetted:
+        return _failed(f"dns: cannot resolve {host}: no addresses")
+    return None if _is_ip_literal(host) else vetted[0]
+
+
+def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return address.is_global and not address.is_multicast
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _host_header(url: Url) -> str:
+    """The Host header urllib3 sends when it connects by name: no trailing dot, no default port."""
+    host = url.host.rstrip(".")
+    return host if url.port in (None, port_by_scheme.get(url.scheme)) else f"{host}:{url.port}"
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -1,0 +1,267 @@
+"""DNS rebinding: a name that answers a public address to the guard and 127.0.0.1 to the connection.
+
+The resolver is swapped in (socket.getaddrinfo, which both the guard and urllib3 call). Nothing public
+can be reached from here, so a connection to the public answer fails; the point is that none goes to
+the loopback web server instead. Where a test needs a name that resolves and is fetched, the loopback
+server stands in for a public one: 127.0.0.1 counts as public there.
+"""
+
+import datetime
+import socket
+import ssl
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from urllib3.util import parse_url
+
+from laion_assets.pipeline import fetch, schemas
+from laion_assets.pipeline.fetch import Fetcher, FetchSettings
+from laion_assets.service.inputs import InputError, fetch_image
+from laion_assets_tests.test_download import FAST, run
+from laion_assets_tests.web import JPEG
+
+PUBLIC = "1.2.3.4"  # a global unicast address, unreachable from here
+GUARDED = replace(FAST, allow_private_networks=False, connect_timeout=0.5, retries=0, processes=1)
+FETCH = FetchSettings(connect_timeout=0.5, read_timeout=2, request_timeout=3, retries=0)
+UNREACHABLE = ("connection failed", "timeout: no connection")
+
+
+class Resolver:
+    """Answers `answers[name]` in turn, one address per lookup (the last one repeated); other hosts
+    (addresses among them, which urllib3 looks up too) resolve as usual. `lookups` counts per name;
+    `connects` lists the (host, port) of each lookup with a port: urllib3's, to connect."""
+
+    def __init__(self, answers: dict[str, list[str]]) -> None:
+        self.answers = answers
+        self.lookups: Counter = Counter()
+        self.connects: list[tuple[str, int]] = []
+        self._real = socket.getaddrinfo
+
+    def getaddrinfo(self, host, port, *args, **kwargs):
+        name = host.decode() if isinstance(host, bytes) else host
+        if port is not None:
+            self.connects.append((name, int(port)))
+        if name in self.answers:
+            self.lookups[name] += 1
+            turns = self.answers[name]
+            host = turns[min(self.lookups[name], len(turns)) - 1]
+        return self._real(host, port, *args, **kwargs)
+
+
+@pytest.fixture
+def resolver(monkeypatch) -> Resolver:
+    resolver = Resolver({"rebind.example": [PUBLIC, "127.0.0.1"], "images.example": ["127.0.0.1"]})
+    monkeypatch.setattr(socket, "getaddrinfo", resolver.getaddrinfo)
+    return resolver
+
+
+@pytest.fixture
+def loopback_is_public(monkeypatch) -> None:
+    """The loopback web server stands in for a public one."""
+    real = fetch._is_public
+    monkeypatch.setattr(fetch, "_is_public", lambda address: str(address) == "127.0.0.1" or real(address))
+
+
+def test_a_name_that_rebinds_to_loopback_is_not_fetched(web, resolver):
+    url = f"http://rebind.example:{web.port}/img/red.jpg"
+    _, _, rows = run([url], GUARDED)
+    assert rows[url]["status"] == schemas.FAILED_TO_DOWNLOAD
+    assert rows[url]["error_message"].startswith(UNREACHABLE), rows[url]["error_message"]
+    assert sum(web.hits.values()) == 0  # nothing reached the loopback server
+    assert resolver.lookups["rebind.example"] == 1  # resolved once, by the guard
+    assert resolver.connects == [(PUBLIC, web.port)]  # the connection went to the vetted address
+
+
+def test_a_redirect_to_a_name_that_rebinds_is_not_followed_to_loopback(web, resolver, monkeypatch):
+    # the first hop is the loopback server standing in for a public one, as in test_download.py
+    real_guard = fetch._address_refusal
+    monkeypatch.setattr(
+        fetch, "_address_refusal", lambda host: None if host == "127.0.0.1" else real_guard(host)
+    )
+    first = web.url(f"/redirect?to=http://rebind.example:{web.port}/img/red.jpg")
+    _, _, rows = run([first], GUARDED)
+    assert rows[first]["status"] == schemas.FAILED_TO_DOWNLOAD
+    assert rows[first]["error_message"].startswith(UNREACHABLE), rows[first]["error_message"]
+    assert web.hits[first.removeprefix(web.url(""))] == 1
+    assert web.hits["/img/red.jpg"] == 0  # the second hop did not reach the loopback server
+    assert resolver.connects == [("127.0.0.1", web.port), (PUBLIC, web.port)]
+
+
+def test_the_service_does_not_fetch_a_name_that_rebinds(web, resolver):
+    url = f"http://rebind.example:{web.port}/img/red.jpg"
+    with pytest.raises(InputError) as raised:
+        fetch_image("image", url, FETCH)
+    assert raised.value.status == 400
+    assert raised.value.reason.startswith(f"image: cannot fetch {url}: {UNREACHABLE[0]}") or (
+        raised.value.reason.startswith(f"image: cannot fetch {url}: {UNREACHABLE[1]}")
+    )
+    assert sum(web.hits.values()) == 0
+    assert resolver.connects == [(PUBLIC, web.port)]
+
+
+def test_a_name_is_fetched_from_its_vetted_address_with_its_host_header(web, resolver, loopback_is_public):
+    fetcher = Fetcher(FETCH)
+    paths = ["/img/red.jpg", "/img/green.png", "/up/1", "/up/2"]
+    for path in paths:
+        fetched = fetcher.fetch(f"http://images.example:{web.port}{path}", deadline=float("inf"))
+        assert fetched.status == schemas.SUCCESS, fetched
+        assert web.hosts[path] == f"images.example:{web.port}"
+    assert resolver.lookups["images.example"] == 1  # by the guard, once for the Fetcher; never to connect
+    assert resolver.connects == [("127.0.0.1", web.port)]
+    [key] = fetcher.http.pools.keys()  # one pool for the host, its connection kept alive
+    assert fetcher.http.pools[key].num_connections == 1
+    # a redirect hop to another name is resolved and vetted on its own
+    resolver.answers["other.example"] = ["127.0.0.1"]
+    hop = f"http://images.example:{web.port}/redirect?to=http://other.example:{web.port}/up/3"
+    fetched = fetcher.fetch(hop, deadline=float("inf"))
+    assert fetched.status == schemas.SUCCESS, fetched
+    assert web.hosts["/up/3"] == f"other.example:{web.port}"
+    assert resolver.lookups == {"images.example": 1, "other.example": 1}
+    assert len(resolver.connects) == 2  # other.example has a pool (and a connection) of its own
+
+
+@pytest.mark.parametrize(
+    ("url", "host"),
+    [
+        ("http://images.example/x.jpg", "images.example"),
+        ("http://images.example:80/x.jpg", "images.example"),
+        ("https://images.example:443/x.jpg", "images.example"),
+        ("http://images.example:443/x.jpg", "images.example:443"),
+        ("https://Images.Example.:8443/x.jpg", "images.example:8443"),
+        ("http://user:secret@images.example/x.jpg", "images.example"),
+        ("http://[2001:db8::1]:8080/x.jpg", "[2001:db8::1]:8080"),
+    ],
+)
+def test_the_host_header_is_the_one_urllib3_sends_by_name(url, host):
+    assert fetch._host_header(parse_url(url)) == host
+
+
+# HTTPS: the connection goes to the address, but TLS is with the name (SNI and the certificate check)
+
+
+def _certificates(folder: Path, name: str) -> tuple[Path, Path]:
+    """A CA certificate and a server certificate (with its key, in one file) for `name`, signed by it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def certificate(subject: str, key, issuer: str, issuer_key, ca: bool) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False
+            )
+        )
+        if ca:
+            usage = dict(digital_signature=True, key_cert_sign=True, crl_sign=True)
+        else:
+            usage = dict(digital_signature=True, key_cert_sign=False, crl_sign=False)
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(subject)]), False)
+        flags = dict(
+            content_commitment=False,
+            key_encipherment=False,
+            data_encipherment=False,
+            key_agreement=False,
+            encipher_only=False,
+            decipher_only=False,
+        )
+        builder = builder.add_extension(x509.KeyUsage(**usage, **flags), critical=True)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = certificate("rebinding test CA", ca_key, "rebinding test CA", ca_key, ca=True)
+    server = certificate(name, server_key, "rebinding test CA", ca_key, ca=False)
+    ca_path, server_path = folder / "ca.pem", folder / "server.pem"
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    key_pem = server_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    server_path.write_bytes(server.public_bytes(serialization.Encoding.PEM) + key_pem)
+    return ca_path, server_path
+
+
+class TlsWeb:
+    """An HTTPS server on 127.0.0.1 with a certificate for `name`; it records the SNI and Host it got."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.ca, certificate = _certificates(folder, name)
+        self.server_names: list[str | None] = []
+        self.hosts: list[str | None] = []
+        web = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                web.hosts.append(self.headers.get("Host"))
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(len(JPEG)))
+                self.end_headers()
+                self.wfile.write(JPEG)
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certificate)
+        context.sni_callback = lambda sock, server_name, ctx: self.server_names.append(server_name)
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def tls_web(tmp_path) -> Iterator[TlsWeb]:
+    pytest.importorskip("cryptography")
+    server = TlsWeb(tmp_path, "images.example")
+    yield server
+    server.stop()
+
+
+def _trusting(ca: Path) -> Fetcher:
+    fetcher = Fetcher(FETCH)
+    fetcher.http.connection_pool_kw["ca_certs"] = str(ca)
+    return fetcher
+
+
+def test_https_to_the_vetted_address_uses_the_name_for_tls(tls_web, resolver, loopback_is_public):
+    fetcher = _trusting(tls_web.ca)
+    for _ in range(2):
+        url = f"https://images.example:{tls_web.port}/x.jpg"
+        fetched = fetcher.fetch(url, deadline=float("inf"))
+        assert fetched.status == schemas.SUCCESS, fetched
+    assert tls_web.server_names == ["images.example"]  # one handshake: the connection was kept alive
+    assert tls_web.hosts == [f"images.example:{tls_web.port}"] * 2
+    assert resolver.lookups["images.example"] == 1
+    assert resolver.connects == [("127.0.0.1", tls_web.port)]
+
+
+def test_https_checks_the_certificate_against_the_name_not_the_address(tls_web, resolver, loopback_is_public):
+    resolver.answers["other.example"] = ["127.0.0.1"]
+    fetched = _trusting(tls_web.ca).fetch(f"https://other.example:{tls_web.port}/x.jpg", float("inf"))
+    assert fetched.status == schemas.FAILED_TO_DOWNLOAD
+    assert "other.example" in fetched.error and "certificate" in fetched.error.lower(), fetched.error
+    assert tls_web.hosts == []
