@@ -265,3 +265,18 @@ def test_https_checks_the_certificate_against_the_name_not_the_address(tls_web, 
     assert fetched.status == schemas.FAILED_TO_DOWNLOAD
     assert "other.example" in fetched.error and "certificate" in fetched.error.lower(), fetched.error
     assert tls_web.hosts == []
+
+
+def test_an_ipv4_address_is_preferred_when_the_name_has_both(monkeypatch):
+    """Only one vetted address is tried, so it is the IPv4 one when there is one: a machine without an
+    IPv6 route must still reach dual-stack hosts whose resolver lists IPv6 first."""
+    from laion_assets.pipeline import fetch
+
+    answers = [
+        (socket.AF_INET6, 0, 0, "", ("2606:4700::1", 0, 0, 0)),
+        (socket.AF_INET, 0, 0, "", ("1.2.3.4", 0)),
+    ]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: answers)
+    assert fetch._address_refusal("dual.example") == "1.2.3.4"
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: answers[:1])
+    assert fetch._address_refusal("v6only.example") == "2606:4700::1"

@@ -295,8 +295,10 @@ class Fetcher:
 def _address_refusal(host: str) -> Fetched | str | None:
     """Refuses a host that does not resolve or resolves to a non-public address (private, loopback, ...).
 
-    Otherwise the address to connect to: the first it resolves to, all of them vetted. None for a public
-    IP literal, which has no name to resolve again.
+    Otherwise the address to connect to, all of them vetted: the first IPv4 one if there is one (a
+    crawler's machine without an IPv6 route would otherwise fail every dual-stack host whose resolver
+    lists IPv6 first, since only this one address is tried), else the first. None for a public IP
+    literal, which has no name to resolve again.
     """
     try:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
@@ -313,7 +315,7 @@ def _address_refusal(host: str) -> Fetched | str | None:
         vetted.append(str(address))
     if not vetted:
         return _failed(f"dns: cannot resolve {host}: no addresses")
-    return None if _is_ip_literal(host) else vetted[0]
+    return None if _is_ip_literal(host) else min(vetted, key=lambda a: ":" in a)
 
 
 def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
