@@ -1,14 +1,16 @@
 """Query benchmark: every query of the README's "Querying with DuckDB", over generated layers of 10 M rows.
 
     .venv/bin/python bench/query.py [--rows 10000000] [--shards 20] [--repeat 5] [--dim 512]
+                                    [--only NAME ...] [--generate-only]
 
-Writes, under bench/.work/query-root-<rows> (once; again when a layer's schema or encodings changed),
+Writes, under bench/.work/query-root-<rows>x<shards> (once; again when a layer's schema or encodings changed),
 `<shards>` shards of each layer with the pipeline's own schemas and writers, with realistic values:
 `crawl_metadata` (`schemas.CRAWL_METADATA`, written as `crawl.write_crawl_metadata` does), `images` (one
 row per crawl row, `schemas.IMAGES`, written as `download.write_images` does: about 60% `success`, the
 rest over the other statuses with the fetcher's and decoder's error messages, hosts Zipf-distributed
 with a success rate of their own), `embeddings` (one row per `success` image, `schemas.embeddings(dim)`
-with float16 vectors, written as `embed.write_embeddings` does) and `pairs` (`pairs.write_pairs_parquet`).
+with float16 vectors, written as `embed.write_embeddings` does: 11 GB at 10 M rows and D = 512, of which
+the histogram reads `similarity` only) and `pairs` (`pairs.write_pairs_parquet`).
 Then it times each query through the views of `laion_assets.pipeline.catalog` and, as the peer, the same
 query over in-memory DuckDB tables of the same rows (DuckDB without parquet). Prints, per query, the best
 of `--repeat` runs for each: seconds and rows scanned per second (the rows of every view the query
@@ -36,7 +38,6 @@ from laion_assets.pipeline import catalog, schemas
 from laion_assets.pipeline.pairs import PAIRS_PARQUET_OPTIONS, write_pairs_parquet
 from laion_assets.pipeline.storage import CRAWL_METADATA, EMBEDDINGS, IMAGES, PAIRS, DatasetStore, footer
 
-BEFORE: dict = {}  # TEMP
 WORK = Path(__file__).resolve().parent / ".work"
 LICENSES = np.array(
     ["https://creativecommons.org/licenses/by/4.0/", "https://creativecommons.org/licenses/by-sa/4.0/"]
@@ -77,8 +78,14 @@ QUERIES = {
     ),
     "10 random captions": (
         ("crawl_metadata", "images"),
+        "WITH downloaded AS (SELECT key FROM images WHERE status = 'success') "
         "SELECT c.key, c.caption, c.url FROM crawl_metadata c "
-        "JOIN images i USING (key) WHERE i.status = 'success' USING SAMPLE 10 ROWS",
+        "JOIN (FROM downloaded USING SAMPLE 10 ROWS) USING (key)",
+    ),
+    # not in the README: its histogram over pairs, which pairs.PAIRS_PARQUET_OPTIONS encode for
+    "histogram over pairs": (
+        ("pairs",),
+        "SELECT floor(similarity * 20) / 20 AS bin, count(*) AS n FROM pairs GROUP BY 1 ORDER BY 1",
     ),
 }
 # The columns the queries read, which the in-memory tables hold.
@@ -207,6 +214,8 @@ def images_shard(rng: np.random.Generator, crawl: pa.Table, rank: np.ndarray) ->
             template, code, _ = templates[pick]
             if "{" in template:
                 w, h = int(original[row, 0] // 10), int(original[row, 1])
+                if name == schemas.FILTERED_SIZE:
+                    original[row, 0] = w  # the size the message names
                 template = template.format(
                     host=hosts[row],
                     path="/" + urls[row].split("/", 3)[3],
@@ -220,7 +229,6 @@ def images_shard(rng: np.random.Generator, crawl: pa.Table, rank: np.ndarray) ->
     fetched = success | np.isin(status, [schemas.FAILED_TO_DECODE, schemas.FILTERED_SIZE])
     sha = pa.array(np.frombuffer(rng.bytes(rows * 32).hex().encode(), "S64")).cast(pa.string())
     sizes = (rng.lognormal(11, 1, rows)).astype(np.int64)
-    nulls_unless = lambda values, mask: pa.array(values, mask=~mask)  # noqa: E731
     table = pa.table(
         {
             "key": crawl.column("key"),
@@ -239,6 +247,10 @@ def images_shard(rng: np.random.Generator, crawl: pa.Table, rank: np.ndarray) ->
         }
     )
     return table.cast(schemas.IMAGES)
+
+
+def nulls_unless(values: np.ndarray | pa.Array, mask: np.ndarray) -> pa.Array:
+    return pa.array(values, mask=~mask)
 
 
 def embeddings_shard(rng: np.random.Generator, images: pa.Table, dim: int) -> pa.Table:
@@ -305,22 +317,26 @@ def generate(root: str, shards: int, per_shard: int, dim: int) -> None:
         if not up_to_date(store, PAIRS.parquet(shard), schemas.PAIRS, PAIRS_PARQUET_OPTIONS):
             table = pairs_shard(np.random.default_rng(i), shard, per_shard)
             write_pairs_parquet(store, shard, table, written_with(PAIRS_PARQUET_OPTIONS))
+        # the options of the pipeline's writers: crawl.write_crawl_metadata and embed.write_embeddings
+        # take write_parquet's defaults, download.write_images schemas.IMAGES_PARQUET_OPTIONS
         layers = [
-            (CRAWL_METADATA.parquet(shard), schemas.CRAWL_METADATA, BEFORE),
-            (IMAGES.parquet(shard), schemas.IMAGES, BEFORE),
-            (EMBEDDINGS.parquet(shard), schemas.embeddings(dim), BEFORE),
+            (CRAWL_METADATA.parquet(shard), schemas.CRAWL_METADATA, {}),
+            (IMAGES.parquet(shard), schemas.IMAGES, schemas.IMAGES_PARQUET_OPTIONS),
+            (EMBEDDINGS.parquet(shard), schemas.embeddings(dim), {}),
         ]
-        if all(up_to_date(store, *layer) for layer in layers):
+        stale = [layer for layer in layers if not up_to_date(store, *layer)]
+        if not stale:
             continue
-        # the three from one seed, so that a rewritten layer keeps agreeing with the others
+        # the three from one seed, in this order, so that a layer written again agrees with the others
         rng = np.random.default_rng(1000 + i)
         crawl, ranks = crawl_shard(rng, shard, per_shard)
         images = images_shard(rng, crawl, ranks)
-        tables = [crawl, images, embeddings_shard(rng, images, dim)]
-        for (path, _, options), table in zip(layers, tables, strict=True):
-            # the pipeline's calls: crawl.write_crawl_metadata, download.write_images, embed.write_embeddings
+        for path, _, options in stale:
+            table = {"crawl_metadata": crawl, "images": images}.get(path.split("/")[0])
+            if table is None:
+                table = embeddings_shard(rng, images, dim)
             store.write_parquet(path, table, metadata=written_with(options), **options)
-        del crawl, images, tables
+            del table
 
 
 def best_of(connection: duckdb.DuckDBPyConnection, query: str, repeat: int) -> float:
@@ -345,7 +361,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="time only these queries (names as printed)")
     parser.add_argument("--generate-only", action="store_true", help="write the layers, time nothing")
     args = parser.parse_args()
-    root = str(WORK / f"query-root-{args.rows}")
+    root = str(WORK / f"query-root-{args.rows}x{args.shards}")
     # in a child process, so that the peak memory printed below is the queries' alone
     child = multiprocessing.get_context("fork").Process(
         target=generate, args=(root, args.shards, args.rows // args.shards, args.dim)

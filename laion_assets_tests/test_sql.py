@@ -1,4 +1,7 @@
+import importlib.util
 import json
+import re
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
@@ -179,3 +182,164 @@ def test_readme_queries_on_pairs(local_root):
             (0.4, 1),
         ]
     )
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+# shard -> (url, status, error_message) of each crawl row; x.com and y.org have the 10 rows the
+# success-rate query asks for
+_DOWNLOADS = {
+    "a": [
+        *[(f"http://X.com/{i}.jpg", "success", None) for i in range(7)],
+        ("http://x.com/7.jpg", "failed_to_download", "HTTP 404: Not Found"),
+        ("http://x.com/8.jpg", "failed_to_download", "HTTP 404: Not Found"),
+        ("http://x.com/9.jpg", "failed_to_download", "timeout: no response within 10s"),
+        ("http://y.org/1.jpg", "failed_to_decode", "cannot decode: image file is truncated"),
+        ("http://y.org/2.jpg", "success", None),
+        ("http://z.net/1.jpg", "opted_out", "X-Robots-Tag: noai"),
+        ("http://z.net/2.jpg", "filtered_size", "too small: 90x120 is under min_image_size=200"),
+        ("http://z.net/3.jpg", "failed_to_download", "dns: cannot resolve z.net: [Errno -2] Name unknown"),
+    ],
+    "b": [
+        *[(f"http://y.org/{i}.jpg", "success", None) for i in range(3, 7)],
+        *[(f"http://y.org/{i}.jpg", "failed_to_download", "HTTP 403: Forbidden") for i in range(7, 11)],
+        ("http://x.com/10.jpg", "blocked", "private address: x.com resolves to 10.0.0.1"),
+        ("http://z.net/4.jpg", "success", None),
+    ],
+}
+_SIMILARITY = [0.21, 0.26, 0.31, 0.33, 0.34, 0.36, 0.42]
+
+
+def _layers(store: DatasetStore, monkeypatch) -> None:
+    """crawl_metadata, images, embeddings and pairs of two shards, each written by the pipeline's writer
+    (images by `download.write_images`, its download replaced by the records above)."""
+    from laion_assets.pipeline import crawl, download, schemas
+    from laion_assets.pipeline.pairs import write_pairs_parquet
+    from laion_assets.pipeline.storage import EMBEDDINGS
+
+    for shard, rows in _DOWNLOADS.items():
+        lines = "".join(f"{url},a caption of {url}\n" for url, _, _ in rows)
+        store.write_bytes(f"incoming/{shard}.csv", f"url,caption\n{lines}".encode())
+        crawl.write_crawl_metadata(store, shard, crawl.CrawlSettings())
+
+        def downloaded(table, settings, tar_out, previous, progress, rows=rows):
+            records = [
+                {**row, "status": status, "error_message": error, "host": schemas.url_host(row["url"])}
+                for row, (_, status, error) in zip(table.to_pylist(), rows, strict=True)
+            ]
+            images = pa.Table.from_pylist(records, schema=schemas.IMAGES)
+            return download.DownloadResult(table=images, seconds=0.0, fetched=len(rows), reused=0)
+
+        monkeypatch.setattr(download, "download_shard", downloaded)
+        download.write_images(store, shard, download.DownloadSettings())
+    success = [
+        key
+        for (key,) in catalog.connect(store)
+        .sql("SELECT key FROM images WHERE status = 'success' ORDER BY key")
+        .fetchall()
+    ]
+    for shard in _DOWNLOADS:
+        keys = [key for key in success if key.startswith(f"{shard}-")]
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array([0.5] * 4 * len(keys), pa.float16()), 4)
+        similarity = [_SIMILARITY[success.index(key) % len(_SIMILARITY)] for key in keys]
+        embeddings = pa.table(
+            {"key": keys, "image_embedding": vectors, "text_embedding": vectors, "similarity": similarity},
+            schema=schemas.embeddings(4),
+        )
+        store.write_parquet(EMBEDDINGS.parquet(shard), embeddings)
+        pairs = pa.table(
+            {
+                "key": keys,
+                "caption": ["a caption"] * len(keys),
+                "url": [f"http://x.com/{key}.jpg" for key in keys],
+                "license": pa.nulls(len(keys), pa.string()),
+                "nsfw": ["UNLIKELY"] * len(keys),
+                "original_height": [480] * len(keys),
+                "original_width": [640] * len(keys),
+                "similarity": similarity,
+                "width": [256] * len(keys),
+                "height": [256] * len(keys),
+                "sha256": keys,
+            }
+        )
+        write_pairs_parquet(store, shard, schemas.conform(schemas.with_host(pairs), schemas.PAIRS))
+
+
+def _readme_queries() -> list[str]:
+    """The SQL of every `laion-assets sql` example in the README's "Querying with DuckDB", one line each."""
+    section = README.read_text().split("## Querying with DuckDB", 1)[1].split("```bash", 1)[1]
+    block = section.split("```", 1)[0]
+    return [
+        " ".join(sql.split()) for sql in re.findall(r'laion-assets sql (?:--\S+ \S+ )*"(.*?)"', block, re.S)
+    ]
+
+
+def test_every_readme_query_runs_and_is_benchmarked(local_root, monkeypatch):
+    store = DatasetStore(local_root)
+    _layers(store, monkeypatch)
+    connection = catalog.connect(store)
+    queries = _readme_queries()
+    assert len(queries) == 9
+    for sql in queries:
+        connection.sql(sql).fetchall()
+    spec = importlib.util.spec_from_file_location("bench_query", README.parent / "bench" / "query.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    timed = {" ".join(sql.split()) for _, sql in bench.QUERIES.values()}
+    assert set(queries) <= timed and len(timed - set(queries)) == 1  # and its histogram over pairs
+
+
+def test_readme_queries_on_images_embeddings_and_crawl_metadata(local_root, monkeypatch):
+    from collections import Counter
+
+    from laion_assets.pipeline import schemas
+
+    store = DatasetStore(local_root)
+    _layers(store, monkeypatch)
+    row_group = pq.ParquetFile(store.path("images/a.parquet")).metadata.row_group(0)
+    assert row_group.num_rows == 15  # IMAGES_PARQUET_OPTIONS: 20,000 rows a row group, a small shard one
+    connection = catalog.connect(store)
+    rows = [row for shard_rows in _DOWNLOADS.values() for row in shard_rows]
+    by_status = "SELECT status, count(*) AS n FROM images GROUP BY 1 ORDER BY n DESC, status"
+    assert connection.sql(by_status).fetchall() == sorted(
+        Counter(status for _, status, _ in rows).items(), key=lambda item: (-item[1], item[0])
+    )
+    by_host = (
+        "SELECT host, count(*) AS n, round(avg((status = 'success')::int), 3) AS success_rate "
+        "FROM images GROUP BY 1 HAVING n >= 10 ORDER BY success_rate LIMIT 20"
+    )
+    assert connection.sql(by_host).fetchall() == [("y.org", 10, 0.5), ("x.com", 11, 0.636)]
+    errors = (
+        "SELECT split_part(error_message, ':', 1) AS error, count(*) AS n "
+        "FROM images WHERE error_message IS NOT NULL GROUP BY 1 ORDER BY n DESC LIMIT 10"
+    )
+    expected = Counter(schemas.error_class(error) for _, _, error in rows if error)
+    assert sorted(connection.sql(errors).fetchall(), key=lambda item: (-item[1], item[0])) == sorted(
+        expected.items(), key=lambda item: (-item[1], item[0])
+    )
+    histogram = (
+        "SELECT floor(similarity * 20) / 20 AS bin, count(*) AS n FROM embeddings GROUP BY 1 ORDER BY 1"
+    )
+    assert [(round(b, 2), n) for b, n in connection.sql(histogram).fetchall()] == [
+        (0.2, 2),
+        (0.25, 2),
+        (0.3, 6),
+        (0.35, 2),
+        (0.4, 1),
+    ]
+    # 10 random captions of downloaded images: the sample is taken of the successes, then joined; the
+    # README's earlier phrasing sampled the join before its WHERE, so it gave fewer than 10 rows
+    sample = (
+        "WITH downloaded AS (SELECT key FROM images WHERE status = 'success') "
+        "SELECT c.key, c.caption, c.url FROM crawl_metadata c "
+        "JOIN (FROM downloaded USING SAMPLE 10 ROWS) USING (key)"
+    )
+    joined = (
+        "SELECT c.key, c.caption, c.url FROM crawl_metadata c JOIN images i USING (key) "
+        "WHERE i.status = 'success'"
+    )
+    downloaded = set(connection.sql(joined).fetchall())
+    assert len(downloaded) == 13
+    samples = [connection.sql(sample).fetchall() for _ in range(3)]
+    assert all(len(set(rows)) == 10 and set(rows) <= downloaded for rows in samples)
+    old = [len(connection.sql(joined + " USING SAMPLE 10 ROWS").fetchall()) for _ in range(3)]
+    assert min(old) < 10

@@ -126,7 +126,9 @@ def write_images(
             previous = (store.read_parquet(parquet_path), stack.enter_context(store.open(tar_path)))
         tar_out = stack.enter_context(store.atomic_write(tar_path))
         result = download_shard(crawl, settings, tar_out, previous, progress)
-    store.write_parquet(parquet_path, result.table, metadata=inherited_footer(crawl))
+    store.write_parquet(
+        parquet_path, result.table, metadata=inherited_footer(crawl), **schemas.IMAGES_PARQUET_OPTIONS
+    )
     return result
 
 
