@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -141,6 +142,14 @@ def search_index(dim: int) -> pa.Schema:
 
 def make_key(shard: str, row: int) -> str:
     return f"{shard}-{row:08d}"
+
+
+_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*-[0-9]+")
+
+
+def shard_of_key(key: str) -> str | None:
+    """The shard of a `make_key` key, or None for a string that cannot be one."""
+    return key.rsplit("-", 1)[0] if _KEY.fullmatch(key) else None
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

@@ -154,6 +154,13 @@ class DatasetStore:
             found.append(StoredFile(name=name, size=int(entry["size"]), fingerprint=_fingerprint(entry)))
         return sorted(found, key=lambda f: f.name)
 
+    def fingerprint(self, relpath: str) -> str | None:
+        """The file's fingerprint as `list` gives it (S3's ETag, or size and mtime); None if it is absent."""
+        try:
+            return _fingerprint(self.fs.info(self.path(relpath)))
+        except FileNotFoundError:
+            return None
+
     def open(self, relpath: str, mode: str = "rb") -> IO[bytes]:
         if "r" not in mode:
             raise ValueError(

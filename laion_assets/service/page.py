@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
 import tarfile
 import threading
 import time
@@ -29,6 +28,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
+from laion_assets.pipeline import schemas
 from laion_assets.pipeline.storage import PAIRS, DatasetStore
 from laion_assets.service import models as m
 from laion_assets.service.inputs import InputError
@@ -39,7 +39,6 @@ CACHED_SHARDS = 64  # tar offsets: about 100 bytes a sample, so 64 MB for 64 sha
 RECHECK_SECONDS = 30.0  # how often a cached shard's file is looked at again for a change
 MAX_KEYS = 1000
 _CONTENT_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
-_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*-[0-9]+")
 
 T = TypeVar("T")
 
@@ -56,11 +55,6 @@ class PairInfo(BaseModel):
 
 class PairsResponse(BaseModel):
     pairs: list[PairInfo] = Field(description="the pairs of the dataset among the keys, in their order")
-
-
-def shard_of(key: str) -> str | None:
-    """The shard of a pair key (`schemas.make_key`), or None for what cannot be one."""
-    return key.rsplit("-", 1)[0] if _KEY.fullmatch(key) else None
 
 
 class ShardCache(Generic[T]):
@@ -84,7 +78,7 @@ class ShardCache(Generic[T]):
         now = time.monotonic()
         if entry is not None and now - entry[1] < RECHECK_SECONDS:
             return entry[0], entry[2]
-        version = file_version(self.store, self.relpath(shard))
+        version = self.store.fingerprint(self.relpath(shard))
         if version is None:
             with self._lock:
                 self._entries.pop(shard, None)
@@ -101,17 +95,6 @@ class ShardCache(Generic[T]):
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
         return version, value
-
-
-def file_version(store: DatasetStore, relpath: str) -> str | None:
-    try:
-        info = store.fs.info(store.path(relpath))
-    except FileNotFoundError:
-        return None
-    etag = info.get("ETag") or info.get("etag")
-    if etag:
-        return f"etag:{etag.strip(chr(34))}"
-    return f"{info['size']}:{info.get('mtime') or info.get('LastModified') or info.get('created')}"
 
 
 def image_offsets(f: IO[bytes]) -> dict[str, tuple[int, int, str]]:
@@ -152,7 +135,7 @@ class Pairs:
 
     def image(self, key: str) -> tuple[bytes, str, str] | None:
         """(bytes, content type, ETag) of the pair's image, or None for a key not in the dataset."""
-        shard = shard_of(key)
+        shard = schemas.shard_of_key(key)
         found = self.tars.get(shard) if shard else None
         if found is None or key not in found[1]:
             return None
@@ -167,7 +150,7 @@ class Pairs:
     def info(self, keys: list[str]) -> list[PairInfo]:
         found = []
         for key in keys:
-            shard = shard_of(key)
+            shard = schemas.shard_of_key(key)
             columns = self.columns.get(shard) if shard else None
             if columns is not None and key in columns[1]:
                 nsfw, license_ = columns[1][key]

@@ -8,6 +8,7 @@ import textwrap
 
 from PIL import Image, ImageDraw, ImageFont
 
+from laion_assets.pipeline import schemas
 from laion_assets.pipeline.markdown import shorten
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import PAIRS, DatasetStore
@@ -48,7 +49,7 @@ def _sample_images(store: DatasetStore, keys: list[str]) -> dict[str, bytes]:
     """The image bytes of `keys`, read from their shards' pairs tars (a key is `<shard>-<row>`)."""
     wanted: dict[str, set[str]] = {}
     for key in keys:
-        wanted.setdefault(key.rsplit("-", 1)[0], set()).add(key)
+        wanted.setdefault(schemas.shard_of_key(key), set()).add(key)
     found: dict[str, bytes] = {}
     for shard, shard_keys in sorted(wanted.items()):
         with store.open(PAIRS.tar(shard)) as f:
