@@ -156,10 +156,14 @@ def download_shard(
             records.extend(kept.values())
             jobs = [job for job in jobs if job.key not in kept]
         reused = len(records)
-        for record, sample in _fetch_in_processes(jobs, settings, deadline, progress):
+        started = last_report = time.monotonic()
+        for done, (record, sample) in enumerate(_fetch_in_processes(jobs, settings, deadline), 1):
             if sample:
                 writer.write_encoded(sample)
             records.append(record)
+            if progress and time.monotonic() - last_report > 30:
+                last_report = time.monotonic()
+                progress(f"{done}/{len(jobs)} rows, {done / (last_report - started):.1f} rows/s")
     table = pa.Table.from_pylist(records, schema=schemas.IMAGES).sort_by("key")
     return DownloadResult(table=table, seconds=time.monotonic() - start, fetched=len(jobs), reused=reused)
 
@@ -182,7 +186,7 @@ def usable_cores() -> int:
 
 
 def _fetch_in_processes(
-    jobs: list[_Job], settings: DownloadSettings, deadline: float, progress: Callable[[str], None] | None
+    jobs: list[_Job], settings: DownloadSettings, deadline: float
 ) -> Iterator[tuple[dict, bytes | None]]:
     """`_fetch_all`, with the jobs dealt over worker processes when there are enough of them.
 
@@ -191,7 +195,7 @@ def _fetch_in_processes(
     rows, each recorded as failed_to_download; the other workers' rows are kept."""
     count = process_count(settings, len(jobs))
     if count == 1:
-        yield from _fetch_all(jobs, settings, deadline, progress)
+        yield from _fetch_all(jobs, settings, deadline)
         return
     per_host = settings.per_host_connections // count
     share = replace(settings, threads=settings.threads // count, per_host_connections=per_host)
@@ -203,8 +207,6 @@ def _fetch_in_processes(
         process.start()
         send.close()
         workers[receive] = (process, {job.key: job for job in part})
-    started = last_report = time.monotonic()
-    done = 0
     try:
         while workers:
             for receive in multiprocessing.connection.wait(list(workers)):
@@ -224,10 +226,6 @@ def _fetch_in_processes(
                 for record, sample in batch:
                     del unfinished[record["key"]]
                     yield record, sample
-                done += len(batch)
-            if progress and time.monotonic() - last_report > 30:
-                last_report = time.monotonic()
-                progress(f"{done}/{len(jobs)} rows, {done / (last_report - started):.1f} rows/s")
     finally:
         for process, _ in workers.values():
             process.kill()
@@ -258,7 +256,7 @@ def _worker(
     requests in flight."""
     batch = []
     try:
-        for result in _fetch_all(jobs, settings, deadline, None):
+        for result in _fetch_all(jobs, settings, deadline):
             batch.append(result)
             if len(batch) >= _BATCH:
                 send.send(batch)
@@ -272,13 +270,11 @@ def _worker(
 
 
 def _fetch_all(
-    jobs: list[_Job], settings: DownloadSettings, deadline: float, progress: Callable[[str], None] | None
+    jobs: list[_Job], settings: DownloadSettings, deadline: float
 ) -> Iterator[tuple[dict, bytes | None]]:
     """(record, its sample encoded for the tar, or None) for each job, in the order they finish."""
     fetcher = Fetcher(settings)
     scheduler = HostScheduler(jobs, settings.per_host_connections)
-    started = last_report = time.monotonic()
-    done_count = 0
     with ThreadPoolExecutor(settings.threads, thread_name_prefix="download") as pool:
         running = {}
         while True:
@@ -295,10 +291,6 @@ def _fetch_all(
             for future in finished:
                 scheduler.done(running.pop(future))
                 yield future.result()
-            done_count += len(finished)
-            if progress and time.monotonic() - last_report > 30:
-                last_report = time.monotonic()
-                progress(f"{done_count}/{len(jobs)} rows, {done_count / (last_report - started):.1f} rows/s")
 
 
 def _download_one(

@@ -264,7 +264,3 @@ class ApproximateIndex:
         scores = self.vectors[found].astype(np.float32) @ query
         best = np.argsort(-scores, kind="stable")[:k]
         return found[best], scores[best]
-
-
-def model_of(build: ApproximateBuild) -> ModelIdentity | None:
-    return ModelIdentity.from_footer(build.model)

@@ -229,11 +229,9 @@ class ApproximateSearchIndex(SearchIndex):
     """The same answers from the FAISS build: candidates from IVF-PQ, ranked by their exact cosine."""
 
     def __init__(self, index: ApproximateIndex) -> None:
-        from laion_assets.pipeline.faiss_index import model_of
-
         self.approximate = index
         self.rows = index.rows
-        self.model = model_of(index.build)
+        self.model = ModelIdentity.from_footer(index.build.model)
 
     @property
     def dim(self) -> int:
