@@ -42,6 +42,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from laion_assets.pipeline import schemas
 from laion_assets.pipeline.clip import ModelIdentity
 from laion_assets.pipeline.storage import SEARCH_INDEX, SEARCH_INDEX_APPROXIMATE, DatasetStore
 
@@ -50,7 +51,6 @@ RETRAIN_GROWTH = 4  # a trained index is reused until the dataset has this many 
 TRAIN_POINTS_PER_LIST = 40  # k-means wants about 39 points per centroid
 NPROBE = 64  # lists searched per query
 REFINE = 100  # candidates per wanted hit, re-ranked exactly
-_ROWS = ["key", "url", "caption"]
 _BUILD_PREFIX = "search_index/approximate-"
 
 
@@ -200,7 +200,7 @@ def _vector_batches(store: DatasetStore, dim: int) -> Iterator[np.ndarray]:
 def _write_rows(store: DatasetStore, relpath: str) -> None:
     with store.atomic_write(relpath) as f:
         writer = None
-        for batch in _batches(store, _ROWS):
+        for batch in _batches(store, schemas.SEARCH_ROW_COLUMNS):
             writer = writer or pa.ipc.new_file(f, batch.schema)
             writer.write_batch(batch)
         if writer:

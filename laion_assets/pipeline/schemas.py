@@ -124,6 +124,9 @@ PAIRS = pa.schema(
 )
 
 
+SEARCH_ROW_COLUMNS = ["key", "url", "caption"]  # what a search hit tells of its pair, before its vector
+
+
 def search_index(dim: int) -> pa.Schema:
     """search_index/index.parquet: every pair of every shard with its image embedding, for /search.
 

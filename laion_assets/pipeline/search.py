@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 # Up to here exact search answers in about 0.1 s on two cores (D = 512); from here on the build adds
 # the approximate index (faiss_index.py, which imports FAISS only when it is needed).
 APPROXIMATE_FROM_ROWS = 1_000_000
-_ROWS = ["key", "url", "caption"]
 
 
 class IndexMissing(FileNotFoundError):
@@ -139,7 +138,7 @@ def _embedding_model(store: DatasetStore, shard: str) -> ModelIdentity | None:
 
 def _pairs_and_vectors(store: DatasetStore, shard: str) -> tuple[pa.Table, pa.Table]:
     """A shard's pairs rows and its image embeddings: what its row group of the index is made of."""
-    pairs = store.read_parquet(PAIRS.parquet(shard), columns=_ROWS)
+    pairs = store.read_parquet(PAIRS.parquet(shard), columns=schemas.SEARCH_ROW_COLUMNS)
     return pairs, store.read_parquet(EMBEDDINGS.parquet(shard), columns=["key", "image_embedding"])
 
 
@@ -150,7 +149,7 @@ class SearchIndex:
 
     def __init__(self, rows: pa.Table, vectors: np.ndarray, model: ModelIdentity | None) -> None:
         vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), np.finfo(np.float32).tiny)
-        self.rows = rows.select(_ROWS)
+        self.rows = rows.select(schemas.SEARCH_ROW_COLUMNS)
         self.vectors = vectors
         self.model = model
 
@@ -192,7 +191,7 @@ class SearchIndex:
                 flat = batch.column(0).flatten().to_numpy(zero_copy_only=False)
                 vectors[start : start + batch.num_rows] = flat.reshape(batch.num_rows, dim)
                 start += batch.num_rows
-            rows = parquet.read(columns=_ROWS)
+            rows = parquet.read(columns=schemas.SEARCH_ROW_COLUMNS)
         return cls(rows, vectors, ModelIdentity.from_footer(metadata))
 
     def check_model(self, used: ModelIdentity) -> None:
