@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import gc
 import json
 import os
 import sys
@@ -189,5 +190,14 @@ def serve(args: argparse.Namespace, root: str) -> int:
     return 0
 
 
+def command() -> None:
+    """The `laion-assets` console script. Before the interpreter exits it freezes the garbage collector's
+    objects: its last collection would otherwise walk everything Dagster loaded, 0.6 to 0.9 s of a
+    10 s download run (profiled), paid at the end of every command."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()
