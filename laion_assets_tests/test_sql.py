@@ -62,7 +62,65 @@ def test_views_over_every_shard(root):
         name
         for (name,) in connection.sql("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()
     }
-    assert views == {"images", "crawl_metadata"}
+    assert views == {"images", "crawl_metadata", "hosts"}  # hosts: the images grouped by host
+
+
+def test_hosts_view_groups_the_images_and_the_catalog_writes_it(root, tmp_path):
+    from laion_assets.pipeline import schemas
+    from laion_assets.pipeline.storage import HOSTS
+
+    store = DatasetStore(root)
+    _two_shards(store)  # images without the stored host column: grouped by url_host(url)
+    expected = [
+        {
+            "host": "x.com",
+            "urls": 2,
+            "failed_to_download": 0,
+            "opted_out": 0,
+            "success": 2,
+            "success_rate": 1.0,
+        },
+        {
+            "host": "y.org",
+            "urls": 2,
+            "failed_to_download": 1,
+            "opted_out": 1,
+            "success": 0,
+            "success_rate": 0.0,
+        },
+    ]
+    columns = "host, urls, failed_to_download, opted_out, success, success_rate"
+
+    def hosts(connection):
+        return [
+            dict(zip(columns.split(", "), row, strict=True))
+            for row in connection.sql(f"SELECT {columns} FROM hosts ORDER BY 1").fetchall()
+        ]
+
+    assert not store.exists(HOSTS)
+    assert hosts(catalog.connect(store)) == expected  # before the catalog: the view groups the images
+    catalog.write_catalog(store, str(tmp_path / "c.duckdb"))
+    written = store.read_parquet(HOSTS)
+    assert written.schema.remove_metadata() == schemas.HOSTS
+    assert written.select(columns.split(", ")).to_pylist() == expected
+    assert written.column("blocked").to_pylist() == written.column("failed_to_decode").to_pylist() == [0, 0]
+    # a new shard: the view reads the written file, as of the last catalog, until the catalog runs again
+    store.write_parquet(
+        "images/c.parquet",
+        pa.table({"key": ["c-00000000"], "url": ["http://x.com/5.jpg"], "status": ["blocked"]}),
+    )
+    assert hosts(catalog.connect(store)) == expected
+    catalog.write_catalog(store, str(tmp_path / "c.duckdb"))
+    assert hosts(catalog.connect(store))[0] == {**expected[0], "urls": 3, "success_rate": 2 / 3}
+    database = duckdb.connect(str(tmp_path / "c.duckdb"), read_only=True)
+    if store.is_s3:
+        catalog.enable_s3(database)
+    assert database.sql("SELECT sum(blocked) FROM hosts").fetchone() == (1,)  # the catalog file has it too
+    for name in ("a", "b", "c"):
+        store.remove(f"images/{name}.parquet")
+    catalog.write_catalog(store, str(tmp_path / "c.duckdb"))  # no images: no hosts
+    assert not store.exists(HOSTS)
+    assert "hosts" not in catalog.create_views(catalog.connect(store), store)
 
 
 def test_sql_command_formats_and_outputs(root, tmp_path, capsys):
@@ -286,6 +344,20 @@ def test_every_readme_query_runs_and_is_benchmarked(local_root, monkeypatch):
     spec.loader.exec_module(bench)
     timed = {" ".join(sql.split()) for _, sql in bench.QUERIES.values()}
     assert set(queries) <= timed and len(timed - set(queries)) == 1  # and its histogram over pairs
+
+
+def test_hosts_of_the_pipelines_images_answer_the_success_rate_query(local_root, monkeypatch, tmp_path):
+    store = DatasetStore(local_root)
+    _layers(store, monkeypatch)
+    catalog.write_catalog(store, str(tmp_path / "c.duckdb"))
+    connection = catalog.connect(store)
+    by_host = (
+        "SELECT host, urls, round(success_rate, 3) AS success_rate FROM hosts "
+        "WHERE urls >= 10 ORDER BY success_rate LIMIT 20"
+    )
+    assert by_host in _readme_queries()
+    assert connection.sql(by_host).fetchall() == [("y.org", 10, 0.5), ("x.com", 11, 0.636)]
+    assert connection.sql("SELECT sum(urls), sum(success) FROM hosts").fetchone() == (25, 13)
 
 
 def test_readme_queries_on_images_embeddings_and_crawl_metadata(local_root, monkeypatch):

@@ -1,4 +1,5 @@
-"""The `catalog` asset: a DuckDB database file with a view per layer, for `duckdb data/catalog.duckdb`."""
+"""The `catalog` asset: a DuckDB database file with a view per layer, for `duckdb data/catalog.duckdb`,
+and hosts/hosts.parquet, the images grouped by host, behind its `hosts` view."""
 
 import dagster as dg
 
@@ -23,7 +24,8 @@ class CatalogConfig(dg.Config):
     automation_condition=FOLLOWS_ANY_SHARD,
 )
 def catalog(config: CatalogConfig, store: DatasetStoreResource) -> dg.MaterializeResult:
-    """A view per layer (crawl_metadata, images, embeddings, pairs, ...) over every materialised shard."""
+    """A view per layer (crawl_metadata, images, embeddings, pairs, ...) over every materialised shard, and
+    `hosts` over hosts/hosts.parquet, written first: the images grouped by host."""
     dataset = store.get_store()
     database = config.database or duckdb_catalog.default_catalog_path(dataset)
     views = duckdb_catalog.write_catalog(dataset, database)

@@ -1,6 +1,7 @@
 """DuckDB views over the stored parquet, one per per-shard layer (`crawl_metadata`, `images`,
-`embeddings`, `pairs`, `pairs_embeddings`), and the downloader's `url_host(url)` and
-`error_class(error_message)` as SQL functions.
+`embeddings`, `pairs`, `pairs_embeddings`), `hosts` (the images grouped by host, which the catalog
+writes to parquet: grouping 10 M rows over a million hosts is a second's work, too slow to repeat in
+every query), and the downloader's `url_host(url)` and `error_class(error_message)` as SQL functions.
 
 On S3, DuckDB reads the files itself through its httpfs extension, loaded from the pip-installed
 `duckdb-extension-httpfs` wheel (DuckDB cannot download extensions offline), with an S3 secret
@@ -16,7 +17,17 @@ from urllib.parse import urlsplit
 import duckdb
 
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.storage import CATALOG, CRAWL_METADATA, SHARD_LAYERS, DatasetStore, S3Settings
+from laion_assets.pipeline.storage import (
+    CATALOG,
+    CRAWL_METADATA,
+    HOSTS,
+    IMAGES,
+    SHARD_LAYERS,
+    DatasetStore,
+    S3Settings,
+)
+
+HOSTS_VIEW = "hosts"  # over storage.HOSTS
 
 
 def httpfs_extension_path() -> Path:
@@ -89,27 +100,58 @@ def default_catalog_path(store: DatasetStore) -> str:
 
 
 def write_catalog(store: DatasetStore, database: str) -> list[str]:
-    """A DuckDB database file with the views, replaced whole. Returns the view names."""
+    """`hosts/hosts.parquet` from the images, then a DuckDB database file with the views, replaced whole.
+    Returns the view names."""
     tmp = f"{database}.tmp-{os.getpid()}"
     if os.path.exists(tmp):
         os.remove(tmp)
     os.makedirs(os.path.dirname(os.path.abspath(database)), exist_ok=True)
     connection = connect(store, tmp)
     try:
-        views = [
-            name
-            for (name,) in connection.sql(
-                "SELECT view_name FROM duckdb_views() WHERE NOT internal"
-            ).fetchall()
-        ]
+        write_hosts(store, connection)
+        create_views(connection, store)  # `hosts` as it is now
+        views = _view_names(connection)
     finally:
         connection.close()
     os.replace(tmp, database)
     return sorted(views)
 
 
+def _view_names(connection: duckdb.DuckDBPyConnection) -> list[str]:
+    return [
+        name
+        for (name,) in connection.sql("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()
+    ]
+
+
+def hosts_query(connection: duckdb.DuckDBPyConnection) -> str:
+    """The SQL of `images` grouped by host (schema `schemas.HOSTS`): what the catalog writes to
+    hosts/hosts.parquet, and the `hosts` view itself until it has. Images written before the stored
+    `host` column are grouped by `url_host(url)`, its definition."""
+    columns = {name for (name, *_) in connection.sql(f"DESCRIBE {IMAGES.name}").fetchall()}
+    host = "host" if "host" in columns else "url_host(url)"
+    counts = "".join(f", count(*) FILTER (status = '{status}') AS {status}" for status in schemas.STATUSES)
+    return (
+        f"SELECT {host} AS host, count(*) AS urls{counts}, avg((status = '{schemas.SUCCESS}')::int) "
+        f"AS success_rate FROM {IMAGES.name} GROUP BY 1"
+    )
+
+
+def write_hosts(store: DatasetStore, connection: duckdb.DuckDBPyConnection) -> int:
+    """hosts/hosts.parquet from the `images` view of `connection`, sorted by host; removed when there are
+    no images. Returns its rows."""
+    if IMAGES.name not in _view_names(connection):
+        if store.exists(HOSTS):
+            store.remove(HOSTS)
+        return 0
+    hosts = connection.sql(f"{hosts_query(connection)} ORDER BY 1").to_arrow_table()
+    store.write_parquet(HOSTS, schemas.conform(hosts, schemas.HOSTS))
+    return hosts.num_rows
+
+
 def create_views(connection: duckdb.DuckDBPyConnection, store: DatasetStore) -> list[str]:
-    """(Re)create the views; a layer with no files yet gets none. Returns the view names."""
+    """(Re)create the views; a layer with no files yet gets none. `hosts` reads hosts/hosts.parquet where
+    the catalog has written it, else groups the images itself. Returns the view names."""
     created = []
     for layer in SHARD_LAYERS:
         if not any(f.name.endswith(".parquet") for f in store.list(layer.name)):
@@ -124,4 +166,13 @@ def create_views(connection: duckdb.DuckDBPyConnection, store: DatasetStore) -> 
             f"SELECT * FROM read_parquet('{pattern}', union_by_name = {union})"
         )
         created.append(layer.name)
+    if store.exists(HOSTS):
+        pattern = quote_literal(store.url(HOSTS))
+        connection.execute(f"CREATE OR REPLACE VIEW {HOSTS_VIEW} AS SELECT * FROM read_parquet('{pattern}')")
+        created.append(HOSTS_VIEW)
+    elif IMAGES.name in created:
+        connection.execute(f"CREATE OR REPLACE VIEW {HOSTS_VIEW} AS {hosts_query(connection)}")
+        created.append(HOSTS_VIEW)
+    elif HOSTS_VIEW in _view_names(connection):
+        connection.execute(f"DROP VIEW {HOSTS_VIEW}")
     return created

@@ -65,6 +65,7 @@ SEARCH_INDEX_APPROXIMATE = "search_index/approximate.json"  # names the current 
 CARD = "card/README.md"
 CARD_FIGURES = "card/figures"
 CATALOG = "catalog.duckdb"  # beside a local root
+HOSTS = "hosts/hosts.parquet"  # images by host, written with the catalog
 
 
 @dataclass(frozen=True)
