@@ -1,7 +1,8 @@
 """DuckDB views over the stored parquet, one per per-shard layer (`crawl_metadata`, `images`,
-`embeddings`, `pairs`, `pairs_embeddings`), `hosts` (the images grouped by host, which the catalog
-writes to parquet: grouping 10 M rows over a million hosts is a second's work, too slow to repeat in
-every query), and the downloader's `url_host(url)` and `error_class(error_message)` as SQL functions.
+`embeddings`, `pairs`, `pairs_embeddings`, `recaptions`), `hosts` (the images grouped by host, which
+the catalog writes to parquet: grouping 10 M rows over a million hosts is a second's work, too slow to
+repeat in every query), and the downloader's `url_host(url)` and `error_class(error_message)` as SQL
+functions.
 
 On S3, DuckDB reads the files itself through its httpfs extension, loaded from the pip-installed
 `duckdb-extension-httpfs` wheel (DuckDB cannot download extensions offline), with an S3 secret

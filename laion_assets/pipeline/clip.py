@@ -13,9 +13,10 @@ import contextlib
 import functools
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from laion_assets import names
 
@@ -57,10 +58,18 @@ class ClipSettings:
     @classmethod
     def from_env(cls) -> ClipSettings:
         """The defaults, overridden by the variables of `SETTINGS_ENV` that are set."""
-        values = {name: os.environ[var] for name, var in SETTINGS_ENV.items() if os.environ.get(var)}
-        if "batch_size" in values:
-            values["batch_size"] = int(values["batch_size"])
-        return cls(**values)
+        return cls(**values_from_env(SETTINGS_ENV))
+
+
+def values_from_env(variables: dict[str, str]) -> dict[str, str | int]:
+    """field -> value of each of `variables` (field -> environment variable) that is set; `batch_size`
+    as an int."""
+    values: dict[str, str | int] = {
+        name: os.environ[var] for name, var in variables.items() if os.environ.get(var)
+    }
+    if "batch_size" in values:
+        values["batch_size"] = int(values["batch_size"])
+    return values
 
 
 def _is_path(pretrained: str) -> bool:
@@ -152,37 +161,64 @@ class BoundedCache(dict):
             del self[next(k for k in self if k not in self._fixed)]
 
 
+def resolve_device(device: str) -> torch.device:
+    """`auto`: cuda when present, else cpu."""
+    import torch
+
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+
+
+class OpenClipModel(Protocol):
+    """What names an open_clip model and its weights: ClipSettings, CaptionSettings."""
+
+    model: str
+    pretrained: str
+    seed: int
+    device: str
+
+
+def load_open_clip(settings: OpenClipModel, variable: str, resource: str) -> tuple[torch.nn.Module, Callable]:
+    """The open_clip model (CLIP or CoCa) of `settings` in eval mode on its device, and its
+    preprocessing: `pretrained` an open_clip tag, a checkpoint path, or "none" for random weights from
+    `seed`. ModelUnavailable, saying how to point `variable` (or `resource`'s config) at a local
+    checkpoint, when the weights cannot be had."""
+    import open_clip
+    import torch
+
+    model, pretrained, seed = settings.model, settings.pretrained, settings.seed
+    device = resolve_device(settings.device)
+
+    open_clip.add_model_config(MODEL_CONFIGS)
+    weights = None if pretrained.lower() == NO_WEIGHTS else pretrained
+    if weights and _is_path(weights) and not Path(weights).is_file():
+        raise ModelUnavailable(f"checkpoint file {weights} does not exist")
+    if weights is None:
+        torch.manual_seed(seed)
+    try:
+        loaded, _, preprocess = open_clip.create_model_and_transforms(
+            model, pretrained=weights, device=device
+        )
+    except Exception as exc:  # open_clip and huggingface_hub raise many kinds; all mean the same here
+        raise ModelUnavailable(
+            f"cannot load open_clip model {model!r} with pretrained={pretrained!r}: {exc}. Known names: "
+            "open_clip.list_pretrained(). Without internet, copy the checkpoint file (e.g. "
+            "open_clip_pytorch_model.bin from the model's Hugging Face repository) to this machine and set "
+            f"{variable}=/path/to/it, or `pretrained` in the {resource} resource config"
+        ) from exc
+    return loaded.eval(), preprocess
+
+
 class ClipEncoder:
     """An open_clip model with its own preprocessing and tokenizer, returning L2-normalised float32."""
 
     def __init__(self, settings: ClipSettings) -> None:
         import open_clip
-        import torch
 
-        open_clip.add_model_config(MODEL_CONFIGS)
         self.settings = settings
-        self.device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" else settings.device
-        )
-        pretrained = None if settings.pretrained.lower() == NO_WEIGHTS else settings.pretrained
-        if pretrained and _is_path(pretrained) and not Path(pretrained).is_file():
-            raise ModelUnavailable(f"checkpoint file {pretrained} does not exist")
-        if pretrained is None:
-            torch.manual_seed(settings.seed)
-        try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                settings.model, pretrained=pretrained, device=self.device
-            )
-        except Exception as exc:  # open_clip and huggingface_hub raise many kinds; all mean the same here
-            raise ModelUnavailable(
-                f"cannot load open_clip model {settings.model!r} with pretrained={settings.pretrained!r}: "
-                f"{exc}. Known names: open_clip.list_pretrained(). Without internet, copy the checkpoint "
-                "file (e.g. open_clip_pytorch_model.bin from the model's Hugging Face repository) to this "
-                "machine and set LAION_ASSETS_CLIP_PRETRAINED=/path/to/it, or `pretrained` in the clip "
-                "resource config"
-            ) from exc
+        self.device = resolve_device(settings.device)
+        model, preprocess = load_open_clip(settings, SETTINGS_ENV["pretrained"], "clip")
         self.identity = ModelIdentity.of(settings)
-        self.model = model.eval()
+        self.model = model
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(settings.model)
         if isinstance(getattr(self.tokenizer, "cache", None), dict):  # open_clip's BPE tokenizer

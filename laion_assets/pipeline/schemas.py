@@ -124,6 +124,25 @@ PAIRS = pa.schema(
 )
 
 
+# recaptions/<shard>.parquet: one row per kept pair with Recap-DataComp-1B's columns, names and types as
+# theirs (strings, float64 CLIP scores, int64 lengths in words), so that code written for it reads this
+# unchanged; `re_caption` is null where no caption could be had, and `re_caption_error` (ours) says why.
+RECAPTIONS = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("url", pa.string(), nullable=False),
+        pa.field("org_caption", pa.string(), nullable=False),
+        pa.field("re_caption", pa.string()),
+        pa.field("org_clip_score", pa.float64()),
+        pa.field("re_clip_score", pa.float64()),
+        pa.field("org_length", pa.int64(), nullable=False),
+        pa.field("re_length", pa.int64()),
+        pa.field("sha256", pa.string()),
+        pa.field("re_caption_error", pa.string()),
+    ]
+)
+
+
 # hosts/hosts.parquet, written by the catalog: `images` grouped by host, one row per host, with its URLs
 # and their count in each status. "Success rate by host" reads it, since grouping 10 M image rows over
 # a million hosts runs at 15 to 18 M rows/s however the images are stored.

@@ -56,8 +56,9 @@ IMAGES = Layer("images", has_tar=True)  # webdataset tar, and one status row per
 EMBEDDINGS = Layer("embeddings")
 PAIRS = Layer("pairs", has_tar=True)  # the filtered dataset, and its samples as a webdataset
 PAIRS_EMBEDDINGS = Layer("pairs_embeddings")  # optional: the kept rows' embeddings
+RECAPTIONS = Layer("recaptions")  # a new caption for each kept pair (Recap-DataComp-1B's columns)
 # The per-shard layers in pipeline order; each one is made from the one before it.
-SHARD_LAYERS = (CRAWL_METADATA, IMAGES, EMBEDDINGS, PAIRS, PAIRS_EMBEDDINGS)
+SHARD_LAYERS = (CRAWL_METADATA, IMAGES, EMBEDDINGS, PAIRS, PAIRS_EMBEDDINGS, RECAPTIONS)
 
 # Dataset-level files, made from every shard.
 SEARCH_INDEX = "search_index/index.parquet"

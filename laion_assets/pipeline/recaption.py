@@ -1,0 +1,146 @@
+"""The recaptions stage: a new caption for every kept pair, Recap-DataComp-1B's way, scored by the
+pipeline's own CLIP beside the web's caption.
+
+The images are the kept samples of `pairs/<shard>.tar`; the web caption's score is the pair's stored
+similarity (`embeddings`, image against caption); the new caption's is the same image embedding against
+the new caption's text embedding, so both come from one model, and the encoder must be the model that
+made the embeddings. A sample whose image cannot be read or captioned keeps its row, with a null
+`re_caption` and the reason.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, UnidentifiedImageError
+
+from laion_assets import names
+from laion_assets.pipeline import schemas
+from laion_assets.pipeline.clip import ModelIdentity
+from laion_assets.pipeline.imaging import ENCODE_FORMATS
+from laion_assets.pipeline.lineage import inherited_footer
+from laion_assets.pipeline.shard_tar import read_samples
+from laion_assets.pipeline.storage import EMBEDDINGS, PAIRS, RECAPTIONS, DatasetStore, footer
+
+if TYPE_CHECKING:
+    from laion_assets.pipeline.clip import ClipEncoder
+
+QUANTILES = (0.1, 0.5, 0.9)
+
+
+class Captioner(Protocol):
+    def caption(self, images: list[Image.Image]) -> list[str]: ...
+
+    def describe(self) -> dict[str, str]: ...
+
+
+@dataclass
+class RecaptionResult:
+    table: pa.Table
+    seconds: float
+
+    def summary(self) -> dict[str, float | int]:
+        """Mean and quantiles of both scores, and the share of pairs whose new caption scores higher."""
+        scored = self.table.filter(pa.compute.is_valid(self.table.column("re_caption")))
+        org = np.asarray(scored.column("org_clip_score").to_pylist(), dtype=np.float64)
+        new = np.asarray(scored.column("re_clip_score").to_pylist(), dtype=np.float64)
+        summary: dict[str, float | int] = {
+            "recaptioned": scored.num_rows,
+            "failed": self.table.num_rows - scored.num_rows,
+        }
+        for name, values in (("org_clip_score", org), ("re_clip_score", new)):
+            summary[f"{name}_mean"] = round(float(values.mean()), 4) if len(values) else 0.0
+            for q in QUANTILES:
+                summary[f"{name}_p{round(q * 100)}"] = (
+                    round(float(np.quantile(values, q)), 4) if len(values) else 0.0
+                )
+        summary["share_re_above_org"] = round(float((new > org).mean()), 4) if len(values) else 0.0
+        return summary
+
+
+def write_recaptions(
+    store: DatasetStore, shard: str, captioner: Captioner, encoder: ClipEncoder
+) -> RecaptionResult:
+    """`recaptions/<shard>.parquet` from the shard's pairs; the captioner and the CLIP model in the footer."""
+    start = time.monotonic()
+    pairs = store.read_parquet(PAIRS.parquet(shard), columns=["key", "url", "caption", "sha256"])
+    embeddings = store.read_parquet(
+        EMBEDDINGS.parquet(shard), columns=["key", "image_embedding", "similarity"]
+    )
+    made_by = ModelIdentity.from_footer(footer(embeddings.schema))
+    if made_by is not None:
+        made_by.require(
+            encoder.identity,
+            f"shard {shard}'s embeddings were",
+            "the recaptions stage",
+            "score recaptions with the model that made the embeddings (the clip resource)",
+        )
+    keys = pairs.column("key").to_pylist()
+    row = {key: i for i, key in enumerate(embeddings.column("key").to_pylist())}
+    missing = [key for key in keys if key not in row]
+    if missing:
+        raise ValueError(f"shard {shard}: {len(missing)} pairs have no embedding, e.g. {missing[:3]}")
+    order = [row[key] for key in keys]
+    vectors = np.stack(embeddings.column("image_embedding").to_numpy(zero_copy_only=False))[order]
+    org_scores = np.asarray(embeddings.column("similarity").to_pylist(), dtype=np.float64)[order]
+
+    images, errors = _read_images(store, shard, set(keys))
+    captioned = [key for key in keys if key in images]
+    new = dict(zip(captioned, captioner.caption([images[key] for key in captioned]), strict=True))
+    texts = [new.get(key) for key in keys]
+    scores = np.full(len(keys), np.nan)
+    have = [i for i, text in enumerate(texts) if text is not None]
+    if have:
+        text_vectors = encoder.encode_texts([texts[i] for i in have]).cpu().numpy()
+        scores[have] = (vectors[have].astype(np.float32) * text_vectors).sum(axis=1)
+    table = pa.table(
+        {
+            "key": keys,
+            "url": pairs.column("url"),
+            "org_caption": pairs.column("caption"),
+            "re_caption": pa.array(texts, pa.string()),
+            "org_clip_score": org_scores,
+            "re_clip_score": pa.array(scores, pa.float64(), mask=np.isnan(scores)),
+            "org_length": [len(text.split()) for text in pairs.column("caption").to_pylist()],
+            "re_length": pa.array(
+                [None if text is None else len(text.split()) for text in texts], pa.int64()
+            ),
+            "sha256": pairs.column("sha256"),
+            "re_caption_error": pa.array(
+                [None if key in new else errors.get(key, "no image in the pairs tar") for key in keys],
+                pa.string(),
+            ),
+        }
+    )
+    table = schemas.conform(table, schemas.RECAPTIONS)
+    metadata = {
+        **inherited_footer(pairs),
+        **encoder.identity.footer(),
+        names.CAPTIONER_FOOTER: json.dumps(captioner.describe(), sort_keys=True),
+    }
+    store.write_parquet(RECAPTIONS.parquet(shard), table, metadata=metadata)
+    return RecaptionResult(table=table, seconds=time.monotonic() - start)
+
+
+def _read_images(
+    store: DatasetStore, shard: str, keys: set[str]
+) -> tuple[dict[str, Image.Image], dict[str, str]]:
+    """The decoded image of each of `keys` in `pairs/<shard>.tar`, and why the others could not be read."""
+    images, errors = {}, {}
+    with store.open(PAIRS.tar(shard)) as tar:
+        for key, members in read_samples(tar):
+            if key not in keys:
+                continue
+            data = next((members[ext] for ext in ENCODE_FORMATS if ext in members), b"")
+            try:
+                with Image.open(io.BytesIO(data)) as image:
+                    images[key] = image.convert("RGB")
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+                errors[key] = f"cannot decode: {exc}"
+    return images, errors

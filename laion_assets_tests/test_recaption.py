@@ -1,0 +1,118 @@
+"""The recaptions stage over the demo dataset's kept pairs: a real CoCa captions (tiny, random weights;
+see captioners.py), the demo CLIP that made the embeddings scores."""
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from laion_assets import names
+from laion_assets.demo import DEMO_CAPTION_MODEL
+from laion_assets.pipeline import schemas
+from laion_assets.pipeline.caption import CocaCaptioner
+from laion_assets.pipeline.clip import ClipEncoder, ModelMismatch
+from laion_assets.pipeline.recaption import write_recaptions
+from laion_assets.pipeline.shard_tar import TarShardWriter, read_samples
+from laion_assets.pipeline.storage import EMBEDDINGS, PAIRS, RECAPTIONS, DatasetStore, footer
+from laion_assets_tests.captioners import varied_coca
+from laion_assets_tests.dagster_helpers import TINY_CLIP
+from laion_assets_tests.demo_dataset import DEMO_CLIP, DEMO_SHARDS
+
+SHARD = DEMO_SHARDS[0]
+
+
+@pytest.fixture(scope="module")
+def captioner() -> CocaCaptioner:
+    return varied_coca()
+
+
+@pytest.fixture
+def demo_copy(demo_root, tmp_path) -> DatasetStore:
+    shutil.copytree(demo_root, tmp_path / "data")
+    return DatasetStore(str(tmp_path / "data"))
+
+
+def test_every_kept_pair_gets_a_recaption_with_both_scores(demo_copy, captioner):
+    result = write_recaptions(demo_copy, SHARD, captioner, ClipEncoder(DEMO_CLIP))
+    table = demo_copy.read_parquet(RECAPTIONS.parquet(SHARD))
+    pairs = demo_copy.read_parquet(PAIRS.parquet(SHARD))
+    assert table.schema.remove_metadata() == schemas.RECAPTIONS
+    assert table.column("key").to_pylist() == pairs.column("key").to_pylist()
+    assert table.column("org_caption").to_pylist() == pairs.column("caption").to_pylist()
+    assert table.column("sha256").to_pylist() == pairs.column("sha256").to_pylist()
+    assert table.column("re_caption").null_count == 0 and table.column("re_caption_error").null_count == len(
+        table
+    )
+    # the web caption's score is the pair's similarity, by the same model
+    assert table.column("org_clip_score").to_pylist() == pytest.approx(
+        pairs.column("similarity").to_pylist(), abs=1e-6
+    )
+    rows = table.to_pylist()
+    # the new caption's score: the image's stored embedding against the caption's, by the same model
+    encoder = ClipEncoder(DEMO_CLIP)
+    embeddings = demo_copy.read_parquet(EMBEDDINGS.parquet(SHARD))
+    vectors = dict(
+        zip(
+            embeddings.column("key").to_pylist(),
+            embeddings.column("image_embedding").to_pylist(),
+            strict=True,
+        )
+    )
+    texts = encoder.encode_texts([row["re_caption"] for row in rows]).numpy()
+    expected = [
+        float(np.dot(np.asarray(vectors[row["key"]], np.float32), text))
+        for row, text in zip(rows, texts, strict=True)
+    ]
+    assert [row["re_clip_score"] for row in rows] == pytest.approx(expected, abs=1e-5)
+    assert len({row["re_caption"] for row in rows}) > 1
+    assert all(row["re_length"] == len(row["re_caption"].split()) for row in rows)
+    assert all(row["org_length"] == len(row["org_caption"].split()) for row in rows)
+    recorded = footer(table.schema)
+    described = json.loads(recorded[names.CAPTIONER_FOOTER])
+    assert described["model"] == DEMO_CAPTION_MODEL and described["decoding"] == "greedy"
+    assert described["weights"] == "random:seed=0"
+    assert recorded[names.CLIP_MODEL_FOOTER] == DEMO_CLIP.model
+    assert recorded[names.SOURCE_FOOTER] == footer(pairs.schema)[names.SOURCE_FOOTER]
+    summary = result.summary()
+    assert summary["recaptioned"] == len(rows) and summary["failed"] == 0
+    re_above = sum(row["re_clip_score"] > row["org_clip_score"] for row in rows) / len(rows)
+    assert summary["share_re_above_org"] == pytest.approx(re_above, abs=1e-4)
+    assert summary["re_clip_score_p10"] <= summary["re_clip_score_p50"] <= summary["re_clip_score_p90"]
+
+
+def test_a_sample_missing_or_unreadable_keeps_its_row_with_the_reason(demo_copy, captioner):
+    with demo_copy.open(PAIRS.tar(SHARD)) as f:
+        samples = list(read_samples(f))
+    (gone, _), (broken, members) = samples[0], samples[1]
+    with demo_copy.atomic_write(PAIRS.tar(SHARD)) as out, TarShardWriter(out) as writer:
+        writer.write(broken, {**members, "jpg": b"not a jpeg"})
+        for key, kept in samples[2:]:
+            writer.write(key, kept)
+    table = write_recaptions(demo_copy, SHARD, captioner, ClipEncoder(DEMO_CLIP)).table
+    rows = {row["key"]: row for row in table.to_pylist()}
+    assert len(rows) == len(samples)
+    assert rows[gone]["re_caption"] is None and rows[gone]["re_caption_error"] == "no image in the pairs tar"
+    assert rows[broken]["re_caption"] is None and rows[broken]["re_caption_error"].startswith("cannot decode")
+    assert rows[gone]["re_clip_score"] is None and rows[gone]["re_length"] is None
+    assert rows[gone]["org_clip_score"] is not None
+    assert sum(row["re_caption"] is not None for row in rows.values()) == len(samples) - 2
+
+
+def test_scores_need_the_model_that_made_the_embeddings(demo_copy, captioner):
+    with pytest.raises(ModelMismatch, match="embeddings were embedded with laion-assets-demo"):
+        write_recaptions(demo_copy, SHARD, captioner, ClipEncoder(TINY_CLIP))
+    assert not demo_copy.exists(RECAPTIONS.parquet(SHARD))
+
+
+def test_recaptions_view(demo_copy, captioner):
+    from laion_assets.pipeline import catalog
+
+    write_recaptions(demo_copy, SHARD, captioner, ClipEncoder(DEMO_CLIP))
+    connection = catalog.connect(demo_copy)
+    (rows,) = connection.sql("SELECT count(*) FROM recaptions").fetchone()
+    assert rows == demo_copy.parquet_num_rows(RECAPTIONS.parquet(SHARD))
+    joined = connection.sql("SELECT count(*) FROM pairs JOIN recaptions USING (key)").fetchone()[0]
+    assert joined == rows
+    assert isinstance(connection.sql("SELECT * FROM recaptions").to_arrow_table(), pa.Table)
