@@ -41,6 +41,13 @@ _SOT, _EOT = "<start_of_text>", "<end_of_text>"
 
 
 @dataclass(frozen=True)
+class NoCaption:
+    """A sample a captioner could not caption, and why (its row keeps a null re_caption)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class CaptionSettings:
     model: str = DEFAULT_CAPTION_MODEL
     pretrained: str = DEFAULT_CAPTION_PRETRAINED  # an open_clip tag, a checkpoint path, or "none"

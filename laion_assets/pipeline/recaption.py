@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -22,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from laion_assets import names
 from laion_assets.pipeline import schemas
+from laion_assets.pipeline.caption import NoCaption
 from laion_assets.pipeline.clip import ModelIdentity
 from laion_assets.pipeline.imaging import ENCODE_FORMATS
 from laion_assets.pipeline.lineage import inherited_footer
@@ -35,7 +37,9 @@ QUANTILES = (0.1, 0.5, 0.9)
 
 
 class Captioner(Protocol):
-    def caption(self, images: list[Image.Image]) -> list[str]: ...
+    """CocaCaptioner, ChatCaptioner: a caption, or the reason there is none, per image."""
+
+    def caption(self, images: list[Image.Image]) -> Sequence[str | NoCaption]: ...
 
     def describe(self) -> dict[str, str]: ...
 
@@ -92,7 +96,9 @@ def write_recaptions(
 
     images, errors = _read_images(store, shard, set(keys))
     captioned = [key for key in keys if key in images]
-    new = dict(zip(captioned, captioner.caption([images[key] for key in captioned]), strict=True))
+    results = dict(zip(captioned, captioner.caption([images[key] for key in captioned]), strict=True))
+    new = {key: text for key, text in results.items() if isinstance(text, str)}
+    errors.update({key: text.reason for key, text in results.items() if isinstance(text, NoCaption)})
     texts = [new.get(key) for key in keys]
     scores = np.full(len(keys), np.nan)
     have = [i for i, text in enumerate(texts) if text is not None]

@@ -1,0 +1,137 @@
+"""Captioning at scale through an OpenAI-compatible chat-completions endpoint: how a LLaVA-class model is
+served to billions of images (vLLM or SGLang, many replicas behind one URL).
+
+Each image goes as a JPEG data URL in a `content` part beside the text prompt; the answer's first
+choice is the caption. Requests run `in_flight` at a time; 429 and 5xx answers, timeouts and broken
+connections are retried with exponential backoff (a 429's or 503's Retry-After honoured). A sample
+whose caption cannot be had gets a `NoCaption` with the reason, never an exception for the shard.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import urllib3
+from urllib3.exceptions import HTTPError
+
+from laion_assets.pipeline.caption import NoCaption
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+# Recap-DataComp-1B's instruction to LLaVA, as its paper gives it
+RECAP_PROMPT = "Please generate a detailed caption of this image. Please be as descriptive as possible."
+
+
+@dataclass(frozen=True)
+class ChatCaptionSettings:
+    base_url: str  # the API root, e.g. http://vllm:8000/v1 (…/chat/completions is appended)
+    model: str  # the served model's name
+    api_key: str = ""  # sent as a Bearer token when set; never recorded
+    prompt: str = RECAP_PROMPT
+    max_completion_tokens: int = 128  # Recap-DataComp-1B's
+    temperature: float = 0.0  # greedy, as Recap decoded
+    in_flight: int = 16  # requests at once
+    timeout: float = 120.0  # seconds per request
+    retries: int = 3  # extra attempts after 429, 5xx, timeouts and broken connections
+    retry_backoff: float = 1.0  # seconds, doubled at each attempt
+    jpeg_quality: int = 90  # of the image sent
+
+
+class _Retryable(Exception):
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ChatCaptioner:
+    """Captions images through `settings.base_url`'s /chat/completions."""
+
+    def __init__(self, settings: ChatCaptionSettings) -> None:
+        self.settings = settings
+        self.url = settings.base_url.rstrip("/") + "/chat/completions"
+        self.http = urllib3.PoolManager(maxsize=settings.in_flight, retries=False)
+        self.headers = {"Content-Type": "application/json"}
+        if settings.api_key:
+            self.headers["Authorization"] = f"Bearer {settings.api_key}"
+
+    def describe(self) -> dict[str, str]:
+        """What made the captions, for the footer and the metadata (the API key left out)."""
+        described = {"captioner": "chat completions", **asdict(self.settings)}
+        return {name: str(value) for name, value in described.items() if name not in ("api_key", "in_flight")}
+
+    def caption(self, images: list[Image.Image]) -> list[str | NoCaption]:
+        """One caption, or the reason there is none, per image, in order."""
+        with ThreadPoolExecutor(self.settings.in_flight, thread_name_prefix="caption") as pool:
+            return list(pool.map(self._caption_one, images))
+
+    def _caption_one(self, image: Image.Image) -> str | NoCaption:
+        s = self.settings
+        body = json.dumps(self._request(image)).encode()
+        for attempt in range(s.retries + 1):
+            try:
+                return self._post(body)
+            except _Retryable as exc:
+                tries = f" (gave up after {attempt + 1} attempts)" if attempt else ""
+                if attempt == s.retries:
+                    return NoCaption(f"{exc}{tries}")
+                time.sleep(exc.retry_after if exc.retry_after is not None else s.retry_backoff * 2**attempt)
+            except _Unusable as exc:
+                return NoCaption(str(exc))
+        raise AssertionError("unreachable")
+
+    def _request(self, image: Image.Image) -> dict:
+        out = io.BytesIO()
+        image.convert("RGB").save(out, "JPEG", quality=self.settings.jpeg_quality)
+        data_url = "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
+        return {
+            "model": self.settings.model,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": self.settings.prompt},
+                        {"type": "image_url", "image_url": {"url": data_url}},
+                    ],
+                }
+            ],
+            "max_completion_tokens": self.settings.max_completion_tokens,
+            "temperature": self.settings.temperature,
+        }
+
+    def _post(self, body: bytes) -> str:
+        try:
+            response = self.http.request(
+                "POST", self.url, body=body, headers=self.headers, timeout=self.settings.timeout
+            )
+        except urllib3.exceptions.TimeoutError as exc:
+            raise _Retryable(f"timeout: no answer within {self.settings.timeout:g}s") from exc
+        except HTTPError as exc:
+            raise _Retryable(f"connection failed: {exc}") from exc
+        if response.status == 429 or response.status >= 500:
+            retry_after = response.headers.get("Retry-After", "")
+            wait = float(retry_after) if retry_after.strip().isdigit() else None
+            raise _Retryable(f"HTTP {response.status}: {_detail(response.data)}", wait)
+        if response.status != 200:
+            raise _Unusable(f"HTTP {response.status}: {_detail(response.data)}")
+        try:
+            content = json.loads(response.data)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise _Unusable(f"unexpected answer: {response.data[:200]!r}") from exc
+        if not isinstance(content, str) or not content.strip():
+            raise _Unusable("empty caption in the answer")
+        return content.strip()
+
+
+class _Unusable(Exception):
+    """An answer that retrying will not mend (4xx other than 429, a malformed body)."""
+
+
+def _detail(data: bytes) -> str:
+    return data[:200].decode("utf-8", errors="replace").strip()

@@ -1,0 +1,117 @@
+"""The chat-completions captioner against a real OpenAI-compatible server on 127.0.0.1 over a real tiny
+CoCa (chat_server.py). vLLM itself was not run here: see the README."""
+
+import base64
+import io
+import shutil
+from dataclasses import replace
+
+import pytest
+from PIL import Image
+
+from laion_assets.demo.train import EVAL_SEED, pipeline_view
+from laion_assets.demo.world import make_world
+from laion_assets.pipeline.caption import NoCaption
+from laion_assets.pipeline.chat_caption import RECAP_PROMPT, ChatCaptioner, ChatCaptionSettings
+from laion_assets.pipeline.clip import ClipEncoder
+from laion_assets.pipeline.recaption import write_recaptions
+from laion_assets.pipeline.storage import RECAPTIONS, DatasetStore
+from laion_assets_tests.captioners import varied_coca
+from laion_assets_tests.chat_server import ChatServer
+from laion_assets_tests.demo_dataset import DEMO_CLIP, DEMO_SHARDS
+
+KEY = "a-test-key-of-32-characters-long"
+
+
+@pytest.fixture(scope="module")
+def coca():
+    return varied_coca()
+
+
+@pytest.fixture
+def server(coca):
+    running = ChatServer(coca, api_key=KEY)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [pipeline_view(item) for item in make_world(images=6, seed=EVAL_SEED, failures={}).images]
+
+
+def _settings(server: ChatServer, **overrides) -> ChatCaptionSettings:
+    base = ChatCaptionSettings(base_url=server.base_url, model="llava-tiny", api_key=KEY, retry_backoff=0.01)
+    return replace(base, **overrides)
+
+
+def _as_sent(image: Image.Image, quality: int = 90) -> Image.Image:
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(out.getvalue())).convert("RGB")
+
+
+def test_captions_are_the_served_models_and_the_requests_speak_the_protocol(server, coca, images):
+    captions = ChatCaptioner(_settings(server)).caption(images)
+    assert captions == coca.caption([_as_sent(image) for image in images])  # the model's own, in order
+    assert len(server.requests) == len(images)
+    request = server.requests[0]
+    assert request["path"] == "/v1/chat/completions"
+    assert request["headers"]["Authorization"] == f"Bearer {KEY}"
+    body = request["body"]
+    assert body["model"] == "llava-tiny" and body["max_completion_tokens"] == 128 and body["temperature"] == 0
+    text, image = body["messages"][0]["content"]
+    assert text == {"type": "text", "text": RECAP_PROMPT}
+    assert image["type"] == "image_url" and image["image_url"]["url"].startswith("data:image/jpeg;base64,")
+    sent = Image.open(io.BytesIO(base64.b64decode(image["image_url"]["url"].split(",", 1)[1])))
+    assert sent.format == "JPEG" and sent.size == images[0].size
+
+
+def test_busy_and_broken_answers_are_retried(server, images):
+    server.script = [429, 503]
+    (caption,) = ChatCaptioner(_settings(server, in_flight=1)).caption(images[:1])
+    assert isinstance(caption, str) and caption
+    assert len(server.requests) == 3
+
+
+def test_a_caption_that_cannot_be_had_is_a_reason_not_an_exception(server, images):
+    server.script = [500] * 4
+    (failed,) = ChatCaptioner(_settings(server, in_flight=1)).caption(images[:1])
+    assert failed == NoCaption(
+        "HTTP 500: " + '{"error": {"message": "scripted 500"}}' + " (gave up after 4 attempts)"
+    )
+    server.requests.clear()
+    (refused,) = ChatCaptioner(_settings(server, api_key="wrong-key-of-32-characters-long!")).caption(
+        images[:1]
+    )
+    assert isinstance(refused, NoCaption) and refused.reason.startswith("HTTP 401")
+    assert len(server.requests) == 1  # a 401 is not retried
+
+
+def test_a_slow_server_times_out_per_request(coca, images):
+    slow = ChatServer(coca, delay=2.0)
+    try:
+        (late,) = ChatCaptioner(_settings(slow, timeout=0.3, retries=1)).caption(images[:1])
+    finally:
+        slow.stop()
+    assert late == NoCaption("timeout: no answer within 0.3s (gave up after 2 attempts)")
+
+
+def test_the_description_never_holds_the_key(server):
+    described = ChatCaptioner(_settings(server)).describe()
+    assert described["captioner"] == "chat completions" and described["model"] == "llava-tiny"
+    assert KEY not in str(described) and "api_key" not in described
+
+
+def test_recaptions_through_the_endpoint_keep_failed_rows(server, demo_root, tmp_path):
+    shutil.copytree(demo_root, tmp_path / "data")
+    store = DatasetStore(str(tmp_path / "data"))
+    server.script = [400]  # the first request is refused; the rest are captioned
+    captioner = ChatCaptioner(_settings(server, in_flight=1))
+    table = write_recaptions(store, DEMO_SHARDS[0], captioner, ClipEncoder(DEMO_CLIP)).table
+    rows = table.to_pylist()
+    assert table.num_rows == store.parquet_num_rows(RECAPTIONS.parquet(DEMO_SHARDS[0]))
+    failed = [row for row in rows if row["re_caption"] is None]
+    assert len(failed) == 1 and failed[0]["re_caption_error"].startswith("HTTP 400")
+    assert failed[0]["re_clip_score"] is None and failed[0]["org_clip_score"] is not None
+    assert all(row["re_caption"] and row["re_clip_score"] is not None for row in rows if row is not failed[0])
