@@ -33,7 +33,9 @@ from laion_assets.pipeline.clip import MODEL_CONFIGS, ClipEncoder, ClipSettings
 DESCRIPTION = TEMPLATES[0]  # "{a} {colour} {shape} on a {pattern} {background} background"
 
 
-def train(steps: int, full_steps: int, batch_size: int, pool_size: int, seed: int = 0) -> torch.nn.Module:
+def train(
+    steps: int, full_steps: int, batch_size: int, pool_size: int, lr: float = 3e-3, seed: int = 0
+) -> torch.nn.Module:
     """`steps` steps of the captioning loss over the world's own words, the last `full_steps` of them over
     the whole vocabulary (see `caption_loss`)."""
     torch.manual_seed(seed)
@@ -51,8 +53,8 @@ def train(steps: int, full_steps: int, batch_size: int, pool_size: int, seed: in
         f"pool: {pool_size} images, {len(words)} distinct tokens, in {time.monotonic() - start:.0f}s",
         flush=True,
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
     for step in range(1, steps + 1):
         batch = torch.randint(pool_size, (batch_size,))
@@ -170,10 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full-steps", type=int, default=300, help="the last steps, over every token")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--pool", type=int, default=3000, help="training images, generated once")
+    parser.add_argument("--lr", type=float, default=3e-3, help="the one-cycle schedule's peak")
     parser.add_argument("--out", type=Path, default=DEMO_CAPTION_CHECKPOINT)
     args = parser.parse_args(argv)
     start = time.monotonic()
-    save(train(args.steps, args.full_steps, args.batch_size, args.pool), args.out)
+    save(train(args.steps, args.full_steps, args.batch_size, args.pool, args.lr), args.out)
     print(f"saved {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) after {time.monotonic() - start:.0f}s")
     score = evaluate(args.out, make_world(seed=EVAL_SEED))
     print(score.line())
