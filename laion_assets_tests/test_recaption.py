@@ -116,3 +116,13 @@ def test_recaptions_view(demo_copy, captioner):
     joined = connection.sql("SELECT count(*) FROM pairs JOIN recaptions USING (key)").fetchone()[0]
     assert joined == rows
     assert isinstance(connection.sql("SELECT * FROM recaptions").to_arrow_table(), pa.Table)
+
+
+def test_captioning_in_chunks_gives_the_same_recaptions(demo_copy, captioner, monkeypatch):
+    from laion_assets.pipeline import recaption
+
+    whole = write_recaptions(demo_copy, SHARD, captioner, ClipEncoder(DEMO_CLIP)).table
+    monkeypatch.setattr(recaption, "_CHUNK", 3)  # several chunks, the last one short
+    assert whole.num_rows > 3 * 2
+    chunked = write_recaptions(demo_copy, SHARD, captioner, ClipEncoder(DEMO_CLIP)).table
+    assert chunked.to_pylist() == whole.to_pylist()

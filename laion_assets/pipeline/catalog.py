@@ -110,7 +110,7 @@ def write_catalog(store: DatasetStore, database: str) -> list[str]:
     connection = connect(store, tmp)
     try:
         write_hosts(store, connection)
-        create_views(connection, store)  # `hosts` as it is now
+        _create_hosts_view(connection, store, has_images=IMAGES.name in _view_names(connection))
         views = _view_names(connection)
     finally:
         connection.close()
@@ -167,13 +167,21 @@ def create_views(connection: duckdb.DuckDBPyConnection, store: DatasetStore) -> 
             f"SELECT * FROM read_parquet('{pattern}', union_by_name = {union})"
         )
         created.append(layer.name)
+    if _create_hosts_view(connection, store, has_images=IMAGES.name in created):
+        created.append(HOSTS_VIEW)
+    return created
+
+
+def _create_hosts_view(connection: duckdb.DuckDBPyConnection, store: DatasetStore, has_images: bool) -> bool:
+    """(Re)create `hosts`: over hosts/hosts.parquet where it is written, else over the images; dropped
+    when there are neither. Whether there is one."""
     if store.exists(HOSTS):
         pattern = quote_literal(store.url(HOSTS))
         connection.execute(f"CREATE OR REPLACE VIEW {HOSTS_VIEW} AS SELECT * FROM read_parquet('{pattern}')")
-        created.append(HOSTS_VIEW)
-    elif IMAGES.name in created:
+        return True
+    if has_images:
         connection.execute(f"CREATE OR REPLACE VIEW {HOSTS_VIEW} AS {hosts_query(connection)}")
-        created.append(HOSTS_VIEW)
-    elif HOSTS_VIEW in _view_names(connection):
+        return True
+    if HOSTS_VIEW in _view_names(connection):
         connection.execute(f"DROP VIEW {HOSTS_VIEW}")
-    return created
+    return False

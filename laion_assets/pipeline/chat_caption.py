@@ -21,6 +21,7 @@ import urllib3
 from urllib3.exceptions import HTTPError
 
 from laion_assets.pipeline.caption import NoCaption
+from laion_assets.pipeline.fetch import retry_after_seconds
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -115,8 +116,7 @@ class ChatCaptioner:
         except HTTPError as exc:
             raise _Retryable(f"connection failed: {exc}") from exc
         if response.status == 429 or response.status >= 500:
-            retry_after = response.headers.get("Retry-After", "")
-            wait = float(retry_after) if retry_after.strip().isdigit() else None
+            wait = retry_after_seconds(response.headers.get("Retry-After"))
             raise _Retryable(f"HTTP {response.status}: {_detail(response.data)}", wait)
         if response.status != 200:
             raise _Unusable(f"HTTP {response.status}: {_detail(response.data)}")

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch
 
     from laion_assets.pipeline.clip import ClipEncoder
-from laion_assets.pipeline.imaging import ENCODE_FORMATS
+from laion_assets.pipeline.imaging import stored_image_bytes
 from laion_assets.pipeline.lineage import inherited_footer
 from laion_assets.pipeline.parallel import ordered_map
 from laion_assets.pipeline.shard_tar import read_samples
@@ -62,9 +62,8 @@ def embed_shard(
 
     def prepare(sample: tuple[str, dict[str, bytes]]) -> tuple[str, torch.Tensor | None]:
         key, members = sample
-        data = next((members[ext] for ext in ENCODE_FORMATS if ext in members), b"")
         try:
-            with Image.open(io.BytesIO(data)) as image:
+            with Image.open(io.BytesIO(stored_image_bytes(members))) as image:
                 return key, encoder.prepare(image)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             return key, None

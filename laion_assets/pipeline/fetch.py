@@ -201,7 +201,9 @@ class Fetcher:
     def _read(self, response: urllib3.BaseHTTPResponse, deadline: float, image: bool) -> Fetched:
         s, status = self.settings, response.status
         if status == 429 or status >= 500:
-            retry_after = _retry_after(response.headers.get("Retry-After")) if status in (429, 503) else None
+            retry_after = (
+                retry_after_seconds(response.headers.get("Retry-After")) if status in (429, 503) else None
+            )
             raise _Retryable(f"HTTP {status}: {response.reason}", status, retry_after)
         if status != 200:
             return _failed(f"HTTP {status}: {response.reason}", status)
@@ -336,7 +338,9 @@ def _host_header(url: Url) -> str:
     return host if url.port in (None, port_by_scheme.get(url.scheme)) else f"{host}:{url.port}"
 
 
-def _retry_after(value: str | None) -> float | None:
+def retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After header's wait in seconds (delay-seconds or an HTTP date); None when absent or
+    unreadable."""
     if not value:
         return None
     if value.strip().isdigit():

@@ -86,6 +86,12 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     return _load_rgb(_open(data, max_pixels))
 
 
+def stored_image_bytes(members: dict[str, bytes]) -> bytes:
+    """The image of a stored webdataset sample ({extension: bytes}), in whichever format it was encoded;
+    empty when it has none."""
+    return next((members[ext] for ext in ENCODE_FORMATS if ext in members), b"")
+
+
 def process_image(data: bytes, settings: ImageSettings) -> ProcessedImage:
     image = _open(data, settings.max_pixels)
     raw_width, raw_height = image.size

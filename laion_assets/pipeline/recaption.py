@@ -25,7 +25,7 @@ from laion_assets import names
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.caption import NoCaption
 from laion_assets.pipeline.clip import ModelIdentity
-from laion_assets.pipeline.imaging import ENCODE_FORMATS
+from laion_assets.pipeline.imaging import stored_image_bytes
 from laion_assets.pipeline.lineage import inherited_footer
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import EMBEDDINGS, PAIRS, RECAPTIONS, DatasetStore, footer
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from laion_assets.pipeline.clip import ClipEncoder
 
 QUANTILES = (0.1, 0.5, 0.9)
+_CHUNK = 256  # images decoded and captioned at once
 
 
 class Captioner(Protocol):
@@ -64,7 +65,7 @@ class RecaptionResult:
                 summary[f"{name}_p{round(q * 100)}"] = (
                     round(float(np.quantile(values, q)), 4) if len(values) else 0.0
                 )
-        summary["share_re_above_org"] = round(float((new > org).mean()), 4) if len(values) else 0.0
+        summary["share_re_above_org"] = round(float((new > org).mean()), 4) if len(new) else 0.0
         return summary
 
 
@@ -94,11 +95,7 @@ def write_recaptions(
     vectors = np.stack(embeddings.column("image_embedding").to_numpy(zero_copy_only=False))[order]
     org_scores = np.asarray(embeddings.column("similarity").to_pylist(), dtype=np.float64)[order]
 
-    images, errors = _read_images(store, shard, set(keys))
-    captioned = [key for key in keys if key in images]
-    results = dict(zip(captioned, captioner.caption([images[key] for key in captioned]), strict=True))
-    new = {key: text for key, text in results.items() if isinstance(text, str)}
-    errors.update({key: text.reason for key, text in results.items() if isinstance(text, NoCaption)})
+    new, errors = _caption_samples(store, shard, set(keys), captioner)
     texts = [new.get(key) for key in keys]
     scores = np.full(len(keys), np.nan)
     have = [i for i, text in enumerate(texts) if text is not None]
@@ -134,19 +131,36 @@ def write_recaptions(
     return RecaptionResult(table=table, seconds=time.monotonic() - start)
 
 
-def _read_images(
-    store: DatasetStore, shard: str, keys: set[str]
-) -> tuple[dict[str, Image.Image], dict[str, str]]:
-    """The decoded image of each of `keys` in `pairs/<shard>.tar`, and why the others could not be read."""
-    images, errors = {}, {}
+def _caption_samples(
+    store: DatasetStore, shard: str, keys: set[str], captioner: Captioner
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The new caption of each of `keys` found in `pairs/<shard>.tar`, and why the others have none.
+    Images are decoded and captioned `_CHUNK` at a time: a shard's 10,000 decoded at once would hold
+    about 2 GB of pixels."""
+    captions: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    chunk: list[tuple[str, Image.Image]] = []
+
+    def caption_chunk() -> None:
+        results = captioner.caption([image for _, image in chunk])
+        for (key, _), result in zip(chunk, results, strict=True):
+            if isinstance(result, NoCaption):
+                errors[key] = result.reason
+            else:
+                captions[key] = result
+        chunk.clear()
+
     with store.open(PAIRS.tar(shard)) as tar:
         for key, members in read_samples(tar):
             if key not in keys:
                 continue
-            data = next((members[ext] for ext in ENCODE_FORMATS if ext in members), b"")
             try:
-                with Image.open(io.BytesIO(data)) as image:
-                    images[key] = image.convert("RGB")
+                with Image.open(io.BytesIO(stored_image_bytes(members))) as image:
+                    chunk.append((key, image.convert("RGB")))
             except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
                 errors[key] = f"cannot decode: {exc}"
-    return images, errors
+            if len(chunk) >= _CHUNK:
+                caption_chunk()
+    if chunk:
+        caption_chunk()
+    return captions, errors
