@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from laion_assets import names
-from laion_assets.demo import DEMO_CHECKPOINT, DEMO_MODEL
+from laion_assets.demo import DEMO_CAPTION_CHECKPOINT, DEMO_CAPTION_MODEL, DEMO_CHECKPOINT, DEMO_MODEL
+from laion_assets.pipeline.caption import CaptionSettings
 from laion_assets.pipeline.clip import ClipSettings
 from laion_assets.pipeline.storage import root_from_env
 from laion_assets.service.settings import API_KEY_ENV, MIN_API_KEY_CHARS, ServiceSettings, WeakApiKey
@@ -98,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--pretrained", default=str(DEMO_CHECKPOINT), help="open_clip tag, checkpoint path, or none"
     )
+    demo.add_argument(
+        "--caption-model", default=DEMO_CAPTION_MODEL, help="open_clip CoCa model (default: the demo's own)"
+    )
+    demo.add_argument(
+        "--caption-pretrained",
+        default=str(DEMO_CAPTION_CHECKPOINT),
+        help="its open_clip tag, checkpoint path, or none",
+    )
     demo.add_argument("--images", type=int, default=300, help="images in the synthetic web")
 
     sql = sub.add_parser("sql", help="query the DuckDB views (crawl_metadata, images, embeddings, pairs)")
@@ -155,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         from laion_assets.demo.run import run_demo
 
         clip = dataclasses.replace(ClipSettings.from_env(), model=args.model, pretrained=args.pretrained)
-        return run_demo(root, clip, images=args.images)
+        captioner = dataclasses.replace(
+            CaptionSettings.from_env(), model=args.caption_model, pretrained=args.caption_pretrained
+        )
+        return run_demo(root, clip, captioner, images=args.images)
     if args.select is None or names.DOWNLOADED_IMAGES_ASSET in args.select.split(","):
         from laion_assets.pipeline.download import start_worker_server
 

@@ -7,22 +7,25 @@ from laion_assets.defs.card import dataset_card
 from laion_assets.defs.catalog import catalog
 from laion_assets.defs.execution import executor_from_env
 from laion_assets.defs.jobs import PER_SHARD_ASSETS, PER_SHARD_CHECKS, shard_job
-from laion_assets.defs.resources import build_resources
+from laion_assets.defs.resources import CaptionerSettings, build_resources
 from laion_assets.defs.search import search_index
 from laion_assets.pipeline.clip import ClipSettings
 
 DATASET_ASSETS = [catalog, dataset_card, search_index]  # unpartitioned: read every materialised shard
 
 
-def build_definitions(root: str | None = None, clip: ClipSettings | None = None) -> dg.Definitions:
-    """Everything, with the resources for `root` and `clip` (by default from the environment, as EnvVars)."""
+def build_definitions(
+    root: str | None = None, clip: ClipSettings | None = None, captioner: CaptionerSettings | None = None
+) -> dg.Definitions:
+    """Everything, with the resources for `root`, `clip` and `captioner` (by default from the environment,
+    as EnvVars)."""
     return dg.Definitions(
         assets=[*PER_SHARD_ASSETS, *DATASET_ASSETS],
         asset_checks=PER_SHARD_CHECKS,
         jobs=[shard_job],
         sensors=[incoming_files_sensor, automation_sensor],
         schedules=[catch_up_schedule],
-        resources=build_resources(root, clip),
+        resources=build_resources(root, clip, captioner),
         executor=executor_from_env(),
     )
 

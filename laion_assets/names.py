@@ -12,6 +12,7 @@ CRAWL_METADATA_ASSET = "crawl_metadata"
 DOWNLOADED_IMAGES_ASSET = "downloaded_images"
 CLIP_EMBEDDINGS_ASSET = "clip_embeddings"
 FILTERED_PAIRS_ASSET = "filtered_pairs"
+RECAPTIONS_ASSET = "recaptions"
 CATALOG_ASSET = "catalog"
 DATASET_CARD_ASSET = "dataset_card"
 SEARCH_INDEX_ASSET = "search_index"
@@ -20,6 +21,7 @@ SEARCH_INDEX_ASSET = "search_index"
 ONE_ROW_PER_CRAWL_ROW_CHECK = "one_row_per_crawl_row"  # downloaded_images
 KEYS_ARE_SUCCESS_IMAGES_CHECK = "keys_are_success_images"  # clip_embeddings
 FOLLOWS_THE_CONTRACT_CHECK = "follows_the_contract"  # filtered_pairs
+ONE_ROW_PER_KEPT_PAIR_CHECK = "one_row_per_kept_pair"  # recaptions
 
 # Jobs, partitions, sensors, schedules and the concurrency pool
 SHARD_JOB = "shard_pipeline"
@@ -28,7 +30,7 @@ INCOMING_FILES_SENSOR = "incoming_files_sensor"
 # Its cursor: a JSON object, file name in incoming/ -> StoredFile.fingerprint of the content last seen.
 FOLLOW_UPSTREAM_SENSOR = "follow_upstream_sensor"
 CATCH_UP_SCHEDULE = "catch_up_schedule"
-GPU_POOL = "gpu"  # clip_embeddings: one slot per GPU
+GPU_POOL = "gpu"  # clip_embeddings, recaptions: one slot per GPU
 DOWNLOAD_POOL = "download"  # downloaded_images: how many shards download at once
 
 # Run tags

@@ -13,6 +13,7 @@ from laion_assets.defs.jobs import PER_SHARD_ASSETS, PER_SHARD_CHECKS
 from laion_assets.defs.metadata import layer_of
 from laion_assets.defs.partitions import shards
 from laion_assets.defs.resources import build_resources
+from laion_assets.pipeline.caption import CaptionSettings
 from laion_assets.pipeline.clip import ClipSettings
 from laion_assets.pipeline.lineage import incoming_by_shard, stale_layers
 from laion_assets.pipeline.storage import INCOMING
@@ -53,11 +54,12 @@ def run_pipeline(
     force: bool = False,
     echo: Callable[[str], None] = print,
     clip: ClipSettings | None = None,
+    captioner: CaptionSettings | None = None,
 ) -> list[ShardOutcome]:
     """Register a shard per file in `incoming/`, materialise the selected assets where a shard is not done
     (see `pipeline/lineage.py`), then the selected dataset-level assets (catalog, dataset_card) over every
-    shard."""
-    resources_ = build_resources(root, clip or ClipSettings.from_env())
+    shard. The captioner is the environment's unless given (see `defs.resources.captioner_resource`)."""
+    resources_ = build_resources(root, clip or ClipSettings.from_env(), captioner)
     store = resources_["store"].get_store()
     sources = incoming_by_shard(store)
     echo(f"{len(sources)} shards in {store.url(INCOMING)}")

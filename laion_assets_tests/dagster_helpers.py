@@ -5,7 +5,9 @@ import dagster as dg
 from laion_assets.defs.jobs import PER_SHARD_ASSETS, PER_SHARD_CHECKS
 from laion_assets.defs.partitions import shards
 from laion_assets.defs.resources import build_resources
+from laion_assets.pipeline.caption import CaptionSettings
 from laion_assets.pipeline.clip import ClipSettings
+from laion_assets_tests.captioners import RANDOM_COCA
 
 # A real open_clip model on a tiny architecture, random weights with a fixed seed: nothing to download.
 TINY_CLIP = ClipSettings(model="laion-assets-tiny", pretrained="none", device="cpu", batch_size=4)
@@ -34,6 +36,7 @@ def materialize_shard(
     run_config: dict | None = None,
     selection=None,
     clip: ClipSettings = TINY_CLIP,
+    captioner: CaptionSettings = RANDOM_COCA,
 ) -> dg.ExecuteInProcessResult:
     if shard not in instance.get_dynamic_partitions(shards.name):
         instance.add_dynamic_partitions(shards.name, [shard])
@@ -42,7 +45,7 @@ def materialize_shard(
         selection=selection,
         partition_key=shard,
         instance=instance,
-        resources=build_resources(root, clip),
+        resources=build_resources(root, clip, captioner),
         run_config=run_config,
         raise_on_error=False,
     )

@@ -13,6 +13,7 @@ from laion_assets.defs.partitions import SHARDS_PER_RUN_ENV, shards, shards_per_
 from laion_assets.defs.resources import DatasetStoreResource, build_resources
 from laion_assets.names import SOURCE_FILE_TAG
 from laion_assets.pipeline.storage import SEARCH_INDEX, DatasetStore
+from laion_assets_tests.captioners import RANDOM_COCA
 from laion_assets_tests.dagster_helpers import TINY_CLIP, local_web_config, materialize_shard
 
 GOOD = b"url,caption\nhttp://a.com/1.jpg,a cat\n"
@@ -130,10 +131,10 @@ def test_new_files_flow_to_pairs_card_and_catalog_and_a_failed_shard_is_caught_u
         store.write_bytes(f"incoming/{shard}.csv", f"url,caption\n{lines}".encode())
     config = local_web_config()
     config["ops"]["filtered_pairs"] = {"config": {"min_similarity": -1.0, "drop_minors": False}}
-    definitions = build_definitions(local_root, TINY_CLIP)
+    definitions = build_definitions(local_root, TINY_CLIP, RANDOM_COCA)
     job = definitions.resolve_job_def("shard_pipeline")
     assets = {a.key.to_user_string(): a for a in definitions.assets}
-    resources = build_resources(local_root, TINY_CLIP)
+    resources = build_resources(local_root, TINY_CLIP, RANDOM_COCA)
 
     def run_shard(request: dg.RunRequest) -> bool:
         return job.execute_in_process(
@@ -179,7 +180,7 @@ def test_new_files_flow_to_pairs_card_and_catalog_and_a_failed_shard_is_caught_u
         following = _requested(
             dg.evaluate_automation_conditions(definitions, instance, cursor=evaluation.cursor)
         )
-        for name in ("downloaded_images", "clip_embeddings", "filtered_pairs"):
+        for name in ("downloaded_images", "clip_embeddings", "filtered_pairs", "recaptions"):
             assert following[name] == {"first"}
 
         # A download that fails (its tar cannot be written) leaves the shard for the nightly catch-up.
@@ -208,7 +209,7 @@ def test_new_shards_share_runs_of_shards_per_run_and_each_is_materialised(local_
     config["ops"]["filtered_pairs"] = {"config": {"min_similarity": -1.0, "drop_minors": False}}
     # c is done in the store already: it gets a partition and no run, so a-b and d-e are the ranges
     assert materialize_shard(dg.DagsterInstance.ephemeral(), local_root, "c", config).success
-    definitions = build_definitions(local_root, TINY_CLIP)
+    definitions = build_definitions(local_root, TINY_CLIP, RANDOM_COCA)
     job = definitions.resolve_job_def("shard_pipeline")
     with dg.instance_for_test() as instance:
         first = _tick(instance, local_root, None)
@@ -224,8 +225,9 @@ def test_new_shards_share_runs_of_shards_per_run_and_each_is_materialised(local_
         for request in first.run_requests:  # as a run worker runs it: the range from the tags
             result = job.execute_in_process(instance=instance, run_config=config, tags=request.tags)
             checks = result.get_asset_check_evaluations()
-            assert len(checks) == 3 and all(c.passed for c in checks)
-        for asset in ("crawl_metadata", "downloaded_images", "clip_embeddings", "filtered_pairs"):
+            assert len(checks) == 4 and all(c.passed for c in checks)
+        per_shard = ("crawl_metadata", "downloaded_images", "clip_embeddings", "filtered_pairs", "recaptions")
+        for asset in per_shard:
             assert instance.get_materialized_partitions(dg.AssetKey(asset)) == {"a", "b", "d", "e"}
         event = instance.get_latest_materialization_event(dg.AssetKey("downloaded_images"))
         metadata = event.asset_materialization.metadata

@@ -1,5 +1,5 @@
 """The CoCa captioner: a real open_clip CoCa (a tiny config, seeded random weights), decoded by the
-pipeline's own greedy and beam search, with `transformers` neither installed nor importable."""
+pipeline's own greedy and beam search, with `transformers` unimportable."""
 
 import sys
 

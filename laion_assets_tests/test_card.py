@@ -23,8 +23,11 @@ SHARDS = {
 }
 
 
-def _materialize(instance: dg.DagsterInstance, root: str, web, shard: str, min_similarity: float):
-    """One shard through every per-shard asset; random CLIP weights, so every pair is kept."""
+def _materialize(
+    instance: dg.DagsterInstance, root: str, web, shard: str, min_similarity: float, selection=None
+):
+    """One shard through every per-shard asset (or `selection`); random CLIP weights, so every pair is
+    kept."""
     store = DatasetStore(root)
     lines = [
         {"url": web.url(path), "caption": f"a picture of {path} in {shard}", "license": "cc-by-4.0"}
@@ -37,7 +40,7 @@ def _materialize(instance: dg.DagsterInstance, root: str, web, shard: str, min_s
             "filtered_pairs": {"config": {"min_similarity": min_similarity, "drop_minors": False}},
         }
     }
-    result = materialize_shard(instance, root, shard, config)
+    result = materialize_shard(instance, root, shard, config, selection=selection)
     assert result.success
     return result
 
@@ -67,7 +70,8 @@ def test_card_over_two_shards(root, web):
     assert header["license"] == "other"
     assert header["size_categories"] == ["n<1K"]
     assert header["configs"] == [
-        {"config_name": "default", "data_files": [{"split": "train", "path": "pairs/*.parquet"}]}
+        {"config_name": "default", "data_files": [{"split": "train", "path": "pairs/*.parquet"}]},
+        {"config_name": "recap", "data_files": [{"split": "train", "path": "recaptions/*.parquet"}]},
     ]
     assert "zero-shot-image-classification" in header["task_categories"]
 
@@ -108,7 +112,23 @@ def test_card_over_two_shards(root, web):
         "nsfw.png",
         "licenses.png",
         "samples.png",
+        "recaption_scores.png",
+        "caption_lengths.png",
     }
+    recaptions = catalog.connect(store).sql(
+        "SELECT count(*), count(re_caption), count(*) FILTER (re_clip_score > org_clip_score), "
+        "round(avg(org_length), 1), round(avg(re_length), 1) FROM recaptions"
+    )
+    rows, recaptioned, above, org_length, re_length = recaptions.fetchone()
+    assert rows == pairs and recaptioned == pairs
+    assert (
+        f"{recaptioned} of {pairs} pairs recaptioned; the new caption scores higher than the web's "
+        f"for {above} (" in markdown
+    )
+    assert f"| mean length, words | {org_length} | {re_length} |" in markdown
+    for (key,) in catalog.connect(store).sql("SELECT key FROM recaptions").fetchall():
+        assert f"| {key} |" in markdown  # four pairs: every one is an example
+    assert "captioner: open_clip CoCa" in markdown and "| a, b |" in markdown
     assert "@misc{laion_style_image_text_pairs20" in markdown and "arXiv:2111.02114" in markdown
 
     # the same stored data makes the same card, figures included
@@ -121,6 +141,15 @@ def test_card_over_two_shards(root, web):
     for path in again.figures:
         with store.open(path) as f:
             assert f.read() == figures[path]
+
+
+def test_without_recaptions_the_card_has_no_recap_config(root, web):
+    before_recaptions = ["crawl_metadata", "downloaded_images", "clip_embeddings", "filtered_pairs"]
+    _materialize(dg.DagsterInstance.ephemeral(), root, web, "a", -1.0, selection=before_recaptions)
+    result = write_card(DatasetStore(root))
+    assert [c["config_name"] for c in _front_matter(result.markdown)["configs"]] == ["default"]
+    assert "## Recaptions" not in result.markdown
+    assert not any(p.endswith(("recaption_scores.png", "caption_lengths.png")) for p in result.figures)
 
 
 def test_asset_puts_the_card_in_its_metadata(local_root, web):

@@ -63,6 +63,8 @@ def test_run_downloads_from_the_local_web(root, web, tmp_path, capsys, monkeypat
     # the model is chosen the way a deployment chooses it
     monkeypatch.setenv("LAION_ASSETS_CLIP_MODEL", "laion-assets-tiny")
     monkeypatch.setenv("LAION_ASSETS_CLIP_PRETRAINED", "none")
+    monkeypatch.setenv("LAION_ASSETS_CAPTION_MODEL", "laion-assets-demo-coca")
+    monkeypatch.setenv("LAION_ASSETS_CAPTION_PRETRAINED", "none")
     store = DatasetStore(root)
     urls = [web.url("/img/red.jpg"), web.url("/404.jpg"), web.url("/img/blue.webp")]
     store.write_bytes(

@@ -13,10 +13,21 @@ from laion_assets.defs.card import DatasetCardConfig
 from laion_assets.defs.config import settings_from
 from laion_assets.defs.download import DownloadImagesConfig
 from laion_assets.defs.pairs import FilteredPairsConfig
-from laion_assets.defs.resources import ClipEncoderResource, DatasetStoreResource, build_resources
+from laion_assets.defs.resources import (
+    ChatCaptionerResource,
+    ClipEncoderResource,
+    CocaCaptionerResource,
+    DatasetStoreResource,
+    HfCaptionerResource,
+    build_resources,
+    captioner_resource,
+)
+from laion_assets.pipeline.caption import CaptionSettings
 from laion_assets.pipeline.card import CardSettings
+from laion_assets.pipeline.chat_caption import ChatCaptionSettings
 from laion_assets.pipeline.clip import ClipSettings
 from laion_assets.pipeline.download import DownloadSettings
+from laion_assets.pipeline.hf_caption import HfCaptionSettings
 from laion_assets.pipeline.pairs import PairsSettings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,6 +40,7 @@ def test_definitions_list_assets_sensor_schedule():
         "downloaded_images",
         "clip_embeddings",
         "filtered_pairs",
+        "recaptions",
         "catalog",
         "dataset_card",
         "search_index",
@@ -37,6 +49,7 @@ def test_definitions_list_assets_sensor_schedule():
         "one_row_per_crawl_row",
         "keys_are_success_images",
         "follows_the_contract",
+        "one_row_per_kept_pair",
     }
     assert sorted(s.name for s in repo.sensor_defs) == ["follow_upstream_sensor", "incoming_files_sensor"]
     assert [s.name for s in repo.schedule_defs] == ["catch_up_schedule"]
@@ -45,7 +58,7 @@ def test_definitions_list_assets_sensor_schedule():
 
 def test_backfills_run_one_shard_per_run_and_assets_follow_their_upstream():
     graph = defs.get_repository_def().asset_graph
-    per_shard = ["crawl_metadata", "downloaded_images", "clip_embeddings", "filtered_pairs"]
+    per_shard = ["crawl_metadata", "downloaded_images", "clip_embeddings", "filtered_pairs", "recaptions"]
     for name in per_shard:
         assert graph.get(dg.AssetKey(name)).backfill_policy == dg.BackfillPolicy.multi_run(1)
     labels = {key.to_user_string(): graph.get(key).automation_condition for key in graph.get_all_asset_keys()}
@@ -54,6 +67,7 @@ def test_backfills_run_one_shard_per_run_and_assets_follow_their_upstream():
         "downloaded_images": "eager",
         "clip_embeddings": "eager",
         "filtered_pairs": "eager",
+        "recaptions": "eager",
         "catalog": "after any shard is updated",
         "dataset_card": "after any shard is updated",
         "search_index": "after any shard is updated",
@@ -117,7 +131,8 @@ def test_dagster_dg_cli_checks_and_lists_the_definitions():
     listed = dg_command("list", "defs", "--json")
     assert listed.returncode == 0, listed.stderr
     assets = {asset["asset_key"] for asset in json.loads(listed.stdout)["assets"]}
-    assert assets == {"crawl_metadata", "downloaded_images", "clip_embeddings", "filtered_pairs"} | {
+    per_shard = {"crawl_metadata", "downloaded_images", "clip_embeddings", "filtered_pairs", "recaptions"}
+    assert assets == per_shard | {
         "catalog",
         "dataset_card",
         "search_index",
@@ -131,6 +146,7 @@ def test_dagster_dg_cli_checks_and_lists_the_definitions():
         (FilteredPairsConfig, PairsSettings),
         (DatasetCardConfig, CardSettings),
         (ClipEncoderResource, ClipSettings),
+        (CocaCaptionerResource, CaptionSettings),
     ],
 )
 def test_run_config_classes_carry_every_setting_with_its_default(config, settings):
@@ -138,3 +154,34 @@ def test_run_config_classes_carry_every_setting_with_its_default(config, setting
     pipeline's settings they are turned into."""
     assert {f.name for f in dataclasses.fields(settings)} <= set(config.model_fields)
     assert settings_from(config(), settings) == settings()
+
+
+@pytest.mark.parametrize(
+    ("resource", "settings"),
+    [(ChatCaptionerResource, ChatCaptionSettings), (HfCaptionerResource, HfCaptionSettings)],
+)
+def test_captioner_resources_with_required_fields_carry_every_setting(resource, settings):
+    fields = dataclasses.fields(settings)
+    required = {f.name: f"/{f.name}" for f in fields if f.default is dataclasses.MISSING}
+    assert {f.name for f in dataclasses.fields(settings)} <= set(resource.model_fields)
+    assert settings_from(resource(**required), settings) == settings(**required)
+
+
+def test_the_environment_chooses_the_captioner(monkeypatch):
+    for name in ("CHAT_BASE_URL", "HF_CAPTION_MODEL", "CAPTION_MODEL"):
+        monkeypatch.delenv(f"LAION_ASSETS_{name}", raising=False)
+    coca = captioner_resource()
+    assert isinstance(coca, CocaCaptionerResource) and coca.model == "coca_ViT-B-32"
+    monkeypatch.setenv("LAION_ASSETS_CAPTION_MODEL", "laion-assets-demo-coca")
+    assert captioner_resource().model.env_var_name == "LAION_ASSETS_CAPTION_MODEL"
+    monkeypatch.setenv("LAION_ASSETS_HF_CAPTION_MODEL", "/models/blip")
+    assert isinstance(captioner_resource(), HfCaptionerResource)
+    monkeypatch.setenv("LAION_ASSETS_CHAT_BASE_URL", "http://vllm:8000/v1")
+    monkeypatch.setenv("LAION_ASSETS_CHAT_MODEL", "llava")
+    monkeypatch.setenv("LAION_ASSETS_CHAT_API_KEY", "secret")
+    chat = captioner_resource()
+    assert isinstance(chat, ChatCaptionerResource)
+    # the key is read when a run starts and never shown: the UI shows the variable's name
+    assert chat.api_key.env_var_name == "LAION_ASSETS_CHAT_API_KEY"
+    given = captioner_resource(CaptionSettings(model="m", pretrained="none"))
+    assert (type(given), given.model) == (CocaCaptionerResource, "m")

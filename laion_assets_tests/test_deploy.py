@@ -107,6 +107,8 @@ def _exercise_deployment(tmp_path, s3_root, web, monkeypatch, postgres: Postgres
         "LAION_ASSETS_ROOT": s3_root,
         "LAION_ASSETS_CLIP_MODEL": "laion-assets-tiny",
         "LAION_ASSETS_CLIP_PRETRAINED": "none",
+        "LAION_ASSETS_CAPTION_MODEL": "laion-assets-demo-coca",
+        "LAION_ASSETS_CAPTION_PRETRAINED": "none",
         "LAION_ASSETS_RUN_CONFIG": str(run_config),
         "LAION_ASSETS_EXECUTOR": "in_process",
         "GPU_POOL_LIMIT": "1",

@@ -8,8 +8,12 @@ import duckdb
 from pydantic import PrivateAttr
 
 from laion_assets.defs.config import settings_from
-from laion_assets.pipeline import catalog
+from laion_assets.pipeline import caption, catalog, chat_caption, hf_caption
+from laion_assets.pipeline.caption import CaptionSettings, CocaCaptioner
+from laion_assets.pipeline.chat_caption import ChatCaptioner, ChatCaptionSettings
 from laion_assets.pipeline.clip import SETTINGS_ENV, ClipEncoder, ClipSettings
+from laion_assets.pipeline.hf_caption import HfCaptioner, HfCaptionSettings
+from laion_assets.pipeline.recaption import Captioner
 from laion_assets.pipeline.storage import DEFAULT_ROOT, ROOT_ENV, DatasetStore
 
 
@@ -53,6 +57,78 @@ class ClipEncoderResource(dg.ConfigurableResource):
         return self._encoder
 
 
+class CaptionerResource(dg.ConfigurableResource):
+    """The captioner of the recaptions asset, built once per run (see the two kinds below)."""
+
+    def get_captioner(self) -> Captioner:
+        raise NotImplementedError
+
+
+CS = CaptionSettings
+
+
+class CocaCaptionerResource(CaptionerResource):
+    """open_clip CoCa, decoded greedily (as Recap-DataComp-1B decoded) or by beam search."""
+
+    model: str = CS.model
+    pretrained: str = CS.pretrained  # an open_clip tag, a checkpoint path, or "none" (random, seeded)
+    device: str = CS.device
+    batch_size: int = CS.batch_size
+    decoding: str = CS.decoding  # greedy | beam
+    beams: int = CS.beams
+    max_tokens: int = CS.max_tokens
+    seed: int = CS.seed
+
+    _captioner: CocaCaptioner | None = PrivateAttr(default=None)
+
+    def get_captioner(self) -> CocaCaptioner:
+        if self._captioner is None:
+            self._captioner = CocaCaptioner(settings_from(self, CaptionSettings))
+        return self._captioner
+
+
+CH = ChatCaptionSettings
+
+
+class ChatCaptionerResource(CaptionerResource):
+    """An OpenAI-compatible /chat/completions endpoint (vLLM, SGLang): a LLaVA-class model at scale."""
+
+    base_url: str
+    model: str
+    api_key: str = CH.api_key
+    prompt: str = CH.prompt
+    max_completion_tokens: int = CH.max_completion_tokens
+    temperature: float = CH.temperature
+    in_flight: int = CH.in_flight
+    timeout: float = CH.timeout
+    retries: int = CH.retries
+    retry_backoff: float = CH.retry_backoff
+    jpeg_quality: int = CH.jpeg_quality
+
+    def get_captioner(self) -> ChatCaptioner:
+        return ChatCaptioner(settings_from(self, ChatCaptionSettings))
+
+
+HF = HfCaptionSettings
+
+
+class HfCaptionerResource(CaptionerResource):
+    """A Hugging Face image-to-text model from a local folder (BLIP-, LLaVA-style; the `recap` extra)."""
+
+    model_path: str
+    prompt: str = HF.prompt  # for chat models only
+    device: str = HF.device
+    batch_size: int = HF.batch_size
+    max_new_tokens: int = HF.max_new_tokens
+
+    _captioner: HfCaptioner | None = PrivateAttr(default=None)
+
+    def get_captioner(self) -> HfCaptioner:
+        if self._captioner is None:
+            self._captioner = HfCaptioner(settings_from(self, HfCaptionSettings))
+        return self._captioner
+
+
 def _from_env(var: str, default: str | None = None, as_int: bool = False):
     """`dg.EnvVar(var)` when `var` is set, so the UI shows where the value comes from; else `default`."""
     if not os.environ.get(var):
@@ -60,22 +136,51 @@ def _from_env(var: str, default: str | None = None, as_int: bool = False):
     return dg.EnvVar.int(var) if as_int else dg.EnvVar(var)
 
 
+def _fields_from_env(variables: dict[str, str]) -> dict:
+    """field -> `dg.EnvVar` for each of `variables` (field -> environment variable) that is set."""
+    fields = {name: _from_env(var, as_int=name == "batch_size") for name, var in variables.items()}
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+CaptionerSettings = CaptionSettings | ChatCaptionSettings | HfCaptionSettings
+_CAPTIONERS: dict[type, tuple[type[CaptionerResource], dict[str, str]]] = {
+    CaptionSettings: (CocaCaptionerResource, caption.SETTINGS_ENV),
+    ChatCaptionSettings: (ChatCaptionerResource, chat_caption.SETTINGS_ENV),
+    HfCaptionSettings: (HfCaptionerResource, hf_caption.SETTINGS_ENV),
+}
+
+
+def captioner_resource(settings: CaptionerSettings | None = None) -> CaptionerResource:
+    """The captioner for `settings`; without them, the environment's: the chat endpoint when
+    $LAION_ASSETS_CHAT_BASE_URL is set, else a transformers model when $LAION_ASSETS_HF_CAPTION_MODEL
+    is, else CoCa from the LAION_ASSETS_CAPTION_* variables."""
+    if settings is not None:
+        resource, _ = _CAPTIONERS[type(settings)]
+        return resource(**dataclasses.asdict(settings))
+    for kind in (ChatCaptionSettings, HfCaptionSettings):
+        resource, variables = _CAPTIONERS[kind]
+        if os.environ.get(next(iter(variables.values()))):
+            return resource(**_fields_from_env(variables))
+    return CocaCaptionerResource(**_fields_from_env(caption.SETTINGS_ENV))
+
+
 def build_resources(
-    root: str | None = None, clip: ClipSettings | None = None
+    root: str | None = None,
+    clip: ClipSettings | None = None,
+    captioner: CaptionerSettings | None = None,
 ) -> dict[str, dg.ConfigurableResource]:
-    """The resources of a run. Given `root` and `clip` are used as they are (the runner, the tests);
-    without them, the deployment's environment: $LAION_ASSETS_ROOT (else ./data) and the
-    LAION_ASSETS_CLIP_* variables (else ViT-B-32 / datacomp_xl_s13b_b90k), as `dg.EnvVar`s."""
+    """The resources of a run. Given `root`, `clip` and `captioner` are used as they are (the runner, the
+    tests); without them, the deployment's environment: $LAION_ASSETS_ROOT (else ./data), the
+    LAION_ASSETS_CLIP_* variables (else ViT-B-32 / datacomp_xl_s13b_b90k) and the captioner's (see
+    `captioner_resource`), as `dg.EnvVar`s."""
     store_root = root or _from_env(ROOT_ENV, DEFAULT_ROOT)
     if clip is None:
-        fields = {name: _from_env(var, as_int=name == "batch_size") for name, var in SETTINGS_ENV.items()}
-        clip_resource = ClipEncoderResource(
-            **{name: value for name, value in fields.items() if value is not None}
-        )
+        clip_resource = ClipEncoderResource(**_fields_from_env(SETTINGS_ENV))
     else:
         clip_resource = ClipEncoderResource(**dataclasses.asdict(clip))
     return {
         "store": DatasetStoreResource(root=store_root),
         "clip": clip_resource,
+        "captioner": captioner_resource(captioner),
         "duckdb": DuckDBCatalogResource(root=store_root),
     }

@@ -8,10 +8,11 @@ from pathlib import Path
 import pyarrow as pa
 
 from laion_assets.demo import DEMO_BORDER_COLOR
-from laion_assets.demo.score import score_filter
+from laion_assets.demo.score import evaluate_captioner, score_filter, score_recaptions
 from laion_assets.demo.web import WorldWeb
 from laion_assets.demo.world import make_world
 from laion_assets.pipeline import catalog
+from laion_assets.pipeline.caption import CaptionSettings
 from laion_assets.pipeline.clip import ClipSettings
 from laion_assets.pipeline.storage import CARD, CARD_FIGURES, INCOMING, PAIRS, DatasetStore
 from laion_assets.runner import ALL_ASSETS, run_pipeline
@@ -51,7 +52,12 @@ def dagster_home(store: DatasetStore) -> Path:
 
 
 def run_demo(
-    root: str, clip: ClipSettings, images: int = 300, shards: int = 2, echo: Callable[[str], None] = print
+    root: str,
+    clip: ClipSettings,
+    captioner: CaptionSettings,
+    images: int = 300,
+    shards: int = 2,
+    echo: Callable[[str], None] = print,
 ) -> int:
     store = DatasetStore(root)
     world = make_world(images=images)
@@ -67,7 +73,9 @@ def run_demo(
             f"URL lists {', '.join(names)} in {store.url(INCOMING)}"
         )
         run_config = {"ops": {"downloaded_images": {"config": DOWNLOAD_CONFIG}}}
-        outcomes = run_pipeline(root, ALL_ASSETS, run_config, force=True, echo=echo, clip=clip)
+        outcomes = run_pipeline(
+            root, ALL_ASSETS, run_config, force=True, echo=echo, clip=clip, captioner=captioner
+        )
     if any(o.error for o in outcomes):
         return 1
 
@@ -77,6 +85,13 @@ def run_demo(
     kept = {key for (key,) in connection.sql(f"SELECT key FROM pairs WHERE {demo_rows}").fetchall()}
     score = score_filter(world, downloaded.fetchall(), kept)
     echo(f"CLIP filter against the known mismatches: {score.line()}")
+    recaptioned = connection.sql(
+        f"SELECT url, re_caption, org_clip_score, re_clip_score FROM recaptions WHERE {demo_rows}"
+    )
+    kept_score = score_recaptions(world, recaptioned.fetchall())
+    echo(f"kept pairs recaptioned by {captioner.model}: {kept_score.line()}")
+    every = evaluate_captioner(captioner, clip, world)
+    echo(f"the same captioner on every image of this world, kept or dropped: {every.line()}")
     echo(f"dataset card: {store.url(CARD)} (figures in {store.url(CARD_FIGURES)})")
     echo(f"pairs: {store.url(PAIRS.name)}/<shard>.parquet and .tar")
     echo(f"DuckDB catalog: {catalog.default_catalog_path(store)}")

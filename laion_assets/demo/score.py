@@ -1,11 +1,17 @@
-"""How well the CLIP filter did on the synthetic web, whose mismatched captions are known."""
+"""How well the CLIP filter and the captioner did on the synthetic web, whose images and mismatched
+captions are known."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from laion_assets.demo.world import World
+
+if TYPE_CHECKING:
+    from laion_assets.pipeline.caption import CaptionSettings
+    from laion_assets.pipeline.clip import ClipSettings
 
 
 @dataclass(frozen=True)
@@ -49,3 +55,70 @@ def score_filter(world: World, downloaded: Iterable[tuple[str, str]], kept: set[
         dropped_matched=counts[(False, False)],
         dropped_mismatched=counts[(False, True)],
     )
+
+
+@dataclass(frozen=True)
+class RecaptionScore:
+    """Recaptions against the truth: the two figures the demo prints and the README gives."""
+
+    images: int
+    named: int  # recaptions with the image's true colour and shape
+    mismatched: int  # pairs whose published caption is another image's
+    improved: int  # of those, pairs whose recaption scores higher than the published caption
+
+    @property
+    def named_share(self) -> float:
+        return self.named / max(1, self.images)
+
+    @property
+    def improved_share(self) -> float:
+        return self.improved / max(1, self.mismatched)
+
+    def line(self) -> str:
+        return (
+            f"recaptions naming the true colour and shape: {self.named}/{self.images} "
+            f"({self.named_share:.1%}); mismatched pairs whose recaption scores higher: "
+            f"{self.improved}/{self.mismatched} ({self.improved_share:.1%})"
+        )
+
+
+def names_the_image(text: str | None, colour: str, shape: str) -> bool:
+    words = (text or "").lower().replace(",", " ").split()
+    return colour in words and shape in words
+
+
+def score_recaptions(
+    world: World, recaptions: Iterable[tuple[str, str | None, float, float | None]]
+) -> RecaptionScore:
+    """`recaptions`: (url, re_caption, org_clip_score, re_clip_score) of each recaptioned pair."""
+    images = named = mismatched = improved = 0
+    for url, text, org, new in recaptions:
+        item = world.item_at(url)
+        if item is None:
+            raise ValueError(f"{url} is not a page of the synthetic web")
+        images += 1
+        named += names_the_image(text, item.colour, item.shape)
+        if item.mismatched:
+            mismatched += 1
+            improved += new is not None and new > org
+    return RecaptionScore(images, named, mismatched, improved)
+
+
+def evaluate_captioner(captioner: CaptionSettings, clip: ClipSettings, world: World) -> RecaptionScore:
+    """Recaptions of every image of `world` as the pipeline stores it, kept by the filter or not, each
+    caption scored with `clip` against the published one."""
+    import torch
+
+    from laion_assets.demo.train import pipeline_view
+    from laion_assets.pipeline.caption import CocaCaptioner
+    from laion_assets.pipeline.clip import ClipEncoder
+
+    encoder = ClipEncoder(clip)
+    items = world.images
+    views = [pipeline_view(item) for item in items]
+    recaptions = CocaCaptioner(captioner).caption(views)
+    images = encoder.encode_images(torch.stack([encoder.prepare(view) for view in views]))
+    org = (images * encoder.encode_texts([item.caption for item in items])).sum(dim=-1)
+    new = (images * encoder.encode_texts(recaptions)).sum(dim=-1)
+    rows = zip([item.path for item in items], recaptions, org.tolist(), new.tolist(), strict=True)
+    return score_recaptions(world, rows)

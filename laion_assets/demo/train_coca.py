@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
@@ -25,10 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from laion_assets.demo import DEMO_CAPTION_CHECKPOINT, DEMO_CAPTION_MODEL, DEMO_CHECKPOINT, DEMO_MODEL
+from laion_assets.demo.score import RecaptionScore, evaluate_captioner
 from laion_assets.demo.train import EVAL_SEED, REQUIRED, TRAIN_SEED, pipeline_view, save
 from laion_assets.demo.world import TEMPLATES, World, caption, make_world
-from laion_assets.pipeline.caption import CaptionSettings, CocaCaptioner
-from laion_assets.pipeline.clip import MODEL_CONFIGS, ClipEncoder, ClipSettings
+from laion_assets.pipeline.caption import CaptionSettings
+from laion_assets.pipeline.clip import MODEL_CONFIGS, ClipSettings
 
 DESCRIPTION = TEMPLATES[0]  # "{a} {colour} {shape} on a {pattern} {background} background"
 
@@ -112,58 +112,11 @@ def start_from_demo_clip(model: torch.nn.Module) -> int:
     return len(copied)
 
 
-@dataclass(frozen=True)
-class RecaptionScore:
-    """How the demo captioner does on a world: the two figures the demo prints and the README gives."""
-
-    images: int
-    named: int  # recaptions with the image's true colour and shape
-    mismatched: int  # pairs whose published caption is another image's
-    improved: int  # of those, pairs whose recaption scores higher than the published caption
-
-    @property
-    def named_share(self) -> float:
-        return self.named / max(1, self.images)
-
-    @property
-    def improved_share(self) -> float:
-        return self.improved / max(1, self.mismatched)
-
-    def line(self) -> str:
-        return (
-            f"recaptions naming the true colour and shape: {self.named}/{self.images} "
-            f"({self.named_share:.1%}); mismatched pairs whose recaption scores higher: "
-            f"{self.improved}/{self.mismatched} ({self.improved_share:.1%})"
-        )
-
-
-def names_the_image(text: str, colour: str, shape: str) -> bool:
-    words = text.lower().replace(",", " ").split()
-    return colour in words and shape in words
-
-
 def evaluate(checkpoint: Path, world: World) -> RecaptionScore:
-    """Recaptions of every image of `world` (as the pipeline stores it), scored with the demo CLIP."""
-    captioner = CocaCaptioner(
-        CaptionSettings(model=DEMO_CAPTION_MODEL, pretrained=str(checkpoint), device="cpu")
-    )
-    encoder = ClipEncoder(ClipSettings(model=DEMO_MODEL, pretrained=str(DEMO_CHECKPOINT), device="cpu"))
-    items = world.images
-    views = [pipeline_view(item) for item in items]
-    recaptions = captioner.caption(views)
-    images = encoder.encode_images(torch.stack([encoder.prepare(view) for view in views]))
-    org = (images * encoder.encode_texts([item.caption for item in items])).sum(dim=-1)
-    re = (images * encoder.encode_texts(recaptions)).sum(dim=-1)
-    mismatched = [i for i, item in enumerate(items) if item.mismatched]
-    return RecaptionScore(
-        images=len(items),
-        named=sum(
-            names_the_image(text, item.colour, item.shape)
-            for text, item in zip(recaptions, items, strict=True)
-        ),
-        mismatched=len(mismatched),
-        improved=sum(bool(re[i] > org[i]) for i in mismatched),
-    )
+    """The captioner at `checkpoint` on every image of `world`, scored with the demo CLIP."""
+    captioner = CaptionSettings(model=DEMO_CAPTION_MODEL, pretrained=str(checkpoint), device="cpu")
+    clip = ClipSettings(model=DEMO_MODEL, pretrained=str(DEMO_CHECKPOINT), device="cpu")
+    return evaluate_captioner(captioner, clip, world)
 
 
 def main(argv: list[str] | None = None) -> int:

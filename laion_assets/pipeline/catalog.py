@@ -110,15 +110,15 @@ def write_catalog(store: DatasetStore, database: str) -> list[str]:
     connection = connect(store, tmp)
     try:
         write_hosts(store, connection)
-        _create_hosts_view(connection, store, has_images=IMAGES.name in _view_names(connection))
-        views = _view_names(connection)
+        _create_hosts_view(connection, store, has_images=IMAGES.name in view_names(connection))
+        views = view_names(connection)
     finally:
         connection.close()
     os.replace(tmp, database)
     return sorted(views)
 
 
-def _view_names(connection: duckdb.DuckDBPyConnection) -> list[str]:
+def view_names(connection: duckdb.DuckDBPyConnection) -> list[str]:
     return [
         name
         for (name,) in connection.sql("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()
@@ -141,7 +141,7 @@ def hosts_query(connection: duckdb.DuckDBPyConnection) -> str:
 def write_hosts(store: DatasetStore, connection: duckdb.DuckDBPyConnection) -> int:
     """hosts/hosts.parquet from the `images` view of `connection`, sorted by host; removed when there are
     no images. Returns its rows."""
-    if IMAGES.name not in _view_names(connection):
+    if IMAGES.name not in view_names(connection):
         if store.exists(HOSTS):
             store.remove(HOSTS)
         return 0
@@ -182,6 +182,6 @@ def _create_hosts_view(connection: duckdb.DuckDBPyConnection, store: DatasetStor
     if has_images:
         connection.execute(f"CREATE OR REPLACE VIEW {HOSTS_VIEW} AS {hosts_query(connection)}")
         return True
-    if HOSTS_VIEW in _view_names(connection):
+    if HOSTS_VIEW in view_names(connection):
         connection.execute(f"DROP VIEW {HOSTS_VIEW}")
     return False

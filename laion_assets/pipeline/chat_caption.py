@@ -28,6 +28,13 @@ if TYPE_CHECKING:
 
 # Recap-DataComp-1B's instruction to LLaVA, as its paper gives it
 RECAP_PROMPT = "Please generate a detailed caption of this image. Please be as descriptive as possible."
+# ChatCaptionSettings field -> the environment variable that sets it in a deployment; with the base URL
+# set, the recaptions asset captions through the endpoint instead of with CoCa
+SETTINGS_ENV = {
+    "base_url": "LAION_ASSETS_CHAT_BASE_URL",
+    "model": "LAION_ASSETS_CHAT_MODEL",
+    "api_key": "LAION_ASSETS_CHAT_API_KEY",
+}
 
 
 @dataclass(frozen=True)

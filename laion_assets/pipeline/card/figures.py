@@ -7,7 +7,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from laion_assets.pipeline.card.stats import SIMILARITY_BIN, SIZE_BIN, SIZE_BINS, CardStats, Counts
+from laion_assets.pipeline.card.stats import (
+    LENGTH_BINS,
+    SIMILARITY_BIN,
+    SIZE_BIN,
+    SIZE_BINS,
+    Bins,
+    CardStats,
+    Counts,
+)
 from laion_assets.pipeline.markdown import shorten
 
 if TYPE_CHECKING:  # matplotlib is imported when a card is drawn: half a second off every run's start
@@ -19,12 +27,24 @@ if TYPE_CHECKING:  # matplotlib is imported when a card is drawn: half a second 
 
 def render_figures(stats: CardStats) -> dict[str, bytes]:
     """The charts as PNG bytes, by file name."""
-    return {
+    figures = {
         "similarity.png": _similarity_histogram(stats),
         "image_sizes.png": _size_histogram(stats),
         "nsfw.png": _bar_chart(stats.nsfw, "NSFW tags of the pairs", "pairs"),
         "licenses.png": _bar_chart(stats.licenses, "Licences of the pairs", "pairs"),
     }
+    if stats.recaptions:
+        recaptions = stats.recaptions
+        figures["recaption_scores.png"] = _two_histograms(
+            recaptions.score_bins,
+            SIMILARITY_BIN,
+            "CLIP score of each recaptioned pair's web caption and new caption",
+            "cosine similarity with the image",
+        )
+        figures["caption_lengths.png"] = _two_histograms(
+            recaptions.length_bins, 1, "Caption lengths", f"words ({LENGTH_BINS - 1} and up in one bin)"
+        )
+    return figures
 
 
 def _axes() -> tuple[Figure, Axes]:
@@ -79,4 +99,21 @@ def _bar_chart(counts: Counts, title: str, xlabel: str) -> bytes:
     figure, ax = _axes()
     ax.barh([shorten(name, 48) for name, _ in reversed(counts)], [n for _, n in reversed(counts)])
     ax.set(title=title, xlabel=xlabel)
+    return _png(figure)
+
+
+def _two_histograms(bins: dict[str, Bins], width: float, title: str, xlabel: str) -> bytes:
+    """The web caption's and the new caption's histograms (`org_*` and `re_*`), as outlines on one axis."""
+    figure, ax = _axes()
+    labels = {"org": "web caption (org_caption)", "re": "new caption (re_caption)"}
+    first = min((b for counts in bins.values() for b, _ in counts), default=0)
+    last = max((b for counts in bins.values() for b, _ in counts), default=0)
+    for column, counts in bins.items():
+        heights = np.zeros(last - first + 1, int)
+        for b, n in counts:
+            heights[b - first] = n
+        edges = (np.arange(last - first + 2) + first) * width
+        ax.stairs(heights, edges, label=labels[column.split("_", 1)[0]])
+    ax.legend()
+    ax.set(title=title, xlabel=xlabel, ylabel="pairs")
     return _png(figure)

@@ -10,11 +10,12 @@ import yaml
 
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.card.settings import CardSettings
-from laion_assets.pipeline.card.stats import CardStats, ShardRecord
-from laion_assets.pipeline.markdown import table
-from laion_assets.pipeline.storage import PAIRS
+from laion_assets.pipeline.card.stats import CardStats, RecapStats, ShardRecord
+from laion_assets.pipeline.markdown import shorten, table
+from laion_assets.pipeline.storage import PAIRS, RECAPTIONS
 
 DATA_FILES = PAIRS.parquet_glob  # relative to the dataset root, which is what gets uploaded
+RECAP_DATA_FILES = RECAPTIONS.parquet_glob
 TASK_CATEGORIES = ("image-to-text", "text-to-image", "zero-shot-image-classification")
 
 # LAION-400M's features (TFDS `laion400m`), with this project's key, stored size and hash.
@@ -74,6 +75,9 @@ def render_markdown(stats: CardStats, settings: CardSettings, figures: list[str]
         "tags": ["laion", "clip", "image-text-pairs", "webdataset"],
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": DATA_FILES}]}],
     }
+    if stats.recaptions:
+        recap = {"config_name": "recap", "data_files": [{"split": "train", "path": RECAP_DATA_FILES}]}
+        header["configs"].append(recap)
     year = _build_year(stats.shards)
     sections = [
         f"---\n{yaml.safe_dump(header, sort_keys=False, allow_unicode=True)}---",
@@ -82,6 +86,7 @@ def render_markdown(stats: CardStats, settings: CardSettings, figures: list[str]
         _model_and_thresholds(stats),
         _features(),
         _funnel(stats),
+        *([_recaptions(stats.recaptions, stats.shards)] if stats.recaptions else []),
         _downloads(stats, settings),
         _figures(figures),
         _provenance(stats),
@@ -156,6 +161,41 @@ def _funnel(stats: CardStats) -> str:
     )
 
 
+def _recaptions(recap: RecapStats, shards: list[ShardRecord]) -> str:
+    share = recap.above / max(1, recap.recaptioned)
+    means = recap.means
+    comparison = table(
+        ["", "web caption (`org_caption`)", "new caption (`re_caption`)"],
+        [
+            ("mean CLIP score", f"{means['org_clip_score']:.4f}", f"{means['re_clip_score']:.4f}"),
+            ("mean length, words", f"{means['org_length']:.1f}", f"{means['re_length']:.1f}"),
+        ],
+    )
+    examples = table(
+        ["key", "web caption", "score", "new caption", "score"],
+        [
+            (key, shorten(org, 60), f"{o:.3f}", shorten(new, 80), f"{r:.3f}")
+            for key, org, new, o, r in recap.examples
+        ],
+    )
+    described = _groups([r for r in shards if r.captioner], lambda r: json.dumps(r.captioner, sort_keys=True))
+    captioners = [
+        (", ".join(f"{name}: {value}" for name, value in json.loads(captioner).items()), _shard_names(names))
+        for captioner, names in described
+    ]
+    return (
+        "## Recaptions\n\n"
+        f"The `recap` config is `{RECAP_DATA_FILES}`: a new caption for each kept pair, beside the web's, "
+        "in Recap-DataComp-1B's columns (`key`, `url`, `org_caption`, `re_caption`, `org_clip_score`, "
+        "`re_clip_score`, `org_length`, `re_length`, `sha256`) and `re_caption_error` where there is "
+        "none. Both scores are the pipeline's own CLIP, the model of the `similarity` column. To train on "
+        "the new captions, join the two configs on `key`.\n\n"
+        f"{recap.recaptioned} of {recap.pairs} pairs recaptioned; the new caption scores higher than the "
+        f"web's for {recap.above} ({share:.1%}).\n\n{comparison}\n\n### Examples\n\n{examples}\n\n"
+        f"### Captioners\n\n{table(['captioner', 'shards'], captioners)}"
+    )
+
+
 def _downloads(stats: CardStats, settings: CardSettings) -> str:
     return (
         "## Download outcomes\n\n"
@@ -173,6 +213,8 @@ def _figures(figures: list[str]) -> str:
         "nsfw.png": "NSFW tags of the pairs",
         "licenses.png": "Licences of the pairs",
         "samples.png": "Sample pairs",
+        "recaption_scores.png": "CLIP scores of the web captions and the new captions",
+        "caption_lengths.png": "Lengths of the web captions and the new captions",
     }
     return "## Figures\n\n" + "\n\n".join(f"![{captions[name]}](figures/{name})" for name in figures)
 

@@ -4,6 +4,7 @@ from each pairs parquet's footer, the CLIP model from each embeddings parquet's 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import duckdb
@@ -14,10 +15,12 @@ from laion_assets.pipeline.card.settings import CardSettings
 from laion_assets.pipeline.clip import ModelIdentity
 from laion_assets.pipeline.pairs import FUNNEL, stored_pair_shards
 from laion_assets.pipeline.parallel import store_map
-from laion_assets.pipeline.storage import EMBEDDINGS, PAIRS, DatasetStore
+from laion_assets.pipeline.storage import EMBEDDINGS, PAIRS, RECAPTIONS, DatasetStore
 
 SIMILARITY_BIN = 0.01
 SIZE_BIN, SIZE_BINS = 64, 64  # pixels per bin, bins; the last bin holds all larger sizes too
+LENGTH_BINS = 80  # caption words, one bin per length; the last holds all longer captions too
+RECAP_EXAMPLES = 5
 
 
 @dataclass(frozen=True)
@@ -29,9 +32,24 @@ class ShardRecord:
     funnel: dict | None  # {"rows_in": n, "removed": {rule: n}}
     provenance: dict | None
     model: ModelIdentity | None  # of its embeddings
+    captioner: dict | None  # of its recaptions, if it has them
 
 
 Counts = list[tuple[str, int]]
+Bins = list[tuple[int, int]]  # (bin, rows)
+
+
+@dataclass
+class RecapStats:
+    """The recaptions against the web's captions: both scored by the pipeline's CLIP."""
+
+    pairs: int
+    recaptioned: int  # with a new caption (the rest have re_caption_error)
+    above: int  # of those, pairs whose new caption scores higher than the web's
+    means: dict[str, float]  # org_clip_score, re_clip_score, org_length, re_length: over the recaptioned
+    score_bins: dict[str, Bins]  # org_clip_score / re_clip_score, in SIMILARITY_BIN bins
+    length_bins: dict[str, Bins]  # org_length / re_length, in words
+    examples: list[tuple[str, str, str, float, float]]  # key, org_caption, re_caption, both scores
 
 
 @dataclass
@@ -50,6 +68,7 @@ class CardStats:
     similarity_bins: list[tuple[int, int]]  # (bin, embedded images): bin i holds [i, i + 1) * SIMILARITY_BIN
     size_bins: dict[str, list[tuple[int, int]]]  # original_width / original_height: (bin, success images)
     samples: list[tuple[str, str]]  # (key, caption) for the grid
+    recaptions: RecapStats | None  # None until some shard has recaptions
 
     def funnel(self) -> tuple[int, dict[str, int]]:
         """Rows in and rows removed by each rule, summed over the shards that recorded a funnel."""
@@ -153,6 +172,50 @@ def _stats(
             for column in ("width", "height")
         },
         samples=rows("SELECT key, caption FROM pairs ORDER BY md5(key), key LIMIT ?", settings.grid_samples),
+        recaptions=_recap_stats(connection) if RECAPTIONS.name in catalog.view_names(connection) else None,
+    )
+
+
+def _recap_stats(connection: duckdb.DuckDBPyConnection) -> RecapStats:
+    """One pass over the recaptions into a small table of scores and lengths, then the examples."""
+    connection.execute(
+        "CREATE TEMP TABLE card_recaptions AS SELECT re_caption IS NOT NULL AS recaptioned, "
+        "coalesce(re_clip_score > org_clip_score, false) AS above, "
+        "floor(org_clip_score / $bin)::BIGINT AS org_clip_score_bin, "
+        "floor(re_clip_score / $bin)::BIGINT AS re_clip_score_bin, "
+        "least(org_length, $last) AS org_length_bin, least(re_length, $last) AS re_length_bin, "
+        "count(*) AS n, sum(org_clip_score) AS org_score_sum, sum(re_clip_score) AS re_score_sum, "
+        "sum(org_length) AS org_length_sum, sum(re_length) AS re_length_sum FROM recaptions GROUP BY ALL",
+        {"bin": SIMILARITY_BIN, "last": LENGTH_BINS - 1},
+    )
+
+    def rows(sql: str) -> list[tuple]:
+        return connection.execute(sql).fetchall()
+
+    pairs, recaptioned, above, *sums = rows(
+        "SELECT sum(n)::BIGINT, coalesce(sum(n) FILTER (recaptioned), 0)::BIGINT, "
+        "coalesce(sum(n) FILTER (above), 0)::BIGINT, "
+        "sum(org_score_sum) FILTER (recaptioned), sum(re_score_sum), "
+        "sum(org_length_sum) FILTER (recaptioned), sum(re_length_sum) FROM card_recaptions"
+    )[0]
+    names = ("org_clip_score", "re_clip_score", "org_length", "re_length")
+    return RecapStats(
+        pairs=pairs,
+        recaptioned=recaptioned,
+        above=above,
+        means={name: float(sum_ or 0) / max(1, recaptioned) for name, sum_ in zip(names, sums, strict=True)},
+        score_bins={name: _bins(rows, name) for name in names[:2]},
+        length_bins={name: _bins(rows, name) for name in names[2:]},
+        examples=rows(
+            "SELECT key, org_caption, re_caption, org_clip_score, re_clip_score FROM recaptions "
+            f"WHERE re_caption IS NOT NULL ORDER BY md5(key), key LIMIT {RECAP_EXAMPLES}"
+        ),
+    )
+
+
+def _bins(rows: Callable[[str], list[tuple]], column: str) -> Bins:
+    return rows(
+        f"SELECT {column}_bin, sum(n)::BIGINT FROM card_recaptions WHERE recaptioned GROUP BY 1 ORDER BY 1"
     )
 
 
@@ -170,8 +233,13 @@ def _shard_record(store: DatasetStore, shard: str) -> ShardRecord:
     except FileNotFoundError:
         embeddings = {}
 
-    def loaded(key: str) -> dict | None:
-        return json.loads(pairs[key]) if key in pairs else None
+    try:
+        recaptions = store.parquet_metadata(RECAPTIONS.parquet(shard))
+    except FileNotFoundError:
+        recaptions = {}
+
+    def loaded(key: str, footer: dict[str, str] = pairs) -> dict | None:
+        return json.loads(footer[key]) if key in footer else None
 
     return ShardRecord(
         shard=shard,
@@ -179,4 +247,5 @@ def _shard_record(store: DatasetStore, shard: str) -> ShardRecord:
         funnel=loaded(names.PAIRS_FUNNEL_FOOTER),
         provenance=loaded(names.PROVENANCE_FOOTER),
         model=ModelIdentity.from_footer(embeddings),
+        captioner=loaded(names.CAPTIONER_FOOTER, recaptions),
     )

@@ -1,0 +1,81 @@
+"""The `recaptions` asset: a new caption for each kept pair, Recap-DataComp-1B's way, beside the web's."""
+
+import dagster as dg
+
+from laion_assets import names
+from laion_assets.defs.checks import shard_check
+from laion_assets.defs.execution import GPU_POD
+from laion_assets.defs.metadata import preview, shards_materialized, writes_layer
+from laion_assets.defs.pairs import filtered_pairs
+from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, shards
+from laion_assets.defs.resources import CaptionerResource, ClipEncoderResource, DatasetStoreResource
+from laion_assets.pipeline import schemas
+from laion_assets.pipeline.recaption import write_recaptions
+from laion_assets.pipeline.storage import PAIRS, RECAPTIONS, DatasetStore
+
+
+@dg.asset(
+    name=names.RECAPTIONS_ASSET,
+    partitions_def=shards,
+    backfill_policy=SHARD_BACKFILL,
+    automation_condition=FOLLOWS_ITS_SHARD,
+    deps=[filtered_pairs],
+    group_name="recaptions",
+    kinds={"pytorch", "parquet"},
+    metadata=writes_layer(RECAPTIONS),
+    pool=names.GPU_POOL,
+    op_tags=GPU_POD,
+)
+def recaptions(
+    context: dg.AssetExecutionContext,
+    store: DatasetStoreResource,
+    clip: ClipEncoderResource,
+    captioner: CaptionerResource,
+) -> dg.MaterializeResult:
+    """Recap-DataComp-1B's columns for each kept pair: the new caption and both captions' CLIP scores."""
+    dataset = store.get_store()
+    encoder = clip.get_encoder()
+    model = captioner.get_captioner()  # loaded once for every shard of the run
+    metadata = {}
+    for shard in context.partition_keys:
+        result = write_recaptions(dataset, shard, model, encoder)
+        summary = result.summary()
+        if summary["failed"]:
+            context.log.warning(f"{shard}: {summary['failed']} pairs got no caption (see re_caption_error)")
+        rows = result.table.num_rows
+        metadata[shard] = {
+            "dagster/row_count": rows,
+            **summary,
+            **{f"captioner/{name}": value for name, value in model.describe().items()},
+            "seconds": round(result.seconds, 2),
+            "captions_per_second": round(rows / result.seconds, 1) if result.seconds else 0.0,
+            "path": dg.MetadataValue.path(dataset.url(RECAPTIONS.parquet(shard))),
+            "preview": preview(result.table, ["key", "org_caption", "re_caption", "re_clip_score"]),
+        }
+    return shards_materialized(metadata)
+
+
+def one_row_per_kept_pair(dataset: DatasetStore, shard: str) -> dg.AssetCheckResult:
+    """`recaptions` has the contract's schema and exactly the keys of `pairs`, once each."""
+    table = dataset.read_parquet(RECAPTIONS.parquet(shard))
+    pairs = dataset.read_parquet(PAIRS.parquet(shard), columns=["key"]).column("key").to_pylist()
+    keys = table.column("key").to_pylist()
+    problems = {
+        "schema": int(table.schema.remove_metadata() != schemas.RECAPTIONS),
+        "missing_pairs": len(set(pairs) - set(keys)),
+        "not_a_pair": len(set(keys) - set(pairs)),
+        "repeated_keys": len(keys) - len(set(keys)),
+    }
+    problems = {name: n for name, n in problems.items() if n}
+    return dg.AssetCheckResult(
+        passed=not problems,
+        metadata={"shard": shard, **problems},
+        description=None
+        if not problems
+        else f"shard {shard}: " + ", ".join(f"{k}: {v}" for k, v in problems.items()),
+    )
+
+
+one_row_per_kept_pair_check = shard_check(
+    recaptions, names.ONE_ROW_PER_KEPT_PAIR_CHECK, one_row_per_kept_pair
+)

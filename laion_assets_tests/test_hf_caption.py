@@ -1,0 +1,63 @@
+"""The transformers captioner (the `recap` extra): the real BlipForConditionalGeneration on a tiny
+config with seeded random weights, saved to a folder and loaded from it. Its captions mean nothing;
+shapes, determinism, batching, what is recorded and the errors are what is tested."""
+
+import sys
+
+import pytest
+
+from laion_assets.demo.train import EVAL_SEED, pipeline_view
+from laion_assets.demo.world import make_world
+from laion_assets.pipeline.clip import ModelUnavailable
+from laion_assets.pipeline.hf_caption import HfCaptioner, HfCaptionSettings
+from laion_assets_tests.captioners import BLIP_SPECIAL, BLIP_WORDS, save_tiny_blip
+
+
+@pytest.fixture(scope="module")
+def blip(tmp_path_factory):
+    return save_tiny_blip(tmp_path_factory.mktemp("blip") / "model")
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [pipeline_view(item) for item in make_world(images=7, seed=EVAL_SEED, failures={}).images]
+
+
+def captioner(path, **settings) -> HfCaptioner:
+    return HfCaptioner(HfCaptionSettings(model_path=str(path), device="cpu", max_new_tokens=6, **settings))
+
+
+def test_one_caption_of_the_model_s_words_per_image_the_same_every_time(blip, images):
+    captions = captioner(blip).caption(images)
+    assert len(captions) == len(images)
+    assert all(isinstance(text, str) and text for text in captions)
+    words = {word for text in captions for word in text.split()}
+    assert words <= set(BLIP_WORDS) - set(BLIP_SPECIAL) | {"[UNK]"}
+    assert all(len(text.split()) <= 6 for text in captions)  # max_new_tokens
+    assert captioner(blip).caption(images) == captions  # greedy: no sampling
+
+
+def test_batches_do_not_change_the_captions(blip, images):
+    assert captioner(blip, batch_size=1).caption(images) == captioner(blip, batch_size=4).caption(images)
+
+
+def test_other_weights_are_recorded_as_other_weights(blip, tmp_path):
+    described = captioner(blip).describe()
+    assert described["model"] == "BlipForConditionalGeneration"
+    assert described["captioner"].startswith("transformers ")
+    assert described["decoding"] == "greedy" and described["max_new_tokens"] == "6"
+    assert described["prompt"] == ""  # BLIP captions from the image alone: no prompt was sent
+    assert len(described["weights"]) == 64
+    other = captioner(save_tiny_blip(tmp_path / "other", seed=1)).describe()
+    assert other["weights"] != described["weights"]
+
+
+def test_a_folder_without_a_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelUnavailable, match=r"no config\.json.*LAION_ASSETS_HF_CAPTION_MODEL="):
+        captioner(tmp_path / "nowhere")
+
+
+def test_without_transformers_the_error_names_the_extra(blip, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
+    with pytest.raises(ModelUnavailable, match=r"laion_assets\[recap\]"):
+        captioner(blip)
