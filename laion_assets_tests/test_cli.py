@@ -97,7 +97,8 @@ def test_unknown_asset_and_bad_config(local_root, tmp_path):
 
 def test_demo_as_a_user_runs_it(tmp_path, monkeypatch):
     """The installed console script, in a fresh folder, with the default root and no network: the
-    synthetic web's mismatched captions are caught by the CLIP filter with the demo's own model."""
+    synthetic web's mismatched captions are caught by the CLIP filter with the demo's own model, and
+    the demo's CoCa recaptions the kept pairs, naming what the images show."""
     env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "LAION_ASSETS_ROOT")}
     script = os.path.join(os.path.dirname(sys.executable), "laion-assets")
     done = subprocess.run(
@@ -113,6 +114,15 @@ def test_demo_as_a_user_runs_it(tmp_path, monkeypatch):
         assert store.read_parquet(f"pairs/{shard}.parquet").num_rows > 0
     with store.open("card/README.md") as f:
         assert "synthetic-web-1.parquet" in f.read().decode()
+    # the demo world is not the captioner's training world: both figures are on images it never saw
+    kept, every = re.findall(r"naming the true colour and shape: (\d+)/(\d+) \(.*?\); (.*)", done.stdout)
+    recaptioned = sum(
+        store.parquet_num_rows(f"recaptions/{s}.parquet") for s in ("synthetic-web-0", "synthetic-web-1")
+    )
+    assert int(kept[1]) == recaptioned and int(kept[0]) >= 0.9 * recaptioned, done.stdout
+    assert int(every[1]) == 300 and int(every[0]) >= 270, done.stdout
+    improved = re.fullmatch(r"mismatched pairs whose recaption scores higher: (\d+)/60 \(.*\)", every[2])
+    assert improved and int(improved[1]) >= 54, done.stdout
     assert "│ success" in done.stdout  # the DuckDB query's result
     assert f"DAGSTER_HOME={tmp_path / 'data' / '.dagster'}" in done.stdout
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "data" / ".dagster"))  # the demo's runs are kept there

@@ -58,7 +58,7 @@ class ClipEncoderResource(dg.ConfigurableResource):
 
 
 class CaptionerResource(dg.ConfigurableResource):
-    """The captioner of the recaptions asset, built once per run (see the two kinds below)."""
+    """The captioner of the recaptions asset, built once per run: one of the three kinds below."""
 
     def get_captioner(self) -> Captioner:
         raise NotImplementedError

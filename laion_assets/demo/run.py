@@ -99,7 +99,8 @@ def run_demo(
     echo(
         "open the Dagster UI on the same data and runs:\n"
         f"  DAGSTER_HOME={home} LAION_ASSETS_ROOT={root} LAION_ASSETS_CLIP_MODEL={clip.model} "
-        f"LAION_ASSETS_CLIP_PRETRAINED={clip.pretrained} dagster dev -m laion_assets.definitions\n"
+        f"LAION_ASSETS_CLIP_PRETRAINED={clip.pretrained} LAION_ASSETS_CAPTION_MODEL={captioner.model} "
+        f"LAION_ASSETS_CAPTION_PRETRAINED={captioner.pretrained} dagster dev -m laion_assets.definitions\n"
         "search it and embed with the same model (the CLIP service, http://127.0.0.1:9001/docs):\n"
         f"  LAION_ASSETS_CLIP_MODEL={clip.model} LAION_ASSETS_CLIP_PRETRAINED={clip.pretrained} "
         f"laion-assets serve --root {root}"

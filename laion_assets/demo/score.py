@@ -75,10 +75,13 @@ class RecaptionScore:
         return self.improved / max(1, self.mismatched)
 
     def line(self) -> str:
+        share = f"{self.named}/{self.images} ({self.named_share:.1%})"
+        named = f"recaptions naming the true colour and shape: {share}"
+        if not self.mismatched:
+            return f"{named}; no pair among them has another image's caption"
         return (
-            f"recaptions naming the true colour and shape: {self.named}/{self.images} "
-            f"({self.named_share:.1%}); mismatched pairs whose recaption scores higher: "
-            f"{self.improved}/{self.mismatched} ({self.improved_share:.1%})"
+            f"{named}; mismatched pairs whose recaption scores higher: {self.improved}/{self.mismatched} "
+            f"({self.improved_share:.1%})"
         )
 
 
