@@ -109,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--images", type=int, default=300, help="images in the synthetic web")
 
-    sql = sub.add_parser("sql", help="query the DuckDB views (crawl_metadata, images, embeddings, pairs)")
+    sql = sub.add_parser(
+        "sql", help="query the DuckDB views (crawl_metadata, images, embeddings, pairs, recaptions, hosts)"
+    )
     sql.add_argument("query", help='e.g. "SELECT status, count(*) FROM images GROUP BY 1"')
     sql.add_argument("--root", default=None, help=root_help)
     sql.add_argument("--format", choices=["table", "csv", "json"], default="table")

@@ -491,9 +491,11 @@ def test_the_images_wheel_installs_and_loads_the_definitions(tmp_path):
     )
     assert installed.returncode == 0, installed.stdout + installed.stderr
     check = (
-        "import laion_assets, laion_assets.definitions as d; from laion_assets.demo import DEMO_CHECKPOINT; "
+        "import laion_assets, laion_assets.definitions as d; "
+        "from laion_assets.demo import DEMO_CAPTION_CHECKPOINT, DEMO_CHECKPOINT; "
         "from laion_assets.pipeline.pairs import CATEGORIES_FILE; from laion_assets.pipeline.clip import "
-        "MODEL_CONFIGS; print(laion_assets.__file__, len(d.defs.assets), DEMO_CHECKPOINT.is_file(), "
+        "MODEL_CONFIGS; print(laion_assets.__file__, len(d.defs.assets), "
+        "DEMO_CHECKPOINT.is_file() and DEMO_CAPTION_CHECKPOINT.is_file(), "
         "CATEGORIES_FILE.is_file(), sorted(p.name for p in MODEL_CONFIGS.glob('*.json')))"
     )
     env = {**os.environ, "PYTHONPATH": str(target)}
@@ -502,5 +504,6 @@ def test_the_images_wheel_installs_and_loads_the_definitions(tmp_path):
     )
     assert loaded.returncode == 0, loaded.stderr
     path, assets, checkpoint, categories, configs = loaded.stdout.split(" ", 4)
-    assert path.startswith(str(target)) and assets == "7" and checkpoint == categories == "True"
+    assert path.startswith(str(target)) and assets == "8" and checkpoint == categories == "True"
     assert "laion-assets-tiny.json" in configs and "laion-assets-demo.json" in configs
+    assert "laion-assets-demo-coca.json" in configs

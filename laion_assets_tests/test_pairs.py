@@ -202,6 +202,7 @@ def test_asset_writes_pairs_tar_and_funnel(root, web):
         "one_row_per_crawl_row": True,
         "keys_are_success_images": True,
         "follows_the_contract": True,
+        "one_row_per_kept_pair": True,
     }
 
     pairs = store.read_parquet("pairs/p.parquet")
