@@ -172,6 +172,35 @@ def test_robots_txt_respected_when_asked_and_fetched_once(web):
     assert rows[urls[0]]["status"] == schemas.SUCCESS
 
 
+def test_robots_txt_that_cannot_be_read_disallows_everything(web):
+    """RFC 9309 2.3.1.4: a robots.txt unreachable for a server error means complete disallow."""
+    settings = DownloadSettings(**{**FAST.__dict__, "respect_robots_txt": True, "retries": 0})
+    web.down.add("/robots.txt")
+    try:
+        _, _, rows = run([web.url("/up/robots-down-0"), web.url("/up/robots-down-1")], settings)
+    finally:
+        web.down.discard("/robots.txt")
+    assert {row["status"] for row in rows.values()} == {schemas.OPTED_OUT}
+    assert rows[web.url("/up/robots-down-0")]["error_message"] == (
+        "robots.txt unreachable (HTTP 503: Service Unavailable): every path disallowed (RFC 9309)"
+    )
+    assert web.hits["/up/robots-down-0"] == 0  # refused before any request
+    assert web.hits["/robots.txt"] >= 1
+
+
+def test_tdm_reservation_header_opts_out(web):
+    urls = [web.url("/tdm-reserved.jpg"), web.url("/tdm-not-reserved.jpg")]
+    _, tar, rows = run(urls)
+    assert rows[urls[0]]["status"] == schemas.OPTED_OUT
+    assert rows[urls[0]]["error_message"] == "tdm-reservation: 1 (TDMRep)"
+    assert rows[urls[1]]["status"] == schemas.SUCCESS
+    from laion_assets.pipeline.shard_tar import read_samples
+
+    assert [key for key, _ in read_samples(io.BytesIO(tar))] == [rows[urls[1]]["key"]]
+    _, _, ignored = run(urls[:1], DownloadSettings(**{**FAST.__dict__, "respect_tdm_reservation": False}))
+    assert ignored[urls[0]]["status"] == schemas.SUCCESS
+
+
 def test_private_network_guard(web):
     guarded = DownloadSettings(**{**FAST.__dict__, "allow_private_networks": False})
     urls = [

@@ -149,7 +149,9 @@ class TestWeb:
                 if route in IMAGES:
                     content_type, body = IMAGES[route]
                     return self._send(200, body, content_type)
-                if route == "/robots.txt":
+                if route == "/robots.txt":  # 503 while listed in `down`
+                    if route in web.down:
+                        return self._send(503, b"down", "text/plain")
                     return self._send(200, ROBOTS_TXT, "text/plain")
                 if route.startswith("/private/"):
                     return self._send(200, JPEG)
@@ -194,6 +196,10 @@ class TestWeb:
                     return self._redirect(parse_qs(query)["to"][0])
                 if route == "/to-private":
                     return self._redirect("http://10.255.255.1/x.jpg")
+                if route == "/tdm-reserved.jpg":  # W3C TDMRep: rights reserved
+                    return self._send(200, JPEG, tdm_reservation="1")
+                if route == "/tdm-not-reserved.jpg":
+                    return self._send(200, JPEG, tdm_reservation="0")
                 if route == "/noai.jpg":
                     return self._send(200, JPEG, X_Robots_Tag="max-image-preview:large, noai")
                 if route == "/otherbot-noai.jpg":

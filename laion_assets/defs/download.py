@@ -49,6 +49,7 @@ class DownloadImagesConfig(dg.Config):
     respect_robots_txt: bool = D.respect_robots_txt
     # X-Robots-Tag values that opt out
     opt_out_directives: list[str] = pydantic.Field(default_factory=lambda: list(D.opt_out_directives))
+    respect_tdm_reservation: bool = D.respect_tdm_reservation  # W3C TDMRep's response header
     allow_private_networks: bool = D.allow_private_networks
     threads: int = D.threads  # in all, shared by the worker processes
     processes: int = D.processes  # worker processes for a shard of over 256 rows; 0: one per core

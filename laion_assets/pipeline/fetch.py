@@ -57,6 +57,7 @@ class FetchSettings:
     user_agent_token: str = "laion_assets"
     respect_robots_txt: bool = False
     opt_out_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
+    respect_tdm_reservation: bool = True  # W3C TDMRep: a `tdm-reservation: 1` response header opts out
     allow_private_networks: bool = False
 
 
@@ -97,7 +98,7 @@ class Fetcher:
             headers={"User-Agent": self.user_agent, "Accept": "image/*,*/*;q=0.5"},
         )
         self._guard_cache: dict[str, Fetched | str | None] = {}  # host → refusal or vetted address
-        self._robots: dict[str, RobotFileParser | None] = {}
+        self._robots: dict[str, RobotFileParser | str | None] = {}  # str: why every path is refused
         self._robots_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
@@ -211,6 +212,8 @@ class Fetcher:
             directive = self._opt_out(response.headers.getlist("X-Robots-Tag"))
             if directive:
                 return Fetched(schemas.OPTED_OUT, error=f"X-Robots-Tag: {directive}", http_status=status)
+            if s.respect_tdm_reservation and response.headers.get("tdm-reservation", "").strip() == "1":
+                return Fetched(schemas.OPTED_OUT, error="tdm-reservation: 1 (TDMRep)", http_status=status)
             content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
             if content_type.startswith(_NOT_IMAGE_TYPES):
                 error = f"not an image: content type {content_type}"
@@ -250,9 +253,10 @@ class Fetcher:
             if isinstance(guard, Fetched):
                 return guard, None
             address = guard
-        if check_robots and self.settings.respect_robots_txt and not self._robots_allow(parts, url):
-            error = f"robots.txt: disallows {parts.path or '/'} for {self.settings.user_agent_token}"
-            return Fetched(schemas.OPTED_OUT, error=error), None
+        if check_robots and self.settings.respect_robots_txt:
+            refusal = self._robots_refusal(parts, url)
+            if refusal:
+                return Fetched(schemas.OPTED_OUT, error=refusal), None
         return None, address
 
     def _opt_out(self, values: list[str]) -> str | None:
@@ -270,22 +274,31 @@ class Fetcher:
                     return directive
         return None
 
-    def _robots_allow(self, parts: SplitResult, url: str) -> bool:
+    def _robots_refusal(self, parts: SplitResult, url: str) -> str | None:
+        """Why robots.txt keeps us from `url`, or None when it allows it."""
         origin = f"{parts.scheme}://{parts.netloc}"
         with self._lock:
             lock = self._robots_locks.setdefault(origin, threading.Lock())
         with lock:  # one fetch of robots.txt per host, the other threads wait for it
             if origin not in self._robots:
                 self._robots[origin] = self._load_robots(origin)
-        parser = self._robots[origin]
-        return parser is None or parser.can_fetch(self.settings.user_agent_token, url)
+        robots = self._robots[origin]
+        if isinstance(robots, str):
+            return robots
+        if robots is None or robots.can_fetch(self.settings.user_agent_token, url):
+            return None
+        return f"robots.txt: disallows {parts.path or '/'} for {self.settings.user_agent_token}"
 
-    def _load_robots(self, origin: str) -> RobotFileParser | None:
-        """The parsed robots.txt, or None (allow all) when there is none or it cannot be read."""
+    def _load_robots(self, origin: str) -> RobotFileParser | str | None:
+        """The parsed robots.txt; None (allow all) when there is none (4xx) or it cannot be parsed; the
+        refusal of every path when it is unreachable (5xx, 429, timeouts and broken connections, after
+        the retries), as RFC 9309 (2.3.1.4) requires."""
         deadline = time.monotonic() + self.settings.request_timeout
         try:
             fetched = self._follow(f"{origin}/robots.txt", deadline, image=False)
-        except (_Retryable, _FetchFailed):
+        except _Retryable as exc:
+            return f"robots.txt unreachable ({exc}): every path disallowed (RFC 9309)"
+        except _FetchFailed:
             return None
         if fetched.status != schemas.SUCCESS:
             return None
