@@ -129,3 +129,15 @@ def test_captioning_in_chunks_gives_the_same_recaptions(demo_copy, captioner, mo
     assert whole.num_rows > 3 * 2
     chunked = write_recaptions(demo_copy, SHARD, captioner, ClipEncoder(DEMO_CLIP)).table
     assert chunked.to_pylist() == whole.to_pylist()
+
+
+def test_the_check_names_a_missing_pair(demo_copy):
+    from laion_assets.defs.recaption import one_row_per_kept_pair
+
+    assert one_row_per_kept_pair(demo_copy, SHARD).passed
+    table = demo_copy.read_parquet(RECAPTIONS.parquet(SHARD))
+    demo_copy.write_parquet(RECAPTIONS.parquet(SHARD), table.slice(1))
+    result = one_row_per_kept_pair(demo_copy, SHARD)
+    assert not result.passed
+    assert result.metadata["missing_pairs"].value == "1"
+    assert result.description == f"shard {SHARD}: missing_pairs: 1"

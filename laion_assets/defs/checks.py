@@ -45,3 +45,14 @@ def over_shards(results: dict[str, dg.AssetCheckResult]) -> dg.AssetCheckResult:
         metadata={"shards": len(results), "failed_shards": sorted(failed)},
         description="; ".join(result.description or shard for shard, result in failed.items()) or None,
     )
+
+
+def problems_found(shard: str, problems: dict[str, object]) -> dg.AssetCheckResult:
+    """Passed when every one of `problems` (name -> a count or a message) is zero or empty; else the
+    others in the metadata and the description."""
+    found = {name: str(value) for name, value in problems.items() if value}
+    return dg.AssetCheckResult(
+        passed=not found,
+        metadata={"shard": shard, **found},
+        description=f"shard {shard}: " + ", ".join(f"{k}: {v}" for k, v in found.items()) if found else None,
+    )

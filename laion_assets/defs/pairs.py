@@ -5,7 +5,7 @@ import json
 import dagster as dg
 
 from laion_assets import names
-from laion_assets.defs.checks import shard_check
+from laion_assets.defs.checks import problems_found, shard_check
 from laion_assets.defs.config import settings_from
 from laion_assets.defs.embed import clip_embeddings
 from laion_assets.defs.metadata import preview, shards_materialized, similarity_quantiles, writes_layer
@@ -70,22 +70,14 @@ def follows_the_contract(dataset: DatasetStore, shard: str) -> dg.AssetCheckResu
     """`pairs` has exactly the contract's schema, unique keys, each `host` its URL's, and no row that
     breaks an active rule."""
     table = dataset.read_parquet(PAIRS.parquet(shard))
-    problems = {}
     if table.schema.remove_metadata() != schemas.PAIRS:
-        problems["schema"] = f"columns {table.schema.names} differ from the contract {schemas.PAIRS.names}"
+        problems = {"schema": f"columns {table.schema.names} differ from the contract {schemas.PAIRS.names}"}
     else:
         stored = (table.schema.metadata or {}).get(names.PAIRS_SETTINGS_FOOTER.encode())
         settings = PairsSettings(**json.loads(stored)) if stored else PairsSettings()
         keys = table.column("key").to_pylist()
-        counts = {"repeated_keys": len(keys) - len(set(keys)), **rule_violations(table, settings)}
-        problems = {name: n for name, n in counts.items() if n}
-    return dg.AssetCheckResult(
-        passed=not problems,
-        metadata={"shard": shard, **{name: str(value) for name, value in problems.items()}},
-        description=None
-        if not problems
-        else f"shard {shard}: " + ", ".join(f"{k}: {v}" for k, v in problems.items()),
-    )
+        problems = {"repeated_keys": len(keys) - len(set(keys)), **rule_violations(table, settings)}
+    return problems_found(shard, problems)
 
 
 follows_the_contract_check = shard_check(

@@ -3,7 +3,7 @@
 import dagster as dg
 
 from laion_assets import names
-from laion_assets.defs.checks import shard_check
+from laion_assets.defs.checks import problems_found, shard_check
 from laion_assets.defs.execution import GPU_POD
 from laion_assets.defs.metadata import preview, shards_materialized, writes_layer
 from laion_assets.defs.pairs import filtered_pairs
@@ -60,19 +60,14 @@ def one_row_per_kept_pair(dataset: DatasetStore, shard: str) -> dg.AssetCheckRes
     table = dataset.read_parquet(RECAPTIONS.parquet(shard))
     pairs = dataset.read_parquet(PAIRS.parquet(shard), columns=["key"]).column("key").to_pylist()
     keys = table.column("key").to_pylist()
-    problems = {
-        "schema": int(table.schema.remove_metadata() != schemas.RECAPTIONS),
-        "missing_pairs": len(set(pairs) - set(keys)),
-        "not_a_pair": len(set(keys) - set(pairs)),
-        "repeated_keys": len(keys) - len(set(keys)),
-    }
-    problems = {name: n for name, n in problems.items() if n}
-    return dg.AssetCheckResult(
-        passed=not problems,
-        metadata={"shard": shard, **problems},
-        description=None
-        if not problems
-        else f"shard {shard}: " + ", ".join(f"{k}: {v}" for k, v in problems.items()),
+    return problems_found(
+        shard,
+        {
+            "schema": int(table.schema.remove_metadata() != schemas.RECAPTIONS),
+            "missing_pairs": len(set(pairs) - set(keys)),
+            "not_a_pair": len(set(keys) - set(pairs)),
+            "repeated_keys": len(keys) - len(set(keys)),
+        },
     )
 
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+from typing import ClassVar
 
 import dagster as dg
 import duckdb
@@ -58,10 +59,20 @@ class ClipEncoderResource(dg.ConfigurableResource):
 
 
 class CaptionerResource(dg.ConfigurableResource):
-    """The captioner of the recaptions asset, built once per run: one of the three kinds below."""
+    """The captioner of the recaptions asset, built once per run: one of the three kinds below, each
+    the `captioner_type` made from the same-named `settings_type`, its fields set in a deployment by
+    the variables of `environment` (the first one set chooses that kind)."""
+
+    settings_type: ClassVar[type]
+    captioner_type: ClassVar[type]
+    environment: ClassVar[dict[str, str]]
+
+    _captioner: Captioner | None = PrivateAttr(default=None)
 
     def get_captioner(self) -> Captioner:
-        raise NotImplementedError
+        if self._captioner is None:
+            self._captioner = self.captioner_type(settings_from(self, self.settings_type))
+        return self._captioner
 
 
 CS = CaptionSettings
@@ -69,6 +80,8 @@ CS = CaptionSettings
 
 class CocaCaptionerResource(CaptionerResource):
     """open_clip CoCa, decoded greedily (as Recap-DataComp-1B decoded) or by beam search."""
+
+    settings_type, captioner_type, environment = CaptionSettings, CocaCaptioner, caption.SETTINGS_ENV
 
     model: str = CS.model
     pretrained: str = CS.pretrained  # an open_clip tag, a checkpoint path, or "none" (random, seeded)
@@ -79,19 +92,15 @@ class CocaCaptionerResource(CaptionerResource):
     max_tokens: int = CS.max_tokens
     seed: int = CS.seed
 
-    _captioner: CocaCaptioner | None = PrivateAttr(default=None)
-
-    def get_captioner(self) -> CocaCaptioner:
-        if self._captioner is None:
-            self._captioner = CocaCaptioner(settings_from(self, CaptionSettings))
-        return self._captioner
-
 
 CH = ChatCaptionSettings
 
 
 class ChatCaptionerResource(CaptionerResource):
     """An OpenAI-compatible /chat/completions endpoint (vLLM, SGLang): a LLaVA-class model at scale."""
+
+    settings_type, captioner_type = ChatCaptionSettings, ChatCaptioner
+    environment = chat_caption.SETTINGS_ENV
 
     base_url: str
     model: str
@@ -105,9 +114,6 @@ class ChatCaptionerResource(CaptionerResource):
     retry_backoff: float = CH.retry_backoff
     jpeg_quality: int = CH.jpeg_quality
 
-    def get_captioner(self) -> ChatCaptioner:
-        return ChatCaptioner(settings_from(self, ChatCaptionSettings))
-
 
 HF = HfCaptionSettings
 
@@ -115,18 +121,13 @@ HF = HfCaptionSettings
 class HfCaptionerResource(CaptionerResource):
     """A Hugging Face image-to-text model from a local folder (BLIP-, LLaVA-style; the `recap` extra)."""
 
+    settings_type, captioner_type, environment = HfCaptionSettings, HfCaptioner, hf_caption.SETTINGS_ENV
+
     model_path: str
     prompt: str = HF.prompt  # for chat models only
     device: str = HF.device
     batch_size: int = HF.batch_size
     max_new_tokens: int = HF.max_new_tokens
-
-    _captioner: HfCaptioner | None = PrivateAttr(default=None)
-
-    def get_captioner(self) -> HfCaptioner:
-        if self._captioner is None:
-            self._captioner = HfCaptioner(settings_from(self, HfCaptionSettings))
-        return self._captioner
 
 
 def _from_env(var: str, default: str | None = None, as_int: bool = False):
@@ -143,11 +144,8 @@ def _fields_from_env(variables: dict[str, str]) -> dict:
 
 
 CaptionerSettings = CaptionSettings | ChatCaptionSettings | HfCaptionSettings
-_CAPTIONERS: dict[type, tuple[type[CaptionerResource], dict[str, str]]] = {
-    CaptionSettings: (CocaCaptionerResource, caption.SETTINGS_ENV),
-    ChatCaptionSettings: (ChatCaptionerResource, chat_caption.SETTINGS_ENV),
-    HfCaptionSettings: (HfCaptionerResource, hf_caption.SETTINGS_ENV),
-}
+# The environment's choice, in order: the first whose first variable is set, else CoCa.
+_CAPTIONER_RESOURCES = (ChatCaptionerResource, HfCaptionerResource, CocaCaptionerResource)
 
 
 def captioner_resource(settings: CaptionerSettings | None = None) -> CaptionerResource:
@@ -155,13 +153,11 @@ def captioner_resource(settings: CaptionerSettings | None = None) -> CaptionerRe
     $LAION_ASSETS_CHAT_BASE_URL is set, else a transformers model when $LAION_ASSETS_HF_CAPTION_MODEL
     is, else CoCa from the LAION_ASSETS_CAPTION_* variables."""
     if settings is not None:
-        resource, _ = _CAPTIONERS[type(settings)]
+        resource = next(r for r in _CAPTIONER_RESOURCES if r.settings_type is type(settings))
         return resource(**dataclasses.asdict(settings))
-    for kind in (ChatCaptionSettings, HfCaptionSettings):
-        resource, variables = _CAPTIONERS[kind]
-        if os.environ.get(next(iter(variables.values()))):
-            return resource(**_fields_from_env(variables))
-    return CocaCaptionerResource(**_fields_from_env(caption.SETTINGS_ENV))
+    switched_on = (r for r in _CAPTIONER_RESOURCES if os.environ.get(next(iter(r.environment.values()))))
+    chosen = next(switched_on, CocaCaptionerResource)
+    return chosen(**_fields_from_env(chosen.environment))
 
 
 def build_resources(

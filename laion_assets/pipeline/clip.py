@@ -129,9 +129,14 @@ def weights_id(pretrained: str, seed: int) -> str:
         path = Path(pretrained).expanduser()
         if not path.is_file():
             return f"missing:{path.absolute()}"
-        stat = path.stat()
-        return f"sha256:{_file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)}"
+        return f"sha256:{file_sha256(path)}"
     return pretrained
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's content, hashed once per process while its size and mtime stay."""
+    stat = path.stat()
+    return _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=64)

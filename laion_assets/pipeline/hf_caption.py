@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from laion_assets.pipeline.chat_caption import RECAP_PROMPT
-from laion_assets.pipeline.clip import ModelUnavailable, resolve_device
+from laion_assets.pipeline.clip import ModelUnavailable, file_sha256, resolve_device
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -102,10 +102,7 @@ class HfCaptioner:
 
 
 def _weights_sha256(path: Path) -> str:
-    """The sha256 of the folder's weight files, in name order: which weights made the captions."""
-    digest = hashlib.sha256()
-    for file in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-        with file.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    """Which weights made the captions: the SHA-256 over the folder's weight files' names and SHA-256s
+    (each file hashed once per process, as CLIP checkpoints are)."""
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+    return hashlib.sha256("\n".join(f"{f.name}:{file_sha256(f)}" for f in files).encode()).hexdigest()
