@@ -201,6 +201,26 @@ def test_tdm_reservation_header_opts_out(web):
     assert ignored[urls[0]]["status"] == schemas.SUCCESS
 
 
+def test_tdmrep_well_known_file_is_read_once_per_site_and_its_first_matching_rule_applies(web):
+    urls = [web.url(p) for p in ("/tdm-site/a.jpg", "/tdm-site/b.jpg", "/tdm-site/free/c.jpg")]
+    urls.append(web.url("/tdm-site/d.jpg?size=large"))  # `$` anchors the path: not reserved
+    _, _, rows = run(urls)
+    assert [rows[u]["status"] for u in urls] == [
+        schemas.OPTED_OUT,
+        schemas.OPTED_OUT,
+        schemas.SUCCESS,
+        schemas.SUCCESS,
+    ]
+    assert rows[urls[0]]["error_message"] == (
+        "tdmrep.json: tdm-reservation 1 for /tdm-site/*.jpg$, policy https://example.org/tdm-policy (TDMRep)"
+    )
+    assert web.hits["/.well-known/tdmrep.json"] == 1
+    assert web.hits["/tdm-site/a.jpg"] == 0  # refused before any request
+    _, _, ignored = run(urls[:1], DownloadSettings(**{**FAST.__dict__, "respect_tdm_reservation": False}))
+    assert ignored[urls[0]]["status"] == schemas.SUCCESS
+    assert web.hits["/.well-known/tdmrep.json"] == 1
+
+
 def test_private_network_guard(web):
     guarded = DownloadSettings(**{**FAST.__dict__, "allow_private_networks": False})
     urls = [

@@ -62,6 +62,11 @@ IMAGES = {
     "/html.jpg": ("text/html; charset=utf-8", b"<html><body>Not found, but 200</body></html>"),
 }
 ROBOTS_TXT = b"User-agent: *\nDisallow: /private/\n"
+# W3C TDMRep's site file: the first rule whose location matches applies
+TDMREP_JSON = b"""[
+  {"location": "/tdm-site/free/*", "tdm-reservation": 0},
+  {"location": "/tdm-site/*.jpg$", "tdm-reservation": 1, "tdm-policy": "https://example.org/tdm-policy"}
+]"""
 
 
 class TestWeb:
@@ -153,7 +158,9 @@ class TestWeb:
                     if route in web.down:
                         return self._send(503, b"down", "text/plain")
                     return self._send(200, ROBOTS_TXT, "text/plain")
-                if route.startswith("/private/"):
+                if route == "/.well-known/tdmrep.json":
+                    return self._send(200, TDMREP_JSON, "application/json")
+                if route.startswith(("/private/", "/tdm-site/")):
                     return self._send(200, JPEG)
                 if route == "/404.jpg":
                     return self._send(404, b"not found", "text/plain")

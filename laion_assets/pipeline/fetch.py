@@ -14,7 +14,9 @@ import ipaddress
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import SplitResult, urljoin, urlsplit
 from urllib.robotparser import RobotFileParser
 
@@ -29,8 +31,9 @@ from urllib3.exceptions import (
 )
 from urllib3.util import Url, parse_url
 
-from laion_assets.pipeline import schemas
+from laion_assets.pipeline import schemas, tdmrep
 
+T = TypeVar("T")
 _REDIRECTS = {301, 302, 303, 307, 308}
 _NOT_IMAGE_TYPES = (
     "text/",
@@ -57,7 +60,8 @@ class FetchSettings:
     user_agent_token: str = "laion_assets"
     respect_robots_txt: bool = False
     opt_out_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
-    respect_tdm_reservation: bool = True  # W3C TDMRep: a `tdm-reservation: 1` response header opts out
+    # W3C TDMRep: a `tdm-reservation: 1` response header, or a rule of the site's tdmrep.json, opts out
+    respect_tdm_reservation: bool = True
     allow_private_networks: bool = False
 
 
@@ -98,8 +102,9 @@ class Fetcher:
             headers={"User-Agent": self.user_agent, "Accept": "image/*,*/*;q=0.5"},
         )
         self._guard_cache: dict[str, Fetched | str | None] = {}  # host → refusal or vetted address
-        self._robots: dict[str, RobotFileParser | str | None] = {}  # str: why every path is refused
-        self._robots_locks: dict[str, threading.Lock] = {}
+        # per (file, origin): robots.txt (RobotFileParser, None, or why every path is refused), tdmrep.json
+        self._site_files: dict[tuple[str, str], object] = {}
+        self._site_locks: dict[tuple[str, str], threading.Lock] = {}
         self._lock = threading.Lock()
 
     def fetch(self, url: str, deadline: float) -> Fetched:
@@ -125,7 +130,7 @@ class Fetcher:
         deadline = min(deadline, time.monotonic() + self.settings.request_timeout)
         visited = set()
         for _ in range(self.settings.max_redirects + 1):
-            refusal, address = self._vet(url, check_robots=image)
+            refusal, address = self._vet(url, check_site_rules=image)
             if refusal:
                 return refusal
             visited.add(url)
@@ -239,7 +244,7 @@ class Fetcher:
             raise _Retryable(f"connection broken: {_reason(exc)}", status) from exc
         return Fetched(schemas.SUCCESS, body=bytes(body), http_status=status)
 
-    def _vet(self, url: str, check_robots: bool) -> tuple[Fetched | None, str | None]:
+    def _vet(self, url: str, check_site_rules: bool) -> tuple[Fetched | None, str | None]:
         """A refusal, or None and the address to connect to (None: connect by name, nothing to pin)."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -253,8 +258,13 @@ class Fetcher:
             if isinstance(guard, Fetched):
                 return guard, None
             address = guard
-        if check_robots and self.settings.respect_robots_txt:
+        if check_site_rules and self.settings.respect_robots_txt:
             refusal = self._robots_refusal(parts, url)
+            if refusal:
+                return Fetched(schemas.OPTED_OUT, error=refusal), None
+        if check_site_rules and self.settings.respect_tdm_reservation:
+            rules = self._site_file(tdmrep.WELL_KNOWN_PATH, parts, self._load_tdmrep)
+            refusal = tdmrep.reservation(rules, _path_and_query(parts))
             if refusal:
                 return Fetched(schemas.OPTED_OUT, error=refusal), None
         return None, address
@@ -274,20 +284,33 @@ class Fetcher:
                     return directive
         return None
 
-    def _robots_refusal(self, parts: SplitResult, url: str) -> str | None:
-        """Why robots.txt keeps us from `url`, or None when it allows it."""
+    def _site_file(self, path: str, parts: SplitResult, load: Callable[[str], T]) -> T:
+        """`load(origin)`, once per site: the other threads that need it wait for the first one."""
         origin = f"{parts.scheme}://{parts.netloc}"
         with self._lock:
-            lock = self._robots_locks.setdefault(origin, threading.Lock())
-        with lock:  # one fetch of robots.txt per host, the other threads wait for it
-            if origin not in self._robots:
-                self._robots[origin] = self._load_robots(origin)
-        robots = self._robots[origin]
+            lock = self._site_locks.setdefault((path, origin), threading.Lock())
+        with lock:
+            if (path, origin) not in self._site_files:
+                self._site_files[(path, origin)] = load(origin)
+        return self._site_files[(path, origin)]
+
+    def _robots_refusal(self, parts: SplitResult, url: str) -> str | None:
+        """Why robots.txt keeps us from `url`, or None when it allows it."""
+        robots = self._site_file("/robots.txt", parts, self._load_robots)
         if isinstance(robots, str):
             return robots
         if robots is None or robots.can_fetch(self.settings.user_agent_token, url):
             return None
         return f"robots.txt: disallows {parts.path or '/'} for {self.settings.user_agent_token}"
+
+    def _load_tdmrep(self, origin: str) -> list[tdmrep.TdmRule]:
+        """The site's TDMRep rules; none when it has no readable file (TDMRep then leaves the header)."""
+        deadline = time.monotonic() + self.settings.request_timeout
+        try:
+            fetched = self._follow(f"{origin}{tdmrep.WELL_KNOWN_PATH}", deadline, image=False)
+        except (_Retryable, _FetchFailed):
+            return []
+        return tdmrep.parse_rules(fetched.body) if fetched.status == schemas.SUCCESS else []
 
     def _load_robots(self, origin: str) -> RobotFileParser | str | None:
         """The parsed robots.txt; None (allow all) when there is none (4xx) or it cannot be parsed; the
@@ -343,6 +366,10 @@ def _is_ip_literal(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _path_and_query(parts: SplitResult) -> str:
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
 def _host_header(url: Url) -> str:
