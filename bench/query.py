@@ -244,6 +244,7 @@ def images_shard(rng: np.random.Generator, crawl: pa.Table, rank: np.ndarray) ->
             "original_width": nulls_unless(original[:, 0].astype(np.int32), fetched),
             "original_height": nulls_unless(original[:, 1].astype(np.int32), fetched),
             "sha256": nulls_unless(sha, fetched),
+            "md5": nulls_unless(pc.utf8_slice_codeunits(sha, 0, 32), fetched),
             "num_bytes": nulls_unless(sizes, fetched),
             "host": host,
         }

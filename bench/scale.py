@@ -122,7 +122,8 @@ def dataset_shard(shard: str, rows: int, rng: np.random.Generator) -> dict[str, 
             {"key": keys, "url": urls, "caption": captions, "status": ["success"] * rows}
             | {"error_message": [None] * rows, "http_status": [200] * rows, "width": [256] * rows}
             | {"height": [256] * rows, "original_width": [640] * rows, "original_height": [480] * rows}
-            | {"sha256": [f"{shard}{i}" for i in range(rows)], "num_bytes": [1000] * rows}
+            | {"sha256": [f"{shard}{i}" for i in range(rows)], "md5": [f"{shard}{i}" for i in range(rows)]}
+            | {"num_bytes": [1000] * rows}
         ),
         EMBEDDINGS.parquet(shard): pa.table(
             {"key": keys, "image_embedding": vector, "text_embedding": vector, "similarity": [0.35] * rows}

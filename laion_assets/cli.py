@@ -119,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", type=Path, default=None, help="write the result to a .csv, .json or .parquet file"
     )
 
+    takedown = sub.add_parser(
+        "takedown",
+        help="copy a block list into {root}/blocklist/, remove what it matches from every built layer, "
+        "then rebuild the search index, catalog and card",
+    )
+    takedown.add_argument("file", type=Path, help="a .txt, .csv or .parquet list (see the README)")
+    takedown.add_argument("--root", default=None, help=root_help)
+
     serve = sub.add_parser(
         "serve", help="the CLIP HTTP API: embed images and texts, compare them, search the dataset"
     )
@@ -162,6 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sql":
         run_sql(root, args.query, args.format, args.output)
         return 0
+    if args.command == "takedown":
+        from laion_assets.runner import run_takedown
+
+        try:
+            return run_takedown(root, args.file)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"laion-assets takedown: {exc}") from exc
     if args.command == "demo":
         from laion_assets.demo.run import run_demo
 

@@ -9,9 +9,11 @@ from laion_assets.defs.execution import executor_from_env
 from laion_assets.defs.jobs import PER_SHARD_ASSETS, PER_SHARD_CHECKS, shard_job
 from laion_assets.defs.resources import CaptionerSettings, build_resources
 from laion_assets.defs.search import search_index
+from laion_assets.defs.takedown import blocklist, blocklist_sensor, takedown_job, takedowns
 from laion_assets.pipeline.clip import ClipSettings
 
-DATASET_ASSETS = [catalog, dataset_card, search_index]  # unpartitioned: read every materialised shard
+# unpartitioned: `blocklist` reads the lists, the others every materialised shard, in this order
+DATASET_ASSETS = [blocklist, takedowns, catalog, dataset_card, search_index]
 
 
 def build_definitions(
@@ -22,8 +24,8 @@ def build_definitions(
     return dg.Definitions(
         assets=[*PER_SHARD_ASSETS, *DATASET_ASSETS],
         asset_checks=PER_SHARD_CHECKS,
-        jobs=[shard_job],
-        sensors=[incoming_files_sensor, automation_sensor],
+        jobs=[shard_job, takedown_job],
+        sensors=[incoming_files_sensor, blocklist_sensor, automation_sensor],
         schedules=[catch_up_schedule],
         resources=build_resources(root, clip, captioner),
         executor=executor_from_env(),

@@ -16,6 +16,8 @@ RECAPTIONS_ASSET = "recaptions"
 CATALOG_ASSET = "catalog"
 DATASET_CARD_ASSET = "dataset_card"
 SEARCH_INDEX_ASSET = "search_index"
+BLOCKLIST_ASSET = "blocklist"  # the block lists' active entries
+TAKEDOWNS_ASSET = "takedowns"  # the removal of what the lists match, and its ledger
 
 # Asset checks (the asset each one checks is in its name's comment)
 ONE_ROW_PER_CRAWL_ROW_CHECK = "one_row_per_crawl_row"  # downloaded_images
@@ -30,12 +32,15 @@ INCOMING_FILES_SENSOR = "incoming_files_sensor"
 # Its cursor: a JSON object, file name in incoming/ -> StoredFile.fingerprint of the content last seen.
 FOLLOW_UPSTREAM_SENSOR = "follow_upstream_sensor"
 CATCH_UP_SCHEDULE = "catch_up_schedule"
+TAKEDOWN_JOB = "takedown"  # blocklist, takedowns, then the dataset-level assets
+BLOCKLIST_SENSOR = "blocklist_sensor"
+# Its cursor: a JSON object, file name in blocklist/ -> StoredFile.fingerprint of the content last seen.
 GPU_POOL = "gpu"  # clip_embeddings, recaptions: one slot per GPU
 DOWNLOAD_POOL = "download"  # downloaded_images: how many shards download at once
 
 # Run tags
 SOURCE_FILE_TAG = "laion_assets/source_file"  # the incoming file of a sensor run; `first..last` for several
-TRIGGER_TAG = "laion_assets/trigger"  # new | changed | catch-up | cli
+TRIGGER_TAG = "laion_assets/trigger"  # new | changed | catch-up | cli | blocklist
 # Asset definition metadata: the store layer (folder) an asset writes its shard files into.
 LAYER_METADATA = "laion_assets/layer"
 

@@ -4,6 +4,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import dagster as dg
 
@@ -16,7 +17,7 @@ from laion_assets.defs.resources import build_resources
 from laion_assets.pipeline.caption import CaptionSettings
 from laion_assets.pipeline.clip import ClipSettings
 from laion_assets.pipeline.lineage import incoming_by_shard, stale_layers
-from laion_assets.pipeline.storage import INCOMING
+from laion_assets.pipeline.storage import BLOCKLIST, INCOMING
 
 ALL_ASSETS = [*PER_SHARD_ASSETS, *DATASET_ASSETS]  # per-shard assets, then the dataset-level ones
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}  # the summary lines say enough
@@ -67,6 +68,9 @@ def run_pipeline(
     with dagster_instance() as instance:
         known = set(instance.get_dynamic_partitions(shards.name))
         instance.add_dynamic_partitions(shards.name, [s for s in sources if s not in known])
+        # the lists first: the downloads check what they record
+        before = [a for a in assets if a.key.to_user_string() == names.BLOCKLIST_ASSET]
+        outcomes.extend(_materialize_dataset_asset(instance, resources_, asset, echo) for asset in before)
         per_shard = [a for a in PER_SHARD_ASSETS if a in assets]
         stale = {} if force else stale_layers(store, sources, [layer_of(a) for a in per_shard])
         for shard in sources:
@@ -76,16 +80,30 @@ def run_pipeline(
             )
             echo(outcome.line())
             outcomes.append(outcome)
-        for asset in (a for a in assets if a not in PER_SHARD_ASSETS):
-            name = asset.key.to_user_string()
-            result = dg.materialize(
-                [asset], instance=instance, resources=resources_, run_config=QUIET, raise_on_error=False
-            )
-            error = failure_message(result)
-            path = None if error else result.asset_materializations_for_node(name)[0].metadata["path"].value
-            outcomes.append(ShardOutcome("(dataset)", ran=[name], error=error))
-            echo(f"{name}: FAILED: {error}" if error else f"{name}: {path}")
+        after = [a for a in assets if a not in PER_SHARD_ASSETS and a not in before]
+        outcomes.extend(_materialize_dataset_asset(instance, resources_, asset, echo) for asset in after)
     return outcomes
+
+
+def _materialize_dataset_asset(
+    instance: dg.DagsterInstance,
+    resources_: dict[str, dg.ConfigurableResource],
+    asset: dg.AssetsDefinition,
+    echo: Callable[[str], None],
+) -> ShardOutcome:
+    name = asset.key.to_user_string()
+    result = dg.materialize(
+        [asset], instance=instance, resources=resources_, run_config=QUIET, raise_on_error=False
+    )
+    error = failure_message(result)
+    materializations = [] if error else result.asset_materializations_for_node(name)
+    if error:
+        echo(f"{name}: FAILED: {error}")
+    elif not materializations:  # takedowns, when no sample is on a list
+        echo(f"{name}: nothing to do")
+    else:
+        echo(f"{name}: {materializations[0].metadata['path'].value}")
+    return ShardOutcome("(dataset)", ran=[name], error=error)
 
 
 def _materialize(
@@ -128,3 +146,48 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str | None:
     while error.cause is not None and error.cls_name.startswith("Dagster"):
         error = error.cause
     return error.message.strip().split(f"{error.cls_name}: ", 1)[-1]
+
+
+def run_takedown(root: str, list_file: Path, echo: Callable[[str], None] = print) -> int:
+    """Copy `list_file` into `{root}/blocklist/` and run the takedown flow, as the blocklist sensor's run
+    does: the lists recorded, what they match removed, then the search index, catalog and card."""
+    from laion_assets.defs.takedown import blocklist, takedowns
+    from laion_assets.pipeline.blocklist import LIST_SUFFIXES
+
+    if list_file.suffix.lower() not in LIST_SUFFIXES:
+        raise ValueError(f"{list_file}: a block list is a {', '.join(LIST_SUFFIXES)} file")
+    resources_ = build_resources(root, ClipSettings.from_env())
+    store = resources_["store"].get_store()
+    target = f"{BLOCKLIST}/{list_file.name}"
+    store.write_bytes(target, list_file.read_bytes())
+    echo(f"copied {list_file} to {store.url(target)}")
+    flow = [blocklist, takedowns, *(a for a in DATASET_ASSETS if a not in (blocklist, takedowns))]
+    with dagster_instance() as instance:
+        result = dg.materialize(
+            flow,
+            instance=instance,
+            resources=resources_,
+            run_config=QUIET,
+            raise_on_error=False,
+            tags={names.TRIGGER_TAG: "cli"},
+        )
+    for asset in flow:
+        name = asset.key.to_user_string()
+        done = result.asset_materializations_for_node(name)
+        metadata = done[0].metadata if done else {}
+        if name == names.BLOCKLIST_ASSET and metadata:
+            entries, problems = metadata["dagster/row_count"].value, metadata["problems"].value
+            echo(f"{name}: {entries} entries, {problems} problems")
+        elif name == names.TAKEDOWNS_ASSET:
+            removed = metadata["dagster/row_count"].value if metadata else 0
+            shards_ = metadata["shards_rewritten"].value if metadata else 0
+            echo(
+                f"{name}: {removed} samples removed from {shards_} shards"
+                + (f", ledger {metadata['path'].value}" if metadata else "")
+            )
+        else:
+            echo(f"{name}: {metadata['path'].value if metadata else 'not rebuilt'}")
+    error = failure_message(result)
+    if error:
+        echo(f"FAILED: {error}")
+    return 1 if error else 0

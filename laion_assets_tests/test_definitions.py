@@ -44,6 +44,8 @@ def test_definitions_list_assets_sensor_schedule():
         "catalog",
         "dataset_card",
         "search_index",
+        "blocklist",
+        "takedowns",
     }
     assert {c.name for c in repo.asset_graph.asset_check_keys} == {
         "one_row_per_crawl_row",
@@ -51,7 +53,12 @@ def test_definitions_list_assets_sensor_schedule():
         "follows_the_contract",
         "one_row_per_kept_pair",
     }
-    assert sorted(s.name for s in repo.sensor_defs) == ["follow_upstream_sensor", "incoming_files_sensor"]
+    assert sorted(s.name for s in repo.sensor_defs) == [
+        "blocklist_sensor",
+        "follow_upstream_sensor",
+        "incoming_files_sensor",
+    ]
+    assert repo.get_job("takedown").partitions_def is None
     assert [s.name for s in repo.schedule_defs] == ["catch_up_schedule"]
     assert repo.get_job("shard_pipeline").partitions_def.name == "shards"
 
@@ -63,6 +70,7 @@ def test_backfills_run_one_shard_per_run_and_assets_follow_their_upstream():
         assert graph.get(dg.AssetKey(name)).backfill_policy == dg.BackfillPolicy.multi_run(1)
     labels = {key.to_user_string(): graph.get(key).automation_condition for key in graph.get_all_asset_keys()}
     assert labels.pop("crawl_metadata") is None  # the incoming sensor starts each shard
+    assert labels.pop("blocklist") is None and labels.pop("takedowns") is None  # the blocklist sensor
     assert {name: condition.get_label() for name, condition in labels.items()} == {
         "downloaded_images": "eager",
         "clip_embeddings": "eager",
@@ -136,6 +144,8 @@ def test_dagster_dg_cli_checks_and_lists_the_definitions():
         "catalog",
         "dataset_card",
         "search_index",
+        "blocklist",
+        "takedowns",
     }
 
 

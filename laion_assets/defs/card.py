@@ -7,6 +7,7 @@ from laion_assets.defs.config import settings_from
 from laion_assets.defs.jobs import PER_SHARD_ASSETS
 from laion_assets.defs.partitions import FOLLOWS_ANY_SHARD
 from laion_assets.defs.resources import DatasetStoreResource
+from laion_assets.defs.takedown import takedowns
 from laion_assets.pipeline.card import CardSettings, write_card
 
 S = CardSettings  # every default below is the pipeline's own
@@ -25,7 +26,7 @@ class DatasetCardConfig(dg.Config):
 
 @dg.asset(
     name=names.DATASET_CARD_ASSET,
-    deps=PER_SHARD_ASSETS,
+    deps=[*PER_SHARD_ASSETS, takedowns],
     group_name="dataset",
     kinds={"markdown"},
     automation_condition=FOLLOWS_ANY_SHARD,

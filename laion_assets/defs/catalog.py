@@ -7,6 +7,7 @@ from laion_assets import names
 from laion_assets.defs.jobs import PER_SHARD_ASSETS
 from laion_assets.defs.partitions import FOLLOWS_ANY_SHARD
 from laion_assets.defs.resources import DatasetStoreResource
+from laion_assets.defs.takedown import takedowns
 from laion_assets.pipeline import catalog as duckdb_catalog
 
 
@@ -18,7 +19,7 @@ class CatalogConfig(dg.Config):
 
 @dg.asset(
     name=names.CATALOG_ASSET,
-    deps=PER_SHARD_ASSETS,
+    deps=[*PER_SHARD_ASSETS, takedowns],
     group_name="dataset",
     kinds={"duckdb"},
     automation_condition=FOLLOWS_ANY_SHARD,

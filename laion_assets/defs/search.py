@@ -7,6 +7,7 @@ from laion_assets.defs.embed import clip_embeddings
 from laion_assets.defs.pairs import filtered_pairs
 from laion_assets.defs.partitions import FOLLOWS_ANY_SHARD
 from laion_assets.defs.resources import DatasetStoreResource
+from laion_assets.defs.takedown import takedowns
 from laion_assets.pipeline.search import APPROXIMATE_FROM_ROWS, write_search_index
 
 
@@ -19,7 +20,7 @@ class SearchIndexConfig(dg.Config):
 
 @dg.asset(
     name=names.SEARCH_INDEX_ASSET,
-    deps=[filtered_pairs, clip_embeddings],
+    deps=[filtered_pairs, clip_embeddings, takedowns],
     group_name="dataset",
     kinds={"parquet"},
     automation_condition=FOLLOWS_ANY_SHARD,

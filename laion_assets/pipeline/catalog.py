@@ -1,5 +1,6 @@
 """DuckDB views over the stored parquet, one per per-shard layer (`crawl_metadata`, `images`,
-`embeddings`, `pairs`, `pairs_embeddings`, `recaptions`), `hosts` (the images grouped by host, which
+`embeddings`, `pairs`, `pairs_embeddings`, `recaptions`), `takedowns` (the removal ledger) and
+`blocklist_entries` (the block lists' active entries), `hosts` (the images grouped by host, which
 the catalog writes to parquet: grouping 10 M rows over a million hosts is a second's work, too slow to
 repeat in every query), and the downloader's `url_host(url)` and `error_class(error_message)` as SQL
 functions.
@@ -19,11 +20,13 @@ import duckdb
 
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.storage import (
+    BLOCKLIST_ENTRIES,
     CATALOG,
     CRAWL_METADATA,
     HOSTS,
     IMAGES,
     SHARD_LAYERS,
+    TAKEDOWNS,
     DatasetStore,
     S3Settings,
 )
@@ -167,9 +170,23 @@ def create_views(connection: duckdb.DuckDBPyConnection, store: DatasetStore) -> 
             f"SELECT * FROM read_parquet('{pattern}', union_by_name = {union})"
         )
         created.append(layer.name)
+    for view, folder, pattern in _DATASET_VIEWS:
+        if any(f.name.endswith(".parquet") for f in store.list(folder)):
+            url = quote_literal(store.url(f"{folder}/{pattern}"))
+            connection.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet('{url}')")
+            created.append(view)
+        elif view in view_names(connection):
+            connection.execute(f"DROP VIEW {view}")
     if _create_hosts_view(connection, store, has_images=IMAGES.name in created):
         created.append(HOSTS_VIEW)
     return created
+
+
+# Views over dataset-level files: (view, folder, file pattern)
+_DATASET_VIEWS = (
+    ("takedowns", TAKEDOWNS, "*.parquet"),  # the removal ledger, a file per removal run
+    ("blocklist_entries", *BLOCKLIST_ENTRIES.split("/")),  # the active entries of the block lists
+)
 
 
 def _create_hosts_view(connection: duckdb.DuckDBPyConnection, store: DatasetStore, has_images: bool) -> bool:

@@ -31,6 +31,7 @@ from typing import IO
 import pyarrow as pa
 
 from laion_assets.pipeline import schemas
+from laion_assets.pipeline.blocklist import Blocklist, load_active
 from laion_assets.pipeline.fetch import Fetcher, FetchSettings
 from laion_assets.pipeline.imaging import DecodeError, FilteredSize, ImageSettings, process_image
 from laion_assets.pipeline.lineage import inherited_footer
@@ -117,7 +118,9 @@ def write_images(
     store: DatasetStore, shard: str, settings: DownloadSettings, progress: Callable[[str], None] | None = None
 ) -> DownloadResult:
     """`images/<shard>.tar` and `images/<shard>.parquet` from the shard's crawl_metadata; with
-    `settings.retry_failed`, only the rows that failed to download last time are fetched again."""
+    `settings.retry_failed`, only the rows that failed to download last time are fetched again. The block
+    lists the `blocklist` asset last recorded apply: a listed link or domain is not requested, a listed
+    image is dropped once fetched; both rows get status `taken_down`."""
     crawl = store.read_parquet(CRAWL_METADATA.parquet(shard))
     tar_path, parquet_path = IMAGES.tar(shard), IMAGES.parquet(shard)
     with contextlib.ExitStack() as stack:
@@ -125,7 +128,7 @@ def write_images(
         if settings.retry_failed and store.exists(parquet_path) and store.exists(tar_path):
             previous = (store.read_parquet(parquet_path), stack.enter_context(store.open(tar_path)))
         tar_out = stack.enter_context(store.atomic_write(tar_path))
-        result = download_shard(crawl, settings, tar_out, previous, progress)
+        result = download_shard(crawl, settings, tar_out, previous, progress, blocklist=load_active(store))
     store.write_parquet(
         parquet_path, result.table, metadata=inherited_footer(crawl), **schemas.IMAGES_PARQUET_OPTIONS
     )
@@ -138,11 +141,13 @@ def download_shard(
     tar_out: IO[bytes],
     previous: tuple[pa.Table, IO[bytes]] | None = None,
     progress: Callable[[str], None] | None = None,
+    blocklist: Blocklist | None = None,
 ) -> DownloadResult:
     """Fetch the `url` of every `crawl` row; write successes to `tar_out`, return one record per row.
 
     `previous` is the last result (images table, tar stream): with `settings.retry_failed`, its
     rows that did not fail to download are kept and their samples copied, the rest fetched again.
+    A row whose link or domain is on `blocklist` is not fetched; one whose bytes are on it is dropped.
     """
     start = time.monotonic()
     deadline = start + settings.shard_timeout
@@ -156,8 +161,14 @@ def download_shard(
             records.extend(kept.values())
             jobs = [job for job in jobs if job.key not in kept]
         reused = len(records)
+        blocklist = blocklist or Blocklist.empty()
+        listed = {job.key: match for job in jobs if (match := blocklist.match_url(job.url))}
+        records.extend(_taken_down(job, f"{m.list} ({m.kind})") for job in jobs if (m := listed.get(job.key)))
+        jobs = [job for job in jobs if job.key not in listed]
+        blocked_images = blocklist.image_entries()
         started = last_report = time.monotonic()
-        for done, (record, sample) in enumerate(_fetch_in_processes(jobs, settings, deadline), 1):
+        fetched = _fetch_in_processes(jobs, settings, deadline, blocked_images)
+        for done, (record, sample) in enumerate(fetched, 1):
             if sample:
                 writer.write_encoded(sample)
             records.append(record)
@@ -166,6 +177,13 @@ def download_shard(
                 progress(f"{done}/{len(jobs)} rows, {done / (last_report - started):.1f} rows/s")
     table = pa.Table.from_pylist(records, schema=schemas.IMAGES).sort_by("key")
     return DownloadResult(table=table, seconds=time.monotonic() - start, fetched=len(jobs), reused=reused)
+
+
+def _taken_down(job: _Job, why: str, record: dict | None = None) -> dict:
+    """The record of a row on a block list: no link and no caption kept, the list and kind said."""
+    record = record or _record(job, schemas.TAKEN_DOWN, None)
+    record.update(status=schemas.TAKEN_DOWN, error_message=f"on a block list: {why}", url=None, caption=None)
+    return record
 
 
 def process_count(settings: DownloadSettings, rows: int) -> int:
@@ -186,7 +204,7 @@ def usable_cores() -> int:
 
 
 def _fetch_in_processes(
-    jobs: list[_Job], settings: DownloadSettings, deadline: float
+    jobs: list[_Job], settings: DownloadSettings, deadline: float, blocked_images: dict[str, str]
 ) -> Iterator[tuple[dict, bytes | None]]:
     """`_fetch_all`, with the jobs dealt over worker processes when there are enough of them.
 
@@ -195,7 +213,7 @@ def _fetch_in_processes(
     rows, each recorded as failed_to_download; the other workers' rows are kept."""
     count = process_count(settings, len(jobs))
     if count == 1:
-        yield from _fetch_all(jobs, settings, deadline)
+        yield from _fetch_all(jobs, settings, deadline, blocked_images)
         return
     per_host = settings.per_host_connections // count
     share = replace(settings, threads=settings.threads // count, per_host_connections=per_host)
@@ -203,7 +221,9 @@ def _fetch_in_processes(
     workers = {}
     for part in (jobs[i::count] for i in range(count)):
         receive, send = context.Pipe(duplex=False)
-        process = context.Process(target=_worker, args=(part, share, deadline, send), daemon=True)
+        process = context.Process(
+            target=_worker, args=(part, share, deadline, blocked_images, send), daemon=True
+        )
         process.start()
         send.close()
         workers[receive] = (process, {job.key: job for job in part})
@@ -249,14 +269,18 @@ def start_worker_server() -> None:
 
 
 def _worker(
-    jobs: list[_Job], settings: DownloadSettings, deadline: float, send: multiprocessing.connection.Connection
+    jobs: list[_Job],
+    settings: DownloadSettings,
+    deadline: float,
+    blocked_images: dict[str, str],
+    send: multiprocessing.connection.Connection,
 ) -> None:
     """A worker process: its jobs through `_fetch_all`, the results sent back in small batches, then None.
     When the step's process is gone (killed), the next send fails and the worker stops after the
     requests in flight."""
     batch = []
     try:
-        for result in _fetch_all(jobs, settings, deadline):
+        for result in _fetch_all(jobs, settings, deadline, blocked_images):
             batch.append(result)
             if len(batch) >= _BATCH:
                 send.send(batch)
@@ -270,9 +294,10 @@ def _worker(
 
 
 def _fetch_all(
-    jobs: list[_Job], settings: DownloadSettings, deadline: float
+    jobs: list[_Job], settings: DownloadSettings, deadline: float, blocked_images: dict[str, str]
 ) -> Iterator[tuple[dict, bytes | None]]:
-    """(record, its sample encoded for the tar, or None) for each job, in the order they finish."""
+    """(record, its sample encoded for the tar, or None) for each job, in the order they finish;
+    `blocked_images` maps the sha256 and md5 digests on block lists to the list they are on."""
     fetcher = Fetcher(settings)
     scheduler = HostScheduler(jobs, settings.per_host_connections)
     with ThreadPoolExecutor(settings.threads, thread_name_prefix="download") as pool:
@@ -284,7 +309,7 @@ def _fetch_all(
                     error = f"shard deadline: not started within shard_timeout={settings.shard_timeout:g}s"
                     yield _record(job, schemas.FAILED_TO_DOWNLOAD, error), None
                     continue
-                running[pool.submit(_download_one, fetcher, settings, job, deadline)] = job
+                running[pool.submit(_download_one, fetcher, settings, job, deadline, blocked_images)] = job
             if not running:
                 return
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -294,7 +319,7 @@ def _fetch_all(
 
 
 def _download_one(
-    fetcher: Fetcher, settings: DownloadSettings, job: _Job, deadline: float
+    fetcher: Fetcher, settings: DownloadSettings, job: _Job, deadline: float, blocked_images: dict[str, str]
 ) -> tuple[dict, bytes | None]:
     """One row: never raises, whatever the URL or the bytes do."""
     try:
@@ -302,7 +327,14 @@ def _download_one(
         record = _record(job, fetched.status, fetched.error, http_status=fetched.http_status)
         if fetched.status != schemas.SUCCESS:
             return record, None
-        record.update(sha256=hashlib.sha256(fetched.body).hexdigest(), num_bytes=len(fetched.body))
+        record.update(
+            sha256=hashlib.sha256(fetched.body).hexdigest(),
+            md5=hashlib.md5(fetched.body).hexdigest(),
+            num_bytes=len(fetched.body),
+        )
+        listed = blocked_images.get(record["sha256"]) or blocked_images.get(record["md5"])
+        if listed:
+            return _taken_down(job, listed, record), None
         image = process_image(fetched.body, settings)
     except DecodeError as exc:
         record.update(status=schemas.FAILED_TO_DECODE, error_message=str(exc))
@@ -340,12 +372,14 @@ def _record(job: _Job, status: str, error: str | None, http_status: int | None =
 
 
 def _reuse(jobs: list[_Job], table: pa.Table, tar: IO[bytes], writer: TarShardWriter) -> dict[str, dict]:
-    """Previous records to keep (same key and url, not failed_to_download); copies their samples."""
+    """Previous records to keep (same key and url, or taken down; not failed_to_download); copies their
+    samples."""
     urls = {job.key: job.url for job in jobs}
     candidates = {
-        row["key"]: {**row, "host": schemas.url_host(row["url"])}  # a file from before `host` lacks it
+        row["key"]: {"host": schemas.url_host(row["url"] or ""), **row}  # a file from before `host` lacks it
         for row in table.to_pylist()
-        if row["status"] != schemas.FAILED_TO_DOWNLOAD and urls.get(row["key"]) == row["url"]
+        if row["status"] != schemas.FAILED_TO_DOWNLOAD
+        and (urls.get(row["key"]) == row["url"] or row["status"] == schemas.TAKEN_DOWN)
     }
     copied = set()
     for key, members in read_samples(tar):

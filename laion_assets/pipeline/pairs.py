@@ -2,6 +2,7 @@
 filtered and tagged as LAION-400M did (defaults), or DataComp-style where configured.
 
 Rules, in the order of the funnel:
+0. `taken_down`: the image row is `taken_down` (on a block list, see removal.py).
 1. `not_downloaded`: the image is not a `success` in `images`.
 2. `short_caption`: caption under `min_caption_length` characters.
 3. `datacomp_basic` (off by default): caption under 2 words or 6 characters, shorter side under 200,
@@ -10,6 +11,7 @@ Rules, in the order of the funnel:
 5. `low_similarity` / `no_embedding`: CLIP cosine under `min_similarity`, or, with `top_fraction`,
    outside the top fraction by similarity; rows without an embedding cannot pass.
 6. `minors`: tagged NSFW or UNSURE while the caption or the two nearest categories name a minor.
+7. `duplicate`: removed after the build by dataset-level dedup (removal.py), never by `build_pairs`.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
 
 CATEGORIES_FILE = Path(__file__).parent / "data" / "nsfw_categories.json"
 FUNNEL = (
+    "taken_down",
     "not_downloaded",
     "short_caption",
     "datacomp_basic",
@@ -60,6 +63,7 @@ FUNNEL = (
     "no_embedding",
     "low_similarity",
     "minors",
+    "duplicate",
 )
 
 
@@ -224,6 +228,7 @@ def build_pairs(
         removed[rule] += table.num_rows - pc.sum(keep).as_py() if table.num_rows else 0
         table = table.filter(keep)
 
+    drop("taken_down", pc.not_equal(table.column("status"), schemas.TAKEN_DOWN))
     drop("not_downloaded", pc.equal(table.column("status"), schemas.SUCCESS))
     drop(
         "short_caption",

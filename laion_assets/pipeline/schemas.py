@@ -31,7 +31,10 @@ FAILED_TO_DECODE = "failed_to_decode"
 OPTED_OUT = "opted_out"  # X-Robots-Tag opt-out directive, or robots.txt
 BLOCKED = "blocked"  # the URL resolves to a private, loopback, link-local or multicast address
 FILTERED_SIZE = "filtered_size"  # min_image_size / max_aspect_ratio
-STATUSES = (SUCCESS, FAILED_TO_DOWNLOAD, FAILED_TO_DECODE, OPTED_OUT, BLOCKED, FILTERED_SIZE)
+# on a block list (blocklist.py): never fetched (url, domain), or fetched and dropped (image hash), or
+# removed after the build; the row keeps its key and host, its url and caption are null
+TAKEN_DOWN = "taken_down"
+STATUSES = (SUCCESS, FAILED_TO_DOWNLOAD, FAILED_TO_DECODE, OPTED_OUT, BLOCKED, FILTERED_SIZE, TAKEN_DOWN)
 FAILURES = (FAILED_TO_DOWNLOAD, FAILED_TO_DECODE)  # the statuses that count against a host
 
 
@@ -62,8 +65,8 @@ def error_class(error_message: str) -> str:
 IMAGES = pa.schema(
     [
         pa.field("key", pa.string(), nullable=False),
-        pa.field("url", pa.string(), nullable=False),
-        pa.field("caption", pa.string(), nullable=False),
+        pa.field("url", pa.string()),  # null only where taken_down
+        pa.field("caption", pa.string()),  # null only where taken_down
         pa.field("status", pa.string(), nullable=False),
         pa.field("error_message", pa.string()),
         pa.field("http_status", pa.int32()),
@@ -71,7 +74,8 @@ IMAGES = pa.schema(
         pa.field("height", pa.int32()),
         pa.field("original_width", pa.int32()),
         pa.field("original_height", pa.int32()),
-        pa.field("sha256", pa.string()),
+        pa.field("sha256", pa.string()),  # of the bytes downloaded (before re-encoding), as md5
+        pa.field("md5", pa.string()),  # what many takedown hash lists give
         pa.field("num_bytes", pa.int64()),  # bytes downloaded (before re-encoding)
         pa.field("host", pa.string(), nullable=False),  # url_host(url): queries by host read no URL
     ]
@@ -175,6 +179,38 @@ def search_index(dim: int) -> pa.Schema:
             pa.field("image_embedding", pa.list_(pa.float16(), dim), nullable=False),
         ]
     )
+
+
+# blocklist_entries/entries.parquet: the active entries of every block list (blocklist.py), as hashes:
+# a `url` entry is recorded as its url_sha256; the other kinds as they are, lower-cased.
+BLOCKLIST_ENTRIES = pa.schema(
+    [
+        pa.field("list", pa.string(), nullable=False),  # the list's file name without its suffix
+        pa.field("kind", pa.string(), nullable=False),  # blocklist.KINDS
+        pa.field("entry", pa.string(), nullable=False),
+    ]
+)
+
+# What removal.remove_keys takes: the keys to remove, each with why (the entry it matched).
+REMOVALS = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("list", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("entry", pa.string(), nullable=False),
+    ]
+)
+
+# takedowns/<timestamp>.parquet, the removal ledger: a row per removal. It holds no link and no caption:
+# `entry` is the matched entry as recorded (a hash, or a domain).
+LEDGER = pa.schema(
+    [
+        *REMOVALS,
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),  # removal.TAKEN_DOWN or removal.DUPLICATE
+        pa.field("removed_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
 
 
 def make_key(shard: str, row: int) -> str:

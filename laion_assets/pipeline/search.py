@@ -17,6 +17,7 @@ measured against (bench/search.py).
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -215,13 +216,21 @@ class SearchIndex:
         top = top[np.argsort(-scores[top], kind="stable")]
         return top, scores[top]
 
-    def search(self, query: np.ndarray, k: int) -> list[Hit]:
-        """The `k` rows most similar to `query` (a normalised embedding), best first."""
-        top, scores = self.nearest(query, k)
-        return [
-            Hit(similarity=float(score), **row)
-            for score, row in zip(scores, self.rows.take(top).to_pylist(), strict=True)
-        ]
+    def search(self, query: np.ndarray, k: int, exclude: Container[str] = frozenset()) -> list[Hit]:
+        """The `k` rows most similar to `query` (a normalised embedding), best first, none of whose key is
+        in `exclude` (removed since the index was built): it asks for more until `k` are left."""
+        wanted = k
+        while True:
+            top, scores = self.nearest(query, wanted)
+            rows = self.rows.take(top).to_pylist()
+            hits = [
+                Hit(similarity=float(score), **row)
+                for score, row in zip(scores, rows, strict=True)
+                if row["key"] not in exclude
+            ]
+            if len(hits) >= k or len(top) < wanted or wanted >= len(self):
+                return hits[:k]
+            wanted *= 2
 
 
 class ApproximateSearchIndex(SearchIndex):

@@ -67,6 +67,9 @@ CARD = "card/README.md"
 CARD_FIGURES = "card/figures"
 CATALOG = "catalog.duckdb"  # beside a local root
 HOSTS = "hosts/hosts.parquet"  # images by host, written with the catalog
+BLOCKLIST = "blocklist"  # takedown lists, <name>.(txt|csv|parquet): an input, as incoming/ is
+BLOCKLIST_ENTRIES = "blocklist_entries/entries.parquet"  # the lists' active entries, as hashes
+TAKEDOWNS = "takedowns"  # the removal ledger, <timestamp>.parquet per removal run
 
 
 @dataclass(frozen=True)

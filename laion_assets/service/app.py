@@ -30,6 +30,7 @@ from fastapi.security import APIKeyHeader, APIKeyQuery, HTTPAuthorizationCredent
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from laion_assets.pipeline.clip import ClipEncoder, ClipSettings, ModelMismatch
+from laion_assets.pipeline.removal import RemovedKeys
 from laion_assets.pipeline.search import IndexMissing, SearchIndex
 from laion_assets.pipeline.storage import DatasetStore
 from laion_assets.service import models as m
@@ -64,6 +65,7 @@ class ClipService:
         self.texts = DynamicBatcher(
             self._encode_tokens, self._model_thread, batch, settings.batch_wait, settings.batching
         )
+        self.removed = RemovedKeys(self.store) if self.store is not None else None
         self.index: SearchIndex | None = None
         self.index_problem: tuple[int, str] | None = None  # why /search cannot answer: status, reason
         self._index_lock = asyncio.Lock()
@@ -155,6 +157,10 @@ class ClipService:
         else:
             self.index, self.index_problem = index, None
             log.info("search index: %d rows from %s (%s)", len(index), self.store.root, index.kind)
+
+    def removed_keys(self) -> frozenset[str]:
+        """The keys taken out of the dataset (removal ledgers), which no answer may hold."""
+        return self.removed.current() if self.removed is not None else frozenset()
 
     async def search_index(self) -> SearchIndex:
         """The loaded index. A missing one is looked for again, so one built later is found."""
@@ -265,7 +271,7 @@ def create_app(settings: ServiceSettings, encoder: ClipEncoder) -> FastAPI:
             query = await service.embed("image", [("image", request.image)])
         else:
             query = await service.embed("text", [("text", request.text)])
-        hits = await asyncio.to_thread(index.search, query[0], request.top_k)
+        hits = await asyncio.to_thread(index.search, query[0], request.top_k, service.removed_keys())
         return m.SearchResponse(
             results=[m.SearchHit(**dataclasses.asdict(hit)) for hit in hits], time=time.perf_counter() - start
         )
@@ -287,7 +293,9 @@ def create_app(settings: ServiceSettings, encoder: ClipEncoder) -> FastAPI:
             text_batches=m.BatcherStats(model_calls=service.texts.model_calls, items=service.texts.items),
         )
 
-    add_search_page(app, service.store, key_required=settings.api_key is not None)  # `/`, /image, /pairs
+    add_search_page(
+        app, service.store, service.removed, key_required=settings.api_key is not None
+    )  # `/`, /image, /pairs
     return app
 
 

@@ -29,6 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from laion_assets.pipeline import schemas
+from laion_assets.pipeline.removal import RemovedKeys
 from laion_assets.pipeline.storage import PAIRS, DatasetStore
 from laion_assets.service import models as m
 from laion_assets.service.inputs import InputError
@@ -126,10 +127,13 @@ def pair_columns(f: IO[bytes]) -> dict[str, tuple[str, str | None]]:
 
 
 class Pairs:
-    """A pair's image and its parquet columns, by key."""
+    """A pair's image and its parquet columns, by key; none of a removed key."""
 
-    def __init__(self, store: DatasetStore, cached_shards: int = CACHED_SHARDS) -> None:
+    def __init__(
+        self, store: DatasetStore, removed: RemovedKeys | None = None, cached_shards: int = CACHED_SHARDS
+    ) -> None:
         self.store = store
+        self.removed = removed
         self.tars = ShardCache(store, PAIRS.tar, image_offsets, cached_shards)
         self.columns = ShardCache(store, PAIRS.parquet, pair_columns, cached_shards)
 
@@ -137,7 +141,7 @@ class Pairs:
         """(bytes, content type, ETag) of the pair's image, or None for a key not in the dataset."""
         shard = schemas.shard_of_key(key)
         found = self.tars.get(shard) if shard else None
-        if found is None or key not in found[1]:
+        if found is None or key not in found[1] or key in self._removed():
             return None
         version, offsets = found
         offset, size, extension = offsets[key]
@@ -149,7 +153,10 @@ class Pairs:
 
     def info(self, keys: list[str]) -> list[PairInfo]:
         found = []
+        removed = self._removed()
         for key in keys:
+            if key in removed:
+                continue
             shard = schemas.shard_of_key(key)
             columns = self.columns.get(shard) if shard else None
             if columns is not None and key in columns[1]:
@@ -157,11 +164,16 @@ class Pairs:
                 found.append(PairInfo(key=key, nsfw=nsfw, license=license_))
         return found
 
+    def _removed(self) -> frozenset[str]:
+        return self.removed.current() if self.removed is not None else frozenset()
 
-def add_search_page(app: FastAPI, store: DatasetStore | None, key_required: bool) -> None:
+
+def add_search_page(
+    app: FastAPI, store: DatasetStore | None, removed: RemovedKeys | None, key_required: bool
+) -> None:
     """The page at `/` and its static files, public; `GET /image/{key}` and `POST /pairs`, which take
-    the app's own dependencies (the API key)."""
-    pairs = Pairs(store) if store is not None else None
+    the app's own dependencies (the API key). Neither answers with a key of the removal ledgers."""
+    pairs = Pairs(store, removed) if store is not None else None
     index_html = (STATIC / "index.html").read_text()
     # Shared caches may keep an image only when no key guards it.
     cache_control = f"{'private' if key_required else 'public'}, max-age={IMAGE_MAX_AGE}"

@@ -86,6 +86,7 @@ def render_markdown(stats: CardStats, settings: CardSettings, figures: list[str]
         _model_and_thresholds(stats),
         _features(),
         _funnel(stats),
+        _removals(stats),
         *([_recaptions(stats.recaptions, stats.shards)] if stats.recaptions else []),
         _downloads(stats, settings),
         _figures(figures),
@@ -158,6 +159,21 @@ def _funnel(stats: CardStats) -> str:
         "## Filtering funnel\n\n"
         "Rows removed by each rule, in the order they apply, summed over the shards. `rows in` are the "
         f"crawl rows with a download outcome.\n\n{table(['rule', 'removed', 'remaining'], rows)}{note}"
+    )
+
+
+def _removals(stats: CardStats) -> str:
+    at_download = dict(stats.statuses).get(schemas.TAKEN_DOWN, 0) - sum(
+        n for reason, _, _, n in stats.removals if reason == schemas.TAKEN_DOWN
+    )
+    return (
+        "## Removals\n\n"
+        "Samples taken out after the build, by the block list and the kind of entry they matched "
+        "(`taken_down`), or as dataset-level duplicates (`duplicate`); the removal ledgers in `takedowns/` "
+        "record each key.\n\n"
+        f"{table(['reason', 'list', 'kind', 'removed'], stats.removals)}\n\n"
+        f"Besides these, {max(0, at_download)} rows were on a block list when their shard was downloaded: "
+        "their links were not requested, or their images were dropped once fetched (status `taken_down`)."
     )
 
 

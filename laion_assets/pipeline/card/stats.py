@@ -69,6 +69,7 @@ class CardStats:
     size_bins: dict[str, list[tuple[int, int]]]  # original_width / original_height: (bin, success images)
     samples: list[tuple[str, str]]  # (key, caption) for the grid
     recaptions: RecapStats | None  # None until some shard has recaptions
+    removals: list[tuple[str, str, str, int]]  # (reason, list, kind, keys) from the removal ledgers
 
     def funnel(self) -> tuple[int, dict[str, int]]:
         """Rows in and rows removed by each rule, summed over the shards that recorded a funnel."""
@@ -173,6 +174,11 @@ def _stats(
         },
         samples=rows("SELECT key, caption FROM pairs ORDER BY md5(key), key LIMIT ?", settings.grid_samples),
         recaptions=_recap_stats(connection) if RECAPTIONS.name in catalog.view_names(connection) else None,
+        removals=rows(
+            "SELECT reason, list, kind, count(DISTINCT key) FROM takedowns GROUP BY ALL ORDER BY ALL"
+        )
+        if "takedowns" in catalog.view_names(connection)
+        else [],
     )
 
 

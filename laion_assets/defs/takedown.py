@@ -1,0 +1,123 @@
+"""Takedowns: the `blocklist` and `takedowns` assets, the sensor that runs them when a list in
+`{root}/blocklist/` is new or changed, and their job, which the dataset-level assets follow.
+
+`downloaded_images` reads the entries `blocklist` records, but does not declare it upstream: a changed
+list would then make every shard's download stale. What is already downloaded is the `takedowns`
+asset's to remove, from the shards that hold a match and only from those (pipeline/removal.py).
+"""
+
+import hashlib
+import json
+from collections.abc import Iterator
+
+import dagster as dg
+
+from laion_assets import names
+from laion_assets.defs.jobs import PER_SHARD_ASSETS
+from laion_assets.defs.resources import DatasetStoreResource
+from laion_assets.pipeline import markdown
+from laion_assets.pipeline.blocklist import find_matches, load_active, read_lists, write_active
+from laion_assets.pipeline.removal import TAKEN_DOWN, remove_keys
+from laion_assets.pipeline.storage import BLOCKLIST, BLOCKLIST_ENTRIES
+
+
+@dg.asset(name=names.BLOCKLIST_ASSET, group_name="takedowns", kinds={"parquet"})
+def blocklist(context: dg.AssetExecutionContext, store: DatasetStoreResource) -> dg.MaterializeResult:
+    """The active entries of every list in `{root}/blocklist/`, as hashes, with their counts per list and
+    kind; the entries that could not be read are listed (and logged), not skipped silently."""
+    dataset = store.get_store()
+    lists = read_lists(dataset)
+    write_active(dataset, lists)
+    for problem in lists.problems:
+        context.log.warning(f"block list {problem.list}, {problem.where}: {problem.problem}")
+    problems = [(p.list, p.where, p.problem) for p in lists.problems]
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": len(lists),
+            "lists": len({name for name, _, _ in lists.counts()}),
+            "entries_by_list": dg.MetadataValue.md(
+                markdown.table(["list", "kind", "entries"], lists.counts())
+            ),
+            "problems": len(problems),
+            "problem_entries": dg.MetadataValue.md(
+                markdown.table(["list", "where", "problem"], problems[:50])
+            ),
+            "path": dg.MetadataValue.path(dataset.url(BLOCKLIST_ENTRIES)),
+        }
+    )
+
+
+@dg.asset(
+    name=names.TAKEDOWNS_ASSET,
+    deps=[blocklist, *PER_SHARD_ASSETS],
+    group_name="takedowns",
+    kinds={"parquet"},
+    output_required=False,
+)
+def takedowns(
+    context: dg.AssetExecutionContext, store: DatasetStoreResource
+) -> Iterator[dg.MaterializeResult]:
+    """Every stored sample on an active list taken out of every layer, only in the shards that hold one,
+    and a ledger row for each in `takedowns/<timestamp>.parquet`. When nothing matches, nothing is
+    written and nothing is materialised, so the dataset-level assets after it are not rebuilt."""
+    dataset = store.get_store()
+    result = remove_keys(dataset, find_matches(dataset, load_active(dataset)), TAKEN_DOWN)
+    if not result.removed:
+        context.log.info("no stored sample is on an active block list: nothing to remove")
+        return
+    yield dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": result.removed,
+            "shards_rewritten": len(result.shards),
+            "files_rewritten": len(result.files),
+            "removed_by_list": dg.MetadataValue.md(
+                markdown.table(["list", "kind", "removed"], result.by_list)
+            ),
+            "shards": ", ".join(result.shards[:20]) + (" ..." if len(result.shards) > 20 else ""),
+            "path": dg.MetadataValue.path(dataset.url(result.ledger)),  # the ledger
+        }
+    )
+
+
+# The takedown flow in one run: the lists recorded, the matches removed, then what is built from every
+# shard (skipped when nothing was removed).
+takedown_job = dg.define_asset_job(
+    names.TAKEDOWN_JOB,
+    selection=dg.AssetSelection.assets(
+        names.BLOCKLIST_ASSET,
+        names.TAKEDOWNS_ASSET,
+        names.SEARCH_INDEX_ASSET,
+        names.CATALOG_ASSET,
+        names.DATASET_CARD_ASSET,
+    ),
+    description="Record the block lists, remove what they match from the built shards, then rebuild the "
+    "search index, the catalog and the card.",
+)
+
+
+@dg.sensor(
+    name=names.BLOCKLIST_SENSOR,
+    job=takedown_job,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+)
+def blocklist_sensor(context: dg.SensorEvaluationContext, store: DatasetStoreResource) -> dg.SensorResult:
+    """Runs the takedown flow when a list in `{root}/blocklist/` is added, changed or removed; its cursor
+    maps each list to its content fingerprint, so the same lists run once."""
+    seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+    now = {f.name: f.fingerprint for f in store.get_store().list(BLOCKLIST)}
+    cursor = json.dumps(now, sort_keys=True)
+    if now == seen:
+        return dg.SensorResult(
+            skip_reason=f"no new, changed or removed list among {len(now)} in {BLOCKLIST}/"
+        )
+    changed = sorted(name for name in now.keys() | seen.keys() if now.get(name) != seen.get(name))
+    return dg.SensorResult(
+        run_requests=[
+            dg.RunRequest(
+                run_key=f"blocklist:{hashlib.sha256(cursor.encode()).hexdigest()[:16]}",
+                tags={names.TRIGGER_TAG: "blocklist", names.SOURCE_FILE_TAG: ",".join(changed)[:200]},
+            )
+        ],
+        cursor=cursor,
+    )

@@ -1,0 +1,219 @@
+"""Removing samples from a built dataset: given keys and a reason, rewrite only the shards that hold them.
+
+A takedown (`TAKEN_DOWN`) empties the sample everywhere: its image leaves `images/<shard>.tar`, its
+images row stays with status `taken_down` (url and caption null, so no row goes missing and no link is
+left in clear), and its rows leave embeddings, pairs (parquet and tar), pairs_embeddings and
+recaptions. A duplicate (`DUPLICATE`, dataset-level dedup) only leaves the dataset: pairs, their tar,
+pairs_embeddings and recaptions. Nothing is downloaded again.
+
+Only the files that hold a removed key are written, each atomically, with the footer it had (its
+source stays, so the shard stays done by lineage.py's rule); every other file keeps its bytes. The
+ledger, `takedowns/<timestamp>.parquet`, is written first: a search service filters its keys at once,
+and a run cut short leaves a ledger whose keys the next run finds again and finishes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from laion_assets import names
+from laion_assets.pipeline import schemas
+from laion_assets.pipeline.pairs import write_pairs_parquet
+from laion_assets.pipeline.parallel import store_map
+from laion_assets.pipeline.shard_tar import TarShardWriter, read_samples
+from laion_assets.pipeline.storage import (
+    EMBEDDINGS,
+    IMAGES,
+    PAIRS,
+    PAIRS_EMBEDDINGS,
+    RECAPTIONS,
+    TAKEDOWNS,
+    DatasetStore,
+    Layer,
+)
+
+TAKEN_DOWN = schemas.TAKEN_DOWN
+DUPLICATE = "duplicate"
+# The layers each reason rewrites, the last made first: the images row, which says the sample is
+# taken down, is written last.
+LAYERS = {
+    TAKEN_DOWN: (RECAPTIONS, PAIRS_EMBEDDINGS, PAIRS, EMBEDDINGS, IMAGES),
+    DUPLICATE: (RECAPTIONS, PAIRS_EMBEDDINGS, PAIRS),
+}
+
+
+@dataclass
+class RemovalResult:
+    removed: int  # keys in the ledger
+    shards: list[str]  # the shards rewritten
+    files: list[str] = field(default_factory=list)  # the files rewritten, under the root
+    ledger: str | None = None  # the ledger file written; None when there was nothing to remove
+    by_list: list[tuple[str, str, int]] = field(default_factory=list)  # (list, kind, keys removed)
+
+
+def remove_keys(
+    store: DatasetStore, removals: pa.Table, reason: str, now: datetime.datetime | None = None
+) -> RemovalResult:
+    """Remove the keys of `removals` (`schemas.REMOVALS`: key, list, kind, entry; the first row of a key
+    counts) for `reason`, write the ledger and rewrite the shards that hold them."""
+    if reason not in LAYERS:
+        raise ValueError(f"unknown removal reason {reason!r}: one of {', '.join(LAYERS)}")
+    removals = _first_per_key(schemas.conform(removals, schemas.REMOVALS).select(schemas.REMOVALS.names))
+    if removals.num_rows == 0:
+        return RemovalResult(0, [])
+    keys = removals.column("key").to_pylist()
+    shards = [schemas.shard_of_key(key) for key in keys]
+    if None in shards:
+        raise ValueError(f"not a dataset key: {keys[shards.index(None)]!r}")
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    ledger = removals.append_column("shard", pa.array(shards, pa.string()))
+    ledger = ledger.append_column("reason", pa.array([reason] * len(keys), pa.string()))
+    ledger = ledger.append_column("removed_at", pa.array([now] * len(keys), pa.timestamp("us", tz="UTC")))
+    ledger_path = f"{TAKEDOWNS}/{now.strftime('%Y%m%dT%H%M%S%fZ')}.parquet"
+    store.write_parquet(ledger_path, schemas.conform(ledger, schemas.LEDGER))
+
+    by_shard: dict[str, dict[str, str]] = {}
+    for row in removals.to_pylist():
+        by_shard.setdefault(schemas.shard_of_key(row["key"]), {})[row["key"]] = (
+            f"{row['list']} ({row['kind']})"
+        )
+    written = store_map(lambda shard: _rewrite_shard(store, shard, by_shard[shard], reason), sorted(by_shard))
+    counts = Counter(
+        zip(removals.column("list").to_pylist(), removals.column("kind").to_pylist(), strict=True)
+    )
+    return RemovalResult(
+        removed=len(keys),
+        shards=sorted(by_shard),
+        files=[path for paths in written for path in paths],
+        ledger=ledger_path,
+        by_list=[(name, kind, n) for (name, kind), n in sorted(counts.items())],
+    )
+
+
+def _first_per_key(removals: pa.Table) -> pa.Table:
+    seen: set[str] = set()
+    keep = []
+    for key in removals.column("key").to_pylist():
+        keep.append(key not in seen)
+        seen.add(key)
+    return removals.filter(pa.array(keep, pa.bool_())).sort_by("key")
+
+
+def _rewrite_shard(store: DatasetStore, shard: str, removed: dict[str, str], reason: str) -> list[str]:
+    """The shard's files without `removed` (key -> the list and kind it is on); the paths rewritten."""
+    written = []
+    for layer in LAYERS[reason]:
+        if (
+            layer.has_tar
+            and store.exists(layer.tar(shard))
+            and _drop_samples(store, layer.tar(shard), removed)
+        ):
+            written.append(layer.tar(shard))
+        path = layer.parquet(shard)
+        if not store.exists(path):
+            continue
+        table = store.read_parquet(path)
+        changed = _taken_down(table, removed) if layer is IMAGES else _without(table, removed)
+        if changed is None:
+            continue
+        _write(store, layer, shard, changed, table.num_rows - changed.num_rows, reason)
+        written.append(path)
+    return written
+
+
+def _without(table: pa.Table, removed: dict[str, str]) -> pa.Table | None:
+    """`table` without the removed keys' rows; None when it has none of them."""
+    hit = pc.is_in(table.column("key"), value_set=pa.array(list(removed), pa.string()))
+    if not pc.any(hit).as_py():
+        return None
+    return table.filter(pc.invert(hit))
+
+
+def _taken_down(images: pa.Table, removed: dict[str, str]) -> pa.Table | None:
+    """The images rows with each removed one marked `taken_down`: no link, no caption, no image size;
+    its key, host, outcome and hashes stay. None when no row changes."""
+    rows = images.to_pylist()
+    changed = 0
+    for row in rows:
+        if row["key"] in removed and row["status"] != schemas.TAKEN_DOWN:
+            row.update(
+                status=schemas.TAKEN_DOWN,
+                error_message=f"on a block list: {removed[row['key']]}",
+                url=None,
+                caption=None,
+                width=None,
+                height=None,
+            )
+            changed += 1
+    if not changed:
+        return None
+    return pa.Table.from_pylist(rows, schema=schemas.IMAGES).replace_schema_metadata(images.schema.metadata)
+
+
+def _write(store: DatasetStore, layer: Layer, shard: str, table: pa.Table, dropped: int, reason: str) -> None:
+    """`table` over the layer's file of `shard`, encoded as its writer does, with its footer; a pairs
+    file's funnel counts the rows dropped under `reason`."""
+    if layer is PAIRS:
+        metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        if names.PAIRS_FUNNEL_FOOTER in metadata:
+            funnel = json.loads(metadata[names.PAIRS_FUNNEL_FOOTER])
+            funnel["removed"][reason] = funnel["removed"].get(reason, 0) + dropped
+            metadata[names.PAIRS_FUNNEL_FOOTER] = json.dumps(funnel)
+        write_pairs_parquet(store, shard, table, metadata)
+    elif layer is IMAGES:
+        store.write_parquet(layer.parquet(shard), table, **schemas.IMAGES_PARQUET_OPTIONS)
+    else:
+        store.write_parquet(layer.parquet(shard), table)
+
+
+class _Unchanged(Exception):
+    """Raised inside an atomic write to leave the file as it was."""
+
+
+def _drop_samples(store: DatasetStore, path: str, removed: dict[str, str]) -> bool:
+    """Rewrite a webdataset tar without the removed keys' samples; False (the file untouched) when it
+    holds none of them. The other samples are written again byte for byte."""
+    dropped = 0
+    with contextlib.suppress(_Unchanged), store.open(path) as source, store.atomic_write(path) as out:
+        with TarShardWriter(out) as writer:
+            for key, members in read_samples(source):
+                if key in removed:
+                    dropped += 1
+                else:
+                    writer.write(key, members)
+        if not dropped:
+            raise _Unchanged
+    return dropped > 0
+
+
+class RemovedKeys:
+    """The keys of every ledger in `takedowns/`: what a service must never answer with, even before the
+    search index is rebuilt. Each call lists the folder (one request) and reads only new or changed
+    ledgers."""
+
+    def __init__(self, store: DatasetStore) -> None:
+        self.store = store
+        self._ledgers: dict[str, tuple[str, frozenset[str]]] = {}  # name -> (fingerprint, its keys)
+        self._keys: frozenset[str] = frozenset()
+        self._lock = threading.Lock()
+
+    def current(self) -> frozenset[str]:
+        listed = {f.name: f.fingerprint for f in self.store.list(TAKEDOWNS) if f.name.endswith(".parquet")}
+        with self._lock:
+            if {name: fp for name, (fp, _) in self._ledgers.items()} != listed:
+                for name, fingerprint in listed.items():
+                    if self._ledgers.get(name, ("",))[0] != fingerprint:
+                        keys = self.store.read_parquet(f"{TAKEDOWNS}/{name}", columns=["key"]).column("key")
+                        self._ledgers[name] = (fingerprint, frozenset(keys.to_pylist()))
+                for name in self._ledgers.keys() - listed.keys():
+                    del self._ledgers[name]
+                self._keys = frozenset().union(*(keys for _, keys in self._ledgers.values()))
+            return self._keys
