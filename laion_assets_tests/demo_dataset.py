@@ -1,6 +1,8 @@
 """The demo dataset the search tests run on: two shards of a small synthetic web embedded with the demo
 model, and their search index."""
 
+from collections.abc import Callable
+
 import dagster as dg
 
 from laion_assets.defs.resources import DatasetStoreResource
@@ -18,15 +20,22 @@ DEMO_IMAGES = 60
 DEMO_SHARDS = ("synthetic-web-0", "synthetic-web-1")
 
 
-def build_demo_dataset(root: str) -> str:
-    """The pipeline run over `make_world(images=DEMO_IMAGES)` into `root`, search index included."""
+def build_demo_dataset(
+    root: str,
+    edit_rows: Callable[[list[dict]], list[dict]] = lambda rows: rows,
+    pairs_embeddings: bool = False,
+) -> str:
+    """The pipeline run over `make_world(images=DEMO_IMAGES)` into `root`, search index included; the URL
+    list made by `edit_rows` from the world's, pairs_embeddings written when asked."""
     instance = dg.DagsterInstance.ephemeral()
     with WorldWeb(make_world(images=DEMO_IMAGES, failures={})) as web:
-        write_sources(DatasetStore(root), web.rows(), shards=len(DEMO_SHARDS))
+        write_sources(DatasetStore(root), edit_rows(web.rows()), shards=len(DEMO_SHARDS))
         for shard in DEMO_SHARDS:
             # as the demo downloads: its model was trained on images padded black
             download = {**LOCAL_WEB, "border_color": DEMO_BORDER_COLOR}
             config = {"ops": {"downloaded_images": {"config": download}}}
+            if pairs_embeddings:
+                config["ops"]["filtered_pairs"] = {"config": {"write_embeddings": True}}
             assert materialize_shard(instance, root, shard, config, clip=DEMO_CLIP).success
     resources = {"store": DatasetStoreResource(root=root)}
     assert dg.materialize([search_index], resources=resources, instance=instance).success

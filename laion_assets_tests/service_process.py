@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import urllib3
+import uvicorn
 
 TINY_MODEL_ENV = {"LAION_ASSETS_CLIP_MODEL": "laion-assets-tiny", "LAION_ASSETS_CLIP_PRETRAINED": "none"}
 
@@ -55,3 +57,19 @@ def serving(*args: str) -> Iterator[Served]:
         server.wait(30)
         log.close()
         log_path.unlink()
+
+
+@contextmanager
+def running(app) -> Iterator[str]:
+    """uvicorn serving `app` in a thread on a free loopback port; yields its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -121,7 +121,8 @@ def test_the_service_answers_search_from_the_approximate_index(local_root):
     from laion_assets.pipeline.clip import ClipEncoder
     from laion_assets.service.app import ServiceSettings, create_app
     from laion_assets_tests.dagster_helpers import TINY_CLIP
-    from laion_assets_tests.test_service import Client, running
+    from laion_assets_tests.service_process import running
+    from laion_assets_tests.test_service import Client
 
     encoder = ClipEncoder(TINY_CLIP)
     store = DatasetStore(local_root)

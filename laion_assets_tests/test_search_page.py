@@ -18,7 +18,7 @@ from laion_assets.pipeline.storage import PAIRS, DatasetStore
 from laion_assets.service.app import create_app
 from laion_assets.service.settings import ServiceSettings
 from laion_assets_tests.demo_dataset import DEMO_CLIP, DEMO_IMAGES
-from laion_assets_tests.test_service import running
+from laion_assets_tests.service_process import running
 
 KEY = "a-key-for-the-page-test"
 QUERY, COLOUR, SHAPE = "a blue square", "blue", "square"

@@ -2,11 +2,8 @@
 
 import base64
 import json
-import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import hypothesis
 import hypothesis.configuration
@@ -15,7 +12,6 @@ import pytest
 import schemathesis
 import torch
 import urllib3
-import uvicorn
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -35,28 +31,13 @@ from laion_assets.service.app import API_KEY_HEADER, create_app
 from laion_assets.service.settings import ServiceSettings
 from laion_assets_tests.dagster_helpers import TINY_CLIP
 from laion_assets_tests.demo_dataset import DEMO_CLIP
+from laion_assets_tests.service_process import running
 from laion_assets_tests.web import IMAGES
 
 KEY = "test-key"
 MAX_IMAGE_BYTES = 1_000_000
 PICTURES = ["/img/red.jpg", "/img/green.png", "/img/blue.webp", "/exif.jpg", "/img/transparent.png"]
 TOLERANCE = 1e-5  # the same model on the same inputs, in batches of other sizes
-
-
-@contextmanager
-def running(app) -> Iterator[str]:
-    """uvicorn serving `app` in a thread on a free loopback port; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 class Client:

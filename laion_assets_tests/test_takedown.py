@@ -1,0 +1,394 @@
+"""Takedowns against a dataset built by the real pipeline from a web on 127.0.0.1: block lists in, the
+matched samples out of every layer, the rest untouched to the byte, the ledger right, a re-run a no-op."""
+
+import hashlib
+import io
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from laion_assets import names
+from laion_assets.defs.card import dataset_card
+from laion_assets.defs.catalog import catalog
+from laion_assets.defs.resources import DatasetStoreResource
+from laion_assets.defs.search import search_index
+from laion_assets.defs.takedown import blocklist, blocklist_sensor, takedowns
+from laion_assets.pipeline import catalog as duckdb_catalog
+from laion_assets.pipeline import schemas
+from laion_assets.pipeline.blocklist import ListProblem, load_active, read_lists, url_sha256, write_active
+from laion_assets.pipeline.clip import ClipEncoder
+from laion_assets.pipeline.download import download_shard
+from laion_assets.pipeline.removal import DUPLICATE, remove_keys
+from laion_assets.pipeline.shard_tar import read_samples
+from laion_assets.pipeline.storage import (
+    BLOCKLIST,
+    EMBEDDINGS,
+    IMAGES,
+    PAIRS,
+    PAIRS_EMBEDDINGS,
+    RECAPTIONS,
+    SEARCH_INDEX,
+    SHARD_LAYERS,
+    TAKEDOWNS,
+    DatasetStore,
+)
+from laion_assets.runner import run_takedown
+from laion_assets.service.app import create_app
+from laion_assets.service.settings import ServiceSettings
+from laion_assets_tests.demo_dataset import DEMO_CLIP, DEMO_SHARDS, build_demo_dataset
+from laion_assets_tests.service_process import running
+from laion_assets_tests.test_download import FAST, crawl_table
+from laion_assets_tests.test_service import Client
+from laion_assets_tests.web import IMAGES as WEB_IMAGES
+
+TOUCHED, UNTOUCHED = DEMO_SHARDS
+ON_LOCALHOST = 4  # the first rows of shard 0 are published on `localhost`: the domain entry's
+
+
+def _on_localhost(rows: list[dict]) -> list[dict]:
+    # write_sources deals rows round-robin: rows 0, 2, 4, 6 are the first four of shard 0
+    for row in rows[: 2 * ON_LOCALHOST : 2]:
+        row["url"] = row["url"].replace("//127.0.0.1:", "//localhost:")
+    return rows
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> str:
+    """Two shards of the demo world, pairs_embeddings and recaptions included, with their search index,
+    catalog and card; read-only (each test copies it)."""
+    root = build_demo_dataset(str(tmp_path_factory.mktemp("takedown") / "data"), _on_localhost, True)
+    resources = {"store": DatasetStoreResource(root=root)}
+    assert dg.materialize([catalog, dataset_card], resources=resources).success
+    return root
+
+
+@pytest.fixture
+def dataset(built, tmp_path) -> DatasetStore:
+    return DatasetStore(str(shutil.copytree(built, tmp_path / "data")))
+
+
+def _files(store: DatasetStore) -> dict[str, tuple[str, float]]:
+    """Every file under the root but the lists' own: relative path -> (sha256, mtime)."""
+    root = Path(store.root)
+    return {
+        str(path.relative_to(root)): (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime)
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+        and path.relative_to(root).parts[0] not in (BLOCKLIST, "blocklist_entries", ".dagster")
+    }
+
+
+def _tar_members(store: DatasetStore, path: str) -> dict[str, dict[str, bytes]]:
+    with store.open(path) as f:
+        return dict(read_samples(f))
+
+
+def _keys(store: DatasetStore, path: str) -> list[str]:
+    return store.read_parquet(path, columns=["key"]).column("key").to_pylist()
+
+
+def _without(table: pa.Table, keys: set[str]) -> list[dict]:
+    return [row for row in table.to_pylist() if row["key"] not in keys]
+
+
+def test_lists_are_read_by_kind_and_bad_entries_are_reported(local_root):
+    store = DatasetStore(local_root)
+    listed_md5 = hashlib.md5(b"http://x.org/a.jpg").hexdigest()
+    store.write_bytes(
+        f"{BLOCKLIST}/partner.txt", f"# a partner's list\nurl_md5\n{listed_md5}\nnot-a-hash\n".encode()
+    )
+    store.write_bytes(
+        f"{BLOCKLIST}/requests.csv",
+        b"url,domain,owner\nhttp://x.org/1.jpg,Example.COM,me\nftp://x.org/2.jpg,*.sub.example.net,\n",
+    )
+    sha = "AB" * 32
+    store.write_parquet(
+        f"{BLOCKLIST}/images.parquet", pa.table({"sha256": [sha, None], "md5": [None, "12" * 16]})
+    )
+    store.write_bytes(f"{BLOCKLIST}/hashes.txt", b"hashes\n" + b"ab" * 32 + b"\n")
+    store.write_bytes(f"{BLOCKLIST}/notes.json", b"{}")
+
+    lists = read_lists(store)
+    assert lists.entries.schema == schemas.BLOCKLIST_ENTRIES
+    assert sorted(lists.entries.to_pylist(), key=lambda r: (r["list"], r["kind"])) == [
+        {"list": "images", "kind": "md5", "entry": "12" * 16},
+        {"list": "images", "kind": "sha256", "entry": "ab" * 32},
+        {"list": "partner", "kind": "url_md5", "entry": listed_md5},
+        {"list": "requests", "kind": "domain", "entry": "example.com"},
+        {"list": "requests", "kind": "domain", "entry": "sub.example.net"},
+        {"list": "requests", "kind": "url", "entry": url_sha256("http://x.org/1.jpg")},  # never in clear
+    ]
+    assert sorted(lists.problems, key=lambda p: p.list) == [
+        ListProblem(
+            "hashes.txt",
+            "line 1",
+            "the first line must name the kind of entry, one of "
+            "url, url_sha256, url_md5, sha256, md5, domain",
+        ),
+        ListProblem("notes.json", "file", "not a list: name it <name>.txt|.csv|.parquet"),
+        ListProblem("partner.txt", "line 4", "not a url_md5 hex digest (32 hex digits): 'not-a-hash'"),
+        ListProblem(
+            "requests.csv",
+            "column 'owner'",
+            "unknown kind of entry: name columns url, url_sha256, url_md5, sha256, md5, domain",
+        ),
+        ListProblem("requests.csv", "row 2, column url", "not an http(s) link: 'ftp://x.org/2.jpg'"),
+    ]
+    assert lists.counts() == [
+        ("images", "md5", 1),
+        ("images", "sha256", 1),
+        ("partner", "url_md5", 1),
+        ("requests", "domain", 2),
+        ("requests", "url", 1),
+    ]
+
+    assert lists.match_url("http://x.org/1.jpg").kind == "url"
+    assert lists.match_url("http://x.org/1.jpg?x") is None  # a link is matched exactly
+    assert lists.match_url("http://x.org/a.jpg").kind == "url_md5"
+    assert lists.match_url("https://cdn.EXAMPLE.com:8443/x.jpg").entry == "example.com"  # a subdomain
+    assert lists.match_url("https://notexample.com/x.jpg") is None
+    assert lists.match_url("https://a.sub.example.net/x.jpg").entry == "sub.example.net"
+    assert lists.match_image("ab" * 32, None).list == "images"
+    assert lists.match_image(None, "12" * 16).kind == "md5"
+    assert lists.match_image("cd" * 32, "34" * 16) is None
+
+    write_active(store, lists)
+    assert load_active(store).entries == lists.entries
+
+
+def test_downloads_never_request_a_listed_link_or_domain_and_drop_a_listed_image(web, local_root):
+    store = DatasetStore(local_root)
+    blue, green = WEB_IMAGES["/img/blue.webp"][1], WEB_IMAGES["/img/green.png"][1]
+    store.write_bytes(
+        f"{BLOCKLIST}/requests.csv",
+        f"url,domain,sha256,md5\n{web.url('/up/listed.jpg')},localhost,"
+        f"{hashlib.sha256(blue).hexdigest()},{hashlib.md5(green).hexdigest()}\n".encode(),
+    )
+    lists = read_lists(store)
+    port = web.url("/").split(":")[2].split("/")[0]
+    urls = [
+        web.url("/up/listed.jpg"),
+        f"http://localhost:{port}/up/on-a-listed-domain.jpg",
+        web.url("/img/blue.webp"),
+        web.url("/img/green.png"),
+        *(web.url(f"/up/{i}") for i in range(300)),  # enough rows for two worker processes
+    ]
+    tar = io.BytesIO()
+    result = download_shard(crawl_table(urls), replace(FAST, processes=2), tar, blocklist=lists)
+    rows = result.table.to_pylist()
+    assert [row["status"] for row in rows[:4]] == [schemas.TAKEN_DOWN] * 4
+    assert [row["error_message"] for row in rows[:4]] == [
+        "on a block list: requests (url)",
+        "on a block list: requests (domain)",
+        "on a block list: requests (sha256)",
+        "on a block list: requests (md5)",
+    ]
+    assert all(row["url"] is None and row["caption"] is None for row in rows[:4])
+    assert rows[1]["host"] == f"localhost:{port}"  # the host stays, for the counts by host
+    assert {row["status"] for row in rows[4:]} == {schemas.SUCCESS}
+    assert web.hits["/up/listed.jpg"] == 0 and web.hits["/up/on-a-listed-domain.jpg"] == 0  # never requested
+    assert web.hits["/img/blue.webp"] == 1  # an image's hash is known once it is fetched
+    assert (
+        rows[2]["sha256"] == hashlib.sha256(blue).hexdigest()
+        and rows[3]["md5"] == hashlib.md5(green).hexdigest()
+    )
+    tar_keys = [key for key, _ in read_samples(io.BytesIO(tar.getvalue()))]
+    assert sorted(tar_keys) == [row["key"] for row in rows[4:]]
+    assert result.table.num_rows == len(urls)  # no row goes missing
+
+
+def test_blocklist_sensor_runs_the_flow_once_per_change_of_the_lists(local_root):
+    store = DatasetStore(local_root)
+    resources = {"store": DatasetStoreResource(root=local_root)}
+
+    def evaluate(cursor: str | None) -> dg.SensorResult:
+        with dg.build_sensor_context(cursor=cursor, resources=resources) as context:
+            return blocklist_sensor(context)
+
+    empty = evaluate(None)
+    assert not empty.run_requests and empty.skip_reason
+    store.write_bytes(f"{BLOCKLIST}/a.txt", b"domain\nexample.com\n")
+    added = evaluate(empty.cursor)
+    (request,) = added.run_requests
+    assert request.tags == {names.TRIGGER_TAG: "blocklist", names.SOURCE_FILE_TAG: "a.txt"}
+    assert not evaluate(added.cursor).run_requests
+    store.write_bytes(f"{BLOCKLIST}/a.txt", b"domain\nexample.com\nexample.org\n")
+    changed = evaluate(added.cursor)
+    assert len(changed.run_requests) == 1 and changed.run_requests[0].run_key != request.run_key
+    store.remove(f"{BLOCKLIST}/a.txt")
+    removed = evaluate(changed.cursor)
+    assert removed.run_requests[0].tags[names.SOURCE_FILE_TAG] == "a.txt"
+
+
+@pytest.fixture(scope="module")
+def demo_encoder() -> ClipEncoder:
+    return ClipEncoder(DEMO_CLIP)
+
+
+def test_a_takedown_removes_the_matched_samples_from_every_layer_and_nothing_else(
+    dataset: DatasetStore, demo_encoder, tmp_path
+):
+    store = dataset
+    pairs = store.read_parquet(PAIRS.parquet(TOUCHED))
+    images = store.read_parquet(IMAGES.parquet(TOUCHED))
+    on_localhost = [row["key"] for row in images.to_pylist() if "//localhost:" in row["url"]]
+    assert len(on_localhost) == ON_LOCALHOST
+    chosen = [row for row in pairs.to_pylist() if row["key"] not in on_localhost][:5]
+    by_url, by_url_hash, by_sha = chosen[:3], chosen[3], chosen[4]
+    other_shas = set(store.read_parquet(IMAGES.parquet(UNTOUCHED)).column("sha256").to_pylist())
+    assert by_sha["sha256"] not in other_shas  # so the other shard holds no match
+    removed = {row["key"] for row in chosen} | set(on_localhost)
+    rows = [
+        (by_url[0]["url"], url_sha256(by_url_hash["url"]), by_sha["sha256"], "localhost", "from a partner"),
+        (by_url[1]["url"], "", "", "", ""),
+        (by_url[2]["url"], "not-a-hash", "", "", ""),
+    ]
+    list_file = tmp_path / "partner-request.csv"
+    list_file.write_text("url,url_sha256,sha256,domain,note\n" + "".join(",".join(r) + "\n" for r in rows))
+    before = _files(store)
+    before_tables = {
+        layer: store.read_parquet(layer.parquet(TOUCHED))
+        for layer in SHARD_LAYERS
+        if store.exists(layer.parquet(TOUCHED))
+    }
+    before_tars = {path: _tar_members(store, path) for path in (IMAGES.tar(TOUCHED), PAIRS.tar(TOUCHED))}
+    index_rows = store.parquet_num_rows(SEARCH_INDEX)
+
+    # The lists recorded and the matches removed; the search index not rebuilt yet.
+    store.write_bytes(f"{BLOCKLIST}/{list_file.name}", list_file.read_bytes())
+    resources = {"store": DatasetStoreResource(root=store.root)}
+    result = dg.materialize([blocklist, takedowns], resources=resources)
+    assert result.success
+    recorded = result.asset_materializations_for_node("blocklist")[0].metadata
+    assert recorded["dagster/row_count"].value == 6 and recorded["problems"].value == 2  # `note`, not-a-hash
+    taken = result.asset_materializations_for_node("takedowns")[0].metadata
+    assert taken["dagster/row_count"].value == len(removed) and taken["shards_rewritten"].value == 1
+
+    # /search never answers with a removed key, though the index still holds them.
+    assert set(_keys(store, SEARCH_INDEX)) >= removed & set(pairs.column("key").to_pylist())
+    with running(create_app(ServiceSettings(root=store.root), demo_encoder)) as url:
+        client = Client(url, key=None)
+        for row in chosen:
+            hits = client.ok("/search", {"text": row["caption"], "top_k": 10})["results"]
+            assert len(hits) == 10 and not {hit["key"] for hit in hits} & removed
+        everything = client.ok("/search", {"text": chosen[0]["caption"], "top_k": index_rows})["results"]
+        assert len(everything) == index_rows - len(removed & set(pairs.column("key").to_pylist()))
+        status, _ = client.request("GET", f"/image/{chosen[0]['key']}")
+        assert status == 404
+        assert client.ok("/pairs", {"keys": sorted(removed)})["pairs"] == []
+
+    # Then what is built from every shard.
+    assert dg.materialize([search_index, catalog, dataset_card], resources=resources).success
+
+    after = _files(store)
+    untouched = {path for path in before if f"/{UNTOUCHED}." in f"/{path}"}
+    assert untouched and all(after[path] == before[path] for path in untouched)  # bytes and mtimes
+    rewritten = {path for path in before if before[path] != after.get(path)}
+    assert {p for p in rewritten if f"/{TOUCHED}." in f"/{p}"} == {
+        IMAGES.parquet(TOUCHED),
+        IMAGES.tar(TOUCHED),
+        EMBEDDINGS.parquet(TOUCHED),
+        PAIRS.parquet(TOUCHED),
+        PAIRS.tar(TOUCHED),
+        PAIRS_EMBEDDINGS.parquet(TOUCHED),
+        RECAPTIONS.parquet(TOUCHED),
+    }  # crawl_metadata, the parsed source, stays
+
+    # No removed key in any layer's rows but the images status row, in any tar, in the index.
+    for layer in (EMBEDDINGS, PAIRS, PAIRS_EMBEDDINGS, RECAPTIONS):
+        kept = store.read_parquet(layer.parquet(TOUCHED))
+        assert not set(kept.column("key").to_pylist()) & removed
+        assert _without(kept, removed) == _without(before_tables[layer], removed)  # the rest unchanged
+        funnel = names.PAIRS_FUNNEL_FOOTER.encode()  # counts the removed rows (below)
+        footer, footer_before = (
+            {k: v for k, v in t.schema.metadata.items() if k != funnel} for t in (kept, before_tables[layer])
+        )
+        assert footer == footer_before  # the source, the model, the provenance
+    for path, members in before_tars.items():
+        now = _tar_members(store, path)
+        assert not set(now) & removed
+        assert now == {key: m for key, m in members.items() if key not in removed}  # bytes unchanged
+    assert not set(_keys(store, SEARCH_INDEX)) & removed
+    new_images = store.read_parquet(IMAGES.parquet(TOUCHED))
+    assert new_images.num_rows == images.num_rows
+    for row in new_images.to_pylist():
+        if row["key"] in removed:
+            assert row["status"] == schemas.TAKEN_DOWN and row["url"] is None and row["caption"] is None
+        else:
+            assert row == next(r for r in images.to_pylist() if r["key"] == row["key"])
+    funnel = json.loads(store.parquet_metadata(PAIRS.parquet(TOUCHED))[names.PAIRS_FUNNEL_FOOTER])
+    assert funnel["removed"]["taken_down"] == len(removed & set(pairs.column("key").to_pylist()))
+
+    # The DuckDB views: no removed key among the dataset's rows; the images rows say why.
+    connection = duckdb_catalog.connect(store)
+    for view in ("pairs", "embeddings", "pairs_embeddings", "recaptions"):
+        keys = {key for (key,) in connection.sql(f"SELECT key FROM {view}").fetchall()}
+        assert keys and not keys & removed
+    assert connection.sql(
+        "SELECT count(*) FROM images WHERE status = 'taken_down' AND url IS NULL AND caption IS NULL"
+    ).fetchone()[0] == len(removed)
+
+    # The ledger: a row per removal, with its list and kind, and no link or caption.
+    (ledger_name,) = [f.name for f in store.list(TAKEDOWNS)]
+    ledger = store.read_parquet(f"{TAKEDOWNS}/{ledger_name}")
+    assert ledger.schema.names == schemas.LEDGER.names
+    kinds = {row["key"]: row["kind"] for row in ledger.to_pylist()}
+    assert kinds == {
+        **{row["key"]: "url" for row in by_url},
+        by_url_hash["key"]: "url_sha256",
+        by_sha["key"]: "sha256",
+        **dict.fromkeys(on_localhost, "domain"),
+    }
+    assert set(ledger.column("list").to_pylist()) == {"partner-request"}
+    assert set(ledger.column("shard").to_pylist()) == {TOUCHED}
+    assert set(ledger.column("reason").to_pylist()) == {schemas.TAKEN_DOWN}
+    clear = {row["url"] for row in chosen} | {row["caption"] for row in chosen}
+    values = {str(v) for column in ledger.columns for v in column.to_pylist()}
+    assert not values & clear
+    counts = dict(connection.sql("SELECT kind, count(*) FROM takedowns GROUP BY 1").fetchall())
+    assert counts == {"url": 3, "url_sha256": 1, "sha256": 1, "domain": ON_LOCALHOST}
+
+    # The card counts the removals per list, and names none of them.
+    card = store.open("card/README.md").read().decode()
+    section = card.split("## Removals", 1)[1].split("\n## ", 1)[0]
+    assert "| taken_down | partner-request | domain | 4 |" in section
+    assert "| taken_down | partner-request | url | 3 |" in section
+    assert not any(key in card for key in removed) and not any(
+        value in card for value in clear if "/" in value
+    )
+
+    # Run again, as `laion-assets takedown` does: nothing left to remove, nothing written.
+    settled = _files(store)
+    lines: list[str] = []
+    assert run_takedown(store.root, list_file, echo=lines.append) == 0
+    assert _files(store) == settled
+    assert "takedowns: 0 samples removed from 0 shards" in lines
+    assert "search_index: not rebuilt" in lines
+
+
+def test_the_removal_of_duplicates_keeps_their_images_and_embeddings(dataset: DatasetStore):
+    store = dataset
+    keys = _keys(store, PAIRS.parquet(UNTOUCHED))[:2]
+    removals = pa.table({"key": keys, "list": ["dedup"] * 2, "kind": ["exact"] * 2, "entry": ["a", "b"]})
+    images_before = store.read_parquet(IMAGES.parquet(UNTOUCHED))
+    result = remove_keys(store, removals, DUPLICATE)
+    assert result.removed == 2 and result.shards == [UNTOUCHED]
+    assert set(result.files) == {
+        PAIRS.parquet(UNTOUCHED),
+        PAIRS.tar(UNTOUCHED),
+        PAIRS_EMBEDDINGS.parquet(UNTOUCHED),
+        RECAPTIONS.parquet(UNTOUCHED),
+    }
+    assert store.read_parquet(IMAGES.parquet(UNTOUCHED)) == images_before
+    assert set(keys) <= set(_keys(store, EMBEDDINGS.parquet(UNTOUCHED)))
+    assert not set(keys) & set(_keys(store, PAIRS.parquet(UNTOUCHED)))
+    with pytest.raises(ValueError, match="unknown removal reason"):
+        remove_keys(store, removals, "spam")
+    assert remove_keys(store, removals.slice(0, 0), DUPLICATE).ledger is None
+    assert pq.read_table(store.path(result.ledger)).column("reason").to_pylist() == [DUPLICATE] * 2
