@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--images", type=int, default=300, help="images in the synthetic web")
 
     sql = sub.add_parser(
-        "sql", help="query the DuckDB views (crawl_metadata, images, embeddings, pairs, recaptions, hosts)"
+        "sql",
+        help="query the DuckDB views (crawl_metadata, images, pairs, recaptions, hosts, takedowns, ...)",
     )
     sql.add_argument("query", help='e.g. "SELECT status, count(*) FROM images GROUP BY 1"')
     sql.add_argument("--root", default=None, help=root_help)

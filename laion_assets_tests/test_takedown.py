@@ -4,6 +4,7 @@ matched samples out of every layer, the rest untouched to the byte, the ledger r
 import hashlib
 import io
 import json
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from laion_assets import names
+from laion_assets.cli import main
 from laion_assets.defs.card import dataset_card
 from laion_assets.defs.catalog import catalog
 from laion_assets.defs.resources import DatasetStoreResource
@@ -21,10 +23,18 @@ from laion_assets.defs.search import search_index
 from laion_assets.defs.takedown import blocklist, blocklist_sensor, takedowns
 from laion_assets.pipeline import catalog as duckdb_catalog
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.blocklist import ListProblem, load_active, read_lists, url_sha256, write_active
+from laion_assets.pipeline.blocklist import (
+    Blocklist,
+    ListProblem,
+    find_matches,
+    load_active,
+    read_lists,
+    url_sha256,
+    write_active,
+)
 from laion_assets.pipeline.clip import ClipEncoder
 from laion_assets.pipeline.download import download_shard
-from laion_assets.pipeline.removal import DUPLICATE, remove_keys
+from laion_assets.pipeline.removal import DUPLICATE, RemovedKeys, remove_keys
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import (
     BLOCKLIST,
@@ -392,3 +402,35 @@ def test_the_removal_of_duplicates_keeps_their_images_and_embeddings(dataset: Da
         remove_keys(store, removals, "spam")
     assert remove_keys(store, removals.slice(0, 0), DUPLICATE).ledger is None
     assert pq.read_table(store.path(result.ledger)).column("reason").to_pylist() == [DUPLICATE] * 2
+
+
+def test_a_removal_on_s3_rewrites_the_shard_and_its_ledger_is_seen_at_once(built, s3_root):
+    """The same mechanism through s3fs on moto's server: atomic rewrites, the ledger, RemovedKeys."""
+    local, store = DatasetStore(built), DatasetStore(s3_root)
+    for layer in SHARD_LAYERS:
+        paths = [layer.parquet(UNTOUCHED)] + ([layer.tar(UNTOUCHED)] if layer.has_tar else [])
+        for path in paths:
+            with local.open(path) as f:
+                store.write_bytes(path, f.read())
+    removed_keys = RemovedKeys(store)
+    assert removed_keys.current() == frozenset()
+    keys = _keys(store, PAIRS.parquet(UNTOUCHED))[:2]
+    removals = pa.table({"key": keys, "list": ["l"] * 2, "kind": ["url"] * 2, "entry": ["e1", "e2"]})
+    result = remove_keys(store, removals, schemas.TAKEN_DOWN)
+    assert result.ledger.startswith(f"{TAKEDOWNS}/") and len(result.files) == 7
+    assert removed_keys.current() == frozenset(keys)
+    assert not set(keys) & set(_keys(store, EMBEDDINGS.parquet(UNTOUCHED)))
+    assert not set(keys) & set(_tar_members(store, IMAGES.tar(UNTOUCHED)))
+    images = store.read_parquet(IMAGES.parquet(UNTOUCHED), columns=["key", "status"]).to_pylist()
+    assert [row["status"] for row in images if row["key"] in keys] == [schemas.TAKEN_DOWN] * 2
+    assert remove_keys(store, find_matches(store, Blocklist.empty()), schemas.TAKEN_DOWN).ledger is None
+
+
+def test_the_takedown_command_takes_only_a_list(local_root, tmp_path):
+    notes = tmp_path / "notes.json"
+    notes.write_text("{}")
+    with pytest.raises(SystemExit, match=re.escape("a block list is a .txt, .csv, .parquet file")):
+        main(["takedown", str(notes), "--root", local_root])
+    with pytest.raises(SystemExit, match="No such file"):
+        main(["takedown", str(tmp_path / "missing.csv"), "--root", local_root])
+    assert not DatasetStore(local_root).list(BLOCKLIST)

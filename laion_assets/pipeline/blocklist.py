@@ -251,8 +251,13 @@ def find_matches(store: DatasetStore, blocklist: Blocklist, shards: Iterable[str
     return pa.Table.from_pylist(found, schema=schemas.REMOVALS).sort_by("key")
 
 
+_MATCH_COLUMNS = ("key", "url", "status", "sha256", "md5")
+
+
 def _shard_matches(store: DatasetStore, shard: str, blocklist: Blocklist) -> list[dict[str, str]]:
-    images = store.read_parquet(IMAGES.parquet(shard))  # a file from before `md5` lacks it
+    with store.open(IMAGES.parquet(shard)) as f:
+        parquet = pq.ParquetFile(f)  # a file from before `md5` lacks it
+        images = parquet.read(columns=[c for c in _MATCH_COLUMNS if c in parquet.schema_arrow.names])
     found = []
     for row in images.to_pylist():
         if row["status"] == schemas.TAKEN_DOWN:
