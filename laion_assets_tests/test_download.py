@@ -356,6 +356,7 @@ def test_metadata_summaries(web):
         "opted_out": 0,
         "blocked": 0,
         "filtered_size": 0,
+        "taken_down": 0,  # every status is counted, this one since takedowns
     }
     assert dict(result.top_errors()) == {"HTTP 404": 1, "not an image": 2}
     assert result.top_failing_hosts() == [(f"127.0.0.1:{web.port}", 3)]

@@ -46,7 +46,11 @@ class ServiceSettings:
         return (self.max_batch + 1) * (4 * -(-self.max_image_bytes // 3) + 1024) + 65_536
 
     def fetch_settings(self) -> FetchSettings:
-        """The downloader's timeouts and retries, this service's size cap and guard."""
+        """The downloader's timeouts and retries, this service's size cap and guard. A query image is not
+        mined into a dataset: TDMRep's reservation, which would cost a request for the site's
+        tdmrep.json before each URL, is the downloader's to honour (X-Robots-Tag is honoured here too)."""
         return FetchSettings(
-            max_bytes=self.max_image_bytes, allow_private_networks=self.allow_private_networks
+            max_bytes=self.max_image_bytes,
+            allow_private_networks=self.allow_private_networks,
+            respect_tdm_reservation=False,
         )
