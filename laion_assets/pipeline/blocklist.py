@@ -65,6 +65,7 @@ class Blocklist:
 
     entries: pa.Table
     problems: list[ListProblem] = field(default_factory=list)
+    _hosts: dict[str, Match | None] = field(default_factory=dict, repr=False)  # netloc -> its domain match
 
     @classmethod
     def empty(cls) -> Blocklist:
@@ -89,8 +90,9 @@ class Blocklist:
             found[bucket].setdefault(row["entry"], Match(row["list"], row["kind"], row["entry"]))
         return found
 
-    def match_url(self, url: str) -> Match | None:
-        """The first entry the link is on: by its hashes, or by its host or a parent domain of it."""
+    def match_url(self, url: str, host: str | None = None) -> Match | None:
+        """The first entry the link is on: by its hashes, or by its host or a parent domain of it. `host`
+        is the link's `schemas.url_host`, where the caller has it (the images' `host` column)."""
         lists = self._by_kind
         if lists[URL_SHA256]:
             found = lists[URL_SHA256].get(url_sha256(url))
@@ -101,11 +103,17 @@ class Blocklist:
             if found:
                 return found
         if lists[DOMAIN]:
-            host = (urlsplit(url).hostname or "").rstrip(".")
-            for domain in _parent_domains(host):
-                if domain in lists[DOMAIN]:
-                    return lists[DOMAIN][domain]
+            return self._domain_match(schemas.url_host(url) if host is None else host)
         return None
+
+    def _domain_match(self, netloc: str) -> Match | None:
+        """The domain entry a host (with its port, maybe) is under; worked out once per host, since a
+        shard has far fewer hosts than links (urlsplit per link was most of the matching's time)."""
+        if netloc not in self._hosts:
+            hostname = (urlsplit(f"//{netloc}").hostname or "").rstrip(".")
+            domains = self._by_kind[DOMAIN]
+            self._hosts[netloc] = next((domains[d] for d in _parent_domains(hostname) if d in domains), None)
+        return self._hosts[netloc]
 
     def match_image(self, sha256: str | None, md5: str | None) -> Match | None:
         """The first entry the downloaded bytes are on, by their sha256 or md5."""
@@ -251,20 +259,24 @@ def find_matches(store: DatasetStore, blocklist: Blocklist, shards: Iterable[str
     return pa.Table.from_pylist(found, schema=schemas.REMOVALS).sort_by("key")
 
 
-_MATCH_COLUMNS = ("key", "url", "status", "sha256", "md5")
+_MATCH_COLUMNS = ("key", "url", "status", "sha256", "md5", "host")
 
 
 def _shard_matches(store: DatasetStore, shard: str, blocklist: Blocklist) -> list[dict[str, str]]:
     with store.open(IMAGES.parquet(shard)) as f:
-        parquet = pq.ParquetFile(f)  # a file from before `md5` lacks it
+        parquet = pq.ParquetFile(f)  # a file from before `md5` or `host` lacks it
         images = parquet.read(columns=[c for c in _MATCH_COLUMNS if c in parquet.schema_arrow.names])
+    rows = images.num_rows
+
+    def column(name: str) -> list:
+        return images.column(name).to_pylist() if name in images.column_names else [None] * rows
+
     found = []
-    for row in images.to_pylist():
-        if row["status"] == schemas.TAKEN_DOWN:
+    columns = zip(*(column(name) for name in _MATCH_COLUMNS), strict=True)
+    for key, url, status, sha256, md5, host in columns:
+        if status == schemas.TAKEN_DOWN:
             continue
-        match = (row["url"] and blocklist.match_url(row["url"])) or blocklist.match_image(
-            row["sha256"], row.get("md5")
-        )
+        match = (url and blocklist.match_url(url, host)) or blocklist.match_image(sha256, md5)
         if match:
-            found.append({"key": row["key"], "list": match.list, "kind": match.kind, "entry": match.entry})
+            found.append({"key": key, "list": match.list, "kind": match.kind, "entry": match.entry})
     return found

@@ -162,7 +162,7 @@ def download_shard(
             jobs = [job for job in jobs if job.key not in kept]
         reused = len(records)
         blocklist = blocklist or Blocklist.empty()
-        listed = {job.key: match for job in jobs if (match := blocklist.match_url(job.url))}
+        listed = {job.key: match for job in jobs if (match := blocklist.match_url(job.url, job.host))}
         records.extend(_taken_down(job, f"{m.list} ({m.kind})") for job in jobs if (m := listed.get(job.key)))
         jobs = [job for job in jobs if job.key not in listed]
         blocked_images = blocklist.image_entries()
