@@ -182,7 +182,8 @@ def run_takedown(root: str, list_file: Path, echo: Callable[[str], None] = print
             removed = metadata["dagster/row_count"].value if metadata else 0
             shards_ = metadata["shards_rewritten"].value if metadata else 0
             echo(
-                f"{name}: {removed} samples removed from {shards_} shards"
+                f"{name}: {removed} sample{'' if removed == 1 else 's'} removed from {shards_} "
+                f"shard{'' if shards_ == 1 else 's'}"
                 + (f", ledger {metadata['path'].value}" if metadata else "")
             )
         else:
