@@ -21,7 +21,7 @@ import hashlib
 import io
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from urllib.parse import urlsplit
@@ -245,16 +245,13 @@ def load_active(store: DatasetStore) -> Blocklist:
     return Blocklist(schemas.conform(store.read_parquet(BLOCKLIST_ENTRIES), schemas.BLOCKLIST_ENTRIES))
 
 
-def find_matches(store: DatasetStore, blocklist: Blocklist, shards: Iterable[str] | None = None) -> pa.Table:
-    """The rows of every shard's images (or of `shards`) that are on a list and not taken down yet:
-    `schemas.REMOVALS` (key, list, kind, entry), sorted by key."""
-    if shards is None:
-        shards = [
-            f.name.removesuffix(".parquet") for f in store.list(IMAGES.name) if f.name.endswith(".parquet")
-        ]
+def find_matches(store: DatasetStore, blocklist: Blocklist) -> pa.Table:
+    """The rows of every shard's images that are on a list and not taken down yet: `schemas.REMOVALS`
+    (key, list, kind, entry), sorted by key."""
+    shards = [f.name.removesuffix(".parquet") for f in store.list(IMAGES.name) if f.name.endswith(".parquet")]
     found: list[dict[str, str]] = []
     if len(blocklist):
-        for matches in store_map(lambda shard: _shard_matches(store, shard, blocklist), list(shards)):
+        for matches in store_map(lambda shard: _shard_matches(store, shard, blocklist), shards):
             found.extend(matches)
     return pa.Table.from_pylist(found, schema=schemas.REMOVALS).sort_by("key")
 
