@@ -163,7 +163,11 @@ def download_shard(
         reused = len(records)
         blocklist = blocklist or Blocklist.empty()
         listed = {job.key: match for job in jobs if (match := blocklist.match_url(job.url, job.host))}
-        records.extend(_taken_down(job, f"{m.list} ({m.kind})") for job in jobs if (m := listed.get(job.key)))
+        records.extend(
+            schemas.take_down(_record(job, schemas.TAKEN_DOWN, None), f"{m.list} ({m.kind})")
+            for job in jobs
+            if (m := listed.get(job.key))
+        )
         jobs = [job for job in jobs if job.key not in listed]
         blocked_images = blocklist.image_entries()
         started = last_report = time.monotonic()
@@ -177,13 +181,6 @@ def download_shard(
                 progress(f"{done}/{len(jobs)} rows, {done / (last_report - started):.1f} rows/s")
     table = pa.Table.from_pylist(records, schema=schemas.IMAGES).sort_by("key")
     return DownloadResult(table=table, seconds=time.monotonic() - start, fetched=len(jobs), reused=reused)
-
-
-def _taken_down(job: _Job, why: str, record: dict | None = None) -> dict:
-    """The record of a row on a block list: no link and no caption kept, the list and kind said."""
-    record = record or _record(job, schemas.TAKEN_DOWN, None)
-    record.update(status=schemas.TAKEN_DOWN, error_message=f"on a block list: {why}", url=None, caption=None)
-    return record
 
 
 def process_count(settings: DownloadSettings, rows: int) -> int:
@@ -334,7 +331,7 @@ def _download_one(
         )
         listed = blocked_images.get(record["sha256"]) or blocked_images.get(record["md5"])
         if listed:
-            return _taken_down(job, listed, record), None
+            return schemas.take_down(record, listed), None
         image = process_image(fetched.body, settings)
     except DecodeError as exc:
         record.update(status=schemas.FAILED_TO_DECODE, error_message=str(exc))

@@ -144,14 +144,7 @@ def _taken_down(images: pa.Table, removed: dict[str, str]) -> pa.Table | None:
     changed = 0
     for row in rows:
         if row["key"] in removed and row["status"] != schemas.TAKEN_DOWN:
-            row.update(
-                status=schemas.TAKEN_DOWN,
-                error_message=f"on a block list: {removed[row['key']]}",
-                url=None,
-                caption=None,
-                width=None,
-                height=None,
-            )
+            schemas.take_down(row, removed[row["key"]])
             changed += 1
     if not changed:
         return None

@@ -35,6 +35,23 @@ FILTERED_SIZE = "filtered_size"  # min_image_size / max_aspect_ratio
 # removed after the build; the row keeps its key and host, its url and caption are null
 TAKEN_DOWN = "taken_down"
 STATUSES = (SUCCESS, FAILED_TO_DOWNLOAD, FAILED_TO_DECODE, OPTED_OUT, BLOCKED, FILTERED_SIZE, TAKEN_DOWN)
+
+
+def take_down(row: dict, why: str) -> dict:
+    """An images row (a dict) marked `taken_down` in place: `why` (the list and kind) said, no link, no
+    caption and no image size kept; its key, host, outcome and hashes stay. The downloader and the
+    removal of a built sample both mark rows with it."""
+    row.update(
+        status=TAKEN_DOWN,
+        error_message=f"on a block list: {why}",
+        url=None,
+        caption=None,
+        width=None,
+        height=None,
+    )
+    return row
+
+
 FAILURES = (FAILED_TO_DOWNLOAD, FAILED_TO_DECODE)  # the statuses that count against a host
 
 
