@@ -150,3 +150,23 @@ def test_score_filter_counts_pairs_by_truth_and_outcome():
     assert (score.precision, score.recall) == (7 / 8, 7 / 8)
     with pytest.raises(ValueError, match="not a page of the synthetic web"):
         score_filter(world, [("k", "http://127.0.0.1:1/elsewhere.jpg")], set())
+
+
+def test_planted_copies_show_their_original():
+    kinds = {kind: 2 for kind in (*w.EXACT_COPIES, *w.NEAR_COPIES)}
+    world = w.make_world(images=40, seed=7, copies=kinds)
+    assert w.make_world(images=40, seed=7).items != world.items
+    copies = [item for item in world.items if item.copy]
+    assert sorted(item.copy for item in copies) == sorted(k for k, n in kinds.items() for _ in range(n))
+    assert len({item.copy_of for item in copies}) == len(copies)  # each copies another original
+    for item in copies:
+        original = world.item_at(item.copy_of)
+        assert original.copy is None and not original.mismatched and item.source == original.path
+        same = w.image_bytes(item) == w.image_bytes(original)
+        assert same == (item.copy in w.EXACT_COPIES)
+        if item.copy == w.REPEATED:
+            assert (item.path, item.caption) == (original.path, original.caption)
+        elif item.copy == w.RESIZED:
+            assert w.render(item).width == round(w.render(original).width * 0.9)
+    with pytest.raises(ValueError, match="unknown copy kinds"):
+        w.make_world(images=5, copies={"mirrored": 1})

@@ -118,6 +118,11 @@ def test_successful_samples_are_resized_hashed_and_readable_by_webdataset(web, t
     )
     assert red["sha256"] == hashlib.sha256(IMAGES["/img/red.jpg"][1]).hexdigest()
     assert red["num_bytes"] == len(IMAGES["/img/red.jpg"][1]) and red["http_status"] == 200
+    from laion_assets.pipeline.imaging import decode_image, hamming, perceptual_hash
+
+    # the hash of the image as resized, a few bits from the full-size original's
+    assert hamming(red["phash"], perceptual_hash(decode_image(IMAGES["/img/red.jpg"][1], 10**8))) <= 4
+    assert rows[web.url("/404.jpg")]["phash"] is None
     rotated = rows[web.url("/exif.jpg")]
     assert (rotated["original_width"], rotated["original_height"]) == (100, 200)  # EXIF orientation applied
 
@@ -426,3 +431,19 @@ def test_interpolations_are_img2datasets_names_and_defaults():
     bicubic = process_image(small, ImageSettings(resize_mode="keep_ratio", upscale_interpolation="bicubic"))
     assert (up.width, up.height) == (bicubic.width, bicubic.height) == (256, 512)
     assert up.data != bicubic.data
+
+
+def test_perceptual_hash_survives_resizing_but_not_another_image():
+    from PIL import Image, ImageDraw
+
+    from laion_assets.pipeline.imaging import hamming, perceptual_hash
+
+    def picture(x: int) -> Image.Image:
+        image = Image.new("RGB", (200, 150), "white")
+        ImageDraw.Draw(image).ellipse((x, 30, x + 80, 110), fill="red")
+        return image
+
+    original = perceptual_hash(picture(20))
+    assert 0 <= original < 2**63
+    assert hamming(original, perceptual_hash(picture(20).resize((180, 135)))) <= 4
+    assert hamming(original, perceptual_hash(picture(110))) > 16

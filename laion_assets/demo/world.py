@@ -3,7 +3,9 @@
 About a fifth of the images carry the caption of another image that differs in both shape and
 colour, as if the captions had been shuffled: those are the pairs the CLIP filter should drop.
 Some URLs fail the way the real web does (404, 500, HTML, truncated JPEG, an opt-out header).
-Everything, image bytes included, is a function of the seed.
+Planted copies, when asked for, are what dataset-level dedup must find: the same link again, the
+same bytes under another URL, or another URL showing a resized, re-encoded, cropped or watermarked
+copy. Everything, image bytes included, is a function of the seed.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import cached_property
+from types import MappingProxyType
 from urllib.parse import urlsplit
 
 from PIL import Image, ImageDraw
@@ -79,6 +82,17 @@ TEMPLATES = (
 )
 ASPECT_RATIOS = (1.0, 1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3)
 JPEG_QUALITY = 90
+
+# Planted copies of an image, each published by another page with its own true alt text.
+REPEATED = "repeated"  # the same URL and caption again: an exact (url, caption) duplicate
+SAME_BYTES = "same_bytes"  # the same bytes under another URL: an exact sha256 duplicate
+RESIZED = "resized"  # to 90 %
+REENCODED = "reencoded"  # at JPEG quality 70
+CROPPED = "cropped"  # 2 % off each side
+OVERLAID = "overlaid"  # a watermark in a corner
+EXACT_COPIES = (REPEATED, SAME_BYTES)
+NEAR_COPIES = (RESIZED, REENCODED, CROPPED, OVERLAID)
+REENCODED_QUALITY = 70
 PNG_FRACTION = 0.1
 
 
@@ -96,6 +110,13 @@ class Item:
     mismatched: bool
     license: str | None
     seed: int  # image size, pattern, shape position, size and rotation
+    copy: str | None = None  # one of EXACT_COPIES or NEAR_COPIES for a planted copy
+    copy_of: str | None = None  # the path of the item it copies
+
+    @property
+    def source(self) -> str:
+        """The path of the image this item shows: its own, or the one it is a copy of."""
+        return self.copy_of or self.path
 
     @property
     def content_type(self) -> str:
@@ -123,7 +144,8 @@ class World:
 
     @cached_property
     def _by_path(self) -> dict[str, Item]:
-        return {item.path: item for item in self.items}
+        # a repeated link is its original's
+        return {item.path: item for item in sorted(self.items, key=lambda item: item.copy is None)}
 
 
 def caption(item: Item, template: str) -> str:
@@ -145,8 +167,10 @@ def make_world(
     seed: int = 0,
     mismatch_fraction: float = 0.2,
     failures: Mapping[str, int] = DEFAULT_FAILURES,
+    copies: Mapping[str, int] = MappingProxyType({}),
 ) -> World:
-    """`images` image items, `mismatch_fraction` of them mismatched, plus `failures` (kind -> count)."""
+    """`images` image items, `mismatch_fraction` of them mismatched, plus `failures` (kind -> count),
+    then `copies` (kind -> count) of distinct matched images, interleaved with them."""
     unknown = set(failures) - set(FAILURE_KINDS)
     if unknown:
         raise ValueError(f"unknown failure kinds {sorted(unknown)}; known: {FAILURE_KINDS}")
@@ -160,7 +184,35 @@ def make_world(
         item = items[number]
         donor = rng.choice([d for d in items if d.shape != item.shape and d.colour != item.colour])
         published[number] = replace(item, caption=donor.caption, mismatched=True)
-    return World(seed, tuple(published))
+    return World(seed, tuple(_with_copies(published, copies, random.Random(f"{seed}-copies"))))
+
+
+def _with_copies(items: list[Item], copies: Mapping[str, int], rng: random.Random) -> list[Item]:
+    """`items` with the planted copies put in at random places; each copies another original image."""
+    unknown = set(copies) - set(EXACT_COPIES + NEAR_COPIES)
+    if unknown:
+        raise ValueError(f"unknown copy kinds {sorted(unknown)}; known: {EXACT_COPIES + NEAR_COPIES}")
+    originals = [item for item in items if item.kind == IMAGE and not item.mismatched]
+    wanted = [kind for kind, count in copies.items() for _ in range(count)]
+    if len(wanted) > len(originals):
+        raise ValueError(f"{len(wanted)} copies asked of {len(originals)} matched images")
+    out = list(items)
+    number = len(items)
+    for kind, original in zip(wanted, rng.sample(originals, len(wanted)), strict=False):
+        if kind == REPEATED:
+            copy = replace(original, copy=kind, copy_of=original.path)
+        else:
+            suffix = original.path.rsplit(".", 1)[1] if kind == SAME_BYTES else "jpg"
+            copy = replace(
+                original,
+                path=f"images/{number:06d}.{suffix}",
+                caption=caption(original, rng.choice(TEMPLATES)),
+                copy=kind,
+                copy_of=original.path,
+            )
+            number += 1
+        out.insert(rng.randrange(len(out) + 1), copy)
+    return out
 
 
 def _random_item(rng: random.Random, number: int, kind: str) -> Item:
@@ -181,7 +233,10 @@ def _random_item(rng: random.Random, number: int, kind: str) -> Item:
 
 
 def render(item: Item) -> Image.Image:
-    """The item's image: its shape, in its colour, somewhere on its patterned background."""
+    """The item's image: its shape, in its colour, somewhere on its patterned background; for a near
+    copy, the original's image changed as its kind says."""
+    if item.copy in NEAR_COPIES:
+        return _changed(render(replace(item, copy=None, copy_of=None)), item.copy)
     rng = random.Random(item.seed)
     width = rng.randrange(160, 481)
     height = round(width / rng.choice(ASPECT_RATIOS))
@@ -201,8 +256,26 @@ def image_bytes(item: Item) -> bytes:
     if item.content_type == "image/png":
         render(item).save(out, "PNG")
     else:
-        render(item).save(out, "JPEG", quality=JPEG_QUALITY)
+        quality = REENCODED_QUALITY if item.copy == REENCODED else JPEG_QUALITY
+        render(item).save(out, "JPEG", quality=quality)
     return out.getvalue()
+
+
+def _changed(image: Image.Image, kind: str) -> Image.Image:
+    width, height = image.size
+    if kind == RESIZED:
+        return image.resize((round(width * 0.9), round(height * 0.9)), Image.Resampling.LANCZOS)
+    if kind == CROPPED:
+        dx, dy = round(width * 0.02), round(height * 0.02)
+        return image.crop((dx, dy, width - dx, height - dy))
+    if kind == OVERLAID:
+        marked = image.copy()
+        draw = ImageDraw.Draw(marked)
+        box = (width - width // 4 - 4, height - 14, width - 4, height - 4)
+        draw.rectangle(box, fill=(255, 255, 255))
+        draw.text((box[0] + 2, box[1]), "(c)", fill=(0, 0, 0))
+        return marked
+    return image  # REENCODED: the same pixels, encoded at another quality
 
 
 def _pattern_ink(background: RGB) -> RGB:

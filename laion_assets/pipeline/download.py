@@ -347,6 +347,7 @@ def _download_one(
         height=image.height,
         original_width=image.original_width,
         original_height=image.original_height,
+        phash=image.phash,
     )
     members = {
         settings.encode_format: image.data,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
@@ -79,6 +80,29 @@ class ProcessedImage:
     height: int
     original_width: int
     original_height: int
+    phash: int  # perceptual_hash of the image as resized, before any border
+
+
+PHASH_SIDE = 32  # the hash's greyscale thumbnail, whose lowest 8x8 frequencies it keeps
+_DCT = np.cos(
+    np.pi * (2 * np.arange(PHASH_SIDE)[None, :] + 1) * np.arange(PHASH_SIDE)[:, None] / (2 * PHASH_SIDE)
+)[:8]
+
+
+def perceptual_hash(image: Image.Image) -> int:
+    """A DCT perceptual hash (pHash), 63 bits in a non-negative int64: the 8x8 lowest frequencies of a
+    32x32 greyscale thumbnail but the constant one, a bit set where one is above their median.
+    Resizing and re-encoding change a few bits; another image, about half. The Hamming distance of
+    two is DuckDB's `bit_count(xor(a, b))`."""
+    thumbnail = image.resize((PHASH_SIDE, PHASH_SIDE), Image.Resampling.BOX).convert("L")
+    frequencies = (_DCT @ np.asarray(thumbnail, np.float64) @ _DCT.T).ravel()[1:]
+    bits = np.append(False, frequencies > np.median(frequencies))
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+def hamming(a: int, b: int) -> int:
+    """The number of bits in which two perceptual hashes differ."""
+    return (a ^ b).bit_count()
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -112,11 +136,12 @@ def process_image(data: bytes, settings: ImageSettings) -> ProcessedImage:
         down = target[0] < image.size[0]
         filter_ = settings.downscale_interpolation if down else settings.upscale_interpolation
         image = image.resize(target, INTERPOLATIONS[filter_])
+    phash = perceptual_hash(image)
     image = _crop_or_pad(image, settings)
     out = io.BytesIO()
     fmt = ENCODE_FORMATS[settings.encode_format]
     image.save(out, fmt, **({"quality": settings.encode_quality} if fmt != "PNG" else {}))
-    return ProcessedImage(out.getvalue(), image.width, image.height, width, height)
+    return ProcessedImage(out.getvalue(), image.width, image.height, width, height, phash)
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:

@@ -93,6 +93,7 @@ IMAGES = pa.schema(
         pa.field("original_height", pa.int32()),
         pa.field("sha256", pa.string()),  # of the bytes downloaded (before re-encoding), as md5
         pa.field("md5", pa.string()),  # what many takedown hash lists give
+        pa.field("phash", pa.int64()),  # imaging.perceptual_hash of the image, for dataset-level dedup
         pa.field("num_bytes", pa.int64()),  # bytes downloaded (before re-encoding)
         pa.field("host", pa.string(), nullable=False),  # url_host(url): queries by host read no URL
     ]
