@@ -1,7 +1,8 @@
 """The demo dataset the search tests run on: two shards of a small synthetic web embedded with the demo
 model, and their search index."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 
 import dagster as dg
 
@@ -24,11 +25,13 @@ def build_demo_dataset(
     root: str,
     edit_rows: Callable[[list[dict]], list[dict]] = lambda rows: rows,
     pairs_embeddings: bool = False,
+    copies: Mapping[str, int] = MappingProxyType({}),
 ) -> str:
     """The pipeline run over `make_world(images=DEMO_IMAGES)` into `root`, search index included; the URL
-    list made by `edit_rows` from the world's, pairs_embeddings written when asked."""
+    list made by `edit_rows` from the world's (with its planted `copies`), pairs_embeddings written when
+    asked."""
     instance = dg.DagsterInstance.ephemeral()
-    with WorldWeb(make_world(images=DEMO_IMAGES, failures={})) as web:
+    with WorldWeb(make_world(images=DEMO_IMAGES, failures={}, copies=copies)) as web:
         write_sources(DatasetStore(root), edit_rows(web.rows()), shards=len(DEMO_SHARDS))
         for shard in DEMO_SHARDS:
             # as the demo downloads: its model was trained on images padded black

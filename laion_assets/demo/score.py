@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from laion_assets.demo.world import World
+from laion_assets.demo.world import EXACT_COPIES, World
 
 if TYPE_CHECKING:
     from laion_assets.pipeline.caption import CaptionSettings
@@ -125,3 +125,79 @@ def evaluate_captioner(captioner: CaptionSettings, clip: ClipSettings, world: Wo
     new = (images * encoder.encode_texts(recaptions)).sum(dim=-1)
     rows = zip([item.path for item in items], recaptions, org.tolist(), new.tolist(), strict=True)
     return score_recaptions(world, rows)
+
+
+@dataclass(frozen=True)
+class DedupScore:
+    """Dataset-level dedup against the planted copies, for the exact kinds and the near copies apart:
+    a removal is right when the pair removed and the pair kept show the same image of the world."""
+
+    exact_removed: int
+    exact_right: int
+    exact_planted: int  # planted exact copies whose original and copy both reached the pairs
+    exact_found: int
+    near_removed: int
+    near_right: int
+    near_planted: int
+    near_found: int
+
+    @staticmethod
+    def _share(part: int, whole: int) -> float:
+        return part / whole if whole else 1.0
+
+    def figures(self) -> dict[str, float]:
+        return {
+            "exact_precision": self._share(self.exact_right, self.exact_removed),
+            "exact_recall": self._share(self.exact_found, self.exact_planted),
+            "near_precision": self._share(self.near_right, self.near_removed),
+            "near_recall": self._share(self.near_found, self.near_planted),
+        }
+
+    def line(self) -> str:
+        f = self.figures()
+        return (
+            f"exact duplicates precision {f['exact_precision']:.2f}, recall {f['exact_recall']:.2f} "
+            f"({self.exact_found} of {self.exact_planted} planted); near copies precision "
+            f"{f['near_precision']:.2f}, recall {f['near_recall']:.2f} ({self.near_found} of "
+            f"{self.near_planted} planted)"
+        )
+
+
+def score_duplicates(
+    world: World, pairs: Iterable[tuple[str, str]], removed: Iterable[tuple[str, str, str]]
+) -> DedupScore:
+    """`pairs`: (key, url) of every pair before dedup; `removed`: (key, duplicate_of, kind) of dedup's
+    rows."""
+    source = {}
+    copy_kind = {}
+    for key, url in pairs:
+        item = world.item_at(url)
+        if item is None:
+            raise ValueError(f"{url} is not a page of the synthetic web")
+        source[key] = item.source
+        copy_kind[key] = item.copy
+    by_source: dict[str, list[str]] = {}
+    for key, image in source.items():
+        by_source.setdefault(image, []).append(key)
+    planted = {"exact": set(), "near": set()}
+    for image, keys in by_source.items():
+        kinds = {copy_kind[k] for k in keys} - {None}
+        if len(keys) > 1 and kinds:
+            planted["exact" if kinds <= set(EXACT_COPIES) else "near"].add(image)
+    counts = {"exact": [0, 0, set()], "near": [0, 0, set()]}
+    for key, kept, kind in removed:
+        group = counts["near" if kind == "semantic" else "exact"]
+        group[0] += 1
+        if source.get(key) is not None and source.get(key) == source.get(kept):
+            group[1] += 1
+            group[2].add(source[key])
+    return DedupScore(
+        exact_removed=counts["exact"][0],
+        exact_right=counts["exact"][1],
+        exact_planted=len(planted["exact"]),
+        exact_found=len(counts["exact"][2] & planted["exact"]),
+        near_removed=counts["near"][0],
+        near_right=counts["near"][1],
+        near_planted=len(planted["near"]),
+        near_found=len(counts["near"][2] & planted["near"]),
+    )

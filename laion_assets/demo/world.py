@@ -89,7 +89,7 @@ SAME_BYTES = "same_bytes"  # the same bytes under another URL: an exact sha256 d
 RESIZED = "resized"  # to 90 %
 REENCODED = "reencoded"  # at JPEG quality 70
 CROPPED = "cropped"  # 2 % off each side
-OVERLAID = "overlaid"  # a watermark in a corner
+OVERLAID = "overlaid"  # a small watermark, white text in a corner
 EXACT_COPIES = (REPEATED, SAME_BYTES)
 NEAR_COPIES = (RESIZED, REENCODED, CROPPED, OVERLAID)
 REENCODED_QUALITY = 70
@@ -271,9 +271,7 @@ def _changed(image: Image.Image, kind: str) -> Image.Image:
     if kind == OVERLAID:
         marked = image.copy()
         draw = ImageDraw.Draw(marked)
-        box = (width - width // 4 - 4, height - 14, width - 4, height - 4)
-        draw.rectangle(box, fill=(255, 255, 255))
-        draw.text((box[0] + 2, box[1]), "(c)", fill=(0, 0, 0))
+        draw.text((width - 60, height - 14), "(c) stock", fill=(255, 255, 255))
         return marked
     return image  # REENCODED: the same pixels, encoded at another quality
 

@@ -231,6 +231,41 @@ LEDGER = pa.schema(
 )
 
 
+# duplicates/duplicates.parquet (pipeline/dedup.py): a row per pair removed as a duplicate of another.
+DUPLICATES = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("duplicate_of", pa.string(), nullable=False),  # the pair kept
+        pa.field("kind", pa.string(), nullable=False),  # dedup.KINDS
+        pa.field("cosine", pa.float32()),  # semantic: of the two image embeddings
+        pa.field("phash_distance", pa.int32()),  # semantic: bits apart of the two perceptual hashes
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("duplicate_of_shard", pa.string(), nullable=False),
+        pa.field("found_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+# duplicates/state/hashes/<run>.parquet: each surviving pair's exact hashes, one row per kind
+DEDUP_HASHES = pa.schema(
+    [
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("hash", pa.string(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),
+    ]
+)
+
+
+def dedup_members(dim: int) -> pa.Schema:
+    """duplicates/state/members/<bucket>/<run>.parquet: the surviving pairs' image embeddings by cluster."""
+    return pa.schema(
+        [
+            pa.field("key", pa.string(), nullable=False),
+            pa.field("cluster", pa.int32(), nullable=False),
+            pa.field("phash", pa.int64()),
+            pa.field("image_embedding", pa.list_(pa.float16(), dim), nullable=False),
+        ]
+    )
+
+
 def make_key(shard: str, row: int) -> str:
     return f"{shard}-{row:08d}"
 

@@ -70,6 +70,13 @@ HOSTS = "hosts/hosts.parquet"  # images by host, written with the catalog
 BLOCKLIST = "blocklist"  # takedown lists, <name>.(txt|csv|parquet): an input, as incoming/ is
 BLOCKLIST_ENTRIES = "blocklist_entries/entries.parquet"  # the lists' active entries, as hashes
 TAKEDOWNS = "takedowns"  # the removal ledger, <timestamp>.parquet per removal run
+DUPLICATES = "duplicates/duplicates.parquet"  # dataset-level dedup: a row per pair removed, every run's
+# What the next shards are checked against (pipeline/dedup.py): the shards done, the surviving pairs'
+# hashes (a file per run), the k-means centroids, and the survivors' vectors by cluster bucket.
+DEDUP_SHARDS = "duplicates/state/shards.parquet"
+DEDUP_HASHES = "duplicates/state/hashes"
+DEDUP_CENTROIDS = "duplicates/state/centroids.parquet"
+DEDUP_MEMBERS = "duplicates/state/members"  # <bucket>/<run>.parquet
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,522 @@
+"""Dataset-level deduplication: exact duplicates across every shard, and near-duplicate images found
+from the stored CLIP embeddings the way SemDeDup does (Abbas et al., 2023).
+
+Kinds, checked in this order; a pair removed by one is not compared again:
+- `url_caption`: the same URL and caption (as the crawl stage normalised them);
+- `sha256`: the same downloaded bytes;
+- `semantic`: image embeddings with a cosine of at least `1 - eps`, compared only inside their k-means
+  cluster; with `max_phash_distance` set, the two perceptual hashes must also be that close.
+
+Which pair survives: a pair already in the dataset (from an earlier run) is never removed for a newer
+one; among the pairs of one run, the smallest key survives (semantic: each pair, in key order, is
+compared with the survivors before it and removed as a copy of the most similar one). So a run over
+every shard at once keeps the smallest key of each group, and the same shards arriving in the same
+runs always give the same answer.
+
+Each run handles only the shards it has not seen (or whose pairs file changed since), against the state
+in `duplicates/state/`: the survivors' hashes (a DuckDB join, no embedding read), the trained centroids,
+and the survivors' vectors by cluster bucket. The centroids are trained on the first run, and again
+only when the number of clusters asked for changes or `retrain` is set (the stored members are then
+assigned again). Memory: one shard's vectors, then one bucket's, at a time.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import duckdb
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from laion_assets.pipeline import catalog, schemas
+from laion_assets.pipeline.pairs import stored_pair_shards
+from laion_assets.pipeline.removal import DUPLICATE, RemovalResult, remove_keys
+from laion_assets.pipeline.storage import (
+    DEDUP_CENTROIDS,
+    DEDUP_HASHES,
+    DEDUP_MEMBERS,
+    DEDUP_SHARDS,
+    DUPLICATES,
+    EMBEDDINGS,
+    IMAGES,
+    PAIRS,
+    PAIRS_EMBEDDINGS,
+    DatasetStore,
+)
+
+URL_CAPTION, SHA256, SEMANTIC = "url_caption", "sha256", "semantic"
+KINDS = (URL_CAPTION, SHA256, SEMANTIC)
+LEDGER_LIST = "dedup"  # the `list` of dedup's rows in the removal ledger; `entry` is the pair kept
+BLOCK = 1024  # rows of a cluster compared at once
+_FOUND = pa.schema([("key", pa.string()), ("duplicate_of", pa.string())])
+_SHARDS = pa.schema([("shard", pa.string()), ("fingerprint", pa.string()), ("run", pa.string())])
+
+
+@dataclass(frozen=True)
+class DedupSettings:
+    exact: bool = True  # url_caption and sha256
+    semantic: bool = True
+    eps: float = 0.005  # a semantic match has a cosine of at least 1 - eps
+    max_phash_distance: int = -1  # >= 0: a semantic match's perceptual hashes differ in at most this
+    clusters: int = 0  # k-means clusters; 0: the square root of the first run's pairs
+    buckets: int = 16  # cluster % buckets: the groups of clusters held in memory at once
+    train_per_cluster: int = 256  # training vectors per cluster, sampled by key
+    retrain: bool = False
+    seed: int = 0
+
+
+@dataclass
+class DedupResult:
+    run: str
+    shards: list[str]  # the shards checked this run
+    duplicates: pa.Table  # schemas.DUPLICATES, the rows found this run
+    removal: RemovalResult
+    centroids: str  # "trained on N vectors", or "reused (trained ...)", or "off"
+    clusters: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+
+def deduplicate(
+    store: DatasetStore, settings: DedupSettings, now: datetime.datetime | None = None
+) -> DedupResult:
+    """Find the duplicates of the shards not checked yet, record them in `duplicates/duplicates.parquet`,
+    remove them from the built dataset (reason `duplicate`) and keep the survivors in the state."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    run = now.strftime("%Y%m%dT%H%M%S%fZ")
+    pairs = {shard: store.fingerprint(PAIRS.parquet(shard)) for shard in stored_pair_shards(store, "dedup")}
+    done = _read_or_empty(store, DEDUP_SHARDS, _SHARDS)
+    seen = dict(zip(done.column("shard").to_pylist(), done.column("fingerprint").to_pylist(), strict=True))
+    new = sorted(shard for shard, fingerprint in pairs.items() if seen.get(shard) != fingerprint)
+    _forget(store, [shard for shard in new if shard in seen])
+    connection = duckdb.connect()
+    if store.is_s3:
+        catalog.enable_s3(connection)
+    found: list[pa.Table] = []
+    if new:
+        _load_new_pairs(connection, store, new)
+        if settings.exact:
+            for kind in (URL_CAPTION, SHA256):
+                found.append(_exact(connection, store, kind, now))
+    centroids = "off"
+    clusters = 0
+    if settings.semantic and new:
+        semantic, centroids, clusters = _semantic(store, connection, new, settings, run, now)
+        found.append(semantic)
+    duplicates = pa.concat_tables(found) if found else schemas.DUPLICATES.empty_table()
+    removed = set(duplicates.column("key").to_pylist())
+    if new and settings.exact:
+        _write_hashes(connection, store, removed, run)
+    _append_duplicates(store, duplicates)
+    removals = pa.table(
+        {
+            "key": duplicates.column("key"),
+            "list": pa.array([LEDGER_LIST] * duplicates.num_rows, pa.string()),
+            "kind": duplicates.column("kind"),
+            "entry": duplicates.column("duplicate_of"),
+        }
+    )
+    removal = remove_keys(store, removals, DUPLICATE, now)
+    seen.update({shard: store.fingerprint(PAIRS.parquet(shard)) for shard in new})
+    store.write_parquet(
+        DEDUP_SHARDS,
+        pa.table(
+            {
+                "shard": list(seen),
+                "fingerprint": list(seen.values()),
+                "run": [run if shard in new else r for shard, r in _runs(done, seen)],
+            },
+            schema=_SHARDS,
+        ),
+    )
+    counts = Counter(duplicates.column("kind").to_pylist())
+    return DedupResult(run, new, duplicates, removal, centroids, clusters, {k: counts[k] for k in KINDS})
+
+
+def _runs(done: pa.Table, seen: dict[str, str]) -> Iterator[tuple[str, str]]:
+    runs = dict(zip(done.column("shard").to_pylist(), done.column("run").to_pylist(), strict=True))
+    for shard in seen:
+        yield shard, runs.get(shard, "")
+
+
+def _read_or_empty(store: DatasetStore, path: str, schema: pa.Schema) -> pa.Table:
+    return store.read_parquet(path) if store.exists(path) else schema.empty_table()
+
+
+def _forget(store: DatasetStore, shards: list[str]) -> None:
+    """Drop from the state what came from `shards`, whose pairs were rebuilt since they were checked: they
+    are checked again as new. A duplicates row stays while its key is not back in the pairs."""
+    if not shards:
+        return
+    for folder in (DEDUP_HASHES, *_buckets(store)):
+        for stored in store.list(folder):
+            path = f"{folder}/{stored.name}"
+            table = store.read_parquet(path)
+            keep = pc.invert(pc.is_in(_shards_of(table.column("key")), pa.array(shards)))
+            if not pc.all(keep).as_py():
+                store.write_parquet(path, table.filter(keep))
+    if store.exists(DUPLICATES):
+        back = set()
+        for shard in shards:
+            back |= set(store.read_parquet(PAIRS.parquet(shard), columns=["key"]).column("key").to_pylist())
+        table = store.read_parquet(DUPLICATES)
+        keep = pc.invert(pc.is_in(table.column("key"), pa.array(sorted(back), pa.string())))
+        store.write_parquet(DUPLICATES, table.filter(keep))
+
+
+def _buckets(store: DatasetStore) -> list[str]:
+    """The folders of the member buckets."""
+    if not store.fs.isdir(store.path(DEDUP_MEMBERS)):
+        return []
+    return sorted(
+        f"{DEDUP_MEMBERS}/{entry['name'].rstrip('/').rsplit('/', 1)[-1]}"
+        for entry in store.fs.ls(store.path(DEDUP_MEMBERS), detail=True)
+        if entry["type"] == "directory"
+    )
+
+
+def _shards_of(keys: pa.ChunkedArray | pa.Array) -> pa.Array:
+    return pa.array([schemas.shard_of_key(key) for key in keys.to_pylist()], pa.string())
+
+
+# exact kinds: DuckDB over the new shards' pairs and the stored hashes
+
+
+def _load_new_pairs(connection: duckdb.DuckDBPyConnection, store: DatasetStore, new: list[str]) -> None:
+    files = ", ".join(f"'{catalog.quote_literal(store.url(PAIRS.parquet(shard)))}'" for shard in new)
+    connection.execute(
+        f"CREATE TEMP TABLE candidates AS SELECT key, md5(url || chr(31) || caption) AS {URL_CAPTION}, "
+        f"sha256 AS {SHA256} FROM read_parquet([{files}])"
+    )
+
+
+def _known_hashes_sql(store: DatasetStore, kind: str) -> str:
+    if not store.list(DEDUP_HASHES):
+        return "SELECT NULL::VARCHAR AS hash, NULL::VARCHAR AS key LIMIT 0"
+    glob = catalog.quote_literal(store.url(f"{DEDUP_HASHES}/*.parquet"))
+    return f"SELECT hash, key FROM read_parquet('{glob}') WHERE kind = '{kind}'"
+
+
+def _exact(
+    connection: duckdb.DuckDBPyConnection, store: DatasetStore, kind: str, now: datetime.datetime
+) -> pa.Table:
+    """The candidates whose `kind` hash a stored survivor has (its duplicates), or a smaller-keyed
+    candidate has; they leave the candidates."""
+    found = connection.sql(
+        f"SELECT c.key, coalesce(k.key, min(c.key) OVER (PARTITION BY c.{kind})) AS duplicate_of "
+        f"FROM candidates c LEFT JOIN ({_known_hashes_sql(store, kind)}) k ON k.hash = c.{kind} "
+        f"WHERE c.{kind} IS NOT NULL QUALIFY duplicate_of <> c.key ORDER BY c.key"
+    ).to_arrow_table()
+    connection.register("found", found)
+    connection.execute("DELETE FROM candidates WHERE key IN (SELECT key FROM found)")
+    connection.unregister("found")
+    return _duplicates(found, kind, now)
+
+
+def _write_hashes(
+    connection: duckdb.DuckDBPyConnection, store: DatasetStore, removed: set[str], run: str
+) -> None:
+    """The survivors' hashes of this run, one file."""
+    connection.register(
+        "removed", pa.table({"key": sorted(removed)}, schema=pa.schema([("key", pa.string())]))
+    )
+    hashes = connection.sql(
+        f"SELECT '{URL_CAPTION}' AS kind, {URL_CAPTION} AS hash, key FROM candidates "
+        f"WHERE key NOT IN (SELECT key FROM removed) UNION ALL "
+        f"SELECT '{SHA256}', {SHA256}, key FROM candidates "
+        f"WHERE {SHA256} IS NOT NULL AND key NOT IN (SELECT key FROM removed) ORDER BY 1, 2"
+    ).to_arrow_table()
+    store.write_parquet(f"{DEDUP_HASHES}/{run}.parquet", schemas.conform(hashes, schemas.DEDUP_HASHES))
+
+
+def _duplicates(
+    found: pa.Table,
+    kind: str,
+    now: datetime.datetime,
+    cosine: list[float] | None = None,
+    distance: list[int | None] | None = None,
+) -> pa.Table:
+    rows = found.num_rows
+    return pa.table(
+        {
+            "key": found.column("key"),
+            "duplicate_of": found.column("duplicate_of"),
+            "kind": pa.array([kind] * rows, pa.string()),
+            "cosine": pa.array(cosine if cosine is not None else [None] * rows, pa.float32()),
+            "phash_distance": pa.array(distance if distance is not None else [None] * rows, pa.int32()),
+            "shard": _shards_of(found.column("key")),
+            "duplicate_of_shard": _shards_of(found.column("duplicate_of")),
+            "found_at": pa.array([now] * rows, pa.timestamp("us", tz="UTC")),
+        },
+        schema=schemas.DUPLICATES,
+    )
+
+
+def _append_duplicates(store: DatasetStore, duplicates: pa.Table) -> None:
+    if duplicates.num_rows == 0 and store.exists(DUPLICATES):
+        return
+    before = _read_or_empty(store, DUPLICATES, schemas.DUPLICATES)
+    store.write_parquet(DUPLICATES, pa.concat_tables([before, duplicates]).sort_by("key"))
+
+
+# semantic: k-means centroids, then each cluster's new vectors against its survivors
+
+
+@dataclass
+class _Vectors:
+    keys: list[str]
+    vectors: np.ndarray  # (n, dim) float32, L2-normalised
+    phashes: np.ndarray  # int64, -1 where unknown
+
+
+def _shard_vectors(store: DatasetStore, shard: str, keep: set[str]) -> _Vectors:
+    """The image embeddings and perceptual hashes of the shard's pairs in `keep`, sorted by key."""
+    layer = PAIRS_EMBEDDINGS if store.exists(PAIRS_EMBEDDINGS.parquet(shard)) else EMBEDDINGS
+    table = store.read_parquet(layer.parquet(shard), columns=["key", "image_embedding"])
+    table = table.filter(pc.is_in(table.column("key"), pa.array(sorted(keep), pa.string()))).sort_by("key")
+    images = store.read_parquet(IMAGES.parquet(shard))
+    phash = (
+        images.column("phash") if "phash" in images.column_names else pa.nulls(images.num_rows, pa.int64())
+    )
+    by_key = dict(zip(images.column("key").to_pylist(), phash.to_pylist(), strict=True))
+    keys = table.column("key").to_pylist()
+    return _Vectors(
+        keys,
+        _as_matrix(table.column("image_embedding")),
+        np.array([-1 if by_key.get(k) is None else by_key[k] for k in keys], np.int64),
+    )
+
+
+def _as_matrix(column: pa.ChunkedArray) -> np.ndarray:
+    if len(column) == 0:
+        return np.zeros((0, column.type.list_size), np.float32)
+    flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    vectors = flat.reshape(len(column), -1)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+def _semantic(
+    store: DatasetStore,
+    connection: duckdb.DuckDBPyConnection,
+    new: list[str],
+    settings: DedupSettings,
+    run: str,
+    now: datetime.datetime,
+) -> tuple[pa.Table, str, int]:
+    keys = _keys_by_shard(store, connection, new, settings.exact)
+    if not any(keys.values()):
+        return (
+            _duplicates(pa.table({"key": [], "duplicate_of": []}, schema=_FOUND), SEMANTIC, now),
+            "no vectors",
+            0,
+        )
+    centroids, how = _centroids(store, keys, settings)
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(centroids)
+    pending = f"{run}-pending"
+    for shard in new:
+        part = _shard_vectors(store, shard, keys[shard])
+        if not part.keys:
+            continue
+        _, nearest = index.search(part.vectors, 1)
+        _write_members(store, part, nearest[:, 0], settings.buckets, f"{pending}-{shard}")
+    found = []
+    for bucket in _buckets(store):
+        found.extend(_dedup_bucket(store, bucket, pending, run, settings))
+    table = pa.table({"key": [r[0] for r in found], "duplicate_of": [r[1] for r in found]}, schema=_FOUND)
+    order = np.argsort(table.column("key").to_pylist(), kind="stable") if found else []
+    found = [found[i] for i in order]
+    return (
+        _duplicates(
+            table.take(pa.array(order, pa.int64())),
+            SEMANTIC,
+            now,
+            [r[2] for r in found],
+            [r[3] for r in found],
+        ),
+        how,
+        len(centroids),
+    )
+
+
+def _keys_by_shard(
+    store: DatasetStore, connection: duckdb.DuckDBPyConnection, new: list[str], exact: bool
+) -> dict[str, set[str]]:
+    """The keys of each new shard left to compare: the candidates the exact kinds left, or every pair."""
+    if not exact:
+        return {shard: _pair_keys(store, shard) for shard in new}
+    keys: dict[str, set[str]] = {shard: set() for shard in new}
+    for (key,) in connection.sql("SELECT key FROM candidates").fetchall():
+        keys[schemas.shard_of_key(key)].add(key)
+    return keys
+
+
+def _pair_keys(store: DatasetStore, shard: str) -> set[str]:
+    return set(store.read_parquet(PAIRS.parquet(shard), columns=["key"]).column("key").to_pylist())
+
+
+def _write_members(
+    store: DatasetStore, part: _Vectors, clusters: np.ndarray, buckets: int, name: str
+) -> None:
+    dim = part.vectors.shape[1]
+    for bucket in np.unique(clusters % buckets):
+        rows = np.flatnonzero(clusters % buckets == bucket)
+        table = pa.table(
+            {
+                "key": [part.keys[i] for i in rows],
+                "cluster": pa.array(clusters[rows], pa.int32()),
+                "phash": pa.array(
+                    [None if part.phashes[i] < 0 else int(part.phashes[i]) for i in rows], pa.int64()
+                ),
+                "image_embedding": pa.FixedSizeListArray.from_arrays(
+                    pa.array(part.vectors[rows].astype(np.float16).ravel()), dim
+                ),
+            },
+            schema=schemas.dedup_members(dim),
+        )
+        store.write_parquet(f"{DEDUP_MEMBERS}/{bucket:04d}/{name}.parquet", table)
+
+
+def _dedup_bucket(
+    store: DatasetStore, folder: str, pending: str, run: str, settings: DedupSettings
+) -> list[tuple[str, str, float, int | None]]:
+    """The new members of one bucket compared with its survivors, cluster by cluster; the survivors
+    written as this run's file of the bucket, the pending files removed."""
+    files = store.list(folder)
+    new_files = [f.name for f in files if f.name.startswith(pending)]
+    if not new_files:
+        return []
+    new = pa.concat_tables([store.read_parquet(f"{folder}/{name}") for name in new_files]).sort_by("key")
+    touched = pa.array(np.unique(new.column("cluster").to_numpy()), pa.int32())
+    old_parts = [
+        table.filter(pc.is_in(table.column("cluster"), touched))
+        for table in (store.read_parquet(f"{folder}/{f.name}") for f in files if f.name not in new_files)
+    ]
+    old = pa.concat_tables(old_parts) if old_parts else new.schema.empty_table()
+    found: list[tuple[str, str, float, int | None]] = []
+    removed: set[str] = set()
+    old_clusters = old.column("cluster").to_numpy()
+    new_clusters = new.column("cluster").to_numpy()
+    for cluster in touched.to_pylist():
+        o = old.take(pa.array(np.flatnonzero(old_clusters == cluster), pa.int64()))
+        n = new.take(pa.array(np.flatnonzero(new_clusters == cluster), pa.int64()))
+        for key, kept, cosine, distance in near_copies(_members(o), _members(n), settings):
+            found.append((key, kept, cosine, distance))
+            removed.add(key)
+    survivors = new.filter(pc.invert(pc.is_in(new.column("key"), pa.array(sorted(removed), pa.string()))))
+    store.write_parquet(f"{folder}/{run}.parquet", survivors)
+    for name in new_files:
+        store.remove(f"{folder}/{name}")
+    return found
+
+
+def _members(table: pa.Table) -> _Vectors:
+    phash = table.column("phash").to_pylist()
+    return _Vectors(
+        table.column("key").to_pylist(),
+        _as_matrix(table.column("image_embedding")),
+        np.array([-1 if p is None else p for p in phash], np.int64),
+    )
+
+
+def near_copies(
+    old: _Vectors, new: _Vectors, settings: DedupSettings
+) -> Iterator[tuple[str, str, float, int | None]]:
+    """(key, the key it copies, cosine, phash distance) of each `new` member removed: one as close as
+    `settings` asks to a survivor, old ones first, then the new ones kept before it in key order."""
+    threshold = 1.0 - settings.eps
+    everyone = np.concatenate([old.vectors, new.vectors])
+    phashes = np.concatenate([old.phashes, new.phashes])
+    keys = old.keys + new.keys
+    kept = np.concatenate([np.ones(len(old.keys), bool), np.zeros(len(new.keys), bool)])
+    start = len(old.keys)
+    for first in range(0, len(new.keys), BLOCK):
+        rows = np.arange(start + first, start + min(first + BLOCK, len(new.keys)))
+        end = rows[-1]  # a member is compared with those before it
+        cosine = everyone[rows] @ everyone[:end].T
+        similar = cosine >= threshold
+        if settings.max_phash_distance >= 0:
+            distance = np.bitwise_count(phashes[rows, None] ^ phashes[None, :end])
+            known = (phashes[rows, None] >= 0) & (phashes[None, :end] >= 0)
+            similar &= known & (distance <= settings.max_phash_distance)
+        similar &= np.arange(end)[None, :] < rows[:, None]
+        matched = similar.any(axis=1)
+        kept[rows[~matched]] = True  # before the loop: a row's match may be an earlier row of the block
+        for i in np.flatnonzero(matched):
+            row = rows[i]
+            match = similar[i] & kept[:end]
+            if match.any():
+                j = int(np.flatnonzero(match)[np.argmax(cosine[i][match])])
+                hash_distance = (
+                    int(np.bitwise_count(phashes[row] ^ phashes[j]))
+                    if min(phashes[row], phashes[j]) >= 0
+                    else None
+                )
+                yield keys[row], keys[j], float(cosine[i, j]), hash_distance
+                kept[row] = False
+            else:
+                kept[row] = True
+
+
+def _centroids(
+    store: DatasetStore, keys: dict[str, set[str]], settings: DedupSettings
+) -> tuple[np.ndarray, str]:
+    """The stored centroids, or new ones trained on a sample of the new pairs' vectors (and the stored
+    members assigned again)."""
+    if store.exists(DEDUP_CENTROIDS) and not settings.retrain:
+        table = store.read_parquet(DEDUP_CENTROIDS)
+        stored = _as_matrix(table.column("centroid"))
+        meta = store.parquet_metadata(DEDUP_CENTROIDS)
+        if settings.clusters in (0, len(stored)):
+            return (
+                stored,
+                f"reused (trained {meta.get('trained_at', '?')} on {meta.get('trained_on', '?')} vectors)",
+            )
+    rows = sum(len(shard_keys) for shard_keys in keys.values())
+    clusters = settings.clusters or max(1, round(math.sqrt(rows)))
+    every = max(1, rows // (clusters * settings.train_per_cluster))
+    sample = []
+    for shard, shard_keys in keys.items():
+        chosen = {k for k in shard_keys if zlib.crc32(k.encode()) % every == 0}
+        sample.append(_shard_vectors(store, shard, chosen).vectors)
+    vectors = np.concatenate(sample) if sample else np.zeros((0, 1), np.float32)
+    clusters = max(1, min(clusters, len(vectors)))
+    kmeans = faiss.Kmeans(vectors.shape[1], clusters, niter=20, seed=settings.seed, spherical=True)
+    kmeans.train(vectors)
+    centroids = kmeans.centroids / np.linalg.norm(kmeans.centroids, axis=1, keepdims=True)
+    dim = centroids.shape[1]
+    table = pa.table(
+        {
+            "cluster": pa.array(range(clusters), pa.int32()),
+            "centroid": pa.FixedSizeListArray.from_arrays(
+                pa.array(centroids.astype(np.float32).ravel()), dim
+            ),
+        }
+    )
+    trained_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    store.write_parquet(
+        DEDUP_CENTROIDS, table, metadata={"trained_at": trained_at, "trained_on": str(len(vectors))}
+    )
+    _reassign(store, centroids, settings.buckets)
+    return centroids.astype(np.float32), f"trained on {len(vectors)} vectors"
+
+
+def _reassign(store: DatasetStore, centroids: np.ndarray, buckets: int) -> None:
+    """The stored members put in their new clusters' buckets (after a retraining)."""
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(centroids.astype(np.float32))
+    for folder in _buckets(store):
+        for stored in store.list(folder):
+            path = f"{folder}/{stored.name}"
+            part = _members(store.read_parquet(path))
+            store.remove(path)
+            if part.keys:
+                _, nearest = index.search(part.vectors, 1)
+                name = f"{stored.name.removesuffix('.parquet')}-{folder.rsplit('/', 1)[-1]}"
+                _write_members(store, part, nearest[:, 0], buckets, name)
