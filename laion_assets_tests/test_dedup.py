@@ -1,12 +1,19 @@
 """Dataset-level dedup on a demo world with planted copies: what it removes, against the truth."""
 
+import json
+import shutil
+from pathlib import Path
+
 import pyarrow as pa
 import pytest
 
 from laion_assets.demo.score import score_duplicates
 from laion_assets.demo.world import EXACT_COPIES, NEAR_COPIES, make_world
-from laion_assets.pipeline import catalog
+from laion_assets.names import PAIRS_FUNNEL_FOOTER
+from laion_assets.pipeline import catalog, schemas
 from laion_assets.pipeline.dedup import SEMANTIC, DedupSettings, deduplicate
+from laion_assets.pipeline.removal import DUPLICATE
+from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import DUPLICATES, PAIRS, DatasetStore
 from laion_assets_tests.demo_dataset import DEMO_IMAGES, DEMO_SHARDS, build_demo_dataset
 
@@ -26,8 +33,6 @@ def pairs_rows(store: DatasetStore) -> list[tuple[str, str]]:
 
 
 def test_planted_copies_are_found_and_removed(planted, tmp_path):
-    import shutil
-
     root = shutil.copytree(planted, tmp_path / "root")
     store = DatasetStore(str(root))
     before = pairs_rows(store)
@@ -38,7 +43,6 @@ def test_planted_copies_are_found_and_removed(planted, tmp_path):
     rows = list(zip(*(removed.column(c).to_pylist() for c in ("key", "duplicate_of", "kind")), strict=True))
     score = score_duplicates(make_world(images=DEMO_IMAGES, failures={}, copies=COPIES), before, rows)
     figures = score.figures()
-    print(score.line())
     assert score.exact_planted > 0 and score.near_planted > 0
     assert figures["exact_precision"] == figures["exact_recall"] == 1.0, score
     assert figures["near_precision"] >= 0.9 and figures["near_recall"] >= 0.9, score
@@ -48,18 +52,49 @@ def test_planted_copies_are_found_and_removed(planted, tmp_path):
     assert all(r["cosine"] >= 0.99 and r["phash_distance"] <= 10 for r in semantic)
     # gone from the pairs, every other pair there still
     after = pairs_rows(store)
-    assert sorted(after) == sorted(
-        row for row in before if row[0] not in set(removed.column("key").to_pylist())
-    )
-    funnel_removed = sum(
-        __import__("json").loads(store.parquet_metadata(PAIRS.parquet(s))["laion_assets.funnel"])["removed"][
-            "duplicate"
-        ]
-        for s in DEMO_SHARDS
-    )
-    assert funnel_removed == removed.num_rows
+    gone = set(removed.column("key").to_pylist())
+    assert sorted(after) == sorted(row for row in before if row[0] not in gone)
+    in_tars = {key for shard in DEMO_SHARDS for key, _ in read_samples(store.open(PAIRS.tar(shard)))}
+    assert in_tars == {key for key, _ in after}
+    funnels = [json.loads(store.parquet_metadata(PAIRS.parquet(s))[PAIRS_FUNNEL_FOOTER]) for s in DEMO_SHARDS]
+    assert sum(funnel["removed"][DUPLICATE] for funnel in funnels) == removed.num_rows
 
     # a second run over the same shards finds nothing new and writes nothing
     again = deduplicate(store, DEMO_DEDUP)
     assert again.shards == [] and again.duplicates.num_rows == 0
     assert store.read_parquet(DUPLICATES).equals(removed)
+
+
+def found(table: pa.Table) -> set[tuple[str, str, str]]:
+    return set(zip(*(table.column(c).to_pylist() for c in ("key", "duplicate_of", "kind")), strict=True))
+
+
+def test_a_new_shard_is_checked_against_the_stored_state_as_a_full_run_would(planted, tmp_path):
+    whole = DatasetStore(str(shutil.copytree(planted, tmp_path / "whole")))
+    at_once = found(deduplicate(whole, DEMO_DEDUP).duplicates)
+
+    root = shutil.copytree(planted, tmp_path / "incremental")
+    later = tmp_path / "later"
+    later.mkdir()
+    for suffix in (".parquet", ".tar"):
+        shutil.move(root / PAIRS.name / f"{DEMO_SHARDS[1]}{suffix}", later)
+    store = DatasetStore(str(root))
+    first = deduplicate(store, DEMO_DEDUP)
+    assert first.shards == [DEMO_SHARDS[0]] and first.centroids.startswith("trained on")
+    for name in later.iterdir():
+        shutil.move(name, root / PAIRS.name)
+    second = deduplicate(store, DEMO_DEDUP)
+    assert second.shards == [DEMO_SHARDS[1]] and second.centroids.startswith("reused")
+    # only the new shard lost pairs; together the two runs found what one run over both finds
+    assert {schemas.shard_of_key(key) for key, _, _ in found(second.duplicates)} == {DEMO_SHARDS[1]}
+    assert second.removal.shards == [DEMO_SHARDS[1]]
+    assert found(first.duplicates) | found(second.duplicates) == at_once
+    assert found(store.read_parquet(DUPLICATES)) == at_once
+
+    # a shard rebuilt since (filtered_pairs materialised again) has its duplicates back: checked again
+    for suffix in (".parquet", ".tar"):
+        shutil.copy(Path(planted) / PAIRS.name / f"{DEMO_SHARDS[1]}{suffix}", root / PAIRS.name)
+    rebuilt = deduplicate(store, DEMO_DEDUP)
+    assert rebuilt.shards == [DEMO_SHARDS[1]] and found(rebuilt.duplicates) == found(second.duplicates)
+    assert found(store.read_parquet(DUPLICATES)) == at_once
+    assert sorted(pairs_rows(store)) == sorted(pairs_rows(whole))
