@@ -5,6 +5,7 @@ import dagster as dg
 from laion_assets.defs.automation import automation_sensor, catch_up_schedule, incoming_files_sensor
 from laion_assets.defs.card import dataset_card
 from laion_assets.defs.catalog import catalog
+from laion_assets.defs.dedup import duplicates
 from laion_assets.defs.execution import executor_from_env
 from laion_assets.defs.jobs import PER_SHARD_ASSETS, PER_SHARD_CHECKS, shard_job
 from laion_assets.defs.resources import CaptionerSettings, build_resources
@@ -13,7 +14,7 @@ from laion_assets.defs.takedown import blocklist, blocklist_sensor, takedown_job
 from laion_assets.pipeline.clip import ClipSettings
 
 # unpartitioned: `blocklist` reads the lists, the others every materialised shard, in this order
-DATASET_ASSETS = [blocklist, takedowns, catalog, dataset_card, search_index]
+DATASET_ASSETS = [blocklist, takedowns, duplicates, catalog, dataset_card, search_index]
 
 
 def build_definitions(

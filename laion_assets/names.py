@@ -18,6 +18,7 @@ DATASET_CARD_ASSET = "dataset_card"
 SEARCH_INDEX_ASSET = "search_index"
 BLOCKLIST_ASSET = "blocklist"  # the block lists' active entries
 TAKEDOWNS_ASSET = "takedowns"  # the removal of what the lists match, and its ledger
+DUPLICATES_ASSET = "duplicates"  # dataset-level dedup, its finds removed
 
 # Asset checks (the asset each one checks is in its name's comment)
 ONE_ROW_PER_CRAWL_ROW_CHECK = "one_row_per_crawl_row"  # downloaded_images

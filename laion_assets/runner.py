@@ -81,7 +81,9 @@ def run_pipeline(
             echo(outcome.line())
             outcomes.append(outcome)
         after = [a for a in assets if a not in PER_SHARD_ASSETS and a not in before]
-        outcomes.extend(_materialize_dataset_asset(instance, resources_, asset, echo) for asset in after)
+        outcomes.extend(
+            _materialize_dataset_asset(instance, resources_, asset, echo, run_config) for asset in after
+        )
     return outcomes
 
 
@@ -90,10 +92,17 @@ def _materialize_dataset_asset(
     resources_: dict[str, dg.ConfigurableResource],
     asset: dg.AssetsDefinition,
     echo: Callable[[str], None],
+    run_config: dict | None = None,
 ) -> ShardOutcome:
+    """`asset` materialised with its own block of `run_config`'s ops, if it has one."""
     name = asset.key.to_user_string()
+    block = ((run_config or {}).get("ops") or {}).get(name)
     result = dg.materialize(
-        [asset], instance=instance, resources=resources_, run_config=QUIET, raise_on_error=False
+        [asset],
+        instance=instance,
+        resources=resources_,
+        run_config={"ops": {name: block}, **QUIET} if block else QUIET,
+        raise_on_error=False,
     )
     error = failure_message(result)
     materializations = [] if error else result.asset_materializations_for_node(name)

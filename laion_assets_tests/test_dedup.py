@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -98,3 +99,22 @@ def test_a_new_shard_is_checked_against_the_stored_state_as_a_full_run_would(pla
     assert rebuilt.shards == [DEMO_SHARDS[1]] and found(rebuilt.duplicates) == found(second.duplicates)
     assert found(store.read_parquet(DUPLICATES)) == at_once
     assert sorted(pairs_rows(store)) == sorted(pairs_rows(whole))
+
+
+def test_recorded_only_the_duplicates_stay_and_pairs_unique_leaves_them_out(planted, tmp_path):
+    store = DatasetStore(str(shutil.copytree(planted, tmp_path / "root")))
+    before = sorted(pairs_rows(store))
+    files = {
+        Path(store.path(PAIRS.parquet(s))): Path(store.path(PAIRS.parquet(s))).read_bytes()
+        for s in DEMO_SHARDS
+    }
+    result = deduplicate(store, replace(DEMO_DEDUP, remove=False))
+    assert result.duplicates.num_rows > 0 and result.removal.removed == 0
+    assert all(path.read_bytes() == data for path, data in files.items())  # bytes unchanged
+    connection = catalog.connect(store)
+    assert sorted(pairs_rows(store)) == before
+    unique = connection.sql("SELECT key FROM pairs_unique").fetchall()
+    assert {key for (key,) in unique} == {key for key, _ in before} - set(
+        result.duplicates.column("key").to_pylist()
+    )
+    assert connection.sql("SELECT count(*) FROM duplicates").fetchone()[0] == result.duplicates.num_rows

@@ -11,6 +11,7 @@ import pytest
 from laion_assets.definitions import defs
 from laion_assets.defs.card import DatasetCardConfig
 from laion_assets.defs.config import settings_from
+from laion_assets.defs.dedup import DuplicatesConfig
 from laion_assets.defs.download import DownloadImagesConfig
 from laion_assets.defs.pairs import FilteredPairsConfig
 from laion_assets.defs.resources import (
@@ -26,6 +27,7 @@ from laion_assets.pipeline.caption import CaptionSettings
 from laion_assets.pipeline.card import CardSettings
 from laion_assets.pipeline.chat_caption import ChatCaptionSettings
 from laion_assets.pipeline.clip import ClipSettings
+from laion_assets.pipeline.dedup import DedupSettings
 from laion_assets.pipeline.download import DownloadSettings
 from laion_assets.pipeline.hf_caption import HfCaptionSettings
 from laion_assets.pipeline.pairs import PairsSettings
@@ -46,6 +48,7 @@ def test_definitions_list_assets_sensor_schedule():
         "search_index",
         "blocklist",
         "takedowns",
+        "duplicates",
     }
     assert {c.name for c in repo.asset_graph.asset_check_keys} == {
         "one_row_per_crawl_row",
@@ -78,6 +81,7 @@ def test_backfills_run_one_shard_per_run_and_assets_follow_their_upstream():
         "recaptions": "eager",
         "catalog": "after any shard is updated",
         "dataset_card": "after any shard is updated",
+        "duplicates": "after any shard is updated",
         "search_index": "after any shard is updated",
     }
 
@@ -146,6 +150,7 @@ def test_dagster_dg_cli_checks_and_lists_the_definitions():
         "search_index",
         "blocklist",
         "takedowns",
+        "duplicates",
     }
 
 
@@ -155,6 +160,7 @@ def test_dagster_dg_cli_checks_and_lists_the_definitions():
         (DownloadImagesConfig, DownloadSettings),
         (FilteredPairsConfig, PairsSettings),
         (DatasetCardConfig, CardSettings),
+        (DuplicatesConfig, DedupSettings),
         (ClipEncoderResource, ClipSettings),
         (CocaCaptionerResource, CaptionSettings),
     ],

@@ -4,6 +4,7 @@ import dagster as dg
 
 from laion_assets import names
 from laion_assets.defs.config import settings_from
+from laion_assets.defs.dedup import duplicates
 from laion_assets.defs.jobs import PER_SHARD_ASSETS
 from laion_assets.defs.partitions import FOLLOWS_ANY_SHARD
 from laion_assets.defs.resources import DatasetStoreResource
@@ -26,7 +27,7 @@ class DatasetCardConfig(dg.Config):
 
 @dg.asset(
     name=names.DATASET_CARD_ASSET,
-    deps=[*PER_SHARD_ASSETS, takedowns],
+    deps=[*PER_SHARD_ASSETS, takedowns, duplicates],
     group_name="dataset",
     kinds={"markdown"},
     automation_condition=FOLLOWS_ANY_SHARD,

@@ -4,6 +4,7 @@ and hosts/hosts.parquet, the images grouped by host, behind its `hosts` view."""
 import dagster as dg
 
 from laion_assets import names
+from laion_assets.defs.dedup import duplicates
 from laion_assets.defs.jobs import PER_SHARD_ASSETS
 from laion_assets.defs.partitions import FOLLOWS_ANY_SHARD
 from laion_assets.defs.resources import DatasetStoreResource
@@ -19,7 +20,7 @@ class CatalogConfig(dg.Config):
 
 @dg.asset(
     name=names.CATALOG_ASSET,
-    deps=[*PER_SHARD_ASSETS, takedowns],
+    deps=[*PER_SHARD_ASSETS, takedowns, duplicates],
     group_name="dataset",
     kinds={"duckdb"},
     automation_condition=FOLLOWS_ANY_SHARD,

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from laion_assets import names
+from laion_assets.defs.dedup import duplicates
 from laion_assets.defs.embed import clip_embeddings
 from laion_assets.defs.pairs import filtered_pairs
 from laion_assets.defs.partitions import FOLLOWS_ANY_SHARD
@@ -20,7 +21,7 @@ class SearchIndexConfig(dg.Config):
 
 @dg.asset(
     name=names.SEARCH_INDEX_ASSET,
-    deps=[filtered_pairs, clip_embeddings, takedowns],
+    deps=[filtered_pairs, clip_embeddings, takedowns, duplicates],
     group_name="dataset",
     kinds={"parquet"},
     automation_condition=FOLLOWS_ANY_SHARD,

@@ -8,9 +8,9 @@ from pathlib import Path
 import pyarrow as pa
 
 from laion_assets.demo import DEMO_BORDER_COLOR
-from laion_assets.demo.score import evaluate_captioner, score_filter, score_recaptions
+from laion_assets.demo.score import evaluate_captioner, score_duplicates, score_filter, score_recaptions
 from laion_assets.demo.web import WorldWeb
-from laion_assets.demo.world import make_world
+from laion_assets.demo.world import EXACT_COPIES, NEAR_COPIES, make_world
 from laion_assets.pipeline import catalog
 from laion_assets.pipeline.caption import CaptionSettings
 from laion_assets.pipeline.clip import ClipSettings
@@ -28,6 +28,11 @@ DOWNLOAD_CONFIG = {
     "retry_backoff": 0.1,
 }
 QUERY = "SELECT status, count(*) AS n FROM images GROUP BY 1 ORDER BY n DESC"
+# Planted copies of the world's images, dataset-level dedup's ground truth (per kind).
+DEMO_COPIES = {**dict.fromkeys(EXACT_COPIES, 6), **dict.fromkeys(NEAR_COPIES, 6)}
+# The demo model alone cannot tell a near copy from a look-alike of the same colour and shape (README,
+# "Dataset-level dedup"): its semantic matches are confirmed by the perceptual hash.
+DEMO_DEDUP_CONFIG = {"max_phash_distance": 10}
 
 
 def write_sources(store: DatasetStore, rows: list[dict[str, str | None]], shards: int) -> list[str]:
@@ -60,7 +65,7 @@ def run_demo(
     echo: Callable[[str], None] = print,
 ) -> int:
     store = DatasetStore(root)
-    world = make_world(images=images)
+    world = make_world(images=images, copies=DEMO_COPIES)
     home = dagster_home(store).absolute()
     home.mkdir(parents=True, exist_ok=True)
     os.environ["DAGSTER_HOME"] = str(home)
@@ -72,7 +77,12 @@ def run_demo(
             f"mismatched on purpose), {len(world.items) - len(world.images)} broken links and opt-outs; "
             f"URL lists {', '.join(names)} in {store.url(INCOMING)}"
         )
-        run_config = {"ops": {"downloaded_images": {"config": DOWNLOAD_CONFIG}}}
+        run_config = {
+            "ops": {
+                "downloaded_images": {"config": DOWNLOAD_CONFIG},
+                "duplicates": {"config": DEMO_DEDUP_CONFIG},
+            }
+        }
         outcomes = run_pipeline(
             root, ALL_ASSETS, run_config, force=True, echo=echo, clip=clip, captioner=captioner
         )
@@ -85,6 +95,13 @@ def run_demo(
     kept = {key for (key,) in connection.sql(f"SELECT key FROM pairs WHERE {demo_rows}").fetchall()}
     score = score_filter(world, downloaded.fetchall(), kept)
     echo(f"CLIP filter against the known mismatches: {score.line()}")
+    before_dedup = connection.sql(
+        f"SELECT key, url FROM pairs WHERE {demo_rows} UNION ALL "
+        f"SELECT d.key, i.url FROM duplicates d JOIN images i USING (key) WHERE d.{demo_rows}"
+    )
+    found = connection.sql(f"SELECT key, duplicate_of, kind FROM duplicates WHERE {demo_rows}")
+    dedup = score_duplicates(world, before_dedup.fetchall(), found.fetchall())
+    echo(f"dataset-level dedup against the planted copies: {dedup.line()}")
     recaptioned = connection.sql(
         f"SELECT url, re_caption, org_clip_score, re_clip_score FROM recaptions WHERE {demo_rows}"
     )

@@ -1,9 +1,10 @@
 """DuckDB views over the stored parquet, one per per-shard layer (`crawl_metadata`, `images`,
-`embeddings`, `pairs`, `pairs_embeddings`, `recaptions`), `takedowns` (the removal ledger) and
-`blocklist_entries` (the block lists' active entries), `hosts` (the images grouped by host, which
-the catalog writes to parquet: grouping 10 M rows over a million hosts is a second's work, too slow to
-repeat in every query), and the downloader's `url_host(url)` and `error_class(error_message)` as SQL
-functions.
+`embeddings`, `pairs`, `pairs_embeddings`, `recaptions`), `takedowns` (the removal ledger),
+`blocklist_entries` (the block lists' active entries), `duplicates` (dataset-level dedup's finds) and
+`pairs_unique` (the pairs without them, for a dataset whose duplicates are only recorded), `hosts` (the
+images grouped by host, which the catalog writes to parquet: grouping 10 M rows over a million hosts is
+a second's work, too slow to repeat in every query), and the downloader's `url_host(url)` and
+`error_class(error_message)` as SQL functions.
 
 On S3, DuckDB reads the files itself through its httpfs extension, loaded from the pip-installed
 `duckdb-extension-httpfs` wheel (DuckDB cannot download extensions offline), with an S3 secret
@@ -23,8 +24,10 @@ from laion_assets.pipeline.storage import (
     BLOCKLIST_ENTRIES,
     CATALOG,
     CRAWL_METADATA,
+    DUPLICATES,
     HOSTS,
     IMAGES,
+    PAIRS,
     SHARD_LAYERS,
     TAKEDOWNS,
     DatasetStore,
@@ -32,6 +35,8 @@ from laion_assets.pipeline.storage import (
 )
 
 HOSTS_VIEW = "hosts"  # over storage.HOSTS
+DUPLICATES_VIEW = "duplicates"  # over storage.DUPLICATES
+PAIRS_UNIQUE_VIEW = "pairs_unique"  # the pairs without the duplicates found, removed or not
 
 
 def httpfs_extension_path() -> Path:
@@ -179,6 +184,12 @@ def create_views(connection: duckdb.DuckDBPyConnection, store: DatasetStore) -> 
             connection.execute(f"DROP VIEW {view}")
     if _create_hosts_view(connection, store, has_images=IMAGES.name in created):
         created.append(HOSTS_VIEW)
+    if PAIRS.name in created:
+        unique = f"ANTI JOIN {DUPLICATES_VIEW} d USING (key)" if DUPLICATES_VIEW in created else ""
+        connection.execute(
+            f"CREATE OR REPLACE VIEW {PAIRS_UNIQUE_VIEW} AS SELECT p.* FROM {PAIRS.name} p {unique}"
+        )
+        created.append(PAIRS_UNIQUE_VIEW)
     return created
 
 
@@ -186,6 +197,7 @@ def create_views(connection: duckdb.DuckDBPyConnection, store: DatasetStore) -> 
 _DATASET_VIEWS = (
     ("takedowns", TAKEDOWNS, "*.parquet"),  # the removal ledger, a file per removal run
     ("blocklist_entries", *BLOCKLIST_ENTRIES.split("/")),  # the active entries of the block lists
+    (DUPLICATES_VIEW, *DUPLICATES.split("/")),  # dataset-level dedup's finds
 )
 
 

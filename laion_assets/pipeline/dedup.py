@@ -63,13 +63,14 @@ _SHARDS = pa.schema([("shard", pa.string()), ("fingerprint", pa.string()), ("run
 class DedupSettings:
     exact: bool = True  # url_caption and sha256
     semantic: bool = True
-    eps: float = 0.005  # a semantic match has a cosine of at least 1 - eps
+    eps: float = 0.01  # a semantic match has a cosine of at least 1 - eps
     max_phash_distance: int = -1  # >= 0: a semantic match's perceptual hashes differ in at most this
     clusters: int = 0  # k-means clusters; 0: the square root of the first run's pairs
     buckets: int = 16  # cluster % buckets: the groups of clusters held in memory at once
     train_per_cluster: int = 256  # training vectors per cluster, sampled by key
     retrain: bool = False
     seed: int = 0
+    remove: bool = True  # False: record the duplicates only (the `pairs_unique` view leaves them out)
 
 
 @dataclass
@@ -122,7 +123,7 @@ def deduplicate(
             "entry": duplicates.column("duplicate_of"),
         }
     )
-    removal = remove_keys(store, removals, DUPLICATE, now)
+    removal = remove_keys(store, removals, DUPLICATE, now) if settings.remove else RemovalResult(0, [])
     seen.update({shard: store.fingerprint(PAIRS.parquet(shard)) for shard in new})
     store.write_parquet(
         DEDUP_SHARDS,

@@ -1,0 +1,68 @@
+"""The `duplicates` asset: dataset-level dedup of the pairs of every shard (pipeline/dedup.py), its
+finds removed through the takedowns' removal path with the reason `duplicate`."""
+
+import dagster as dg
+
+from laion_assets import names
+from laion_assets.defs.config import settings_from
+from laion_assets.defs.embed import clip_embeddings
+from laion_assets.defs.pairs import filtered_pairs
+from laion_assets.defs.partitions import FOLLOWS_ANY_SHARD
+from laion_assets.defs.resources import DatasetStoreResource
+from laion_assets.defs.takedown import takedowns
+from laion_assets.pipeline import markdown
+from laion_assets.pipeline.dedup import KINDS, DedupSettings, deduplicate
+from laion_assets.pipeline.storage import DUPLICATES
+
+S = DedupSettings  # every default below is the pipeline's own
+
+
+class DuplicatesConfig(dg.Config):
+    """Which kinds are looked for, how near a semantic copy is, and whether the finds leave the dataset."""
+
+    exact: bool = S.exact  # the same url and caption, the same image bytes
+    semantic: bool = S.semantic  # near copies of an image, SemDeDup-style, from the image embeddings
+    eps: float = S.eps  # a semantic match has a cosine of at least 1 - eps
+    max_phash_distance: int = S.max_phash_distance  # >= 0: semantic matches confirmed by the phash too
+    clusters: int = S.clusters  # k-means clusters; 0: the square root of the first run's pairs
+    buckets: int = S.buckets  # cluster % buckets: how many groups of clusters are held in memory in turn
+    train_per_cluster: int = S.train_per_cluster
+    retrain: bool = S.retrain  # train the centroids anew (and assign the stored survivors again)
+    seed: int = S.seed
+    remove: bool = S.remove  # False: only record them; query `pairs_unique`
+
+
+@dg.asset(
+    name=names.DUPLICATES_ASSET,
+    deps=[filtered_pairs, clip_embeddings, takedowns],
+    group_name="dataset",
+    kinds={"parquet", "faiss"},
+    automation_condition=FOLLOWS_ANY_SHARD,
+)
+def duplicates(
+    context: dg.AssetExecutionContext, config: DuplicatesConfig, store: DatasetStoreResource
+) -> dg.MaterializeResult:
+    """The pairs of the shards not checked yet that repeat one already kept, across every shard: removed
+    (only the shards that hold one are rewritten) and listed in duplicates/duplicates.parquet."""
+    dataset = store.get_store()
+    settings = settings_from(config, DedupSettings)
+    result = deduplicate(dataset, settings)
+    context.log.info(
+        f"{len(result.shards)} shards checked, {result.duplicates.num_rows} duplicates; centroids "
+        f"{result.centroids}"
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": dataset.parquet_num_rows(DUPLICATES) if dataset.exists(DUPLICATES) else 0,
+            "found_this_run": result.duplicates.num_rows,
+            "by_kind": dg.MetadataValue.md(
+                markdown.table(["kind", "found this run"], [(k, result.by_kind[k]) for k in KINDS])
+            ),
+            "shards_checked": len(result.shards),
+            "shards_rewritten": len(result.removal.shards),
+            "centroids": result.centroids,
+            "clusters": result.clusters,
+            "eps": settings.eps,
+            "path": dg.MetadataValue.path(dataset.url(DUPLICATES)),
+        }
+    )
