@@ -53,6 +53,7 @@ CLIP_PRETRAINED_FOOTER = "laion_assets.clip_pretrained"  # the pretrained tag, c
 CLIP_WEIGHTS_FOOTER = "laion_assets.clip_weights"  # the weights: tag, sha256 or seed (clip.weights_id)
 PAIRS_SETTINGS_FOOTER = "laion_assets.pairs_settings"  # JSON: the rules' settings (PairsSettings)
 PAIRS_FUNNEL_FOOTER = "laion_assets.funnel"  # JSON {"rows_in": n, "removed": {rule: n}} in funnel order
+DEDUP_SETTINGS_FOOTER = "laion_assets.dedup_settings"  # duplicates.parquet: JSON, DedupSettings
 CAPTIONER_FOOTER = "laion_assets.captioner"  # recaptions: JSON, the captioner, its weights and decoding
 # JSON {"shard", "source_file", "run_id", "materialized_at" (UTC ISO 8601), "code_version"}
 PROVENANCE_FOOTER = "laion_assets.provenance"

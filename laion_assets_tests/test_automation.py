@@ -155,7 +155,12 @@ def test_new_files_flow_to_pairs_card_and_catalog_and_a_failed_shard_is_caught_u
 
         evaluation = dg.evaluate_automation_conditions(definitions, instance, cursor=evaluation.cursor)
         # The shard runs included every per-shard asset: only the dataset-level assets follow.
-        assert _requested(evaluation) == {"catalog": {None}, "dataset_card": {None}, "search_index": {None}}
+        assert _requested(evaluation) == {
+            "duplicates": {None},
+            "catalog": {None},
+            "dataset_card": {None},
+            "search_index": {None},
+        }
         assert dg.materialize(
             [assets[name] for name in _requested(evaluation)], instance=instance, resources=resources
         ).success
@@ -167,7 +172,11 @@ def test_new_files_flow_to_pairs_card_and_catalog_and_a_failed_shard_is_caught_u
         assert [store.read_parquet(f"pairs/{s}.parquet").num_rows for s in ("first", "second")] == [2, 1]
         with store.open("card/README.md") as f:
             card = f.read().decode()
-        assert "first.csv" in card and "second.csv" in card
+        assert "first.csv" in card and "second.csv" in card and "## Duplicates" in card
+        assert store.read_parquet("duplicates/state/shards.parquet").column("shard").to_pylist() == [
+            "first",
+            "second",
+        ]
         with duckdb.connect(f"{local_root}/catalog.duckdb", read_only=True) as catalog:
             assert catalog.sql("SELECT count(*) FROM pairs").fetchone() == (3,)
         keys = store.read_parquet(SEARCH_INDEX, columns=["key"]).column("key").to_pylist()

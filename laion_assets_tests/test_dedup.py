@@ -12,7 +12,7 @@ from laion_assets.demo.score import score_duplicates
 from laion_assets.demo.world import EXACT_COPIES, NEAR_COPIES, make_world
 from laion_assets.names import PAIRS_FUNNEL_FOOTER
 from laion_assets.pipeline import catalog, schemas
-from laion_assets.pipeline.dedup import SEMANTIC, DedupSettings, deduplicate
+from laion_assets.pipeline.dedup import SEMANTIC, SHA256, URL_CAPTION, DedupSettings, deduplicate
 from laion_assets.pipeline.removal import DUPLICATE
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import DUPLICATES, PAIRS, DatasetStore
@@ -118,3 +118,16 @@ def test_recorded_only_the_duplicates_stay_and_pairs_unique_leaves_them_out(plan
         result.duplicates.column("key").to_pylist()
     )
     assert connection.sql("SELECT count(*) FROM duplicates").fetchone()[0] == result.duplicates.num_rows
+
+
+def test_the_card_says_what_dedup_removed(planted, tmp_path):
+    from laion_assets.pipeline.card import CardSettings, write_card
+
+    store = DatasetStore(str(shutil.copytree(planted, tmp_path / "root")))
+    result = deduplicate(store, DEMO_DEDUP)
+    card = write_card(store, CardSettings()).markdown
+    section = card.split("## Duplicates", 1)[1].split("\n## ", 1)[0]
+    for kind in (URL_CAPTION, SHA256, SEMANTIC):
+        assert f"| {kind} | {result.by_kind[kind]} |" in section
+    assert "at least 1 - eps = 0.99" in section and "at most 10 bits apart" in section
+    assert section.count("<img ") == 2 * min(4, result.by_kind[SEMANTIC]) > 0

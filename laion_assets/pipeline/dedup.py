@@ -22,7 +22,9 @@ assigned again). Memory: one shard's vectors, then one bucket's, at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import json
 import math
 import zlib
 from collections import Counter
@@ -35,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from laion_assets import names
 from laion_assets.pipeline import catalog, schemas
 from laion_assets.pipeline.pairs import stored_pair_shards
 from laion_assets.pipeline.removal import DUPLICATE, RemovalResult, remove_keys
@@ -114,7 +117,7 @@ def deduplicate(
     removed = set(duplicates.column("key").to_pylist())
     if new and settings.exact:
         _write_hashes(connection, store, removed, run)
-    _append_duplicates(store, duplicates)
+    _append_duplicates(store, duplicates, settings)
     removals = pa.table(
         {
             "key": duplicates.column("key"),
@@ -259,11 +262,16 @@ def _duplicates(
     )
 
 
-def _append_duplicates(store: DatasetStore, duplicates: pa.Table) -> None:
+def _append_duplicates(store: DatasetStore, duplicates: pa.Table, settings: DedupSettings) -> None:
+    """Every run's rows in one file, its footer the settings of the last run that found some."""
     if duplicates.num_rows == 0 and store.exists(DUPLICATES):
         return
-    before = _read_or_empty(store, DUPLICATES, schemas.DUPLICATES)
-    store.write_parquet(DUPLICATES, pa.concat_tables([before, duplicates]).sort_by("key"))
+    before = _read_or_empty(store, DUPLICATES, schemas.DUPLICATES).replace_schema_metadata(None)
+    store.write_parquet(
+        DUPLICATES,
+        pa.concat_tables([before, duplicates]).sort_by("key"),
+        metadata={names.DEDUP_SETTINGS_FOOTER: json.dumps(dataclasses.asdict(settings))},
+    )
 
 
 # semantic: k-means centroids, then each cluster's new vectors against its survivors

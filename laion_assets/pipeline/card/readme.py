@@ -10,7 +10,7 @@ import yaml
 
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.card.settings import CardSettings
-from laion_assets.pipeline.card.stats import CardStats, RecapStats, ShardRecord
+from laion_assets.pipeline.card.stats import CardStats, DuplicateStats, RecapStats, ShardRecord
 from laion_assets.pipeline.markdown import shorten, table
 from laion_assets.pipeline.storage import PAIRS, RECAPTIONS
 
@@ -87,6 +87,7 @@ def render_markdown(stats: CardStats, settings: CardSettings, figures: list[str]
         _features(),
         _funnel(stats),
         _removals(stats),
+        *([_duplicates(stats.duplicates)] if stats.duplicates else []),
         *([_recaptions(stats.recaptions, stats.shards)] if stats.recaptions else []),
         _downloads(stats, settings),
         _figures(figures),
@@ -174,6 +175,38 @@ def _removals(stats: CardStats) -> str:
         f"{table(['reason', 'list', 'kind', 'removed'], stats.removals)}\n\n"
         f"Besides these, {max(0, at_download)} rows were on a block list when their shard was downloaded: "
         "their links were not requested, or their images were dropped once fetched (status `taken_down`)."
+    )
+
+
+def _duplicates(duplicates: DuplicateStats) -> str:
+    settings = duplicates.settings or {}
+    rule = (
+        f"a cosine of at least 1 - eps = {1 - settings['eps']:g}" if "eps" in settings else "(not recorded)"
+    )
+    if settings.get("max_phash_distance", -1) >= 0:
+        rule += f", and perceptual hashes at most {settings['max_phash_distance']} bits apart"
+    examples = [
+        (
+            f'<img src="{url}" width="96"> {caption}',
+            f'<img src="{kept_url}" width="96"> {kept_caption}',
+            f"{cosine:.4f}",
+        )
+        for _, url, caption, _, kept_url, kept_caption, cosine in duplicates.examples
+    ]
+    shown = (
+        "\n\nSome semantic duplicates, each beside the pair it repeats (the same ones on every build):\n\n"
+        + table(["removed", "kept", "cosine"], examples)
+        if examples
+        else ""
+    )
+    return (
+        "## Duplicates\n\n"
+        "Pairs that repeat another across every shard, found by the `duplicates` asset and removed (reason "
+        "`duplicate` above) or, where so configured, only listed (`duplicates/duplicates.parquet`; query "
+        "the `pairs_unique` view). Exact: the same url and caption, or the same image bytes. Semantic: "
+        "near copies of an image inside one of the k-means clusters of the image embeddings, with "
+        f"{rule}.\n\n"
+        f"{table(['kind', 'pairs'], duplicates.by_kind)}{shown}"
     )
 
 

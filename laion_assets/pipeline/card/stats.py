@@ -13,14 +13,16 @@ from laion_assets import names
 from laion_assets.pipeline import catalog, schemas
 from laion_assets.pipeline.card.settings import CardSettings
 from laion_assets.pipeline.clip import ModelIdentity
+from laion_assets.pipeline.dedup import KINDS, SEMANTIC
 from laion_assets.pipeline.pairs import FUNNEL, stored_pair_shards
 from laion_assets.pipeline.parallel import store_map
-from laion_assets.pipeline.storage import EMBEDDINGS, PAIRS, RECAPTIONS, DatasetStore
+from laion_assets.pipeline.storage import DUPLICATES, EMBEDDINGS, PAIRS, RECAPTIONS, DatasetStore
 
 SIMILARITY_BIN = 0.01
 SIZE_BIN, SIZE_BINS = 64, 64  # pixels per bin, bins; the last bin holds all larger sizes too
 LENGTH_BINS = 80  # caption words, one bin per length; the last holds all longer captions too
 RECAP_EXAMPLES = 5
+DUPLICATE_EXAMPLES = 4
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,15 @@ class RecapStats:
 
 
 @dataclass
+class DuplicateStats:
+    """Dataset-level dedup's finds, from duplicates/duplicates.parquet."""
+
+    by_kind: Counts  # every dedup kind
+    settings: dict | None  # of the last run that found some (its footer)
+    examples: list[tuple]  # semantic: key, url, caption, duplicate_of, its url, its caption, cosine
+
+
+@dataclass
 class CardStats:
     shards: list[ShardRecord]  # sorted by shard
     crawl_rows: int
@@ -70,6 +81,7 @@ class CardStats:
     samples: list[tuple[str, str]]  # (key, caption) for the grid
     recaptions: RecapStats | None  # None until some shard has recaptions
     removals: list[tuple[str, str, str, int]]  # (reason, list, kind, keys) from the removal ledgers
+    duplicates: DuplicateStats | None = None  # None until dedup has run
 
     def funnel(self) -> tuple[int, dict[str, int]]:
         """Rows in and rows removed by each rule, summed over the shards that recorded a funnel."""
@@ -101,13 +113,16 @@ def gather_stats(store: DatasetStore, settings: CardSettings) -> CardStats:
     connection = catalog.connect(store)
     try:
         records = list(store_map(lambda shard: _shard_record(store, shard), shards))
-        return _stats(connection, records, settings)
+        return _stats(store, connection, records, settings)
     finally:
         connection.close()
 
 
 def _stats(
-    connection: duckdb.DuckDBPyConnection, shards: list[ShardRecord], settings: CardSettings
+    store: DatasetStore,
+    connection: duckdb.DuckDBPyConnection,
+    shards: list[ShardRecord],
+    settings: CardSettings,
 ) -> CardStats:
     """One pass over each layer's files (two over pairs, for the samples): each pass groups what the card
     counts into a small table, and the card's queries read those, not the store again."""
@@ -179,6 +194,25 @@ def _stats(
         )
         if "takedowns" in catalog.view_names(connection)
         else [],
+        duplicates=_duplicate_stats(store, connection)
+        if catalog.DUPLICATES_VIEW in catalog.view_names(connection)
+        else None,
+    )
+
+
+def _duplicate_stats(store: DatasetStore, connection: duckdb.DuckDBPyConnection) -> DuplicateStats:
+    counts = dict(connection.execute("SELECT kind, count(*) FROM duplicates GROUP BY 1").fetchall())
+    footer = store.parquet_metadata(DUPLICATES).get(names.DEDUP_SETTINGS_FOOTER)
+    examples = connection.execute(
+        "SELECT d.key, a.url, a.caption, d.duplicate_of, b.url, b.caption, d.cosine FROM duplicates d "
+        "JOIN images a ON a.key = d.key JOIN images b ON b.key = d.duplicate_of WHERE d.kind = ? "
+        "ORDER BY md5(d.key), d.key LIMIT ?",
+        [SEMANTIC, DUPLICATE_EXAMPLES],
+    ).fetchall()
+    return DuplicateStats(
+        by_kind=[(kind, counts.get(kind, 0)) for kind in KINDS],
+        settings=json.loads(footer) if footer else None,
+        examples=examples,
     )
 
 
