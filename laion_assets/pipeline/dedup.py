@@ -26,6 +26,7 @@ import dataclasses
 import datetime
 import json
 import math
+import time
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -85,6 +86,7 @@ class DedupResult:
     centroids: str  # "trained on N vectors", or "reused (trained ...)", or "off"
     clusters: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # exact, semantic (training within), removal
 
 
 def deduplicate(
@@ -103,16 +105,20 @@ def deduplicate(
     if store.is_s3:
         catalog.enable_s3(connection)
     found: list[pa.Table] = []
+    clock = time.monotonic()
+    seconds = {}
     if new:
         _load_new_pairs(connection, store, new)
         if settings.exact:
             for kind in (URL_CAPTION, SHA256):
                 found.append(_exact(connection, store, kind, now))
+    seconds["exact"], clock = time.monotonic() - clock, time.monotonic()
     centroids = "off"
     clusters = 0
     if settings.semantic and new:
-        semantic, centroids, clusters = _semantic(store, connection, new, settings, run, now)
+        semantic, centroids, clusters = _semantic(store, connection, new, settings, run, now, seconds)
         found.append(semantic)
+    seconds["semantic"], clock = time.monotonic() - clock, time.monotonic()
     duplicates = pa.concat_tables(found) if found else schemas.DUPLICATES.empty_table()
     removed = set(duplicates.column("key").to_pylist())
     if new and settings.exact:
@@ -127,6 +133,7 @@ def deduplicate(
         }
     )
     removal = remove_keys(store, removals, DUPLICATE, now) if settings.remove else RemovalResult(0, [])
+    seconds["removal"] = time.monotonic() - clock
     seen.update({shard: store.fingerprint(PAIRS.parquet(shard)) for shard in new})
     store.write_parquet(
         DEDUP_SHARDS,
@@ -140,7 +147,8 @@ def deduplicate(
         ),
     )
     counts = Counter(duplicates.column("kind").to_pylist())
-    return DedupResult(run, new, duplicates, removal, centroids, clusters, {k: counts[k] for k in KINDS})
+    by_kind = {k: counts[k] for k in KINDS}
+    return DedupResult(run, new, duplicates, removal, centroids, clusters, by_kind, seconds)
 
 
 def _runs(done: pa.Table, seen: dict[str, str]) -> Iterator[tuple[str, str]]:
@@ -317,7 +325,9 @@ def _semantic(
     settings: DedupSettings,
     run: str,
     now: datetime.datetime,
+    seconds: dict[str, float],
 ) -> tuple[pa.Table, str, int]:
+    """The semantic duplicates among the pairs the exact kinds left; `seconds` gets the training's time."""
     keys = _keys_by_shard(store, connection, new, settings.exact)
     if not any(keys.values()):
         return (
@@ -325,7 +335,9 @@ def _semantic(
             "no vectors",
             0,
         )
+    clock = time.monotonic()
     centroids, how = _centroids(store, keys, settings)
+    seconds["training"] = time.monotonic() - clock
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(centroids)
     pending = f"{run}-pending"
