@@ -10,6 +10,7 @@ import yaml
 
 from laion_assets.cli import main
 from laion_assets.defs.partitions import shards
+from laion_assets.demo.run import DEMO_COPIES
 from laion_assets.pipeline.storage import DatasetStore
 from laion_assets_tests.dagster_helpers import local_web_config
 from laion_assets_tests.service_process import serving
@@ -107,6 +108,13 @@ def test_demo_as_a_user_runs_it(tmp_path, monkeypatch):
     assert done.returncode == 0, done.stdout + done.stderr
     score = re.search(r"precision ([\d.]+), recall ([\d.]+)", done.stdout)
     assert score and float(score[1]) >= 0.9 and float(score[2]) >= 0.9, done.stdout
+    dedup = re.search(
+        r"exact duplicates precision ([\d.]+), recall ([\d.]+) .*; near copies precision ([\d.]+), "
+        r"recall ([\d.]+)",
+        done.stdout,
+    )
+    assert dedup and float(dedup[1]) == float(dedup[2]) == 1.0, done.stdout
+    assert float(dedup[3]) >= 0.9 and float(dedup[4]) >= 0.9, done.stdout
     store = DatasetStore(str(tmp_path / "data"))
     statuses = store.read_parquet("images/synthetic-web-0.parquet").column("status").to_pylist()
     assert {"success", "failed_to_download", "failed_to_decode", "opted_out"} <= set(statuses)
@@ -120,7 +128,8 @@ def test_demo_as_a_user_runs_it(tmp_path, monkeypatch):
         store.parquet_num_rows(f"recaptions/{s}.parquet") for s in ("synthetic-web-0", "synthetic-web-1")
     )
     assert int(kept[1]) == recaptioned and int(kept[0]) >= 0.9 * recaptioned, done.stdout
-    assert int(every[1]) == 300 and int(every[0]) >= 270, done.stdout
+    images = 300 + sum(DEMO_COPIES.values())  # the world's, and its planted copies
+    assert int(every[1]) == images and int(every[0]) >= 0.9 * images, done.stdout
     improved = re.fullmatch(r"mismatched pairs whose recaption scores higher: (\d+)/60 \(.*\)", every[2])
     assert improved and int(improved[1]) >= 54, done.stdout
     assert "│ success" in done.stdout  # the DuckDB query's result

@@ -92,7 +92,11 @@ def run_demo(
     connection = catalog.connect(store)
     demo_rows = f"key LIKE '{SOURCE_PREFIX}-%'"
     downloaded = connection.sql(f"SELECT key, url FROM images WHERE status = 'success' AND {demo_rows}")
-    kept = {key for (key,) in connection.sql(f"SELECT key FROM pairs WHERE {demo_rows}").fetchall()}
+    # what the CLIP filter kept: the pairs, and those dedup removed from them afterwards
+    kept_sql = (
+        f"SELECT key FROM pairs WHERE {demo_rows} UNION ALL SELECT key FROM duplicates WHERE {demo_rows}"
+    )
+    kept = {key for (key,) in connection.sql(kept_sql).fetchall()}
     score = score_filter(world, downloaded.fetchall(), kept)
     echo(f"CLIP filter against the known mismatches: {score.line()}")
     before_dedup = connection.sql(
