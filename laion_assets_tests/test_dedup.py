@@ -13,9 +13,10 @@ from laion_assets.demo.world import EXACT_COPIES, NEAR_COPIES, make_world
 from laion_assets.names import PAIRS_FUNNEL_FOOTER
 from laion_assets.pipeline import catalog, schemas
 from laion_assets.pipeline.dedup import SEMANTIC, SHA256, URL_CAPTION, DedupSettings, deduplicate
-from laion_assets.pipeline.removal import DUPLICATE
+from laion_assets.pipeline.removal import DUPLICATE, RemovedKeys
+from laion_assets.pipeline.search import write_search_index
 from laion_assets.pipeline.shard_tar import read_samples
-from laion_assets.pipeline.storage import DUPLICATES, PAIRS, DatasetStore
+from laion_assets.pipeline.storage import DUPLICATES, PAIRS, SEARCH_INDEX, DatasetStore
 from laion_assets_tests.demo_dataset import DEMO_IMAGES, DEMO_SHARDS, build_demo_dataset
 
 COPIES = {**dict.fromkeys(EXACT_COPIES, 4), **dict.fromkeys(NEAR_COPIES, 3)}
@@ -59,6 +60,12 @@ def test_planted_copies_are_found_and_removed(planted, tmp_path):
     assert in_tars == {key for key, _ in after}
     funnels = [json.loads(store.parquet_metadata(PAIRS.parquet(s))[PAIRS_FUNNEL_FOOTER]) for s in DEMO_SHARDS]
     assert sum(funnel["removed"][DUPLICATE] for funnel in funnels) == removed.num_rows
+
+    # the search index rebuilt holds none of them, and a service filters them before it is rebuilt
+    assert RemovedKeys(store).current() == gone
+    write_search_index(store, approximate_from_rows=10**9, retrain=False)
+    indexed = set(store.read_parquet(SEARCH_INDEX, columns=["key"]).column("key").to_pylist())
+    assert indexed == {key for key, _ in after}
 
     # a second run over the same shards finds nothing new and writes nothing
     again = deduplicate(store, DEMO_DEDUP)
