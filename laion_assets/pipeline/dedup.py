@@ -135,13 +135,15 @@ def deduplicate(
     removal = remove_keys(store, removals, DUPLICATE, now) if settings.remove else RemovalResult(0, [])
     seconds["removal"] = time.monotonic() - clock
     seen.update({shard: store.fingerprint(PAIRS.parquet(shard)) for shard in new})
+    runs = dict(zip(done.column("shard").to_pylist(), done.column("run").to_pylist(), strict=True))
+    runs.update(dict.fromkeys(new, run))
     store.write_parquet(
         DEDUP_SHARDS,
         pa.table(
             {
                 "shard": list(seen),
                 "fingerprint": list(seen.values()),
-                "run": [run if shard in new else r for shard, r in _runs(done, seen)],
+                "run": [runs[shard] for shard in seen],
             },
             schema=_SHARDS,
         ),
@@ -149,12 +151,6 @@ def deduplicate(
     counts = Counter(duplicates.column("kind").to_pylist())
     by_kind = {k: counts[k] for k in KINDS}
     return DedupResult(run, new, duplicates, removal, centroids, clusters, by_kind, seconds)
-
-
-def _runs(done: pa.Table, seen: dict[str, str]) -> Iterator[tuple[str, str]]:
-    runs = dict(zip(done.column("shard").to_pylist(), done.column("run").to_pylist(), strict=True))
-    for shard in seen:
-        yield shard, runs.get(shard, "")
 
 
 def _read_or_empty(store: DatasetStore, path: str, schema: pa.Schema) -> pa.Table:
@@ -338,29 +334,19 @@ def _semantic(
     clock = time.monotonic()
     centroids, how = _centroids(store, keys, settings)
     seconds["training"] = time.monotonic() - clock
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(centroids)
+    index = _centroid_index(centroids)
     pending = f"{run}-pending"
     for shard in new:
         part = _shard_vectors(store, shard, keys[shard])
-        if not part.keys:
-            continue
-        _, nearest = index.search(part.vectors, 1)
-        _write_members(store, part, nearest[:, 0], settings.buckets, f"{pending}-{shard}")
+        if part.keys:
+            _write_members(store, part, _nearest(index, part), settings.buckets, f"{pending}-{shard}")
     found = []
     for bucket in _buckets(store):
         found.extend(_dedup_bucket(store, bucket, pending, run, settings))
+    found.sort(key=lambda row: row[0])
     table = pa.table({"key": [r[0] for r in found], "duplicate_of": [r[1] for r in found]}, schema=_FOUND)
-    order = np.argsort(table.column("key").to_pylist(), kind="stable") if found else []
-    found = [found[i] for i in order]
     return (
-        _duplicates(
-            table.take(pa.array(order, pa.int64())),
-            SEMANTIC,
-            now,
-            [r[2] for r in found],
-            [r[3] for r in found],
-        ),
+        _duplicates(table, SEMANTIC, now, [r[2] for r in found], [r[3] for r in found]),
         how,
         len(centroids),
     )
@@ -530,14 +516,23 @@ def _centroids(
 
 def _reassign(store: DatasetStore, centroids: np.ndarray, buckets: int) -> None:
     """The stored members put in their new clusters' buckets (after a retraining)."""
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(centroids.astype(np.float32))
+    index = _centroid_index(centroids)
     for folder in _buckets(store):
         for stored in store.list(folder):
             path = f"{folder}/{stored.name}"
             part = _members(store.read_parquet(path))
             store.remove(path)
             if part.keys:
-                _, nearest = index.search(part.vectors, 1)
                 name = f"{stored.name.removesuffix('.parquet')}-{folder.rsplit('/', 1)[-1]}"
-                _write_members(store, part, nearest[:, 0], buckets, name)
+                _write_members(store, part, _nearest(index, part), buckets, name)
+
+
+def _centroid_index(centroids: np.ndarray) -> faiss.IndexFlatIP:
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(centroids.astype(np.float32))
+    return index
+
+
+def _nearest(index: faiss.IndexFlatIP, part: _Vectors) -> np.ndarray:
+    """The cluster of each vector: its nearest centroid by cosine."""
+    return index.search(part.vectors, 1)[1][:, 0]
