@@ -135,34 +135,47 @@ def _dedup(root: str, settings: DedupSettings) -> dict:
         "phases": result.seconds,
         "by_kind": result.by_kind,
         "clusters": result.clusters,
+        "buckets": result.buckets,
         "shards": len(result.shards),
     }
 
 
 def _peer(root: str, queries: int) -> dict:
-    """Exact range search over every vector for `queries` vectors of the last checked shards."""
+    """Exact range search for `queries` vectors drawn from every shard, each against every vector before
+    it, streamed one shard at a time from the last to the first (a query joins at its own shard), so that
+    memory holds one shard and the queries."""
     store = DatasetStore(root)
     shards = sorted(f.name.removesuffix(".parquet") for f in store.list(PAIRS_EMBEDDINGS.name))
-    index = faiss.IndexFlatIP(DIM)
+    sizes = [store.parquet_num_rows(PAIRS_EMBEDDINGS.parquet(shard)) for shard in shards]
+    offsets = np.cumsum([0, *sizes])
+    total = int(offsets[-1])
+    chosen = np.sort(np.random.default_rng(1).choice(total, queries, replace=False))
+    active = np.zeros((0, DIM), np.float32)
+    rows = np.zeros(0, np.int64)  # the active queries' row numbers
+    copied = np.zeros(0, bool)  # a near copy found before it
     keys: list[str] = []
-    for shard in shards:
-        table = store.read_parquet(PAIRS_EMBEDDINGS.parquet(shard))
-        keys.extend(table.column("key").to_pylist())
+    seconds, comparisons = 0.0, 0
+    for s in reversed(range(len(shards))):
+        table = store.read_parquet(PAIRS_EMBEDDINGS.parquet(shards[s]))
         flat = table.column("image_embedding").combine_chunks().flatten().to_numpy().astype(np.float32)
-        index.add(_normalised(flat.reshape(-1, DIM)))
-    rng = np.random.default_rng(1)
-    chosen = np.sort(rng.choice(index.ntotal, queries, replace=False))
-    vectors = index.reconstruct_batch(chosen)
-    start = time.monotonic()
-    lims, _, found = index.range_search(vectors, 1 - EPS)
-    seconds = time.monotonic() - start
-    # a query has a near copy before it (a smaller key: what the semantic pass removes it for)
-    should = sorted(keys[q] for i, q in enumerate(chosen) if (found[lims[i] : lims[i + 1]] < q).any())
+        vectors = _normalised(flat.reshape(-1, DIM))
+        mine = chosen[(chosen >= offsets[s]) & (chosen < offsets[s + 1])]
+        active = np.concatenate([active, vectors[mine - offsets[s]]])
+        rows, copied = np.concatenate([rows, mine]), np.concatenate([copied, np.zeros(len(mine), bool)])
+        keys.extend(table.column("key").take(pa.array(mine - offsets[s])).to_pylist())
+        start = time.monotonic()
+        index = faiss.IndexFlatIP(DIM)
+        index.add(vectors)
+        lims, _, found = index.range_search(active, 1 - EPS)
+        seconds += time.monotonic() - start
+        comparisons += len(active) * len(vectors)
+        for i in range(len(active)):
+            copied[i] |= bool((found[lims[i] : lims[i + 1]] + offsets[s] < rows[i]).any())
     return {
         "queries": queries,
         "seconds": seconds,
-        "all_rows_seconds": seconds * index.ntotal / queries,
-        "should": should,
+        "all_rows_seconds": seconds * total * total / comparisons,
+        "should": sorted(key for key, copy in zip(keys, copied, strict=True) if copy),
     }
 
 
@@ -186,7 +199,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--shard-rows", type=int, default=10_000)
     parser.add_argument("--clusters", type=int, default=0)
-    parser.add_argument("--buckets", type=int, default=16)
+    parser.add_argument("--buckets", type=int, default=0)
     parser.add_argument("--peer-queries", type=int, default=5_000)
     args = parser.parse_args()
     data = WORK / f"dedup-{args.rows}"
@@ -210,7 +223,7 @@ def main() -> None:
     print(
         f"full: {rows:,} rows in {full['seconds']:.1f} s ({rows / full['seconds']:,.0f} rows/s), "
         f"peak RSS {full_rss:,.0f} MiB; phases {_rounded(full['phases'])}; "
-        f"{full['clusters']} clusters; found {full['by_kind']}"
+        f"{full['clusters']} clusters in {full['buckets']} buckets; found {full['by_kind']}"
     )
     found, near = _recall(str(root), peer["should"])
     print(

@@ -1,11 +1,13 @@
 """Dataset-level dedup on a demo world with planted copies: what it removes, against the truth."""
 
 import json
+import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from laion_assets.demo.score import score_duplicates
@@ -16,13 +18,20 @@ from laion_assets.pipeline.dedup import SEMANTIC, SHA256, URL_CAPTION, DedupSett
 from laion_assets.pipeline.removal import DUPLICATE, RemovedKeys
 from laion_assets.pipeline.search import write_search_index
 from laion_assets.pipeline.shard_tar import read_samples
-from laion_assets.pipeline.storage import DUPLICATES, PAIRS, SEARCH_INDEX, DatasetStore
+from laion_assets.pipeline.storage import (
+    DEDUP_CENTROIDS,
+    DEDUP_MEMBERS,
+    DUPLICATES,
+    PAIRS,
+    SEARCH_INDEX,
+    DatasetStore,
+)
 from laion_assets_tests.demo_dataset import DEMO_IMAGES, DEMO_SHARDS, build_demo_dataset
 
 COPIES = {**dict.fromkeys(EXACT_COPIES, 4), **dict.fromkeys(NEAR_COPIES, 3)}
 # the demo model alone cannot tell a copy from a look-alike (README, "Dataset-level dedup"): its
-# semantic matches are confirmed by the perceptual hash
-DEMO_DEDUP = DedupSettings(eps=0.01, max_phash_distance=10, clusters=4)
+# semantic matches are confirmed by the perceptual hash; 3 buckets put two of the 4 clusters in one
+DEMO_DEDUP = DedupSettings(eps=0.01, max_phash_distance=10, clusters=4, buckets=3)
 
 
 @pytest.fixture(scope="module")
@@ -77,22 +86,35 @@ def found(table: pa.Table) -> set[tuple[str, str, str]]:
     return set(zip(*(table.column(c).to_pylist() for c in ("key", "duplicate_of", "kind")), strict=True))
 
 
+def hold_back(root: Path, shard: str) -> Path:
+    """Move the shard's pairs out of the dataset, as if it had not been built yet."""
+    later = root.parent / f"{root.name}-later"
+    later.mkdir()
+    for suffix in (".parquet", ".tar"):
+        shutil.move(root / PAIRS.name / f"{shard}{suffix}", later)
+    return later
+
+
+def bring_back(later: Path, root: Path) -> None:
+    for name in later.iterdir():
+        shutil.move(name, root / PAIRS.name)
+
+
 def test_a_new_shard_is_checked_against_the_stored_state_as_a_full_run_would(planted, tmp_path):
     whole = DatasetStore(str(shutil.copytree(planted, tmp_path / "whole")))
     at_once = found(deduplicate(whole, DEMO_DEDUP).duplicates)
 
     root = shutil.copytree(planted, tmp_path / "incremental")
-    later = tmp_path / "later"
-    later.mkdir()
-    for suffix in (".parquet", ".tar"):
-        shutil.move(root / PAIRS.name / f"{DEMO_SHARDS[1]}{suffix}", later)
+    later = hold_back(root, DEMO_SHARDS[1])
     store = DatasetStore(str(root))
     first = deduplicate(store, DEMO_DEDUP)
     assert first.shards == [DEMO_SHARDS[0]] and first.centroids.startswith("trained on")
-    for name in later.iterdir():
-        shutil.move(name, root / PAIRS.name)
-    second = deduplicate(store, DEMO_DEDUP)
+    bring_back(later, root)
+    # the buckets, like the clusters, are fixed when the centroids are trained: another count asked
+    # for later changes nothing
+    second = deduplicate(store, replace(DEMO_DEDUP, buckets=2))
     assert second.shards == [DEMO_SHARDS[1]] and second.centroids.startswith("reused")
+    assert store.parquet_metadata(DEDUP_CENTROIDS)["buckets"] == "3"
     # only the new shard lost pairs; together the two runs found what one run over both finds
     assert {schemas.shard_of_key(key) for key, _, _ in found(second.duplicates)} == {DEMO_SHARDS[1]}
     assert second.removal.shards == [DEMO_SHARDS[1]]
@@ -138,3 +160,32 @@ def test_the_card_says_what_dedup_removed(planted, tmp_path):
         assert f"| {kind} | {result.by_kind[kind]} |" in section
     assert "at least 1 - eps = 0.99" in section and "at most 10 bits apart" in section
     assert section.count("<img ") == 2 * min(4, result.by_kind[SEMANTIC]) > 0
+
+
+def test_centroids_sized_for_a_small_first_run_are_trained_again_once_the_pairs_have_grown(planted, tmp_path):
+    settings = replace(DEMO_DEDUP, clusters=0, buckets=0, regrow=1.5)
+    root = shutil.copytree(planted, tmp_path / "root")
+    later = hold_back(root, DEMO_SHARDS[1])
+    store = DatasetStore(str(root))
+    first = deduplicate(store, settings)
+    assert first.centroids.endswith("(first run)")
+    sized_for = int(store.parquet_metadata(DEDUP_CENTROIDS)["sized_for"])
+    assert first.clusters == round(math.sqrt(sized_for))
+    bring_back(later, root)
+    second = deduplicate(store, settings)
+    survivors = {key for key, _ in pairs_rows(store)}
+    assert second.centroids.endswith(
+        f"(the pairs grew from {sized_for} to {len(survivors) + second.by_kind[SEMANTIC]})"
+    )
+    assert second.clusters > first.clusters
+    # every survivor of both runs is in the bucket of its new cluster, once
+    members = [
+        (path.parent.name, row["key"], row["cluster"])
+        for path in sorted(Path(store.path(DEDUP_MEMBERS)).glob("*/*.parquet"))
+        for row in pq.read_table(path, columns=["key", "cluster"]).to_pylist()
+    ]
+    assert sorted(key for _, key, _ in members) == sorted(survivors)
+    assert all(
+        int(bucket) == cluster % second.buckets and cluster < second.clusters
+        for bucket, _, cluster in members
+    )

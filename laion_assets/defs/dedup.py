@@ -24,10 +24,11 @@ class DuplicatesConfig(dg.Config):
     semantic: bool = S.semantic  # near copies of an image, SemDeDup-style, from the image embeddings
     eps: float = S.eps  # a semantic match has a cosine of at least 1 - eps
     max_phash_distance: int = S.max_phash_distance  # >= 0: semantic matches confirmed by the phash too
-    clusters: int = S.clusters  # k-means clusters; 0: the square root of the first run's pairs
-    buckets: int = S.buckets  # cluster % buckets: how many groups of clusters are held in memory in turn
+    clusters: int = S.clusters  # k-means clusters; 0: the square root of the pairs when trained
+    buckets: int = S.buckets  # cluster % buckets, held in memory in turn; 0: one per 250,000 pairs trained on
     train_per_cluster: int = S.train_per_cluster
     retrain: bool = S.retrain  # train the centroids anew (and assign the stored survivors again)
+    regrow: float = S.regrow  # clusters 0: train again once the pairs are this many times those trained for
     seed: int = S.seed
     remove: bool = S.remove  # False: only record them; query `pairs_unique`
 
@@ -62,6 +63,7 @@ def duplicates(
             "shards_rewritten": len(result.removal.shards),
             "centroids": result.centroids,
             "clusters": result.clusters,
+            "buckets": result.buckets,
             "eps": settings.eps,
             "path": dg.MetadataValue.path(dataset.url(DUPLICATES)),
         }

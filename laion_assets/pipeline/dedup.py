@@ -16,20 +16,24 @@ runs always give the same answer.
 Each run handles only the shards it has not seen (or whose pairs file changed since), against the state
 in `duplicates/state/`: the survivors' hashes (a DuckDB join, no embedding read), the trained centroids,
 and the survivors' vectors by cluster bucket. The centroids are trained on the first run, and again
-only when the number of clusters asked for changes or `retrain` is set (the stored members are then
-assigned again). Memory: one shard's vectors, then one bucket's, at a time.
+when the number of clusters asked for changes, when `retrain` is set, or (with `clusters` and `buckets`
+left to be derived) when the pairs have grown `regrow` times past what they were sized for, so that a
+first run over one shard does not fix a few clusters for the whole dataset; the survivors are then
+assigned again. Memory: one shard's vectors, the training sample, then one bucket's, at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import itertools
 import json
 import math
 import time
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import duckdb
@@ -37,9 +41,10 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from laion_assets import names
-from laion_assets.pipeline import catalog, schemas
+from laion_assets.pipeline import catalog, schemas, storage
 from laion_assets.pipeline.pairs import stored_pair_shards
 from laion_assets.pipeline.removal import DUPLICATE, RemovalResult, remove_keys
 from laion_assets.pipeline.storage import (
@@ -59,6 +64,9 @@ URL_CAPTION, SHA256, SEMANTIC = "url_caption", "sha256", "semantic"
 KINDS = (URL_CAPTION, SHA256, SEMANTIC)
 LEDGER_LIST = "dedup"  # the `list` of dedup's rows in the removal ledger; `entry` is the pair kept
 BLOCK = 1024  # rows of a cluster compared at once
+HASH_BATCH = 1 << 20  # survivor hashes written at once (a row group)
+BUCKET_ROWS = 250_000  # pairs per bucket when `buckets` is 0: about 0.25 GiB of fp16 vectors, 1 GiB compared
+FLUSH_ROWS = 131_072  # assigned vectors gathered from the shards before each bucket gets a file of them
 _FOUND = pa.schema([("key", pa.string()), ("duplicate_of", pa.string())])
 _SHARDS = pa.schema([("shard", pa.string()), ("fingerprint", pa.string()), ("run", pa.string())])
 
@@ -69,10 +77,12 @@ class DedupSettings:
     semantic: bool = True
     eps: float = 0.01  # a semantic match has a cosine of at least 1 - eps
     max_phash_distance: int = -1  # >= 0: a semantic match's perceptual hashes differ in at most this
-    clusters: int = 0  # k-means clusters; 0: the square root of the first run's pairs
-    buckets: int = 16  # cluster % buckets: the groups of clusters held in memory at once
+    clusters: int = 0  # k-means clusters; 0: the square root of the pairs when trained
+    buckets: int = 0  # cluster % buckets, the groups of clusters held in memory in turn; 0: one per
+    # BUCKET_ROWS pairs when trained (fixed with the centroids, like `clusters`)
     train_per_cluster: int = 256  # training vectors per cluster, sampled by key
     retrain: bool = False
+    regrow: float = 4.0  # with `clusters` 0: train again once the pairs are this many times those trained for
     seed: int = 0
     remove: bool = True  # False: record the duplicates only (the `pairs_unique` view leaves them out)
 
@@ -85,6 +95,7 @@ class DedupResult:
     removal: RemovalResult
     centroids: str  # "trained on N vectors", or "reused (trained ...)", or "off"
     clusters: int = 0
+    buckets: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # exact, semantic (training within), removal
 
@@ -114,9 +125,12 @@ def deduplicate(
                 found.append(_exact(connection, store, kind, now))
     seconds["exact"], clock = time.monotonic() - clock, time.monotonic()
     centroids = "off"
-    clusters = 0
+    clusters = buckets = 0
     if settings.semantic and new:
-        semantic, centroids, clusters = _semantic(store, connection, new, settings, run, now, seconds)
+        exact_finds = {key for table in found for key in table.column("key").to_pylist()}
+        semantic, centroids, clusters, buckets = _semantic(
+            store, new, exact_finds, settings, run, now, seconds
+        )
         found.append(semantic)
     seconds["semantic"], clock = time.monotonic() - clock, time.monotonic()
     duplicates = pa.concat_tables(found) if found else schemas.DUPLICATES.empty_table()
@@ -150,7 +164,7 @@ def deduplicate(
     )
     counts = Counter(duplicates.column("kind").to_pylist())
     by_kind = {k: counts[k] for k in KINDS}
-    return DedupResult(run, new, duplicates, removal, centroids, clusters, by_kind, seconds)
+    return DedupResult(run, new, duplicates, removal, centroids, clusters, buckets, by_kind, seconds)
 
 
 def _read_or_empty(store: DatasetStore, path: str, schema: pa.Schema) -> pa.Table:
@@ -170,12 +184,13 @@ def _forget(store: DatasetStore, shards: list[str]) -> None:
             if not pc.all(keep).as_py():
                 store.write_parquet(path, table.filter(keep))
     if store.exists(DUPLICATES):
-        back = set()
-        for shard in shards:
-            back |= set(store.read_parquet(PAIRS.parquet(shard), columns=["key"]).column("key").to_pylist())
-        table = store.read_parquet(DUPLICATES)
-        keep = pc.invert(pc.is_in(table.column("key"), pa.array(sorted(back), pa.string())))
-        store.write_parquet(DUPLICATES, table.filter(keep))
+        back = pa.concat_arrays(
+            [
+                store.read_parquet(PAIRS.parquet(shard), columns=["key"]).column("key").combine_chunks()
+                for shard in shards
+            ]
+        )
+        _rewrite_duplicates(store, lambda batch: batch.filter(pc.invert(pc.is_in(batch.column("key"), back))))
 
 
 def _buckets(store: DatasetStore) -> list[str]:
@@ -239,8 +254,12 @@ def _write_hashes(
         f"WHERE key NOT IN (SELECT key FROM removed) UNION ALL "
         f"SELECT '{SHA256}', {SHA256}, key FROM candidates "
         f"WHERE {SHA256} IS NOT NULL AND key NOT IN (SELECT key FROM removed) ORDER BY 1, 2"
-    ).to_arrow_table()
-    store.write_parquet(f"{DEDUP_HASHES}/{run}.parquet", schemas.conform(hashes, schemas.DEDUP_HASHES))
+    ).to_arrow_reader(HASH_BATCH)
+    store.write_parquet_batches(
+        f"{DEDUP_HASHES}/{run}.parquet",
+        schemas.DEDUP_HASHES,
+        (schemas.conform(pa.Table.from_batches([batch]), schemas.DEDUP_HASHES) for batch in hashes),
+    )
 
 
 def _duplicates(
@@ -267,15 +286,33 @@ def _duplicates(
 
 
 def _append_duplicates(store: DatasetStore, duplicates: pa.Table, settings: DedupSettings) -> None:
-    """Every run's rows in one file, its footer the settings of the last run that found some."""
+    """This run's rows (sorted by key) after every earlier run's; the footer the settings of the last run
+    that found some."""
     if duplicates.num_rows == 0 and store.exists(DUPLICATES):
         return
-    before = _read_or_empty(store, DUPLICATES, schemas.DUPLICATES).replace_schema_metadata(None)
-    store.write_parquet(
-        DUPLICATES,
-        pa.concat_tables([before, duplicates]).sort_by("key"),
-        metadata={names.DEDUP_SETTINGS_FOOTER: json.dumps(dataclasses.asdict(settings))},
-    )
+    footer = {names.DEDUP_SETTINGS_FOOTER: json.dumps(dataclasses.asdict(settings))}
+    _rewrite_duplicates(store, lambda batch: batch, duplicates.sort_by("key"), footer)
+
+
+def _rewrite_duplicates(
+    store: DatasetStore,
+    keep: Callable[[pa.RecordBatch], pa.RecordBatch],
+    add: pa.Table | None = None,
+    footer: dict[str, str] | None = None,
+) -> None:
+    """The duplicates file rewritten batch by batch, `keep` applied to each stored batch and `add`
+    appended, so that memory holds one batch however many runs the file spans."""
+    with contextlib.ExitStack() as stack:
+        stored = (
+            pq.ParquetFile(stack.enter_context(store.open(DUPLICATES))) if store.exists(DUPLICATES) else None
+        )
+        batches = (keep(batch) for batch in stored.iter_batches()) if stored else iter(())
+        store.write_parquet_batches(
+            DUPLICATES,
+            schemas.DUPLICATES,
+            itertools.chain(batches, [add] if add is not None else []),
+            {**(storage.footer(stored.schema_arrow) if stored else {}), **(footer or {})},
+        )
 
 
 # semantic: k-means centroids, then each cluster's new vectors against its survivors
@@ -286,6 +323,14 @@ class _Vectors:
     keys: list[str]
     vectors: np.ndarray  # (n, dim) float32, L2-normalised
     phashes: np.ndarray  # int64, -1 where unknown
+
+    @staticmethod
+    def concat(parts: list[_Vectors]) -> _Vectors:
+        return _Vectors(
+            [key for part in parts for key in part.keys],
+            np.concatenate([part.vectors for part in parts]),
+            np.concatenate([part.phashes for part in parts]),
+        )
 
 
 def _shard_vectors(store: DatasetStore, shard: str, keep: set[str]) -> _Vectors:
@@ -307,39 +352,51 @@ def _shard_vectors(store: DatasetStore, shard: str, keep: set[str]) -> _Vectors:
 
 
 def _as_matrix(column: pa.ChunkedArray) -> np.ndarray:
-    if len(column) == 0:
-        return np.zeros((0, column.type.list_size), np.float32)
-    flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-    vectors = flat.reshape(len(column), -1)
+    """The L2-normalised float32 rows of a column of fixed-size lists, or of fp16 packed as fixed-size
+    binary (the members)."""
+    if pa.types.is_fixed_size_binary(column.type):
+        dim = column.type.byte_width // 2
+        array = column.combine_chunks()
+        vectors = np.frombuffer(array.buffers()[1], "<f2", len(array) * dim, array.offset * dim * 2)
+    else:
+        dim = column.type.list_size
+        vectors = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    vectors = vectors.astype(np.float32).reshape(len(column), dim)
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
 def _semantic(
     store: DatasetStore,
-    connection: duckdb.DuckDBPyConnection,
     new: list[str],
+    exact_finds: set[str],
     settings: DedupSettings,
     run: str,
     now: datetime.datetime,
     seconds: dict[str, float],
-) -> tuple[pa.Table, str, int]:
-    """The semantic duplicates among the pairs the exact kinds left; `seconds` gets the training's time."""
-    keys = _keys_by_shard(store, connection, new, settings.exact)
-    if not any(keys.values()):
+) -> tuple[pa.Table, str, int, int]:
+    """The semantic duplicates among the pairs the exact kinds left, how the centroids came, the clusters
+    and the buckets; `seconds` gets the training's time."""
+    left = sum(store.parquet_num_rows(PAIRS.parquet(shard)) for shard in new) - len(exact_finds)
+    if not left:
         return (
             _duplicates(pa.table({"key": [], "duplicate_of": []}, schema=_FOUND), SEMANTIC, now),
             "no vectors",
             0,
+            0,
         )
     clock = time.monotonic()
-    centroids, how = _centroids(store, keys, settings)
+    centroids, buckets, how = _centroids(store, new, exact_finds, left, settings)
     seconds["training"] = time.monotonic() - clock
     index = _centroid_index(centroids)
     pending = f"{run}-pending"
+    gathered: list[_Vectors] = []
     for shard in new:
-        part = _shard_vectors(store, shard, keys[shard])
-        if part.keys:
-            _write_members(store, part, _nearest(index, part), settings.buckets, f"{pending}-{shard}")
+        gathered.append(_shard_vectors(store, shard, _pair_keys(store, shard) - exact_finds))
+        if sum(len(part.keys) for part in gathered) >= FLUSH_ROWS or shard == new[-1]:
+            part = _Vectors.concat(gathered)
+            if part.keys:
+                _write_members(store, part, _nearest(index, part), buckets, f"{pending}-{shard}")
+            gathered = []
     found = []
     for bucket in _buckets(store):
         found.extend(_dedup_bucket(store, bucket, pending, run, settings))
@@ -349,19 +406,8 @@ def _semantic(
         _duplicates(table, SEMANTIC, now, [r[2] for r in found], [r[3] for r in found]),
         how,
         len(centroids),
+        buckets,
     )
-
-
-def _keys_by_shard(
-    store: DatasetStore, connection: duckdb.DuckDBPyConnection, new: list[str], exact: bool
-) -> dict[str, set[str]]:
-    """The keys of each new shard left to compare: the candidates the exact kinds left, or every pair."""
-    if not exact:
-        return {shard: _pair_keys(store, shard) for shard in new}
-    keys: dict[str, set[str]] = {shard: set() for shard in new}
-    for (key,) in connection.sql("SELECT key FROM candidates").fetchall():
-        keys[schemas.shard_of_key(key)].add(key)
-    return keys
 
 
 def _pair_keys(store: DatasetStore, shard: str) -> set[str]:
@@ -381,13 +427,26 @@ def _write_members(
                 "phash": pa.array(
                     [None if part.phashes[i] < 0 else int(part.phashes[i]) for i in rows], pa.int64()
                 ),
-                "image_embedding": pa.FixedSizeListArray.from_arrays(
-                    pa.array(part.vectors[rows].astype(np.float16).ravel()), dim
+                "image_embedding": pa.FixedSizeBinaryArray.from_buffers(
+                    pa.binary(2 * dim),
+                    len(rows),
+                    [None, pa.py_buffer(part.vectors[rows].astype("<f2").tobytes())],
                 ),
             },
             schema=schemas.dedup_members(dim),
         )
-        store.write_parquet(f"{DEDUP_MEMBERS}/{bucket:04d}/{name}.parquet", table)
+        _write_member_file(store, f"{DEDUP_MEMBERS}/{bucket:04d}/{name}.parquet", table)
+
+
+def _write_member_file(store: DatasetStore, path: str, members: pa.Table) -> None:
+    """The embeddings, random-looking fp16, are stored uncompressed: zstd would only cost time."""
+    store.write_parquet(
+        path,
+        members,
+        compression={"key": "zstd", "cluster": "zstd", "phash": "zstd", "image_embedding": "none"},
+        use_dictionary=["cluster"],
+        write_statistics=["key", "cluster"],
+    )
 
 
 def _dedup_bucket(
@@ -417,7 +476,7 @@ def _dedup_bucket(
             found.append((key, kept, cosine, distance))
             removed.add(key)
     survivors = new.filter(pc.invert(pc.is_in(new.column("key"), pa.array(sorted(removed), pa.string()))))
-    store.write_parquet(f"{folder}/{run}.parquet", survivors)
+    _write_member_file(store, f"{folder}/{run}.parquet", survivors)
     for name in new_files:
         store.remove(f"{folder}/{name}")
     return found
@@ -472,27 +531,35 @@ def near_copies(
 
 
 def _centroids(
-    store: DatasetStore, keys: dict[str, set[str]], settings: DedupSettings
-) -> tuple[np.ndarray, str]:
-    """The stored centroids, or new ones trained on a sample of the new pairs' vectors (and the stored
-    members assigned again)."""
+    store: DatasetStore, new: list[str], exact_finds: set[str], rows: int, settings: DedupSettings
+) -> tuple[np.ndarray, int, str]:
+    """The centroids, the number of buckets and how they came: the stored ones, or new ones trained on a
+    sample of the survivors' and the new pairs' vectors (and the survivors assigned again)."""
+    members = [f"{folder}/{f.name}" for folder in _buckets(store) for f in store.list(folder)]
+    total = rows + sum(store.parquet_num_rows(path) for path in members)
+    why = "retrain set" if settings.retrain else "first run"
     if store.exists(DEDUP_CENTROIDS) and not settings.retrain:
-        table = store.read_parquet(DEDUP_CENTROIDS)
-        stored = _as_matrix(table.column("centroid"))
+        stored = _as_matrix(store.read_parquet(DEDUP_CENTROIDS).column("centroid"))
         meta = store.parquet_metadata(DEDUP_CENTROIDS)
-        if settings.clusters in (0, len(stored)):
+        grown = not settings.clusters and total > settings.regrow * int(meta["sized_for"])
+        if settings.clusters in (0, len(stored)) and not grown:
             return (
                 stored,
-                f"reused (trained {meta.get('trained_at', '?')} on {meta.get('trained_on', '?')} vectors)",
+                int(meta["buckets"]),
+                f"reused (trained {meta['trained_at']} on {meta['trained_on']} vectors)",
             )
-    rows = sum(len(shard_keys) for shard_keys in keys.values())
-    clusters = settings.clusters or max(1, round(math.sqrt(rows)))
-    every = max(1, rows // (clusters * settings.train_per_cluster))
-    sample = []
-    for shard, shard_keys in keys.items():
-        chosen = {k for k in shard_keys if zlib.crc32(k.encode()) % every == 0}
-        sample.append(_shard_vectors(store, shard, chosen).vectors)
-    vectors = np.concatenate(sample) if sample else np.zeros((0, 1), np.float32)
+        why = f"the pairs grew from {meta['sized_for']} to {total}" if grown else "clusters changed"
+    clusters = settings.clusters or max(1, round(math.sqrt(total)))
+    buckets = settings.buckets or max(1, math.ceil(total / BUCKET_ROWS))
+    every = max(1, total // (clusters * settings.train_per_cluster))
+
+    def sampled(part: _Vectors) -> np.ndarray:  # fp16 until stacked: the sample is the peak memory
+        chosen = [i for i, key in enumerate(part.keys) if zlib.crc32(key.encode()) % every == 0]
+        return part.vectors[chosen].astype(np.float16)
+
+    parts = [sampled(_members(store.read_parquet(path))) for path in members]
+    parts += [sampled(_shard_vectors(store, shard, _pair_keys(store, shard) - exact_finds)) for shard in new]
+    vectors = np.concatenate(parts, dtype=np.float32)
     clusters = max(1, min(clusters, len(vectors)))
     kmeans = faiss.Kmeans(vectors.shape[1], clusters, niter=20, seed=settings.seed, spherical=True)
     kmeans.train(vectors)
@@ -508,10 +575,17 @@ def _centroids(
     )
     trained_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     store.write_parquet(
-        DEDUP_CENTROIDS, table, metadata={"trained_at": trained_at, "trained_on": str(len(vectors))}
+        DEDUP_CENTROIDS,
+        table,
+        metadata={
+            "trained_at": trained_at,
+            "trained_on": str(len(vectors)),
+            "sized_for": str(total),
+            "buckets": str(buckets),
+        },
     )
-    _reassign(store, centroids, settings.buckets)
-    return centroids.astype(np.float32), f"trained on {len(vectors)} vectors"
+    _reassign(store, centroids, buckets)
+    return centroids.astype(np.float32), buckets, f"trained on {len(vectors)} vectors ({why})"
 
 
 def _reassign(store: DatasetStore, centroids: np.ndarray, buckets: int) -> None:

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from laion_assets import names
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.pairs import write_pairs_parquet
-from laion_assets.pipeline.parallel import store_map
+from laion_assets.pipeline.parallel import STORE_REWRITES, store_map
 from laion_assets.pipeline.shard_tar import TarShardWriter, read_samples
 from laion_assets.pipeline.storage import (
     EMBEDDINGS,
@@ -85,7 +85,9 @@ def remove_keys(
         by_shard.setdefault(schemas.shard_of_key(row["key"]), {})[row["key"]] = (
             f"{row['list']} ({row['kind']})"
         )
-    written = store_map(lambda shard: _rewrite_shard(store, shard, by_shard[shard], reason), sorted(by_shard))
+    written = store_map(
+        lambda shard: _rewrite_shard(store, shard, by_shard[shard], reason), sorted(by_shard), STORE_REWRITES
+    )
     counts = Counter(
         zip(removals.column("list").to_pylist(), removals.column("kind").to_pylist(), strict=True)
     )

@@ -255,13 +255,15 @@ DEDUP_HASHES = pa.schema(
 
 
 def dedup_members(dim: int) -> pa.Schema:
-    """duplicates/state/members/<bucket>/<run>.parquet: the surviving pairs' image embeddings by cluster."""
+    """duplicates/state/members/<bucket>/<run>.parquet: the surviving pairs' image embeddings by cluster.
+    Internal state, so the embedding is `dim` little-endian fp16 values as one fixed-size binary:
+    parquet writes and reads that about ten times as fast as a list of `dim` values."""
     return pa.schema(
         [
             pa.field("key", pa.string(), nullable=False),
             pa.field("cluster", pa.int32(), nullable=False),
             pa.field("phash", pa.int64()),
-            pa.field("image_embedding", pa.list_(pa.float16(), dim), nullable=False),
+            pa.field("image_embedding", pa.binary(2 * dim), nullable=False),
         ]
     )
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO
@@ -244,6 +244,25 @@ class DatasetStore:
             table = table.replace_schema_metadata(merged)
         with self.atomic_write(relpath) as f:
             pq.write_table(table, f, **{"compression": "zstd", **options})
+
+    def write_parquet_batches(
+        self,
+        relpath: str,
+        schema: pa.Schema,
+        batches: Iterable[pa.RecordBatch | pa.Table],
+        metadata: dict[str, str] | None = None,
+        **options: object,
+    ) -> None:
+        """`write_parquet` for more rows than memory holds: `batches` (of `schema`) written as they come,
+        a row group or more each."""
+        if metadata:
+            schema = schema.with_metadata({k.encode(): v.encode() for k, v in metadata.items()})
+        with (
+            self.atomic_write(relpath) as f,
+            pq.ParquetWriter(f, schema, **{"compression": "zstd", **options}) as writer,
+        ):
+            for batch in batches:
+                writer.write(batch)
 
     def remove(self, relpath: str) -> None:
         if self.exists(relpath):
