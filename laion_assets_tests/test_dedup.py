@@ -13,13 +13,14 @@ import pytest
 from laion_assets.demo.score import score_duplicates
 from laion_assets.demo.world import EXACT_COPIES, NEAR_COPIES, make_world
 from laion_assets.names import PAIRS_FUNNEL_FOOTER
-from laion_assets.pipeline import catalog, schemas
+from laion_assets.pipeline import catalog, dedup, schemas
 from laion_assets.pipeline.dedup import SEMANTIC, SHA256, URL_CAPTION, DedupSettings, deduplicate
 from laion_assets.pipeline.removal import DUPLICATE, RemovedKeys
 from laion_assets.pipeline.search import write_search_index
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import (
     DEDUP_CENTROIDS,
+    DEDUP_INCOMING,
     DEDUP_MEMBERS,
     DUPLICATES,
     PAIRS,
@@ -189,3 +190,48 @@ def test_centroids_sized_for_a_small_first_run_are_trained_again_once_the_pairs_
         int(bucket) == cluster % second.buckets and cluster < second.clusters
         for bucket, _, cluster in members
     )
+
+
+def member_keys(store: DatasetStore) -> list[str]:
+    return sorted(
+        key
+        for path in Path(store.path(DEDUP_MEMBERS)).glob("*/*.parquet")
+        for key in pq.read_table(path, columns=["key"]).column("key").to_pylist()
+    )
+
+
+@pytest.mark.parametrize(
+    ("step", "stop_at", "after"),
+    [("_dedup_bucket", 2, False), ("remove_keys", 1, True)],
+    ids=["between-buckets", "after-removal"],
+)
+def test_a_run_that_stopped_part_way_leaves_nothing_the_next_run_trusts(
+    planted, tmp_path, monkeypatch, step, stop_at, after
+):
+    """The process dies (here: a step raises) after part of the state is written but before the shards
+    are recorded as done; the next run gives what one clean run gives."""
+    whole = DatasetStore(str(shutil.copytree(planted, tmp_path / "whole")))
+    at_once = found(deduplicate(whole, DEMO_DEDUP).duplicates)
+    store = DatasetStore(str(shutil.copytree(planted, tmp_path / "root")))
+    real = getattr(dedup, step)
+    calls = []
+
+    def stops(*args, **kwargs):
+        calls.append(step)
+        if len(calls) < stop_at:
+            return real(*args, **kwargs)
+        if after:
+            real(*args, **kwargs)
+        raise RuntimeError("the machine went away")
+
+    monkeypatch.setattr(dedup, step, stops)
+    with pytest.raises(RuntimeError, match="went away"):
+        deduplicate(store, DEMO_DEDUP)
+    monkeypatch.undo()
+    again = deduplicate(store, DEMO_DEDUP)
+    assert again.shards == list(DEMO_SHARDS)
+    recorded = store.read_parquet(DUPLICATES)
+    assert found(recorded) == at_once and recorded.num_rows == len(at_once)
+    assert sorted(pairs_rows(store)) == sorted(pairs_rows(whole))
+    assert member_keys(store) == sorted(key for key, _ in pairs_rows(store))
+    assert not list(Path(store.path(DEDUP_INCOMING)).glob("*"))

@@ -16,10 +16,10 @@ runs always give the same answer.
 Each run handles only the shards it has not seen (or whose pairs file changed since), against the state
 in `duplicates/state/`: the survivors' hashes (a DuckDB join, no embedding read), the trained centroids,
 and the survivors' vectors by cluster bucket. The centroids are trained on the first run, and again
-when the number of clusters asked for changes, when `retrain` is set, or (with `clusters` and `buckets`
-left to be derived) when the pairs have grown `regrow` times past what they were sized for, so that a
-first run over one shard does not fix a few clusters for the whole dataset; the survivors are then
-assigned again. Memory: one shard's vectors, the training sample, then one bucket's, at a time.
+when the number of clusters asked for changes, when `retrain` is set, or (with `clusters` 0) when the
+pairs have grown `regrow` times past what they were sized for, so that a first run over one shard does
+not fix a few clusters for the whole dataset; the survivors are then assigned again. Memory: one shard's
+vectors, the training sample, then one bucket's, at a time.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from laion_assets.pipeline.removal import DUPLICATE, RemovalResult, remove_keys
 from laion_assets.pipeline.storage import (
     DEDUP_CENTROIDS,
     DEDUP_HASHES,
+    DEDUP_INCOMING,
     DEDUP_MEMBERS,
     DEDUP_SHARDS,
     DUPLICATES,
@@ -67,6 +68,8 @@ BLOCK = 1024  # rows of a cluster compared at once
 HASH_BATCH = 1 << 20  # survivor hashes written at once (a row group)
 BUCKET_ROWS = 250_000  # pairs per bucket when `buckets` is 0: about 0.25 GiB of fp16 vectors, 1 GiB compared
 FLUSH_ROWS = 131_072  # assigned vectors gathered from the shards before each bucket gets a file of them
+RUN_ID = "%Y%m%dT%H%M%S%fZ"  # a run's id, its start time; the state files' names begin with it
+RUN_ID_LENGTH = len("20260101T000000000000Z")
 _FOUND = pa.schema([("key", pa.string()), ("duplicate_of", pa.string())])
 _SHARDS = pa.schema([("shard", pa.string()), ("fingerprint", pa.string()), ("run", pa.string())])
 
@@ -93,7 +96,7 @@ class DedupResult:
     shards: list[str]  # the shards checked this run
     duplicates: pa.Table  # schemas.DUPLICATES, the rows found this run
     removal: RemovalResult
-    centroids: str  # "trained on N vectors", or "reused (trained ...)", or "off"
+    centroids: str  # "trained on N vectors (why)", or "reused (trained ...)", or "off"
     clusters: int = 0
     buckets: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
@@ -106,11 +109,13 @@ def deduplicate(
     """Find the duplicates of the shards not checked yet, record them in `duplicates/duplicates.parquet`,
     remove them from the built dataset (reason `duplicate`) and keep the survivors in the state."""
     now = now or datetime.datetime.now(datetime.timezone.utc)
-    run = now.strftime("%Y%m%dT%H%M%S%fZ")
+    run = now.strftime(RUN_ID)
     pairs = {shard: store.fingerprint(PAIRS.parquet(shard)) for shard in stored_pair_shards(store, "dedup")}
     done = _read_or_empty(store, DEDUP_SHARDS, _SHARDS)
     seen = dict(zip(done.column("shard").to_pylist(), done.column("fingerprint").to_pylist(), strict=True))
     new = sorted(shard for shard, fingerprint in pairs.items() if seen.get(shard) != fingerprint)
+    if _clear_unfinished(store, set(done.column("run").to_pylist())):
+        _drop_found(store, new)
     _forget(store, [shard for shard in new if shard in seen])
     connection = duckdb.connect()
     if store.is_s3:
@@ -173,7 +178,7 @@ def _read_or_empty(store: DatasetStore, path: str, schema: pa.Schema) -> pa.Tabl
 
 def _forget(store: DatasetStore, shards: list[str]) -> None:
     """Drop from the state what came from `shards`, whose pairs were rebuilt since they were checked: they
-    are checked again as new. A duplicates row stays while its key is not back in the pairs."""
+    are checked again as new."""
     if not shards:
         return
     for folder in (DEDUP_HASHES, *_buckets(store)):
@@ -181,16 +186,40 @@ def _forget(store: DatasetStore, shards: list[str]) -> None:
             path = f"{folder}/{stored.name}"
             table = store.read_parquet(path)
             keep = pc.invert(pc.is_in(_shards_of(table.column("key")), pa.array(shards)))
-            if not pc.all(keep).as_py():
+            if pc.all(keep).as_py():
+                continue
+            if folder == DEDUP_HASHES:
                 store.write_parquet(path, table.filter(keep))
-    if store.exists(DUPLICATES):
-        back = pa.concat_arrays(
-            [
-                store.read_parquet(PAIRS.parquet(shard), columns=["key"]).column("key").combine_chunks()
-                for shard in shards
-            ]
-        )
-        _rewrite_duplicates(store, lambda batch: batch.filter(pc.invert(pc.is_in(batch.column("key"), back))))
+            else:
+                _write_member_file(store, path, table.filter(keep))
+    _drop_found(store, shards)
+
+
+def _drop_found(store: DatasetStore, shards: list[str]) -> None:
+    """The duplicates rows whose key is in the pairs of `shards` again (rebuilt, or never removed by a run
+    that stopped part way): they are found again."""
+    if not shards or not store.exists(DUPLICATES):
+        return
+    back = pa.concat_arrays(
+        [
+            store.read_parquet(PAIRS.parquet(shard), columns=["key"]).column("key").combine_chunks()
+            for shard in shards
+        ]
+    )
+    _rewrite_duplicates(store, lambda batch: batch.filter(pc.invert(pc.is_in(batch.column("key"), back))))
+
+
+def _clear_unfinished(store: DatasetStore, finished: set[str]) -> bool:
+    """Remove the state files of runs that stopped before recording their shards as done (whether any)."""
+    unfinished = [
+        f"{folder}/{stored.name}"
+        for folder in (DEDUP_HASHES, DEDUP_INCOMING, *_buckets(store))
+        for stored in store.list(folder)
+        if stored.name[:RUN_ID_LENGTH] not in finished
+    ]
+    for path in unfinished:
+        store.remove(path)
+    return bool(unfinished)
 
 
 def _buckets(store: DatasetStore) -> list[str]:
@@ -376,8 +405,8 @@ def _semantic(
 ) -> tuple[pa.Table, str, int, int]:
     """The semantic duplicates among the pairs the exact kinds left, how the centroids came, the clusters
     and the buckets; `seconds` gets the training's time."""
-    left = sum(store.parquet_num_rows(PAIRS.parquet(shard)) for shard in new) - len(exact_finds)
-    if not left:
+    incoming = _stage(store, new, exact_finds, run)
+    if not incoming:
         return (
             _duplicates(pa.table({"key": [], "duplicate_of": []}, schema=_FOUND), SEMANTIC, now),
             "no vectors",
@@ -385,18 +414,14 @@ def _semantic(
             0,
         )
     clock = time.monotonic()
-    centroids, buckets, how = _centroids(store, new, exact_finds, left, settings)
+    centroids, buckets, how = _centroids(store, incoming, settings)
     seconds["training"] = time.monotonic() - clock
     index = _centroid_index(centroids)
     pending = f"{run}-pending"
-    gathered: list[_Vectors] = []
-    for shard in new:
-        gathered.append(_shard_vectors(store, shard, _pair_keys(store, shard) - exact_finds))
-        if sum(len(part.keys) for part in gathered) >= FLUSH_ROWS or shard == new[-1]:
-            part = _Vectors.concat(gathered)
-            if part.keys:
-                _write_members(store, part, _nearest(index, part), buckets, f"{pending}-{shard}")
-            gathered = []
+    for number, path in enumerate(incoming):
+        part = _members(store.read_parquet(path))
+        _write_members(store, part, _nearest(index, part), buckets, f"{pending}-{number:05d}")
+        store.remove(path)
     found = []
     for bucket in _buckets(store):
         found.extend(_dedup_bucket(store, bucket, pending, run, settings))
@@ -410,6 +435,23 @@ def _semantic(
     )
 
 
+def _stage(store: DatasetStore, new: list[str], exact_finds: set[str], run: str) -> list[str]:
+    """The vectors of the new pairs the exact kinds left, read from their shards once (lists of fp16 are
+    slow to decode) into files of about FLUSH_ROWS in `incoming/`, where training samples them and the
+    assignment reads them; the paths."""
+    paths: list[str] = []
+    gathered: list[_Vectors] = []
+    for shard in new:
+        gathered.append(_shard_vectors(store, shard, _pair_keys(store, shard) - exact_finds))
+        if sum(len(part.keys) for part in gathered) >= FLUSH_ROWS or shard == new[-1]:
+            part = _Vectors.concat(gathered)
+            gathered = []
+            if part.keys:
+                paths.append(f"{DEDUP_INCOMING}/{run}-{shard}.parquet")
+                _write_member_file(store, paths[-1], _members_table(part, np.full(len(part.keys), -1)))
+    return paths
+
+
 def _pair_keys(store: DatasetStore, shard: str) -> set[str]:
     return set(store.read_parquet(PAIRS.parquet(shard), columns=["key"]).column("key").to_pylist())
 
@@ -417,25 +459,31 @@ def _pair_keys(store: DatasetStore, shard: str) -> set[str]:
 def _write_members(
     store: DatasetStore, part: _Vectors, clusters: np.ndarray, buckets: int, name: str
 ) -> None:
-    dim = part.vectors.shape[1]
     for bucket in np.unique(clusters % buckets):
         rows = np.flatnonzero(clusters % buckets == bucket)
-        table = pa.table(
-            {
-                "key": [part.keys[i] for i in rows],
-                "cluster": pa.array(clusters[rows], pa.int32()),
-                "phash": pa.array(
-                    [None if part.phashes[i] < 0 else int(part.phashes[i]) for i in rows], pa.int64()
-                ),
-                "image_embedding": pa.FixedSizeBinaryArray.from_buffers(
-                    pa.binary(2 * dim),
-                    len(rows),
-                    [None, pa.py_buffer(part.vectors[rows].astype("<f2").tobytes())],
-                ),
-            },
-            schema=schemas.dedup_members(dim),
-        )
+        table = _members_table(part, clusters, rows)
         _write_member_file(store, f"{DEDUP_MEMBERS}/{bucket:04d}/{name}.parquet", table)
+
+
+def _members_table(part: _Vectors, clusters: np.ndarray, rows: np.ndarray | None = None) -> pa.Table:
+    """`part`'s `rows` (every row by default) as `schemas.dedup_members`, in `clusters`."""
+    rows = np.arange(len(part.keys)) if rows is None else rows
+    dim = part.vectors.shape[1]
+    return pa.table(
+        {
+            "key": [part.keys[i] for i in rows],
+            "cluster": pa.array(clusters[rows], pa.int32()),
+            "phash": pa.array(
+                [None if part.phashes[i] < 0 else int(part.phashes[i]) for i in rows], pa.int64()
+            ),
+            "image_embedding": pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(2 * dim),
+                len(rows),
+                [None, pa.py_buffer(part.vectors[rows].astype("<f2").tobytes())],
+            ),
+        },
+        schema=schemas.dedup_members(dim),
+    )
 
 
 def _write_member_file(store: DatasetStore, path: str, members: pa.Table) -> None:
@@ -531,12 +579,12 @@ def near_copies(
 
 
 def _centroids(
-    store: DatasetStore, new: list[str], exact_finds: set[str], rows: int, settings: DedupSettings
+    store: DatasetStore, incoming: list[str], settings: DedupSettings
 ) -> tuple[np.ndarray, int, str]:
     """The centroids, the number of buckets and how they came: the stored ones, or new ones trained on a
     sample of the survivors' and the new pairs' vectors (and the survivors assigned again)."""
     members = [f"{folder}/{f.name}" for folder in _buckets(store) for f in store.list(folder)]
-    total = rows + sum(store.parquet_num_rows(path) for path in members)
+    total = sum(store.parquet_num_rows(path) for path in members + incoming)
     why = "retrain set" if settings.retrain else "first run"
     if store.exists(DEDUP_CENTROIDS) and not settings.retrain:
         stored = _as_matrix(store.read_parquet(DEDUP_CENTROIDS).column("centroid"))
@@ -557,9 +605,9 @@ def _centroids(
         chosen = [i for i, key in enumerate(part.keys) if zlib.crc32(key.encode()) % every == 0]
         return part.vectors[chosen].astype(np.float16)
 
-    parts = [sampled(_members(store.read_parquet(path))) for path in members]
-    parts += [sampled(_shard_vectors(store, shard, _pair_keys(store, shard) - exact_finds)) for shard in new]
-    vectors = np.concatenate(parts, dtype=np.float32)
+    vectors = np.concatenate(
+        [sampled(_members(store.read_parquet(path))) for path in members + incoming], dtype=np.float32
+    )
     clusters = max(1, min(clusters, len(vectors)))
     kmeans = faiss.Kmeans(vectors.shape[1], clusters, niter=20, seed=settings.seed, spherical=True)
     kmeans.train(vectors)

@@ -72,11 +72,13 @@ BLOCKLIST_ENTRIES = "blocklist_entries/entries.parquet"  # the lists' active ent
 TAKEDOWNS = "takedowns"  # the removal ledger, <timestamp>.parquet per removal run
 DUPLICATES = "duplicates/duplicates.parquet"  # dataset-level dedup: a row per pair removed, every run's
 # What the next shards are checked against (pipeline/dedup.py): the shards done, the surviving pairs'
-# hashes (a file per run), the k-means centroids, and the survivors' vectors by cluster bucket.
+# hashes (a file per run), the k-means centroids, and the survivors' vectors by cluster bucket. Every
+# file but shards.parquet is named after the run that wrote it.
 DEDUP_SHARDS = "duplicates/state/shards.parquet"
 DEDUP_HASHES = "duplicates/state/hashes"
 DEDUP_CENTROIDS = "duplicates/state/centroids.parquet"
 DEDUP_MEMBERS = "duplicates/state/members"  # <bucket>/<run>.parquet
+DEDUP_INCOMING = "duplicates/state/incoming"  # a run's new vectors until they are assigned to clusters
 
 
 @dataclass(frozen=True)
