@@ -100,7 +100,7 @@ class DedupResult:
     clusters: int = 0
     buckets: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)  # exact, semantic (training within), removal
+    seconds: dict[str, float] = field(default_factory=dict)  # exact, semantic (reading, training), removal
 
 
 def deduplicate(
@@ -404,8 +404,10 @@ def _semantic(
     seconds: dict[str, float],
 ) -> tuple[pa.Table, str, int, int]:
     """The semantic duplicates among the pairs the exact kinds left, how the centroids came, the clusters
-    and the buckets; `seconds` gets the training's time."""
+    and the buckets; `seconds` gets the times of reading the new vectors and of training."""
+    clock = time.monotonic()
     incoming = _stage(store, new, exact_finds, run)
+    seconds["reading"] = time.monotonic() - clock
     if not incoming:
         return (
             _duplicates(pa.table({"key": [], "duplicate_of": []}, schema=_FOUND), SEMANTIC, now),
