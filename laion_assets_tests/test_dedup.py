@@ -20,8 +20,8 @@ from laion_assets.pipeline.search import write_search_index
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import (
     DEDUP_CENTROIDS,
-    DEDUP_INCOMING,
     DEDUP_MEMBERS,
+    DEDUP_STAGED,
     DUPLICATES,
     PAIRS,
     SEARCH_INDEX,
@@ -234,4 +234,4 @@ def test_a_run_that_stopped_part_way_leaves_nothing_the_next_run_trusts(
     assert found(recorded) == at_once and recorded.num_rows == len(at_once)
     assert sorted(pairs_rows(store)) == sorted(pairs_rows(whole))
     assert member_keys(store) == sorted(key for key, _ in pairs_rows(store))
-    assert not list(Path(store.path(DEDUP_INCOMING)).glob("*"))
+    assert not list(Path(store.path(DEDUP_STAGED)).glob("*"))

@@ -50,9 +50,9 @@ from laion_assets.pipeline.removal import DUPLICATE, RemovalResult, remove_keys
 from laion_assets.pipeline.storage import (
     DEDUP_CENTROIDS,
     DEDUP_HASHES,
-    DEDUP_INCOMING,
     DEDUP_MEMBERS,
     DEDUP_SHARDS,
+    DEDUP_STAGED,
     DUPLICATES,
     EMBEDDINGS,
     IMAGES,
@@ -213,7 +213,7 @@ def _clear_unfinished(store: DatasetStore, finished: set[str]) -> bool:
     """Remove the state files of runs that stopped before recording their shards as done (whether any)."""
     unfinished = [
         f"{folder}/{stored.name}"
-        for folder in (DEDUP_HASHES, DEDUP_INCOMING, *_buckets(store))
+        for folder in (DEDUP_HASHES, DEDUP_STAGED, *_buckets(store))
         for stored in store.list(folder)
         if stored.name[:RUN_ID_LENGTH] not in finished
     ]
@@ -406,9 +406,9 @@ def _semantic(
     """The semantic duplicates among the pairs the exact kinds left, how the centroids came, the clusters
     and the buckets; `seconds` gets the times of reading the new vectors and of training."""
     clock = time.monotonic()
-    incoming = _stage(store, new, exact_finds, run)
+    staged = _stage(store, new, exact_finds, run)
     seconds["reading"] = time.monotonic() - clock
-    if not incoming:
+    if not staged:
         return (
             _duplicates(pa.table({"key": [], "duplicate_of": []}, schema=_FOUND), SEMANTIC, now),
             "no vectors",
@@ -416,11 +416,11 @@ def _semantic(
             0,
         )
     clock = time.monotonic()
-    centroids, buckets, how = _centroids(store, incoming, settings)
+    centroids, buckets, how = _centroids(store, staged, settings)
     seconds["training"] = time.monotonic() - clock
     index = _centroid_index(centroids)
     pending = f"{run}-pending"
-    for number, path in enumerate(incoming):
+    for number, path in enumerate(staged):
         part = _members(store.read_parquet(path))
         _write_members(store, part, _nearest(index, part), buckets, f"{pending}-{number:05d}")
         store.remove(path)
@@ -439,7 +439,7 @@ def _semantic(
 
 def _stage(store: DatasetStore, new: list[str], exact_finds: set[str], run: str) -> list[str]:
     """The vectors of the new pairs the exact kinds left, read from their shards once (lists of fp16 are
-    slow to decode) into files of about FLUSH_ROWS in `incoming/`, where training samples them and the
+    slow to decode) into files of about FLUSH_ROWS in `staged/`, where training samples them and the
     assignment reads them; the paths."""
     paths: list[str] = []
     gathered: list[_Vectors] = []
@@ -449,7 +449,7 @@ def _stage(store: DatasetStore, new: list[str], exact_finds: set[str], run: str)
             part = _Vectors.concat(gathered)
             gathered = []
             if part.keys:
-                paths.append(f"{DEDUP_INCOMING}/{run}-{shard}.parquet")
+                paths.append(f"{DEDUP_STAGED}/{run}-{shard}.parquet")
                 _write_member_file(store, paths[-1], _members_table(part, np.full(len(part.keys), -1)))
     return paths
 
@@ -581,12 +581,12 @@ def near_copies(
 
 
 def _centroids(
-    store: DatasetStore, incoming: list[str], settings: DedupSettings
+    store: DatasetStore, staged: list[str], settings: DedupSettings
 ) -> tuple[np.ndarray, int, str]:
     """The centroids, the number of buckets and how they came: the stored ones, or new ones trained on a
     sample of the survivors' and the new pairs' vectors (and the survivors assigned again)."""
     members = [f"{folder}/{f.name}" for folder in _buckets(store) for f in store.list(folder)]
-    total = sum(store.parquet_num_rows(path) for path in members + incoming)
+    total = sum(store.parquet_num_rows(path) for path in members + staged)
     why = "retrain set" if settings.retrain else "first run"
     if store.exists(DEDUP_CENTROIDS) and not settings.retrain:
         stored = _as_matrix(store.read_parquet(DEDUP_CENTROIDS).column("centroid"))
@@ -608,7 +608,7 @@ def _centroids(
         return part.vectors[chosen].astype(np.float16)
 
     vectors = np.concatenate(
-        [sampled(_members(store.read_parquet(path))) for path in members + incoming], dtype=np.float32
+        [sampled(_members(store.read_parquet(path))) for path in members + staged], dtype=np.float32
     )
     clusters = max(1, min(clusters, len(vectors)))
     kmeans = faiss.Kmeans(vectors.shape[1], clusters, niter=20, seed=settings.seed, spherical=True)

@@ -78,7 +78,7 @@ DEDUP_SHARDS = "duplicates/state/shards.parquet"
 DEDUP_HASHES = "duplicates/state/hashes"
 DEDUP_CENTROIDS = "duplicates/state/centroids.parquet"
 DEDUP_MEMBERS = "duplicates/state/members"  # <bucket>/<run>.parquet
-DEDUP_INCOMING = "duplicates/state/incoming"  # a run's new vectors until they are assigned to clusters
+DEDUP_STAGED = "duplicates/state/staged"  # a run's new vectors until they are assigned to clusters
 
 
 @dataclass(frozen=True)
