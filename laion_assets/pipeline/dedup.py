@@ -508,20 +508,19 @@ def _dedup_bucket(
     new_files = [f.name for f in files if f.name.startswith(pending)]
     if not new_files:
         return []
-    new = pa.concat_tables([store.read_parquet(f"{folder}/{name}") for name in new_files]).sort_by("key")
+    new = _by_cluster(pa.concat_tables([store.read_parquet(f"{folder}/{name}") for name in new_files]))
     touched = pa.array(np.unique(new.column("cluster").to_numpy()), pa.int32())
     old_parts = [
         table.filter(pc.is_in(table.column("cluster"), touched))
         for table in (store.read_parquet(f"{folder}/{f.name}") for f in files if f.name not in new_files)
     ]
-    old = pa.concat_tables(old_parts) if old_parts else new.schema.empty_table()
+    old = _by_cluster(pa.concat_tables(old_parts) if old_parts else new.schema.empty_table())
     found: list[tuple[str, str, float, int | None]] = []
     removed: set[str] = set()
     old_clusters = old.column("cluster").to_numpy()
     new_clusters = new.column("cluster").to_numpy()
     for cluster in touched.to_pylist():
-        o = old.take(pa.array(np.flatnonzero(old_clusters == cluster), pa.int64()))
-        n = new.take(pa.array(np.flatnonzero(new_clusters == cluster), pa.int64()))
+        o, n = _cluster_rows(old, old_clusters, cluster), _cluster_rows(new, new_clusters, cluster)
         for key, kept, cosine, distance in near_copies(_members(o), _members(n), settings):
             found.append((key, kept, cosine, distance))
             removed.add(key)
@@ -530,6 +529,18 @@ def _dedup_bucket(
     for name in new_files:
         store.remove(f"{folder}/{name}")
     return found
+
+
+def _by_cluster(members: pa.Table) -> pa.Table:
+    """Sorted by cluster, then key, in one chunk: each cluster's rows are then a zero-copy slice (a take
+    per cluster would copy the whole bucket each time)."""
+    return members.sort_by([("cluster", "ascending"), ("key", "ascending")]).combine_chunks()
+
+
+def _cluster_rows(members: pa.Table, clusters: np.ndarray, cluster: int) -> pa.Table:
+    """The rows of `cluster` in `members`, sorted by `_by_cluster` (`clusters` its cluster column)."""
+    start, end = np.searchsorted(clusters, [cluster, cluster + 1])
+    return members.slice(start, end - start)
 
 
 def _members(table: pa.Table) -> _Vectors:
