@@ -6,14 +6,16 @@ Writes, under bench/.work/dedup-<rows> (once), shards of `--shard-rows` pairs: `
 sha256), `pairs_embeddings/` (the image embeddings, fp16) and `images/` (key and phash). The vectors are
 drawn around 2,000 topic centres (the web's clusters of look-alike images), and 5 % of them are near
 copies of an earlier vector (cosine about 0.995); 2 % of the rows repeat an earlier row's url and caption,
-2 % its image sha256, in another shard. Then, each phase in a child process of its own, for its peak RSS:
+2 % its image sha256, in another shard. Then, each phase in a child process of its own, for its peak RSS
+(and, sampled every 0.1 s, the highest RSS while in each step of `deduplicate`):
 
-1. every shard but the last at once: the exact pass (DuckDB), the semantic pass (training, assignment,
-   within-cluster comparison), the removal of what they found;
-2. the last shard, incrementally, against the stored state;
-3. the peer: FAISS's exact range search over every vector, for 5,000 of the planted copies' queries,
-   the cosine threshold the same: how many true near copies the clustered search finds (its recall),
-   and the brute-force time it would take for every vector.
+1. the peer: FAISS's exact range search, each of 5,000 random vectors against every vector before it,
+   streamed shard by shard, the cosine threshold the same; how many of its near copies the clustered
+   search finds is the latter's recall, and its time per comparison gives the brute-force time for
+   every vector;
+2. every shard but the last at once: the exact pass (DuckDB), the semantic pass (reading the vectors,
+   training, assignment, within-cluster comparison), the removal of what they found;
+3. the last shard, incrementally, against the stored state.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import hashlib
 import multiprocessing
 import resource
 import shutil
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -127,11 +131,51 @@ def _in_child(target, *args):
     return out
 
 
+# The function of `pipeline/dedup.py` a sample of the stack is in (the innermost one listed): its step.
+STEPS = {
+    "_load_new_pairs": "exact",
+    "_exact": "exact",
+    "_write_hashes": "exact",
+    "_stage": "reading",
+    "_centroids": "training",
+    "_semantic": "assignment",
+    "_dedup_bucket": "comparison",
+    "_append_duplicates": "removal",
+    "remove_keys": "removal",
+}
+
+
+def _rss_mib() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) // 1024 for line in status if line.startswith("VmRSS"))
+
+
+def _sample_rss(peaks: dict[str, int], stop: threading.Event) -> None:
+    """The highest RSS seen while the main thread is in each step, sampled every 0.1 s."""
+    main = threading.main_thread().ident
+    while not stop.wait(0.1):
+        frame = sys._current_frames().get(main)
+        step = None
+        while frame is not None and step is None:
+            step = STEPS.get(frame.f_code.co_name)
+            frame = frame.f_back
+        if step:
+            peaks[step] = max(peaks.get(step, 0), _rss_mib())
+
+
 def _dedup(root: str, settings: DedupSettings) -> dict:
+    peaks: dict[str, int] = {}
+    stop = threading.Event()
+    sampler = threading.Thread(target=_sample_rss, args=(peaks, stop), daemon=True)
+    sampler.start()
     start = time.monotonic()
     result = deduplicate(DatasetStore(root), settings)
+    seconds = time.monotonic() - start
+    stop.set()
+    sampler.join()
     return {
-        "seconds": time.monotonic() - start,
+        "seconds": seconds,
+        "peaks": peaks,
         "phases": result.seconds,
         "by_kind": result.by_kind,
         "clusters": result.clusters,
@@ -223,7 +267,8 @@ def main() -> None:
     print(
         f"full: {rows:,} rows in {full['seconds']:.1f} s ({rows / full['seconds']:,.0f} rows/s), "
         f"peak RSS {full_rss:,.0f} MiB; phases {_rounded(full['phases'])}; "
-        f"{full['clusters']} clusters in {full['buckets']} buckets; found {full['by_kind']}"
+        f"peak RSS by step {full['peaks']}; {full['clusters']} clusters in {full['buckets']} buckets; "
+        f"found {full['by_kind']}"
     )
     found, near = _recall(str(root), peer["should"])
     print(
@@ -240,6 +285,7 @@ def main() -> None:
     print(
         f"incremental: one shard of {args.shard_rows:,} rows in {incremental['seconds']:.1f} s, peak RSS "
         f"{incremental_rss:,.0f} MiB; phases {_rounded(incremental['phases'])}; "
+        f"peak RSS by step {incremental['peaks']}; "
         f"found {incremental['by_kind']}"
     )
 

@@ -14,6 +14,7 @@ from laion_assets.demo.score import score_duplicates
 from laion_assets.demo.world import EXACT_COPIES, NEAR_COPIES, make_world
 from laion_assets.names import PAIRS_FUNNEL_FOOTER
 from laion_assets.pipeline import catalog, dedup, schemas
+from laion_assets.pipeline.clip import ClipEncoder
 from laion_assets.pipeline.dedup import SEMANTIC, SHA256, URL_CAPTION, DedupSettings, deduplicate
 from laion_assets.pipeline.removal import DUPLICATE, RemovedKeys
 from laion_assets.pipeline.search import write_search_index
@@ -27,7 +28,11 @@ from laion_assets.pipeline.storage import (
     SEARCH_INDEX,
     DatasetStore,
 )
-from laion_assets_tests.demo_dataset import DEMO_IMAGES, DEMO_SHARDS, build_demo_dataset
+from laion_assets.service.app import create_app
+from laion_assets.service.settings import ServiceSettings
+from laion_assets_tests.demo_dataset import DEMO_CLIP, DEMO_IMAGES, DEMO_SHARDS, build_demo_dataset
+from laion_assets_tests.service_process import running
+from laion_assets_tests.test_service import Client
 
 COPIES = {**dict.fromkeys(EXACT_COPIES, 4), **dict.fromkeys(NEAR_COPIES, 3)}
 # the demo model alone cannot tell a copy from a look-alike (README, "Dataset-level dedup"): its
@@ -71,8 +76,13 @@ def test_planted_copies_are_found_and_removed(planted, tmp_path):
     funnels = [json.loads(store.parquet_metadata(PAIRS.parquet(s))[PAIRS_FUNNEL_FOOTER]) for s in DEMO_SHARDS]
     assert sum(funnel["removed"][DUPLICATE] for funnel in funnels) == removed.num_rows
 
-    # the search index rebuilt holds none of them, and a service filters them before it is rebuilt
+    # a service filters them out before the search index is rebuilt, and the rebuilt one holds none
     assert RemovedKeys(store).current() == gone
+    stale = set(store.read_parquet(SEARCH_INDEX, columns=["key"]).column("key").to_pylist())
+    assert gone <= stale
+    with running(create_app(ServiceSettings(root=store.root), ClipEncoder(DEMO_CLIP))) as url:
+        hits = Client(url, key=None).ok("/search", {"text": "a photo", "top_k": len(stale)})["results"]
+    assert {hit["key"] for hit in hits} == stale - gone
     write_search_index(store, approximate_from_rows=10**9, retrain=False)
     indexed = set(store.read_parquet(SEARCH_INDEX, columns=["key"]).column("key").to_pylist())
     assert indexed == {key for key, _ in after}

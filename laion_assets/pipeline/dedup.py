@@ -100,7 +100,8 @@ class DedupResult:
     clusters: int = 0
     buckets: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)  # exact, semantic (reading, training), removal
+    # exact, semantic (reading, training, assignment, comparison), removal
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def deduplicate(
@@ -404,7 +405,8 @@ def _semantic(
     seconds: dict[str, float],
 ) -> tuple[pa.Table, str, int, int]:
     """The semantic duplicates among the pairs the exact kinds left, how the centroids came, the clusters
-    and the buckets; `seconds` gets the times of reading the new vectors and of training."""
+    and the buckets; `seconds` gets the times of its steps: reading the new vectors, training, assignment
+    to clusters, comparison inside them."""
     clock = time.monotonic()
     staged = _stage(store, new, exact_finds, run)
     seconds["reading"] = time.monotonic() - clock
@@ -420,13 +422,16 @@ def _semantic(
     seconds["training"] = time.monotonic() - clock
     index = _centroid_index(centroids)
     pending = f"{run}-pending"
+    clock = time.monotonic()
     for number, path in enumerate(staged):
         part = _members(store.read_parquet(path))
         _write_members(store, part, _nearest(index, part), buckets, f"{pending}-{number:05d}")
         store.remove(path)
+    seconds["assignment"], clock = time.monotonic() - clock, time.monotonic()
     found = []
     for bucket in _buckets(store):
         found.extend(_dedup_bucket(store, bucket, pending, run, settings))
+    seconds["comparison"] = time.monotonic() - clock
     found.sort(key=lambda row: row[0])
     table = pa.table({"key": [r[0] for r in found], "duplicate_of": [r[1] for r in found]}, schema=_FOUND)
     return (
