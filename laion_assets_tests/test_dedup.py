@@ -245,3 +245,13 @@ def test_a_run_that_stopped_part_way_leaves_nothing_the_next_run_trusts(
     assert sorted(pairs_rows(store)) == sorted(pairs_rows(whole))
     assert member_keys(store) == sorted(key for key, _ in pairs_rows(store))
     assert not list(Path(store.path(DEDUP_STAGED)).glob("*"))
+
+
+def test_max_shards_checks_the_new_shards_over_several_runs_as_one_run_would(planted, tmp_path):
+    whole = DatasetStore(str(shutil.copytree(planted, tmp_path / "whole")))
+    at_once = found(deduplicate(whole, DEMO_DEDUP).duplicates)
+    store = DatasetStore(str(shutil.copytree(planted, tmp_path / "root")))
+    runs = [deduplicate(store, replace(DEMO_DEDUP, max_shards=1)) for _ in range(3)]
+    assert [(run.shards, run.left) for run in runs] == [([DEMO_SHARDS[0]], 1), ([DEMO_SHARDS[1]], 0), ([], 0)]
+    assert found(store.read_parquet(DUPLICATES)) == at_once
+    assert sorted(pairs_rows(store)) == sorted(pairs_rows(whole))

@@ -31,6 +31,7 @@ class DuplicatesConfig(dg.Config):
     regrow: float = S.regrow  # clusters 0: train again once the pairs are this many times those trained for
     seed: int = S.seed
     remove: bool = S.remove  # False: only record them; query `pairs_unique`
+    max_shards: int = S.max_shards  # > 0: check at most this many new shards a run (bounds its memory)
 
 
 @dg.asset(
@@ -60,6 +61,7 @@ def duplicates(
                 markdown.table(["kind", "found this run"], [(k, result.by_kind[k]) for k in KINDS])
             ),
             "shards_checked": len(result.shards),
+            "shards_left": result.left,
             "shards_rewritten": len(result.removal.shards),
             "centroids": result.centroids,
             "clusters": result.clusters,

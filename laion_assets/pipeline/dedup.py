@@ -88,12 +88,14 @@ class DedupSettings:
     regrow: float = 4.0  # with `clusters` 0: train again once the pairs are this many times those trained for
     seed: int = 0
     remove: bool = True  # False: record the duplicates only (the `pairs_unique` view leaves them out)
+    max_shards: int = 0  # > 0: check at most this many new shards (in name order) a run, the rest later
 
 
 @dataclass
 class DedupResult:
     run: str
     shards: list[str]  # the shards checked this run
+    left: int  # new shards left for a later run (`max_shards`)
     duplicates: pa.Table  # schemas.DUPLICATES, the rows found this run
     removal: RemovalResult
     centroids: str  # "trained on N vectors (why)", or "reused (trained ...)", or "off"
@@ -114,9 +116,10 @@ def deduplicate(
     pairs = {shard: store.fingerprint(PAIRS.parquet(shard)) for shard in stored_pair_shards(store, "dedup")}
     done = _read_or_empty(store, DEDUP_SHARDS, _SHARDS)
     seen = dict(zip(done.column("shard").to_pylist(), done.column("fingerprint").to_pylist(), strict=True))
-    new = sorted(shard for shard, fingerprint in pairs.items() if seen.get(shard) != fingerprint)
+    waiting = sorted(shard for shard, fingerprint in pairs.items() if seen.get(shard) != fingerprint)
+    new = waiting[: settings.max_shards] if settings.max_shards else waiting
     if _clear_unfinished(store, set(done.column("run").to_pylist())):
-        _drop_found(store, new)
+        _drop_found(store, waiting)
     _forget(store, [shard for shard in new if shard in seen])
     connection = duckdb.connect()
     if store.is_s3:
@@ -170,7 +173,9 @@ def deduplicate(
     )
     counts = Counter(duplicates.column("kind").to_pylist())
     by_kind = {k: counts[k] for k in KINDS}
-    return DedupResult(run, new, duplicates, removal, centroids, clusters, buckets, by_kind, seconds)
+    return DedupResult(
+        run, new, len(waiting) - len(new), duplicates, removal, centroids, clusters, buckets, by_kind, seconds
+    )
 
 
 def _read_or_empty(store: DatasetStore, path: str, schema: pa.Schema) -> pa.Table:
