@@ -10,12 +10,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from laion_assets.demo.run import DEMO_DEDUP_CONFIG
 from laion_assets.demo.score import score_duplicates
 from laion_assets.demo.world import EXACT_COPIES, NEAR_COPIES, make_world
 from laion_assets.names import PAIRS_FUNNEL_FOOTER
 from laion_assets.pipeline import catalog, dedup, schemas
 from laion_assets.pipeline.clip import ClipEncoder
-from laion_assets.pipeline.dedup import SEMANTIC, SHA256, URL_CAPTION, DedupSettings, deduplicate
+from laion_assets.pipeline.dedup import (
+    KINDS,
+    NEAR_KINDS,
+    PERCEPTUAL,
+    SEMANTIC,
+    DedupSettings,
+    deduplicate,
+)
 from laion_assets.pipeline.removal import DUPLICATE, RemovedKeys
 from laion_assets.pipeline.search import write_search_index
 from laion_assets.pipeline.shard_tar import read_samples
@@ -35,9 +43,10 @@ from laion_assets_tests.service_process import running
 from laion_assets_tests.test_service import Client
 
 COPIES = {**dict.fromkeys(EXACT_COPIES, 4), **dict.fromkeys(NEAR_COPIES, 3)}
-# the demo model alone cannot tell a copy from a look-alike (README, "Dataset-level dedup"): its
-# semantic matches are confirmed by the perceptual hash; 3 buckets put two of the 4 clusters in one
-DEMO_DEDUP = DedupSettings(eps=0.01, max_phash_distance=10, clusters=4, buckets=3)
+# the demo's settings (README, "Dataset-level dedup"): the demo model alone cannot tell a copy from a
+# look-alike, so the semantic kind takes only what it is sure of and the perceptual kind the rest; 3
+# buckets put two of the 4 clusters in one
+DEMO_DEDUP = DedupSettings(**DEMO_DEDUP_CONFIG, clusters=4, buckets=3)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +74,16 @@ def test_planted_copies_are_found_and_removed(planted, tmp_path):
     assert figures["near_precision"] >= 0.9 and figures["near_recall"] >= 0.9, score
     # the survivor is the smallest key of its group; semantic rows say how close they were
     assert all(kept < key for key, kept, _ in rows)
-    semantic = removed.filter(pa.compute.equal(removed.column("kind"), SEMANTIC)).to_pylist()
-    assert all(r["cosine"] >= 0.99 and r["phash_distance"] <= 10 for r in semantic)
+    near = removed.filter(pa.compute.is_in(removed.column("kind"), pa.array(NEAR_KINDS))).to_pylist()
+    assert {r["kind"] for r in near} == set(NEAR_KINDS)  # each kind finds some the other does not
+    assert all(r["cosine"] >= 1 - DEMO_DEDUP.eps for r in near if r["kind"] == SEMANTIC)
+    assert all(
+        r["cosine"] < 1 - DEMO_DEDUP.eps
+        and r["cosine"] >= 1 - DEMO_DEDUP.perceptual_eps
+        and r["phash_distance"] <= DEMO_DEDUP.max_phash_distance
+        for r in near
+        if r["kind"] == PERCEPTUAL
+    )
     # gone from the pairs, every other pair there still
     after = pairs_rows(store)
     gone = set(removed.column("key").to_pylist())
@@ -167,10 +184,14 @@ def test_the_card_says_what_dedup_removed(planted, tmp_path):
     result = deduplicate(store, DEMO_DEDUP)
     card = write_card(store, CardSettings()).markdown
     section = card.split("## Duplicates", 1)[1].split("\n## ", 1)[0]
-    for kind in (URL_CAPTION, SHA256, SEMANTIC):
+    for kind in KINDS:
         assert f"| {kind} | {result.by_kind[kind]} |" in section
-    assert "at least 1 - eps = 0.99" in section and "at most 10 bits apart" in section
-    assert section.count("<img ") == 2 * min(4, result.by_kind[SEMANTIC]) > 0
+    assert "Semantic: a cosine of at least 1 - eps = 0.9995" in section
+    assert (
+        "at most 10 bits apart, between images with a cosine of at least 1 - perceptual_eps = 0.95" in section
+    )
+    near = sum(result.by_kind[kind] for kind in NEAR_KINDS)
+    assert section.count("<img ") == 2 * min(4, near) > 0
 
 
 def test_centroids_sized_for_a_small_first_run_are_trained_again_once_the_pairs_have_grown(planted, tmp_path):
@@ -186,7 +207,7 @@ def test_centroids_sized_for_a_small_first_run_are_trained_again_once_the_pairs_
     second = deduplicate(store, settings)
     survivors = {key for key, _ in pairs_rows(store)}
     assert second.centroids.endswith(
-        f"(the pairs grew from {sized_for} to {len(survivors) + second.by_kind[SEMANTIC]})"
+        f"(the pairs grew from {sized_for} to {len(survivors) + sum(second.by_kind[k] for k in NEAR_KINDS)})"
     )
     assert second.clusters > first.clusters
     # every survivor of both runs is in the bucket of its new cluster, once

@@ -18,12 +18,13 @@ S = DedupSettings  # every default below is the pipeline's own
 
 
 class DuplicatesConfig(dg.Config):
-    """Which kinds are looked for, how near a semantic copy is, and whether the finds leave the dataset."""
+    """Which kinds are looked for, how near a near copy is, and whether the finds leave the dataset."""
 
     exact: bool = S.exact  # the same url and caption, the same image bytes
     semantic: bool = S.semantic  # near copies of an image, SemDeDup-style, from the image embeddings
     eps: float = S.eps  # a semantic match has a cosine of at least 1 - eps
-    max_phash_distance: int = S.max_phash_distance  # >= 0: semantic matches confirmed by the phash too
+    max_phash_distance: int = S.max_phash_distance  # >= 0: the perceptual kind, hashes this many bits apart
+    perceptual_eps: float = S.perceptual_eps  # ... whose images have a cosine of at least 1 - perceptual_eps
     clusters: int = S.clusters  # k-means clusters; 0: the square root of the pairs when trained
     buckets: int = S.buckets  # cluster % buckets, held in memory in turn; 0: one per 250,000 pairs trained on
     train_per_cluster: int = S.train_per_cluster

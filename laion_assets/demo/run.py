@@ -31,8 +31,9 @@ QUERY = "SELECT status, count(*) AS n FROM images GROUP BY 1 ORDER BY n DESC"
 # Planted copies of the world's images, dataset-level dedup's ground truth (per kind).
 DEMO_COPIES = {**dict.fromkeys(EXACT_COPIES, 6), **dict.fromkeys(NEAR_COPIES, 6)}
 # The demo model alone cannot tell a near copy from a look-alike of the same colour and shape (README,
-# "Dataset-level dedup"): its semantic matches are confirmed by the perceptual hash.
-DEMO_DEDUP_CONFIG = {"max_phash_distance": 10}
+# "Dataset-level dedup"): the semantic kind only takes what it is sure of, and the perceptual kind
+# (hashes 10 bits apart at most, among images the model sees as close) the rest.
+DEMO_DEDUP_CONFIG = {"eps": 0.0002, "max_phash_distance": 10, "perceptual_eps": 0.05}
 
 
 def write_sources(store: DatasetStore, rows: list[dict[str, str | None]], shards: int) -> list[str]:

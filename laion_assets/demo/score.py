@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from laion_assets.demo.world import EXACT_COPIES, World
+from laion_assets.pipeline.dedup import NEAR_KINDS
 
 if TYPE_CHECKING:
     from laion_assets.pipeline.caption import CaptionSettings
@@ -186,7 +187,7 @@ def score_duplicates(
             planted["exact" if kinds <= set(EXACT_COPIES) else "near"].add(image)
     counts = {"exact": [0, 0, set()], "near": [0, 0, set()]}
     for key, kept, kind in removed:
-        group = counts["near" if kind == "semantic" else "exact"]
+        group = counts["near" if kind in NEAR_KINDS else "exact"]
         group[0] += 1
         if source.get(key) is not None and source.get(key) == source.get(kept):
             group[1] += 1

@@ -5,7 +5,11 @@ Kinds, checked in this order; a pair removed by one is not compared again:
 - `url_caption`: the same URL and caption (as the crawl stage normalised them);
 - `sha256`: the same downloaded bytes;
 - `semantic`: image embeddings with a cosine of at least `1 - eps`, compared only inside their k-means
-  cluster; with `max_phash_distance` set, the two perceptual hashes must also be that close.
+  cluster;
+- `perceptual` (with `max_phash_distance` >= 0): perceptual hashes at most that many bits apart, among
+  the same cluster's members whose cosine is at least `1 - perceptual_eps` (a looser gate, so that two
+  unrelated images whose 63-bit hashes happen to be close are never compared). Both near kinds are one
+  pass; a pair that both would remove is `semantic`.
 
 Which pair survives: a pair already in the dataset (from an earlier run) is never removed for a newer
 one; among the pairs of one run, the smallest key survives (semantic: each pair, in key order, is
@@ -61,8 +65,9 @@ from laion_assets.pipeline.storage import (
     DatasetStore,
 )
 
-URL_CAPTION, SHA256, SEMANTIC = "url_caption", "sha256", "semantic"
-KINDS = (URL_CAPTION, SHA256, SEMANTIC)
+URL_CAPTION, SHA256, SEMANTIC, PERCEPTUAL = "url_caption", "sha256", "semantic", "perceptual"
+KINDS = (URL_CAPTION, SHA256, SEMANTIC, PERCEPTUAL)
+NEAR_KINDS = (SEMANTIC, PERCEPTUAL)
 LEDGER_LIST = "dedup"  # the `list` of dedup's rows in the removal ledger; `entry` is the pair kept
 BLOCK = 1024  # rows of a cluster compared at once
 HASH_BATCH = 1 << 20  # survivor hashes written at once (a row group)
@@ -79,7 +84,8 @@ class DedupSettings:
     exact: bool = True  # url_caption and sha256
     semantic: bool = True
     eps: float = 0.01  # a semantic match has a cosine of at least 1 - eps
-    max_phash_distance: int = -1  # >= 0: a semantic match's perceptual hashes differ in at most this
+    max_phash_distance: int = -1  # >= 0: the perceptual kind, perceptual hashes at most this many bits apart
+    perceptual_eps: float = 0.05  # ... between images whose cosine is at least 1 - perceptual_eps
     clusters: int = 0  # k-means clusters; 0: the square root of the pairs when trained
     buckets: int = 0  # cluster % buckets, the groups of clusters held in memory in turn; 0: one per
     # BUCKET_ROWS pairs when trained (fixed with the centroids, like `clusters`)
@@ -135,7 +141,7 @@ def deduplicate(
     seconds["exact"], clock = time.monotonic() - clock, time.monotonic()
     centroids = "off"
     clusters = buckets = 0
-    if settings.semantic and new:
+    if (settings.semantic or settings.max_phash_distance >= 0) and new:
         exact_finds = {key for table in found for key in table.column("key").to_pylist()}
         semantic, centroids, clusters, buckets = _semantic(
             store, new, exact_finds, settings, run, now, seconds
@@ -299,7 +305,7 @@ def _write_hashes(
 
 def _duplicates(
     found: pa.Table,
-    kind: str,
+    kind: str | list[str],  # one for every row, or each row's
     now: datetime.datetime,
     cosine: list[float] | None = None,
     distance: list[int | None] | None = None,
@@ -309,7 +315,7 @@ def _duplicates(
         {
             "key": found.column("key"),
             "duplicate_of": found.column("duplicate_of"),
-            "kind": pa.array([kind] * rows, pa.string()),
+            "kind": pa.array([kind] * rows if isinstance(kind, str) else kind, pa.string()),
             "cosine": pa.array(cosine if cosine is not None else [None] * rows, pa.float32()),
             "phash_distance": pa.array(distance if distance is not None else [None] * rows, pa.int32()),
             "shard": _shards_of(found.column("key")),
@@ -409,15 +415,15 @@ def _semantic(
     now: datetime.datetime,
     seconds: dict[str, float],
 ) -> tuple[pa.Table, str, int, int]:
-    """The semantic duplicates among the pairs the exact kinds left, how the centroids came, the clusters
-    and the buckets; `seconds` gets the times of its steps: reading the new vectors, training, assignment
-    to clusters, comparison inside them."""
+    """The near copies (semantic, perceptual) among the pairs the exact kinds left, how the centroids
+    came, the clusters and the buckets; `seconds` gets the times of its steps: reading the new vectors,
+    training, assignment to clusters, comparison inside them."""
     clock = time.monotonic()
     staged = _stage(store, new, exact_finds, run)
     seconds["reading"] = time.monotonic() - clock
     if not staged:
         return (
-            _duplicates(pa.table({"key": [], "duplicate_of": []}, schema=_FOUND), SEMANTIC, now),
+            _duplicates(pa.table({"key": [], "duplicate_of": []}, schema=_FOUND), [], now),
             "no vectors",
             0,
             0,
@@ -440,7 +446,7 @@ def _semantic(
     found.sort(key=lambda row: row[0])
     table = pa.table({"key": [r[0] for r in found], "duplicate_of": [r[1] for r in found]}, schema=_FOUND)
     return (
-        _duplicates(table, SEMANTIC, now, [r[2] for r in found], [r[3] for r in found]),
+        _duplicates(table, [r[4] for r in found], now, [r[2] for r in found], [r[3] for r in found]),
         how,
         len(centroids),
         buckets,
@@ -511,7 +517,7 @@ def _write_member_file(store: DatasetStore, path: str, members: pa.Table) -> Non
 
 def _dedup_bucket(
     store: DatasetStore, folder: str, pending: str, run: str, settings: DedupSettings
-) -> list[tuple[str, str, float, int | None]]:
+) -> list[tuple[str, str, float, int | None, str]]:
     """The new members of one bucket compared with its survivors, cluster by cluster; the survivors
     written as this run's file of the bucket, the pending files removed."""
     files = store.list(folder)
@@ -525,15 +531,15 @@ def _dedup_bucket(
         for table in (store.read_parquet(f"{folder}/{f.name}") for f in files if f.name not in new_files)
     ]
     old = _by_cluster(pa.concat_tables(old_parts) if old_parts else new.schema.empty_table())
-    found: list[tuple[str, str, float, int | None]] = []
+    found: list[tuple[str, str, float, int | None, str]] = []
     removed: set[str] = set()
     old_clusters = old.column("cluster").to_numpy()
     new_clusters = new.column("cluster").to_numpy()
     for cluster in touched.to_pylist():
         o, n = _cluster_rows(old, old_clusters, cluster), _cluster_rows(new, new_clusters, cluster)
-        for key, kept, cosine, distance in near_copies(_members(o), _members(n), settings):
-            found.append((key, kept, cosine, distance))
-            removed.add(key)
+        for copy in near_copies(_members(o), _members(n), settings):
+            found.append(copy)
+            removed.add(copy[0])
     survivors = new.filter(pc.invert(pc.is_in(new.column("key"), pa.array(sorted(removed), pa.string()))))
     _write_member_file(store, f"{folder}/{run}.parquet", survivors)
     for name in new_files:
@@ -564,10 +570,12 @@ def _members(table: pa.Table) -> _Vectors:
 
 def near_copies(
     old: _Vectors, new: _Vectors, settings: DedupSettings
-) -> Iterator[tuple[str, str, float, int | None]]:
-    """(key, the key it copies, cosine, phash distance) of each `new` member removed: one as close as
-    `settings` asks to a survivor, old ones first, then the new ones kept before it in key order."""
-    threshold = 1.0 - settings.eps
+) -> Iterator[tuple[str, str, float, int | None, str]]:
+    """(key, the key it copies, cosine, phash distance, kind) of each `new` member removed: one as close
+    as `settings` asks to a survivor, old ones first, then the new ones kept before it in key order; the
+    most similar by cosine when several are."""
+    semantic = 1.0 - settings.eps if settings.semantic else np.inf
+    perceptual = settings.max_phash_distance >= 0
     everyone = np.concatenate([old.vectors, new.vectors])
     phashes = np.concatenate([old.phashes, new.phashes])
     keys = old.keys + new.keys
@@ -577,11 +585,13 @@ def near_copies(
         rows = np.arange(start + first, start + min(first + BLOCK, len(new.keys)))
         end = rows[-1]  # a member is compared with those before it
         cosine = everyone[rows] @ everyone[:end].T
-        similar = cosine >= threshold
-        if settings.max_phash_distance >= 0:
+        similar = cosine >= semantic
+        if perceptual:
             distance = np.bitwise_count(phashes[rows, None] ^ phashes[None, :end])
             known = (phashes[rows, None] >= 0) & (phashes[None, :end] >= 0)
-            similar &= known & (distance <= settings.max_phash_distance)
+            similar |= (
+                known & (distance <= settings.max_phash_distance) & (cosine >= 1.0 - settings.perceptual_eps)
+            )
         similar &= np.arange(end)[None, :] < rows[:, None]
         matched = similar.any(axis=1)
         kept[rows[~matched]] = True  # before the loop: a row's match may be an earlier row of the block
@@ -595,7 +605,8 @@ def near_copies(
                     if min(phashes[row], phashes[j]) >= 0
                     else None
                 )
-                yield keys[row], keys[j], float(cosine[i, j]), hash_distance
+                kind = SEMANTIC if cosine[i, j] >= semantic else PERCEPTUAL
+                yield keys[row], keys[j], float(cosine[i, j]), hash_distance, kind
                 kept[row] = False
             else:
                 kept[row] = True

@@ -181,10 +181,17 @@ def _removals(stats: CardStats) -> str:
 def _duplicates(duplicates: DuplicateStats) -> str:
     settings = duplicates.settings or {}
     rule = (
-        f"a cosine of at least 1 - eps = {1 - settings['eps']:g}" if "eps" in settings else "(not recorded)"
+        f"Semantic: a cosine of at least 1 - eps = {1 - settings['eps']:g}"
+        if settings.get("semantic")
+        else "Semantic: not looked for"
+        if settings
+        else "Semantic: (not recorded)"
     )
     if settings.get("max_phash_distance", -1) >= 0:
-        rule += f", and perceptual hashes at most {settings['max_phash_distance']} bits apart"
+        rule += (
+            f". Perceptual: perceptual hashes at most {settings['max_phash_distance']} bits apart, between "
+            f"images with a cosine of at least 1 - perceptual_eps = {1 - settings['perceptual_eps']:g}"
+        )
     examples = [
         (
             f'<img src="{url}" width="96"> {caption}',
@@ -194,7 +201,7 @@ def _duplicates(duplicates: DuplicateStats) -> str:
         for _, url, caption, _, kept_url, kept_caption, cosine in duplicates.examples
     ]
     shown = (
-        "\n\nSome semantic duplicates, each beside the pair it repeats (the same ones on every build):\n\n"
+        "\n\nSome near copies, each beside the pair it repeats (the same ones on every build):\n\n"
         + table(["removed", "kept", "cosine"], examples)
         if examples
         else ""
@@ -203,8 +210,8 @@ def _duplicates(duplicates: DuplicateStats) -> str:
         "## Duplicates\n\n"
         "Pairs that repeat another across every shard, found by the `duplicates` asset and removed (reason "
         "`duplicate` above) or, where so configured, only listed (`duplicates/duplicates.parquet`; query "
-        "the `pairs_unique` view). Exact: the same url and caption, or the same image bytes. Semantic: "
-        "near copies of an image inside one of the k-means clusters of the image embeddings, with "
+        "the `pairs_unique` view). Exact: the same url and caption, or the same image bytes. Near copies "
+        "of an image are looked for inside each k-means cluster of the image embeddings. "
         f"{rule}.\n\n"
         f"{table(['kind', 'pairs'], duplicates.by_kind)}{shown}"
     )

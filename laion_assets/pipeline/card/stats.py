@@ -13,7 +13,7 @@ from laion_assets import names
 from laion_assets.pipeline import catalog, schemas
 from laion_assets.pipeline.card.settings import CardSettings
 from laion_assets.pipeline.clip import ModelIdentity
-from laion_assets.pipeline.dedup import KINDS, SEMANTIC
+from laion_assets.pipeline.dedup import KINDS, NEAR_KINDS
 from laion_assets.pipeline.pairs import FUNNEL, stored_pair_shards
 from laion_assets.pipeline.parallel import store_map
 from laion_assets.pipeline.storage import DUPLICATES, EMBEDDINGS, PAIRS, RECAPTIONS, DatasetStore
@@ -205,9 +205,9 @@ def _duplicate_stats(store: DatasetStore, connection: duckdb.DuckDBPyConnection)
     footer = store.parquet_metadata(DUPLICATES).get(names.DEDUP_SETTINGS_FOOTER)
     examples = connection.execute(
         "SELECT d.key, a.url, a.caption, d.duplicate_of, b.url, b.caption, d.cosine FROM duplicates d "
-        "JOIN images a ON a.key = d.key JOIN images b ON b.key = d.duplicate_of WHERE d.kind = ? "
-        "ORDER BY md5(d.key), d.key LIMIT ?",
-        [SEMANTIC, DUPLICATE_EXAMPLES],
+        "JOIN images a ON a.key = d.key JOIN images b ON b.key = d.duplicate_of "
+        "WHERE list_contains(?, d.kind) ORDER BY md5(d.key), d.key LIMIT ?",
+        [list(NEAR_KINDS), DUPLICATE_EXAMPLES],
     ).fetchall()
     return DuplicateStats(
         by_kind=[(kind, counts.get(kind, 0)) for kind in KINDS],
