@@ -186,9 +186,10 @@ def test_the_card_says_what_dedup_removed(planted, tmp_path):
     section = card.split("## Duplicates", 1)[1].split("\n## ", 1)[0]
     for kind in KINDS:
         assert f"| {kind} | {result.by_kind[kind]} |" in section
-    assert "Semantic: a cosine of at least 1 - eps = 0.9995" in section
+    assert f"Semantic: a cosine of at least 1 - eps = {1 - DEMO_DEDUP.eps:g}" in section
     assert (
-        "at most 10 bits apart, between images with a cosine of at least 1 - perceptual_eps = 0.95" in section
+        f"at most {DEMO_DEDUP.max_phash_distance} bits apart, between images with a cosine of at least "
+        f"1 - perceptual_eps = {1 - DEMO_DEDUP.perceptual_eps:g}" in section
     )
     near = sum(result.by_kind[kind] for kind in NEAR_KINDS)
     assert section.count("<img ") == 2 * min(4, near) > 0
