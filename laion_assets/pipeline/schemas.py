@@ -237,8 +237,8 @@ DUPLICATES = pa.schema(
         pa.field("key", pa.string(), nullable=False),
         pa.field("duplicate_of", pa.string(), nullable=False),  # the pair kept
         pa.field("kind", pa.string(), nullable=False),  # dedup.KINDS
-        pa.field("cosine", pa.float32()),  # semantic: of the two image embeddings
-        pa.field("phash_distance", pa.int32()),  # semantic: bits apart of the two perceptual hashes
+        pa.field("cosine", pa.float32()),  # near copies: of the two image embeddings
+        pa.field("phash_distance", pa.int32()),  # near copies: bits apart of the two perceptual hashes
         pa.field("shard", pa.string(), nullable=False),
         pa.field("duplicate_of_shard", pa.string(), nullable=False),
         pa.field("found_at", pa.timestamp("us", tz="UTC"), nullable=False),
