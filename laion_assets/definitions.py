@@ -8,6 +8,7 @@ from laion_assets.defs.catalog import catalog
 from laion_assets.defs.dedup import duplicates
 from laion_assets.defs.execution import executor_from_env
 from laion_assets.defs.jobs import PER_SHARD_ASSETS, PER_SHARD_CHECKS, shard_job
+from laion_assets.defs.pools import pool_slots_sensor
 from laion_assets.defs.resources import CaptionerSettings, build_resources
 from laion_assets.defs.search import search_index
 from laion_assets.defs.takedown import blocklist, blocklist_sensor, takedown_job, takedowns
@@ -26,7 +27,7 @@ def build_definitions(
         assets=[*PER_SHARD_ASSETS, *DATASET_ASSETS],
         asset_checks=PER_SHARD_CHECKS,
         jobs=[shard_job, takedown_job],
-        sensors=[incoming_files_sensor, blocklist_sensor, automation_sensor],
+        sensors=[incoming_files_sensor, blocklist_sensor, automation_sensor, pool_slots_sensor],
         schedules=[catch_up_schedule],
         resources=build_resources(root, clip, captioner),
         executor=executor_from_env(),

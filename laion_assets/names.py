@@ -38,6 +38,7 @@ BLOCKLIST_SENSOR = "blocklist_sensor"
 # Its cursor: a JSON object, file name in blocklist/ -> StoredFile.fingerprint of the content last seen.
 GPU_POOL = "gpu"  # clip_embeddings, recaptions: one slot per GPU
 DOWNLOAD_POOL = "download"  # downloaded_images: how many shards download at once
+POOL_SLOTS_SENSOR = "pool_slots_sensor"  # hands a free pool slot to a step left waiting for it
 
 # Run tags
 SOURCE_FILE_TAG = "laion_assets/source_file"  # the incoming file of a sensor run; `first..last` for several

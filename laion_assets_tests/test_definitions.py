@@ -60,6 +60,7 @@ def test_definitions_list_assets_sensor_schedule():
         "blocklist_sensor",
         "follow_upstream_sensor",
         "incoming_files_sensor",
+        "pool_slots_sensor",
     ]
     assert repo.get_job("takedown").partitions_def is None
     assert [s.name for s in repo.schedule_defs] == ["catch_up_schedule"]

@@ -152,6 +152,16 @@ def _print_what_went_wrong(deployment: Deployment) -> None:
                 for event in _events(instance, run.run_id):
                     if event.step_key is None:
                         print(f"  {event.timestamp:.1f} {event.message}")
+            elif not run.is_finished:
+                print(f"--- unfinished run {run.run_id} ({run.status.value}), its last events:")
+                for event in _events(instance, run.run_id)[-5:]:
+                    print(f"  {event.timestamp:.1f} {event.step_key} {event.message}")
+        storage = instance.event_log_storage
+        for pool in sorted(storage.get_concurrency_keys()):
+            info = storage.get_concurrency_info(pool)
+            print(
+                f"--- pool {pool}: {info.slot_count} slots, held {info.claimed_slots}, queue {info.pending_steps}"
+            )
     daemon = deployment.log("daemon").splitlines()
     trouble = [line for line in daemon if any(w in line for w in ("WARNING", "ERROR", "Error", "retry"))]
     print("--- daemon warnings and errors\n" + "\n".join(trouble[-80:]))
