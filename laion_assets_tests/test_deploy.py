@@ -159,9 +159,8 @@ def _print_what_went_wrong(deployment: Deployment) -> None:
         storage = instance.event_log_storage
         for pool in sorted(storage.get_concurrency_keys()):
             info = storage.get_concurrency_info(pool)
-            print(
-                f"--- pool {pool}: {info.slot_count} slots, held {info.claimed_slots}, queue {info.pending_steps}"
-            )
+            held, queue = info.claimed_slots, info.pending_steps
+            print(f"--- pool {pool}: {info.slot_count} slots, held {held}, queue {queue}")
     daemon = deployment.log("daemon").splitlines()
     trouble = [line for line in daemon if any(w in line for w in ("WARNING", "ERROR", "Error", "retry"))]
     print("--- daemon warnings and errors\n" + "\n".join(trouble[-80:]))
