@@ -2,12 +2,16 @@
 
 import dagster as dg
 
+from laion_assets import names
 from laion_assets.defs.automation import automation_sensor, catch_up_schedule, incoming_files_sensor
-from laion_assets.defs.card import dataset_card
+from laion_assets.defs.card import DatasetCardConfig, dataset_card
 from laion_assets.defs.catalog import catalog
-from laion_assets.defs.dedup import duplicates
+from laion_assets.defs.crawl import CrawlMetadataConfig
+from laion_assets.defs.dedup import DuplicatesConfig, duplicates
+from laion_assets.defs.download import DownloadImagesConfig
 from laion_assets.defs.execution import executor_from_env
 from laion_assets.defs.jobs import PER_SHARD_ASSETS, PER_SHARD_CHECKS, shard_job
+from laion_assets.defs.pairs import FilteredPairsConfig
 from laion_assets.defs.pools import pool_slots_sensor
 from laion_assets.defs.resources import CaptionerSettings, build_resources
 from laion_assets.defs.search import search_index
@@ -16,6 +20,15 @@ from laion_assets.pipeline.clip import ClipSettings
 
 # unpartitioned: `blocklist` reads the lists, the others every materialised shard, in this order
 DATASET_ASSETS = [blocklist, takedowns, duplicates, catalog, dataset_card, search_index]
+# The sections of the dataset's settings file (pipeline/settings.py) that assets read: the run config of
+# each asset whose settings shape the dataset's content. The models are the file's `clip` and `captioner`.
+SETTINGS_SECTIONS: dict[str, type[dg.Config]] = {
+    names.CRAWL_METADATA_ASSET: CrawlMetadataConfig,
+    names.DOWNLOADED_IMAGES_ASSET: DownloadImagesConfig,
+    names.FILTERED_PAIRS_ASSET: FilteredPairsConfig,
+    names.DUPLICATES_ASSET: DuplicatesConfig,
+    names.DATASET_CARD_ASSET: DatasetCardConfig,
+}
 
 
 def build_definitions(

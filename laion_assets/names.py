@@ -55,6 +55,9 @@ CLIP_WEIGHTS_FOOTER = "laion_assets.clip_weights"  # the weights: tag, sha256 or
 PAIRS_SETTINGS_FOOTER = "laion_assets.pairs_settings"  # JSON: the rules' settings (PairsSettings)
 PAIRS_FUNNEL_FOOTER = "laion_assets.funnel"  # JSON {"rows_in": n, "removed": {rule: n}} in funnel order
 DEDUP_SETTINGS_FOOTER = "laion_assets.dedup_settings"  # duplicates.parquet: JSON, DedupSettings
+# JSON: an accepted change of the settings a removal used. duplicates.parquet: a list of {"at", "changes"};
+# a ledger: the list of changes ("field: before -> after") its run accepted
+SETTINGS_CHANGE_FOOTER = "laion_assets.settings_change"
 CAPTIONER_FOOTER = "laion_assets.captioner"  # recaptions: JSON, the captioner, its weights and decoding
 # JSON {"shard", "source_file", "run_id", "materialized_at" (UTC ISO 8601), "code_version"}
 PROVENANCE_FOOTER = "laion_assets.provenance"

@@ -9,15 +9,27 @@ from pathlib import Path
 import dagster as dg
 
 from laion_assets import names
-from laion_assets.definitions import DATASET_ASSETS
+from laion_assets.definitions import DATASET_ASSETS, SETTINGS_SECTIONS
+from laion_assets.defs.config import config_values, explicit_config
 from laion_assets.defs.jobs import PER_SHARD_ASSETS, PER_SHARD_CHECKS
 from laion_assets.defs.metadata import layer_of
 from laion_assets.defs.partitions import shards
-from laion_assets.defs.resources import build_resources
+from laion_assets.defs.resources import CaptionerSettings, build_resources
+from laion_assets.pipeline.caption import SETTINGS_ENV as CAPTION_ENV
 from laion_assets.pipeline.caption import CaptionSettings
-from laion_assets.pipeline.clip import ClipSettings
+from laion_assets.pipeline.clip import SETTINGS_ENV as CLIP_ENV
+from laion_assets.pipeline.clip import ClipSettings, values_from_env
+from laion_assets.pipeline.dedup import recorded_settings as recorded_dedup_settings
 from laion_assets.pipeline.lineage import incoming_by_shard, stale_layers
-from laion_assets.pipeline.storage import BLOCKLIST, INCOMING
+from laion_assets.pipeline.settings import (
+    CAPTIONER_SECTION,
+    CLIP_SECTION,
+    MODEL_FIELDS,
+    DatasetSettings,
+    load_settings,
+    write_settings,
+)
+from laion_assets.pipeline.storage import BLOCKLIST, INCOMING, DatasetStore
 
 ALL_ASSETS = [*PER_SHARD_ASSETS, *DATASET_ASSETS]  # per-shard assets, then the dataset-level ones
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}  # the summary lines say enough
@@ -48,6 +60,47 @@ def dagster_instance() -> Iterator[dg.DagsterInstance]:
         yield dg.DagsterInstance.ephemeral()
 
 
+def prepare_settings(
+    store: DatasetStore,
+    run_config: dict,
+    clip_settings: ClipSettings | None = None,
+    captioner: CaptionerSettings | None = None,
+) -> tuple[ClipSettings, CaptionerSettings | None]:
+    """The models of a run on `store`, and the dataset's settings file completed: an asset's section it
+    lacks is written from this run's config (the first run writes them all). The models' sections are
+    written by the assets that use them (`defs.config.record_section`), so they name what was used.
+
+    Without `clip_settings`, the model is the dataset's (its `clip` section) under the LAION_ASSETS_CLIP_*
+    variables that are set; so is the CoCa captioner, where the environment chooses no other kind."""
+    stored = load_settings(store) or DatasetSettings()
+    if clip_settings is None:
+        recorded = {k: v for k, v in stored.section(CLIP_SECTION).items() if k in MODEL_FIELDS}
+        clip_settings = ClipSettings(**{**recorded, **values_from_env(CLIP_ENV)})
+    if captioner is None and not _other_captioner_chosen():
+        recorded = {k: v for k, v in stored.section(CAPTIONER_SECTION).items() if k in MODEL_FIELDS}
+        captioner = CaptionSettings(**{**recorded, **values_from_env(CAPTION_ENV)})
+    missing = {
+        name: config_values(config_type(**explicit_config(run_config, name)))
+        for name, config_type in SETTINGS_SECTIONS.items()
+        if name not in stored.sections
+    }
+    if names.DUPLICATES_ASSET in missing and (recorded_dedup := recorded_dedup_settings(store)):
+        missing[names.DUPLICATES_ASSET].update(recorded_dedup)  # a dataset deduplicated before the file
+    if missing:
+        write_settings(store, stored.with_sections(missing))
+    return clip_settings, captioner
+
+
+def _other_captioner_chosen() -> bool:
+    """Whether the environment chooses a captioner other than CoCa (see `captioner_resource`)."""
+    from laion_assets.pipeline import chat_caption, hf_caption
+
+    return any(
+        os.environ.get(next(iter(variables.values())))
+        for variables in (chat_caption.SETTINGS_ENV, hf_caption.SETTINGS_ENV)
+    )
+
+
 def run_pipeline(
     root: str,
     assets: list[dg.AssetsDefinition],
@@ -59,9 +112,9 @@ def run_pipeline(
 ) -> list[ShardOutcome]:
     """Register a shard per file in `incoming/`, materialise the selected assets where a shard is not done
     (see `pipeline/lineage.py`), then the selected dataset-level assets (catalog, dataset_card) over every
-    shard. The captioner is the environment's unless given (see `defs.resources.captioner_resource`)."""
-    resources_ = build_resources(root, clip or ClipSettings.from_env(), captioner)
-    store = resources_["store"].get_store()
+    shard. Settings the run config does not set are the dataset's (`prepare_settings`)."""
+    store = DatasetStore(root)
+    resources_ = build_resources(root, *prepare_settings(store, run_config, clip, captioner))
     sources = incoming_by_shard(store)
     echo(f"{len(sources)} shards in {store.url(INCOMING)}")
     outcomes = []
@@ -165,8 +218,8 @@ def run_takedown(root: str, list_file: Path, echo: Callable[[str], None] = print
 
     if list_file.suffix.lower() not in LIST_SUFFIXES:
         raise ValueError(f"{list_file}: a block list is a {', '.join(LIST_SUFFIXES)} file")
-    resources_ = build_resources(root, ClipSettings.from_env())
-    store = resources_["store"].get_store()
+    store = DatasetStore(root)
+    resources_ = build_resources(root, *prepare_settings(store, {}))
     target = f"{BLOCKLIST}/{list_file.name}"
     store.write_bytes(target, list_file.read_bytes())
     echo(f"copied {list_file} to {store.url(target)}")

@@ -3,7 +3,7 @@
 import dagster as dg
 
 from laion_assets import names
-from laion_assets.defs.config import settings_from
+from laion_assets.defs.config import dataset_config, settings_from
 from laion_assets.defs.dedup import duplicates
 from laion_assets.defs.jobs import PER_SHARD_ASSETS
 from laion_assets.defs.partitions import FOLLOWS_ANY_SHARD
@@ -32,10 +32,12 @@ class DatasetCardConfig(dg.Config):
     kinds={"markdown"},
     automation_condition=FOLLOWS_ANY_SHARD,
 )
-def dataset_card(config: DatasetCardConfig, store: DatasetStoreResource) -> dg.MaterializeResult:
+def dataset_card(
+    context: dg.AssetExecutionContext, config: DatasetCardConfig, store: DatasetStoreResource
+) -> dg.MaterializeResult:
     """README.md with YAML header, features, funnel, download outcomes, figures, samples and provenance."""
     dataset = store.get_store()
-    result = write_card(dataset, settings_from(config, CardSettings))
+    result = write_card(dataset, settings_from(dataset_config(context, config, dataset), CardSettings))
     return dg.MaterializeResult(
         metadata={
             "card": dg.MetadataValue.md(result.markdown),

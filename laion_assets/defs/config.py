@@ -6,6 +6,12 @@ import os
 import typing
 from pathlib import Path
 
+from laion_assets.pipeline.settings import MODEL_FIELDS, DatasetSettings, load_settings, write_settings
+from laion_assets.pipeline.storage import DatasetStore
+
+if typing.TYPE_CHECKING:
+    import dagster as dg
+
 T = typing.TypeVar("T")
 
 
@@ -39,3 +45,50 @@ def deployment_run_config() -> dict:
     this is where a deployment sets, say, `threads` or `respect_robots_txt` for all of them."""
     path = os.environ.get(RUN_CONFIG_ENV)
     return read_run_config(Path(path)) if path else {}
+
+
+C = typing.TypeVar("C", bound="dg.Config")
+
+
+def explicit_config(run_config: dict, asset: str) -> dict:
+    """The fields a run's own config sets for `asset` (`ops: {asset: {config: ...}}`), as submitted:
+    Dagster's defaults are not in it."""
+    block = ((run_config or {}).get("ops") or {}).get(asset) or {}
+    return dict(block.get("config") or {})
+
+
+# Fields that ask for something once (train again, accept a change) rather than shape the dataset: a
+# run's own config sets them, the settings file never holds them.
+RUN_ONLY_FIELDS = frozenset({"accept_settings_change", "retrain"})
+
+
+def config_values(config: "dg.Config") -> dict:
+    """A config's fields as plain values, as the settings file holds them."""
+    return {k: v for k, v in config.model_dump(mode="json").items() if k not in RUN_ONLY_FIELDS}
+
+
+def dataset_config(context: "dg.AssetExecutionContext", config: C, store: DatasetStore) -> C:
+    """The asset's config as this run uses it: the dataset's settings for the asset (`laion_assets.yaml`),
+    with the fields the run's own config sets over them. Where the file has no section for the asset
+    yet, this run's config becomes it (the first run writes the dataset's settings)."""
+    name = context.asset_key.to_user_string()
+    stored = record_section(store, name, config_values(config))
+    if stored is None:
+        return config
+    fields = type(config).model_fields
+    section = {k: v for k, v in stored.section(name).items() if k in fields and k not in RUN_ONLY_FIELDS}
+    return type(config)(**{**section, **explicit_config(context.run.run_config, name)})
+
+
+def record_section(store: DatasetStore, name: str, values: dict) -> DatasetSettings | None:
+    """The dataset's settings, where they have a section `name`; else None, after `values` became it."""
+    stored = load_settings(store) or DatasetSettings()
+    if name in stored.sections:
+        return stored
+    write_settings(store, stored.with_sections({name: values}))
+    return None
+
+
+def model_settings(resource: object) -> dict:
+    """The fields of a model resource that shape what it makes (`settings.MODEL_FIELDS` it has)."""
+    return {name: getattr(resource, name) for name in MODEL_FIELDS if hasattr(resource, name)}

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from laion_assets import names
+from laion_assets.defs.config import dataset_config
 from laion_assets.defs.metadata import preview, shards_materialized, writes_layer
 from laion_assets.defs.partitions import SHARD_BACKFILL, shards
 from laion_assets.defs.resources import DatasetStoreResource
@@ -37,7 +38,7 @@ def crawl_metadata(
 ) -> dg.MaterializeResult:
     """Image URLs and captions from one source file (URL list or WAT), cleaned, deduplicated and keyed."""
     dataset = store.get_store()
-    settings = config.settings()
+    settings = dataset_config(context, config, dataset).settings()
     metadata = {}
     for shard in context.partition_keys:
         result = write_crawl_metadata(dataset, shard, settings)

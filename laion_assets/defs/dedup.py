@@ -1,10 +1,12 @@
 """The `duplicates` asset: dataset-level dedup of the pairs of every shard (pipeline/dedup.py), its
 finds removed through the takedowns' removal path with the reason `duplicate`."""
 
+import dataclasses
+
 import dagster as dg
 
 from laion_assets import names
-from laion_assets.defs.config import settings_from
+from laion_assets.defs.config import dataset_config, settings_from
 from laion_assets.defs.embed import clip_embeddings
 from laion_assets.defs.pairs import filtered_pairs
 from laion_assets.defs.partitions import FOLLOWS_ANY_SHARD
@@ -33,6 +35,8 @@ class DuplicatesConfig(dg.Config):
     seed: int = S.seed
     remove: bool = S.remove  # False: only record them; query `pairs_unique`
     max_shards: int = S.max_shards  # > 0: check at most this many new shards a run (bounds its memory)
+    # run only: dedup with other rules than the dataset's (which would remove pairs from every shard)
+    accept_settings_change: bool = False
 
 
 @dg.asset(
@@ -48,8 +52,9 @@ def duplicates(
     """The pairs of the shards not checked yet that repeat one already kept, across every shard: removed
     (only the shards that hold one are rewritten) and listed in duplicates/duplicates.parquet."""
     dataset = store.get_store()
+    config = dataset_config(context, config, dataset)
     settings = settings_from(config, DedupSettings)
-    result = deduplicate(dataset, settings)
+    result = deduplicate(dataset, settings, accept_settings_change=config.accept_settings_change)
     context.log.info(
         f"{len(result.shards)} shards checked, {result.duplicates.num_rows} duplicates; centroids "
         f"{result.centroids}"
@@ -68,6 +73,7 @@ def duplicates(
             "clusters": result.clusters,
             "buckets": result.buckets,
             "eps": settings.eps,
+            "settings": dg.MetadataValue.json(dataclasses.asdict(settings)),
             "path": dg.MetadataValue.path(dataset.url(DUPLICATES)),
         }
     )

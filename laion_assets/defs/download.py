@@ -7,7 +7,7 @@ import pydantic
 
 from laion_assets import names
 from laion_assets.defs.checks import shard_check
-from laion_assets.defs.config import settings_from
+from laion_assets.defs.config import dataset_config, settings_from
 from laion_assets.defs.crawl import crawl_metadata
 from laion_assets.defs.execution import DOWNLOAD_POD
 from laion_assets.defs.metadata import counts_table, preview, shards_materialized, writes_layer
@@ -74,6 +74,7 @@ def downloaded_images(
 ) -> dg.MaterializeResult:
     """Each crawl row fetched, resized into `images/<shard>.tar`, its outcome in `images/<shard>.parquet`."""
     dataset = store.get_store()
+    config = dataset_config(context, config, dataset)
     settings = settings_from(config, DownloadSettings)
     metadata = {}
     for shard in context.partition_keys:

@@ -4,6 +4,7 @@ import dagster as dg
 
 from laion_assets import names
 from laion_assets.defs.checks import shard_check
+from laion_assets.defs.config import model_settings, record_section
 from laion_assets.defs.download import downloaded_images
 from laion_assets.defs.execution import GPU_POD
 from laion_assets.defs.metadata import preview, shards_materialized, similarity_quantiles, writes_layer
@@ -11,6 +12,7 @@ from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, shar
 from laion_assets.defs.resources import ClipEncoderResource, DatasetStoreResource
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.embed import write_embeddings
+from laion_assets.pipeline.settings import CLIP_SECTION
 from laion_assets.pipeline.storage import EMBEDDINGS, IMAGES, DatasetStore
 
 
@@ -41,6 +43,7 @@ def clip_embeddings(
     """Normalised float16 CLIP embeddings of each downloaded image and its caption, and their cosine."""
     dataset = store.get_store()
     encoder = clip.get_encoder()  # loaded once for every shard of the run
+    record_section(dataset, CLIP_SECTION, model_settings(clip))
     metadata = {}
     for shard in context.partition_keys:
         result = write_embeddings(dataset, shard, encoder, clip.batch_size, config.preprocess_workers)

@@ -6,7 +6,7 @@ import dagster as dg
 
 from laion_assets import names
 from laion_assets.defs.checks import problems_found, shard_check
-from laion_assets.defs.config import settings_from
+from laion_assets.defs.config import dataset_config, settings_from
 from laion_assets.defs.embed import clip_embeddings
 from laion_assets.defs.metadata import preview, shards_materialized, similarity_quantiles, writes_layer
 from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, shards
@@ -48,6 +48,7 @@ def filtered_pairs(
 ) -> dg.MaterializeResult:
     """Pairs that pass the rules (CLIP similarity, caption, dedup, NSFW/minors), as parquet and webdataset."""
     dataset = store.get_store()
+    config = dataset_config(context, config, dataset)
     settings = settings_from(config, PairsSettings)
     encoder = clip.get_encoder()
     metadata = {}

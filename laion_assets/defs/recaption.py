@@ -4,6 +4,7 @@ import dagster as dg
 
 from laion_assets import names
 from laion_assets.defs.checks import problems_found, shard_check
+from laion_assets.defs.config import model_settings, record_section
 from laion_assets.defs.execution import GPU_POD
 from laion_assets.defs.metadata import preview, shards_materialized, writes_layer
 from laion_assets.defs.pairs import filtered_pairs
@@ -11,6 +12,7 @@ from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, shar
 from laion_assets.defs.resources import CaptionerResource, ClipEncoderResource, DatasetStoreResource
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.recaption import write_recaptions
+from laion_assets.pipeline.settings import CAPTIONER_SECTION
 from laion_assets.pipeline.storage import PAIRS, RECAPTIONS, DatasetStore
 
 
@@ -36,6 +38,7 @@ def recaptions(
     dataset = store.get_store()
     encoder = clip.get_encoder()
     model = captioner.get_captioner()  # loaded once for every shard of the run
+    record_section(dataset, CAPTIONER_SECTION, model_settings(captioner))
     metadata = {}
     for shard in context.partition_keys:
         result = write_recaptions(dataset, shard, model, encoder)

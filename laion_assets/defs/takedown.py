@@ -17,7 +17,7 @@ from laion_assets.defs.jobs import PER_SHARD_ASSETS
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline import markdown
 from laion_assets.pipeline.blocklist import find_matches, load_active, read_lists, write_active
-from laion_assets.pipeline.removal import TAKEN_DOWN, remove_keys
+from laion_assets.pipeline.removal import TAKEN_DOWN, finish_interrupted, remove_keys
 from laion_assets.pipeline.storage import BLOCKLIST, BLOCKLIST_ENTRIES
 
 
@@ -61,13 +61,19 @@ def takedowns(
     and a ledger row for each in `takedowns/<timestamp>.parquet`. When nothing matches, nothing is
     written and nothing is materialised, so the dataset-level assets after it are not rebuilt."""
     dataset = store.get_store()
+    finished = finish_interrupted(dataset)  # what a run cut short left pending, completed first
+    for done in finished:
+        context.log.warning(f"completed the removal an interrupted run left pending: {done.ledger}")
     result = remove_keys(dataset, find_matches(dataset, load_active(dataset)), TAKEN_DOWN)
     if not result.removed:
         context.log.info("no stored sample is on an active block list: nothing to remove")
-        return
+        if not finished:
+            return
+        result = finished[-1]
     yield dg.MaterializeResult(
         metadata={
             "dagster/row_count": result.removed,
+            "completed_interrupted_removals": len(finished),
             "shards_rewritten": len(result.shards),
             "files_rewritten": len(result.files),
             "removed_by_list": dg.MetadataValue.md(

@@ -50,7 +50,8 @@ import pyarrow.parquet as pq
 from laion_assets import names
 from laion_assets.pipeline import catalog, schemas, storage
 from laion_assets.pipeline.pairs import stored_pair_shards
-from laion_assets.pipeline.removal import DUPLICATE, RemovalResult, remove_keys
+from laion_assets.pipeline.removal import DUPLICATE, RemovalResult, finish_interrupted, remove_keys
+from laion_assets.pipeline.settings import SettingsChanged, differences
 from laion_assets.pipeline.storage import (
     DEDUP_CENTROIDS,
     DEDUP_HASHES,
@@ -62,6 +63,7 @@ from laion_assets.pipeline.storage import (
     IMAGES,
     PAIRS,
     PAIRS_EMBEDDINGS,
+    SETTINGS_FILE,
     DatasetStore,
 )
 
@@ -112,11 +114,52 @@ class DedupResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+# The settings that decide what is a duplicate and what happens to it. The others say how a run gets
+# there (k-means and its buckets are fixed when trained, `retrain` and `max_shards` are for one run).
+RULE_FIELDS = ("exact", "semantic", "eps", "max_phash_distance", "perceptual_eps", "remove")
+
+
+def recorded_settings(store: DatasetStore) -> dict | None:
+    """The rule fields of the settings the dataset was deduplicated with (the duplicates file's footer);
+    None before the first run."""
+    if not store.exists(DUPLICATES):
+        return None
+    recorded = store.parquet_metadata(DUPLICATES).get(names.DEDUP_SETTINGS_FOOTER)
+    return {k: v for k, v in json.loads(recorded).items() if k in RULE_FIELDS} if recorded else None
+
+
+def check_settings(store: DatasetStore, settings: DedupSettings, accept_change: bool) -> list[str]:
+    """What differs between `settings` and those the dataset was deduplicated with; SettingsChanged when
+    something does and the change is not accepted. A rule's change would also remove pairs from shards
+    that no new shard repeats, so it is never made unasked."""
+    recorded = recorded_settings(store)
+    current = {k: v for k, v in dataclasses.asdict(settings).items() if k in RULE_FIELDS}
+    changes = differences(recorded, current) if recorded is not None else []
+    if changes and not accept_change:
+        raise SettingsChanged(
+            f"{store.url(DUPLICATES)} was deduplicated with {json.dumps(recorded, sort_keys=True)}; this "
+            f"run asks for {json.dumps(current, sort_keys=True)} ({'; '.join(changes)}). To change the "
+            f"dataset's dedup settings, set them in {store.url(SETTINGS_FILE)} and run once with "
+            "`accept_settings_change: true` in the duplicates asset's run config (`laion-assets run "
+            "--accept-settings-change`); otherwise set them back."
+        )
+    return changes
+
+
 def deduplicate(
-    store: DatasetStore, settings: DedupSettings, now: datetime.datetime | None = None
+    store: DatasetStore,
+    settings: DedupSettings,
+    now: datetime.datetime | None = None,
+    accept_settings_change: bool = False,
 ) -> DedupResult:
     """Find the duplicates of the shards not checked yet, record them in `duplicates/duplicates.parquet`,
-    remove them from the built dataset (reason `duplicate`) and keep the survivors in the state."""
+    remove them from the built dataset (reason `duplicate`) and keep the survivors in the state.
+
+    SettingsChanged, before anything is written, when the rule differs from the dataset's last one and
+    `accept_settings_change` is not set; an accepted change is recorded in the duplicates file, the
+    ledger and so the card."""
+    finish_interrupted(store)  # a removal an earlier run left half-done, before its finds are judged
+    changes = check_settings(store, settings, accept_settings_change)
     now = now or datetime.datetime.now(datetime.timezone.utc)
     run = now.strftime(RUN_ID)
     pairs = {shard: store.fingerprint(PAIRS.parquet(shard)) for shard in stored_pair_shards(store, "dedup")}
@@ -152,7 +195,7 @@ def deduplicate(
     removed = set(duplicates.column("key").to_pylist())
     if new and settings.exact:
         _write_hashes(connection, store, removed, run)
-    _append_duplicates(store, duplicates, settings)
+    _append_duplicates(store, duplicates, settings, changes, now)
     removals = pa.table(
         {
             "key": duplicates.column("key"),
@@ -161,7 +204,12 @@ def deduplicate(
             "entry": duplicates.column("duplicate_of"),
         }
     )
-    removal = remove_keys(store, removals, DUPLICATE, now) if settings.remove else RemovalResult(0, [])
+    change_footer = {names.SETTINGS_CHANGE_FOOTER: json.dumps(changes)} if changes else {}
+    removal = (
+        remove_keys(store, removals, DUPLICATE, now, change_footer)
+        if settings.remove
+        else RemovalResult(0, [])
+    )
     seconds["removal"] = time.monotonic() - clock
     seen.update({shard: store.fingerprint(PAIRS.parquet(shard)) for shard in new})
     runs = dict(zip(done.column("shard").to_pylist(), done.column("run").to_pylist(), strict=True))
@@ -326,12 +374,22 @@ def _duplicates(
     )
 
 
-def _append_duplicates(store: DatasetStore, duplicates: pa.Table, settings: DedupSettings) -> None:
-    """This run's rows (sorted by key) after every earlier run's; the footer the settings of the last run
-    that found some."""
-    if duplicates.num_rows == 0 and store.exists(DUPLICATES):
+def _append_duplicates(
+    store: DatasetStore,
+    duplicates: pa.Table,
+    settings: DedupSettings,
+    changes: list[str],
+    now: datetime.datetime,
+) -> None:
+    """This run's rows (sorted by key) after every earlier run's; the footer the settings of the dataset,
+    and every accepted change of them (when, and what)."""
+    if duplicates.num_rows == 0 and store.exists(DUPLICATES) and not changes:
         return
     footer = {names.DEDUP_SETTINGS_FOOTER: json.dumps(dataclasses.asdict(settings))}
+    if changes:
+        before = store.parquet_metadata(DUPLICATES).get(names.SETTINGS_CHANGE_FOOTER, "[]")
+        history = [*json.loads(before), {"at": now.isoformat(), "changes": changes}]
+        footer[names.SETTINGS_CHANGE_FOOTER] = json.dumps(history)
     _rewrite_duplicates(store, lambda batch: batch, duplicates.sort_by("key"), footer)
 
 

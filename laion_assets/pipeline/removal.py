@@ -7,9 +7,13 @@ recaptions. A duplicate (`DUPLICATE`, dataset-level dedup) only leaves the datas
 pairs_embeddings and recaptions. Nothing is downloaded again.
 
 Only the files that hold a removed key are written, each atomically, with the footer it had (its
-source stays, so the shard stays done by lineage.py's rule); every other file keeps its bytes. The
-ledger, `takedowns/<timestamp>.parquet`, is written first: a search service filters its keys at once,
-and a run cut short leaves a ledger whose keys the next run finds again and finishes.
+source stays, so the shard stays done by lineage.py's rule); every other file keeps its bytes.
+
+The ledger is two-phase, so that it never claims a removal that has not happened and never counts one
+twice: `takedowns/pending/<timestamp>.parquet` first (a search service filters its keys at once), then
+the shards, then `takedowns/<timestamp>.parquet`, the ledger every reader counts, and the pending file
+goes. A run cut short leaves a pending ledger, which the next removal (`finish_interrupted`) completes
+before it looks for anything new: the same keys, removed once, under the same name.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from laion_assets.pipeline.storage import (
     PAIRS_EMBEDDINGS,
     RECAPTIONS,
     TAKEDOWNS,
+    TAKEDOWNS_PENDING,
     DatasetStore,
     Layer,
 )
@@ -60,10 +65,15 @@ class RemovalResult:
 
 
 def remove_keys(
-    store: DatasetStore, removals: pa.Table, reason: str, now: datetime.datetime | None = None
+    store: DatasetStore,
+    removals: pa.Table,
+    reason: str,
+    now: datetime.datetime | None = None,
+    footer: dict[str, str] | None = None,
 ) -> RemovalResult:
     """Remove the keys of `removals` (`schemas.REMOVALS`: key, list, kind, entry; the first row of a key
-    counts) for `reason`, write the ledger and rewrite the shards that hold them."""
+    counts) for `reason`: the pending ledger, the shards that hold them, then the ledger (with `footer`
+    in its file metadata)."""
     if reason not in LAYERS:
         raise ValueError(f"unknown removal reason {reason!r}: one of {', '.join(LAYERS)}")
     removals = _first_per_key(schemas.conform(removals, schemas.REMOVALS).select(schemas.REMOVALS.names))
@@ -77,26 +87,39 @@ def remove_keys(
     ledger = removals.append_column("shard", pa.array(shards, pa.string()))
     ledger = ledger.append_column("reason", pa.array([reason] * len(keys), pa.string()))
     ledger = ledger.append_column("removed_at", pa.array([now] * len(keys), pa.timestamp("us", tz="UTC")))
-    ledger_path = f"{TAKEDOWNS}/{now.strftime('%Y%m%dT%H%M%S%fZ')}.parquet"
-    store.write_parquet(ledger_path, schemas.conform(ledger, schemas.LEDGER))
+    name = f"{now.strftime('%Y%m%dT%H%M%S%fZ')}.parquet"
+    store.write_parquet(f"{TAKEDOWNS_PENDING}/{name}", schemas.conform(ledger, schemas.LEDGER), footer)
+    return _complete(store, name)
 
+
+def finish_interrupted(store: DatasetStore) -> list[RemovalResult]:
+    """Complete the removals a run cut short left pending (see the module's docstring), oldest first."""
+    return [_complete(store, f.name) for f in store.list(TAKEDOWNS_PENDING) if f.name.endswith(".parquet")]
+
+
+def _complete(store: DatasetStore, name: str) -> RemovalResult:
+    """Rewrite the shards holding the keys of the pending ledger `name`, then commit it."""
+    pending = store.read_parquet(f"{TAKEDOWNS_PENDING}/{name}")
+    reasons = set(pending.column("reason").to_pylist())
+    if len(reasons) != 1 or not reasons <= LAYERS.keys():
+        raise ValueError(f"{store.url(f'{TAKEDOWNS_PENDING}/{name}')}: not one known reason: {reasons}")
+    reason = reasons.pop()
     by_shard: dict[str, dict[str, str]] = {}
-    for row in removals.to_pylist():
-        by_shard.setdefault(schemas.shard_of_key(row["key"]), {})[row["key"]] = (
-            f"{row['list']} ({row['kind']})"
-        )
+    for row in pending.select(["key", "list", "kind", "shard"]).to_pylist():
+        by_shard.setdefault(row["shard"], {})[row["key"]] = f"{row['list']} ({row['kind']})"
     written = store_map(
         lambda shard: _rewrite_shard(store, shard, by_shard[shard], reason), sorted(by_shard), STORE_REWRITES
     )
-    counts = Counter(
-        zip(removals.column("list").to_pylist(), removals.column("kind").to_pylist(), strict=True)
-    )
+    ledger_path = f"{TAKEDOWNS}/{name}"
+    store.write_parquet(ledger_path, pending)  # its footer included
+    store.remove(f"{TAKEDOWNS_PENDING}/{name}")
+    counts = Counter(zip(pending.column("list").to_pylist(), pending.column("kind").to_pylist(), strict=True))
     return RemovalResult(
-        removed=len(keys),
+        removed=pending.num_rows,
         shards=sorted(by_shard),
         files=[path for paths in written for path in paths],
         ledger=ledger_path,
-        by_list=[(name, kind, n) for (name, kind), n in sorted(counts.items())],
+        by_list=[(list_, kind, n) for (list_, kind), n in sorted(counts.items())],
     )
 
 
@@ -190,9 +213,9 @@ def _drop_samples(store: DatasetStore, path: str, removed: dict[str, str]) -> bo
 
 
 class RemovedKeys:
-    """The keys of every ledger in `takedowns/`: what a service must never answer with, even before the
-    search index is rebuilt. Each call lists the folder (one request) and reads only new or changed
-    ledgers."""
+    """The keys of every ledger in `takedowns/`, pending ones included: what a service must never answer
+    with, even before the search index is rebuilt. Each call lists the two folders (a request each) and
+    reads only new or changed ledgers."""
 
     def __init__(self, store: DatasetStore) -> None:
         self.store = store
@@ -201,14 +224,19 @@ class RemovedKeys:
         self._lock = threading.Lock()
 
     def current(self) -> frozenset[str]:
-        listed = {f.name: f.fingerprint for f in self.store.list(TAKEDOWNS) if f.name.endswith(".parquet")}
+        listed = {
+            f"{folder}/{f.name}": f.fingerprint
+            for folder in (TAKEDOWNS, TAKEDOWNS_PENDING)
+            for f in self.store.list(folder)
+            if f.name.endswith(".parquet")
+        }
         with self._lock:
             if {name: fp for name, (fp, _) in self._ledgers.items()} != listed:
-                for name, fingerprint in listed.items():
-                    if self._ledgers.get(name, ("",))[0] != fingerprint:
-                        keys = self.store.read_parquet(f"{TAKEDOWNS}/{name}", columns=["key"]).column("key")
-                        self._ledgers[name] = (fingerprint, frozenset(keys.to_pylist()))
-                for name in self._ledgers.keys() - listed.keys():
-                    del self._ledgers[name]
+                for path, fingerprint in listed.items():
+                    if self._ledgers.get(path, ("",))[0] != fingerprint:
+                        keys = self.store.read_parquet(path, columns=["key"]).column("key")
+                        self._ledgers[path] = (fingerprint, frozenset(keys.to_pylist()))
+                for path in self._ledgers.keys() - listed.keys():
+                    del self._ledgers[path]
                 self._keys = frozenset().union(*(keys for _, keys in self._ledgers.values()))
             return self._keys

@@ -60,6 +60,7 @@ RECAPTIONS = Layer("recaptions")  # a new caption for each kept pair (Recap-Data
 # The per-shard layers in pipeline order; each one is made from the one before it.
 SHARD_LAYERS = (CRAWL_METADATA, IMAGES, EMBEDDINGS, PAIRS, PAIRS_EMBEDDINGS, RECAPTIONS)
 
+SETTINGS_FILE = "laion_assets.yaml"  # the dataset's settings (pipeline/settings.py)
 # Dataset-level files, made from every shard.
 SEARCH_INDEX = "search_index/index.parquet"
 SEARCH_INDEX_APPROXIMATE = "search_index/approximate.json"  # names the current FAISS build folder
@@ -70,6 +71,7 @@ HOSTS = "hosts/hosts.parquet"  # images by host, written with the catalog
 BLOCKLIST = "blocklist"  # takedown lists, <name>.(txt|csv|parquet): an input, as incoming/ is
 BLOCKLIST_ENTRIES = "blocklist_entries/entries.parquet"  # the lists' active entries, as hashes
 TAKEDOWNS = "takedowns"  # the removal ledger, <timestamp>.parquet per removal run
+TAKEDOWNS_PENDING = "takedowns/pending"  # a removal's ledger until its shards are rewritten (removal.py)
 DUPLICATES = "duplicates/duplicates.parquet"  # dataset-level dedup: a row per pair removed, every run's
 # What the next shards are checked against (pipeline/dedup.py): the shards done, the surviving pairs'
 # hashes (a file per run), the k-means centroids, and the survivors' vectors by cluster bucket. Every

@@ -213,7 +213,19 @@ def _duplicates(duplicates: DuplicateStats) -> str:
         "the `pairs_unique` view). Exact: the same url and caption, or the same image bytes. Near copies "
         "of an image are looked for inside each k-means cluster of the image embeddings. "
         f"{rule}.\n\n"
-        f"{table(['kind', 'pairs'], duplicates.by_kind)}{shown}"
+        f"{table(['kind', 'pairs'], duplicates.by_kind)}{shown}{_settings_changes(duplicates)}"
+    )
+
+
+def _settings_changes(duplicates: DuplicateStats) -> str:
+    """The changes of dedup's settings accepted since the dataset was first deduplicated, if any."""
+    if not duplicates.settings_changes:
+        return ""
+    rows = [(change["at"][:19], "; ".join(change["changes"])) for change in duplicates.settings_changes]
+    return (
+        "\n\nDedup's settings were changed on purpose after the first run (`accept_settings_change`); "
+        "the pairs found before a change were found with the earlier settings:\n\n"
+        + table(["accepted at (UTC)", "changes"], rows)
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import duckdb
 
@@ -59,8 +59,9 @@ class DuplicateStats:
     """Dataset-level dedup's finds, from duplicates/duplicates.parquet."""
 
     by_kind: Counts  # every dedup kind
-    settings: dict | None  # of the last run that found some (its footer)
+    settings: dict | None  # the dataset's (its footer)
     examples: list[tuple]  # semantic: key, url, caption, duplicate_of, its url, its caption, cosine
+    settings_changes: list[dict] = field(default_factory=list)  # accepted changes: {"at", "changes"}
 
 
 @dataclass
@@ -202,7 +203,8 @@ def _stats(
 
 def _duplicate_stats(store: DatasetStore, connection: duckdb.DuckDBPyConnection) -> DuplicateStats:
     counts = dict(connection.execute("SELECT kind, count(*) FROM duplicates GROUP BY 1").fetchall())
-    footer = store.parquet_metadata(DUPLICATES).get(names.DEDUP_SETTINGS_FOOTER)
+    stored_footer = store.parquet_metadata(DUPLICATES)
+    footer = stored_footer.get(names.DEDUP_SETTINGS_FOOTER)
     examples = connection.execute(
         "SELECT d.key, a.url, a.caption, d.duplicate_of, b.url, b.caption, d.cosine FROM duplicates d "
         "JOIN images a ON a.key = d.key JOIN images b ON b.key = d.duplicate_of "
@@ -213,6 +215,7 @@ def _duplicate_stats(store: DatasetStore, connection: duckdb.DuckDBPyConnection)
         by_kind=[(kind, counts.get(kind, 0)) for kind in KINDS],
         settings=json.loads(footer) if footer else None,
         examples=examples,
+        settings_changes=json.loads(stored_footer.get(names.SETTINGS_CHANGE_FOOTER, "[]")),
     )
 
 

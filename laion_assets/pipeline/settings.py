@@ -1,0 +1,96 @@
+"""The dataset's settings: `{root}/laion_assets.yaml`, the one record of what shapes its content.
+
+It holds a section per asset with settings (the fields of its run config, by asset name) and the models
+(`clip`, `captioner`). The first run writes it from its own settings; every later run, whoever starts it,
+reads it, and a run's own config overrides it for that run only. Changing it is deliberate: edit the
+file (or `laion-assets settings --set`); a layer built with other settings is then reported stale, and a
+removal with other settings refuses until the change is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from laion_assets.pipeline.storage import SETTINGS_FILE, DatasetStore
+
+CLIP_SECTION = "clip"
+CAPTIONER_SECTION = "captioner"
+# The model fields that shape embeddings and captions; device and batch size do not.
+MODEL_FIELDS = ("model", "pretrained", "seed")
+_HEADER = """\
+# The settings that shape this dataset's content, read by every run on this root: `laion-assets run`,
+# `takedown` and `demo`, the sensors, the catch-up schedule and runs launched from the Dagster UI.
+# A run's own config overrides a value for that run only. Edit a value here to change the dataset on
+# purpose: `laion-assets status` then lists the layers built otherwise, and a removal (dedup) with
+# other settings than the dataset's refuses until the change is accepted (see the README, "The
+# dataset's settings").
+"""
+
+
+class SettingsChanged(ValueError):
+    """A run would change the dataset with settings other than those it was built with."""
+
+
+@dataclass(frozen=True)
+class DatasetSettings:
+    """Section name (an asset's, `clip` or `captioner`) -> field -> value."""
+
+    sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def section(self, name: str) -> dict[str, Any]:
+        return dict(self.sections.get(name) or {})
+
+    def with_sections(self, sections: Mapping[str, Mapping[str, Any]]) -> DatasetSettings:
+        """These settings with `sections` added or replaced."""
+        return DatasetSettings({**self.sections, **{k: dict(v) for k, v in sections.items()}})
+
+
+def load_settings(store: DatasetStore) -> DatasetSettings | None:
+    """The root's settings; None where no run has written them yet. ValueError naming the file if it is
+    not a mapping of sections."""
+    if not store.exists(SETTINGS_FILE):
+        return None
+    with store.open(SETTINGS_FILE) as f:
+        try:
+            loaded = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{store.url(SETTINGS_FILE)}: not valid YAML: {exc}") from exc
+    if not isinstance(loaded, dict) or not all(isinstance(v, dict | type(None)) for v in loaded.values()):
+        raise ValueError(
+            f"{store.url(SETTINGS_FILE)}: expected a mapping of sections (asset name -> settings)"
+        )
+    return DatasetSettings({name: dict(values or {}) for name, values in loaded.items()})
+
+
+def write_settings(store: DatasetStore, settings: DatasetSettings) -> None:
+    body = yaml.safe_dump(
+        {name: dict(values) for name, values in sorted(settings.sections.items())},
+        sort_keys=True,
+        default_flow_style=False,
+    )
+    store.write_bytes(SETTINGS_FILE, (_HEADER + body).encode())
+
+
+def differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """`field: recorded -> current` for each field whose value differs (a field only one side has is
+    compared with the other side's absence), sorted by field."""
+    changed = []
+    for name in sorted(recorded.keys() | current.keys()):
+        before, after = recorded.get(name, "(unset)"), current.get(name, "(unset)")
+        if _comparable(before) != _comparable(after):
+            changed.append(f"{name}: {before!r} -> {after!r}")
+    return changed
+
+
+def _comparable(value: Any) -> str:
+    """Tuples and lists, ints and equal floats compare alike (YAML and JSON round trips change them)."""
+    if isinstance(value, tuple):
+        value = list(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return json.dumps(value, sort_keys=True, default=str)
