@@ -114,6 +114,8 @@ def run_pipeline(
     (see `pipeline/lineage.py`), then the selected dataset-level assets (catalog, dataset_card) over every
     shard. Settings the run config does not set are the dataset's (`prepare_settings`)."""
     store = DatasetStore(root)
+    for path in store.remove_abandoned():
+        echo(f"removed {path}, left by a run that was killed")
     resources_ = build_resources(root, *prepare_settings(store, run_config, clip, captioner))
     sources = incoming_by_shard(store)
     echo(f"{len(sources)} shards in {store.url(INCOMING)}")

@@ -35,8 +35,8 @@ from laion_assets.pipeline.blocklist import (
 from laion_assets.pipeline.clip import ClipEncoder
 from laion_assets.pipeline.download import download_shard
 from laion_assets.pipeline.removal import DUPLICATE, RemovedKeys, remove_keys
-from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.settings import load_settings
+from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import (
     BLOCKLIST,
     EMBEDDINGS,

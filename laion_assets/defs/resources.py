@@ -23,6 +23,12 @@ class DatasetStoreResource(dg.ConfigurableResource):
 
     root: str
 
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """Every run first removes what killed runs left: temporary files, incomplete S3 uploads."""
+        removed = self.get_store().remove_abandoned()
+        if removed and context.log:
+            context.log.warning(f"removed {len(removed)} files killed runs left: {removed[:10]}")
+
     def get_store(self) -> DatasetStore:
         return DatasetStore(self.root)
 

@@ -32,6 +32,8 @@ from laion_assets.pipeline.storage import (
     TAKEDOWNS,
     DatasetStore,
     S3Settings,
+    is_abandoned,
+    temporary_name,
 )
 
 HOSTS_VIEW = "hosts"  # over storage.HOSTS
@@ -111,10 +113,13 @@ def default_catalog_path(store: DatasetStore) -> str:
 def write_catalog(store: DatasetStore, database: str) -> list[str]:
     """`hosts/hosts.parquet` from the images, then a DuckDB database file with the views, replaced whole.
     Returns the view names."""
-    tmp = f"{database}.tmp-{os.getpid()}"
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    os.makedirs(os.path.dirname(os.path.abspath(database)), exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(database))
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):  # a database file (or its WAL) a killed run left half-written
+        path = os.path.join(folder, name)
+        if name.startswith(f".{os.path.basename(database)}") and is_abandoned(name, os.stat(path).st_mtime):
+            os.remove(path)
+    tmp = temporary_name(database)
     connection = connect(store, tmp)
     try:
         write_hosts(store, connection)

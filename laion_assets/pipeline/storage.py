@@ -10,8 +10,16 @@ on S3 one PUT or multipart upload that is completed only when the writer finishe
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import datetime
+import json
 import os
+import socket
+import threading
+import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +32,46 @@ import pyarrow.parquet as pq
 DEFAULT_ROOT = "./data"
 ROOT_ENV = "LAION_ASSETS_ROOT"
 _TMP_MARK = ".tmp-"
+# A temporary file whose writer is gone: its process has ended (on this host), or, from another host,
+# nothing has touched it for this long. Then a later run removes it.
+ABANDONED_AFTER = datetime.timedelta(hours=6)
+WRITERS = "_writers"  # S3: a file per live writing process, so that a later run knows whose uploads these are
+HEARTBEAT_SECONDS = 60.0
+
+
+def _host() -> str:
+    return "".join(c if c.isalnum() or c in "._" else "_" for c in socket.gethostname()) or "host"
+
+
+def temporary_name(path: str) -> str:
+    """A temporary name beside `path` that tells who writes it: `.<name>.tmp-<pid>-<random>-<host>`."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:12]}-{_host()}")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_abandoned(name: str, modified: float, now: float | None = None) -> bool:
+    """Whether the temporary file `name` (see `temporary_name`), last modified at `modified` (epoch
+    seconds), was left by a writer that is gone. Older names (a bare random tail, `<name>.tmp-<pid>`)
+    count by age alone."""
+    if _TMP_MARK not in name:
+        return False
+    age = (now or time.time()) - modified
+    tail = name.rsplit(_TMP_MARK, 1)[1]
+    pid, _, rest = tail.partition("-")
+    host = rest.partition("-")[2]
+    if pid.isdigit() and (host == _host() or host.startswith(f"{_host()}.")):  # DuckDB's `.wal` after it
+        return not _process_alive(int(pid))
+    return age > ABANDONED_AFTER.total_seconds()
 
 
 def root_from_env() -> str:
@@ -205,18 +253,18 @@ class DatasetStore:
         """A binary file that appears at `relpath` whole when the block exits cleanly, else not at all."""
         target = self.path(relpath)
         if self.is_s3:
-            f = self.fs.open(target, "wb")
-            try:
-                yield f
-            except BaseException:
-                f.discard()  # aborts the multipart upload: nothing becomes visible
-                f.closed = True  # so that garbage collection does not try to upload the rest
-                raise
-            f.close()
+            with _writer(self).uploading(target):
+                f = self.fs.open(target, "wb")
+                try:
+                    yield f
+                except BaseException:
+                    f.discard()  # aborts the multipart upload: nothing becomes visible
+                    f.closed = True  # so that garbage collection does not try to upload the rest
+                    raise
+                f.close()
             return
-        folder, name = os.path.split(target)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{name}{_TMP_MARK}{uuid.uuid4().hex}")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = temporary_name(target)
         try:
             with open(tmp, "wb") as f:
                 yield f
@@ -272,6 +320,63 @@ class DatasetStore:
         if self.exists(relpath):
             self.fs.rm(self.path(relpath))
 
+    # what killed writers left
+
+    def remove_abandoned(self) -> list[str]:
+        """Remove what writers that are gone left behind: their temporary files (locally) and their
+        incomplete multipart uploads (on S3, where the live writers of `_writers/` tell which are not
+        theirs). Returns what was removed, as paths under the root (`<upload of key>` on S3)."""
+        return self._abort_abandoned_uploads() if self.is_s3 else self._remove_abandoned_files()
+
+    def _remove_abandoned_files(self) -> list[str]:
+        removed = []
+        for folder, _, files in os.walk(self._base):
+            for name in files:
+                path = os.path.join(folder, name)
+                try:
+                    if is_abandoned(name, os.stat(path).st_mtime):
+                        os.remove(path)
+                        removed.append(os.path.relpath(path, self._base))
+                except FileNotFoundError:  # finished or removed meanwhile
+                    continue
+        return sorted(removed)
+
+    def _abort_abandoned_uploads(self) -> list[str]:
+        """Abort the uploads under the root that no live writer names. Writers of this host whose
+        process has ended, and others silent for ABANDONED_AFTER, are not live (and their entries go).
+        The uploads are listed first: a writer names a key before it begins uploading it."""
+        bucket, _, prefix = self._base.partition("/")
+        listing = {"Bucket": bucket, "Prefix": f"{prefix}/" if prefix else ""}
+        uploads = self.fs.call_s3("list_multipart_uploads", **listing).get("Uploads", [])
+        if not uploads:
+            return []
+        now = time.time()
+        written: set[str] = set()
+        for entry in self.list(WRITERS):
+            path = self.path(f"{WRITERS}/{entry.name}")
+            try:
+                writer = json.loads(self.fs.cat(path))
+            except FileNotFoundError:  # it left meanwhile
+                continue
+            if writer["host"] == _host():
+                alive = _process_alive(writer["pid"])
+            else:
+                alive = now - writer["heartbeat"] < ABANDONED_AFTER.total_seconds()
+            if alive:
+                written.update(writer["writing"])
+            else:
+                self.fs.rm(path)
+        aborted = []
+        for upload in uploads:
+            if f"{bucket}/{upload['Key']}" in written:
+                continue
+            with contextlib.suppress(FileNotFoundError):  # completed meanwhile
+                self.fs.call_s3(
+                    "abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                )
+            aborted.append(f"<upload of {upload['Key'][len(prefix) + 1 if prefix else 0 :]}>")
+        return sorted(aborted)
+
 
 def footer(schema: pa.Schema) -> dict[str, str]:
     """A parquet file's key-value metadata, as `write_parquet(metadata=...)` took it."""
@@ -283,3 +388,57 @@ def _fingerprint(entry: dict) -> str:
     if etag:
         return f"etag:{etag.strip(chr(34))}"
     return f"{entry['size']}:{entry.get('mtime') or entry.get('LastModified') or entry.get('created')}"
+
+
+class _Writer:
+    """This process's entry in `{root}/_writers/` on S3: who it is and the keys it is uploading, kept
+    fresh by a heartbeat thread and removed at exit. A later run aborts only the uploads no live writer
+    names (S3's own upload dates cannot tell: some servers, moto among them, make them up)."""
+
+    def __init__(self, store: DatasetStore) -> None:
+        self.store = store
+        self.entry = store.path(f"{WRITERS}/{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json")
+        self.writing: Counter[str] = Counter()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._keep_beating, daemon=True, name="laion-assets-writer").start()
+        atexit.register(self._leave)
+
+    @contextmanager
+    def uploading(self, key: str) -> Iterator[None]:
+        """Named in the entry (written before the upload begins) for as long as the block runs."""
+        with self.lock:
+            self.writing[key] += 1
+        self.beat()
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.writing[key] -= 1
+                self.writing += Counter()  # drops the keys no longer written
+
+    def beat(self) -> None:
+        with self.lock:
+            record = {"host": _host(), "pid": os.getpid(), "writing": list(self.writing)}
+        record["heartbeat"] = time.time()
+        self.store.fs.pipe(self.entry, json.dumps(record).encode())
+
+    def _keep_beating(self) -> None:
+        while True:
+            time.sleep(HEARTBEAT_SECONDS)
+            with contextlib.suppress(Exception):  # a missed beat only makes the writer look older
+                self.beat()
+
+    def _leave(self) -> None:
+        with contextlib.suppress(Exception):
+            self.store.fs.rm(self.entry)
+
+
+_writers: dict[str, _Writer] = {}  # root -> this process's writer there
+_writers_lock = threading.Lock()
+
+
+def _writer(store: DatasetStore) -> _Writer:
+    with _writers_lock:
+        if store.root not in _writers:
+            _writers[store.root] = _Writer(store)
+        return _writers[store.root]

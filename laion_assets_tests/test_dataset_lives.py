@@ -1,0 +1,244 @@
+"""A dataset that lives: its settings kept with it, no run that rewrites it unasked, and real processes
+killed with SIGKILL part way, then run again."""
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from laion_assets import names
+from laion_assets.definitions import DATASET_ASSETS
+from laion_assets.demo.run import DEMO_DEDUP_CONFIG
+from laion_assets.demo.world import EXACT_COPIES, NEAR_COPIES
+from laion_assets.pipeline import catalog
+from laion_assets.pipeline.dedup import recorded_settings
+from laion_assets.pipeline.removal import TAKEN_DOWN, RemovedKeys, finish_interrupted
+from laion_assets.pipeline.settings import load_settings
+from laion_assets.pipeline.storage import (
+    DUPLICATES,
+    PAIRS,
+    SETTINGS_FILE,
+    TAKEDOWNS,
+    TAKEDOWNS_PENDING,
+    DatasetStore,
+)
+from laion_assets.runner import run_pipeline, run_takedown
+from laion_assets_tests.demo_dataset import DEMO_CLIP, DEMO_SHARDS, build_demo_dataset
+
+COPIES = {**dict.fromkeys(EXACT_COPIES, 4), **dict.fromkeys(NEAR_COPIES, 3)}
+DEDUP_ASSETS = [a for a in DATASET_ASSETS if a.key.to_user_string() != names.BLOCKLIST_ASSET]
+
+
+@pytest.fixture(scope="module")
+def deduplicated(tmp_path_factory) -> str:
+    """The planted demo world, deduplicated with the demo's settings (not the code's defaults) by a first
+    `laion-assets run` of the dataset-level assets; read-only (copy it)."""
+    root = build_demo_dataset(str(tmp_path_factory.mktemp("lives") / "data"), copies=COPIES)
+    run_config = {"ops": {names.DUPLICATES_ASSET: {"config": DEMO_DEDUP_CONFIG}}}
+    outcomes = run_pipeline(root, DEDUP_ASSETS, run_config, echo=lambda _: None, clip=DEMO_CLIP)
+    assert not any(o.error for o in outcomes)
+    return root
+
+
+def _copy(root: str, tmp_path: Path) -> DatasetStore:
+    return DatasetStore(str(shutil.copytree(root, tmp_path / "data")))
+
+
+def _digests(store: DatasetStore, shard: str) -> dict[str, str]:
+    """sha256 of every file of `shard`, in every layer."""
+    return {
+        str(path.relative_to(store.root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in Path(store.root).glob(f"*/{shard}.*")
+    }
+
+
+def test_the_first_run_writes_the_settings_and_a_later_run_reads_them(deduplicated):
+    settings = load_settings(DatasetStore(deduplicated))
+    assert settings.section(names.DUPLICATES_ASSET)["eps"] == DEMO_DEDUP_CONFIG["eps"]
+    assert settings.section(names.DUPLICATES_ASSET)["max_phash_distance"] == 10
+    # the download section holds what the per-shard runs used (their run config over the defaults)
+    assert settings.section(names.DOWNLOADED_IMAGES_ASSET)["allow_private_networks"] is True
+    assert settings.section("clip")["model"] == DEMO_CLIP.model
+    assert "accept_settings_change" not in settings.section(names.DUPLICATES_ASSET)  # a one-run field
+
+
+def test_a_takedown_changes_no_byte_of_a_shard_its_list_does_not_match(deduplicated, tmp_path):
+    """The takedown flow runs dedup again, with the dataset's settings: the other shard keeps its bytes."""
+    store = _copy(deduplicated, tmp_path)
+    touched, untouched = DEMO_SHARDS
+    before = _digests(store, untouched)
+    pairs = store.read_parquet(PAIRS.parquet(touched)).to_pylist()[:3]
+    listed = tmp_path / "three.txt"
+    listed.write_text("url\n" + "".join(f"{row['url']}\n" for row in pairs))
+    assert run_takedown(store.root, listed, echo=lambda _: None) == 0
+    assert _digests(store, untouched) == before
+    kept = set(store.read_parquet(PAIRS.parquet(touched), columns=["key"]).column("key").to_pylist())
+    assert not kept & {row["key"] for row in pairs}
+    ledger = catalog.connect(store).sql("SELECT reason, count(*) FROM takedowns GROUP BY 1").fetchall()
+    assert dict(ledger)[TAKEN_DOWN] == 3
+
+
+def test_dedup_with_another_rule_refuses_until_the_change_is_accepted(deduplicated, tmp_path):
+    store = _copy(deduplicated, tmp_path)
+    pairs_before = {s: _digests(store, s) for s in DEMO_SHARDS}
+    looser = {"ops": {names.DUPLICATES_ASSET: {"config": {"eps": 0.01}}}}
+    lines: list[str] = []
+    outcomes = run_pipeline(store.root, DEDUP_ASSETS, looser, echo=lines.append, clip=DEMO_CLIP)
+    failed = [o for o in outcomes if o.error]
+    assert [o.ran for o in failed] == [[names.DUPLICATES_ASSET]]
+    # both sets of settings named, the flag that accepts the change, and no file touched
+    assert "eps: 0.0002 -> 0.01" in failed[0].error and "accept_settings_change: true" in failed[0].error
+    assert {s: _digests(store, s) for s in DEMO_SHARDS} == pairs_before
+
+    accepted = {"ops": {names.DUPLICATES_ASSET: {"config": {"eps": 0.01, "accept_settings_change": True}}}}
+    outcomes = run_pipeline(store.root, DEDUP_ASSETS, accepted, echo=lines.append, clip=DEMO_CLIP)
+    assert not any(o.error for o in outcomes)
+    assert recorded_settings(store)["eps"] == 0.01
+    card = store.open("card/README.md").read().decode()
+    assert "eps: 0.0002 -> 0.01" in card
+    # the dataset's own file still says 0.0002: the run config changed it for that run only
+    assert load_settings(store).section(names.DUPLICATES_ASSET)["eps"] == DEMO_DEDUP_CONFIG["eps"]
+
+
+_KILLED_WRITE = """
+import os, signal, sys
+from laion_assets.pipeline.storage import DatasetStore
+store = DatasetStore(sys.argv[1])
+with store.atomic_write("images/big.tar") as f:
+    for _ in range(3):
+        f.write(os.urandom(20 << 20))  # past s3fs's 50 MiB block: a multipart upload is under way
+        f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+_LIVE_WRITE = """
+import sys, time
+from laion_assets.pipeline.storage import DatasetStore
+store = DatasetStore(sys.argv[1])
+with store.atomic_write("images/live.tar") as f:
+    f.write(b"x" * (60 << 20))
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(120)
+"""
+
+
+def _leftovers(store: DatasetStore) -> list[str]:
+    """Temporary files under the root, and (S3) incomplete uploads."""
+    if store.is_s3:
+        bucket, _, prefix = store.path("").partition("/")
+        uploads = store.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix)
+        return [u["Key"] for u in uploads.get("Uploads", [])]
+    return [str(p) for p in Path(store.root).rglob("*") if ".tmp-" in p.name]
+
+
+def test_a_killed_write_leaves_nothing_once_a_later_run_has_looked(store):
+    killed = subprocess.run([sys.executable, "-c", _KILLED_WRITE, store.root], check=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert _leftovers(store) and not store.exists("images/big.tar")
+    live = subprocess.Popen([sys.executable, "-c", _LIVE_WRITE, store.root], stdout=subprocess.PIPE)
+    try:
+        assert live.stdout.readline() == b"writing\n"
+        removed = store.remove_abandoned()
+        assert len(removed) == 1 and "big.tar" in removed[0]
+        assert len(_leftovers(store)) == 1  # the live writer's, left alone
+    finally:
+        live.kill()
+        live.wait()
+    assert len(store.remove_abandoned()) == 1
+    assert _leftovers(store) == [] and store.list("images") == []
+
+
+_REMOVE = """
+import sys
+import pyarrow as pa
+from laion_assets.pipeline.removal import TAKEN_DOWN, remove_keys
+from laion_assets.pipeline.storage import DatasetStore
+keys = sys.argv[2].split(",")
+removals = pa.table({"key": keys, "list": ["l"] * len(keys), "kind": ["url"] * len(keys), "entry": keys})
+remove_keys(DatasetStore(sys.argv[1]), removals, TAKEN_DOWN)
+"""
+
+
+def _kill_when(process: subprocess.Popen, folder: Path, timeout: float = 120) -> bool:
+    """SIGKILL `process` as soon as a file appears whole in `folder`; False if it ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if folder.is_dir() and any(not path.name.startswith(".") for path in folder.iterdir()):
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return True
+        time.sleep(0.0005)
+    process.wait()
+    return False
+
+
+def test_a_removal_killed_after_its_pending_ledger_is_completed_once(deduplicated, tmp_path):
+    """A takedown SIGKILLed between its pending ledger and the shards: the keys are filtered by services
+    at once, no committed ledger claims them, and the next removal completes it, counted once."""
+    store = _copy(deduplicated, tmp_path)
+    shard = DEMO_SHARDS[1]
+    keys = store.read_parquet(PAIRS.parquet(shard), columns=["key"]).column("key").to_pylist()[:4]
+    for _ in range(5):  # the window is short; a removal that finished first proves nothing here
+        process = subprocess.Popen([sys.executable, "-c", _REMOVE, store.root, ",".join(keys)])
+        if _kill_when(process, Path(store.path(TAKEDOWNS_PENDING))):
+            break
+        shutil.rmtree(store.root)
+        store = _copy(deduplicated, tmp_path)
+    else:
+        pytest.fail("the removal ended before it could be killed, 5 times")
+    assert store.list(TAKEDOWNS_PENDING)
+    assert set(keys) <= RemovedKeys(store).current()  # a service filters them already
+    claimed = "SELECT key FROM takedowns WHERE list_contains(?, key)"
+    assert not catalog.connect(store).execute(claimed, [keys]).fetchall()
+    # the next removal completes the pending one first: the keys leave the shard, the ledger counts them once
+    store.remove_abandoned()
+    (finished,) = finish_interrupted(store)
+    assert finished.removed == len(keys) and finished.shards == [shard]
+    assert not store.list(TAKEDOWNS_PENDING) and finish_interrupted(store) == []
+    remaining = set(store.read_parquet(PAIRS.parquet(shard), columns=["key"]).column("key").to_pylist())
+    assert not remaining & set(keys)
+    ledger = catalog.connect(store).execute(f"{claimed} ORDER BY key", [keys]).fetchall()
+    assert [key for (key,) in ledger] == sorted(keys)
+    assert _leftovers(store) == []
+
+
+def test_a_takedown_killed_part_way_then_run_again_counts_each_removal_once(deduplicated, tmp_path):
+    store = _copy(deduplicated, tmp_path)
+    clean = _copy(deduplicated, tmp_path / "clean")
+    shard = DEMO_SHARDS[0]
+    pairs = store.read_parquet(PAIRS.parquet(shard)).to_pylist()[:3]
+    listed = tmp_path / "three.txt"
+    listed.write_text("url\n" + "".join(f"{row['url']}\n" for row in pairs))
+    command = [sys.executable, "-m", "laion_assets.cli", "takedown", str(listed), "--root"]
+    env = {**os.environ, "LAION_ASSETS_CLIP_MODEL": DEMO_CLIP.model}
+    env["LAION_ASSETS_CLIP_PRETRAINED"] = DEMO_CLIP.pretrained
+    for _ in range(5):
+        process = subprocess.Popen([*command, store.root], env=env, stdout=subprocess.DEVNULL)
+        if _kill_when(process, Path(store.path(TAKEDOWNS_PENDING))):
+            break
+        shutil.rmtree(store.root)
+        store = _copy(deduplicated, tmp_path)
+    else:
+        pytest.fail("the takedown ended before it could be killed, 5 times")
+    assert subprocess.run([*command, store.root], env=env, stdout=subprocess.DEVNULL).returncode == 0
+    assert subprocess.run([*command, clean.root], env=env, stdout=subprocess.DEVNULL).returncode == 0
+    assert _leftovers(store) == [] and not store.list(TAKEDOWNS_PENDING)
+    connection = catalog.connect(store)
+    by_reason = "SELECT reason, count(*), count(DISTINCT key) FROM takedowns GROUP BY 1 ORDER BY 1"
+    assert connection.sql(by_reason).fetchall() == catalog.connect(clean).sql(by_reason).fetchall()
+    taken = "SELECT count(*), count(DISTINCT key) FROM takedowns WHERE reason = 'taken_down'"
+    assert connection.sql(taken).fetchone() == (3, 3)
+    for layer in (PAIRS,):
+        for s in DEMO_SHARDS:
+            assert store.read_parquet(layer.parquet(s)) == clean.read_parquet(layer.parquet(s))
+    assert _digests(store, DEMO_SHARDS[1]) == _digests(clean, DEMO_SHARDS[1])
+    index = set(store.read_parquet("search_index/index.parquet", columns=["key"]).column("key").to_pylist())
+    assert index == {k for (k,) in connection.sql("SELECT key FROM pairs").fetchall()}
+    assert store.exists(DUPLICATES) and store.exists(SETTINGS_FILE) and store.list(TAKEDOWNS)
