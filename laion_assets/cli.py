@@ -89,6 +89,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--select", default=None, help="comma-separated asset names (default: all)")
     run.add_argument("--config", type=Path, default=None, help="run config YAML, as in the launchpad")
     run.add_argument("--force", action="store_true", help="materialise again where the outputs exist")
+    run.add_argument(
+        "--rebuild-stale",
+        action="store_true",
+        help="also rebuild the layers built with other settings than the dataset's (see `status`)",
+    )
+    run.add_argument(
+        "--accept-settings-change",
+        action="store_true",
+        help="let dedup run with other rules than the dataset was deduplicated with (recorded in the card)",
+    )
+
+    init = sub.add_parser(
+        "init", help="write the dataset's settings, {root}/laion_assets.yaml: the defaults, under --config"
+    )
+    init.add_argument("--root", default=None, help=root_help)
+    init.add_argument("--config", type=Path, default=None, help="run config YAML whose values to keep")
+
+    status = sub.add_parser(
+        "status",
+        help="which shards are not done, and which layers were built with other settings than the dataset's",
+    )
+    status.add_argument("--root", default=None, help=root_help)
 
     demo = sub.add_parser(
         "demo",
@@ -107,7 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=str(DEMO_CAPTION_CHECKPOINT),
         help="its open_clip tag, checkpoint path, or none",
     )
-    demo.add_argument("--images", type=int, default=300, help="images in the synthetic web")
+    demo.add_argument(
+        "--images",
+        type=int,
+        default=300,
+        help="images in the synthetic web (at least 12: a planted copy of each kind, of a distinct image)",
+    )
 
     sql = sub.add_parser(
         "sql",
@@ -171,6 +198,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sql":
         run_sql(root, args.query, args.format, args.output)
         return 0
+    if args.command == "init":
+        from laion_assets.runner import init_settings
+
+        try:
+            print(f"wrote {init_settings(root, load_run_config(args.config))}")
+        except FileExistsError as exc:
+            raise SystemExit(f"laion-assets init: {exc}") from exc
+        return 0
+    if args.command == "status":
+        from laion_assets.runner import dataset_status
+
+        lines, stale = dataset_status(root)
+        print("\n".join(lines))
+        return 1 if stale else 0
     if args.command == "takedown":
         from laion_assets.runner import run_takedown
 
@@ -185,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         captioner = dataclasses.replace(
             CaptionSettings.from_env(), model=args.caption_model, pretrained=args.caption_pretrained
         )
+        from laion_assets.demo.run import MIN_IMAGES
+
+        if args.images < MIN_IMAGES:
+            raise SystemExit(f"laion-assets demo: --images must be at least {MIN_IMAGES}, got {args.images}")
         return run_demo(root, clip, captioner, images=args.images)
     if args.select is None or names.DOWNLOADED_IMAGES_ASSET in args.select.split(","):
         from laion_assets.pipeline.download import start_worker_server
@@ -193,7 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     from laion_assets.runner import run_pipeline
 
     assets = select_assets(args.select.split(",") if args.select else None)
-    outcomes = run_pipeline(root, assets, load_run_config(args.config), force=args.force)
+    run_config = load_run_config(args.config)
+    if args.accept_settings_change:
+        block = run_config.setdefault("ops", {}).setdefault(names.DUPLICATES_ASSET, {})
+        block.setdefault("config", {})["accept_settings_change"] = True
+    outcomes = run_pipeline(root, assets, run_config, force=args.force, rebuild_stale=args.rebuild_stale)
     return 1 if any(o.error for o in outcomes) else 0
 
 

@@ -20,7 +20,7 @@ from laion_assets.pipeline.caption import CaptionSettings
 from laion_assets.pipeline.clip import SETTINGS_ENV as CLIP_ENV
 from laion_assets.pipeline.clip import ClipSettings, values_from_env
 from laion_assets.pipeline.dedup import recorded_settings as recorded_dedup_settings
-from laion_assets.pipeline.lineage import incoming_by_shard, stale_layers
+from laion_assets.pipeline.lineage import incoming_by_shard, settings_changes, stale_layers
 from laion_assets.pipeline.settings import (
     CAPTIONER_SECTION,
     CLIP_SECTION,
@@ -29,7 +29,7 @@ from laion_assets.pipeline.settings import (
     load_settings,
     write_settings,
 )
-from laion_assets.pipeline.storage import BLOCKLIST, INCOMING, DatasetStore
+from laion_assets.pipeline.storage import BLOCKLIST, INCOMING, SETTINGS_FILE, DatasetStore
 
 ALL_ASSETS = [*PER_SHARD_ASSETS, *DATASET_ASSETS]  # per-shard assets, then the dataset-level ones
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}  # the summary lines say enough
@@ -109,10 +109,13 @@ def run_pipeline(
     echo: Callable[[str], None] = print,
     clip: ClipSettings | None = None,
     captioner: CaptionSettings | None = None,
+    rebuild_stale: bool = False,
 ) -> list[ShardOutcome]:
     """Register a shard per file in `incoming/`, materialise the selected assets where a shard is not done
     (see `pipeline/lineage.py`), then the selected dataset-level assets (catalog, dataset_card) over every
-    shard. Settings the run config does not set are the dataset's (`prepare_settings`)."""
+    shard. Settings the run config does not set are the dataset's (`prepare_settings`). A layer built with
+    other settings than the dataset's is reported, and rebuilt (with the layers after it) only with
+    `rebuild_stale`."""
     store = DatasetStore(root)
     for path in store.remove_abandoned():
         echo(f"removed {path}, left by a run that was killed")
@@ -120,6 +123,14 @@ def run_pipeline(
     sources = incoming_by_shard(store)
     echo(f"{len(sources)} shards in {store.url(INCOMING)}")
     outcomes = []
+    changed = (
+        {} if force else settings_changes(store, list(sources), load_settings(store) or DatasetSettings())
+    )
+    if changed and not rebuild_stale:
+        echo(
+            f"{len(changed)} shards have layers built with other settings than the dataset's "
+            f"({store.url(SETTINGS_FILE)}): reported below, not rebuilt; `--rebuild-stale` rebuilds them"
+        )
     with dagster_instance() as instance:
         known = set(instance.get_dynamic_partitions(shards.name))
         instance.add_dynamic_partitions(shards.name, [s for s in sources if s not in known])
@@ -130,6 +141,11 @@ def run_pipeline(
         stale = {} if force else stale_layers(store, sources, [layer_of(a) for a in per_shard])
         for shard in sources:
             todo = per_shard if force else [a for a in per_shard if layer_of(a) in stale[shard]]
+            for layer_name, changes in changed.get(shard, {}).items():
+                echo(f"{shard}: {layer_name} was built with other settings ({'; '.join(changes)})")
+            if changed.get(shard) and rebuild_stale:
+                marked = [i for i, a in enumerate(per_shard) if layer_of(a).name in changed[shard]]
+                todo = [a for i, a in enumerate(per_shard) if (marked and i >= marked[0]) or a in todo]
             outcome = (
                 _materialize(instance, resources_, shard, todo, run_config) if todo else ShardOutcome(shard)
             )
@@ -167,7 +183,15 @@ def _materialize_dataset_asset(
         echo(f"{name}: nothing to do")
     else:
         echo(f"{name}: {materializations[0].metadata['path'].value}")
+    echo_rewrites(result, name, echo)
     return ShardOutcome("(dataset)", ran=[name], error=error)
+
+
+def echo_rewrites(result: dg.ExecuteInProcessResult, name: str, echo: Callable[[str], None]) -> None:
+    """A line per shard file a removal by `name` rewrote: its rows now, as the UI shows them."""
+    for observation in result.asset_observations_for_node(name):
+        rows, why = observation.metadata["dagster/row_count"].value, observation.metadata["changed_by"].value
+        echo(f"  {observation.asset_key.to_user_string()} {observation.partition}: now {rows} rows ({why})")
 
 
 def _materialize(
@@ -252,7 +276,57 @@ def run_takedown(root: str, list_file: Path, echo: Callable[[str], None] = print
             )
         else:
             echo(f"{name}: {metadata['path'].value if metadata else 'not rebuilt'}")
+        echo_rewrites(result, name, echo)
     error = failure_message(result)
     if error:
         echo(f"FAILED: {error}")
     return 1 if error else 0
+
+
+def init_settings(root: str, run_config: dict) -> str:
+    """Write the dataset's settings file: every section's defaults under `run_config`'s values. Refuses
+    (FileExistsError) where the root has one: edit it instead."""
+    store = DatasetStore(root)
+    if load_settings(store) is not None:
+        raise FileExistsError(f"{store.url(SETTINGS_FILE)} exists: edit it to change the dataset's settings")
+    prepare_settings(store, run_config)
+    return store.url(SETTINGS_FILE)
+
+
+def dataset_status(root: str) -> tuple[list[str], bool]:
+    """Lines saying, shard by shard, which layers are not done (their source changed or they are missing)
+    and which were built with other settings than the dataset's, then whether dedup's rule is the
+    dataset's; and whether anything is stale."""
+    from laion_assets.pipeline.dedup import RULE_FIELDS, recorded_settings
+    from laion_assets.pipeline.settings import differences
+
+    store = DatasetStore(root)
+    current = load_settings(store)
+    if current is None:
+        return [f"no settings in {store.url(SETTINGS_FILE)} yet: the first run writes them"], False
+    sources = incoming_by_shard(store)
+    not_done = stale_layers(store, sources, [layer_of(a) for a in PER_SHARD_ASSETS])
+    changed = settings_changes(store, list(sources), current)
+    lines = [f"{len(sources)} shards in {store.url(INCOMING)}; settings {store.url(SETTINGS_FILE)}"]
+    for shard in sources:
+        if not not_done[shard] and shard not in changed:
+            lines.append(f"{shard}: up to date")
+            continue
+        if not_done[shard]:
+            lines.append(f"{shard}: to make: {', '.join(layer.name for layer in not_done[shard])}")
+        for layer_name, changes in changed.get(shard, {}).items():
+            lines.append(f"{shard}: {layer_name} built with other settings: {'; '.join(changes)}")
+    recorded = recorded_settings(store)
+    dedup = {k: v for k, v in current.section(names.DUPLICATES_ASSET).items() if k in RULE_FIELDS}
+    dedup_changes = differences(recorded, dedup) if recorded is not None and dedup else []
+    if dedup_changes:
+        lines.append(
+            f"duplicates: deduplicated with other rules ({'; '.join(dedup_changes)}): the next dedup run "
+            "refuses until the change is accepted (`laion-assets run --accept-settings-change`)"
+        )
+    stale = bool(changed or dedup_changes or any(not_done.values()))
+    if changed:
+        lines.append(
+            "rebuild the layers built otherwise with `laion-assets run --rebuild-stale` or a backfill"
+        )
+    return lines, stale

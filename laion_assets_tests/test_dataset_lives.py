@@ -2,6 +2,7 @@
 killed with SIGKILL part way, then run again."""
 
 import hashlib
+import io
 import os
 import shutil
 import signal
@@ -11,17 +12,25 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
+from PIL import Image
 
 from laion_assets import names
+from laion_assets.cli import main
 from laion_assets.definitions import DATASET_ASSETS
-from laion_assets.demo.run import DEMO_DEDUP_CONFIG
-from laion_assets.demo.world import EXACT_COPIES, NEAR_COPIES
+from laion_assets.defs.automation import done_shards
+from laion_assets.defs.jobs import PER_SHARD_ASSETS
+from laion_assets.demo.run import DEMO_DEDUP_CONFIG, MIN_IMAGES, demo_copies
+from laion_assets.demo.world import EXACT_COPIES, NEAR_COPIES, make_world
 from laion_assets.pipeline import catalog
 from laion_assets.pipeline.dedup import recorded_settings
+from laion_assets.pipeline.lineage import incoming_by_shard
 from laion_assets.pipeline.removal import TAKEN_DOWN, RemovedKeys, finish_interrupted
 from laion_assets.pipeline.settings import load_settings
+from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import (
     DUPLICATES,
+    IMAGES,
     PAIRS,
     SETTINGS_FILE,
     TAKEDOWNS,
@@ -29,6 +38,7 @@ from laion_assets.pipeline.storage import (
     DatasetStore,
 )
 from laion_assets.runner import run_pipeline, run_takedown
+from laion_assets_tests.dagster_helpers import local_web_config
 from laion_assets_tests.demo_dataset import DEMO_CLIP, DEMO_SHARDS, build_demo_dataset
 
 COPIES = {**dict.fromkeys(EXACT_COPIES, 4), **dict.fromkeys(NEAR_COPIES, 3)}
@@ -242,3 +252,51 @@ def test_a_takedown_killed_part_way_then_run_again_counts_each_removal_once(dedu
     index = set(store.read_parquet("search_index/index.parquet", columns=["key"]).column("key").to_pylist())
     assert index == {k for (k,) in connection.sql("SELECT key FROM pairs").fetchall()}
     assert store.exists(DUPLICATES) and store.exists(SETTINGS_FILE) and store.list(TAKEDOWNS)
+
+
+def test_a_layer_built_with_another_image_size_is_reported_and_rebuilt_only_when_asked(
+    local_root, web, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.setenv("LAION_ASSETS_CLIP_MODEL", "laion-assets-tiny")
+    monkeypatch.setenv("LAION_ASSETS_CLIP_PRETRAINED", "none")
+    monkeypatch.setenv("LAION_ASSETS_CAPTION_MODEL", "laion-assets-demo-coca")
+    monkeypatch.setenv("LAION_ASSETS_CAPTION_PRETRAINED", "none")
+    store = DatasetStore(local_root)
+    urls = [web.url("/img/red.jpg"), web.url("/img/blue.webp")]
+    store.write_bytes("incoming/w.csv", ("url,caption\n" + "".join(f"{u},a photo\n" for u in urls)).encode())
+    select = ["--select", ",".join(a.key.to_user_string() for a in PER_SHARD_ASSETS)]
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(local_web_config()))
+    assert main(["run", "--root", local_root, *select, "--config", str(config)]) == 0
+    assert load_settings(store).section(names.DOWNLOADED_IMAGES_ASSET)["image_size"] == 256
+    assert main(["status", "--root", local_root]) == 0
+    assert "w: up to date" in capsys.readouterr().out
+
+    # the dataset's image size changed on purpose, in its settings file
+    text = Path(store.path(SETTINGS_FILE)).read_text().replace("image_size: 256", "image_size: 128")
+    store.write_bytes(SETTINGS_FILE, text.encode())
+    built = _digests(store, "w")
+    assert main(["status", "--root", local_root]) == 1
+    assert "w: images built with other settings: image_size: 256 -> 128" in capsys.readouterr().out
+    assert main(["run", "--root", local_root, *select]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "w: images was built with other settings (image_size: 256 -> 128)" in out and "w: up to date" in out
+    )
+    assert _digests(store, "w") == built  # not rebuilt unasked
+    assert done_shards(store, incoming_by_shard(store)) == {"w"}  # nor by the sensor or the schedule
+
+    assert main(["run", "--root", local_root, *select, "--rebuild-stale"]) == 0
+    assert "w: downloaded_images 2 rows, clip_embeddings 2 rows, filtered_pairs" in capsys.readouterr().out
+    with store.open(IMAGES.tar("w")) as f:
+        sizes = {Image.open(io.BytesIO(m["jpg"])).size for _, m in read_samples(f)}
+    assert sizes == {(128, 128)}
+    assert main(["status", "--root", local_root]) == 0
+
+
+def test_garbage_demo_sizes_are_refused_and_small_ones_run(tmp_path):
+    with pytest.raises(SystemExit, match=f"--images must be at least {MIN_IMAGES}, got 5"):
+        main(["demo", "--root", str(tmp_path), "--images", "5"])
+    for images in range(MIN_IMAGES, 400):
+        make_world(images=images, copies=demo_copies(images))  # every size it accepts plants its copies

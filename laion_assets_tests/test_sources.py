@@ -1,6 +1,7 @@
 import gzip
 import io
 import json
+import random
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
@@ -8,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from laion_assets.pipeline.crawl import CrawlSettings, build_crawl_metadata
+from laion_assets.pipeline.printable import MAX_MESSAGE
 from laion_assets.pipeline.sources import ColumnNames, SourceError, find_source, parse_source_name
 from laion_assets.pipeline.storage import DatasetStore
 
@@ -189,3 +191,14 @@ def test_not_parquet(local_root):
 def test_crawl_on_s3(s3_root):
     result = _crawl(DatasetStore(s3_root), "laion.parquet", _encode(LAION, "parquet"))
     assert result.table.num_rows == 2
+
+
+@pytest.mark.parametrize("name", ["garbage.csv", "garbage.warc.wat", "garbage.jsonl"])
+def test_garbage_bytes_are_escaped_and_cut_short_in_the_error(local_root, name):
+    garbage = random.Random(name).randbytes(20_000)
+    with pytest.raises(SourceError) as raised:
+        _crawl(DatasetStore(local_root), name, garbage)
+    message = str(raised.value)
+    assert message.startswith(f"{name}: ")
+    assert message.isprintable() and "\ufffd" not in message
+    assert len(message) <= MAX_MESSAGE + len("... (00000 more characters)")

@@ -8,6 +8,8 @@ import dagster as dg
 from laion_assets import names
 from laion_assets.defs.config import dataset_config, settings_from
 from laion_assets.defs.embed import clip_embeddings
+from laion_assets.defs.jobs import PER_SHARD_ASSETS
+from laion_assets.defs.metadata import rewritten_partitions
 from laion_assets.defs.pairs import filtered_pairs
 from laion_assets.defs.partitions import FOLLOWS_ANY_SHARD
 from laion_assets.defs.resources import DatasetStoreResource
@@ -55,6 +57,9 @@ def duplicates(
     config = dataset_config(context, config, dataset)
     settings = settings_from(config, DedupSettings)
     result = deduplicate(dataset, settings, accept_settings_change=config.accept_settings_change)
+    why = f"duplicates run {context.run.run_id[:8]}"
+    for observation in rewritten_partitions(dataset, result.removal, PER_SHARD_ASSETS, why):
+        context.log_event(observation)
     context.log.info(
         f"{len(result.shards)} shards checked, {result.duplicates.num_rows} duplicates; centroids "
         f"{result.centroids}"

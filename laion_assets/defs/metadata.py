@@ -6,7 +6,8 @@ import pyarrow as pa
 
 from laion_assets import names
 from laion_assets.pipeline import markdown
-from laion_assets.pipeline.storage import SHARD_LAYERS, Layer
+from laion_assets.pipeline.removal import RemovalResult
+from laion_assets.pipeline.storage import SHARD_LAYERS, DatasetStore, Layer
 
 _LAYERS = {layer.name: layer for layer in SHARD_LAYERS}
 
@@ -63,3 +64,31 @@ def shards_materialized(metadata_by_shard: dict[str, dict]) -> dg.MaterializeRes
     return dg.MaterializeResult(
         metadata={"shards_in_run": len(records), "shards": dg.MetadataValue.table(records, schema)}
     )
+
+
+def rewritten_partitions(
+    store: DatasetStore, removal: RemovalResult, assets: list[dg.AssetsDefinition], why: str
+) -> list[dg.AssetObservation]:
+    """An observation of each per-shard asset partition whose file a removal rewrote: its row count now
+    and why it changed, so that the UI shows what the files hold. (An observation, not a materialisation:
+    the assets downstream have already had the same rows removed and need not run again.)"""
+    by_layer = {layer_of(asset).name: asset.key for asset in assets}
+    observations = []
+    for path in removal.files:
+        layer, _, name = path.partition("/")
+        shard, _, suffix = name.rpartition(".")
+        if suffix != "parquet" or layer not in by_layer:
+            continue
+        observations.append(
+            dg.AssetObservation(
+                asset_key=by_layer[layer],
+                partition=shard,
+                metadata={
+                    "dagster/row_count": store.parquet_num_rows(path),
+                    "removed": removal.by_shard.get(shard, 0),
+                    "changed_by": f"{why} removed {removal.by_shard.get(shard, 0)} from {shard}",
+                    "path": dg.MetadataValue.path(store.url(path)),
+                },
+            )
+        )
+    return observations

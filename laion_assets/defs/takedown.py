@@ -14,6 +14,7 @@ import dagster as dg
 
 from laion_assets import names
 from laion_assets.defs.jobs import PER_SHARD_ASSETS
+from laion_assets.defs.metadata import rewritten_partitions
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline import markdown
 from laion_assets.pipeline.blocklist import find_matches, load_active, read_lists, write_active
@@ -65,6 +66,11 @@ def takedowns(
     for done in finished:
         context.log.warning(f"completed the removal an interrupted run left pending: {done.ledger}")
     result = remove_keys(dataset, find_matches(dataset, load_active(dataset)), TAKEN_DOWN)
+    for removal in [*finished, result]:
+        for observation in rewritten_partitions(
+            dataset, removal, PER_SHARD_ASSETS, f"takedowns run {context.run.run_id[:8]}"
+        ):
+            context.log_event(observation)
     if not result.removed:
         context.log.info("no stored sample is on an active block list: nothing to remove")
         if not finished:

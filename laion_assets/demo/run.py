@@ -10,11 +10,11 @@ import pyarrow as pa
 from laion_assets.demo import DEMO_BORDER_COLOR
 from laion_assets.demo.score import evaluate_captioner, score_duplicates, score_filter, score_recaptions
 from laion_assets.demo.web import WorldWeb
-from laion_assets.demo.world import EXACT_COPIES, NEAR_COPIES, make_world
+from laion_assets.demo.world import EXACT_COPIES, MISMATCH_FRACTION, NEAR_COPIES, make_world
 from laion_assets.pipeline import catalog
 from laion_assets.pipeline.caption import CaptionSettings
 from laion_assets.pipeline.clip import ClipSettings
-from laion_assets.pipeline.storage import CARD, CARD_FIGURES, INCOMING, PAIRS, DatasetStore
+from laion_assets.pipeline.storage import CARD, CARD_FIGURES, INCOMING, PAIRS, SETTINGS_FILE, DatasetStore
 from laion_assets.runner import ALL_ASSETS, run_pipeline
 
 SOURCE_PREFIX = "synthetic-web"
@@ -28,8 +28,22 @@ DOWNLOAD_CONFIG = {
     "retry_backoff": 0.1,
 }
 QUERY = "SELECT status, count(*) AS n FROM images GROUP BY 1 ORDER BY n DESC"
-# Planted copies of the world's images, dataset-level dedup's ground truth (per kind).
-DEMO_COPIES = {**dict.fromkeys(EXACT_COPIES, 6), **dict.fromkeys(NEAR_COPIES, 6)}
+COPY_KINDS = EXACT_COPIES + NEAR_COPIES
+MIN_IMAGES = 2 * len(COPY_KINDS)  # a planted copy of each kind, each of a distinct matched image
+
+
+def demo_copies(images: int) -> dict[str, int]:
+    """Planted copies of the world's images per kind, dataset-level dedup's ground truth: 6 of each, or
+    fewer where the world has too few matched images (a fifth of its images are mismatched)."""
+    if images < MIN_IMAGES:
+        raise ValueError(
+            f"the demo needs at least {MIN_IMAGES} images (a copy of each of its kinds); got {images}"
+        )
+    matched = images - round(images * MISMATCH_FRACTION)
+    return dict.fromkeys(COPY_KINDS, min(6, matched // (2 * len(COPY_KINDS)) or 1))
+
+
+DEMO_COPIES = demo_copies(300)  # the default demo's
 # The demo model alone cannot tell a near copy from a look-alike of the same colour and shape (README,
 # "Dataset-level dedup"): the semantic kind only takes what it is sure of, and the perceptual kind
 # (hashes 10 bits apart at most, among images the model sees as close) the rest.
@@ -66,7 +80,8 @@ def run_demo(
     echo: Callable[[str], None] = print,
 ) -> int:
     store = DatasetStore(root)
-    world = make_world(images=images, copies=DEMO_COPIES)
+    world = make_world(images=images, copies=demo_copies(images))
+    store.remove(SETTINGS_FILE)  # a new world: its first run writes the dataset's settings anew
     home = dagster_home(store).absolute()
     home.mkdir(parents=True, exist_ok=True)
     os.environ["DAGSTER_HOME"] = str(home)

@@ -162,10 +162,13 @@ def caption(item: Item, template: str) -> str:
     )
 
 
+MISMATCH_FRACTION = 0.2
+
+
 def make_world(
     images: int = 300,
     seed: int = 0,
-    mismatch_fraction: float = 0.2,
+    mismatch_fraction: float = MISMATCH_FRACTION,
     failures: Mapping[str, int] = DEFAULT_FAILURES,
     copies: Mapping[str, int] = MappingProxyType({}),
 ) -> World:

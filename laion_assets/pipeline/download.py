@@ -24,12 +24,13 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import IO
 
 import pyarrow as pa
 
+from laion_assets import names
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.blocklist import Blocklist, load_active
 from laion_assets.pipeline.fetch import Fetcher, FetchSettings
@@ -129,9 +130,8 @@ def write_images(
             previous = (store.read_parquet(parquet_path), stack.enter_context(store.open(tar_path)))
         tar_out = stack.enter_context(store.atomic_write(tar_path))
         result = download_shard(crawl, settings, tar_out, previous, progress, blocklist=load_active(store))
-    store.write_parquet(
-        parquet_path, result.table, metadata=inherited_footer(crawl), **schemas.IMAGES_PARQUET_OPTIONS
-    )
+    footer = {**inherited_footer(crawl), names.SETTINGS_FOOTER: json.dumps(asdict(settings))}
+    store.write_parquet(parquet_path, result.table, metadata=footer, **schemas.IMAGES_PARQUET_OPTIONS)
     return result
 
 

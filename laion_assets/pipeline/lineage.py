@@ -19,8 +19,19 @@ import pyarrow.parquet as pq
 from laion_assets import names
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.parallel import store_map
+from laion_assets.pipeline.settings import CAPTIONER_SECTION, CLIP_SECTION, DatasetSettings, differences
 from laion_assets.pipeline.sources import parse_source_name
-from laion_assets.pipeline.storage import IMAGES, INCOMING, PAIRS, DatasetStore, Layer, StoredFile, footer
+from laion_assets.pipeline.storage import (
+    EMBEDDINGS,
+    IMAGES,
+    INCOMING,
+    PAIRS,
+    RECAPTIONS,
+    DatasetStore,
+    Layer,
+    StoredFile,
+    footer,
+)
 
 
 def source_footer(file: StoredFile) -> dict[str, str]:
@@ -81,3 +92,81 @@ def _recorded_source(store: DatasetStore, shard: str, layer: Layer) -> str | Non
     if not _CONTRACT_COLUMNS.get(layer, frozenset()) <= set(schema.names):
         return None
     return footer(schema).get(names.SOURCE_FOOTER)
+
+
+# Settings: a layer built with settings other than the dataset's is stale too, but only reported (and
+# rebuilt where asked): the done rule above stays the source's, so no sensor or schedule re-downloads a
+# dataset because a setting changed.
+
+# The section of the dataset's settings each layer is built with.
+SECTION_OF_LAYER = {
+    IMAGES: names.DOWNLOADED_IMAGES_ASSET,
+    EMBEDDINGS: CLIP_SECTION,
+    PAIRS: names.FILTERED_PAIRS_ASSET,
+    RECAPTIONS: CAPTIONER_SECTION,
+}
+# Fields that say how a layer is made, not what it holds: a change of them leaves it current.
+HOW_NOT_WHAT = frozenset(
+    {
+        "threads",
+        "processes",
+        "shard_timeout",
+        "retry_failed",
+        "connect_timeout",
+        "read_timeout",
+        "request_timeout",
+        "retries",
+        "retry_backoff",
+        "max_retry_after",
+        "per_host_connections",
+        "user_agent_token",
+        "allow_private_networks",
+        "write_embeddings",
+        "device",
+        "batch_size",
+    }
+)
+
+
+def settings_changes(
+    store: DatasetStore, shards: Sequence[str], settings: DatasetSettings
+) -> dict[str, dict[str, list[str]]]:
+    """shard -> layer name -> what differs (`field: built with -> the dataset's now`), for each layer of
+    `shards` built with other settings than `settings`; shards with none are left out. Footers only,
+    read in parallel."""
+    listed = {layer: {f.name for f in store.list(layer.name)} for layer in SECTION_OF_LAYER}
+    present = [(s, layer) for s in shards for layer in SECTION_OF_LAYER if f"{s}.parquet" in listed[layer]]
+    footers = store_map(lambda item: _footer_or_none(store, item[1].parquet(item[0])), present)
+    changed: dict[str, dict[str, list[str]]] = {}
+    for (shard, layer), stored in zip(present, footers, strict=True):
+        recorded = _built_with(layer, stored or {})
+        current = settings.section(SECTION_OF_LAYER[layer])
+        if recorded is None or not current:
+            continue
+        shared = (recorded.keys() & current.keys()) - HOW_NOT_WHAT
+        if layer is RECAPTIONS:  # its footer holds strings
+            current = {k: str(v) for k, v in current.items()}
+        found = differences({k: recorded[k] for k in shared}, {k: current[k] for k in shared})
+        if found:
+            changed.setdefault(shard, {})[layer.name] = found
+    return changed
+
+
+def _footer_or_none(store: DatasetStore, path: str) -> dict[str, str] | None:
+    try:
+        return store.parquet_metadata(path)
+    except FileNotFoundError:
+        return None
+
+
+def _built_with(layer: Layer, stored: dict[str, str]) -> dict | None:
+    """The settings a layer's footer records (None where it records none, as files before them do)."""
+    if layer is EMBEDDINGS:
+        model = stored.get(names.CLIP_MODEL_FOOTER)
+        return {"model": model, "pretrained": stored.get(names.CLIP_PRETRAINED_FOOTER)} if model else None
+    key = {
+        IMAGES: names.SETTINGS_FOOTER,
+        PAIRS: names.PAIRS_SETTINGS_FOOTER,
+        RECAPTIONS: names.CAPTIONER_FOOTER,
+    }[layer]
+    return json.loads(stored[key]) if key in stored else None

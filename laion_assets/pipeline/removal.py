@@ -62,6 +62,7 @@ class RemovalResult:
     files: list[str] = field(default_factory=list)  # the files rewritten, under the root
     ledger: str | None = None  # the ledger file written; None when there was nothing to remove
     by_list: list[tuple[str, str, int]] = field(default_factory=list)  # (list, kind, keys removed)
+    by_shard: dict[str, int] = field(default_factory=dict)  # keys removed from each shard
 
 
 def remove_keys(
@@ -120,6 +121,7 @@ def _complete(store: DatasetStore, name: str) -> RemovalResult:
         files=[path for paths in written for path in paths],
         ledger=ledger_path,
         by_list=[(list_, kind, n) for (list_, kind), n in sorted(counts.items())],
+        by_shard={shard: len(keys) for shard, keys in sorted(by_shard.items())},
     )
 
 

@@ -27,6 +27,7 @@ from warcio.archiveiterator import ArchiveIterator
 from warcio.exceptions import ArchiveLoadFailed
 
 from laion_assets.pipeline import schemas
+from laion_assets.pipeline.printable import printable
 
 URL_LIST_FORMATS = {
     ".parquet": "parquet",
@@ -50,7 +51,11 @@ READER_COLUMNS = ("url", "caption", "page_url", "license", "source_offset")
 
 
 class SourceError(ValueError):
-    """A source file that cannot be read; the message names the file and the problem."""
+    """A source file that cannot be read; the message names the file and the problem, with the file's own
+    bytes that it quotes escaped and cut short."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(printable(message))
 
 
 @dataclass(frozen=True)
