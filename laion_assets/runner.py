@@ -20,6 +20,7 @@ from laion_assets.pipeline.caption import CaptionSettings
 from laion_assets.pipeline.clip import SETTINGS_ENV as CLIP_ENV
 from laion_assets.pipeline.clip import ClipSettings, values_from_env
 from laion_assets.pipeline.dedup import recorded_settings as recorded_dedup_settings
+from laion_assets.pipeline.leases import describe, holder
 from laion_assets.pipeline.lineage import incoming_by_shard, settings_changes, stale_layers
 from laion_assets.pipeline.settings import (
     CAPTIONER_SECTION,
@@ -41,8 +42,11 @@ class ShardOutcome:
     ran: list[str] = field(default_factory=list)  # asset names materialised
     rows: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+    skipped: str | None = None  # why the shard was left alone
 
     def line(self) -> str:
+        if self.skipped:
+            return f"{self.shard}: skipped: {self.skipped}"
         if self.error:
             return f"{self.shard}: FAILED ({', '.join(self.ran)}): {self.error}"
         if not self.ran:
@@ -146,9 +150,13 @@ def run_pipeline(
             if changed.get(shard) and rebuild_stale:
                 marked = [i for i, a in enumerate(per_shard) if layer_of(a).name in changed[shard]]
                 todo = [a for i, a in enumerate(per_shard) if (marked and i >= marked[0]) or a in todo]
-            outcome = (
-                _materialize(instance, resources_, shard, todo, run_config) if todo else ShardOutcome(shard)
-            )
+            busy = holder(store, shard) if todo else None
+            if busy:
+                outcome = ShardOutcome(shard, skipped=f"being written by {describe(busy)}; left to it")
+            elif todo:
+                outcome = _materialize(instance, resources_, shard, todo, run_config)
+            else:
+                outcome = ShardOutcome(shard)
             echo(outcome.line())
             outcomes.append(outcome)
         after = [a for a in assets if a not in PER_SHARD_ASSETS and a not in before]

@@ -3,6 +3,7 @@ killed with SIGKILL part way, then run again."""
 
 import hashlib
 import io
+import json
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import dagster as dg
 import pytest
 import yaml
 from PIL import Image
@@ -29,8 +31,10 @@ from laion_assets.pipeline.removal import TAKEN_DOWN, RemovedKeys, finish_interr
 from laion_assets.pipeline.settings import load_settings
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import (
+    CRAWL_METADATA,
     DUPLICATES,
     IMAGES,
+    LEASES,
     PAIRS,
     SETTINGS_FILE,
     TAKEDOWNS,
@@ -300,3 +304,86 @@ def test_garbage_demo_sizes_are_refused_and_small_ones_run(tmp_path):
         main(["demo", "--root", str(tmp_path), "--images", "5"])
     for images in range(MIN_IMAGES, 400):
         make_world(images=images, copies=demo_copies(images))  # every size it accepts plants its copies
+
+
+@pytest.fixture
+def tiny_models(monkeypatch):
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    for name, value in {
+        "LAION_ASSETS_CLIP_MODEL": "laion-assets-tiny",
+        "LAION_ASSETS_CLIP_PRETRAINED": "none",
+        "LAION_ASSETS_CAPTION_MODEL": "laion-assets-demo-coca",
+        "LAION_ASSETS_CAPTION_PRETRAINED": "none",
+    }.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_a_shard_whose_every_download_failed_is_whole_not_failed(
+    local_root, web, tmp_path, tiny_models, capsys
+):
+    """The real web's common case on a small shard: nothing to embed, pair or recaption."""
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/gone.csv", f"url,caption\n{web.url('/404.jpg')},a lost photo\n".encode())
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(local_web_config()))
+    assert main(["run", "--root", local_root, "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    layers = "crawl_metadata 1, downloaded_images 1, clip_embeddings 0, filtered_pairs 0, recaptions 0"
+    assert "gone: " + layers.replace(",", " rows,") + " rows" in out
+    assert store.parquet_num_rows("recaptions/gone.parquet") == 0
+
+
+def test_two_runs_on_one_root_write_each_shard_once(local_root, web, tmp_path, tiny_models):
+    """The second run reaches the shard while the first downloads it, and leaves it to the first."""
+    store = DatasetStore(local_root)
+    urls = [web.url(f"/slow/{i}.jpg") for i in range(400)]  # 0.3 s each, 8 at a time: 15 s
+    store.write_bytes(
+        "incoming/slow.csv", ("url,caption\n" + "".join(f"{u},a photo\n" for u in urls)).encode()
+    )
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(local_web_config()))
+    command = [sys.executable, "-m", "laion_assets.cli", "run", "--root", local_root, "--config", str(config)]
+    command += ["--select", "crawl_metadata,downloaded_images"]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    lease = Path(store.path(f"{LEASES}/slow.json"))
+    while not (lease.exists() and Path(store.path(CRAWL_METADATA.parquet("slow"))).exists()):
+        assert first.poll() is None, first.stdout.read()
+        time.sleep(0.01)
+    second = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"slow: skipped: being written by run {json.loads(lease.read_text())['owner']}" in second.stdout
+    out, _ = first.communicate()
+    assert first.returncode == 0 and "slow: crawl_metadata 400 rows, downloaded_images 400 rows" in out
+    images = store.read_parquet(IMAGES.parquet("slow"))
+    with store.open(IMAGES.tar("slow")) as f:
+        in_tar = [key for key, _ in read_samples(f)]
+    statuses = zip(images["key"].to_pylist(), images["status"].to_pylist(), strict=True)
+    successes = [key for key, status in statuses if status == "success"]
+    assert sorted(in_tar) == sorted(successes) and len(successes) == 400
+    assert not lease.exists() and _leftovers(store) == []
+
+
+def test_the_ui_shows_the_row_counts_a_removal_left(deduplicated, tmp_path, monkeypatch):
+    """A takedown rewrites a shard's files: each rewritten partition is observed with its rows now and why."""
+    store = _copy(deduplicated, tmp_path)
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    shard = DEMO_SHARDS[0]
+    pairs = store.read_parquet(PAIRS.parquet(shard)).to_pylist()[:3]
+    listed = tmp_path / "three.csv"
+    listed.write_text("url\n" + "".join(f"{row['url']}\n" for row in pairs))
+    lines: list[str] = []
+    assert run_takedown(store.root, listed, echo=lines.append) == 0
+    rows_now = store.parquet_num_rows(PAIRS.parquet(shard))
+    assert any(f"filtered_pairs {shard}: now {rows_now} rows (takedowns run" in line for line in lines), lines
+    with dg.DagsterInstance.get() as instance:
+        (observed,) = instance.fetch_observations(
+            dg.AssetRecordsFilter(
+                asset_key=dg.AssetKey(names.FILTERED_PAIRS_ASSET), asset_partitions=[shard]
+            ),
+            limit=10,
+        ).records
+    metadata = observed.asset_observation.metadata
+    assert metadata["dagster/row_count"].value == rows_now and metadata["removed"].value == 3
+    assert "removed 3 from" in metadata["changed_by"].value

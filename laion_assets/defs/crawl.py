@@ -5,7 +5,7 @@ import dagster as dg
 from laion_assets import names
 from laion_assets.defs.config import dataset_config
 from laion_assets.defs.metadata import preview, shards_materialized, writes_layer
-from laion_assets.defs.partitions import SHARD_BACKFILL, shards
+from laion_assets.defs.partitions import SHARD_BACKFILL, leased_shards, shards
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline.crawl import CrawlSettings, write_crawl_metadata
 from laion_assets.pipeline.sources import ColumnNames
@@ -40,7 +40,7 @@ def crawl_metadata(
     dataset = store.get_store()
     settings = dataset_config(context, config, dataset).settings()
     metadata = {}
-    for shard in context.partition_keys:
+    for shard in leased_shards(context, dataset):
         result = write_crawl_metadata(dataset, shard, settings)
         metadata[shard] = {
             "dagster/row_count": result.table.num_rows,

@@ -11,7 +11,7 @@ from laion_assets.defs.config import dataset_config, settings_from
 from laion_assets.defs.crawl import crawl_metadata
 from laion_assets.defs.execution import DOWNLOAD_POD
 from laion_assets.defs.metadata import counts_table, preview, shards_materialized, writes_layer
-from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, shards
+from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, leased_shards, shards
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.download import DownloadSettings, write_images
@@ -77,7 +77,7 @@ def downloaded_images(
     config = dataset_config(context, config, dataset)
     settings = settings_from(config, DownloadSettings)
     metadata = {}
-    for shard in context.partition_keys:
+    for shard in leased_shards(context, dataset):
         result = write_images(dataset, shard, settings, progress=context.log.info)
         counts = result.status_counts()
         rows = result.table.num_rows

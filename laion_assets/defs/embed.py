@@ -8,7 +8,7 @@ from laion_assets.defs.config import model_settings, record_section
 from laion_assets.defs.download import downloaded_images
 from laion_assets.defs.execution import GPU_POD
 from laion_assets.defs.metadata import preview, shards_materialized, similarity_quantiles, writes_layer
-from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, shards
+from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, leased_shards, shards
 from laion_assets.defs.resources import ClipEncoderResource, DatasetStoreResource
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.embed import write_embeddings
@@ -45,7 +45,7 @@ def clip_embeddings(
     encoder = clip.get_encoder()  # loaded once for every shard of the run
     record_section(dataset, CLIP_SECTION, model_settings(clip))
     metadata = {}
-    for shard in context.partition_keys:
+    for shard in leased_shards(context, dataset):
         result = write_embeddings(dataset, shard, encoder, clip.batch_size, config.preprocess_workers)
         if result.undecodable:
             unread = result.undecodable

@@ -9,7 +9,7 @@ from laion_assets.defs.checks import problems_found, shard_check
 from laion_assets.defs.config import dataset_config, settings_from
 from laion_assets.defs.embed import clip_embeddings
 from laion_assets.defs.metadata import preview, shards_materialized, similarity_quantiles, writes_layer
-from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, shards
+from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, leased_shards, shards
 from laion_assets.defs.resources import ClipEncoderResource, DatasetStoreResource
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.pairs import PairsSettings, rule_violations, write_pairs
@@ -52,7 +52,7 @@ def filtered_pairs(
     settings = settings_from(config, PairsSettings)
     encoder = clip.get_encoder()
     metadata = {}
-    for shard in context.partition_keys:
+    for shard in leased_shards(context, dataset):
         result = write_pairs(dataset, shard, settings, encoder, context.run.run_id, config.write_embeddings)
         metadata[shard] = {
             "dagster/row_count": result.table.num_rows,

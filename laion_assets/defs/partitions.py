@@ -2,10 +2,13 @@
 
 import os
 import warnings
+from collections.abc import Iterator
 
 import dagster as dg
 
 from laion_assets import names
+from laion_assets.pipeline.leases import shard_lease
+from laion_assets.pipeline.storage import DatasetStore
 
 # One partition per source file in `{root}/incoming/`.
 shards = dg.DynamicPartitionsDefinition(name=names.SHARDS_PARTITIONS)
@@ -52,3 +55,11 @@ FOLLOWS_ANY_SHARD = (
     & ~dg.AutomationCondition.any_deps_in_progress()
     & ~dg.AutomationCondition.in_progress()
 ).with_label("after any shard is updated")
+
+
+def leased_shards(context: dg.AssetExecutionContext, store: DatasetStore) -> Iterator[str]:
+    """The run's shards, each held under its lease while the caller writes it (pipeline/leases.py): a
+    shard another live run is writing fails this step with a message naming that run."""
+    for shard in context.partition_keys:
+        with shard_lease(store, shard, context.run.run_id):
+            yield shard

@@ -8,7 +8,7 @@ from laion_assets.defs.config import model_settings, record_section
 from laion_assets.defs.execution import GPU_POD
 from laion_assets.defs.metadata import preview, shards_materialized, writes_layer
 from laion_assets.defs.pairs import filtered_pairs
-from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, shards
+from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, leased_shards, shards
 from laion_assets.defs.resources import CaptionerResource, ClipEncoderResource, DatasetStoreResource
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.recaption import write_recaptions
@@ -40,7 +40,7 @@ def recaptions(
     model = captioner.get_captioner()  # loaded once for every shard of the run
     record_section(dataset, CAPTIONER_SECTION, model_settings(captioner))
     metadata = {}
-    for shard in context.partition_keys:
+    for shard in leased_shards(context, dataset):
         result = write_recaptions(dataset, shard, model, encoder)
         summary = result.summary()
         if summary["failed"]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 
@@ -15,8 +16,9 @@ NOT_AN_IMAGE_PAGE = b"<!doctype html><html><body><h1>Image moved</h1><p>See our 
 class WorldWeb:
     """A threaded HTTP/1.1 server on a free loopback port; `with WorldWeb(world) as web:` runs it."""
 
-    def __init__(self, world: w.World) -> None:
+    def __init__(self, world: w.World, first_byte_delay: float = 0.0) -> None:
         self.world = world
+        self.first_byte_delay = first_byte_delay  # seconds before each answer: a web that waits
         self._images: dict[str, bytes] = {}  # path -> encoded image, rendered on first request
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -84,6 +86,7 @@ class WorldWeb:
                     super().handle()
 
             def do_GET(self) -> None:
+                time.sleep(web.first_byte_delay)
                 status, content_type, body, headers = web.response(self.path.partition("?")[0])
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)

@@ -92,7 +92,10 @@ def write_recaptions(
     if missing:
         raise ValueError(f"shard {shard}: {len(missing)} pairs have no embedding, e.g. {missing[:3]}")
     order = [row[key] for key in keys]
-    vectors = np.stack(embeddings.column("image_embedding").to_numpy(zero_copy_only=False))[order]
+    if order:
+        vectors = np.stack(embeddings.column("image_embedding").to_numpy(zero_copy_only=False))[order]
+    else:  # no pair kept (every download failed, say): an empty file, not a failed shard
+        vectors = np.empty((0, encoder.dim), np.float32)
     org_scores = np.asarray(embeddings.column("similarity").to_pylist(), dtype=np.float64)[order]
 
     new, errors = _caption_samples(store, shard, set(keys), captioner)

@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 
 from laion_assets import names
 from laion_assets.pipeline import schemas
+from laion_assets.pipeline.leases import shard_lease
 from laion_assets.pipeline.pairs import write_pairs_parquet
 from laion_assets.pipeline.parallel import STORE_REWRITES, store_map
 from laion_assets.pipeline.shard_tar import TarShardWriter, read_samples
@@ -108,9 +109,12 @@ def _complete(store: DatasetStore, name: str) -> RemovalResult:
     by_shard: dict[str, dict[str, str]] = {}
     for row in pending.select(["key", "list", "kind", "shard"]).to_pylist():
         by_shard.setdefault(row["shard"], {})[row["key"]] = f"{row['list']} ({row['kind']})"
-    written = store_map(
-        lambda shard: _rewrite_shard(store, shard, by_shard[shard], reason), sorted(by_shard), STORE_REWRITES
-    )
+
+    def rewrite(shard: str) -> list[str]:
+        with shard_lease(store, shard, f"removal {name}"):
+            return _rewrite_shard(store, shard, by_shard[shard], reason)
+
+    written = store_map(rewrite, sorted(by_shard), STORE_REWRITES)
     ledger_path = f"{TAKEDOWNS}/{name}"
     store.write_parquet(ledger_path, pending)  # its footer included
     store.remove(f"{TAKEDOWNS_PENDING}/{name}")

@@ -35,21 +35,22 @@ _TMP_MARK = ".tmp-"
 # A temporary file whose writer is gone: its process has ended (on this host), or, from another host,
 # nothing has touched it for this long. Then a later run removes it.
 ABANDONED_AFTER = datetime.timedelta(hours=6)
+LEASES = "_leases"  # <shard>.json: the run writing the shard now (pipeline/leases.py)
 WRITERS = "_writers"  # S3: a file per live writing process, so that a later run knows whose uploads these are
 HEARTBEAT_SECONDS = 60.0
 
 
-def _host() -> str:
+def host_name() -> str:
     return "".join(c if c.isalnum() or c in "._" else "_" for c in socket.gethostname()) or "host"
 
 
 def temporary_name(path: str) -> str:
     """A temporary name beside `path` that tells who writes it: `.<name>.tmp-<pid>-<random>-<host>`."""
     folder, name = os.path.split(path)
-    return os.path.join(folder, f".{name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:12]}-{_host()}")
+    return os.path.join(folder, f".{name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:12]}-{host_name()}")
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -69,8 +70,10 @@ def is_abandoned(name: str, modified: float, now: float | None = None) -> bool:
     tail = name.rsplit(_TMP_MARK, 1)[1]
     pid, _, rest = tail.partition("-")
     host = rest.partition("-")[2]
-    if pid.isdigit() and (host == _host() or host.startswith(f"{_host()}.")):  # DuckDB's `.wal` after it
-        return not _process_alive(int(pid))
+    if pid.isdigit() and (
+        host == host_name() or host.startswith(f"{host_name()}.")
+    ):  # DuckDB's `.wal` after it
+        return not process_alive(int(pid))
     return age > ABANDONED_AFTER.total_seconds()
 
 
@@ -348,24 +351,7 @@ class DatasetStore:
         bucket, _, prefix = self._base.partition("/")
         listing = {"Bucket": bucket, "Prefix": f"{prefix}/" if prefix else ""}
         uploads = self.fs.call_s3("list_multipart_uploads", **listing).get("Uploads", [])
-        if not uploads:
-            return []
-        now = time.time()
-        written: set[str] = set()
-        for entry in self.list(WRITERS):
-            path = self.path(f"{WRITERS}/{entry.name}")
-            try:
-                writer = json.loads(self.fs.cat(path))
-            except FileNotFoundError:  # it left meanwhile
-                continue
-            if writer["host"] == _host():
-                alive = _process_alive(writer["pid"])
-            else:
-                alive = now - writer["heartbeat"] < ABANDONED_AFTER.total_seconds()
-            if alive:
-                written.update(writer["writing"])
-            else:
-                self.fs.rm(path)
+        written = self._live_writers_keys()
         aborted = []
         for upload in uploads:
             if f"{bucket}/{upload['Key']}" in written:
@@ -376,6 +362,27 @@ class DatasetStore:
                 )
             aborted.append(f"<upload of {upload['Key'][len(prefix) + 1 if prefix else 0 :]}>")
         return sorted(aborted)
+
+    def _live_writers_keys(self) -> set[str]:
+        """The keys the live writers of `_writers/` are uploading; the entries of writers that are gone
+        are removed."""
+        now = time.time()
+        written: set[str] = set()
+        for entry in self.list(WRITERS):
+            path = self.path(f"{WRITERS}/{entry.name}")
+            try:
+                writer = json.loads(self.fs.cat(path))
+            except FileNotFoundError:  # it left meanwhile
+                continue
+            if writer["host"] == host_name():
+                alive = process_alive(writer["pid"])
+            else:
+                alive = now - writer["heartbeat"] < ABANDONED_AFTER.total_seconds()
+            if alive:
+                written.update(writer["writing"])
+            else:
+                self.fs.rm(path)
+        return written
 
 
 def footer(schema: pa.Schema) -> dict[str, str]:
@@ -397,7 +404,7 @@ class _Writer:
 
     def __init__(self, store: DatasetStore) -> None:
         self.store = store
-        self.entry = store.path(f"{WRITERS}/{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json")
+        self.entry = store.path(f"{WRITERS}/{host_name()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json")
         self.writing: Counter[str] = Counter()
         self.lock = threading.Lock()
         threading.Thread(target=self._keep_beating, daemon=True, name="laion-assets-writer").start()
@@ -418,7 +425,7 @@ class _Writer:
 
     def beat(self) -> None:
         with self.lock:
-            record = {"host": _host(), "pid": os.getpid(), "writing": list(self.writing)}
+            record = {"host": host_name(), "pid": os.getpid(), "writing": list(self.writing)}
         record["heartbeat"] = time.time()
         self.store.fs.pipe(self.entry, json.dumps(record).encode())
 
@@ -429,8 +436,17 @@ class _Writer:
                 self.beat()
 
     def _leave(self) -> None:
-        with contextlib.suppress(Exception):
-            self.store.fs.rm(self.entry)
+        """At exit, through botocore's own (blocking) client: by the time atexit runs, Python has shut down
+        the executor that s3fs's event loop needs."""
+        import botocore.session
+
+        settings = S3Settings.from_env()
+        client = botocore.session.get_session().create_client(
+            "s3", endpoint_url=settings.endpoint, region_name=settings.region
+        )
+        bucket, _, key = self.entry.partition("/")
+        with contextlib.suppress(Exception):  # gone already, or S3 unreachable: a later run removes it
+            client.delete_object(Bucket=bucket, Key=key)
 
 
 _writers: dict[str, _Writer] = {}  # root -> this process's writer there

@@ -1,0 +1,109 @@
+"""One writer per shard: a lease in the store, `_leases/<shard>.json`, held while a step writes the shard.
+
+A second run that reaches a shard whose lease a live writer holds gets `ShardBusy`, naming the holder,
+and leaves the shard alone, so a shard's tar and its parquet always come from one run. The lease is
+created exclusively (O_EXCL locally, a conditional PUT on S3) and renewed by a thread while held; a
+holder that is gone (its process ended, on this host) or silent past its expiry no longer holds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+from laion_assets.pipeline.storage import LEASES, DatasetStore, host_name, process_alive
+
+LEASE_SECONDS = 600.0  # how long a lease holds without renewal
+RENEW_SECONDS = 60.0
+
+
+class ShardBusy(RuntimeError):
+    """Another live run is writing this shard."""
+
+
+def holder(store: DatasetStore, shard: str) -> dict | None:
+    """The live holder of the shard's lease (host, pid, owner, expires), or None."""
+    record = _read(store, shard)
+    return record if record is not None and _alive(record) else None
+
+
+def describe(record: dict) -> str:
+    return f"run {record.get('owner', '?')} (host {record.get('host', '?')}, pid {record.get('pid', '?')})"
+
+
+@contextlib.contextmanager
+def shard_lease(store: DatasetStore, shard: str, owner: str) -> Iterator[None]:
+    """Hold the shard's lease for `owner` (a run id) while the block runs; ShardBusy if a live writer
+    holds it. A lease left by a writer that is gone is taken over."""
+    path = _path(shard)
+    stale = _read(store, shard)
+    if stale is not None:
+        if _alive(stale):
+            raise ShardBusy(f"shard {shard} is being written by {describe(stale)}: left alone by this run")
+        store.remove(path)
+    if not _create(store, path, _record(owner)):
+        raise ShardBusy(f"shard {shard} is being written by {describe(_read(store, shard) or {})}")
+    done = threading.Event()
+
+    def renew() -> None:
+        while not done.wait(RENEW_SECONDS):
+            with contextlib.suppress(Exception):  # a missed renewal only brings the expiry nearer
+                store.write_bytes(path, json.dumps(_record(owner)).encode())
+
+    thread = threading.Thread(target=renew, daemon=True, name=f"lease-{shard}")
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        store.remove(path)
+
+
+def _path(shard: str) -> str:
+    return f"{LEASES}/{shard}.json"
+
+
+def _record(owner: str) -> dict:
+    return {"owner": owner, "host": host_name(), "pid": os.getpid(), "expires": time.time() + LEASE_SECONDS}
+
+
+def _read(store: DatasetStore, shard: str) -> dict | None:
+    try:
+        with store.open(_path(shard)) as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, ValueError):  # none, or one being written
+        return None
+
+
+def _alive(record: dict) -> bool:
+    if record.get("host") == host_name():
+        return process_alive(int(record.get("pid", 0)))
+    return time.time() < float(record.get("expires", 0))
+
+
+def _create(store: DatasetStore, path: str, record: dict) -> bool:
+    """Write `record` at `path` only if nothing is there; False if something is."""
+    data = json.dumps(record).encode()
+    if store.is_s3:
+        bucket, _, key = store.path(path).partition("/")
+        try:
+            store.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except OSError as exc:  # s3fs maps PreconditionFailed to an OSError subclass
+            if "PreconditionFailed" in repr(exc) or "412" in str(exc) or "exists" in str(exc).lower():
+                return False
+            raise
+        return True
+    target = store.path(path)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    try:
+        descriptor = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    with os.fdopen(descriptor, "wb") as f:
+        f.write(data)
+    return True
