@@ -12,7 +12,7 @@ from laion_assets.defs.checks import over_shards
 from laion_assets.defs.partitions import SHARDS_PER_RUN_ENV, shards, shards_per_run
 from laion_assets.defs.resources import DatasetStoreResource, build_resources
 from laion_assets.names import SOURCE_FILE_TAG
-from laion_assets.pipeline.storage import SEARCH_INDEX, DatasetStore
+from laion_assets.pipeline.storage import SEARCH_INDEX, SETTINGS_FILE, DatasetStore
 from laion_assets_tests.captioners import RANDOM_COCA
 from laion_assets_tests.dagster_helpers import TINY_CLIP, local_web_config, materialize_shard
 
@@ -112,6 +112,14 @@ def test_schedule_requests_missing_and_failed_shards(local_root, web):
         assert materialize_shard(instance, local_root, "broken", config).success
         assert materialize_shard(instance, local_root, "never", config).success
         assert isinstance(_schedule(instance, local_root), dg.SkipReason)
+
+        # the dataset's image size changed on purpose: the schedule reports the shards, requests none
+        settings = Path(store.path(SETTINGS_FILE)).read_text().replace("image_size: 256", "image_size: 384")
+        store.write_bytes(SETTINGS_FILE, settings.encode())
+        skipped = _schedule(instance, local_root)
+        assert isinstance(skipped, dg.SkipReason)
+        assert "4 shards have layers built with other settings" in skipped.skip_message
+        assert "images: image_size: 256 -> 384" in skipped.skip_message
 
 
 def _requested(evaluation) -> dict[str, set]:

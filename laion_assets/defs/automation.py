@@ -11,8 +11,9 @@ from laion_assets.defs.jobs import PER_SHARD_ASSETS, shard_job
 from laion_assets.defs.metadata import layer_of
 from laion_assets.defs.partitions import range_tags, shards, shards_per_run
 from laion_assets.defs.resources import DatasetStoreResource
-from laion_assets.pipeline.lineage import incoming_by_shard, stale_layers
-from laion_assets.pipeline.storage import DatasetStore, StoredFile
+from laion_assets.pipeline.lineage import incoming_by_shard, settings_changes, stale_layers
+from laion_assets.pipeline.settings import DatasetSettings, load_settings
+from laion_assets.pipeline.storage import SETTINGS_FILE, DatasetStore, StoredFile
 
 PER_SHARD_LAYERS = [layer_of(asset) for asset in PER_SHARD_ASSETS]
 
@@ -127,6 +128,20 @@ def shards_to_catch_up(
     return [key for key in keys if key in failed or (key in never and key not in done)]
 
 
+def settings_report(dataset: DatasetStore, shard_names: list[str]) -> str:
+    """A line on the shards with layers built with other settings than the dataset's, or "": they are
+    reported here, never rebuilt by the schedule (a backfill or `laion-assets run --rebuild-stale` does)."""
+    changed = settings_changes(dataset, shard_names, load_settings(dataset) or DatasetSettings())
+    if not changed:
+        return ""
+    shard, layers = next(iter(changed.items()))
+    example = "; ".join(f"{layer}: {', '.join(changes)}" for layer, changes in layers.items())
+    return (
+        f"{len(changed)} shards have layers built with other settings than {SETTINGS_FILE} (e.g. {shard}: "
+        f"{example}); not rebuilt: backfill them, or run `laion-assets run --rebuild-stale`"
+    )
+
+
 @dg.schedule(
     name=names.CATCH_UP_SCHEDULE,
     job=shard_job,
@@ -139,8 +154,11 @@ def catch_up_schedule(context: dg.ScheduleEvaluationContext, store: DatasetStore
     registered = set(context.instance.get_dynamic_partitions(shards.name))
     sources = {shard: file for shard, file in incoming_by_shard(dataset).items() if shard in registered}
     stale = shards_to_catch_up(context.instance, dataset, sources)
+    other_settings = settings_report(dataset, list(sources))
+    if other_settings:
+        context.log.warning(other_settings)
     if not stale:
-        return dg.SkipReason(f"all {len(sources)} shards are materialised")
+        return dg.SkipReason(f"all {len(sources)} shards are materialised. {other_settings}".strip())
     day = context.scheduled_execution_time.strftime("%Y-%m-%d")
     return [
         dg.RunRequest(

@@ -7,7 +7,7 @@ import pydantic
 
 from laion_assets import names
 from laion_assets.defs.checks import shard_check
-from laion_assets.defs.config import dataset_config, settings_from
+from laion_assets.defs.config import config_values, dataset_config, settings_from
 from laion_assets.defs.crawl import crawl_metadata
 from laion_assets.defs.execution import DOWNLOAD_POD
 from laion_assets.defs.metadata import counts_table, preview, shards_materialized, writes_layer
@@ -91,6 +91,7 @@ def downloaded_images(
             "reused_from_previous": result.reused,
             "seconds": round(result.seconds, 2),
             "images_per_second": round(result.fetched / result.seconds, 1) if result.seconds else 0.0,
+            "settings": dg.MetadataValue.json(config_values(config)),  # as this run used them
             "path": dg.MetadataValue.path(dataset.url(IMAGES.tar(shard))),
             "preview": preview(result.table, ["key", "status", "error_message", "width", "height"]),
         }

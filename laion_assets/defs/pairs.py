@@ -6,7 +6,7 @@ import dagster as dg
 
 from laion_assets import names
 from laion_assets.defs.checks import problems_found, shard_check
-from laion_assets.defs.config import dataset_config, settings_from
+from laion_assets.defs.config import config_values, dataset_config, settings_from
 from laion_assets.defs.embed import clip_embeddings
 from laion_assets.defs.metadata import preview, shards_materialized, similarity_quantiles, writes_layer
 from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, leased_shards, shards
@@ -61,6 +61,7 @@ def filtered_pairs(
             **{f"nsfw/{tag}": n for tag, n in result.nsfw.items()},
             "samples_in_tar": result.samples_in_tar,
             "similarity_p10_p50_p90": similarity_quantiles(result.table),
+            "settings": dg.MetadataValue.json(config_values(config)),  # as this run used them
             "path": dg.MetadataValue.path(dataset.url(PAIRS.parquet(shard))),
             "preview": preview(result.table, ["key", "caption", "similarity", "nsfw"]),
         }
