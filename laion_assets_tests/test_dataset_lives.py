@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
@@ -193,20 +194,28 @@ def _kill_when(process: subprocess.Popen, folder: Path, timeout: float = 120) ->
     return False
 
 
+def _killed_with_a_pending_ledger(
+    built: str, tmp_path: Path, command: Callable[[str], list[str]], env: dict | None = None
+) -> DatasetStore:
+    """A copy of `built` after `command(root)` was SIGKILLed the moment its pending ledger appeared."""
+    for _ in range(5):  # the window is short; a removal that finished first proves nothing here
+        store = _copy(built, tmp_path)
+        process = subprocess.Popen(command(store.root), env=env, stdout=subprocess.DEVNULL)
+        if _kill_when(process, Path(store.path(TAKEDOWNS_PENDING))):
+            return store
+        shutil.rmtree(store.root)
+    pytest.fail("the removal ended before it could be killed, 5 times")
+
+
 def test_a_removal_killed_after_its_pending_ledger_is_completed_once(deduplicated, tmp_path):
     """A takedown SIGKILLed between its pending ledger and the shards: the keys are filtered by services
     at once, no committed ledger claims them, and the next removal completes it, counted once."""
-    store = _copy(deduplicated, tmp_path)
     shard = DEMO_SHARDS[1]
-    keys = store.read_parquet(PAIRS.parquet(shard), columns=["key"]).column("key").to_pylist()[:4]
-    for _ in range(5):  # the window is short; a removal that finished first proves nothing here
-        process = subprocess.Popen([sys.executable, "-c", _REMOVE, store.root, ",".join(keys)])
-        if _kill_when(process, Path(store.path(TAKEDOWNS_PENDING))):
-            break
-        shutil.rmtree(store.root)
-        store = _copy(deduplicated, tmp_path)
-    else:
-        pytest.fail("the removal ended before it could be killed, 5 times")
+    pairs = DatasetStore(deduplicated).read_parquet(PAIRS.parquet(shard), columns=["key"])
+    keys = pairs.column("key").to_pylist()[:4]
+    store = _killed_with_a_pending_ledger(
+        deduplicated, tmp_path, lambda root: [sys.executable, "-c", _REMOVE, root, ",".join(keys)]
+    )
     assert store.list(TAKEDOWNS_PENDING)
     assert set(keys) <= RemovedKeys(store).current()  # a service filters them already
     claimed = "SELECT key FROM takedowns WHERE list_contains(?, key)"
@@ -224,23 +233,15 @@ def test_a_removal_killed_after_its_pending_ledger_is_completed_once(deduplicate
 
 
 def test_a_takedown_killed_part_way_then_run_again_counts_each_removal_once(deduplicated, tmp_path):
-    store = _copy(deduplicated, tmp_path)
     clean = _copy(deduplicated, tmp_path / "clean")
     shard = DEMO_SHARDS[0]
-    pairs = store.read_parquet(PAIRS.parquet(shard)).to_pylist()[:3]
+    pairs = clean.read_parquet(PAIRS.parquet(shard)).to_pylist()[:3]
     listed = tmp_path / "three.txt"
     listed.write_text("url\n" + "".join(f"{row['url']}\n" for row in pairs))
     command = [sys.executable, "-m", "laion_assets.cli", "takedown", str(listed), "--root"]
     env = {**os.environ, "LAION_ASSETS_CLIP_MODEL": DEMO_CLIP.model}
     env["LAION_ASSETS_CLIP_PRETRAINED"] = DEMO_CLIP.pretrained
-    for _ in range(5):
-        process = subprocess.Popen([*command, store.root], env=env, stdout=subprocess.DEVNULL)
-        if _kill_when(process, Path(store.path(TAKEDOWNS_PENDING))):
-            break
-        shutil.rmtree(store.root)
-        store = _copy(deduplicated, tmp_path)
-    else:
-        pytest.fail("the takedown ended before it could be killed, 5 times")
+    store = _killed_with_a_pending_ledger(deduplicated, tmp_path, lambda root: [*command, root], env)
     assert subprocess.run([*command, store.root], env=env, stdout=subprocess.DEVNULL).returncode == 0
     assert subprocess.run([*command, clean.root], env=env, stdout=subprocess.DEVNULL).returncode == 0
     assert _leftovers(store) == [] and not store.list(TAKEDOWNS_PENDING)

@@ -24,8 +24,15 @@ class DatasetStoreResource(dg.ConfigurableResource):
     root: str
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        """Every run first removes what killed runs left: temporary files, incomplete S3 uploads."""
-        removed = self.get_store().remove_abandoned()
+        """Every run first removes what killed runs left: temporary files, incomplete S3 uploads. Where
+        it cannot look (no credentials or no permission to list uploads, say), the run goes on and says
+        so: its own reads and writes will say more."""
+        try:
+            removed = self.get_store().remove_abandoned()
+        except Exception as exc:
+            if context.log:
+                context.log.warning(f"could not look for what killed runs left in {self.root}: {exc}")
+            return
         if removed and context.log:
             context.log.warning(f"removed {len(removed)} files killed runs left: {removed[:10]}")
 

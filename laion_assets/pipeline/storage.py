@@ -328,12 +328,17 @@ class DatasetStore:
     def remove_abandoned(self) -> list[str]:
         """Remove what writers that are gone left behind: their temporary files (locally) and their
         incomplete multipart uploads (on S3, where the live writers of `_writers/` tell which are not
-        theirs). Returns what was removed, as paths under the root (`<upload of key>` on S3)."""
-        return self._abort_abandoned_uploads() if self.is_s3 else self._remove_abandoned_files()
+        theirs). Returns what was removed, as paths under the root (`<upload of key>` on S3); nothing
+        where the root does not exist yet."""
+        try:
+            return self._abort_abandoned_uploads() if self.is_s3 else self._remove_abandoned_files()
+        except FileNotFoundError:  # no bucket (or folder) yet: nothing was left there
+            return []
 
     def _remove_abandoned_files(self) -> list[str]:
         removed = []
-        for folder, _, files in os.walk(self._base):
+        for folder, folders, files in os.walk(self._base):
+            folders[:] = [f for f in folders if not f.startswith(".")]  # e.g. the demo's .dagster
             for name in files:
                 path = os.path.join(folder, name)
                 try:
