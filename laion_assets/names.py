@@ -52,7 +52,8 @@ SOURCE_FOOTER = "laion_assets.source"
 CLIP_MODEL_FOOTER = "laion_assets.clip_model"  # embeddings, search index: open_clip model name
 CLIP_PRETRAINED_FOOTER = "laion_assets.clip_pretrained"  # the pretrained tag, checkpoint path or "none"
 CLIP_WEIGHTS_FOOTER = "laion_assets.clip_weights"  # the weights: tag, sha256 or seed (clip.weights_id)
-SETTINGS_FOOTER = "laion_assets.settings"  # images: JSON, the download settings (DownloadSettings)
+# crawl_metadata, images: JSON, the settings of their run config (CrawlSettings.recorded, DownloadSettings)
+SETTINGS_FOOTER = "laion_assets.settings"
 PAIRS_SETTINGS_FOOTER = "laion_assets.pairs_settings"  # JSON: the rules' settings (PairsSettings)
 PAIRS_FUNNEL_FOOTER = "laion_assets.funnel"  # JSON {"rows_in": n, "removed": {rule: n}} in funnel order
 DEDUP_SETTINGS_FOOTER = "laion_assets.dedup_settings"  # duplicates.parquet: JSON, DedupSettings

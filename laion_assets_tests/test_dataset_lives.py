@@ -27,6 +27,7 @@ from laion_assets.demo.run import DEMO_DEDUP_CONFIG, MIN_IMAGES, demo_copies
 from laion_assets.demo.world import EXACT_COPIES, NEAR_COPIES, make_world
 from laion_assets.pipeline import catalog
 from laion_assets.pipeline.dedup import recorded_settings
+from laion_assets.pipeline.leases import REMOVALS, ShardBusy, holder, shard_lease
 from laion_assets.pipeline.lineage import incoming_by_shard
 from laion_assets.pipeline.removal import TAKEN_DOWN, RemovedKeys, finish_interrupted
 from laion_assets.pipeline.settings import load_settings
@@ -388,3 +389,36 @@ def test_the_ui_shows_the_row_counts_a_removal_left(deduplicated, tmp_path, monk
     metadata = observed.asset_observation.metadata
     assert metadata["dagster/row_count"].value == rows_now and metadata["removed"].value == 3
     assert "removed 3 from" in metadata["changed_by"].value
+
+
+_HOLD = """
+import sys, time
+from laion_assets.pipeline.leases import shard_lease
+from laion_assets.pipeline.storage import DatasetStore
+with shard_lease(DatasetStore(sys.argv[1]), sys.argv[2], "run-elsewhere"):
+    print("holding", flush=True)
+    time.sleep(float(sys.argv[3]))
+print("released", flush=True)
+"""
+
+
+def test_a_lease_is_one_writer_s_until_it_ends_or_its_process_is_gone(store):
+    hold = [sys.executable, "-c", _HOLD, store.root]
+    holding = subprocess.Popen([*hold, REMOVALS, "120"], stdout=subprocess.PIPE)
+    try:
+        assert holding.stdout.readline() == b"holding\n"
+        busy = r"dataset.removals is being written by run run-elsewhere \(host "
+        with pytest.raises(ShardBusy, match=busy), shard_lease(store, REMOVALS, "this-run"):
+            pass
+    finally:
+        holding.send_signal(signal.SIGKILL)
+        holding.wait()
+    with shard_lease(store, REMOVALS, "this-run"):  # its holder is gone: taken over
+        assert holder(store, REMOVALS)["owner"] == "this-run"
+    assert holder(store, REMOVALS) is None and not store.list(LEASES)
+
+    ending = subprocess.Popen([*hold, "w", "1"], stdout=subprocess.PIPE)
+    assert ending.stdout.readline() == b"holding\n"
+    with shard_lease(store, "w", "this-run", wait=60):  # waits for the other run's step to end
+        assert ending.stdout.readline() == b"released\n" and holder(store, "w")["owner"] == "this-run"
+    ending.wait()

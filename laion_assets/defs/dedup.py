@@ -13,9 +13,10 @@ from laion_assets.defs.metadata import rewritten_partitions
 from laion_assets.defs.pairs import filtered_pairs
 from laion_assets.defs.partitions import FOLLOWS_ANY_SHARD
 from laion_assets.defs.resources import DatasetStoreResource
-from laion_assets.defs.takedown import takedowns
+from laion_assets.defs.takedown import REMOVALS_WAIT, takedowns
 from laion_assets.pipeline import markdown
 from laion_assets.pipeline.dedup import KINDS, DedupSettings, deduplicate
+from laion_assets.pipeline.leases import REMOVALS, shard_lease
 from laion_assets.pipeline.storage import DUPLICATES
 
 S = DedupSettings  # every default below is the pipeline's own
@@ -56,7 +57,8 @@ def duplicates(
     dataset = store.get_store()
     config = dataset_config(context, config, dataset)
     settings = settings_from(config, DedupSettings)
-    result = deduplicate(dataset, settings, accept_settings_change=config.accept_settings_change)
+    with shard_lease(dataset, REMOVALS, context.run.run_id, wait=REMOVALS_WAIT):  # one removal at a time
+        result = deduplicate(dataset, settings, accept_settings_change=config.accept_settings_change)
     why = f"duplicates run {context.run.run_id[:8]}"
     for observation in rewritten_partitions(dataset, result.removal, PER_SHARD_ASSETS, why):
         context.log_event(observation)

@@ -18,8 +18,12 @@ from laion_assets.defs.metadata import rewritten_partitions
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline import markdown
 from laion_assets.pipeline.blocklist import find_matches, load_active, read_lists, write_active
+from laion_assets.pipeline.leases import REMOVALS, shard_lease
 from laion_assets.pipeline.removal import TAKEN_DOWN, finish_interrupted, remove_keys
-from laion_assets.pipeline.storage import BLOCKLIST, BLOCKLIST_ENTRIES
+from laion_assets.pipeline.storage import BLOCKLIST, BLOCKLIST_ENTRIES, DatasetStore
+
+# How long a removal (takedowns, duplicates) waits for another run's to end; then it fails, naming it.
+REMOVALS_WAIT = 3600.0
 
 
 @dg.asset(name=names.BLOCKLIST_ASSET, group_name="takedowns", kinds={"parquet"})
@@ -62,6 +66,11 @@ def takedowns(
     and a ledger row for each in `takedowns/<timestamp>.parquet`. When nothing matches, nothing is
     written and nothing is materialised, so the dataset-level assets after it are not rebuilt."""
     dataset = store.get_store()
+    with shard_lease(dataset, REMOVALS, context.run.run_id, wait=REMOVALS_WAIT):
+        yield from _take_down(context, dataset)
+
+
+def _take_down(context: dg.AssetExecutionContext, dataset: DatasetStore) -> Iterator[dg.MaterializeResult]:
     finished = finish_interrupted(dataset)  # what a run cut short left pending, completed first
     for done in finished:
         context.log.warning(f"completed the removal an interrupted run left pending: {done.ledger}")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from laion_assets import names
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.lineage import source_footer
 from laion_assets.pipeline.sources import ColumnNames, SourceName, find_source, read_source
@@ -27,6 +29,16 @@ class CrawlSettings:
     columns: ColumnNames = field(default_factory=ColumnNames)
     min_alt_length: int = 5  # WAT alt text shorter than this is dropped, as LAION did
 
+    def recorded(self) -> dict[str, str | int | None]:
+        """As the footer records them: named as the crawl_metadata run config names them."""
+        columns = self.columns
+        return {
+            "url_column": columns.url,
+            "caption_column": columns.caption,
+            "license_column": columns.license,
+            "min_alt_length": self.min_alt_length,
+        }
+
 
 @dataclass(frozen=True)
 class CrawlResult:
@@ -43,7 +55,8 @@ def write_crawl_metadata(store: DatasetStore, shard: str, settings: CrawlSetting
     source = find_source(list(files), shard)
     result = build_crawl_metadata(store, source, settings)
     path = CRAWL_METADATA.parquet(shard)
-    store.write_parquet(path, result.table, metadata=source_footer(files[source.name]))
+    footer = {**source_footer(files[source.name]), names.SETTINGS_FOOTER: json.dumps(settings.recorded())}
+    store.write_parquet(path, result.table, metadata=footer)
     return dataclasses.replace(result, source=source, path=path)
 
 

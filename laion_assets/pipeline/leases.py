@@ -1,4 +1,5 @@
-"""One writer per shard: a lease in the store, `_leases/<shard>.json`, held while a step writes the shard.
+"""One writer per shard: a lease in the store, `_leases/<shard>.json`, held while a step writes the shard;
+and one dataset-level removal at a time (`REMOVALS`, a name no shard can have: shard names have no dot).
 
 A second run that reaches a shard whose lease a live writer holds gets `ShardBusy`, naming the holder,
 and leaves the shard alone, so a shard's tar and its parquet always come from one run. The lease is
@@ -19,6 +20,7 @@ from laion_assets.pipeline.storage import LEASES, DatasetStore, host_name, proce
 
 LEASE_SECONDS = 600.0  # how long a lease holds without renewal
 RENEW_SECONDS = 60.0
+REMOVALS = "dataset.removals"  # held by the takedowns and duplicates assets while they remove
 
 
 class ShardBusy(RuntimeError):
@@ -36,17 +38,19 @@ def describe(record: dict) -> str:
 
 
 @contextlib.contextmanager
-def shard_lease(store: DatasetStore, shard: str, owner: str) -> Iterator[None]:
+def shard_lease(store: DatasetStore, shard: str, owner: str, wait: float = 0.0) -> Iterator[None]:
     """Hold the shard's lease for `owner` (a run id) while the block runs; ShardBusy if a live writer
-    holds it. A lease left by a writer that is gone is taken over."""
+    holds it after `wait` seconds of asking again. A lease left by a writer that is gone is taken over."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            _take(store, shard, owner)
+            break
+        except ShardBusy:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(min(1.0, wait))
     path = _path(shard)
-    stale = _read(store, shard)
-    if stale is not None:
-        if _alive(stale):
-            raise ShardBusy(f"shard {shard} is being written by {describe(stale)}: left alone by this run")
-        store.remove(path)
-    if not _create(store, path, _record(owner)):
-        raise ShardBusy(f"shard {shard} is being written by {describe(_read(store, shard) or {})}")
     done = threading.Event()
 
     def renew() -> None:
@@ -62,6 +66,17 @@ def shard_lease(store: DatasetStore, shard: str, owner: str) -> Iterator[None]:
         done.set()
         thread.join()
         store.remove(path)
+
+
+def _take(store: DatasetStore, shard: str, owner: str) -> None:
+    path = _path(shard)
+    stale = _read(store, shard)
+    if stale is not None:
+        if _alive(stale):
+            raise ShardBusy(f"{shard} is being written by {describe(stale)}: left alone by this run")
+        store.remove(path)
+    if not _create(store, path, _record(owner)):
+        raise ShardBusy(f"{shard} is being written by {describe(_read(store, shard) or {})}")
 
 
 def _path(shard: str) -> str:

@@ -22,6 +22,7 @@ from laion_assets.pipeline.parallel import store_map
 from laion_assets.pipeline.settings import CAPTIONER_SECTION, CLIP_SECTION, DatasetSettings, differences
 from laion_assets.pipeline.sources import parse_source_name
 from laion_assets.pipeline.storage import (
+    CRAWL_METADATA,
     EMBEDDINGS,
     IMAGES,
     INCOMING,
@@ -100,6 +101,7 @@ def _recorded_source(store: DatasetStore, shard: str, layer: Layer) -> str | Non
 
 # The section of the dataset's settings each layer is built with.
 SECTION_OF_LAYER = {
+    CRAWL_METADATA: names.CRAWL_METADATA_ASSET,
     IMAGES: names.DOWNLOADED_IMAGES_ASSET,
     EMBEDDINGS: CLIP_SECTION,
     PAIRS: names.FILTERED_PAIRS_ASSET,
@@ -165,6 +167,7 @@ def _built_with(layer: Layer, stored: dict[str, str]) -> dict | None:
         model = stored.get(names.CLIP_MODEL_FOOTER)
         return {"model": model, "pretrained": stored.get(names.CLIP_PRETRAINED_FOOTER)} if model else None
     key = {
+        CRAWL_METADATA: names.SETTINGS_FOOTER,
         IMAGES: names.SETTINGS_FOOTER,
         PAIRS: names.PAIRS_SETTINGS_FOOTER,
         RECAPTIONS: names.CAPTIONER_FOOTER,
