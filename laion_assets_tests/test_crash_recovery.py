@@ -21,6 +21,7 @@ from laion_assets.pipeline import catalog
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import (
     CRAWL_METADATA,
+    DEDUP_STAGED,
     DUPLICATES,
     EMBEDDINGS,
     IMAGES,
@@ -180,7 +181,7 @@ def assert_as_one_clean_run(store: DatasetStore, clean: DatasetStore) -> None:
     if store.is_s3:
         bucket, _, prefix = store.path("").partition("/")
         assert not store.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix).get("Uploads")
-    assert not store.list(LEASES) and not store.list(TAKEDOWNS_PENDING)
+    assert not store.list(LEASES) and not store.list(TAKEDOWNS_PENDING) and not store.list(DEDUP_STAGED)
     this_test = f"{host_name()}-{os.getpid()}-"  # the writer of the sources, alive
     assert [entry.name for entry in store.list(WRITERS) if not entry.name.startswith(this_test)] == []
     for shard in SHARDS:
