@@ -23,6 +23,7 @@ from laion_assets.cli import main
 from laion_assets.definitions import DATASET_ASSETS
 from laion_assets.defs.automation import done_shards
 from laion_assets.defs.jobs import PER_SHARD_ASSETS
+from laion_assets.defs.resources import build_resources
 from laion_assets.demo.run import DEMO_DEDUP_CONFIG, MIN_IMAGES, demo_copies
 from laion_assets.demo.world import EXACT_COPIES, NEAR_COPIES, make_world
 from laion_assets.pipeline import catalog
@@ -35,6 +36,7 @@ from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import (
     CRAWL_METADATA,
     DUPLICATES,
+    EMBEDDINGS,
     IMAGES,
     LEASES,
     PAIRS,
@@ -422,3 +424,31 @@ def test_a_lease_is_one_writer_s_until_it_ends_or_its_process_is_gone(store):
     with shard_lease(store, "w", "this-run", wait=60):  # waits for the other run's step to end
         assert ending.stdout.readline() == b"released\n" and holder(store, "w")["owner"] == "this-run"
     ending.wait()
+
+
+def test_a_deployment_embeds_with_the_dataset_s_model_unless_its_environment_names_one(
+    local_root, web, monkeypatch
+):
+    """Runs launched from the UI, a sensor or the schedule use the deployment's resources: the model
+    comes from the dataset's settings, and the LAION_ASSETS_CLIP_* variables, where set, over them."""
+    monkeypatch.setenv("LAION_ASSETS_ROOT", local_root)
+    for variable in ("LAION_ASSETS_CLIP_MODEL", "LAION_ASSETS_CLIP_PRETRAINED"):
+        monkeypatch.delenv(variable, raising=False)
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/w.csv", f"url,caption\n{web.url('/img/red.jpg')},a red square\n".encode())
+    dataset_model = {"clip": {"model": "laion-assets-tiny", "pretrained": "none"}}
+    store.write_bytes(SETTINGS_FILE, yaml.safe_dump(dataset_model).encode())
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("shards", ["w"])
+    deployment = build_resources()
+    web_config = local_web_config()
+    for env_model, expected in ((None, "laion-assets-tiny"), ("laion-assets-demo", "laion-assets-demo")):
+        if env_model:
+            monkeypatch.setenv("LAION_ASSETS_CLIP_MODEL", env_model)
+            deployment = build_resources()
+        three = PER_SHARD_ASSETS[:3]  # crawl_metadata, downloaded_images, clip_embeddings
+        run = dg.materialize(
+            three, partition_key="w", instance=instance, resources=deployment, run_config=web_config
+        )
+        assert run.success
+        assert store.parquet_metadata(EMBEDDINGS.parquet("w"))[names.CLIP_MODEL_FOOTER] == expected

@@ -42,7 +42,7 @@ def clip_embeddings(
 ) -> dg.MaterializeResult:
     """Normalised float16 CLIP embeddings of each downloaded image and its caption, and their cosine."""
     dataset = store.get_store()
-    encoder = clip.get_encoder()  # loaded once for every shard of the run
+    encoder = clip.get_encoder(dataset)  # loaded once for every shard of the run
     record_section(dataset, CLIP_SECTION, model_settings(clip))
     metadata = {}
     for shard in leased_shards(context, dataset):

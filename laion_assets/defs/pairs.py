@@ -50,7 +50,7 @@ def filtered_pairs(
     dataset = store.get_store()
     config = dataset_config(context, config, dataset)
     settings = settings_from(config, PairsSettings)
-    encoder = clip.get_encoder()
+    encoder = clip.get_encoder(dataset)
     metadata = {}
     for shard in leased_shards(context, dataset):
         result = write_pairs(dataset, shard, settings, encoder, context.run.run_id, config.write_embeddings)

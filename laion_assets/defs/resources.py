@@ -12,9 +12,10 @@ from laion_assets.defs.config import settings_from
 from laion_assets.pipeline import caption, catalog, chat_caption, hf_caption
 from laion_assets.pipeline.caption import CaptionSettings, CocaCaptioner
 from laion_assets.pipeline.chat_caption import ChatCaptioner, ChatCaptionSettings
-from laion_assets.pipeline.clip import SETTINGS_ENV, ClipEncoder, ClipSettings
+from laion_assets.pipeline.clip import SETTINGS_ENV, ClipEncoder, ClipSettings, values_from_env
 from laion_assets.pipeline.hf_caption import HfCaptioner, HfCaptionSettings
 from laion_assets.pipeline.recaption import Captioner
+from laion_assets.pipeline.settings import CLIP_SECTION, MODEL_FIELDS, DatasetSettings, load_settings
 from laion_assets.pipeline.storage import DEFAULT_ROOT, ROOT_ENV, DatasetStore
 
 
@@ -55,19 +56,29 @@ C = ClipSettings  # every default below is the pipeline's own
 
 
 class ClipEncoderResource(dg.ConfigurableResource):
-    """The open_clip model; it is loaded once per run, so every batch and asset of the run shares it."""
+    """The open_clip model; it is loaded once per run, so every batch and asset of the run shares it.
+
+    With `from_dataset` (a deployment's resource), the model is the dataset's (its settings' `clip`
+    section) where the LAION_ASSETS_CLIP_* variables do not name one: the fields below are then the
+    defaults of a root with no settings yet."""
 
     model: str = C.model
     pretrained: str = C.pretrained  # an open_clip tag, a checkpoint path, or "none" (random, seeded)
     device: str = C.device  # auto: cuda when present, else cpu
     batch_size: int = C.batch_size
     seed: int = C.seed  # for random weights
+    from_dataset: bool = False
 
     _encoder: ClipEncoder | None = PrivateAttr(default=None)
 
-    def get_encoder(self) -> ClipEncoder:
+    def get_encoder(self, dataset: DatasetStore) -> ClipEncoder:
         if self._encoder is None:
-            self._encoder = ClipEncoder(settings_from(self, ClipSettings))
+            settings = settings_from(self, ClipSettings)
+            if self.from_dataset:
+                recorded = (load_settings(dataset) or DatasetSettings()).section(CLIP_SECTION)
+                chosen = {k: v for k, v in recorded.items() if k in MODEL_FIELDS}
+                settings = dataclasses.replace(settings, **{**chosen, **values_from_env(SETTINGS_ENV)})
+            self._encoder = ClipEncoder(settings)
         return self._encoder
 
 
@@ -184,7 +195,7 @@ def build_resources(
     `captioner_resource`), as `dg.EnvVar`s."""
     store_root = root or _from_env(ROOT_ENV, DEFAULT_ROOT)
     if clip is None:
-        clip_resource = ClipEncoderResource(**_fields_from_env(SETTINGS_ENV))
+        clip_resource = ClipEncoderResource(**_fields_from_env(SETTINGS_ENV), from_dataset=True)
     else:
         clip_resource = ClipEncoderResource(**dataclasses.asdict(clip))
     return {
