@@ -25,6 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from smoke import parse_args
+
 from laion_assets.demo import DEMO_CAPTION_CHECKPOINT, DEMO_CAPTION_MODEL
 from laion_assets.demo.train import EVAL_SEED, pipeline_view
 from laion_assets.demo.world import make_world
@@ -48,7 +50,7 @@ def main() -> None:
     parser.add_argument("--models", default=f"{DEMO_CAPTION_MODEL},coca_ViT-B-32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-tokens", type=int, default=30)
-    args = parser.parse_args()
+    args = parse_args(parser, images=4, models="laion-assets-demo-coca", device="cpu")
     import torch
 
     items = make_world(images=args.images, seed=EVAL_SEED, failures={}).images[: args.images]

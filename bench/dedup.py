@@ -33,6 +33,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pyarrow as pa
+from smoke import parse_args
 
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.dedup import SEMANTIC, DedupSettings, deduplicate
@@ -245,7 +246,7 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, default=0)
     parser.add_argument("--buckets", type=int, default=0)
     parser.add_argument("--peer-queries", type=int, default=5_000)
-    args = parser.parse_args()
+    args = parse_args(parser, rows=4000, shard_rows=1000, peer_queries=10)
     data = WORK / f"dedup-{args.rows}"
     start = time.monotonic()
     generate(data, args.rows, args.shard_rows)

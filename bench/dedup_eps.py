@@ -12,6 +12,7 @@ the planted copies (`demo.score.score_duplicates`).
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
 import tempfile
@@ -19,6 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # the test suite's demo dataset builder
+
+from smoke import parse_args
 
 from laion_assets.demo.run import DEMO_DEDUP_CONFIG
 from laion_assets.demo.score import score_duplicates
@@ -34,6 +37,7 @@ PHASH_BITS = 10
 
 
 def main() -> None:
+    parse_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))  # already tiny: --smoke is it
     work = Path(tempfile.mkdtemp(prefix="dedup-eps-"))
     planted = build_demo_dataset(str(work / "planted"), copies=COPIES)
     world = make_world(images=DEMO_IMAGES, failures={}, copies=COPIES)

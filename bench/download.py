@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 from PIL import Image
+from smoke import parse_args
 
 WORK = Path(__file__).resolve().parent / ".work"
 
@@ -170,7 +171,7 @@ def main() -> None:
         "--servers", default="nginx,photo", help="comma-separated, of nginx, photo, http.server"
     )
     parser.add_argument("--port", type=int, default=8731)
-    args = parser.parse_args()
+    args = parse_args(parser, images=40, distinct=8, corpora="small", servers="photo")
     img2dataset = ensure_peer("img2dataset", ["img2dataset"])
     print(
         f"machine: {os.cpu_count()} cores; {args.images} URLs, {args.shards} shards, {args.threads} threads"

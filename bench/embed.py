@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from download import WORK, ensure_peer, make_photos, timed
+from smoke import parse_args
 
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.clip import ClipEncoder, ClipSettings
@@ -171,7 +172,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip-clip-retrieval", action="store_true")
     parser.add_argument("--variant", choices=["stage", "plain"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_args(parser, images=8, model="laion-assets-demo", device="cpu", skip_clip_retrieval=True)
     if args.variant:
         print(json.dumps(measure(args.variant, args)))
         return

@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from smoke import parse_args
 
 from laion_assets.pipeline import catalog, schemas
 from laion_assets.pipeline.pairs import PAIRS_PARQUET_OPTIONS, write_pairs_parquet
@@ -245,6 +246,9 @@ def images_shard(rng: np.random.Generator, crawl: pa.Table, rank: np.ndarray) ->
             "original_height": nulls_unless(original[:, 1].astype(np.int32), fetched),
             "sha256": nulls_unless(sha, fetched),
             "md5": nulls_unless(pc.utf8_slice_codeunits(sha, 0, 32), fetched),
+            "phash": nulls_unless(
+                np.random.default_rng(rows).integers(0, 2**63 - 1, rows), success
+            ),  # own stream
             "num_bytes": nulls_unless(sizes, fetched),
             "host": host,
         }
@@ -363,7 +367,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512, help="embedding dimension (ViT-B/32: 512)")
     parser.add_argument("--only", nargs="*", help="time only these queries (names as printed)")
     parser.add_argument("--generate-only", action="store_true", help="write the layers, time nothing")
-    args = parser.parse_args()
+    args = parse_args(parser, rows=2000, shards=2, repeat=1)
     root = str(WORK / f"query-root-{args.rows}x{args.shards}")
     # in a child process, so that the peak memory printed below is the queries' alone
     child = multiprocessing.get_context("fork").Process(

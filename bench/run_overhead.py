@@ -25,6 +25,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dagster as dg
+from smoke import parse_args
 
 from laion_assets import names
 from laion_assets.defs.partitions import SHARDS_PER_RUN_ENV
@@ -89,7 +90,7 @@ def main() -> None:
     parser.add_argument("--per-run", type=int, default=8)
     parser.add_argument("--urls", type=int, default=20, help="URLs per shard")
     parser.add_argument("--executors", default="in_process,multiprocess")
-    args = parser.parse_args()
+    args = parse_args(parser, shards=2, per_run=2, urls=3, executors="in_process")
     print(f"machine: {os.cpu_count()} cores; {args.shards} shards of {args.urls} URLs; one run at a time")
     work = Path(tempfile.mkdtemp(prefix="laion-overhead-"))
     run_config = work / "run.yaml"
@@ -103,6 +104,8 @@ def main() -> None:
             "DAGSTER_HOME": str(dagster_home(work, max_concurrent_runs=1)),
             "LAION_ASSETS_CLIP_MODEL": "laion-assets-tiny",
             "LAION_ASSETS_CLIP_PRETRAINED": "none",
+            "LAION_ASSETS_CAPTION_MODEL": "laion-assets-demo-coca",  # recaptions: no weights from a hub
+            "LAION_ASSETS_CAPTION_PRETRAINED": "none",
             "LAION_ASSETS_RUN_CONFIG": str(run_config),
             "HF_HUB_OFFLINE": "1",
             "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from smoke import parse_args
 
 from laion_assets.pipeline import faiss_index
 from laion_assets.pipeline.search import SearchIndex
@@ -132,7 +133,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--queries", type=int, default=200)
-    args = parser.parse_args()
+    args = parse_args(parser, rows=2000, queries=5)
+    if args.dim < LATENT:
+        parser.error(
+            f"--dim must be at least {LATENT}: the vectors are drawn in a {LATENT}-dimensional subspace"
+        )
     k = 10
     vectors = vectors_file(args.rows, args.dim)
     queries = draw(10**6, args.queries, args.dim)

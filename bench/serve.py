@@ -40,6 +40,7 @@ import urllib3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from download import WORK, make_photos
+from smoke import parse_args
 
 from laion_assets.pipeline.imaging import ImageSettings, process_image
 from laion_assets.pipeline.search import SearchIndex
@@ -213,7 +214,9 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,16", help="comma-separated client thread counts")
     parser.add_argument("--index-rows", type=int, default=1_000_000, help="0: skip the search timing")
     parser.add_argument("--soak", type=int, default=0, help="send this many mixed requests and watch memory")
-    args = parser.parse_args()
+    args = parse_args(
+        parser, model="laion-assets-demo", device="cpu", requests=4, concurrency="1", index_rows=2000
+    )
     if args.soak:
         soak(args)
         return

@@ -23,6 +23,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
+from smoke import parse_args
 
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.blocklist import find_matches, read_lists, write_active
@@ -58,6 +59,7 @@ def generate(store: DatasetStore, shards: int, rows: int, entries: int, rng: np.
                 "original_height": [480] * rows,
                 "sha256": sha,
                 "md5": md5,
+                "phash": np.random.default_rng(rows).integers(0, 2**63 - 1, rows),  # own stream: rng's stays
                 "num_bytes": [50_000] * rows,
                 "host": [hosts[h] for h in host_ids],
             }
@@ -109,7 +111,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=200)
     parser.add_argument("--rows", type=int, default=10_000)
     parser.add_argument("--entries", type=int, default=100_000)
-    args = parser.parse_args()
+    args = parse_args(parser, shards=2, rows=200, entries=100)
     root = WORK / f"takedown-{args.shards}x{args.rows}"
     store = DatasetStore(str(root))
     if not store.exists(IMAGES.parquet(f"shard-{args.shards - 1:05d}")):
