@@ -339,6 +339,7 @@ def test_every_readme_query_runs_and_is_benchmarked(local_root, monkeypatch):
     assert len(queries) == 9
     for sql in queries:
         connection.sql(sql).fetchall()
+    monkeypatch.syspath_prepend(str(README.parent / "bench"))  # as when it runs: its own helpers (smoke.py)
     spec = importlib.util.spec_from_file_location("bench_query", README.parent / "bench" / "query.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
