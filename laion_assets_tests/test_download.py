@@ -447,3 +447,37 @@ def test_perceptual_hash_survives_resizing_but_not_another_image():
     assert 0 <= original < 2**63
     assert hamming(original, perceptual_hash(picture(20).resize((180, 135)))) <= 4
     assert hamming(original, perceptual_hash(picture(110))) > 16
+
+
+def _photo(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (40, 120, 200)).save(out, "JPEG", quality=95)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("mode", "image_size", "expected"),
+    [
+        # img2dataset's resizer: with resize_only_if_bigger, an image whose side (the shorter for
+        # keep_ratio and center_crop, the longer for border and keep_ratio_largest) is not over
+        # image_size is left as it is, in every mode; one that is over is resized, cropped or padded
+        ("keep_ratio", 256, (123, 456)),
+        ("center_crop", 256, (123, 456)),
+        ("border", 256, (256, 256)),
+        ("keep_ratio_largest", 256, (69, 256)),
+        ("keep_ratio", 512, (123, 456)),
+        ("center_crop", 512, (123, 456)),
+        ("border", 512, (123, 456)),
+        ("keep_ratio_largest", 512, (123, 456)),
+        ("no", 256, (123, 456)),
+    ],
+)
+def test_resize_only_if_bigger_leaves_an_image_that_is_not_bigger_as_it_is(mode, image_size, expected):
+    settings = ImageSettings(image_size=image_size, resize_mode=mode, resize_only_if_bigger=True)
+    processed = process_image(_photo(123, 456), settings)
+    assert (processed.width, processed.height) == expected
+    assert Image.open(io.BytesIO(processed.data)).size == expected
+    # a bigger one is brought to image_size as without the flag
+    big = process_image(_photo(1230, 4560), settings)
+    plain = process_image(_photo(1230, 4560), replace(settings, resize_only_if_bigger=False))
+    assert (big.width, big.height) == (plain.width, plain.height)

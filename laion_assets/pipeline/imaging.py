@@ -137,7 +137,8 @@ def process_image(data: bytes, settings: ImageSettings) -> ProcessedImage:
         filter_ = settings.downscale_interpolation if down else settings.upscale_interpolation
         image = image.resize(target, INTERPOLATIONS[filter_])
     phash = perceptual_hash(image)
-    image = _crop_or_pad(image, settings)
+    if not _left_alone(width, height, settings):
+        image = _crop_or_pad(image, settings)
     out = io.BytesIO()
     fmt = ENCODE_FORMATS[settings.encode_format]
     image.save(out, fmt, **({"quality": settings.encode_quality} if fmt != "PNG" else {}))
@@ -188,11 +189,22 @@ def _target_size(width: int, height: int, settings: ImageSettings) -> tuple[int,
     mode, size = settings.resize_mode, settings.image_size
     if mode == "no":
         return width, height
-    side = min(width, height) if mode in ("keep_ratio", "center_crop") else max(width, height)
-    scale = size / side
-    if settings.resize_only_if_bigger and scale >= 1:
+    if _left_alone(width, height, settings):
         return width, height
+    scale = size / _resized_side(width, height, mode)
     return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _resized_side(width: int, height: int, mode: str) -> int:
+    """The side a mode brings to `image_size`: the shorter for keep_ratio and center_crop, else the longer."""
+    return min(width, height) if mode in ("keep_ratio", "center_crop") else max(width, height)
+
+
+def _left_alone(width: int, height: int, settings: ImageSettings) -> bool:
+    """With `resize_only_if_bigger`, an image whose resized side is not over `image_size` keeps its size
+    in every mode: neither resized nor cropped nor padded, as img2dataset leaves it."""
+    side = _resized_side(width, height, settings.resize_mode)
+    return settings.resize_only_if_bigger and side <= settings.image_size
 
 
 def _crop_or_pad(image: Image.Image, settings: ImageSettings) -> Image.Image:
