@@ -14,7 +14,12 @@ from laion_assets.defs.config import config_values, explicit_config
 from laion_assets.defs.jobs import PER_SHARD_ASSETS, PER_SHARD_CHECKS
 from laion_assets.defs.metadata import layer_of
 from laion_assets.defs.partitions import shards
-from laion_assets.defs.resources import CaptionerSettings, build_resources
+from laion_assets.defs.resources import (
+    CaptionerSettings,
+    CocaCaptionerResource,
+    build_resources,
+    environment_captioner,
+)
 from laion_assets.pipeline.caption import SETTINGS_ENV as CAPTION_ENV
 from laion_assets.pipeline.caption import CaptionSettings
 from laion_assets.pipeline.clip import SETTINGS_ENV as CLIP_ENV
@@ -80,7 +85,7 @@ def prepare_settings(
     if clip_settings is None:
         recorded = {k: v for k, v in stored.section(CLIP_SECTION).items() if k in MODEL_FIELDS}
         clip_settings = ClipSettings(**{**recorded, **values_from_env(CLIP_ENV)})
-    if captioner is None and not _other_captioner_chosen():
+    if captioner is None and environment_captioner() is CocaCaptionerResource:
         recorded = {k: v for k, v in stored.section(CAPTIONER_SECTION).items() if k in MODEL_FIELDS}
         captioner = CaptionSettings(**{**recorded, **values_from_env(CAPTION_ENV)})
     missing = {
@@ -93,16 +98,6 @@ def prepare_settings(
     if missing:
         write_settings(store, stored.with_sections(missing))
     return clip_settings, captioner
-
-
-def _other_captioner_chosen() -> bool:
-    """Whether the environment chooses a captioner other than CoCa (see `captioner_resource`)."""
-    from laion_assets.pipeline import chat_caption, hf_caption
-
-    return any(
-        os.environ.get(next(iter(variables.values())))
-        for variables in (chat_caption.SETTINGS_ENV, hf_caption.SETTINGS_ENV)
-    )
 
 
 def run_pipeline(
@@ -305,8 +300,7 @@ def dataset_status(root: str) -> tuple[list[str], bool]:
     """Lines saying, shard by shard, which layers are not done (their source changed or they are missing)
     and which were built with other settings than the dataset's, then whether dedup's rule is the
     dataset's; and whether anything is stale."""
-    from laion_assets.pipeline.dedup import RULE_FIELDS, recorded_settings
-    from laion_assets.pipeline.settings import differences
+    from laion_assets.pipeline.dedup import rule_changes
 
     store = DatasetStore(root)
     current = load_settings(store)
@@ -324,9 +318,8 @@ def dataset_status(root: str) -> tuple[list[str], bool]:
             lines.append(f"{shard}: to make: {', '.join(layer.name for layer in not_done[shard])}")
         for layer_name, changes in changed.get(shard, {}).items():
             lines.append(f"{shard}: {layer_name} built with other settings: {'; '.join(changes)}")
-    recorded = recorded_settings(store)
-    dedup = {k: v for k, v in current.section(names.DUPLICATES_ASSET).items() if k in RULE_FIELDS}
-    dedup_changes = differences(recorded, dedup) if recorded is not None and dedup else []
+    dedup = current.section(names.DUPLICATES_ASSET)
+    dedup_changes = rule_changes(store, dedup) if dedup else []
     if dedup_changes:
         lines.append(
             f"duplicates: deduplicated with other rules ({'; '.join(dedup_changes)}): the next dedup run "

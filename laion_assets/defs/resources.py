@@ -179,9 +179,14 @@ def captioner_resource(settings: CaptionerSettings | None = None) -> CaptionerRe
     if settings is not None:
         resource = next(r for r in _CAPTIONER_RESOURCES if r.settings_type is type(settings))
         return resource(**dataclasses.asdict(settings))
-    switched_on = (r for r in _CAPTIONER_RESOURCES if os.environ.get(next(iter(r.environment.values()))))
-    chosen = next(switched_on, CocaCaptionerResource)
+    chosen = environment_captioner()
     return chosen(**_fields_from_env(chosen.environment))
+
+
+def environment_captioner() -> type[CaptionerResource]:
+    """The kind of captioner the environment chooses: the first whose first variable is set, else CoCa."""
+    switched_on = (r for r in _CAPTIONER_RESOURCES if os.environ.get(next(iter(r.environment.values()))))
+    return next(switched_on, CocaCaptionerResource)
 
 
 def build_resources(

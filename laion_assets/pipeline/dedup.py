@@ -37,7 +37,7 @@ import math
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import duckdb
@@ -128,14 +128,22 @@ def recorded_settings(store: DatasetStore) -> dict | None:
     return {k: v for k, v in json.loads(recorded).items() if k in RULE_FIELDS} if recorded else None
 
 
+def rule_changes(store: DatasetStore, settings: Mapping[str, object]) -> list[str]:
+    """What differs between the rule fields of `settings` (field -> value) and those the dataset was
+    deduplicated with; nothing before the first run."""
+    recorded = recorded_settings(store)
+    current = {k: v for k, v in settings.items() if k in RULE_FIELDS}
+    return differences(recorded, current) if recorded is not None else []
+
+
 def check_settings(store: DatasetStore, settings: DedupSettings, accept_change: bool) -> list[str]:
     """What differs between `settings` and those the dataset was deduplicated with; SettingsChanged when
     something does and the change is not accepted. A rule's change would also remove pairs from shards
     that no new shard repeats, so it is never made unasked."""
-    recorded = recorded_settings(store)
-    current = {k: v for k, v in dataclasses.asdict(settings).items() if k in RULE_FIELDS}
-    changes = differences(recorded, current) if recorded is not None else []
+    changes = rule_changes(store, dataclasses.asdict(settings))
     if changes and not accept_change:
+        recorded = recorded_settings(store)
+        current = {k: v for k, v in dataclasses.asdict(settings).items() if k in RULE_FIELDS}
         raise SettingsChanged(
             f"{store.url(DUPLICATES)} was deduplicated with {json.dumps(recorded, sort_keys=True)}; this "
             f"run asks for {json.dumps(current, sort_keys=True)} ({'; '.join(changes)}). To change the "

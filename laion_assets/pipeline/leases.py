@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from laion_assets.pipeline.storage import LEASES, DatasetStore, host_name, process_alive
+from laion_assets.pipeline.storage import LEASES, DatasetStore, host_name, writer_gone
 
 LEASE_SECONDS = 600.0  # how long a lease holds without renewal
 RENEW_SECONDS = 60.0
@@ -96,9 +96,8 @@ def _read(store: DatasetStore, shard: str) -> dict | None:
 
 
 def _alive(record: dict) -> bool:
-    if record.get("host") == host_name():
-        return process_alive(int(record.get("pid", 0)))
-    return time.time() < float(record.get("expires", 0))
+    expired = time.time() >= float(record.get("expires", 0))
+    return not writer_gone(record.get("host", ""), int(record.get("pid", 0)), expired)
 
 
 def _create(store: DatasetStore, path: str, record: dict) -> bool:

@@ -11,7 +11,7 @@ again.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -58,15 +58,11 @@ def stale_layers(
     """For each shard of `sources` (shard -> its source file now), the layers of `layers` (in pipeline
     order) to make again: from the first one that is not current on; empty when the shard is done.
 
-    One listing per layer, then the footers of the files that exist, read in parallel: over 41,000
-    shards on S3 that is seconds, where a round trip per shard and layer would be many minutes."""
+    The footers are read as `_stored_schemas` reads them."""
     if not sources:
         return {}
-    listed = {layer: {f.name for f in store.list(layer.name)} for layer in layers}
-    present = [(shard, layer) for shard in sources for layer in layers if f"{shard}.parquet" in listed[layer]]
-    made_from = dict(
-        zip(present, store_map(lambda item: _recorded_source(store, *item), present), strict=True)
-    )
+    stored = _stored_schemas(store, sources, layers)
+    made_from = {item: _recorded_source(item[1], schema) for item, schema in stored}
     stale = {}
     for shard, source in sources.items():
         now = source_footer(source)[names.SOURCE_FOOTER]
@@ -83,16 +79,33 @@ def stale_layers(
 _CONTRACT_COLUMNS = {IMAGES: frozenset(schemas.IMAGES.names), PAIRS: frozenset(schemas.PAIRS.names)}
 
 
-def _recorded_source(store: DatasetStore, shard: str, layer: Layer) -> str | None:
-    """The source the file records, or None when it is gone or lacks a column of the contract."""
-    try:
-        with store.open(layer.parquet(shard)) as f:
-            schema = pq.read_schema(f)
-    except FileNotFoundError:  # removed since the listing
-        return None
+def _recorded_source(layer: Layer, schema: pa.Schema) -> str | None:
+    """The source a layer's file records, or None when it lacks a column of the contract."""
     if not _CONTRACT_COLUMNS.get(layer, frozenset()) <= set(schema.names):
         return None
     return footer(schema).get(names.SOURCE_FOOTER)
+
+
+def _stored_schemas(
+    store: DatasetStore, shards: Iterable[str], layers: Iterable[Layer]
+) -> list[tuple[tuple[str, Layer], pa.Schema]]:
+    """((shard, layer), its file's schema, footer included) for each file of `layers` that `shards` have.
+
+    One listing per layer, then the footers of the files that exist, read in parallel: over 41,000
+    shards on S3 that is seconds, where a round trip per shard and layer would be many minutes."""
+    layers = list(layers)
+    listed = {layer: {f.name for f in store.list(layer.name)} for layer in layers}
+    present = [(shard, layer) for shard in shards for layer in layers if f"{shard}.parquet" in listed[layer]]
+    read = store_map(lambda item: _schema_or_none(store, item[1].parquet(item[0])), present)
+    return [(item, schema) for item, schema in zip(present, read, strict=True) if schema is not None]
+
+
+def _schema_or_none(store: DatasetStore, path: str) -> pa.Schema | None:
+    try:
+        with store.open(path) as f:
+            return pq.read_schema(f)
+    except FileNotFoundError:  # removed since the listing
+        return None
 
 
 # Settings: a layer built with settings other than the dataset's is stale too, but only reported (and
@@ -135,13 +148,10 @@ def settings_changes(
 ) -> dict[str, dict[str, list[str]]]:
     """shard -> layer name -> what differs (`field: built with -> the dataset's now`), for each layer of
     `shards` built with other settings than `settings`; shards with none are left out. Footers only,
-    read in parallel."""
-    listed = {layer: {f.name for f in store.list(layer.name)} for layer in SECTION_OF_LAYER}
-    present = [(s, layer) for s in shards for layer in SECTION_OF_LAYER if f"{s}.parquet" in listed[layer]]
-    footers = store_map(lambda item: _footer_or_none(store, item[1].parquet(item[0])), present)
+    read as `_stored_schemas` reads them."""
     changed: dict[str, dict[str, list[str]]] = {}
-    for (shard, layer), stored in zip(present, footers, strict=True):
-        recorded = _built_with(layer, stored or {})
+    for (shard, layer), schema in _stored_schemas(store, shards, SECTION_OF_LAYER):
+        recorded = _built_with(layer, footer(schema))
         current = settings.section(SECTION_OF_LAYER[layer])
         if recorded is None or not current:
             continue
@@ -152,13 +162,6 @@ def settings_changes(
         if found:
             changed.setdefault(shard, {})[layer.name] = found
     return changed
-
-
-def _footer_or_none(store: DatasetStore, path: str) -> dict[str, str] | None:
-    try:
-        return store.parquet_metadata(path)
-    except FileNotFoundError:
-        return None
 
 
 def _built_with(layer: Layer, stored: dict[str, str]) -> dict | None:

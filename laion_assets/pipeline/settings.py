@@ -3,8 +3,8 @@
 It holds a section per asset with settings (the fields of its run config, by asset name) and the models
 (`clip`, `captioner`). The first run writes it from its own settings; every later run, whoever starts it,
 reads it, and a run's own config overrides it for that run only. Changing it is deliberate: edit the
-file (or `laion-assets settings --set`); a layer built with other settings is then reported stale, and a
-removal with other settings refuses until the change is accepted.
+file; a layer built with other settings is then reported stale (`laion-assets status`), and a removal
+with other settings refuses until the change is accepted.
 """
 
 from __future__ import annotations

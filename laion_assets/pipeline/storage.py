@@ -60,21 +60,24 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def writer_gone(host: str, pid: int, stale: bool) -> bool:
+    """Whether the process `pid` of `host` that wrote something is gone: on this host, whether it has
+    ended; on another, `stale` (silent too long, by the caller's rule)."""
+    return not process_alive(pid) if host == host_name() else stale
+
+
 def is_abandoned(name: str, modified: float, now: float | None = None) -> bool:
     """Whether the temporary file `name` (see `temporary_name`), last modified at `modified` (epoch
     seconds), was left by a writer that is gone. Older names (a bare random tail, `<name>.tmp-<pid>`)
     count by age alone."""
     if _TMP_MARK not in name:
         return False
-    age = (now or time.time()) - modified
-    tail = name.rsplit(_TMP_MARK, 1)[1]
-    pid, _, rest = tail.partition("-")
+    stale = (now or time.time()) - modified > ABANDONED_AFTER.total_seconds()
+    pid, _, rest = name.rsplit(_TMP_MARK, 1)[1].partition("-")
     host = rest.partition("-")[2]
-    if pid.isdigit() and (
-        host == host_name() or host.startswith(f"{host_name()}.")
-    ):  # DuckDB's `.wal` after it
-        return not process_alive(int(pid))
-    return age > ABANDONED_AFTER.total_seconds()
+    if host.startswith(f"{host_name()}."):  # DuckDB adds `.wal` after the name
+        host = host_name()
+    return writer_gone(host, int(pid), stale) if pid.isdigit() else stale
 
 
 def root_from_env() -> str:
@@ -379,14 +382,11 @@ class DatasetStore:
                 writer = json.loads(self.fs.cat(path))
             except FileNotFoundError:  # it left meanwhile
                 continue
-            if writer["host"] == host_name():
-                alive = process_alive(writer["pid"])
-            else:
-                alive = now - writer["heartbeat"] < ABANDONED_AFTER.total_seconds()
-            if alive:
-                written.update(writer["writing"])
-            else:
+            silent = now - writer["heartbeat"] >= ABANDONED_AFTER.total_seconds()
+            if writer_gone(writer["host"], writer["pid"], silent):
                 self.fs.rm(path)
+            else:
+                written.update(writer["writing"])
         return written
 
 
