@@ -29,11 +29,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+from peers import WORK, ensure_peer
 from PIL import Image
 from smoke import parse_args
-
-WORK = Path(__file__).resolve().parent / ".work"
-
 
 # corpus -> (widths, grain): large photos of 85 KB to 2.2 MB, or small web images of about 100 KB
 CORPORA = {"large": ((640, 2400), (10, 10)), "small": ((480, 640), (10, 14))}
@@ -140,17 +138,6 @@ def timed(command: list[str], env: dict | None = None) -> tuple[float, int, str]
     if process.returncode != 0:
         raise SystemExit(f"{command[0]} failed:\n{output[-3000:]}")
     return seconds, peak, output
-
-
-def ensure_peer(name: str, packages: list[str]) -> Path:
-    """The command `name` of a peer tool, installed with `packages` into its own venv under bench/.work/."""
-    venv = WORK / f"{name}-venv"
-    binary = venv / "bin" / name
-    if not binary.exists():
-        print(f"installing {name} into {venv}", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", *packages], check=True)
-    return binary
 
 
 def count_successes_img2dataset(folder: Path) -> int:

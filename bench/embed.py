@@ -32,7 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from download import WORK, ensure_peer, make_photos, timed
+from download import make_photos, timed
+from peers import WORK, ensure_peer
 from smoke import parse_args
 
 from laion_assets.pipeline import schemas

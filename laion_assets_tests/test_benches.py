@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-HELPERS = {"smoke.py", "photo_server.py"}  # imported by the benches, not benches themselves
+HELPERS = {"smoke.py", "photo_server.py", "peers.py"}  # imported by the benches, not benches themselves
 # every bench, found anew, so that a new one without `--smoke` fails here (argparse refuses the flag)
 BENCHES = sorted(path.name for path in BENCH.glob("*.py") if path.name not in HELPERS)
 

@@ -32,8 +32,10 @@ class DownloadImagesConfig(dg.Config):
     downscale_interpolation: str = D.downscale_interpolation  # nearest, bilinear, bicubic, area, lanczos
     upscale_interpolation: str = D.upscale_interpolation
     encode_format: str = D.encode_format  # jpg, webp or png
-    encode_quality: int = D.encode_quality
+    encode_quality: int = D.encode_quality  # for png, the compression level 0-9 (img2dataset's)
+    skip_reencode: bool = D.skip_reencode  # keep the original bytes when nothing is resized
     min_image_size: int = D.min_image_size  # shorter side, pixels; smaller images are filtered_size
+    max_image_area: int = D.max_image_area  # width x height; larger images are filtered_size (0: none)
     max_aspect_ratio: float = D.max_aspect_ratio  # 0: no limit
     max_pixels: int = D.max_pixels  # larger images are decompression bombs (failed_to_decode)
     connect_timeout: float = D.connect_timeout

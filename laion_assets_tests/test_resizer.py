@@ -1,0 +1,172 @@
+"""Images exactly as img2dataset makes them: its resizer's test cases (every mode x resize_only_if_bigger x
+256 and 512 x jpg, webp and png, on images of the sizes its tests use), compared with img2dataset's own
+resizer, run in its own venv (bench/peers.py): the same sizes and decisions, and within 35 dB PSNR."""
+
+import io
+import itertools
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from laion_assets.pipeline.imaging import FilteredSize, ImageSettings, process_image
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+# the sizes of img2dataset's test images (tests/resize_test_image), portrait, landscape and near square
+SIZES = [(123, 456), (208, 495), (321, 421), (389, 535), (416, 264), (456, 123), (524, 316)]
+MODES = ["border", "keep_ratio", "keep_ratio_largest", "center_crop", "no"]
+FORMATS = {"jpg": 95, "webp": 95, "png": 9}  # encode_quality as img2dataset's tests give it
+MIN_PSNR = 35.0
+
+
+def photo(width: int, height: int, seed: int) -> bytes:
+    """A photo-like JPEG: a smooth colour field, grain, and a few hard-edged blocks."""
+    rng = np.random.default_rng(seed)
+    field = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize(
+        (width, height), Image.Resampling.BICUBIC
+    )
+    pixels = np.clip(np.asarray(field, np.float32) + rng.normal(0, 12, (height, width, 3)), 0, 255)
+    pixels = pixels.astype(np.uint8)
+    for _ in range(6):
+        left, top = rng.integers(0, width - 10), rng.integers(0, height - 10)
+        pixels[top : top + rng.integers(5, height // 2), left : left + rng.integers(5, width // 2)] = (
+            rng.integers(0, 255, 3)
+        )
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("resize-sources")
+    for seed, (width, height) in enumerate(SIZES):
+        (folder / f"{width}_{height}.jpg").write_bytes(photo(width, height, seed))
+    return folder
+
+
+def case_name(size: int, mode: str, only_if_bigger: bool, fmt: str) -> str:
+    return f"{size}-{mode}-{int(only_if_bigger)}-{fmt}"
+
+
+CASES = list(itertools.product([256, 512], MODES, [False, True], FORMATS))
+
+
+@pytest.fixture(scope="module")
+def img2dataset_outputs(sources, tmp_path_factory) -> tuple[Path, dict]:
+    sys.path.insert(0, str(BENCH))
+    try:
+        from peers import img2dataset_resize
+    finally:
+        sys.path.remove(str(BENCH))
+    out = tmp_path_factory.mktemp("img2dataset")
+    cases = {
+        case_name(*case): {
+            "image_size": case[0],
+            "resize_mode": case[1],
+            "resize_only_if_bigger": case[2],
+            "encode_format": case[3],
+            "encode_quality": FORMATS[case[3]],
+        }
+        for case in CASES
+    }
+    found, _ = img2dataset_resize(sources, out, cases)
+    return out, found
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+@pytest.mark.parametrize("size, mode, only_if_bigger, fmt", CASES, ids=[case_name(*c) for c in CASES])
+def test_every_case_is_img2datasets_size_and_within_35_db_of_its_pixels(
+    sources, img2dataset_outputs, size, mode, only_if_bigger, fmt
+):
+    out, found = img2dataset_outputs
+    settings = ImageSettings(
+        image_size=size,
+        resize_mode=mode,
+        resize_only_if_bigger=only_if_bigger,
+        encode_format=fmt,
+        encode_quality=FORMATS[fmt],
+    )
+    for source in sorted(sources.iterdir()):
+        name = f"{case_name(size, mode, only_if_bigger, fmt)}-{source.stem}.{fmt}"
+        width, height, original_width, original_height, error = found[name]
+        assert error is None
+        ours = process_image(source.read_bytes(), settings)
+        assert (ours.width, ours.height, ours.original_width, ours.original_height) == (
+            width,
+            height,
+            original_width,
+            original_height,
+        ), name
+        decoded = Image.open(io.BytesIO(ours.data))
+        assert decoded.format == {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}[fmt]
+        theirs = np.asarray(Image.open(out / name).convert("RGB"))
+        assert psnr(np.asarray(decoded.convert("RGB")), theirs) >= MIN_PSNR, name
+
+
+def test_skip_reencode_keeps_the_original_bytes_only_when_nothing_changes(sources):
+    jpeg = (sources / "321_421.jpg").read_bytes()
+    kept = ImageSettings(resize_mode="no", skip_reencode=True)
+    assert process_image(jpeg, kept).data == jpeg
+    small = ImageSettings(image_size=512, resize_only_if_bigger=True, skip_reencode=True)
+    assert process_image(jpeg, small).data == jpeg  # not bigger than 512: left as it is
+    for changed in (
+        replace(kept, encode_format="webp"),  # another format
+        replace(kept, resize_mode="border"),  # resized
+        ImageSettings(resize_mode="no"),  # not asked for
+    ):
+        assert process_image(jpeg, changed).data != jpeg, changed
+
+
+def test_max_image_area_filters_as_img2datasets_does(sources):
+    """img2dataset's filter test: at max_image_area=60000, two of its seven images pass."""
+    settings = ImageSettings(resize_mode="no", resize_only_if_bigger=True, max_image_area=60000)
+    outcomes = {}
+    for source in sources.iterdir():
+        try:
+            process_image(source.read_bytes(), settings)
+            outcomes[source.stem] = None
+        except FilteredSize as exc:
+            outcomes[source.stem] = str(exc)
+    assert sorted(k for k, v in outcomes.items() if v is None) == ["123_456", "456_123"]
+    assert outcomes["524_316"] == "too large: 524x316 is over max_image_area=60000"
+
+
+def test_min_size_and_aspect_ratio_filter_as_img2datasets_do(sources):
+    settings = ImageSettings(resize_mode="no", min_image_size=200, max_aspect_ratio=1.5)
+    errors = []
+    for source in sources.iterdir():
+        try:
+            process_image(source.read_bytes(), settings)
+            errors.append(None)
+        except FilteredSize as exc:
+            errors.append(str(exc).split(":")[0])
+    expected = [None, None, "too small", "too small", "aspect ratio", "aspect ratio", "aspect ratio"]
+    assert sorted(errors, key=str) == sorted(expected, key=str)
+
+
+def test_png_encode_quality_is_the_compression_level(sources):
+    jpeg = (sources / "524_316.jpg").read_bytes()
+    fast, small = (
+        process_image(jpeg, ImageSettings(encode_format="png", encode_quality=level)).data for level in (0, 9)
+    )
+    assert len(small) < len(fast) / 2  # level 0 stores, 9 compresses
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(fast))), np.asarray(Image.open(io.BytesIO(small))))
+    with pytest.raises(ValueError, match="PNG compression level"):
+        ImageSettings(encode_format="png", encode_quality=95)
+
+
+def test_the_sources_jpeg_comment_is_not_copied(sources):
+    with_comment = io.BytesIO()
+    Image.open(sources / "389_535.jpg").save(with_comment, "JPEG", comment=b"camera serial 12345")
+    for settings in (ImageSettings(), ImageSettings(resize_mode="no")):
+        data = process_image(with_comment.getvalue(), settings).data
+        assert b"camera serial 12345" not in data
+        assert "comment" not in Image.open(io.BytesIO(data)).info
