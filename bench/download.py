@@ -1,16 +1,30 @@
-"""Download benchmark: the downloaded_images stage against img2dataset, same photos, same settings.
+"""Download benchmark: the downloaded_images stage against img2dataset, same photos, same settings, on
+two webs.
 
-    .venv/bin/python bench/download.py [--images 3000] [--shards 2] [--threads 32]
-        [--corpora small,large] [--servers nginx,photo]
+    .venv/bin/python bench/download.py [--web loopback,latency] [--images 3000] [--shards 2]
+        [--threads 32] [--corpora small,large] [--servers nginx,photo]
+        [--web-corpus small] [--hosts 200] [--zipf 1.0] [--median 0.25] [--sigma 1.0] [--cap 4]
+        [--rate 2e6] [--hang 0] [--fail 0.02] [--seed 0] [--harsh]
 
 Generates photo-like JPEGs, small (480-640 px, about 100 KB, the web's usual image) and large
-(640-2400 px, hundreds of KB), serves them from a separate process on 127.0.0.1 (nginx with
-keep-alive, bench/photo_server.py with keep-alive and sendfile, or Python's http.server), and
-downloads the same URLs, split into --shards files, with img2dataset (installed by this script into
-its own venv under bench/.work/) and with `laion-assets run`. Both resize to 256 with border, encode
-JPEG quality 95 and write webdataset, with the same threads in all: img2dataset as 2 processes x
-threads/2. Prints wall time, images/s, peak memory (RSS summed over the process tree) and the
-ratio. Linux only (/proc).
+(640-2400 px, hundreds of KB), and downloads the same URLs, split into --shards files, with img2dataset
+(installed by this script into its own venv under bench/.work/) and with `laion-assets run`. Both resize
+to 256 with border, encode JPEG quality 95 and write webdataset. Prints wall time, images/s, peak memory
+(RSS summed over the process tree) and the ratio of images/s. Linux only (/proc).
+
+The loopback web answers at once: a separate process on 127.0.0.1 (nginx with keep-alive,
+bench/photo_server.py with keep-alive and sendfile, or Python's http.server) serves each corpus of
+--corpora, and both tools run with --threads in all: img2dataset as 2 processes x threads/2.
+
+The latency web answers as the real one does (bench/latency_web.py): first bytes after a lognormal delay
+(median --median s, p95 1.3 s at the defaults), bodies at --rate bytes/s, --fail of the URLs failing and
+--hang never answering, each URL a distinct path on one of --hosts loopback hosts, drawn Zipf-weighted so
+that a few "CDNs" hold most. On its --web-corpus photos, each tool runs at its defaults (img2dataset 1
+process x 256 threads; ours with only allow_private_networks and the image settings), then tuned
+(img2dataset 2 x 128; ours with `OURS_TUNED` on top, not run while it is empty). Adds the requests in
+flight that the server counted while each ran (max, mean), the ratios of ours against img2dataset, and
+the bound that the latency and the CPU set (`images_per_second_bound`), with each tool's share of it.
+--harsh: 1,000 hosts, first bytes at a median of 400 ms, 2 % of the URLs never answering.
 """
 
 from __future__ import annotations
@@ -23,15 +37,37 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+from latency_web import Latency, host_address, photo_files, photo_index, plan
+from latency_web import start as start_latency_web
 from peers import WORK, ensure_peer
 from PIL import Image
 from smoke import parse_args
+
+from laion_assets.pipeline.download import DownloadSettings
+from laion_assets.pipeline.imaging import ImageSettings, process_image
+
+OURS_TUNED: dict[str, object] = {}  # downloaded_images config on top of ours' defaults, for "ours tuned"
+HARSH = {"hosts": 1000, "median": 0.4, "hang": 0.02}  # --harsh's latency web
+IMAGE_CONFIG = {"image_size": 256, "resize_mode": "border", "encode_quality": 95}  # both tools', everywhere
+LATENCY_HELP = {
+    "median": "seconds to the first byte, the median URL's",
+    "sigma": "of the delay's logarithm (1: p95 at 5.2x the median)",
+    "cap": "seconds: no delay is longer",
+    "rate": "bytes/s of a body, per connection",
+    "hang": "share of URLs that never answer",
+    "fail": "share of URLs that answer 404, 500 or 503",
+    "seed": "of the URLs' hosts and their answers",
+}
 
 # corpus -> (widths, grain): large photos of 85 KB to 2.2 MB, or small web images of about 100 KB
 CORPORA = {"large": ((640, 2400), (10, 10)), "small": ((480, 640), (10, 14))}
@@ -117,9 +153,19 @@ def tree_rss_bytes(root_pid: int) -> int:
     return total
 
 
-def timed(command: list[str], env: dict | None = None) -> tuple[float, int, str]:
-    """Wall seconds, peak tree RSS and output of a command."""
-    start = time.perf_counter()
+@dataclass(frozen=True)
+class Timed:
+    seconds: float
+    peak_rss: int  # bytes, summed over the process tree
+    output: str
+    returncode: int
+    started: float  # unix time
+    finished: float
+
+
+def timed(command: list[str], env: dict | None = None, check: bool = True) -> Timed:
+    """A command run with its wall seconds and peak tree RSS; with `check`, a failure ends the bench."""
+    started, start = time.time(), time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     peak = 0
     stop = threading.Event()
@@ -135,42 +181,105 @@ def timed(command: list[str], env: dict | None = None) -> tuple[float, int, str]
     seconds = time.perf_counter() - start
     stop.set()
     sampler.join()
-    if process.returncode != 0:
+    if check and process.returncode != 0:
         raise SystemExit(f"{command[0]} failed:\n{output[-3000:]}")
-    return seconds, peak, output
+    return Timed(seconds, peak, output, process.returncode, started, time.time())
 
 
-def count_successes_img2dataset(folder: Path) -> int:
+def count_successes(parquets: Iterable[Path]) -> int:
+    """Rows with status success in img2dataset's or our parquet files."""
     return sum(
-        pq.read_table(p, columns=["status"]).column("status").to_pylist().count("success")
-        for p in folder.glob("*.parquet")
+        pq.read_table(p, columns=["status"]).column("status").to_pylist().count("success") for p in parquets
     )
+
+
+def url_table(urls: list[str]) -> pa.Table:
+    return pa.table({"url": urls, "caption": [f"photo number {i}" for i in range(len(urls))]})
+
+
+def run_img2dataset(binary: Path, url_list: pa.Table, shards: int, tuning: list[str]) -> tuple[Timed, int]:
+    """img2dataset over `url_list` in `shards` shards, at its defaults but for the resizing (256, border,
+    quality 95, as ours), webdataset and `tuning`; its run and its successes."""
+    out = WORK / "img2dataset-out"
+    shutil.rmtree(out, ignore_errors=True)
+    pq.write_table(url_list, WORK / "urls.parquet")
+    command = [
+        str(binary),
+        *("--url_list", str(WORK / "urls.parquet"), "--input_format", "parquet"),
+        *("--url_col", "url", "--caption_col", "caption"),
+        *("--output_format", "webdataset", "--output_folder", str(out)),
+        *("--image_size", "256", "--resize_mode", "border", "--encode_quality", "95"),
+        *("--number_sample_per_shard", str(-(-len(url_list) // shards))),
+        *("--timeout", "10", "--retries", "0", "--enable_wandb", "False"),
+        *tuning,
+    ]
+    return timed(command), count_successes(out.glob("*.parquet"))
+
+
+def run_ours(url_list: pa.Table, shards: int, fields: dict, check: bool = True) -> tuple[Timed, int]:
+    """`laion-assets run` of crawl_metadata and downloaded_images over `url_list`, one incoming file per
+    shard, with `fields` as downloaded_images' config; its run and its successes."""
+    root = WORK / "laion-assets-root"
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "incoming").mkdir(parents=True)
+    per_shard = -(-len(url_list) // shards)
+    for shard in range(shards):
+        pq.write_table(
+            url_list.slice(shard * per_shard, per_shard), root / "incoming" / f"bench-{shard}.parquet"
+        )
+    config = WORK / "run.yaml"
+    config.write_text(yaml.safe_dump({"ops": {"downloaded_images": {"config": fields}}}))
+    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
+    command = [str(Path(sys.executable).parent / "laion-assets"), "run", "--root", str(root)]
+    command += ["--select", "crawl_metadata,downloaded_images", "--config", str(config)]
+    run = timed(command, env=env, check=check)
+    return run, count_successes((root / "images").glob("*.parquet")) if run.returncode == 0 else 0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=3000)
+    parser.add_argument("--web", default="loopback,latency", help="comma-separated, of loopback, latency")
+    parser.add_argument("--images", type=int, default=3000, help="URLs in each web's list")
     parser.add_argument("--distinct", type=int, default=300, help="distinct photos behind the URLs")
-    parser.add_argument("--threads", type=int, default=32, help="total download threads for each tool")
     parser.add_argument("--shards", type=int, default=2, help="URL files (shards) the URLs are split into")
-    parser.add_argument("--corpora", default="small,large", help=f"comma-separated, of {', '.join(CORPORA)}")
-    parser.add_argument(
+    parser.add_argument("--port", type=int, default=8731, help="the loopback web's; the latency web's is +1")
+    loopback = parser.add_argument_group("loopback web")
+    loopback.add_argument("--threads", type=int, default=32, help="total download threads for each tool")
+    loopback.add_argument(
+        "--corpora", default="small,large", help=f"comma-separated, of {', '.join(CORPORA)}"
+    )
+    loopback.add_argument(
         "--servers", default="nginx,photo", help="comma-separated, of nginx, photo, http.server"
     )
-    parser.add_argument("--port", type=int, default=8731)
-    args = parse_args(parser, images=40, distinct=8, corpora="small", servers="photo")
-    img2dataset = ensure_peer("img2dataset", ["img2dataset"])
-    print(
-        f"machine: {os.cpu_count()} cores; {args.images} URLs, {args.shards} shards, {args.threads} threads"
+    latency = parser.add_argument_group("latency web (bench/latency_web.py)")
+    latency.add_argument("--web-corpus", default="small", choices=CORPORA, help="its photos")
+    latency.add_argument("--hosts", type=int, default=200)
+    latency.add_argument("--zipf", type=float, default=1.0, help="a host's share of URLs is rank**-zipf")
+    for name, value in asdict(Latency()).items():
+        latency.add_argument(f"--{name}", type=type(value), default=value, help=LATENCY_HELP[name])
+    latency.add_argument("--harsh", action="store_true", help=", ".join(f"{k}={v}" for k, v in HARSH.items()))
+    args = parse_args(
+        parser, images=40, distinct=8, corpora="small", servers="photo", hosts=4, median=0.02, cap=0.2
     )
-    columns = ("ok", "wall s", "images/s", "peak MB", "ratio")
-    print(f"{'corpus':<7}{'server':<13}{'tool':<14}" + "".join(f"{c:>9}" for c in columns))
-    for corpus in args.corpora.split(","):
-        for server in args.servers.split(","):
-            compare(corpus, server, img2dataset, args)
+    if args.harsh:  # its values, except where an argument was given
+        for name, value in HARSH.items():
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
+    img2dataset = ensure_peer("img2dataset", ["img2dataset"])
+    print(f"machine: {os.cpu_count()} cores; {args.images} URLs, {args.shards} shards")
+    webs = args.web.split(",")
+    if "loopback" in webs:
+        print(f"loopback web, 127.0.0.1, {args.threads} threads for each tool")
+        columns = ("ok", "wall s", "images/s", "peak MB", "ratio")
+        print(f"{'corpus':<7}{'server':<13}{'tool':<14}" + "".join(f"{c:>9}" for c in columns))
+        for corpus in args.corpora.split(","):
+            for server in args.servers.split(","):
+                compare(corpus, server, img2dataset, args)
+    if "latency" in webs:
+        compare_on_latency_web(img2dataset, args)
 
 
-def compare(corpus: str, server_name: str, img2dataset: Path, args) -> None:
+def compare(corpus: str, server_name: str, img2dataset: Path, args: argparse.Namespace) -> None:
     """img2dataset and `laion-assets run` on the same URLs of `corpus`, served by `server_name`."""
     photos = make_photos(WORK / f"photos-{corpus}", args.distinct, corpus)
     site = WORK / "site"
@@ -180,110 +289,185 @@ def compare(corpus: str, server_name: str, img2dataset: Path, args) -> None:
         os.symlink(photos[i % len(photos)], site / f"{i}.jpg")
     sizes = [p.stat().st_size for p in photos]
     label = f"{corpus} ({np.mean(sizes) / 1024:.0f} KB mean, {min(sizes) // 1024}-{max(sizes) // 1024} KB)"
-    urls = [f"http://127.0.0.1:{args.port}/{i}.jpg" for i in range(args.images)]
-    url_list = pa.table({"url": urls, "caption": [f"photo number {i}" for i in range(args.images)]})
-    per_shard = -(-args.images // args.shards)
+    url_list = url_table([f"http://127.0.0.1:{args.port}/{i}.jpg" for i in range(args.images)])
     server = serve(site, args.port, server_name)
     try:
-        i2d_out = WORK / "img2dataset-out"
-        shutil.rmtree(i2d_out, ignore_errors=True)
-        pq.write_table(url_list, WORK / "urls.parquet")
-        i2d_seconds, i2d_peak, _ = timed(
-            [
-                str(img2dataset),
-                "--url_list",
-                str(WORK / "urls.parquet"),
-                "--input_format",
-                "parquet",
-                "--url_col",
-                "url",
-                "--caption_col",
-                "caption",
-                "--output_format",
-                "webdataset",
-                "--output_folder",
-                str(i2d_out),
-                "--processes_count",
-                "2",
-                "--thread_count",
-                str(args.threads // 2),
-                "--image_size",
-                "256",
-                "--resize_mode",
-                "border",
-                "--encode_quality",
-                "95",
-                "--number_sample_per_shard",
-                str(per_shard),
-                "--timeout",
-                "10",
-                "--retries",
-                "0",
-                "--enable_wandb",
-                "False",
-            ]
-        )
-        i2d_ok = count_successes_img2dataset(i2d_out)
-
-        ours_root = WORK / "laion-assets-root"
-        shutil.rmtree(ours_root, ignore_errors=True)
-        (ours_root / "incoming").mkdir(parents=True)
-        for shard in range(args.shards):
-            rows = url_list.slice(shard * per_shard, per_shard)
-            pq.write_table(rows, ours_root / "incoming" / f"bench-{shard}.parquet")
-        config = WORK / "run.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "ops": {
-                        "downloaded_images": {
-                            "config": {
-                                "threads": args.threads,
-                                "per_host_connections": args.threads,
-                                "allow_private_networks": True,
-                                "image_size": 256,
-                                "resize_mode": "border",
-                                "encode_quality": 95,
-                                "read_timeout": 10,
-                                "retries": 0,
-                            }
-                        }
-                    }
-                }
-            )
-        )
-        env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
-        ours_seconds, ours_peak, _ = timed(
-            [
-                str(Path(sys.executable).parent / "laion-assets"),
-                "run",
-                "--root",
-                str(ours_root),
-                "--select",
-                "crawl_metadata,downloaded_images",
-                "--config",
-                str(config),
-            ],
-            env=env,
-        )
-        ours_ok = sum(
-            pq.read_table(path, columns=["status"]).column("status").to_pylist().count("success")
-            for path in (ours_root / "images").glob("*.parquet")
-        )
+        threads = ["--processes_count", "2", "--thread_count", str(args.threads // 2)]
+        i2d, i2d_ok = run_img2dataset(img2dataset, url_list, args.shards, threads)
+        fields = {
+            "max_in_flight": args.threads,
+            "per_host_connections": args.threads,
+            "allow_private_networks": True,
+            **IMAGE_CONFIG,
+            "read_timeout": 10,
+            "retries": 0,
+        }
+        ours, ours_ok = run_ours(url_list, args.shards, fields)
     finally:
         server.terminate()
         server.wait()
     print(label)
-    ratio = (ours_ok / ours_seconds) / (i2d_ok / i2d_seconds)
-    for name, ok, seconds, peak, shown in (
-        ("img2dataset", i2d_ok, i2d_seconds, i2d_peak, ""),
-        ("laion_assets", ours_ok, ours_seconds, ours_peak, f"{ratio:.2f}x"),
+    ratio = (ours_ok / ours.seconds) / (i2d_ok / i2d.seconds)
+    for name, ok, run, shown in (
+        ("img2dataset", i2d_ok, i2d, ""),
+        ("laion_assets", ours_ok, ours, f"{ratio:.2f}x"),
     ):
         print(
-            f"{corpus:<7}{server_name:<13}{name:<14}{ok:>9}{seconds:>9.1f}{ok / seconds:>9.1f}"
-            f"{peak / 2**20:>9.0f}{shown:>9}",
+            f"{corpus:<7}{server_name:<13}{name:<14}{ok:>9}{run.seconds:>9.1f}{ok / run.seconds:>9.1f}"
+            f"{run.peak_rss / 2**20:>9.0f}{shown:>9}",
             flush=True,
         )
+
+
+def compare_on_latency_web(img2dataset: Path, args: argparse.Namespace) -> None:
+    """Each tool at its defaults, then tuned, on the same URLs of the latency web; their requests in flight,
+    the ratios, and how far each is from the bound that the latency and the CPU set."""
+    web_name = "harsh latency web" if args.harsh else "latency web"
+    latency = Latency(**{name: getattr(args, name) for name in asdict(Latency())})
+    site = WORK / "latency-site"
+    shutil.rmtree(site, ignore_errors=True)
+    site.mkdir(parents=True)
+    for photo in make_photos(WORK / f"photos-{args.web_corpus}", args.distinct, args.web_corpus):
+        os.symlink(photo, site / photo.name)
+    photos = photo_files(site)
+    port = args.port + 1
+    urls = latency_urls(args.images, args.hosts, args.zipf, port, args.seed)
+    url_list = url_table(urls)
+    sizes = [p.stat().st_size for p in photos]
+    busiest = Counter(urlsplit(url).netloc for url in urls).most_common(1)[0]
+    print(
+        f"{web_name}: {len(urls)} URLs over {args.hosts} hosts (Zipf {args.zipf:g}; the busiest, "
+        f"{busiest[0]}, has {busiest[1]}), {args.web_corpus} photos ({np.mean(sizes) / 1024:.0f} KB mean); "
+        f"first byte median {latency.median:g} s, sigma {latency.sigma:g}, cap {latency.cap:g} s; "
+        f"{latency.rate / 1e6:g} MB/s; {latency.hang:.0%} hanging, {latency.fail:.0%} failing"
+    )
+    series = WORK / "latency-in-flight.txt"
+    series.unlink(missing_ok=True)
+    server = start_latency_web(site, port, args.hosts, latency, series)
+    ours_base = {"allow_private_networks": True, **IMAGE_CONFIG}
+    ours_tuned = {**ours_base, **OURS_TUNED}
+    i2d_tuned = ["--processes_count", "2", "--thread_count", "128"]
+    # ours may fail while its downloader is being changed: the others' figures still count
+    tools: list[tuple[str, Callable[[], tuple[Timed, int]]]] = [
+        ("img2dataset at defaults", lambda: run_img2dataset(img2dataset, url_list, args.shards, [])),
+        ("img2dataset tuned", lambda: run_img2dataset(img2dataset, url_list, args.shards, i2d_tuned)),
+        ("ours at defaults", lambda: run_ours(url_list, args.shards, ours_base, check=False)),
+        ("ours tuned", lambda: run_ours(url_list, args.shards, ours_tuned, check=False)),
+    ]
+    if args.smoke:  # at defaults only
+        tools = [tool for tool in tools if tool[0].endswith("at defaults")]
+    elif not OURS_TUNED:
+        tools = [tool for tool in tools if tool[0] != "ours tuned"]
+        print("ours tuned: not run, OURS_TUNED is empty (it would be ours at defaults)")
+    # requests in flight as the server counted them; its CPU seconds, to show it is not the bottleneck
+    columns = ("ok", "wall s", "images/s", "peak MB", "flight max", "flight mean", "web CPU s")
+    print(f"{'tool':<25}" + "".join(f"{c:>12}" for c in columns), flush=True)
+    images_per_second: dict[str, float] = {}
+    try:
+        for name, run_tool in tools:
+            server_cpu = cpu_seconds(server.pid)
+            run, ok = run_tool()
+            server_cpu = cpu_seconds(server.pid) - server_cpu
+            if run.returncode != 0:
+                print(f"{name:<25}FAILED (exit code {run.returncode}):\n{run.output[-3000:]}", flush=True)
+                continue
+            most, mean = in_flight(series, run.started, run.finished)
+            images_per_second[name] = ok / run.seconds
+            print(
+                f"{name:<25}{ok:>12}{run.seconds:>12.1f}{ok / run.seconds:>12.1f}"
+                f"{run.peak_rss / 2**20:>12.0f}{most:>12}{mean:>12.1f}{server_cpu:>12.1f}",
+                flush=True,
+            )
+    finally:
+        server.terminate()
+        server.wait()
+    for ours in ("ours at defaults", "ours tuned"):
+        for theirs in ("img2dataset at defaults", "img2dataset tuned"):
+            if images_per_second.get(ours) is not None and images_per_second.get(theirs):
+                ratio = images_per_second[ours] / images_per_second[theirs]
+                print(f"{web_name} ratio, {ours} vs {theirs}: {ratio:.2f}x")
+    bound = images_per_second_bound(web_name, urls, latency, photos)
+    print(
+        f"{web_name}, x of the bound: "
+        + ", ".join(f"{name} {rate / bound:.2f}x" for name, rate in images_per_second.items())
+    )
+
+
+def latency_urls(count: int, hosts: int, zipf: float, port: int, seed: int) -> list[str]:
+    """`count` URLs, each a distinct path, on hosts drawn with weights rank**-zipf: a few CDNs hold most."""
+    weights = np.arange(1, hosts + 1, dtype=float) ** -zipf
+    drawn = np.random.default_rng(seed).choice(hosts, size=count, p=weights / weights.sum())
+    return [f"http://{host_address(host)}:{port}/i/{n}.jpg" for n, host in enumerate(drawn)]
+
+
+def in_flight(series: Path, started: float, finished: float) -> tuple[int, float]:
+    """Max and mean of the latency web's requests in flight between two unix times."""
+    counts = [
+        int(count)
+        for line in series.read_text().splitlines()
+        for at, count in [line.split()]
+        if started <= float(at) <= finished
+    ]
+    return max(counts, default=0), float(np.mean(counts)) if counts else 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds a running process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def images_per_second_bound(web_name: str, urls: list[str], latency: Latency, photos: list[Path]) -> float:
+    """Prints the bound that the latency and the CPU set on the images/s of `urls`, and returns it.
+
+    CPU: the images that can succeed x `process_image`'s seconds for each (measured here, one core) / the
+    usable cores. Latency: the slowest URL (its delay and its body at the web's rate), or the busiest host's
+    answers one after another over laion-assets' per-host connections, whichever is longer. URLs that
+    never answer are left out: a tool decides how long it waits for them.
+    """
+    settings = ImageSettings(**IMAGE_CONFIG)
+    process_image(photos[0].read_bytes(), settings)  # imports and first-call costs out of the timing
+    photo_seconds = []
+    for photo in photos:
+        data = photo.read_bytes()
+        start = time.perf_counter()
+        process_image(data, settings)
+        photo_seconds.append(time.perf_counter() - start)
+    per_host = DownloadSettings().per_host_connections
+    cores = len(os.sched_getaffinity(0))
+    images, cpu, slowest = 0, 0.0, 0.0
+    host_seconds: Counter = Counter()
+    for url in urls:
+        parts = urlsplit(url)
+        answer = plan(latency, parts.netloc, parts.path)
+        if answer.status is None:
+            continue
+        seconds = answer.delay
+        if answer.status == 200:
+            photo = photo_index(parts.path, len(photos))
+            images += 1
+            cpu += photo_seconds[photo] / cores
+            seconds += photos[photo].stat().st_size / latency.rate
+        slowest = max(slowest, seconds)
+        host_seconds[parts.netloc] += seconds
+    host, answers = host_seconds.most_common(1)[0]
+    latency_bound = max(slowest, answers / per_host)
+    bound = max(cpu, latency_bound)
+    print(
+        f"{web_name} bound, CPU: {images} images x {cpu * cores / images * 1000:.1f} ms of process_image "
+        f"(256, border, quality 95) / {cores} cores = {cpu:.1f} s"
+    )
+    print(
+        f"{web_name} bound, latency: slowest URL {slowest:.2f} s; busiest host {host}, {answers:.1f} s of "
+        f"answers / {per_host} connections (laion-assets' per_host_connections) = {answers / per_host:.1f} s"
+    )
+    set_by = "CPU" if cpu >= latency_bound else "latency"
+    uncapped = max(cpu, slowest)
+    print(
+        f"{web_name} bound: {bound:.1f} s, {images / bound:.1f} images/s (set by {set_by}); without a"
+        f" per-host cap, as img2dataset has none: {uncapped:.1f} s, {images / uncapped:.1f} images/s"
+    )
+    return images / bound
 
 
 if __name__ == "__main__":

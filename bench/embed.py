@@ -79,7 +79,7 @@ def run_clip_retrieval(args: argparse.Namespace, tar_path: Path) -> dict:
                 writer.write(key, members)
     output = WORK / "clip-retrieval-out"
     shutil.rmtree(output, ignore_errors=True)
-    _, peak, _ = timed(
+    peak = timed(
         [
             # clip-anytorch still imports pkg_resources, which setuptools 81 removed
             str(ensure_peer("clip-retrieval", ["clip-retrieval", "setuptools<81"])),
@@ -102,7 +102,7 @@ def run_clip_retrieval(args: argparse.Namespace, tar_path: Path) -> dict:
             "False",
         ],
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+    ).peak_rss
     stats = [json.loads(p.read_text()) for p in (output / "stats").glob("*.json")]
     count = sum(s["sample_count"] for s in stats)
     busy = max(s["end_time"] for s in stats) - min(s["start_time"] for s in stats)

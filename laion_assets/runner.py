@@ -13,7 +13,7 @@ from laion_assets.definitions import DATASET_ASSETS, SETTINGS_SECTIONS
 from laion_assets.defs.config import config_values, explicit_config
 from laion_assets.defs.jobs import PER_SHARD_ASSETS, PER_SHARD_CHECKS
 from laion_assets.defs.metadata import layer_of
-from laion_assets.defs.partitions import shards
+from laion_assets.defs.partitions import SHARDS_PER_RUN_ENV, range_tags, shards, shards_per_run
 from laion_assets.defs.resources import (
     CaptionerSettings,
     CocaCaptionerResource,
@@ -138,6 +138,8 @@ def run_pipeline(
         outcomes.extend(_materialize_dataset_asset(instance, resources_, asset, echo) for asset in before)
         per_shard = [a for a in PER_SHARD_ASSETS if a in assets]
         stale = {} if force else stale_layers(store, sources, [layer_of(a) for a in per_shard])
+        group: list[str] = []  # consecutive shards with the same assets to materialise, run together
+        group_todo: list[dg.AssetsDefinition] = []
         for shard in sources:
             todo = per_shard if force else [a for a in per_shard if layer_of(a) in stale[shard]]
             for layer_name, changes in changed.get(shard, {}).items():
@@ -146,14 +148,28 @@ def run_pipeline(
                 marked = [i for i, a in enumerate(per_shard) if layer_of(a).name in changed[shard]]
                 todo = [a for i, a in enumerate(per_shard) if (marked and i >= marked[0]) or a in todo]
             busy = holder(store, shard) if todo else None
+            if group and (todo != group_todo or busy or len(group) == cli_shards_per_run()):
+                outcomes.extend(
+                    _materialize_group(
+                        instance, resources_, store, sources, group, group_todo, run_config, echo
+                    )
+                )
+                group = []
             if busy:
                 outcome = ShardOutcome(shard, skipped=f"being written by {describe(busy)}; left to it")
             elif todo:
-                outcome = _materialize(instance, resources_, shard, todo, run_config)
+                group, group_todo = [*group, shard], todo
+                continue
             else:
                 outcome = ShardOutcome(shard)
             echo(outcome.line())
             outcomes.append(outcome)
+        if group:
+            outcomes.extend(
+                _materialize_group(
+                    instance, resources_, store, sources, group, group_todo, run_config, echo, force
+                )
+            )
         after = [a for a in assets if a not in PER_SHARD_ASSETS and a not in before]
         outcomes.extend(
             _materialize_dataset_asset(instance, resources_, asset, echo, run_config) for asset in after
@@ -197,31 +213,92 @@ def echo_rewrites(result: dg.ExecuteInProcessResult, name: str, echo: Callable[[
         echo(f"  {observation.asset_key.to_user_string()} {observation.partition}: now {rows} rows ({why})")
 
 
+def cli_shards_per_run() -> int:
+    """Shards one `laion-assets run` run materialises together: $LAION_ASSETS_SHARDS_PER_RUN where set,
+    else 8. Within a run the downloads are pipelined (the next shard fetches while the last one drains)
+    and the run's fixed cost is paid once."""
+    return shards_per_run() if os.environ.get(SHARDS_PER_RUN_ENV) else 8
+
+
+def _materialize_group(
+    instance: dg.DagsterInstance,
+    resources_: dict[str, dg.ConfigurableResource],
+    store: DatasetStore,
+    sources: dict,
+    group: list[str],
+    todo: list[dg.AssetsDefinition],
+    run_config: dict,
+    echo: Callable[[str], None],
+    force: bool,
+) -> list[ShardOutcome]:
+    """The `todo` assets of the `group` shards in one run; where it fails, each shard again on its own,
+    so that a bad shard fails alone and the others are done (what the failed run finished is kept,
+    unless `force` asks for every layer again)."""
+    outcomes = _materialize(instance, resources_, group, todo, run_config)
+    if len(group) > 1 and any(outcome.error for outcome in outcomes):
+        echo(f"{group[0]}..{group[-1]}: the run of {len(group)} shards failed; each shard on its own")
+        layers = [layer_of(a) for a in todo]
+        stale = (
+            {shard: layers for shard in group}
+            if force
+            else stale_layers(store, {shard: sources[shard] for shard in group}, layers)
+        )
+        outcomes = [
+            _materialize(
+                instance, resources_, [shard], [a for a in todo if layer_of(a) in stale[shard]], run_config
+            )[0]
+            if stale[shard]
+            else _done_by_the_failed_run(store, shard, todo)
+            for shard in group
+        ]
+    for outcome in outcomes:
+        echo(outcome.line())
+    return outcomes
+
+
+def _done_by_the_failed_run(store: DatasetStore, shard: str, todo: list[dg.AssetsDefinition]) -> ShardOutcome:
+    """A shard the failed run of its group finished: its rows as its files hold them."""
+    rows = {a.key.to_user_string(): store.parquet_num_rows(layer_of(a).parquet(shard)) for a in todo}
+    return ShardOutcome(shard, ran=list(rows), rows=rows)
+
+
 def _materialize(
     instance: dg.DagsterInstance,
     resources_: dict[str, dg.ConfigurableResource],
-    shard: str,
+    group: list[str],
     todo: list[dg.AssetsDefinition],
     run_config: dict,
-) -> ShardOutcome:
+) -> list[ShardOutcome]:
+    """One run of the `todo` assets over the `group` shards (consecutive partitions): an outcome each."""
     asset_names = [a.key.to_user_string() for a in todo]
     ops = {name: block for name, block in (run_config.get("ops") or {}).items() if name in asset_names}
     result = dg.materialize(
         [*PER_SHARD_ASSETS, *PER_SHARD_CHECKS],
         selection=todo,
-        partition_key=shard,
+        partition_key=group[0] if len(group) == 1 else None,
         instance=instance,
         resources=resources_,
         run_config={"ops": ops, **QUIET} if ops else QUIET,
         raise_on_error=False,
-        tags={names.TRIGGER_TAG: "cli"},
+        tags={names.TRIGGER_TAG: "cli", **(range_tags(group[0], group[-1]) if len(group) > 1 else {})},
     )
-    outcome = ShardOutcome(shard, ran=asset_names)
+    error = failure_message(result)
+    outcomes = {shard: ShardOutcome(shard, ran=asset_names, error=error) for shard in group}
     for name in asset_names:
         for materialization in result.asset_materializations_for_node(name):
-            outcome.rows[name] = materialization.metadata["dagster/row_count"].value
-    outcome.error = failure_message(result)
-    return outcome
+            for shard, rows in _rows_by_shard(materialization.metadata, group).items():
+                outcomes[shard].rows[name] = rows
+    return list(outcomes.values())
+
+
+def _rows_by_shard(metadata: dict, group: list[str]) -> dict[str, int]:
+    """Rows per shard from a materialisation's metadata: its own for one shard, its `shards` table's
+    rows for several (shards_materialized)."""
+    if "dagster/row_count" in metadata:
+        return {group[0]: metadata["dagster/row_count"].value} if len(group) == 1 else {}
+    table = metadata.get("shards")
+    records = table.value.records if table else []
+    return {r.data["shard"]: r.data["dagster/row_count"] for r in records if "dagster/row_count" in r.data}
 
 
 def failure_message(result: dg.ExecuteInProcessResult) -> str | None:

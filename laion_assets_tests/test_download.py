@@ -14,6 +14,7 @@ from PIL import Image
 from laion_assets.pipeline import download, fetch, schemas
 from laion_assets.pipeline.download import DownloadSettings, HostScheduler, _Job, download_shard
 from laion_assets.pipeline.imaging import ImageSettings, process_image
+from laion_assets.pipeline.parallel import pipelined
 
 # Short timeouts keep the failures quick; the guard is off because the web is on 127.0.0.1.
 FAST = DownloadSettings(
@@ -25,7 +26,7 @@ FAST = DownloadSettings(
     max_bytes=1_000_000,
     max_retry_after=5,
     allow_private_networks=True,
-    threads=16,
+    max_in_flight=16,
 )
 
 
@@ -262,7 +263,7 @@ def test_redirect_into_a_private_network_is_refused_at_the_hop(web, monkeypatch)
 
 
 def test_per_host_cap(web, processes):
-    settings = replace(FAST, per_host_connections=2, threads=8, processes=processes)
+    settings = replace(FAST, per_host_connections=2, max_in_flight=8, processes=processes)
     _, _, rows = run([web.url(f"/slow/{i}") for i in range(8)], settings)
     assert {r["status"] for r in rows.values()} == {schemas.SUCCESS}
     assert web.max_in_flight == 2  # with two workers: one connection each
@@ -270,7 +271,7 @@ def test_per_host_cap(web, processes):
 
 def test_a_dead_worker_process_costs_its_unfinished_rows_only(web, monkeypatch):
     monkeypatch.setattr(download, "ROWS_PER_PROCESS", 4)
-    settings = replace(FAST, per_host_connections=2, threads=2, processes=2)
+    settings = replace(FAST, per_host_connections=2, max_in_flight=2, processes=2)
     urls = [web.url(f"/slow/{i}") for i in range(16)]
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(zip("rtm", run(urls, settings), strict=True)))
@@ -309,7 +310,7 @@ def test_scheduler_round_robins_hosts():
 
 
 def test_shard_deadline_fails_the_rest_with_a_reason(web):
-    settings = DownloadSettings(**{**FAST.__dict__, "shard_timeout": 1.0, "threads": 1, "retries": 0})
+    settings = DownloadSettings(**{**FAST.__dict__, "shard_timeout": 1.0, "max_in_flight": 1, "retries": 0})
     result, _, rows = run(
         [web.url("/drip.jpg"), web.url("/img/red.jpg"), web.url("/img/green.png")], settings
     )
@@ -481,3 +482,42 @@ def test_resize_only_if_bigger_leaves_an_image_that_is_not_bigger_as_it_is(mode,
     big = process_image(_photo(1230, 4560), settings)
     plain = process_image(_photo(1230, 4560), replace(settings, resize_only_if_bigger=False))
     assert (big.width, big.height) == (plain.width, plain.height)
+
+
+def test_the_next_shard_starts_while_the_last_one_drains(web):
+    """pipelined(): the second shard's requests go out while the first waits on its slowest URL."""
+    settings = replace(FAST, max_in_flight=4, retries=0)
+    first = [web.url("/drip.jpg")] + [web.url(f"/up/a{i}") for i in range(7)]
+    second = [web.url(f"/up/b{i}") for i in range(3)]
+    ended = {}
+
+    def download(urls, draining):
+        result = download_shard(crawl_table(urls), settings, io.BytesIO(), draining=draining)
+        ended[urls[0]] = time.monotonic()
+        return result
+
+    results = list(pipelined([first, second], download))
+    assert [urls for urls, _ in results] == [first, second]  # in order
+    first_result, second_result = results[0][1], results[1][1]
+    assert first_result.status_counts()[schemas.SUCCESS] == 7  # all but the drip
+    assert second_result.status_counts()[schemas.SUCCESS] == 3
+    # the second shard was fetched and done while the drip still held the first one
+    assert ended[second[0]] < ended[first[0]]
+
+
+def test_draining_is_set_once_few_rows_are_left(web):
+    """With one request in flight, the shard drains from two rows left (download._NEXT_SHARD_WITHIN)."""
+    settings = replace(FAST, max_in_flight=1, per_host_connections=1)
+    draining = threading.Event()
+    urls = [web.url(f"/slow/{i}") for i in range(5)]
+    done = []
+    thread = threading.Thread(
+        target=lambda: done.append(
+            download_shard(crawl_table(urls), settings, io.BytesIO(), draining=draining)
+        )
+    )
+    thread.start()
+    assert not draining.wait(0.3 * 2)  # 0.3 s a row, one at a time: 3 rows or more are left here
+    assert draining.wait(30)
+    thread.join(30)
+    assert done[0].table.num_rows == 5

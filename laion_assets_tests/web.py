@@ -7,10 +7,12 @@ import threading
 import time
 import zlib
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs
 
 from PIL import Image
+
+from laion_assets.demo.web import WebServer
 
 
 def make_image(fmt: str, size: tuple[int, int], color=(200, 40, 40), mode: str = "RGB", **save) -> bytes:
@@ -71,17 +73,18 @@ TDMREP_JSON = b"""[
 
 class TestWeb:
     """`url(path)` gives the address of a route; `hits` counts requests per path, `hosts` keeps the
-    Host header of each path's last request."""
+    Host header of each path's last request, `connections` the client end of each connection."""
 
     def __init__(self) -> None:
         self.hits: Counter = Counter()
         self.hosts: dict[str, str | None] = {}
+        self.connections: set[tuple[str, int]] = set()  # the client address of each connection served
         self.down: set[str] = set()  # paths answering 503 until removed
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server = WebServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         # a socket that accepts connections (the kernel does) but never answers
@@ -124,6 +127,7 @@ class TestWeb:
                 with web._lock:
                     web.hits[path] += 1
                     web.hosts[path] = self.headers.get("Host")
+                    web.connections.add(self.client_address[:2])
                     hits = web.hits[path]
                     web.in_flight += 1
                     web.max_in_flight = max(web.max_in_flight, web.in_flight)

@@ -42,7 +42,7 @@ def deployment_run_config() -> dict:
     """The run config of the deployment's shard runs: the file $LAION_ASSETS_RUN_CONFIG names, if set.
 
     Runs the sensor, the catch-up schedule or a job backfill launches carry no run config of their own;
-    this is where a deployment sets, say, `threads` or `respect_robots_txt` for all of them."""
+    this is where a deployment sets, say, `max_in_flight` or `respect_robots_txt` for all of them."""
     path = os.environ.get(RUN_CONFIG_ENV)
     return read_run_config(Path(path)) if path else {}
 

@@ -1,5 +1,6 @@
 """The `downloaded_images` asset: a shard's URLs become a webdataset tar and a status parquet."""
 
+import threading
 from typing import Any
 
 import dagster as dg
@@ -11,11 +12,13 @@ from laion_assets.defs.config import config_values, dataset_config, settings_fro
 from laion_assets.defs.crawl import crawl_metadata
 from laion_assets.defs.execution import DOWNLOAD_POD
 from laion_assets.defs.metadata import counts_table, preview, shards_materialized, writes_layer
-from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, leased_shards, shards
+from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, shards
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.download import DownloadSettings, write_images
+from laion_assets.pipeline.download import DownloadResult, DownloadSettings, write_images
 from laion_assets.pipeline.imaging import RESIZE_MODES
+from laion_assets.pipeline.leases import shard_lease
+from laion_assets.pipeline.parallel import pipelined
 from laion_assets.pipeline.storage import CRAWL_METADATA, IMAGES, DatasetStore
 
 D = DownloadSettings  # every default below is the pipeline's own
@@ -53,7 +56,10 @@ class DownloadImagesConfig(dg.Config):
     opt_out_directives: list[str] = pydantic.Field(default_factory=lambda: list(D.opt_out_directives))
     respect_tdm_reservation: bool = D.respect_tdm_reservation  # W3C TDMRep's response header
     allow_private_networks: bool = D.allow_private_networks
-    threads: int = D.threads  # in all, shared by the worker processes
+    dns_timeout: float = D.dns_timeout  # a host that does not resolve in time fails its rows at once
+    dns_cache_seconds: float = D.dns_cache_seconds
+    dns_lookups: int = D.dns_lookups  # resolutions in flight at once
+    max_in_flight: int = D.max_in_flight  # requests at once, in all, shared by the worker processes
     processes: int = D.processes  # worker processes for a shard of over 256 rows; 0: one per core
     shard_timeout: float = D.shard_timeout
     retry_failed: bool = D.retry_failed  # fetch again only the rows that failed to download last time
@@ -79,8 +85,13 @@ def downloaded_images(
     config = dataset_config(context, config, dataset)
     settings = settings_from(config, DownloadSettings)
     metadata = {}
-    for shard in leased_shards(context, dataset):
-        result = write_images(dataset, shard, settings, progress=context.log.info)
+
+    def download(shard: str, draining: threading.Event) -> DownloadResult:
+        with shard_lease(dataset, shard, context.run.run_id):
+            return write_images(dataset, shard, settings, context.log.info, draining)
+
+    # the next shard starts fetching while the last one waits on its slowest hosts
+    for shard, result in pipelined(context.partition_keys, download):
         counts = result.status_counts()
         rows = result.table.num_rows
         metadata[shard] = {

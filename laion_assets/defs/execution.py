@@ -16,7 +16,8 @@ def pod_resources(requests: dict[str, str], limits: dict[str, str]) -> dict[str,
     }
 
 
-# A download step: 32 threads fetching, decoding and resizing; a 10,000-row shard peaks under 1 GB.
+# A download step: requests on an event loop, images decoded in a process per core; a 10,000-row shard
+# peaks under 1 GB.
 DOWNLOAD_POD = pod_resources({"cpu": "2", "memory": "2Gi"}, {"memory": "4Gi"})
 # An embedding step: one GPU, and CPU cores to decode ahead of it.
 GPU_POD = pod_resources({"cpu": "4", "memory": "8Gi"}, {"memory": "16Gi", "nvidia.com/gpu": "1"})

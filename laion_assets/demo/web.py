@@ -13,6 +13,15 @@ from laion_assets.demo import world as w
 NOT_AN_IMAGE_PAGE = b"<!doctype html><html><body><h1>Image moved</h1><p>See our gallery.</p></body></html>"
 
 
+class WebServer(ThreadingHTTPServer):
+    """http.server with a real web server's accept queue (nginx's is 511), not its 5: the downloader
+    opens up to `per_host_connections` connections to one host at once, and a queue of 5 drops the
+    rest of them (their connections time out)."""
+
+    request_queue_size = 1024
+    daemon_threads = True
+
+
 class WorldWeb:
     """A threaded HTTP/1.1 server on a free loopback port; `with WorldWeb(world) as web:` runs it."""
 
@@ -20,7 +29,7 @@ class WorldWeb:
         self.world = world
         self.first_byte_delay = first_byte_delay  # seconds before each answer: a web that waits
         self._images: dict[str, bytes] = {}  # path -> encoded image, rendered on first request
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server = WebServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="world-web", daemon=True)
 

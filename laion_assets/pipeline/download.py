@@ -1,18 +1,25 @@
 """The downloaded_images stage: every crawl row fetched, decoded, resized, and recorded with a status.
 
-Work is spread over a thread pool; a scheduler hands out URLs round-robin over hosts and never
-runs more than `per_host_connections` requests on one host. Fetching and Pillow's decoding and
-resizing release the GIL, but parsing HTTP and the Python around each image do not: one process
-with 32 threads keeps about 1.5 of 2 cores busy. So a shard of more than `ROWS_PER_PROCESS` rows is
-split over worker processes (`processes`, one per core by default), each with its share of the
-threads and of each host's connections; they are forked from a server that has this module imported
-already (multiprocessing's forkserver), so a worker starts in milliseconds. Samples and records come
-back to this process, which alone writes the tar. Images stream into the tar as they finish; only the
-small per-row records are held until the parquet is written, sorted by key.
+On the real web a request mostly waits (hundreds of ms for the first byte, seconds for some hosts),
+so throughput is set by how many are in flight. Each worker fetches on an asyncio event loop (uvloop
+where installed) with up to its share of `max_in_flight` requests at once: a URL that never answers
+costs a socket, not a thread. A scheduler hands out URLs round-robin over hosts, never more than
+`per_host_connections` at once on one host; a retry waits out its backoff off the books and goes to
+the back of its host's queue, so it never holds back fresh URLs. Bodies are decoded, resized and
+encoded by the worker's main thread, one image at a time, beside the loop's thread: a request's slot
+is freed only once its image is done, so memory is bounded by `max_in_flight` bodies.
+
+A shard of more than `ROWS_PER_PROCESS` rows is split over worker processes (`processes`, one per core
+by default), each with its share of the requests and of each host's connections; they are forked from
+a server that has this module imported already (multiprocessing's forkserver), so a worker starts in
+milliseconds. Their hosts are resolved once, here, before they start, and handed to them. Samples and
+records come back to this process, which alone writes the tar. Images stream into the tar as they
+finish; only the small per-row records are held until the parquet is written, sorted by key.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -20,32 +27,40 @@ import multiprocessing
 import multiprocessing.connection
 import multiprocessing.forkserver
 import os
+import queue
+import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 import pyarrow as pa
 
 from laion_assets import names
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.blocklist import Blocklist, load_active
-from laion_assets.pipeline.fetch import Fetcher, FetchSettings
+from laion_assets.pipeline.fetch import Address, Fetched, Fetcher, FetchSettings, RetryLater
 from laion_assets.pipeline.imaging import DecodeError, FilteredSize, ImageSettings, process_image
 from laion_assets.pipeline.lineage import inherited_footer
 from laion_assets.pipeline.shard_tar import TarShardWriter, encode_sample, read_samples
 from laion_assets.pipeline.storage import CRAWL_METADATA, IMAGES, DatasetStore
 
+T = TypeVar("T")
 ROWS_PER_PROCESS = 256  # a shard gets one worker process per this many rows to fetch, up to `processes`
 _BATCH = 16  # results a worker sends back at once
+# A shard is draining (the next one may start) with this many times `max_in_flight` rows left or fewer:
+# the next one's first requests then wait out their latency while this one still decodes (measured on
+# bench/download.py's latency web: 1x, 322 images/s; 2x, 355).
+_NEXT_SHARD_WITHIN = 2
+# s: a row with less of the shard's time left is not started (uvloop's timers fire up to 1 ms early)
+_TOO_LATE = 0.01
 
 
 @dataclass(frozen=True)
 class DownloadSettings(FetchSettings, ImageSettings):
-    threads: int = 32  # in all: each worker process gets its share
+    max_in_flight: int = 1024  # requests at once, in all: each worker process gets its share
     processes: int = 0  # worker processes for a large shard; 0: one per core; 1: all in this process
     shard_timeout: float = 3600.0  # seconds for the whole shard; rows not fetched by then fail
     retry_failed: bool = False  # refetch only the failed_to_download rows of the previous result
@@ -114,9 +129,24 @@ class HostScheduler:
     def done(self, job: _Job) -> None:
         self._running[job.host] -= 1
 
+    def again(self, job: _Job) -> None:
+        """`job` back at the end of its host's queue (a retry)."""
+        if job.host not in self._queues or not self._queues[job.host]:
+            self._queues[job.host] = deque()
+            self._hosts.append(job.host)
+        self._queues[job.host].append(job)
+
+    def idle(self) -> bool:
+        """Nothing queued and nothing running."""
+        return not self._hosts and not +self._running
+
 
 def write_images(
-    store: DatasetStore, shard: str, settings: DownloadSettings, progress: Callable[[str], None] | None = None
+    store: DatasetStore,
+    shard: str,
+    settings: DownloadSettings,
+    progress: Callable[[str], None] | None = None,
+    draining: threading.Event | None = None,
 ) -> DownloadResult:
     """`images/<shard>.tar` and `images/<shard>.parquet` from the shard's crawl_metadata; with
     `settings.retry_failed`, only the rows that failed to download last time are fetched again. The block
@@ -129,7 +159,8 @@ def write_images(
         if settings.retry_failed and store.exists(parquet_path) and store.exists(tar_path):
             previous = (store.read_parquet(parquet_path), stack.enter_context(store.open(tar_path)))
         tar_out = stack.enter_context(store.atomic_write(tar_path))
-        result = download_shard(crawl, settings, tar_out, previous, progress, blocklist=load_active(store))
+        blocklist = load_active(store)
+        result = download_shard(crawl, settings, tar_out, previous, progress, blocklist, draining)
     footer = {**inherited_footer(crawl), names.SETTINGS_FOOTER: json.dumps(asdict(settings))}
     store.write_parquet(parquet_path, result.table, metadata=footer, **schemas.IMAGES_PARQUET_OPTIONS)
     return result
@@ -142,12 +173,14 @@ def download_shard(
     previous: tuple[pa.Table, IO[bytes]] | None = None,
     progress: Callable[[str], None] | None = None,
     blocklist: Blocklist | None = None,
+    draining: threading.Event | None = None,
 ) -> DownloadResult:
     """Fetch the `url` of every `crawl` row; write successes to `tar_out`, return one record per row.
 
     `previous` is the last result (images table, tar stream): with `settings.retry_failed`, its
     rows that did not fail to download are kept and their samples copied, the rest fetched again.
     A row whose link or domain is on `blocklist` is not fetched; one whose bytes are on it is dropped.
+    `draining` is set once few rows are left (`_NEXT_SHARD_WITHIN`): the next shard may start.
     """
     start = time.monotonic()
     deadline = start + settings.shard_timeout
@@ -176,6 +209,8 @@ def download_shard(
             if sample:
                 writer.write_encoded(sample)
             records.append(record)
+            if draining and len(jobs) - done <= _NEXT_SHARD_WITHIN * settings.max_in_flight:
+                draining.set()
             if progress and time.monotonic() - last_report > 30:
                 last_report = time.monotonic()
                 progress(f"{done}/{len(jobs)} rows, {done / (last_report - started):.1f} rows/s")
@@ -186,7 +221,8 @@ def download_shard(
 def process_count(settings: DownloadSettings, rows: int) -> int:
     """Worker processes for `rows` rows to fetch: 1 means this process does the work itself."""
     wanted = settings.processes or usable_cores()
-    return max(1, min(wanted, -(-rows // ROWS_PER_PROCESS), settings.threads, settings.per_host_connections))
+    limits = (-(-rows // ROWS_PER_PROCESS), settings.max_in_flight, settings.per_host_connections)
+    return max(1, min(wanted, *limits))
 
 
 def usable_cores() -> int:
@@ -212,14 +248,15 @@ def _fetch_in_processes(
     if count == 1:
         yield from _fetch_all(jobs, settings, deadline, blocked_images)
         return
+    addresses = resolve_hosts({job.host for job in jobs}, settings)
     per_host = settings.per_host_connections // count
-    share = replace(settings, threads=settings.threads // count, per_host_connections=per_host)
+    share = replace(settings, max_in_flight=settings.max_in_flight // count, per_host_connections=per_host)
     context = _worker_context()
     workers = {}
     for part in (jobs[i::count] for i in range(count)):
         receive, send = context.Pipe(duplex=False)
         process = context.Process(
-            target=_worker, args=(part, share, deadline, blocked_images, send), daemon=True
+            target=_worker, args=(part, share, deadline, blocked_images, send, addresses), daemon=True
         )
         process.start()
         send.close()
@@ -271,13 +308,14 @@ def _worker(
     deadline: float,
     blocked_images: dict[str, str],
     send: multiprocessing.connection.Connection,
+    addresses: dict[str, Address],
 ) -> None:
     """A worker process: its jobs through `_fetch_all`, the results sent back in small batches, then None.
     When the step's process is gone (killed), the next send fails and the worker stops after the
     requests in flight."""
     batch = []
     try:
-        for result in _fetch_all(jobs, settings, deadline, blocked_images):
+        for result in _fetch_all(jobs, settings, deadline, blocked_images, addresses):
             batch.append(result)
             if len(batch) >= _BATCH:
                 send.send(batch)
@@ -290,40 +328,149 @@ def _worker(
     send.close()
 
 
+def resolve_hosts(hosts: set[str], settings: FetchSettings) -> dict[str, Address]:
+    """Each host's answer (its vetted address, or why it is refused), `dns_lookups` at a time."""
+
+    async def resolved() -> dict[str, Address]:
+        async with Fetcher(settings) as fetcher:
+            answers = await asyncio.gather(*(fetcher.resolve(host) for host in hosts))
+        return dict(zip(hosts, answers, strict=True))
+
+    return _run_async(resolved())
+
+
+def _run_async(coroutine: Coroutine[None, None, T]) -> T:
+    """`coroutine` run to its end on a new event loop: uvloop's where it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coroutine)
+
+
 def _fetch_all(
-    jobs: list[_Job], settings: DownloadSettings, deadline: float, blocked_images: dict[str, str]
+    jobs: list[_Job],
+    settings: DownloadSettings,
+    deadline: float,
+    blocked_images: dict[str, str],
+    addresses: dict[str, Address] | None = None,
 ) -> Iterator[tuple[dict, bytes | None]]:
     """(record, its sample encoded for the tar, or None) for each job, in the order they finish;
-    `blocked_images` maps the sha256 and md5 digests on block lists to the list they are on."""
-    fetcher = Fetcher(settings)
-    scheduler = HostScheduler(jobs, settings.per_host_connections)
-    with ThreadPoolExecutor(settings.threads, thread_name_prefix="download") as pool:
-        running = {}
-        while True:
-            while len(running) < settings.threads and (job := scheduler.next()) is not None:
-                if time.monotonic() >= deadline:
-                    scheduler.done(job)
-                    error = f"shard deadline: not started within shard_timeout={settings.shard_timeout:g}s"
-                    yield _record(job, schemas.FAILED_TO_DOWNLOAD, error), None
+    `blocked_images` maps the sha256 and md5 digests on block lists to the list they are on.
+
+    The fetching runs on an event loop in a thread of its own (`_Fetching`); the images are decoded here,
+    in the caller's thread, each freeing its request's slot when done."""
+    fetching = _Fetching(jobs, settings, deadline, addresses)
+    unfinished = {job.key: job for job in jobs}
+    thread = threading.Thread(target=fetching.run, name="fetch-loop", daemon=True)
+    thread.start()
+    while (item := fetching.results.get()) is not None:
+        job, outcome = item
+        try:
+            yield _finish(job, outcome, settings, blocked_images)
+        finally:
+            del unfinished[job.key]
+            fetching.free_slot()
+    thread.join()
+    error = f"unexpected: download loop stopped: {fetching.error}"
+    for job in unfinished.values():  # only after a bug: every row still gets its record
+        yield _record(job, schemas.FAILED_TO_DOWNLOAD, error), None
+
+
+class _Fetching:
+    """The requests of one worker on an event loop: at most `max_in_flight` at once (a slot is held
+    from the request until its image is decoded), `per_host_connections` per host; a retry waits out
+    its backoff holding neither, then goes to the back of its host's queue. Each outcome is put on
+    `results`, then None."""
+
+    def __init__(
+        self,
+        jobs: list[_Job],
+        settings: DownloadSettings,
+        deadline: float,
+        addresses: dict[str, Address] | None,
+    ) -> None:
+        self.results: queue.SimpleQueue[tuple[_Job, Fetched] | None] = queue.SimpleQueue()
+        self.error: str | None = None
+        self._settings, self._deadline, self._addresses = settings, deadline, addresses
+        self._scheduler = HostScheduler(jobs, settings.per_host_connections)
+        self._attempts: Counter = Counter()  # job key -> attempts made
+        self._retrying = 0  # jobs waiting out a backoff
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._changed: asyncio.Event | None = None
+
+    def run(self) -> None:
+        try:
+            _run_async(self._dispatch())
+        except BaseException as exc:  # a bug: the consumer records the rows left
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.results.put(None)
+
+    def free_slot(self) -> None:
+        """From the consumer's thread: an outcome is done with."""
+        with contextlib.suppress(RuntimeError):  # the loop has ended
+            self._loop.call_soon_threadsafe(self._slots.release)
+
+    async def _dispatch(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._slots = asyncio.Semaphore(self._settings.max_in_flight)
+        self._changed = asyncio.Event()
+        tasks = set()
+        async with Fetcher(self._settings, self._addresses) as fetcher:
+            while True:
+                await self._slots.acquire()
+                job = self._scheduler.next()
+                if job is None:
+                    self._slots.release()
+                    if self._scheduler.idle() and not self._retrying:
+                        return
+                    # every host with work is at its cap, or only retries wait: until that changes
+                    self._changed.clear()
+                    await self._changed.wait()
                     continue
-                running[pool.submit(_download_one, fetcher, settings, job, deadline, blocked_images)] = job
-            if not running:
-                return
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                scheduler.done(running.pop(future))
-                yield future.result()
+                if time.monotonic() >= self._deadline - _TOO_LATE:
+                    self._scheduler.done(job)
+                    error = (
+                        f"shard deadline: not started within shard_timeout={self._settings.shard_timeout:g}s"
+                    )
+                    self.results.put((job, Fetched(schemas.FAILED_TO_DOWNLOAD, error=error)))
+                    continue
+                task = asyncio.ensure_future(self._fetch(fetcher, job))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+    async def _fetch(self, fetcher: Fetcher, job: _Job) -> None:
+        try:
+            outcome = await fetcher.attempt(job.url, self._deadline, self._attempts[job.key])
+        except Exception as exc:  # a bug or an exotic library error must cost one row, not the shard
+            outcome = Fetched(schemas.FAILED_TO_DOWNLOAD, error=f"unexpected: {type(exc).__name__}: {exc}")
+        self._scheduler.done(job)
+        if isinstance(outcome, RetryLater):
+            self._attempts[job.key] += 1
+            self._retrying += 1
+            self._slots.release()
+            self._loop.call_later(outcome.wait, self._again, job)
+        else:
+            self.results.put((job, outcome))
+        self._changed.set()
+
+    def _again(self, job: _Job) -> None:
+        self._retrying -= 1
+        self._scheduler.again(job)
+        self._changed.set()
 
 
-def _download_one(
-    fetcher: Fetcher, settings: DownloadSettings, job: _Job, deadline: float, blocked_images: dict[str, str]
+def _finish(
+    job: _Job, fetched: Fetched, settings: DownloadSettings, blocked_images: dict[str, str]
 ) -> tuple[dict, bytes | None]:
-    """One row: never raises, whatever the URL or the bytes do."""
+    """One row's record and sample from what was fetched: never raises, whatever the bytes do."""
+    record = _record(job, fetched.status, fetched.error, http_status=fetched.http_status)
+    if fetched.status != schemas.SUCCESS:
+        return record, None
     try:
-        fetched = fetcher.fetch(job.url, deadline)
-        record = _record(job, fetched.status, fetched.error, http_status=fetched.http_status)
-        if fetched.status != schemas.SUCCESS:
-            return record, None
         record.update(
             sha256=hashlib.sha256(fetched.body).hexdigest(),
             md5=hashlib.md5(fetched.body).hexdigest(),
@@ -354,7 +501,7 @@ def _download_one(
         "txt": job.caption.encode(),
         "json": json.dumps(record, ensure_ascii=False).encode(),
     }
-    return record, encode_sample(job.key, members)  # in this worker thread, not in the writer's
+    return record, encode_sample(job.key, members)
 
 
 def _record(job: _Job, status: str, error: str | None, http_status: int | None = None) -> dict:

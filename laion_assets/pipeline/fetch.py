@@ -1,35 +1,33 @@
-"""Fetching one image URL: bounded in time and bytes, polite, and refusing private networks.
+"""Fetching image URLs: many at once on one event loop, bounded in time and bytes, polite, and refusing
+private networks.
 
-Redirects are followed here, not by urllib3, so that every hop passes the same address guard
-and robots check. The guard resolves a host once and the connection goes to the address it vetted,
-not to the name, which would be resolved again and could answer a private address the second time
-(DNS rebinding). Every request has a total deadline on top of the per-read timeout, so a server
-that drips one byte at a time cannot hold a worker longer than `request_timeout`.
+A request that waits on a slow or silent server costs a socket and a coroutine, not a thread, so a
+worker keeps hundreds of requests in flight. Redirects are followed here, not by aiohttp, so that every
+hop passes the same address guard and robots check. A host is resolved once (per `dns_cache_seconds`)
+in a bounded number of lookups at a time, and aiohttp connects to the address the guard vetted, through
+this module's resolver, never to an address a second lookup could answer (DNS rebinding); the Host
+header and, for https, the TLS server name and certificate check go by the URL's name. Every request
+has a total deadline on top of the per-read timeout, so a server that drips one byte at a time cannot
+hold a request longer than `request_timeout`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import ipaddress
 import socket
-import threading
+import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import SplitResult, urljoin, urlsplit
 from urllib.robotparser import RobotFileParser
 
-import urllib3
-from urllib3.connection import port_by_scheme
-from urllib3.exceptions import (
-    ConnectTimeoutError,
-    HTTPError,
-    NewConnectionError,
-    ProtocolError,
-    ReadTimeoutError,
-)
-from urllib3.util import Url, parse_url
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from laion_assets.pipeline import schemas, tdmrep
 
@@ -43,26 +41,29 @@ _NOT_IMAGE_TYPES = (
     "application/javascript",
 )
 _ROBOTS_MAX_BYTES = 512 * 1024
-_CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True)
 class FetchSettings:
+    # Defaults measured on bench/download.py's latency web (the README's "Download benchmark" says why)
     connect_timeout: float = 5.0
-    read_timeout: float = 10.0  # per read from the socket
+    read_timeout: float = 5.0  # per read from the socket, the wait for the first byte included
     request_timeout: float = 30.0  # whole request, redirects and body included
     max_bytes: int = 20_000_000
     max_redirects: int = 5
-    retries: int = 2  # extra attempts after timeouts, resets, 429 and 5xx
+    retries: int = 0  # extra attempts after timeouts, resets, 429 and 5xx; retry_failed refetches later
     retry_backoff: float = 0.5  # seconds, doubled at each attempt
     max_retry_after: float = 30.0  # a longer 429/503 Retry-After gives up at once
-    per_host_connections: int = 8
+    per_host_connections: int = 128  # a CDN with a sixth of a shard's URLs is not its tail
     user_agent_token: str = "laion_assets"
     respect_robots_txt: bool = False
     opt_out_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
     # W3C TDMRep: a `tdm-reservation: 1` response header, or a rule of the site's tdmrep.json, opts out
     respect_tdm_reservation: bool = True
     allow_private_networks: bool = False
+    dns_timeout: float = 5.0  # a host that does not resolve within it fails its rows at once
+    dns_cache_seconds: float = 300.0  # how long a host's resolution (or its failure) is kept
+    dns_lookups: int = 32  # resolutions in flight at once
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,15 @@ class Fetched:
     status: str  # success | failed_to_download | failed_to_decode | opted_out | blocked
     body: bytes | None = None
     error: str | None = None
+    http_status: int | None = None
+
+
+@dataclass(frozen=True)
+class RetryLater:
+    """An attempt that failed in a way another may not: try again after `wait` seconds."""
+
+    error: str
+    wait: float
     http_status: int | None = None
 
 
@@ -81,62 +91,97 @@ class _Retryable(Exception):
 
 
 class _FetchFailed(Exception):
-    """A request that cannot succeed on retry (malformed URL or response)."""
+    """A request that cannot succeed on retry (malformed URL or response, a certificate refused)."""
 
 
 def _failed(error: str, http_status: int | None = None) -> Fetched:
     return Fetched(schemas.FAILED_TO_DOWNLOAD, error=error, http_status=http_status)
 
 
-class Fetcher:
-    """Thread-safe: one per shard, shared by the worker threads."""
+# A host's answer: a refusal, the vetted address to connect to, or None (an IP literal: nothing to pin)
+Address = Fetched | str | None
 
-    def __init__(self, settings: FetchSettings) -> None:
+
+class Fetcher:
+    """One per event loop: `async with Fetcher(settings) as fetcher`, then `await fetcher.fetch(...)` from
+    as many tasks as wanted. `addresses` seeds the host cache (host -> answer, as `resolve` gives)."""
+
+    def __init__(
+        self,
+        settings: FetchSettings,
+        addresses: dict[str, Address] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.settings = settings
         self.user_agent = f"Mozilla/5.0 (compatible; {settings.user_agent_token}; image-text dataset builder)"
-        self.http = urllib3.PoolManager(
-            num_pools=256,
-            maxsize=settings.per_host_connections,
-            block=False,
-            retries=False,
-            headers={"User-Agent": self.user_agent, "Accept": "image/*,*/*;q=0.5"},
-        )
-        self._guard_cache: dict[str, Fetched | str | None] = {}  # host → refusal or vetted address
+        expiry = time.monotonic() + settings.dns_cache_seconds
+        self._addresses: dict[str, tuple[float, Address]] = {
+            host: (expiry, answer) for host, answer in (addresses or {}).items()
+        }
+        self._resolving: dict[str, asyncio.Future[Address]] = {}
+        self._lookups = ThreadPoolExecutor(settings.dns_lookups, thread_name_prefix="dns")
         # per (file, origin): robots.txt (RobotFileParser, None, or why every path is refused), tdmrep.json
-        self._site_files: dict[tuple[str, str], object] = {}
-        self._site_locks: dict[tuple[str, str], threading.Lock] = {}
-        self._lock = threading.Lock()
+        self._site_files: dict[tuple[str, str], asyncio.Future[Any]] = {}
+        self._ssl_context = ssl_context
+        self._session: aiohttp.ClientSession | None = None
 
-    def fetch(self, url: str, deadline: float) -> Fetched:
-        """GET `url`, retrying transient failures, and never past `deadline` (time.monotonic)."""
+    async def __aenter__(self) -> Fetcher:
+        connector = aiohttp.TCPConnector(
+            limit=0,  # the caller bounds requests in flight, and per host
+            resolver=_VettedResolver(self),
+            use_dns_cache=False,  # the resolver is the cache
+            ssl=self._ssl_context or True,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            headers={"User-Agent": self.user_agent, "Accept": "image/*,*/*;q=0.5"},
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._session.close()
+        self._lookups.shutdown(wait=False, cancel_futures=True)
+
+    async def fetch(self, url: str, deadline: float) -> Fetched:
+        """GET `url`, retrying transient failures after their backoff, never past `deadline`
+        (time.monotonic)."""
+        attempt = 0
+        while True:
+            outcome = await self.attempt(url, deadline, attempt)
+            if isinstance(outcome, Fetched):
+                return outcome
+            await asyncio.sleep(outcome.wait)
+            attempt += 1
+
+    async def attempt(self, url: str, deadline: float, attempt: int) -> Fetched | RetryLater:
+        """Attempt number `attempt` (from 0) at `url`: what it fetched or why it failed for good, or, where
+        a later attempt may succeed, how long to wait before it (the caller decides how)."""
         s = self.settings
-        for attempt in range(s.retries + 1):
-            try:
-                return self._follow(url, deadline, image=True)
-            except _FetchFailed as exc:
-                return _failed(str(exc))
-            except _Retryable as exc:
-                wait = exc.retry_after if exc.retry_after is not None else s.retry_backoff * 2**attempt
-                tries = f" (gave up after {attempt + 1} attempts)" if attempt else ""
-                if exc.retry_after is not None and wait > s.max_retry_after:
-                    tries = f" (Retry-After {wait:g}s is over max_retry_after={s.max_retry_after:g}s)"
-                    return _failed(f"{exc}{tries}", exc.http_status)
-                if attempt == s.retries or time.monotonic() + wait >= deadline:
-                    return _failed(f"{exc}{tries}", exc.http_status)
-                time.sleep(wait)
-        raise AssertionError("unreachable")
+        try:
+            return await self._follow(url, deadline, image=True)
+        except _FetchFailed as exc:
+            return _failed(str(exc))
+        except _Retryable as exc:
+            wait = exc.retry_after if exc.retry_after is not None else s.retry_backoff * 2**attempt
+            tries = f" (gave up after {attempt + 1} attempts)" if attempt else ""
+            if exc.retry_after is not None and wait > s.max_retry_after:
+                tries = f" (Retry-After {wait:g}s is over max_retry_after={s.max_retry_after:g}s)"
+                return _failed(f"{exc}{tries}", exc.http_status)
+            if attempt >= s.retries or time.monotonic() + wait >= deadline:
+                return _failed(f"{exc}{tries}", exc.http_status)
+            return RetryLater(str(exc), wait, exc.http_status)
 
-    def _follow(self, url: str, deadline: float, image: bool) -> Fetched:
+    async def _follow(self, url: str, deadline: float, image: bool) -> Fetched:
         deadline = min(deadline, time.monotonic() + self.settings.request_timeout)
         visited = set()
         for _ in range(self.settings.max_redirects + 1):
-            refusal, address = self._vet(url, check_site_rules=image)
+            refusal = await self._vet(url, check_site_rules=image)
             if refusal:
                 return refusal
             visited.add(url)
-            response = self._get(url, address, deadline)
-            reusable = False
-            try:
+            async with await self._get(url, deadline) as response:
                 if response.status in _REDIRECTS:
                     location = response.headers.get("Location")
                     if not location:
@@ -147,64 +192,40 @@ class Fetcher:
                     if url in visited:
                         return _failed(f"redirect loop: back to {url}", response.status)
                     continue
-                fetched = self._read(response, deadline, image)
-                reusable = fetched.status == schemas.SUCCESS  # only then was the body read to its end
-                return fetched
-            finally:
-                if not reusable:
-                    response.close()  # unread bytes left: the connection cannot be reused
-                response.release_conn()
+                return await self._read(response, deadline, image)
         return _failed(f"too many redirects: more than max_redirects={self.settings.max_redirects}")
 
-    def _get(self, url: str, address: str | None, deadline: float) -> urllib3.BaseHTTPResponse:
-        """GET `url` from `address` (the host's vetted address), or by name when `address` is None."""
+    async def _get(self, url: str, deadline: float) -> aiohttp.ClientResponse:
+        """The response to GET `url`, its headers read, its body not yet."""
         s = self.settings
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise _Retryable(f"timeout: no time left of request_timeout={s.request_timeout:g}s")
-        timeout = urllib3.Timeout(
-            connect=min(s.connect_timeout, remaining), read=min(s.read_timeout, remaining)
-        )
+        connect, read = min(s.connect_timeout, remaining), min(s.read_timeout, remaining)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read)
         try:
-            if address is None:
-                return self.http.request("GET", url, redirect=False, preload_content=False, timeout=timeout)
-            return self._get_from(address, parse_url(url), timeout)
-        except ConnectTimeoutError as exc:
-            raise _Retryable(f"timeout: no connection within {timeout.connect_timeout:g}s") from exc
-        except ReadTimeoutError as exc:
-            raise _Retryable(f"timeout: no response within {timeout.read_timeout:g}s") from exc
-        except NewConnectionError as exc:
-            raise _Retryable(f"connection failed: {_reason(exc)}") from exc
-        except ProtocolError as exc:
+            async with asyncio.timeout(remaining):
+                return await self._session.get(url, allow_redirects=False, timeout=timeout)
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise _Retryable(f"timeout: no connection within {connect:g}s{self._pinned(url)}") from exc
+        except (aiohttp.SocketTimeoutError, TimeoutError) as exc:
+            raise _Retryable(f"timeout: no response within {read:g}s") from exc
+        except aiohttp.ClientSSLError as exc:  # a certificate refused: retrying will not help
+            raise _FetchFailed(f"request failed: {_reason(exc)}") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise _Retryable(f"connection failed: {_reason(exc)}{self._pinned(url)}") from exc
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as exc:
             raise _Retryable(f"connection broken: {_reason(exc)}") from exc
-        except HTTPError as exc:  # malformed URL or response: retrying will not help
+        except (aiohttp.ClientError, ValueError) as exc:  # malformed URL or response
             raise _FetchFailed(f"request failed: {_reason(exc)}") from exc
 
-    def _get_from(self, address: str, url: Url, timeout: urllib3.Timeout) -> urllib3.BaseHTTPResponse:
-        """The request urllib3 makes for `url`, connected to `address` instead of the name it would resolve.
+    def _pinned(self, url: str) -> str:
+        """The vetted address a connection to `url`'s host went to, for an error message."""
+        host = (urlsplit(url).hostname or "").rstrip(".")
+        answer = self._addresses.get(host, (0, None))[1]
+        return f" (address {answer})" if isinstance(answer, str) else ""
 
-        The Host header, and for https the SNI and the certificate check (server_hostname), go by the
-        URL's name. server_hostname is in the pool's key even for http, so each (scheme, address, port,
-        name) has its own pool of kept-alive connections, `per_host_connections` of them, as each host
-        had when connecting by name; hosts that share an address do not share a pool.
-        """
-        pool = self.http.connection_from_host(
-            f"[{address}]" if ":" in address else address,
-            port=url.port,
-            scheme=url.scheme,
-            pool_kwargs={"server_hostname": url.host.rstrip(".")},
-        )
-        return pool.urlopen(
-            "GET",
-            url.request_uri,
-            headers={**self.http.headers, "Host": _host_header(url)},
-            redirect=False,
-            assert_same_host=False,
-            preload_content=False,
-            timeout=timeout,
-        )
-
-    def _read(self, response: urllib3.BaseHTTPResponse, deadline: float, image: bool) -> Fetched:
+    async def _read(self, response: aiohttp.ClientResponse, deadline: float, image: bool) -> Fetched:
         s, status = self.settings, response.status
         if status == 429 or status >= 500:
             retry_after = (
@@ -214,7 +235,7 @@ class Fetcher:
         if status != 200:
             return _failed(f"HTTP {status}: {response.reason}", status)
         if image:
-            directive = self._opt_out(response.headers.getlist("X-Robots-Tag"))
+            directive = self._opt_out(response.headers.getall("X-Robots-Tag", []))
             if directive:
                 return Fetched(schemas.OPTED_OUT, error=f"X-Robots-Tag: {directive}", http_status=status)
             if s.respect_tdm_reservation and response.headers.get("tdm-reservation", "").strip() == "1":
@@ -229,45 +250,64 @@ class Fetcher:
             return _failed(f"too large: Content-Length {declared} is over max_bytes={limit}", status)
         body = bytearray()
         try:
-            # read1 returns after one socket read: a dripping body cannot outlast the deadline
-            while chunk := response.read1(_CHUNK):
-                body += chunk
-                if len(body) > limit:
-                    return _failed(f"too large: body is over max_bytes={limit}", status)
-                if time.monotonic() > deadline:
-                    raise _Retryable(
-                        f"timeout: body not complete within request_timeout={s.request_timeout:g}s"
-                    )
-        except ReadTimeoutError as exc:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                # each read waits at most read_timeout (aiohttp's sock_read), the whole body until deadline
+                while chunk := await response.content.readany():
+                    body += chunk
+                    if len(body) > limit:
+                        return _failed(f"too large: body is over max_bytes={limit}", status)
+        except aiohttp.SocketTimeoutError as exc:
             raise _Retryable(f"timeout: body stalled for {s.read_timeout:g}s", status) from exc
-        except ProtocolError as exc:
+        except TimeoutError as exc:
+            message = f"timeout: body not complete within request_timeout={s.request_timeout:g}s"
+            raise _Retryable(message, status) from exc
+        except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
             raise _Retryable(f"connection broken: {_reason(exc)}", status) from exc
         return Fetched(schemas.SUCCESS, body=bytes(body), http_status=status)
 
-    def _vet(self, url: str, check_site_rules: bool) -> tuple[Fetched | None, str | None]:
-        """A refusal, or None and the address to connect to (None: connect by name, nothing to pin)."""
+    async def _vet(self, url: str, check_site_rules: bool) -> Fetched | None:
+        """A refusal of `url`, or None when it may be fetched."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            return _failed(f"unsupported URL: {url[:200]}"), None
-        address = None
-        if not self.settings.allow_private_networks:
-            # A race only resolves a host twice; each thread connects to the address it read here.
-            if parts.hostname not in self._guard_cache:
-                self._guard_cache[parts.hostname] = _address_refusal(parts.hostname)
-            guard = self._guard_cache[parts.hostname]
-            if isinstance(guard, Fetched):
-                return guard, None
-            address = guard
+            return _failed(f"unsupported URL: {url[:200]}")
+        answer = await self.resolve(parts.hostname)
+        if isinstance(answer, Fetched):
+            return answer
         if check_site_rules and self.settings.respect_robots_txt:
-            refusal = self._robots_refusal(parts, url)
+            refusal = await self._robots_refusal(parts, url)
             if refusal:
-                return Fetched(schemas.OPTED_OUT, error=refusal), None
+                return Fetched(schemas.OPTED_OUT, error=refusal)
         if check_site_rules and self.settings.respect_tdm_reservation:
-            rules = self._site_file(tdmrep.WELL_KNOWN_PATH, parts, self._load_tdmrep)
+            rules = await self._site_file(tdmrep.WELL_KNOWN_PATH, parts, self._load_tdmrep)
             refusal = tdmrep.reservation(rules, _path_and_query(parts))
             if refusal:
-                return Fetched(schemas.OPTED_OUT, error=refusal), None
-        return None, address
+                return Fetched(schemas.OPTED_OUT, error=refusal)
+        return None
+
+    async def resolve(self, host: str) -> Address:
+        """`host`'s answer, from the cache while it is fresh; one lookup at a time per host, `dns_lookups`
+        in all, each bounded by `dns_timeout`."""
+        host = host.rstrip(".").lower()
+        cached = self._addresses.get(host)
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
+        if host not in self._resolving:
+            self._resolving[host] = asyncio.ensure_future(self._lookup(host))
+        try:
+            return await asyncio.shield(self._resolving[host])
+        finally:
+            self._resolving.pop(host, None)
+
+    async def _lookup(self, host: str) -> Address:
+        s = self.settings
+        look_up = _address_refusal if not s.allow_private_networks else _any_address
+        try:
+            async with asyncio.timeout(s.dns_timeout):
+                answer = await asyncio.get_running_loop().run_in_executor(self._lookups, look_up, host)
+        except TimeoutError:
+            answer = _failed(f"dns: cannot resolve {host}: no answer within dns_timeout={s.dns_timeout:g}s")
+        self._addresses[host] = (time.monotonic() + s.dns_cache_seconds, answer)
+        return answer
 
     def _opt_out(self, values: list[str]) -> str | None:
         """The first opt-out directive addressed to all robots or to our token."""
@@ -284,41 +324,38 @@ class Fetcher:
                     return directive
         return None
 
-    def _site_file(self, path: str, parts: SplitResult, load: Callable[[str], T]) -> T:
-        """`load(origin)`, once per site: the other threads that need it wait for the first one."""
+    async def _site_file(self, path: str, parts: SplitResult, load: Callable[[str], Awaitable[T]]) -> T:
+        """`load(origin)`, once per site: the other requests that need it wait for the first one."""
         origin = f"{parts.scheme}://{parts.netloc}"
-        with self._lock:
-            lock = self._site_locks.setdefault((path, origin), threading.Lock())
-        with lock:
-            if (path, origin) not in self._site_files:
-                self._site_files[(path, origin)] = load(origin)
-        return self._site_files[(path, origin)]
+        if (path, origin) not in self._site_files:
+            self._site_files[(path, origin)] = asyncio.ensure_future(load(origin))
+        return await asyncio.shield(self._site_files[(path, origin)])
 
-    def _robots_refusal(self, parts: SplitResult, url: str) -> str | None:
+    async def _robots_refusal(self, parts: SplitResult, url: str) -> str | None:
         """Why robots.txt keeps us from `url`, or None when it allows it."""
-        robots = self._site_file("/robots.txt", parts, self._load_robots)
+        robots = await self._site_file("/robots.txt", parts, self._load_robots)
         if isinstance(robots, str):
             return robots
         if robots is None or robots.can_fetch(self.settings.user_agent_token, url):
             return None
         return f"robots.txt: disallows {parts.path or '/'} for {self.settings.user_agent_token}"
 
-    def _load_tdmrep(self, origin: str) -> list[tdmrep.TdmRule]:
+    async def _load_tdmrep(self, origin: str) -> list[tdmrep.TdmRule]:
         """The site's TDMRep rules; none when it has no readable file (TDMRep then leaves the header)."""
         deadline = time.monotonic() + self.settings.request_timeout
         try:
-            fetched = self._follow(f"{origin}{tdmrep.WELL_KNOWN_PATH}", deadline, image=False)
+            fetched = await self._follow(f"{origin}{tdmrep.WELL_KNOWN_PATH}", deadline, image=False)
         except (_Retryable, _FetchFailed):
             return []
         return tdmrep.parse_rules(fetched.body) if fetched.status == schemas.SUCCESS else []
 
-    def _load_robots(self, origin: str) -> RobotFileParser | str | None:
+    async def _load_robots(self, origin: str) -> RobotFileParser | str | None:
         """The parsed robots.txt; None (allow all) when there is none (4xx) or it cannot be parsed; the
-        refusal of every path when it is unreachable (5xx, 429, timeouts and broken connections, after
-        the retries), as RFC 9309 (2.3.1.4) requires."""
+        refusal of every path when it is unreachable (5xx, 429, timeouts and broken connections), as
+        RFC 9309 (2.3.1.4) requires."""
         deadline = time.monotonic() + self.settings.request_timeout
         try:
-            fetched = self._follow(f"{origin}/robots.txt", deadline, image=False)
+            fetched = await self._follow(f"{origin}/robots.txt", deadline, image=False)
         except _Retryable as exc:
             return f"robots.txt unreachable ({exc}): every path disallowed (RFC 9309)"
         except _FetchFailed:
@@ -330,7 +367,45 @@ class Fetcher:
         return parser
 
 
-def _address_refusal(host: str) -> Fetched | str | None:
+class _VettedResolver(AbstractResolver):
+    """aiohttp's resolver: a host's vetted address from the fetcher's cache, so that aiohttp connects
+    where the guard looked, never to the answer of a lookup of its own. (aiohttp does not call it for
+    IP literals, which the guard vets as they are.)"""
+
+    def __init__(self, fetcher: Fetcher) -> None:
+        self._fetcher = fetcher
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[ResolveResult]:
+        answer = await self._fetcher.resolve(host)
+        if isinstance(answer, Fetched) or answer is None:
+            raise OSError(f"{host}: {answer.error if answer else 'no address'}")
+        return [
+            ResolveResult(
+                hostname=host,
+                host=answer,
+                port=port,
+                family=socket.AF_INET6 if ":" in answer else socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+def fetch_one(url: str, settings: FetchSettings) -> Fetched:
+    """`url` fetched on an event loop of its own (the service's, per query image): no host cache outlives
+    the call."""
+
+    async def fetched() -> Fetched:
+        async with Fetcher(settings) as fetcher:
+            return await fetcher.fetch(url, time.monotonic() + settings.request_timeout)
+
+    return asyncio.run(fetched())
+
+
+def _address_refusal(host: str) -> Address:
     """Refuses a host that does not resolve or resolves to a non-public address (private, loopback, ...).
 
     Otherwise the address to connect to, all of them vetted: the first IPv4 one if there is one (a
@@ -338,22 +413,41 @@ def _address_refusal(host: str) -> Fetched | str | None:
     lists IPv6 first, since only this one address is tried), else the first. None for a public IP
     literal, which has no name to resolve again.
     """
+    addresses = _addresses(host)
+    if isinstance(addresses, Fetched):
+        return addresses
+    for address in addresses:
+        if not _is_public(address):
+            error = f"private address: {host} resolves to {address} (set allow_private_networks to fetch it)"
+            return Fetched(schemas.BLOCKED, error=error)
+    return None if _is_ip_literal(host) else _preferred(addresses)
+
+
+def _any_address(host: str) -> Address:
+    """The address to connect to, private ones allowed (allow_private_networks), as `_address_refusal`
+    picks it; a refusal only when the host does not resolve."""
+    if _is_ip_literal(host):
+        return None
+    addresses = _addresses(host)
+    return addresses if isinstance(addresses, Fetched) else _preferred(addresses)
+
+
+def _addresses(host: str) -> Fetched | list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     try:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError) as exc:
         return _failed(f"dns: cannot resolve {host}: {exc}")
-    vetted = []
+    addresses = []
     for info in infos:
         address = ipaddress.ip_address(info[4][0].split("%")[0])
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
             address = address.ipv4_mapped
-        if not _is_public(address):
-            error = f"private address: {host} resolves to {address} (set allow_private_networks to fetch it)"
-            return Fetched(schemas.BLOCKED, error=error)
-        vetted.append(str(address))
-    if not vetted:
-        return _failed(f"dns: cannot resolve {host}: no addresses")
-    return None if _is_ip_literal(host) else min(vetted, key=lambda a: ":" in a)
+        addresses.append(address)
+    return addresses or _failed(f"dns: cannot resolve {host}: no addresses")
+
+
+def _preferred(addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> str:
+    return str(min(addresses, key=lambda address: address.version))
 
 
 def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -372,12 +466,6 @@ def _path_and_query(parts: SplitResult) -> str:
     return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
-def _host_header(url: Url) -> str:
-    """The Host header urllib3 sends when it connects by name: no trailing dot, no default port."""
-    host = url.host.rstrip(".")
-    return host if url.port in (None, port_by_scheme.get(url.scheme)) else f"{host}:{url.port}"
-
-
 def retry_after_seconds(value: str | None) -> float | None:
     """A Retry-After header's wait in seconds (delay-seconds or an HTTP date); None when absent or
     unreadable."""
@@ -393,5 +481,4 @@ def retry_after_seconds(value: str | None) -> float | None:
 
 
 def _reason(exc: Exception) -> str:
-    reason = getattr(exc, "reason", None) or (exc.args[0] if exc.args else exc)
-    return str(reason)[:300]
+    return (str(exc) or type(exc).__name__)[:300]

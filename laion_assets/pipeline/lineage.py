@@ -123,7 +123,10 @@ SECTION_OF_LAYER = {
 # Fields that say how a layer is made, not what it holds: a change of them leaves it current.
 HOW_NOT_WHAT = frozenset(
     {
-        "threads",
+        "max_in_flight",
+        "dns_timeout",
+        "dns_cache_seconds",
+        "dns_lookups",
         "processes",
         "shard_timeout",
         "retry_failed",

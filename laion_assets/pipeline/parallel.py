@@ -3,6 +3,7 @@ of a model. Each call waits on the network or releases the GIL, so threads are e
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -40,3 +41,28 @@ def store_map(
     once, results in order."""
     with ThreadPoolExecutor(workers, thread_name_prefix="store") as pool:
         yield from ordered_map(pool, fn, items, lookahead or 4 * workers)
+
+
+def pipelined(items: Iterable[T], work: Callable[[T, threading.Event], R]) -> Iterator[tuple[T, R]]:
+    """`work(item, draining)` for each item, results in order; the next item starts as soon as the one
+    before sets `draining` (only its tail is left: a shard's slowest hosts) or ends, so two run at
+    once at most and the next one's work fills the time the last one spends waiting on its tail."""
+
+    def run(item: T, draining: threading.Event) -> R:
+        try:
+            return work(item, draining)
+        finally:
+            draining.set()
+
+    with ThreadPoolExecutor(2, thread_name_prefix="pipelined") as pool:
+        previous = None
+        for item in items:
+            if previous is not None:
+                previous[2].wait()
+            draining = threading.Event()
+            current = (item, pool.submit(run, item, draining), draining)
+            if previous is not None:
+                yield previous[0], previous[1].result()
+            previous = current
+        if previous is not None:
+            yield previous[0], previous[1].result()

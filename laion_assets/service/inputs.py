@@ -1,8 +1,8 @@
 """Image inputs to bytes and pixels: base64 decoding and URL fetching, both size-capped.
 
 URLs go through the downloader's Fetcher: the same private-network guard, opt-out headers, timeouts and
-retries. One Fetcher per URL: a shared one would cache every host's address check for the life of the
-service, without bound and without expiry.
+retries. One Fetcher per URL (`fetch_one`): a shared one would cache every host's address check for the
+life of the service, without bound.
 """
 
 from __future__ import annotations
@@ -10,12 +10,11 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-import time
 
 from PIL import Image
 
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.fetch import Fetcher, FetchSettings
+from laion_assets.pipeline.fetch import FetchSettings, fetch_one
 from laion_assets.pipeline.imaging import DecodeError, decode_image
 
 _DATA_URL = re.compile(r"data:[\w.+/-]*(;[\w=.+-]*)*;base64,", re.IGNORECASE)
@@ -47,7 +46,7 @@ def decode_base64(label: str, value: str, max_bytes: int) -> bytes:
 
 def fetch_image(label: str, url: str, settings: FetchSettings) -> bytes:
     """The body at `url`, fetched as the downloader fetches; 403 for private or opted-out, else 400/413."""
-    fetched = Fetcher(settings).fetch(url, deadline=time.monotonic() + settings.request_timeout)
+    fetched = fetch_one(url, settings)
     if fetched.status == schemas.SUCCESS:
         return fetched.body
     status = _REFUSED.get(fetched.status, 413 if fetched.error.startswith("too large") else 400)
