@@ -521,3 +521,33 @@ def test_draining_is_set_once_few_rows_are_left(web):
     assert draining.wait(30)
     thread.join(30)
     assert done[0].table.num_rows == 5
+
+
+def test_worker_processes_use_the_hosts_resolved_once_in_the_steps_process(web, monkeypatch):
+    """The step's process resolves each host once and hands the answers to the workers, which do not look
+    the host up again: here the answer it hands them refuses the host, and every row says so."""
+    monkeypatch.setattr(download, "ROWS_PER_PROCESS", 4)
+    refusal = fetch.Fetched(schemas.BLOCKED, error="private address: as the step's process resolved it")
+    resolved = []
+
+    def resolve_hosts(hosts, settings):
+        resolved.append(sorted(hosts))
+        return dict.fromkeys(hosts, refusal)
+
+    monkeypatch.setattr(download, "resolve_hosts", resolve_hosts)
+    urls = [f"http://localhost:{web.port}/up/{i}" for i in range(12)]
+    _, _, rows = run(urls, replace(FAST, processes=2))
+    assert resolved == [["localhost"]]  # once, for the whole shard
+    assert {r["error_message"] for r in rows.values()} == {refusal.error}
+    assert sum(web.hits.values()) == 0
+
+
+def test_a_host_that_does_not_resolve_fails_each_of_its_rows_with_one_error(web, processes):
+    urls = [f"http://no-such-host.invalid/{i}.jpg" for i in range(6)] + [web.url("/up/1")]
+    _, _, rows = run(urls, replace(FAST, processes=processes))
+    failed = [rows[url] for url in urls[:-1]]
+    assert {r["status"] for r in failed} == {schemas.FAILED_TO_DOWNLOAD}
+    assert {
+        r["error_message"].split(":")[0:2] == ["dns", " cannot resolve no-such-host.invalid"] for r in failed
+    } == {True}
+    assert rows[urls[-1]]["status"] == schemas.SUCCESS

@@ -35,6 +35,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import IO, TypeVar
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 
@@ -248,7 +249,7 @@ def _fetch_in_processes(
     if count == 1:
         yield from _fetch_all(jobs, settings, deadline, blocked_images)
         return
-    addresses = resolve_hosts({job.host for job in jobs}, settings)
+    addresses = resolve_hosts({name for job in jobs if (name := urlsplit(job.url).hostname)}, settings)
     per_host = settings.per_host_connections // count
     share = replace(settings, max_in_flight=settings.max_in_flight // count, per_host_connections=per_host)
     context = _worker_context()
@@ -329,7 +330,7 @@ def _worker(
 
 
 def resolve_hosts(hosts: set[str], settings: FetchSettings) -> dict[str, Address]:
-    """Each host's answer (its vetted address, or why it is refused), `dns_lookups` at a time."""
+    """Each host name's answer (its vetted address, or why it is refused), `dns_lookups` at a time."""
 
     async def resolved() -> dict[str, Address]:
         async with Fetcher(settings) as fetcher:

@@ -116,7 +116,7 @@ class Fetcher:
         self.user_agent = f"Mozilla/5.0 (compatible; {settings.user_agent_token}; image-text dataset builder)"
         expiry = time.monotonic() + settings.dns_cache_seconds
         self._addresses: dict[str, tuple[float, Address]] = {
-            host: (expiry, answer) for host, answer in (addresses or {}).items()
+            host.rstrip(".").lower(): (expiry, answer) for host, answer in (addresses or {}).items()
         }
         self._resolving: dict[str, asyncio.Future[Address]] = {}
         self._lookups = ThreadPoolExecutor(settings.dns_lookups, thread_name_prefix="dns")
