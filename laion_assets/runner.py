@@ -138,8 +138,9 @@ def run_pipeline(
         outcomes.extend(_materialize_dataset_asset(instance, resources_, asset, echo) for asset in before)
         per_shard = [a for a in PER_SHARD_ASSETS if a in assets]
         stale = {} if force else stale_layers(store, sources, [layer_of(a) for a in per_shard])
-        group: list[str] = []  # consecutive shards with the same assets to materialise, run together
-        group_todo: list[dg.AssetsDefinition] = []
+        # shards next to each other in the partitions' order that need the same assets share a run
+        order = {shard: i for i, shard in enumerate(instance.get_dynamic_partitions(shards.name))}
+        plan: list[ShardOutcome | tuple[list[str], list[dg.AssetsDefinition]]] = []
         for shard in sources:
             todo = per_shard if force else [a for a in per_shard if layer_of(a) in stale[shard]]
             for layer_name, changes in changed.get(shard, {}).items():
@@ -148,28 +149,31 @@ def run_pipeline(
                 marked = [i for i, a in enumerate(per_shard) if layer_of(a).name in changed[shard]]
                 todo = [a for i, a in enumerate(per_shard) if (marked and i >= marked[0]) or a in todo]
             busy = holder(store, shard) if todo else None
-            if group and (todo != group_todo or busy or len(group) == cli_shards_per_run()):
+            last = plan[-1] if plan and isinstance(plan[-1], tuple) else None
+            if busy:
+                plan.append(ShardOutcome(shard, skipped=f"being written by {describe(busy)}; left to it"))
+            elif not todo:
+                plan.append(ShardOutcome(shard))
+            elif (
+                last
+                and last[1] == todo
+                and len(last[0]) < cli_shards_per_run()
+                and order[shard] == order[last[0][-1]] + 1
+            ):
+                last[0].append(shard)
+            else:
+                plan.append(([shard], todo))
+        for step in plan:
+            if isinstance(step, ShardOutcome):
+                echo(step.line())
+                outcomes.append(step)
+            else:
+                group, todo = step
                 outcomes.extend(
                     _materialize_group(
-                        instance, resources_, store, sources, group, group_todo, run_config, echo
+                        instance, resources_, store, sources, group, todo, run_config, echo, force
                     )
                 )
-                group = []
-            if busy:
-                outcome = ShardOutcome(shard, skipped=f"being written by {describe(busy)}; left to it")
-            elif todo:
-                group, group_todo = [*group, shard], todo
-                continue
-            else:
-                outcome = ShardOutcome(shard)
-            echo(outcome.line())
-            outcomes.append(outcome)
-        if group:
-            outcomes.extend(
-                _materialize_group(
-                    instance, resources_, store, sources, group, group_todo, run_config, echo, force
-                )
-            )
         after = [a for a in assets if a not in PER_SHARD_ASSETS and a not in before]
         outcomes.extend(
             _materialize_dataset_asset(instance, resources_, asset, echo, run_config) for asset in after

@@ -48,6 +48,30 @@ def test_run_every_shard_then_nothing_left(root, tmp_path, capsys):
     assert "a: crawl_metadata 2 rows" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(("per_run", "runs"), [(None, 1), ("2", 2), ("1", 3)])
+def test_run_puts_consecutive_shards_with_the_same_work_in_one_run(
+    local_root, tmp_path, monkeypatch, capsys, per_run, runs
+):
+    """Up to $LAION_ASSETS_SHARDS_PER_RUN shards (8 where unset) share a run, so that their downloads are
+    pipelined and the run's fixed cost is paid once; each shard still gets its line."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    if per_run:
+        monkeypatch.setenv("LAION_ASSETS_SHARDS_PER_RUN", per_run)
+    store = DatasetStore(local_root)
+    for name in ("a", "b", "c"):
+        store.write_bytes(f"incoming/{name}.csv", A)
+    assert main(["run", "--root", local_root, "--select", "crawl_metadata"]) == 0
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.endswith("crawl_metadata 2 rows")] == [
+        f"{name}: crawl_metadata 2 rows" for name in "abc"
+    ]
+    with dg.DagsterInstance.get() as instance:
+        assert len(instance.get_runs()) == runs
+        assert instance.get_materialized_partitions(dg.AssetKey("crawl_metadata")) == {"a", "b", "c"}
+
+
 def test_run_registers_shards_in_dagster_home(local_root, tmp_path, monkeypatch, capsys):
     home = tmp_path / "dagster_home"
     home.mkdir()
