@@ -549,3 +549,12 @@ def test_a_host_that_does_not_resolve_fails_each_of_its_rows_with_one_error(web,
     assert {r["status"] for r in failed} == {schemas.FAILED_TO_DOWNLOAD}
     assert all(r["error_message"].startswith("dns: cannot resolve no-such-host.invalid:") for r in failed)
     assert rows[urls[-1]]["status"] == schemas.SUCCESS
+
+
+def test_a_retry_the_shard_deadline_overtakes_says_so(web):
+    """A retry waits at the back of the queue; one the deadline overtakes there was tried, not unstarted."""
+    settings = replace(FAST, shard_timeout=1.0, max_in_flight=1, retries=1)
+    _, _, rows = run([web.url("/flaky/9"), web.url("/drip.jpg")], settings)
+    assert rows[web.url("/flaky/9")]["error_message"] == "shard deadline: not retried within shard_timeout=1s"
+    assert web.hits["/flaky/9"] == 1  # its first attempt, a 500; the retry never went out
+    assert rows[web.url("/drip.jpg")]["error_message"].startswith("timeout")

@@ -434,9 +434,9 @@ class _Fetching:
                     continue
                 if time.monotonic() >= self._deadline - _TOO_LATE:
                     self._scheduler.done(job)
-                    error = (
-                        f"shard deadline: not started within shard_timeout={self._settings.shard_timeout:g}s"
-                    )
+                    what = "retried" if self._attempts[job.key] else "started"
+                    timeout = self._settings.shard_timeout
+                    error = f"shard deadline: not {what} within shard_timeout={timeout:g}s"
                     self.results.put((job, Fetched(schemas.FAILED_TO_DOWNLOAD, error=error)))
                     continue
                 task = asyncio.ensure_future(self._fetch(fetcher, job))
