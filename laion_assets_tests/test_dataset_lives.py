@@ -46,7 +46,7 @@ from laion_assets.pipeline.storage import (
     DatasetStore,
 )
 from laion_assets.runner import run_pipeline, run_takedown
-from laion_assets_tests.dagster_helpers import local_web_config
+from laion_assets_tests.dagster_helpers import LOCAL_WEB, local_web_config
 from laion_assets_tests.demo_dataset import DEMO_CLIP, DEMO_SHARDS, build_demo_dataset
 
 COPIES = {**dict.fromkeys(EXACT_COPIES, 4), **dict.fromkeys(NEAR_COPIES, 3)}
@@ -345,7 +345,9 @@ def test_two_runs_on_one_root_write_each_shard_once(local_root, web, tmp_path, t
         "incoming/slow.csv", ("url,caption\n" + "".join(f"{u},a photo\n" for u in urls)).encode()
     )
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(local_web_config()))
+    slow = local_web_config()
+    slow["ops"]["downloaded_images"]["config"] = {**LOCAL_WEB, "per_host_connections": 8}  # default: 128
+    config.write_text(yaml.safe_dump(slow))
     command = [sys.executable, "-m", "laion_assets.cli", "run", "--root", local_root, "--config", str(config)]
     command += ["--select", "crawl_metadata,downloaded_images"]
     first = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
