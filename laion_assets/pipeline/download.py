@@ -132,10 +132,10 @@ class HostScheduler:
 
     def again(self, job: _Job) -> None:
         """`job` back at the end of its host's queue (a retry)."""
-        if job.host not in self._queues or not self._queues[job.host]:
-            self._queues[job.host] = deque()
+        waiting = self._queues.setdefault(job.host, deque())
+        if not waiting:  # the host left the rotation when its queue emptied
             self._hosts.append(job.host)
-        self._queues[job.host].append(job)
+        waiting.append(job)
 
     def idle(self) -> bool:
         """Nothing queued and nothing running."""

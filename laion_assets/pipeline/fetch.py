@@ -78,9 +78,7 @@ class Fetched:
 class RetryLater:
     """An attempt that failed in a way another may not: try again after `wait` seconds."""
 
-    error: str
     wait: float
-    http_status: int | None = None
 
 
 class _Retryable(Exception):
@@ -171,7 +169,7 @@ class Fetcher:
                 return _failed(f"{exc}{tries}", exc.http_status)
             if attempt >= s.retries or time.monotonic() + wait >= deadline:
                 return _failed(f"{exc}{tries}", exc.http_status)
-            return RetryLater(str(exc), wait, exc.http_status)
+            return RetryLater(wait)
 
     async def _follow(self, url: str, deadline: float, image: bool) -> Fetched:
         deadline = min(deadline, time.monotonic() + self.settings.request_timeout)
