@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from laion_assets.pipeline.imaging import FilteredSize, ImageSettings, process_image
+from laion_assets.pipeline import imaging
+from laion_assets.pipeline.imaging import DecodeError, FilteredSize, ImageSettings, process_image
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 # the sizes of img2dataset's test images (tests/resize_test_image), portrait, landscape and near square
@@ -170,3 +171,42 @@ def test_the_sources_jpeg_comment_is_not_copied(sources):
         data = process_image(with_comment.getvalue(), settings).data
         assert b"camera serial 12345" not in data
         assert "comment" not in Image.open(io.BytesIO(data)).info
+
+
+def test_the_opencv_decode_of_upright_jpegs_gives_pillows_bytes(sources, monkeypatch):
+    """Upright colour JPEGs that are shrunk by area are decoded by OpenCV (at Pillow's draft scale): the
+    output is byte for byte what Pillow's decode gives, at every draft scale (1, 2, 4 and 8)."""
+    large = photo(2400, 1600, seed=7)  # 256 with margin 2 drafts at 4; 64 at 8; 1024 at 1; 512 at 2
+    images = [large] + [source.read_bytes() for source in sorted(sources.iterdir())]
+    scales = set()  # the draft scales OpenCV decoded at
+
+    def opencv(data, image, orientation):
+        pixels = decode(data, image, orientation)
+        if pixels is not None:
+            scales.add(image.decoderconfig[0] if image.decoderconfig else 1)
+        return pixels
+
+    decode = imaging._opencv_jpeg
+    monkeypatch.setattr(imaging, "_opencv_jpeg", opencv)
+    outputs = {}
+    for size, mode, data in itertools.product([64, 256, 512, 1024], MODES, images):
+        outputs[size, mode, data] = process_image(data, ImageSettings(image_size=size, resize_mode=mode))
+    assert scales == {1, 2, 4, 8}
+    monkeypatch.setattr(imaging, "_opencv_jpeg", lambda *a: None)  # Pillow's decode everywhere
+    for (size, mode, data), ours in outputs.items():
+        assert process_image(data, ImageSettings(image_size=size, resize_mode=mode)) == ours, (size, mode)
+
+
+def test_jpegs_that_opencv_would_decode_otherwise_go_to_pillow(sources):
+    """A truncated JPEG fails as Pillow says (OpenCV would fill it in grey), and a turned one is turned."""
+    jpeg = (sources / "524_316.jpg").read_bytes()
+    assert imaging._opencv_jpeg(jpeg, Image.open(io.BytesIO(jpeg)), orientation=1) is not None
+    with pytest.raises(DecodeError, match="image file is truncated"):
+        process_image(jpeg[: len(jpeg) * 2 // 3], ImageSettings())
+    turned = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned 90 degrees clockwise to view it
+    Image.open(io.BytesIO(jpeg)).save(turned, "JPEG", quality=95, exif=exif)
+    assert imaging._opencv_jpeg(turned.getvalue(), Image.open(turned), orientation=6) is None
+    shown = process_image(turned.getvalue(), ImageSettings(resize_mode="keep_ratio_largest"))
+    assert (shown.width, shown.height, shown.original_width, shown.original_height) == (154, 256, 316, 524)

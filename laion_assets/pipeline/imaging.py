@@ -3,10 +3,12 @@
 The output is meant to be img2dataset's: its modes, sizes, decisions and interpolation names, and its
 downscale, OpenCV's INTER_AREA (each output pixel the mean of the input area it covers, partial pixels
 weighted by their share), run by OpenCV itself: Pillow has no such filter (its BOX weighs whole pixels,
-31 dB PSNR from OpenCV on img2dataset's own test photos). Pillow decodes, turns by EXIF, upscales
-(Lanczos) and encodes. JPEGs are decoded with Pillow's `draft` mode down to twice the target size
-(libjpeg scales by 1/2, 1/4 or 1/8 inside the DCT), which keeps the result within 44 dB of a full
-decode and saves most of a large photo's decode; straight to the target size it fell to 28-32 dB.
+31 dB PSNR from OpenCV on img2dataset's own test photos). Pillow reads the header and EXIF, turns by EXIF,
+upscales (Lanczos) and encodes; it decodes too, except an upright colour JPEG that is shrunk, which OpenCV
+decodes into the array it resizes (`_opencv_jpeg`: the same pixels, without a full-size copy). JPEGs are
+decoded with libjpeg's DCT scaling (Pillow's `draft`) down to twice the target size (1/2, 1/4 or 1/8),
+which keeps the result within 44 dB of a full decode and saves most of a large photo's decode; straight
+to the target size it fell to 28-32 dB.
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ INTERPOLATIONS = {
 }
 ENCODE_FORMATS = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
 _DRAFT_MARGIN = 2  # JPEG draft decoding stops at this many times the target size
+# Pillow's JPEG draft scale -> OpenCV's read of the same DCT scaling
+_OPENCV_READ = {
+    1: cv2.IMREAD_COLOR,
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+}
 _EXIF_ORIENTATION = 0x0112
 _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 or 270 degrees
 
@@ -143,16 +152,7 @@ def process_image(data: bytes, settings: ImageSettings) -> ProcessedImage:
         request = (target[1], target[0]) if orientation in _SWAPS_AXES else target
         image.draft("RGB", (request[0] * _DRAFT_MARGIN, request[1] * _DRAFT_MARGIN))
     transparent = _has_alpha(image)
-    image = _load_rgb(image, orientation)
-
-    if target != image.size:
-        down = target[0] < image.size[0]
-        filter_ = settings.downscale_interpolation if down else settings.upscale_interpolation
-        image = (
-            area_resize(image, target)
-            if filter_ == "area" and down
-            else image.resize(target, INTERPOLATIONS[filter_])
-        )
+    image = _resized(image, data, orientation, target, settings)
     phash = perceptual_hash(image)
     if not _left_alone(width, height, settings):
         image = _crop_or_pad(image, settings)
@@ -160,6 +160,36 @@ def process_image(data: bytes, settings: ImageSettings) -> ProcessedImage:
     if settings.skip_reencode and unchanged and source_format == ENCODE_FORMATS[settings.encode_format]:
         return ProcessedImage(data, image.width, image.height, width, height, phash)
     return ProcessedImage(_encode(image, settings), image.width, image.height, width, height, phash)
+
+
+def _resized(
+    image: Image.Image, data: bytes, orientation: int, target: tuple[int, int], settings: ImageSettings
+) -> Image.Image:
+    """The opened `image` (of `data`) decoded, turned upright, in RGB and resized to `target`."""
+    turned = image.size[::-1] if orientation in _SWAPS_AXES else image.size  # as decoded (after any draft)
+    down = target[0] < turned[0]
+    filter_ = settings.downscale_interpolation if down else settings.upscale_interpolation
+    if filter_ == "area" and down and (pixels := _opencv_jpeg(data, image, orientation)) is not None:
+        shrunk = cv2.resize(pixels, target, interpolation=cv2.INTER_AREA)
+        return Image.fromarray(cv2.cvtColor(shrunk, cv2.COLOR_BGR2RGB))
+    image = _load_rgb(image, orientation)
+    if target == image.size:
+        return image
+    if filter_ == "area" and down:
+        return area_resize(image, target)
+    return image.resize(target, INTERPOLATIONS[filter_])
+
+
+def _opencv_jpeg(data: bytes, image: Image.Image, orientation: int) -> np.ndarray | None:
+    """The pixels (BGR) of an upright, complete colour JPEG, decoded by OpenCV at the scale of Pillow's draft:
+    the same libjpeg-turbo decode as Pillow's, without copying a full-size image out of Pillow (a sixth of
+    `process_image` on a web-sized photo). None where Pillow decodes: another format or mode, a turn, no end
+    marker (Pillow says a truncated file is one; OpenCV fills it in grey), or a decode OpenCV refuses."""
+    if image.format != "JPEG" or image.mode != "RGB" or orientation != 1 or not data.endswith(b"\xff\xd9"):
+        return None
+    scale = image.decoderconfig[0] if image.decoderconfig else 1
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), _OPENCV_READ[scale] | cv2.IMREAD_IGNORE_ORIENTATION)
+    return pixels if pixels is not None and pixels.shape[1::-1] == image.size else None
 
 
 def area_resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
