@@ -39,9 +39,9 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import duckdb
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -66,6 +66,9 @@ from laion_assets.pipeline.storage import (
     SETTINGS_FILE,
     DatasetStore,
 )
+
+if TYPE_CHECKING:
+    import faiss
 
 URL_CAPTION, SHA256, SEMANTIC, PERCEPTUAL = "url_caption", "sha256", "semantic", "perceptual"
 KINDS = (URL_CAPTION, SHA256, SEMANTIC, PERCEPTUAL)
@@ -709,6 +712,8 @@ def _centroids(
         [sampled(_members(store.read_parquet(path))) for path in members + staged], dtype=np.float32
     )
     clusters = max(1, min(clusters, len(vectors)))
+    import faiss  # here: its import takes a tenth of a second from every run that never dedups
+
     kmeans = faiss.Kmeans(vectors.shape[1], clusters, niter=20, seed=settings.seed, spherical=True)
     kmeans.train(vectors)
     centroids = kmeans.centroids / np.linalg.norm(kmeans.centroids, axis=1, keepdims=True)
@@ -750,6 +755,8 @@ def _reassign(store: DatasetStore, centroids: np.ndarray, buckets: int) -> None:
 
 
 def _centroid_index(centroids: np.ndarray) -> faiss.IndexFlatIP:
+    import faiss
+
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(centroids.astype(np.float32))
     return index
