@@ -505,6 +505,46 @@ def test_the_next_shard_starts_while_the_last_one_drains(web):
     assert ended[second[0]] < ended[first[0]]
 
 
+def test_images_waiting_for_the_cpu_do_not_hold_requests_back(web, monkeypatch):
+    """A slot is its request's alone: while the first image's decode waits, every other URL is requested
+    (with 2 slots for 12 URLs)."""
+    urls = [web.url(f"/up/wait{i}") for i in range(12)]
+    requested = []
+
+    def decode_once_all_are_requested(data, settings):
+        deadline = time.monotonic() + 10  # a bound, so that a regression fails instead of hanging
+        while _requested(web, "/up/wait") < len(urls) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        requested.append(_requested(web, "/up/wait"))
+        return process_image(data, settings)
+
+    monkeypatch.setattr(download, "process_image", decode_once_all_are_requested)
+    result, _, _ = run(urls, replace(FAST, max_in_flight=2, processes=1))
+    assert result.status_counts()[schemas.SUCCESS] == 12
+    assert requested[0] == 12
+
+
+def test_the_bodies_waiting_for_the_cpu_are_bounded_by_bytes(web, monkeypatch):
+    """Past `_WAITING_BYTES_PER_SLOT` per slot of undecoded bodies, no request starts until the CPU
+    catches up: here with 1 byte a slot, only the 2 requests in flight when the first body came."""
+    monkeypatch.setattr(download, "_WAITING_BYTES_PER_SLOT", 1)
+    urls = [web.url(f"/up/bound{i}") for i in range(12)]
+    requested = []
+
+    def decode(data, settings):
+        requested.append(_requested(web, "/up/bound"))
+        return process_image(data, settings)
+
+    monkeypatch.setattr(download, "process_image", decode)
+    result, _, _ = run(urls, replace(FAST, max_in_flight=2, processes=1))
+    assert result.status_counts()[schemas.SUCCESS] == 12
+    assert requested[0] <= 2
+
+
+def _requested(web, prefix: str) -> int:
+    return sum(hits for path, hits in web.hits.items() if path.startswith(prefix))
+
+
 def test_draining_is_set_once_few_rows_are_left(web):
     """With one request in flight, the shard drains from two rows left (download._NEXT_SHARD_WITHIN)."""
     settings = replace(FAST, max_in_flight=1, per_host_connections=1)

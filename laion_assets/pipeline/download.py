@@ -55,6 +55,10 @@ _BATCH = 16  # results a worker sends back at once
 # the next one's first requests then wait out their latency while this one still decodes (measured on
 # bench/download.py's latency web: 1x, 322 images/s; 2x, 355).
 _NEXT_SHARD_WITHIN = 2
+# Bodies fetched and not yet decoded may hold this many bytes per request slot (a worker's share of
+# max_in_flight): past it the worker starts no request until its CPU catches up. Apart from the slots,
+# so that a backlog of decoding never keeps the next URLs (and their latency) waiting.
+_WAITING_BYTES_PER_SLOT = 128 * 1024
 # s: a row with less of the shard's time left is not started (uvloop's timers fire up to 1 ms early)
 _TOO_LATE = 0.01
 
@@ -361,7 +365,7 @@ def _fetch_all(
     `blocked_images` maps the sha256 and md5 digests on block lists to the list they are on.
 
     The fetching runs on an event loop in a thread of its own (`_Fetching`); the images are decoded here,
-    in the caller's thread, each freeing its request's slot when done."""
+    in the caller's thread."""
     fetching = _Fetching(jobs, settings, deadline, addresses)
     unfinished = {job.key: job for job in jobs}
     thread = threading.Thread(target=fetching.run, name="fetch-loop", daemon=True)
@@ -372,7 +376,7 @@ def _fetch_all(
             yield _finish(job, outcome, settings, blocked_images)
         finally:
             del unfinished[job.key]
-            fetching.free_slot()
+            fetching.decoded(outcome)
     thread.join()
     error = f"unexpected: download loop stopped: {fetching.error}"
     for job in unfinished.values():  # only after a bug: every row still gets its record
@@ -380,10 +384,10 @@ def _fetch_all(
 
 
 class _Fetching:
-    """The requests of one worker on an event loop: at most `max_in_flight` at once (a slot is held
-    from the request until its image is decoded), `per_host_connections` per host; a retry waits out
-    its backoff holding neither, then goes to the back of its host's queue. Each outcome is put on
-    `results`, then None."""
+    """The requests of one worker on an event loop: at most `max_in_flight` at once and
+    `per_host_connections` per host, while the bodies waiting to be decoded hold at most
+    `_WAITING_BYTES_PER_SLOT` per slot; a retry waits out its backoff holding neither, then goes to the
+    back of its host's queue. Each outcome is put on `results`, then None."""
 
     def __init__(
         self,
@@ -398,6 +402,8 @@ class _Fetching:
         self._scheduler = HostScheduler(jobs, settings.per_host_connections)
         self._attempts: Counter = Counter()  # job key -> attempts made
         self._retrying = 0  # jobs waiting out a backoff
+        self._waiting_bytes = 0  # of the bodies on `results` or being decoded
+        self._most_waiting_bytes = settings.max_in_flight * _WAITING_BYTES_PER_SLOT
         self._loop: asyncio.AbstractEventLoop | None = None
         self._slots: asyncio.Semaphore | None = None
         self._changed: asyncio.Event | None = None
@@ -410,10 +416,14 @@ class _Fetching:
         finally:
             self.results.put(None)
 
-    def free_slot(self) -> None:
+    def decoded(self, outcome: Fetched) -> None:
         """From the consumer's thread: an outcome is done with."""
         with contextlib.suppress(RuntimeError):  # the loop has ended
-            self._loop.call_soon_threadsafe(self._slots.release)
+            self._loop.call_soon_threadsafe(self._release_body, len(outcome.body or b""))
+
+    def _release_body(self, size: int) -> None:
+        self._waiting_bytes -= size
+        self._changed.set()
 
     async def _dispatch(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -423,6 +433,9 @@ class _Fetching:
         async with Fetcher(self._settings, self._addresses) as fetcher:
             while True:
                 await self._slots.acquire()
+                while self._waiting_bytes > self._most_waiting_bytes:  # until the CPU catches up
+                    self._changed.clear()
+                    await self._changed.wait()
                 job = self._scheduler.next()
                 if job is None:
                     self._slots.release()
@@ -434,6 +447,7 @@ class _Fetching:
                     continue
                 if time.monotonic() >= self._deadline - _TOO_LATE:
                     self._scheduler.done(job)
+                    self._slots.release()
                     what = "retried" if self._attempts[job.key] else "started"
                     timeout = self._settings.shard_timeout
                     error = f"shard deadline: not {what} within shard_timeout={timeout:g}s"
@@ -449,12 +463,13 @@ class _Fetching:
         except Exception as exc:  # a bug or an exotic library error must cost one row, not the shard
             outcome = Fetched(schemas.FAILED_TO_DOWNLOAD, error=f"unexpected: {type(exc).__name__}: {exc}")
         self._scheduler.done(job)
+        self._slots.release()
         if isinstance(outcome, RetryLater):
             self._attempts[job.key] += 1
             self._retrying += 1
-            self._slots.release()
             self._loop.call_later(outcome.wait, self._again, job)
         else:
+            self._waiting_bytes += len(outcome.body or b"")
             self.results.put((job, outcome))
         self._changed.set()
 
