@@ -55,6 +55,7 @@ from smoke import parse_args
 
 from laion_assets.pipeline.download import DownloadSettings
 from laion_assets.pipeline.imaging import ImageSettings, process_image
+from laion_assets.pipeline.tdmrep import WELL_KNOWN_PATH as TDMREP_PATH
 
 # "ours tuned": on top of our defaults
 OURS_TUNED: dict[str, object] = {"max_in_flight": 2048, "per_host_connections": 256}
@@ -468,7 +469,30 @@ def images_per_second_bound(web_name: str, urls: list[str], latency: Latency, ph
         f"{web_name} bound: {bound:.1f} s, {images / bound:.1f} images/s (set by {set_by}); without a"
         f" per-host cap, as img2dataset has none: {uncapped:.1f} s, {images / uncapped:.1f} images/s"
     )
+    floor = politeness_floor(urls, latency)
+    print(
+        f"{web_name}, laion-assets' floor (each site's tdmrep.json before its first image; read_timeout on a"
+        f" URL that never answers): {floor:.1f} s, beside the bound's {bound:.1f} s"
+    )
     return images / bound
+
+
+def politeness_floor(urls: list[str], latency: Latency) -> float:
+    """The wait no request slot or core can shorten for laion-assets at its defaults, which the bound
+    leaves out: a site's `/.well-known/tdmrep.json` is fetched before its first image
+    (`respect_tdm_reservation`), and a URL that never answers is given up after `read_timeout`. The
+    longest, over the URLs, of its site file's answer (or the timeout) and then its own (or the
+    timeout)."""
+    timeout = DownloadSettings().read_timeout
+    floor = 0.0
+    for url in urls:
+        parts = urlsplit(url)
+        waits = []
+        for path in (TDMREP_PATH, parts.path):
+            answer = plan(latency, parts.netloc, path)
+            waits.append(timeout if answer.status is None else answer.delay)
+        floor = max(floor, sum(waits))
+    return floor
 
 
 if __name__ == "__main__":
