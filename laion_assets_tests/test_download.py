@@ -300,7 +300,19 @@ def wait_until(condition, timeout: float = 30):
     return value
 
 
-def test_scheduler_round_robins_hosts():
+def test_scheduler_serves_the_host_with_most_queued_first_within_its_cap():
+    """The busiest host first, up to its cap, then the next busiest; hosts with as many queued alternate."""
+    jobs = [_Job(f"k{i}", f"http://{host}/{i}", "c") for i, host in enumerate("abbbbbcc")]
+    scheduler = HostScheduler(jobs, per_host=2)
+    first = [scheduler.next() for _ in range(5)]
+    assert [j.host for j in first] == ["b", "b", "c", "a", "c"]  # b at its cap; then c (2), a and c (1)
+    assert scheduler.next() is None  # b, the only host with work, is at its cap
+    scheduler.done(first[0])
+    assert scheduler.next().host == "b"
+    assert scheduler.queued == 2 and not scheduler.idle()
+
+
+def test_scheduler_keeps_each_host_within_its_cap():
     jobs = [_Job(f"k{i}", f"http://{host}/{i}", "c") for i, host in enumerate("aaaabbc")]
     scheduler = HostScheduler(jobs, per_host=1)
     first = [scheduler.next() for _ in range(4)]
@@ -561,6 +573,23 @@ def test_draining_is_set_once_few_rows_are_left(web):
     assert draining.wait(30)
     thread.join(30)
     assert done[0].table.num_rows == 5
+
+
+def test_a_shard_of_few_rows_lets_the_next_one_start_at_once(monkeypatch):
+    """With no more than `_NEXT_SHARD_WITHIN` x `max_in_flight` rows, draining is set before any is
+    fetched, so the next shard does not wait for this one's first answer; with more, it is not."""
+    draining_when_fetching_began = []
+
+    def fetch_nothing(jobs, settings, deadline, blocked_images):
+        draining_when_fetching_began.append(draining.is_set())
+        yield from ()
+
+    monkeypatch.setattr(download, "_fetch_in_processes", fetch_nothing)
+    for rows in (8, 9):  # 2 x 4 in flight, and one more
+        draining = threading.Event()
+        urls = [f"http://127.0.0.1:9/{i}.jpg" for i in range(rows)]
+        download_shard(crawl_table(urls), replace(FAST, max_in_flight=4), io.BytesIO(), draining=draining)
+    assert draining_when_fetching_began == [True, False]
 
 
 def test_worker_processes_use_the_hosts_resolved_once_in_the_steps_process(web, monkeypatch):

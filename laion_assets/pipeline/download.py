@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import heapq
+import itertools
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -107,43 +109,58 @@ class DownloadResult:
 
 
 class HostScheduler:
-    """Hands out jobs round-robin over hosts, at most `per_host` running on one host at a time."""
+    """Hands out jobs at most `per_host` running on one host at a time, from the host with the most
+    queued (hosts with as many take turns): the busiest host, which sets the shard's tail under its
+    cap, runs at its cap from the start instead of getting a turn in each round of all hosts."""
 
     def __init__(self, jobs: list[_Job], per_host: int) -> None:
         self._queues: dict[str, deque[_Job]] = {}
         for job in jobs:
             self._queues.setdefault(job.host, deque()).append(job)
-        self._hosts = deque(self._queues)
         self._running: Counter = Counter()
         self._per_host = per_host
+        self.queued = len(jobs)  # not handed out yet
+        # (-queued, turn, host) of the hosts that may start a job; `_offered` holds each one's valid count
+        self._heap: list[tuple[int, int, str]] = []
+        self._offered: dict[str, int] = {}
+        self._turns = itertools.count()
+        for host in self._queues:
+            self._offer(host)
 
     def next(self) -> _Job | None:
-        for _ in range(len(self._hosts)):
-            host = self._hosts[0]
-            if self._running[host] < self._per_host:
-                job = self._queues[host].popleft()
-                if self._queues[host]:
-                    self._hosts.rotate(-1)
-                else:
-                    self._hosts.popleft()
-                self._running[host] += 1
-                return job
-            self._hosts.rotate(-1)
+        while self._heap:
+            minus_queued, _, host = heapq.heappop(self._heap)
+            if self._offered.get(host) != -minus_queued:
+                continue  # an entry from before the host's queue changed
+            del self._offered[host]
+            if self._running[host] >= self._per_host:
+                continue  # offered again by `done`
+            self._running[host] += 1
+            self.queued -= 1
+            job = self._queues[host].popleft()
+            self._offer(host)
+            return job
         return None
 
     def done(self, job: _Job) -> None:
         self._running[job.host] -= 1
+        self._offer(job.host)
 
     def again(self, job: _Job) -> None:
         """`job` back at the end of its host's queue (a retry)."""
-        waiting = self._queues.setdefault(job.host, deque())
-        if not waiting:  # the host left the rotation when its queue emptied
-            self._hosts.append(job.host)
-        waiting.append(job)
+        self._queues.setdefault(job.host, deque()).append(job)
+        self.queued += 1
+        self._offer(job.host)
 
     def idle(self) -> bool:
         """Nothing queued and nothing running."""
-        return not self._hosts and not +self._running
+        return not self.queued and not +self._running
+
+    def _offer(self, host: str) -> None:
+        queued = len(self._queues[host])
+        if queued and self._running[host] < self._per_host and self._offered.get(host) != queued:
+            self._offered[host] = queued
+            heapq.heappush(self._heap, (-queued, next(self._turns), host))
 
 
 def write_images(
@@ -209,12 +226,15 @@ def download_shard(
         jobs = [job for job in jobs if job.key not in listed]
         blocked_images = blocklist.image_entries()
         started = last_report = time.monotonic()
+        few_left = _NEXT_SHARD_WITHIN * settings.max_in_flight
+        if draining and len(jobs) <= few_left:  # a small shard: the next one starts with it
+            draining.set()
         fetched = _fetch_in_processes(jobs, settings, deadline, blocked_images)
         for done, (record, sample) in enumerate(fetched, 1):
             if sample:
                 writer.write_encoded(sample)
             records.append(record)
-            if draining and len(jobs) - done <= _NEXT_SHARD_WITHIN * settings.max_in_flight:
+            if draining and len(jobs) - done <= few_left:
                 draining.set()
             if progress and time.monotonic() - last_report > 30:
                 last_report = time.monotonic()
