@@ -20,6 +20,12 @@ from laion_assets.pipeline.clip import ClipSettings
 
 # unpartitioned: `blocklist` reads the lists, the others every materialised shard, in this order
 DATASET_ASSETS = [blocklist, takedowns, duplicates, catalog, dataset_card, search_index]
+dataset_job = dg.define_asset_job(
+    names.DATASET_JOB,
+    selection=dg.AssetSelection.assets(*DATASET_ASSETS),
+    description="The dataset-level assets, over every materialised shard: `laion-assets run` and the demo "
+    "run each of them as a run of this job.",
+)
 # The sections of the dataset's settings file (pipeline/settings.py) that assets read: the run config of
 # each asset whose settings shape the dataset's content. The models are the file's `clip` and `captioner`.
 SETTINGS_SECTIONS: dict[str, type[dg.Config]] = {
@@ -39,7 +45,7 @@ def build_definitions(
     return dg.Definitions(
         assets=[*PER_SHARD_ASSETS, *DATASET_ASSETS],
         asset_checks=PER_SHARD_CHECKS,
-        jobs=[shard_job, takedown_job],
+        jobs=[shard_job, takedown_job, dataset_job],
         sensors=[incoming_files_sensor, blocklist_sensor, automation_sensor, pool_slots_sensor],
         schedules=[catch_up_schedule],
         resources=build_resources(root, clip, captioner),

@@ -34,6 +34,7 @@ INCOMING_FILES_SENSOR = "incoming_files_sensor"
 FOLLOW_UPSTREAM_SENSOR = "follow_upstream_sensor"
 CATCH_UP_SCHEDULE = "catch_up_schedule"
 TAKEDOWN_JOB = "takedown"  # blocklist, takedowns, then the dataset-level assets
+DATASET_JOB = "dataset_assets"  # the dataset-level assets; `laion-assets run` materialises them one a run
 BLOCKLIST_SENSOR = "blocklist_sensor"
 # Its cursor: a JSON object, file name in blocklist/ -> StoredFile.fingerprint of the content last seen.
 GPU_POOL = "gpu"  # clip_embeddings, recaptions: one slot per GPU

@@ -9,15 +9,14 @@ from pathlib import Path
 import dagster as dg
 
 from laion_assets import names
-from laion_assets.definitions import DATASET_ASSETS, SETTINGS_SECTIONS
+from laion_assets.definitions import DATASET_ASSETS, SETTINGS_SECTIONS, build_definitions
 from laion_assets.defs.config import config_values, explicit_config
-from laion_assets.defs.jobs import PER_SHARD_ASSETS, PER_SHARD_CHECKS
+from laion_assets.defs.jobs import PER_SHARD_ASSETS
 from laion_assets.defs.metadata import layer_of
 from laion_assets.defs.partitions import SHARDS_PER_RUN_ENV, range_tags, shards, shards_per_run
 from laion_assets.defs.resources import (
     CaptionerSettings,
     CocaCaptionerResource,
-    build_resources,
     environment_captioner,
 )
 from laion_assets.pipeline.caption import SETTINGS_ENV as CAPTION_ENV
@@ -118,7 +117,7 @@ def run_pipeline(
     store = DatasetStore(root)
     for path in store.remove_abandoned():
         echo(f"removed {path}, left by a run that was killed")
-    resources_ = build_resources(root, *prepare_settings(store, run_config, clip, captioner))
+    defs = build_definitions(root, *prepare_settings(store, run_config, clip, captioner))
     sources = incoming_by_shard(store)
     echo(f"{len(sources)} shards in {store.url(INCOMING)}")
     outcomes = []
@@ -135,7 +134,7 @@ def run_pipeline(
         instance.add_dynamic_partitions(shards.name, [s for s in sources if s not in known])
         # the lists first: the downloads check what they record
         before = [a for a in assets if a.key.to_user_string() == names.BLOCKLIST_ASSET]
-        outcomes.extend(_materialize_dataset_asset(instance, resources_, asset, echo) for asset in before)
+        outcomes.extend(_materialize_dataset_asset(instance, defs, asset, echo) for asset in before)
         per_shard = [a for a in PER_SHARD_ASSETS if a in assets]
         stale = {} if force else stale_layers(store, sources, [layer_of(a) for a in per_shard])
         # shards next to each other in the partitions' order that need the same assets share a run
@@ -170,33 +169,32 @@ def run_pipeline(
             else:
                 group, todo = step
                 outcomes.extend(
-                    _materialize_group(
-                        instance, resources_, store, sources, group, todo, run_config, echo, force
-                    )
+                    _materialize_group(instance, defs, store, sources, group, todo, run_config, echo, force)
                 )
         after = [a for a in assets if a not in PER_SHARD_ASSETS and a not in before]
         outcomes.extend(
-            _materialize_dataset_asset(instance, resources_, asset, echo, run_config) for asset in after
+            _materialize_dataset_asset(instance, defs, asset, echo, run_config) for asset in after
         )
     return outcomes
 
 
 def _materialize_dataset_asset(
     instance: dg.DagsterInstance,
-    resources_: dict[str, dg.ConfigurableResource],
+    defs: dg.Definitions,
     asset: dg.AssetsDefinition,
     echo: Callable[[str], None],
     run_config: dict | None = None,
 ) -> ShardOutcome:
-    """`asset` materialised with its own block of `run_config`'s ops, if it has one."""
+    """`asset` materialised by a run of the dataset job, with its own block of `run_config`'s ops, if it
+    has one."""
     name = asset.key.to_user_string()
     block = ((run_config or {}).get("ops") or {}).get(name)
-    result = dg.materialize(
-        [asset],
-        instance=instance,
-        resources=resources_,
+    result = defs.resolve_job_def(names.DATASET_JOB).execute_in_process(
         run_config={"ops": {name: block}, **QUIET} if block else QUIET,
+        instance=instance,
+        asset_selection=[asset.key],
         raise_on_error=False,
+        tags={names.TRIGGER_TAG: "cli"},
     )
     error = failure_message(result)
     materializations = [] if error else result.asset_materializations_for_node(name)
@@ -226,7 +224,7 @@ def cli_shards_per_run() -> int:
 
 def _materialize_group(
     instance: dg.DagsterInstance,
-    resources_: dict[str, dg.ConfigurableResource],
+    defs: dg.Definitions,
     store: DatasetStore,
     sources: dict,
     group: list[str],
@@ -238,7 +236,7 @@ def _materialize_group(
     """The `todo` assets of the `group` shards in one run; where it fails, each shard again on its own,
     so that a bad shard fails alone and the others are done (what the failed run finished is kept,
     unless `force` asks for every layer again)."""
-    outcomes = _materialize(instance, resources_, group, todo, run_config)
+    outcomes = _materialize(instance, defs, group, todo, run_config)
     if len(group) > 1 and any(outcome.error for outcome in outcomes):
         echo(f"{group[0]}..{group[-1]}: the run of {len(group)} shards failed; each shard on its own")
         layers = [layer_of(a) for a in todo]
@@ -249,7 +247,7 @@ def _materialize_group(
         )
         outcomes = [
             _materialize(
-                instance, resources_, [shard], [a for a in todo if layer_of(a) in stale[shard]], run_config
+                instance, defs, [shard], [a for a in todo if layer_of(a) in stale[shard]], run_config
             )[0]
             if stale[shard]
             else _done_by_the_failed_run(store, shard, todo)
@@ -268,21 +266,20 @@ def _done_by_the_failed_run(store: DatasetStore, shard: str, todo: list[dg.Asset
 
 def _materialize(
     instance: dg.DagsterInstance,
-    resources_: dict[str, dg.ConfigurableResource],
+    defs: dg.Definitions,
     group: list[str],
     todo: list[dg.AssetsDefinition],
     run_config: dict,
 ) -> list[ShardOutcome]:
-    """One run of the `todo` assets over the `group` shards (consecutive partitions): an outcome each."""
+    """One run of the shard job, the `todo` assets (and their checks) over the `group` shards
+    (consecutive partitions): an outcome each."""
     asset_names = [a.key.to_user_string() for a in todo]
     ops = {name: block for name, block in (run_config.get("ops") or {}).items() if name in asset_names}
-    result = dg.materialize(
-        [*PER_SHARD_ASSETS, *PER_SHARD_CHECKS],
-        selection=todo,
-        partition_key=group[0] if len(group) == 1 else None,
-        instance=instance,
-        resources=resources_,
+    result = defs.resolve_job_def(names.SHARD_JOB).execute_in_process(
         run_config={"ops": ops, **QUIET} if ops else QUIET,
+        instance=instance,
+        partition_key=group[0] if len(group) == 1 else None,
+        asset_selection=[a.key for a in todo],
         raise_on_error=False,
         tags={names.TRIGGER_TAG: "cli", **(range_tags(group[0], group[-1]) if len(group) > 1 else {})},
     )
@@ -321,27 +318,22 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str | None:
 
 
 def run_takedown(root: str, list_file: Path, echo: Callable[[str], None] = print) -> int:
-    """Copy `list_file` into `{root}/blocklist/` and run the takedown flow, as the blocklist sensor's run
-    does: the lists recorded, what they match removed, then the search index, catalog and card."""
+    """Copy `list_file` into `{root}/blocklist/` and run the takedown job, as the blocklist sensor does:
+    the lists recorded, what they match removed, then dedup, the search index, catalog and card."""
     from laion_assets.defs.takedown import blocklist, takedowns
     from laion_assets.pipeline.blocklist import LIST_SUFFIXES
 
     if list_file.suffix.lower() not in LIST_SUFFIXES:
         raise ValueError(f"{list_file}: a block list is a {', '.join(LIST_SUFFIXES)} file")
     store = DatasetStore(root)
-    resources_ = build_resources(root, *prepare_settings(store, {}))
+    defs = build_definitions(root, *prepare_settings(store, {}))
     target = f"{BLOCKLIST}/{list_file.name}"
     store.write_bytes(target, list_file.read_bytes())
     echo(f"copied {list_file} to {store.url(target)}")
     flow = [blocklist, takedowns, *(a for a in DATASET_ASSETS if a not in (blocklist, takedowns))]
     with dagster_instance() as instance:
-        result = dg.materialize(
-            flow,
-            instance=instance,
-            resources=resources_,
-            run_config=QUIET,
-            raise_on_error=False,
-            tags={names.TRIGGER_TAG: "cli"},
+        result = defs.resolve_job_def(names.TAKEDOWN_JOB).execute_in_process(
+            run_config=QUIET, instance=instance, raise_on_error=False, tags={names.TRIGGER_TAG: "cli"}
         )
     for asset in flow:
         name = asset.key.to_user_string()

@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from laion_assets import names
 from laion_assets.defs.jobs import PER_SHARD_ASSETS, PER_SHARD_CHECKS
 from laion_assets.defs.partitions import shards
 from laion_assets.defs.resources import build_resources
@@ -49,3 +50,11 @@ def materialize_shard(
         run_config=run_config,
         raise_on_error=False,
     )
+
+
+def shard_pipeline() -> dg.JobDefinition:
+    """The project's shard job as a code location loads it now (resources from the environment), for
+    `dg.reconstructable`: what the UI's Re-execute of a run launches."""
+    from laion_assets.definitions import build_definitions
+
+    return build_definitions().resolve_job_def(names.SHARD_JOB)

@@ -8,11 +8,12 @@ import pytest
 import urllib3
 import yaml
 
+from laion_assets import names
 from laion_assets.cli import main
 from laion_assets.defs.partitions import shards
 from laion_assets.demo.run import DEMO_COPIES
 from laion_assets.pipeline.storage import DatasetStore
-from laion_assets_tests.dagster_helpers import local_web_config
+from laion_assets_tests.dagster_helpers import local_web_config, shard_pipeline
 from laion_assets_tests.service_process import serving
 
 A = b"url,caption\nhttp://a.com/1.jpg,a cat\nhttp://a.com/2.jpg,a dog\n"
@@ -70,6 +71,36 @@ def test_run_puts_consecutive_shards_with_the_same_work_in_one_run(
     with dg.DagsterInstance.get() as instance:
         assert len(instance.get_runs()) == runs
         assert instance.get_materialized_partitions(dg.AssetKey("crawl_metadata")) == {"a", "b", "c"}
+
+
+def test_cli_runs_are_runs_of_the_projects_jobs_and_re_execute(local_root, tmp_path, monkeypatch, capsys):
+    """`laion-assets run` launches the shard job and the dataset job, not Dagster's ephemeral one: each run
+    names its shard and assets, and Re-execute (here from Python, as the UI's button does it, from the
+    code location's own job) runs it again."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("LAION_ASSETS_ROOT", local_root)  # the code location's dataset
+    DatasetStore(local_root).write_bytes("incoming/a.csv", A)
+    assert main(["run", "--root", local_root, "--select", "crawl_metadata,catalog"]) == 0
+    with dg.DagsterInstance.get() as instance:
+        runs = {run.job_name: run for run in instance.get_runs()}
+        assert set(runs) == {names.SHARD_JOB, names.DATASET_JOB}
+        shard_run = runs[names.SHARD_JOB]
+        assert shard_run.tags["dagster/partition"] == "a" and shard_run.tags[names.TRIGGER_TAG] == "cli"
+        assert shard_run.asset_selection == {dg.AssetKey("crawl_metadata")}
+        assert runs[names.DATASET_JOB].asset_selection == {dg.AssetKey("catalog")}
+        again = dg.execute_job(
+            dg.reconstructable(shard_pipeline),
+            instance,
+            tags=shard_run.tags,  # as the UI launches a re-execution: with the run's tags, its partition's
+            reexecution_options=dg.ReexecutionOptions(parent_run_id=shard_run.run_id),
+        )
+        assert again.success
+        assert again.dagster_run.parent_run_id == shard_run.run_id
+        assert again.dagster_run.tags["dagster/partition"] == "a"
+        materializations = instance.fetch_materializations(dg.AssetKey("crawl_metadata"), limit=10).records
+        assert [m.run_id for m in materializations] == [again.run_id, shard_run.run_id]
 
 
 def test_run_registers_shards_in_dagster_home(local_root, tmp_path, monkeypatch, capsys):

@@ -63,6 +63,10 @@ def test_definitions_list_assets_sensor_schedule():
         "pool_slots_sensor",
     ]
     assert repo.get_job("takedown").partitions_def is None
+    dataset_level = {"blocklist", "takedowns", "duplicates", "catalog", "dataset_card", "search_index"}
+    for job in ("takedown", "dataset_assets"):  # what a takedown changes; what `laion-assets run` runs
+        selected = repo.get_job(job).asset_layer.selected_asset_keys
+        assert {k.to_user_string() for k in selected} == dataset_level
     assert [s.name for s in repo.schedule_defs] == ["catch_up_schedule"]
     assert repo.get_job("shard_pipeline").partitions_def.name == "shards"
 

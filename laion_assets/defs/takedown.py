@@ -100,19 +100,20 @@ def _take_down(context: dg.AssetExecutionContext, dataset: DatasetStore) -> Iter
     )
 
 
-# The takedown flow in one run: the lists recorded, the matches removed, then what is built from every
-# shard (skipped when nothing was removed).
+# The takedown flow in one run, the sensor's and `laion-assets takedown`'s: the lists recorded, the matches
+# removed, then what is built from every shard (skipped when nothing was removed).
 takedown_job = dg.define_asset_job(
     names.TAKEDOWN_JOB,
     selection=dg.AssetSelection.assets(
         names.BLOCKLIST_ASSET,
         names.TAKEDOWNS_ASSET,
+        names.DUPLICATES_ASSET,
         names.SEARCH_INDEX_ASSET,
         names.CATALOG_ASSET,
         names.DATASET_CARD_ASSET,
     ),
-    description="Record the block lists, remove what they match from the built shards, then rebuild the "
-    "search index, the catalog and the card.",
+    description="Record the block lists, remove what they match from the built shards, then dedup again "
+    "and rebuild the search index, the catalog and the card.",
 )
 
 
