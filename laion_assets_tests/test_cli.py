@@ -188,6 +188,18 @@ def test_demo_as_a_user_runs_it(tmp_path, monkeypatch):
     improved = re.fullmatch(r"mismatched pairs whose recaption scores higher: (\d+)/60 \(.*\)", every[2])
     assert improved and int(improved[1]) >= 54, done.stdout
     assert "│ success" in done.stdout  # the DuckDB query's result
+    # only the project's own lines: no instance, telemetry or FAISS notices between the results
+    for noise in ("dagster.yaml", "Telemetry", "Welcome to Dagster", "WARNING clustering"):
+        assert noise not in done.stdout + done.stderr, noise
+    # each path once; each command it prints runs as printed, without an activated venv
+    paths = [
+        line.split(": ", 1)[1]
+        for line in done.stdout.splitlines()
+        if line.startswith(("catalog: ", "dataset_card: "))
+    ]
+    assert len(paths) == 2 and all(done.stdout.count(path) == 1 for path in paths), done.stdout
+    executables = re.findall(r"(\S+/(?:dagster|laion-assets)) (?:dev|serve|sql) ", done.stdout)
+    assert len(executables) == 3 and all(os.path.isabs(e) and os.access(e, os.X_OK) for e in executables)
     assert f"DAGSTER_HOME={tmp_path / 'data' / '.dagster'}" in done.stdout
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "data" / ".dagster"))  # the demo's runs are kept there
     with dg.DagsterInstance.get() as instance:

@@ -2,6 +2,7 @@
 asset, and the CLIP filter scored against the captions known to be mismatched."""
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from laion_assets.demo.world import EXACT_COPIES, MISMATCH_FRACTION, NEAR_COPIES
 from laion_assets.pipeline import catalog
 from laion_assets.pipeline.caption import CaptionSettings
 from laion_assets.pipeline.clip import ClipSettings
-from laion_assets.pipeline.storage import CARD, CARD_FIGURES, INCOMING, PAIRS, SETTINGS_FILE, DatasetStore
+from laion_assets.pipeline.storage import CARD_FIGURES, INCOMING, PAIRS, SETTINGS_FILE, DatasetStore
 from laion_assets.runner import ALL_ASSETS, run_pipeline
 
 SOURCE_PREFIX = "synthetic-web"
@@ -66,6 +67,14 @@ def write_sources(store: DatasetStore, rows: list[dict[str, str | None]], shards
     return names
 
 
+# The demo instance's configuration: runs and events in SQLite files in its folder (Dagster's default),
+# and no telemetry, whose notice would land between the demo's results.
+DEMO_INSTANCE = """# written by `laion-assets demo`: storage in this folder (Dagster's default), no telemetry
+telemetry:
+  enabled: false
+"""
+
+
 def dagster_home(store: DatasetStore) -> Path:
     """Where the demo keeps its Dagster instance, so the UI opened afterwards shows its runs."""
     return Path(os.environ.get("DAGSTER_HOME") or (".dagster" if store.is_s3 else store.path(".dagster")))
@@ -84,6 +93,8 @@ def run_demo(
     store.remove(SETTINGS_FILE)  # a new world: its first run writes the dataset's settings anew
     home = dagster_home(store).absolute()
     home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():  # a folder of the user's own keeps its configuration
+        (home / "dagster.yaml").write_text(DEMO_INSTANCE)
     os.environ["DAGSTER_HOME"] = str(home)
     with WorldWeb(world) as web:
         names = write_sources(store, web.rows(), shards)
@@ -129,17 +140,20 @@ def run_demo(
     echo(f"kept pairs recaptioned by {captioner.model}: {kept_score.line()}")
     every = evaluate_captioner(captioner, clip, world)
     echo(f"the same captioner on every image of this world, kept or dropped: {every.line()}")
-    echo(f"dataset card: {store.url(CARD)} (figures in {store.url(CARD_FIGURES)})")
+    echo(f"dataset card figures: {store.url(CARD_FIGURES)}")
     echo(f"pairs: {store.url(PAIRS.name)}/<shard>.parquet and .tar")
-    echo(f"DuckDB catalog: {catalog.default_catalog_path(store)}")
-    echo(f'$ laion-assets sql "{QUERY}"\n{connection.sql(QUERY)}')
+    # the venv's own executables, so that each command runs as printed in a shell that has not activated it
+    bin_ = Path(sys.executable).parent
+    root = root if store.is_s3 else str(Path(root).absolute())  # from any folder
+    echo(f'$ {bin_ / "laion-assets"} sql --root {root} "{QUERY}"\n{connection.sql(QUERY)}')
     echo(
         "open the Dagster UI on the same data and runs:\n"
         f"  DAGSTER_HOME={home} LAION_ASSETS_ROOT={root} LAION_ASSETS_CLIP_MODEL={clip.model} "
         f"LAION_ASSETS_CLIP_PRETRAINED={clip.pretrained} LAION_ASSETS_CAPTION_MODEL={captioner.model} "
-        f"LAION_ASSETS_CAPTION_PRETRAINED={captioner.pretrained} dagster dev -m laion_assets.definitions\n"
+        f"LAION_ASSETS_CAPTION_PRETRAINED={captioner.pretrained} "
+        f"{bin_ / 'dagster'} dev -m laion_assets.definitions\n"
         "search it and embed with the same model (the CLIP service, http://127.0.0.1:9001/docs):\n"
         f"  LAION_ASSETS_CLIP_MODEL={clip.model} LAION_ASSETS_CLIP_PRETRAINED={clip.pretrained} "
-        f"laion-assets serve --root {root}"
+        f"{bin_ / 'laion-assets'} serve --root {root}"
     )
     return 0

@@ -714,7 +714,11 @@ def _centroids(
     clusters = max(1, min(clusters, len(vectors)))
     import faiss  # here: its import takes a tenth of a second from every run that never dedups
 
-    kmeans = faiss.Kmeans(vectors.shape[1], clusters, niter=20, seed=settings.seed, spherical=True)
+    # min_points_per_centroid only sets when faiss warns of few points per cluster, which a small dataset
+    # has by design (a cluster per sqrt(rows)); the clustering is the same
+    kmeans = faiss.Kmeans(
+        vectors.shape[1], clusters, niter=20, seed=settings.seed, spherical=True, min_points_per_centroid=1
+    )
     kmeans.train(vectors)
     centroids = kmeans.centroids / np.linalg.norm(kmeans.centroids, axis=1, keepdims=True)
     dim = centroids.shape[1]
