@@ -79,6 +79,42 @@ def run_sql(root: str, query: str, fmt: str = "table", output: Path | None = Non
         print(json.dumps([dict(zip(columns, row, strict=True)) for row in rows], default=str, indent=1))
 
 
+def sql_shell(root: str) -> None:
+    """An interactive shell on the DuckDB views of `root`, as DuckDB's own: a statement ends with `;`,
+    `.tables` lists the views, `.quit` or the end of input leaves."""
+    import readline  # noqa: F401  (line editing and history for input())
+
+    import duckdb
+
+    from laion_assets.pipeline import catalog as duckdb_catalog
+    from laion_assets.pipeline.storage import DatasetStore
+
+    connection = duckdb_catalog.connect(DatasetStore(root))
+    views = ", ".join(name for (name,) in connection.sql("SHOW TABLES").fetchall())
+    print(f"DuckDB on {root}: {views}\nend a statement with ';'; .tables lists the views; .quit leaves")
+    statement: list[str] = []
+    while True:
+        try:
+            line = input("... " if statement else "sql> ")
+        except EOFError:
+            print()
+            return
+        if not statement and line.strip() in (".quit", ".exit"):
+            return
+        if not statement and line.strip() == ".tables":
+            print(views)
+            continue
+        statement.append(line)
+        if line.rstrip().endswith(";"):
+            try:
+                relation = connection.sql("\n".join(statement))
+                if relation is not None:
+                    relation.show(max_rows=100, max_width=200)
+            except duckdb.Error as exc:
+                print(f"{type(exc).__name__}: {exc}")
+            statement = []
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="laion-assets", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,7 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
         "sql",
         help="query the DuckDB views (crawl_metadata, images, pairs, recaptions, hosts, takedowns, ...)",
     )
-    sql.add_argument("query", help='e.g. "SELECT status, count(*) FROM images GROUP BY 1"')
+    sql.add_argument(
+        "query",
+        nargs="?",
+        help='e.g. "SELECT status, count(*) FROM images GROUP BY 1"; without one, an interactive shell',
+    )
     sql.add_argument("--root", default=None, help=root_help)
     sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
     sql.add_argument(
@@ -196,7 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return serve(args, root)
     if args.command == "sql":
-        run_sql(root, args.query, args.format, args.output)
+        if args.query is None:
+            sql_shell(root)
+        else:
+            run_sql(root, args.query, args.format, args.output)
         return 0
     if args.command == "init":
         from laion_assets.runner import init_settings

@@ -1,6 +1,9 @@
 import importlib.util
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
@@ -416,3 +419,22 @@ def test_readme_queries_on_images_embeddings_and_crawl_metadata(local_root, monk
     assert all(len(set(rows)) == 10 and set(rows) <= downloaded for rows in samples)
     old = [len(connection.sql(joined + " USING SAMPLE 10 ROWS").fetchall()) for _ in range(3)]
     assert min(old) < 10
+
+
+def test_sql_without_a_query_is_an_interactive_shell(local_root):
+    """`laion-assets sql` alone, as a user types into it: statements over several lines, an error that
+    does not end the shell, `.tables`, `.quit`."""
+    _two_shards(DatasetStore(local_root))
+    script = os.path.join(os.path.dirname(sys.executable), "laion-assets")
+    typed = ".tables\nSELECT count(*) AS n\nFROM images;\nSELECT * FROM nowhere;\nSELECT 42 AS answer;\n"
+    typed += ".quit\n"
+    done = subprocess.run(
+        [script, "sql", "--root", local_root], input=typed, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"DuckDB on {local_root}: crawl_metadata, hosts, images"
+    assert lines[2].endswith("crawl_metadata, hosts, images")  # .tables
+    cells = [line.strip("│ ") for line in lines if line.startswith("│")]
+    assert cells == ["n", "int64", "4", "answer", "int32", "42"]
+    assert any("CatalogException:" in line and "nowhere" in line for line in lines)  # and it went on
