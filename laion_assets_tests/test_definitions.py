@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pyarrow as pa
 import pytest
 
 from laion_assets.definitions import defs
@@ -206,3 +207,13 @@ def test_the_environment_chooses_the_captioner(monkeypatch):
     assert chat.api_key.env_var_name == "LAION_ASSETS_CHAT_API_KEY"
     given = captioner_resource(CaptionSettings(model="m", pretrained="none"))
     assert (type(given), given.model) == (CocaCaptionerResource, "m")
+
+
+def test_previews_fit_the_ui_numbers_rounded_and_text_cut():
+    from laion_assets.defs.metadata import preview
+
+    table = pa.table(
+        {"key": ["s-00000001"], "similarity": pa.array([0.31234567], pa.float32()), "caption": ["x" * 90]}
+    )
+    shown = preview(table, ["key", "similarity", "caption"]).value
+    assert shown.splitlines()[-1] == f"| s-00000001 | 0.3123 | {'x' * 39}… |"

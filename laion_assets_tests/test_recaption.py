@@ -141,3 +141,11 @@ def test_the_check_names_a_missing_pair(demo_copy):
     assert not result.passed
     assert result.metadata["missing_pairs"].value == "1"
     assert result.description == f"shard {SHARD}: missing_pairs: 1"
+
+
+def test_the_ui_shows_beams_only_for_beam_search():
+    from laion_assets.defs.recaption import shown_settings
+
+    greedy = {"decoding": "greedy", "beams": "4", "max_tokens": "30"}
+    assert shown_settings(greedy) == {"decoding": "greedy", "max_tokens": "30"}
+    assert shown_settings({**greedy, "decoding": "beam"}) == {**greedy, "decoding": "beam"}

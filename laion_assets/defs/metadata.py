@@ -22,10 +22,12 @@ def layer_of(asset: dg.AssetsDefinition) -> Layer:
     return _LAYERS[asset.metadata_by_key[asset.key][names.LAYER_METADATA]]
 
 
-def preview(table: pa.Table, columns: list[str], rows: int = 5, width: int = 80) -> dg.MetadataValue:
-    """The first rows as a markdown table, long cells cut."""
+def preview(table: pa.Table, columns: list[str], rows: int = 5, width: int = 40) -> dg.MetadataValue:
+    """The first rows as a markdown table that fits the UI's metadata panel: text cut to `width`
+    characters, numbers to 4 decimals (a float32 similarity printed whole has 16)."""
     head = table.select(columns).slice(0, rows).to_pylist()
-    return dg.MetadataValue.md(markdown.table(columns, ([row[c] for c in columns] for row in head), width))
+    cells = ([f"{v:.4f}" if isinstance(v := row[c], float) else v for c in columns] for row in head)
+    return dg.MetadataValue.md(markdown.table(columns, cells, width))
 
 
 def counts_table(counts: list[tuple[str, int]], label: str) -> dg.MetadataValue:

@@ -49,7 +49,7 @@ def recaptions(
         metadata[shard] = {
             "dagster/row_count": rows,
             **summary,
-            **{f"captioner/{name}": value for name, value in model.describe().items()},
+            **{f"captioner/{name}": value for name, value in shown_settings(model.describe()).items()},
             "seconds": round(result.seconds, 2),
             "captions_per_second": round(rows / result.seconds, 1) if result.seconds else 0.0,
             "path": dg.MetadataValue.path(dataset.url(RECAPTIONS.parquet(shard))),
@@ -77,3 +77,9 @@ def one_row_per_kept_pair(dataset: DatasetStore, shard: str) -> dg.AssetCheckRes
 one_row_per_kept_pair_check = shard_check(
     recaptions, names.ONE_ROW_PER_KEPT_PAIR_CHECK, one_row_per_kept_pair
 )
+
+
+def shown_settings(described: dict[str, str]) -> dict[str, str]:
+    """The captioner's settings as the UI shows them: `beams` only where decoding uses them (the footer
+    keeps them all)."""
+    return {k: v for k, v in described.items() if k != "beams" or described.get("decoding") == "beam"}
