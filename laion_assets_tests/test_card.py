@@ -1,5 +1,7 @@
+import base64
 import io
 import json
+import re
 
 import dagster as dg
 import pytest
@@ -10,7 +12,7 @@ from laion_assets import names
 from laion_assets.defs.card import dataset_card
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline import catalog, schemas
-from laion_assets.pipeline.card import CardSettings, write_card
+from laion_assets.pipeline.card import UI_FIGURE_WIDTH, CardSettings, write_card
 from laion_assets.pipeline.card.readme import size_category
 from laion_assets.pipeline.pairs import FUNNEL
 from laion_assets.pipeline.storage import CARD, DatasetStore
@@ -163,10 +165,21 @@ def test_asset_puts_the_card_in_its_metadata(local_root, web):
     )
     assert result.success
     metadata = result.asset_materializations_for_node("dataset_card")[0].metadata
-    markdown = metadata["card"].value
     with DatasetStore(local_root).open(CARD) as f:
-        assert f.read().decode() == markdown
-    assert _front_matter(markdown)["license"] == "cc-by-4.0"
+        markdown = f.read().decode()
+    assert _front_matter(markdown)["license"] == "cc-by-4.0"  # the Hub's card, on disk
+    # the UI's: the card's body, no front matter, each figure inside it, no wider than the dialog
+    shown = metadata["card"].value
+    body = markdown.split("\n---\n", 1)[1].lstrip("\n")
+    figures_as = "(F)"
+    assert re.sub(r"\(data:image/(png|jpeg);base64,[^)]+\)", figures_as, shown) == re.sub(
+        r"\(figures/[^)]+\)", figures_as, body
+    )
+    sources = re.findall(r"!\[[^\]]*\]\(data:image/(?:png|jpeg);base64,([^)]+)\)", shown)
+    assert len(sources) == len(re.findall(r"!\[[^\]]*\]\(figures/", markdown)) >= 5
+    for source in sources:
+        figure = Image.open(io.BytesIO(base64.b64decode(source)))
+        assert figure.format in ("PNG", "JPEG") and 0 < figure.width <= UI_FIGURE_WIDTH
     assert metadata["dagster/row_count"].value == 2 and metadata["shards"].value == 1
     assert metadata["path"].value == DatasetStore(local_root).url(CARD)
 

@@ -40,7 +40,7 @@ def dataset_card(
     result = write_card(dataset, settings_from(dataset_config(context, config, dataset), CardSettings))
     return dg.MaterializeResult(
         metadata={
-            "card": dg.MetadataValue.md(result.markdown),
+            "card": dg.MetadataValue.md(result.ui_markdown),  # the file is the Hub's card
             "path": dg.MetadataValue.path(dataset.url(result.readme)),
             "dagster/row_count": result.pairs,
             "shards": result.shards,

@@ -6,7 +6,11 @@ markdown. The card is the same for the same stored data (provenance timestamps a
 
 from __future__ import annotations
 
+import base64
+import io
 from dataclasses import dataclass
+
+from PIL import Image
 
 from laion_assets.pipeline.card.figures import render_figures
 from laion_assets.pipeline.card.grid import sample_grid
@@ -18,9 +22,13 @@ from laion_assets.pipeline.storage import CARD, CARD_FIGURES, DatasetStore
 __all__ = ["CardResult", "CardSettings", "write_card"]
 
 
+UI_FIGURE_WIDTH = 720  # px: a figure's width in the UI's markdown dialog
+
+
 @dataclass
 class CardResult:
     markdown: str
+    ui_markdown: str  # the card as the UI shows it (`card_for_ui`)
     readme: str  # path under the root
     figures: list[str]  # paths under the root
     shards: int
@@ -42,6 +50,7 @@ def write_card(store: DatasetStore, settings: CardSettings | None = None) -> Car
     store.write_bytes(CARD, markdown.encode())
     return CardResult(
         markdown=markdown,
+        ui_markdown=card_for_ui(markdown, figures),
         readme=CARD,
         figures=paths,
         shards=len(stats.shards),
@@ -49,3 +58,29 @@ def write_card(store: DatasetStore, settings: CardSettings | None = None) -> Car
         crawl_rows=stats.crawl_rows,
         downloaded=stats.downloaded,
     )
+
+
+def card_for_ui(markdown: str, figures: dict[str, bytes]) -> str:
+    """The card for Dagster's metadata dialog: without the YAML front matter, which it shows as a garbled
+    paragraph, and with each figure inside it as a PNG data URL at most `UI_FIGURE_WIDTH` px wide, since
+    the dialog has no folder to resolve `figures/` against. The card on disk stays the Hub's."""
+    body = markdown.split("\n---\n", 1)[1].lstrip("\n") if markdown.startswith("---\n") else markdown
+    for name, png in figures.items():
+        body = body.replace(f"](figures/{name})", f"]({_ui_image(png)})")
+    return body
+
+
+def _ui_image(png: bytes) -> str:
+    """A figure as a data URL no wider than `UI_FIGURE_WIDTH`: PNG, or JPEG where that is smaller (the
+    sample grid's photos, a tenth of their PNG)."""
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    if image.width > UI_FIGURE_WIDTH:
+        height = round(image.height * UI_FIGURE_WIDTH / image.width)
+        image = image.resize((UI_FIGURE_WIDTH, height), Image.Resampling.LANCZOS)
+    encoded = {}
+    for fmt, options in (("png", {"optimize": True}), ("jpeg", {"quality": 85})):
+        out = io.BytesIO()
+        image.save(out, fmt.upper(), **options)
+        encoded[fmt] = out.getvalue()
+    fmt = min(encoded, key=lambda f: len(encoded[f]))
+    return f"data:image/{fmt};base64,{base64.b64encode(encoded[fmt]).decode()}"
