@@ -440,3 +440,21 @@ def test_the_takedown_command_takes_only_a_list(local_root, tmp_path):
     with pytest.raises(SystemExit, match="No such file"):
         main(["takedown", str(tmp_path / "missing.csv"), "--root", local_root])
     assert not DatasetStore(local_root).list(BLOCKLIST)
+
+
+def test_takedowns_says_nothing_matched_where_it_does_not_materialise(local_root):
+    """With no match it writes nothing and does not materialise (so nothing after it is rebuilt), and an
+    observation of the asset says so, for the UI, where it would otherwise only be "Never materialized"."""
+    from laion_assets.defs.resources import DatasetStoreResource
+    from laion_assets.defs.takedown import NOTHING_MATCHED, blocklist, takedowns
+
+    result = dg.materialize(
+        [blocklist, takedowns], resources={"store": DatasetStoreResource(root=local_root)}
+    )
+    assert result.success and not result.asset_materializations_for_node(names.TAKEDOWNS_ASSET)
+    (said,) = [
+        o
+        for o in result.asset_observations_for_node(names.TAKEDOWNS_ASSET)
+        if o.asset_key == dg.AssetKey(names.TAKEDOWNS_ASSET)
+    ]
+    assert said.metadata["outcome"].value == NOTHING_MATCHED and said.metadata["active_entries"].value == 0

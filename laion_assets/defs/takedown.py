@@ -52,6 +52,9 @@ def blocklist(context: dg.AssetExecutionContext, store: DatasetStoreResource) ->
     )
 
 
+NOTHING_MATCHED = "nothing matched: no stored sample is on an active block list, so nothing was removed"
+
+
 @dg.asset(
     name=names.TAKEDOWNS_ASSET,
     deps=[blocklist, *PER_SHARD_ASSETS],
@@ -64,7 +67,8 @@ def takedowns(
 ) -> Iterator[dg.MaterializeResult]:
     """Every stored sample on an active list taken out of every layer, only in the shards that hold one,
     and a ledger row for each in `takedowns/<timestamp>.parquet`. When nothing matches, nothing is
-    written and nothing is materialised, so the dataset-level assets after it are not rebuilt."""
+    written and nothing is materialised, so the dataset-level assets after it are not rebuilt: an
+    observation says "nothing matched" instead (the asset's Events in the UI)."""
     dataset = store.get_store()
     with shard_lease(dataset, REMOVALS, context.run.run_id, wait=REMOVALS_WAIT):
         yield from _take_down(context, dataset)
@@ -83,6 +87,13 @@ def _take_down(context: dg.AssetExecutionContext, dataset: DatasetStore) -> Iter
     if not result.removed:
         context.log.info("no stored sample is on an active block list: nothing to remove")
         if not finished:
+            # the UI's word for an asset that never materialised is "Never materialized": say why here
+            context.log_event(
+                dg.AssetObservation(
+                    asset_key=dg.AssetKey(names.TAKEDOWNS_ASSET),
+                    metadata={"outcome": NOTHING_MATCHED, "active_entries": len(load_active(dataset))},
+                )
+            )
             return
         result = finished[-1]
     yield dg.MaterializeResult(
