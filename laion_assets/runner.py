@@ -211,6 +211,8 @@ def _materialize_dataset_asset(
 def echo_rewrites(result: dg.ExecuteInProcessResult, name: str, echo: Callable[[str], None]) -> None:
     """A line per shard file a removal by `name` rewrote: its rows now, as the UI shows them."""
     for observation in result.asset_observations_for_node(name):
+        if "changed_by" not in observation.metadata:  # not a rewrite (takedowns' "nothing matched")
+            continue
         rows, why = observation.metadata["dagster/row_count"].value, observation.metadata["changed_by"].value
         echo(f"  {observation.asset_key.to_user_string()} {observation.partition}: now {rows} rows ({why})")
 
