@@ -217,3 +217,21 @@ def test_previews_fit_the_ui_numbers_rounded_and_text_cut():
     )
     shown = preview(table, ["key", "similarity", "caption"]).value
     assert shown.splitlines()[-1] == f"| s-00000001 | 0.3123 | {'x' * 39}… |"
+
+
+def test_the_lineage_opens_on_three_groups_that_say_what_they_hold():
+    graph = defs.get_repository_def().asset_graph
+    groups: dict[str, set[str]] = {}
+    for key in graph.get_all_asset_keys():
+        groups.setdefault(graph.get(key).group_name, set()).add(key.to_user_string())
+    assert groups == {
+        "per_shard": {
+            "crawl_metadata",
+            "downloaded_images",
+            "clip_embeddings",
+            "filtered_pairs",
+            "recaptions",
+        },
+        "dataset": {"duplicates", "catalog", "dataset_card", "search_index"},
+        "takedowns": {"blocklist", "takedowns"},
+    }

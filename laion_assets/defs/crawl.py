@@ -5,7 +5,7 @@ import dagster as dg
 from laion_assets import names
 from laion_assets.defs.config import dataset_config
 from laion_assets.defs.metadata import preview, shards_materialized, writes_layer
-from laion_assets.defs.partitions import SHARD_BACKFILL, leased_shards, shards
+from laion_assets.defs.partitions import SHARD_BACKFILL, SHARD_GROUP, leased_shards, shards
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline.crawl import CrawlSettings, write_crawl_metadata
 from laion_assets.pipeline.sources import ColumnNames
@@ -29,7 +29,7 @@ class CrawlMetadataConfig(dg.Config):
     name=names.CRAWL_METADATA_ASSET,
     partitions_def=shards,
     backfill_policy=SHARD_BACKFILL,
-    group_name="crawl",
+    group_name=SHARD_GROUP,
     kinds={"parquet"},
     metadata=writes_layer(CRAWL_METADATA),
 )

@@ -12,7 +12,7 @@ from laion_assets.defs.config import config_values, dataset_config, settings_fro
 from laion_assets.defs.crawl import crawl_metadata
 from laion_assets.defs.execution import DOWNLOAD_POD
 from laion_assets.defs.metadata import counts_table, preview, shards_materialized, writes_layer
-from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, shards
+from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, SHARD_GROUP, shards
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.download import DownloadResult, DownloadSettings, write_images
@@ -71,7 +71,7 @@ class DownloadImagesConfig(dg.Config):
     backfill_policy=SHARD_BACKFILL,
     automation_condition=FOLLOWS_ITS_SHARD,
     deps=[crawl_metadata],
-    group_name="images",
+    group_name=SHARD_GROUP,
     kinds={"webdataset", "parquet"},
     metadata=writes_layer(IMAGES),
     pool=names.DOWNLOAD_POOL,

@@ -8,7 +8,7 @@ from laion_assets.defs.config import model_settings, record_section
 from laion_assets.defs.download import downloaded_images
 from laion_assets.defs.execution import GPU_POD
 from laion_assets.defs.metadata import preview, shards_materialized, similarity_quantiles, writes_layer
-from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, leased_shards, shards
+from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, SHARD_GROUP, leased_shards, shards
 from laion_assets.defs.resources import ClipEncoderResource, DatasetStoreResource
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.embed import write_embeddings
@@ -28,7 +28,7 @@ class ClipEmbeddingsConfig(dg.Config):
     backfill_policy=SHARD_BACKFILL,
     automation_condition=FOLLOWS_ITS_SHARD,
     deps=[downloaded_images],
-    group_name="embeddings",
+    group_name=SHARD_GROUP,
     kinds={"pytorch", "parquet"},
     metadata=writes_layer(EMBEDDINGS),
     pool=names.GPU_POOL,

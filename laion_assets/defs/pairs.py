@@ -9,7 +9,7 @@ from laion_assets.defs.checks import problems_found, shard_check
 from laion_assets.defs.config import config_values, dataset_config, settings_from
 from laion_assets.defs.embed import clip_embeddings
 from laion_assets.defs.metadata import preview, shards_materialized, similarity_quantiles, writes_layer
-from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, leased_shards, shards
+from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, SHARD_GROUP, leased_shards, shards
 from laion_assets.defs.resources import ClipEncoderResource, DatasetStoreResource
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.pairs import PairsSettings, rule_violations, write_pairs
@@ -36,7 +36,7 @@ class FilteredPairsConfig(dg.Config):
     backfill_policy=SHARD_BACKFILL,
     automation_condition=FOLLOWS_ITS_SHARD,
     deps=[clip_embeddings],
-    group_name="pairs",
+    group_name=SHARD_GROUP,
     kinds={"parquet", "webdataset"},
     metadata=writes_layer(PAIRS),
 )

@@ -8,7 +8,7 @@ from laion_assets.defs.config import model_settings, record_section
 from laion_assets.defs.execution import GPU_POD
 from laion_assets.defs.metadata import preview, shards_materialized, writes_layer
 from laion_assets.defs.pairs import filtered_pairs
-from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, leased_shards, shards
+from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, SHARD_GROUP, leased_shards, shards
 from laion_assets.defs.resources import CaptionerResource, ClipEncoderResource, DatasetStoreResource
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.recaption import write_recaptions
@@ -22,7 +22,7 @@ from laion_assets.pipeline.storage import PAIRS, RECAPTIONS, DatasetStore
     backfill_policy=SHARD_BACKFILL,
     automation_condition=FOLLOWS_ITS_SHARD,
     deps=[filtered_pairs],
-    group_name="recaptions",
+    group_name=SHARD_GROUP,
     kinds={"pytorch", "parquet"},
     metadata=writes_layer(RECAPTIONS),
     pool=names.GPU_POOL,
