@@ -176,6 +176,30 @@ def test_catalog_asset_writes_a_database_file_with_the_views(root, tmp_path):
     assert connection.sql("SELECT count(*) FROM crawl_metadata").fetchall() == [(2,)]
 
 
+def test_a_moved_root_is_queried_at_once_and_its_catalog_file_rebuilt_by_one_command(
+    local_root, tmp_path, capsys, monkeypatch
+):
+    """The catalog file's views hold the root's paths, so a moved root's file is stale; `laion-assets sql`
+    makes its views afresh and works at once, and `laion-assets run --select catalog` rebuilds the file."""
+    import shutil
+
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    DatasetStore(local_root).write_bytes("incoming/a.csv", b"url,caption\nhttp://a.com/1.jpg,a cat\n")
+    assert main(["run", "--root", local_root, "--select", "crawl_metadata,catalog"]) == 0
+    moved = str(tmp_path / "moved")
+    shutil.move(local_root, moved)
+    stale = duckdb.connect(str(Path(moved) / "catalog.duckdb"), read_only=True)
+    with pytest.raises(duckdb.IOException, match="No files found"):
+        stale.sql("SELECT caption FROM crawl_metadata").fetchall()
+    stale.close()
+    capsys.readouterr()
+    assert main(["sql", "--root", moved, "--format", "csv", "SELECT caption FROM crawl_metadata"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["caption", "a cat"]
+    assert main(["run", "--root", moved, "--select", "catalog"]) == 0
+    rebuilt = duckdb.connect(str(Path(moved) / "catalog.duckdb"), read_only=True)
+    assert rebuilt.sql("SELECT caption FROM crawl_metadata").fetchall() == [("a cat",)]
+
+
 def test_run_writes_the_catalog_after_the_shards(local_root, capsys, monkeypatch):
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     store = DatasetStore(local_root)
