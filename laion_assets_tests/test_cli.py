@@ -204,6 +204,10 @@ def test_demo_as_a_user_runs_it(tmp_path, monkeypatch):
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "data" / ".dagster"))  # the demo's runs are kept there
     with dg.DagsterInstance.get() as instance:
         assert instance.get_latest_materialization_event(dg.AssetKey("dataset_card")) is not None
+        # what the UI's "Auto-materialize off" badge reads (dagster-graphql's autoMaterializePaused)
+        from dagster._daemon.asset_daemon import get_auto_materialize_paused
+
+        assert get_auto_materialize_paused(instance) is False
 
 
 def test_serve_answers_with_the_model_from_the_environment(local_root):

@@ -75,6 +75,18 @@ telemetry:
 """
 
 
+def unpause_the_ui_automation_badge() -> None:
+    """The UI's "Auto-materialize off" badge reads the pause switch of Dagster's pre-sensor automation
+    daemon, which is on in a new instance (anything but "false"); our automation is a sensor, which the
+    switch does not stop. Turned off in the demo's instance, as the UI's /health toggle does, so that the
+    badge tells the truth. (Dagster has no public call for it.)"""
+    import dagster as dg
+    from dagster._daemon.asset_daemon import set_auto_materialize_paused
+
+    with dg.DagsterInstance.get() as instance:
+        set_auto_materialize_paused(instance, False)
+
+
 def dagster_home(store: DatasetStore) -> Path:
     """Where the demo keeps its Dagster instance, so the UI opened afterwards shows its runs."""
     return Path(os.environ.get("DAGSTER_HOME") or (".dagster" if store.is_s3 else store.path(".dagster")))
@@ -96,6 +108,7 @@ def run_demo(
     if not (home / "dagster.yaml").exists():  # a folder of the user's own keeps its configuration
         (home / "dagster.yaml").write_text(DEMO_INSTANCE)
     os.environ["DAGSTER_HOME"] = str(home)
+    unpause_the_ui_automation_badge()
     with WorldWeb(world) as web:
         names = write_sources(store, web.rows(), shards)
         mismatched = sum(item.mismatched for item in world.images)
