@@ -322,7 +322,6 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str | None:
 def run_takedown(root: str, list_file: Path, echo: Callable[[str], None] = print) -> int:
     """Copy `list_file` into `{root}/blocklist/` and run the takedown job, as the blocklist sensor does:
     the lists recorded, what they match removed, then dedup, the search index, catalog and card."""
-    from laion_assets.defs.takedown import blocklist, takedowns
     from laion_assets.pipeline.blocklist import LIST_SUFFIXES
 
     if list_file.suffix.lower() not in LIST_SUFFIXES:
@@ -332,12 +331,11 @@ def run_takedown(root: str, list_file: Path, echo: Callable[[str], None] = print
     target = f"{BLOCKLIST}/{list_file.name}"
     store.write_bytes(target, list_file.read_bytes())
     echo(f"copied {list_file} to {store.url(target)}")
-    flow = [blocklist, takedowns, *(a for a in DATASET_ASSETS if a not in (blocklist, takedowns))]
     with dagster_instance() as instance:
         result = defs.resolve_job_def(names.TAKEDOWN_JOB).execute_in_process(
             run_config=QUIET, instance=instance, raise_on_error=False, tags={names.TRIGGER_TAG: "cli"}
         )
-    for asset in flow:
+    for asset in DATASET_ASSETS:  # the takedown job's assets, in its order
         name = asset.key.to_user_string()
         done = result.asset_materializations_for_node(name)
         metadata = done[0].metadata if done else {}

@@ -62,7 +62,7 @@ def write_card(store: DatasetStore, settings: CardSettings | None = None) -> Car
 
 def card_for_ui(markdown: str, figures: dict[str, bytes]) -> str:
     """The card for Dagster's metadata dialog: without the YAML front matter, which it shows as a garbled
-    paragraph, and with each figure inside it as a PNG data URL at most `UI_FIGURE_WIDTH` px wide, since
+    paragraph, and with each figure inside it as a data URL at most `UI_FIGURE_WIDTH` px wide, since
     the dialog has no folder to resolve `figures/` against. The card on disk stays the Hub's."""
     body = markdown.split("\n---\n", 1)[1].lstrip("\n") if markdown.startswith("---\n") else markdown
     for name, png in figures.items():
