@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -235,3 +236,61 @@ def test_the_lineage_opens_on_three_groups_that_say_what_they_hold():
         "dataset": {"duplicates", "catalog", "dataset_card", "search_index"},
         "takedowns": {"blocklist", "takedowns"},
     }
+
+
+def test_dataset_level_assets_depend_on_what_orders_them_and_say_what_they_read():
+    """The lineage draws an edge only where one asset must run before another; what a dataset-level
+    asset reads is in its metadata, shown on its page."""
+    graph = defs.get_repository_def().asset_graph
+    parents = _parents(graph)
+    assert parents == {
+        "crawl_metadata": set(),
+        "downloaded_images": {"crawl_metadata"},
+        "clip_embeddings": {"downloaded_images"},
+        "filtered_pairs": {"clip_embeddings"},
+        "recaptions": {"filtered_pairs"},
+        "blocklist": set(),
+        "takedowns": {"blocklist", "recaptions"},
+        "duplicates": {"recaptions", "takedowns"},
+        "catalog": {"duplicates"},
+        "dataset_card": {"duplicates"},
+        "search_index": {"duplicates"},
+    }
+    reads = {
+        key.to_user_string(): graph.get(key).metadata.get("laion_assets/reads")
+        for key in graph.get_all_asset_keys()
+    }
+    assert reads["search_index"] == "pairs, embeddings"
+    assert reads["duplicates"] == "pairs, pairs_embeddings, embeddings, images"
+    every_layer = "crawl_metadata, images, embeddings, pairs, pairs_embeddings, recaptions"
+    assert reads["takedowns"] == f"blocklist_entries/entries.parquet, {every_layer}"
+    assert (
+        reads["catalog"]
+        == reads["dataset_card"]
+        == f"{every_layer}, takedowns, duplicates/duplicates.parquet"
+    )
+
+
+def _parents(graph) -> dict[str, set[str]]:
+    return {
+        key.to_user_string(): {p.to_user_string() for p in graph.get(key).parent_keys}
+        for key in graph.get_all_asset_keys()
+    }
+
+
+def test_the_readme_diagram_draws_the_uis_lineage():
+    """The README's solid edges between assets are the definitions' dependencies, no more, no fewer."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    diagram = readme.split("```mermaid", 1)[1].split("```", 1)[0]
+    assets = set(_parents(defs.get_repository_def().asset_graph))
+    drawn: dict[str, set[str]] = {name: set() for name in assets}
+    for line in diagram.splitlines():
+        if " --> " not in line:
+            continue
+        source, targets = line.split(" --> ")
+        source = re.split(r"[\[(/ ]", source.strip(), maxsplit=1)[0]
+        for target in targets.split("&"):
+            target = re.split(r"[\[(/ ]", target.strip(), maxsplit=1)[0]
+            if source in assets and target in assets:
+                drawn[target].add(source)
+    assert drawn == _parents(defs.get_repository_def().asset_graph)

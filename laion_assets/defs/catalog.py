@@ -5,11 +5,11 @@ import dagster as dg
 
 from laion_assets import names
 from laion_assets.defs.dedup import duplicates
-from laion_assets.defs.jobs import PER_SHARD_ASSETS
-from laion_assets.defs.partitions import FOLLOWS_ANY_SHARD
+from laion_assets.defs.metadata import reads
+from laion_assets.defs.partitions import DATASET_GROUP, FOLLOWS_ANY_SHARD
 from laion_assets.defs.resources import DatasetStoreResource
-from laion_assets.defs.takedown import takedowns
 from laion_assets.pipeline import catalog as duckdb_catalog
+from laion_assets.pipeline.storage import DUPLICATES, SHARD_LAYERS, TAKEDOWNS
 
 
 class CatalogConfig(dg.Config):
@@ -20,8 +20,9 @@ class CatalogConfig(dg.Config):
 
 @dg.asset(
     name=names.CATALOG_ASSET,
-    deps=[*PER_SHARD_ASSETS, takedowns, duplicates],
-    group_name="dataset",
+    deps=[duplicates],  # after every removal
+    group_name=DATASET_GROUP,
+    metadata=reads(*SHARD_LAYERS, TAKEDOWNS, DUPLICATES),
     kinds={"duckdb"},
     automation_condition=FOLLOWS_ANY_SHARD,
 )

@@ -7,17 +7,16 @@ import dagster as dg
 
 from laion_assets import names
 from laion_assets.defs.config import dataset_config, settings_from
-from laion_assets.defs.embed import clip_embeddings
 from laion_assets.defs.jobs import PER_SHARD_ASSETS
-from laion_assets.defs.metadata import rewritten_partitions
-from laion_assets.defs.pairs import filtered_pairs
-from laion_assets.defs.partitions import FOLLOWS_ANY_SHARD
+from laion_assets.defs.metadata import reads, rewritten_partitions
+from laion_assets.defs.partitions import DATASET_GROUP, FOLLOWS_ANY_SHARD
+from laion_assets.defs.recaption import recaptions
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.defs.takedown import REMOVALS_WAIT, takedowns
 from laion_assets.pipeline import markdown
 from laion_assets.pipeline.dedup import KINDS, DedupSettings, deduplicate
 from laion_assets.pipeline.leases import REMOVALS, shard_lease
-from laion_assets.pipeline.storage import DUPLICATES
+from laion_assets.pipeline.storage import DUPLICATES, EMBEDDINGS, IMAGES, PAIRS, PAIRS_EMBEDDINGS
 
 S = DedupSettings  # every default below is the pipeline's own
 
@@ -44,8 +43,9 @@ class DuplicatesConfig(dg.Config):
 
 @dg.asset(
     name=names.DUPLICATES_ASSET,
-    deps=[filtered_pairs, clip_embeddings, takedowns],
-    group_name="dataset",
+    deps=[recaptions, takedowns],  # after the shards and after the takedowns
+    group_name=DATASET_GROUP,
+    metadata=reads(PAIRS, PAIRS_EMBEDDINGS, EMBEDDINGS, IMAGES),
     kinds={"parquet", "faiss"},
     automation_condition=FOLLOWS_ANY_SHARD,
 )

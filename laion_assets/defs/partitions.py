@@ -1,6 +1,7 @@
 """Shard partitions, and the policies of the assets over them: how they backfill and when they follow."""
 
 import os
+import urllib.parse
 import warnings
 from collections.abc import Iterator
 
@@ -34,6 +35,17 @@ def shards_per_run() -> int:
 # The UI's asset group of the per-shard chain, beside "dataset" and "takedowns": the lineage opens on
 # three groups that say what they are, not one group per asset.
 SHARD_GROUP = "per_shard"
+DATASET_GROUP = "dataset"
+TAKEDOWNS_GROUP = "takedowns"
+
+
+def lineage_path() -> str:
+    """The UI's global lineage with every group open; it opens them collapsed, no asset name shown. (A
+    group's id in the UI is `global@global:<group>`, unless its flag to group per code location is on.)"""
+    groups = ",".join(f"global@global:{group}" for group in (SHARD_GROUP, TAKEDOWNS_GROUP, DATASET_GROUP))
+    return "/asset-groups?" + urllib.parse.urlencode({"expanded": groups})
+
+
 # A backfill, of the job or of the assets, launches runs of this many consecutive shards.
 SHARD_BACKFILL = dg.BackfillPolicy.multi_run(max_partitions_per_run=shards_per_run())
 

@@ -4,12 +4,11 @@ import dagster as dg
 
 from laion_assets import names
 from laion_assets.defs.dedup import duplicates
-from laion_assets.defs.embed import clip_embeddings
-from laion_assets.defs.pairs import filtered_pairs
-from laion_assets.defs.partitions import FOLLOWS_ANY_SHARD
+from laion_assets.defs.metadata import reads
+from laion_assets.defs.partitions import DATASET_GROUP, FOLLOWS_ANY_SHARD
 from laion_assets.defs.resources import DatasetStoreResource
-from laion_assets.defs.takedown import takedowns
 from laion_assets.pipeline.search import APPROXIMATE_FROM_ROWS, write_search_index
+from laion_assets.pipeline.storage import EMBEDDINGS, PAIRS
 
 
 class SearchIndexConfig(dg.Config):
@@ -21,8 +20,9 @@ class SearchIndexConfig(dg.Config):
 
 @dg.asset(
     name=names.SEARCH_INDEX_ASSET,
-    deps=[filtered_pairs, clip_embeddings, takedowns, duplicates],
-    group_name="dataset",
+    deps=[duplicates],  # after every removal
+    metadata=reads(PAIRS, EMBEDDINGS),
+    group_name=DATASET_GROUP,
     kinds={"parquet"},
     automation_condition=FOLLOWS_ANY_SHARD,
 )

@@ -14,19 +14,21 @@ import dagster as dg
 
 from laion_assets import names
 from laion_assets.defs.jobs import PER_SHARD_ASSETS
-from laion_assets.defs.metadata import rewritten_partitions
+from laion_assets.defs.metadata import reads, rewritten_partitions
+from laion_assets.defs.partitions import TAKEDOWNS_GROUP
+from laion_assets.defs.recaption import recaptions
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline import markdown
 from laion_assets.pipeline.blocklist import find_matches, load_active, read_lists, write_active
 from laion_assets.pipeline.leases import REMOVALS, shard_lease
 from laion_assets.pipeline.removal import TAKEN_DOWN, finish_interrupted, remove_keys
-from laion_assets.pipeline.storage import BLOCKLIST, BLOCKLIST_ENTRIES, DatasetStore
+from laion_assets.pipeline.storage import BLOCKLIST, BLOCKLIST_ENTRIES, SHARD_LAYERS, DatasetStore
 
 # How long a removal (takedowns, duplicates) waits for another run's to end; then it fails, naming it.
 REMOVALS_WAIT = 3600.0
 
 
-@dg.asset(name=names.BLOCKLIST_ASSET, group_name="takedowns", kinds={"parquet"})
+@dg.asset(name=names.BLOCKLIST_ASSET, group_name=TAKEDOWNS_GROUP, kinds={"parquet"})
 def blocklist(context: dg.AssetExecutionContext, store: DatasetStoreResource) -> dg.MaterializeResult:
     """The active entries of every list in `{root}/blocklist/`, as hashes, with their counts per list and
     kind; the entries that could not be read are listed (and logged), not skipped silently."""
@@ -57,8 +59,9 @@ NOTHING_MATCHED = "nothing matched: no stored sample is on an active block list,
 
 @dg.asset(
     name=names.TAKEDOWNS_ASSET,
-    deps=[blocklist, *PER_SHARD_ASSETS],
-    group_name="takedowns",
+    deps=[blocklist, recaptions],  # after the last per-shard asset
+    group_name=TAKEDOWNS_GROUP,
+    metadata=reads(BLOCKLIST_ENTRIES, *SHARD_LAYERS),
     kinds={"parquet"},
     output_required=False,
 )
