@@ -13,10 +13,14 @@ export HF_HUB_OFFLINE := 1
 install: $(INSTALLED)
 
 # torch and torchvision first, pinned: open_clip_torch would otherwise pull whatever torch is newest.
+# TORCH_INDEX picks the index they come from, e.g. PyTorch's CPU-only wheels, without CUDA's libraries:
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 $(INSTALLED): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) \
+	  torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
