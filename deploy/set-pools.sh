@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sets the named pool limits of a deployment's instance (PostgreSQL storage; SQLite refuses them).
+# Sets the named pool limits of a deployment's instance (PostgreSQL storage; SQLite refuses them), and
+# turns off the legacy automation pause that the UI's badge reads (below).
 # Named limits are instance state, not dagster.yaml keys in Dagster 1.13: run this once after the
 # instance's database exists, and again whenever the cluster changes size.
 #   GPU_POOL_LIMIT       runs of clip_embeddings at once: the number of GPUs (default 1)
@@ -9,3 +10,8 @@ set -euo pipefail
 dagster instance concurrency set gpu "${GPU_POOL_LIMIT:-1}"
 dagster instance concurrency set download "${DOWNLOAD_POOL_LIMIT:-4}"
 dagster instance concurrency get --all
+# And the pause switch of Dagster's pre-sensor automation daemon, on in a new instance, off: the UI's
+# "Auto-materialize off" badge reads it, though this project's automation is a sensor it does not stop.
+python -c 'import dagster as dg; from laion_assets.defs.automation import unpause_the_ui_automation_badge as f
+with dg.DagsterInstance.get() as instance: f(instance)'
+echo "the UI's automation badge: on (the automation sensor follows the assets)"

@@ -26,6 +26,12 @@ KEYS_ARE_SUCCESS_IMAGES_CHECK = "keys_are_success_images"  # clip_embeddings
 FOLLOWS_THE_CONTRACT_CHECK = "follows_the_contract"  # filtered_pairs
 ONE_ROW_PER_KEPT_PAIR_CHECK = "one_row_per_kept_pair"  # recaptions
 
+# The code location: the module whose `defs` the UI, the daemon and `dg` load, and the location name they
+# load it under (workspace.yaml, deploy/workspace.yaml, [tool.dg.project], the demo's workspace). Runs
+# of `laion-assets run` record it, so the UI re-executes them through that location.
+DEFINITIONS_MODULE = "laion_assets.definitions"
+CODE_LOCATION = "laion_assets"
+
 # Jobs, partitions, sensors, schedules and the concurrency pool
 SHARD_JOB = "shard_pipeline"
 SHARDS_PARTITIONS = "shards"  # DynamicPartitionsDefinition: one partition per file in incoming/
@@ -46,6 +52,9 @@ SOURCE_FILE_TAG = "laion_assets/source_file"  # the incoming file of a sensor ru
 TRIGGER_TAG = "laion_assets/trigger"  # new | changed | catch-up | cli | blocklist
 # Asset definition metadata: the store layer (folder) an asset writes its shard files into.
 LAYER_METADATA = "laion_assets/layer"
+# Asset definition metadata of a dataset-level asset: the store layers it reads, comma-separated. Its deps
+# are the assets that must run before it, not every asset that wrote what it reads.
+READS_METADATA = "laion_assets/reads"
 
 # Parquet footer keys (file key-value metadata), each value a string
 # JSON {"file", "fingerprint"}: the incoming content a per-shard file was made from

@@ -1,12 +1,16 @@
 """Materialising the assets from Python: what `laion-assets run` and the demo do, shard by shard."""
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
+from dagster._core.definitions.repository_definition import SINGLETON_REPOSITORY_NAME
+from dagster._core.remote_origin import InProcessCodeLocationOrigin, RemoteJobOrigin, RemoteRepositoryOrigin
+from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
 from laion_assets import names
 from laion_assets.definitions import DATASET_ASSETS, SETTINGS_SECTIONS, build_definitions
@@ -38,6 +42,30 @@ from laion_assets.pipeline.storage import BLOCKLIST, INCOMING, SETTINGS_FILE, Da
 
 ALL_ASSETS = [*PER_SHARD_ASSETS, *DATASET_ASSETS]  # per-shard assets, then the dataset-level ones
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}  # the summary lines say enough
+
+
+def run_job(
+    defs: dg.Definitions, job_name: str, instance: dg.DagsterInstance, **options: object
+) -> dg.ExecuteInProcessResult:
+    """A run of the project's job `job_name`, in this process, recorded as a run of the code location
+    that the UI, the daemon and `dg` load (names.CODE_LOCATION), as their own runs are: the UI finds the
+    job through it, so "Re-execute" works on the run. `options`: `execute_in_process`'s, which records no
+    location."""
+    result = defs.resolve_job_def(job_name).execute_in_process(
+        instance=instance, raise_on_error=False, **options
+    )
+    instance.run_storage.replace_job_origin(result.dagster_run, code_location_origin(job_name))
+    return result
+
+
+def code_location_origin(job_name: str) -> RemoteJobOrigin:
+    """Where `job_name` comes from in a workspace: the repository of `laion_assets.definitions`, loaded
+    as the code location names.CODE_LOCATION."""
+    location = InProcessCodeLocationOrigin(
+        LoadableTargetOrigin(executable_path=sys.executable, module_name=names.DEFINITIONS_MODULE),
+        location_name=names.CODE_LOCATION,
+    )
+    return RemoteJobOrigin(RemoteRepositoryOrigin(location, SINGLETON_REPOSITORY_NAME), job_name)
 
 
 @dataclass
@@ -189,11 +217,12 @@ def _materialize_dataset_asset(
     has one."""
     name = asset.key.to_user_string()
     block = ((run_config or {}).get("ops") or {}).get(name)
-    result = defs.resolve_job_def(names.DATASET_JOB).execute_in_process(
+    result = run_job(
+        defs,
+        names.DATASET_JOB,
         run_config={"ops": {name: block}, **QUIET} if block else QUIET,
         instance=instance,
         asset_selection=[asset.key],
-        raise_on_error=False,
         tags={names.TRIGGER_TAG: "cli"},
     )
     error = failure_message(result)
@@ -277,12 +306,13 @@ def _materialize(
     (consecutive partitions): an outcome each."""
     asset_names = [a.key.to_user_string() for a in todo]
     ops = {name: block for name, block in (run_config.get("ops") or {}).items() if name in asset_names}
-    result = defs.resolve_job_def(names.SHARD_JOB).execute_in_process(
+    result = run_job(
+        defs,
+        names.SHARD_JOB,
         run_config={"ops": ops, **QUIET} if ops else QUIET,
         instance=instance,
         partition_key=group[0] if len(group) == 1 else None,
         asset_selection=[a.key for a in todo],
-        raise_on_error=False,
         tags={names.TRIGGER_TAG: "cli", **(range_tags(group[0], group[-1]) if len(group) > 1 else {})},
     )
     error = failure_message(result)
@@ -332,8 +362,8 @@ def run_takedown(root: str, list_file: Path, echo: Callable[[str], None] = print
     store.write_bytes(target, list_file.read_bytes())
     echo(f"copied {list_file} to {store.url(target)}")
     with dagster_instance() as instance:
-        result = defs.resolve_job_def(names.TAKEDOWN_JOB).execute_in_process(
-            run_config=QUIET, instance=instance, raise_on_error=False, tags={names.TRIGGER_TAG: "cli"}
+        result = run_job(
+            defs, names.TAKEDOWN_JOB, run_config=QUIET, instance=instance, tags={names.TRIGGER_TAG: "cli"}
         )
     for asset in DATASET_ASSETS:  # the takedown job's assets, in its order
         name = asset.key.to_user_string()

@@ -8,7 +8,7 @@ import dagster as dg
 
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.defs.search import search_index
-from laion_assets.demo import DEMO_BORDER_COLOR, DEMO_CHECKPOINT, DEMO_MODEL
+from laion_assets.demo import DEMO_CHECKPOINT, DEMO_MODEL
 from laion_assets.demo.run import write_sources
 from laion_assets.demo.web import WorldWeb
 from laion_assets.demo.world import make_world
@@ -34,9 +34,7 @@ def build_demo_dataset(
     with WorldWeb(make_world(images=DEMO_IMAGES, failures={}, copies=copies)) as web:
         write_sources(DatasetStore(root), edit_rows(web.rows()), shards=len(DEMO_SHARDS))
         for shard in DEMO_SHARDS:
-            # as the demo downloads: its model was trained on images padded black
-            download = {**LOCAL_WEB, "border_color": DEMO_BORDER_COLOR}
-            config = {"ops": {"downloaded_images": {"config": download}}}
+            config = {"ops": {"downloaded_images": {"config": LOCAL_WEB}}}
             if pairs_embeddings:
                 config["ops"]["filtered_pairs"] = {"config": {"write_embeddings": True}}
             assert materialize_shard(instance, root, shard, config, clip=DEMO_CLIP).success

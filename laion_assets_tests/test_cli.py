@@ -208,6 +208,7 @@ def test_demo_as_a_user_runs_it(tmp_path, monkeypatch):
         from dagster._daemon.asset_daemon import get_auto_materialize_paused
 
         assert get_auto_materialize_paused(instance) is False
+        assert instance.nux_enabled is False  # no "Join the Dagster community" dialog over the UI
 
 
 def test_serve_answers_with_the_model_from_the_environment(local_root):

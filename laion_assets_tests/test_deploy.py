@@ -122,6 +122,10 @@ def _exercise_deployment(tmp_path, s3_root, web, monkeypatch, postgres: Postgres
         ["bash", str(DEPLOY / "set-pools.sh")], capture_output=True, text=True, timeout=180, env=os.environ
     )
     assert pools.returncode == 0, pools.stdout + pools.stderr
+    with dg.DagsterInstance.get() as instance:  # what the UI's "Auto-materialize off" badge reads
+        from dagster._daemon.asset_daemon import get_auto_materialize_paused
+
+        assert get_auto_materialize_paused(instance) is False
 
     store = DatasetStore(s3_root)
     shards = [f"web-{i}" for i in range(5)] + ["slow"]

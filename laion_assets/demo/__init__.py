@@ -8,6 +8,3 @@ DEMO_CHECKPOINT = Path(__file__).parent / "laion-assets-demo.pt"
 DEMO_CAPTION_MODEL = "laion-assets-demo-coca"  # pipeline/model_configs/laion-assets-demo-coca.json
 # Trained by `python -m laion_assets.demo.train_coca`.
 DEMO_CAPTION_CHECKPOINT = Path(__file__).parent / "laion-assets-demo-coca.pt"
-# The demo model was trained on its world's images padded black (`border`), so the demo downloads them
-# that way; the pipeline's default is img2dataset's white.
-DEMO_BORDER_COLOR = "black"

@@ -6,9 +6,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import dagster as dg
 import pyarrow as pa
 
-from laion_assets.demo import DEMO_BORDER_COLOR
+from laion_assets import names
+from laion_assets.defs.automation import unpause_the_ui_automation_badge
+from laion_assets.defs.partitions import lineage_path
 from laion_assets.demo.score import evaluate_captioner, score_duplicates, score_filter, score_recaptions
 from laion_assets.demo.web import WorldWeb
 from laion_assets.demo.world import EXACT_COPIES, MISMATCH_FRACTION, NEAR_COPIES, make_world
@@ -21,7 +24,6 @@ from laion_assets.runner import ALL_ASSETS, run_pipeline
 SOURCE_PREFIX = "synthetic-web"
 # Downloads from 127.0.0.1: the private-network guard off, failures quick.
 DOWNLOAD_CONFIG = {
-    "border_color": DEMO_BORDER_COLOR,
     "allow_private_networks": True,
     "connect_timeout": 2,
     "read_timeout": 5,
@@ -69,22 +71,22 @@ def write_sources(store: DatasetStore, rows: list[dict[str, str | None]], shards
 
 # The demo instance's configuration: runs and events in SQLite files in its folder (Dagster's default),
 # and no telemetry, whose notice would land between the demo's results.
-DEMO_INSTANCE = """# written by `laion-assets demo`: storage in this folder (Dagster's default), no telemetry
+DEMO_INSTANCE = """# written by `laion-assets demo`: storage in this folder (Dagster's default), no telemetry,
+# and no "Join the Dagster community" dialog over the UI's first page
 telemetry:
+  enabled: false
+nux:
   enabled: false
 """
 
 
-def unpause_the_ui_automation_badge() -> None:
-    """The UI's "Auto-materialize off" badge reads the pause switch of Dagster's pre-sensor automation
-    daemon, which is on in a new instance (anything but "false"); our automation is a sensor, which the
-    switch does not stop. Turned off in the demo's instance, as the UI's /health toggle does, so that the
-    badge tells the truth. (Dagster has no public call for it.)"""
-    import dagster as dg
-    from dagster._daemon.asset_daemon import set_auto_materialize_paused
-
-    with dg.DagsterInstance.get() as instance:
-        set_auto_materialize_paused(instance, False)
+# The demo's code location, loaded under the name the CLI's runs record, so the UI re-executes them.
+DEMO_WORKSPACE = f"""# written by `laion-assets demo`: the definitions, under the name its runs record
+load_from:
+  - python_module:
+      module_name: {names.DEFINITIONS_MODULE}
+      location_name: {names.CODE_LOCATION}
+"""
 
 
 def dagster_home(store: DatasetStore) -> Path:
@@ -105,10 +107,12 @@ def run_demo(
     store.remove(SETTINGS_FILE)  # a new world: its first run writes the dataset's settings anew
     home = dagster_home(store).absolute()
     home.mkdir(parents=True, exist_ok=True)
-    if not (home / "dagster.yaml").exists():  # a folder of the user's own keeps its configuration
-        (home / "dagster.yaml").write_text(DEMO_INSTANCE)
+    for file, text in (("dagster.yaml", DEMO_INSTANCE), ("workspace.yaml", DEMO_WORKSPACE)):
+        if not (home / file).exists():  # a folder of the user's own keeps its configuration
+            (home / file).write_text(text)
     os.environ["DAGSTER_HOME"] = str(home)
-    unpause_the_ui_automation_badge()
+    with dg.DagsterInstance.get() as instance:
+        unpause_the_ui_automation_badge(instance)
     with WorldWeb(world) as web:
         names = write_sources(store, web.rows(), shards)
         mismatched = sum(item.mismatched for item in world.images)
@@ -164,7 +168,8 @@ def run_demo(
         f"  DAGSTER_HOME={home} LAION_ASSETS_ROOT={root} LAION_ASSETS_CLIP_MODEL={clip.model} "
         f"LAION_ASSETS_CLIP_PRETRAINED={clip.pretrained} LAION_ASSETS_CAPTION_MODEL={captioner.model} "
         f"LAION_ASSETS_CAPTION_PRETRAINED={captioner.pretrained} "
-        f"{bin_ / 'dagster'} dev -m laion_assets.definitions\n"
+        f"{bin_ / 'dagster'} dev -w {home / 'workspace.yaml'}\n"
+        f"  its lineage with every group open: http://127.0.0.1:3000{lineage_path()}\n"
         "search it and embed with the same model (the CLIP service, http://127.0.0.1:9001/docs):\n"
         f"  LAION_ASSETS_CLIP_MODEL={clip.model} LAION_ASSETS_CLIP_PRETRAINED={clip.pretrained} "
         f"{bin_ / 'laion-assets'} serve --root {root}"
