@@ -20,23 +20,27 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
 
 from laion_assets.demo import DEMO_CAPTION_CHECKPOINT, DEMO_CAPTION_MODEL, DEMO_CHECKPOINT, DEMO_MODEL
 from laion_assets.demo.score import RecaptionScore, evaluate_captioner
-from laion_assets.demo.train import EVAL_SEED, REQUIRED, TRAIN_SEED, pipeline_view, save
+from laion_assets.demo.train import (
+    EVAL_SEED,
+    REQUIRED,
+    TRAIN_SEED,
+    AttributeHeads,
+    attribute_labels,
+    optimise,
+    prepared_pixels,
+    save,
+)
 from laion_assets.demo.world import (
-    COLOURS,
-    SHAPES,
     TEMPLATES,
-    Item,
     World,
     caption,
     make_world,
@@ -45,10 +49,10 @@ from laion_assets.pipeline.caption import CaptionSettings
 from laion_assets.pipeline.clip import MODEL_CONFIGS, ClipSettings
 
 DESCRIPTION = TEMPLATES[0]  # "{a} {colour} {shape} on a {pattern} {background} background"
-# What the image tower learns first. Not pattern and background: learnt alongside, those two easy
-# ones pull the tower towards texture and delay the shapes (trial runs of 4,000 steps: a loss of 0.65
-# at step 2,750 with them, 0.04 without); the captioning stage reads them from the tokens anyway.
-ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES}
+# The image tower learns the world's colours and shapes first (`train.ATTRIBUTES`). Not pattern and
+# background: learnt alongside, those two easy ones pull the tower towards texture and delay the shapes
+# (trial runs of 4,000 steps: a loss of 0.65 at step 2,750 with them, 0.04 without); the captioning
+# stage reads them from the tokens anyway.
 
 
 @dataclass(frozen=True)
@@ -63,21 +67,9 @@ class Pool:
 
 def make_pool(size: int, model: torch.nn.Module, preprocess: Callable, tokenizer: Callable) -> Pool:
     items = make_world(images=size, seed=TRAIN_SEED, mismatch_fraction=0.0, failures={}).images
-    with ProcessPoolExecutor(2) as workers:  # rendering, JPEG and resizing: a minute for 20,000 on 1 core
-        pixels = torch.from_numpy(
-            np.stack(list(workers.map(_prepared, items, [preprocess] * len(items), chunksize=256)))
-        )
     tokens = tokenizer([caption(item, DESCRIPTION) for item in items])
     tokens = tokens[:, : int((tokens != model.pad_id).sum(dim=1).max())]  # no step over padding alone
-    labels = torch.tensor(
-        [[values.index(getattr(item, name)) for name, values in ATTRIBUTES.items()] for item in items]
-    )
-    return Pool(pixels=pixels, tokens=tokens, labels=labels)
-
-
-def _prepared(item: Item, preprocess: Callable) -> np.ndarray:
-    """As numpy: tensors would come back from the workers as shared memory, a file descriptor each."""
-    return preprocess(pipeline_view(item)).numpy()
+    return Pool(pixels=prepared_pixels(items, preprocess), tokens=tokens, labels=attribute_labels(items))
 
 
 def train(
@@ -103,20 +95,13 @@ def train(
         f"pool: {pool_size} images, {len(words)} distinct tokens, {time.monotonic() - start:.0f}s", flush=True
     )
     model.train()
-    heads = torch.nn.Linear(_pooled(model, pool.pixels[:1]).shape[1], sum(map(len, ATTRIBUTES.values())))
+    heads = AttributeHeads(_pooled(model, pool.pixels[:1]).shape[1])
 
     def attributes(step: int, batch: torch.Tensor) -> tuple[torch.Tensor, str]:
-        logits = heads(_pooled(model, pool.pixels[batch])).split([len(v) for v in ATTRIBUTES.values()], dim=1)
-        labels = pool.labels[batch].unbind(dim=1)
-        loss = sum(F.cross_entropy(x, y) for x, y in zip(logits, labels, strict=True))
-        right = ", ".join(
-            f"{name} {(x.argmax(dim=1) == y).float().mean():.2f}"
-            for name, x, y in zip(ATTRIBUTES, logits, labels, strict=True)
-        )
-        return loss, f"attribute loss {loss.item():.3f}, right in the batch: {right}"
+        return heads.loss(_pooled(model, pool.pixels[batch]), pool.labels[batch])
 
     tower = [*model.visual.parameters(), *heads.parameters()]
-    _optimise(tower, attributes, attribute_steps, batch_size, pool_size, lr, start, "attributes")
+    optimise(tower, attributes, attribute_steps, batch_size, pool_size, lr, start, "attributes")
 
     # The tower stays as it is now: its pooled tokens, made once, are all the captioning steps need.
     with torch.no_grad():
@@ -129,7 +114,7 @@ def train(
         return loss, f"caption loss over {over} {loss.item():.3f}"
 
     text = [p for name, p in model.named_parameters() if not name.startswith("visual.")]
-    _optimise(text, captions, steps, batch_size, pool_size, lr, start, "captions")
+    optimise(text, captions, steps, batch_size, pool_size, lr, start, "captions")
     return model.eval()
 
 
@@ -137,31 +122,6 @@ def _pooled(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """The image's pooled tokens, the ones the text decoder reads, as one vector per image."""
     _, tokens = model._encode_image(pixels)
     return tokens.flatten(1)
-
-
-def _optimise(
-    parameters: list[torch.nn.Parameter],
-    loss: Callable[[int, torch.Tensor], tuple[torch.Tensor, str]],
-    steps: int,
-    batch_size: int,
-    pool_size: int,
-    lr: float,
-    start: float,
-    stage: str,
-) -> None:
-    """`steps` AdamW steps on `loss(step, batch indices)` under a one-cycle schedule peaking at `lr`."""
-    if steps < 1:
-        return
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    for step in range(1, steps + 1):
-        value, line = loss(step, torch.randint(pool_size, (batch_size,)))
-        optimizer.zero_grad()
-        value.backward()
-        optimizer.step()
-        schedule.step()
-        if step % 250 == 0 or step == steps:
-            print(f"{stage} step {step}/{steps}: {line}, {time.monotonic() - start:.0f}s", flush=True)
 
 
 def caption_loss(
