@@ -111,7 +111,8 @@ def test_dedup_with_another_rule_refuses_until_the_change_is_accepted(deduplicat
     failed = [o for o in outcomes if o.error]
     assert [o.ran for o in failed] == [[names.DUPLICATES_ASSET]]
     # both sets of settings named, the flag that accepts the change, and no file touched
-    assert "eps: 0.0002 -> 0.01" in failed[0].error and "accept_settings_change: true" in failed[0].error
+    change = f"eps: {DEMO_DEDUP_CONFIG['eps']} -> 0.01"  # the demo's eps, then the run's
+    assert change in failed[0].error and "accept_settings_change: true" in failed[0].error
     assert {s: _digests(store, s) for s in DEMO_SHARDS} == pairs_before
 
     accepted = {"ops": {names.DUPLICATES_ASSET: {"config": {"eps": 0.01, "accept_settings_change": True}}}}
@@ -119,8 +120,8 @@ def test_dedup_with_another_rule_refuses_until_the_change_is_accepted(deduplicat
     assert not any(o.error for o in outcomes)
     assert recorded_settings(store)["eps"] == 0.01
     card = store.open("card/README.md").read().decode()
-    assert "eps: 0.0002 -> 0.01" in card
-    # the dataset's own file still says 0.0002: the run config changed it for that run only
+    assert change in card
+    # the dataset's own file still says the demo's eps: the run config changed it for that run only
     assert load_settings(store).section(names.DUPLICATES_ASSET)["eps"] == DEMO_DEDUP_CONFIG["eps"]
 
 

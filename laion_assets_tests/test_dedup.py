@@ -43,9 +43,8 @@ from laion_assets_tests.service_process import running
 from laion_assets_tests.test_service import Client
 
 COPIES = {**dict.fromkeys(EXACT_COPIES, 4), **dict.fromkeys(NEAR_COPIES, 3)}
-# the demo's settings (README, "Dataset-level dedup"): the demo model alone cannot tell a copy from a
-# look-alike, so the semantic kind takes only what it is sure of and the perceptual kind the rest; 3
-# buckets put two of the 4 clusters in one
+# the demo's settings (README, "Dataset-level dedup"): the semantic kind takes what the model places
+# closest, the perceptual kind copies it places a little further; 3 buckets put two of the 4 clusters in one
 DEMO_DEDUP = DedupSettings(**DEMO_DEDUP_CONFIG, clusters=4, buckets=3)
 
 

@@ -158,9 +158,10 @@ class DedupScore:
         f = self.figures()
         return (
             f"exact duplicates precision {f['exact_precision']:.2f}, recall {f['exact_recall']:.2f} "
-            f"({self.exact_found} of {self.exact_planted} planted); near copies precision "
-            f"{f['near_precision']:.2f}, recall {f['near_recall']:.2f} ({self.near_found} of "
-            f"{self.near_planted} planted)"
+            f"({self.exact_removed} pairs removed; {self.exact_found} of {self.exact_planted} planted images "
+            f"found); near copies precision {f['near_precision']:.2f}, recall {f['near_recall']:.2f} "
+            f"({self.near_removed} pairs removed; {self.near_found} of {self.near_planted} planted images "
+            "found)"
         )
 
 
