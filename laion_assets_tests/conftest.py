@@ -1,6 +1,8 @@
-"""Shared fixtures: a real S3 endpoint on loopback (moto's server), local and S3 dataset roots."""
+"""Shared fixtures: a real S3 endpoint on loopback (moto's server), local and S3 dataset roots, and
+Debian's chromium driven by Playwright."""
 
 import os
+import shutil
 import socket
 import uuid
 from collections.abc import Iterator
@@ -15,6 +17,27 @@ from laion_assets_tests.web import TestWeb
 
 # Nothing in the tests may reach a model hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
+BROWSER_TIMEOUT_MS = 30_000  # for each step of a page test
+
+
+def chromium() -> str:
+    found = next((path for path in CHROMIUM if os.path.exists(path)), None) or shutil.which("chromium")
+    assert found, "the browser tests need Debian's chromium package: `make test` installs it (as root)"
+    return found
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    """Debian's chromium through Playwright (its own browser download needs the internet)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        yield browser
+        browser.close()
 
 
 def _free_port() -> int:

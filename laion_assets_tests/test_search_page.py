@@ -17,20 +17,13 @@ from laion_assets.pipeline.search import SearchIndex
 from laion_assets.pipeline.storage import PAIRS, DatasetStore
 from laion_assets.service.app import create_app
 from laion_assets.service.settings import ServiceSettings
+from laion_assets_tests.conftest import BROWSER_TIMEOUT_MS
 from laion_assets_tests.demo_dataset import DEMO_CLIP, DEMO_IMAGES, DEMO_SHARDS
 from laion_assets_tests.service_process import running
 
 KEY = "a-key-for-the-page-test"
 QUERY, COLOUR, SHAPE = "a blue square", "blue", "square"
 SCREENSHOT = Path(__file__).parent.parent / "docs" / "search-page.png"
-CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
-TIMEOUT_MS = 30_000
-
-
-def chromium() -> str:
-    found = next((path for path in CHROMIUM if os.path.exists(path)), None) or shutil.which("chromium")
-    assert found, "the search page test needs Debian's chromium package: `make test` installs it (as root)"
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -61,16 +54,6 @@ def served(planted, encoder) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
-        yield browser
-        browser.close()
-
-
 def cards(page) -> list[dict]:
     """What the grid shows, in order: key, nsfw tag, the source URL, whether the thumbnail loaded."""
     return page.eval_on_selector_all(
@@ -88,7 +71,7 @@ def wait_for_results(page, description: str) -> None:
     page.wait_for_function(
         "text => document.getElementById('status').textContent.includes(text)",
         arg=f"results for {description}",
-        timeout=TIMEOUT_MS,
+        timeout=BROWSER_TIMEOUT_MS,
     )
 
 
@@ -99,7 +82,7 @@ def test_the_search_page(served, planted, browser, tmp_path):
     page.on("request", lambda request: requested.append(request.url))
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
-    page.set_default_timeout(TIMEOUT_MS)
+    page.set_default_timeout(BROWSER_TIMEOUT_MS)
     page.goto(served + "/")
 
     # The page is public; it asks for the key, and a wrong one is an error on the page, not a blank one.

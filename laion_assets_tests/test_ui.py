@@ -18,7 +18,7 @@ import urllib3
 from laion_assets import names
 from laion_assets.defs.partitions import lineage_path
 from laion_assets.pipeline.storage import DatasetStore
-from laion_assets_tests.test_search_page import TIMEOUT_MS, chromium
+from laion_assets_tests.conftest import BROWSER_TIMEOUT_MS
 
 SHARDS = ("synthetic-web-0", "synthetic-web-1")
 DOCS = Path(__file__).parent.parent / "docs"
@@ -98,20 +98,10 @@ def ui(demo) -> Iterator[str]:
         log.close()
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
-        yield browser
-        browser.close()
-
-
 @pytest.fixture
 def page(browser, ui, tmp_path) -> Iterator[object]:
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.set_default_timeout(TIMEOUT_MS)
+    page.set_default_timeout(BROWSER_TIMEOUT_MS)
     yield page
     page.close()
 
