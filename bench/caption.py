@@ -28,7 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from smoke import parse_args
 
 from laion_assets.demo import DEMO_CAPTION_CHECKPOINT, DEMO_CAPTION_MODEL
-from laion_assets.demo.train import EVAL_SEED, pipeline_view
+from laion_assets.demo.train import EVAL_SEED
+from laion_assets.demo.views import pipeline_view
 from laion_assets.demo.world import make_world
 from laion_assets.pipeline.caption import CaptionSettings, CocaCaptioner
 

@@ -9,7 +9,8 @@ from dataclasses import replace
 import pytest
 from PIL import Image
 
-from laion_assets.demo.train import EVAL_SEED, pipeline_view
+from laion_assets.demo.train import EVAL_SEED
+from laion_assets.demo.views import pipeline_view
 from laion_assets.demo.world import make_world
 from laion_assets.pipeline.caption import NoCaption
 from laion_assets.pipeline.chat_caption import RECAP_PROMPT, ChatCaptioner, ChatCaptionSettings

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from laion_assets.demo.train import EVAL_SEED, pipeline_view
+from laion_assets.demo.train import EVAL_SEED
+from laion_assets.demo.views import pipeline_view
 from laion_assets.demo.world import make_world
 from laion_assets.pipeline.clip import ModelUnavailable
 from laion_assets.pipeline.hf_caption import HfCaptioner, HfCaptionSettings

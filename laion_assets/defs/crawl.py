@@ -4,8 +4,8 @@ import dagster as dg
 
 from laion_assets import names
 from laion_assets.defs.config import dataset_config
-from laion_assets.defs.metadata import preview, shards_materialized, writes_layer
-from laion_assets.defs.partitions import SHARD_BACKFILL, SHARD_GROUP, leased_shards, shards
+from laion_assets.defs.metadata import preview, shards_materialized
+from laion_assets.defs.partitions import leased_shards, per_shard_asset
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline.crawl import CrawlSettings, write_crawl_metadata
 from laion_assets.pipeline.sources import ColumnNames
@@ -25,14 +25,7 @@ class CrawlMetadataConfig(dg.Config):
         return CrawlSettings(columns=columns, min_alt_length=self.min_alt_length)
 
 
-@dg.asset(
-    name=names.CRAWL_METADATA_ASSET,
-    partitions_def=shards,
-    backfill_policy=SHARD_BACKFILL,
-    group_name=SHARD_GROUP,
-    kinds={"parquet"},
-    metadata=writes_layer(CRAWL_METADATA),
-)
+@per_shard_asset(names.CRAWL_METADATA_ASSET, CRAWL_METADATA, kinds={"parquet"})
 def crawl_metadata(
     context: dg.AssetExecutionContext, config: CrawlMetadataConfig, store: DatasetStoreResource
 ) -> dg.MaterializeResult:

@@ -11,8 +11,8 @@ from laion_assets.defs.checks import shard_check
 from laion_assets.defs.config import config_values, dataset_config, settings_from
 from laion_assets.defs.crawl import crawl_metadata
 from laion_assets.defs.execution import DOWNLOAD_POD
-from laion_assets.defs.metadata import counts_table, preview, shards_materialized, writes_layer
-from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, SHARD_GROUP, shards
+from laion_assets.defs.metadata import counts_table, preview, shards_materialized
+from laion_assets.defs.partitions import per_shard_asset
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.download import DownloadResult, DownloadSettings, write_images
@@ -65,15 +65,11 @@ class DownloadImagesConfig(dg.Config):
     retry_failed: bool = D.retry_failed  # fetch again only the rows that failed to download last time
 
 
-@dg.asset(
-    name=names.DOWNLOADED_IMAGES_ASSET,
-    partitions_def=shards,
-    backfill_policy=SHARD_BACKFILL,
-    automation_condition=FOLLOWS_ITS_SHARD,
-    deps=[crawl_metadata],
-    group_name=SHARD_GROUP,
+@per_shard_asset(
+    names.DOWNLOADED_IMAGES_ASSET,
+    IMAGES,
     kinds={"webdataset", "parquet"},
-    metadata=writes_layer(IMAGES),
+    upstream=crawl_metadata,
     pool=names.DOWNLOAD_POOL,
     op_tags=DOWNLOAD_POD,
 )

@@ -7,8 +7,8 @@ from laion_assets.defs.checks import shard_check
 from laion_assets.defs.config import model_settings, record_section
 from laion_assets.defs.download import downloaded_images
 from laion_assets.defs.execution import GPU_POD
-from laion_assets.defs.metadata import preview, shards_materialized, similarity_quantiles, writes_layer
-from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, SHARD_GROUP, leased_shards, shards
+from laion_assets.defs.metadata import preview, shards_materialized, similarity_quantiles
+from laion_assets.defs.partitions import leased_shards, per_shard_asset
 from laion_assets.defs.resources import ClipEncoderResource, DatasetStoreResource
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.embed import write_embeddings
@@ -22,15 +22,11 @@ class ClipEmbeddingsConfig(dg.Config):
     preprocess_workers: int = 2
 
 
-@dg.asset(
-    name=names.CLIP_EMBEDDINGS_ASSET,
-    partitions_def=shards,
-    backfill_policy=SHARD_BACKFILL,
-    automation_condition=FOLLOWS_ITS_SHARD,
-    deps=[downloaded_images],
-    group_name=SHARD_GROUP,
+@per_shard_asset(
+    names.CLIP_EMBEDDINGS_ASSET,
+    EMBEDDINGS,
     kinds={"pytorch", "parquet"},
-    metadata=writes_layer(EMBEDDINGS),
+    upstream=downloaded_images,
     pool=names.GPU_POOL,
     op_tags=GPU_POD,
 )

@@ -8,8 +8,8 @@ from laion_assets import names
 from laion_assets.defs.checks import problems_found, shard_check
 from laion_assets.defs.config import config_values, dataset_config, settings_from
 from laion_assets.defs.embed import clip_embeddings
-from laion_assets.defs.metadata import preview, shards_materialized, similarity_quantiles, writes_layer
-from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, SHARD_GROUP, leased_shards, shards
+from laion_assets.defs.metadata import preview, shards_materialized, similarity_quantiles
+from laion_assets.defs.partitions import leased_shards, per_shard_asset
 from laion_assets.defs.resources import ClipEncoderResource, DatasetStoreResource
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.pairs import PairsSettings, rule_violations, write_pairs
@@ -30,16 +30,7 @@ class FilteredPairsConfig(dg.Config):
     write_embeddings: bool = False  # also pairs_embeddings/<shard>.parquet, LAION-400M's embeddings config
 
 
-@dg.asset(
-    name=names.FILTERED_PAIRS_ASSET,
-    partitions_def=shards,
-    backfill_policy=SHARD_BACKFILL,
-    automation_condition=FOLLOWS_ITS_SHARD,
-    deps=[clip_embeddings],
-    group_name=SHARD_GROUP,
-    kinds={"parquet", "webdataset"},
-    metadata=writes_layer(PAIRS),
-)
+@per_shard_asset(names.FILTERED_PAIRS_ASSET, PAIRS, kinds={"parquet", "webdataset"}, upstream=clip_embeddings)
 def filtered_pairs(
     context: dg.AssetExecutionContext,
     config: FilteredPairsConfig,

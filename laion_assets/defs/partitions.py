@@ -3,13 +3,14 @@
 import os
 import urllib.parse
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import dagster as dg
 
 from laion_assets import names
+from laion_assets.defs.metadata import writes_layer
 from laion_assets.pipeline.leases import shard_lease
-from laion_assets.pipeline.storage import DatasetStore
+from laion_assets.pipeline.storage import DatasetStore, Layer
 
 # One partition per source file in `{root}/incoming/`.
 shards = dg.DynamicPartitionsDefinition(name=names.SHARDS_PARTITIONS)
@@ -78,3 +79,27 @@ def leased_shards(context: dg.AssetExecutionContext, store: DatasetStore) -> Ite
     for shard in context.partition_keys:
         with shard_lease(store, shard, context.run.run_id):
             yield shard
+
+
+def per_shard_asset(
+    name: str,
+    layer: Layer,
+    kinds: set[str],
+    upstream: dg.AssetsDefinition | None = None,
+    **options: object,
+) -> Callable[[Callable[..., dg.MaterializeResult]], dg.AssetsDefinition]:
+    """The decorator of a per-shard asset: a partition per shard, the shards' backfill policy and group,
+    `layer` as the store layer it writes (`writes_layer`). With an `upstream` asset it follows that
+    asset's shard (FOLLOWS_ITS_SHARD); without one it starts from the incoming sensor. `options`: more
+    of `dg.asset`'s (pool, op_tags)."""
+    return dg.asset(
+        name=name,
+        partitions_def=shards,
+        backfill_policy=SHARD_BACKFILL,
+        automation_condition=FOLLOWS_ITS_SHARD if upstream else None,
+        deps=[upstream] if upstream else None,
+        group_name=SHARD_GROUP,
+        kinds=kinds,
+        metadata=writes_layer(layer),
+        **options,
+    )

@@ -6,9 +6,9 @@ from laion_assets import names
 from laion_assets.defs.checks import problems_found, shard_check
 from laion_assets.defs.config import model_settings, record_section
 from laion_assets.defs.execution import GPU_POD
-from laion_assets.defs.metadata import preview, shards_materialized, writes_layer
+from laion_assets.defs.metadata import preview, shards_materialized
 from laion_assets.defs.pairs import filtered_pairs
-from laion_assets.defs.partitions import FOLLOWS_ITS_SHARD, SHARD_BACKFILL, SHARD_GROUP, leased_shards, shards
+from laion_assets.defs.partitions import leased_shards, per_shard_asset
 from laion_assets.defs.resources import CaptionerResource, ClipEncoderResource, DatasetStoreResource
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.recaption import write_recaptions
@@ -16,15 +16,11 @@ from laion_assets.pipeline.settings import CAPTIONER_SECTION
 from laion_assets.pipeline.storage import PAIRS, RECAPTIONS, DatasetStore
 
 
-@dg.asset(
-    name=names.RECAPTIONS_ASSET,
-    partitions_def=shards,
-    backfill_policy=SHARD_BACKFILL,
-    automation_condition=FOLLOWS_ITS_SHARD,
-    deps=[filtered_pairs],
-    group_name=SHARD_GROUP,
+@per_shard_asset(
+    names.RECAPTIONS_ASSET,
+    RECAPTIONS,
     kinds={"pytorch", "parquet"},
-    metadata=writes_layer(RECAPTIONS),
+    upstream=filtered_pairs,
     pool=names.GPU_POOL,
     op_tags=GPU_POD,
 )

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from laion_assets.demo.views import pipeline_view
 from laion_assets.demo.world import EXACT_COPIES, World
 from laion_assets.pipeline.dedup import NEAR_KINDS
 
@@ -113,7 +114,6 @@ def evaluate_captioner(captioner: CaptionSettings, clip: ClipSettings, world: Wo
     caption scored with `clip` against the published one."""
     import torch
 
-    from laion_assets.demo.train import pipeline_view
     from laion_assets.pipeline.caption import CocaCaptioner
     from laion_assets.pipeline.clip import ClipEncoder
 

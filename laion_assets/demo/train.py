@@ -23,7 +23,6 @@ images first.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import time
@@ -41,6 +40,7 @@ from PIL import Image
 
 from laion_assets.demo import DEMO_CHECKPOINT, DEMO_MODEL
 from laion_assets.demo.score import FilterScore
+from laion_assets.demo.views import pipeline_view
 from laion_assets.demo.world import (
     COLOURS,
     SHAPES,
@@ -48,11 +48,9 @@ from laion_assets.demo.world import (
     Item,
     World,
     caption,
-    image_bytes,
     make_world,
 )
 from laion_assets.pipeline.clip import MODEL_CONFIGS, ClipEncoder, ClipSettings
-from laion_assets.pipeline.imaging import ImageSettings, process_image
 from laion_assets.pipeline.pairs import CATEGORIES_FILE, NsfwCategories, PairsSettings
 
 THRESHOLD = PairsSettings().min_similarity
@@ -68,11 +66,6 @@ NEAREST_CATEGORIES = ("a drawing or illustration", "a logo")
 PROBE_IMAGES = 2000  # training-world images the linear probe learns from
 # What the image tower learns first, and keeps learning beside the CLIP loss.
 ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES}
-
-
-def pipeline_view(item: Item) -> Image.Image:
-    """The item's image as the embedding stage reads it from the downloaded shard."""
-    return Image.open(io.BytesIO(process_image(image_bytes(item), ImageSettings()).data))
 
 
 def prepared_pixels(items: Sequence[Item], preprocess: Callable) -> torch.Tensor:
