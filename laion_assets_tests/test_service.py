@@ -27,7 +27,8 @@ from laion_assets.pipeline.clip import ClipEncoder
 from laion_assets.pipeline.imaging import decode_image
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import SEARCH_INDEX, DatasetStore
-from laion_assets.service.app import API_KEY_HEADER, create_app
+from laion_assets.service.app import create_app
+from laion_assets.service.routes import API_KEY_HEADER
 from laion_assets.service.settings import ServiceSettings
 from laion_assets_tests.dagster_helpers import TINY_CLIP
 from laion_assets_tests.demo_dataset import DEMO_CLIP

@@ -8,25 +8,19 @@ model then sees them through a dynamic batcher, in one thread of its own.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import json
 import logging
 import os
 import re
-import secrets
-import time
-import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING
 
 import numpy as np
 import uvicorn
-from fastapi import Depends, FastAPI, Request, Security
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.security import APIKeyHeader, APIKeyQuery, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from laion_assets.pipeline.clip import ClipEncoder, ClipSettings, ModelMismatch
@@ -37,6 +31,7 @@ from laion_assets.service import models as m
 from laion_assets.service.batcher import DynamicBatcher
 from laion_assets.service.inputs import InputError, decode_base64, fetch_image, open_image
 from laion_assets.service.page import add_search_page
+from laion_assets.service.routes import clip_router, info_router, key_check, search_router
 from laion_assets.service.settings import ServiceSettings
 
 if TYPE_CHECKING:
@@ -44,8 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-API_KEY_HEADER = "X-API-Key"
-_BEARER = HTTPBearer(auto_error=False)  # `Authorization: Bearer <key>`, inference-sdk's header transport
 _FETCH_THREADS = 16  # URL fetches wait on the network, not the CPU
 
 
@@ -182,26 +175,6 @@ def create_app(settings: ServiceSettings, encoder: ClipEncoder) -> FastAPI:
         yield
         await service.close()
 
-    async def require_key(
-        request: Request,
-        bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)],
-        query: str | None = Security(APIKeyQuery(name="api_key", auto_error=False)),
-        header: str | None = Security(APIKeyHeader(name=API_KEY_HEADER, auto_error=False)),
-    ) -> None:
-        """The key wherever Roboflow's server and its client put it, in its order: `?api_key=`, then
-        `Authorization: Bearer`, then (ours) `X-API-Key`, then `api_key` in the JSON body."""
-        if settings.api_key is None:
-            return
-        given = query or (bearer.credentials if bearer else None) or header or await _body_key(request)
-        if given is None:
-            raise InputError(
-                401,
-                f"missing api_key: send it as ?api_key=..., an Authorization: Bearer header, an "
-                f"{API_KEY_HEADER} header or an api_key field of the JSON body",
-            )
-        if not secrets.compare_digest(given.encode(), settings.api_key.encode()):
-            raise InputError(401, "wrong api_key")
-
     app = FastAPI(
         title="laion_assets CLIP service",
         description=(
@@ -210,115 +183,17 @@ def create_app(settings: ServiceSettings, encoder: ClipEncoder) -> FastAPI:
         ),
         version="1",
         lifespan=lifespan,
-        dependencies=[Depends(require_key)],
+        dependencies=[Depends(key_check(settings))],
         responses={status: {"model": m.ErrorResponse} for status in (400, 401, 403, 413, 422)},
     )
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     _add_error_handlers(app)
-
-    async def embeddings(
-        kind: m.Kind, value: m.Item | list, clip_version_id: str | None
-    ) -> m.EmbeddingResponse:
-        start = time.perf_counter()
-        service.check_version(clip_version_id)
-        items = _labelled(kind, value)
-        service.check_count(kind, len(items))
-        rows = await service.embed(kind, items)
-        return m.EmbeddingResponse(
-            embeddings=rows.tolist(), time=time.perf_counter() - start, inference_id=str(uuid.uuid4())
-        )
-
-    @app.post("/clip/embed_image", response_model=m.EmbeddingResponse, summary="CLIP image embeddings")
-    async def embed_image(request: m.EmbedImageRequest) -> m.EmbeddingResponse:
-        return await embeddings("image", request.image, request.clip_version_id)
-
-    @app.post("/clip/embed_text", response_model=m.EmbeddingResponse, summary="CLIP text embeddings")
-    async def embed_text(request: m.EmbedTextRequest) -> m.EmbeddingResponse:
-        return await embeddings("text", request.text, request.clip_version_id)
-
-    @app.post("/clip/compare", response_model=m.CompareResponse, summary="CLIP cosine similarity")
-    async def compare(request: m.CompareRequest) -> m.CompareResponse:
-        start = time.perf_counter()
-        service.check_version(request.clip_version_id)
-        named = isinstance(request.prompt, dict)
-        prompts = (
-            [(f"prompt[{name!r}]", p) for name, p in request.prompt.items()]
-            if named
-            else _labelled("prompt", request.prompt)
-        )
-        service.check_count("prompt", len(prompts))
-        subject, prompt = await asyncio.gather(
-            service.embed(request.subject_type, [("subject", request.subject)]),
-            service.embed(request.prompt_type, prompts),
-        )
-        similarity = (prompt @ subject[0]).tolist()
-        return m.CompareResponse(
-            similarity=dict(zip(request.prompt, similarity, strict=True)) if named else similarity,
-            time=time.perf_counter() - start,
-            inference_id=str(uuid.uuid4()),
-        )
-
-    @app.post(
-        "/search",
-        response_model=m.SearchResponse,
-        summary="the dataset's pairs nearest to a text or an image",
-        responses={404: {"model": m.ErrorResponse}, 409: {"model": m.ErrorResponse}},
-    )
-    async def search(request: m.SearchRequest) -> m.SearchResponse:
-        start = time.perf_counter()
-        index = await service.search_index()
-        if request.image is not None:
-            query = await service.embed("image", [("image", request.image)])
-        else:
-            query = await service.embed("text", [("text", request.text)])
-        hits = await asyncio.to_thread(index.search, query[0], request.top_k, service.removed_keys())
-        return m.SearchResponse(
-            results=[m.SearchHit(**dataclasses.asdict(hit)) for hit in hits], time=time.perf_counter() - start
-        )
-
-    @app.get("/info", response_model=m.InfoResponse, summary="the model, the limits and the search index")
-    async def info() -> m.InfoResponse:
-        return m.InfoResponse(
-            model=service.model,
-            pretrained=service.pretrained,
-            device=str(encoder.device),
-            dim=encoder.dim,
-            max_batch=settings.max_batch,
-            max_image_bytes=settings.max_image_bytes,
-            batching=settings.batching,
-            search_index_rows=len(service.index) if service.index is not None else None,
-            search_index_kind=service.index.kind if service.index is not None else None,
-            search_index_problem=service.index_problem[1] if service.index_problem else None,
-            image_batches=m.BatcherStats(model_calls=service.images.model_calls, items=service.images.items),
-            text_batches=m.BatcherStats(model_calls=service.texts.model_calls, items=service.texts.items),
-        )
-
+    for router in (clip_router(service), search_router(service), info_router(service)):
+        app.include_router(router)
     add_search_page(
         app, service.store, service.removed, key_required=settings.api_key is not None
     )  # `/`, /image, /pairs
     return app
-
-
-async def _body_key(request: Request) -> str | None:
-    """`api_key` of a JSON body (inference-sdk's way for a self-hosted server). The body is parsed again
-    only when it holds the name; the key is never logged."""
-    if request.method != "POST":
-        return None
-    body = await request.body()  # already read and kept by FastAPI for the route's own body
-    if b'"api_key"' not in body:
-        return None
-    try:
-        value = json.loads(body).get("api_key")
-    except (ValueError, AttributeError):  # not JSON, or not an object: the route answers 422
-        return None
-    return value if isinstance(value, str) else None
-
-
-def _labelled(field: str, value: m.Item | list) -> list[tuple[str, m.Item]]:
-    """(label, item) pairs; the label names the item in error messages, e.g. image[3]."""
-    if isinstance(value, list):
-        return [(f"{field}[{i}]", item) for i, item in enumerate(value)]
-    return [(field, value)]
 
 
 def _add_error_handlers(app: FastAPI) -> None:
