@@ -31,7 +31,7 @@ from laion_assets.demo import DEMO_CAPTION_CHECKPOINT, DEMO_CAPTION_MODEL
 from laion_assets.demo.train import EVAL_SEED
 from laion_assets.demo.views import pipeline_view
 from laion_assets.demo.world import make_world
-from laion_assets.pipeline.caption import CaptionSettings, CocaCaptioner
+from laion_assets.pipeline.recaptions.caption import CaptionSettings, CocaCaptioner
 
 
 def peak_rss_mib() -> float:

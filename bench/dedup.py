@@ -36,7 +36,7 @@ import pyarrow as pa
 from smoke import parse_args
 
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.dedup import SEMANTIC, DedupSettings, deduplicate
+from laion_assets.pipeline.dedup.deduplicate import SEMANTIC, DedupSettings, deduplicate
 from laion_assets.pipeline.storage import DUPLICATES, IMAGES, PAIRS, PAIRS_EMBEDDINGS, DatasetStore
 
 WORK = Path(__file__).parent / ".work"
@@ -132,7 +132,8 @@ def _in_child(target, *args):
     return out
 
 
-# The function of `pipeline/dedup.py` a sample of the stack is in (the innermost one listed): its step.
+# The function of `pipeline/dedup/deduplicate.py` a sample of the stack is in (the innermost one
+# listed): its step.
 STEPS = {
     "_load_new_pairs": "exact",
     "_exact": "exact",

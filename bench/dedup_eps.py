@@ -26,8 +26,8 @@ from smoke import parse_args
 from laion_assets.demo.run import DEMO_DEDUP_CONFIG
 from laion_assets.demo.score import score_duplicates
 from laion_assets.demo.world import EXACT_COPIES, NEAR_COPIES, make_world
-from laion_assets.pipeline import catalog
-from laion_assets.pipeline.dedup import DedupSettings, deduplicate
+from laion_assets.pipeline.catalog import views as catalog
+from laion_assets.pipeline.dedup.deduplicate import DedupSettings, deduplicate
 from laion_assets.pipeline.storage import DUPLICATES, DatasetStore
 from laion_assets_tests.demo_dataset import DEMO_IMAGES, build_demo_dataset
 

@@ -53,9 +53,9 @@ from peers import WORK, ensure_peer
 from PIL import Image
 from smoke import parse_args
 
-from laion_assets.pipeline.download import DownloadSettings
-from laion_assets.pipeline.imaging import ImageSettings, process_image
-from laion_assets.pipeline.tdmrep import WELL_KNOWN_PATH as TDMREP_PATH
+from laion_assets.pipeline.download.downloader import DownloadSettings
+from laion_assets.pipeline.download.imaging import ImageSettings, process_image
+from laion_assets.pipeline.download.tdmrep import WELL_KNOWN_PATH as TDMREP_PATH
 
 # "ours tuned": on top of our defaults
 OURS_TUNED: dict[str, object] = {"max_in_flight": 2048, "per_host_connections": 256}

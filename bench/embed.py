@@ -37,8 +37,8 @@ from peers import WORK, ensure_peer
 from smoke import parse_args
 
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.clip import ClipEncoder, ClipSettings
-from laion_assets.pipeline.imaging import ImageSettings, process_image
+from laion_assets.pipeline.download.imaging import ImageSettings, process_image
+from laion_assets.pipeline.embeddings.clip import ClipEncoder, ClipSettings
 from laion_assets.pipeline.shard_tar import TarShardWriter, read_samples
 
 
@@ -117,7 +117,7 @@ def run_clip_retrieval(args: argparse.Namespace, tar_path: Path) -> dict:
 
 
 def run_stage(encoder: ClipEncoder, tar_path: Path, table_path: Path, batch_size: int) -> int:
-    from laion_assets.pipeline.embed import embed_shard
+    from laion_assets.pipeline.embeddings.embed import embed_shard
 
     with open(tar_path, "rb") as tar:
         return embed_shard(pq.read_table(table_path), tar, encoder, batch_size).table.num_rows

@@ -13,7 +13,7 @@ with float16 vectors, written as `embed.write_embeddings` does: 11 GB at 10 M ro
 the histogram reads `similarity` only) and `pairs` (`pairs.write_pairs_parquet`).
 Then it writes `hosts/hosts.parquet` as the catalog asset does (the images grouped by host, which
 "success rate by host" reads), timed, and times each query through the views of
-`laion_assets.pipeline.catalog` and, as the peer, the same query over in-memory DuckDB tables of the
+`laion_assets.pipeline.catalog.views` and, as the peer, the same query over in-memory DuckDB tables of the
 same rows (DuckDB without parquet). Prints, per query, the best of `--repeat` runs for each: seconds and
 rows scanned per second (the rows of every view the query reads), and the ratio views / in-memory; then
 the peak RSS with the views alone and with the in-memory tables loaded.
@@ -36,8 +36,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from smoke import parse_args
 
-from laion_assets.pipeline import catalog, schemas
-from laion_assets.pipeline.pairs import PAIRS_PARQUET_OPTIONS, write_pairs_parquet
+from laion_assets.pipeline import schemas
+from laion_assets.pipeline.catalog import views as catalog
+from laion_assets.pipeline.pairs.filter import PAIRS_PARQUET_OPTIONS, write_pairs_parquet
 from laion_assets.pipeline.storage import CRAWL_METADATA, EMBEDDINGS, IMAGES, PAIRS, DatasetStore, footer
 
 WORK = Path(__file__).resolve().parent / ".work"

@@ -22,8 +22,8 @@ from peers import WORK, img2dataset_resize
 from PIL import Image
 from smoke import parse_args
 
-from laion_assets.pipeline import imaging
-from laion_assets.pipeline.imaging import ImageSettings, process_image
+from laion_assets.pipeline.download import imaging
+from laion_assets.pipeline.download.imaging import ImageSettings, process_image
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

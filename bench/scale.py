@@ -46,9 +46,10 @@ from smoke import parse_args
 
 from laion_assets import names
 from laion_assets.defs.partitions import SHARDS_PER_RUN_ENV
-from laion_assets.pipeline import catalog, lineage, parallel, schemas
+from laion_assets.pipeline import lineage, parallel, schemas
 from laion_assets.pipeline.card import write_card
-from laion_assets.pipeline.search import write_search_index
+from laion_assets.pipeline.catalog import views as catalog
+from laion_assets.pipeline.search.index import write_search_index
 from laion_assets.pipeline.shard_tar import TarShardWriter
 from laion_assets.pipeline.storage import CRAWL_METADATA, EMBEDDINGS, IMAGES, PAIRS, DatasetStore
 from laion_assets_tests.deployment import Deployment, Postgres, dagster_home, free_port, listening, wait_for

@@ -1,4 +1,5 @@
-"""Search benchmark: the approximate index (pipeline/faiss_index.py) against exact search, at 10 M vectors.
+"""Search benchmark: the approximate index (pipeline/search/faiss_index.py) against exact search, at
+10 M vectors.
 
     .venv/bin/python bench/search.py [--rows 10000000] [--dim 512] [--queries 200]
 
@@ -28,8 +29,8 @@ import numpy as np
 import pyarrow as pa
 from smoke import parse_args
 
-from laion_assets.pipeline import faiss_index
-from laion_assets.pipeline.search import SearchIndex
+from laion_assets.pipeline.search import faiss_index
+from laion_assets.pipeline.search.index import SearchIndex
 
 WORK = Path(__file__).resolve().parent / ".work"
 LATENT, TOPICS, SPREAD, MEAN, NOISE = 64, 2000, 0.7, 2.4, 0.3

@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from download import WORK, make_photos
 from smoke import parse_args
 
-from laion_assets.pipeline.imaging import ImageSettings, process_image
-from laion_assets.pipeline.search import SearchIndex
+from laion_assets.pipeline.download.imaging import ImageSettings, process_image
+from laion_assets.pipeline.search.index import SearchIndex
 
 WARM_UP = 4
 WIDTHS = (8, 10, 11, 7, 16, 16)  # after the route

@@ -26,8 +26,8 @@ import pyarrow as pa
 from smoke import parse_args
 
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.blocklist import find_matches, read_lists, write_active
 from laion_assets.pipeline.storage import BLOCKLIST, BLOCKLIST_ENTRIES, IMAGES, DatasetStore
+from laion_assets.pipeline.takedowns.blocklist import find_matches, read_lists, write_active
 
 WORK = Path(__file__).parent / ".work"
 

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 from laion_assets import names
 from laion_assets.demo import DEMO_CAPTION_CHECKPOINT, DEMO_CAPTION_MODEL, DEMO_CHECKPOINT, DEMO_MODEL
-from laion_assets.pipeline.caption import CaptionSettings
-from laion_assets.pipeline.clip import ClipSettings
+from laion_assets.pipeline.embeddings.clip import ClipSettings
+from laion_assets.pipeline.recaptions.caption import CaptionSettings
 from laion_assets.pipeline.storage import root_from_env
 from laion_assets.service.settings import API_KEY_ENV, MIN_API_KEY_CHARS, ServiceSettings, WeakApiKey
 
@@ -53,7 +53,7 @@ OUTPUT_FORMATS = {".csv": "csv", ".json": "json", ".parquet": "parquet"}
 
 def run_sql(root: str, query: str, fmt: str = "table", output: Path | None = None) -> None:
     """Run `query` against the DuckDB views of `root`; print it, or write it to `output`."""
-    from laion_assets.pipeline import catalog as duckdb_catalog
+    from laion_assets.pipeline.catalog import views as duckdb_catalog
     from laion_assets.pipeline.storage import DatasetStore
 
     connection = duckdb_catalog.connect(DatasetStore(root))
@@ -86,7 +86,7 @@ def sql_shell(root: str) -> None:
 
     import duckdb
 
-    from laion_assets.pipeline import catalog as duckdb_catalog
+    from laion_assets.pipeline.catalog import views as duckdb_catalog
     from laion_assets.pipeline.storage import DatasetStore
 
     connection = duckdb_catalog.connect(DatasetStore(root))
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"laion-assets demo: --images must be at least {MIN_IMAGES}, got {args.images}")
         return run_demo(root, clip, captioner, images=args.images)
     if args.select is None or names.DOWNLOADED_IMAGES_ASSET in args.select.split(","):
-        from laion_assets.pipeline.download import start_worker_server
+        from laion_assets.pipeline.download.downloader import start_worker_server
 
         start_worker_server()  # it imports the download code on the other core while Dagster loads here
     from laion_assets.runner import run_pipeline
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(args: argparse.Namespace, root: str) -> int:
-    from laion_assets.pipeline.clip import ModelUnavailable
+    from laion_assets.pipeline.embeddings.clip import ModelUnavailable
     from laion_assets.service.app import serve as serve_clip
 
     settings = ServiceSettings(

@@ -23,13 +23,13 @@ from laion_assets.defs.resources import (
     CocaCaptionerResource,
     environment_captioner,
 )
-from laion_assets.pipeline.caption import SETTINGS_ENV as CAPTION_ENV
-from laion_assets.pipeline.caption import CaptionSettings
-from laion_assets.pipeline.clip import SETTINGS_ENV as CLIP_ENV
-from laion_assets.pipeline.clip import ClipSettings, values_from_env
-from laion_assets.pipeline.dedup import recorded_settings as recorded_dedup_settings
+from laion_assets.pipeline.dedup.deduplicate import recorded_settings as recorded_dedup_settings
+from laion_assets.pipeline.embeddings.clip import SETTINGS_ENV as CLIP_ENV
+from laion_assets.pipeline.embeddings.clip import ClipSettings, values_from_env
 from laion_assets.pipeline.leases import describe, holder
 from laion_assets.pipeline.lineage import incoming_by_shard, settings_changes, stale_layers
+from laion_assets.pipeline.recaptions.caption import SETTINGS_ENV as CAPTION_ENV
+from laion_assets.pipeline.recaptions.caption import CaptionSettings
 from laion_assets.pipeline.settings import (
     CAPTIONER_SECTION,
     CLIP_SECTION,
@@ -352,7 +352,7 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str | None:
 def run_takedown(root: str, list_file: Path, echo: Callable[[str], None] = print) -> int:
     """Copy `list_file` into `{root}/blocklist/` and run the takedown job, as the blocklist sensor does:
     the lists recorded, what they match removed, then dedup, the search index, catalog and card."""
-    from laion_assets.pipeline.blocklist import LIST_SUFFIXES
+    from laion_assets.pipeline.takedowns.blocklist import LIST_SUFFIXES
 
     if list_file.suffix.lower() not in LIST_SUFFIXES:
         raise ValueError(f"{list_file}: a block list is a {', '.join(LIST_SUFFIXES)} file")
@@ -403,7 +403,7 @@ def dataset_status(root: str) -> tuple[list[str], bool]:
     """Lines saying, shard by shard, which layers are not done (their source changed or they are missing)
     and which were built with other settings than the dataset's, then whether dedup's rule is the
     dataset's; and whether anything is stale."""
-    from laion_assets.pipeline.dedup import rule_changes
+    from laion_assets.pipeline.dedup.deduplicate import rule_changes
 
     store = DatasetStore(root)
     current = load_settings(store)

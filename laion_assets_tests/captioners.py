@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from laion_assets.demo import DEMO_CAPTION_MODEL
-from laion_assets.pipeline.caption import CaptionSettings, CocaCaptioner
+from laion_assets.pipeline.recaptions.caption import CaptionSettings, CocaCaptioner
 
 RANDOM_COCA = CaptionSettings(model=DEMO_CAPTION_MODEL, pretrained="none", device="cpu", max_tokens=8)
 

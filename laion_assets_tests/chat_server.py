@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image
 
-from laion_assets.pipeline.caption import CocaCaptioner
+from laion_assets.pipeline.recaptions.caption import CocaCaptioner
 
 
 class ChatServer:

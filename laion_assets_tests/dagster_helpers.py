@@ -6,8 +6,8 @@ from laion_assets import names
 from laion_assets.defs.jobs import PER_SHARD_ASSETS, PER_SHARD_CHECKS
 from laion_assets.defs.partitions import shards
 from laion_assets.defs.resources import build_resources
-from laion_assets.pipeline.caption import CaptionSettings
-from laion_assets.pipeline.clip import ClipSettings
+from laion_assets.pipeline.embeddings.clip import ClipSettings
+from laion_assets.pipeline.recaptions.caption import CaptionSettings
 from laion_assets_tests.captioners import RANDOM_COCA
 
 # A real open_clip model on a tiny architecture, random weights with a fixed seed: nothing to download.

@@ -12,7 +12,7 @@ from laion_assets.demo import DEMO_CHECKPOINT, DEMO_MODEL
 from laion_assets.demo.run import write_sources
 from laion_assets.demo.web import WorldWeb
 from laion_assets.demo.world import make_world
-from laion_assets.pipeline.clip import ClipSettings
+from laion_assets.pipeline.embeddings.clip import ClipSettings
 from laion_assets.pipeline.storage import DatasetStore
 from laion_assets_tests.dagster_helpers import LOCAL_WEB, materialize_shard
 

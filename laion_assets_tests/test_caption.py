@@ -9,8 +9,8 @@ from laion_assets.demo import DEMO_CAPTION_MODEL
 from laion_assets.demo.train import EVAL_SEED
 from laion_assets.demo.views import pipeline_view
 from laion_assets.demo.world import make_world
-from laion_assets.pipeline.caption import CaptionSettings, CocaCaptioner
-from laion_assets.pipeline.clip import ModelUnavailable
+from laion_assets.pipeline.embeddings.clip import ModelUnavailable
+from laion_assets.pipeline.recaptions.caption import CaptionSettings, CocaCaptioner
 from laion_assets_tests.captioners import RANDOM_COCA, varied_coca
 
 

@@ -11,10 +11,11 @@ from PIL import Image
 from laion_assets import names
 from laion_assets.defs.card import dataset_card
 from laion_assets.defs.resources import DatasetStoreResource
-from laion_assets.pipeline import catalog, schemas
+from laion_assets.pipeline import schemas
 from laion_assets.pipeline.card import UI_FIGURE_WIDTH, CardSettings, write_card
 from laion_assets.pipeline.card.readme import size_category
-from laion_assets.pipeline.pairs import FUNNEL
+from laion_assets.pipeline.catalog import views as catalog
+from laion_assets.pipeline.pairs.filter import FUNNEL
 from laion_assets.pipeline.storage import CARD, DatasetStore
 from laion_assets_tests.dagster_helpers import LOCAL_WEB, materialize_shard
 

@@ -12,10 +12,10 @@ from PIL import Image
 from laion_assets.demo.train import EVAL_SEED
 from laion_assets.demo.views import pipeline_view
 from laion_assets.demo.world import make_world
-from laion_assets.pipeline.caption import NoCaption
-from laion_assets.pipeline.chat_caption import RECAP_PROMPT, ChatCaptioner, ChatCaptionSettings
-from laion_assets.pipeline.clip import ClipEncoder
-from laion_assets.pipeline.recaption import write_recaptions
+from laion_assets.pipeline.embeddings.clip import ClipEncoder
+from laion_assets.pipeline.recaptions.caption import NoCaption
+from laion_assets.pipeline.recaptions.chat_caption import RECAP_PROMPT, ChatCaptioner, ChatCaptionSettings
+from laion_assets.pipeline.recaptions.recaption import write_recaptions
 from laion_assets.pipeline.storage import RECAPTIONS, DatasetStore
 from laion_assets_tests.captioners import varied_coca
 from laion_assets_tests.chat_server import ChatServer

@@ -17,7 +17,7 @@ from laion_assets.demo import DEMO_CAPTION_CHECKPOINT, DEMO_CAPTION_MODEL, DEMO_
 from laion_assets.demo.run import DEMO_DEDUP_CONFIG, DOWNLOAD_CONFIG, demo_copies, write_sources
 from laion_assets.demo.web import WorldWeb
 from laion_assets.demo.world import make_world
-from laion_assets.pipeline import catalog
+from laion_assets.pipeline.catalog import views as catalog
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import (
     CRAWL_METADATA,

@@ -26,8 +26,8 @@ from laion_assets.defs.jobs import PER_SHARD_ASSETS
 from laion_assets.defs.resources import build_resources
 from laion_assets.demo.run import DEMO_DEDUP_CONFIG, MIN_IMAGES, demo_copies
 from laion_assets.demo.world import EXACT_COPIES, NEAR_COPIES, make_world
-from laion_assets.pipeline import catalog
-from laion_assets.pipeline.dedup import recorded_settings
+from laion_assets.pipeline.catalog import views as catalog
+from laion_assets.pipeline.dedup.deduplicate import recorded_settings
 from laion_assets.pipeline.leases import REMOVALS, ShardBusy, holder, shard_lease
 from laion_assets.pipeline.lineage import incoming_by_shard
 from laion_assets.pipeline.removal import TAKEN_DOWN, RemovedKeys, finish_interrupted

@@ -14,9 +14,10 @@ from laion_assets.demo.run import DEMO_DEDUP_CONFIG
 from laion_assets.demo.score import score_duplicates
 from laion_assets.demo.world import EXACT_COPIES, NEAR_COPIES, make_world
 from laion_assets.names import PAIRS_FUNNEL_FOOTER
-from laion_assets.pipeline import catalog, dedup, schemas
-from laion_assets.pipeline.clip import ClipEncoder
-from laion_assets.pipeline.dedup import (
+from laion_assets.pipeline import schemas
+from laion_assets.pipeline.catalog import views as catalog
+from laion_assets.pipeline.dedup import deduplicate as dedup
+from laion_assets.pipeline.dedup.deduplicate import (
     KINDS,
     NEAR_KINDS,
     PERCEPTUAL,
@@ -24,8 +25,9 @@ from laion_assets.pipeline.dedup import (
     DedupSettings,
     deduplicate,
 )
+from laion_assets.pipeline.embeddings.clip import ClipEncoder
 from laion_assets.pipeline.removal import DUPLICATE, RemovedKeys
-from laion_assets.pipeline.search import write_search_index
+from laion_assets.pipeline.search.index import write_search_index
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import (
     DEDUP_CENTROIDS,

@@ -25,14 +25,14 @@ from laion_assets.defs.resources import (
     build_resources,
     captioner_resource,
 )
-from laion_assets.pipeline.caption import CaptionSettings
 from laion_assets.pipeline.card import CardSettings
-from laion_assets.pipeline.chat_caption import ChatCaptionSettings
-from laion_assets.pipeline.clip import ClipSettings
-from laion_assets.pipeline.dedup import DedupSettings
-from laion_assets.pipeline.download import DownloadSettings
-from laion_assets.pipeline.hf_caption import HfCaptionSettings
-from laion_assets.pipeline.pairs import PairsSettings
+from laion_assets.pipeline.dedup.deduplicate import DedupSettings
+from laion_assets.pipeline.download.downloader import DownloadSettings
+from laion_assets.pipeline.embeddings.clip import ClipSettings
+from laion_assets.pipeline.pairs.filter import PairsSettings
+from laion_assets.pipeline.recaptions.caption import CaptionSettings
+from laion_assets.pipeline.recaptions.chat_caption import ChatCaptionSettings
+from laion_assets.pipeline.recaptions.hf_caption import HfCaptionSettings
 
 REPO = Path(__file__).resolve().parent.parent
 

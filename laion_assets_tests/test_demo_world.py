@@ -20,7 +20,7 @@ from laion_assets.demo.train import (
 )
 from laion_assets.demo.web import WorldWeb
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.imaging import DecodeError, ImageSettings, process_image
+from laion_assets.pipeline.download.imaging import DecodeError, ImageSettings, process_image
 
 
 def _words(text: str) -> set[str]:

@@ -506,8 +506,9 @@ def test_the_images_wheel_installs_and_loads_the_definitions(tmp_path):
     check = (
         "import laion_assets, laion_assets.definitions as d; "
         "from laion_assets.demo import DEMO_CAPTION_CHECKPOINT, DEMO_CHECKPOINT; "
-        "from laion_assets.pipeline.pairs import CATEGORIES_FILE; from laion_assets.pipeline.clip import "
-        "MODEL_CONFIGS; print(laion_assets.__file__, len(d.defs.assets), "
+        "from laion_assets.pipeline.pairs.filter import CATEGORIES_FILE; "
+        "from laion_assets.pipeline.embeddings.clip import MODEL_CONFIGS; "
+        "print(laion_assets.__file__, len(d.defs.assets), "
         "DEMO_CHECKPOINT.is_file() and DEMO_CAPTION_CHECKPOINT.is_file(), "
         "CATEGORIES_FILE.is_file(), sorted(p.name for p in MODEL_CONFIGS.glob('*.json')))"
     )

@@ -11,9 +11,11 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from laion_assets.pipeline import download, fetch, schemas
-from laion_assets.pipeline.download import DownloadSettings, HostScheduler, _Job, download_shard
-from laion_assets.pipeline.imaging import ImageSettings, process_image
+from laion_assets.pipeline import schemas
+from laion_assets.pipeline.download import downloader as download
+from laion_assets.pipeline.download import fetch
+from laion_assets.pipeline.download.downloader import DownloadSettings, HostScheduler, _Job, download_shard
+from laion_assets.pipeline.download.imaging import ImageSettings, process_image
 from laion_assets.pipeline.parallel import pipelined
 
 # Short timeouts keep the failures quick; the guard is off because the web is on 127.0.0.1.
@@ -119,7 +121,7 @@ def test_successful_samples_are_resized_hashed_and_readable_by_webdataset(web, t
     )
     assert red["sha256"] == hashlib.sha256(IMAGES["/img/red.jpg"][1]).hexdigest()
     assert red["num_bytes"] == len(IMAGES["/img/red.jpg"][1]) and red["http_status"] == 200
-    from laion_assets.pipeline.imaging import decode_image, hamming, perceptual_hash
+    from laion_assets.pipeline.download.imaging import decode_image, hamming, perceptual_hash
 
     # the hash of the image as resized, a few bits from the full-size original's
     assert hamming(red["phash"], perceptual_hash(decode_image(IMAGES["/img/red.jpg"][1], 10**8))) <= 4
@@ -449,7 +451,7 @@ def test_interpolations_are_img2datasets_names_and_defaults():
 def test_perceptual_hash_survives_resizing_but_not_another_image():
     from PIL import Image, ImageDraw
 
-    from laion_assets.pipeline.imaging import hamming, perceptual_hash
+    from laion_assets.pipeline.download.imaging import hamming, perceptual_hash
 
     def picture(x: int) -> Image.Image:
         image = Image.new("RGB", (200, 150), "white")

@@ -11,9 +11,9 @@ from PIL import Image
 
 from laion_assets import names
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.clip import ClipEncoder, ClipSettings, ModelUnavailable
-from laion_assets.pipeline.download import download_shard
-from laion_assets.pipeline.embed import embed_shard
+from laion_assets.pipeline.download.downloader import download_shard
+from laion_assets.pipeline.embeddings.clip import ClipEncoder, ClipSettings, ModelUnavailable
+from laion_assets.pipeline.embeddings.embed import embed_shard
 from laion_assets.pipeline.shard_tar import TarShardWriter, read_samples
 from laion_assets.pipeline.storage import DatasetStore
 from laion_assets.runner import failure_message
@@ -162,7 +162,7 @@ def test_asset_writes_embeddings_and_resumes_after_a_failed_run(root, web):
 def test_model_identity_is_the_model_and_its_weights(tmp_path):
     """One rule for "these embeddings can be compared": same model name and the same weights, a checkpoint
     known by its content (not its path), random weights by their seed."""
-    from laion_assets.pipeline.clip import ModelIdentity, ModelMismatch
+    from laion_assets.pipeline.embeddings.clip import ModelIdentity, ModelMismatch
 
     a, b, c = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "c.pt"
     a.write_bytes(b"weights")
@@ -189,7 +189,7 @@ def test_model_identity_is_the_model_and_its_weights(tmp_path):
 
 
 def test_the_tokenizer_cache_is_bounded_and_tokens_unchanged(monkeypatch):
-    from laion_assets.pipeline import clip
+    from laion_assets.pipeline.embeddings import clip
 
     monkeypatch.setattr(clip, "TOKENIZER_CACHE_WORDS", 100)
     bounded = ClipEncoder(TINY_CLIP)

@@ -5,9 +5,9 @@ import pyarrow as pa
 import pytest
 
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.clip import ModelIdentity
-from laion_assets.pipeline.faiss_index import read_build
-from laion_assets.pipeline.search import ApproximateSearchIndex, SearchIndex, write_search_index
+from laion_assets.pipeline.embeddings.clip import ModelIdentity
+from laion_assets.pipeline.search.faiss_index import read_build
+from laion_assets.pipeline.search.index import ApproximateSearchIndex, SearchIndex, write_search_index
 from laion_assets.pipeline.storage import EMBEDDINGS, PAIRS, SEARCH_INDEX_APPROXIMATE, DatasetStore
 
 DIM = 64
@@ -118,7 +118,7 @@ def test_a_dataset_that_outgrew_its_lists_or_changed_model_is_trained_again(loca
 
 
 def test_the_service_answers_search_from_the_approximate_index(local_root):
-    from laion_assets.pipeline.clip import ClipEncoder
+    from laion_assets.pipeline.embeddings.clip import ClipEncoder
     from laion_assets.service.app import ServiceSettings, create_app
     from laion_assets_tests.dagster_helpers import TINY_CLIP
     from laion_assets_tests.service_process import running

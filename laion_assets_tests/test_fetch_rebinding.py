@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from laion_assets.pipeline import fetch, schemas
-from laion_assets.pipeline.fetch import Fetcher, FetchSettings
+from laion_assets.pipeline import schemas
+from laion_assets.pipeline.download import fetch
+from laion_assets.pipeline.download.fetch import Fetcher, FetchSettings
 from laion_assets.service.inputs import InputError, fetch_image
 from laion_assets_tests.test_download import FAST, run
 from laion_assets_tests.web import JPEG
@@ -275,7 +276,7 @@ def test_https_checks_the_certificate_against_the_name_not_the_address(tls_web, 
 def test_an_ipv4_address_is_preferred_when_the_name_has_both(monkeypatch):
     """Only one vetted address is tried, so it is the IPv4 one when there is one: a machine without an
     IPv6 route must still reach dual-stack hosts whose resolver lists IPv6 first."""
-    from laion_assets.pipeline import fetch
+    from laion_assets.pipeline.download import fetch
 
     answers = [
         (socket.AF_INET6, 0, 0, "", ("2606:4700::1", 0, 0, 0)),

@@ -9,8 +9,8 @@ import pytest
 from laion_assets.demo.train import EVAL_SEED
 from laion_assets.demo.views import pipeline_view
 from laion_assets.demo.world import make_world
-from laion_assets.pipeline.clip import ModelUnavailable
-from laion_assets.pipeline.hf_caption import HfCaptioner, HfCaptionSettings
+from laion_assets.pipeline.embeddings.clip import ModelUnavailable
+from laion_assets.pipeline.recaptions.hf_caption import HfCaptioner, HfCaptionSettings
 from laion_assets_tests.captioners import BLIP_SPECIAL, BLIP_WORDS, save_tiny_blip
 
 

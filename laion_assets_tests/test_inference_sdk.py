@@ -12,8 +12,8 @@ from inference_sdk.http.errors import HTTPCallErrorError
 from inference_sdk.http.utils.loaders import load_static_inference_input
 from PIL import Image
 
-from laion_assets.pipeline.clip import ClipEncoder
-from laion_assets.pipeline.imaging import decode_image
+from laion_assets.pipeline.download.imaging import decode_image
+from laion_assets.pipeline.embeddings.clip import ClipEncoder
 from laion_assets_tests.dagster_helpers import TINY_CLIP
 from laion_assets_tests.service_process import Served, serving
 from laion_assets_tests.web import IMAGES

@@ -4,7 +4,7 @@ import pytest
 
 from laion_assets import names
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.pairs import FUNNEL, NsfwCategories, PairsSettings, build_pairs
+from laion_assets.pipeline.pairs.filter import FUNNEL, NsfwCategories, PairsSettings, build_pairs
 
 # Four categories on the axes of a 4-d space: two NSFW, two neutral (one naming a minor).
 CATEGORIES = NsfwCategories(

@@ -11,9 +11,9 @@ import pytest
 from laion_assets import names
 from laion_assets.demo import DEMO_CAPTION_MODEL
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.caption import CocaCaptioner
-from laion_assets.pipeline.clip import ClipEncoder, ModelMismatch
-from laion_assets.pipeline.recaption import write_recaptions
+from laion_assets.pipeline.embeddings.clip import ClipEncoder, ModelMismatch
+from laion_assets.pipeline.recaptions.caption import CocaCaptioner
+from laion_assets.pipeline.recaptions.recaption import write_recaptions
 from laion_assets.pipeline.shard_tar import TarShardWriter, read_samples
 from laion_assets.pipeline.storage import EMBEDDINGS, PAIRS, RECAPTIONS, DatasetStore, footer
 from laion_assets_tests.captioners import varied_coca
@@ -110,7 +110,7 @@ def test_scores_need_the_model_that_made_the_embeddings(demo_copy, captioner):
 
 
 def test_recaptions_view(demo_copy, captioner):
-    from laion_assets.pipeline import catalog
+    from laion_assets.pipeline.catalog import views as catalog
 
     write_recaptions(demo_copy, SHARD, captioner, ClipEncoder(DEMO_CLIP))
     connection = catalog.connect(demo_copy)
@@ -122,7 +122,7 @@ def test_recaptions_view(demo_copy, captioner):
 
 
 def test_captioning_in_chunks_gives_the_same_recaptions(demo_copy, captioner, monkeypatch):
-    from laion_assets.pipeline import recaption
+    from laion_assets.pipeline.recaptions import recaption
 
     whole = write_recaptions(demo_copy, SHARD, captioner, ClipEncoder(DEMO_CLIP)).table
     monkeypatch.setattr(recaption, "_CHUNK", 3)  # several chunks, the last one short

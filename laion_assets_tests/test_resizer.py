@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from laion_assets.pipeline import imaging
-from laion_assets.pipeline.imaging import DecodeError, FilteredSize, ImageSettings, process_image
+from laion_assets.pipeline.download import imaging
+from laion_assets.pipeline.download.imaging import DecodeError, FilteredSize, ImageSettings, process_image
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 # the sizes of img2dataset's test images (tests/resize_test_image), portrait, landscape and near square

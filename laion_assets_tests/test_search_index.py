@@ -9,8 +9,8 @@ from laion_assets import names
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.defs.search import search_index
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.clip import ModelIdentity, ModelMismatch
-from laion_assets.pipeline.search import IndexMissing, SearchIndex, write_search_index
+from laion_assets.pipeline.embeddings.clip import ModelIdentity, ModelMismatch
+from laion_assets.pipeline.search.index import IndexMissing, SearchIndex, write_search_index
 from laion_assets.pipeline.storage import SEARCH_INDEX, DatasetStore
 from laion_assets_tests.dagster_helpers import LOCAL_WEB, TINY_CLIP, materialize_shard
 

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from laion_assets.demo.world import make_world
-from laion_assets.pipeline.clip import ClipEncoder
-from laion_assets.pipeline.search import SearchIndex
+from laion_assets.pipeline.embeddings.clip import ClipEncoder
+from laion_assets.pipeline.search.index import SearchIndex
 from laion_assets.pipeline.storage import PAIRS, DatasetStore
 from laion_assets.service.app import create_app
 from laion_assets.service.settings import ServiceSettings

@@ -22,9 +22,9 @@ from schemathesis.specs.openapi.checks import (
 
 from laion_assets.demo import DEMO_CHECKPOINT, DEMO_MODEL
 from laion_assets.demo.world import make_world
-from laion_assets.pipeline import catalog
-from laion_assets.pipeline.clip import ClipEncoder
-from laion_assets.pipeline.imaging import decode_image
+from laion_assets.pipeline.catalog import views as catalog
+from laion_assets.pipeline.download.imaging import decode_image
+from laion_assets.pipeline.embeddings.clip import ClipEncoder
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import SEARCH_INDEX, DatasetStore
 from laion_assets.service.app import create_app

@@ -8,9 +8,9 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
-from laion_assets.pipeline.crawl import CrawlSettings, build_crawl_metadata
+from laion_assets.pipeline.crawl.metadata import CrawlSettings, build_crawl_metadata
+from laion_assets.pipeline.crawl.sources import ColumnNames, SourceError, find_source, parse_source_name
 from laion_assets.pipeline.printable import MAX_MESSAGE
-from laion_assets.pipeline.sources import ColumnNames, SourceError, find_source, parse_source_name
 from laion_assets.pipeline.storage import DatasetStore
 
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from laion_assets.cli import main
-from laion_assets.pipeline import catalog
+from laion_assets.pipeline.catalog import views as catalog
 from laion_assets.pipeline.storage import DatasetStore
 
 
@@ -220,7 +220,7 @@ def test_duckdb_resource_gives_the_same_views(root):
 
 def test_readme_queries_on_pairs(local_root):
     from laion_assets.pipeline import schemas
-    from laion_assets.pipeline.pairs import write_pairs_parquet
+    from laion_assets.pipeline.pairs.filter import write_pairs_parquet
 
     store = DatasetStore(local_root)
     for shard, urls, licenses, similarity in (
@@ -297,8 +297,10 @@ _SIMILARITY = [0.21, 0.26, 0.31, 0.33, 0.34, 0.36, 0.42]
 def _layers(store: DatasetStore, monkeypatch) -> None:
     """crawl_metadata, images, embeddings and pairs of two shards, each written by the pipeline's writer
     (images by `download.write_images`, its download replaced by the records above)."""
-    from laion_assets.pipeline import crawl, download, schemas
-    from laion_assets.pipeline.pairs import write_pairs_parquet
+    from laion_assets.pipeline import schemas
+    from laion_assets.pipeline.crawl import metadata as crawl
+    from laion_assets.pipeline.download import downloader as download
+    from laion_assets.pipeline.pairs.filter import write_pairs_parquet
     from laion_assets.pipeline.storage import EMBEDDINGS
 
     for shard, rows in _DOWNLOADS.items():

@@ -21,19 +21,10 @@ from laion_assets.defs.catalog import catalog
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.defs.search import search_index
 from laion_assets.defs.takedown import blocklist, blocklist_sensor, takedowns
-from laion_assets.pipeline import catalog as duckdb_catalog
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.blocklist import (
-    Blocklist,
-    ListProblem,
-    find_matches,
-    load_active,
-    read_lists,
-    url_sha256,
-    write_active,
-)
-from laion_assets.pipeline.clip import ClipEncoder
-from laion_assets.pipeline.download import download_shard
+from laion_assets.pipeline.catalog import views as duckdb_catalog
+from laion_assets.pipeline.download.downloader import download_shard
+from laion_assets.pipeline.embeddings.clip import ClipEncoder
 from laion_assets.pipeline.removal import DUPLICATE, RemovedKeys, remove_keys
 from laion_assets.pipeline.settings import load_settings
 from laion_assets.pipeline.shard_tar import read_samples
@@ -49,6 +40,15 @@ from laion_assets.pipeline.storage import (
     SHARD_LAYERS,
     TAKEDOWNS,
     DatasetStore,
+)
+from laion_assets.pipeline.takedowns.blocklist import (
+    Blocklist,
+    ListProblem,
+    find_matches,
+    load_active,
+    read_lists,
+    url_sha256,
+    write_active,
 )
 from laion_assets.runner import run_takedown
 from laion_assets.service.app import create_app

@@ -1,7 +1,7 @@
 import pytest
 
-from laion_assets.pipeline.crawl import CrawlSettings, build_crawl_metadata
-from laion_assets.pipeline.sources import SourceError, parse_source_name
+from laion_assets.pipeline.crawl.metadata import CrawlSettings, build_crawl_metadata
+from laion_assets.pipeline.crawl.sources import SourceError, parse_source_name
 from laion_assets.pipeline.storage import DatasetStore
 from laion_assets_tests.wat_files import Page, img, license_link, wat_bytes
 

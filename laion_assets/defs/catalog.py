@@ -8,7 +8,7 @@ from laion_assets.defs.dedup import duplicates
 from laion_assets.defs.metadata import reads
 from laion_assets.defs.partitions import DATASET_GROUP, FOLLOWS_ANY_SHARD
 from laion_assets.defs.resources import DatasetStoreResource
-from laion_assets.pipeline import catalog as duckdb_catalog
+from laion_assets.pipeline.catalog import views as duckdb_catalog
 from laion_assets.pipeline.storage import DUPLICATES, SHARD_LAYERS, TAKEDOWNS
 
 

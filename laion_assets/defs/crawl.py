@@ -7,8 +7,8 @@ from laion_assets.defs.config import dataset_config
 from laion_assets.defs.metadata import preview, shards_materialized
 from laion_assets.defs.partitions import leased_shards, per_shard_asset
 from laion_assets.defs.resources import DatasetStoreResource
-from laion_assets.pipeline.crawl import CrawlSettings, write_crawl_metadata
-from laion_assets.pipeline.sources import ColumnNames
+from laion_assets.pipeline.crawl.metadata import CrawlSettings, write_crawl_metadata
+from laion_assets.pipeline.crawl.sources import ColumnNames
 from laion_assets.pipeline.storage import CRAWL_METADATA
 
 

@@ -1,5 +1,6 @@
-"""The `duplicates` asset: dataset-level dedup of the pairs of every shard (pipeline/dedup.py), its
-finds removed through the takedowns' removal path with the reason `duplicate`."""
+"""The `duplicates` asset: dataset-level dedup of the pairs of every shard
+(pipeline/dedup/deduplicate.py), its finds removed through the takedowns' removal path with the reason
+`duplicate`."""
 
 import dataclasses
 
@@ -14,7 +15,7 @@ from laion_assets.defs.recaption import recaptions
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.defs.takedown import REMOVALS_WAIT, takedowns
 from laion_assets.pipeline import markdown
-from laion_assets.pipeline.dedup import KINDS, DedupSettings, deduplicate
+from laion_assets.pipeline.dedup.deduplicate import KINDS, DedupSettings, deduplicate
 from laion_assets.pipeline.leases import REMOVALS, shard_lease
 from laion_assets.pipeline.storage import DUPLICATES, EMBEDDINGS, IMAGES, PAIRS, PAIRS_EMBEDDINGS
 

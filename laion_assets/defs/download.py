@@ -15,8 +15,8 @@ from laion_assets.defs.metadata import counts_table, preview, shards_materialize
 from laion_assets.defs.partitions import per_shard_asset
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.download import DownloadResult, DownloadSettings, write_images
-from laion_assets.pipeline.imaging import RESIZE_MODES
+from laion_assets.pipeline.download.downloader import DownloadResult, DownloadSettings, write_images
+from laion_assets.pipeline.download.imaging import RESIZE_MODES
 from laion_assets.pipeline.leases import shard_lease
 from laion_assets.pipeline.parallel import pipelined
 from laion_assets.pipeline.storage import CRAWL_METADATA, IMAGES, DatasetStore

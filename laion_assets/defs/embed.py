@@ -11,7 +11,7 @@ from laion_assets.defs.metadata import preview, shards_materialized, similarity_
 from laion_assets.defs.partitions import leased_shards, per_shard_asset
 from laion_assets.defs.resources import ClipEncoderResource, DatasetStoreResource
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.embed import write_embeddings
+from laion_assets.pipeline.embeddings.embed import write_embeddings
 from laion_assets.pipeline.settings import CLIP_SECTION
 from laion_assets.pipeline.storage import EMBEDDINGS, IMAGES, DatasetStore
 

@@ -12,14 +12,15 @@ from laion_assets.defs.metadata import preview, shards_materialized, similarity_
 from laion_assets.defs.partitions import leased_shards, per_shard_asset
 from laion_assets.defs.resources import ClipEncoderResource, DatasetStoreResource
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.pairs import PairsSettings, rule_violations, write_pairs
+from laion_assets.pipeline.pairs.filter import PairsSettings, rule_violations, write_pairs
 from laion_assets.pipeline.storage import PAIRS, DatasetStore
 
 P = PairsSettings  # every default below is the pipeline's own
 
 
 class FilteredPairsConfig(dg.Config):
-    """The rules, in funnel order (see `pipeline/pairs.py`), and whether to keep the pairs' embeddings."""
+    """The rules, in funnel order (see `pipeline/pairs/filter.py`), and whether to keep the pairs'
+    embeddings."""
 
     min_similarity: float = P.min_similarity  # LAION-400M's threshold for ViT-B/32
     top_fraction: float = P.top_fraction  # > 0: keep this top fraction by similarity instead (DataComp)

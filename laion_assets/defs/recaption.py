@@ -11,7 +11,7 @@ from laion_assets.defs.pairs import filtered_pairs
 from laion_assets.defs.partitions import leased_shards, per_shard_asset
 from laion_assets.defs.resources import CaptionerResource, ClipEncoderResource, DatasetStoreResource
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.recaption import write_recaptions
+from laion_assets.pipeline.recaptions.recaption import write_recaptions
 from laion_assets.pipeline.settings import CAPTIONER_SECTION
 from laion_assets.pipeline.storage import PAIRS, RECAPTIONS, DatasetStore
 

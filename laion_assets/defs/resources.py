@@ -9,12 +9,13 @@ import duckdb
 from pydantic import PrivateAttr
 
 from laion_assets.defs.config import settings_from
-from laion_assets.pipeline import caption, catalog, chat_caption, hf_caption
-from laion_assets.pipeline.caption import CaptionSettings, CocaCaptioner
-from laion_assets.pipeline.chat_caption import ChatCaptioner, ChatCaptionSettings
-from laion_assets.pipeline.clip import SETTINGS_ENV, ClipEncoder, ClipSettings, values_from_env
-from laion_assets.pipeline.hf_caption import HfCaptioner, HfCaptionSettings
-from laion_assets.pipeline.recaption import Captioner
+from laion_assets.pipeline.catalog import views as catalog
+from laion_assets.pipeline.embeddings.clip import SETTINGS_ENV, ClipEncoder, ClipSettings, values_from_env
+from laion_assets.pipeline.recaptions import caption, chat_caption, hf_caption
+from laion_assets.pipeline.recaptions.caption import CaptionSettings, CocaCaptioner
+from laion_assets.pipeline.recaptions.chat_caption import ChatCaptioner, ChatCaptionSettings
+from laion_assets.pipeline.recaptions.hf_caption import HfCaptioner, HfCaptionSettings
+from laion_assets.pipeline.recaptions.recaption import Captioner
 from laion_assets.pipeline.settings import CLIP_SECTION, MODEL_FIELDS, DatasetSettings, load_settings
 from laion_assets.pipeline.storage import DEFAULT_ROOT, ROOT_ENV, DatasetStore
 

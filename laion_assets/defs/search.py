@@ -7,12 +7,12 @@ from laion_assets.defs.dedup import duplicates
 from laion_assets.defs.metadata import reads
 from laion_assets.defs.partitions import DATASET_GROUP, FOLLOWS_ANY_SHARD
 from laion_assets.defs.resources import DatasetStoreResource
-from laion_assets.pipeline.search import APPROXIMATE_FROM_ROWS, write_search_index
+from laion_assets.pipeline.search.index import APPROXIMATE_FROM_ROWS, write_search_index
 from laion_assets.pipeline.storage import EMBEDDINGS, PAIRS
 
 
 class SearchIndexConfig(dg.Config):
-    """When the FAISS index is built and whether it is trained anew (see pipeline/faiss_index.py)."""
+    """When the FAISS index is built and whether it is trained anew (see pipeline/search/faiss_index.py)."""
 
     approximate_from_rows: int = APPROXIMATE_FROM_ROWS  # from this many pairs on, also build FAISS IVF-PQ
     retrain: bool = False  # train anew even where the last trained index could be reused

@@ -19,10 +19,10 @@ from laion_assets.defs.partitions import TAKEDOWNS_GROUP
 from laion_assets.defs.recaption import recaptions
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline import markdown
-from laion_assets.pipeline.blocklist import find_matches, load_active, read_lists, write_active
 from laion_assets.pipeline.leases import REMOVALS, shard_lease
 from laion_assets.pipeline.removal import TAKEN_DOWN, finish_interrupted, remove_keys
 from laion_assets.pipeline.storage import BLOCKLIST, BLOCKLIST_ENTRIES, SHARD_LAYERS, DatasetStore
+from laion_assets.pipeline.takedowns.blocklist import find_matches, load_active, read_lists, write_active
 
 # How long a removal (takedowns, duplicates) waits for another run's to end; then it fails, naming it.
 REMOVALS_WAIT = 3600.0

@@ -15,9 +15,9 @@ from laion_assets.defs.partitions import lineage_path
 from laion_assets.demo.score import evaluate_captioner, score_duplicates, score_filter, score_recaptions
 from laion_assets.demo.web import WorldWeb
 from laion_assets.demo.world import EXACT_COPIES, MISMATCH_FRACTION, NEAR_COPIES, make_world
-from laion_assets.pipeline import catalog
-from laion_assets.pipeline.caption import CaptionSettings
-from laion_assets.pipeline.clip import ClipSettings
+from laion_assets.pipeline.catalog import views as catalog
+from laion_assets.pipeline.embeddings.clip import ClipSettings
+from laion_assets.pipeline.recaptions.caption import CaptionSettings
 from laion_assets.pipeline.storage import CARD_FIGURES, INCOMING, PAIRS, SETTINGS_FILE, DatasetStore
 from laion_assets.runner import ALL_ASSETS, run_pipeline
 

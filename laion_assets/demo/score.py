@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 
 from laion_assets.demo.views import pipeline_view
 from laion_assets.demo.world import EXACT_COPIES, World
-from laion_assets.pipeline.dedup import NEAR_KINDS
+from laion_assets.pipeline.dedup.deduplicate import NEAR_KINDS
 
 if TYPE_CHECKING:
-    from laion_assets.pipeline.caption import CaptionSettings
-    from laion_assets.pipeline.clip import ClipSettings
+    from laion_assets.pipeline.embeddings.clip import ClipSettings
+    from laion_assets.pipeline.recaptions.caption import CaptionSettings
 
 
 @dataclass(frozen=True)
@@ -114,8 +114,8 @@ def evaluate_captioner(captioner: CaptionSettings, clip: ClipSettings, world: Wo
     caption scored with `clip` against the published one."""
     import torch
 
-    from laion_assets.pipeline.caption import CocaCaptioner
-    from laion_assets.pipeline.clip import ClipEncoder
+    from laion_assets.pipeline.embeddings.clip import ClipEncoder
+    from laion_assets.pipeline.recaptions.caption import CocaCaptioner
 
     encoder = ClipEncoder(clip)
     items = world.images

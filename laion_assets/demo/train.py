@@ -50,8 +50,8 @@ from laion_assets.demo.world import (
     caption,
     make_world,
 )
-from laion_assets.pipeline.clip import MODEL_CONFIGS, ClipEncoder, ClipSettings
-from laion_assets.pipeline.pairs import CATEGORIES_FILE, NsfwCategories, PairsSettings
+from laion_assets.pipeline.embeddings.clip import MODEL_CONFIGS, ClipEncoder, ClipSettings
+from laion_assets.pipeline.pairs.filter import CATEGORIES_FILE, NsfwCategories, PairsSettings
 
 THRESHOLD = PairsSettings().min_similarity
 # The demo world is make_world's default seed (0); training and evaluation use others.

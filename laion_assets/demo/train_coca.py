@@ -45,8 +45,8 @@ from laion_assets.demo.world import (
     caption,
     make_world,
 )
-from laion_assets.pipeline.caption import CaptionSettings
-from laion_assets.pipeline.clip import MODEL_CONFIGS, ClipSettings
+from laion_assets.pipeline.embeddings.clip import MODEL_CONFIGS, ClipSettings
+from laion_assets.pipeline.recaptions.caption import CaptionSettings
 
 DESCRIPTION = TEMPLATES[0]  # "{a} {colour} {shape} on a {pattern} {background} background"
 # The image tower learns the world's colours and shapes first (`train.ATTRIBUTES`). Not pattern and

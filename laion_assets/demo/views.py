@@ -5,7 +5,7 @@ import io
 from PIL import Image
 
 from laion_assets.demo.world import Item, image_bytes
-from laion_assets.pipeline.imaging import ImageSettings, process_image
+from laion_assets.pipeline.download.imaging import ImageSettings, process_image
 
 
 def pipeline_view(item: Item) -> Image.Image:

@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 
 from laion_assets import names
 from laion_assets.pipeline import schemas
+from laion_assets.pipeline.crawl.sources import parse_source_name
 from laion_assets.pipeline.parallel import store_map
 from laion_assets.pipeline.settings import CAPTIONER_SECTION, CLIP_SECTION, DatasetSettings, differences
-from laion_assets.pipeline.sources import parse_source_name
 from laion_assets.pipeline.storage import (
     CRAWL_METADATA,
     EMBEDDINGS,

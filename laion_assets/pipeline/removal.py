@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 from laion_assets import names
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.leases import shard_lease
-from laion_assets.pipeline.pairs import write_pairs_parquet
+from laion_assets.pipeline.pairs.filter import write_pairs_parquet
 from laion_assets.pipeline.parallel import STORE_REWRITES, store_map
 from laion_assets.pipeline.shard_tar import TarShardWriter, read_samples
 from laion_assets.pipeline.storage import (

@@ -231,7 +231,8 @@ LEDGER = pa.schema(
 )
 
 
-# duplicates/duplicates.parquet (pipeline/dedup.py): a row per pair removed as a duplicate of another.
+# duplicates/duplicates.parquet (pipeline/dedup/deduplicate.py): a row per pair removed as a duplicate
+# of another.
 DUPLICATES = pa.schema(
     [
         pa.field("key", pa.string(), nullable=False),

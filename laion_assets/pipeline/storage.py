@@ -127,9 +127,9 @@ BLOCKLIST_ENTRIES = "blocklist_entries/entries.parquet"  # the lists' active ent
 TAKEDOWNS = "takedowns"  # the removal ledger, <timestamp>.parquet per removal run
 TAKEDOWNS_PENDING = "takedowns/pending"  # a removal's ledger until its shards are rewritten (removal.py)
 DUPLICATES = "duplicates/duplicates.parquet"  # dataset-level dedup: a row per pair removed, every run's
-# What the next shards are checked against (pipeline/dedup.py): the shards done, the surviving pairs'
-# hashes (a file per run), the k-means centroids, and the survivors' vectors by cluster bucket. Every
-# file but shards.parquet is named after the run that wrote it.
+# What the next shards are checked against (pipeline/dedup/deduplicate.py): the shards done, the
+# surviving pairs' hashes (a file per run), the k-means centroids, and the survivors' vectors by cluster
+# bucket. Every file but shards.parquet is named after the run that wrote it.
 DEDUP_SHARDS = "duplicates/state/shards.parquet"
 DEDUP_HASHES = "duplicates/state/hashes"
 DEDUP_CENTROIDS = "duplicates/state/centroids.parquet"

@@ -23,9 +23,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from laion_assets.pipeline.clip import ClipEncoder, ClipSettings, ModelMismatch
+from laion_assets.pipeline.embeddings.clip import ClipEncoder, ClipSettings, ModelMismatch
 from laion_assets.pipeline.removal import RemovedKeys
-from laion_assets.pipeline.search import IndexMissing, SearchIndex
+from laion_assets.pipeline.search.index import IndexMissing, SearchIndex
 from laion_assets.pipeline.storage import DatasetStore
 from laion_assets.service import models as m
 from laion_assets.service.batcher import DynamicBatcher

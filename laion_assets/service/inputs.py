@@ -14,8 +14,8 @@ import re
 from PIL import Image
 
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.fetch import FetchSettings, fetch_one
-from laion_assets.pipeline.imaging import DecodeError, decode_image
+from laion_assets.pipeline.download.fetch import FetchSettings, fetch_one
+from laion_assets.pipeline.download.imaging import DecodeError, decode_image
 
 _DATA_URL = re.compile(r"data:[\w.+/-]*(;[\w=.+-]*)*;base64,", re.IGNORECASE)
 _REFUSED = {schemas.BLOCKED: 403, schemas.OPTED_OUT: 403}  # other failures are the request's: 400

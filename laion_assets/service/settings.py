@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from laion_assets.pipeline.fetch import FetchSettings
-from laion_assets.pipeline.imaging import ImageSettings
+from laion_assets.pipeline.download.fetch import FetchSettings
+from laion_assets.pipeline.download.imaging import ImageSettings
 
 API_KEY_ENV = "LAION_ASSETS_API_KEY"
 MIN_API_KEY_CHARS = 16

@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 import duckdb
 
 from laion_assets import names
-from laion_assets.pipeline import catalog, schemas
+from laion_assets.pipeline import schemas
 from laion_assets.pipeline.card.settings import CardSettings
-from laion_assets.pipeline.clip import ModelIdentity
-from laion_assets.pipeline.dedup import KINDS, NEAR_KINDS
-from laion_assets.pipeline.pairs import FUNNEL, stored_pair_shards
+from laion_assets.pipeline.catalog import views as catalog
+from laion_assets.pipeline.dedup.deduplicate import KINDS, NEAR_KINDS
+from laion_assets.pipeline.embeddings.clip import ModelIdentity
+from laion_assets.pipeline.pairs.filter import FUNNEL, stored_pair_shards
 from laion_assets.pipeline.parallel import store_map
 from laion_assets.pipeline.storage import DUPLICATES, EMBEDDINGS, PAIRS, RECAPTIONS, DatasetStore
 

@@ -12,8 +12,8 @@ import pyarrow.compute as pc
 
 from laion_assets import names
 from laion_assets.pipeline import schemas
+from laion_assets.pipeline.crawl.sources import ColumnNames, SourceName, find_source, read_source
 from laion_assets.pipeline.lineage import source_footer
-from laion_assets.pipeline.sources import ColumnNames, SourceName, find_source, read_source
 from laion_assets.pipeline.storage import CRAWL_METADATA, INCOMING, DatasetStore
 from laion_assets.pipeline.tables import keep_first
 

@@ -1,0 +1,1 @@
+"""Dataset-level dedup: exact and near copies across every shard, removed through `removal.py`."""

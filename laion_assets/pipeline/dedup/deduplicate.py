@@ -48,8 +48,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from laion_assets import names
-from laion_assets.pipeline import catalog, schemas, storage
-from laion_assets.pipeline.pairs import stored_pair_shards
+from laion_assets.pipeline import schemas, storage
+from laion_assets.pipeline.catalog import views as catalog
+from laion_assets.pipeline.pairs.filter import stored_pair_shards
 from laion_assets.pipeline.removal import DUPLICATE, RemovalResult, finish_interrupted, remove_keys
 from laion_assets.pipeline.settings import SettingsChanged, differences
 from laion_assets.pipeline.storage import (

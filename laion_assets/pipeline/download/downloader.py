@@ -43,12 +43,12 @@ import pyarrow as pa
 
 from laion_assets import names
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.blocklist import Blocklist, load_active
-from laion_assets.pipeline.fetch import Address, Fetched, Fetcher, FetchSettings, RetryLater
-from laion_assets.pipeline.imaging import DecodeError, FilteredSize, ImageSettings, process_image
+from laion_assets.pipeline.download.fetch import Address, Fetched, Fetcher, FetchSettings, RetryLater
+from laion_assets.pipeline.download.imaging import DecodeError, FilteredSize, ImageSettings, process_image
 from laion_assets.pipeline.lineage import inherited_footer
 from laion_assets.pipeline.shard_tar import TarShardWriter, encode_sample, read_samples
 from laion_assets.pipeline.storage import CRAWL_METADATA, IMAGES, DatasetStore
+from laion_assets.pipeline.takedowns.blocklist import Blocklist, load_active
 
 T = TypeVar("T")
 ROWS_PER_PROCESS = 256  # a shard gets one worker process per this many rows to fetch, up to `processes`

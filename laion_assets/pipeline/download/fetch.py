@@ -29,7 +29,8 @@ from urllib.robotparser import RobotFileParser
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from laion_assets.pipeline import schemas, tdmrep
+from laion_assets.pipeline import schemas
+from laion_assets.pipeline.download import tdmrep
 
 T = TypeVar("T")
 _REDIRECTS = {301, 302, 303, 307, 308}

@@ -1,0 +1,1 @@
+"""The embeddings stage: open_clip models behind `ClipEncoder`, and `embeddings` written per shard."""

@@ -22,8 +22,8 @@ from laion_assets.pipeline import schemas
 if TYPE_CHECKING:
     import torch
 
-    from laion_assets.pipeline.clip import ClipEncoder
-from laion_assets.pipeline.imaging import stored_image_bytes
+    from laion_assets.pipeline.embeddings.clip import ClipEncoder
+from laion_assets.pipeline.download.imaging import stored_image_bytes
 from laion_assets.pipeline.lineage import inherited_footer
 from laion_assets.pipeline.parallel import ordered_map
 from laion_assets.pipeline.shard_tar import read_samples

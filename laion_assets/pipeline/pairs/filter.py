@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 
 from laion_assets import names
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.clip import ModelIdentity
+from laion_assets.pipeline.embeddings.clip import ModelIdentity
 from laion_assets.pipeline.lineage import inherited_footer
 from laion_assets.pipeline.shard_tar import TarShardWriter, read_samples
 from laion_assets.pipeline.storage import (
@@ -50,7 +50,7 @@ from laion_assets.pipeline.storage import (
 from laion_assets.pipeline.tables import keep_first
 
 if TYPE_CHECKING:
-    from laion_assets.pipeline.clip import ClipEncoder
+    from laion_assets.pipeline.embeddings.clip import ClipEncoder
 
 CATEGORIES_FILE = Path(__file__).parent / "data" / "nsfw_categories.json"
 FUNNEL = (

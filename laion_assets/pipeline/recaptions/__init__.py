@@ -1,0 +1,1 @@
+"""The recaptions stage: a new caption per kept pair from CoCa, a chat-completions server or transformers."""

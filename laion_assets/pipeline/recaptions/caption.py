@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from laion_assets.pipeline.clip import (
+from laion_assets.pipeline.embeddings.clip import (
     ModelUnavailable,
     load_open_clip,
     resolve_device,

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import urllib3
 from urllib3.exceptions import HTTPError
 
-from laion_assets.pipeline.caption import NoCaption
-from laion_assets.pipeline.fetch import retry_after_seconds
+from laion_assets.pipeline.download.fetch import retry_after_seconds
+from laion_assets.pipeline.recaptions.caption import NoCaption
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from laion_assets.pipeline.chat_caption import RECAP_PROMPT
-from laion_assets.pipeline.clip import ModelUnavailable, file_sha256, resolve_device
+from laion_assets.pipeline.embeddings.clip import ModelUnavailable, file_sha256, resolve_device
+from laion_assets.pipeline.recaptions.chat_caption import RECAP_PROMPT
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -23,15 +23,15 @@ from PIL import Image, UnidentifiedImageError
 
 from laion_assets import names
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.caption import NoCaption
-from laion_assets.pipeline.clip import ModelIdentity
-from laion_assets.pipeline.imaging import stored_image_bytes
+from laion_assets.pipeline.download.imaging import stored_image_bytes
+from laion_assets.pipeline.embeddings.clip import ModelIdentity
 from laion_assets.pipeline.lineage import inherited_footer
+from laion_assets.pipeline.recaptions.caption import NoCaption
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import EMBEDDINGS, PAIRS, RECAPTIONS, DatasetStore, footer
 
 if TYPE_CHECKING:
-    from laion_assets.pipeline.clip import ClipEncoder
+    from laion_assets.pipeline.embeddings.clip import ClipEncoder
 
 QUANTILES = (0.1, 0.5, 0.9)
 _CHUNK = 256  # images decoded and captioned at once

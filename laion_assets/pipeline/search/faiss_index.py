@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.clip import ModelIdentity
+from laion_assets.pipeline.embeddings.clip import ModelIdentity
 from laion_assets.pipeline.storage import SEARCH_INDEX, SEARCH_INDEX_APPROXIMATE, DatasetStore
 
 MIN_ROWS = 1_000  # the PQ codebooks need a few hundred vectors to train on; below this, search exactly

@@ -28,13 +28,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.clip import ModelIdentity, ModelMismatch
-from laion_assets.pipeline.pairs import stored_pair_shards
+from laion_assets.pipeline.embeddings.clip import ModelIdentity, ModelMismatch
+from laion_assets.pipeline.pairs.filter import stored_pair_shards
 from laion_assets.pipeline.parallel import store_map
 from laion_assets.pipeline.storage import EMBEDDINGS, PAIRS, SEARCH_INDEX, DatasetStore, footer
 
 if TYPE_CHECKING:
-    from laion_assets.pipeline.faiss_index import ApproximateBuild, ApproximateIndex
+    from laion_assets.pipeline.search.faiss_index import ApproximateBuild, ApproximateIndex
 
 # Up to here exact search answers in about 0.1 s on two cores (D = 512); from here on the build adds
 # the approximate index (faiss_index.py, which imports FAISS only when it is needed).
@@ -107,7 +107,7 @@ def write_search_index(
             writer.write_table(pa.Table.from_arrays([*kept.columns, vectors], schema=schema))
             rows += kept.num_rows
             missing += pairs.num_rows - kept.num_rows
-    from laion_assets.pipeline import faiss_index
+    from laion_assets.pipeline.search import faiss_index
 
     approximate = None
     if rows >= max(approximate_from_rows, faiss_index.MIN_ROWS):
@@ -175,7 +175,7 @@ class SearchIndex:
                 f"no search index at {store.url(SEARCH_INDEX)}: materialise the search_index asset "
                 "(laion-assets run --select search_index)"
             )
-        from laion_assets.pipeline import faiss_index
+        from laion_assets.pipeline.search import faiss_index
 
         build = faiss_index.read_build(store)
         if build is not None:
