@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 # Nothing may fetch model weights from a hub at test or demo time.
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test lint demo clean postgres chromium
+.PHONY: install test lint docs demo clean postgres chromium
 
 install: $(INSTALLED)
 
@@ -28,7 +28,11 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint postgres chromium
+# The manual (docs/, mkdocs.yml): a broken link, a missing page or snippet fails the build.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict  # not --quiet: it hides the warnings --strict counts
+
+test: lint docs postgres chromium
 	$(BIN)/pytest
 
 # The deployment test starts a real PostgreSQL server from the machine's binaries (initdb, pg_ctl).

@@ -1,4 +1,4 @@
-"""Query benchmark: every query of the README's "Querying with DuckDB", over generated layers of 10 M rows.
+"""Query benchmark: every query of docs/sql.md ("Querying with DuckDB"), over generated layers of 10 M rows.
 
     .venv/bin/python bench/query.py [--rows 10000000] [--shards 20] [--repeat 5] [--dim 512]
                                     [--only NAME ...] [--generate-only]
@@ -45,7 +45,7 @@ WORK = Path(__file__).resolve().parent / ".work"
 LICENSES = np.array(
     ["https://creativecommons.org/licenses/by/4.0/", "https://creativecommons.org/licenses/by-sa/4.0/"]
 )
-# The README's queries ("Querying with DuckDB"), each with the views it reads, in the README's order.
+# The queries of docs/sql.md ("Querying with DuckDB"), each with the views it reads, in its order.
 QUERIES = {
     "downloads by status": (
         ("images",),
@@ -85,7 +85,7 @@ QUERIES = {
         "SELECT c.key, c.caption, c.url FROM crawl_metadata c "
         "JOIN (FROM downloaded USING SAMPLE 10 ROWS) USING (key)",
     ),
-    # not in the README: its histogram over pairs, which pairs.PAIRS_PARQUET_OPTIONS encode for
+    # not in docs/sql.md: its histogram over pairs, which pairs.PAIRS_PARQUET_OPTIONS encode for
     "histogram over pairs": (
         ("pairs",),
         "SELECT floor(similarity * 20) / 20 AS bin, count(*) AS n FROM pairs GROUP BY 1 ORDER BY 1",

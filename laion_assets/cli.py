@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="copy a block list into {root}/blocklist/, remove what it matches from every built layer, "
         "then rebuild the search index, catalog and card",
     )
-    takedown.add_argument("file", type=Path, help="a .txt, .csv or .parquet list (see the README)")
+    takedown.add_argument("file", type=Path, help="a .txt, .csv or .parquet list (see docs/takedowns.md)")
     takedown.add_argument("--root", default=None, help=root_help)
 
     serve = sub.add_parser(

@@ -1,5 +1,5 @@
 """The chat-completions captioner against a real OpenAI-compatible server on 127.0.0.1 over a real tiny
-CoCa (chat_server.py). vLLM itself was not run here: see the README."""
+CoCa (chat_server.py). vLLM itself was not run here: see docs/stages/recaptions.md."""
 
 import base64
 import io

@@ -45,7 +45,7 @@ from laion_assets_tests.service_process import running
 from laion_assets_tests.test_service import Client
 
 COPIES = {**dict.fromkeys(EXACT_COPIES, 4), **dict.fromkeys(NEAR_COPIES, 3)}
-# the demo's settings (README, "Dataset-level dedup"): the semantic kind takes what the model places
+# the demo's settings (docs/dedup.md): the semantic kind takes what the model places
 # closest, the perceptual kind copies it places a little further; 3 buckets put two of the 4 clusters in one
 DEMO_DEDUP = DedupSettings(**DEMO_DEDUP_CONFIG, clusters=4, buckets=3)
 

@@ -141,7 +141,7 @@ def test_the_search_page(served, planted, browser, tmp_path):
         "() => [...document.querySelectorAll('.result img')].every(i => i.complete && i.naturalWidth > 0)"
     )
     page.screenshot(path=str(tmp_path / "search-page.png"))
-    if os.environ.get("UPDATE_SCREENSHOT"):  # the README's picture: UPDATE_SCREENSHOT=1 pytest this file
+    if os.environ.get("UPDATE_SCREENSHOT"):  # docs/service.md's picture: UPDATE_SCREENSHOT=1 pytest this file
         SCREENSHOT.parent.mkdir(exist_ok=True)
         picture = Image.open(tmp_path / "search-page.png").convert("RGB")
         picture.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(SCREENSHOT, optimize=True)

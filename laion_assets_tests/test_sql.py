@@ -170,7 +170,7 @@ def test_catalog_asset_writes_a_database_file_with_the_views(root, tmp_path):
     path = result.asset_materializations_for_node("catalog")[0].metadata["path"].value
     assert path == (str(tmp_path / "c.duckdb") if store.is_s3 else store.path("catalog.duckdb"))
     connection = duckdb.connect(path, read_only=True)
-    if store.is_s3:  # a secret is per session: an S3 catalog needs httpfs and one, as the README says
+    if store.is_s3:  # a secret is per session: an S3 catalog needs httpfs and one, as docs/sql.md says
         catalog.enable_s3(connection)
     assert connection.sql("SELECT count(*) FROM images").fetchall() == [(4,)]
     assert connection.sql("SELECT count(*) FROM crawl_metadata").fetchall() == [(2,)]
@@ -269,7 +269,7 @@ def test_readme_queries_on_pairs(local_root):
     )
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+SQL_DOCS = Path(__file__).resolve().parents[1] / "docs" / "sql.md"
 # shard -> (url, status, error_message) of each crawl row; x.com and y.org have the 10 rows the
 # success-rate query asks for
 _DOWNLOADS = {
@@ -352,8 +352,8 @@ def _layers(store: DatasetStore, monkeypatch) -> None:
 
 
 def _readme_queries() -> list[str]:
-    """The SQL of every `laion-assets sql` example in the README's "Querying with DuckDB", one line each."""
-    section = README.read_text().split("## Querying with DuckDB", 1)[1].split("```bash", 1)[1]
+    """The SQL of every `laion-assets sql` example in docs/sql.md, "Querying with DuckDB", one line each."""
+    section = SQL_DOCS.read_text().split("# Querying with DuckDB", 1)[1].split("```bash", 1)[1]
     block = section.split("```", 1)[0]
     return [
         " ".join(sql.split()) for sql in re.findall(r'laion-assets sql (?:--\S+ \S+ )*"(.*?)"', block, re.S)
@@ -368,8 +368,9 @@ def test_every_readme_query_runs_and_is_benchmarked(local_root, monkeypatch):
     assert len(queries) == 9
     for sql in queries:
         connection.sql(sql).fetchall()
-    monkeypatch.syspath_prepend(str(README.parent / "bench"))  # as when it runs: its own helpers (smoke.py)
-    spec = importlib.util.spec_from_file_location("bench_query", README.parent / "bench" / "query.py")
+    bench_folder = SQL_DOCS.parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench_folder))  # as when it runs: its own helpers (smoke.py)
+    spec = importlib.util.spec_from_file_location("bench_query", bench_folder / "query.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     timed = {" ".join(sql.split()) for _, sql in bench.QUERIES.values()}
@@ -429,7 +430,7 @@ def test_readme_queries_on_images_embeddings_and_crawl_metadata(local_root, monk
         (0.4, 1),
     ]
     # 10 random captions of downloaded images: the sample is taken of the successes, then joined; the
-    # README's earlier phrasing sampled the join before its WHERE, so it gave fewer than 10 rows
+    # the docs' earlier phrasing sampled the join before its WHERE, so it gave fewer than 10 rows
     sample = (
         "WITH downloaded AS (SELECT key FROM images WHERE status = 'success') "
         "SELECT c.key, c.caption, c.url FROM crawl_metadata c "

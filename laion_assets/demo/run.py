@@ -47,7 +47,7 @@ def demo_copies(images: int) -> dict[str, int]:
 
 
 DEMO_COPIES = demo_copies(300)  # the default demo's
-# Both near-copy kinds (README, "Dataset-level dedup", from bench/dedup_eps.py): the semantic kind takes
+# Both near-copy kinds (docs/dedup.md, from bench/dedup_eps.py): the semantic kind takes
 # what the model places within eps 0.002, and the perceptual kind (hashes 10 bits apart at most, among
 # images the model sees as close) copies it places a little further, e.g. cropped ones.
 DEMO_DEDUP_CONFIG = {"eps": 0.002, "max_phash_distance": 10, "perceptual_eps": 0.02}

@@ -61,7 +61,7 @@ def score_filter(world: World, downloaded: Iterable[tuple[str, str]], kept: set[
 
 @dataclass(frozen=True)
 class RecaptionScore:
-    """Recaptions against the truth: the two figures the demo prints and the README gives."""
+    """Recaptions against the truth: the two figures the demo prints and docs/stages/recaptions.md gives."""
 
     images: int
     named: int  # recaptions with the image's true colour and shape

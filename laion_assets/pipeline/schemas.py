@@ -101,7 +101,7 @@ IMAGES = pa.schema(
 # How images parquet is written (`download.write_images`; bench/query.py writes its table with these too):
 # row groups of 20,000 rows, so that a large shard's `error_message` (and `host`) stays dictionary-encoded
 # (a dictionary of every message of a 500,000-row shard outgrows parquet's 1 MB dictionary page, and the
-# rest of the column is written plain): DuckDB reads it and runs the README's `split_part` on it in half
+# rest of the column is written plain): DuckDB reads it and runs docs/sql.md's `split_part` on it in half
 # the time, the error-class query is 1.6x as fast. A shard of 10,000 rows is one row group either way.
 IMAGES_PARQUET_OPTIONS = {"row_group_size": 20_000}
 

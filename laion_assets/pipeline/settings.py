@@ -27,7 +27,7 @@ _HEADER = """\
 # `takedown` and `demo`, the sensors, the catch-up schedule and runs launched from the Dagster UI.
 # A run's own config overrides a value for that run only. Edit a value here to change the dataset on
 # purpose: `laion-assets status` then lists the layers built otherwise, and a removal (dedup) with
-# other settings than the dataset's refuses until the change is accepted (see the README, "The
+# other settings than the dataset's refuses until the change is accepted (see docs/cli.md, "The
 # dataset's settings").
 """
 

@@ -46,7 +46,7 @@ _ROBOTS_MAX_BYTES = 512 * 1024
 
 @dataclass(frozen=True)
 class FetchSettings:
-    # Defaults measured on bench/download.py's latency web (the README's "Download benchmark" says why)
+    # Defaults measured on bench/download.py's latency web (docs/benchmarks.md says why)
     connect_timeout: float = 5.0
     read_timeout: float = 5.0  # per read from the socket, the wait for the first byte included
     request_timeout: float = 30.0  # whole request, redirects and body included
