@@ -15,7 +15,7 @@ from laion_assets.defs.pairs import FilteredPairsConfig
 from laion_assets.defs.pools import pool_slots_sensor
 from laion_assets.defs.resources import CaptionerSettings, build_resources
 from laion_assets.defs.search import search_index
-from laion_assets.defs.takedown import blocklist, blocklist_sensor, takedown_job, takedowns
+from laion_assets.defs.takedowns import blocklist, blocklist_sensor, takedown_job, takedowns
 from laion_assets.pipeline.embeddings.clip import ClipSettings
 
 # unpartitioned: `blocklist` reads the lists, the others every materialised shard, in this order

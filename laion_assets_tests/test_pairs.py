@@ -289,7 +289,7 @@ def test_pairs_refuse_embeddings_of_other_weights_with_the_same_model_name(local
 def test_checks_fail_on_broken_shards(local_root):
     import json
 
-    from laion_assets.defs.embed import keys_are_success_images as embeddings_of_success_images
+    from laion_assets.defs.embeddings import keys_are_success_images as embeddings_of_success_images
     from laion_assets.defs.pairs import follows_the_contract as pairs_follow_the_contract
     from laion_assets.pipeline.storage import DatasetStore
 

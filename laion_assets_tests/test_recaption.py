@@ -132,7 +132,7 @@ def test_captioning_in_chunks_gives_the_same_recaptions(demo_copy, captioner, mo
 
 
 def test_the_check_names_a_missing_pair(demo_copy):
-    from laion_assets.defs.recaption import one_row_per_kept_pair
+    from laion_assets.defs.recaptions import one_row_per_kept_pair
 
     assert one_row_per_kept_pair(demo_copy, SHARD).passed
     table = demo_copy.read_parquet(RECAPTIONS.parquet(SHARD))
@@ -144,7 +144,7 @@ def test_the_check_names_a_missing_pair(demo_copy):
 
 
 def test_the_ui_shows_beams_only_for_beam_search():
-    from laion_assets.defs.recaption import shown_settings
+    from laion_assets.defs.recaptions import shown_settings
 
     greedy = {"decoding": "greedy", "beams": "4", "max_tokens": "30"}
     assert shown_settings(greedy) == {"decoding": "greedy", "max_tokens": "30"}

@@ -20,7 +20,7 @@ from laion_assets.defs.card import dataset_card
 from laion_assets.defs.catalog import catalog
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.defs.search import search_index
-from laion_assets.defs.takedown import blocklist, blocklist_sensor, takedowns
+from laion_assets.defs.takedowns import blocklist, blocklist_sensor, takedowns
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.catalog import views as duckdb_catalog
 from laion_assets.pipeline.download.downloader import download_shard
@@ -446,7 +446,7 @@ def test_takedowns_says_nothing_matched_where_it_does_not_materialise(local_root
     """With no match it writes nothing and does not materialise (so nothing after it is rebuilt), and an
     observation of the asset says so, for the UI, where it would otherwise only be "Never materialized"."""
     from laion_assets.defs.resources import DatasetStoreResource
-    from laion_assets.defs.takedown import NOTHING_MATCHED, blocklist, takedowns
+    from laion_assets.defs.takedowns import NOTHING_MATCHED, blocklist, takedowns
 
     result = dg.materialize(
         [blocklist, takedowns], resources={"store": DatasetStoreResource(root=local_root)}

@@ -11,9 +11,9 @@ from laion_assets.defs.config import dataset_config, settings_from
 from laion_assets.defs.jobs import PER_SHARD_ASSETS
 from laion_assets.defs.metadata import reads, rewritten_partitions
 from laion_assets.defs.partitions import DATASET_GROUP, FOLLOWS_ANY_SHARD
-from laion_assets.defs.recaption import recaptions
+from laion_assets.defs.recaptions import recaptions
 from laion_assets.defs.resources import DatasetStoreResource
-from laion_assets.defs.takedown import REMOVALS_WAIT, takedowns
+from laion_assets.defs.takedowns import REMOVALS_WAIT, takedowns
 from laion_assets.pipeline import markdown
 from laion_assets.pipeline.dedup.deduplicate import KINDS, DedupSettings, deduplicate
 from laion_assets.pipeline.leases import REMOVALS, shard_lease

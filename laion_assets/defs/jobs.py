@@ -6,9 +6,9 @@ from laion_assets import names
 from laion_assets.defs.config import deployment_run_config
 from laion_assets.defs.crawl import crawl_metadata
 from laion_assets.defs.download import downloaded_images, one_row_per_crawl_row_check
-from laion_assets.defs.embed import clip_embeddings, keys_are_success_images_check
+from laion_assets.defs.embeddings import clip_embeddings, keys_are_success_images_check
 from laion_assets.defs.pairs import filtered_pairs, follows_the_contract_check
-from laion_assets.defs.recaption import one_row_per_kept_pair_check, recaptions
+from laion_assets.defs.recaptions import one_row_per_kept_pair_check, recaptions
 
 PER_SHARD_ASSETS = [crawl_metadata, downloaded_images, clip_embeddings, filtered_pairs, recaptions]
 PER_SHARD_CHECKS = [

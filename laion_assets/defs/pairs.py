@@ -7,7 +7,7 @@ import dagster as dg
 from laion_assets import names
 from laion_assets.defs.checks import problems_found, shard_check
 from laion_assets.defs.config import config_values, dataset_config, settings_from
-from laion_assets.defs.embed import clip_embeddings
+from laion_assets.defs.embeddings import clip_embeddings
 from laion_assets.defs.metadata import preview, shards_materialized, similarity_quantiles
 from laion_assets.defs.partitions import leased_shards, per_shard_asset
 from laion_assets.defs.resources import ClipEncoderResource, DatasetStoreResource

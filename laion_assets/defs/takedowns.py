@@ -16,7 +16,7 @@ from laion_assets import names
 from laion_assets.defs.jobs import PER_SHARD_ASSETS
 from laion_assets.defs.metadata import reads, rewritten_partitions
 from laion_assets.defs.partitions import TAKEDOWNS_GROUP
-from laion_assets.defs.recaption import recaptions
+from laion_assets.defs.recaptions import recaptions
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline import markdown
 from laion_assets.pipeline.leases import REMOVALS, shard_lease
