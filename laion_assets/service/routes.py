@@ -20,7 +20,7 @@ from laion_assets.service.inputs import InputError
 from laion_assets.service.settings import ServiceSettings
 
 if TYPE_CHECKING:
-    from laion_assets.service.app import ClipService
+    from laion_assets.service.clip_service import ClipService
 
 API_KEY_HEADER = "X-API-Key"
 _BEARER = HTTPBearer(auto_error=False)  # `Authorization: Bearer <key>`, inference-sdk's header transport
