@@ -115,12 +115,9 @@ def screenshot(page, tmp_path: Path, name: str, for_docs: bool = True) -> None:
 
 
 def instance_runs(root: Path) -> list[dg.DagsterRun]:
-    os.environ["DAGSTER_HOME"] = str(root / ".dagster")
-    try:
-        with dg.DagsterInstance.get() as instance:
-            return list(instance.get_runs())
-    finally:
-        del os.environ["DAGSTER_HOME"]
+    """The runs of the demo's instance, read from its folder (the process's DAGSTER_HOME untouched)."""
+    with dg.DagsterInstance.from_config(str(root / ".dagster")) as instance:
+        return list(instance.get_runs())
 
 
 def test_the_card_reads_in_the_ui_with_its_figures(page, ui, tmp_path):
