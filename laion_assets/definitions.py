@@ -17,6 +17,7 @@ from laion_assets.defs.resources import CaptionerSettings, build_resources
 from laion_assets.defs.search import search_index
 from laion_assets.defs.takedowns import blocklist, blocklist_sensor, takedown_job, takedowns
 from laion_assets.pipeline.embeddings.clip import ClipSettings
+from laion_assets.pipeline.scores.score import ScoreSettings
 
 # unpartitioned: `blocklist` reads the lists, the others every materialised shard, in this order
 DATASET_ASSETS = [blocklist, takedowns, duplicates, catalog, dataset_card, search_index]
@@ -27,7 +28,8 @@ dataset_job = dg.define_asset_job(
     "run each of them as a run of this job.",
 )
 # The sections of the dataset's settings file (pipeline/settings.py) that assets read: the run config of
-# each asset whose settings shape the dataset's content. The models are the file's `clip` and `captioner`.
+# each asset whose settings shape the dataset's content. The models are the file's `clip`, `captioner` and
+# `scores`.
 SETTINGS_SECTIONS: dict[str, type[dg.Config]] = {
     names.CRAWL_METADATA_ASSET: CrawlMetadataConfig,
     names.DOWNLOADED_IMAGES_ASSET: DownloadImagesConfig,
@@ -38,17 +40,20 @@ SETTINGS_SECTIONS: dict[str, type[dg.Config]] = {
 
 
 def build_definitions(
-    root: str | None = None, clip: ClipSettings | None = None, captioner: CaptionerSettings | None = None
+    root: str | None = None,
+    clip: ClipSettings | None = None,
+    captioner: CaptionerSettings | None = None,
+    scorers: ScoreSettings | None = None,
 ) -> dg.Definitions:
-    """Everything, with the resources for `root`, `clip` and `captioner` (by default from the environment,
-    as EnvVars)."""
+    """Everything, with the resources for `root`, `clip`, `captioner` and `scorers` (by default from the
+    environment, as EnvVars)."""
     return dg.Definitions(
         assets=[*PER_SHARD_ASSETS, *DATASET_ASSETS],
         asset_checks=PER_SHARD_CHECKS,
         jobs=[shard_job, takedown_job, dataset_job],
         sensors=[incoming_files_sensor, blocklist_sensor, automation_sensor, pool_slots_sensor],
         schedules=[catch_up_schedule],
-        resources=build_resources(root, clip, captioner),
+        resources=build_resources(root, clip, captioner, scorers),
         executor=executor_from_env(),
     )
 

@@ -11,6 +11,7 @@ imports nothing, so every layer may use it.
 CRAWL_METADATA_ASSET = "crawl_metadata"
 DOWNLOADED_IMAGES_ASSET = "downloaded_images"
 CLIP_EMBEDDINGS_ASSET = "clip_embeddings"
+QUALITY_SCORES_ASSET = "quality_scores"
 FILTERED_PAIRS_ASSET = "filtered_pairs"
 RECAPTIONS_ASSET = "recaptions"
 CATALOG_ASSET = "catalog"
@@ -23,6 +24,7 @@ DUPLICATES_ASSET = "duplicates"  # dataset-level dedup, its finds removed
 # Asset checks (the asset each one checks is in its name's comment)
 ONE_ROW_PER_CRAWL_ROW_CHECK = "one_row_per_crawl_row"  # downloaded_images
 KEYS_ARE_SUCCESS_IMAGES_CHECK = "keys_are_success_images"  # clip_embeddings
+ONE_ROW_PER_EMBEDDING_CHECK = "one_row_per_embedding"  # quality_scores
 FOLLOWS_THE_CONTRACT_CHECK = "follows_the_contract"  # filtered_pairs
 ONE_ROW_PER_KEPT_PAIR_CHECK = "one_row_per_kept_pair"  # recaptions
 
@@ -43,7 +45,7 @@ TAKEDOWN_JOB = "takedown"  # blocklist, takedowns, then the dataset-level assets
 DATASET_JOB = "dataset_assets"  # the dataset-level assets; `laion-assets run` materialises them one a run
 BLOCKLIST_SENSOR = "blocklist_sensor"
 # Its cursor: a JSON object, file name in blocklist/ -> StoredFile.fingerprint of the content last seen.
-GPU_POOL = "gpu"  # clip_embeddings, recaptions: one slot per GPU
+GPU_POOL = "gpu"  # clip_embeddings, quality_scores, recaptions: one slot per GPU
 DOWNLOAD_POOL = "download"  # downloaded_images: how many shards download at once
 POOL_SLOTS_SENSOR = "pool_slots_sensor"  # hands a free pool slot to a step left waiting for it
 
@@ -70,6 +72,7 @@ DEDUP_SETTINGS_FOOTER = "laion_assets.dedup_settings"  # duplicates.parquet: JSO
 # JSON: an accepted change of the settings a removal used. duplicates.parquet: a list of {"at", "changes"};
 # a ledger: the list of changes ("field: before -> after") its run accepted
 SETTINGS_CHANGE_FOOTER = "laion_assets.settings_change"
+SCORES_FOOTER = "laion_assets.scores"  # scores: JSON, the score settings and the weights of each score
 CAPTIONER_FOOTER = "laion_assets.captioner"  # recaptions: JSON, the captioner, its weights and decoding
 # JSON {"shard", "source_file", "run_id", "materialized_at" (UTC ISO 8601), "code_version"}
 PROVENANCE_FOOTER = "laion_assets.provenance"

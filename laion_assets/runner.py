@@ -30,10 +30,14 @@ from laion_assets.pipeline.leases import describe, holder
 from laion_assets.pipeline.lineage import incoming_by_shard, settings_changes, stale_layers
 from laion_assets.pipeline.recaptions.caption import SETTINGS_ENV as CAPTION_ENV
 from laion_assets.pipeline.recaptions.caption import CaptionSettings
+from laion_assets.pipeline.scores.score import MODEL_FIELDS as SCORE_MODEL_FIELDS
+from laion_assets.pipeline.scores.score import SETTINGS_ENV as SCORES_ENV
+from laion_assets.pipeline.scores.score import ScoreSettings
 from laion_assets.pipeline.settings import (
     CAPTIONER_SECTION,
     CLIP_SECTION,
     MODEL_FIELDS,
+    SCORES_SECTION,
     DatasetSettings,
     load_settings,
     write_settings,
@@ -101,13 +105,15 @@ def prepare_settings(
     run_config: dict,
     clip_settings: ClipSettings | None = None,
     captioner: CaptionerSettings | None = None,
-) -> tuple[ClipSettings, CaptionerSettings | None]:
+    scorers: ScoreSettings | None = None,
+) -> tuple[ClipSettings, CaptionerSettings | None, ScoreSettings]:
     """The models of a run on `store`, and the dataset's settings file completed: an asset's section it
     lacks is written from this run's config (the first run writes them all). The models' sections are
     written by the assets that use them (`defs.config.record_section`), so they name what was used.
 
     Without `clip_settings`, the model is the dataset's (its `clip` section) under the LAION_ASSETS_CLIP_*
-    variables that are set; so is the CoCa captioner, where the environment chooses no other kind."""
+    variables that are set; so is the CoCa captioner, where the environment chooses no other kind, and so
+    are the score models (`scores`, under the variables of `score.SETTINGS_ENV`)."""
     stored = load_settings(store) or DatasetSettings()
     if clip_settings is None:
         recorded = {k: v for k, v in stored.section(CLIP_SECTION).items() if k in MODEL_FIELDS}
@@ -115,6 +121,9 @@ def prepare_settings(
     if captioner is None and environment_captioner() is CocaCaptionerResource:
         recorded = {k: v for k, v in stored.section(CAPTIONER_SECTION).items() if k in MODEL_FIELDS}
         captioner = CaptionSettings(**{**recorded, **values_from_env(CAPTION_ENV)})
+    if scorers is None:
+        recorded = {k: v for k, v in stored.section(SCORES_SECTION).items() if k in SCORE_MODEL_FIELDS}
+        scorers = ScoreSettings(**{**recorded, **values_from_env(SCORES_ENV)})
     missing = {
         name: config_values(config_type(**explicit_config(run_config, name)))
         for name, config_type in SETTINGS_SECTIONS.items()
@@ -124,7 +133,7 @@ def prepare_settings(
         missing[names.DUPLICATES_ASSET].update(recorded_dedup)  # a dataset deduplicated before the file
     if missing:
         write_settings(store, stored.with_sections(missing))
-    return clip_settings, captioner
+    return clip_settings, captioner, scorers
 
 
 def run_pipeline(
@@ -136,6 +145,7 @@ def run_pipeline(
     clip: ClipSettings | None = None,
     captioner: CaptionSettings | None = None,
     rebuild_stale: bool = False,
+    scorers: ScoreSettings | None = None,
 ) -> list[ShardOutcome]:
     """Register a shard per file in `incoming/`, materialise the selected assets where a shard is not done
     (see `pipeline/lineage.py`), then the selected dataset-level assets (catalog, dataset_card) over every
@@ -145,7 +155,7 @@ def run_pipeline(
     store = DatasetStore(root)
     for path in store.remove_abandoned():
         echo(f"removed {path}, left by a run that was killed")
-    defs = build_definitions(root, *prepare_settings(store, run_config, clip, captioner))
+    defs = build_definitions(root, *prepare_settings(store, run_config, clip, captioner, scorers))
     sources = incoming_by_shard(store)
     echo(f"{len(sources)} shards in {store.url(INCOMING)}")
     outcomes = []

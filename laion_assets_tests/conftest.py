@@ -11,12 +11,17 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
+from laion_assets.demo import DEMO_WATERMARK_MODEL
+from laion_assets.pipeline.scores.score import SETTINGS_ENV as SCORES_ENV
 from laion_assets.pipeline.storage import DatasetStore
 from laion_assets_tests.demo_dataset import build_demo_dataset
 from laion_assets_tests.web import TestWeb
 
 # Nothing in the tests may reach a model hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# So the watermark score reads the demo's model (timm's EfficientNet code on a tiny configuration, packaged
+# with the project) rather than download LAION's, in this process and in the CLI's and services' it starts.
+os.environ[SCORES_ENV["watermark_model"]] = str(DEMO_WATERMARK_MODEL)
 
 
 CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser")

@@ -9,6 +9,7 @@ import pytest
 from laion_assets.definitions import build_definitions
 from laion_assets.defs.automation import catch_up_schedule, incoming_files_sensor
 from laion_assets.defs.checks import over_shards
+from laion_assets.defs.jobs import PER_SHARD_ASSETS, PER_SHARD_CHECKS
 from laion_assets.defs.partitions import SHARDS_PER_RUN_ENV, shards, shards_per_run
 from laion_assets.defs.resources import DatasetStoreResource, build_resources
 from laion_assets.names import SOURCE_FILE_TAG
@@ -242,9 +243,8 @@ def test_new_shards_share_runs_of_shards_per_run_and_each_is_materialised(local_
         for request in first.run_requests:  # as a run worker runs it: the range from the tags
             result = job.execute_in_process(instance=instance, run_config=config, tags=request.tags)
             checks = result.get_asset_check_evaluations()
-            assert len(checks) == 4 and all(c.passed for c in checks)
-        per_shard = ("crawl_metadata", "downloaded_images", "clip_embeddings", "filtered_pairs", "recaptions")
-        for asset in per_shard:
+            assert len(checks) == len(PER_SHARD_CHECKS) and all(c.passed for c in checks)
+        for asset in (a.key.to_user_string() for a in PER_SHARD_ASSETS):
             assert instance.get_materialized_partitions(dg.AssetKey(asset)) == {"a", "b", "d", "e"}
         event = instance.get_latest_materialization_event(dg.AssetKey("downloaded_images"))
         metadata = event.asset_materialization.metadata

@@ -88,7 +88,7 @@ def test_card_over_two_shards(root, web):
     for rule in FUNNEL:
         removed = sum(f["removed"][rule] for f in funnels)
         remaining -= removed
-        assert f"| {rule} | {removed} | {remaining} |" in markdown
+        assert f"| {rule} | {removed} | {remaining} |" in markdown  # then the share of what it saw kept
     assert remaining == pairs
 
     statuses = dict(catalog.connect(store).sql("SELECT status, count(*) FROM images GROUP BY 1").fetchall())
@@ -117,7 +117,18 @@ def test_card_over_two_shards(root, web):
         "samples.png",
         "recaption_scores.png",
         "caption_lengths.png",
+        "scores.png",
+        "languages.png",
     }
+    # the quality scores: the tiny random CLIP has no head (`auto` finds none), the watermark and the
+    # language are computed for every embedded image
+    scored, pwatermark = catalog.connect(store).sql("SELECT count(*), avg(pwatermark) FROM scores").fetchone()
+    assert f"for each of the {scored} embedded images" in markdown
+    assert "| punsafe | not computed |" in markdown and "| aesthetic | not computed |" in markdown
+    assert f"| pwatermark | {pwatermark:.4f} |" in markdown
+    assert "| punsafe: none, pwatermark: sha256:" in markdown
+    assert ", aesthetic: none, language: py3langid | a, b |" in markdown
+    assert "| none | a, b |" in markdown  # no rule on the scores
     recaptions = catalog.connect(store).sql(
         "SELECT count(*), count(re_caption), count(*) FILTER (re_clip_score > org_clip_score), "
         "avg(org_length), avg(re_length) FROM recaptions"
@@ -147,7 +158,13 @@ def test_card_over_two_shards(root, web):
 
 
 def test_without_recaptions_the_card_has_no_recap_config(root, web):
-    before_recaptions = ["crawl_metadata", "downloaded_images", "clip_embeddings", "filtered_pairs"]
+    before_recaptions = [
+        "crawl_metadata",
+        "downloaded_images",
+        "clip_embeddings",
+        "quality_scores",
+        "filtered_pairs",
+    ]
     _materialize(dg.DagsterInstance.ephemeral(), root, web, "a", -1.0, selection=before_recaptions)
     result = write_card(DatasetStore(root))
     assert [c["config_name"] for c in _front_matter(result.markdown)["configs"]] == ["default"]

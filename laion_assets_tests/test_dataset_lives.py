@@ -297,7 +297,10 @@ def test_a_layer_built_with_another_image_size_is_reported_and_rebuilt_only_when
     assert done_shards(store, incoming_by_shard(store)) == {"w"}  # nor by the sensor or the schedule
 
     assert main(["run", "--root", local_root, *select, "--rebuild-stale"]) == 0
-    assert "w: downloaded_images 2 rows, clip_embeddings 2 rows, filtered_pairs" in capsys.readouterr().out
+    assert (
+        "w: downloaded_images 2 rows, clip_embeddings 2 rows, quality_scores 2 rows, filtered_pairs"
+        in capsys.readouterr().out
+    )
     with store.open(IMAGES.tar("w")) as f:
         sizes = {Image.open(io.BytesIO(m["jpg"])).size for _, m in read_samples(f)}
     assert sizes == {(128, 128)}
@@ -333,7 +336,10 @@ def test_a_shard_whose_every_download_failed_is_whole_not_failed(
     config.write_text(yaml.safe_dump(local_web_config()))
     assert main(["run", "--root", local_root, "--config", str(config)]) == 0
     out = capsys.readouterr().out
-    layers = "crawl_metadata 1, downloaded_images 1, clip_embeddings 0, filtered_pairs 0, recaptions 0"
+    layers = (
+        "crawl_metadata 1, downloaded_images 1, clip_embeddings 0, quality_scores 0, filtered_pairs 0, "
+        "recaptions 0"
+    )
     assert "gone: " + layers.replace(",", " rows,") + " rows" in out
     assert store.parquet_num_rows("recaptions/gone.parquet") == 0
 

@@ -43,6 +43,7 @@ def test_definitions_list_assets_sensor_schedule():
         "crawl_metadata",
         "downloaded_images",
         "clip_embeddings",
+        "quality_scores",
         "filtered_pairs",
         "recaptions",
         "catalog",
@@ -55,6 +56,7 @@ def test_definitions_list_assets_sensor_schedule():
     assert {c.name for c in repo.asset_graph.asset_check_keys} == {
         "one_row_per_crawl_row",
         "keys_are_success_images",
+        "one_row_per_embedding",
         "follows_the_contract",
         "one_row_per_kept_pair",
     }
@@ -75,7 +77,14 @@ def test_definitions_list_assets_sensor_schedule():
 
 def test_backfills_run_one_shard_per_run_and_assets_follow_their_upstream():
     graph = defs.get_repository_def().asset_graph
-    per_shard = ["crawl_metadata", "downloaded_images", "clip_embeddings", "filtered_pairs", "recaptions"]
+    per_shard = [
+        "crawl_metadata",
+        "downloaded_images",
+        "clip_embeddings",
+        "quality_scores",
+        "filtered_pairs",
+        "recaptions",
+    ]
     for name in per_shard:
         assert graph.get(dg.AssetKey(name)).backfill_policy == dg.BackfillPolicy.multi_run(1)
     labels = {key.to_user_string(): graph.get(key).automation_condition for key in graph.get_all_asset_keys()}
@@ -84,6 +93,7 @@ def test_backfills_run_one_shard_per_run_and_assets_follow_their_upstream():
     assert {name: condition.get_label() for name, condition in labels.items()} == {
         "downloaded_images": "eager",
         "clip_embeddings": "eager",
+        "quality_scores": "eager",
         "filtered_pairs": "eager",
         "recaptions": "eager",
         "catalog": "after any shard is updated",
@@ -150,7 +160,14 @@ def test_dagster_dg_cli_checks_and_lists_the_definitions():
     listed = dg_command("list", "defs", "--json")
     assert listed.returncode == 0, listed.stderr
     assets = {asset["asset_key"] for asset in json.loads(listed.stdout)["assets"]}
-    per_shard = {"crawl_metadata", "downloaded_images", "clip_embeddings", "filtered_pairs", "recaptions"}
+    per_shard = {
+        "crawl_metadata",
+        "downloaded_images",
+        "clip_embeddings",
+        "quality_scores",
+        "filtered_pairs",
+        "recaptions",
+    }
     assert assets == per_shard | {
         "catalog",
         "dataset_card",
@@ -230,6 +247,7 @@ def test_the_lineage_opens_on_three_groups_that_say_what_they_hold():
             "crawl_metadata",
             "downloaded_images",
             "clip_embeddings",
+            "quality_scores",
             "filtered_pairs",
             "recaptions",
         },
@@ -247,7 +265,8 @@ def test_dataset_level_assets_depend_on_what_orders_them_and_say_what_they_read(
         "crawl_metadata": set(),
         "downloaded_images": {"crawl_metadata"},
         "clip_embeddings": {"downloaded_images"},
-        "filtered_pairs": {"clip_embeddings"},
+        "quality_scores": {"clip_embeddings"},
+        "filtered_pairs": {"quality_scores"},
         "recaptions": {"filtered_pairs"},
         "blocklist": set(),
         "takedowns": {"blocklist", "recaptions"},
@@ -262,7 +281,7 @@ def test_dataset_level_assets_depend_on_what_orders_them_and_say_what_they_read(
     }
     assert reads["search_index"] == "pairs, embeddings"
     assert reads["duplicates"] == "pairs, pairs_embeddings, embeddings, images"
-    every_layer = "crawl_metadata, images, embeddings, pairs, pairs_embeddings, recaptions"
+    every_layer = "crawl_metadata, images, embeddings, scores, pairs, pairs_embeddings, recaptions"
     assert reads["takedowns"] == f"blocklist_entries/entries.parquet, {every_layer}"
     assert (
         reads["catalog"]

@@ -505,11 +505,13 @@ def test_the_images_wheel_installs_and_loads_the_definitions(tmp_path):
     assert installed.returncode == 0, installed.stdout + installed.stderr
     check = (
         "import laion_assets, laion_assets.definitions as d; "
-        "from laion_assets.demo import DEMO_CAPTION_CHECKPOINT, DEMO_CHECKPOINT; "
+        "from laion_assets.demo import DEMO_CAPTION_CHECKPOINT, DEMO_CHECKPOINT, DEMO_WATERMARK_MODEL; "
+        "from laion_assets.pipeline.scores.score import PACKAGED_HEADS; "
         "from laion_assets.pipeline.pairs.filter import CATEGORIES_FILE; "
         "from laion_assets.pipeline.embeddings.clip import MODEL_CONFIGS; "
         "print(laion_assets.__file__, len(d.defs.assets), "
-        "DEMO_CHECKPOINT.is_file() and DEMO_CAPTION_CHECKPOINT.is_file(), "
+        "DEMO_CHECKPOINT.is_file() and DEMO_CAPTION_CHECKPOINT.is_file() and DEMO_WATERMARK_MODEL.is_file() "
+        "and all(p.is_file() for heads in PACKAGED_HEADS.values() for p in heads), "
         "CATEGORIES_FILE.is_file(), sorted(p.name for p in MODEL_CONFIGS.glob('*.json')))"
     )
     env = {**os.environ, "PYTHONPATH": str(target)}
@@ -518,6 +520,6 @@ def test_the_images_wheel_installs_and_loads_the_definitions(tmp_path):
     )
     assert loaded.returncode == 0, loaded.stderr
     path, assets, checkpoint, categories, configs = loaded.stdout.split(" ", 4)
-    assert path.startswith(str(target)) and assets == "11" and checkpoint == categories == "True"
+    assert path.startswith(str(target)) and assets == "12" and checkpoint == categories == "True"
     assert "laion-assets-tiny.json" in configs and "laion-assets-demo.json" in configs
     assert "laion-assets-demo-coca.json" in configs

@@ -99,14 +99,61 @@ def test_caption_length_either_side():
 
 def test_datacomp_basic_filter_either_side():
     rows = [
-        {"caption": "two words", "ow": 200, "oh": 600},  # shorter side 200, aspect exactly 3: kept
-        {"caption": "oneword1", "ow": 640, "oh": 480},  # one word
+        {"caption": "three fine words", "ow": 200, "oh": 600},  # shorter side 200, aspect exactly 3: kept
+        {"caption": "two words", "ow": 640, "oh": 480},  # two words: DataComp wants more than 2
+        {"caption": "a b c d", "ow": 640, "oh": 480},  # 4 words, 7 characters: kept
         {"caption": "a b c", "ow": 640, "oh": 480},  # 5 characters: not over 5
-        {"caption": "two words", "ow": 199, "oh": 400},  # shorter side 199
-        {"caption": "two words", "ow": 200, "oh": 601},  # aspect just over 3
+        {"caption": "three fine words", "ow": 199, "oh": 400},  # shorter side 199
+        {"caption": "three fine words", "ow": 200, "oh": 601},  # aspect just over 3
     ]
-    assert kept(run(rows, datacomp_basic_filter=True)) == [0]
-    assert kept(run(rows)) == [0, 1, 2, 3, 4]  # off by default
+    assert kept(run(rows, datacomp_basic_filter=True)) == [0, 2]
+    assert kept(run(rows)) == [0, 1, 2, 3, 4, 5]  # off by default
+
+
+def scores(count: int, **columns: list) -> pa.Table:
+    """A scores table for keys s-00000000.. with `columns` (the others null)."""
+    values = {name: columns.get(name, [None] * count) for name in schemas.SCORES.names[1:]}
+    return schemas.conform(pa.table({"key": [f"s-{i:08d}" for i in range(count)], **values}), schemas.SCORES)
+
+
+def test_datacomp_laion2b_preset_on_known_answers():
+    """DataComp's `laion2b`: B/32 similarity at least 0.28 and an English caption (CLD3's answer)."""
+    similarity = [0.28, 0.2799, 0.5, 0.9, 0.3, 0.29]
+    language = ["en", "en", "de", None, "en", "en"]
+    keep = [True, False, False, False, True, True]  # the answers, by the rule's own words
+    rows = [{"similarity": s} for s in similarity]
+    result = build_pairs(
+        *shard(rows), PairsSettings(preset="datacomp-laion2b"), CATEGORIES, scores(6, language=language)
+    )
+    assert kept(result) == [i for i, k in enumerate(keep) if k]
+    assert result.removed["low_similarity"] == 1 and result.removed["language"] == 2
+
+
+def test_laion_aesthetics_presets_keep_below_and_above():
+    punsafe = [0.1, 0.5, 0.49, 0.1, 0.1, 0.1, None]
+    pwatermark = [0.1, 0.1, 0.1, 0.8, 0.79, 0.1, 0.1]
+    aesthetic = [6.5, 7.0, 7.0, 7.0, 7.0, 6.4999, 7.0]
+    table = scores(7, punsafe=punsafe, pwatermark=pwatermark, aesthetic=aesthetic)
+    rows = [{} for _ in punsafe]
+    result = build_pairs(*shard(rows), PairsSettings(preset="laion-aesthetics-6.5"), CATEGORIES, table)
+    assert kept(result) == [0, 2, 4]
+    assert (result.removed["punsafe"], result.removed["pwatermark"], result.removed["aesthetic"]) == (2, 1, 1)
+    # a field set to other than its default overrides the preset's value for it
+    looser = PairsSettings(preset="laion-aesthetics-6.5", min_aesthetic=6.0)
+    assert kept(build_pairs(*shard(rows), looser, CATEGORIES, table)) == [0, 2, 4, 5]
+    with pytest.raises(ValueError, match="unknown preset 'laion-5b'"):
+        PairsSettings(preset="laion-5b").resolved()
+
+
+def test_image_based_keeps_the_clusters_of_the_reference():
+    """Centroids on two axes; the reference lies near the first: only its cluster's images are kept."""
+    rows = [{"image": unit(1, 0.1, 0, 0)}, {"image": unit(0.1, 1, 0, 0)}, {"image": unit(0.9, 0, 0.2, 0)}]
+    reference = np.array([[1.0, 0.2, 0.0, 0.0]], np.float32)
+    centroids = np.eye(4, dtype=np.float32)[:2]
+    result = build_pairs(*shard(rows), PairsSettings(), CATEGORIES, None, reference, centroids)
+    assert kept(result) == [0, 2] and result.removed["image_based"] == 1
+    with pytest.raises(ValueError, match="image_based_reference has 3-d vectors"):
+        build_pairs(*shard(rows), PairsSettings(), CATEGORIES, None, reference[:, :3], centroids)
 
 
 def test_duplicates_keep_the_first():
@@ -201,6 +248,7 @@ def test_asset_writes_pairs_tar_and_funnel(root, web):
     assert checks == {
         "one_row_per_crawl_row": True,
         "keys_are_success_images": True,
+        "one_row_per_embedding": True,
         "follows_the_contract": True,
         "one_row_per_kept_pair": True,
     }

@@ -35,6 +35,7 @@ from laion_assets.pipeline.storage import (
     PAIRS,
     PAIRS_EMBEDDINGS,
     RECAPTIONS,
+    SCORES,
     SEARCH_INDEX,
     SETTINGS_FILE,
     SHARD_LAYERS,
@@ -306,6 +307,7 @@ def test_a_takedown_removes_the_matched_samples_from_every_layer_and_nothing_els
         IMAGES.parquet(TOUCHED),
         IMAGES.tar(TOUCHED),
         EMBEDDINGS.parquet(TOUCHED),
+        SCORES.parquet(TOUCHED),
         PAIRS.parquet(TOUCHED),
         PAIRS.tar(TOUCHED),
         PAIRS_EMBEDDINGS.parquet(TOUCHED),
@@ -313,7 +315,7 @@ def test_a_takedown_removes_the_matched_samples_from_every_layer_and_nothing_els
     }  # crawl_metadata, the parsed source, stays
 
     # No removed key in any layer's rows but the images status row, in any tar, in the index.
-    for layer in (EMBEDDINGS, PAIRS, PAIRS_EMBEDDINGS, RECAPTIONS):
+    for layer in (EMBEDDINGS, SCORES, PAIRS, PAIRS_EMBEDDINGS, RECAPTIONS):
         kept = store.read_parquet(layer.parquet(TOUCHED))
         assert not set(kept.column("key").to_pylist()) & removed
         assert _without(kept, removed) == _without(before_tables[layer], removed)  # the rest unchanged
@@ -423,9 +425,10 @@ def test_a_removal_on_s3_rewrites_the_shard_and_its_ledger_is_seen_at_once(built
     keys = _keys(store, PAIRS.parquet(UNTOUCHED))[:2]
     removals = pa.table({"key": keys, "list": ["l"] * 2, "kind": ["url"] * 2, "entry": ["e1", "e2"]})
     result = remove_keys(store, removals, schemas.TAKEN_DOWN)
-    assert result.ledger.startswith(f"{TAKEDOWNS}/") and len(result.files) == 7
+    assert result.ledger.startswith(f"{TAKEDOWNS}/") and len(result.files) == 8  # scores too
     assert removed_keys.current() == frozenset(keys)
     assert not set(keys) & set(_keys(store, EMBEDDINGS.parquet(UNTOUCHED)))
+    assert not set(keys) & set(_keys(store, SCORES.parquet(UNTOUCHED)))
     assert not set(keys) & set(_tar_members(store, IMAGES.tar(UNTOUCHED)))
     images = store.read_parquet(IMAGES.parquet(UNTOUCHED), columns=["key", "status"]).to_pylist()
     assert [row["status"] for row in images if row["key"] in keys] == [schemas.TAKEN_DOWN] * 2

@@ -9,11 +9,20 @@ from laion_assets.defs.download import downloaded_images, one_row_per_crawl_row_
 from laion_assets.defs.embeddings import clip_embeddings, keys_are_success_images_check
 from laion_assets.defs.pairs import filtered_pairs, follows_the_contract_check
 from laion_assets.defs.recaptions import one_row_per_kept_pair_check, recaptions
+from laion_assets.defs.scores import one_row_per_embedding_check, quality_scores
 
-PER_SHARD_ASSETS = [crawl_metadata, downloaded_images, clip_embeddings, filtered_pairs, recaptions]
+PER_SHARD_ASSETS = [
+    crawl_metadata,
+    downloaded_images,
+    clip_embeddings,
+    quality_scores,
+    filtered_pairs,
+    recaptions,
+]
 PER_SHARD_CHECKS = [
     one_row_per_crawl_row_check,
     keys_are_success_images_check,
+    one_row_per_embedding_check,
     follows_the_contract_check,
     one_row_per_kept_pair_check,
 ]

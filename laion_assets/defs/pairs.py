@@ -3,14 +3,15 @@
 import json
 
 import dagster as dg
+import pydantic
 
 from laion_assets import names
 from laion_assets.defs.checks import problems_found, shard_check
 from laion_assets.defs.config import config_values, dataset_config, settings_from
-from laion_assets.defs.embeddings import clip_embeddings
 from laion_assets.defs.metadata import preview, shards_materialized, similarity_quantiles
 from laion_assets.defs.partitions import leased_shards, per_shard_asset
 from laion_assets.defs.resources import ClipEncoderResource, DatasetStoreResource
+from laion_assets.defs.scores import quality_scores
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.pairs.filter import PairsSettings, rule_violations, write_pairs
 from laion_assets.pipeline.storage import PAIRS, DatasetStore
@@ -19,8 +20,8 @@ P = PairsSettings  # every default below is the pipeline's own
 
 
 class FilteredPairsConfig(dg.Config):
-    """The rules, in funnel order (see `pipeline/pairs/filter.py`), and whether to keep the pairs'
-    embeddings."""
+    """The rules, in funnel order (see `pipeline/pairs/filter.py`), a preset of them, and whether to keep
+    the pairs' embeddings."""
 
     min_similarity: float = P.min_similarity  # LAION-400M's threshold for ViT-B/32
     top_fraction: float = P.top_fraction  # > 0: keep this top fraction by similarity instead (DataComp)
@@ -28,10 +29,19 @@ class FilteredPairsConfig(dg.Config):
     datacomp_basic_filter: bool = P.datacomp_basic_filter
     deduplicate: bool = P.deduplicate
     drop_minors: bool = P.drop_minors
+    languages: list[str] = pydantic.Field(default_factory=list)  # keep these (ISO 639-1); empty: any
+    max_punsafe: float | None = P.max_punsafe  # keep punsafe below this (LAION-Aesthetics: 0.5)
+    max_pwatermark: float | None = P.max_pwatermark  # keep pwatermark below this (LAION-Aesthetics: 0.8)
+    min_aesthetic: float | None = P.min_aesthetic  # keep an aesthetic score at least this
+    image_based_reference: str = P.image_based_reference  # .npy of reference image embeddings
+    image_based_centroids: str = P.image_based_centroids  # .npy of centroids; empty: k-means per shard
+    # laion400m, laion-aesthetics-5|6|6.5, datacomp-basic, datacomp-clip-score, datacomp-laion2b; a field
+    # set to other than its default overrides the preset's value
+    preset: str = P.preset
     write_embeddings: bool = False  # also pairs_embeddings/<shard>.parquet, LAION-400M's embeddings config
 
 
-@per_shard_asset(names.FILTERED_PAIRS_ASSET, PAIRS, kinds={"parquet", "webdataset"}, upstream=clip_embeddings)
+@per_shard_asset(names.FILTERED_PAIRS_ASSET, PAIRS, kinds={"parquet", "webdataset"}, upstream=quality_scores)
 def filtered_pairs(
     context: dg.AssetExecutionContext,
     config: FilteredPairsConfig,

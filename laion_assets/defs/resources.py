@@ -16,7 +16,15 @@ from laion_assets.pipeline.recaptions.caption import CaptionSettings, CocaCaptio
 from laion_assets.pipeline.recaptions.chat_caption import ChatCaptioner, ChatCaptionSettings
 from laion_assets.pipeline.recaptions.hf_caption import HfCaptioner, HfCaptionSettings
 from laion_assets.pipeline.recaptions.recaption import Captioner
-from laion_assets.pipeline.settings import CLIP_SECTION, MODEL_FIELDS, DatasetSettings, load_settings
+from laion_assets.pipeline.scores import score
+from laion_assets.pipeline.scores.score import Scorers, ScoreSettings
+from laion_assets.pipeline.settings import (
+    CLIP_SECTION,
+    MODEL_FIELDS,
+    SCORES_SECTION,
+    DatasetSettings,
+    load_settings,
+)
 from laion_assets.pipeline.storage import DEFAULT_ROOT, ROOT_ENV, DatasetStore
 
 
@@ -155,6 +163,37 @@ class HfCaptionerResource(CaptionerResource):
     max_new_tokens: int = HF.max_new_tokens
 
 
+SS = ScoreSettings
+
+
+class ScorersResource(dg.ConfigurableResource):
+    """The quality_scores models, loaded once per run: the heads over CLIP embeddings (a published tag,
+    a checkpoint path, `auto` or `none`), the watermark model and the language identifier.
+
+    With `from_dataset` (a deployment's resource), they are the dataset's (its settings' `scores`
+    section) where the variables of `score.SETTINGS_ENV` do not name them."""
+
+    punsafe_head: str = SS.punsafe_head
+    aesthetic_head: str = SS.aesthetic_head
+    watermark_model: str = SS.watermark_model
+    language_id: str = SS.language_id
+    device: str = SS.device
+    batch_size: int = SS.batch_size
+    from_dataset: bool = False
+
+    _scorers: Scorers | None = PrivateAttr(default=None)
+
+    def get_scorers(self, dataset: DatasetStore) -> Scorers:
+        if self._scorers is None:
+            settings = settings_from(self, ScoreSettings)
+            if self.from_dataset:
+                recorded = (load_settings(dataset) or DatasetSettings()).section(SCORES_SECTION)
+                chosen = {k: v for k, v in recorded.items() if k in score.MODEL_FIELDS}
+                settings = dataclasses.replace(settings, **{**chosen, **values_from_env(score.SETTINGS_ENV)})
+            self._scorers = Scorers(settings)
+        return self._scorers
+
+
 def _from_env(var: str, default: str | None = None, as_int: bool = False):
     """`dg.EnvVar(var)` when `var` is set, so the UI shows where the value comes from; else `default`."""
     if not os.environ.get(var):
@@ -194,11 +233,12 @@ def build_resources(
     root: str | None = None,
     clip: ClipSettings | None = None,
     captioner: CaptionerSettings | None = None,
+    scorers: ScoreSettings | None = None,
 ) -> dict[str, dg.ConfigurableResource]:
-    """The resources of a run. Given `root`, `clip` and `captioner` are used as they are (the runner, the
-    tests); without them, the deployment's environment: $LAION_ASSETS_ROOT (else ./data), the
-    LAION_ASSETS_CLIP_* variables (else ViT-B-32 / datacomp_xl_s13b_b90k) and the captioner's (see
-    `captioner_resource`), as `dg.EnvVar`s."""
+    """The resources of a run. Given `root`, `clip`, `captioner` and `scorers` are used as they are (the
+    runner, the tests); without them, the deployment's environment: $LAION_ASSETS_ROOT (else ./data),
+    the LAION_ASSETS_CLIP_* variables (else ViT-B-32 / datacomp_xl_s13b_b90k), the captioner's (see
+    `captioner_resource`) and the scores' (`score.SETTINGS_ENV`), as `dg.EnvVar`s."""
     store_root = root or _from_env(ROOT_ENV, DEFAULT_ROOT)
     if clip is None:
         clip_resource = ClipEncoderResource(**_fields_from_env(SETTINGS_ENV), from_dataset=True)
@@ -208,5 +248,8 @@ def build_resources(
         "store": DatasetStoreResource(root=store_root),
         "clip": clip_resource,
         "captioner": captioner_resource(captioner),
+        "scorers": ScorersResource(**dataclasses.asdict(scorers))
+        if scorers
+        else ScorersResource(**_fields_from_env(score.SETTINGS_ENV), from_dataset=True),
         "duckdb": DuckDBCatalogResource(root=store_root),
     }

@@ -12,12 +12,27 @@ import pyarrow as pa
 from laion_assets import names
 from laion_assets.defs.automation import unpause_the_ui_automation_badge
 from laion_assets.defs.partitions import lineage_path
-from laion_assets.demo.score import evaluate_captioner, score_duplicates, score_filter, score_recaptions
+from laion_assets.demo import DEMO_WATERMARK_MODEL
+from laion_assets.demo.score import (
+    evaluate_captioner,
+    score_duplicates,
+    score_filter,
+    score_quality,
+    score_recaptions,
+)
 from laion_assets.demo.web import WorldWeb
-from laion_assets.demo.world import EXACT_COPIES, MISMATCH_FRACTION, NEAR_COPIES, make_world
+from laion_assets.demo.world import (
+    ENGLISH,
+    EXACT_COPIES,
+    MISMATCH_FRACTION,
+    NEAR_COPIES,
+    is_watermarked,
+    make_world,
+)
 from laion_assets.pipeline.catalog import views as catalog
 from laion_assets.pipeline.embeddings.clip import ClipSettings
 from laion_assets.pipeline.recaptions.caption import CaptionSettings
+from laion_assets.pipeline.scores.score import ScoreSettings
 from laion_assets.pipeline.storage import CARD_FIGURES, INCOMING, PAIRS, SETTINGS_FILE, DatasetStore
 from laion_assets.runner import ALL_ASSETS, run_pipeline
 
@@ -47,6 +62,9 @@ def demo_copies(images: int) -> dict[str, int]:
 
 
 DEMO_COPIES = demo_copies(300)  # the default demo's
+# Captions in the world's other languages, and watermarked images: what quality_scores finds
+FOREIGN_FRACTION = 0.15
+WATERMARKED_FRACTION = 0.15
 # Both near-copy kinds (docs/dedup.md, from bench/dedup_eps.py): the semantic kind takes
 # what the model places within eps 0.002, and the perceptual kind (hashes 10 bits apart at most, among
 # images the model sees as close) copies it places a little further, e.g. cropped ones.
@@ -103,7 +121,12 @@ def run_demo(
     echo: Callable[[str], None] = print,
 ) -> int:
     store = DatasetStore(root)
-    world = make_world(images=images, copies=demo_copies(images))
+    world = make_world(
+        images=images,
+        copies=demo_copies(images),
+        foreign_fraction=FOREIGN_FRACTION,
+        watermarked_fraction=WATERMARKED_FRACTION,
+    )
     store.remove(SETTINGS_FILE)  # a new world: its first run writes the dataset's settings anew
     home = dagster_home(store).absolute()
     home.mkdir(parents=True, exist_ok=True)
@@ -116,9 +139,12 @@ def run_demo(
     with WorldWeb(world) as web:
         names = write_sources(store, web.rows(), shards)
         mismatched = sum(item.mismatched for item in world.images)
+        foreign = sum(item.language != ENGLISH for item in world.images)
+        watermarked = sum(is_watermarked(item) for item in world.images)
         echo(
             f"synthetic web at {web.base_url}: {len(world.images)} images ({mismatched} captions "
-            f"mismatched on purpose), {len(world.items) - len(world.images)} broken links and opt-outs; "
+            f"mismatched on purpose, {foreign} in other languages, {watermarked} watermarked), "
+            f"{len(world.items) - len(world.images)} broken links and opt-outs; "
             f"URL lists {', '.join(names)} in {store.url(INCOMING)}"
         )
         run_config = {
@@ -127,8 +153,16 @@ def run_demo(
                 "duplicates": {"config": DEMO_DEDUP_CONFIG},
             }
         }
+        scorers = ScoreSettings(watermark_model=str(DEMO_WATERMARK_MODEL), device=clip.device)
         outcomes = run_pipeline(
-            root, ALL_ASSETS, run_config, force=True, echo=echo, clip=clip, captioner=captioner
+            root,
+            ALL_ASSETS,
+            run_config,
+            force=True,
+            echo=echo,
+            clip=clip,
+            captioner=captioner,
+            scorers=scorers,
         )
     if any(o.error for o in outcomes):
         return 1
@@ -143,6 +177,13 @@ def run_demo(
     kept = {key for (key,) in connection.sql(kept_sql).fetchall()}
     score = score_filter(world, downloaded.fetchall(), kept)
     echo(f"CLIP filter against the known mismatches: {score.line()}")
+    scored = connection.sql(
+        "SELECT i.url, s.punsafe, s.pwatermark, s.aesthetic, s.language FROM scores s JOIN images i "
+        f"USING (key) WHERE s.{demo_rows}"
+    ).fetchall()
+    items = [world.item_at(url) for url, *_ in scored]
+    quality = score_quality(items, *([row[i] for row in scored] for i in range(1, 5)))
+    echo(f"quality scores against the world's truths: {quality.line()}")
     before_dedup = connection.sql(
         f"SELECT key, url FROM pairs WHERE {demo_rows} UNION ALL "
         f"SELECT d.key, i.url FROM duplicates d JOIN images i USING (key) WHERE d.{demo_rows}"

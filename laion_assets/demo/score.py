@@ -1,14 +1,25 @@
-"""How well the CLIP filter and the captioner did on the synthetic web, whose images and mismatched
-captions are known."""
+"""How well the CLIP filter, the quality scores, dedup and the captioner did on the synthetic web, whose
+images, mismatched captions and score truths are known."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from laion_assets.demo.views import pipeline_view
-from laion_assets.demo.world import EXACT_COPIES, World
+from laion_assets.demo.world import (
+    ENGLISH,
+    EXACT_COPIES,
+    Item,
+    World,
+    aesthetic_truth,
+    is_unsafe,
+    is_watermarked,
+)
 from laion_assets.pipeline.dedup.deduplicate import NEAR_KINDS
 
 if TYPE_CHECKING:
@@ -24,6 +35,8 @@ class FilterScore:
     kept_mismatched: int
     dropped_matched: int
     dropped_mismatched: int
+    foreign: int = 0  # images captioned in another language than English, left out of the four above
+    foreign_kept: int = 0
 
     @property
     def precision(self) -> float:
@@ -40,23 +53,143 @@ class FilterScore:
             f"precision {self.precision:.3f}, recall {self.recall:.3f} (kept {self.kept_matched} of "
             f"{self.kept_matched + self.dropped_matched} matched pairs and {self.kept_mismatched} of "
             f"{self.kept_mismatched + self.dropped_mismatched} mismatched)"
+            + (
+                f"; {self.foreign_kept} of {self.foreign} pairs captioned in other languages kept (the "
+                "filter's CLIP reads English)"
+                if self.foreign
+                else ""
+            )
         )
 
 
 def score_filter(world: World, downloaded: Iterable[tuple[str, str]], kept: set[str]) -> FilterScore:
-    """`downloaded`: (key, url) of each successfully downloaded image; `kept`: the keys in the pairs."""
+    """`downloaded`: (key, url) of each successfully downloaded image; `kept`: the keys in the pairs.
+    Captions in other languages than English are counted apart: the truth of an English CLIP's filter
+    is about English captions."""
     counts = {(k, m): 0 for k in (True, False) for m in (True, False)}
+    foreign = foreign_kept = 0
     for key, url in downloaded:
         item = world.item_at(url)
         if item is None:
             raise ValueError(f"{url} is not a page of the synthetic web")
+        if item.language != ENGLISH:
+            foreign += 1
+            foreign_kept += key in kept
+            continue
         counts[(key in kept, item.mismatched)] += 1
     return FilterScore(
         kept_matched=counts[(True, False)],
         kept_mismatched=counts[(True, True)],
         dropped_matched=counts[(False, False)],
         dropped_mismatched=counts[(False, True)],
+        foreign=foreign,
+        foreign_kept=foreign_kept,
     )
+
+
+PUNSAFE_THRESHOLD = 0.5  # LAION-Aesthetics kept punsafe below it
+PWATERMARK_THRESHOLD = 0.8  # and pwatermark below this one
+REQUIRED = 0.9  # precision, recall, Spearman
+LANGUAGE_REQUIRED = 0.95
+
+
+@dataclass(frozen=True)
+class Detection:
+    """A thresholded score against its truth."""
+
+    true_positive: int
+    false_positive: int
+    false_negative: int
+
+    @classmethod
+    def of(cls, scores: Sequence[float], truth: Sequence[bool], threshold: float) -> Detection:
+        found = np.asarray(scores) >= threshold
+        truth = np.asarray(truth, bool)
+        return cls(int((found & truth).sum()), int((found & ~truth).sum()), int((~found & truth).sum()))
+
+    @property
+    def precision(self) -> float:
+        return self.true_positive / max(1, self.true_positive + self.false_positive)
+
+    @property
+    def recall(self) -> float:
+        return self.true_positive / max(1, self.true_positive + self.false_negative)
+
+    def line(self) -> str:
+        return f"precision {self.precision:.3f}, recall {self.recall:.3f} ({self.true_positive} found)"
+
+
+@dataclass(frozen=True)
+class QualityScore:
+    """The quality scores of a world's images against its truths."""
+
+    punsafe: Detection
+    pwatermark: Detection
+    aesthetic_spearman: float
+    language_accuracy: float
+    language_by_truth: dict[str, float]
+
+    def lines(self) -> list[str]:
+        by_language = ", ".join(f"{k} {v:.3f}" for k, v in sorted(self.language_by_truth.items()))
+        return [
+            f"punsafe >= {PUNSAFE_THRESHOLD}: {self.punsafe.line()}",
+            f"pwatermark >= {PWATERMARK_THRESHOLD}: {self.pwatermark.line()}",
+            f"aesthetic, Spearman correlation with the truth: {self.aesthetic_spearman:.3f}",
+            f"language: {self.language_accuracy:.3f} right ({by_language})",
+        ]
+
+    def line(self) -> str:
+        return (
+            f"punsafe precision {self.punsafe.precision:.3f}, recall {self.punsafe.recall:.3f}; pwatermark "
+            f"precision {self.pwatermark.precision:.3f}, recall {self.pwatermark.recall:.3f}; aesthetic "
+            f"Spearman {self.aesthetic_spearman:.3f}; language {self.language_accuracy:.3f} right"
+        )
+
+    def holds(self) -> bool:
+        figures = (
+            self.punsafe.precision,
+            self.punsafe.recall,
+            self.pwatermark.precision,
+            self.pwatermark.recall,
+        )
+        return (
+            min(*figures, self.aesthetic_spearman) >= REQUIRED and self.language_accuracy >= LANGUAGE_REQUIRED
+        )
+
+
+def score_quality(
+    items: Sequence[Item],
+    punsafe: Sequence[float],
+    pwatermark: Sequence[float],
+    aesthetic: Sequence[float],
+    languages: Sequence[str | None],
+) -> QualityScore:
+    """Each score of `items` (in their order) against the world's truths."""
+    right, total = Counter(), Counter()
+    for item, language in zip(items, languages, strict=True):
+        total[item.language] += 1
+        right[item.language] += language == item.language
+    return QualityScore(
+        punsafe=Detection.of(punsafe, [is_unsafe(item) for item in items], PUNSAFE_THRESHOLD),
+        pwatermark=Detection.of(pwatermark, [is_watermarked(item) for item in items], PWATERMARK_THRESHOLD),
+        aesthetic_spearman=spearman(aesthetic, [aesthetic_truth(item) for item in items]),
+        language_accuracy=sum(right.values()) / max(1, len(items)),
+        language_by_truth={language: right[language] / total[language] for language in total},
+    )
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation: Pearson's on the ranks, tied values given their mean rank."""
+    return float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])
+
+
+def _ranks(values: Sequence[float]) -> np.ndarray:
+    values = np.asarray(values, np.float64)
+    order = np.argsort(values, kind="stable")
+    _, first, counts = np.unique(values[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(values))
+    ranks[order] = np.repeat(first + (counts - 1) / 2, counts)
+    return ranks
 
 
 @dataclass(frozen=True)

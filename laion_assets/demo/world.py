@@ -6,6 +6,11 @@ Some URLs fail the way the real web does (404, 500, HTML, truncated JPEG, an opt
 Planted copies, when asked for, are what dataset-level dedup must find: the same link again, the
 same bytes under another URL, or another URL showing a resized, re-encoded, cropped or watermarked
 copy. Everything, image bytes included, is a function of the seed.
+
+The world also knows the truth of each quality score (pipeline/scores): a class of images that is
+"unsafe" (every ring, standing in for what LAION's NSFW detector flags), a watermark overlaid on some
+images (and on every overlaid copy), an aesthetic score derived from what the image shows, and captions
+in several languages, each written from templates made for this world.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from functools import cached_property
 from types import MappingProxyType
 from urllib.parse import urlsplit
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 RGB = tuple[int, int, int]
 
@@ -89,11 +94,162 @@ SAME_BYTES = "same_bytes"  # the same bytes under another URL: an exact sha256 d
 RESIZED = "resized"  # to 90 %
 REENCODED = "reencoded"  # at JPEG quality 70
 CROPPED = "cropped"  # 2 % off each side
-OVERLAID = "overlaid"  # a small watermark, white text in a corner
+OVERLAID = "overlaid"  # a small watermark in a corner (`watermark`)
 EXACT_COPIES = (REPEATED, SAME_BYTES)
 NEAR_COPIES = (RESIZED, REENCODED, CROPPED, OVERLAID)
 REENCODED_QUALITY = 70
 PNG_FRACTION = 0.1
+
+
+# The truths of the quality scores.
+UNSAFE_SHAPE = "ring"
+# Appeal of the colours the image shows, 0-1; the aesthetic truth weighs them (see `aesthetic_truth`).
+COLOUR_APPEAL = {
+    "red": 0.55,
+    "orange": 0.7,
+    "yellow": 0.35,
+    "green": 0.6,
+    "teal": 0.95,
+    "blue": 0.85,
+    "purple": 0.75,
+    "pink": 0.2,
+}
+BACKGROUND_APPEAL = {"white": 0.9, "grey": 0.4, "beige": 0.7, "black": 0.15}
+WATERMARK_TEXT = "(c) stock"
+
+# Captions in other languages, written for this world (not by a model): per language, its words for the
+# COLOURS, the SHAPES (with their article), the PATTERNS and the BACKGROUNDS, in their order, and its
+# templates. Colours are named as nouns ("in red"), so that no adjective has to agree with its noun.
+ENGLISH = "en"
+FOREIGN = {
+    "fr": (
+        ("rouge", "orange", "jaune", "vert", "bleu canard", "bleu", "violet", "rose"),
+        (
+            "un cercle",
+            "un carré",
+            "un triangle",
+            "une étoile",
+            "une croix",
+            "un anneau",
+            "un hexagone",
+            "un cœur",
+        ),
+        ("uni", "rayé", "à pois", "à damier"),
+        ("blanc", "gris", "beige", "noir"),
+        (
+            "{shape} en {colour} sur un fond {background} {pattern}",
+            "Dessin : {shape} en {colour}, sur fond {background}",
+            "{shape} en {colour}, image libre de droits",
+            "Illustration vectorielle : {shape} en {colour} sur un fond {pattern}",
+        ),
+    ),
+    "de": (
+        ("Rot", "Orange", "Gelb", "Grün", "Türkis", "Blau", "Lila", "Rosa"),
+        (
+            "ein Kreis",
+            "ein Quadrat",
+            "ein Dreieck",
+            "ein Stern",
+            "ein Kreuz",
+            "ein Ring",
+            "ein Sechseck",
+            "ein Herz",
+        ),
+        ("einfarbig", "gestreift", "gepunktet", "kariert"),
+        ("weißem", "grauem", "beigem", "schwarzem"),
+        (
+            "{shape} in {colour} auf {background} Hintergrund",
+            "Symbol: {shape} in {colour}, der Hintergrund ist {pattern}",
+            "{shape} in {colour} als Aufkleber, kostenlos herunterladen",
+            "Zeichnung: {shape} in der Farbe {colour} auf {background} Hintergrund",
+        ),
+    ),
+    "es": (
+        ("rojo", "naranja", "amarillo", "verde", "verde azulado", "azul", "morado", "rosa"),
+        (
+            "un círculo",
+            "un cuadrado",
+            "un triángulo",
+            "una estrella",
+            "una cruz",
+            "un anillo",
+            "un hexágono",
+            "un corazón",
+        ),
+        ("liso", "a rayas", "de lunares", "a cuadros"),
+        ("blanco", "gris", "beige", "negro"),
+        (
+            "{shape} de color {colour} sobre el fondo {background} {pattern}",
+            "Ilustración de {shape} de color {colour} y el fondo {background}",
+            "Imagen gratis del dibujo de {shape} en {colour}",
+            "Dibujo sencillo de {shape} en {colour}, con el fondo {pattern}",
+        ),
+    ),
+    "it": (
+        ("rosso", "arancione", "giallo", "verde", "verde acqua", "blu", "viola", "rosa"),
+        (
+            "un cerchio",
+            "un quadrato",
+            "un triangolo",
+            "una stella",
+            "una croce",
+            "un anello",
+            "un esagono",
+            "un cuore",
+        ),
+        ("in tinta unita", "a righe", "a pois", "a quadretti"),
+        ("bianco", "grigio", "beige", "nero"),
+        (
+            "{shape} in {colour} su uno sfondo {background} {pattern}",
+            "Illustrazione di {shape} di colore {colour}",
+            "Disegno di {shape} in {colour}, immagine gratuita",
+            "Adesivo con {shape} in {colour} su sfondo {background}",
+        ),
+    ),
+    "pt": (
+        ("vermelho", "laranja", "amarelo", "verde", "verde-azulado", "azul", "roxo", "rosa"),
+        (
+            "um círculo",
+            "um quadrado",
+            "um triângulo",
+            "uma estrela",
+            "uma cruz",
+            "um anel",
+            "um hexágono",
+            "um coração",
+        ),
+        ("liso", "listrado", "de bolinhas", "xadrez"),
+        ("branco", "cinzento", "bege", "preto"),
+        (
+            "{shape} em {colour} sobre um fundo {background} {pattern}",
+            "Ilustração de {shape} na cor {colour}",
+            "Desenho de {shape} em {colour}, imagem grátis para baixar",
+            "Autocolante com {shape} em {colour} num fundo {background}",
+        ),
+    ),
+    "nl": (
+        ("rood", "oranje", "geel", "groen", "turquoise", "blauw", "paars", "roze"),
+        (
+            "een cirkel",
+            "een vierkant",
+            "een driehoek",
+            "een ster",
+            "een kruis",
+            "een ring",
+            "een zeshoek",
+            "een hart",
+        ),
+        ("effen", "gestreepte", "gestippelde", "geruite"),
+        ("witte", "grijze", "beige", "zwarte"),
+        (
+            "{shape} in het {colour} op een {pattern} {background} achtergrond",
+            "Tekening van {shape} in het {colour}",
+            "{shape} in het {colour}, gratis te downloaden",
+            "Sticker met {shape} in het {colour} op een {background} achtergrond",
+        ),
+    ),
+}
+LANGUAGES = (ENGLISH, *FOREIGN)
 
 
 @dataclass(frozen=True)
@@ -112,6 +268,8 @@ class Item:
     seed: int  # image size, pattern, shape position, size and rotation
     copy: str | None = None  # one of EXACT_COPIES or NEAR_COPIES for a planted copy
     copy_of: str | None = None  # the path of the item it copies
+    language: str = ENGLISH  # of its caption
+    watermarked: bool = False  # a watermark across its image (an overlaid copy has one in a corner too)
 
     @property
     def source(self) -> str:
@@ -148,8 +306,21 @@ class World:
         return {item.path: item for item in sorted(self.items, key=lambda item: item.copy is None)}
 
 
+def templates_of(language: str) -> tuple[str, ...]:
+    return TEMPLATES if language == ENGLISH else FOREIGN[language][4]
+
+
 def caption(item: Item, template: str) -> str:
-    """The true description of `item`'s image in one of the TEMPLATES."""
+    """The true description of `item`'s image in one of the templates of its language."""
+    if item.language != ENGLISH:
+        colours, shapes, patterns, backgrounds, _ = FOREIGN[item.language]
+        text = template.format(
+            colour=colours[list(COLOURS).index(item.colour)],
+            shape=shapes[SHAPES.index(item.shape)],
+            pattern=patterns[PATTERNS.index(item.pattern)],
+            background=backgrounds[list(BACKGROUNDS).index(item.background)],
+        )
+        return text[0].upper() + text[1:]
     article = "an" if item.colour[0] in "aeiou" else "a"
     return template.format(
         a=article,
@@ -162,6 +333,22 @@ def caption(item: Item, template: str) -> str:
     )
 
 
+def is_unsafe(item: Item) -> bool:
+    """The truth `punsafe` is measured against."""
+    return item.shape == UNSAFE_SHAPE
+
+
+def is_watermarked(item: Item) -> bool:
+    """The truth `pwatermark` is measured against."""
+    return item.watermarked or item.copy == OVERLAID
+
+
+def aesthetic_truth(item: Item) -> float:
+    """The truth `aesthetic` is measured against, on LAION's 1-10 scale: the appeal of the shape's colour
+    and of the background."""
+    return 1 + 9 * (0.6 * COLOUR_APPEAL[item.colour] + 0.4 * BACKGROUND_APPEAL[item.background])
+
+
 MISMATCH_FRACTION = 0.2
 
 
@@ -171,9 +358,14 @@ def make_world(
     mismatch_fraction: float = MISMATCH_FRACTION,
     failures: Mapping[str, int] = DEFAULT_FAILURES,
     copies: Mapping[str, int] = MappingProxyType({}),
+    foreign_fraction: float = 0.0,
+    watermarked_fraction: float = 0.0,
 ) -> World:
     """`images` image items, `mismatch_fraction` of them mismatched, plus `failures` (kind -> count),
-    then `copies` (kind -> count) of distinct matched images, interleaved with them."""
+    then `copies` (kind -> count) of distinct matched images, interleaved with them. About
+    `foreign_fraction` of the items are captioned in one of the FOREIGN languages, and about
+    `watermarked_fraction` of the images watermarked (drawn apart from the rest: at 0, the world is
+    the one it was before either existed)."""
     unknown = set(failures) - set(FAILURE_KINDS)
     if unknown:
         raise ValueError(f"unknown failure kinds {sorted(unknown)}; known: {FAILURE_KINDS}")
@@ -181,13 +373,26 @@ def make_world(
     kinds = [IMAGE] * images + [kind for kind, count in failures.items() for _ in range(count)]
     rng.shuffle(kinds)
     items = [_random_item(rng, number, kind) for number, kind in enumerate(kinds)]
+    truths = random.Random(f"{seed}-truths")
+    items = [_with_truths(item, truths, foreign_fraction, watermarked_fraction) for item in items]
     image_numbers = [number for number, item in enumerate(items) if item.kind == IMAGE]
     published = list(items)
     for number in rng.sample(image_numbers, round(images * mismatch_fraction)):
         item = items[number]
         donor = rng.choice([d for d in items if d.shape != item.shape and d.colour != item.colour])
-        published[number] = replace(item, caption=donor.caption, mismatched=True)
+        published[number] = replace(item, caption=donor.caption, language=donor.language, mismatched=True)
     return World(seed, tuple(_with_copies(published, copies, random.Random(f"{seed}-copies"))))
+
+
+def _with_truths(
+    item: Item, rng: random.Random, foreign_fraction: float, watermarked_fraction: float
+) -> Item:
+    """`item`, captioned in a foreign language and watermarked as the draws of `rng` say."""
+    foreign, watermarked = rng.random() < foreign_fraction, rng.random() < watermarked_fraction
+    if foreign:
+        item = replace(item, language=rng.choice(list(FOREIGN)))
+        item = replace(item, caption=caption(item, rng.choice(templates_of(item.language))))
+    return replace(item, watermarked=watermarked and item.kind == IMAGE)
 
 
 def _with_copies(items: list[Item], copies: Mapping[str, int], rng: random.Random) -> list[Item]:
@@ -209,7 +414,7 @@ def _with_copies(items: list[Item], copies: Mapping[str, int], rng: random.Rando
             copy = replace(
                 original,
                 path=f"images/{number:06d}.{suffix}",
-                caption=caption(original, rng.choice(TEMPLATES)),
+                caption=caption(original, rng.choice(templates_of(original.language))),
                 copy=kind,
                 copy_of=original.path,
             )
@@ -239,7 +444,7 @@ def render(item: Item) -> Image.Image:
     """The item's image: its shape, in its colour, somewhere on its patterned background; for a near
     copy, the original's image changed as its kind says."""
     if item.copy in NEAR_COPIES:
-        return _changed(render(replace(item, copy=None, copy_of=None)), item.copy)
+        return _changed(render(replace(item, copy=None, copy_of=None)), item.copy, item.seed)
     rng = random.Random(item.seed)
     width = rng.randrange(160, 481)
     height = round(width / rng.choice(ASPECT_RATIOS))
@@ -250,7 +455,7 @@ def render(item: Item) -> Image.Image:
     radius = rng.uniform(0.45, 0.8) * min(width, height) / 2
     centre = (rng.uniform(radius, width - radius), rng.uniform(radius, height - radius))
     _draw_shape(draw, item.shape, centre, radius, rng.uniform(-45, 45), COLOURS[item.colour])
-    return image
+    return watermark(image, item.seed) if item.watermarked else image
 
 
 def image_bytes(item: Item) -> bytes:
@@ -264,7 +469,32 @@ def image_bytes(item: Item) -> bytes:
     return out.getvalue()
 
 
-def _changed(image: Image.Image, kind: str) -> Image.Image:
+def watermark(image: Image.Image, seed: int, corner: bool = False) -> Image.Image:
+    """`image` with WATERMARK_TEXT, half-transparent white outlined in black, as stock photo sites mark
+    theirs: large somewhere across it (where, from `seed`), or small in its bottom right `corner`."""
+    rng = random.Random(f"{seed}-watermark")
+    width, height = image.size
+    scale = 0.06 if corner else rng.uniform(0.1, 0.14)
+    font = ImageFont.load_default(size=max(10, round(width * scale)))
+    left, top, right, bottom = font.getbbox(WATERMARK_TEXT)
+    if corner:
+        x, y = width - (right - left) - 4, height - (bottom - top) - 4
+    else:
+        x = rng.uniform(0, max(0, width - (right - left)))
+        y = rng.uniform(0, max(0, height - (bottom - top)))
+    layer = Image.new("RGBA", image.size, (0, 0, 0, 0))
+    ImageDraw.Draw(layer).text(
+        (x - left, y - top),
+        WATERMARK_TEXT,
+        font=font,
+        fill=(255, 255, 255, 150),
+        stroke_width=max(1, font.size // 14),
+        stroke_fill=(0, 0, 0, 150),
+    )
+    return Image.alpha_composite(image.convert("RGBA"), layer).convert("RGB")
+
+
+def _changed(image: Image.Image, kind: str, seed: int) -> Image.Image:
     width, height = image.size
     if kind == RESIZED:
         return image.resize((round(width * 0.9), round(height * 0.9)), Image.Resampling.LANCZOS)
@@ -272,10 +502,7 @@ def _changed(image: Image.Image, kind: str) -> Image.Image:
         dx, dy = round(width * 0.02), round(height * 0.02)
         return image.crop((dx, dy, width - dx, height - dy))
     if kind == OVERLAID:
-        marked = image.copy()
-        draw = ImageDraw.Draw(marked)
-        draw.text((width - 60, height - 14), "(c) stock", fill=(255, 255, 255))
-        return marked
+        return watermark(image, seed, corner=True)
     return image  # REENCODED: the same pixels, encoded at another quality
 
 

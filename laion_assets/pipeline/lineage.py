@@ -20,7 +20,13 @@ from laion_assets import names
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.crawl.sources import parse_source_name
 from laion_assets.pipeline.parallel import store_map
-from laion_assets.pipeline.settings import CAPTIONER_SECTION, CLIP_SECTION, DatasetSettings, differences
+from laion_assets.pipeline.settings import (
+    CAPTIONER_SECTION,
+    CLIP_SECTION,
+    SCORES_SECTION,
+    DatasetSettings,
+    differences,
+)
 from laion_assets.pipeline.storage import (
     CRAWL_METADATA,
     EMBEDDINGS,
@@ -28,6 +34,7 @@ from laion_assets.pipeline.storage import (
     INCOMING,
     PAIRS,
     RECAPTIONS,
+    SCORES,
     DatasetStore,
     Layer,
     StoredFile,
@@ -117,6 +124,7 @@ SECTION_OF_LAYER = {
     CRAWL_METADATA: names.CRAWL_METADATA_ASSET,
     IMAGES: names.DOWNLOADED_IMAGES_ASSET,
     EMBEDDINGS: CLIP_SECTION,
+    SCORES: SCORES_SECTION,
     PAIRS: names.FILTERED_PAIRS_ASSET,
     RECAPTIONS: CAPTIONER_SECTION,
 }
@@ -159,7 +167,7 @@ def settings_changes(
         if recorded is None or not current:
             continue
         shared = (recorded.keys() & current.keys()) - HOW_NOT_WHAT
-        if layer is RECAPTIONS:  # its footer holds strings
+        if layer in (RECAPTIONS, SCORES):  # their footers hold strings
             current = {k: str(v) for k, v in current.items()}
         found = differences({k: recorded[k] for k in shared}, {k: current[k] for k in shared})
         if found:
@@ -177,5 +185,6 @@ def _built_with(layer: Layer, stored: dict[str, str]) -> dict | None:
         IMAGES: names.SETTINGS_FOOTER,
         PAIRS: names.PAIRS_SETTINGS_FOOTER,
         RECAPTIONS: names.CAPTIONER_FOOTER,
+        SCORES: names.SCORES_FOOTER,
     }[layer]
     return json.loads(stored[key]) if key in stored else None

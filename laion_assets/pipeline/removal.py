@@ -40,6 +40,7 @@ from laion_assets.pipeline.storage import (
     PAIRS,
     PAIRS_EMBEDDINGS,
     RECAPTIONS,
+    SCORES,
     TAKEDOWNS,
     TAKEDOWNS_PENDING,
     DatasetStore,
@@ -51,7 +52,7 @@ DUPLICATE = "duplicate"
 # The layers each reason rewrites, the last made first: the images row, which says the sample is
 # taken down, is written last.
 LAYERS = {
-    TAKEN_DOWN: (RECAPTIONS, PAIRS_EMBEDDINGS, PAIRS, EMBEDDINGS, IMAGES),
+    TAKEN_DOWN: (RECAPTIONS, PAIRS_EMBEDDINGS, PAIRS, SCORES, EMBEDDINGS, IMAGES),
     DUPLICATE: (RECAPTIONS, PAIRS_EMBEDDINGS, PAIRS),
 }
 

@@ -165,6 +165,22 @@ RECAPTIONS = pa.schema(
 )
 
 
+# scores/<shard>.parquet: a row per embedded image (the keys of `embeddings`), LAION-5B's and
+# LAION-Aesthetics' scores under their meaning: `punsafe` and `pwatermark` probabilities (0-1), `aesthetic`
+# on LAION's 1-10 rating scale, and the caption's ISO 639-1 `language` with the identifier's confidence.
+# A score that was not computed (its model set to `none`) is null; so is the language of an empty caption.
+SCORES = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("punsafe", pa.float32()),
+        pa.field("pwatermark", pa.float32()),
+        pa.field("aesthetic", pa.float32()),
+        pa.field("language", pa.string()),
+        pa.field("language_confidence", pa.float32()),
+    ]
+)
+
+
 # hosts/hosts.parquet, written by the catalog: `images` grouped by host, one row per host, with its URLs
 # and their count in each status. "Success rate by host" reads it, since grouping 10 M image rows over
 # a million hosts runs at 15 to 18 M rows/s however the images are stored.

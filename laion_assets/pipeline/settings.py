@@ -1,10 +1,10 @@
 """The dataset's settings: `{root}/laion_assets.yaml`, the one record of what shapes its content.
 
 It holds a section per asset with settings (the fields of its run config, by asset name) and the models
-(`clip`, `captioner`). The first run writes it from its own settings; every later run, whoever starts it,
-reads it, and a run's own config overrides it for that run only. Changing it is deliberate: edit the
-file; a layer built with other settings is then reported stale (`laion-assets status`), and a removal
-with other settings refuses until the change is accepted.
+(`clip`, `captioner`, `scores`). The first run writes it from its own settings; every later run,
+whoever starts it, reads it, and a run's own config overrides it for that run only. Changing it is
+deliberate: edit the file; a layer built with other settings is then reported stale (`laion-assets
+status`), and a removal with other settings refuses until the change is accepted.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from laion_assets.pipeline.storage import SETTINGS_FILE, DatasetStore
 
 CLIP_SECTION = "clip"
 CAPTIONER_SECTION = "captioner"
+SCORES_SECTION = "scores"  # the quality_scores models
 # The model fields that shape embeddings and captions; device and batch size do not.
 MODEL_FIELDS = ("model", "pretrained", "seed")
 _HEADER = """\
@@ -38,7 +39,7 @@ class SettingsChanged(ValueError):
 
 @dataclass(frozen=True)
 class DatasetSettings:
-    """Section name (an asset's, `clip` or `captioner`) -> field -> value."""
+    """Section name (an asset's, `clip`, `captioner` or `scores`) -> field -> value."""
 
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 

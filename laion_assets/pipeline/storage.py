@@ -108,11 +108,12 @@ INCOMING = "incoming"  # source files, one per shard
 CRAWL_METADATA = Layer("crawl_metadata")
 IMAGES = Layer("images", has_tar=True)  # webdataset tar, and one status row per crawl row
 EMBEDDINGS = Layer("embeddings")
+SCORES = Layer("scores")  # punsafe, pwatermark, aesthetic and language of each embedded image
 PAIRS = Layer("pairs", has_tar=True)  # the filtered dataset, and its samples as a webdataset
 PAIRS_EMBEDDINGS = Layer("pairs_embeddings")  # optional: the kept rows' embeddings
 RECAPTIONS = Layer("recaptions")  # a new caption for each kept pair (Recap-DataComp-1B's columns)
 # The per-shard layers in pipeline order; each one is made from the one before it.
-SHARD_LAYERS = (CRAWL_METADATA, IMAGES, EMBEDDINGS, PAIRS, PAIRS_EMBEDDINGS, RECAPTIONS)
+SHARD_LAYERS = (CRAWL_METADATA, IMAGES, EMBEDDINGS, SCORES, PAIRS, PAIRS_EMBEDDINGS, RECAPTIONS)
 
 SETTINGS_FILE = "laion_assets.yaml"  # the dataset's settings (pipeline/settings.py)
 # Dataset-level files, made from every shard.

@@ -8,13 +8,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from laion_assets.pipeline.card.stats import (
+    AESTHETIC_BIN,
     LENGTH_BINS,
+    PROBABILITY_BIN,
     SIMILARITY_BIN,
     SIZE_BIN,
     SIZE_BINS,
     Bins,
     CardStats,
     Counts,
+    ScoreStats,
 )
 from laion_assets.pipeline.markdown import shorten
 
@@ -44,6 +47,9 @@ def render_figures(stats: CardStats) -> dict[str, bytes]:
         figures["caption_lengths.png"] = _two_histograms(
             recaptions.length_bins, 1, "Caption lengths", f"words ({LENGTH_BINS - 1} and up in one bin)"
         )
+    if stats.scores:
+        figures["scores.png"] = _score_histograms(stats.scores)
+        figures["languages.png"] = _bar_chart(stats.scores.languages, "Languages of the captions", "images")
     return figures
 
 
@@ -92,6 +98,25 @@ def _size_histogram(stats: CardStats) -> bytes:
         xlabel=f"pixels, in bins of {SIZE_BIN} ({SIZE_BIN * (SIZE_BINS - 1)} and up in one)",
         ylabel="images",
     )
+    return _png(figure)
+
+
+def _score_histograms(scores: ScoreStats) -> bytes:
+    """A histogram per quality score, side by side; an empty axis says where a score was not computed."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10.5, 3.5), layout="constrained")
+    labels = {
+        "punsafe": ("punsafe", PROBABILITY_BIN),
+        "pwatermark": ("pwatermark", PROBABILITY_BIN),
+        "aesthetic": ("aesthetic (1-10)", AESTHETIC_BIN),
+    }
+    for ax, (column, (label, width)) in zip(figure.subplots(1, 3), labels.items(), strict=True):
+        bins = scores.bins[column]
+        starts = np.array([b for b, _ in bins], float) * width
+        ax.bar(starts, [n for _, n in bins], width, align="edge")
+        ax.set(title=label if bins else f"{label}: not computed", xlabel=label, ylabel="images")
+    figure.suptitle("Quality scores of every embedded image")
     return _png(figure)
 
 

@@ -10,9 +10,10 @@ import yaml
 
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.card.settings import CardSettings
-from laion_assets.pipeline.card.stats import CardStats, DuplicateStats, RecapStats, ShardRecord
+from laion_assets.pipeline.card.stats import CardStats, DuplicateStats, RecapStats, ScoreStats, ShardRecord
 from laion_assets.pipeline.markdown import shorten, table
-from laion_assets.pipeline.storage import PAIRS, RECAPTIONS
+from laion_assets.pipeline.pairs.filter import SCORE_FILTERS
+from laion_assets.pipeline.storage import PAIRS, RECAPTIONS, SCORES
 
 DATA_FILES = PAIRS.parquet_glob  # relative to the dataset root, which is what gets uploaded
 RECAP_DATA_FILES = RECAPTIONS.parquet_glob
@@ -88,6 +89,7 @@ def render_markdown(stats: CardStats, settings: CardSettings, figures: list[str]
         _funnel(stats),
         _removals(stats),
         *([_duplicates(stats.duplicates)] if stats.duplicates else []),
+        *([_scores(stats.scores, stats.shards)] if stats.scores else []),
         *([_recaptions(stats.recaptions, stats.shards)] if stats.recaptions else []),
         _downloads(stats, settings),
         _figures(figures),
@@ -150,16 +152,18 @@ def _features() -> str:
 
 def _funnel(stats: CardStats) -> str:
     rows_in, removed = stats.funnel()
-    remaining, rows = rows_in, [("rows in", "", rows_in)]
+    remaining, rows = rows_in, [("rows in", "", rows_in, "")]
     for rule, n in removed.items():
+        share = f"{1 - n / remaining:.1%}" if remaining else ""
         remaining -= n
-        rows.append((rule, n, remaining))
+        rows.append((rule, n, remaining, share))
     missing = [r.shard for r in stats.shards if not r.funnel]
     note = f"\n\nShards without a recorded funnel, left out: {_shard_names(missing)}." if missing else ""
     return (
         "## Filtering funnel\n\n"
-        "Rows removed by each rule, in the order they apply, summed over the shards. `rows in` are the "
-        f"crawl rows with a download outcome.\n\n{table(['rule', 'removed', 'remaining'], rows)}{note}"
+        "Rows removed by each rule, in the order they apply, summed over the shards, and the share of the "
+        "rows it saw that it kept. `rows in` are the crawl rows with a download outcome.\n\n"
+        f"{table(['rule', 'removed', 'remaining', 'kept'], rows)}{note}"
     )
 
 
@@ -264,6 +268,45 @@ def _recaptions(recap: RecapStats, shards: list[ShardRecord]) -> str:
     )
 
 
+def _scores(scores: ScoreStats, shards: list[ShardRecord]) -> str:
+    means = [
+        (column, "not computed" if mean is None else f"{mean:.4f}") for column, mean in scores.means.items()
+    ]
+    described = _groups([r for r in shards if r.scores], lambda r: json.dumps(r.scores, sort_keys=True))
+    models = [
+        (", ".join(f"{score}: {weights}" for score, weights in _in_column_order(found)), _shard_names(names))
+        for found, names in described
+    ]
+    filters = _groups([r for r in shards if r.settings], lambda r: json.dumps(_score_filters(r.settings)))
+    rules = [
+        (", ".join(f"{k}: {v}" for k, v in json.loads(f).items()) or "none", _shard_names(n))
+        for f, n in filters
+    ]
+    return (
+        "## Quality scores\n\n"
+        "LAION-5B's `punsafe` and `pwatermark`, LAION-Aesthetics' `aesthetic` (1-10) and the caption's "
+        f"`language`, for each of the {scores.scored} embedded images, in `{SCORES.parquet_glob}` (join on "
+        "`key`; the catalog's `scored_pairs` view does).\n\n"
+        f"{table(['score', 'mean'], means)}\n\n"
+        f"### Languages\n\n{table(['language', 'images'], scores.languages)}\n\n"
+        f"### Models\n\n{table(['weights of each score', 'shards'], models)}\n\n"
+        "### Filters on the scores\n\n"
+        "The settings of the rules that read the scores (the funnel above says what each one removed).\n\n"
+        f"{table(['settings', 'shards'], rules)}"
+    )
+
+
+def _in_column_order(described: str) -> list[tuple[str, str]]:
+    """(score, weights) of a scores footer's JSON, in the order of the layer's columns."""
+    weights = json.loads(described)["weights"]
+    return [(name, weights[name]) for name in schemas.SCORES.names if name in weights]
+
+
+def _score_filters(settings: dict) -> dict:
+    """The settings of the score and image-based rules that are on."""
+    return {k: v for k, v in settings.items() if k in SCORE_FILTERS and v not in (None, "", [])}
+
+
 def _downloads(stats: CardStats, settings: CardSettings) -> str:
     return (
         "## Download outcomes\n\n"
@@ -283,6 +326,8 @@ def _figures(figures: list[str]) -> str:
         "samples.png": "Sample pairs",
         "recaption_scores.png": "CLIP scores of the web captions and the new captions",
         "caption_lengths.png": "Lengths of the web captions and the new captions",
+        "scores.png": "Quality scores of every embedded image",
+        "languages.png": "Languages of the captions",
     }
     return "## Figures\n\n" + "\n\n".join(f"![{captions[name]}](figures/{name})" for name in figures)
 

@@ -17,9 +17,11 @@ from laion_assets.pipeline.dedup.deduplicate import KINDS, NEAR_KINDS
 from laion_assets.pipeline.embeddings.clip import ModelIdentity
 from laion_assets.pipeline.pairs.filter import FUNNEL, stored_pair_shards
 from laion_assets.pipeline.parallel import store_map
-from laion_assets.pipeline.storage import DUPLICATES, EMBEDDINGS, PAIRS, RECAPTIONS, DatasetStore
+from laion_assets.pipeline.storage import DUPLICATES, EMBEDDINGS, PAIRS, RECAPTIONS, SCORES, DatasetStore
 
 SIMILARITY_BIN = 0.01
+PROBABILITY_BIN = 0.02  # punsafe, pwatermark
+AESTHETIC_BIN = 0.25  # on LAION's 1-10 scale
 SIZE_BIN, SIZE_BINS = 64, 64  # pixels per bin, bins; the last bin holds all larger sizes too
 LENGTH_BINS = 80  # caption words, one bin per length; the last holds all longer captions too
 RECAP_EXAMPLES = 5
@@ -36,6 +38,9 @@ class ShardRecord:
     provenance: dict | None
     model: ModelIdentity | None  # of its embeddings
     captioner: dict | None  # of its recaptions, if it has them
+    scores: dict | None = (
+        None  # the models of its quality scores (their settings and weights), if it has them
+    )
 
 
 Counts = list[tuple[str, int]]
@@ -53,6 +58,16 @@ class RecapStats:
     score_bins: dict[str, Bins]  # org_clip_score / re_clip_score, in SIMILARITY_BIN bins
     length_bins: dict[str, Bins]  # org_length / re_length, in words
     examples: list[tuple[str, str, str, float, float]]  # key, org_caption, re_caption, both scores
+
+
+@dataclass
+class ScoreStats:
+    """The quality scores of every embedded image, from the `scores` view."""
+
+    scored: int  # rows
+    bins: dict[str, Bins]  # punsafe, pwatermark (PROBABILITY_BIN), aesthetic (AESTHETIC_BIN): (bin, rows)
+    means: dict[str, float | None]  # None where the score was not computed
+    languages: Counts  # the top ones, then the rest together
 
 
 @dataclass
@@ -84,6 +99,7 @@ class CardStats:
     recaptions: RecapStats | None  # None until some shard has recaptions
     removals: list[tuple[str, str, str, int]]  # (reason, list, kind, keys) from the removal ledgers
     duplicates: DuplicateStats | None = None  # None until dedup has run
+    scores: ScoreStats | None = None  # None until some shard has quality scores
 
     def funnel(self) -> tuple[int, dict[str, int]]:
         """Rows in and rows removed by each rule, summed over the shards that recorded a funnel."""
@@ -199,6 +215,46 @@ def _stats(
         duplicates=_duplicate_stats(store, connection)
         if catalog.DUPLICATES_VIEW in catalog.view_names(connection)
         else None,
+        scores=_score_stats(connection, settings.top_n)
+        if SCORES.name in catalog.view_names(connection)
+        else None,
+    )
+
+
+def _score_stats(connection: duckdb.DuckDBPyConnection, top_n: int) -> ScoreStats:
+    """One pass over the scores into a small table of bins, then the histograms and languages from it."""
+    connection.execute(
+        "CREATE TEMP TABLE card_scores AS SELECT floor(punsafe / $p)::BIGINT AS punsafe_bin, "
+        "floor(pwatermark / $p)::BIGINT AS pwatermark_bin, floor(aesthetic / $a)::BIGINT AS aesthetic_bin, "
+        "coalesce(language, '(none)') AS language, count(*) AS n, sum(punsafe) AS punsafe_sum, "
+        "sum(pwatermark) AS pwatermark_sum, sum(aesthetic) AS aesthetic_sum, count(punsafe) AS punsafe_n, "
+        "count(pwatermark) AS pwatermark_n, count(aesthetic) AS aesthetic_n FROM scores GROUP BY ALL",
+        {"p": PROBABILITY_BIN, "a": AESTHETIC_BIN},
+    )
+
+    def rows(sql: str) -> list[tuple]:
+        return connection.execute(sql).fetchall()
+
+    columns = ("punsafe", "pwatermark", "aesthetic")
+    totals = rows(f"SELECT {', '.join(f'sum({c}_sum), sum({c}_n)' for c in columns)} FROM card_scores")[0]
+    means = {
+        c: totals[2 * i] / totals[2 * i + 1] if totals[2 * i + 1] else None for i, c in enumerate(columns)
+    }
+    languages = rows(
+        "SELECT language, sum(n)::BIGINT AS n FROM card_scores GROUP BY 1 ORDER BY n DESC, language"
+    )
+    rest = sum(n for _, n in languages[top_n:])
+    return ScoreStats(
+        scored=sum(n for _, n in languages),
+        bins={
+            column: rows(
+                f"SELECT {column}_bin, sum(n)::BIGINT FROM card_scores WHERE {column}_bin IS NOT NULL "
+                "GROUP BY 1 ORDER BY 1"
+            )
+            for column in columns
+        },
+        means=means,
+        languages=languages[:top_n] + ([("(other languages)", rest)] if rest else []),
     )
 
 
@@ -281,6 +337,10 @@ def _shard_record(store: DatasetStore, shard: str) -> ShardRecord:
         recaptions = store.parquet_metadata(RECAPTIONS.parquet(shard))
     except FileNotFoundError:
         recaptions = {}
+    try:
+        scores = store.parquet_metadata(SCORES.parquet(shard))
+    except FileNotFoundError:
+        scores = {}
 
     def loaded(key: str, footer: dict[str, str] = pairs) -> dict | None:
         return json.loads(footer[key]) if key in footer else None
@@ -292,4 +352,5 @@ def _shard_record(store: DatasetStore, shard: str) -> ShardRecord:
         provenance=loaded(names.PROVENANCE_FOOTER),
         model=ModelIdentity.from_footer(embeddings),
         captioner=loaded(names.CAPTIONER_FOOTER, recaptions),
+        scores=loaded(names.SCORES_FOOTER, scores),
     )

@@ -1,5 +1,6 @@
 """DuckDB views over the stored parquet, one per per-shard layer (`crawl_metadata`, `images`,
-`embeddings`, `pairs`, `pairs_embeddings`, `recaptions`), `takedowns` (the removal ledger),
+`embeddings`, `scores`, `pairs`, `pairs_embeddings`, `recaptions`), `scored_pairs` (the pairs with their
+quality scores), `takedowns` (the removal ledger),
 `blocklist_entries` (the block lists' active entries), `duplicates` (dataset-level dedup's finds) and
 `pairs_unique` (the pairs without them, for a dataset whose duplicates are only recorded), `hosts` (the
 images grouped by host, which the catalog writes to parquet: grouping 10 M rows over a million hosts is
@@ -28,6 +29,7 @@ from laion_assets.pipeline.storage import (
     HOSTS,
     IMAGES,
     PAIRS,
+    SCORES,
     SHARD_LAYERS,
     TAKEDOWNS,
     DatasetStore,
@@ -39,6 +41,7 @@ from laion_assets.pipeline.storage import (
 HOSTS_VIEW = "hosts"  # over storage.HOSTS
 DUPLICATES_VIEW = "duplicates"  # over storage.DUPLICATES
 PAIRS_UNIQUE_VIEW = "pairs_unique"  # the pairs without the duplicates found, removed or not
+SCORED_PAIRS_VIEW = "scored_pairs"  # the pairs with their quality scores (LAION-5B's, LAION-Aesthetics')
 
 
 def httpfs_extension_path() -> Path:
@@ -195,6 +198,15 @@ def create_views(connection: duckdb.DuckDBPyConnection, store: DatasetStore) -> 
             f"CREATE OR REPLACE VIEW {PAIRS_UNIQUE_VIEW} AS SELECT p.* FROM {PAIRS.name} p {unique}"
         )
         created.append(PAIRS_UNIQUE_VIEW)
+    if PAIRS.name in created and SCORES.name in created:
+        score_columns = ", ".join(f"s.{name}" for name in schemas.SCORES.names if name != "key")
+        connection.execute(
+            f"CREATE OR REPLACE VIEW {SCORED_PAIRS_VIEW} AS SELECT p.*, {score_columns} "
+            f"FROM {PAIRS.name} p LEFT JOIN {SCORES.name} s USING (key)"
+        )
+        created.append(SCORED_PAIRS_VIEW)
+    elif SCORED_PAIRS_VIEW in view_names(connection):
+        connection.execute(f"DROP VIEW {SCORED_PAIRS_VIEW}")
     return created
 
 

@@ -5,13 +5,21 @@ Rules, in the order of the funnel:
 0. `taken_down`: the image row is `taken_down` (on a block list, see removal.py).
 1. `not_downloaded`: the image is not a `success` in `images`.
 2. `short_caption`: caption under `min_caption_length` characters.
-3. `datacomp_basic` (off by default): caption under 2 words or 6 characters, shorter side under 200,
-   aspect ratio over 3.
+3. `datacomp_basic` (off by default): caption of 2 words or fewer, or under 6 characters, shorter side
+   under 200, aspect ratio over 3 (DataComp's `basic`, its English test being the `language` rule).
 4. `duplicate_url_caption`, `duplicate_sha256`: the first row (by key) of each kept.
 5. `low_similarity` / `no_embedding`: CLIP cosine under `min_similarity`, or, with `top_fraction`,
    outside the top fraction by similarity; rows without an embedding cannot pass.
-6. `minors`: tagged NSFW or UNSURE while the caption or the two nearest categories name a minor.
-7. `duplicate`: removed after the build by dataset-level dedup (removal.py), never by `build_pairs`.
+6. The quality scores (`scores/<shard>.parquet`), each off by default: `language` (the caption's is not
+   one of `languages`), `punsafe` (not below `max_punsafe`), `pwatermark` (not below `max_pwatermark`),
+   `aesthetic` (under `min_aesthetic`); a row without the score cannot pass.
+7. `image_based`: DataComp's image-based filter, where `image_based_reference` names reference
+   embeddings: kept when the image's nearest cluster centroid is one that is nearest to a reference.
+8. `minors`: tagged NSFW or UNSURE while the caption or the two nearest categories name a minor.
+9. `duplicate`: removed after the build by dataset-level dedup (removal.py), never by `build_pairs`.
+
+A `preset` names a set of these settings that reproduces a known dataset's rules (PRESETS); a field
+set to other than its default overrides the preset's value for it.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from laion_assets.pipeline.storage import (
     IMAGES,
     PAIRS,
     PAIRS_EMBEDDINGS,
+    SCORES,
     DatasetStore,
     footer,
 )
@@ -62,8 +71,44 @@ FUNNEL = (
     "duplicate_sha256",
     "no_embedding",
     "low_similarity",
+    "language",
+    "punsafe",
+    "pwatermark",
+    "aesthetic",
+    "image_based",
     "minors",
     "duplicate",
+)
+
+
+IMAGES_PER_CLUSTER = 128  # DataComp's small pool: 12.8 M images in 100,000 k-means clusters
+
+# Named settings that reproduce a known dataset's rules: LAION-400M (the defaults); the LAION-Aesthetics
+# v2 subsets (from LAION-5B, kept below pwatermark 0.8 and punsafe 0.5); DataComp's baselines
+# (`baselines/apply_filter.py`): `basic` (no CLIP score rule), `clip_score` (the top 30 %, per shard
+# here) and `laion2b` (B/32 similarity of at least 0.28 and English; DataComp identified it with CLD3:
+# set the scores' `language_id: cld3` to reproduce it exactly). `image_based` needs reference
+# embeddings of the user's: it is the `image_based_reference` setting.
+PRESETS: dict[str, dict[str, object]] = {
+    "laion400m": {},
+    "laion-aesthetics-5": {"max_punsafe": 0.5, "max_pwatermark": 0.8, "min_aesthetic": 5.0},
+    "laion-aesthetics-6": {"max_punsafe": 0.5, "max_pwatermark": 0.8, "min_aesthetic": 6.0},
+    "laion-aesthetics-6.5": {"max_punsafe": 0.5, "max_pwatermark": 0.8, "min_aesthetic": 6.5},
+    "datacomp-basic": {"min_similarity": -1.0, "datacomp_basic_filter": True, "languages": ("en",)},
+    "datacomp-clip-score": {"top_fraction": 0.3},
+    "datacomp-laion2b": {"min_similarity": 0.28, "languages": ("en",)},
+}
+
+
+# The settings of the rules that read the quality scores or the image-based references (and the preset)
+SCORE_FILTERS = (
+    "preset",
+    "languages",
+    "max_punsafe",
+    "max_pwatermark",
+    "min_aesthetic",
+    "image_based_reference",
+    "image_based_centroids",
 )
 
 
@@ -75,6 +120,38 @@ class PairsSettings:
     datacomp_basic_filter: bool = False
     deduplicate: bool = True
     drop_minors: bool = True
+    languages: tuple[str, ...] = ()  # keep captions in these (ISO 639-1 codes); empty: any language
+    max_punsafe: float | None = None  # keep punsafe below this (LAION-Aesthetics: 0.5)
+    max_pwatermark: float | None = None  # keep pwatermark below this (LAION-Aesthetics: 0.8)
+    min_aesthetic: float | None = None  # keep an aesthetic score at least this (LAION-Aesthetics: 5, 6, 6.5)
+    image_based_reference: str = ""  # .npy of reference image embeddings (DataComp: ImageNet-1k's)
+    image_based_centroids: str = ""  # .npy of cluster centroids; empty: k-means of the shard's images
+    preset: str = ""  # one of PRESETS
+
+    def resolved(self) -> PairsSettings:
+        """The settings the rules apply: the preset's values, under the fields set to other than their
+        defaults. ValueError for an unknown preset."""
+        if not self.preset:
+            return self
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
+        defaults = PairsSettings()
+        chosen = {
+            name: value
+            for name, value in PRESETS[self.preset].items()
+            if getattr(self, name) == getattr(defaults, name)
+        }
+        return dataclasses.replace(self, **chosen, preset="")
+
+    def score_rules(self) -> dict[str, str]:
+        """The active rules that read the quality scores: rule -> the score column it reads."""
+        active = {
+            "language": bool(self.languages),
+            "punsafe": self.max_punsafe is not None,
+            "pwatermark": self.max_pwatermark is not None,
+            "aesthetic": self.min_aesthetic is not None,
+        }
+        return {rule: rule for rule, on in active.items() if on}
 
 
 @dataclass(frozen=True)
@@ -145,7 +222,16 @@ def write_pairs(
         )
     crawl = store.read_parquet(CRAWL_METADATA.parquet(shard))
     categories = NsfwCategories.load(lambda texts: encoder.encode_texts(texts).cpu().numpy())
-    result = build_pairs(crawl, store.read_parquet(IMAGES.parquet(shard)), embeddings, settings, categories)
+    rules = settings.resolved()
+    result = build_pairs(
+        crawl,
+        store.read_parquet(IMAGES.parquet(shard)),
+        embeddings,
+        settings,
+        categories,
+        stored_scores(store, shard, rules),
+        *image_based_inputs(rules),
+    )
     with contextlib.ExitStack() as stack:
         images_tar = stack.enter_context(store.open(IMAGES.tar(shard)))
         out = stack.enter_context(store.atomic_write(PAIRS.tar(shard)))
@@ -191,13 +277,87 @@ def _provenance(shard: str, crawl: pa.Table, run_id: str) -> dict[str, str | Non
     }
 
 
+def stored_scores(store: DatasetStore, shard: str, settings: PairsSettings) -> pa.Table | None:
+    """The shard's quality scores the active rules of `settings` (resolved) read; None when none does.
+    ValueError naming the file where it is missing or lacks a score a rule needs."""
+    rules = settings.score_rules()
+    if not rules:
+        return None
+    path = SCORES.parquet(shard)
+    if not store.exists(path):
+        raise ValueError(
+            f"shard {shard}: the {', '.join(rules)} rules read quality scores, and {store.url(path)} does "
+            "not exist: materialise quality_scores for it first"
+        )
+    scores = store.read_parquet(path, columns=["key", *rules.values()])
+    unscored = [
+        column for column in rules.values() if scores.column(column).null_count == scores.num_rows > 0
+    ]
+    if unscored:
+        raise ValueError(
+            f"shard {shard}: {store.url(path)} has no {', '.join(unscored)} (its model is `none`, or `auto` "
+            "found no head for the shard's CLIP), and a rule filters on it: set the model in the "
+            "dataset's `scores` settings and re-materialise quality_scores, or turn the rule off"
+        )
+    return scores
+
+
+def image_based_inputs(settings: PairsSettings) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The reference embeddings and centroids `settings` name (None where not), L2-normalised."""
+    return tuple(
+        _embedding_file(path, name) if path else None
+        for name, path in (
+            ("image_based_reference", settings.image_based_reference),
+            ("image_based_centroids", settings.image_based_centroids),
+        )
+    )
+
+
+def _embedding_file(path: str, setting: str) -> np.ndarray:
+    try:
+        vectors = np.load(Path(path).expanduser(), allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{setting}: cannot read {path} as a .npy array: {exc}") from exc
+    if vectors.ndim != 2 or not len(vectors):
+        raise ValueError(f"{setting}: {path} holds an array of shape {vectors.shape}; expected (rows, dim)")
+    vectors = vectors.astype(np.float32)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+def image_based_keep(vectors: np.ndarray, reference: np.ndarray, centroids: np.ndarray | None) -> np.ndarray:
+    """DataComp's image-based filter: whether each image's nearest centroid (by dot product) is the
+    nearest centroid of a reference embedding. Without `centroids`, k-means of `vectors` makes one per
+    IMAGES_PER_CLUSTER images, as DataComp's pool had (seeded: the same shard gives the same clusters)."""
+    if len(vectors) == 0:
+        return np.zeros(0, bool)
+    for name, given in (("image_based_reference", reference), ("image_based_centroids", centroids)):
+        if given is not None and given.shape[1] != vectors.shape[1]:
+            raise ValueError(
+                f"{name} has {given.shape[1]}-d vectors, the shard's embeddings {vectors.shape[1]}-d"
+            )
+    if centroids is None:
+        import faiss
+
+        kmeans = faiss.Kmeans(vectors.shape[1], max(1, len(vectors) // IMAGES_PER_CLUSTER), niter=20, seed=0)
+        kmeans.train(np.ascontiguousarray(vectors))
+        centroids = kmeans.centroids
+    targets = np.unique(np.argmax(reference @ centroids.T, axis=1))
+    return np.isin(np.argmax(vectors @ centroids.T, axis=1), targets)
+
+
 def build_pairs(
     crawl: pa.Table,
     images: pa.Table,
     embeddings: pa.Table,
     settings: PairsSettings,
     categories: NsfwCategories,
+    scores: pa.Table | None = None,
+    reference: np.ndarray | None = None,
+    centroids: np.ndarray | None = None,
 ) -> PairsResult:
+    """The pairs of a shard that pass the rules of `settings` (resolved), given its `scores` where a
+    rule reads them, and the `reference` embeddings (and `centroids`) of the image-based rule."""
+    settings = settings.resolved()
     removed = dict.fromkeys(FUNNEL, 0)
     has_license = "license" in crawl.column_names
     license_ = (
@@ -246,6 +406,19 @@ def build_pairs(
             removed[rule] += before - table.num_rows
     drop("no_embedding", pc.is_valid(table.column("_embedding_row")))
     drop("low_similarity", _similarity_rule(table.column("similarity"), settings))
+    if scores is not None:
+        table = table.join(scores, "key", join_type="left outer").sort_by("key")
+    if settings.languages:
+        drop("language", pc.is_in(table.column("language"), pa.array(settings.languages, pa.string())))
+    if settings.max_punsafe is not None:
+        drop("punsafe", pc.less(table.column("punsafe"), settings.max_punsafe))
+    if settings.max_pwatermark is not None:
+        drop("pwatermark", pc.less(table.column("pwatermark"), settings.max_pwatermark))
+    if settings.min_aesthetic is not None:
+        drop("aesthetic", pc.greater_equal(table.column("aesthetic"), settings.min_aesthetic))
+    if reference is not None:
+        vectors = _vectors(embeddings.column("image_embedding"), table.column("_embedding_row").to_numpy())
+        drop("image_based", pa.array(image_based_keep(vectors, reference, centroids)))
 
     rows = table.column("_embedding_row").to_numpy()
     image_vectors = _vectors(embeddings.column("image_embedding"), rows)
@@ -282,7 +455,8 @@ def build_pairs(
 
 
 def _datacomp_basic(table: pa.Table) -> pa.Array:
-    """DataComp's basic filter: caption ≥ 2 words and > 5 characters, shorter side ≥ 200, aspect ≤ 3."""
+    """DataComp's basic filter but its English test: caption over 2 words and 5 characters, shorter side
+    ≥ 200, aspect ≤ 3."""
     captions = table.column("caption").to_pylist()
     widths = table.column("original_width").to_pylist()
     heights = table.column("original_height").to_pylist()
@@ -290,7 +464,7 @@ def _datacomp_basic(table: pa.Table) -> pa.Array:
     for caption, width, height in zip(captions, widths, heights, strict=True):
         shorter, longer = min(width or 0, height or 0), max(width or 0, height or 0)
         keep.append(
-            len(caption.split()) >= 2 and len(caption) > 5 and shorter >= 200 and longer <= 3 * shorter
+            len(caption.split()) > 2 and len(caption) > 5 and shorter >= 200 and longer <= 3 * shorter
         )
     return pa.array(keep, pa.bool_())
 
@@ -349,7 +523,9 @@ def rule_violations(table: pa.Table, settings: PairsSettings) -> dict[str, int]:
     """Rows of a pairs table that break a rule the settings made active, or whose `host` is not their
     URL's (all zero for a sound shard).
 
-    The minors rule needs the category embeddings and is not re-checked here."""
+    The minors, score and image-based rules need what the shard's table does not hold, and are not
+    re-checked here."""
+    settings = settings.resolved()
     captions = table.column("caption").to_pylist()
     similarity = table.column("similarity").to_numpy(zero_copy_only=False)
     same_host = pc.equal(table.column("host"), schemas.url_hosts(table.column("url")))

@@ -1,0 +1,232 @@
+"""quality_scores: LAION's architectures loading LAION's weight layouts, the weight rules, the language
+identifiers on real short captions, and the asset on the demo world."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from laion_assets import names
+from laion_assets.defs.scores import one_row_per_embedding
+from laion_assets.demo import DEMO_CHECKPOINT, DEMO_MODEL
+from laion_assets.demo.world import FOREIGN, aesthetic_truth, is_unsafe, make_world
+from laion_assets.pipeline import schemas
+from laion_assets.pipeline.catalog import views as catalog
+from laion_assets.pipeline.embeddings.clip import ClipSettings, ModelIdentity, ModelMismatch, ModelUnavailable
+from laion_assets.pipeline.scores.heads import build_head
+from laion_assets.pipeline.scores.language import LanguageIdentifier
+from laion_assets.pipeline.scores.score import (
+    DEMO_AESTHETIC_HEAD,
+    DEMO_PUNSAFE_HEAD,
+    Scorers,
+    ScoreSettings,
+    write_scores,
+)
+from laion_assets.pipeline.scores.watermark import build_watermark_model
+from laion_assets.pipeline.scores.weights import PUBLISHED, load_checkpoint, save_checkpoint
+from laion_assets.pipeline.storage import EMBEDDINGS, SCORES, DatasetStore
+from laion_assets_tests.demo_dataset import DEMO_SHARDS
+from laion_assets_tests.short_captions import SHORT_CAPTIONS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The state-dict layouts of LAION's published files (names and shapes, read from the files themselves):
+# a head built here must load them unchanged.
+LAION_LAYOUTS = {
+    "nsfw-b32": (512, {"norm.mean": (512,), "norm.variance": (512,), "linear_1.weight": (32, 512),
+                       "linear_1.bias": (32,), "linear_2.weight": (32, 32), "linear_2.bias": (32,),
+                       "linear_3.weight": (1, 32), "linear_3.bias": (1,)}),
+    "nsfw-l14": (768, {"norm.mean": (768,), "norm.variance": (768,), "linear_1.weight": (64, 768),
+                       "linear_1.bias": (64,), "linear_2.weight": (512, 64), "linear_2.bias": (512,),
+                       "linear_3.weight": (256, 512), "linear_3.bias": (256,), "linear_4.weight": (1, 256),
+                       "linear_4.bias": (1,)}),
+    "aesthetic-linear": (768, {"weight": (1, 768), "bias": (1,)}),
+    "aesthetic-mlp": (768, {"layers.0.weight": (1024, 768), "layers.0.bias": (1024,),
+                            "layers.2.weight": (128, 1024), "layers.2.bias": (128,),
+                            "layers.4.weight": (64, 128), "layers.4.bias": (64,),
+                            "layers.6.weight": (16, 64), "layers.6.bias": (16,),
+                            "layers.7.weight": (1, 16), "layers.7.bias": (1,)}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("architecture", sorted(LAION_LAYOUTS))
+def test_heads_load_laion_layouts_and_keep_their_meaning(architecture):
+    dim, layout = LAION_LAYOUTS[architecture]
+    generator = torch.Generator().manual_seed(0)
+    state = {name: 0.05 * torch.randn(shape, generator=generator) for name, shape in layout.items()}
+    if "norm.variance" in state:
+        state["norm.variance"] = state["norm.variance"].abs() + 0.1
+    head = build_head(architecture, dim, state)
+    embeddings = torch.nn.functional.normalize(torch.randn(5, dim, generator=generator), dim=-1)
+    with torch.inference_mode():
+        out = head(embeddings)
+    assert out.shape == (5,)
+    if architecture.startswith("nsfw"):  # a probability: LAION's sigmoid out
+        assert ((out > 0) & (out < 1)).all()
+    if architecture == "aesthetic-linear":  # exactly the linear model
+        assert torch.allclose(out, embeddings @ state["weight"][0] + state["bias"][0], atol=1e-5)
+    with pytest.raises(ModelUnavailable, match="do not fit"):
+        build_head(architecture, dim + 1, state)
+
+
+def test_watermark_model_has_laions_head_and_output_order():
+    model = build_watermark_model("watermark:test_efficientnet")
+    layout = {name: tuple(value.shape) for name, value in model.state_dict().items()}
+    features = model.num_features
+    assert layout["classifier.0.weight"] == (625, features)
+    assert layout["classifier.3.weight"] == (256, 625)
+    assert layout["classifier.5.weight"] == (2, 256)
+    with pytest.raises(ModelUnavailable, match="not a watermark model"):
+        build_watermark_model("watermark:no_such_model")
+
+
+def test_published_weights_are_never_fetched_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
+    with pytest.raises(ModelUnavailable) as raised:
+        load_checkpoint("laion-watermark-v1", "watermark_model")
+    message = str(raised.value)
+    assert "HF_HUB_OFFLINE is set" in message
+    assert PUBLISHED["laion-watermark-v1"].url in message
+    assert str(tmp_path / "hub" / "checkpoints" / "watermark_model_v1.pt") in message
+    with pytest.raises(ModelUnavailable, match="no such file"):
+        load_checkpoint(str(tmp_path / "missing.pt"), "punsafe_head")
+
+
+def test_a_head_refuses_embeddings_of_another_clip(demo_root, tmp_path):
+    """A head trained on ViT-L/14 embeddings, given a shard embedded with the demo CLIP: refused, with
+    both named (the one compatibility rule)."""
+    head = build_head("nsfw-l14", 64)
+    for_l14 = tmp_path / "l14-head.pt"
+    save_checkpoint(for_l14, "nsfw-l14", head, ModelIdentity("ViT-L-14", "openai", "openai"))
+    scorers = Scorers(ScoreSettings(punsafe_head=str(for_l14), watermark_model="none", device="cpu"))
+    store = DatasetStore(str(tmp_path / "copy"))
+    for path in (EMBEDDINGS.parquet(DEMO_SHARDS[0]), f"images/{DEMO_SHARDS[0]}.parquet"):
+        with DatasetStore(demo_root).open(path) as f:
+            store.write_bytes(path, f.read())
+    with pytest.raises(ModelMismatch, match=r"ViT-L-14 / openai.*laion-assets-demo"):
+        write_scores(store, DEMO_SHARDS[0], scorers)
+    assert not store.exists(SCORES.parquet(DEMO_SHARDS[0]))
+
+
+def test_a_head_of_the_wrong_kind_is_refused(tmp_path):
+    scorers = Scorers(
+        ScoreSettings(punsafe_head=str(DEMO_AESTHETIC_HEAD), watermark_model="none", device="cpu")
+    )
+    identity = load_checkpoint(str(DEMO_AESTHETIC_HEAD), "aesthetic_head").clip
+    with pytest.raises(
+        ModelMismatch, match="is a aesthetic-mlp head; punsafe_head takes nsfw-b32 or nsfw-l14"
+    ):
+        scorers.head("punsafe_head", identity, 64, "shard")
+
+
+@pytest.mark.parametrize("identifier", ["py3langid", "cld3"])
+def test_language_of_real_short_captions(identifier):
+    """Hand-written alt text in ten languages, 3 to 8 words: at least 9 in 10 named right."""
+    found = LanguageIdentifier(identifier)
+    right = sum(
+        found.identify(caption)[0] == language
+        for language, captions in SHORT_CAPTIONS.items()
+        for caption in captions
+    )
+    total = sum(map(len, SHORT_CAPTIONS.values()))
+    assert len(SHORT_CAPTIONS) >= 8
+    assert right / total >= 0.9, f"{identifier}: {right} of {total}"
+    assert found.identify("  ") == (None, None)
+
+
+def test_language_of_the_worlds_captions():
+    items = make_world(images=700, seed=2, foreign_fraction=len(FOREIGN) / (len(FOREIGN) + 1)).images
+    found = LanguageIdentifier("py3langid")
+    right = sum(found.identify(item.caption)[0] == item.language for item in items)
+    assert {item.language for item in items} == {"en", *FOREIGN}
+    assert right / len(items) >= 0.95
+
+
+def test_the_asset_scores_every_embedded_image(demo_root):
+    """The demo dataset (its shards materialised with the demo CLIP): `auto` found the demo's heads, the
+    watermark model read the pixels, and the scores agree with the world's truths."""
+    store = DatasetStore(demo_root)
+    world = {item.path: item for item in make_world(images=60, failures={}).items}
+    connection = catalog.connect(store)
+    rows = connection.sql("SELECT s.*, i.url FROM scores s JOIN images i USING (key) ORDER BY key").fetchall()
+    columns = ["key", *schemas.SCORES.names[1:], "url"]
+    table = [dict(zip(columns, row, strict=True)) for row in rows]
+    embedded = connection.sql("SELECT count(*) FROM embeddings").fetchone()[0]
+    assert len(table) == embedded > 0
+    for shard in DEMO_SHARDS:
+        assert one_row_per_embedding(store, shard).passed
+    truth = [world[row["url"].split("/", 3)[3]] for row in table]
+    punsafe = np.array([row["punsafe"] for row in table])
+    unsafe = np.array([is_unsafe(item) for item in truth])
+    assert ((punsafe >= 0.5) == unsafe).mean() >= 0.9
+    aesthetic = np.array([row["aesthetic"] for row in table])
+    assert np.corrcoef(aesthetic, [aesthetic_truth(item) for item in truth])[0, 1] >= 0.8
+    assert all(0 <= row["pwatermark"] <= 1 for row in table)
+    english = [row["language"] == "en" for row in table]  # the demo's captions are English, some 3 words
+    assert sum(english) / len(english) >= 0.9
+    scored = connection.sql("SELECT count(*), count(punsafe) FROM scored_pairs").fetchone()
+    assert scored[0] == scored[1] == connection.sql("SELECT count(*) FROM pairs").fetchone()[0]
+
+
+def test_scores_record_their_models_and_tiny_clip_has_no_heads(tmp_path):
+    """A shard embedded with a CLIP no head was trained on: `auto` finds none, the heads' columns stay
+    null and the footer says so; the language is still identified."""
+    store = DatasetStore(str(tmp_path / "data"))
+    keys = ["s-00000000", "s-00000001"]
+    vectors = np.eye(2, 64, dtype=np.float16)
+    embeddings = pa.table(
+        {
+            "key": keys,
+            "image_embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 64),
+            "text_embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 64),
+            "similarity": pa.array([0.3, 0.3], pa.float32()),
+        },
+        schema=schemas.embeddings(64),
+    )
+    tiny = ModelIdentity("laion-assets-tiny", "random:seed=0", "none")
+    store.write_parquet(EMBEDDINGS.parquet("s"), embeddings, metadata=tiny.footer())
+    store.write_parquet(
+        "images/s.parquet", pa.table({"key": keys, "caption": ["un cercle rouge sur fond blanc", None]})
+    )
+    result = write_scores(store, "s", Scorers(ScoreSettings(watermark_model="none", device="cpu")))
+    stored = store.read_parquet(SCORES.parquet("s"))
+    assert stored.schema.remove_metadata() == schemas.SCORES
+    assert stored.column("punsafe").null_count == stored.column("aesthetic").null_count == 2
+    assert stored.column("language").to_pylist() == ["fr", None]
+    assert result.heads == {
+        "punsafe": "none",
+        "aesthetic": "none",
+        "pwatermark": "none",
+        "language": "py3langid",
+    }
+    footer = (stored.schema.metadata or {})[names.SCORES_FOOTER.encode()].decode()
+    assert '"punsafe_head": "auto"' in footer
+
+
+def test_demo_heads_record_the_clip_they_read():
+    demo_clip = ModelIdentity.of(ClipSettings(model=DEMO_MODEL, pretrained=str(DEMO_CHECKPOINT)))
+    for path in (DEMO_PUNSAFE_HEAD, DEMO_AESTHETIC_HEAD):
+        assert load_checkpoint(str(path), "head").clip == demo_clip
+
+
+def quality_queries(path: Path, heading: str) -> list[str]:
+    """The SQL of each `laion-assets sql` example under `heading` in `path`, one line each."""
+    section = path.read_text().split(heading, 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [
+        " ".join(sql.split()) for sql in re.findall(r'laion-assets sql (?:--\S+ \S+ )*"(.*?)"', section, re.S)
+    ]
+
+
+def test_the_documented_score_queries_run_on_the_demo_dataset(demo_root):
+    """The README's LAION-Aesthetics-style query and docs/sql.md's, on a dataset with scores."""
+    connection = catalog.connect(DatasetStore(demo_root))
+    readme = quality_queries(ROOT / "README.md", "## Filtering on the quality scores")
+    docs = quality_queries(ROOT / "docs" / "sql.md", "The [quality scores]")
+    assert readme and len(docs) == 2
+    for sql in readme + docs:
+        connection.sql(sql).fetchall()
+    aesthetics = connection.sql(docs[0]).fetchall()
+    assert aesthetics and all(row[2] >= 6 for row in aesthetics)
