@@ -1,12 +1,22 @@
 """The caption's language, from a model that ships inside its wheel (no download, works offline).
 
-`py3langid` is the default: on short captions it was the more accurate of the two here (docs/scores.md
+`py3langid` is the default: on short captions it was the more accurate of the two here (docs/stages/scores.md
 has the measurement); `cld3` is what LAION-5B and DataComp's `laion2b` filter used.
 """
 
 from __future__ import annotations
 
+import functools
+
 LANGUAGE_IDS = ("py3langid", "cld3")
+
+
+@functools.cache
+def _py3langid():
+    """py3langid's model with normalised probabilities, loaded once per process (half a second)."""
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
 
 
 class LanguageIdentifier:
@@ -21,10 +31,7 @@ class LanguageIdentifier:
 
             self._cld3 = gcld3.NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=1000)
         else:
-            from py3langid.langid import MODEL_FILE
-            from py3langid.langid import LanguageIdentifier as Py3LangId
-
-            self._langid = Py3LangId.from_model_file(MODEL_FILE, norm_probs=True)
+            self._langid = _py3langid()
 
     def identify(self, text: str | None) -> tuple[str | None, float | None]:
         text = " ".join((text or "").split())  # newlines and runs of spaces, as DataComp strips them

@@ -20,6 +20,8 @@ INPUT_SIZE = (256, 256)
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 WATERMARK_OUTPUT = 0  # the other output is "clean"
+# On a CPU the model runs fastest on 8 images at a time: larger batches are cache-bound (bench/scores.py)
+CPU_BATCH = 8
 
 
 def build_watermark_model(architecture: str, state_dict: dict | None = None) -> nn.Module:
@@ -48,7 +50,7 @@ def build_watermark_model(architecture: str, state_dict: dict | None = None) -> 
             )
         except RuntimeError as exc:
             raise ModelUnavailable(f"weights do not fit a {architecture} model: {exc}") from exc
-    return model.eval()
+    return model.eval().to(memory_format=torch.channels_last)  # faster convolutions, on CPU and GPU
 
 
 def watermark_pixels(image: Image.Image) -> torch.Tensor:
@@ -60,6 +62,8 @@ def watermark_pixels(image: Image.Image) -> torch.Tensor:
 
 def pwatermark(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """The probability of a watermark for each image of a batch (N, 3, 256, 256), on the CPU."""
+    device = next(model.parameters()).device
+    chunks = pixels.split(CPU_BATCH) if device.type == "cpu" else (pixels,)
     with torch.inference_mode():
-        device = next(model.parameters()).device
-        return torch.softmax(model(pixels.to(device)).float(), dim=1)[:, WATERMARK_OUTPUT].cpu()
+        logits = [model(chunk.to(device, memory_format=torch.channels_last)).float() for chunk in chunks]
+        return torch.softmax(torch.cat(logits), dim=1)[:, WATERMARK_OUTPUT].cpu()
