@@ -230,3 +230,23 @@ def test_the_documented_score_queries_run_on_the_demo_dataset(demo_root):
         connection.sql(sql).fetchall()
     aesthetics = connection.sql(docs[0]).fetchall()
     assert aesthetics and all(row[2] >= 6 for row in aesthetics)
+
+
+def test_auto_picks_laions_head_for_the_clip_and_never_downloads_offline(tmp_path, monkeypatch):
+    """For OpenAI's L/14, `auto` takes LAION-Aesthetics v2 (before v1) and the L/14 NSFW head; offline,
+    it refuses, naming the file to put in the cache."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    scorers = Scorers(ScoreSettings(watermark_model="none", device="cpu"))
+    l14 = ModelIdentity("ViT-L-14", "openai", "openai")
+    with pytest.raises(ModelUnavailable, match=r"sac\+logos\+ava1-l14-linearMSE\.pth"):
+        scorers.head("aesthetic_head", l14, 768, "s")
+    with pytest.raises(ModelUnavailable, match=r"clip_ViT-L-14_openai_binary_nsfw_head\.pth"):
+        scorers.head("punsafe_head", l14, 768, "s")
+
+
+def test_a_head_that_records_no_clip_is_refused(tmp_path):
+    unmatched = tmp_path / "head.pt"
+    save_checkpoint(unmatched, "nsfw-b32", build_head("nsfw-b32", 64))
+    scorers = Scorers(ScoreSettings(punsafe_head=str(unmatched), watermark_model="none", device="cpu"))
+    with pytest.raises(ModelUnavailable, match="records no CLIP"):
+        scorers.head("punsafe_head", ModelIdentity("laion-assets-demo", "x"), 64, "s")

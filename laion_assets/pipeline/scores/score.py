@@ -29,7 +29,12 @@ from PIL import Image, UnidentifiedImageError
 from laion_assets import names
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.download.imaging import stored_image_bytes
-from laion_assets.pipeline.embeddings.clip import ModelIdentity, ModelMismatch, resolve_device
+from laion_assets.pipeline.embeddings.clip import (
+    ModelIdentity,
+    ModelMismatch,
+    ModelUnavailable,
+    resolve_device,
+)
 from laion_assets.pipeline.lineage import inherited_footer
 from laion_assets.pipeline.parallel import ordered_map
 from laion_assets.pipeline.scores.language import LanguageIdentifier
@@ -115,7 +120,9 @@ class Scorers:
             self._heads[clip, setting] = self._load_head(setting, clip, dim, shard)
         return self._heads[clip, setting]
 
-    def _load_head(self, setting: str, clip: ModelIdentity, dim: int, shard: str):
+    def _load_head(
+        self, setting: str, clip: ModelIdentity, dim: int, shard: str
+    ) -> tuple[torch.nn.Module, str] | None:
         from laion_assets.pipeline.scores.heads import build_head
 
         spec = getattr(self.settings, setting)
@@ -129,17 +136,20 @@ class Scorers:
                 f"{setting}={spec!r} is a {checkpoint.architecture} head; {setting} takes "
                 f"{' or '.join(_HEAD_KINDS[setting])}"
             )
-        if checkpoint.clip is not None:
-            checkpoint.clip.require(
-                clip,
-                f"the {setting} {spec!r} was trained on images",
-                f"shard {shard}'s clip_embeddings",
-                f"a head reads only the embeddings of the CLIP it was trained on: set {setting} to one "
-                f"trained on {clip}, `auto` or `none`",
+        if checkpoint.clip is None:
+            raise ModelUnavailable(
+                f"{setting}={spec!r} records no CLIP it was trained on, so it cannot be matched with the "
+                "shard's embeddings: save it with weights.save_checkpoint(..., clip=...)"
             )
-        return build_head(checkpoint.architecture, dim, checkpoint.state_dict).to(
-            self.device
-        ), checkpoint.weights
+        checkpoint.clip.require(
+            clip,
+            f"the {setting} {spec!r} was trained on images",
+            f"shard {shard}'s clip_embeddings",
+            f"a head reads only the embeddings of the CLIP it was trained on: set {setting} to one "
+            f"trained on {clip}, `auto` or `none`",
+        )
+        head = build_head(checkpoint.architecture, dim, checkpoint.state_dict).to(self.device)
+        return head, checkpoint.weights
 
     def describe(self) -> dict[str, str]:
         """The settings as a footer records them (what shapes the scores, not the device)."""
@@ -150,12 +160,15 @@ def _auto_head(setting: str, clip: ModelIdentity) -> Checkpoint | None:
     """The head for `clip`'s embeddings among LAION's published ones and the packaged ones (the demo's),
     or None. Of LAION's, v2 before v1 for the aesthetic score, as LAION-Aesthetics chose."""
     kinds = _HEAD_KINDS[setting]
-    for tag, published in sorted(
-        PUBLISHED.items(),
-        key=lambda item: -kinds.index(item[1].architecture) if item[1].architecture in kinds else 0,
-    ):
-        if published.architecture in kinds and published.clip == clip:
-            return load_checkpoint(tag, setting)
+    fitting = [
+        tag
+        for tag, published in PUBLISHED.items()
+        if published.architecture in kinds and published.clip == clip
+    ]
+    if fitting:  # the kind listed last first: the v2 MLP before the v1 linear model
+        return load_checkpoint(
+            max(fitting, key=lambda tag: kinds.index(PUBLISHED[tag].architecture)), setting
+        )
     for path in PACKAGED_HEADS[setting]:
         checkpoint = load_checkpoint(str(path), setting)
         if checkpoint.clip == clip:
