@@ -198,7 +198,13 @@ def test_new_files_flow_to_pairs_card_and_catalog_and_a_failed_shard_is_caught_u
         following = _requested(
             dg.evaluate_automation_conditions(definitions, instance, cursor=evaluation.cursor)
         )
-        for name in ("downloaded_images", "clip_embeddings", "filtered_pairs", "recaptions"):
+        for name in (
+            "downloaded_images",
+            "clip_embeddings",
+            "quality_scores",
+            "filtered_pairs",
+            "recaptions",
+        ):
             assert following[name] == {"first"}
 
         # A download that fails (its tar cannot be written) leaves the shard for the nightly catch-up.

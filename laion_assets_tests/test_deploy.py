@@ -219,6 +219,7 @@ def _sensor_runs_and_recovery(
 
     wait_for(all_shards_done, 600, "every shard's filtered_pairs")
     assert instance.get_run_by_id(retry.run_id).status == dg.DagsterRunStatus.SUCCESS
+    assert set(shards) <= instance.get_materialized_partitions(dg.AssetKey(names.QUALITY_SCORES_ASSET))
 
     # The killed shard is whole: one images row per crawl row, no duplicate, its samples once each,
     # and nothing half-written in the store.
@@ -230,7 +231,7 @@ def _sensor_runs_and_recovery(
         keys = [key for key, _ in read_samples(f)]
     successes = images.filter(pc.equal(images.column("status"), "success")).column("key").to_pylist()
     assert sorted(keys) == sorted(successes) and len(keys) == len(set(keys))
-    for layer in ("crawl_metadata", "images", "embeddings", "pairs"):
+    for layer in ("crawl_metadata", "images", "embeddings", "scores", "pairs"):
         listed = {f.name for f in store.list(layer)}
         assert all(name.split(".", 1)[0] in shards for name in listed), listed
     assert store.fs.find(store.path("images")) == sorted(
@@ -252,6 +253,9 @@ def _sensor_runs_and_recovery(
         most[step] = _most_at_once([interval for intervals in by_run.values() for interval in intervals])
         assert most[step] <= limit, f"{most[step]} {step} steps at once, over {limit}: {by_run}"
     assert most[names.CLIP_EMBEDDINGS_ASSET] == 1
+    # the gpu pool holds one step at a time, whichever of its assets
+    gpu_assets = (names.CLIP_EMBEDDINGS_ASSET, names.QUALITY_SCORES_ASSET, names.RECAPTIONS_ASSET)
+    assert _most_at_once([i for step in gpu_assets for i in _step_intervals(instance, runs, step)]) == 1
 
 
 def _catalog_and_card_follow(instance: dg.DagsterInstance, store: DatasetStore) -> None:

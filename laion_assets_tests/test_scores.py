@@ -1,9 +1,12 @@
 """quality_scores: LAION's architectures loading LAION's weight layouts, the weight rules, the language
 identifiers on real short captions, and the asset on the demo world."""
 
+import json
 import re
+import shutil
 from pathlib import Path
 
+import dagster as dg
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -16,6 +19,7 @@ from laion_assets.demo.world import FOREIGN, aesthetic_truth, is_unsafe, make_wo
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.catalog import views as catalog
 from laion_assets.pipeline.embeddings.clip import ClipSettings, ModelIdentity, ModelMismatch, ModelUnavailable
+from laion_assets.pipeline.pairs.filter import PairsSettings, stored_scores
 from laion_assets.pipeline.scores.heads import build_head
 from laion_assets.pipeline.scores.language import LanguageIdentifier
 from laion_assets.pipeline.scores.score import (
@@ -27,8 +31,10 @@ from laion_assets.pipeline.scores.score import (
 )
 from laion_assets.pipeline.scores.watermark import build_watermark_model
 from laion_assets.pipeline.scores.weights import PUBLISHED, load_checkpoint, save_checkpoint
+from laion_assets.pipeline.settings import load_settings
 from laion_assets.pipeline.storage import EMBEDDINGS, SCORES, DatasetStore
-from laion_assets_tests.demo_dataset import DEMO_SHARDS
+from laion_assets_tests.dagster_helpers import materialize_shard
+from laion_assets_tests.demo_dataset import DEMO_CLIP, DEMO_SHARDS
 from laion_assets_tests.short_captions import SHORT_CAPTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,3 +256,40 @@ def test_a_head_that_records_no_clip_is_refused(tmp_path):
     scorers = Scorers(ScoreSettings(punsafe_head=str(unmatched), watermark_model="none", device="cpu"))
     with pytest.raises(ModelUnavailable, match="records no CLIP"):
         scorers.head("punsafe_head", ModelIdentity("laion-assets-demo", "x"), 64, "s")
+
+
+def test_a_preset_filters_the_pairs_on_the_stored_scores(demo_root, tmp_path):
+    """`preset: laion-aesthetics-6` in filtered_pairs' run config, on the demo's shards: every pair kept
+    passes the subset's rules, the funnel counts what each rule removed, the pairs' footer records the
+    preset, and the dataset's settings stay as they were."""
+    root = str(tmp_path / "data")
+    shutil.copytree(demo_root, root)
+    config = {"ops": {"filtered_pairs": {"config": {"preset": "laion-aesthetics-6"}}}}
+    instance = dg.DagsterInstance.ephemeral()
+    shard = DEMO_SHARDS[0]
+    done = materialize_shard(instance, root, shard, config, selection=["filtered_pairs"], clip=DEMO_CLIP)
+    assert done.success
+    store = DatasetStore(root)
+    kept = (
+        catalog.connect(store)
+        .sql(f"SELECT punsafe, pwatermark, aesthetic FROM scored_pairs WHERE key LIKE '{shard}-%'")
+        .fetchall()
+    )
+    assert kept and all(p < 0.5 and w < 0.8 and a >= 6 for p, w, a in kept)
+    funnel = json.loads(store.parquet_metadata(f"pairs/{shard}.parquet")[names.PAIRS_FUNNEL_FOOTER])
+    assert funnel["removed"]["aesthetic"] > 0
+    recorded = json.loads(store.parquet_metadata(f"pairs/{shard}.parquet")[names.PAIRS_SETTINGS_FOOTER])
+    assert recorded["preset"] == "laion-aesthetics-6"
+    assert load_settings(store).section("filtered_pairs")["preset"] == ""  # a run's config: that run only
+
+
+def test_a_rule_on_a_score_that_was_not_computed_refuses_naming_the_file(tmp_path):
+    store = DatasetStore(str(tmp_path / "data"))
+    store.write_parquet(
+        SCORES.parquet("s"), pa.Table.from_pylist([{"key": "s-00000000"}], schema=schemas.SCORES)
+    )
+    with pytest.raises(ValueError, match=r"scores/s\.parquet has no aesthetic"):
+        stored_scores(store, "s", PairsSettings(min_aesthetic=6.0))
+    with pytest.raises(ValueError, match=r"materialise quality_scores for it first"):
+        stored_scores(store, "t", PairsSettings(languages=("en",)))
+    assert stored_scores(store, "t", PairsSettings()) is None  # no rule reads the scores
