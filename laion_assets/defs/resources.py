@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import typing
 from typing import ClassVar
 
 import dagster as dg
@@ -61,6 +62,19 @@ class DuckDBCatalogResource(dg.ConfigurableResource):
         return catalog.connect(DatasetStore(self.root))
 
 
+S = typing.TypeVar("S")
+
+
+def dataset_models(
+    settings: S, dataset: DatasetStore, section: str, fields: tuple[str, ...], variables: dict[str, str]
+) -> S:
+    """`settings` with the models the dataset's settings record in `section` (its `fields`), under the
+    environment `variables` that are set: a deployment's resources follow the dataset they run on."""
+    recorded = (load_settings(dataset) or DatasetSettings()).section(section)
+    chosen = {k: v for k, v in recorded.items() if k in fields}
+    return dataclasses.replace(settings, **{**chosen, **values_from_env(variables)})
+
+
 C = ClipSettings  # every default below is the pipeline's own
 
 
@@ -84,9 +98,7 @@ class ClipEncoderResource(dg.ConfigurableResource):
         if self._encoder is None:
             settings = settings_from(self, ClipSettings)
             if self.from_dataset:
-                recorded = (load_settings(dataset) or DatasetSettings()).section(CLIP_SECTION)
-                chosen = {k: v for k, v in recorded.items() if k in MODEL_FIELDS}
-                settings = dataclasses.replace(settings, **{**chosen, **values_from_env(SETTINGS_ENV)})
+                settings = dataset_models(settings, dataset, CLIP_SECTION, MODEL_FIELDS, SETTINGS_ENV)
             self._encoder = ClipEncoder(settings)
         return self._encoder
 
@@ -187,9 +199,9 @@ class ScorersResource(dg.ConfigurableResource):
         if self._scorers is None:
             settings = settings_from(self, ScoreSettings)
             if self.from_dataset:
-                recorded = (load_settings(dataset) or DatasetSettings()).section(SCORES_SECTION)
-                chosen = {k: v for k, v in recorded.items() if k in score.MODEL_FIELDS}
-                settings = dataclasses.replace(settings, **{**chosen, **values_from_env(score.SETTINGS_ENV)})
+                settings = dataset_models(
+                    settings, dataset, SCORES_SECTION, score.MODEL_FIELDS, score.SETTINGS_ENV
+                )
             self._scorers = Scorers(settings)
         return self._scorers
 

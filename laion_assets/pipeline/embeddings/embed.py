@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +29,8 @@ from laion_assets.pipeline.lineage import inherited_footer
 from laion_assets.pipeline.parallel import ordered_map
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import EMBEDDINGS, IMAGES, DatasetStore
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -58,31 +61,46 @@ def embed_shard(
         ["key", "caption"]
     )
     captions = dict(zip(rows.column("key").to_pylist(), rows.column("caption").to_pylist(), strict=True))
-    samples = ((key, members) for key, members in read_samples(tar) if key in captions)
+    undecodable: list[str] = []
+    out = _Embeddings(encoder.dim)
+    for batch in image_batches(tar, set(captions), encoder.prepare, batch_size, workers, undecodable):
+        out.add(encoder, batch, captions)
+    return EmbedResult(table=out.table(), undecodable=undecodable, seconds=time.monotonic() - start)
 
-    def prepare(sample: tuple[str, dict[str, bytes]]) -> tuple[str, torch.Tensor | None]:
+
+def image_batches(
+    tar: IO[bytes],
+    keys: set[str],
+    to_input: Callable[[Image.Image], T],
+    batch_size: int,
+    workers: int,
+    undecodable: list[str],
+) -> Iterator[list[tuple[str, T]]]:
+    """Batches of (key, `to_input(image)`) for the stored image of each sample of `keys` in `tar`, decoded
+    and prepared on `workers` threads ahead of the model (Pillow and torch release the GIL), in the tar's
+    order; the keys whose image cannot be read are appended to `undecodable`."""
+
+    def prepare(sample: tuple[str, dict[str, bytes]]) -> tuple[str, T | None]:
         key, members = sample
         try:
             with Image.open(io.BytesIO(stored_image_bytes(members))) as image:
-                return key, encoder.prepare(image)
+                return key, to_input(image)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             return key, None
 
-    undecodable: list[str] = []
-    out = _Embeddings(encoder.dim)
-    batch: list[tuple[str, torch.Tensor]] = []
+    samples = ((key, members) for key, members in read_samples(tar) if key in keys)
+    batch: list[tuple[str, T]] = []
     with ThreadPoolExecutor(workers, thread_name_prefix="preprocess") as pool:
-        for key, pixels in ordered_map(pool, prepare, samples, lookahead=2 * batch_size):
-            if pixels is None:
+        for key, prepared in ordered_map(pool, prepare, samples, lookahead=2 * batch_size):
+            if prepared is None:
                 undecodable.append(key)
                 continue
-            batch.append((key, pixels))
+            batch.append((key, prepared))
             if len(batch) == batch_size:
-                out.add(encoder, batch, captions)
+                yield batch
                 batch = []
-        if batch:
-            out.add(encoder, batch, captions)
-    return EmbedResult(table=out.table(), undecodable=undecodable, seconds=time.monotonic() - start)
+    if batch:
+        yield batch
 
 
 class _Embeddings:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,22 +23,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from PIL import Image, UnidentifiedImageError
 
 from laion_assets import names
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.download.imaging import stored_image_bytes
 from laion_assets.pipeline.embeddings.clip import (
     ModelIdentity,
     ModelMismatch,
     ModelUnavailable,
     resolve_device,
 )
+from laion_assets.pipeline.embeddings.embed import image_batches
 from laion_assets.pipeline.lineage import inherited_footer
-from laion_assets.pipeline.parallel import ordered_map
 from laion_assets.pipeline.scores.language import LanguageIdentifier
 from laion_assets.pipeline.scores.weights import AUTO, OFF, PUBLISHED, Checkpoint, load_checkpoint
-from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import EMBEDDINGS, IMAGES, SCORES, DatasetStore, footer
 
 if TYPE_CHECKING:
@@ -252,35 +248,12 @@ def _watermark_scores(
 
     from laion_assets.pipeline.scores.watermark import pwatermark, watermark_pixels
 
-    def prepare(sample: tuple[str, dict[str, bytes]]) -> tuple[str, torch.Tensor | None]:
-        key, members = sample
-        try:
-            with Image.open(io.BytesIO(stored_image_bytes(members))) as image:
-                return key, watermark_pixels(image)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-            return key, None
-
     scores: dict[str, float] = {}
     undecodable: list[str] = []
-    batch: list[tuple[str, torch.Tensor]] = []
-
-    def flush() -> None:
+    size = scorers.settings.batch_size
+    for batch in image_batches(tar, keys, watermark_pixels, size, workers, undecodable):
         found = pwatermark(scorers.watermark, torch.stack([pixels for _, pixels in batch]))
         scores.update(zip([key for key, _ in batch], found.tolist(), strict=True))
-        batch.clear()
-
-    samples = ((key, members) for key, members in read_samples(tar) if key in keys)
-    size = scorers.settings.batch_size
-    with ThreadPoolExecutor(workers, thread_name_prefix="watermark") as pool:
-        for key, pixels in ordered_map(pool, prepare, samples, lookahead=2 * size):
-            if pixels is None:
-                undecodable.append(key)
-                continue
-            batch.append((key, pixels))
-            if len(batch) == size:
-                flush()
-        if batch:
-            flush()
     return scores, undecodable
 
 
