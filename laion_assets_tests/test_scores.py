@@ -293,3 +293,18 @@ def test_a_rule_on_a_score_that_was_not_computed_refuses_naming_the_file(tmp_pat
     with pytest.raises(ValueError, match=r"materialise quality_scores for it first"):
         stored_scores(store, "t", PairsSettings(languages=("en",)))
     assert stored_scores(store, "t", PairsSettings()) is None  # no rule reads the scores
+
+
+def test_the_shipped_score_models_hold_their_figures_on_a_held_out_world():
+    """What `python -m laion_assets.demo.train_scores` checks after training, on a smaller held-out world:
+    punsafe and pwatermark precision and recall, the aesthetic Spearman at least 0.9, the language
+    at least 0.95 right."""
+    from laion_assets.demo import DEMO_WATERMARK_MODEL
+    from laion_assets.demo.train import EVAL_SEED
+    from laion_assets.demo.train_scores import evaluate, world
+
+    figures = evaluate(
+        world(240, EVAL_SEED, 0.3), (DEMO_PUNSAFE_HEAD, DEMO_AESTHETIC_HEAD, DEMO_WATERMARK_MODEL)
+    )
+    assert figures.punsafe.true_positive and figures.pwatermark.true_positive
+    assert figures.holds(), figures.lines()
