@@ -116,14 +116,15 @@ def prepare_settings(
     are the score models (`scores`, under the variables of `score.SETTINGS_ENV`)."""
     stored = load_settings(store) or DatasetSettings()
     if clip_settings is None:
-        recorded = {k: v for k, v in stored.section(CLIP_SECTION).items() if k in MODEL_FIELDS}
-        clip_settings = ClipSettings(**{**recorded, **values_from_env(CLIP_ENV)})
+        clip_settings = stored.recorded_in(
+            ClipSettings(), CLIP_SECTION, MODEL_FIELDS, values_from_env(CLIP_ENV)
+        )
     if captioner is None and environment_captioner() is CocaCaptionerResource:
-        recorded = {k: v for k, v in stored.section(CAPTIONER_SECTION).items() if k in MODEL_FIELDS}
-        captioner = CaptionSettings(**{**recorded, **values_from_env(CAPTION_ENV)})
+        env = values_from_env(CAPTION_ENV)
+        captioner = stored.recorded_in(CaptionSettings(), CAPTIONER_SECTION, MODEL_FIELDS, env)
     if scorers is None:
-        recorded = {k: v for k, v in stored.section(SCORES_SECTION).items() if k in SCORE_MODEL_FIELDS}
-        scorers = ScoreSettings(**{**recorded, **values_from_env(SCORES_ENV)})
+        env = values_from_env(SCORES_ENV)
+        scorers = stored.recorded_in(ScoreSettings(), SCORES_SECTION, SCORE_MODEL_FIELDS, env)
     missing = {
         name: config_values(config_type(**explicit_config(run_config, name)))
         for name, config_type in SETTINGS_SECTIONS.items()

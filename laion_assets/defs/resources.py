@@ -70,9 +70,8 @@ def dataset_models(
 ) -> S:
     """`settings` with the models the dataset's settings record in `section` (its `fields`), under the
     environment `variables` that are set: a deployment's resources follow the dataset they run on."""
-    recorded = (load_settings(dataset) or DatasetSettings()).section(section)
-    chosen = {k: v for k, v in recorded.items() if k in fields}
-    return dataclasses.replace(settings, **{**chosen, **values_from_env(variables)})
+    stored = load_settings(dataset) or DatasetSettings()
+    return stored.recorded_in(settings, section, fields, values_from_env(variables))
 
 
 C = ClipSettings  # every default below is the pipeline's own

@@ -9,14 +9,17 @@ status`), and a removal with other settings refuses until the change is accepted
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from laion_assets.pipeline.storage import SETTINGS_FILE, DatasetStore
+
+T = TypeVar("T")
 
 CLIP_SECTION = "clip"
 CAPTIONER_SECTION = "captioner"
@@ -49,6 +52,12 @@ class DatasetSettings:
     def with_sections(self, sections: Mapping[str, Mapping[str, Any]]) -> DatasetSettings:
         """These settings with `sections` added or replaced."""
         return DatasetSettings({**self.sections, **{k: dict(v) for k, v in sections.items()}})
+
+    def recorded_in(self, base: T, section: str, fields: Iterable[str], overrides: Mapping[str, Any]) -> T:
+        """`base` (a model's settings dataclass) with the `fields` that `section` records, and `overrides`
+        (the environment's, say) over them: how every entry point finds the dataset's models."""
+        chosen = {k: v for k, v in self.section(section).items() if k in fields}
+        return dataclasses.replace(base, **{**chosen, **overrides})
 
 
 def load_settings(store: DatasetStore) -> DatasetSettings | None:
