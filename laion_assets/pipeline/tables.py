@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -11,3 +12,18 @@ def keep_first(table: pa.Table, columns: list[str]) -> pa.Table:
     rows = table.select(columns).append_column("_row", pa.array(range(table.num_rows), pa.int64()))
     first = rows.group_by(columns, use_threads=False).aggregate([("_row", "min")]).column("_row_min")
     return table.take(pc.take(first, pc.sort_indices(first)))
+
+
+def unit_rows(column: pa.ChunkedArray) -> np.ndarray:
+    """The L2-normalised float32 rows of a column of vectors: fixed-size lists (the embeddings, stored in
+    float16, whose rounding changes their length a little), or fp16 packed as fixed-size binary (dedup's
+    members)."""
+    if pa.types.is_fixed_size_binary(column.type):
+        dim = column.type.byte_width // 2
+        array = column.combine_chunks()
+        vectors = np.frombuffer(array.buffers()[1], "<f2", len(array) * dim, array.offset * dim * 2)
+    else:
+        dim = column.type.list_size
+        vectors = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    vectors = vectors.astype(np.float32).reshape(len(column), dim)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)

@@ -67,6 +67,7 @@ from laion_assets.pipeline.storage import (
     SETTINGS_FILE,
     DatasetStore,
 )
+from laion_assets.pipeline.tables import unit_rows
 
 if TYPE_CHECKING:
     import faiss
@@ -457,23 +458,9 @@ def _shard_vectors(store: DatasetStore, shard: str, keep: set[str]) -> _Vectors:
     keys = table.column("key").to_pylist()
     return _Vectors(
         keys,
-        _as_matrix(table.column("image_embedding")),
+        unit_rows(table.column("image_embedding")),
         np.array([-1 if by_key.get(k) is None else by_key[k] for k in keys], np.int64),
     )
-
-
-def _as_matrix(column: pa.ChunkedArray) -> np.ndarray:
-    """The L2-normalised float32 rows of a column of fixed-size lists, or of fp16 packed as fixed-size
-    binary (the members)."""
-    if pa.types.is_fixed_size_binary(column.type):
-        dim = column.type.byte_width // 2
-        array = column.combine_chunks()
-        vectors = np.frombuffer(array.buffers()[1], "<f2", len(array) * dim, array.offset * dim * 2)
-    else:
-        dim = column.type.list_size
-        vectors = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    vectors = vectors.astype(np.float32).reshape(len(column), dim)
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
 def _semantic(
@@ -633,7 +620,7 @@ def _members(table: pa.Table) -> _Vectors:
     phash = table.column("phash").to_pylist()
     return _Vectors(
         table.column("key").to_pylist(),
-        _as_matrix(table.column("image_embedding")),
+        unit_rows(table.column("image_embedding")),
         np.array([-1 if p is None else p for p in phash], np.int64),
     )
 
@@ -691,7 +678,7 @@ def _centroids(
     total = sum(store.parquet_num_rows(path) for path in members + staged)
     why = "retrain set" if settings.retrain else "first run"
     if store.exists(DEDUP_CENTROIDS) and not settings.retrain:
-        stored = _as_matrix(store.read_parquet(DEDUP_CENTROIDS).column("centroid"))
+        stored = unit_rows(store.read_parquet(DEDUP_CENTROIDS).column("centroid"))
         meta = store.parquet_metadata(DEDUP_CENTROIDS)
         grown = not settings.clusters and total > settings.regrow * int(meta["sized_for"])
         if settings.clusters in (0, len(stored)) and not grown:

@@ -143,15 +143,15 @@ class PairsSettings:
         }
         return dataclasses.replace(self, **chosen, preset="")
 
-    def score_rules(self) -> dict[str, str]:
-        """The active rules that read the quality scores: rule -> the score column it reads."""
+    def score_rules(self) -> tuple[str, ...]:
+        """The active rules that read the quality scores, each named as the score column it reads."""
         active = {
             "language": bool(self.languages),
             "punsafe": self.max_punsafe is not None,
             "pwatermark": self.max_pwatermark is not None,
             "aesthetic": self.min_aesthetic is not None,
         }
-        return {rule: rule for rule, on in active.items() if on}
+        return tuple(rule for rule, on in active.items() if on)
 
 
 @dataclass(frozen=True)
@@ -289,10 +289,8 @@ def stored_scores(store: DatasetStore, shard: str, settings: PairsSettings) -> p
             f"shard {shard}: the {', '.join(rules)} rules read quality scores, and {store.url(path)} does "
             "not exist: materialise quality_scores for it first"
         )
-    scores = store.read_parquet(path, columns=["key", *rules.values()])
-    unscored = [
-        column for column in rules.values() if scores.column(column).null_count == scores.num_rows > 0
-    ]
+    scores = store.read_parquet(path, columns=["key", *rules])
+    unscored = [column for column in rules if scores.column(column).null_count == scores.num_rows > 0]
     if unscored:
         raise ValueError(
             f"shard {shard}: {store.url(path)} has no {', '.join(unscored)} (its model is `none`, or `auto` "

@@ -37,6 +37,7 @@ from laion_assets.pipeline.lineage import inherited_footer
 from laion_assets.pipeline.scores.language import LanguageIdentifier
 from laion_assets.pipeline.scores.weights import AUTO, OFF, PUBLISHED, Checkpoint, load_checkpoint
 from laion_assets.pipeline.storage import EMBEDDINGS, IMAGES, SCORES, DatasetStore, footer
+from laion_assets.pipeline.tables import unit_rows
 
 if TYPE_CHECKING:
     import torch
@@ -181,7 +182,7 @@ def write_scores(store: DatasetStore, shard: str, scorers: Scorers, workers: int
     keys = embeddings.column("key").to_pylist()
     columns: dict[str, list | np.ndarray] = {}
     heads = {}
-    vectors = _vectors(embeddings.column("image_embedding"))
+    vectors = unit_rows(embeddings.column("image_embedding"))
     for setting, score in HEAD_SCORES.items():
         loaded = scorers.head(setting, clip, vectors.shape[1], shard) if clip is not None and keys else None
         heads[score] = loaded[1] if loaded else OFF
@@ -216,15 +217,6 @@ def write_scores(store: DatasetStore, shard: str, scorers: Scorers, workers: int
     }
     store.write_parquet(SCORES.parquet(shard), table, metadata=scores_footer)
     return ScoresResult(table, heads, undecodable, time.monotonic() - start)
-
-
-def _vectors(column: pa.ChunkedArray) -> np.ndarray:
-    """The embeddings as float32 rows, normalised again (float16 storage rounds their length)."""
-    flat = column.combine_chunks()
-    dim = flat.type.list_size
-    vectors = flat.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.where(norms == 0, 1, norms)
 
 
 def run_head(head: torch.nn.Module, vectors: np.ndarray, batch_size: int) -> np.ndarray:
