@@ -202,7 +202,7 @@ def test_scores_record_their_models_and_tiny_clip_has_no_heads(tmp_path):
     assert stored.schema.remove_metadata() == schemas.SCORES
     assert stored.column("punsafe").null_count == stored.column("aesthetic").null_count == 2
     assert stored.column("language").to_pylist() == ["fr", None]
-    assert result.heads == {
+    assert result.weights == {
         "punsafe": "none",
         "aesthetic": "none",
         "pwatermark": "none",

@@ -45,7 +45,7 @@ def quality_scores(
         metadata[shard] = {
             "dagster/row_count": rows,
             **{f"mean/{score}": value for score, value in score_means(result.table).items()},
-            **{f"weights/{score}": weights for score, weights in result.heads.items()},
+            **{f"weights/{score}": weights for score, weights in result.weights.items()},
             "languages": dg.MetadataValue.json(
                 dict(Counter(result.table.column("language").to_pylist()).most_common())
             ),

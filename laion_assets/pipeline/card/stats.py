@@ -38,9 +38,7 @@ class ShardRecord:
     provenance: dict | None
     model: ModelIdentity | None  # of its embeddings
     captioner: dict | None  # of its recaptions, if it has them
-    scores: dict | None = (
-        None  # the models of its quality scores (their settings and weights), if it has them
-    )
+    scores: dict | None  # the models of its quality scores (settings, weights), if it has them
 
 
 Counts = list[tuple[str, int]]
@@ -169,7 +167,6 @@ def _stats(
         "FROM pairs GROUP BY ALL"
     )
     licenses = rows("SELECT license, sum(n)::BIGINT AS n FROM card_pairs GROUP BY 1 ORDER BY n DESC, license")
-    rest = sum(n for _, n in licenses[settings.top_n :])
     similarity_bins = rows(
         "SELECT floor(similarity / ?)::BIGINT AS bin, count(*) FROM embeddings GROUP BY 1 ORDER BY 1",
         SIMILARITY_BIN,
@@ -196,7 +193,7 @@ def _stats(
         nsfw=_in_order(
             dict(rows("SELECT nsfw, sum(n)::BIGINT FROM card_pairs GROUP BY 1")), schemas.NSFW_TAGS
         ),
-        licenses=licenses[: settings.top_n] + ([("(other licences)", rest)] if rest else []),
+        licenses=_top(licenses, settings.top_n, "(other licences)"),
         similarity_bins=similarity_bins,
         size_bins={
             f"original_{column}": rows(
@@ -243,7 +240,6 @@ def _score_stats(connection: duckdb.DuckDBPyConnection, top_n: int) -> ScoreStat
     languages = rows(
         "SELECT language, sum(n)::BIGINT AS n FROM card_scores GROUP BY 1 ORDER BY n DESC, language"
     )
-    rest = sum(n for _, n in languages[top_n:])
     return ScoreStats(
         scored=sum(n for _, n in languages),
         bins={
@@ -254,7 +250,7 @@ def _score_stats(connection: duckdb.DuckDBPyConnection, top_n: int) -> ScoreStat
             for column in columns
         },
         means=means,
-        languages=languages[:top_n] + ([("(other languages)", rest)] if rest else []),
+        languages=_top(languages, top_n, "(other languages)"),
     )
 
 
@@ -317,6 +313,12 @@ def _bins(rows: Callable[[str], list[tuple]], column: str) -> Bins:
     return rows(
         f"SELECT {column}_bin, sum(n)::BIGINT FROM card_recaptions WHERE recaptioned GROUP BY 1 ORDER BY 1"
     )
+
+
+def _top(counts: Counts, n: int, rest: str) -> Counts:
+    """The first `n` of `counts` (largest first), then the others together as `rest`, where there are any."""
+    others = sum(count for _, count in counts[n:])
+    return counts[:n] + ([(rest, others)] if others else [])
 
 
 def _in_order(counts: dict[str, int], order: tuple[str, ...]) -> Counts:

@@ -83,7 +83,7 @@ class ScoreSettings:
 @dataclass
 class ScoresResult:
     table: pa.Table  # schemas.SCORES, sorted by key
-    heads: dict[str, str]  # score -> the weights that made it ("none" where not computed)
+    weights: dict[str, str]  # score -> the weights that made it ("none" where not computed)
     undecodable: list[str]  # keys whose stored image could not be read: no pwatermark
     seconds: float
 
@@ -181,11 +181,11 @@ def write_scores(store: DatasetStore, shard: str, scorers: Scorers, workers: int
     clip = ModelIdentity.from_footer(footer(embeddings.schema))
     keys = embeddings.column("key").to_pylist()
     columns: dict[str, list | np.ndarray] = {}
-    heads = {}
+    weights = {}
     vectors = unit_rows(embeddings.column("image_embedding"))
     for setting, score in HEAD_SCORES.items():
         loaded = scorers.head(setting, clip, vectors.shape[1], shard) if clip is not None and keys else None
-        heads[score] = loaded[1] if loaded else OFF
+        weights[score] = loaded[1] if loaded else OFF
         columns[score] = (
             run_head(loaded[0], vectors, scorers.settings.batch_size) if loaded else [None] * len(keys)
         )
@@ -197,8 +197,8 @@ def write_scores(store: DatasetStore, shard: str, scorers: Scorers, workers: int
     if scorers.watermark is not None and keys:
         with store.open(IMAGES.tar(shard)) as tar:
             watermark, undecodable = _watermark_scores(scorers, tar, set(keys), workers)
-    heads["pwatermark"] = scorers.watermark_weights
-    heads["language"] = scorers.settings.language_id
+    weights["pwatermark"] = scorers.watermark_weights
+    weights["language"] = scorers.settings.language_id
     table = pa.table(
         {
             "key": pa.array(keys, pa.string()),
@@ -213,10 +213,10 @@ def write_scores(store: DatasetStore, shard: str, scorers: Scorers, workers: int
     scores_footer = {
         **inherited_footer(embeddings),
         **(clip.footer() if clip else {}),
-        names.SCORES_FOOTER: json.dumps({**scorers.describe(), "weights": heads}),
+        names.SCORES_FOOTER: json.dumps({**scorers.describe(), "weights": weights}),
     }
     store.write_parquet(SCORES.parquet(shard), table, metadata=scores_footer)
-    return ScoresResult(table, heads, undecodable, time.monotonic() - start)
+    return ScoresResult(table, weights, undecodable, time.monotonic() - start)
 
 
 def run_head(head: torch.nn.Module, vectors: np.ndarray, batch_size: int) -> np.ndarray:
