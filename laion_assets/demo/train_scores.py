@@ -22,17 +22,14 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from laion_assets.demo import DEMO_CHECKPOINT, DEMO_WATERMARK_MODEL
 from laion_assets.demo.score import QualityScore, score_quality
-from laion_assets.demo.train import EVAL_SEED, TRAIN_SEED, _embeddings, _encoder, optimise
-from laion_assets.demo.views import pipeline_view
+from laion_assets.demo.train import EVAL_SEED, TRAIN_SEED, _embeddings, _encoder, optimise, prepared_pixels
 from laion_assets.demo.world import (
     FOREIGN,
     OVERLAID,
@@ -93,18 +90,8 @@ def train_heads(items: Sequence[Item], steps: int) -> tuple[torch.nn.Module, tor
     return punsafe.eval(), aesthetic.eval()
 
 
-def pixels(items: Sequence[Item]) -> torch.Tensor:
-    """The watermark model's input for each item as the pipeline stores it, made on two processes."""
-    with ProcessPoolExecutor(2) as workers:
-        return torch.from_numpy(np.stack(list(workers.map(_pixels, items, chunksize=64))))
-
-
-def _pixels(item: Item) -> np.ndarray:
-    return watermark_pixels(pipeline_view(item)).numpy()
-
-
 def train_watermark(items: Sequence[Item], steps: int) -> torch.nn.Module:
-    inputs = pixels(items)
+    inputs = prepared_pixels(items, watermark_pixels)
     labels = torch.tensor([0 if is_watermarked(item) else 1 for item in items])  # output 0: watermark
     torch.manual_seed(0)
     model = build_watermark_model(WATERMARK_BACKBONE).train()
@@ -135,7 +122,9 @@ def evaluate(items: Sequence[Item], models: Sequence[Path], language_id: str = "
         )
         saved = load_checkpoint(str(watermark_path), "watermark_model")
         model = build_watermark_model(saved.architecture, saved.state_dict)
-        watermark = torch.cat([pwatermark(model, batch) for batch in pixels(items).split(64)]).numpy()
+        watermark = torch.cat(
+            [pwatermark(model, batch) for batch in prepared_pixels(items, watermark_pixels).split(64)]
+        ).numpy()
     identifier = LanguageIdentifier(language_id)
     languages = [identifier.identify(item.caption)[0] for item in items]
     return score_quality(items, punsafe, watermark, aesthetic, languages)
