@@ -10,6 +10,7 @@ from laion_assets.defs.crawl import CrawlMetadataConfig
 from laion_assets.defs.dedup import DuplicatesConfig, duplicates
 from laion_assets.defs.download import DownloadImagesConfig
 from laion_assets.defs.execution import executor_from_env
+from laion_assets.defs.exports import TrainingShardsConfig, training_shards
 from laion_assets.defs.jobs import PER_SHARD_ASSETS, PER_SHARD_CHECKS, shard_job
 from laion_assets.defs.pairs import FilteredPairsConfig
 from laion_assets.defs.pools import pool_slots_sensor
@@ -20,7 +21,7 @@ from laion_assets.pipeline.embeddings.clip import ClipSettings
 from laion_assets.pipeline.scores.score import ScoreSettings
 
 # unpartitioned: `blocklist` reads the lists, the others every materialised shard, in this order
-DATASET_ASSETS = [blocklist, takedowns, duplicates, catalog, dataset_card, search_index]
+DATASET_ASSETS = [blocklist, takedowns, duplicates, training_shards, catalog, dataset_card, search_index]
 dataset_job = dg.define_asset_job(
     names.DATASET_JOB,
     selection=dg.AssetSelection.assets(*DATASET_ASSETS),
@@ -35,6 +36,7 @@ SETTINGS_SECTIONS: dict[str, type[dg.Config]] = {
     names.DOWNLOADED_IMAGES_ASSET: DownloadImagesConfig,
     names.FILTERED_PAIRS_ASSET: FilteredPairsConfig,
     names.DUPLICATES_ASSET: DuplicatesConfig,
+    names.TRAINING_SHARDS_ASSET: TrainingShardsConfig,
     names.DATASET_CARD_ASSET: DatasetCardConfig,
 }
 

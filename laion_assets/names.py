@@ -20,6 +20,7 @@ SEARCH_INDEX_ASSET = "search_index"
 BLOCKLIST_ASSET = "blocklist"  # the block lists' active entries
 TAKEDOWNS_ASSET = "takedowns"  # the removal of what the lists match, and its ledger
 DUPLICATES_ASSET = "duplicates"  # dataset-level dedup, its finds removed
+TRAINING_SHARDS_ASSET = "training_shards"  # named subsets resharded for training (exports/)
 
 # Asset checks (the asset each one checks is in its name's comment)
 ONE_ROW_PER_CRAWL_ROW_CHECK = "one_row_per_crawl_row"  # downloaded_images

@@ -254,7 +254,8 @@ def echo_rewrites(result: dg.ExecuteInProcessResult, name: str, echo: Callable[[
         if "changed_by" not in observation.metadata:  # not a rewrite (takedowns' "nothing matched")
             continue
         rows, why = observation.metadata["dagster/row_count"].value, observation.metadata["changed_by"].value
-        echo(f"  {observation.asset_key.to_user_string()} {observation.partition}: now {rows} rows ({why})")
+        where = f" {observation.partition}" if observation.partition else ""  # training_shards has none
+        echo(f"  {observation.asset_key.to_user_string()}{where}: now {rows} rows ({why})")
 
 
 def cli_shards_per_run() -> int:

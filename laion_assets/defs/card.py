@@ -4,12 +4,12 @@ import dagster as dg
 
 from laion_assets import names
 from laion_assets.defs.config import dataset_config, settings_from
-from laion_assets.defs.dedup import duplicates
+from laion_assets.defs.exports import training_shards
 from laion_assets.defs.metadata import reads
 from laion_assets.defs.partitions import DATASET_GROUP, FOLLOWS_ANY_SHARD
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline.card import CardSettings, write_card
-from laion_assets.pipeline.storage import DUPLICATES, SHARD_LAYERS, TAKEDOWNS
+from laion_assets.pipeline.storage import DUPLICATES, EXPORTS, SHARD_LAYERS, TAKEDOWNS
 
 S = CardSettings  # every default below is the pipeline's own
 
@@ -27,9 +27,9 @@ class DatasetCardConfig(dg.Config):
 
 @dg.asset(
     name=names.DATASET_CARD_ASSET,
-    deps=[duplicates],  # after every removal
+    deps=[training_shards],  # after every removal and export
     group_name=DATASET_GROUP,
-    metadata=reads(*SHARD_LAYERS, TAKEDOWNS, DUPLICATES),
+    metadata=reads(*SHARD_LAYERS, TAKEDOWNS, DUPLICATES, EXPORTS),
     kinds={"markdown"},
     automation_condition=FOLLOWS_ANY_SHARD,
 )

@@ -4,12 +4,12 @@ and hosts/hosts.parquet, the images grouped by host, behind its `hosts` view."""
 import dagster as dg
 
 from laion_assets import names
-from laion_assets.defs.dedup import duplicates
+from laion_assets.defs.exports import training_shards
 from laion_assets.defs.metadata import reads
 from laion_assets.defs.partitions import DATASET_GROUP, FOLLOWS_ANY_SHARD
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline.catalog import views as duckdb_catalog
-from laion_assets.pipeline.storage import DUPLICATES, SHARD_LAYERS, TAKEDOWNS
+from laion_assets.pipeline.storage import DUPLICATES, EXPORTS, SHARD_LAYERS, TAKEDOWNS
 
 
 class CatalogConfig(dg.Config):
@@ -20,9 +20,9 @@ class CatalogConfig(dg.Config):
 
 @dg.asset(
     name=names.CATALOG_ASSET,
-    deps=[duplicates],  # after every removal
+    deps=[training_shards],  # after every removal and export
     group_name=DATASET_GROUP,
-    metadata=reads(*SHARD_LAYERS, TAKEDOWNS, DUPLICATES),
+    metadata=reads(*SHARD_LAYERS, TAKEDOWNS, DUPLICATES, EXPORTS),
     kinds={"duckdb"},
     automation_condition=FOLLOWS_ANY_SHARD,
 )

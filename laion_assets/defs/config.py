@@ -59,7 +59,7 @@ def explicit_config(run_config: dict, asset: str) -> dict:
 
 # Fields that ask for something once (train again, accept a change) rather than shape the dataset: a
 # run's own config sets them, the settings file never holds them.
-RUN_ONLY_FIELDS = frozenset({"accept_settings_change", "retrain"})
+RUN_ONLY_FIELDS = frozenset({"accept_settings_change", "retrain", "reshuffle"})
 
 
 def config_values(config: "dg.Config") -> dict:

@@ -9,7 +9,7 @@ import dagster as dg
 from laion_assets import names
 from laion_assets.defs.config import dataset_config, settings_from
 from laion_assets.defs.jobs import PER_SHARD_ASSETS
-from laion_assets.defs.metadata import reads, rewritten_partitions
+from laion_assets.defs.metadata import reads, rewritten_exports, rewritten_partitions
 from laion_assets.defs.partitions import DATASET_GROUP, FOLLOWS_ANY_SHARD
 from laion_assets.defs.recaptions import recaptions
 from laion_assets.defs.resources import DatasetStoreResource
@@ -62,6 +62,8 @@ def duplicates(
         result = deduplicate(dataset, settings, accept_settings_change=config.accept_settings_change)
     why = f"duplicates run {context.run.run_id[:8]}"
     for observation in rewritten_partitions(dataset, result.removal, PER_SHARD_ASSETS, why):
+        context.log_event(observation)
+    for observation in rewritten_exports(dataset, result.removal, why):
         context.log_event(observation)
     context.log.info(
         f"{len(result.shards)} shards checked, {result.duplicates.num_rows} duplicates; centroids "

@@ -6,8 +6,9 @@ import pyarrow as pa
 
 from laion_assets import names
 from laion_assets.pipeline import markdown
+from laion_assets.pipeline.exports.export import SUMMARY_COLUMNS, stored_exports, summary_rows
 from laion_assets.pipeline.removal import RemovalResult
-from laion_assets.pipeline.storage import SHARD_LAYERS, DatasetStore, Layer
+from laion_assets.pipeline.storage import EXPORTS, SHARD_LAYERS, DatasetStore, Layer
 
 _LAYERS = {layer.name: layer for layer in SHARD_LAYERS}
 
@@ -101,3 +102,22 @@ def rewritten_partitions(
             )
         )
     return observations
+
+
+def rewritten_exports(store: DatasetStore, removal: RemovalResult, why: str) -> list[dg.AssetObservation]:
+    """An observation of `training_shards` when a removal rewrote export tars: each export's samples now
+    and the tars rewritten, so that the UI shows what the exports hold."""
+    tars = [path for path in removal.files if path.startswith(f"{EXPORTS}/")]
+    if not tars:
+        return []
+    manifests = stored_exports(store)
+    return [
+        dg.AssetObservation(
+            asset_key=dg.AssetKey(names.TRAINING_SHARDS_ASSET),
+            metadata={
+                "dagster/row_count": sum(m.get("samples", 0) for m in manifests),
+                "exports": dg.MetadataValue.md(markdown.table(SUMMARY_COLUMNS, summary_rows(manifests), 200)),
+                "changed_by": f"{why} rewrote {len(tars)} export shards: {', '.join(tars[:20])}",
+            },
+        )
+    ]

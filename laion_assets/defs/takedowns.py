@@ -14,7 +14,7 @@ import dagster as dg
 
 from laion_assets import names
 from laion_assets.defs.jobs import PER_SHARD_ASSETS
-from laion_assets.defs.metadata import reads, rewritten_partitions
+from laion_assets.defs.metadata import reads, rewritten_exports, rewritten_partitions
 from laion_assets.defs.partitions import TAKEDOWNS_GROUP
 from laion_assets.defs.recaptions import recaptions
 from laion_assets.defs.resources import DatasetStoreResource
@@ -82,10 +82,11 @@ def _take_down(context: dg.AssetExecutionContext, dataset: DatasetStore) -> Iter
     for done in finished:
         context.log.warning(f"completed the removal an interrupted run left pending: {done.ledger}")
     result = remove_keys(dataset, find_matches(dataset, load_active(dataset)), TAKEN_DOWN)
+    why = f"takedowns run {context.run.run_id[:8]}"
     for removal in [*finished, result]:
-        for observation in rewritten_partitions(
-            dataset, removal, PER_SHARD_ASSETS, f"takedowns run {context.run.run_id[:8]}"
-        ):
+        for observation in rewritten_partitions(dataset, removal, PER_SHARD_ASSETS, why):
+            context.log_event(observation)
+        for observation in rewritten_exports(dataset, removal, why):
             context.log_event(observation)
     if not result.removed:
         context.log.info("no stored sample is on an active block list: nothing to remove")

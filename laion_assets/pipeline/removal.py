@@ -4,7 +4,8 @@ A takedown (`TAKEN_DOWN`) empties the sample everywhere: its image leaves `image
 images row stays with status `taken_down` (url and caption null, so no row goes missing and no link is
 left in clear), and its rows leave embeddings, pairs (parquet and tar), pairs_embeddings and
 recaptions. A duplicate (`DUPLICATE`, dataset-level dedup) only leaves the dataset: pairs, their tar,
-pairs_embeddings and recaptions. Nothing is downloaded again.
+pairs_embeddings and recaptions. Nothing is downloaded again. Either way the sample leaves every
+training-shards export that holds it (`exports/`), and the ledger's `export_shards` names those tars.
 
 Only the files that hold a removed key are written, each atomically, with the footer it had (its
 source stays, so the shard stays done by lineage.py's rule); every other file keeps its bytes.
@@ -18,7 +19,6 @@ before it looks for anything new: the same keys, removed once, under the same na
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import threading
@@ -30,10 +30,11 @@ import pyarrow.compute as pc
 
 from laion_assets import names
 from laion_assets.pipeline import schemas
+from laion_assets.pipeline.exports.export import export_hits, remove_from_exports
 from laion_assets.pipeline.leases import shard_lease
 from laion_assets.pipeline.pairs.filter import write_pairs_parquet
 from laion_assets.pipeline.parallel import STORE_REWRITES, store_map
-from laion_assets.pipeline.shard_tar import TarShardWriter, read_samples
+from laion_assets.pipeline.shard_tar import drop_samples
 from laion_assets.pipeline.storage import (
     EMBEDDINGS,
     IMAGES,
@@ -48,6 +49,7 @@ from laion_assets.pipeline.storage import (
 )
 
 TAKEN_DOWN = schemas.TAKEN_DOWN
+EXPORT_SHARDS = "export_shards"  # the ledger's column naming the export tars that held each key
 DUPLICATE = "duplicate"
 # The layers each reason rewrites, the last made first: the images row, which says the sample is
 # taken down, is written last.
@@ -90,6 +92,7 @@ def remove_keys(
     ledger = removals.append_column("shard", pa.array(shards, pa.string()))
     ledger = ledger.append_column("reason", pa.array([reason] * len(keys), pa.string()))
     ledger = ledger.append_column("removed_at", pa.array([now] * len(keys), pa.timestamp("us", tz="UTC")))
+    ledger = _with_export_shards(store, ledger)
     name = f"{now.strftime('%Y%m%dT%H%M%S%fZ')}.parquet"
     store.write_parquet(f"{TAKEDOWNS_PENDING}/{name}", schemas.conform(ledger, schemas.LEDGER), footer)
     return _complete(store, name)
@@ -107,6 +110,9 @@ def _complete(store: DatasetStore, name: str) -> RemovalResult:
     if len(reasons) != 1 or not reasons <= LAYERS.keys():
         raise ValueError(f"{store.url(f'{TAKEDOWNS_PENDING}/{name}')}: not one known reason: {reasons}")
     reason = reasons.pop()
+    if EXPORT_SHARDS not in pending.column_names:  # pending since before exports were looked up
+        pending = _with_export_shards(store, pending)
+        store.write_parquet(f"{TAKEDOWNS_PENDING}/{name}", pending)
     by_shard: dict[str, dict[str, str]] = {}
     for row in pending.select(["key", "list", "kind", "shard"]).to_pylist():
         by_shard.setdefault(row["shard"], {})[row["key"]] = f"{row['list']} ({row['kind']})"
@@ -116,6 +122,9 @@ def _complete(store: DatasetStore, name: str) -> RemovalResult:
             return _rewrite_shard(store, shard, by_shard[shard], reason)
 
     written = store_map(rewrite, sorted(by_shard), STORE_REWRITES)
+    keys, tars = pending.column("key").to_pylist(), pending.column(EXPORT_SHARDS).to_pylist()
+    hits = {key: held for key, held in zip(keys, tars, strict=True) if held}
+    exported = remove_from_exports(store, hits, reason)
     ledger_path = f"{TAKEDOWNS}/{name}"
     store.write_parquet(ledger_path, pending)  # its footer included
     store.remove(f"{TAKEDOWNS_PENDING}/{name}")
@@ -123,11 +132,18 @@ def _complete(store: DatasetStore, name: str) -> RemovalResult:
     return RemovalResult(
         removed=pending.num_rows,
         shards=sorted(by_shard),
-        files=[path for paths in written for path in paths],
+        files=[path for paths in written for path in paths] + exported,
         ledger=ledger_path,
         by_list=[(list_, kind, n) for (list_, kind), n in sorted(counts.items())],
         by_shard={shard: len(keys) for shard, keys in sorted(by_shard.items())},
     )
+
+
+def _with_export_shards(store: DatasetStore, ledger: pa.Table) -> pa.Table:
+    """`ledger` with `export_shards`: the export tars that hold each key, which the removal rewrites."""
+    hits = export_hits(store, ledger.column("key").to_pylist())
+    tars = [hits.get(key, []) for key in ledger.column("key").to_pylist()]
+    return ledger.append_column(EXPORT_SHARDS, pa.array(tars, pa.list_(pa.string())))
 
 
 def _first_per_key(removals: pa.Table) -> pa.Table:
@@ -146,7 +162,7 @@ def _rewrite_shard(store: DatasetStore, shard: str, removed: dict[str, str], rea
         if (
             layer.has_tar
             and store.exists(layer.tar(shard))
-            and _drop_samples(store, layer.tar(shard), removed)
+            and drop_samples(store, layer.tar(shard), removed)
         ):
             written.append(layer.tar(shard))
         path = layer.parquet(shard)
@@ -197,26 +213,6 @@ def _write(store: DatasetStore, layer: Layer, shard: str, table: pa.Table, dropp
         store.write_parquet(layer.parquet(shard), table, **schemas.IMAGES_PARQUET_OPTIONS)
     else:
         store.write_parquet(layer.parquet(shard), table)
-
-
-class _Unchanged(Exception):
-    """Raised inside an atomic write to leave the file as it was."""
-
-
-def _drop_samples(store: DatasetStore, path: str, removed: dict[str, str]) -> bool:
-    """Rewrite a webdataset tar without the removed keys' samples; False (the file untouched) when it
-    holds none of them. The other samples are written again byte for byte."""
-    dropped = 0
-    with contextlib.suppress(_Unchanged), store.open(path) as source, store.atomic_write(path) as out:
-        with TarShardWriter(out) as writer:
-            for key, members in read_samples(source):
-                if key in removed:
-                    dropped += 1
-                else:
-                    writer.write(key, members)
-        if not dropped:
-            raise _Unchanged
-    return dropped > 0
 
 
 class RemovedKeys:

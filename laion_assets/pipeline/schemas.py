@@ -243,6 +243,7 @@ LEDGER = pa.schema(
         pa.field("shard", pa.string(), nullable=False),
         pa.field("reason", pa.string(), nullable=False),  # removal.TAKEN_DOWN or removal.DUPLICATE
         pa.field("removed_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("export_shards", pa.list_(pa.string())),  # the training-shards tars that held the key
     ]
 )
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import tarfile
-from collections.abc import Iterator
-from typing import IO
+from collections.abc import Container, Iterator
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from laion_assets.pipeline.storage import DatasetStore
 
 # A fixed member time, so that the same samples make the same tar.
 _MTIME = 0
@@ -88,3 +92,24 @@ def read_samples(fileobj: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
             members[extension] = tar.extractfile(info).read()
     if key is not None:
         yield key, members
+
+
+class _Unchanged(Exception):
+    """Raised inside an atomic write to leave the file as it was."""
+
+
+def drop_samples(store: DatasetStore, path: str, removed: Container[str]) -> int:
+    """Rewrite the webdataset tar `path` of `store` without the samples whose key is in `removed`; the
+    samples dropped, 0 (the file untouched) when it holds none of them. The other samples are written
+    again byte for byte."""
+    dropped = 0
+    with contextlib.suppress(_Unchanged), store.open(path) as source, store.atomic_write(path) as out:
+        with TarShardWriter(out) as writer:
+            for key, members in read_samples(source):
+                if key in removed:
+                    dropped += 1
+                else:
+                    writer.write(key, members)
+        if not dropped:
+            raise _Unchanged
+    return dropped

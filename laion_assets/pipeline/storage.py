@@ -115,6 +115,34 @@ RECAPTIONS = Layer("recaptions")  # a new caption for each kept pair (Recap-Data
 # The per-shard layers in pipeline order; each one is made from the one before it.
 SHARD_LAYERS = (CRAWL_METADATA, IMAGES, EMBEDDINGS, SCORES, PAIRS, PAIRS_EMBEDDINGS, RECAPTIONS)
 
+
+@dataclass(frozen=True)
+class Export:
+    """A training-shards export, `exports/<name>/`: `<nnnnn>.tar` shards of a fixed number of samples, each
+    with `<nnnnn>.parquet` (its samples' rows) and `<nnnnn>_stats.json`, and `manifest.json`, written last,
+    which says which shards, sources and settings make the export."""
+
+    name: str
+
+    @property
+    def folder(self) -> str:
+        return f"{EXPORTS}/{self.name}"
+
+    @property
+    def manifest(self) -> str:
+        return f"{self.folder}/manifest.json"
+
+    def tar(self, shard: str) -> str:
+        return f"{self.folder}/{shard}.tar"
+
+    def parquet(self, shard: str) -> str:
+        return f"{self.folder}/{shard}.parquet"
+
+    def stats(self, shard: str) -> str:
+        return f"{self.folder}/{shard}_stats.json"
+
+
+EXPORTS = "exports"  # training shards of named subsets, a folder per export (`Export`)
 SETTINGS_FILE = "laion_assets.yaml"  # the dataset's settings (pipeline/settings.py)
 # Dataset-level files, made from every shard.
 SEARCH_INDEX = "search_index/index.parquet"
@@ -224,6 +252,17 @@ class DatasetStore:
                 continue
             found.append(StoredFile(name=name, size=int(entry["size"]), fingerprint=_fingerprint(entry)))
         return sorted(found, key=lambda f: f.name)
+
+    def list_folders(self, folder: str) -> list[str]:
+        """The names of the folders directly in `folder`, sorted; hidden and `_`-prefixed ones left out."""
+        if not self.fs.isdir(self.path(folder)):
+            return []
+        names = (
+            entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            for entry in self.fs.ls(self.path(folder), detail=True)
+            if entry["type"] == "directory"
+        )
+        return sorted(name for name in names if not name.startswith((".", "_")))
 
     def fingerprint(self, relpath: str) -> str | None:
         """The file's fingerprint as `list` gives it (S3's ETag, or size and mtime); None if it is absent."""

@@ -2,7 +2,9 @@
 `embeddings`, `scores`, `pairs`, `pairs_embeddings`, `recaptions`), `scored_pairs` (the pairs with their
 quality scores), `takedowns` (the removal ledger),
 `blocklist_entries` (the block lists' active entries), `duplicates` (dataset-level dedup's finds) and
-`pairs_unique` (the pairs without them, for a dataset whose duplicates are only recorded), `hosts` (the
+`pairs_unique` (the pairs without them, for a dataset whose duplicates are only recorded),
+`annotated_pairs` (the pairs with their scores, recaptions and a `duplicate` flag: what an export's
+`where` reads), `export_samples` (every sample of every training-shards export), `hosts` (the
 images grouped by host, which the catalog writes to parquet: grouping 10 M rows over a million hosts is
 a second's work, too slow to repeat in every query), and the downloader's `url_host(url)` and
 `error_class(error_message)` as SQL functions.
@@ -19,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import duckdb
+import pyarrow as pa
 
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.storage import (
@@ -26,13 +29,16 @@ from laion_assets.pipeline.storage import (
     CATALOG,
     CRAWL_METADATA,
     DUPLICATES,
+    EXPORTS,
     HOSTS,
     IMAGES,
     PAIRS,
+    RECAPTIONS,
     SCORES,
     SHARD_LAYERS,
     TAKEDOWNS,
     DatasetStore,
+    Export,
     S3Settings,
     is_abandoned,
     temporary_name,
@@ -42,6 +48,8 @@ HOSTS_VIEW = "hosts"  # over storage.HOSTS
 DUPLICATES_VIEW = "duplicates"  # over storage.DUPLICATES
 PAIRS_UNIQUE_VIEW = "pairs_unique"  # the pairs without the duplicates found, removed or not
 SCORED_PAIRS_VIEW = "scored_pairs"  # the pairs with their quality scores (LAION-5B's, LAION-Aesthetics')
+ANNOTATED_PAIRS_VIEW = "annotated_pairs"  # the pairs with their scores, recaptions and dedup's finds
+EXPORT_SAMPLES_VIEW = "export_samples"  # every sample of every training-shards export
 
 
 def httpfs_extension_path() -> Path:
@@ -186,7 +194,10 @@ def create_views(connection: duckdb.DuckDBPyConnection, store: DatasetStore) -> 
     for view, folder, pattern in _DATASET_VIEWS:
         if any(f.name.endswith(".parquet") for f in store.list(folder)):
             url = quote_literal(store.url(f"{folder}/{pattern}"))
-            connection.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet('{url}')")
+            # union_by_name: ledgers written before a column was added (export_shards) lack it
+            connection.execute(
+                f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet('{url}', union_by_name = true)"
+            )
             created.append(view)
         elif view in view_names(connection):
             connection.execute(f"DROP VIEW {view}")
@@ -207,7 +218,59 @@ def create_views(connection: duckdb.DuckDBPyConnection, store: DatasetStore) -> 
         created.append(SCORED_PAIRS_VIEW)
     elif SCORED_PAIRS_VIEW in view_names(connection):
         connection.execute(f"DROP VIEW {SCORED_PAIRS_VIEW}")
+    if PAIRS.name in created:
+        connection.execute(f"CREATE OR REPLACE VIEW {ANNOTATED_PAIRS_VIEW} AS {annotated_pairs_sql(created)}")
+        created.append(ANNOTATED_PAIRS_VIEW)
+    elif ANNOTATED_PAIRS_VIEW in view_names(connection):
+        connection.execute(f"DROP VIEW {ANNOTATED_PAIRS_VIEW}")
+    if _create_export_samples_view(connection, store):
+        created.append(EXPORT_SAMPLES_VIEW)
     return created
+
+
+# annotated_pairs: the recaption columns it adds to the pairs (the others repeat a pairs column)
+RECAPTION_COLUMNS = ("re_caption", "org_clip_score", "re_clip_score", "re_length", "re_caption_error")
+_DUCKDB_TYPES = {pa.string(): "VARCHAR", pa.float32(): "FLOAT", pa.float64(): "DOUBLE", pa.int64(): "BIGINT"}
+
+
+def annotated_pairs_sql(views: list[str]) -> str:
+    """The SQL of `annotated_pairs`: every pair with its quality scores, its recaption and both captions'
+    CLIP scores, and `duplicate` (dataset-level dedup found it, removed or only recorded). A layer not
+    built yet gives null columns of its type, so that a query (an export's `where`) can always name them."""
+    columns, joins = [], []
+    for view, alias, schema, names in (
+        (SCORES.name, "s", schemas.SCORES, [n for n in schemas.SCORES.names if n != "key"]),
+        (RECAPTIONS.name, "r", schemas.RECAPTIONS, list(RECAPTION_COLUMNS)),
+    ):
+        if view in views:
+            columns += [f"{alias}.{name}" for name in names]
+            joins.append(f"LEFT JOIN {view} {alias} USING (key)")
+        else:
+            columns += [f"NULL::{_DUCKDB_TYPES[schema.field(name).type]} AS {name}" for name in names]
+    if DUPLICATES_VIEW in views:
+        joins.append(f"LEFT JOIN (SELECT DISTINCT key FROM {DUPLICATES_VIEW}) d USING (key)")
+        columns.append("d.key IS NOT NULL AS duplicate")
+    else:
+        columns.append("false AS duplicate")
+    return f"SELECT p.*, {', '.join(columns)} FROM {PAIRS.name} p {' '.join(joins)}"
+
+
+def _create_export_samples_view(connection: duckdb.DuckDBPyConnection, store: DatasetStore) -> bool:
+    """(Re)create `export_samples`: a row per sample of every export, with its export and shard (the tar
+    that holds it), from the exports' per-shard parquet. Dropped when there is no export."""
+    exports = store.list_folders(EXPORTS)
+    if not any(f.name.endswith(".parquet") for name in exports for f in store.list(Export(name).folder)):
+        if EXPORT_SAMPLES_VIEW in view_names(connection):
+            connection.execute(f"DROP VIEW {EXPORT_SAMPLES_VIEW}")
+        return False
+    pattern = quote_literal(store.url(f"{EXPORTS}/*/*.parquet"))
+    connection.execute(
+        f"CREATE OR REPLACE VIEW {EXPORT_SAMPLES_VIEW} AS SELECT "
+        "regexp_extract(filename, '([^/]+)/[0-9]+[.]parquet$', 1) AS export, "
+        "regexp_replace(filename, '[.]parquet$', '.tar') AS shard, * EXCLUDE (filename) "
+        f"FROM read_parquet('{pattern}', union_by_name = true, filename = true)"
+    )
+    return True
 
 
 # Views over dataset-level files: (view, folder, file pattern)

@@ -1,0 +1,1 @@
+"""Training shards: a named subset of the dataset, resharded into shuffled webdataset tars of a fixed size."""
