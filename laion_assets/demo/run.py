@@ -31,9 +31,10 @@ from laion_assets.demo.world import (
 )
 from laion_assets.pipeline.catalog import views as catalog
 from laion_assets.pipeline.embeddings.clip import ClipSettings
+from laion_assets.pipeline.exports.export import stored_exports
 from laion_assets.pipeline.recaptions.caption import CaptionSettings
 from laion_assets.pipeline.scores.score import ScoreSettings
-from laion_assets.pipeline.storage import CARD_FIGURES, INCOMING, PAIRS, SETTINGS_FILE, DatasetStore
+from laion_assets.pipeline.storage import CARD_FIGURES, INCOMING, PAIRS, SETTINGS_FILE, DatasetStore, Export
 from laion_assets.runner import ALL_ASSETS, run_pipeline
 
 SOURCE_PREFIX = "synthetic-web"
@@ -46,6 +47,12 @@ DOWNLOAD_CONFIG = {
     "retry_backoff": 0.1,
 }
 QUERY = "SELECT status, count(*) AS n FROM images GROUP BY 1 ORDER BY n DESC"
+# Two training-shards exports: every pair with its web caption, and the better-looking unique pairs with
+# their recaptions (README, "Training on an export")
+DEMO_EXPORTS = [
+    {"name": "all", "shard_size": 100},
+    {"name": "recap", "caption": "re_caption", "where": "aesthetic >= 5 AND NOT duplicate", "shard_size": 64},
+]
 COPY_KINDS = EXACT_COPIES + NEAR_COPIES
 MIN_IMAGES = 2 * len(COPY_KINDS)  # a planted copy of each kind, each of a distinct matched image
 
@@ -137,7 +144,7 @@ def run_demo(
     with dg.DagsterInstance.get() as instance:
         unpause_the_ui_automation_badge(instance)
     with WorldWeb(world) as web:
-        names = write_sources(store, web.rows(), shards)
+        sources = write_sources(store, web.rows(), shards)
         mismatched = sum(item.mismatched for item in world.images)
         foreign = sum(item.language != ENGLISH for item in world.images)
         watermarked = sum(is_watermarked(item) for item in world.images)
@@ -145,12 +152,13 @@ def run_demo(
             f"synthetic web at {web.base_url}: {len(world.images)} images ({mismatched} captions "
             f"mismatched on purpose, {foreign} in other languages, {watermarked} watermarked), "
             f"{len(world.items) - len(world.images)} broken links and opt-outs; "
-            f"URL lists {', '.join(names)} in {store.url(INCOMING)}"
+            f"URL lists {', '.join(sources)} in {store.url(INCOMING)}"
         )
         run_config = {
             "ops": {
                 "downloaded_images": {"config": DOWNLOAD_CONFIG},
                 "duplicates": {"config": DEMO_DEDUP_CONFIG},
+                names.TRAINING_SHARDS_ASSET: {"config": {"exports": DEMO_EXPORTS}},
             }
         }
         scorers = ScoreSettings(watermark_model=str(DEMO_WATERMARK_MODEL), device=clip.device)
@@ -200,6 +208,12 @@ def run_demo(
     echo(f"the same captioner on every image of this world, kept or dropped: {every.line()}")
     echo(f"dataset card figures: {store.url(CARD_FIGURES)}")
     echo(f"pairs: {store.url(PAIRS.name)}/<shard>.parquet and .tar")
+    for manifest in stored_exports(store):
+        echo(
+            f"training shards {store.url(Export(manifest['name']).folder)}/: {manifest['samples']} samples "
+            f"in {len(manifest['shards'])} tars, {manifest['bytes'] / 1e6:.1f} MB, txt = "
+            f"{manifest['settings']['caption']} ({manifest['query']})"
+        )
     # the venv's own executables, so that each command runs as printed in a shell that has not activated it
     bin_ = Path(sys.executable).parent
     root = root if store.is_s3 else str(Path(root).absolute())  # from any folder

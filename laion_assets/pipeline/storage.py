@@ -119,8 +119,8 @@ SHARD_LAYERS = (CRAWL_METADATA, IMAGES, EMBEDDINGS, SCORES, PAIRS, PAIRS_EMBEDDI
 @dataclass(frozen=True)
 class Export:
     """A training-shards export, `exports/<name>/`: `<nnnnn>.tar` shards of a fixed number of samples, each
-    with `<nnnnn>.parquet` (its samples' rows) and `<nnnnn>_stats.json`, and `manifest.json`, written last,
-    which says which shards, sources and settings make the export."""
+    with `<nnnnn>.parquet` (its samples' rows) and `<nnnnn>_stats.json`, `sizes.json` (the samples of each
+    tar), and `manifest.json`, written last, which says which shards, sources and settings make the export."""
 
     name: str
 
@@ -131,6 +131,11 @@ class Export:
     @property
     def manifest(self) -> str:
         return f"{self.folder}/manifest.json"
+
+    @property
+    def sizes(self) -> str:
+        """`sizes.json`, {tar name: samples}: where open_clip's trainer finds the number of samples."""
+        return f"{self.folder}/sizes.json"
 
     def tar(self, shard: str) -> str:
         return f"{self.folder}/{shard}.tar"

@@ -5,7 +5,8 @@ An export (`storage.Export`) selects pairs with a SQL `where` over the catalog's
 as `exports/<name>/<nnnnn>.tar`: each sample is the image as stored, `txt` (the export's caption:
 `caption` or `re_caption`), `json` (every column of its row) and, if asked, `npy` (its image embedding).
 Beside each tar, `<nnnnn>.parquet` holds its samples' rows and `<nnnnn>_stats.json` its counts; then
-`manifest.json`, written last, lists the shards, the sources read, the query and the settings.
+`sizes.json` (each tar's samples, which open_clip's trainer reads) and `manifest.json`, written last,
+which lists the shards, the sources read, the query and the settings.
 
 The shuffle is DataComp's resharder's: the source shards in a seeded order, each sample through a
 shuffle buffer of `shuffle_buffer` samples, so memory holds the buffer, never the export.
@@ -138,6 +139,7 @@ def write_export(store: DatasetStore, settings: ExportSettings, reshuffle: bool 
     rebuilt = manifest is None or reshuffle
     if rebuilt:
         store.remove(export.manifest)  # first, so that no manifest claims the shards while they change
+        store.remove(export.sizes)
         manifest = _new_manifest(settings)
     _remove_unlisted(store, export, manifest)
     sources = sorted(set(stored_pair_shards(store, f"export {settings.name!r}")) - manifest["sources"].keys())
@@ -192,13 +194,15 @@ def _new_manifest(settings: ExportSettings) -> dict[str, Any]:
 def _write_manifest(store: DatasetStore, export: Export, manifest: dict[str, Any]) -> None:
     manifest["samples"] = sum(shard["samples"] for shard in manifest["shards"])
     manifest["bytes"] = sum(shard["bytes"] for shard in manifest["shards"])
+    sizes = {f"{shard['shard']}.tar": shard["samples"] for shard in manifest["shards"]}
+    store.write_bytes(export.sizes, json.dumps(sizes, indent=1).encode())
     store.write_bytes(export.manifest, json.dumps(manifest, indent=1, ensure_ascii=False).encode())
 
 
 def _remove_unlisted(store: DatasetStore, export: Export, manifest: dict[str, Any]) -> None:
     """Remove the files of the export's folder that its manifest does not list: shards a killed run wrote
     before its manifest, or those of an export being rebuilt."""
-    listed = {export.manifest}
+    listed = {export.manifest, export.sizes}
     for shard in manifest["shards"]:
         listed |= {export.tar(shard["shard"]), export.parquet(shard["shard"]), export.stats(shard["shard"])}
     for stored in store.list(export.folder):
