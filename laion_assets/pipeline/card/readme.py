@@ -11,9 +11,10 @@ import yaml
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.card.settings import CardSettings
 from laion_assets.pipeline.card.stats import CardStats, DuplicateStats, RecapStats, ScoreStats, ShardRecord
+from laion_assets.pipeline.exports.export import SUMMARY_COLUMNS, summary_rows
 from laion_assets.pipeline.markdown import shorten, table
 from laion_assets.pipeline.pairs.filter import SCORE_FILTERS
-from laion_assets.pipeline.storage import PAIRS, RECAPTIONS, SCORES
+from laion_assets.pipeline.storage import PAIRS, RECAPTIONS, SCORES, Export
 
 DATA_FILES = PAIRS.parquet_glob  # relative to the dataset root, which is what gets uploaded
 RECAP_DATA_FILES = RECAPTIONS.parquet_glob
@@ -79,6 +80,11 @@ def render_markdown(stats: CardStats, settings: CardSettings, figures: list[str]
     if stats.recaptions:
         recap = {"config_name": "recap", "data_files": [{"split": "train", "path": RECAP_DATA_FILES}]}
         header["configs"].append(recap)
+    for manifest in stats.exports:  # each export its own config, read by the Hub's webdataset builder
+        tars = f"{Export(manifest['name']).folder}/*.tar"
+        header["configs"].append(
+            {"config_name": f"export-{manifest['name']}", "data_files": [{"split": "train", "path": tars}]}
+        )
     year = _build_year(stats.shards)
     sections = [
         f"---\n{yaml.safe_dump(header, sort_keys=False, allow_unicode=True)}---",
@@ -91,6 +97,7 @@ def render_markdown(stats: CardStats, settings: CardSettings, figures: list[str]
         *([_duplicates(stats.duplicates)] if stats.duplicates else []),
         *([_scores(stats.scores, stats.shards)] if stats.scores else []),
         *([_recaptions(stats.recaptions, stats.shards)] if stats.recaptions else []),
+        *([_exports(stats.exports)] if stats.exports else []),
         _downloads(stats, settings),
         _figures(figures),
         _provenance(stats),
@@ -230,6 +237,18 @@ def _settings_changes(duplicates: DuplicateStats) -> str:
         "\n\nDedup's settings were changed on purpose after the first run (`accept_settings_change`); "
         "the pairs found before a change were found with the earlier settings:\n\n"
         + table(["accepted at (UTC)", "changes"], rows)
+    )
+
+
+def _exports(manifests: list[dict]) -> str:
+    return (
+        "## Training shards\n\n"
+        "Subsets of the pairs resharded for training (the `training_shards` asset): shuffled webdataset "
+        "tars of a fixed number of samples in `exports/<name>/`, each sample the image, `txt` (the caption "
+        "the export chose) and `json` (every column of its row, both captions and the quality scores). "
+        "Each export is a config above; `sizes.json` beside the tars gives open_clip's trainer their "
+        "sizes, and `manifest.json` the shards, sources and settings.\n\n"
+        f"{table(SUMMARY_COLUMNS, summary_rows(manifests))}"
     )
 
 

@@ -15,6 +15,7 @@ from laion_assets.pipeline.card.settings import CardSettings
 from laion_assets.pipeline.catalog import views as catalog
 from laion_assets.pipeline.dedup.deduplicate import KINDS, NEAR_KINDS
 from laion_assets.pipeline.embeddings.clip import ModelIdentity
+from laion_assets.pipeline.exports.export import stored_exports
 from laion_assets.pipeline.pairs.filter import FUNNEL, stored_pair_shards
 from laion_assets.pipeline.parallel import store_map
 from laion_assets.pipeline.storage import DUPLICATES, EMBEDDINGS, PAIRS, RECAPTIONS, SCORES, DatasetStore
@@ -98,6 +99,7 @@ class CardStats:
     removals: list[tuple[str, str, str, int]]  # (reason, list, kind, keys) from the removal ledgers
     duplicates: DuplicateStats | None = None  # None until dedup has run
     scores: ScoreStats | None = None  # None until some shard has quality scores
+    exports: list[dict] = field(default_factory=list)  # the manifest of each training-shards export
 
     def funnel(self) -> tuple[int, dict[str, int]]:
         """Rows in and rows removed by each rule, summed over the shards that recorded a funnel."""
@@ -215,6 +217,7 @@ def _stats(
         scores=_score_stats(connection, settings.top_n)
         if SCORES.name in catalog.view_names(connection)
         else None,
+        exports=stored_exports(store),
     )
 
 
