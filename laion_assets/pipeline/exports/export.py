@@ -219,7 +219,7 @@ def _selection_connection(
     if settings.keys_file:
         connection.register(_KEYS_TABLE, pa.table({"key": read_keys_file(store, settings.keys_file)}))
     try:
-        schema = connection.execute(f"{settings.selection_sql()} LIMIT 0").fetch_arrow_table().schema
+        schema = connection.execute(f"{settings.selection_sql()} LIMIT 0").to_arrow_table().schema
     except duckdb.Error as exc:
         connection.close()
         raise ValueError(
@@ -253,7 +253,7 @@ def _selected_rows(connection: duckdb.DuckDBPyConnection, settings: ExportSettin
         f"SELECT * FROM ({settings.selection_sql()}) "
         "WHERE key BETWEEN ? AND ? AND length(key) = ? ORDER BY key",
         [f"{source}-00000000", f"{source}-99999999", len(source) + 9],
-    ).fetch_arrow_table()
+    ).to_arrow_table()
     return table.append_column(SOURCE_SHARD, pa.array([source] * table.num_rows, pa.string()))
 
 
