@@ -166,6 +166,7 @@ def test_new_files_flow_to_pairs_card_and_catalog_and_a_failed_shard_is_caught_u
         # The shard runs included every per-shard asset: only the dataset-level assets follow.
         assert _requested(evaluation) == {
             "duplicates": {None},
+            "training_shards": {None},
             "catalog": {None},
             "dataset_card": {None},
             "search_index": {None},

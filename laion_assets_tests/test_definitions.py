@@ -52,6 +52,7 @@ def test_definitions_list_assets_sensor_schedule():
         "blocklist",
         "takedowns",
         "duplicates",
+        "training_shards",
     }
     assert {c.name for c in repo.asset_graph.asset_check_keys} == {
         "one_row_per_crawl_row",
@@ -67,7 +68,15 @@ def test_definitions_list_assets_sensor_schedule():
         "pool_slots_sensor",
     ]
     assert repo.get_job("takedown").partitions_def is None
-    dataset_level = {"blocklist", "takedowns", "duplicates", "catalog", "dataset_card", "search_index"}
+    dataset_level = {
+        "blocklist",
+        "takedowns",
+        "duplicates",
+        "training_shards",
+        "catalog",
+        "dataset_card",
+        "search_index",
+    }
     for job in ("takedown", "dataset_assets"):  # what a takedown changes; what `laion-assets run` runs
         selected = repo.get_job(job).asset_layer.selected_asset_keys
         assert {k.to_user_string() for k in selected} == dataset_level
@@ -99,6 +108,7 @@ def test_backfills_run_one_shard_per_run_and_assets_follow_their_upstream():
         "catalog": "after any shard is updated",
         "dataset_card": "after any shard is updated",
         "duplicates": "after any shard is updated",
+        "training_shards": "after any shard is updated",
         "search_index": "after any shard is updated",
     }
 
@@ -175,6 +185,7 @@ def test_dagster_dg_cli_checks_and_lists_the_definitions():
         "blocklist",
         "takedowns",
         "duplicates",
+        "training_shards",
     }
 
 
@@ -251,7 +262,7 @@ def test_the_lineage_opens_on_three_groups_that_say_what_they_hold():
             "filtered_pairs",
             "recaptions",
         },
-        "dataset": {"duplicates", "catalog", "dataset_card", "search_index"},
+        "dataset": {"duplicates", "training_shards", "catalog", "dataset_card", "search_index"},
         "takedowns": {"blocklist", "takedowns"},
     }
 
@@ -271,8 +282,9 @@ def test_dataset_level_assets_depend_on_what_orders_them_and_say_what_they_read(
         "blocklist": set(),
         "takedowns": {"blocklist", "recaptions"},
         "duplicates": {"recaptions", "takedowns"},
-        "catalog": {"duplicates"},
-        "dataset_card": {"duplicates"},
+        "training_shards": {"duplicates"},
+        "catalog": {"training_shards"},
+        "dataset_card": {"training_shards"},
         "search_index": {"duplicates"},
     }
     reads = {
@@ -281,12 +293,13 @@ def test_dataset_level_assets_depend_on_what_orders_them_and_say_what_they_read(
     }
     assert reads["search_index"] == "pairs, embeddings"
     assert reads["duplicates"] == "pairs, pairs_embeddings, embeddings, images"
+    assert reads["training_shards"] == "pairs, scores, recaptions, embeddings, duplicates/duplicates.parquet"
     every_layer = "crawl_metadata, images, embeddings, scores, pairs, pairs_embeddings, recaptions"
     assert reads["takedowns"] == f"blocklist_entries/entries.parquet, {every_layer}"
     assert (
         reads["catalog"]
         == reads["dataset_card"]
-        == f"{every_layer}, takedowns, duplicates/duplicates.parquet"
+        == f"{every_layer}, takedowns, duplicates/duplicates.parquet, exports"
     )
 
 

@@ -123,12 +123,13 @@ takedown_job = dg.define_asset_job(
         names.BLOCKLIST_ASSET,
         names.TAKEDOWNS_ASSET,
         names.DUPLICATES_ASSET,
+        names.TRAINING_SHARDS_ASSET,
         names.SEARCH_INDEX_ASSET,
         names.CATALOG_ASSET,
         names.DATASET_CARD_ASSET,
     ),
-    description="Record the block lists, remove what they match from the built shards, then dedup again "
-    "and rebuild the search index, the catalog and the card.",
+    description="Record the block lists, remove what they match from the built shards and the exports, "
+    "then dedup again, grow the exports, and rebuild the search index, the catalog and the card.",
 )
 
 
