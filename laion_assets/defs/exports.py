@@ -40,9 +40,8 @@ class TrainingShardsConfig(dg.Config):
     settings refuses until it is named in `reshuffle`."""
 
     exports: list[ExportConfig] = pydantic.Field(default_factory=list)
-    reshuffle: list[str] = pydantic.Field(
-        default_factory=list
-    )  # run only: rebuild these exports whole, shuffled anew, with these settings
+    # run only: rebuild these exports whole, shuffled anew, with these settings
+    reshuffle: list[str] = pydantic.Field(default_factory=list)
 
 
 @dg.asset(

@@ -26,7 +26,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from laion_assets import names
 from laion_assets.pipeline import schemas
@@ -47,6 +46,7 @@ from laion_assets.pipeline.storage import (
     DatasetStore,
     Layer,
 )
+from laion_assets.pipeline.tables import without_keys
 
 TAKEN_DOWN = schemas.TAKEN_DOWN
 EXPORT_SHARDS = "export_shards"  # the ledger's column naming the export tars that held each key
@@ -169,20 +169,12 @@ def _rewrite_shard(store: DatasetStore, shard: str, removed: dict[str, str], rea
         if not store.exists(path):
             continue
         table = store.read_parquet(path)
-        changed = _taken_down(table, removed) if layer is IMAGES else _without(table, removed)
+        changed = _taken_down(table, removed) if layer is IMAGES else without_keys(table, removed)
         if changed is None:
             continue
         _write(store, layer, shard, changed, table.num_rows - changed.num_rows, reason)
         written.append(path)
     return written
-
-
-def _without(table: pa.Table, removed: dict[str, str]) -> pa.Table | None:
-    """`table` without the removed keys' rows; None when it has none of them."""
-    hit = pc.is_in(table.column("key"), value_set=pa.array(list(removed), pa.string()))
-    if not pc.any(hit).as_py():
-        return None
-    return table.filter(pc.invert(hit))
 
 
 def _taken_down(images: pa.Table, removed: dict[str, str]) -> pa.Table | None:

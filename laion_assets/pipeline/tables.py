@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -12,6 +14,14 @@ def keep_first(table: pa.Table, columns: list[str]) -> pa.Table:
     rows = table.select(columns).append_column("_row", pa.array(range(table.num_rows), pa.int64()))
     first = rows.group_by(columns, use_threads=False).aggregate([("_row", "min")]).column("_row_min")
     return table.take(pc.take(first, pc.sort_indices(first)))
+
+
+def without_keys(table: pa.Table, keys: Collection[str]) -> pa.Table | None:
+    """`table` without the rows whose `key` is in `keys`; None when it has none of them."""
+    hit = pc.is_in(table.column("key"), value_set=pa.array(list(keys), pa.string()))
+    if not pc.any(hit).as_py():
+        return None
+    return table.filter(pc.invert(hit))
 
 
 def unit_rows(column: pa.ChunkedArray) -> np.ndarray:

@@ -44,6 +44,7 @@ from laion_assets.pipeline.pairs.filter import stored_pair_shards
 from laion_assets.pipeline.settings import SettingsChanged, differences
 from laion_assets.pipeline.shard_tar import TarShardWriter, drop_samples, encode_sample, read_samples
 from laion_assets.pipeline.storage import EMBEDDINGS, EXPORTS, PAIRS, DatasetStore, Export
+from laion_assets.pipeline.tables import without_keys
 
 CAPTION_FIELDS = ("caption", "re_caption")  # what a sample's txt can hold
 SOURCE_SHARD = "source_shard"  # the column (and json field) naming the dataset shard a sample came from
@@ -159,6 +160,8 @@ def write_export(store: DatasetStore, settings: ExportSettings, reshuffle: bool 
             sink.write(ready)
     connection.close()
     added = sum(shard["samples"] for shard in sink.shards)
+    shards_added = [shard["shard"] for shard in sink.shards]
+    sources = sorted(sources)
     manifest["shards"] += sink.shards
     for reason, count in skipped.items():
         manifest["skipped"][reason] = manifest["skipped"].get(reason, 0) + count
@@ -167,15 +170,13 @@ def write_export(store: DatasetStore, settings: ExportSettings, reshuffle: bool 
         manifest["appends"].append(
             {
                 "at": now,
-                "sources": sorted(sources),
+                "sources": sources,
                 "samples": added,
-                "shards": [s["shard"] for s in sink.shards],
+                "shards": shards_added,
             }
         )
         _write_manifest(store, export, manifest)
-    return ExportResult(
-        settings.name, manifest, sorted(sources), [s["shard"] for s in sink.shards], added, rebuilt
-    )
+    return ExportResult(settings.name, manifest, sources, shards_added, added, rebuilt)
 
 
 def _new_manifest(settings: ExportSettings) -> dict[str, Any]:
@@ -262,7 +263,6 @@ class _Sample:
     key: str
     encoded: bytes  # its tar members (shard_tar.encode_sample)
     row: dict[str, Any]
-    image_bytes: int
 
 
 def _samples(
@@ -291,7 +291,7 @@ def _samples(
             }
             if key in vectors:
                 sample["npy"] = vectors[key]
-            yield _Sample(key, encode_sample(key, sample), row, sum(len(v) for v in image.values()))
+            yield _Sample(key, encode_sample(key, sample), row)
     if len(found) < len(rows):
         skipped["no image"] += len(rows) - len(found)
 
@@ -334,6 +334,23 @@ class _ShuffleBuffer:
             yield self.held.pop()
 
 
+def _write_shard_files(store: DatasetStore, export: Export, shard: str, rows: pa.Table, caption: str) -> dict:
+    """The parquet (`rows`, its samples') and the stats of the export's shard whose tar is written; its
+    entry in the manifest."""
+    store.write_parquet(export.parquet(shard), rows)
+    size = store.fs.size(store.path(export.tar(shard)))
+    stats = {
+        "export": export.name,
+        "shard": shard,
+        "samples": rows.num_rows,
+        "bytes": size,
+        "caption": caption,
+        "sources": dict(sorted(Counter(rows.column(SOURCE_SHARD).to_pylist()).items())),
+    }
+    store.write_bytes(export.stats(shard), json.dumps(stats, indent=1).encode())
+    return {"shard": shard, "samples": rows.num_rows, "bytes": size}
+
+
 class _ShardSink:
     """Writes samples to `<nnnnn>.tar` shards of `shard_size` samples from `first`, each tar atomically,
     then its parquet and stats; `shards` lists what was written. An exception leaves no part of a tar."""
@@ -341,18 +358,12 @@ class _ShardSink:
     def __init__(
         self, store: DatasetStore, export: Export, first: int, settings: ExportSettings, schema: pa.Schema
     ) -> None:
-        self.store, self.export, self.index, self.settings, self.schema = (
-            store,
-            export,
-            first,
-            settings,
-            schema,
-        )
+        self.store, self.export, self.settings, self.schema = store, export, settings, schema
+        self.index = first
         self.shards: list[dict[str, Any]] = []
         self._open: contextlib.ExitStack | None = None
         self._writer: TarShardWriter | None = None
         self._rows: list[dict[str, Any]] = []
-        self._image_bytes = 0
 
     def write(self, sample: _Sample) -> None:
         if self._writer is None:
@@ -360,7 +371,6 @@ class _ShardSink:
             self._writer = TarShardWriter(self._open.enter_context(self.store.atomic_write(self._tar)))
         self._writer.write_encoded(sample.encoded)
         self._rows.append(sample.row)
-        self._image_bytes += sample.image_bytes
         if self._writer.samples == self.settings.shard_size:
             self._finish()
 
@@ -376,22 +386,11 @@ class _ShardSink:
         self._writer.close()
         self._open.close()  # the tar is complete
         rows = pa.Table.from_pylist(self._rows, schema=self.schema)
-        self.store.write_parquet(self.export.parquet(self._name), rows)
-        size = self.store.fs.size(self.store.path(self._tar))
-        sources = Counter(row[SOURCE_SHARD] for row in self._rows)
-        stats = {
-            "export": self.export.name,
-            "shard": self._name,
-            "samples": len(self._rows),
-            "bytes": size,
-            "image_bytes": self._image_bytes,
-            "caption": self.settings.caption,
-            "sources": dict(sorted(sources.items())),
-        }
-        self.store.write_bytes(self.export.stats(self._name), json.dumps(stats, indent=1).encode())
-        self.shards.append({"shard": self._name, "samples": len(self._rows), "bytes": size})
+        self.shards.append(
+            _write_shard_files(self.store, self.export, self._name, rows, self.settings.caption)
+        )
         self.index += 1
-        self._writer, self._open, self._rows, self._image_bytes = None, None, [], 0
+        self._writer, self._open, self._rows = None, None, []
 
     def __enter__(self) -> _ShardSink:
         return self
@@ -458,19 +457,13 @@ def remove_from_exports(store: DatasetStore, hits: Mapping[str, list[str]], reas
                 continue
             drop_samples(store, export.tar(shard["shard"]), removed)
             rows = store.read_parquet(export.parquet(shard["shard"]))
-            kept = rows.filter(pc.invert(pc.is_in(rows.column("key"), value_set=pa.array(list(removed)))))
-            if kept.num_rows < rows.num_rows:
-                store.write_parquet(export.parquet(shard["shard"]), kept)
-            size = store.fs.size(store.path(export.tar(shard["shard"])))
-            manifest["removed"][reason] = (
-                manifest["removed"].get(reason, 0) + shard["samples"] - kept.num_rows
-            )
-            shard.update(samples=kept.num_rows, bytes=size)
-            with store.open(export.stats(shard["shard"])) as f:
-                stats = json.load(f)
-            stats.update(samples=kept.num_rows, bytes=size)
-            stats["sources"] = dict(sorted(Counter(kept.column(SOURCE_SHARD).to_pylist()).items()))
-            store.write_bytes(export.stats(shard["shard"]), json.dumps(stats, indent=1).encode())
+            kept = without_keys(rows, removed)
+            if kept is None:  # its rows are gone already: a rerun finishing the job
+                kept = rows
+            entry = _write_shard_files(store, export, shard["shard"], kept, manifest["settings"]["caption"])
+            removed_now = shard["samples"] - entry["samples"]
+            manifest["removed"][reason] = manifest["removed"].get(reason, 0) + removed_now
+            shard.update(entry)
             written.append(export.tar(shard["shard"]))
         _write_manifest(store, export, manifest)
     return written
