@@ -524,6 +524,6 @@ def test_the_images_wheel_installs_and_loads_the_definitions(tmp_path):
     )
     assert loaded.returncode == 0, loaded.stderr
     path, assets, checkpoint, categories, configs = loaded.stdout.split(" ", 4)
-    assert path.startswith(str(target)) and assets == "12" and checkpoint == categories == "True"
+    assert path.startswith(str(target)) and assets == "13" and checkpoint == categories == "True"
     assert "laion-assets-tiny.json" in configs and "laion-assets-demo.json" in configs
     assert "laion-assets-demo-coca.json" in configs
