@@ -1,7 +1,11 @@
+import json
+import time
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from laion_assets.pipeline import storage
 from laion_assets.pipeline.storage import PAIRS, DatasetStore
 
 
@@ -81,3 +85,26 @@ def test_rejects_unknown_scheme():
 def test_open_refuses_writing(local_root):
     with pytest.raises(ValueError, match="atomic_write"):
         DatasetStore(local_root).open("x", "wb")
+
+
+def test_the_writer_entry_beats_only_while_an_upload_runs(s3_root, monkeypatch):
+    """A process that wrote to a root once does not keep rewriting its `_writers/` entry there: the heartbeat
+    keeps it fresh only while an upload is open."""
+    monkeypatch.setattr(storage, "HEARTBEAT_SECONDS", 0.05)
+    store = DatasetStore(s3_root)
+    store.write_bytes("a.bin", b"a")  # the entry is written as the upload begins
+    (entry,) = store.list(storage.WRITERS)
+
+    def read_entry() -> dict:
+        with store.open(f"{storage.WRITERS}/{entry.name}") as f:
+            return json.load(f)
+
+    written = read_entry()
+    assert written["writing"] == [store.path("a.bin")]
+    time.sleep(0.5)  # ten heartbeats' time with no upload open
+    assert read_entry() == written
+    with store.atomic_write("b.bin") as f:
+        f.write(b"b")
+        time.sleep(0.5)  # while this upload runs, the entry names it and is fresh
+        beating = read_entry()
+    assert beating["writing"] == [store.path("b.bin")] and beating["heartbeat"] > written["heartbeat"] + 0.3

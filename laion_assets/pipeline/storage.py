@@ -480,10 +480,16 @@ class _Writer:
         self.store.fs.pipe(self.entry, json.dumps(record).encode())
 
     def _keep_beating(self) -> None:
+        """Beats only while an upload runs: an idle writer's entry may go stale, as it names nothing, and a
+        process that wrote to many roots (a test session, a long-lived code server) does not keep
+        rewriting an entry in each."""
         while True:
             time.sleep(HEARTBEAT_SECONDS)
-            with contextlib.suppress(Exception):  # a missed beat only makes the writer look older
-                self.beat()
+            with self.lock:
+                idle = not self.writing
+            if not idle:
+                with contextlib.suppress(Exception):  # a missed beat only makes the writer look older
+                    self.beat()
 
     def _leave(self) -> None:
         """At exit, through botocore's own (blocking) client: by the time atexit runs, Python has shut down
