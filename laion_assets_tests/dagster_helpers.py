@@ -13,12 +13,14 @@ from laion_assets_tests.captioners import RANDOM_COCA
 # A real open_clip model on a tiny architecture, random weights with a fixed seed: nothing to download.
 TINY_CLIP = ClipSettings(model="laion-assets-tiny", pretrained="none", device="cpu", batch_size=4)
 
-# Run config for downloads from the test web on 127.0.0.1: the guard off, failures quick.
+# Run config for downloads from the test web on 127.0.0.1: the guard off, retries quick. Its servers never
+# stall on purpose, so the timeouts only have to outlast a busy machine (CI's demo dataset once came out
+# short of rows, one-second timeouts the likeliest cause; build_demo_dataset now says so if it happens).
 LOCAL_WEB = {
     "allow_private_networks": True,
-    "connect_timeout": 1,
-    "read_timeout": 1,
-    "request_timeout": 2,
+    "connect_timeout": 10,
+    "read_timeout": 10,
+    "request_timeout": 30,
     "retry_backoff": 0.05,
 }
 

@@ -13,7 +13,8 @@ from laion_assets.demo.run import write_sources
 from laion_assets.demo.web import WorldWeb
 from laion_assets.demo.world import make_world
 from laion_assets.pipeline.embeddings.clip import ClipSettings
-from laion_assets.pipeline.storage import DatasetStore
+from laion_assets.pipeline.schemas import SUCCESS
+from laion_assets.pipeline.storage import IMAGES, DatasetStore
 from laion_assets_tests.dagster_helpers import LOCAL_WEB, materialize_shard
 
 DEMO_CLIP = ClipSettings(model=DEMO_MODEL, pretrained=str(DEMO_CHECKPOINT), device="cpu", batch_size=64)
@@ -38,6 +39,15 @@ def build_demo_dataset(
             if pairs_embeddings:
                 config["ops"]["filtered_pairs"] = {"config": {"write_embeddings": True}}
             assert materialize_shard(instance, root, shard, config, clip=DEMO_CLIP).success
+            _assert_all_downloaded(DatasetStore(root), shard)
     resources = {"store": DatasetStoreResource(root=root)}
     assert dg.materialize([search_index], resources=resources, instance=instance).success
     return root
+
+
+def _assert_all_downloaded(store: DatasetStore, shard: str) -> None:
+    """The world has no failures, so every row must be an image: a row that failed (a timeout on a loaded
+    machine) would change which pairs the search and export tests see, far from its cause."""
+    images = store.read_parquet(IMAGES.parquet(shard), columns=["key", "status", "error_message"])
+    failed = [row for row in images.to_pylist() if row["status"] != SUCCESS]
+    assert not failed, f"{shard}: {len(failed)} of {images.num_rows} rows not downloaded: {failed[:5]}"

@@ -416,6 +416,7 @@ def test_open_clip_train_trains_on_an_export_of_recaptions(local_demo, trainer_s
         .sql("SELECT key FROM annotated_pairs WHERE re_caption IS NOT NULL ORDER BY key LIMIT 48")
         .fetchall()
     )
+    assert len(chosen) == 48  # three full batches: with fewer, the trainer reads some samples twice
     store.write_bytes("lists/train.txt", "\n".join(key for (key,) in chosen).encode())
     write_export(
         store, ExportSettings("recap48", keys_file="lists/train.txt", caption="re_caption", shard_size=20)
