@@ -4,6 +4,8 @@ a schema or an API that breaks a bench fails here; the figures of a smoke run me
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -12,13 +14,17 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 HELPERS = {"smoke.py", "photo_server.py", "peers.py"}  # imported by the benches, not benches themselves
 # every bench, found anew, so that a new one without `--smoke` fails here (argparse refuses the flag)
 BENCHES = sorted(path.name for path in BENCH.glob("*.py") if path.name not in HELPERS)
+# Benches that start a deployment (PostgreSQL, a code server, a daemon) spend most of their minutes waiting
+# on it, so they run in a lane of their own beside the others: the suite waits for the longer lane, not
+# for both. They share no port or folder with the rest (PostgreSQL and moto on free ports, their own
+# temporary folders).
+BESIDE = ("run_overhead.py", "scale.py")
 
 
-@pytest.mark.parametrize("name", BENCHES)
-def test_the_bench_runs_in_its_smoke_mode(name, tmp_path):
+def _smoke(name: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("DAGSTER_HOME", None)
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, str(BENCH / name), "--smoke"],
         cwd=BENCH.parent,
         env=env,
@@ -27,5 +33,27 @@ def test_the_bench_runs_in_its_smoke_mode(name, tmp_path):
         timeout=900,
         check=False,
     )
+
+
+@pytest.fixture(scope="module")
+def beside(request) -> Iterator[dict[str, Future]]:
+    """The smoke runs of the deployment benches this session runs, one after the other, started with
+    this module's first test."""
+    chosen = {
+        item.callspec.params["name"]
+        for item in request.session.items
+        if item.originalname == "test_the_bench_runs_in_its_smoke_mode"
+    }
+    with ThreadPoolExecutor(1) as lane:
+        yield {name: lane.submit(_smoke, name) for name in BESIDE if name in chosen}
+
+
+@pytest.mark.parametrize("name", BENCHES)
+def test_the_bench_runs_in_its_smoke_mode(name, beside):
+    done = beside[name].result() if name in beside else _smoke(name)
     assert done.returncode == 0, f"bench/{name} --smoke failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert done.stdout.strip(), f"bench/{name} --smoke printed nothing"
+
+
+def test_the_lane_beside_holds_benches_that_exist():
+    assert set(BESIDE) <= set(BENCHES)

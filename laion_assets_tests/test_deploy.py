@@ -139,7 +139,8 @@ def _exercise_deployment(tmp_path, s3_root, web, monkeypatch, postgres: Postgres
         with dg.DagsterInstance.get() as instance:
             _sensor_runs_and_recovery(instance, store, web, shards)
             _catalog_and_card_follow(instance, store)
-            _backfill_the_uis_way(instance, deployment, shards)
+            # two shards show the UI's backfill through; all six would only queue its runs again (minutes)
+            _backfill_the_uis_way(instance, deployment, shards[:2])
     except BaseException:
         _print_what_went_wrong(deployment)
         raise
