@@ -3,6 +3,7 @@ bench/.work/ (never into the project's), and img2dataset's own resizer run there
 
 from __future__ import annotations
 
+import fcntl
 import json
 import subprocess
 import sys
@@ -39,10 +40,13 @@ def ensure_peer(name: str, packages: list[str]) -> Path:
     """The command `name` of a peer tool, installed with `packages` into its own venv under bench/.work/."""
     venv = WORK / f"{name}-venv"
     binary = venv / "bin" / name
-    if not binary.exists():
-        print(f"installing {name} into {venv}", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", *packages], check=True)
+    WORK.mkdir(parents=True, exist_ok=True)
+    with open(WORK / f"{name}-venv.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two processes that need it at once (pytest -n) install it once
+        if not binary.exists():
+            print(f"installing {name} into {venv}", flush=True)
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", *packages], check=True)
     return binary
 
 
