@@ -3,6 +3,7 @@ Debian's chromium driven by Playwright."""
 
 import os
 import shutil
+import signal
 import socket
 import uuid
 from collections.abc import Iterator
@@ -22,6 +23,16 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # So the watermark score reads the demo's model (timm's EfficientNet code on a tiny configuration, packaged
 # with the project) rather than download LAION's, in this process and in the CLI's and services' it starts.
 os.environ[SCORES_ENV["watermark_model"]] = str(DEMO_WATERMARK_MODEL)
+
+
+@pytest.fixture(autouse=True)
+def _terminable_children() -> None:
+    """SIGTERM back to its default before each test, unless a Python handler is set: a library that left
+    it ignored (seen in a pytest-xdist worker late in the suite) makes every process a later test starts
+    inherit that, so its terminate() does nothing and the test waits for it forever. Set whatever
+    Python believes, as a disposition changed from C is not what `getsignal` reports."""
+    if not callable(signal.getsignal(signal.SIGTERM)):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
