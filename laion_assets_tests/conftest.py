@@ -23,16 +23,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # So the watermark score reads the demo's model (timm's EfficientNet code on a tiny configuration, packaged
 # with the project) rather than download LAION's, in this process and in the CLI's and services' it starts.
 os.environ[SCORES_ENV["watermark_model"]] = str(DEMO_WATERMARK_MODEL)
-
-
-@pytest.fixture(autouse=True)
-def _terminable_children() -> None:
-    """SIGTERM back to its default before each test, unless a Python handler is set: a library that left
-    it ignored (seen in a pytest-xdist worker late in the suite) makes every process a later test starts
-    inherit that, so its terminate() does nothing and the test waits for it forever. Set whatever
-    Python believes, as a disposition changed from C is not what `getsignal` reports."""
-    if not callable(signal.getsignal(signal.SIGTERM)):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+# A test process started with SIGINT ignored (a background job of a non-interactive shell, as a CI runner
+# may start `make test`) would end up with SIGTERM ignored too: Dagster's in-process execution sets
+# SIGTERM's handler to SIGINT's. Every process a later test starts would inherit that, its terminate()
+# would do nothing and the test would wait for it (seen: bench/download.py's servers, test_ui's dagster
+# dev). Python's own SIGINT handler is a handler, so the processes started get SIGTERM's default.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
