@@ -34,7 +34,7 @@ docs: install
 
 # The suite in TEST_WORKERS processes (pytest-xdist); --dist loadfile keeps a file's tests, and so its
 # module fixtures, in one of them. Many tests wait on servers and subprocesses, so two workers keep two
-# cores busy: 17 minutes here instead of 35. `make test TEST_WORKERS=0` runs it in one process.
+# cores busy (figures: docs/getting-started.md). `make test TEST_WORKERS=0` runs it in one process.
 TEST_WORKERS ?= 2
 test: lint docs postgres chromium
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
