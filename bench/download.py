@@ -50,7 +50,7 @@ import yaml
 from latency_web import Latency, host_address, photo_files, photo_index, plan
 from latency_web import start as start_latency_web
 from peers import WORK, ensure_peer
-from PIL import Image
+from PIL import Image, ImageDraw
 from smoke import parse_args
 
 from laion_assets.pipeline.download.downloader import DownloadSettings
@@ -71,12 +71,14 @@ LATENCY_HELP = {
     "seed": "of the URLs' hosts and their answers",
 }
 
-# corpus -> (widths, grain): large photos of 85 KB to 2.2 MB, small web images of about 100 KB, or camera
-# originals of about 2.5 MB (the only ones the resizer decodes at a reduced DCT scale for 256 px)
+# corpus -> (widths, grain): large photos of 85 KB to 2.2 MB, small web images of about 100 KB, camera
+# originals of about 2.5 MB (the only photos the resizer decodes at a reduced DCT scale for 256 px), or
+# pages of text (`page_of_text`, no grain), on which that decode strays furthest from a full one
 CORPORA = {
     "large": ((640, 2400), (10, 10)),
     "small": ((480, 640), (10, 14)),
     "camera": ((3200, 4000), (6, 8)),
+    "text": ((1000, 3600), (0, 0)),
 }
 
 
@@ -93,6 +95,9 @@ def make_photos(folder: Path, distinct: int, corpus: str = "large", seed: int = 
             continue
         width = int(rng.integers(low, high + 1))
         height = min(high, int(width * rng.choice([0.56, 0.67, 0.75, 1.0, 1.33])))
+        if corpus == "text":
+            path.write_bytes(page_of_text(width, height))
+            continue
         field = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize(
             (width, height), Image.BICUBIC
         )
@@ -102,6 +107,18 @@ def make_photos(folder: Path, distinct: int, corpus: str = "large", seed: int = 
         Image.fromarray(pixels).save(out, "JPEG", quality=90)
         path.write_bytes(out.getvalue())
     return paths
+
+
+def page_of_text(width: int, height: int) -> bytes:
+    """A page of small black text on white, as a JPEG of quality 90."""
+    page = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(page)
+    line = "The quick brown fox jumps over the lazy dog 0123456789 " * (width // 300 + 1)
+    for top in range(0, height, 12):
+        draw.text((2, top), line, fill="black")
+    out = io.BytesIO()
+    page.save(out, "JPEG", quality=90)
+    return out.getvalue()
 
 
 NGINX_CONF = """daemon off; worker_processes 1; pid {work}/nginx.pid; error_log {work}/nginx-error.log;
