@@ -5,11 +5,11 @@ downscale, OpenCV's INTER_AREA (each output pixel the mean of the input area it 
 weighted by their share), run by OpenCV itself: Pillow has no such filter (its BOX weighs whole pixels,
 31 dB PSNR from OpenCV on img2dataset's own test photos). Pillow reads the header and EXIF, turns by EXIF,
 upscales (Lanczos) and encodes; it decodes too, except an upright colour JPEG that is shrunk, which OpenCV
-decodes into the array it resizes (`_opencv_jpeg`: the same pixels, without a full-size copy). A JPEG at
-least six times the target size is decoded with libjpeg's DCT scaling (Pillow's `draft`: 1/2, 1/4 or 1/8)
-down to six times the target, which saves most of a camera photo's decode and stays 37 dB or more from a
-full decode on photos, pages of text and noise alike. Nearer the target it strays on text: stopping at
-twice the target, photos kept 44 dB but a page of text fell to 27 dB; at four times, to 32 dB
+decodes into the array it resizes (`_opencv_jpeg`: the same pixels, without a full-size copy). A JPEG of
+twelve times the target size or more is decoded with libjpeg's DCT scaling (Pillow's `draft`: 1/2, 1/4 or
+1/8) to no less than six times the target, which saves most of a camera photo's decode and stays 37 dB or
+more from a full decode on photos, pages of text and noise alike. Nearer the target it strays on text:
+stopping at twice the target, photos kept 44 dB but a page of text fell to 27 dB; at four times, to 32 dB
 (docs/benchmarks.md). img2dataset's pixels are the contract, so a smaller image is decoded whole.
 """
 
