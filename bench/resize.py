@@ -4,8 +4,8 @@
 
 Both decode, resize and encode JPEG quality 95 each photo (bench/download.py's photo-like JPEGs), in
 one process: img2dataset's Resizer in its own venv (bench/peers.py), ours (`process_image`) here, also
-with the JPEG draft decode going down to twice the target size (the margin before this one, which a page
-of text takes 27 dB from img2dataset's pixels) and without any draft, to show what the draft saves and
+with the JPEG draft decode going down to twice the target size (the margin used before, which puts a
+page of text 27 dB from img2dataset's pixels) and without any draft, to show what the draft saves and
 what its margin costs. Prints ms per image, the ratio, peak memory, and each variant's PSNR against
 img2dataset's output (the bound its tests hold is 35 dB). `--corpus camera` holds 4,000 px photos, the
 only ones here large enough to be drafted at the current margin; `--corpus text`, pages of text of 1,000 to
