@@ -2,6 +2,7 @@
 256 and 512 x jpg, webp and png, on images of the sizes its tests use), compared with img2dataset's own
 resizer, run in its own venv (bench/peers.py): the same sizes and decisions, and within 35 dB PSNR."""
 
+import importlib
 import io
 import itertools
 import sys
@@ -56,13 +57,17 @@ def case_name(size: int, mode: str, only_if_bigger: bool, fmt: str) -> str:
 CASES = list(itertools.product([256, 512], MODES, [False, True], FORMATS))
 
 
-@pytest.fixture(scope="module")
-def img2dataset_outputs(sources, tmp_path_factory) -> tuple[Path, dict]:
+def from_bench(module: str):
+    """A module of bench/ (scripts, not a package), imported with bench/ on the path for the import only."""
     sys.path.insert(0, str(BENCH))
     try:
-        from peers import img2dataset_resize
+        return importlib.import_module(module)
     finally:
         sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def img2dataset_outputs(sources, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("img2dataset")
     cases = {
         case_name(*case): {
@@ -74,12 +79,14 @@ def img2dataset_outputs(sources, tmp_path_factory) -> tuple[Path, dict]:
         }
         for case in CASES
     }
-    found, _ = img2dataset_resize(sources, out, cases)
+    found, _ = from_bench("peers").img2dataset_resize(sources, out, cases)
     return out, found
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+def psnr_to_img2dataset(ours: bytes, theirs: Path) -> float:
+    """The PSNR of our encoded image against img2dataset's output file, both as RGB."""
+    a, b = (np.asarray(Image.open(f).convert("RGB"), np.float64) for f in (io.BytesIO(ours), theirs))
+    mse = np.mean((a - b) ** 2)
     return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
 
 
@@ -106,10 +113,8 @@ def test_every_case_is_img2datasets_size_and_within_35_db_of_its_pixels(
             original_width,
             original_height,
         ), name
-        decoded = Image.open(io.BytesIO(ours.data))
-        assert decoded.format == {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}[fmt]
-        theirs = np.asarray(Image.open(out / name).convert("RGB"))
-        assert psnr(np.asarray(decoded.convert("RGB")), theirs) >= MIN_PSNR, name
+        assert Image.open(io.BytesIO(ours.data)).format == {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}[fmt]
+        assert psnr_to_img2dataset(ours.data, out / name) >= MIN_PSNR, name
 
 
 def test_large_pages_of_text_stay_within_35_db_of_img2datasets_pixels(tmp_path):
@@ -117,12 +122,7 @@ def test_large_pages_of_text_stay_within_35_db_of_img2datasets_pixels(tmp_path):
     (photos stay far closer): the first page is not drafted, the last is. Drafting down to twice the target
     size, the first came out 27.5 dB from img2dataset's output at 256 px; down to four times, the second
     33.6 dB."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        from download import page_of_text
-        from peers import img2dataset_resize
-    finally:
-        sys.path.remove(str(BENCH))
+    page_of_text = from_bench("download").page_of_text
     sources = tmp_path / "sources"
     sources.mkdir()
     pages = {"text_1100_825": (1100, 825), "text_2060_1545": (2060, 1545), "text_3349_2511": (3349, 2511)}
@@ -133,16 +133,14 @@ def test_large_pages_of_text_stay_within_35_db_of_img2datasets_pixels(tmp_path):
         for size in (256, 512)
         for mode in ("border", "keep_ratio", "center_crop")
     }
-    found, _ = img2dataset_resize(sources, tmp_path / "img2dataset", cases)
+    found, _ = from_bench("peers").img2dataset_resize(sources, tmp_path / "img2dataset", cases)
     for case, options in cases.items():
         settings = ImageSettings(image_size=options["image_size"], resize_mode=options["resize_mode"])
         for stem in pages:
             name = f"{case}-{stem}.jpg"
             ours = process_image((sources / f"{stem}.jpg").read_bytes(), settings)
             assert [ours.width, ours.height] == found[name][:2], name
-            theirs = np.asarray(Image.open(tmp_path / "img2dataset" / name).convert("RGB"))
-            decoded = np.asarray(Image.open(io.BytesIO(ours.data)).convert("RGB"))
-            assert psnr(decoded, theirs) >= MIN_PSNR, name
+            assert psnr_to_img2dataset(ours.data, tmp_path / "img2dataset" / name) >= MIN_PSNR, name
 
 
 def test_skip_reencode_keeps_the_original_bytes_only_when_nothing_changes(sources):
