@@ -2,13 +2,13 @@
 private networks.
 
 A request that waits on a slow or silent server costs a socket and a coroutine, not a thread, so a
-worker keeps hundreds of requests in flight. Redirects are followed here, not by aiohttp, so that every
-hop passes the same address guard and robots check. A host is resolved once (per `dns_cache_seconds`)
-in a bounded number of lookups at a time, and aiohttp connects to the address the guard vetted, through
-this module's resolver, never to an address a second lookup could answer (DNS rebinding); the Host
-header and, for https, the TLS server name and certificate check go by the URL's name. Every request
-has a total deadline on top of the per-read timeout, so a server that drips one byte at a time cannot
-hold a request longer than `request_timeout`.
+worker keeps hundreds of requests in flight. Redirects are followed here, so that every hop passes the
+same address guard and robots check. A host is resolved once (per `dns_cache_seconds`) in a bounded
+number of lookups at a time, and the connection goes to the address the guard vetted (`http.py`), never
+to an address a second lookup could answer (DNS rebinding); the Host header and, for https, the TLS
+server name and certificate check go by the URL's name. Every request has a total deadline on top of
+the per-read timeout, so a server that drips one byte at a time cannot hold a request longer than
+`request_timeout`.
 """
 
 from __future__ import annotations
@@ -26,11 +26,8 @@ from typing import Any, TypeVar
 from urllib.parse import SplitResult, urljoin, urlsplit
 from urllib.robotparser import RobotFileParser
 
-import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
-
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.download import tdmrep
+from laion_assets.pipeline.download import http, tdmrep
 
 T = TypeVar("T")
 _REDIRECTS = {301, 302, 303, 307, 308}
@@ -121,26 +118,15 @@ class Fetcher:
         self._lookups = ThreadPoolExecutor(settings.dns_lookups, thread_name_prefix="dns")
         # per (file, origin): robots.txt (RobotFileParser, None, or why every path is refused), tdmrep.json
         self._site_files: dict[tuple[str, str], asyncio.Future[Any]] = {}
-        self._ssl_context = ssl_context
-        self._session: aiohttp.ClientSession | None = None
+        # the caller bounds requests in flight, and per host
+        headers = {"User-Agent": self.user_agent, "Accept": "image/*,*/*;q=0.5"}
+        self._connections = http.ConnectionPool(headers, ssl_context)
 
     async def __aenter__(self) -> Fetcher:
-        connector = aiohttp.TCPConnector(
-            limit=0,  # the caller bounds requests in flight, and per host
-            resolver=_VettedResolver(self),
-            use_dns_cache=False,  # the resolver is the cache
-            ssl=self._ssl_context or True,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            headers={"User-Agent": self.user_agent, "Accept": "image/*,*/*;q=0.5"},
-            cookie_jar=aiohttp.DummyCookieJar(),
-            trust_env=False,
-        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._session.close()
+        self._connections.close()
         self._lookups.shutdown(wait=False, cancel_futures=True)
 
     async def fetch(self, url: str, deadline: float) -> Fetched:
@@ -180,7 +166,7 @@ class Fetcher:
             if refusal:
                 return refusal
             visited.add(url)
-            async with await self._get(url, deadline) as response:
+            async with await self._get(url, deadline, image) as response:
                 if response.status in _REDIRECTS:
                     location = response.headers.get("Location")
                     if not location:
@@ -194,28 +180,31 @@ class Fetcher:
                 return await self._read(response, deadline, image)
         return _failed(f"too many redirects: more than max_redirects={self.settings.max_redirects}")
 
-    async def _get(self, url: str, deadline: float) -> aiohttp.ClientResponse:
+    async def _get(self, url: str, deadline: float, image: bool) -> http.Response:
         """The response to GET `url`, its headers read, its body not yet."""
         s = self.settings
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise _Retryable(f"timeout: no time left of request_timeout={s.request_timeout:g}s")
         connect, read = min(s.connect_timeout, remaining), min(s.read_timeout, remaining)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read)
+        parts = urlsplit(url)
+        answer = await self.resolve(parts.hostname)  # vetted by `_vet` a moment ago: from the cache
+        address = answer if isinstance(answer, str) else None
+        limit = s.max_bytes if image else _ROBOTS_MAX_BYTES
         try:
             async with asyncio.timeout(remaining):
-                return await self._session.get(url, allow_redirects=False, timeout=timeout)
-        except aiohttp.ConnectionTimeoutError as exc:
+                return await self._connections.get(parts, address, connect, read, limit)
+        except http.ConnectTimeout as exc:
             raise _Retryable(f"timeout: no connection within {connect:g}s{self._pinned(url)}") from exc
-        except (aiohttp.SocketTimeoutError, TimeoutError) as exc:
+        except (http.ReadTimeout, TimeoutError) as exc:
             raise _Retryable(f"timeout: no response within {read:g}s") from exc
-        except aiohttp.ClientSSLError as exc:  # a certificate refused: retrying will not help
+        except http.TlsRefused as exc:  # a certificate refused: retrying will not help
             raise _FetchFailed(f"request failed: {_reason(exc)}") from exc
-        except aiohttp.ClientConnectorError as exc:
+        except http.ConnectFailed as exc:
             raise _Retryable(f"connection failed: {_reason(exc)}{self._pinned(url)}") from exc
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as exc:
+        except http.ConnectionBroken as exc:
             raise _Retryable(f"connection broken: {_reason(exc)}") from exc
-        except (aiohttp.ClientError, ValueError) as exc:  # malformed URL or response
+        except (http.BadResponse, ValueError, UnicodeError) as exc:  # malformed URL or response
             raise _FetchFailed(f"request failed: {_reason(exc)}") from exc
 
     def _pinned(self, url: str) -> str:
@@ -224,7 +213,7 @@ class Fetcher:
         answer = self._addresses.get(host, (0, None))[1]
         return f" (address {answer})" if isinstance(answer, str) else ""
 
-    async def _read(self, response: aiohttp.ClientResponse, deadline: float, image: bool) -> Fetched:
+    async def _read(self, response: http.Response, deadline: float, image: bool) -> Fetched:
         s, status = self.settings, response.status
         if status == 429 or status >= 500:
             retry_after = (
@@ -234,35 +223,35 @@ class Fetcher:
         if status != 200:
             return _failed(f"HTTP {status}: {response.reason}", status)
         if image:
-            directive = self._opt_out(response.headers.getall("X-Robots-Tag", []))
+            directive = self._opt_out(response.headers.getall("X-Robots-Tag"))
             if directive:
                 return Fetched(schemas.OPTED_OUT, error=f"X-Robots-Tag: {directive}", http_status=status)
-            if s.respect_tdm_reservation and response.headers.get("tdm-reservation", "").strip() == "1":
+            if s.respect_tdm_reservation and response.headers.get("tdm-reservation").strip() == "1":
                 return Fetched(schemas.OPTED_OUT, error="tdm-reservation: 1 (TDMRep)", http_status=status)
-            content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            content_type = response.headers.get("Content-Type").split(";")[0].strip().lower()
             if content_type.startswith(_NOT_IMAGE_TYPES):
                 error = f"not an image: content type {content_type}"
                 return Fetched(schemas.FAILED_TO_DECODE, error=error, http_status=status)
         limit = s.max_bytes if image else _ROBOTS_MAX_BYTES
-        declared = response.headers.get("Content-Length", "")
+        declared = response.headers.get("Content-Length")
         if declared.isdigit() and int(declared) > limit:
             return _failed(f"too large: Content-Length {declared} is over max_bytes={limit}", status)
-        body = bytearray()
         try:
+            # each read waits at most read_timeout (the connection's timer), the whole body until deadline
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                # each read waits at most read_timeout (aiohttp's sock_read), the whole body until deadline
-                while chunk := await response.content.readany():
-                    body += chunk
-                    if len(body) > limit:
-                        return _failed(f"too large: body is over max_bytes={limit}", status)
-        except aiohttp.SocketTimeoutError as exc:
+                body = await response.read()
+        except http.BodyTooLarge:
+            return _failed(f"too large: body is over max_bytes={limit}", status)
+        except http.ReadTimeout as exc:
             raise _Retryable(f"timeout: body stalled for {s.read_timeout:g}s", status) from exc
         except TimeoutError as exc:
             message = f"timeout: body not complete within request_timeout={s.request_timeout:g}s"
             raise _Retryable(message, status) from exc
-        except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+        except http.ConnectionBroken as exc:
             raise _Retryable(f"connection broken: {_reason(exc)}", status) from exc
-        return Fetched(schemas.SUCCESS, body=bytes(body), http_status=status)
+        except http.BadResponse as exc:
+            raise _FetchFailed(f"request failed: {_reason(exc)}") from exc
+        return Fetched(schemas.SUCCESS, body=body, http_status=status)
 
     async def _vet(self, url: str, check_site_rules: bool) -> Fetched | None:
         """A refusal of `url`, or None when it may be fetched."""
@@ -364,33 +353,6 @@ class Fetcher:
         parser = RobotFileParser()
         parser.parse(fetched.body.decode("utf-8", errors="replace").splitlines())
         return parser
-
-
-class _VettedResolver(AbstractResolver):
-    """aiohttp's resolver: a host's vetted address from the fetcher's cache, so that aiohttp connects
-    where the guard looked, never to the answer of a lookup of its own. (aiohttp does not call it for
-    IP literals, which the guard vets as they are.)"""
-
-    def __init__(self, fetcher: Fetcher) -> None:
-        self._fetcher = fetcher
-
-    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[ResolveResult]:
-        answer = await self._fetcher.resolve(host)
-        if isinstance(answer, Fetched) or answer is None:
-            raise OSError(f"{host}: {answer.error if answer else 'no address'}")
-        return [
-            ResolveResult(
-                hostname=host,
-                host=answer,
-                port=port,
-                family=socket.AF_INET6 if ":" in answer else socket.AF_INET,
-                proto=0,
-                flags=socket.AI_NUMERICHOST,
-            )
-        ]
-
-    async def close(self) -> None:
-        pass
 
 
 def fetch_one(url: str, settings: FetchSettings) -> Fetched:

@@ -1,0 +1,203 @@
+"""The downloader's HTTP client against a raw TCP server on 127.0.0.1 that answers as scripted: the
+responses the test web's http.server cannot send (a body ended by closing, an interim 103, a keep-alive
+connection closed while idle)."""
+
+import asyncio
+import contextlib
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
+
+import pytest
+
+from laion_assets.pipeline.download import http
+
+Answer = Callable[[bytes, socket.socket], bool]  # (request, connection) -> keep the connection open
+
+
+class RawServer:
+    """Accepts connections; for each request read, `answer(request, connection)` writes the response
+    bytes. `requests` keeps every request, `connections` counts the connections accepted."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        with connection, contextlib.suppress(OSError):  # the client may hang up first
+            buffered = b""
+            while True:
+                while b"\r\n\r\n" not in buffered:
+                    data = connection.recv(65536)
+                    if not data:
+                        return
+                    buffered += data
+                request, _, buffered = buffered.partition(b"\r\n\r\n")
+                self.requests.append(request)
+                if not self.answer(request, connection):
+                    return
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Answer], RawServer]]:
+    servers: list[RawServer] = []
+
+    def start(answer: Answer) -> RawServer:
+        servers.append(RawServer(answer))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def get_all(urls: list[str], limit: int = 1_000_000, read_timeout: float = 2.0) -> list[tuple[int, bytes]]:
+    """Each URL fetched after the last through one pool: (status, body)."""
+
+    async def fetched() -> list[tuple[int, bytes]]:
+        pool = http.ConnectionPool({"User-Agent": "test"})
+        results = []
+        try:
+            for url in urls:
+                parts = urlsplit(url)
+                async with await pool.get(parts, None, 2.0, read_timeout, limit) as response:
+                    results.append((response.status, await response.read()))
+        finally:
+            pool.close()
+        return results
+
+    return asyncio.run(fetched())
+
+
+def test_a_body_without_a_length_ends_with_the_connection(serve):
+    def answer(request: bytes, connection: socket.socket) -> bool:
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n\r\n" + b"x" * 100_000)
+        return False
+
+    server = serve(answer)
+    url = f"http://127.0.0.1:{server.port}/a.jpg"
+    assert get_all([url, url]) == [(200, b"x" * 100_000)] * 2
+    assert server.connections == 2  # such a connection is never reused
+
+
+def test_an_interim_response_is_skipped_for_the_final_one(serve):
+    def answer(request: bytes, connection: socket.socket) -> bool:
+        connection.sendall(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Final: yes\r\n\r\nhello"
+        )
+        return True
+
+    server = serve(answer)
+
+    async def headers() -> tuple[int, str, str]:
+        pool = http.ConnectionPool({})
+        try:
+            parts = urlsplit(f"http://127.0.0.1:{server.port}/")
+            async with await pool.get(parts, None, 2.0, 2.0, 100) as response:
+                await response.read()
+                return response.status, response.headers.get("X-Final"), response.headers.get("Link")
+        finally:
+            pool.close()
+
+    assert asyncio.run(headers()) == (200, "yes", "")
+
+
+def test_a_kept_alive_connection_the_server_closed_is_replaced_not_failed(serve):
+    """The server answers one request per connection but says keep-alive, then closes it: the next
+    request finds it gone, or goes out on it just as it closes, and is sent again on a new one."""
+
+    def answer(request: bytes, connection: socket.socket) -> bool:
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        return False
+
+    server = serve(answer)
+    url = f"http://127.0.0.1:{server.port}/x"
+    assert get_all([url] * 5) == [(200, b"ok")] * 5
+    assert len(server.requests) == 5
+
+
+def test_kept_alive_connections_are_reused(serve):
+    def answer(request: bytes, connection: socket.socket) -> bool:
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        return True
+
+    server = serve(answer)
+    url = f"http://127.0.0.1:{server.port}/x"
+    assert get_all([url] * 5) == [(200, b"ok")] * 5
+    assert server.connections == 1
+
+
+def test_the_request_line_is_percent_encoded_and_the_host_is_idna(serve):
+    def answer(request: bytes, connection: socket.socket) -> bool:
+        connection.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+        return True
+
+    server = serve(answer)
+
+    async def one() -> int:
+        pool = http.ConnectionPool({"User-Agent": "test"})
+        try:
+            parts = urlsplit(f"http://bücher.example:{server.port}/a b/é.jpg?q=ü&x=1")
+            async with await pool.get(parts, "127.0.0.1", 2.0, 2.0, 100) as response:
+                await response.read()
+                return response.status
+        finally:
+            pool.close()
+
+    assert asyncio.run(one()) == 204
+    lines = server.requests[0].decode("ascii").split("\r\n")
+    assert lines[0] == "GET /a%20b/%C3%A9.jpg?q=%C3%BC&x=1 HTTP/1.1"
+    assert f"Host: xn--bcher-kva.example:{server.port}" in lines
+    assert "User-Agent: test" in lines
+
+
+def test_a_body_over_the_limit_stops_the_read(serve):
+    def answer(request: bytes, connection: socket.socket) -> bool:
+        connection.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(20):
+            connection.sendall(b"4000\r\n" + b"\0" * 0x4000 + b"\r\n")
+        connection.sendall(b"0\r\n\r\n")
+        return True
+
+    server = serve(answer)
+    with pytest.raises(http.BodyTooLarge):
+        get_all([f"http://127.0.0.1:{server.port}/big"], limit=100_000)
+
+
+def test_a_response_that_is_not_http_is_refused(serve):
+    def answer(request: bytes, connection: socket.socket) -> bool:
+        connection.sendall(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+        return True
+
+    server = serve(answer)
+    with pytest.raises(http.BadResponse):
+        get_all([f"http://127.0.0.1:{server.port}/"])
+
+
+def test_a_stalled_response_times_out_after_the_read_timeout(serve):
+    def answer(request: bytes, connection: socket.socket) -> bool:
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        threading.Event().wait(5)  # the rest never comes
+        return False
+
+    server = serve(answer)
+    with pytest.raises(http.ReadTimeout):
+        get_all([f"http://127.0.0.1:{server.port}/"], read_timeout=0.3)
