@@ -582,11 +582,11 @@ def test_a_shard_of_few_rows_lets_the_next_one_start_at_once(monkeypatch):
     fetched, so the next shard does not wait for this one's first answer; with more, it is not."""
     draining_when_fetching_began = []
 
-    def fetch_nothing(jobs, settings, deadline, blocked_images):
+    def fetch_nothing(workers, jobs, deadline, blocked_images):
         draining_when_fetching_began.append(draining.is_set())
         yield from ()
 
-    monkeypatch.setattr(download, "_fetch_in_processes", fetch_nothing)
+    monkeypatch.setattr(download.DownloadWorkers, "fetch", fetch_nothing)
     for rows in (8, 9):  # 2 x 4 in flight, and one more
         draining = threading.Event()
         urls = [f"http://127.0.0.1:9/{i}.jpg" for i in range(rows)]
@@ -629,3 +629,38 @@ def test_a_retry_the_shard_deadline_overtakes_says_so(web):
     assert rows[web.url("/flaky/9")]["error_message"] == "shard deadline: not retried within shard_timeout=1s"
     assert web.hits["/flaky/9"] == 1  # its first attempt, a 500; the retry never went out
     assert rows[web.url("/drip.jpg")]["error_message"].startswith("timeout")
+
+
+def test_shards_running_at_once_share_the_worker_processes_and_each_hosts_cap(web, monkeypatch):
+    """Two shards of one run at once (the second starts while the first drains) go through the run's
+    worker processes: two in all, not two each, and one host gets `per_host_connections` in all."""
+    monkeypatch.setattr(download, "ROWS_PER_PROCESS", 4)
+    settings = replace(FAST, per_host_connections=2, max_in_flight=8, processes=2)
+    shards = {name: [web.url(f"/slow/{name}{i}") for i in range(8)] for name in ("a", "b")}
+    children = set()
+    with download.DownloadWorkers(settings) as workers:
+
+        def work(name: str, draining: threading.Event):
+            crawl = crawl_table(shards[name], shard=name)
+            result = download_shard(crawl, settings, io.BytesIO(), draining=draining, workers=workers)
+            children.update(child.pid for child in multiprocessing.active_children())
+            return result
+
+        results = dict(pipelined(list(shards), work))
+    assert [results[name].status_counts()[schemas.SUCCESS] for name in shards] == [8, 8]
+    assert len(children) == 2
+    assert web.max_in_flight == 2  # both shards at once, on one host
+
+
+def test_a_worker_that_died_is_replaced_for_the_next_shard(web, monkeypatch):
+    monkeypatch.setattr(download, "ROWS_PER_PROCESS", 4)
+    settings = replace(FAST, processes=2)
+    with download.DownloadWorkers(settings) as workers:
+        for name in ("a", "b"):
+            urls = [web.url(f"/up/{name}{i}") for i in range(8)]
+            result = download_shard(crawl_table(urls, shard=name), settings, io.BytesIO(), workers=workers)
+            assert result.status_counts()[schemas.SUCCESS] == 8
+            victim = multiprocessing.active_children()[0]
+            victim.kill()
+            victim.join()
+        assert len(multiprocessing.active_children()) == 1

@@ -15,7 +15,12 @@ from laion_assets.defs.metadata import counts_table, preview, shards_materialize
 from laion_assets.defs.partitions import per_shard_asset
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.download.downloader import DownloadResult, DownloadSettings, write_images
+from laion_assets.pipeline.download.downloader import (
+    DownloadResult,
+    DownloadSettings,
+    DownloadWorkers,
+    write_images,
+)
 from laion_assets.pipeline.download.imaging import RESIZE_MODES
 from laion_assets.pipeline.leases import shard_lease
 from laion_assets.pipeline.parallel import pipelined
@@ -82,28 +87,31 @@ def downloaded_images(
     settings = settings_from(config, DownloadSettings)
     metadata = {}
 
+    workers = DownloadWorkers(settings)  # shared by the shards: as many processes as cores in all
+
     def download(shard: str, draining: threading.Event) -> DownloadResult:
         with shard_lease(dataset, shard, context.run.run_id):
-            return write_images(dataset, shard, settings, context.log.info, draining)
+            return write_images(dataset, shard, settings, context.log.info, draining, workers)
 
     # the next shard starts fetching while the last one waits on its slowest hosts
-    for shard, result in pipelined(context.partition_keys, download):
-        counts = result.status_counts()
-        rows = result.table.num_rows
-        metadata[shard] = {
-            "dagster/row_count": rows,
-            **{f"status/{status}": n for status, n in counts.items()},
-            "success_rate": round(counts[schemas.SUCCESS] / rows, 4) if rows else 0.0,
-            "top_errors": counts_table(result.top_errors(), "error"),
-            "top_failing_hosts": counts_table(result.top_failing_hosts(), "host"),
-            "fetched": result.fetched,
-            "reused_from_previous": result.reused,
-            "seconds": round(result.seconds, 2),
-            "images_per_second": round(result.fetched / result.seconds, 1) if result.seconds else 0.0,
-            "settings": dg.MetadataValue.json(config_values(config)),  # as this run used them
-            "path": dg.MetadataValue.path(dataset.url(IMAGES.tar(shard))),
-            "preview": preview(result.table, ["key", "status", "error_message", "width", "height"]),
-        }
+    with workers:
+        for shard, result in pipelined(context.partition_keys, download):
+            counts = result.status_counts()
+            rows = result.table.num_rows
+            metadata[shard] = {
+                "dagster/row_count": rows,
+                **{f"status/{status}": n for status, n in counts.items()},
+                "success_rate": round(counts[schemas.SUCCESS] / rows, 4) if rows else 0.0,
+                "top_errors": counts_table(result.top_errors(), "error"),
+                "top_failing_hosts": counts_table(result.top_failing_hosts(), "host"),
+                "fetched": result.fetched,
+                "reused_from_previous": result.reused,
+                "seconds": round(result.seconds, 2),
+                "images_per_second": round(result.fetched / result.seconds, 1) if result.seconds else 0.0,
+                "settings": dg.MetadataValue.json(config_values(config)),  # as this run used them
+                "path": dg.MetadataValue.path(dataset.url(IMAGES.tar(shard))),
+                "preview": preview(result.table, ["key", "status", "error_message", "width", "height"]),
+            }
     return shards_materialized(metadata)
 
 

@@ -34,7 +34,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, TypeVar
 from urllib.parse import urlsplit
@@ -78,6 +78,7 @@ class _Job:
     key: str
     url: str
     caption: str
+    shard: int = 0  # which of the worker processes' shards it is of (`DownloadWorkers`)
 
     @property
     def host(self) -> str:
@@ -115,16 +116,23 @@ class HostScheduler:
 
     def __init__(self, jobs: list[_Job], per_host: int) -> None:
         self._queues: dict[str, deque[_Job]] = {}
-        for job in jobs:
-            self._queues.setdefault(job.host, deque()).append(job)
         self._running: Counter = Counter()
         self._per_host = per_host
-        self.queued = len(jobs)  # not handed out yet
+        self.queued = 0  # not handed out yet
         # (-queued, turn, host) of the hosts that may start a job; `_offered` holds each one's valid count
         self._heap: list[tuple[int, int, str]] = []
         self._offered: dict[str, int] = {}
         self._turns = itertools.count()
-        for host in self._queues:
+        self.add(jobs)
+
+    def add(self, jobs: list[_Job]) -> None:
+        """`jobs` at the end of their hosts' queues."""
+        hosts = set()
+        for job in jobs:
+            self._queues.setdefault(job.host, deque()).append(job)
+            hosts.add(job.host)
+        self.queued += len(jobs)
+        for host in hosts:
             self._offer(host)
 
     def next(self) -> _Job | None:
@@ -148,9 +156,7 @@ class HostScheduler:
 
     def again(self, job: _Job) -> None:
         """`job` back at the end of its host's queue (a retry)."""
-        self._queues.setdefault(job.host, deque()).append(job)
-        self.queued += 1
-        self._offer(job.host)
+        self.add([job])
 
     def idle(self) -> bool:
         """Nothing queued and nothing running."""
@@ -169,6 +175,7 @@ def write_images(
     settings: DownloadSettings,
     progress: Callable[[str], None] | None = None,
     draining: threading.Event | None = None,
+    workers: DownloadWorkers | None = None,
 ) -> DownloadResult:
     """`images/<shard>.tar` and `images/<shard>.parquet` from the shard's crawl_metadata; with
     `settings.retry_failed`, only the rows that failed to download last time are fetched again. The block
@@ -182,7 +189,7 @@ def write_images(
             previous = (store.read_parquet(parquet_path), stack.enter_context(store.open(tar_path)))
         tar_out = stack.enter_context(store.atomic_write(tar_path))
         blocklist = load_active(store)
-        result = download_shard(crawl, settings, tar_out, previous, progress, blocklist, draining)
+        result = download_shard(crawl, settings, tar_out, previous, progress, blocklist, draining, workers)
     footer = {**inherited_footer(crawl), names.SETTINGS_FOOTER: json.dumps(asdict(settings))}
     store.write_parquet(parquet_path, result.table, metadata=footer, **schemas.IMAGES_PARQUET_OPTIONS)
     return result
@@ -196,6 +203,7 @@ def download_shard(
     progress: Callable[[str], None] | None = None,
     blocklist: Blocklist | None = None,
     draining: threading.Event | None = None,
+    workers: DownloadWorkers | None = None,
 ) -> DownloadResult:
     """Fetch the `url` of every `crawl` row; write successes to `tar_out`, return one record per row.
 
@@ -203,6 +211,8 @@ def download_shard(
     rows that did not fail to download are kept and their samples copied, the rest fetched again.
     A row whose link or domain is on `blocklist` is not fetched; one whose bytes are on it is dropped.
     `draining` is set once few rows are left (`_NEXT_SHARD_WITHIN`): the next shard may start.
+    `workers`: the run's worker processes, which the shards running at once share; without them, the
+    shard has its own.
     """
     start = time.monotonic()
     deadline = start + settings.shard_timeout
@@ -210,7 +220,9 @@ def download_shard(
         _Job(r["key"], r["url"], r["caption"]) for r in crawl.select(["key", "url", "caption"]).to_pylist()
     ]
     records: list[dict] = []
-    with TarShardWriter(tar_out) as writer:
+    with contextlib.ExitStack() as stack:
+        writer = stack.enter_context(TarShardWriter(tar_out))
+        workers = workers or stack.enter_context(DownloadWorkers(settings))
         if previous is not None and settings.retry_failed:
             kept = _reuse(jobs, *previous, writer)
             records.extend(kept.values())
@@ -229,7 +241,7 @@ def download_shard(
         few_left = _NEXT_SHARD_WITHIN * settings.max_in_flight
         if draining and len(jobs) <= few_left:  # a small shard: the next one starts with it
             draining.set()
-        fetched = _fetch_in_processes(jobs, settings, deadline, blocked_images)
+        fetched = workers.fetch(jobs, deadline, blocked_images)
         for done, (record, sample) in enumerate(fetched, 1):
             if sample:
                 writer.write_encoded(sample)
@@ -261,55 +273,165 @@ def usable_cores() -> int:
     return cores if quota == "max" else max(1, min(cores, -(-int(quota) // int(period))))
 
 
-def _fetch_in_processes(
-    jobs: list[_Job], settings: DownloadSettings, deadline: float, blocked_images: dict[str, str]
-) -> Iterator[tuple[dict, bytes | None]]:
-    """`_fetch_all`, with the jobs dealt over worker processes when there are enough of them.
+class DownloadWorkers:
+    """The worker processes of a run's downloads, shared by the shards that run at once (the next one
+    starts while the last one drains): `cores` processes in all, not `cores` per shard, and each keeps
+    its connections and each site's robots.txt and tdmrep.json from one shard to the next. They start
+    with the first shard of more than `ROWS_PER_PROCESS` rows (smaller ones are fetched in the caller's
+    process), each with 1/n of `max_in_flight` and of each host's connections, and get every n-th row
+    of each shard. A worker that dies (a crash in a decoder) costs its unfinished rows, each recorded
+    as failed_to_download; the next shard gets a new one. Use as a context manager: leaving it stops
+    them."""
 
-    Each worker gets every n-th job, 1/n of the threads and 1/n of each host's connections, so the
-    per-host limit holds across them. A worker that dies (a crash in a decoder) costs its unfinished
-    rows, each recorded as failed_to_download; the other workers' rows are kept."""
-    count = process_count(settings, len(jobs))
-    if count == 1:
-        yield from _fetch_all(jobs, settings, deadline, blocked_images)
-        return
-    addresses = resolve_hosts({name for job in jobs if (name := urlsplit(job.url).hostname)}, settings)
-    per_host = settings.per_host_connections // count
-    share = replace(settings, max_in_flight=settings.max_in_flight // count, per_host_connections=per_host)
-    context = _worker_context()
-    workers = {}
-    for part in (jobs[i::count] for i in range(count)):
-        receive, send = context.Pipe(duplex=False)
-        process = context.Process(
-            target=_worker, args=(part, share, deadline, blocked_images, send, addresses), daemon=True
-        )
-        process.start()
-        send.close()
-        workers[receive] = (process, {job.key: job for job in part})
-    try:
-        while workers:
-            for receive in multiprocessing.connection.wait(list(workers)):
-                process, unfinished = workers[receive]
+    def __init__(self, settings: DownloadSettings) -> None:
+        self._settings = settings
+        self._workers: list[_WorkerProcess] = []
+        self._count = 0
+        self._routes: dict[int, _Route] = {}  # shard number -> where its results go
+        self._shards = itertools.count()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._reader: threading.Thread | None = None
+
+    def __enter__(self) -> DownloadWorkers:
+        return self
+
+    def __exit__(self, error: type[BaseException] | None, *exc: object) -> None:
+        """Each worker told that no more shards come, and killed if it has not ended after 10 s (at once
+        when leaving on an error: rows still in flight are not wanted)."""
+        self._stopping.set()
+        for worker in self._workers:
+            with contextlib.suppress(OSError):
+                worker.control.send(None)
+        if self._reader and error is None:
+            self._reader.join(10)
+        for worker in self._workers:
+            worker.process.kill()
+        if self._reader:
+            self._reader.join()
+        for worker in self._workers:
+            worker.process.join()
+
+    def fetch(
+        self, jobs: list[_Job], deadline: float, blocked_images: dict[str, str]
+    ) -> Iterator[tuple[dict, bytes | None]]:
+        """(record, sample) of each job, in the order they finish."""
+        if not self._workers and process_count(self._settings, len(jobs)) == 1:
+            yield from _fetch_all(jobs, self._settings, deadline, blocked_images)
+            return
+        hosts = {name for job in jobs if (name := urlsplit(job.url).hostname)}
+        addresses = resolve_hosts(hosts, self._settings)
+        with self._lock:
+            workers = self._live_workers(process_count(self._settings, len(jobs)))
+            shard = next(self._shards)
+            route = _Route()
+            for i, worker in enumerate(workers):
+                if part := jobs[i :: len(workers)]:
+                    route.unfinished[worker] = {job.key: replace(job, shard=shard) for job in part}
+            self._routes[shard] = route
+            waiting = len(route.unfinished)  # workers that have not finished their part
+            for worker, part in list(route.unfinished.items()):
                 try:
-                    batch = receive.recv()
-                except EOFError:  # it died before saying it had finished
-                    process.join()
-                    error = f"unexpected: download worker process died (exit code {process.exitcode})"
-                    for job in unfinished.values():
-                        yield _record(job, schemas.FAILED_TO_DOWNLOAD, error), None
-                    batch = None
-                if batch is None:
-                    receive.close()
-                    del workers[receive]
+                    worker.control.send((shard, list(part.values()), deadline, blocked_images, addresses))
+                except OSError:  # it died a moment ago
+                    self._fail_unfinished(worker, [route])
+        try:
+            while waiting:
+                result = route.results.get()
+                if result is None:
+                    waiting -= 1
+                else:
+                    yield result
+        finally:
+            with self._lock:
+                del self._routes[shard]
+
+    def _live_workers(self, count: int) -> list[_WorkerProcess]:
+        """The worker processes alive, as many as the first shard that needed them asked for: the dead
+        ones replaced. Under the lock."""
+        self._count = self._count or count
+        context = _worker_context()
+        share = replace(
+            self._settings,
+            max_in_flight=self._settings.max_in_flight // self._count,
+            per_host_connections=self._settings.per_host_connections // self._count,
+        )
+        live = [worker for worker in self._workers if worker.alive and worker.process.is_alive()]
+        while len(live) < self._count:
+            control_receive, control_send = context.Pipe(duplex=False)
+            results_receive, results_send = context.Pipe(duplex=False)
+            args = (share, control_receive, results_send)
+            process = context.Process(target=_worker, args=args, daemon=True)
+            process.start()
+            control_receive.close()
+            results_send.close()
+            live.append(_WorkerProcess(process, control_send, results_receive))
+            self._workers.append(live[-1])  # a dead one stays listed until the reader has seen it end
+        if self._reader is None:
+            self._reader = threading.Thread(target=self._read, name="download-workers", daemon=True)
+            self._reader.start()
+        return live
+
+    def _read(self) -> None:
+        """The workers' results, each put where its shard's caller takes it."""
+        while True:
+            with self._lock:
+                listening = {worker.results: worker for worker in self._workers if worker.alive}
+            if not listening and self._stopping.is_set():
+                return
+            for connection in multiprocessing.connection.wait(list(listening), timeout=0.2):
+                worker = listening[connection]
+                try:
+                    shard, batch = connection.recv()
+                except (EOFError, OSError):
+                    self._died(worker)
                     continue
-                for record, sample in batch:
-                    del unfinished[record["key"]]
-                    yield record, sample
-    finally:
-        for process, _ in workers.values():
-            process.kill()
-        for process, _ in workers.values():
-            process.join()
+                with self._lock:
+                    route = self._routes.get(shard)  # None when its caller stopped listening
+                    if route is None:
+                        continue
+                    if batch is None:  # the worker's part of the shard is done
+                        if route.unfinished.pop(worker, None) is not None:
+                            route.results.put(None)
+                        continue
+                    unfinished = route.unfinished.get(worker, {})
+                    for record, sample in batch:
+                        unfinished.pop(record["key"], None)
+                        route.results.put((record, sample))
+
+    def _died(self, worker: _WorkerProcess) -> None:
+        """A worker that ended without finishing: each of its unfinished rows fails with the reason."""
+        worker.results.close()
+        worker.process.join()
+        with self._lock:
+            worker.alive = False
+            self._fail_unfinished(worker, list(self._routes.values()))
+
+    def _fail_unfinished(self, worker: _WorkerProcess, routes: list[_Route]) -> None:
+        """The rows `worker` had of each of `routes`, failed. Under the lock, so that they fail once."""
+        error = f"unexpected: download worker process died (exit code {worker.process.exitcode})"
+        for route in routes:
+            unfinished = route.unfinished.pop(worker, None)
+            if unfinished is not None:
+                for job in unfinished.values():
+                    route.results.put((_record(job, schemas.FAILED_TO_DOWNLOAD, error), None))
+                route.results.put(None)
+
+
+@dataclass(eq=False)
+class _WorkerProcess:
+    process: multiprocessing.process.BaseProcess
+    control: multiprocessing.connection.Connection  # its shards, then None
+    results: multiprocessing.connection.Connection  # (shard, a batch of results, or None when done)
+    alive: bool = True
+
+
+@dataclass
+class _Route:
+    """A shard's results as they come back, then a None for each worker done with its part."""
+
+    results: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    unfinished: dict[_WorkerProcess, dict[str, _Job]] = field(default_factory=dict)
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
@@ -328,26 +450,43 @@ def start_worker_server() -> None:
 
 
 def _worker(
-    jobs: list[_Job],
     settings: DownloadSettings,
-    deadline: float,
-    blocked_images: dict[str, str],
+    control: multiprocessing.connection.Connection,
     send: multiprocessing.connection.Connection,
-    addresses: dict[str, Address],
 ) -> None:
-    """A worker process: its jobs through `_fetch_all`, the results sent back in small batches, then None.
-    When the step's process is gone (killed), the next send fails and the worker stops after the
-    requests in flight."""
-    batch = []
+    """A worker process: the shards `control` sends, (shard, jobs, deadline, blocked images, hosts'
+    addresses), fetched on one event loop (`_Fetching`) and decoded here; each shard's results sent back
+    in small batches, then (shard, None). `control` sends None once no shard will come. When the step's
+    process is gone (killed), `control` ends and the next send fails: the worker stops."""
+    fetching = _Fetching(settings)
+    blocked: dict[int, dict[str, str]] = {}
+    left: Counter = Counter()  # jobs of each shard not sent back yet
+    lock = threading.Lock()
+
+    def receive() -> None:
+        with contextlib.suppress(EOFError, OSError):
+            while (message := control.recv()) is not None:
+                shard, jobs, deadline, blocked_images, addresses = message
+                blocked[shard] = blocked_images
+                with lock:
+                    left[shard] += len(jobs)
+                fetching.add(jobs, deadline, addresses)
+        fetching.close()
+
+    threading.Thread(target=receive, name="control", daemon=True).start()
+    batches: dict[int, list] = {}
     try:
-        for result in _fetch_all(jobs, settings, deadline, blocked_images, addresses):
-            batch.append(result)
-            if len(batch) >= _BATCH:
-                send.send(batch)
-                batch = []
-        if batch:
-            send.send(batch)
-        send.send(None)
+        for job, record, sample in _decoded(fetching, settings, lambda shard: blocked[shard]):
+            batch = batches.setdefault(job.shard, [])
+            batch.append((record, sample))
+            with lock:
+                left[job.shard] -= 1
+                finished = not left[job.shard]
+            if finished or len(batch) >= _BATCH:
+                send.send((job.shard, batch))
+                batches[job.shard] = []
+            if finished:
+                send.send((job.shard, None))
     except BrokenPipeError:
         return
     send.close()
@@ -375,51 +514,56 @@ def _run_async(coroutine: Coroutine[None, None, T]) -> T:
 
 
 def _fetch_all(
-    jobs: list[_Job],
-    settings: DownloadSettings,
-    deadline: float,
-    blocked_images: dict[str, str],
-    addresses: dict[str, Address] | None = None,
+    jobs: list[_Job], settings: DownloadSettings, deadline: float, blocked_images: dict[str, str]
 ) -> Iterator[tuple[dict, bytes | None]]:
-    """(record, its sample encoded for the tar, or None) for each job, in the order they finish;
-    `blocked_images` maps the sha256 and md5 digests on block lists to the list they are on.
+    """(record, its sample encoded for the tar, or None) for each job, in the order they finish, fetched
+    and decoded in this process; `blocked_images` maps the sha256 and md5 digests on block lists to the
+    list they are on."""
+    fetching = _Fetching(settings)
+    fetching.add(jobs, deadline, {})
+    fetching.close()
+    for _, record, sample in _decoded(fetching, settings, lambda shard: blocked_images):
+        yield record, sample
 
-    The fetching runs on an event loop in a thread of its own (`_Fetching`); the images are decoded here,
-    in the caller's thread."""
-    fetching = _Fetching(jobs, settings, deadline, addresses)
-    unfinished = {job.key: job for job in jobs}
+
+def _decoded(
+    fetching: _Fetching, settings: DownloadSettings, blocked_images: Callable[[int], dict[str, str]]
+) -> Iterator[tuple[_Job, dict, bytes | None]]:
+    """(job, record, sample) of each job `fetching` is given, as they finish: the fetching runs on an
+    event loop in a thread of its own, the images are decoded here, in the caller's thread."""
     thread = threading.Thread(target=fetching.run, name="fetch-loop", daemon=True)
     thread.start()
     while (item := fetching.results.get()) is not None:
         job, outcome = item
         try:
-            yield _finish(job, outcome, settings, blocked_images)
+            record, sample = _finish(job, outcome, settings, blocked_images(job.shard))
         finally:
-            del unfinished[job.key]
-            fetching.decoded(outcome)
+            fetching.decoded(job, outcome)
+        yield job, record, sample
     thread.join()
     error = f"unexpected: download loop stopped: {fetching.error}"
-    for job in unfinished.values():  # only after a bug: every row still gets its record
-        yield _record(job, schemas.FAILED_TO_DOWNLOAD, error), None
+    for job in fetching.unfinished():  # only after a bug: every row still gets its record
+        yield job, _record(job, schemas.FAILED_TO_DOWNLOAD, error), None
 
 
 class _Fetching:
     """The requests of one worker on an event loop: at most `max_in_flight` at once and
     `per_host_connections` per host, while the bodies waiting to be decoded hold at most
     `_WAITING_BYTES_PER_SLOT` per slot; a retry waits out its backoff holding neither, then goes to the
-    back of its host's queue. Each outcome is put on `results`, then None."""
+    back of its host's queue. Jobs come in with `add` (from any thread) until `close`; each outcome is
+    put on `results`, then None once the jobs are done and no more will come."""
 
-    def __init__(
-        self,
-        jobs: list[_Job],
-        settings: DownloadSettings,
-        deadline: float,
-        addresses: dict[str, Address] | None,
-    ) -> None:
+    def __init__(self, settings: DownloadSettings) -> None:
         self.results: queue.SimpleQueue[tuple[_Job, Fetched] | None] = queue.SimpleQueue()
         self.error: str | None = None
-        self._settings, self._deadline, self._addresses = settings, deadline, addresses
-        self._scheduler = HostScheduler(jobs, settings.per_host_connections)
+        self._settings = settings
+        self._scheduler = HostScheduler([], settings.per_host_connections)
+        self._unfinished: dict[str, _Job] = {}  # by key: added, and not yet decoded
+        self._incoming: queue.SimpleQueue[tuple[list[_Job], float, dict[str, Address]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._closed = False  # no more jobs will come
+        self._deadlines: dict[int, float] = {}  # of each shard
         self._attempts: Counter = Counter()  # job key -> attempts made
         self._retrying = 0  # jobs waiting out a backoff
         self._waiting_bytes = 0  # of the bodies on `results` or being decoded
@@ -427,6 +571,22 @@ class _Fetching:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._slots: asyncio.Semaphore | None = None
         self._changed: asyncio.Event | None = None
+        self._fetcher: Fetcher | None = None
+
+    def add(self, jobs: list[_Job], deadline: float, addresses: dict[str, Address]) -> None:
+        """More jobs, of one shard, to be fetched by `deadline` (time.monotonic); `addresses` are their
+        hosts' answers, as `resolve_hosts` gives them."""
+        self._unfinished.update((job.key, job) for job in jobs)
+        self._incoming.put((jobs, deadline, addresses))
+        self._wake()
+
+    def close(self) -> None:
+        """No more jobs: the loop ends once those it has are done."""
+        self._incoming.put(None)
+        self._wake()
+
+    def unfinished(self) -> list[_Job]:
+        return list(self._unfinished.values())
 
     def run(self) -> None:
         try:
@@ -436,36 +596,60 @@ class _Fetching:
         finally:
             self.results.put(None)
 
-    def decoded(self, outcome: Fetched) -> None:
+    def decoded(self, job: _Job, outcome: Fetched) -> None:
         """From the consumer's thread: an outcome is done with."""
+        self._unfinished.pop(job.key, None)
         with contextlib.suppress(RuntimeError):  # the loop has ended
             self._loop.call_soon_threadsafe(self._release_body, len(outcome.body or b""))
+
+    def _wake(self) -> None:
+        loop = self._loop  # None until the loop runs, which then takes what came in
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has ended
+                loop.call_soon_threadsafe(self._changed.set)
 
     def _release_body(self, size: int) -> None:
         self._waiting_bytes -= size
         self._changed.set()
 
+    def _take_incoming(self) -> None:
+        while True:
+            try:
+                incoming = self._incoming.get_nowait()
+            except queue.Empty:
+                return
+            if incoming is None:
+                self._closed = True
+                continue
+            jobs, deadline, addresses = incoming
+            self._fetcher.remember(addresses)
+            for job in jobs:
+                self._deadlines[job.shard] = deadline
+            self._scheduler.add(jobs)
+
     async def _dispatch(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._slots = asyncio.Semaphore(self._settings.max_in_flight)
         self._changed = asyncio.Event()
+        self._slots = asyncio.Semaphore(self._settings.max_in_flight)
         tasks = set()
-        async with Fetcher(self._settings, self._addresses) as fetcher:
+        async with Fetcher(self._settings) as self._fetcher:
+            self._loop = asyncio.get_running_loop()
             while True:
                 await self._slots.acquire()
                 while self._waiting_bytes > self._most_waiting_bytes:  # until the CPU catches up
                     self._changed.clear()
                     await self._changed.wait()
+                self._take_incoming()
                 job = self._scheduler.next()
                 if job is None:
                     self._slots.release()
-                    if self._scheduler.idle() and not self._retrying:
+                    if self._closed and self._scheduler.idle() and not self._retrying:
                         return
-                    # every host with work is at its cap, or only retries wait: until that changes
+                    # every host with work is at its cap, only retries wait, or no job has come yet: until
+                    # that changes (`add` and `close` wake the loop through a callback on it)
                     self._changed.clear()
                     await self._changed.wait()
                     continue
-                if time.monotonic() >= self._deadline - _TOO_LATE:
+                if time.monotonic() >= self._deadlines[job.shard] - _TOO_LATE:
                     self._scheduler.done(job)
                     self._slots.release()
                     what = "retried" if self._attempts[job.key] else "started"
@@ -473,13 +657,14 @@ class _Fetching:
                     error = f"shard deadline: not {what} within shard_timeout={timeout:g}s"
                     self.results.put((job, Fetched(schemas.FAILED_TO_DOWNLOAD, error=error)))
                     continue
-                task = asyncio.ensure_future(self._fetch(fetcher, job))
+                task = asyncio.ensure_future(self._fetch(job))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
 
-    async def _fetch(self, fetcher: Fetcher, job: _Job) -> None:
+    async def _fetch(self, job: _Job) -> None:
+        deadline = self._deadlines[job.shard]
         try:
-            outcome = await fetcher.attempt(job.url, self._deadline, self._attempts[job.key])
+            outcome = await self._fetcher.attempt(job.url, deadline, self._attempts[job.key])
         except Exception as exc:  # a bug or an exotic library error must cost one row, not the shard
             outcome = Fetched(schemas.FAILED_TO_DOWNLOAD, error=f"unexpected: {type(exc).__name__}: {exc}")
         self._scheduler.done(job)

@@ -100,20 +100,12 @@ Address = Fetched | str | None
 
 class Fetcher:
     """One per event loop: `async with Fetcher(settings) as fetcher`, then `await fetcher.fetch(...)` from
-    as many tasks as wanted. `addresses` seeds the host cache (host -> answer, as `resolve` gives)."""
+    as many tasks as wanted."""
 
-    def __init__(
-        self,
-        settings: FetchSettings,
-        addresses: dict[str, Address] | None = None,
-        ssl_context: ssl.SSLContext | None = None,
-    ) -> None:
+    def __init__(self, settings: FetchSettings, ssl_context: ssl.SSLContext | None = None) -> None:
         self.settings = settings
         self.user_agent = f"Mozilla/5.0 (compatible; {settings.user_agent_token}; image-text dataset builder)"
-        expiry = time.monotonic() + settings.dns_cache_seconds
-        self._addresses: dict[str, tuple[float, Address]] = {
-            host.rstrip(".").lower(): (expiry, answer) for host, answer in (addresses or {}).items()
-        }
+        self._addresses: dict[str, tuple[float, Address]] = {}  # host -> (until when, answer)
         self._resolving: dict[str, asyncio.Future[Address]] = {}
         self._lookups = ThreadPoolExecutor(settings.dns_lookups, thread_name_prefix="dns")
         # per (file, origin): robots.txt (RobotFileParser, None, or why every path is refused), tdmrep.json
@@ -271,6 +263,12 @@ class Fetcher:
             if refusal:
                 return Fetched(schemas.OPTED_OUT, error=refusal)
         return None
+
+    def remember(self, addresses: dict[str, Address]) -> None:
+        """Hosts' answers looked up elsewhere (host -> answer, as `resolve` gives), kept as its own."""
+        expiry = time.monotonic() + self.settings.dns_cache_seconds
+        for host, answer in addresses.items():
+            self._addresses[host.rstrip(".").lower()] = (expiry, answer)
 
     async def resolve(self, host: str) -> Address:
         """`host`'s answer, from the cache while it is fresh; one lookup at a time per host, `dns_lookups`
