@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import heapq
 import itertools
@@ -80,7 +81,7 @@ class _Job:
     caption: str
     shard: int = 0  # which of the worker processes' shards it is of (`DownloadWorkers`)
 
-    @property
+    @functools.cached_property  # the scheduler asks for it several times a job
     def host(self) -> str:
         return schemas.url_host(self.url)
 
@@ -566,7 +567,11 @@ class _Fetching:
         self._deadlines: dict[int, float] = {}  # of each shard
         self._attempts: Counter = Counter()  # job key -> attempts made
         self._retrying = 0  # jobs waiting out a backoff
-        self._waiting_bytes = 0  # of the bodies on `results` or being decoded
+        # bodies on `results` or being decoded: bytes put there by the loop, less those the consumer is
+        # done with (each counter has one writer); the consumer wakes the loop only when it waits for them
+        self._body_bytes = 0
+        self._decoded_bytes = 0
+        self._waiting_for_cpu = False
         self._most_waiting_bytes = settings.max_in_flight * _WAITING_BYTES_PER_SLOT
         self._loop: asyncio.AbstractEventLoop | None = None
         self._slots: asyncio.Semaphore | None = None
@@ -599,18 +604,15 @@ class _Fetching:
     def decoded(self, job: _Job, outcome: Fetched) -> None:
         """From the consumer's thread: an outcome is done with."""
         self._unfinished.pop(job.key, None)
-        with contextlib.suppress(RuntimeError):  # the loop has ended
-            self._loop.call_soon_threadsafe(self._release_body, len(outcome.body or b""))
+        self._decoded_bytes += len(outcome.body or b"")
+        if self._waiting_for_cpu:  # read after the count changed: the loop cannot miss it
+            self._wake()
 
     def _wake(self) -> None:
         loop = self._loop  # None until the loop runs, which then takes what came in
         if loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop has ended
                 loop.call_soon_threadsafe(self._changed.set)
-
-    def _release_body(self, size: int) -> None:
-        self._waiting_bytes -= size
-        self._changed.set()
 
     def _take_incoming(self) -> None:
         while True:
@@ -635,9 +637,12 @@ class _Fetching:
             self._loop = asyncio.get_running_loop()
             while True:
                 await self._slots.acquire()
-                while self._waiting_bytes > self._most_waiting_bytes:  # until the CPU catches up
+                while self._body_bytes - self._decoded_bytes > self._most_waiting_bytes:  # until the CPU
+                    self._waiting_for_cpu = True  # catches up; set before the count is read again
                     self._changed.clear()
-                    await self._changed.wait()
+                    if self._body_bytes - self._decoded_bytes > self._most_waiting_bytes:
+                        await self._changed.wait()
+                self._waiting_for_cpu = False
                 self._take_incoming()
                 job = self._scheduler.next()
                 if job is None:
@@ -674,7 +679,7 @@ class _Fetching:
             self._retrying += 1
             self._loop.call_later(outcome.wait, self._again, job)
         else:
-            self._waiting_bytes += len(outcome.body or b"")
+            self._body_bytes += len(outcome.body or b"")
             self.results.put((job, outcome))
         self._changed.set()
 
