@@ -384,7 +384,8 @@ def compare_on_latency_web(img2dataset: Path, args: argparse.Namespace) -> None:
         tools = [tool for tool in tools if tool[0] != "ours tuned"]
         print("ours tuned: not run, OURS_TUNED is empty (it would be ours at defaults)")
     # requests in flight as the server counted them; its CPU seconds, to show it is not the bottleneck
-    columns = ("ok", "wall s", "images/s", "peak MB", "flight max", "flight mean", "web CPU s")
+    columns = ("ok", "wall s", "images/s", "peak MB", "flight max", "flight mean", "first req s")
+    columns += ("last req s", "web CPU s")
     print(f"{'tool':<25}" + "".join(f"{c:>12}" for c in columns), flush=True)
     images_per_second: dict[str, float] = {}
     try:
@@ -395,11 +396,12 @@ def compare_on_latency_web(img2dataset: Path, args: argparse.Namespace) -> None:
             if run.returncode != 0:
                 print(f"{name:<25}FAILED (exit code {run.returncode}):\n{run.output[-3000:]}", flush=True)
                 continue
-            most, mean = in_flight(series, run.started, run.finished)
+            flight = in_flight(series, run.started, run.finished)
             images_per_second[name] = ok / run.seconds
             print(
                 f"{name:<25}{ok:>12}{run.seconds:>12.1f}{ok / run.seconds:>12.1f}"
-                f"{run.peak_rss / 2**20:>12.0f}{most:>12}{mean:>12.1f}{server_cpu:>12.1f}",
+                f"{run.peak_rss / 2**20:>12.0f}{flight.most:>12}{flight.mean:>12.1f}{flight.first:>12.1f}"
+                f"{flight.last:>12.1f}{server_cpu:>12.1f}",
                 flush=True,
             )
     finally:
@@ -424,15 +426,27 @@ def latency_urls(count: int, hosts: int, zipf: float, port: int, seed: int) -> l
     return [f"http://{host_address(host)}:{port}/i/{n}.jpg" for n, host in enumerate(drawn)]
 
 
-def in_flight(series: Path, started: float, finished: float) -> tuple[int, float]:
-    """Max and mean of the latency web's requests in flight between two unix times."""
-    counts = [
-        int(count)
+@dataclass(frozen=True)
+class InFlight:
+    most: int
+    mean: float
+    first: float  # seconds from the start to the first request the web saw
+    last: float  # seconds from the start to the last moment it had one in flight
+
+
+def in_flight(series: Path, started: float, finished: float) -> InFlight:
+    """The latency web's requests in flight between two unix times, sampled every 100 ms."""
+    samples = [
+        (float(at), int(count))
         for line in series.read_text().splitlines()
         for at, count in [line.split()]
         if started <= float(at) <= finished
     ]
-    return max(counts, default=0), float(np.mean(counts)) if counts else 0.0
+    busy = [at for at, count in samples if count]
+    if not busy:
+        return InFlight(0, 0.0, 0.0, 0.0)
+    counts = [count for _, count in samples]
+    return InFlight(max(counts), float(np.mean(counts)), busy[0] - started, busy[-1] - started)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -60,8 +60,11 @@ _BATCH = 16  # results a worker sends back at once
 _NEXT_SHARD_WITHIN = 2
 # Bodies fetched and not yet decoded may hold this many bytes per request slot (a worker's share of
 # max_in_flight): past it the worker starts no request until its CPU catches up. Apart from the slots,
-# so that a backlog of decoding never keeps the next URLs (and their latency) waiting.
-_WAITING_BYTES_PER_SLOT = 128 * 1024
+# so that a backlog of decoding never keeps the next URLs (and their latency) waiting. Measured on the
+# latency web (100 KB photos, 512 slots a worker): at 128 KB the bound stopped the requests while the
+# CPU was behind and the last URLs' latency came after the decoding (8.4-9.7 s); at 256 KB, 8.0-8.3 s,
+# the same peak memory (docs/benchmarks.md).
+_WAITING_BYTES_PER_SLOT = 256 * 1024
 # s: a row with less of the shard's time left is not started (uvloop's timers fire up to 1 ms early)
 _TOO_LATE = 0.01
 
