@@ -3,18 +3,21 @@
 On the real web a request mostly waits (hundreds of ms for the first byte, seconds for some hosts),
 so throughput is set by how many are in flight. Each worker fetches on an asyncio event loop (uvloop
 where installed) with up to its share of `max_in_flight` requests at once: a URL that never answers
-costs a socket, not a thread. A scheduler hands out URLs round-robin over hosts, never more than
-`per_host_connections` at once on one host; a retry waits out its backoff off the books and goes to
-the back of its host's queue, so it never holds back fresh URLs. Bodies are decoded, resized and
-encoded by the worker's main thread, one image at a time, beside the loop's thread: a request's slot
-is freed only once its image is done, so memory is bounded by `max_in_flight` bodies.
+costs a socket, not a thread. A scheduler hands out URLs from the host with the most still queued,
+never more than `per_host_connections` at once on one host; a retry waits out its backoff off the
+books and goes to the back of its host's queue, so it never holds back fresh URLs. Bodies are decoded,
+resized and encoded by the worker's main thread, one image at a time, beside the loop's thread. A
+request's slot is freed once its body is in; the bodies waiting for the CPU are bounded in bytes
+(`_WAITING_BYTES_PER_SLOT`), so memory stays bounded when the CPU falls behind.
 
-A shard of more than `ROWS_PER_PROCESS` rows is split over worker processes (`processes`, one per core
-by default), each with its share of the requests and of each host's connections; they are forked from
-a server that has this module imported already (multiprocessing's forkserver), so a worker starts in
-milliseconds. Their hosts are resolved once, here, before they start, and handed to them. Samples and
-records come back to this process, which alone writes the tar. Images stream into the tar as they
-finish; only the small per-row records are held until the parquet is written, sorted by key.
+The worker processes are a run's (`DownloadWorkers`: `processes`, one per core by default), shared by
+the shards that run at once: the next shard starts while the last one drains (`draining`), and its
+rows go to the same workers, so a host's cap and `max_in_flight` hold across the two. They are forked
+from a server that has this module imported already (multiprocessing's forkserver), so a worker starts
+in milliseconds; a shard of `ROWS_PER_PROCESS` rows or fewer, before any has started, is fetched in the
+caller's process. Each shard's hosts are resolved once, here, and handed to them. Samples and records
+come back to this process, which alone writes each tar. Images stream into the tar as they finish;
+only the small per-row records are held until the parquet is written, sorted by key.
 """
 
 from __future__ import annotations
