@@ -10,7 +10,8 @@ Generates photo-like JPEGs, small (480-640 px, about 100 KB, the web's usual ima
 (640-2400 px, hundreds of KB), and downloads the same URLs, split into --shards files, with img2dataset
 (installed by this script into its own venv under bench/.work/) and with `laion-assets run`. Both resize
 to 256 with border, encode JPEG quality 95 and write webdataset. Prints wall time, images/s, peak memory
-(RSS summed over the process tree) and the ratio of images/s. Linux only (/proc).
+of the process tree (the sum of its processes' RSS, which counts each shared page once per process, and
+of their PSS, which counts it once in all) and the ratio of images/s. Linux only (/proc).
 
 The loopback web answers at once: a separate process on 127.0.0.1 (nginx with keep-alive,
 bench/photo_server.py with keep-alive and sendfile, or Python's http.server) serves each corpus of
@@ -152,8 +153,10 @@ def serve(folder: Path, port: int, server: str) -> subprocess.Popen:
     return process
 
 
-def tree_rss_bytes(root_pid: int) -> int:
-    """Resident memory of a process and all its descendants, from /proc."""
+def tree_memory_bytes(root_pid: int) -> tuple[int, int]:
+    """Resident memory of a process and all its descendants, from /proc: the sum of their RSS, which
+    counts a page shared by several of them (a library's code, what a forked worker inherits) once in
+    each, and the sum of their PSS, which splits each such page among them: the tree's own memory."""
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -168,19 +171,22 @@ def tree_rss_bytes(root_pid: int) -> int:
         children = [c for c, p in parents.items() if p == pid and c not in tree]
         tree.update(children)
         frontier.extend(children)
-    total = 0
+    rss = pss = 0
     for pid in tree:
         try:
-            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            rss += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            pss += int(rollup.split("\nPss:", 1)[1].split()[0]) * 1024
         except (OSError, IndexError, ValueError):
             continue
-    return total
+    return rss, pss
 
 
 @dataclass(frozen=True)
 class Timed:
     seconds: float
     peak_rss: int  # bytes, summed over the process tree
+    peak_pss: int
     output: str
     returncode: int
     started: float  # unix time
@@ -191,13 +197,14 @@ def timed(command: list[str], env: dict | None = None, check: bool = True) -> Ti
     """A command run with its wall seconds and peak tree RSS; with `check`, a failure ends the bench."""
     started, start = time.time(), time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    peak = 0
+    peak_rss = peak_pss = 0
     stop = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak_rss, peak_pss
         while not stop.wait(0.2):
-            peak = max(peak, tree_rss_bytes(process.pid))
+            rss, pss = tree_memory_bytes(process.pid)
+            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -207,7 +214,7 @@ def timed(command: list[str], env: dict | None = None, check: bool = True) -> Ti
     sampler.join()
     if check and process.returncode != 0:
         raise SystemExit(f"{command[0]} failed:\n{output[-3000:]}")
-    return Timed(seconds, peak, output, process.returncode, started, time.time())
+    return Timed(seconds, peak_rss, peak_pss, output, process.returncode, started, time.time())
 
 
 def count_successes(parquets: Iterable[Path]) -> int:
@@ -294,7 +301,7 @@ def main() -> None:
     webs = args.web.split(",")
     if "loopback" in webs:
         print(f"loopback web, 127.0.0.1, {args.threads} threads for each tool")
-        columns = ("ok", "wall s", "images/s", "peak MB", "ratio")
+        columns = ("ok", "wall s", "images/s", "RSS MB", "PSS MB", "ratio")
         print(f"{'corpus':<7}{'server':<13}{'tool':<14}" + "".join(f"{c:>9}" for c in columns))
         for corpus in args.corpora.split(","):
             for server in args.servers.split(","):
@@ -338,7 +345,7 @@ def compare(corpus: str, server_name: str, img2dataset: Path, args: argparse.Nam
     ):
         print(
             f"{corpus:<7}{server_name:<13}{name:<14}{ok:>9}{run.seconds:>9.1f}{ok / run.seconds:>9.1f}"
-            f"{run.peak_rss / 2**20:>9.0f}{shown:>9}",
+            f"{run.peak_rss / 2**20:>9.0f}{run.peak_pss / 2**20:>9.0f}{shown:>9}",
             flush=True,
         )
 
@@ -384,8 +391,8 @@ def compare_on_latency_web(img2dataset: Path, args: argparse.Namespace) -> None:
         tools = [tool for tool in tools if tool[0] != "ours tuned"]
         print("ours tuned: not run, OURS_TUNED is empty (it would be ours at defaults)")
     # requests in flight as the server counted them; its CPU seconds, to show it is not the bottleneck
-    columns = ("ok", "wall s", "images/s", "peak MB", "flight max", "flight mean", "first req s")
-    columns += ("last req s", "web CPU s")
+    columns = ("ok", "wall s", "images/s", "peak RSS MB", "peak PSS MB", "flight max", "flight mean")
+    columns += ("first req s", "last req s", "web CPU s")
     print(f"{'tool':<25}" + "".join(f"{c:>12}" for c in columns), flush=True)
     images_per_second: dict[str, float] = {}
     try:
@@ -400,7 +407,8 @@ def compare_on_latency_web(img2dataset: Path, args: argparse.Namespace) -> None:
             images_per_second[name] = ok / run.seconds
             print(
                 f"{name:<25}{ok:>12}{run.seconds:>12.1f}{ok / run.seconds:>12.1f}"
-                f"{run.peak_rss / 2**20:>12.0f}{flight.most:>12}{flight.mean:>12.1f}{flight.first:>12.1f}"
+                f"{run.peak_rss / 2**20:>12.0f}{run.peak_pss / 2**20:>12.0f}"
+                f"{flight.most:>12}{flight.mean:>12.1f}{flight.first:>12.1f}"
                 f"{flight.last:>12.1f}{server_cpu:>12.1f}",
                 flush=True,
             )
