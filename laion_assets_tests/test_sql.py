@@ -308,7 +308,7 @@ def _layers(store: DatasetStore, monkeypatch) -> None:
         store.write_bytes(f"incoming/{shard}.csv", f"url,caption\n{lines}".encode())
         crawl.write_crawl_metadata(store, shard, crawl.CrawlSettings())
 
-        def downloaded(table, settings, tar_out, previous, progress, blocklist, draining, rows=rows):
+        def downloaded(table, settings, tar_out, previous, progress, blocklist, draining, workers, rows=rows):
             records = [
                 {**row, "status": status, "error_message": error, "host": schemas.url_host(row["url"])}
                 for row, (_, status, error) in zip(table.to_pylist(), rows, strict=True)
