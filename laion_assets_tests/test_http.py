@@ -123,26 +123,26 @@ def test_an_interim_response_is_skipped_for_the_final_one(serve):
 def test_a_kept_alive_connection_the_server_closed_is_replaced_not_failed(serve):
     """The server answers one request per connection but says keep-alive, then closes it: the next
     request finds it gone, or goes out on it just as it closes, and is sent again on a new one."""
-
-    def answer(request: bytes, connection: socket.socket) -> bool:
-        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        return False
-
-    server = serve(answer)
-    url = f"http://127.0.0.1:{server.port}/x"
+    server, url = _answering_ok(serve, keep_alive=False)
     assert get_all([url] * 5) == [(200, b"ok")] * 5
     assert len(server.requests) == 5
 
 
 def test_kept_alive_connections_are_reused(serve):
-    def answer(request: bytes, connection: socket.socket) -> bool:
-        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        return True
-
-    server = serve(answer)
-    url = f"http://127.0.0.1:{server.port}/x"
+    server, url = _answering_ok(serve, keep_alive=True)
     assert get_all([url] * 5) == [(200, b"ok")] * 5
     assert server.connections == 1
+
+
+def _answering_ok(serve, keep_alive: bool):
+    """A server that answers each request 200 "ok", then keeps the connection open or closes it; its URL."""
+
+    def answer(request: bytes, connection: socket.socket) -> bool:
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        return keep_alive
+
+    server = serve(answer)
+    return server, f"http://127.0.0.1:{server.port}/x"
 
 
 def test_the_request_line_is_percent_encoded_and_the_host_is_idna(serve):
