@@ -194,7 +194,8 @@ class Timed:
 
 
 def timed(command: list[str], env: dict | None = None, check: bool = True) -> Timed:
-    """A command run with its wall seconds and peak tree RSS; with `check`, a failure ends the bench."""
+    """A command run with its wall seconds and the peaks of its tree's RSS and PSS; with `check`, a failure
+    ends the bench."""
     started, start = time.time(), time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     peak_rss = peak_pss = 0

@@ -643,10 +643,10 @@ class _Fetching:
             self._loop = asyncio.get_running_loop()
             while True:
                 await self._slots.acquire()
-                while self._body_bytes - self._decoded_bytes > self._most_waiting_bytes:  # until the CPU
-                    self._waiting_for_cpu = True  # catches up; set before the count is read again
+                while self._cpu_behind():  # until the CPU catches up
+                    self._waiting_for_cpu = True  # set before the count is read again
                     self._changed.clear()
-                    if self._body_bytes - self._decoded_bytes > self._most_waiting_bytes:
+                    if self._cpu_behind():
                         await self._changed.wait()
                 self._waiting_for_cpu = False
                 self._take_incoming()
@@ -671,6 +671,10 @@ class _Fetching:
                 task = asyncio.ensure_future(self._fetch(job))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
+
+    def _cpu_behind(self) -> bool:
+        """The bodies waiting for the CPU hold more than the bound."""
+        return self._body_bytes - self._decoded_bytes > self._most_waiting_bytes
 
     async def _fetch(self, job: _Job) -> None:
         deadline = self._deadlines[job.shard]

@@ -182,7 +182,7 @@ class Fetcher:
         parts = urlsplit(url)
         answer = await self.resolve(parts.hostname)  # vetted by `_vet` a moment ago: from the cache
         address = answer if isinstance(answer, str) else None
-        limit = s.max_bytes if image else _ROBOTS_MAX_BYTES
+        limit = self._body_limit(image)
         try:
             async with asyncio.timeout(remaining):
                 return await self._connections.get(parts, address, connect, read, limit)
@@ -198,6 +198,10 @@ class Fetcher:
             raise _Retryable(f"connection broken: {_reason(exc)}") from exc
         except (http.BadResponse, ValueError, UnicodeError) as exc:  # malformed URL or response
             raise _FetchFailed(f"request failed: {_reason(exc)}") from exc
+
+    def _body_limit(self, image: bool) -> int:
+        """The bytes a body may hold: an image's `max_bytes`, a robots.txt or tdmrep.json's less."""
+        return self.settings.max_bytes if image else _ROBOTS_MAX_BYTES
 
     def _pinned(self, url: str) -> str:
         """The vetted address a connection to `url`'s host went to, for an error message."""
@@ -224,7 +228,7 @@ class Fetcher:
             if content_type.startswith(_NOT_IMAGE_TYPES):
                 error = f"not an image: content type {content_type}"
                 return Fetched(schemas.FAILED_TO_DECODE, error=error, http_status=status)
-        limit = s.max_bytes if image else _ROBOTS_MAX_BYTES
+        limit = self._body_limit(image)
         declared = response.headers.get("Content-Length")
         if declared.isdigit() and int(declared) > limit:
             return _failed(f"too large: Content-Length {declared} is over max_bytes={limit}", status)

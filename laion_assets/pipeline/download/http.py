@@ -12,6 +12,7 @@ connect to. A connection's read timeout is one timer, moved on as data arrives, 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from collections.abc import Callable
 from urllib.parse import SplitResult, quote
@@ -346,14 +347,9 @@ async def _send(connection: _Connection, request: bytes, read_timeout: float, li
         raise
 
 
-_DEFAULT_CONTEXT: ssl.SSLContext | None = None
-
-
+@functools.cache
 def _default_context() -> ssl.SSLContext:
-    global _DEFAULT_CONTEXT
-    if _DEFAULT_CONTEXT is None:
-        _DEFAULT_CONTEXT = ssl.create_default_context()
-    return _DEFAULT_CONTEXT
+    return ssl.create_default_context()
 
 
 def _request_bytes(parts: SplitResult, host: str, header_lines: str) -> bytes:

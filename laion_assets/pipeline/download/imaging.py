@@ -118,7 +118,8 @@ def perceptual_hash(image: Image.Image) -> int:
     two is DuckDB's `bit_count(xor(a, b))`."""
     thumbnail = image.resize((PHASH_SIDE, PHASH_SIDE), Image.Resampling.BOX).convert("L")
     frequencies = (_DCT @ np.asarray(thumbnail, np.float64) @ _DCT.T).ravel()[1:]
-    median = np.partition(frequencies, 31)[31]  # of 63 values: np.median's, without its overhead
+    middle = frequencies.size // 2  # an odd count: np.median's value, without its overhead
+    median = np.partition(frequencies, middle)[middle]
     bits = np.append(False, frequencies > median)
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
