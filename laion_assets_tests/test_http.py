@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import socket
 import threading
+import tracemalloc
 from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
 
@@ -132,6 +133,39 @@ def test_kept_alive_connections_are_reused(serve):
     server, url = _answering_ok(serve, keep_alive=True)
     assert get_all([url] * 5) == [(200, b"ok")] * 5
     assert server.connections == 1
+
+
+def test_an_idle_kept_alive_connection_holds_no_body(serve):
+    """20 responses of 1 MB, at once, over 20 connections the pool then keeps: once the bodies are read
+    and dropped, the idle connections hold none of them (they held their last one: a worker's pool of
+    hundreds kept about 100 MB of bodies decoded long before)."""
+    megabyte = b"x" * 2**20
+
+    def answer(request: bytes, connection: socket.socket) -> bool:
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(megabyte) + megabyte)
+        return True
+
+    server = serve(answer)
+    parts = urlsplit(f"http://127.0.0.1:{server.port}/x")
+
+    async def held_after_reading() -> int:
+        pool = http.ConnectionPool({"User-Agent": "test"})
+
+        async def read() -> int:
+            async with await pool.get(parts, None, 2.0, 2.0, 2 * len(megabyte)) as response:
+                return len(await response.read())
+
+        try:
+            tracemalloc.start()
+            assert await asyncio.gather(*(read() for _ in range(20))) == [len(megabyte)] * 20
+            return tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+            pool.close()
+
+    held = asyncio.run(held_after_reading())
+    assert server.connections == 20
+    assert held < 4 * len(megabyte)
 
 
 def _answering_ok(serve, keep_alive: bool):

@@ -143,7 +143,7 @@ class _Connection(asyncio.Protocol):
     def release(self) -> None:
         """The caller is done with the response: back to the pool if it is complete and may stay open."""
         if self._complete and self._keep_alive and not self.closed:
-            self._parser = None
+            self._reset()  # an idle connection must not keep its last body: the pool holds hundreds
             self.idle_since = self._loop.time()
             self._on_idle(self)
         else:
