@@ -22,6 +22,12 @@ $(INSTALLED): pyproject.toml setup.py
 	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) \
 	  torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# inference-sdk (a test extra) pulls in opencv-python, whose cv2/ overwrites the files of the
+	# opencv-python-headless we declare (same folder, another version, a Qt GUI build): keep the one
+	# the deploy image has, so the tests and benches run the OpenCV users get
+	$(BIN)/python -m pip uninstall --quiet --yes opencv-python
+	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps \
+	  "opencv-python-headless==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opencv-python-headless"))')"
 	touch $@
 
 lint: install
