@@ -48,7 +48,13 @@ import pyarrow as pa
 from laion_assets import names
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.download.fetch import Address, Fetched, Fetcher, FetchSettings, RetryLater
-from laion_assets.pipeline.download.imaging import DecodeError, FilteredSize, ImageSettings, process_image
+from laion_assets.pipeline.download.imaging import (
+    DecodeError,
+    FilteredSize,
+    ImageSettings,
+    opencv,
+    process_image,
+)
 from laion_assets.pipeline.lineage import inherited_footer
 from laion_assets.pipeline.shard_tar import TarShardWriter, encode_sample, read_samples
 from laion_assets.pipeline.storage import CRAWL_METADATA, IMAGES, DatasetStore
@@ -540,6 +546,7 @@ def _decoded(
     event loop in a thread of its own, the images are decoded here, in the caller's thread."""
     thread = threading.Thread(target=fetching.run, name="fetch-loop", daemon=True)
     thread.start()
+    opencv()  # imported while the first requests are out: the forkserver, which never resizes, leaves it out
     while (item := fetching.results.get()) is not None:
         job, outcome = item
         try:

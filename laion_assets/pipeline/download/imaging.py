@@ -15,14 +15,14 @@ stopping at twice the target, photos kept 44 dB but a page of text fell to 27 dB
 
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
+from types import ModuleType
 
-import cv2
 import numpy as np
 from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
-cv2.setNumThreads(1)  # the downloader runs a worker process per core: one thread each
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 # img2dataset's interpolation names (and its aliases), as Pillow filters
 INTERPOLATIONS = {
@@ -39,13 +39,24 @@ ENCODE_FORMATS = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
 _DRAFT_MARGIN = 6  # JPEG draft decoding stops at this many times the target size
 # Pillow's JPEG draft scale -> OpenCV's read of the same DCT scaling
 _OPENCV_READ = {
-    1: cv2.IMREAD_COLOR,
-    2: cv2.IMREAD_REDUCED_COLOR_2,
-    4: cv2.IMREAD_REDUCED_COLOR_4,
-    8: cv2.IMREAD_REDUCED_COLOR_8,
+    1: "IMREAD_COLOR",
+    2: "IMREAD_REDUCED_COLOR_2",
+    4: "IMREAD_REDUCED_COLOR_4",
+    8: "IMREAD_REDUCED_COLOR_8",
 }
 _EXIF_ORIENTATION = 0x0112
 _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 or 270 degrees
+
+
+@functools.cache
+def opencv() -> ModuleType:
+    """OpenCV, imported on first use and set to one thread (the downloader runs a worker process per
+    core). The processes that only read these settings (a run's own, whose workers resize; the CLIP
+    service's) then never map its libraries: 36 MB of RSS each."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    return cv2
 
 
 class DecodeError(Exception):
@@ -174,6 +185,7 @@ def _resized(
     down = target[0] < turned[0]
     filter_ = settings.downscale_interpolation if down else settings.upscale_interpolation
     if filter_ == "area" and down and (pixels := _opencv_jpeg(data, image, orientation)) is not None:
+        cv2 = opencv()
         shrunk = cv2.resize(pixels, target, interpolation=cv2.INTER_AREA)
         return Image.fromarray(cv2.cvtColor(shrunk, cv2.COLOR_BGR2RGB))
     image = _load_rgb(image, orientation)
@@ -192,12 +204,15 @@ def _opencv_jpeg(data: bytes, image: Image.Image, orientation: int) -> np.ndarra
     if image.format != "JPEG" or image.mode != "RGB" or orientation != 1 or not data.endswith(b"\xff\xd9"):
         return None
     scale = image.decoderconfig[0] if image.decoderconfig else 1
-    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), _OPENCV_READ[scale] | cv2.IMREAD_IGNORE_ORIENTATION)
+    cv2 = opencv()
+    read = getattr(cv2, _OPENCV_READ[scale]) | cv2.IMREAD_IGNORE_ORIENTATION
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), read)
     return pixels if pixels is not None and pixels.shape[1::-1] == image.size else None
 
 
 def area_resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     """An RGB image shrunk to `size` by OpenCV's INTER_AREA, img2dataset's own downscale."""
+    cv2 = opencv()
     pixels = cv2.resize(np.asarray(image), size, interpolation=cv2.INTER_AREA)
     return Image.fromarray(pixels)
 
