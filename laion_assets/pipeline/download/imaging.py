@@ -37,7 +37,7 @@ INTERPOLATIONS = {
 }
 ENCODE_FORMATS = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
 _DRAFT_MARGIN = 6  # JPEG draft decoding stops at this many times the target size
-# Pillow's JPEG draft scale -> OpenCV's read of the same DCT scaling
+# Pillow's JPEG draft scale -> the name of OpenCV's read flag for the same DCT scaling
 _OPENCV_READ = {
     1: "IMREAD_COLOR",
     2: "IMREAD_REDUCED_COLOR_2",
@@ -52,7 +52,7 @@ _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 or 270 degrees
 def opencv() -> ModuleType:
     """OpenCV, imported on first use and set to one thread (the downloader runs a worker process per
     core). The processes that only read these settings (a run's own, whose workers resize; the CLIP
-    service's) then never map its libraries: 36 MB of RSS each."""
+    service's) then never map its libraries: 33 to 40 MB of RSS each."""
     import cv2
 
     cv2.setNumThreads(1)
