@@ -3,10 +3,9 @@
 import dataclasses
 import os
 import typing
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import dagster as dg
-import duckdb
 from pydantic import PrivateAttr
 
 from laion_assets.defs.config import settings_from
@@ -27,6 +26,9 @@ from laion_assets.pipeline.settings import (
     load_settings,
 )
 from laion_assets.pipeline.storage import DEFAULT_ROOT, ROOT_ENV, DatasetStore
+
+if TYPE_CHECKING:
+    import duckdb
 
 
 class DatasetStoreResource(dg.ConfigurableResource):
@@ -58,7 +60,7 @@ class DuckDBCatalogResource(dg.ConfigurableResource):
 
     root: str
 
-    def get_connection(self) -> duckdb.DuckDBPyConnection:
+    def get_connection(self) -> "duckdb.DuckDBPyConnection":
         return catalog.connect(DatasetStore(self.root))
 
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import duckdb
+from typing import TYPE_CHECKING
 
 from laion_assets import names
 from laion_assets.pipeline import schemas
@@ -19,6 +18,9 @@ from laion_assets.pipeline.exports.export import stored_exports
 from laion_assets.pipeline.pairs.filter import FUNNEL, stored_pair_shards
 from laion_assets.pipeline.parallel import store_map
 from laion_assets.pipeline.storage import DUPLICATES, EMBEDDINGS, PAIRS, RECAPTIONS, SCORES, DatasetStore
+
+if TYPE_CHECKING:
+    import duckdb
 
 SIMILARITY_BIN = 0.01
 PROBABILITY_BIN = 0.02  # punsafe, pwatermark

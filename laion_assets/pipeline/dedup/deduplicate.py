@@ -41,7 +41,6 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -70,6 +69,7 @@ from laion_assets.pipeline.storage import (
 from laion_assets.pipeline.tables import unit_rows
 
 if TYPE_CHECKING:
+    import duckdb
     import faiss
 
 URL_CAPTION, SHA256, SEMANTIC, PERCEPTUAL = "url_caption", "sha256", "semantic", "perceptual"
@@ -183,6 +183,8 @@ def deduplicate(
     if _clear_unfinished(store, set(done.column("run").to_pylist())):
         _drop_found(store, waiting)
     _forget(store, [shard for shard in new if shard in seen])
+    import duckdb  # where it queries: see catalog.views
+
     connection = duckdb.connect()
     if store.is_s3:
         catalog.enable_s3(connection)

@@ -30,9 +30,8 @@ import re
 from collections import Counter
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import duckdb
 import fsspec
 import numpy as np
 import pyarrow as pa
@@ -45,6 +44,9 @@ from laion_assets.pipeline.settings import SettingsChanged, differences
 from laion_assets.pipeline.shard_tar import TarShardWriter, drop_samples, encode_sample, read_samples
 from laion_assets.pipeline.storage import EMBEDDINGS, EXPORTS, PAIRS, DatasetStore, Export
 from laion_assets.pipeline.tables import without_keys
+
+if TYPE_CHECKING:
+    import duckdb
 
 CAPTION_FIELDS = ("caption", "re_caption")  # what a sample's txt can hold
 SOURCE_SHARD = "source_shard"  # the column (and json field) naming the dataset shard a sample came from
@@ -216,6 +218,8 @@ def _selection_connection(
 ) -> tuple[duckdb.DuckDBPyConnection, pa.Schema]:
     """The catalog's views and the keys file's keys; the schema of the export's rows, which also checks
     its query once."""
+    import duckdb  # where it queries: see catalog.views
+
     connection = views.connect(store)
     if settings.keys_file:
         connection.register(_KEYS_TABLE, pa.table({"key": read_keys_file(store, settings.keys_file)}))
