@@ -4,6 +4,7 @@ import multiprocessing
 import tarfile
 import threading
 import time
+import urllib.request
 from dataclasses import replace
 
 import pyarrow as pa
@@ -553,6 +554,28 @@ def test_the_bodies_waiting_for_the_cpu_are_bounded_by_bytes(web, monkeypatch):
     result, _, _ = run(urls, replace(FAST, max_in_flight=2, processes=1))
     assert result.status_counts()[schemas.SUCCESS] == 12
     assert requested[0] <= 2
+
+
+def test_the_bodies_still_arriving_count_toward_the_bound(web, monkeypatch):
+    """Requests in flight count toward the bound at the mean body size so far, so that the bodies they
+    bring cannot overshoot it: with room for 3 bodies and 4 slots, the first body and the 3 still arriving
+    fill it, and no fifth request starts while that body waits for the CPU (counting only the bodies in,
+    7 would: one more after each of the first three bodies)."""
+    size = len(urllib.request.urlopen(web.url("/up/size")).read())
+    monkeypatch.setattr(download, "_WAITING_BYTES_PER_SLOT", 3 * size // 4)
+    urls = [web.url(f"/up/arriving{i}") for i in range(12)]
+    requested = []
+
+    def decode(data, settings):
+        if not requested:
+            time.sleep(0.5)  # the first decode waits: any request the bound lets start goes out meanwhile
+        requested.append(_requested(web, "/up/arriving"))
+        return process_image(data, settings)
+
+    monkeypatch.setattr(download, "process_image", decode)
+    result, _, _ = run(urls, replace(FAST, max_in_flight=4, per_host_connections=4, processes=1))
+    assert result.status_counts()[schemas.SUCCESS] == 12
+    assert requested[0] == 4
 
 
 def _requested(web, prefix: str) -> int:

@@ -7,8 +7,9 @@ costs a socket, not a thread. A scheduler hands out URLs from the host with the 
 never more than `per_host_connections` at once on one host; a retry waits out its backoff off the
 books and goes to the back of its host's queue, so it never holds back fresh URLs. Bodies are decoded,
 resized and encoded by the worker's main thread, one image at a time, beside the loop's thread. A
-request's slot is freed once its body is in; the bodies waiting for the CPU are bounded in bytes
-(`_WAITING_BYTES_PER_SLOT`), so memory stays bounded when the CPU falls behind.
+request's slot is freed once its body is in; the bodies waiting for the CPU, and those still arriving
+(counted at the mean size so far), are bounded in bytes (`_WAITING_BYTES_PER_SLOT`), so memory stays
+bounded when the CPU falls behind.
 
 The worker processes are a run's (`DownloadWorkers`: `processes`, one per core by default), shared by
 the shards that run at once: the next shard starts while the last one drains (`draining`), and its
@@ -72,7 +73,8 @@ _NEXT_SHARD_WITHIN = 2
 # so that a backlog of decoding never keeps the next URLs (and their latency) waiting. Measured on the
 # latency web (100 KB photos, 512 slots a worker): at 128 KB the bound stopped the requests while the
 # CPU was behind and the last URLs' latency came after the decoding (8.4-9.7 s); at 256 KB, 8.0-8.3 s,
-# the same peak memory (docs/benchmarks.md).
+# the same peak memory (docs/benchmarks.md). The requests in flight count at the mean body size so far:
+# counting only the bodies in, those in flight when the bound was reached overshot it by 20-30 MB.
 _WAITING_BYTES_PER_SLOT = 256 * 1024
 # s: a row with less of the shard's time left is not started (uvloop's timers fire up to 1 ms early)
 _TOO_LATE = 0.01
@@ -562,7 +564,7 @@ def _decoded(
 
 class _Fetching:
     """The requests of one worker on an event loop: at most `max_in_flight` at once and
-    `per_host_connections` per host, while the bodies waiting to be decoded hold at most
+    `per_host_connections` per host, while the bodies waiting to be decoded (and arriving) hold at most
     `_WAITING_BYTES_PER_SLOT` per slot; a retry waits out its backoff holding neither, then goes to the
     back of its host's queue. Jobs come in with `add` (from any thread) until `close`; each outcome is
     put on `results`, then None once the jobs are done and no more will come."""
@@ -584,6 +586,8 @@ class _Fetching:
         # done with (each counter has one writer); the consumer wakes the loop only when it waits for them
         self._body_bytes = 0
         self._decoded_bytes = 0
+        self._outcomes = 0  # those counted in _body_bytes, bodies or not: their mean is a request's bytes
+        self._in_flight = 0  # requests started and not yet answered
         self._waiting_for_cpu = False
         self._most_waiting_bytes = settings.max_in_flight * _WAITING_BYTES_PER_SLOT
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -675,13 +679,16 @@ class _Fetching:
                     error = f"shard deadline: not {what} within shard_timeout={timeout:g}s"
                     self.results.put((job, Fetched(schemas.FAILED_TO_DOWNLOAD, error=error)))
                     continue
+                self._in_flight += 1
                 task = asyncio.ensure_future(self._fetch(job))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
 
     def _cpu_behind(self) -> bool:
-        """The bodies waiting for the CPU hold more than the bound."""
-        return self._body_bytes - self._decoded_bytes > self._most_waiting_bytes
+        """The bodies waiting for the CPU hold more than the bound, with those still arriving counted at
+        the mean size so far: all of them come in after the bound is reached."""
+        arriving = self._in_flight * self._body_bytes // self._outcomes if self._outcomes else 0
+        return self._body_bytes - self._decoded_bytes + arriving > self._most_waiting_bytes
 
     async def _fetch(self, job: _Job) -> None:
         deadline = self._deadlines[job.shard]
@@ -689,6 +696,7 @@ class _Fetching:
             outcome = await self._fetcher.attempt(job.url, deadline, self._attempts[job.key])
         except Exception as exc:  # a bug or an exotic library error must cost one row, not the shard
             outcome = Fetched(schemas.FAILED_TO_DOWNLOAD, error=f"unexpected: {type(exc).__name__}: {exc}")
+        self._in_flight -= 1
         self._scheduler.done(job)
         self._slots.release()
         if isinstance(outcome, RetryLater):
@@ -697,6 +705,7 @@ class _Fetching:
             self._loop.call_later(outcome.wait, self._again, job)
         else:
             self._body_bytes += len(outcome.body or b"")
+            self._outcomes += 1
             self.results.put((job, outcome))
         self._changed.set()
 
