@@ -104,13 +104,20 @@ def quote_literal(value: str) -> str:
     return value.replace("'", "''")
 
 
-def connect(store: DatasetStore, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with a view for each layer that has parquet files under the store's root."""
+def plain_connection(store: DatasetStore, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection that can read the store's files (httpfs and the S3 secret on an S3 root),
+    without the views."""
     import duckdb
 
     connection = duckdb.connect(database)
     if store.is_s3:
         enable_s3(connection)
+    return connection
+
+
+def connect(store: DatasetStore, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with a view for each layer that has parquet files under the store's root."""
+    connection = plain_connection(store, database)
     connection.create_function("url_host", schemas.url_host, ["VARCHAR"], "VARCHAR")
     connection.create_function("error_class", schemas.error_class, ["VARCHAR"], "VARCHAR")
     create_views(connection, store)

@@ -183,11 +183,7 @@ def deduplicate(
     if _clear_unfinished(store, set(done.column("run").to_pylist())):
         _drop_found(store, waiting)
     _forget(store, [shard for shard in new if shard in seen])
-    import duckdb  # where it queries: see catalog.views
-
-    connection = duckdb.connect()
-    if store.is_s3:
-        catalog.enable_s3(connection)
+    connection = catalog.plain_connection(store)
     found: list[pa.Table] = []
     clock = time.monotonic()
     seconds = {}
