@@ -214,6 +214,10 @@ def test_new_files_flow_to_pairs_card_and_catalog_and_a_failed_shard_is_caught_u
         tar.mkdir()
         second = next(r for r in requests if r.partition_key == "second")
         assert not run_shard(second)
+        # The failed run updated the shard's crawl_metadata, but nothing follows it: the shard is left
+        # to the catch-up (or, in a deployment, the run's retry), not raced by a second run.
+        after_failure = dg.evaluate_automation_conditions(definitions, instance, cursor=evaluation.cursor)
+        assert not any("second" in partitions for partitions in _requested(after_failure).values())
         caught_up = _schedule(instance, local_root)
         assert [r.partition_key for r in caught_up] == ["second"]
         tar.rmdir()

@@ -149,7 +149,8 @@ def _exercise_deployment(tmp_path, s3_root, web, monkeypatch, postgres: Postgres
 
 
 def _print_what_went_wrong(deployment: Deployment) -> None:
-    """Each failed run's tags and engine events, the daemon's warnings and errors, each log's tail."""
+    """Each failed run's tags, engine events and step errors; the daemon's warnings and errors; each
+    log's tail."""
     with dg.DagsterInstance.get() as instance:
         for run in _runs(instance):
             if run.status == dg.DagsterRunStatus.FAILURE:
@@ -157,6 +158,9 @@ def _print_what_went_wrong(deployment: Deployment) -> None:
                 for event in _events(instance, run.run_id):
                     if event.step_key is None:
                         print(f"  {event.timestamp:.1f} {event.message}")
+                    elif event.is_dagster_event and event.dagster_event.is_step_failure:
+                        error = event.dagster_event.step_failure_data.error
+                        print(f"  {event.timestamp:.1f} {event.step_key}: {error and error.to_string()}")
             elif not run.is_finished:
                 print(f"--- unfinished run {run.run_id} ({run.status.value}), its last events:")
                 for event in _events(instance, run.run_id)[-5:]:
@@ -219,6 +223,9 @@ def _sensor_runs_and_recovery(
         return set(shards) <= done and not any(not r.is_finished for r in _runs(instance))
 
     wait_for(all_shards_done, 600, "every shard's filtered_pairs")
+    # The retry alone finished the shard: no automation run raced it for the shard's lease.
+    slow_runs = {r.run_id for r in _runs(instance, **{"dagster/partition": "slow"})}
+    assert slow_runs == {slow_run.run_id, retry.run_id}
     assert instance.get_run_by_id(retry.run_id).status == dg.DagsterRunStatus.SUCCESS
     assert set(shards) <= instance.get_materialized_partitions(dg.AssetKey(names.QUALITY_SCORES_ASSET))
 

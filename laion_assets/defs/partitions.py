@@ -60,8 +60,13 @@ def range_tags(first: str, last: str) -> dict[str, str]:
 warnings.filterwarnings("ignore", message="Parameter `backfill_policy` of function `asset`")
 
 # A per-shard asset runs when its upstream shard is updated by a run that did not include it, e.g. a
-# person re-materialising crawl_metadata alone. The sensor's runs include every per-shard asset.
-FOLLOWS_ITS_SHARD = dg.AutomationCondition.eager()
+# person re-materialising crawl_metadata alone. The sensor's runs include every per-shard asset. Not
+# where the shard's last run failed on this asset: its upstream was updated by that same run, and the
+# run's retry (or the catch-up schedule) is already the one to finish it; a second run would race the
+# retry for the shard's lease, and one of the two would fail.
+FOLLOWS_ITS_SHARD = (dg.AutomationCondition.eager() & ~dg.AutomationCondition.execution_failed()).with_label(
+    "eager, unless its last run failed"
+)
 
 # A dataset-level asset runs once any shard of its upstream has been updated and no shard of it is
 # being materialised: during a backfill of many shards it waits for the end. Unlike `eager()`, it
