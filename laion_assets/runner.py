@@ -39,8 +39,8 @@ from laion_assets.pipeline.settings import (
     MODEL_FIELDS,
     SCORES_SECTION,
     DatasetSettings,
+    add_missing_sections,
     load_settings,
-    write_settings,
 )
 from laion_assets.pipeline.storage import BLOCKLIST, INCOMING, SETTINGS_FILE, DatasetStore
 
@@ -133,7 +133,7 @@ def prepare_settings(
     if names.DUPLICATES_ASSET in missing and (recorded_dedup := recorded_dedup_settings(store)):
         missing[names.DUPLICATES_ASSET].update(recorded_dedup)  # a dataset deduplicated before the file
     if missing:
-        write_settings(store, stored.with_sections(missing))
+        add_missing_sections(store, missing)
     return clip_settings, captioner, scorers
 
 

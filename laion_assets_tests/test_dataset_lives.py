@@ -31,7 +31,7 @@ from laion_assets.pipeline.dedup.deduplicate import recorded_settings
 from laion_assets.pipeline.leases import REMOVALS, ShardBusy, holder, shard_lease
 from laion_assets.pipeline.lineage import incoming_by_shard
 from laion_assets.pipeline.removal import TAKEN_DOWN, RemovedKeys, finish_interrupted
-from laion_assets.pipeline.settings import load_settings
+from laion_assets.pipeline.settings import DatasetSettings, load_settings, write_settings
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import (
     CRAWL_METADATA,
@@ -433,6 +433,58 @@ def test_a_lease_is_one_writer_s_until_it_ends_or_its_process_is_gone(store):
     with shard_lease(store, "w", "this-run", wait=60):  # waits for the other run's step to end
         assert ending.stdout.readline() == b"released\n" and holder(store, "w")["owner"] == "this-run"
     ending.wait()
+
+
+_ADD_SECTIONS = """
+import sys, time
+from laion_assets.pipeline.settings import add_missing_sections
+from laion_assets.pipeline.storage import DatasetStore
+store, worker, start = DatasetStore(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+time.sleep(max(0.0, start - time.time()))  # every process starts at once
+for n in range(int(sys.argv[4])):
+    add_missing_sections(store, {f"{worker}-{n}": {"n": n}, "shared": {"by": worker}})
+"""
+
+
+def test_runs_that_start_together_each_keep_their_settings_sections(store):
+    """Processes adding sections to one new dataset's settings at once: none loses another's, and no
+    lease is left."""
+    workers, sections = 4, 8
+    start = time.time() + 3  # after every interpreter has imported
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _ADD_SECTIONS, store.root, f"w{i}", f"{start}", str(sections)]
+        )
+        for i in range(workers)
+    ]
+    assert [p.wait(timeout=120) for p in processes] == [0] * workers
+    recorded = load_settings(store).sections
+    expected = {f"w{i}-{n}" for i in range(workers) for n in range(sections)} | {"shared"}
+    assert set(recorded) == expected
+    assert not store.list(LEASES)
+
+
+_REWRITE_SETTINGS = """
+import sys
+from laion_assets.pipeline.settings import DatasetSettings, write_settings
+from laion_assets.pipeline.storage import DatasetStore
+store = DatasetStore(sys.argv[1])
+print("writing", flush=True)
+for n in range(100000):
+    write_settings(store, DatasetSettings({"clip": {"seed": n, "model": "x" * (n % 7)}}))
+"""
+
+
+def test_the_settings_read_whole_while_another_process_replaces_them(store):
+    write_settings(store, DatasetSettings({"clip": {"seed": -1}}))
+    writer = subprocess.Popen([sys.executable, "-c", _REWRITE_SETTINGS, store.root], stdout=subprocess.PIPE)
+    try:
+        assert writer.stdout.readline() == b"writing\n"
+        seeds = [load_settings(store).section("clip")["seed"] for _ in range(300)]
+    finally:
+        writer.kill()
+        writer.wait()
+    assert len(set(seeds)) > 1  # it did read while the file was replaced
 
 
 def test_a_deployment_embeds_with_the_dataset_s_model_unless_its_environment_names_one(

@@ -6,7 +6,7 @@ import os
 import typing
 from pathlib import Path
 
-from laion_assets.pipeline.settings import MODEL_FIELDS, DatasetSettings, load_settings, write_settings
+from laion_assets.pipeline.settings import MODEL_FIELDS, DatasetSettings, add_missing_sections, load_settings
 from laion_assets.pipeline.storage import DatasetStore
 
 if typing.TYPE_CHECKING:
@@ -85,8 +85,8 @@ def record_section(store: DatasetStore, name: str, values: dict) -> DatasetSetti
     stored = load_settings(store) or DatasetSettings()
     if name in stored.sections:
         return stored
-    write_settings(store, stored.with_sections({name: values}))
-    return None
+    after = add_missing_sections(store, {name: values})
+    return None if after.section(name) == values else after  # another run's section came first
 
 
 def model_settings(resource: object) -> dict:

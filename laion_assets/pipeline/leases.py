@@ -1,5 +1,6 @@
 """One writer per shard: a lease in the store, `_leases/<shard>.json`, held while a step writes the shard;
-and one dataset-level removal at a time (`REMOVALS`, a name no shard can have: shard names have no dot).
+one dataset-level removal at a time (`REMOVALS`, a name no shard can have: shard names have no dot), and
+one run at a time adding sections to the dataset's settings (`SETTINGS`).
 
 A second run that reaches a shard whose lease a live writer holds gets `ShardBusy`, naming the holder,
 and leaves the shard alone, so a shard's tar and its parquet always come from one run. The lease is
@@ -21,6 +22,7 @@ from laion_assets.pipeline.storage import LEASES, DatasetStore, host_name, write
 LEASE_SECONDS = 600.0  # how long a lease holds without renewal
 RENEW_SECONDS = 60.0
 REMOVALS = "dataset.removals"  # held by the takedowns and duplicates assets while they remove
+SETTINGS = "dataset.settings"  # held while a run adds the sections the settings file lacks
 
 
 class ShardBusy(RuntimeError):
@@ -38,9 +40,12 @@ def describe(record: dict) -> str:
 
 
 @contextlib.contextmanager
-def shard_lease(store: DatasetStore, shard: str, owner: str, wait: float = 0.0) -> Iterator[None]:
+def shard_lease(
+    store: DatasetStore, shard: str, owner: str, wait: float = 0.0, poll: float = 1.0
+) -> Iterator[None]:
     """Hold the shard's lease for `owner` (a run id) while the block runs; ShardBusy if a live writer
-    holds it after `wait` seconds of asking again. A lease left by a writer that is gone is taken over."""
+    holds it after `wait` seconds of asking again every `poll` seconds. A lease left by a writer that is
+    gone is taken over."""
     deadline = time.monotonic() + wait
     while True:
         try:
@@ -49,7 +54,7 @@ def shard_lease(store: DatasetStore, shard: str, owner: str, wait: float = 0.0) 
         except ShardBusy:
             if time.monotonic() >= deadline:
                 raise
-            time.sleep(min(1.0, wait))
+            time.sleep(min(poll, wait))
     path = _path(shard)
     done = threading.Event()
 
@@ -89,8 +94,7 @@ def _record(owner: str) -> dict:
 
 def _read(store: DatasetStore, shard: str) -> dict | None:
     try:
-        with store.open(_path(shard)) as f:
-            return json.loads(f.read())
+        return json.loads(store.read_bytes(_path(shard)))  # whole, though its holder may be renewing it
     except (FileNotFoundError, ValueError):  # none, or one being written
         return None
 
@@ -107,10 +111,8 @@ def _create(store: DatasetStore, path: str, record: dict) -> bool:
         bucket, _, key = store.path(path).partition("/")
         try:
             store.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-        except OSError as exc:  # s3fs maps PreconditionFailed to an OSError subclass
-            if "PreconditionFailed" in repr(exc) or "412" in str(exc) or "exists" in str(exc).lower():
-                return False
-            raise
+        except FileExistsError:  # s3fs's name for S3's 412 PreconditionFailed: another writer's is there
+            return False
         return True
     target = store.path(path)
     os.makedirs(os.path.dirname(target), exist_ok=True)

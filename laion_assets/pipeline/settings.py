@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from laion_assets.pipeline.leases import SETTINGS as SETTINGS_LEASE
+from laion_assets.pipeline.leases import shard_lease
 from laion_assets.pipeline.storage import SETTINGS_FILE, DatasetStore
 
 T = TypeVar("T")
@@ -24,6 +26,7 @@ T = TypeVar("T")
 CLIP_SECTION = "clip"
 CAPTIONER_SECTION = "captioner"
 SCORES_SECTION = "scores"  # the quality_scores models
+SETTINGS_WAIT = 60.0  # how long a run waits for another to finish adding its sections
 # The model fields that shape embeddings and captions; device and batch size do not.
 MODEL_FIELDS = ("model", "pretrained", "seed")
 _HEADER = """\
@@ -63,18 +66,35 @@ class DatasetSettings:
 def load_settings(store: DatasetStore) -> DatasetSettings | None:
     """The root's settings; None where no run has written them yet. ValueError naming the file if it is
     not a mapping of sections."""
-    if not store.exists(SETTINGS_FILE):
+    try:
+        text = store.read_bytes(SETTINGS_FILE)  # whole, though another run may be replacing it
+    except FileNotFoundError:
         return None
-    with store.open(SETTINGS_FILE) as f:
-        try:
-            loaded = yaml.safe_load(f) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{store.url(SETTINGS_FILE)}: not valid YAML: {exc}") from exc
+    try:
+        loaded = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{store.url(SETTINGS_FILE)}: not valid YAML: {exc}") from exc
     if not isinstance(loaded, dict) or not all(isinstance(v, dict | type(None)) for v in loaded.values()):
         raise ValueError(
             f"{store.url(SETTINGS_FILE)}: expected a mapping of sections (asset name -> settings)"
         )
     return DatasetSettings({name: dict(values or {}) for name, values in loaded.items()})
+
+
+def add_missing_sections(store: DatasetStore, sections: Mapping[str, Mapping[str, Any]]) -> DatasetSettings:
+    """The dataset's settings once each of `sections` the file lacks is written into it; a section it has
+    stays as it is. Under the settings lease: runs that start together on a new dataset each add their
+    sections, and none writes over another's (a read, then a write, from two runs at once would)."""
+    stored = load_settings(store) or DatasetSettings()
+    if not set(sections) - set(stored.sections):
+        return stored
+    with shard_lease(store, SETTINGS_LEASE, "adding settings", wait=SETTINGS_WAIT, poll=0.05):
+        stored = load_settings(store) or DatasetSettings()  # as it is now, under the lease
+        missing = {name: values for name, values in sections.items() if name not in stored.sections}
+        if missing:
+            stored = stored.with_sections(missing)
+            write_settings(store, stored)
+    return stored
 
 
 def write_settings(store: DatasetStore, settings: DatasetSettings) -> None:

@@ -283,6 +283,11 @@ class DatasetStore:
             )
         return self.fs.open(self.path(relpath), mode)
 
+    def read_bytes(self, relpath: str) -> bytes:
+        """The whole file in one read: on S3 one GET of one version, where `open()` reads ranges of the
+        version it saw first and fails if another writer replaced the file meanwhile."""
+        return self.fs.cat_file(self.path(relpath))
+
     def read_parquet(self, relpath: str, columns: list[str] | None = None) -> pa.Table:
         with self.open(relpath) as f:
             return pq.read_table(f, columns=columns)
