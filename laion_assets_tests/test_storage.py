@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 import time
 
 import pyarrow as pa
@@ -109,3 +111,36 @@ def test_the_writer_entry_beats_only_while_an_upload_runs(s3_root, monkeypatch):
         assert opened["writing"] == [store.path("b.bin")]
         # while it runs, the heartbeat keeps rewriting the entry
         wait_for(lambda: read_entry()["heartbeat"] > opened["heartbeat"], 60, "a heartbeat during the upload")
+
+
+_REWRITE_PARQUET = """
+import sys
+import time
+import pyarrow as pa
+from laion_assets.pipeline.storage import DatasetStore
+store = DatasetStore(sys.argv[1])
+print("writing", flush=True)
+for n in range(100000):
+    store.write_parquet("pairs/x.parquet", pa.table({"n": [n] * 20000}), metadata={"n": str(n)})
+    time.sleep(0.05)
+"""
+
+
+def test_a_parquet_file_reads_whole_while_another_process_replaces_it(store: DatasetStore):
+    """Each read gives one version of the file whole, its rows and its footer alike, though another
+    process replaces it all along (on S3 a read of ranges across two versions fails; it is read again)."""
+    store.write_parquet("pairs/x.parquet", pa.table({"n": [-1] * 20000}), metadata={"n": "-1"})
+    writer = subprocess.Popen([sys.executable, "-c", _REWRITE_PARQUET, store.root], stdout=subprocess.PIPE)
+    try:
+        assert writer.stdout.readline() == b"writing\n"
+        seen = set()
+        while len(seen) < 6:  # the first version and five of the writer's
+            assert writer.poll() is None
+            column = store.read_parquet("pairs/x.parquet").column("n")
+            assert len(column) == 20000 and len(set(column.to_pylist())) == 1
+            seen.add(column[0].as_py())
+            assert store.parquet_num_rows("pairs/x.parquet") == 20000
+            assert store.parquet_metadata("pairs/x.parquet")["n"].lstrip("-").isdigit()
+    finally:
+        writer.kill()
+        writer.wait()

@@ -20,10 +20,10 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -38,6 +38,8 @@ ABANDONED_AFTER = datetime.timedelta(hours=6)
 LEASES = "_leases"  # <shard>.json: the run writing the shard now (pipeline/leases.py)
 WRITERS = "_writers"  # S3: a file per live writing process, so that a later run knows whose uploads these are
 HEARTBEAT_SECONDS = 60.0
+_READ_ATTEMPTS = 5  # reads of a file that another writer replaced each time: then the error stands
+T = TypeVar("T")
 
 
 def host_name() -> str:
@@ -58,6 +60,19 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _replaced_while_read(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it came from, is S3's answer to a read of a version now replaced:
+    s3fs's FileExpired, or PreconditionFailed on a GET that named the ETag first seen."""
+    from s3fs.utils import FileExpired  # only S3 raises it; s3fs is not imported for a local root
+
+    while error is not None:
+        code = (getattr(error, "response", None) or {}).get("Error", {}).get("Code")
+        if isinstance(error, FileExpired) or code == "PreconditionFailed":
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def writer_gone(host: str, pid: int, stale: bool) -> bool:
@@ -289,18 +304,27 @@ class DatasetStore:
         return self.fs.cat_file(self.path(relpath))
 
     def read_parquet(self, relpath: str, columns: list[str] | None = None) -> pa.Table:
-        with self.open(relpath) as f:
-            return pq.read_table(f, columns=columns)
+        return self._read_one_version(relpath, lambda f: pq.read_table(f, columns=columns))
 
     def parquet_num_rows(self, relpath: str) -> int:
         """Row count from the parquet footer, without reading the data."""
-        with self.open(relpath) as f:
-            return pq.ParquetFile(f).metadata.num_rows
+        return self._read_one_version(relpath, lambda f: pq.ParquetFile(f).metadata.num_rows)
 
     def parquet_metadata(self, relpath: str) -> dict[str, str]:
         """The file's key-value metadata (what `write_parquet(metadata=...)` stored), from the footer only."""
-        with self.open(relpath) as f:
-            return footer(pq.read_schema(f))
+        return self._read_one_version(relpath, lambda f: footer(pq.read_schema(f)))
+
+    def _read_one_version(self, relpath: str, read: Callable[[IO[bytes]], T]) -> T:
+        """`read(file)` of `relpath`, read again where another writer replaced the file meanwhile: on S3 a
+        read of ranges fails when they would come from two versions (s3fs asks for the ETag it saw)."""
+        for attempt in range(_READ_ATTEMPTS):
+            try:
+                with self.open(relpath) as f:
+                    return read(f)
+            except OSError as exc:
+                if attempt + 1 == _READ_ATTEMPTS or not _replaced_while_read(exc):
+                    raise
+        raise AssertionError("unreachable")
 
     # writing
 
