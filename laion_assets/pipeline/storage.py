@@ -65,7 +65,7 @@ def process_alive(pid: int) -> bool:
 def _replaced_while_read(error: BaseException | None) -> bool:
     """Whether `error`, or an error it came from, is S3's answer to a read of a version now replaced:
     s3fs's FileExpired, or PreconditionFailed on a GET that named the ETag first seen."""
-    from s3fs.utils import FileExpired  # only S3 raises it; s3fs is not imported for a local root
+    from s3fs.utils import FileExpired  # here: a local root never imports s3fs
 
     while error is not None:
         code = (getattr(error, "response", None) or {}).get("Error", {}).get("Code")
@@ -317,14 +317,15 @@ class DatasetStore:
     def _read_one_version(self, relpath: str, read: Callable[[IO[bytes]], T]) -> T:
         """`read(file)` of `relpath`, read again where another writer replaced the file meanwhile: on S3 a
         read of ranges fails when they would come from two versions (s3fs asks for the ETag it saw)."""
-        for attempt in range(_READ_ATTEMPTS):
+        attempt = 1
+        while True:
             try:
                 with self.open(relpath) as f:
                     return read(f)
             except OSError as exc:
-                if attempt + 1 == _READ_ATTEMPTS or not _replaced_while_read(exc):
+                if attempt == _READ_ATTEMPTS or not (self.is_s3 and _replaced_while_read(exc)):
                     raise
-        raise AssertionError("unreachable")
+            attempt += 1
 
     # writing
 
