@@ -6,7 +6,7 @@ import os
 import typing
 from pathlib import Path
 
-from laion_assets.pipeline.settings import MODEL_FIELDS, DatasetSettings, add_missing_sections, load_settings
+from laion_assets.pipeline.settings import MODEL_FIELDS, DatasetSettings, add_missing_sections
 from laion_assets.pipeline.storage import DatasetStore
 
 if typing.TYPE_CHECKING:
@@ -81,12 +81,10 @@ def dataset_config(context: "dg.AssetExecutionContext", config: C, store: Datase
 
 
 def record_section(store: DatasetStore, name: str, values: dict) -> DatasetSettings | None:
-    """The dataset's settings, where they have a section `name`; else None, after `values` became it."""
-    stored = load_settings(store) or DatasetSettings()
-    if name in stored.sections:
-        return stored
-    after = add_missing_sections(store, {name: values})
-    return None if after.section(name) == values else after  # another run's section came first
+    """The dataset's settings, where their section `name` is not `values`; else None: `values` is the
+    section, written by this run where the file lacked it."""
+    stored = add_missing_sections(store, {name: values})
+    return None if stored.section(name) == values else stored
 
 
 def model_settings(resource: object) -> dict:
