@@ -516,8 +516,8 @@ def images_per_second_bound(web_name: str, urls: list[str], latency: Latency, ph
     )
     floor = politeness_floor(urls, latency)
     print(
-        f"{web_name}, laion-assets' floor (each site's tdmrep.json before its first image; read_timeout on a"
-        f" URL that never answers): {floor:.1f} s, beside the bound's {bound:.1f} s"
+        f"{web_name}, laion-assets' floor (each site's tdmrep.json, or tdmrep_wait, before its first image;"
+        f" read_timeout on a URL that never answers): {floor:.1f} s, beside the bound's {bound:.1f} s"
     )
     return images / bound
 
@@ -525,18 +525,21 @@ def images_per_second_bound(web_name: str, urls: list[str], latency: Latency, ph
 def politeness_floor(urls: list[str], latency: Latency) -> float:
     """The wait no request slot or core can shorten for laion-assets at its defaults, which the bound
     leaves out: a site's `/.well-known/tdmrep.json` is fetched before its first image
-    (`respect_tdm_reservation`), and a URL that never answers is given up after `read_timeout`. The
-    longest, over the URLs, of its site file's answer (or the timeout) and then its own (or the
-    timeout)."""
-    timeout = DownloadSettings().read_timeout
+    (`respect_tdm_reservation`), which waits for it up to `tdmrep_wait` and is then requested beside it,
+    its outcome kept until the file answers; a URL that never answers is given up after `read_timeout`.
+    The longest, over the URLs, of that wait and then its own answer (or the timeout)."""
+    defaults = DownloadSettings()
     floor = 0.0
     for url in urls:
         parts = urlsplit(url)
-        waits = []
-        for path in (TDMREP_PATH, parts.path):
-            answer = plan(latency, parts.netloc, path)
-            waits.append(timeout if answer.status is None else answer.delay)
-        floor = max(floor, sum(waits))
+        site, image = (plan(latency, parts.netloc, path) for path in (TDMREP_PATH, parts.path))
+        site_wait, image_wait = (
+            defaults.read_timeout if answer.status is None else answer.delay for answer in (site, image)
+        )
+        if site_wait <= defaults.tdmrep_wait:
+            floor = max(floor, site_wait + image_wait)
+        else:
+            floor = max(floor, site_wait, defaults.tdmrep_wait + image_wait)
     return floor
 
 

@@ -230,6 +230,40 @@ def test_tdmrep_well_known_file_is_read_once_per_site_and_its_first_matching_rul
     assert web.hits["/.well-known/tdmrep.json"] == 1
 
 
+def test_an_image_goes_ahead_of_a_slow_tdmrep_file_which_still_refuses_it(web):
+    """A site file slower than `tdmrep_wait` no longer holds its images back: they are requested while it
+    is out (this one answers only once the image has been asked for), and its reservation then refuses
+    them as before, their bytes never stored. A site file that answers within the wait still refuses
+    before any request."""
+    web.site_file_held_until = "/tdm-site/a.jpg"
+    urls = [web.url(p) for p in ("/tdm-site/a.jpg", "/tdm-site/free/c.jpg")]
+    _, tar, rows = run(urls, DownloadSettings(**{**FAST.__dict__, "tdmrep_wait": 0.05}))
+    assert [rows[u]["status"] for u in urls] == [schemas.OPTED_OUT, schemas.SUCCESS]
+    assert rows[urls[0]]["error_message"].startswith("tdmrep.json: tdm-reservation 1 for /tdm-site/*.jpg$")
+    assert web.hits["/tdm-site/a.jpg"] == 1  # requested ahead of the file's answer
+    from laion_assets.pipeline.shard_tar import read_samples
+
+    assert [key for key, _ in read_samples(io.BytesIO(tar))] == [rows[urls[1]]["key"]]
+
+    web.site_file_held_until = None
+    _, _, rows = run(urls, DownloadSettings(**{**FAST.__dict__, "tdmrep_wait": 30}))
+    assert [rows[u]["status"] for u in urls] == [schemas.OPTED_OUT, schemas.SUCCESS]
+    assert web.hits["/tdm-site/a.jpg"] == 1  # refused before any request
+    assert web.hits["/.well-known/tdmrep.json"] == 2  # once per run
+
+
+def test_a_tdmrep_file_that_never_answers_reserves_nothing(web):
+    """The images that went ahead of a site file that never answers are kept once it times out: TDMRep
+    then leaves the response header to say."""
+    web.site_file_held_until = "/asked-by-nobody"
+    urls = [web.url(p) for p in ("/tdm-site/a.jpg", "/tdm-site/b.jpg", "/tdm-reserved.jpg")]
+    _, _, rows = run(urls, DownloadSettings(**{**FAST.__dict__, "tdmrep_wait": 0.05}))
+    assert [rows[u]["status"] for u in urls] == [schemas.SUCCESS, schemas.SUCCESS, schemas.OPTED_OUT]
+    assert rows[urls[2]]["error_message"] == "tdm-reservation: 1 (TDMRep)"
+    assert web.hits["/.well-known/tdmrep.json"] == 1
+    assert ("done", "/.well-known/tdmrep.json") not in web.requests  # still held when the shard ended
+
+
 def test_private_network_guard(web):
     guarded = DownloadSettings(**{**FAST.__dict__, "allow_private_networks": False})
     urls = [

@@ -73,13 +73,18 @@ TDMREP_JSON = b"""[
 
 class TestWeb:
     """`url(path)` gives the address of a route; `hits` counts requests per path, `hosts` keeps the
-    Host header of each path's last request, `connections` the client end of each connection."""
+    Host header of each path's last request, `connections` the client end of each connection, and
+    `requests` each request's start and end in order: ("asked" or "done", path)."""
 
     def __init__(self) -> None:
         self.hits: Counter = Counter()
         self.hosts: dict[str, str | None] = {}
         self.connections: set[tuple[str, int]] = set()  # the client address of each connection served
         self.down: set[str] = set()  # paths answering 503 until removed
+        # /.well-known/tdmrep.json answers only once this path has been asked (None: at once)
+        self.site_file_held_until: str | None = None
+        self._site_file_released = threading.Event()
+        self.requests: list[tuple[str, str]] = []
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
@@ -126,6 +131,9 @@ class TestWeb:
                 path = self.path
                 with web._lock:
                     web.hits[path] += 1
+                    web.requests.append(("asked", path))
+                    if path == web.site_file_held_until:
+                        web._site_file_released.set()
                     web.hosts[path] = self.headers.get("Host")
                     web.connections.add(self.client_address[:2])
                     hits = web.hits[path]
@@ -138,6 +146,7 @@ class TestWeb:
                 finally:
                     with web._lock:
                         web.in_flight -= 1
+                        web.requests.append(("done", path))
 
             def _send(
                 self, status: int, body: bytes = b"", content_type: str = "image/jpeg", **headers
@@ -163,6 +172,9 @@ class TestWeb:
                         return self._send(503, b"down", "text/plain")
                     return self._send(200, ROBOTS_TXT, "text/plain")
                 if route == "/.well-known/tdmrep.json":
+                    while web.site_file_held_until and not web._site_file_released.wait(0.05):
+                        if web._stop.is_set():
+                            return None
                     return self._send(200, TDMREP_JSON, "application/json")
                 if route.startswith(("/private/", "/tdm-site/")):
                     return self._send(200, JPEG)

@@ -60,6 +60,7 @@ class DownloadImagesConfig(dg.Config):
     # X-Robots-Tag values that opt out
     opt_out_directives: list[str] = pydantic.Field(default_factory=lambda: list(D.opt_out_directives))
     respect_tdm_reservation: bool = D.respect_tdm_reservation  # W3C TDMRep's response header
+    tdmrep_wait: float = D.tdmrep_wait  # seconds an image waits for its site's tdmrep.json
     allow_private_networks: bool = D.allow_private_networks
     dns_timeout: float = D.dns_timeout  # a host that does not resolve in time fails its rows at once
     dns_cache_seconds: float = D.dns_cache_seconds

@@ -134,6 +134,7 @@ HOW_NOT_WHAT = frozenset(
         "max_in_flight",
         "dns_timeout",
         "dns_cache_seconds",
+        "tdmrep_wait",
         "dns_lookups",
         "processes",
         "shard_timeout",

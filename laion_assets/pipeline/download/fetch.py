@@ -30,6 +30,8 @@ from laion_assets.pipeline import schemas
 from laion_assets.pipeline.download import http, tdmrep
 
 T = TypeVar("T")
+# A site's tdmrep.json still out when an image's request went ahead of it, and the image's path and query
+_Unvetted = tuple[asyncio.Future[list[tdmrep.TdmRule]], str]
 _REDIRECTS = {301, 302, 303, 307, 308}
 _NOT_IMAGE_TYPES = (
     "text/",
@@ -58,6 +60,10 @@ class FetchSettings:
     opt_out_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
     # W3C TDMRep: a `tdm-reservation: 1` response header, or a rule of the site's tdmrep.json, opts out
     respect_tdm_reservation: bool = True
+    # An image waits this long for its site's tdmrep.json, then is requested while the file is still out;
+    # a reservation the file then makes refuses it all the same (its bytes dropped, never stored), so a
+    # slow or silent site file costs its images this wait, not its own read_timeout before theirs
+    tdmrep_wait: float = 1.0
     allow_private_networks: bool = False
     dns_timeout: float = 5.0  # a host that does not resolve within it fails its rows at once
     dns_cache_seconds: float = 300.0  # how long a host's resolution (or its failure) is kept
@@ -151,10 +157,23 @@ class Fetcher:
             return RetryLater(wait)
 
     async def _follow(self, url: str, deadline: float, image: bool) -> Fetched:
+        """What GET `url` gives, redirects followed. Where a hop went ahead of its site's tdmrep.json
+        (`tdmrep_wait`), the outcome, whatever it is, waits for the file, and a reservation it makes
+        refuses the URL: as it would have without the request."""
+        unvetted: list[_Unvetted] = []
+        try:
+            fetched = await self._hops(url, deadline, image, unvetted)
+        except (_Retryable, _FetchFailed):
+            if refusal := await self._reservation(unvetted):
+                return refusal
+            raise
+        return await self._reservation(unvetted) or fetched
+
+    async def _hops(self, url: str, deadline: float, image: bool, unvetted: list[_Unvetted]) -> Fetched:
         deadline = min(deadline, time.monotonic() + self.settings.request_timeout)
         visited = set()
         for _ in range(self.settings.max_redirects + 1):
-            refusal = await self._vet(url, check_site_rules=image)
+            refusal = await self._vet(url, check_site_rules=image, unvetted=unvetted)
             if refusal:
                 return refusal
             visited.add(url)
@@ -249,8 +268,9 @@ class Fetcher:
             raise _FetchFailed(f"request failed: {_reason(exc)}") from exc
         return Fetched(schemas.SUCCESS, body=body, http_status=status)
 
-    async def _vet(self, url: str, check_site_rules: bool) -> Fetched | None:
-        """A refusal of `url`, or None when it may be fetched."""
+    async def _vet(self, url: str, check_site_rules: bool, unvetted: list[_Unvetted]) -> Fetched | None:
+        """A refusal of `url`, or None when it may be fetched. A site's tdmrep.json that has not answered
+        within `tdmrep_wait` goes on `unvetted`, for the caller to read once the request is done."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             return _failed(f"unsupported URL: {url[:200]}")
@@ -262,10 +282,22 @@ class Fetcher:
             if refusal:
                 return Fetched(schemas.OPTED_OUT, error=refusal)
         if check_site_rules and self.settings.respect_tdm_reservation:
-            rules = await self._site_file(tdmrep.WELL_KNOWN_PATH, parts, self._load_tdmrep)
-            refusal = tdmrep.reservation(rules, _path_and_query(parts))
-            if refusal:
-                return Fetched(schemas.OPTED_OUT, error=refusal)
+            rules = self._site_file(tdmrep.WELL_KNOWN_PATH, parts, self._load_tdmrep)
+            if not rules.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(rules), self.settings.tdmrep_wait)
+                except TimeoutError:
+                    unvetted.append((rules, _path_and_query(parts)))
+                    return None
+            return _tdm_refusal(rules.result(), _path_and_query(parts))
+        return None
+
+    @staticmethod
+    async def _reservation(unvetted: list[_Unvetted]) -> Fetched | None:
+        """The refusal of the first reservation among the site files a request went ahead of."""
+        for rules, path in unvetted:
+            if refusal := _tdm_refusal(await asyncio.shield(rules), path):
+                return refusal
         return None
 
     def remember(self, addresses: dict[str, Address]) -> None:
@@ -314,16 +346,19 @@ class Fetcher:
                     return directive
         return None
 
-    async def _site_file(self, path: str, parts: SplitResult, load: Callable[[str], Awaitable[T]]) -> T:
-        """`load(origin)`, once per site: the other requests that need it wait for the first one."""
+    def _site_file(
+        self, path: str, parts: SplitResult, load: Callable[[str], Awaitable[T]]
+    ) -> asyncio.Future[T]:
+        """`load(origin)`, started once per site: the other requests that need it wait for the first one's
+        (through `asyncio.shield`, so that one request's cancellation does not cancel it for the rest)."""
         origin = f"{parts.scheme}://{parts.netloc}"
         if (path, origin) not in self._site_files:
             self._site_files[(path, origin)] = asyncio.ensure_future(load(origin))
-        return await asyncio.shield(self._site_files[(path, origin)])
+        return self._site_files[(path, origin)]
 
     async def _robots_refusal(self, parts: SplitResult, url: str) -> str | None:
         """Why robots.txt keeps us from `url`, or None when it allows it."""
-        robots = await self._site_file("/robots.txt", parts, self._load_robots)
+        robots = await asyncio.shield(self._site_file("/robots.txt", parts, self._load_robots))
         if isinstance(robots, str):
             return robots
         if robots is None or robots.can_fetch(self.settings.user_agent_token, url):
@@ -423,6 +458,11 @@ def _is_ip_literal(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _tdm_refusal(rules: list[tdmrep.TdmRule], path: str) -> Fetched | None:
+    refusal = tdmrep.reservation(rules, path)
+    return Fetched(schemas.OPTED_OUT, error=refusal) if refusal else None
 
 
 def _path_and_query(parts: SplitResult) -> str:
