@@ -24,13 +24,15 @@ that a few "CDNs" hold most. On its --web-corpus photos, each tool runs at its d
 process x 256 threads; ours with only allow_private_networks and the image settings), then tuned
 (img2dataset 2 x 128; ours with `OURS_TUNED` on top, not run while it is empty). Adds the requests in
 flight that the server counted while each ran (max, mean), the ratios of ours against img2dataset, and
-the bound that the latency and the CPU set (`images_per_second_bound`), with each tool's share of it.
+the bound that the latency and the CPU set (`images_per_second_bound`), with each tool's share of it,
+and laion-assets' own floor beside it (`politeness_floor`: its per-host cap and each site's tdmrep.json).
 --harsh: 1,000 hosts, first bytes at a median of 400 ms, 2 % of the URLs never answering.
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import io
 import os
 import shutil
@@ -514,33 +516,48 @@ def images_per_second_bound(web_name: str, urls: list[str], latency: Latency, ph
         f"{web_name} bound: {bound:.1f} s, {images / bound:.1f} images/s (set by {set_by}); without a"
         f" per-host cap, as img2dataset has none: {uncapped:.1f} s, {images / uncapped:.1f} images/s"
     )
-    floor = politeness_floor(urls, latency)
+    floor, host = politeness_floor(urls, latency, photos)
     print(
-        f"{web_name}, laion-assets' floor (each site's tdmrep.json, or tdmrep_wait, before its first image;"
-        f" read_timeout on a URL that never answers): {floor:.1f} s, beside the bound's {bound:.1f} s"
+        f"{web_name}, laion-assets' floor (each host's URLs through its per_host_connections, after its"
+        f" tdmrep.json or tdmrep_wait; read_timeout on a URL that never answers): {floor:.1f} s, set by"
+        f" {host}, beside the bound's {bound:.1f} s"
     )
     return images / bound
 
 
-def politeness_floor(urls: list[str], latency: Latency) -> float:
+def politeness_floor(urls: list[str], latency: Latency, photos: list[Path]) -> tuple[float, str]:
     """The wait no request slot or core can shorten for laion-assets at its defaults, which the bound
-    leaves out: a site's `/.well-known/tdmrep.json` is fetched before its first image
-    (`respect_tdm_reservation`), which waits for it up to `tdmrep_wait` and is then requested beside it,
-    its outcome kept until the file answers; a URL that never answers is given up after `read_timeout`.
-    The longest, over the URLs, of that wait and then its own answer (or the timeout)."""
+    leaves out, and the host that sets it. Each host's URLs go, in their order, through its
+    `per_host_connections` (a request holds one from its start to its body's end, or `read_timeout` for
+    a URL that never answers); a site's first requests wait for its `/.well-known/tdmrep.json` up to
+    `tdmrep_wait`, and their outcomes until it answers (or `read_timeout`). Of the hosts, the longest."""
     defaults = DownloadSettings()
-    floor = 0.0
+    by_host: dict[str, list[str]] = {}
     for url in urls:
         parts = urlsplit(url)
-        site, image = (plan(latency, parts.netloc, path) for path in (TDMREP_PATH, parts.path))
-        site_wait, image_wait = (
-            defaults.read_timeout if answer.status is None else answer.delay for answer in (site, image)
-        )
-        if site_wait <= defaults.tdmrep_wait:
-            floor = max(floor, site_wait + image_wait)
-        else:
-            floor = max(floor, site_wait, defaults.tdmrep_wait + image_wait)
-    return floor
+        by_host.setdefault(parts.netloc, []).append(parts.path)
+
+    def seconds(host: str, path: str) -> float:
+        answer = plan(latency, host, path)
+        if answer.status is None:
+            return defaults.read_timeout
+        body = photos[photo_index(path, len(photos))].stat().st_size if answer.status == 200 else 0
+        return answer.delay + body / latency.rate
+
+    floor, slowest_host = 0.0, ""
+    for host, paths in by_host.items():
+        site_file = seconds(host, TDMREP_PATH)
+        first_start = min(site_file, defaults.tdmrep_wait)
+        free_at = [first_start] * min(defaults.per_host_connections, len(paths))  # each connection's
+        heapq.heapify(free_at)
+        done = site_file  # no outcome before the site file's
+        for path in paths:
+            end = heapq.heappop(free_at) + seconds(host, path)
+            heapq.heappush(free_at, end)
+            done = max(done, end)
+        if done > floor:
+            floor, slowest_host = done, host
+    return floor, slowest_host
 
 
 if __name__ == "__main__":
