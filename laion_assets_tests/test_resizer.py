@@ -204,41 +204,40 @@ def test_the_sources_jpeg_comment_is_not_copied(sources):
         assert "comment" not in Image.open(io.BytesIO(data)).info
 
 
-def test_the_simplejpeg_decode_of_upright_jpegs_gives_pillows_bytes(sources, monkeypatch):
-    """Upright colour JPEGs that are shrunk by area are decoded by simplejpeg (at Pillow's draft scale):
-    the output is byte for byte what Pillow's decode gives, at every draft scale (1, 2, 4 and 8)."""
+def test_the_opencv_decode_of_upright_jpegs_gives_pillows_bytes(sources, monkeypatch):
+    """Upright colour JPEGs that are shrunk by area are decoded by OpenCV (at Pillow's draft scale): the
+    output is byte for byte what Pillow's decode gives, at every draft scale (1, 2, 4 and 8)."""
     large = photo(2400, 1600, seed=7)  # border drafts it at 8 for 32, 4 for 64, 2 for 128, 1 for 512
     images = [large] + [source.read_bytes() for source in sorted(sources.iterdir())]
-    scales = set()  # the draft scales simplejpeg decoded at
+    scales = set()  # the draft scales OpenCV decoded at
 
-    def simplejpeg(data, image, orientation):
+    def opencv(data, image, orientation):
         pixels = decode(data, image, orientation)
         if pixels is not None:
             scales.add(image.decoderconfig[0] if image.decoderconfig else 1)
         return pixels
 
-    decode = imaging._turbo_jpeg
-    monkeypatch.setattr(imaging, "_turbo_jpeg", simplejpeg)
+    decode = imaging._opencv_jpeg
+    monkeypatch.setattr(imaging, "_opencv_jpeg", opencv)
     outputs = {}
     for size, mode, data in itertools.product([32, 64, 128, 512], MODES, images):
         outputs[size, mode, data] = process_image(data, ImageSettings(image_size=size, resize_mode=mode))
     assert scales == {1, 2, 4, 8}
-    monkeypatch.setattr(imaging, "_turbo_jpeg", lambda *a: None)  # Pillow's decode everywhere
+    monkeypatch.setattr(imaging, "_opencv_jpeg", lambda *a: None)  # Pillow's decode everywhere
     for (size, mode, data), ours in outputs.items():
         assert process_image(data, ImageSettings(image_size=size, resize_mode=mode)) == ours, (size, mode)
 
 
-def test_jpegs_that_simplejpeg_would_decode_otherwise_go_to_pillow(sources):
-    """A truncated JPEG fails as Pillow says (libjpeg-turbo would fill it in grey), and a turned one is
-    turned."""
+def test_jpegs_that_opencv_would_decode_otherwise_go_to_pillow(sources):
+    """A truncated JPEG fails as Pillow says (OpenCV would fill it in grey), and a turned one is turned."""
     jpeg = (sources / "524_316.jpg").read_bytes()
-    assert imaging._turbo_jpeg(jpeg, Image.open(io.BytesIO(jpeg)), orientation=1) is not None
+    assert imaging._opencv_jpeg(jpeg, Image.open(io.BytesIO(jpeg)), orientation=1) is not None
     with pytest.raises(DecodeError, match="image file is truncated"):
         process_image(jpeg[: len(jpeg) * 2 // 3], ImageSettings())
     turned = io.BytesIO()
     exif = Image.Exif()
     exif[0x0112] = 6  # turned 90 degrees clockwise to view it
     Image.open(io.BytesIO(jpeg)).save(turned, "JPEG", quality=95, exif=exif)
-    assert imaging._turbo_jpeg(turned.getvalue(), Image.open(turned), orientation=6) is None
+    assert imaging._opencv_jpeg(turned.getvalue(), Image.open(turned), orientation=6) is None
     shown = process_image(turned.getvalue(), ImageSettings(resize_mode="keep_ratio_largest"))
     assert (shown.width, shown.height, shown.original_width, shown.original_height) == (154, 256, 316, 524)

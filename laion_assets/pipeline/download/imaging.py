@@ -4,9 +4,8 @@ The output is meant to be img2dataset's: its modes, sizes, decisions and interpo
 downscale, OpenCV's INTER_AREA (each output pixel the mean of the input area it covers, partial pixels
 weighted by their share), run by OpenCV itself: Pillow has no such filter (its BOX weighs whole pixels,
 31 dB PSNR from OpenCV on img2dataset's own test photos). Pillow reads the header and EXIF, turns by EXIF,
-upscales (Lanczos) and encodes; it decodes too, except an upright colour JPEG that is shrunk, which
-simplejpeg decodes into the array OpenCV resizes (`_turbo_jpeg`: the same libjpeg-turbo pixels as Pillow's
-and OpenCV's decode, without a full-size copy, in three quarters of OpenCV's time). A JPEG of
+upscales (Lanczos) and encodes; it decodes too, except an upright colour JPEG that is shrunk, which OpenCV
+decodes into the array it resizes (`_opencv_jpeg`: the same pixels, without a full-size copy). A JPEG of
 twelve times the target size or more is decoded with libjpeg's DCT scaling (Pillow's `draft`: 1/2, 1/4 or
 1/8) to no less than six times the target, which saves most of a camera photo's decode and stays 37 dB or
 more from a full decode on photos, pages of text and noise alike. Nearer the target it strays on text:
@@ -22,7 +21,6 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import numpy as np
-import simplejpeg
 from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
@@ -39,6 +37,13 @@ INTERPOLATIONS = {
 }
 ENCODE_FORMATS = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
 _DRAFT_MARGIN = 6  # JPEG draft decoding stops at this many times the target size
+# Pillow's JPEG draft scale -> the name of OpenCV's read flag for the same DCT scaling
+_OPENCV_READ = {
+    1: "IMREAD_COLOR",
+    2: "IMREAD_REDUCED_COLOR_2",
+    4: "IMREAD_REDUCED_COLOR_4",
+    8: "IMREAD_REDUCED_COLOR_8",
+}
 _EXIF_ORIENTATION = 0x0112
 _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 or 270 degrees
 
@@ -179,7 +184,7 @@ def _resized(
     turned = image.size[::-1] if orientation in _SWAPS_AXES else image.size  # as decoded (after any draft)
     down = target[0] < turned[0]
     filter_ = settings.downscale_interpolation if down else settings.upscale_interpolation
-    if filter_ == "area" and down and (pixels := _turbo_jpeg(data, image, orientation)) is not None:
+    if filter_ == "area" and down and (pixels := _opencv_jpeg(data, image, orientation)) is not None:
         cv2 = opencv()
         shrunk = cv2.resize(pixels, target, interpolation=cv2.INTER_AREA)
         return Image.fromarray(cv2.cvtColor(shrunk, cv2.COLOR_BGR2RGB))
@@ -191,25 +196,18 @@ def _resized(
     return image.resize(target, INTERPOLATIONS[filter_])
 
 
-def _turbo_jpeg(data: bytes, image: Image.Image, orientation: int) -> np.ndarray | None:
-    """The pixels (BGR) of an upright, complete colour JPEG, decoded by simplejpeg at the scale of Pillow's
-    draft: libjpeg-turbo's decode, as Pillow's and OpenCV's (the same pixels, byte for byte), without
-    copying a full-size image out of Pillow (a sixth of `process_image` on a web-sized photo) and a
-    quarter faster than OpenCV's `imdecode`. None where Pillow decodes: another format or mode, a turn,
-    no end marker (Pillow says a truncated file is one; libjpeg-turbo fills it in grey), or a decode
-    simplejpeg refuses. Corrupt data before the end marker is decoded as libjpeg-turbo does everywhere
-    (`strict=False`), as Pillow and OpenCV decode it."""
+def _opencv_jpeg(data: bytes, image: Image.Image, orientation: int) -> np.ndarray | None:
+    """The pixels (BGR) of an upright, complete colour JPEG, decoded by OpenCV at the scale of Pillow's draft:
+    the same libjpeg-turbo decode as Pillow's, without copying a full-size image out of Pillow (a sixth of
+    `process_image` on a web-sized photo). None where Pillow decodes: another format or mode, a turn, no end
+    marker (Pillow says a truncated file is one; OpenCV fills it in grey), or a decode OpenCV refuses."""
     if image.format != "JPEG" or image.mode != "RGB" or orientation != 1 or not data.endswith(b"\xff\xd9"):
         return None
     scale = image.decoderconfig[0] if image.decoderconfig else 1
-    width, height = image.size  # after the draft: the original's sides divided by `scale`, rounded up
-    try:  # the one DCT scaling that keeps both sides at least these is 1/scale, the draft's
-        pixels = simplejpeg.decode_jpeg(
-            data, "BGR", min_height=height, min_width=width, min_factor=scale, strict=False
-        )
-    except ValueError:
-        return None
-    return pixels if pixels.shape[1::-1] == image.size else None
+    cv2 = opencv()
+    read = getattr(cv2, _OPENCV_READ[scale]) | cv2.IMREAD_IGNORE_ORIENTATION
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), read)
+    return pixels if pixels is not None and pixels.shape[1::-1] == image.size else None
 
 
 def area_resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
