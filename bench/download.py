@@ -50,7 +50,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from latency_web import Latency, host_address, photo_files, photo_index, plan
+from latency_web import Answer, Latency, host_address, photo_files, photo_index, plan
 from latency_web import start as start_latency_web
 from peers import WORK, ensure_peer
 from PIL import Image, ImageDraw
@@ -491,12 +491,10 @@ def images_per_second_bound(web_name: str, urls: list[str], latency: Latency, ph
         answer = plan(latency, parts.netloc, parts.path)
         if answer.status is None:
             continue
-        seconds = answer.delay
+        seconds = answer_seconds(answer, parts.path, latency, photos)
         if answer.status == 200:
-            photo = photo_index(parts.path, len(photos))
             images += 1
-            cpu += photo_seconds[photo] / cores
-            seconds += photos[photo].stat().st_size / latency.rate
+            cpu += photo_seconds[photo_index(parts.path, len(photos))] / cores
         slowest = max(slowest, seconds)
         host_seconds[parts.netloc] += seconds
     host, answers = host_seconds.most_common(1)[0]
@@ -525,6 +523,14 @@ def images_per_second_bound(web_name: str, urls: list[str], latency: Latency, ph
     return images / bound
 
 
+def answer_seconds(answer: Answer, path: str, latency: Latency, photos: list[Path]) -> float:
+    """Seconds from the request to the end of an answered URL's body: its first byte's delay, then its
+    photo (a 200's) at the web's rate."""
+    if answer.status != 200:
+        return answer.delay
+    return answer.delay + photos[photo_index(path, len(photos))].stat().st_size / latency.rate
+
+
 def politeness_floor(urls: list[str], latency: Latency, photos: list[Path]) -> tuple[float, str]:
     """The wait no request slot or core can shorten for laion-assets at its defaults, which the bound
     leaves out, and the host that sets it. Each host's URLs go, in their order, through its
@@ -541,15 +547,14 @@ def politeness_floor(urls: list[str], latency: Latency, photos: list[Path]) -> t
         answer = plan(latency, host, path)
         if answer.status is None:
             return defaults.read_timeout
-        body = photos[photo_index(path, len(photos))].stat().st_size if answer.status == 200 else 0
-        return answer.delay + body / latency.rate
+        return answer_seconds(answer, path, latency, photos)
 
     floor, slowest_host = 0.0, ""
     for host, paths in by_host.items():
         site_file = seconds(host, TDMREP_PATH)
         first_start = min(site_file, defaults.tdmrep_wait)
-        free_at = [first_start] * min(defaults.per_host_connections, len(paths))  # each connection's
-        heapq.heapify(free_at)
+        # when each connection is next free: a heap (all equal, so already one)
+        free_at = [first_start] * min(defaults.per_host_connections, len(paths))
         done = site_file  # no outcome before the site file's
         for path in paths:
             end = heapq.heappop(free_at) + seconds(host, path)
