@@ -241,3 +241,32 @@ def test_jpegs_that_opencv_would_decode_otherwise_go_to_pillow(sources):
     assert imaging._opencv_jpeg(turned.getvalue(), Image.open(turned), orientation=6) is None
     shown = process_image(turned.getvalue(), ImageSettings(resize_mode="keep_ratio_largest"))
     assert (shown.width, shown.height, shown.original_width, shown.original_height) == (154, 256, 316, 524)
+
+
+def test_the_area_shrink_is_opencvs_inter_area_byte_for_byte():
+    """`inter_area` takes a float32 route for speed where the scale is not whole: its bytes are OpenCV's
+    INTER_AREA on the 8-bit pixels, on noise, black-and-white text-like pixels and near-flat ones, at
+    fractional, whole and mixed scales, and either side of the float route's size limit."""
+    cv2 = imaging.opencv()
+    rng = np.random.default_rng(3)
+    sources = {
+        "noise": rng.integers(0, 256, (1201, 1301, 3), dtype=np.uint8),
+        "ink": np.where(rng.random((1201, 1301, 1)) < 0.5, 0, 255).astype(np.uint8).repeat(3, 2),
+        "flat": rng.integers(120, 136, (1201, 1301, 3), dtype=np.uint8),
+    }
+    shapes = [(535, 389), (316, 524), (640, 480), (1200, 1300), (1201, 1301), (97, 3)]
+    sizes = [(256, 186), (154, 256), (320, 240), (100, 650), (1301, 1201), (1, 1), (7, 1)]
+    limit = imaging._FLOAT_AREA_MAX_PIXELS
+    big = rng.integers(0, 256, (limit // 1500 + 1, 1500, 3), dtype=np.uint8)  # over the limit
+    checked = 0
+    for name, pixels in sources.items():
+        for (height, width), size in itertools.product(shapes, sizes):
+            if size[0] <= width and size[1] <= height:
+                part = pixels[:height, :width]
+                expected = cv2.resize(part, size, interpolation=cv2.INTER_AREA)
+                assert np.array_equal(imaging.inter_area(part, size), expected), (name, width, height, size)
+                checked += 1
+    assert checked > 40
+    assert np.array_equal(
+        imaging.inter_area(big, (256, 250)), cv2.resize(big, (256, 250), interpolation=cv2.INTER_AREA)
+    )
