@@ -37,7 +37,7 @@ INTERPOLATIONS = {
 }
 ENCODE_FORMATS = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
 _DRAFT_MARGIN = 6  # JPEG draft decoding stops at this many times the target size
-_FLOAT_AREA_MAX_PIXELS = 2_000_000  # `inter_area` shrinks smaller images through float32
+_FLOAT_AREA_MAX_PIXELS = 1_000_000  # `inter_area` shrinks smaller images through float32 (12 MB at most)
 # Pillow's JPEG draft scale -> the name of OpenCV's read flag for the same DCT scaling
 _OPENCV_READ = {
     1: "IMREAD_COLOR",
@@ -218,10 +218,11 @@ def area_resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
 def inter_area(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """8-bit pixels shrunk to `size` (width, height, neither larger than theirs) by OpenCV's INTER_AREA,
     byte for byte. Where the scale is not a whole number in both axes, OpenCV sums in float32 in a scalar
-    loop whatever the input; given float32 pixels that loop runs 10-30 % faster, and the rounding back to
-    8 bits is the same `cvRound`. Above `_FLOAT_AREA_MAX_PIXELS` the float copy's memory traffic costs
-    more than that saves (docs/benchmarks.md). Whole-number scales keep OpenCV's integer fast path,
-    which rounds its own way."""
+    loop whatever the input; given float32 pixels that loop runs 25-30 % faster up to a megapixel (less
+    above, slower over 2.5 MP here, as the copy outgrows the caches), and the rounding back to 8 bits is
+    the same `cvRound`. Up to `_FLOAT_AREA_MAX_PIXELS`, so that the float copy stays small beside a
+    worker's memory (docs/benchmarks.md). Whole-number scales keep OpenCV's integer fast path, which
+    rounds its own way."""
     cv2 = opencv()
     height, width = pixels.shape[:2]
     if (width % size[0] == 0 and height % size[1] == 0) or width * height > _FLOAT_AREA_MAX_PIXELS:
