@@ -1,6 +1,7 @@
 """A dataset that lives: its settings kept with it, no run that rewrites it unasked, and real processes
 killed with SIGKILL part way, then run again."""
 
+import contextlib
 import hashlib
 import io
 import json
@@ -26,6 +27,7 @@ from laion_assets.defs.jobs import PER_SHARD_ASSETS
 from laion_assets.defs.resources import build_resources
 from laion_assets.demo.run import DEMO_DEDUP_CONFIG, MIN_IMAGES, demo_copies
 from laion_assets.demo.world import EXACT_COPIES, NEAR_COPIES, make_world
+from laion_assets.pipeline import leases
 from laion_assets.pipeline.catalog import views as catalog
 from laion_assets.pipeline.dedup.deduplicate import recorded_settings
 from laion_assets.pipeline.leases import REMOVALS, ShardBusy, holder, shard_lease
@@ -44,6 +46,7 @@ from laion_assets.pipeline.storage import (
     TAKEDOWNS,
     TAKEDOWNS_PENDING,
     DatasetStore,
+    host_name,
 )
 from laion_assets.runner import run_pipeline, run_takedown
 from laion_assets_tests.dagster_helpers import LOCAL_WEB, local_web_config
@@ -433,6 +436,28 @@ def test_a_lease_is_one_writer_s_until_it_ends_or_its_process_is_gone(store):
     with shard_lease(store, "w", "this-run", wait=60):  # waits for the other run's step to end
         assert ending.stdout.readline() == b"released\n" and holder(store, "w")["owner"] == "this-run"
     ending.wait()
+
+
+def test_a_stale_lease_that_another_run_takes_over_first_is_left_to_it(store, monkeypatch):
+    """Two runs find the lease of a run that is gone at once: the one that takes it over first holds it,
+    and the other, whose look at the old lease came before that, is told the shard is busy and leaves
+    the new holder's lease in place (it used to remove it and take the shard too: two writers)."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    record = {"owner": "run-gone", "host": host_name(), "pid": int(gone.stdout), "expires": time.time() + 600}
+    store.write_bytes(f"{LEASES}/w.json", json.dumps(record).encode())
+    judge = leases._alive
+    with contextlib.ExitStack() as other_run:
+
+        def other_run_takes_it_first(found: dict) -> bool:
+            monkeypatch.setattr(leases, "_alive", judge)
+            other_run.enter_context(shard_lease(store, "w", "run-b"))  # it also found the lease stale
+            return judge(found)
+
+        monkeypatch.setattr(leases, "_alive", other_run_takes_it_first)
+        with pytest.raises(ShardBusy, match="being written by run run-b"), shard_lease(store, "w", "run-a"):
+            pass
+        assert holder(store, "w")["owner"] == "run-b"
+    assert holder(store, "w") is None and not store.list(LEASES)
 
 
 _ADD_SECTIONS = """

@@ -6,11 +6,17 @@ A second run that reaches a shard whose lease a live writer holds gets `ShardBus
 and leaves the shard alone, so a shard's tar and its parquet always come from one run. The lease is
 created exclusively (O_EXCL locally, a conditional PUT on S3) and renewed by a thread while held; a
 holder that is gone (its process ended, on this host) or silent past its expiry no longer holds it.
+Taking such a lease over replaces it only if it is still the one found stale (S3: a PUT on its ETag;
+locally: under an flock of the leases folder), so of two runs that found it at once, one holds it and
+the other is told it is busy: removing it first, as before, could remove the lease the other had just
+taken, and both would write.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import threading
@@ -75,12 +81,15 @@ def shard_lease(
 
 def _take(store: DatasetStore, shard: str, owner: str) -> None:
     path = _path(shard)
-    stale = _read(store, shard)
-    if stale is not None:
-        if _alive(stale):
-            raise ShardBusy(f"{shard} is being written by {describe(stale)}: left alone by this run")
-        store.remove(path)
-    if not _create(store, path, _record(owner)):
+    found = _read_version(store, path)
+    if found is None:
+        if not _create(store, path, _record(owner)):
+            raise ShardBusy(f"{shard} is being written by {describe(_read(store, shard) or {})}")
+        return
+    stale, version = found
+    if _alive(stale):
+        raise ShardBusy(f"{shard} is being written by {describe(stale)}: left alone by this run")
+    if not _replace(store, path, version, _record(owner)):  # another run took it over first
         raise ShardBusy(f"{shard} is being written by {describe(_read(store, shard) or {})}")
 
 
@@ -96,6 +105,20 @@ def _read(store: DatasetStore, shard: str) -> dict | None:
     try:
         return json.loads(store.read_bytes(_path(shard)))  # whole, though its holder may be renewing it
     except (FileNotFoundError, ValueError):  # none, or one being written
+        return None
+
+
+def _read_version(store: DatasetStore, path: str) -> tuple[dict, str | bytes] | None:
+    """The lease at `path` and what names this version of it (S3: its ETag; locally: its bytes); None if
+    there is none, or one being written or replaced as it is read."""
+    try:
+        if store.is_s3:
+            with store.open(path) as f:  # s3fs reads the version whose ETag it saw, or fails
+                data, version = f.read(), f.details["ETag"]
+        else:
+            data = version = store.read_bytes(path)
+        return json.loads(data), version
+    except (OSError, ValueError):
         return None
 
 
@@ -123,3 +146,31 @@ def _create(store: DatasetStore, path: str, record: dict) -> bool:
     with os.fdopen(descriptor, "wb") as f:
         f.write(data)
     return True
+
+
+def _replace(store: DatasetStore, path: str, version: str | bytes, record: dict) -> bool:
+    """Write `record` at `path` only if the lease there is still `version`; False if it is not."""
+    data = json.dumps(record).encode()
+    if store.is_s3:
+        bucket, _, key = store.path(path).partition("/")
+        try:
+            store.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=version)
+        except FileNotFoundError:  # removed meanwhile
+            return False
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:  # s3fs's name for S3's 412 PreconditionFailed: replaced meanwhile
+                return False
+            raise
+        return True
+    folder = os.open(os.path.dirname(store.path(path)), os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)  # one taker at a time; the lock ends with its process
+        try:
+            if store.read_bytes(path) != version:
+                return False
+        except FileNotFoundError:
+            return False
+        store.write_bytes(path, data)  # a rename over the stale lease: the path is never without one
+        return True
+    finally:
+        os.close(folder)
