@@ -5,11 +5,13 @@ import os
 import shutil
 import signal
 import socket
+import threading
 import uuid
 from collections.abc import Iterator
 
 import boto3
 import pytest
+from moto.s3.responses import S3Response
 from moto.server import ThreadedMotoServer
 
 from laion_assets.demo import DEMO_WATERMARK_MODEL
@@ -61,9 +63,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _one_put_at_a_time() -> None:
+    """moto checks a conditional PUT's If-None-Match or If-Match, then writes: two steps its server's
+    threads can interleave, so two runs could both create the same lease. S3 makes each conditional
+    write one step; handling one PUT at a time gives moto's server that guarantee too."""
+    put_object, lock = S3Response.put_object, threading.Lock()
+
+    def atomic_put_object(self: S3Response) -> object:
+        with lock:
+            return put_object(self)
+
+    S3Response.put_object = atomic_put_object
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """moto's S3 server on a free loopback port, with the AWS_* variables pointing at it."""
+    _one_put_at_a_time()
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
