@@ -286,11 +286,9 @@ def test_private_network_guard(web):
 
 def test_redirect_into_a_private_network_is_refused_at_the_hop(web, monkeypatch):
     # No public server can be reached from here, so the loopback test server stands in for one:
-    # the guard passes 127.0.0.1 and judges every other host as it really does.
-    real_guard = fetch._address_refusal
-    monkeypatch.setattr(
-        fetch, "_address_refusal", lambda host: None if host == "127.0.0.1" else real_guard(host)
-    )
+    # the guard takes 127.0.0.1 for public and judges every other address as it really does.
+    real = fetch._is_public
+    monkeypatch.setattr(fetch, "_is_public", lambda address: str(address) == "127.0.0.1" or real(address))
     guarded = DownloadSettings(**{**FAST.__dict__, "allow_private_networks": False})
     _, _, rows = run([web.url("/to-private"), web.url("/img/red.jpg")], guarded)
     hop = rows[web.url("/to-private")]
@@ -660,7 +658,7 @@ def test_worker_processes_use_the_hosts_resolved_once_in_the_steps_process(web, 
 
     def resolve_hosts(hosts, settings):
         resolved.append(sorted(hosts))
-        return dict.fromkeys(hosts, refusal)
+        return dict.fromkeys(hosts, fetch.HostAnswer(time.monotonic() + 300, refusal))
 
     monkeypatch.setattr(download, "resolve_hosts", resolve_hosts)
     urls = [f"http://localhost:{web.port}/up/{i}" for i in range(12)]

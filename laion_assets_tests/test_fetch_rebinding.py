@@ -1,18 +1,18 @@
-"""DNS rebinding: a name that answers a public address to the guard and 127.0.0.1 to the connection.
+"""Host names: each looked up once and its answer kept for its TTL, and DNS rebinding, a name that
+answers a public address to the guard and 127.0.0.1 to the connection.
 
-The resolver is swapped in (socket.getaddrinfo, which the guard calls, and any lookup made to connect
-would call). Nothing public can be reached from here, so a connection to the public answer fails, its
-error naming that address; the point is that none goes to the loopback web server instead, and that a
-name is looked up once. Where a test needs a name that resolves and is fetched, the loopback server
-stands in for a public one: 127.0.0.1 counts as public there.
+The names are a DNS server's on loopback (dns_server.py), which the fetcher asks (`dns_servers`), and
+which counts their lookups. Nothing public can be reached from here, so a connection to the public
+answer fails, its error naming that address; the point is that none goes to the loopback web server
+instead, and that a name is looked up once. Where a test needs a name that resolves and is fetched, the
+loopback server stands in for a public one: 127.0.0.1 counts as public there.
 """
 
 import asyncio
 import datetime
-import socket
+import ipaddress
 import ssl
 import threading
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,9 +21,11 @@ from pathlib import Path
 import pytest
 
 from laion_assets.pipeline import schemas
+from laion_assets.pipeline.download import downloader as download
 from laion_assets.pipeline.download import fetch
 from laion_assets.pipeline.download.fetch import Fetcher, FetchSettings
 from laion_assets.service.inputs import InputError, fetch_image
+from laion_assets_tests.dns_server import DnsServer, Name
 from laion_assets_tests.test_download import FAST, run
 from laion_assets_tests.web import JPEG
 
@@ -43,29 +45,24 @@ FETCH = FetchSettings(
 UNREACHABLE = ("connection failed", "timeout: no connection")
 
 
-class Resolver:
-    """Answers `answers[name]` in turn, one address per lookup (the last one repeated); other hosts
-    resolve as usual. `lookups` counts per name."""
-
-    def __init__(self, answers: dict[str, list[str]]) -> None:
-        self.answers = answers
-        self.lookups: Counter = Counter()
-        self._real = socket.getaddrinfo
-
-    def getaddrinfo(self, host, *args, **kwargs):
-        name = host.decode() if isinstance(host, bytes) else host
-        if name in self.answers:
-            self.lookups[name] += 1
-            turns = self.answers[name]
-            host = turns[min(self.lookups[name], len(turns)) - 1]
-        return self._real(host, *args, **kwargs)
+NAMES = {
+    "rebind.example": Name([PUBLIC], then=["127.0.0.1"]),
+    "images.example": Name(["127.0.0.1"]),
+    "other.example": Name(["127.0.0.1"]),
+    "dual.example": Name(["2606:4700::1", PUBLIC]),
+    "v6only.example": Name(["2606:4700::1"]),
+}
 
 
 @pytest.fixture
-def resolver(monkeypatch) -> Resolver:
-    resolver = Resolver({"rebind.example": [PUBLIC, "127.0.0.1"], "images.example": ["127.0.0.1"]})
-    monkeypatch.setattr(socket, "getaddrinfo", resolver.getaddrinfo)
-    return resolver
+def resolver() -> Iterator[DnsServer]:
+    with DnsServer(NAMES) as server:
+        yield server
+
+
+def asking(settings: FetchSettings, dns: DnsServer, **changes) -> FetchSettings:
+    """`settings` with `dns` as their DNS server."""
+    return replace(settings, dns_servers=(dns.server,), **changes)
 
 
 @pytest.fixture
@@ -77,7 +74,7 @@ def loopback_is_public(monkeypatch) -> None:
 
 def test_a_name_that_rebinds_to_loopback_is_not_fetched(web, resolver):
     url = f"http://rebind.example:{web.port}/img/red.jpg"
-    _, _, rows = run([url], GUARDED)
+    _, _, rows = run([url], asking(GUARDED, resolver))
     assert rows[url]["status"] == schemas.FAILED_TO_DOWNLOAD
     assert rows[url]["error_message"].startswith(UNREACHABLE), rows[url]["error_message"]
     assert sum(web.hits.values()) == 0  # nothing reached the loopback server
@@ -85,14 +82,11 @@ def test_a_name_that_rebinds_to_loopback_is_not_fetched(web, resolver):
     assert f"(address {PUBLIC})" in rows[url]["error_message"]  # the connection went to the vetted address
 
 
-def test_a_redirect_to_a_name_that_rebinds_is_not_followed_to_loopback(web, resolver, monkeypatch):
-    # the first hop is the loopback server standing in for a public one, as in test_download.py
-    real_guard = fetch._address_refusal
-    monkeypatch.setattr(
-        fetch, "_address_refusal", lambda host: None if host == "127.0.0.1" else real_guard(host)
-    )
+def test_a_redirect_to_a_name_that_rebinds_is_not_followed_to_loopback(web, resolver, loopback_is_public):
+    # the first hop is the loopback server standing in for a public one, as in test_download.py; were
+    # rebind.example looked up again, its 127.0.0.1 would pass the guard too, and the lookups say so
     first = web.url(f"/redirect?to=http://rebind.example:{web.port}/img/red.jpg")
-    _, _, rows = run([first], GUARDED)
+    _, _, rows = run([first], asking(GUARDED, resolver))
     assert rows[first]["status"] == schemas.FAILED_TO_DOWNLOAD
     assert rows[first]["error_message"].startswith(UNREACHABLE), rows[first]["error_message"]
     assert web.hits[first.removeprefix(web.url(""))] == 1
@@ -104,7 +98,7 @@ def test_a_redirect_to_a_name_that_rebinds_is_not_followed_to_loopback(web, reso
 def test_the_service_does_not_fetch_a_name_that_rebinds(web, resolver):
     url = f"http://rebind.example:{web.port}/img/red.jpg"
     with pytest.raises(InputError) as raised:
-        fetch_image("image", url, FETCH)
+        fetch_image("image", url, asking(FETCH, resolver))
     assert raised.value.status == 400
     assert raised.value.reason.startswith(f"image: cannot fetch {url}: {UNREACHABLE[0]}") or (
         raised.value.reason.startswith(f"image: cannot fetch {url}: {UNREACHABLE[1]}")
@@ -125,10 +119,10 @@ def fetch_in_turn(urls: list[str], settings: FetchSettings = FETCH, **fetcher_op
 
 def test_a_name_is_fetched_from_its_vetted_address_with_its_host_header(web, resolver, loopback_is_public):
     paths = ["/img/red.jpg", "/img/green.png", "/up/1", "/up/2"]
-    resolver.answers["other.example"] = ["127.0.0.1"]
     # a redirect hop to another name is resolved and vetted on its own
     hop = f"http://images.example:{web.port}/redirect?to=http://other.example:{web.port}/up/3"
-    results = fetch_in_turn([f"http://images.example:{web.port}{path}" for path in paths] + [hop])
+    urls = [f"http://images.example:{web.port}{path}" for path in paths] + [hop]
+    results = fetch_in_turn(urls, asking(FETCH, resolver))
     assert [r.status for r in results] == [schemas.SUCCESS] * 5, results
     for path in paths:
         assert web.hosts[path] == f"images.example:{web.port}"
@@ -146,7 +140,7 @@ def test_a_name_is_fetched_from_its_vetted_address_with_its_host_header(web, res
 def test_the_host_header_is_the_urls_name_without_its_trailing_dot(
     web, resolver, loopback_is_public, name, host
 ):
-    [fetched] = fetch_in_turn([f"http://{name}:{web.port}/up/9"])
+    [fetched] = fetch_in_turn([f"http://{name}:{web.port}/up/9"], asking(FETCH, resolver))
     assert fetched.status == schemas.SUCCESS, fetched
     assert web.hosts["/up/9"] == f"{host}:{web.port}"
 
@@ -257,7 +251,7 @@ def _trusting(ca: Path) -> ssl.SSLContext:
 
 def test_https_to_the_vetted_address_uses_the_name_for_tls(tls_web, resolver, loopback_is_public):
     url = f"https://images.example:{tls_web.port}/x.jpg"
-    results = fetch_in_turn([url, url], ssl_context=_trusting(tls_web.ca))
+    results = fetch_in_turn([url, url], asking(FETCH, resolver), ssl_context=_trusting(tls_web.ca))
     assert [r.status for r in results] == [schemas.SUCCESS] * 2, results
     assert tls_web.server_names == ["images.example"]  # one handshake: the connection was kept alive
     assert tls_web.hosts == [f"images.example:{tls_web.port}"] * 2
@@ -265,24 +259,75 @@ def test_https_to_the_vetted_address_uses_the_name_for_tls(tls_web, resolver, lo
 
 
 def test_https_checks_the_certificate_against_the_name_not_the_address(tls_web, resolver, loopback_is_public):
-    resolver.answers["other.example"] = ["127.0.0.1"]
     url = f"https://other.example:{tls_web.port}/x.jpg"
-    [fetched] = fetch_in_turn([url], ssl_context=_trusting(tls_web.ca))
+    [fetched] = fetch_in_turn([url], asking(FETCH, resolver), ssl_context=_trusting(tls_web.ca))
     assert fetched.status == schemas.FAILED_TO_DOWNLOAD
     assert "other.example" in fetched.error and "certificate" in fetched.error.lower(), fetched.error
     assert tls_web.hosts == []
 
 
-def test_an_ipv4_address_is_preferred_when_the_name_has_both(monkeypatch):
+def resolved(names: list[str], settings: FetchSettings) -> list[fetch.Address]:
+    """Each name's answer from one Fetcher."""
+
+    async def answers() -> list[fetch.Address]:
+        async with Fetcher(settings) as fetcher:
+            return [await fetcher.resolve(name) for name in names]
+
+    return asyncio.run(answers())
+
+
+def test_an_ipv4_address_is_preferred_when_the_name_has_both(resolver):
     """Only one vetted address is tried, so it is the IPv4 one when there is one: a machine without an
     IPv6 route must still reach dual-stack hosts whose resolver lists IPv6 first."""
-    from laion_assets.pipeline.download import fetch
+    answers = resolved(["dual.example", "v6only.example"], asking(FETCH, resolver))
+    assert answers == [PUBLIC, "2606:4700::1"]
+    v6_first = [ipaddress.ip_address("2606:4700::1"), ipaddress.ip_address(PUBLIC)]
+    assert fetch._vetted("dual.example", v6_first, allow_private=False) == PUBLIC
 
-    answers = [
-        (socket.AF_INET6, 0, 0, "", ("2606:4700::1", 0, 0, 0)),
-        (socket.AF_INET, 0, 0, "", ("1.2.3.4", 0)),
-    ]
-    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: answers)
-    assert fetch._address_refusal("dual.example") == "1.2.3.4"
-    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: answers[:1])
-    assert fetch._address_refusal("v6only.example") == "2606:4700::1"
+
+# An answer is kept for its TTL
+
+
+def test_an_answer_is_looked_up_again_once_its_ttl_has_passed(web, loopback_is_public):
+    names = {"short.example": Name(["127.0.0.1"], ttl=1), "long.example": Name(["127.0.0.1"], ttl=300)}
+    with DnsServer(names) as dns:
+        settings = asking(FETCH, dns)
+        urls = [f"http://{name}:{web.port}/up/1" for name in names]
+
+        async def fetched() -> list[fetch.Fetched]:
+            async with Fetcher(settings) as fetcher:
+                first = [await fetcher.fetch(url, float("inf")) for url in urls]
+                await asyncio.sleep(1.5)  # past short.example's TTL
+                return first + [await fetcher.fetch(url, float("inf")) for url in urls]
+
+        results = asyncio.run(fetched())
+    assert [r.status for r in results] == [schemas.SUCCESS] * 4, results
+    assert dns.lookups == {"short.example": 2, "long.example": 1}
+
+
+def test_a_ttl_of_zero_is_not_a_lookup_per_request(web, loopback_is_public):
+    with DnsServer({"zero.example": Name(["127.0.0.1"], ttl=0)}) as dns:
+        urls = [f"http://zero.example:{web.port}/up/{i}" for i in range(5)]
+        results = fetch_in_turn(urls, asking(FETCH, dns))
+    assert [r.status for r in results] == [schemas.SUCCESS] * 5, results
+    assert dns.lookups == {"zero.example": 1}  # kept `_DNS_MIN_SECONDS`, longer than these requests took
+
+
+def test_worker_processes_keep_the_answers_of_the_steps_process(web, monkeypatch, loopback_is_public):
+    """The step's process looks each host up and hands the workers its answers with their expiry, which
+    they keep: no worker asks again within the TTL."""
+    monkeypatch.setattr(download, "ROWS_PER_PROCESS", 4)
+    with DnsServer({"images.example": Name(["127.0.0.1"], ttl=300)}) as dns:
+        urls = [f"http://images.example:{web.port}/up/{i}" for i in range(12)]
+        _, _, rows = run(urls, asking(GUARDED, dns, processes=2))
+    assert {r["status"] for r in rows.values()} == {schemas.SUCCESS}
+    assert dns.lookups == {"images.example": 1}
+
+
+def test_a_dns_server_that_never_answers_fails_the_host_at_dns_timeout(web):
+    with DnsServer({}, silent={"silent.example"}) as dns:
+        urls = [f"http://silent.example/{i}.jpg" for i in range(6)] + [web.url("/up/1")]
+        _, _, rows = run(urls, asking(FAST, dns, dns_timeout=0.5, processes=1))
+    error = "dns: cannot resolve silent.example: no answer within dns_timeout=0.5s"
+    assert [rows[url]["error_message"] for url in urls[:-1]] == [error] * 6
+    assert rows[urls[-1]]["status"] == schemas.SUCCESS

@@ -65,6 +65,8 @@ class DownloadImagesConfig(dg.Config):
     dns_timeout: float = D.dns_timeout  # a host that does not resolve in time fails its rows at once
     dns_cache_seconds: float = D.dns_cache_seconds
     dns_lookups: int = D.dns_lookups  # resolutions in flight at once
+    # "address" or "address:port" of the DNS servers to ask (a local caching resolver); empty: the system's
+    dns_servers: list[str] = pydantic.Field(default_factory=lambda: list(D.dns_servers))
     max_in_flight: int = D.max_in_flight  # requests at once, in all, shared by the worker processes
     processes: int = D.processes  # worker processes for a shard of over 256 rows; 0: one per core
     shard_timeout: float = D.shard_timeout

@@ -136,6 +136,7 @@ HOW_NOT_WHAT = frozenset(
         "dns_cache_seconds",
         "tdmrep_wait",
         "dns_lookups",
+        "dns_servers",
         "processes",
         "shard_timeout",
         "retry_failed",

@@ -48,7 +48,7 @@ import pyarrow as pa
 
 from laion_assets import names
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.download.fetch import Address, Fetched, Fetcher, FetchSettings, RetryLater
+from laion_assets.pipeline.download.fetch import Fetched, Fetcher, FetchSettings, HostAnswer, RetryLater
 from laion_assets.pipeline.download.imaging import (
     DecodeError,
     FilteredSize,
@@ -507,13 +507,14 @@ def _worker(
     send.close()
 
 
-def resolve_hosts(hosts: set[str], settings: FetchSettings) -> dict[str, Address]:
-    """Each host name's answer (its vetted address, or why it is refused), `dns_lookups` at a time."""
+def resolve_hosts(hosts: set[str], settings: FetchSettings) -> dict[str, HostAnswer]:
+    """Each host name's answer (its vetted address, or why it is refused) and until when it holds,
+    `dns_lookups` at a time."""
 
-    async def resolved() -> dict[str, Address]:
+    async def resolved() -> dict[str, HostAnswer]:
         async with Fetcher(settings) as fetcher:
-            answers = await asyncio.gather(*(fetcher.resolve(host) for host in hosts))
-        return dict(zip(hosts, answers, strict=True))
+            await asyncio.gather(*(fetcher.resolve(host) for host in hosts))
+            return fetcher.answers(hosts)
 
     return _run_async(resolved())
 
@@ -575,7 +576,7 @@ class _Fetching:
         self._settings = settings
         self._scheduler = HostScheduler([], settings.per_host_connections)
         self._unfinished: dict[str, _Job] = {}  # by key: added, and not yet decoded
-        self._incoming: queue.SimpleQueue[tuple[list[_Job], float, dict[str, Address]] | None] = (
+        self._incoming: queue.SimpleQueue[tuple[list[_Job], float, dict[str, HostAnswer]] | None] = (
             queue.SimpleQueue()
         )
         self._closed = False  # no more jobs will come
@@ -595,7 +596,7 @@ class _Fetching:
         self._changed: asyncio.Event | None = None
         self._fetcher: Fetcher | None = None
 
-    def add(self, jobs: list[_Job], deadline: float, addresses: dict[str, Address]) -> None:
+    def add(self, jobs: list[_Job], deadline: float, addresses: dict[str, HostAnswer]) -> None:
         """More jobs, of one shard, to be fetched by `deadline` (time.monotonic); `addresses` are their
         hosts' answers, as `resolve_hosts` gives them."""
         self._unfinished.update((job.key, job) for job in jobs)

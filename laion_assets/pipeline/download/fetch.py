@@ -3,10 +3,12 @@ private networks.
 
 A request that waits on a slow or silent server costs a socket and a coroutine, not a thread, so a
 worker keeps hundreds of requests in flight. Redirects are followed here, so that every hop passes the
-same address guard and robots check. A host is resolved once (per `dns_cache_seconds`) in a bounded
-number of lookups at a time, and the connection goes to the address the guard vetted (`http.py`), never
-to an address a second lookup could answer (DNS rebinding); the Host header and, for https, the TLS
-server name and certificate check go by the URL's name. Every request has a total deadline on top of
+same address guard and robots check. A host is resolved once, by c-ares (`aiodns`: on the event loop,
+where the system's getaddrinfo would take a thread, and with the answer's TTL), in a bounded number of
+lookups at a time, and its answer kept for that TTL (`_dns_seconds`). The connection goes to the
+address the guard vetted (`http.py`), never to an address a second lookup could answer (DNS
+rebinding); the Host header and, for https, the TLS server name and certificate check go by the URL's
+name. Every request has a total deadline on top of
 the per-read timeout, so a server that drips one byte at a time cannot hold a request longer than
 `request_timeout`.
 """
@@ -16,15 +18,17 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import ipaddress
+import math
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import SplitResult, urljoin, urlsplit
 from urllib.robotparser import RobotFileParser
+
+import aiodns
 
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.download import http, tdmrep
@@ -41,6 +45,9 @@ _NOT_IMAGE_TYPES = (
     "application/javascript",
 )
 _ROBOTS_MAX_BYTES = 512 * 1024
+# s: the least time an answer is kept. A TTL of 0 (or an /etc/hosts entry, which c-ares reports as 0)
+# would otherwise cost a lookup per request to the host
+_DNS_MIN_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -66,8 +73,13 @@ class FetchSettings:
     tdmrep_wait: float = 1.0
     allow_private_networks: bool = False
     dns_timeout: float = 5.0  # a host that does not resolve within it fails its rows at once
-    dns_cache_seconds: float = 300.0  # how long a host's resolution (or its failure) is kept
+    # how long a failure to resolve is kept, and the longest an answer is (its TTL, if shorter; past this,
+    # within the TTL, c-ares answers from its own cache without a query)
+    dns_cache_seconds: float = 300.0
     dns_lookups: int = 32  # resolutions in flight at once
+    # the DNS servers to ask, "address" or "address:port" (a local caching resolver, at scale); empty: the
+    # system's (/etc/resolv.conf). /etc/hosts is read first either way
+    dns_servers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -102,6 +114,13 @@ def _failed(error: str, http_status: int | None = None) -> Fetched:
 
 # A host's answer: a refusal, the vetted address to connect to, or None (an IP literal: nothing to pin)
 Address = Fetched | str | None
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class HostAnswer:
+    expiry: float  # time.monotonic() when it is to be looked up again
+    address: Address
 
 
 class Fetcher:
@@ -111,9 +130,10 @@ class Fetcher:
     def __init__(self, settings: FetchSettings, ssl_context: ssl.SSLContext | None = None) -> None:
         self.settings = settings
         self.user_agent = f"Mozilla/5.0 (compatible; {settings.user_agent_token}; image-text dataset builder)"
-        self._addresses: dict[str, tuple[float, Address]] = {}  # host -> (until when, answer)
+        self._addresses: dict[str, HostAnswer] = {}
         self._resolving: dict[str, asyncio.Future[Address]] = {}
-        self._lookups = ThreadPoolExecutor(settings.dns_lookups, thread_name_prefix="dns")
+        self._resolver: aiodns.DNSResolver | None = None  # made on the first lookup, on the running loop
+        self._lookup_slots = asyncio.Semaphore(settings.dns_lookups)
         # per (file, origin): robots.txt (RobotFileParser, None, or why every path is refused), tdmrep.json
         self._site_files: dict[tuple[str, str], asyncio.Future[Any]] = {}
         # the caller bounds requests in flight, and per host
@@ -125,7 +145,8 @@ class Fetcher:
 
     async def __aexit__(self, *exc: object) -> None:
         self._connections.close()
-        self._lookups.shutdown(wait=False, cancel_futures=True)
+        if self._resolver is not None:
+            await self._resolver.close()
 
     async def fetch(self, url: str, deadline: float) -> Fetched:
         """GET `url`, retrying transient failures after their backoff, never past `deadline`
@@ -225,8 +246,8 @@ class Fetcher:
     def _pinned(self, url: str) -> str:
         """The vetted address a connection to `url`'s host went to, for an error message."""
         host = (urlsplit(url).hostname or "").rstrip(".")
-        answer = self._addresses.get(host, (0, None))[1]
-        return f" (address {answer})" if isinstance(answer, str) else ""
+        kept = self._addresses.get(host)
+        return f" (address {kept.address})" if kept and isinstance(kept.address, str) else ""
 
     async def _read(self, response: http.Response, deadline: float, image: bool) -> Fetched:
         s, status = self.settings, response.status
@@ -300,19 +321,22 @@ class Fetcher:
                 return refusal
         return None
 
-    def remember(self, addresses: dict[str, Address]) -> None:
-        """Hosts' answers looked up elsewhere (host -> answer, as `resolve` gives), kept as its own."""
-        expiry = time.monotonic() + self.settings.dns_cache_seconds
-        for host, answer in addresses.items():
-            self._addresses[host.rstrip(".").lower()] = (expiry, answer)
+    def remember(self, answers: dict[str, HostAnswer]) -> None:
+        """Hosts' answers looked up elsewhere (on this machine: their expiry is `time.monotonic()`'s)."""
+        for host, answer in answers.items():
+            self._addresses[host.rstrip(".").lower()] = answer
+
+    def answers(self, hosts: Iterable[str]) -> dict[str, HostAnswer]:
+        """The kept answers of `hosts` (resolved), for another Fetcher to `remember`."""
+        return {host: self._addresses[host.rstrip(".").lower()] for host in hosts}
 
     async def resolve(self, host: str) -> Address:
         """`host`'s answer, from the cache while it is fresh; one lookup at a time per host, `dns_lookups`
         in all, each bounded by `dns_timeout`."""
         host = host.rstrip(".").lower()
         cached = self._addresses.get(host)
-        if cached and cached[0] > time.monotonic():
-            return cached[1]
+        if cached and cached.expiry > time.monotonic():
+            return cached.address
         if host not in self._resolving:
             self._resolving[host] = asyncio.ensure_future(self._lookup(host))
         try:
@@ -321,15 +345,38 @@ class Fetcher:
             self._resolving.pop(host, None)
 
     async def _lookup(self, host: str) -> Address:
+        if _is_ip_literal(host):
+            answer = _vetted(host, [_address(host)], self.settings.allow_private_networks)
+            self._addresses[host] = HostAnswer(math.inf, answer)
+            return answer
+        async with self._lookup_slots:  # the wait for a slot is not the host's: its timeout starts after
+            answer, seconds = await self._query(host)
+        self._addresses[host] = HostAnswer(time.monotonic() + seconds, answer)
+        return answer
+
+    async def _query(self, host: str) -> tuple[Address, float]:
+        """`host`'s answer from DNS and how long to keep it (a failure: `dns_cache_seconds`)."""
         s = self.settings
-        look_up = _address_refusal if not s.allow_private_networks else _any_address
         try:
             async with asyncio.timeout(s.dns_timeout):
-                answer = await asyncio.get_running_loop().run_in_executor(self._lookups, look_up, host)
+                result = await self._dns().getaddrinfo(host, proto=socket.IPPROTO_TCP)
         except TimeoutError:
-            answer = _failed(f"dns: cannot resolve {host}: no answer within dns_timeout={s.dns_timeout:g}s")
-        self._addresses[host] = (time.monotonic() + s.dns_cache_seconds, answer)
-        return answer
+            error = f"no answer within dns_timeout={s.dns_timeout:g}s"
+        except aiodns.error.DNSError as exc:
+            error = str(exc.args[-1])
+        else:
+            addresses = [_address(node.addr[0]) for node in result.nodes]
+            if addresses:
+                seconds = _dns_seconds(result, s.dns_cache_seconds)
+                return _vetted(host, addresses, s.allow_private_networks), seconds
+            error = "no addresses"
+        return _failed(f"dns: cannot resolve {host}: {error}"), s.dns_cache_seconds
+
+    def _dns(self) -> aiodns.DNSResolver:
+        if self._resolver is None:
+            servers = list(self.settings.dns_servers) or None
+            self._resolver = aiodns.DNSResolver(nameservers=servers)
+        return self._resolver
 
     def _opt_out(self, values: list[str]) -> str | None:
         """The first opt-out directive addressed to all robots or to our token."""
@@ -403,52 +450,44 @@ def fetch_one(url: str, settings: FetchSettings) -> Fetched:
     return asyncio.run(fetched())
 
 
-def _address_refusal(host: str) -> Address:
-    """Refuses a host that does not resolve or resolves to a non-public address (private, loopback, ...).
+def _vetted(host: str, addresses: list[IPAddress], allow_private: bool) -> Address:
+    """The address to connect to of those `host` resolves to, or why it is refused: without
+    `allow_private`, if any of them is not public (private, loopback, ...).
 
-    Otherwise the address to connect to, all of them vetted: the first IPv4 one if there is one (a
-    crawler's machine without an IPv6 route would otherwise fail every dual-stack host whose resolver
-    lists IPv6 first, since only this one address is tried), else the first. None for a public IP
-    literal, which has no name to resolve again.
+    The first IPv4 one if there is one (a crawler's machine without an IPv6 route would otherwise fail
+    every dual-stack host whose resolver lists IPv6 first, since only this one address is tried), else the
+    first. None for an IP literal, which has no name to resolve again.
     """
-    addresses = _addresses(host)
-    if isinstance(addresses, Fetched):
-        return addresses
-    for address in addresses:
-        if not _is_public(address):
-            error = f"private address: {host} resolves to {address} (set allow_private_networks to fetch it)"
-            return Fetched(schemas.BLOCKED, error=error)
+    if not allow_private:
+        for address in addresses:
+            if not _is_public(address):
+                why = (
+                    f"private address: {host} resolves to {address} (set allow_private_networks to fetch it)"
+                )
+                return Fetched(schemas.BLOCKED, error=why)
     return None if _is_ip_literal(host) else _preferred(addresses)
 
 
-def _any_address(host: str) -> Address:
-    """The address to connect to, private ones allowed (allow_private_networks), as `_address_refusal`
-    picks it; a refusal only when the host does not resolve."""
-    if _is_ip_literal(host):
-        return None
-    addresses = _addresses(host)
-    return addresses if isinstance(addresses, Fetched) else _preferred(addresses)
+def _address(text: str | bytes) -> IPAddress:
+    """An address as a resolver gives it (bytes from c-ares; a scope after %), IPv4-mapped ones as IPv4."""
+    address = ipaddress.ip_address((text.decode() if isinstance(text, bytes) else text).split("%")[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
 
 
-def _addresses(host: str) -> Fetched | list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except (socket.gaierror, UnicodeError) as exc:
-        return _failed(f"dns: cannot resolve {host}: {exc}")
-    addresses = []
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%")[0])
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        addresses.append(address)
-    return addresses or _failed(f"dns: cannot resolve {host}: no addresses")
+def _dns_seconds(result: Any, most: float) -> float:
+    """How long an answer (c-ares' getaddrinfo result) is kept: the shortest TTL of its addresses and the
+    CNAMEs that led to them, at least `_DNS_MIN_SECONDS` and at most `most` (dns_cache_seconds)."""
+    ttls = [node.ttl for node in result.nodes] + [cname.ttl for cname in result.cnames]
+    return min(most, max(_DNS_MIN_SECONDS, min(ttls, default=0)))
 
 
-def _preferred(addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> str:
+def _preferred(addresses: list[IPAddress]) -> str:
     return str(min(addresses, key=lambda address: address.version))
 
 
-def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+def _is_public(address: IPAddress) -> bool:
     return address.is_global and not address.is_multicast
 
 
