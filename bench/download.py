@@ -1,10 +1,10 @@
 """Download benchmark: the downloaded_images stage against img2dataset, same photos, same settings, on
 two webs.
 
-    .venv/bin/python bench/download.py [--web loopback,latency] [--images 3000] [--shards 2]
+    .venv/bin/python bench/download.py [--web loopback,latency,dns] [--images 3000] [--shards 2]
         [--threads 32] [--corpora small,large] [--servers nginx,photo]
         [--web-corpus small] [--hosts 200] [--zipf 1.0] [--median 0.25] [--sigma 1.0] [--cap 4]
-        [--rate 2e6] [--hang 0] [--fail 0.02] [--seed 0] [--harsh]
+        [--rate 2e6] [--hang 0] [--fail 0.02] [--seed 0] [--harsh] [--names 1500] [--dns-delay 0.05]
 
 Generates photo-like JPEGs, small (480-640 px, about 100 KB, the web's usual image) and large
 (640-2400 px, hundreds of KB), and downloads the same URLs, split into --shards files, with img2dataset
@@ -27,6 +27,13 @@ flight that the server counted while each ran (max, mean), the ratios of ours ag
 the bound that the latency and the CPU set (`images_per_second_bound`), with each tool's share of it,
 and laion-assets' own floor beside it (`politeness_floor`: its per-host cap and each site's tdmrep.json).
 --harsh: 1,000 hosts, first bytes at a median of 400 ms, 2 % of the URLs never answering.
+
+The dns web (`--web dns`, not run by default) is the loopback web's small photos under --names host
+names, drawn Zipf-weighted, which a DNS server on loopback (laion_assets_tests/dns_server.py) answers
+--dns-delay s after each query, as a resolver that recurses for names it has not cached. Ours runs on
+it (`dns_servers`), then on the same URLs by address, with as many requests at once on one host as on
+many; prints both, the lookups the server answered, and the ratio: what looking the names up costs.
+img2dataset is not run there: it asks the system's resolver, which cannot be pointed at that server.
 """
 
 from __future__ import annotations
@@ -50,6 +57,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the test suite's DNS server
+
 from latency_web import Answer, Latency, host_address, photo_files, photo_index, plan
 from latency_web import start as start_latency_web
 from peers import WORK, ensure_peer
@@ -59,6 +69,7 @@ from smoke import parse_args
 from laion_assets.pipeline.download.downloader import DownloadSettings
 from laion_assets.pipeline.download.imaging import ImageSettings, process_image
 from laion_assets.pipeline.download.tdmrep import WELL_KNOWN_PATH as TDMREP_PATH
+from laion_assets_tests.dns_server import DnsServer, Name
 
 # "ours tuned": on top of our defaults
 OURS_TUNED: dict[str, object] = {"max_in_flight": 2048, "per_host_connections": 256}
@@ -272,7 +283,9 @@ def run_ours(url_list: pa.Table, shards: int, fields: dict, check: bool = True) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--web", default="loopback,latency", help="comma-separated, of loopback, latency")
+    parser.add_argument(
+        "--web", default="loopback,latency", help="comma-separated, of loopback, latency, dns"
+    )
     parser.add_argument("--images", type=int, default=3000, help="URLs in each web's list")
     parser.add_argument("--distinct", type=int, default=300, help="distinct photos behind the URLs")
     parser.add_argument("--shards", type=int, default=2, help="URL files (shards) the URLs are split into")
@@ -292,8 +305,20 @@ def main() -> None:
     for name, value in asdict(Latency()).items():
         latency.add_argument(f"--{name}", type=type(value), default=value, help=LATENCY_HELP[name])
     latency.add_argument("--harsh", action="store_true", help=", ".join(f"{k}={v}" for k, v in HARSH.items()))
+    dns = parser.add_argument_group("dns web: ours by name and by address (--zipf, --seed too)")
+    dns.add_argument("--names", type=int, default=1500, help="host names the URLs are drawn over")
+    dns.add_argument("--dns-delay", type=float, default=0.05, help="seconds to each DNS answer")
     args = parse_args(
-        parser, images=40, distinct=8, corpora="small", servers="photo", hosts=4, median=0.02, cap=0.2
+        parser,
+        web="loopback,latency,dns",
+        images=40,
+        distinct=8,
+        corpora="small",
+        servers="photo",
+        hosts=4,
+        median=0.02,
+        cap=0.2,
+        names=8,
     )
     if args.harsh:  # its values, except where an argument was given
         for name, value in HARSH.items():
@@ -311,16 +336,24 @@ def main() -> None:
                 compare(corpus, server, img2dataset, args)
     if "latency" in webs:
         compare_on_latency_web(img2dataset, args)
+    if "dns" in webs:
+        compare_names_and_addresses(args)
+
+
+def make_site(photos: list[Path], images: int) -> Path:
+    """The loopback web's folder: `<i>.jpg` for each of `images` URLs, the photos in turn."""
+    site = WORK / "site"
+    shutil.rmtree(site, ignore_errors=True)
+    site.mkdir(parents=True)
+    for i in range(images):
+        os.symlink(photos[i % len(photos)], site / f"{i}.jpg")
+    return site
 
 
 def compare(corpus: str, server_name: str, img2dataset: Path, args: argparse.Namespace) -> None:
     """img2dataset and `laion-assets run` on the same URLs of `corpus`, served by `server_name`."""
     photos = make_photos(WORK / f"photos-{corpus}", args.distinct, corpus)
-    site = WORK / "site"
-    shutil.rmtree(site, ignore_errors=True)
-    site.mkdir(parents=True)
-    for i in range(args.images):
-        os.symlink(photos[i % len(photos)], site / f"{i}.jpg")
+    site = make_site(photos, args.images)
     sizes = [p.stat().st_size for p in photos]
     label = f"{corpus} ({np.mean(sizes) / 1024:.0f} KB mean, {min(sizes) // 1024}-{max(sizes) // 1024} KB)"
     url_list = url_table([f"http://127.0.0.1:{args.port}/{i}.jpg" for i in range(args.images)])
@@ -432,9 +465,57 @@ def compare_on_latency_web(img2dataset: Path, args: argparse.Namespace) -> None:
 
 def latency_urls(count: int, hosts: int, zipf: float, port: int, seed: int) -> list[str]:
     """`count` URLs, each a distinct path, on hosts drawn with weights rank**-zipf: a few CDNs hold most."""
-    weights = np.arange(1, hosts + 1, dtype=float) ** -zipf
-    drawn = np.random.default_rng(seed).choice(hosts, size=count, p=weights / weights.sum())
+    drawn = zipf_hosts(count, hosts, zipf, seed)
     return [f"http://{host_address(host)}:{port}/i/{n}.jpg" for n, host in enumerate(drawn)]
+
+
+def zipf_hosts(count: int, hosts: int, zipf: float, seed: int) -> np.ndarray:
+    """The host (0 to `hosts` - 1) of each of `count` URLs, drawn with weights rank**-zipf."""
+    weights = np.arange(1, hosts + 1, dtype=float) ** -zipf
+    return np.random.default_rng(seed).choice(hosts, size=count, p=weights / weights.sum())
+
+
+def compare_names_and_addresses(args: argparse.Namespace) -> None:
+    """Ours on loopback URLs of --names host names, which a DNS server on loopback answers each query for
+    --dns-delay s after it comes, then on the same URLs by address (127.0.0.1, no lookup): what looking
+    the names up costs. img2dataset cannot be pointed at that server (it asks the system's resolver)."""
+    site = make_site(make_photos(WORK / "photos-small", args.distinct, "small"), args.images)
+    drawn = zipf_hosts(args.images, args.names, args.zipf, args.seed)
+    named = [f"http://h{host}.names.test:{args.port}/{n}.jpg" for n, host in enumerate(drawn)]
+    addressed = [f"http://127.0.0.1:{args.port}/{n}.jpg" for n in range(args.images)]
+    names = {urlsplit(url).hostname: Name(["127.0.0.1"]) for url in named}
+    # one host or many: the same requests at once
+    fields = {
+        "allow_private_networks": True,
+        **IMAGE_CONFIG,
+        "per_host_connections": DownloadSettings().max_in_flight,
+    }
+    print(
+        f"dns web: {args.images} URLs over {len(names)} host names (Zipf {args.zipf:g} over {args.names}), "
+        f"each query answered after {args.dns_delay * 1000:g} ms, small photos on 127.0.0.1"
+    )
+    columns = ("ok", "wall s", "images/s", "peak RSS MB", "peak PSS MB", "lookups", "most a name")
+    print(f"{'ours':<20}" + "".join(f"{c:>12}" for c in columns), flush=True)
+    server = serve(site, args.port, "photo")
+    try:
+        with DnsServer(names, delay=args.dns_delay) as dns:
+            by_name, ok = run_ours(url_table(named), args.shards, {**fields, "dns_servers": [dns.server]})
+        by_address, ok_by_address = run_ours(url_table(addressed), args.shards, fields)
+    finally:
+        server.terminate()
+        server.wait()
+    for label, run, successes, lookups in (
+        ("by name", by_name, ok, dns.lookups),
+        ("by address", by_address, ok_by_address, {}),
+    ):
+        print(
+            f"{label:<20}{successes:>12}{run.seconds:>12.1f}{successes / run.seconds:>12.1f}"
+            f"{run.peak_rss / 2**20:>12.0f}{run.peak_pss / 2**20:>12.0f}"
+            f"{sum(lookups.values()):>12}{max(lookups.values(), default=0):>12}",
+            flush=True,
+        )
+    ratio = (ok / by_name.seconds) / (ok_by_address / by_address.seconds)
+    print(f"dns web ratio, by name vs by address: {ratio:.2f}x")
 
 
 @dataclass(frozen=True)

@@ -656,16 +656,32 @@ def test_worker_processes_use_the_hosts_resolved_once_in_the_steps_process(web, 
     refusal = fetch.Fetched(schemas.BLOCKED, error="private address: as the step's process resolved it")
     resolved = []
 
-    def resolve_hosts(hosts, settings):
+    def resolve(resolver, hosts, deliver):
         resolved.append(sorted(hosts))
-        return dict.fromkeys(hosts, fetch.HostAnswer(time.monotonic() + 300, refusal))
+        deliver(dict.fromkeys(hosts, fetch.HostAnswer(time.monotonic() + 300, refusal)))
 
-    monkeypatch.setattr(download, "resolve_hosts", resolve_hosts)
+    monkeypatch.setattr(download._Resolver, "resolve", resolve)
     urls = [f"http://localhost:{web.port}/up/{i}" for i in range(12)]
     _, _, rows = run(urls, replace(FAST, processes=2))
     assert resolved == [["localhost"]]  # once, for the whole shard
     assert {r["error_message"] for r in rows.values()} == {refusal.error}
     assert sum(web.hits.values()) == 0
+
+
+def test_rows_whose_hosts_were_not_looked_up_fail_when_the_lookups_break(web, processes, monkeypatch):
+    """A bug in the host lookups costs their rows a recorded failure each, not the shard or the rows."""
+
+    def resolve(resolver, hosts, deliver):
+        deliver({hosts[0]: fetch.HostAnswer(time.monotonic() + 300, None)})
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(download._Resolver, "resolve", resolve)
+    urls = [web.url(f"/up/{i}") for i in range(6)] + [f"http://localhost:{web.port}/up/{i}" for i in range(6)]
+    _, _, rows = run(urls, replace(FAST, processes=processes))
+    assert {rows[url]["status"] for url in urls[:6]} == {schemas.SUCCESS}  # 127.0.0.1: handed out first
+    assert {rows[url]["error_message"] for url in urls[6:]} == {
+        "unexpected: host lookups ended: RuntimeError: a bug"
+    }
 
 
 def test_a_host_that_does_not_resolve_fails_each_of_its_rows_with_one_error(web, processes):

@@ -10,23 +10,28 @@ loopback server stands in for a public one: 127.0.0.1 counts as public there.
 
 import asyncio
 import datetime
+import io
 import ipaddress
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.download import downloader as download
 from laion_assets.pipeline.download import fetch
+from laion_assets.pipeline.download.downloader import download_shard
 from laion_assets.pipeline.download.fetch import Fetcher, FetchSettings
+from laion_assets.pipeline.parallel import pipelined
 from laion_assets.service.inputs import InputError, fetch_image
 from laion_assets_tests.dns_server import DnsServer, Name
-from laion_assets_tests.test_download import FAST, run
+from laion_assets_tests.test_download import FAST, crawl_table, run
 from laion_assets_tests.web import JPEG
 
 PUBLIC = "1.2.3.4"  # a global unicast address, unreachable from here
@@ -321,6 +326,59 @@ def test_worker_processes_keep_the_answers_of_the_steps_process(web, monkeypatch
         urls = [f"http://images.example:{web.port}/up/{i}" for i in range(12)]
         _, _, rows = run(urls, asking(GUARDED, dns, processes=2))
     assert {r["status"] for r in rows.values()} == {schemas.SUCCESS}
+    assert dns.lookups == {"images.example": 1}
+
+
+@pytest.mark.parametrize("processes", [1, 2], ids=["one process", "two worker processes"])
+def test_a_shards_rows_are_fetched_while_a_slow_lookup_is_still_out(
+    web, monkeypatch, loopback_is_public, processes
+):
+    """The step's process hands each row to be fetched as soon as its host's answer is in: the rows of the
+    hosts that answer are fetched while another host's answer is held back, and that host's rows once
+    it comes."""
+    monkeypatch.setattr(download, "ROWS_PER_PROCESS", 4)
+    released = threading.Event()
+    names = {"fast.example": Name(["127.0.0.1"]), "slow.example": Name(["127.0.0.1"], held=released)}
+    fast = [f"http://fast.example:{web.port}/up/{i}" for i in range(8)]
+    slow = [f"http://slow.example:{web.port}/up/{i}" for i in range(8, 12)]
+    outcome: list = []
+    with DnsServer(names) as dns:
+        settings = asking(GUARDED, dns, processes=processes, dns_timeout=120)
+        download_run = threading.Thread(target=lambda: outcome.append(run(fast + slow, settings)))
+        download_run.start()
+        give_up = time.monotonic() + 60
+        while sum(web.hits[f"/up/{i}"] for i in range(8)) < 8 and time.monotonic() < give_up:
+            time.sleep(0.05)
+        fast_hits_before_the_answer = sum(web.hits[f"/up/{i}"] for i in range(8))
+        slow_hits_before_the_answer = sum(web.hits[f"/up/{i}"] for i in range(8, 12))
+        released.set()
+        download_run.join()
+    assert (fast_hits_before_the_answer, slow_hits_before_the_answer) == (8, 0)
+    _, _, rows = outcome[0]
+    assert {rows[url]["status"] for url in fast + slow} == {schemas.SUCCESS}
+
+
+@pytest.mark.parametrize("processes", [1, 2], ids=["one process", "two worker processes"])
+def test_a_host_is_looked_up_once_a_run_by_its_shards_at_once(
+    web, monkeypatch, loopback_is_public, processes
+):
+    """The shards of a run share its lookups, the next shard's while the last one drains too."""
+    monkeypatch.setattr(download, "ROWS_PER_PROCESS", 4)
+    with DnsServer({"images.example": Name(["127.0.0.1"])}) as dns:
+        settings = asking(GUARDED, dns, processes=processes, max_in_flight=4)
+        shards = {
+            shard: crawl_table([f"http://images.example:{web.port}/up/{shard}{i}" for i in range(12)], shard)
+            for shard in ("a", "b", "c")
+        }
+
+        def fetch(shard: str, draining: threading.Event) -> pa.Table:
+            return download_shard(
+                shards[shard], settings, io.BytesIO(), draining=draining, workers=workers
+            ).table
+
+        with download.DownloadWorkers(settings) as workers:
+            tables = [table for _, table in pipelined(shards, fetch)]
+    assert [set(table.column("status").to_pylist()) for table in tables] == [{schemas.SUCCESS}] * 3
     assert dns.lookups == {"images.example": 1}
 
 

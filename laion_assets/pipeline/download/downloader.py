@@ -16,7 +16,8 @@ the shards that run at once: the next shard starts while the last one drains (`d
 rows go to the same workers, so a host's cap and `max_in_flight` hold across the two. They are forked
 from a server that has this module imported already (multiprocessing's forkserver), so a worker starts
 in milliseconds; a shard of `ROWS_PER_PROCESS` rows or fewer, before any has started, is fetched in the
-caller's process. Each shard's hosts are resolved once, here, and handed to them. Samples and records
+caller's process. Each shard's hosts are resolved once, here, busiest first, and each job goes to its
+worker with its host's answer as soon as that is in, not after the shard's last lookup. Samples and records
 come back to this process, which alone writes each tar. Images stream into the tar as they finish;
 only the small per-row records are held until the parquet is written, sorted by key.
 """
@@ -30,6 +31,7 @@ import hashlib
 import heapq
 import itertools
 import json
+import math
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.forkserver
@@ -62,6 +64,7 @@ from laion_assets.pipeline.storage import CRAWL_METADATA, IMAGES, DatasetStore
 from laion_assets.pipeline.takedowns.blocklist import Blocklist, load_active
 
 T = TypeVar("T")
+P = TypeVar("P")  # where a part of a shard's jobs goes: a worker process, or this process's fetching
 ROWS_PER_PROCESS = 256  # a shard gets one worker process per this many rows to fetch, up to `processes`
 _BATCH = 16  # results a worker sends back at once
 # A shard is draining (the next one may start) with this many times `max_in_flight` rows left or fewer:
@@ -76,6 +79,8 @@ _NEXT_SHARD_WITHIN = 2
 # the same peak memory (docs/benchmarks.md). The requests in flight count at the mean body size so far:
 # counting only the bodies in, those in flight when the bound was reached overshot it by 20-30 MB.
 _WAITING_BYTES_PER_SLOT = 256 * 1024
+# s: hosts' answers that come within this of the first of them go to the workers with it, in one message
+_ANSWERS_TOGETHER = 0.02
 # s: a row with less of the shard's time left is not started (uvloop's timers fire up to 1 ms early)
 _TOO_LATE = 0.01
 
@@ -307,6 +312,7 @@ class DownloadWorkers:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._reader: threading.Thread | None = None
+        self._resolver = _Resolver(settings)  # the hosts of all the run's shards
 
     def __enter__(self) -> DownloadWorkers:
         return self
@@ -316,7 +322,7 @@ class DownloadWorkers:
         when leaving on an error: rows still in flight are not wanted)."""
         self._stopping.set()
         for worker in self._workers:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError), worker.sending:
                 worker.control.send(None)
         if self._reader and error is None:
             self._reader.join(10)
@@ -326,16 +332,28 @@ class DownloadWorkers:
             self._reader.join()
         for worker in self._workers:
             worker.process.join()
+        self._resolver.close()
 
     def fetch(
         self, jobs: list[_Job], deadline: float, blocked_images: dict[str, str]
     ) -> Iterator[tuple[dict, bytes | None]]:
-        """(record, sample) of each job, in the order they finish."""
+        """(record, sample) of each job, in the order they finish. A job goes to be fetched once its host's
+        answer is in (`_hand_out`), so a shard's first requests do not wait for the last of its lookups."""
         if not self._workers and process_count(self._settings, len(jobs)) == 1:
-            yield from _fetch_all(jobs, self._settings, deadline, blocked_images)
+            fetching = _Fetching(self._settings)
+
+            def hand_out() -> None:
+                try:
+                    self._hand_out(
+                        {fetching: jobs}, lambda _, ready, answers: fetching.add(ready, deadline, answers)
+                    )
+                finally:
+                    fetching.close()
+
+            threading.Thread(target=hand_out, name="hosts", daemon=True).start()
+            for _, record, sample in _decoded(fetching, self._settings, lambda shard: blocked_images):
+                yield record, sample
             return
-        hosts = {name for job in jobs if (name := urlsplit(job.url).hostname)}
-        addresses = resolve_hosts(hosts, self._settings)
         with self._lock:
             workers = self._live_workers(process_count(self._settings, len(jobs)))
             shard = next(self._shards)
@@ -345,11 +363,14 @@ class DownloadWorkers:
                     route.unfinished[worker] = {job.key: replace(job, shard=shard) for job in part}
             self._routes[shard] = route
             waiting = len(route.unfinished)  # workers that have not finished their part
-            for worker, part in list(route.unfinished.items()):
-                try:
-                    worker.control.send((shard, list(part.values()), deadline, blocked_images, addresses))
-                except OSError:  # it died a moment ago
-                    self._fail_unfinished(worker, [route])
+        parts = {worker: list(part.values()) for worker, part in route.unfinished.items()}
+        for worker, part in parts.items():  # how many jobs of the shard will come, and its blocked images
+            self._post(worker, shard, (shard, [], deadline, blocked_images, {}, len(part)))
+
+        def post(worker: _WorkerProcess, ready: list[_Job], answers: dict[str, HostAnswer]) -> bool:
+            return self._post(worker, shard, (shard, ready, deadline, None, answers, 0))
+
+        threading.Thread(target=self._hand_out, args=(parts, post), name="hosts", daemon=True).start()
         try:
             while waiting:
                 result = route.results.get()
@@ -360,6 +381,52 @@ class DownloadWorkers:
         finally:
             with self._lock:
                 del self._routes[shard]
+
+    def _hand_out(
+        self, parts: dict[P, list[_Job]], post: Callable[[P, list[_Job], dict[str, HostAnswer]], bool | None]
+    ) -> None:
+        """Each of `parts` (a worker's jobs, or this process's) posted to it as their hosts' answers come
+        in, with those answers: the run's resolver looks the hosts up busiest first. The jobs with no host
+        to look up (a malformed URL) go first. Stops where `post` returns False."""
+        by_host: dict[str | None, dict[P, list[_Job]]] = {}
+        for destination, part in parts.items():
+            for job in part:
+                by_host.setdefault(urlsplit(job.url).hostname, {}).setdefault(destination, []).append(job)
+        for destination, ready in by_host.pop(None, {}).items():
+            post(destination, ready, {})
+        delivered: set[str] = set()
+
+        def deliver(answers: dict[str, HostAnswer]) -> bool:
+            delivered.update(answers)
+            for destination in parts:
+                if hosts := [host for host in answers if destination in by_host[host]]:
+                    ready = [job for host in hosts for job in by_host[host][destination]]
+                    if post(destination, ready, {host: answers[host] for host in hosts}) is False:
+                        return False
+            return True
+
+        hosts = sorted(by_host, key=lambda host: -sum(map(len, by_host[host].values())))
+        try:
+            self._resolver.resolve(hosts, deliver)
+        except Exception as exc:  # a bug, or the run ending: the rows not handed out yet fail, not vanish
+            error = f"unexpected: host lookups ended: {type(exc).__name__}: {exc}"
+            failed = HostAnswer(math.inf, Fetched(schemas.FAILED_TO_DOWNLOAD, error=error))
+            deliver({host: failed for host in hosts if host not in delivered})
+
+    def _post(self, worker: _WorkerProcess, shard: int, message: tuple) -> bool:
+        """`message` sent to `worker`, unless it is dead (if it died a moment ago, its rows fail); False
+        once the shard's caller stopped listening."""
+        if shard not in self._routes:
+            return False
+        try:
+            if worker.alive:
+                with worker.sending:
+                    worker.control.send(message)
+        except OSError:
+            with self._lock:
+                if route := self._routes.get(shard):
+                    self._fail_unfinished(worker, [route])
+        return True
 
     def _live_workers(self, count: int) -> list[_WorkerProcess]:
         """The worker processes alive, as many as the first shard that needed them asked for: the dead
@@ -436,9 +503,10 @@ class DownloadWorkers:
 @dataclass(eq=False)
 class _WorkerProcess:
     process: multiprocessing.process.BaseProcess
-    control: multiprocessing.connection.Connection  # its shards, then None
+    control: multiprocessing.connection.Connection  # its shards' jobs, then None
     results: multiprocessing.connection.Connection  # (shard, a batch of results, or None when done)
     alive: bool = True
+    sending: threading.Lock = field(default_factory=threading.Lock)  # one sender at a time on `control`
 
 
 @dataclass
@@ -469,10 +537,11 @@ def _worker(
     control: multiprocessing.connection.Connection,
     send: multiprocessing.connection.Connection,
 ) -> None:
-    """A worker process: the shards `control` sends, (shard, jobs, deadline, blocked images, hosts'
-    addresses), fetched on one event loop (`_Fetching`) and decoded here; each shard's results sent back
-    in small batches, then (shard, None). `control` sends None once no shard will come. When the step's
-    process is gone (killed), `control` ends and the next send fails: the worker stops."""
+    """A worker process: the jobs `control` sends, (shard, jobs, deadline, the shard's blocked images in
+    its first message, their hosts' answers, and in its first message how many jobs of the shard will
+    come), fetched on one event loop (`_Fetching`) and decoded here; each shard's results sent back in
+    small batches, then (shard, None) after the last. `control` sends None once no shard will come. When
+    the step's process is gone (killed), `control` ends and the next send fails: the worker stops."""
     fetching = _Fetching(settings)
     blocked: dict[int, dict[str, str]] = {}
     left: Counter = Counter()  # jobs of each shard not sent back yet
@@ -481,10 +550,11 @@ def _worker(
     def receive() -> None:
         with contextlib.suppress(EOFError, OSError):
             while (message := control.recv()) is not None:
-                shard, jobs, deadline, blocked_images, addresses = message
-                blocked[shard] = blocked_images
+                shard, jobs, deadline, blocked_images, addresses, coming = message
+                if blocked_images is not None:
+                    blocked[shard] = blocked_images
                 with lock:
-                    left[shard] += len(jobs)
+                    left[shard] += coming
                 fetching.add(jobs, deadline, addresses)
         fetching.close()
 
@@ -507,16 +577,70 @@ def _worker(
     send.close()
 
 
-def resolve_hosts(hosts: set[str], settings: FetchSettings) -> dict[str, HostAnswer]:
-    """Each host name's answer (its vetted address, or why it is refused) and until when it holds,
-    `dns_lookups` at a time."""
+class _Resolver:
+    """The host lookups of a run, on an event loop of their own, by one Fetcher: its answers (each kept
+    for its TTL) and its c-ares channel serve every shard of the run, so a host is looked up once a run
+    while its answer holds, even by two shards at once (`Fetcher.resolve` joins a lookup in flight)."""
 
-    async def resolved() -> dict[str, HostAnswer]:
-        async with Fetcher(settings) as fetcher:
-            await asyncio.gather(*(fetcher.resolve(host) for host in hosts))
-            return fetcher.answers(hosts)
+    def __init__(self, settings: FetchSettings) -> None:
+        self._settings = settings
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._fetcher: Fetcher | None = None
+        self._thread: threading.Thread | None = None
+        self._serving = threading.Event()
+        self._lock = threading.Lock()
 
-    return _run_async(resolved())
+    def resolve(self, hosts: list[str], deliver: Callable[[dict[str, HostAnswer]], bool]) -> None:
+        """Each of `hosts`' answer (its vetted address, or why it is refused, and until when it holds),
+        looked up `dns_lookups` at a time in `hosts`' order and handed to `deliver` as they come, those
+        that come within `_ANSWERS_TOGETHER` of each other at once, until `deliver` returns False."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=_run_async, args=(self._serve(),), name="dns", daemon=True
+                )
+                self._thread.start()
+        self._serving.wait()
+        if self._fetcher is None:
+            raise RuntimeError("the run's host lookups have ended")
+        asyncio.run_coroutine_threadsafe(self._resolve(hosts, deliver), self._loop).result()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._serving.wait()
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join()
+
+    async def _serve(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        try:
+            async with Fetcher(self._settings) as self._fetcher:
+                self._serving.set()
+                await self._stop.wait()
+        finally:
+            self._fetcher = None  # `resolve` then refuses, where it would wait on a loop that is gone
+            self._serving.set()
+
+    async def _resolve(self, hosts: list[str], deliver: Callable[[dict[str, HostAnswer]], bool]) -> None:
+        answered: list[str] = []
+
+        async def look_up(host: str) -> None:
+            await self._fetcher.resolve(host)
+            answered.append(host)
+
+        pending = {asyncio.ensure_future(look_up(host)) for host in hosts}
+        try:
+            while pending:
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if pending:
+                    _, pending = await asyncio.wait(pending, timeout=_ANSWERS_TOGETHER)
+                batch, answered[:] = self._fetcher.answers(answered), []
+                if not deliver(batch):
+                    return
+        finally:
+            for task in pending:
+                task.cancel()
 
 
 def _run_async(coroutine: Coroutine[None, None, T]) -> T:
@@ -527,19 +651,6 @@ def _run_async(coroutine: Coroutine[None, None, T]) -> T:
         return asyncio.run(coroutine)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(coroutine)
-
-
-def _fetch_all(
-    jobs: list[_Job], settings: DownloadSettings, deadline: float, blocked_images: dict[str, str]
-) -> Iterator[tuple[dict, bytes | None]]:
-    """(record, its sample encoded for the tar, or None) for each job, in the order they finish, fetched
-    and decoded in this process; `blocked_images` maps the sha256 and md5 digests on block lists to the
-    list they are on."""
-    fetching = _Fetching(settings)
-    fetching.add(jobs, deadline, {})
-    fetching.close()
-    for _, record, sample in _decoded(fetching, settings, lambda shard: blocked_images):
-        yield record, sample
 
 
 def _decoded(
@@ -598,7 +709,7 @@ class _Fetching:
 
     def add(self, jobs: list[_Job], deadline: float, addresses: dict[str, HostAnswer]) -> None:
         """More jobs, of one shard, to be fetched by `deadline` (time.monotonic); `addresses` are their
-        hosts' answers, as `resolve_hosts` gives them."""
+        hosts' answers, as the run's `_Resolver` gives them."""
         self._unfinished.update((job.key, job) for job in jobs)
         self._incoming.put((jobs, deadline, addresses))
         self._wake()
