@@ -31,8 +31,8 @@ and laion-assets' own floor beside it (`politeness_floor`: its per-host cap and 
 The dns web (`--web dns`, not run by default) is the loopback web's small photos under --names host
 names, drawn Zipf-weighted, which a DNS server on loopback (laion_assets_tests/dns_server.py) answers
 --dns-delay s after each query, as a resolver that recurses for names it has not cached. Ours runs on
-it (`dns_servers`), then on the same URLs by address, with as many requests at once on one host as on
-many; prints both, the lookups the server answered, and the ratio: what looking the names up costs.
+it (`dns_servers`), then on the same URLs by address, with --threads requests at once either way (on
+one host as on many); prints both, the lookups the server answered, and the ratio: what looking the names up costs.
 img2dataset is not run there: it asks the system's resolver, which cannot be pointed at that server.
 """
 
@@ -484,11 +484,12 @@ def compare_names_and_addresses(args: argparse.Namespace) -> None:
     named = [f"http://h{host}.names.test:{args.port}/{n}.jpg" for n, host in enumerate(drawn)]
     addressed = [f"http://127.0.0.1:{args.port}/{n}.jpg" for n in range(args.images)]
     names = {urlsplit(url).hostname: Name(["127.0.0.1"]) for url in named}
-    # one host or many: the same requests at once
+    # one host or many: the same requests at once, as many as the loopback web's photo server takes
     fields = {
         "allow_private_networks": True,
         **IMAGE_CONFIG,
-        "per_host_connections": DownloadSettings().max_in_flight,
+        "max_in_flight": args.threads,
+        "per_host_connections": args.threads,
     }
     print(
         f"dns web: {args.images} URLs over {len(names)} host names (Zipf {args.zipf:g} over {args.names}), "
