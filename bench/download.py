@@ -32,8 +32,9 @@ The dns web (`--web dns`, not run by default) is the loopback web's small photos
 names, drawn Zipf-weighted, which a DNS server on loopback (laion_assets_tests/dns_server.py) answers
 --dns-delay s after each query, as a resolver that recurses for names it has not cached. Ours runs on
 it (`dns_servers`), then on the same URLs by address, with --threads requests at once either way (on
-one host as on many); prints both, the lookups the server answered, and the ratio: what looking the names up costs.
-img2dataset is not run there: it asks the system's resolver, which cannot be pointed at that server.
+one host as on many); prints both, the lookups the server answered, and the ratio: what looking the
+names up costs. img2dataset is not run there: it asks the system's resolver, which cannot be pointed at
+that server.
 """
 
 from __future__ import annotations
