@@ -8,9 +8,8 @@ where the system's getaddrinfo would take a thread, and with the answer's TTL), 
 lookups at a time, and its answer kept for that TTL (`_dns_seconds`). The connection goes to the
 address the guard vetted (`http.py`), never to an address a second lookup could answer (DNS
 rebinding); the Host header and, for https, the TLS server name and certificate check go by the URL's
-name. Every request has a total deadline on top of
-the per-read timeout, so a server that drips one byte at a time cannot hold a request longer than
-`request_timeout`.
+name. Every request has a total deadline on top of the per-read timeout, so a server that drips one
+byte at a time cannot hold a request longer than `request_timeout`.
 """
 
 from __future__ import annotations
