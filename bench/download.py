@@ -23,9 +23,10 @@ The latency web answers as the real one does (bench/latency_web.py): first bytes
 that a few "CDNs" hold most. On its --web-corpus photos, each tool runs at its defaults (img2dataset 1
 process x 256 threads; ours with only allow_private_networks and the image settings), then tuned
 (img2dataset 2 x 128; ours with `OURS_TUNED` on top, not run while it is empty). Adds the requests in
-flight that the server counted while each ran (max, mean), the ratios of ours against img2dataset, and
-the bound that the latency and the CPU set (`images_per_second_bound`), with each tool's share of it,
-and laion-assets' own floor beside it (`politeness_floor`: its per-host cap and each site's tdmrep.json).
+flight that the server counted while each ran (max, mean, and over time: the mean of each second), the
+ratios of ours against img2dataset, and the bound that the latency and the CPU set
+(`images_per_second_bound`), with each tool's share of it, and laion-assets' own floor beside it
+(`politeness_floor`: its per-host cap and each site's tdmrep.json).
 --harsh: 1,000 hosts, first bytes at a median of 400 ms, 2 % of the URLs never answering.
 
 The dns web (`--web dns`, not run by default) is the loopback web's small photos under --names host
@@ -432,6 +433,7 @@ def compare_on_latency_web(img2dataset: Path, args: argparse.Namespace) -> None:
     columns += ("first req s", "last req s", "web CPU s")
     print(f"{'tool':<25}" + "".join(f"{c:>12}" for c in columns), flush=True)
     images_per_second: dict[str, float] = {}
+    over_time: dict[str, list[float]] = {}
     try:
         for name, run_tool in tools:
             server_cpu = cpu_seconds(server.pid)
@@ -442,6 +444,7 @@ def compare_on_latency_web(img2dataset: Path, args: argparse.Namespace) -> None:
                 continue
             flight = in_flight(series, run.started, run.finished)
             images_per_second[name] = ok / run.seconds
+            over_time[name] = flight.by_second
             print(
                 f"{name:<25}{ok:>12}{run.seconds:>12.1f}{ok / run.seconds:>12.1f}"
                 f"{run.peak_rss / 2**20:>12.0f}{run.peak_pss / 2**20:>12.0f}"
@@ -452,6 +455,9 @@ def compare_on_latency_web(img2dataset: Path, args: argparse.Namespace) -> None:
     finally:
         server.terminate()
         server.wait()
+    print("requests in flight over time, the mean of each second from the start:")
+    for name, by_second in over_time.items():
+        print(f"  {name:<25}" + " ".join(f"{count:.0f}" for count in by_second))
     for ours in ("ours at defaults", "ours tuned"):
         for theirs in ("img2dataset at defaults", "img2dataset tuned"):
             if images_per_second.get(ours) is not None and images_per_second.get(theirs):
@@ -526,6 +532,7 @@ class InFlight:
     mean: float
     first: float  # seconds from the start to the first request the web saw
     last: float  # seconds from the start to the last moment it had one in flight
+    by_second: list[float]  # the mean of each whole second from the start
 
 
 def in_flight(series: Path, started: float, finished: float) -> InFlight:
@@ -538,9 +545,13 @@ def in_flight(series: Path, started: float, finished: float) -> InFlight:
     ]
     busy = [at for at, count in samples if count]
     if not busy:
-        return InFlight(0, 0.0, 0.0, 0.0)
+        return InFlight(0, 0.0, 0.0, 0.0, [])
     counts = [count for _, count in samples]
-    return InFlight(max(counts), float(np.mean(counts)), busy[0] - started, busy[-1] - started)
+    seconds: dict[int, list[int]] = {}
+    for at, count in samples:
+        seconds.setdefault(int(at - started), []).append(count)
+    by_second = [float(np.mean(seconds.get(second, [0]))) for second in range(max(seconds) + 1)]
+    return InFlight(max(counts), float(np.mean(counts)), busy[0] - started, busy[-1] - started, by_second)
 
 
 def cpu_seconds(pid: int) -> float:
