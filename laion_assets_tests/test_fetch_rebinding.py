@@ -56,6 +56,8 @@ NAMES = {
     "other.example": Name(["127.0.0.1"]),
     "dual.example": Name(["2606:4700::1", PUBLIC]),
     "v6only.example": Name(["2606:4700::1"]),
+    # an answer kept 1 s, then a private one: a lookup after the guard's would be refused
+    "expiring.example": Name(["127.0.0.1"], ttl=1, then=["10.0.0.1"]),
 }
 
 
@@ -148,6 +150,24 @@ def test_the_host_header_is_the_urls_name_without_its_trailing_dot(
     [fetched] = fetch_in_turn([f"http://{name}:{web.port}/up/9"], asking(FETCH, resolver))
     assert fetched.status == schemas.SUCCESS, fetched
     assert web.hosts["/up/9"] == f"{host}:{web.port}"
+
+
+def test_the_connection_goes_to_the_address_the_guard_passed_after_its_answer_expired(
+    web, resolver, loopback_is_public
+):
+    """The guard passes 127.0.0.1 (public here), then the request waits `tdmrep_wait` for the site's
+    tdmrep.json (held until the image is asked), past the answer's TTL of 1 s, after which the name
+    answers a private address. The connection still goes to the address the guard passed, with no
+    second lookup: before, it looked the name up again, and the refusal sent the connection to whatever
+    the system's resolver said the name was."""
+    web.site_file_held_until = "/img/red.jpg"
+    url = f"http://expiring.example:{web.port}/img/red.jpg"
+    settings = asking(FETCH, resolver, respect_tdm_reservation=True, tdmrep_wait=1.5, request_timeout=5)
+    [fetched] = fetch_in_turn([url], settings)
+    assert fetched.status == schemas.SUCCESS, fetched
+    assert web.hits["/img/red.jpg"] == 1
+    assert web.hosts["/img/red.jpg"] == f"expiring.example:{web.port}"
+    assert resolver.lookups["expiring.example"] == 1
 
 
 # HTTPS: the connection goes to the address, but TLS is with the name (SNI and the certificate check)

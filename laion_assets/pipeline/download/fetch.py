@@ -193,11 +193,11 @@ class Fetcher:
         deadline = min(deadline, time.monotonic() + self.settings.request_timeout)
         visited = set()
         for _ in range(self.settings.max_redirects + 1):
-            refusal = await self._vet(url, check_site_rules=image, unvetted=unvetted)
-            if refusal:
-                return refusal
+            vetted = await self._vet(url, check_site_rules=image, unvetted=unvetted)
+            if isinstance(vetted, Fetched):
+                return vetted
             visited.add(url)
-            async with await self._get(url, deadline, image) as response:
+            async with await self._get(url, vetted, deadline, image) as response:
                 if response.status in _REDIRECTS:
                     location = response.headers.get("Location")
                     if not location:
@@ -211,28 +211,28 @@ class Fetcher:
                 return await self._read(response, deadline, image)
         return _failed(f"too many redirects: more than max_redirects={self.settings.max_redirects}")
 
-    async def _get(self, url: str, deadline: float, image: bool) -> http.Response:
-        """The response to GET `url`, its headers read, its body not yet."""
+    async def _get(self, url: str, address: str, deadline: float, image: bool) -> http.Response:
+        """The response to GET `url` from `address`, the one `_vet` passed (never looked up again: the
+        answer may have expired, and changed, while the site's rules were read), its headers read, its
+        body not yet."""
         s = self.settings
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise _Retryable(f"timeout: no time left of request_timeout={s.request_timeout:g}s")
         connect, read = min(s.connect_timeout, remaining), min(s.read_timeout, remaining)
         parts = urlsplit(url)
-        answer = await self.resolve(parts.hostname)  # vetted by `_vet` a moment ago: from the cache
-        address = answer if isinstance(answer, str) else None
         limit = self._body_limit(image)
         try:
             async with asyncio.timeout(remaining):
                 return await self._connections.get(parts, address, connect, read, limit)
         except http.ConnectTimeout as exc:
-            raise _Retryable(f"timeout: no connection within {connect:g}s{self._pinned(url)}") from exc
+            raise _Retryable(f"timeout: no connection within {connect:g}s (address {address})") from exc
         except (http.ReadTimeout, TimeoutError) as exc:
             raise _Retryable(f"timeout: no response within {read:g}s") from exc
         except http.TlsRefused as exc:  # a certificate refused: retrying will not help
             raise _FetchFailed(f"request failed: {_reason(exc)}") from exc
         except http.ConnectFailed as exc:
-            raise _Retryable(f"connection failed: {_reason(exc)}{self._pinned(url)}") from exc
+            raise _Retryable(f"connection failed: {_reason(exc)} (address {address})") from exc
         except http.ConnectionBroken as exc:
             raise _Retryable(f"connection broken: {_reason(exc)}") from exc
         except (http.BadResponse, ValueError, UnicodeError) as exc:  # malformed URL or response
@@ -241,12 +241,6 @@ class Fetcher:
     def _body_limit(self, image: bool) -> int:
         """The bytes a body may hold: an image's `max_bytes`, a robots.txt or tdmrep.json's less."""
         return self.settings.max_bytes if image else _ROBOTS_MAX_BYTES
-
-    def _pinned(self, url: str) -> str:
-        """The vetted address a connection to `url`'s host went to, for an error message."""
-        host = (urlsplit(url).hostname or "").rstrip(".")
-        kept = self._addresses.get(host)
-        return f" (address {kept.address})" if kept and isinstance(kept.address, str) else ""
 
     async def _read(self, response: http.Response, deadline: float, image: bool) -> Fetched:
         s, status = self.settings, response.status
@@ -288,15 +282,16 @@ class Fetcher:
             raise _FetchFailed(f"request failed: {_reason(exc)}") from exc
         return Fetched(schemas.SUCCESS, body=body, http_status=status)
 
-    async def _vet(self, url: str, check_site_rules: bool, unvetted: list[_Unvetted]) -> Fetched | None:
-        """A refusal of `url`, or None when it may be fetched. A site's tdmrep.json that has not answered
-        within `tdmrep_wait` goes on `unvetted`, for the caller to read once the request is done."""
+    async def _vet(self, url: str, check_site_rules: bool, unvetted: list[_Unvetted]) -> Fetched | str:
+        """A refusal of `url`, or the address it may be fetched from, which the guard passed. A site's
+        tdmrep.json that has not answered within `tdmrep_wait` goes on `unvetted`, for the caller to read
+        once the request is done."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             return _failed(f"unsupported URL: {url[:200]}")
-        answer = await self.resolve(parts.hostname)
-        if isinstance(answer, Fetched):
-            return answer
+        address = await self.resolve(parts.hostname)
+        if isinstance(address, Fetched):
+            return address
         if check_site_rules and self.settings.respect_robots_txt:
             refusal = await self._robots_refusal(parts, url)
             if refusal:
@@ -308,9 +303,9 @@ class Fetcher:
                     await asyncio.wait_for(asyncio.shield(rules), self.settings.tdmrep_wait)
                 except TimeoutError:
                     unvetted.append((rules, _path_and_query(parts)))
-                    return None
-            return _tdm_refusal(rules.result(), _path_and_query(parts))
-        return None
+                    return address
+            return _tdm_refusal(rules.result(), _path_and_query(parts)) or address
+        return address
 
     @staticmethod
     async def _reservation(unvetted: list[_Unvetted]) -> Fetched | None:

@@ -269,17 +269,17 @@ class ConnectionPool:
     async def get(
         self,
         parts: SplitResult,
-        address: str | None,
+        address: str,
         connect_timeout: float,
         read_timeout: float,
         limit: int,
     ) -> Response:
-        """GET the URL `parts` from `address` (None: its host, an IP literal): the response once its
-        headers are in. Its body may hold `limit` bytes at most."""
+        """GET the URL `parts` from `address`, never from whatever its host name resolves to now: the
+        response once its headers are in. Its body may hold `limit` bytes at most."""
         https = parts.scheme == "https"
         host = (parts.hostname or "").rstrip(".")  # the name, as Host and TLS want it
         port = parts.port or (443 if https else 80)
-        key = (parts.scheme, host, address or host, port)  # a name's own connections, as browsers keep
+        key = (parts.scheme, host, address, port)  # a name's own connections, as browsers keep
         request = _request_bytes(parts, host, self._header_lines)
         connection = self._idle_connection(key)
         if connection is not None:
