@@ -216,6 +216,37 @@ def test_downloads_never_request_a_listed_link_or_domain_and_drop_a_listed_image
     assert result.table.num_rows == len(urls)  # no row goes missing
 
 
+def test_retry_failed_takes_down_the_kept_rows_a_list_names_since(web, local_root):
+    """A shard downloaded again with `retry_failed` keeps its earlier successes, but not those whose link,
+    domain or image a list has named since: they are taken down as a fresh download's would be, their
+    samples left out of the new tar, and nothing is requested again."""
+    store = DatasetStore(local_root)
+    blue = WEB_IMAGES["/img/blue.webp"][1]
+    urls = [web.url("/up/named.jpg"), web.url("/img/blue.webp"), web.url("/up/kept.jpg")]
+    first_tar = io.BytesIO()
+    first = download_shard(crawl_table(urls), FAST, first_tar)
+    assert [row["status"] for row in first.table.to_pylist()] == [schemas.SUCCESS] * 3
+    store.write_bytes(
+        f"{BLOCKLIST}/requests.csv",
+        f"url,sha256\n{web.url('/up/named.jpg')},\n,{hashlib.sha256(blue).hexdigest()}\n".encode(),
+    )
+    hits = web.hits.copy()
+    tar = io.BytesIO()
+    again = replace(FAST, retry_failed=True)
+    previous = (first.table, io.BytesIO(first_tar.getvalue()))
+    result = download_shard(crawl_table(urls), again, tar, previous, blocklist=read_lists(store))
+    rows = result.table.to_pylist()
+    assert [row["status"] for row in rows] == [schemas.TAKEN_DOWN, schemas.TAKEN_DOWN, schemas.SUCCESS]
+    assert [row["error_message"] for row in rows[:2]] == [
+        "on a block list: requests (url)",
+        "on a block list: requests (sha256)",
+    ]
+    assert all(row["url"] is None and row["caption"] is None for row in rows[:2])
+    assert [key for key, _ in read_samples(io.BytesIO(tar.getvalue()))] == [rows[2]["key"]]
+    assert web.hits == hits  # every row kept or taken down: none fetched again
+    assert result.reused == 3
+
+
 def test_blocklist_sensor_runs_the_flow_once_per_change_of_the_lists(local_root):
     store = DatasetStore(local_root)
     resources = {"store": DatasetStoreResource(root=local_root)}

@@ -244,12 +244,12 @@ def download_shard(
     with contextlib.ExitStack() as stack:
         writer = stack.enter_context(TarShardWriter(tar_out))
         workers = workers or stack.enter_context(DownloadWorkers(settings))
+        blocklist = blocklist or Blocklist.empty()
         if previous is not None and settings.retry_failed:
-            kept = _reuse(jobs, *previous, writer)
+            kept = _reuse(jobs, *previous, writer, blocklist)
             records.extend(kept.values())
             jobs = [job for job in jobs if job.key not in kept]
         reused = len(records)
-        blocklist = blocklist or Blocklist.empty()
         listed = {job.key: match for job in jobs if (match := blocklist.match_url(job.url, job.host))}
         records.extend(
             schemas.take_down(_record(job, schemas.TAKEN_DOWN, None), f"{m.list} ({m.kind})")
@@ -881,9 +881,12 @@ def _record(job: _Job, status: str, error: str | None, http_status: int | None =
     }
 
 
-def _reuse(jobs: list[_Job], table: pa.Table, tar: IO[bytes], writer: TarShardWriter) -> dict[str, dict]:
+def _reuse(
+    jobs: list[_Job], table: pa.Table, tar: IO[bytes], writer: TarShardWriter, blocklist: Blocklist
+) -> dict[str, dict]:
     """Previous records to keep (same key and url, or taken down; not failed_to_download); copies their
-    samples."""
+    samples, but for the rows the block list names now: those are taken down, as a fresh download's
+    would be, and their samples left out of the new tar."""
     urls = {job.key: job.url for job in jobs}
     candidates = {
         row["key"]: {"host": schemas.url_host(row["url"] or ""), **row}  # a file from before `host` lacks it
@@ -891,6 +894,11 @@ def _reuse(jobs: list[_Job], table: pa.Table, tar: IO[bytes], writer: TarShardWr
         if row["status"] != schemas.FAILED_TO_DOWNLOAD
         and (urls.get(row["key"]) == row["url"] or row["status"] == schemas.TAKEN_DOWN)
     }
+    for row in candidates.values():
+        if row["status"] != schemas.TAKEN_DOWN and (
+            match := blocklist.match_row(row["url"], row["host"], row.get("sha256"), row.get("md5"))
+        ):
+            schemas.take_down(row, f"{match.list} ({match.kind})")
     copied = set()
     for key, members in read_samples(tar):
         if key in candidates and candidates[key]["status"] == schemas.SUCCESS:

@@ -120,6 +120,13 @@ class Blocklist:
         lists = self._by_kind
         return (sha256 and lists[SHA256].get(sha256)) or (md5 and lists[MD5].get(md5)) or None
 
+    def match_row(
+        self, url: str | None, host: str | None, sha256: str | None, md5: str | None
+    ) -> Match | None:
+        """The first entry an images row is on: by its link (kept until the row is taken down), then by
+        its image's hashes."""
+        return (url and self.match_url(url, host)) or self.match_image(sha256, md5)
+
     def image_entries(self) -> dict[str, str]:
         """Each sha256 and md5 entry -> "<list> (<kind>)": what download workers check fetched bytes by."""
         lists = self._by_kind
@@ -273,7 +280,7 @@ def _shard_matches(store: DatasetStore, shard: str, blocklist: Blocklist) -> lis
     for key, url, status, sha256, md5, host in columns:
         if status == schemas.TAKEN_DOWN:
             continue
-        match = (url and blocklist.match_url(url, host)) or blocklist.match_image(sha256, md5)
+        match = blocklist.match_row(url, host, sha256, md5)
         if match:
             found.append({"key": key, "list": match.list, "kind": match.kind, "entry": match.entry})
     return found
