@@ -181,6 +181,19 @@ def test_robots_txt_respected_when_asked_and_fetched_once(web):
     assert rows[urls[0]]["status"] == schemas.SUCCESS
 
 
+def test_a_robots_txt_over_512_kb_is_read_up_to_there(web):
+    """RFC 9309 (2.5) has a crawler parse 500 KiB of a robots.txt at least: one that is longer is read to
+    its last whole line within 512 KB, not ignored (before, it allowed everything)."""
+    web.robots_txt = b"User-agent: *\nDisallow: /private/\n" + b"# long\n" * 100_000 + b"Disallow: /up/\n"
+    settings = DownloadSettings(**{**FAST.__dict__, "respect_robots_txt": True})
+    urls = [web.url("/private/big-robots.jpg"), web.url("/up/big-robots")]
+    _, _, rows = run(urls, settings)
+    assert rows[urls[0]]["status"] == schemas.OPTED_OUT
+    assert rows[urls[0]]["error_message"] == "robots.txt: disallows /private/big-robots.jpg for laion_assets"
+    assert rows[urls[1]]["status"] == schemas.SUCCESS  # its rule comes after the first 512 KB
+    assert web.hits["/private/big-robots.jpg"] == 0
+
+
 def test_robots_txt_that_cannot_be_read_disallows_everything(web):
     """RFC 9309 2.3.1.4: a robots.txt unreachable for a server error means complete disallow."""
     settings = DownloadSettings(**{**FAST.__dict__, "respect_robots_txt": True, "retries": 0})

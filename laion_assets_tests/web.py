@@ -81,6 +81,7 @@ class TestWeb:
         self.hosts: dict[str, str | None] = {}
         self.connections: set[tuple[str, int]] = set()  # the client address of each connection served
         self.down: set[str] = set()  # paths answering 503 until removed
+        self.robots_txt = ROBOTS_TXT
         # /.well-known/tdmrep.json answers only once this path has been asked (None: at once)
         self.site_file_held_until: str | None = None
         self._site_file_released = threading.Event()
@@ -170,7 +171,7 @@ class TestWeb:
                 if route == "/robots.txt":  # 503 while listed in `down`
                     if route in web.down:
                         return self._send(503, b"down", "text/plain")
-                    return self._send(200, ROBOTS_TXT, "text/plain")
+                    return self._send(200, web.robots_txt, "text/plain")
                 if route == "/.well-known/tdmrep.json":
                     while web.site_file_held_until and not web._site_file_released.wait(0.05):
                         if web._stop.is_set():

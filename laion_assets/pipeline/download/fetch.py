@@ -239,7 +239,8 @@ class Fetcher:
             raise _FetchFailed(f"request failed: {_reason(exc)}") from exc
 
     def _body_limit(self, image: bool) -> int:
-        """The bytes a body may hold: an image's `max_bytes`, a robots.txt or tdmrep.json's less."""
+        """The bytes a body may hold: an image's `max_bytes`; of a robots.txt or tdmrep.json, the first
+        512 KB are read (RFC 9309 asks robots.txt parsers for 500 KiB at least)."""
         return self.settings.max_bytes if image else _ROBOTS_MAX_BYTES
 
     async def _read(self, response: http.Response, deadline: float, image: bool) -> Fetched:
@@ -263,13 +264,16 @@ class Fetcher:
                 return Fetched(schemas.FAILED_TO_DECODE, error=error, http_status=status)
         limit = self._body_limit(image)
         declared = response.headers.get("Content-Length")
-        if declared.isdigit() and int(declared) > limit:
+        if image and declared.isdigit() and int(declared) > limit:
             return _failed(f"too large: Content-Length {declared} is over max_bytes={limit}", status)
         try:
             # each read waits at most read_timeout (the connection's timer), the whole body until deadline
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 body = await response.read()
-        except http.BodyTooLarge:
+        except http.BodyTooLarge as exc:
+            if not image:  # a site file: its whole lines within the limit, as RFC 9309 (2.5) reads robots.txt
+                whole_lines = exc.first[: exc.first.rfind(b"\n") + 1]
+                return Fetched(schemas.SUCCESS, body=whole_lines, http_status=status)
             return _failed(f"too large: body is over max_bytes={limit}", status)
         except http.ReadTimeout as exc:
             raise _Retryable(f"timeout: body stalled for {s.read_timeout:g}s", status) from exc

@@ -53,7 +53,11 @@ class BadResponse(HttpError):
 
 
 class BodyTooLarge(HttpError):
-    pass
+    """A body over the request's limit; `first` is its start, the limit's worth of bytes."""
+
+    def __init__(self, message: str, first: bytes = b"") -> None:
+        super().__init__(message)
+        self.first = first
 
 
 class Headers:
@@ -213,9 +217,12 @@ class _Connection(asyncio.Protocol):
             self._headers_done.set_result(response)
 
     def on_body(self, body: bytes) -> None:
+        room = self._limit - self._size
         self._size += len(body)
         if self._size > self._limit:
-            self._fail(BodyTooLarge(f"body is over {self._limit} bytes"))
+            first = b"".join([*self._chunks, body[:room]])
+            self._chunks = []
+            self._fail(BodyTooLarge(f"body is over {self._limit} bytes", first))
             return
         self._chunks.append(body)
 
