@@ -736,6 +736,22 @@ def test_shards_running_at_once_share_the_worker_processes_and_each_hosts_cap(we
     assert web.max_in_flight == 2  # both shards at once, on one host
 
 
+def test_a_small_first_shard_does_not_leave_the_run_with_fewer_workers(web, monkeypatch):
+    """The run's worker processes are `processes` from its first shard over `ROWS_PER_PROCESS` rows, not
+    one per `ROWS_PER_PROCESS` of that shard's rows: they serve every later shard, and a first shard of
+    5 rows (of 4 a process here) left a run of 3 processes with 2 for all its shards."""
+    monkeypatch.setattr(download, "ROWS_PER_PROCESS", 4)
+    settings = replace(FAST, processes=3)
+    children = set()
+    with download.DownloadWorkers(settings) as workers:
+        for name, rows in (("a", 5), ("b", 12)):
+            urls = [web.url(f"/up/{name}{i}") for i in range(rows)]
+            result = download_shard(crawl_table(urls, shard=name), settings, io.BytesIO(), workers=workers)
+            assert result.status_counts()[schemas.SUCCESS] == rows
+            children.update(child.pid for child in multiprocessing.active_children())
+    assert len(children) == 3
+
+
 def test_a_worker_that_died_is_replaced_for_the_next_shard(web, monkeypatch):
     monkeypatch.setattr(download, "ROWS_PER_PROCESS", 4)
     settings = replace(FAST, processes=2)

@@ -66,7 +66,7 @@ from laion_assets.pipeline.takedowns.blocklist import Blocklist, load_active
 
 T = TypeVar("T")
 P = TypeVar("P")  # where a part of a shard's jobs goes: a worker process, or this process's fetching
-ROWS_PER_PROCESS = 256  # a shard gets one worker process per this many rows to fetch, up to `processes`
+ROWS_PER_PROCESS = 256  # a shard of this many rows to fetch or fewer is fetched in the step's process
 _BATCH = 16  # results a worker sends back at once
 # A shard is draining (the next one may start) with this many times `max_in_flight` rows left or fewer:
 # the next one's first requests then wait out their latency while this one still decodes (measured on
@@ -277,10 +277,14 @@ def download_shard(
 
 
 def process_count(settings: DownloadSettings, rows: int) -> int:
-    """Worker processes for `rows` rows to fetch: 1 means this process does the work itself."""
+    """Worker processes for a run whose first shard to fetch over this process has `rows` rows to fetch:
+    1 means this process does the work itself (`ROWS_PER_PROCESS` rows or fewer); else `processes` (0:
+    one per usable core), no more than the request slots or a host's connections. Not fewer for a
+    first shard of a few hundred rows: the workers serve every later shard of the run, however large."""
+    if rows <= ROWS_PER_PROCESS:
+        return 1
     wanted = settings.processes or usable_cores()
-    limits = (-(-rows // ROWS_PER_PROCESS), settings.max_in_flight, settings.per_host_connections)
-    return max(1, min(wanted, *limits))
+    return max(1, min(wanted, settings.max_in_flight, settings.per_host_connections))
 
 
 def usable_cores() -> int:
