@@ -170,6 +170,34 @@ def test_the_connection_goes_to_the_address_the_guard_passed_after_its_answer_ex
     assert resolver.lookups["expiring.example"] == 1
 
 
+def test_an_ip_literal_is_fetched_from_its_own_address():
+    """A URL whose host is an address goes to that address: 127.0.0.2 here, where a server listens and
+    127.0.0.1 has none (an address left out once reached the client as None, which asyncio took for
+    localhost: 127.0.0.1 URLs worked by that chance, every other address was refused)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(JPEG)))
+            self.end_headers()
+            self.wfile.write(JPEG)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.2", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.2:{server.server_address[1]}/x.jpg"
+        [fetched] = fetch_in_turn([url], replace(FETCH, allow_private_networks=True))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert fetched.status == schemas.SUCCESS, fetched
+    assert fetched.body == JPEG
+
+
 # HTTPS: the connection goes to the address, but TLS is with the name (SNI and the certificate check)
 
 

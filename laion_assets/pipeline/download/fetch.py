@@ -111,8 +111,8 @@ def _failed(error: str, http_status: int | None = None) -> Fetched:
     return Fetched(schemas.FAILED_TO_DOWNLOAD, error=error, http_status=http_status)
 
 
-# A host's answer: a refusal, the vetted address to connect to, or None (an IP literal: nothing to pin)
-Address = Fetched | str | None
+# A host's answer: a refusal, or the vetted address to connect to (an IP literal's own)
+Address = Fetched | str
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -454,7 +454,7 @@ def _vetted(host: str, addresses: list[IPAddress], allow_private: bool) -> Addre
 
     The first IPv4 one if there is one (a crawler's machine without an IPv6 route would otherwise fail
     every dual-stack host whose resolver lists IPv6 first, since only this one address is tried), else the
-    first. None for an IP literal, which has no name to resolve again.
+    first; an IP literal's own address.
     """
     if not allow_private:
         for address in addresses:
@@ -463,7 +463,7 @@ def _vetted(host: str, addresses: list[IPAddress], allow_private: bool) -> Addre
                     f"private address: {host} resolves to {address} (set allow_private_networks to fetch it)"
                 )
                 return Fetched(schemas.BLOCKED, error=why)
-    return None if _is_ip_literal(host) else _preferred(addresses)
+    return _preferred(addresses)
 
 
 def _address(text: str | bytes) -> IPAddress:
