@@ -375,6 +375,8 @@ def compare(corpus: str, server_name: str, img2dataset: Path, args: argparse.Nam
     finally:
         server.terminate()
         server.wait()
+    require_images("img2dataset", i2d_ok, args)
+    require_images("laion-assets", ours_ok, args)
     print(label)
     ratio = (ours_ok / ours.seconds) / (i2d_ok / i2d.seconds)
     for name, ok, run, shown in (
@@ -438,6 +440,7 @@ def compare_on_latency_web(img2dataset: Path, args: argparse.Namespace) -> None:
         for name, run_tool in tools:
             server_cpu = cpu_seconds(server.pid)
             run, ok = run_tool()
+            require_images(name, ok, args)
             server_cpu = cpu_seconds(server.pid) - server_cpu
             if run.returncode != 0:
                 print(f"{name:<25}FAILED (exit code {run.returncode}):\n{run.output[-3000:]}", flush=True)
@@ -512,6 +515,8 @@ def compare_names_and_addresses(args: argparse.Namespace) -> None:
     finally:
         server.terminate()
         server.wait()
+    require_images("ours by name", ok, args)
+    require_images("ours by address", ok_by_address, args)
     for label, run, successes, lookups in (
         ("by name", by_name, ok, dns.lookups),
         ("by address", by_address, ok_by_address, {}),
@@ -524,6 +529,14 @@ def compare_names_and_addresses(args: argparse.Namespace) -> None:
         )
     ratio = (ok / by_name.seconds) / (ok_by_address / by_address.seconds)
     print(f"dns web ratio, by name vs by address: {ratio:.2f}x")
+
+
+def require_images(tool: str, ok: int, args: argparse.Namespace) -> None:
+    """Ends a smoke run in which `tool` got no image: the smoke's webs answer nearly every URL, so none
+    means the tool or the bench is broken, whatever the exit code said (a smoke passed so while every
+    request of ours went to the wrong address)."""
+    if args.smoke and ok == 0:
+        raise SystemExit(f"{tool} got no image of the smoke run's URLs: broken")
 
 
 @dataclass(frozen=True)
