@@ -252,7 +252,7 @@ def download_shard(
         reused = len(records)
         listed = {job.key: match for job in jobs if (match := blocklist.match_url(job.url, job.host))}
         records.extend(
-            schemas.take_down(_record(job, schemas.TAKEN_DOWN, None), f"{m.list} ({m.kind})")
+            schemas.take_down(_record(job, schemas.TAKEN_DOWN, None), m.why)
             for job in jobs
             if (m := listed.get(job.key))
         )
@@ -902,7 +902,7 @@ def _reuse(
         if row["status"] != schemas.TAKEN_DOWN and (
             match := blocklist.match_row(row["url"], row["host"], row.get("sha256"), row.get("md5"))
         ):
-            schemas.take_down(row, f"{match.list} ({match.kind})")
+            schemas.take_down(row, match.why)
     copied = set()
     for key, members in read_samples(tar):
         if key in candidates and candidates[key]["status"] == schemas.SUCCESS:

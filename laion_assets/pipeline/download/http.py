@@ -53,11 +53,16 @@ class BadResponse(HttpError):
 
 
 class BodyTooLarge(HttpError):
-    """A body over the request's limit; `first` is its start, the limit's worth of bytes."""
+    """A body over the request's limit; `first` is its start, the limit's worth of bytes (joined only
+    when asked for: an image's is dropped)."""
 
-    def __init__(self, message: str, first: bytes = b"") -> None:
+    def __init__(self, message: str, parts: list[bytes]) -> None:
         super().__init__(message)
-        self.first = first
+        self._parts = parts
+
+    @property
+    def first(self) -> bytes:
+        return b"".join(self._parts)
 
 
 class Headers:
@@ -220,9 +225,8 @@ class _Connection(asyncio.Protocol):
         room = self._limit - self._size
         self._size += len(body)
         if self._size > self._limit:
-            first = b"".join([*self._chunks, body[:room]])
-            self._chunks = []
-            self._fail(BodyTooLarge(f"body is over {self._limit} bytes", first))
+            parts, self._chunks = [*self._chunks, body[:room]], []
+            self._fail(BodyTooLarge(f"body is over {self._limit} bytes", parts))
             return
         self._chunks.append(body)
 

@@ -58,6 +58,11 @@ class Match:
     kind: str
     entry: str
 
+    @property
+    def why(self) -> str:
+        """What a taken-down row's message names: "<list> (<kind>)"."""
+        return f"{self.list} ({self.kind})"
+
 
 @dataclass
 class Blocklist:
@@ -130,7 +135,7 @@ class Blocklist:
     def image_entries(self) -> dict[str, str]:
         """Each sha256 and md5 entry -> "<list> (<kind>)": what download workers check fetched bytes by."""
         lists = self._by_kind
-        return {entry: f"{m.list} ({m.kind})" for kind in (SHA256, MD5) for entry, m in lists[kind].items()}
+        return {entry: m.why for kind in (SHA256, MD5) for entry, m in lists[kind].items()}
 
 
 def url_sha256(url: str) -> str:
