@@ -22,6 +22,11 @@ $(INSTALLED): pyproject.toml setup.py
 	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) \
 	  torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# byte-compiled now, as pip compiles a wheel's modules (the deploy image's): an editable install is
+	# not, and where PYTHONDONTWRITEBYTECODE is set (CI's machines, many containers) every start of
+	# laion-assets, of a test's subprocess and of the download workers' server would compile the
+	# package's modules again: 0.3-0.4 s of each `laion-assets run` (docs/benchmarks.md)
+	$(BIN)/python -m compileall -q laion_assets
 	# inference-sdk (a test extra) pulls in opencv-python, whose cv2/ overwrites the files of the
 	# opencv-python-headless we declare (same folder, another version, a Qt GUI build): keep the one
 	# the deploy image has, so the tests and benches run the OpenCV users get
