@@ -53,12 +53,18 @@ def take_down(row: dict, why: str) -> dict:
 
 
 FAILURES = (FAILED_TO_DOWNLOAD, FAILED_TO_DECODE)  # the statuses that count against a host
+_AUTHORITY = re.compile(r"[^:/?#]*:?//([^/?#]*)")  # what RFC 3986 calls a URL's authority
 
 
 def url_host(url: str) -> str:
     """The host (with its port, if any) a URL is fetched from: what per-host limits and the failing-host
-    reports count by, in the downloader's metadata and the dataset card alike."""
-    return urlsplit(url).netloc.lower()
+    reports count by, in the downloader's metadata and the dataset card alike. A malformed authority
+    ("http://[::1/a.jpg", which urlsplit refuses) is taken as written: its row fails, not its shard."""
+    try:
+        return urlsplit(url).netloc.lower()
+    except ValueError:
+        authority = _AUTHORITY.match(url)
+        return authority.group(1).lower() if authority else ""
 
 
 def url_hosts(urls: pa.Array | pa.ChunkedArray) -> pa.Array:

@@ -15,6 +15,7 @@ byte at a time cannot hold a request longer than `request_timeout`.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import email.utils
 import ipaddress
 import math
@@ -204,7 +205,11 @@ class Fetcher:
                         return _failed(
                             f"HTTP {response.status}: redirect without a Location", response.status
                         )
-                    url = urljoin(url, location.strip())
+                    try:
+                        url = urljoin(url, _utf8(location).strip())
+                    except ValueError as exc:
+                        error = f"HTTP {response.status}: malformed redirect ({exc}): {location[:200]}"
+                        return _failed(error, response.status)
                     if url in visited:
                         return _failed(f"redirect loop: back to {url}", response.status)
                     continue
@@ -290,7 +295,10 @@ class Fetcher:
         """A refusal of `url`, or the address it may be fetched from, which the guard passed. A site's
         tdmrep.json that has not answered within `tdmrep_wait` goes on `unvetted`, for the caller to read
         once the request is done."""
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:  # an unclosed "[" of an IPv6 address, among others
+            return _failed(f"malformed URL ({exc}): {url[:200]}")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             return _failed(f"unsupported URL: {url[:200]}")
         address = await self.resolve(parts.hostname)
@@ -356,8 +364,11 @@ class Fetcher:
         """`host`'s answer from DNS and how long to keep it (a failure: `dns_cache_seconds`)."""
         s = self.settings
         try:
+            name = http.ascii_host(host)  # as Host and TLS name it (c-ares would encode by other rules)
             async with asyncio.timeout(s.dns_timeout):
-                result = await self._dns().getaddrinfo(host, proto=socket.IPPROTO_TCP)
+                result = await self._dns().getaddrinfo(name, proto=socket.IPPROTO_TCP)
+        except ValueError as exc:  # idna.IDNAError: a name IDNA forbids
+            error = f"not a valid host name ({exc})"
         except TimeoutError:
             error = f"no answer within dns_timeout={s.dns_timeout:g}s"
         except aiodns.error.DNSError as exc:
@@ -517,7 +528,27 @@ def retry_after_seconds(value: str | None) -> float | None:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
+    if when.tzinfo is None:  # asctime's form, or "-0000": an HTTP date is GMT, whatever this zone
+        when = when.replace(tzinfo=datetime.timezone.utc)
     return max(0.0, when.timestamp() - time.time())
+
+
+def url_hostname(url: str) -> str | None:
+    """The host name a URL's fetch looks up; None for one with none, or a malformed URL (its fetch then
+    fails with the reason)."""
+    try:
+        return urlsplit(url).hostname
+    except ValueError:
+        return None
+
+
+def _utf8(header: str) -> str:
+    """A header value as UTF-8 where its bytes are (http.py reads headers as latin-1): servers send a
+    Location's non-ASCII path as raw UTF-8, which browsers and curl read so."""
+    try:
+        return header.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return header
 
 
 def _reason(exc: Exception) -> str:

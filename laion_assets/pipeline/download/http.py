@@ -18,6 +18,7 @@ from collections.abc import Callable
 from urllib.parse import SplitResult, quote
 
 import httptools
+import idna
 
 KEEPALIVE_SECONDS = 15.0  # an idle connection is closed after this long (servers close theirs too)
 _PATH_SAFE = "/%:@!$&'()*+,;=-._~"  # what stays as it is in a path; the rest is percent-encoded
@@ -201,6 +202,8 @@ class _Connection(asyncio.Protocol):
 
     # httptools' callbacks
     def on_message_begin(self) -> None:
+        if self._complete:  # bytes past the response's end: the stream cannot be trusted with a request
+            self.close()
         self._reason, self._headers = b"", Headers()
 
     def on_status(self, status: bytes) -> None:
@@ -264,6 +267,15 @@ class _Connection(asyncio.Protocol):
             self._timer = None
 
 
+def ascii_host(host: str) -> str:
+    """`host` as DNS, the Host header and TLS name it: lowercased, without a final dot, a non-ASCII name
+    in IDNA A-labels as browsers map it (UTS 46: straße.de is xn--strae-oqa.de, where Python's own
+    "idna" codec, IDNA 2003, makes it strasse.de, another domain). ValueError (idna.IDNAError) for a
+    name IDNA forbids. An ASCII name is left as it is: DNS names in use hold what IDNA refuses ("_")."""
+    host = host.rstrip(".").lower()
+    return host if host.isascii() else idna.encode(host, uts46=True).decode("ascii")
+
+
 def _retrieve(future: asyncio.Future) -> None:
     if not future.cancelled():
         future.exception()
@@ -288,7 +300,7 @@ class ConnectionPool:
         """GET the URL `parts` from `address`, never from whatever its host name resolves to now: the
         response once its headers are in. Its body may hold `limit` bytes at most."""
         https = parts.scheme == "https"
-        host = (parts.hostname or "").rstrip(".")  # the name, as Host and TLS want it
+        host = ascii_host(parts.hostname or "")  # the name, as Host and TLS want it
         port = parts.port or (443 if https else 80)
         key = (parts.scheme, host, address, port)  # a name's own connections, as browsers keep
         request = _request_bytes(parts, host, self._header_lines)
@@ -365,10 +377,10 @@ def _default_context() -> ssl.SSLContext:
 
 def _request_bytes(parts: SplitResult, host: str, header_lines: str) -> bytes:
     """The GET request for `parts`: the path and query percent-encoded where they are not ASCII-safe,
-    the host in IDNA (and in brackets if IPv6)."""
+    the host (`ascii_host`'s) in brackets if IPv6."""
     path = quote(parts.path or "/", safe=_PATH_SAFE)
     if parts.query:
         path += "?" + quote(parts.query, safe=_QUERY_SAFE)
-    name = f"[{host}]" if ":" in host else host.encode("idna").decode("ascii")
+    name = f"[{host}]" if ":" in host else host
     authority = f"{name}:{parts.port}" if parts.port else name
     return f"GET {path} HTTP/1.1\r\nHost: {authority}\r\n{header_lines}\r\n".encode("ascii")

@@ -31,7 +31,7 @@ def parse_rules(body: bytes) -> list[TdmRule]:
     file that is not a JSON array has none."""
     try:
         data = json.loads(body.decode("utf-8", errors="replace"))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested deeper than Python's stack
         return []
     if not isinstance(data, list):
         return []

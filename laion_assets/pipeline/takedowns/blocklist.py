@@ -115,7 +115,10 @@ class Blocklist:
         """The domain entry a host (with its port, maybe) is under; worked out once per host, since a
         shard has far fewer hosts than links (urlsplit per link was most of the matching's time)."""
         if netloc not in self._hosts:
-            hostname = (urlsplit(f"//{netloc}").hostname or "").rstrip(".")
+            try:
+                hostname = (urlsplit(f"//{netloc}").hostname or "").rstrip(".")
+            except ValueError:  # a malformed authority (an unclosed "[") names no domain
+                hostname = ""
             domains = self._by_kind[DOMAIN]
             self._hosts[netloc] = next((domains[d] for d in _parent_domains(hostname) if d in domains), None)
         return self._hosts[netloc]
