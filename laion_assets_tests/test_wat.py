@@ -141,3 +141,28 @@ def test_min_alt_length_is_configurable(local_root):
     store.write_bytes(f"incoming/{WAT_NAME}", wat_bytes(PAGES))
     result = build_crawl_metadata(store, parse_source_name(WAT_NAME), CrawlSettings(min_alt_length=3))
     assert "cat" in result.table.column("caption").to_pylist()
+
+
+def test_a_malformed_link_is_dropped_as_an_invalid_url_not_the_file(local_root):
+    # urlsplit refuses an unclosed IPv6 bracket; one such <img> (or page URL, or <base>) in a WAT file
+    # stopped its whole shard with a ValueError
+    pages = [
+        Page(
+            url="https://blog.example.com/posts/cats.html",
+            links=[
+                img("http://[oops/cat.jpg", "A broken bracket in the link"),
+                img("/img/cat.jpg", "A grey cat asleep on a sofa"),
+                license_link("http://[creativecommons.org/licenses/by/4.0/"),
+            ],
+        ),
+        Page(url="http://[oops/page.html", links=[img("/img/dog.jpg", "A dog on a page with a bad URL")]),
+        Page(
+            url="https://photos.example.com/", base="http://[oops/", links=[img("fox.jpg", "A fox at dusk")]
+        ),
+    ]
+    result = _crawl(DatasetStore(local_root), wat_bytes(pages))
+    assert [(r["url"], r["license"]) for r in result.table.to_pylist()] == [
+        ("https://blog.example.com/img/cat.jpg", None),
+        ("https://photos.example.com/fox.jpg", None),  # a malformed <base> falls back to the page's URL
+    ]
+    assert result.dropped["invalid_url"] == 2

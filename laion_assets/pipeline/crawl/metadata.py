@@ -12,13 +12,12 @@ import pyarrow.compute as pc
 
 from laion_assets import names
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.crawl.sources import ColumnNames, SourceName, find_source, read_source
+from laion_assets.pipeline.crawl.sources import INVALID_URL, ColumnNames, SourceName, find_source, read_source
 from laion_assets.pipeline.lineage import source_footer
 from laion_assets.pipeline.storage import CRAWL_METADATA, INCOMING, DatasetStore
 from laion_assets.pipeline.tables import keep_first
 
 # Dropped-row reasons, as they appear in the materialisation metadata.
-INVALID_URL = "invalid_url"  # missing, or not an absolute http(s) URL
 EMPTY_CAPTION = "empty_caption"
 DUPLICATE = "duplicate"  # same (url, caption) earlier in the shard
 _HTTP_URL = r"^https?://[^/?#\s]+"

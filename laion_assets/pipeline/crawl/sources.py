@@ -48,6 +48,8 @@ PAGE_URL_CANDIDATES = ("page_url",)
 # Columns a reader produces itself. A pass-through source column named like any contract column is
 # renamed `source_<name>`.
 READER_COLUMNS = ("url", "caption", "page_url", "license", "source_offset")
+# a drop's reason: missing, not an absolute http(s) URL, or an image link that cannot be resolved
+INVALID_URL = "invalid_url"
 
 
 class SourceError(ValueError):
@@ -241,7 +243,7 @@ def _image_links(envelope: dict, min_alt_length: int, dropped: Counter) -> Itera
     except (KeyError, TypeError):
         return  # not an HTML page: no images to take
     head = html.get("Head") or {}
-    base = urljoin(page_url, head.get("Base") or "")
+    base = _resolved(page_url, head.get("Base") or "") or page_url
     links = [link for link in (html.get("Links") or []) if isinstance(link, dict)]
     license_ = _page_license(links + [x for x in head.get("Link") or [] if isinstance(x, dict)], base)
     for link in links:
@@ -251,7 +253,10 @@ def _image_links(envelope: dict, min_alt_length: int, dropped: Counter) -> Itera
         if src.lower().startswith(("data:", "javascript:")):
             dropped["data_or_javascript_url"] += 1
             continue
-        url = urljoin(base, src)
+        url = _resolved(base, src)
+        if url is None:
+            dropped[INVALID_URL] += 1
+            continue
         if urlsplit(url).path.lower().endswith((".svg", ".gif")):
             dropped["svg_or_gif"] += 1
             continue
@@ -266,10 +271,21 @@ def _page_license(links: list[dict], base: str) -> str | None:
     """The first Creative Commons URL linked with rel=license, as LAION recorded it."""
     for link in links:
         rel = str(link.get("rel") or "").lower().split()
-        url = urljoin(base, str(link.get("url") or ""))
-        if "license" in rel and "creativecommons.org" in url.lower():
+        url = _resolved(base, str(link.get("url") or ""))
+        if "license" in rel and url and "creativecommons.org" in url.lower():
             return url
     return None
+
+
+def _resolved(base: str, link: str) -> str | None:
+    """`link` resolved against `base`; None where either is malformed (an unclosed IPv6 "[", which
+    urlsplit refuses): one such link on a page must not stop the whole file."""
+    try:
+        url = urljoin(base, link)
+        urlsplit(url)
+    except ValueError:
+        return None
+    return url
 
 
 def clean_text(text: str) -> str:
