@@ -118,7 +118,8 @@ def test_lists_are_read_by_kind_and_bad_entries_are_reported(local_root):
     )
     store.write_bytes(
         f"{BLOCKLIST}/requests.csv",
-        b"url,domain,owner\nhttp://x.org/1.jpg,Example.COM,me\nftp://x.org/2.jpg,*.sub.example.net,\n",
+        b"url,domain,owner\nhttp://x.org/1.jpg,Example.COM,me\nftp://x.org/2.jpg,*.sub.example.net,\n"
+        b"http://[oops/3.jpg,,\nhttp:/x.org/4.jpg,,\n",  # a malformed link (urlsplit raised), a non-link
     )
     sha = "AB" * 32
     store.write_parquet(
@@ -136,6 +137,7 @@ def test_lists_are_read_by_kind_and_bad_entries_are_reported(local_root):
         {"list": "requests", "kind": "domain", "entry": "example.com"},
         {"list": "requests", "kind": "domain", "entry": "sub.example.net"},
         {"list": "requests", "kind": "url", "entry": url_sha256("http://x.org/1.jpg")},  # never in clear
+        {"list": "requests", "kind": "url", "entry": url_sha256("http://[oops/3.jpg")},
     ]
     assert sorted(lists.problems, key=lambda p: p.list) == [
         ListProblem(
@@ -152,17 +154,19 @@ def test_lists_are_read_by_kind_and_bad_entries_are_reported(local_root):
             "unknown kind of entry: name columns url, url_sha256, url_md5, sha256, md5, domain",
         ),
         ListProblem("requests.csv", "row 2, column url", "not an http(s) link: 'ftp://x.org/2.jpg'"),
+        ListProblem("requests.csv", "row 4, column url", "not an http(s) link: 'http:/x.org/4.jpg'"),
     ]
     assert lists.counts() == [
         ("images", "md5", 1),
         ("images", "sha256", 1),
         ("partner", "url_md5", 1),
         ("requests", "domain", 2),
-        ("requests", "url", 1),
+        ("requests", "url", 2),
     ]
 
     assert lists.match_url("http://x.org/1.jpg").kind == "url"
     assert lists.match_url("http://x.org/1.jpg?x") is None  # a link is matched exactly
+    assert lists.match_url("http://[oops/3.jpg").kind == "url"  # malformed, as a crawl row may hold it
     assert lists.match_url("http://x.org/a.jpg").kind == "url_md5"
     assert lists.match_url("https://cdn.EXAMPLE.com:8443/x.jpg").entry == "example.com"  # a subdomain
     assert lists.match_url("https://notexample.com/x.jpg") is None

@@ -233,8 +233,9 @@ def normalise(kind: str, value: str) -> tuple[str, str | None]:
     """The entry as recorded (a lower-case hash or domain; a link's sha256), or a problem."""
     value = value.strip()
     if kind == URL:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
+        # not urlsplit's fields: it refuses a malformed authority (an unclosed "["), which a crawl row
+        # may hold all the same (it is matched by its text)
+        if value.partition(":")[0].lower() not in ("http", "https") or not schemas.url_host(value):
             return "", f"not an http(s) link: {value[:80]!r}"
         return url_sha256(value), None
     if kind in _HEX:
