@@ -8,6 +8,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
+from laion_assets.pipeline import schemas
 from laion_assets.pipeline.crawl.metadata import CrawlSettings, build_crawl_metadata
 from laion_assets.pipeline.crawl.sources import ColumnNames, SourceError, find_source, parse_source_name
 from laion_assets.pipeline.printable import MAX_MESSAGE
@@ -202,3 +203,53 @@ def test_garbage_bytes_are_escaped_and_cut_short_in_the_error(local_root, name):
     assert message.startswith(f"{name}: ")
     assert message.isprintable() and "\ufffd" not in message
     assert len(message) <= MAX_MESSAGE + len("... (00000 more characters)")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv"])
+def test_a_csv_or_tsv_lists_text_is_read_as_written(local_root, fmt):
+    # pyarrow's inference made the captions 7, 1.5 and 1000.0, and NA, null and nan nothing (dropped)
+    captions = ["007", "1.50", "1e3", "NA", "null", "nan"]
+    separator = "\t" if fmt == "tsv" else ","
+    lines = [separator.join(["url", "caption", "similarity"])]
+    lines += [separator.join([f"http://a.com/{i}.jpg", caption, "0.3"]) for i, caption in enumerate(captions)]
+    result = _crawl(DatasetStore(local_root), f"t.{fmt}", ("\n".join(lines) + "\n").encode())
+    assert result.table.column("caption").to_pylist() == captions
+    assert result.table.schema.field("similarity").type == pa.float64()  # a column passed through: inferred
+
+
+def test_repeated_column_names_are_a_source_error(local_root):
+    with pytest.raises(SourceError, match=r"dup\.csv: repeated column names \['x'\]"):
+        _crawl(DatasetStore(local_root), "dup.csv", b"url,caption,x,x\nhttp://a.com/1.jpg,a cat,1,2\n")
+
+
+def test_a_configured_column_is_not_found_again_by_its_common_name(local_root):
+    # the URLs under "text", which is also a common caption name: the captions were the URLs
+    data = _encode({"text": ["http://a.com/x.jpg"], "alt": ["a thing"]}, "parquet")
+    config = CrawlSettings(columns=ColumnNames(url="text"))
+    row = _crawl(DatasetStore(local_root), "c.parquet", data, config).table.to_pylist()[0]
+    assert (row["url"], row["caption"]) == ("http://a.com/x.jpg", "a thing")
+
+
+def test_a_renamed_column_overwrites_none(local_root):
+    data = _encode(
+        {"url": ["http://a.com/x.jpg"], "caption": ["a thing"], "key": ["theirs"], "source_key": ["other"]},
+        "parquet",
+    )
+    row = _crawl(DatasetStore(local_root), "c.parquet", data).table.to_pylist()[0]
+    assert (row["source_key"], row["source_source_key"]) == ("other", "theirs")
+
+
+def test_a_parquet_string_that_is_not_utf8_is_a_source_error(local_root):
+    captions = pa.array([b"bad \xff caption"], pa.binary()).view(pa.string())
+    out = io.BytesIO()
+    pq.write_table(pa.table({"url": ["http://a.com/x.jpg"], "caption": captions}), out)
+    with pytest.raises(SourceError, match=r"bad\.parquet: cannot read as parquet: .*UTF8"):
+        _crawl(DatasetStore(local_root), "bad.parquet", out.getvalue())
+
+
+@pytest.mark.parametrize(
+    ("name", "shard"), [("(train).csv", "s_train_"), ("日本語.tsv", "s___"), ("-a.csv", "s-a")]
+)
+def test_a_shard_starts_with_a_letter_or_digit_so_its_keys_are_keys(name, shard):
+    assert parse_source_name(name).shard == shard
+    assert schemas.shard_of_key(schemas.make_key(shard, 0)) == shard

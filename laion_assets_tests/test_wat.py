@@ -1,9 +1,11 @@
+import gzip
+
 import pytest
 
 from laion_assets.pipeline.crawl.metadata import CrawlSettings, build_crawl_metadata
 from laion_assets.pipeline.crawl.sources import SourceError, parse_source_name
 from laion_assets.pipeline.storage import DatasetStore
-from laion_assets_tests.wat_files import Page, img, license_link, wat_bytes
+from laion_assets_tests.wat_files import Page, _envelope, img, license_link, payload, wat_bytes, wat_of
 
 CC_BY = "https://creativecommons.org/licenses/by-sa/4.0/"
 WAT_NAME = "CC-MAIN-20220924151538-20220924181538-00000.warc.wat.gz"
@@ -166,3 +168,60 @@ def test_a_malformed_link_is_dropped_as_an_invalid_url_not_the_file(local_root):
         ("https://photos.example.com/fox.jpg", None),  # a malformed <base> falls back to the page's URL
     ]
     assert result.dropped["invalid_url"] == 2
+
+
+def test_wat_json_of_other_types_than_wats_is_taken_as_missing(local_root):
+    # each of these raised out of the reader (AttributeError, TypeError, UnicodeEncodeError when the
+    # table was built, RecursionError), or made data of a Python repr ("https://p.example/None")
+    def page(change) -> dict:
+        envelope = _envelope(
+            Page(url="https://p.example/", links=[img("/ok.jpg", "A good long alt")]), "response"
+        )
+        html = envelope["Payload-Metadata"]["HTTP-Response-Metadata"]["HTML-Metadata"]
+        change(envelope, envelope["WARC-Header-Metadata"], html)
+        return envelope
+
+    odd = [
+        page(lambda envelope, header, html: envelope.update({"WARC-Header-Metadata": ["x"]})),
+        page(lambda envelope, header, html: envelope.update({"Payload-Metadata": "x"})),
+        page(lambda envelope, header, html: html.update(Head=["x"])),
+        page(lambda envelope, header, html: html.update(Links=7)),
+        page(lambda envelope, header, html: html["Head"].update(Link=True, Base=5)),
+        page(lambda envelope, header, html: header.update({"WARC-Target-URI": 7})),
+        page(lambda envelope, header, html: header.update({"WARC-Target-URI": ["https://p.example/"]})),
+        page(lambda envelope, header, html: header.update({"WARC-Target-URI": "https://p.example/\udc80"})),
+        page(
+            lambda e, h, html: html.update(
+                Links=[img(None, "A null link"), img(42, "A number"), img([], "A list")]
+            )
+        ),
+        page(
+            lambda e, h, html: html.update(
+                Links=[img("/\udc80.jpg", "A lone surrogate"), img("/a.jpg", ["A list"])]
+            )
+        ),
+    ]
+    records = [("https://p.example/", payload(envelope)) for envelope in odd]
+    records.append(("https://p.example/", b'{"Envelope": ' + b"[" * 100_000))
+    good = Page(
+        url="https://good.example/",
+        links=[img("/cat.jpg", "A grey cat asleep"), license_link("https://creativecommons.org/\udc80")],
+    )
+    records.append((good.url, payload(_envelope(good, "response"))))
+    result = _crawl(DatasetStore(local_root), wat_of(records))
+    assert [(r["url"], r["caption"], r["license"]) for r in result.table.to_pylist()] == [
+        ("https://p.example/ok.jpg", "A good long alt", None),  # a Head, Link or Base of another type: none
+        ("https://good.example/cat.jpg", "A grey cat asleep", None),
+    ]
+    assert result.dropped["duplicate"] == 1  # the same image of the two pages with an odd Head
+    assert result.dropped["invalid_url"] == 4  # null, 42, a list, a lone surrogate
+    assert result.dropped["short_alt"] == 1  # an alt that is a list
+    assert result.dropped["corrupt_record"] == 1  # nested past the stack
+
+
+@pytest.mark.parametrize(
+    ("data", "records"), [(wat_of([]), 1), (gzip.compress(b""), 0)], ids=["warcinfo only", "empty gzip"]
+)
+def test_a_wat_without_metadata_records_is_a_source_error_not_an_empty_shard(local_root, data, records):
+    with pytest.raises(SourceError, match=rf"{WAT_NAME}: no WAT metadata records in its {records} records"):
+        _crawl(DatasetStore(local_root), data)

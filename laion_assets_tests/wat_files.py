@@ -48,17 +48,27 @@ def wat_bytes(pages: list[Page], corrupt_after: int | None = None) -> bytes:
 
     With `corrupt_after=i`, a record whose JSON payload is broken follows page i.
     """
+    records = []
+    for i, page in enumerate(pages):
+        for warc_type in ("request", "response"):
+            records.append((page.url, payload(_envelope(page, warc_type))))
+        if corrupt_after == i:
+            records.append((page.url, b'{"Envelope": {"WARC-Header-Metadata": '))
+    return wat_of(records)
+
+
+def payload(envelope: object) -> bytes:
+    """A metadata record's JSON, as Common Crawl writes it (a lone surrogate escaped, as Java may)."""
+    return json.dumps({"Container": {"Filename": "test.warc.gz"}, "Envelope": envelope}).encode()
+
+
+def wat_of(records: list[tuple[str, bytes]]) -> bytes:
+    """A gzip'd WAT: warcinfo, then a metadata record of each (target URI, payload), as given."""
     out = io.BytesIO()
     writer = WARCWriter(out, gzip=True)
     writer.write_record(writer.create_warcinfo_record("test.warc.wat.gz", {"software": "laion_assets tests"}))
-    for i, page in enumerate(pages):
-        for warc_type in ("request", "response"):
-            body = json.dumps(
-                {"Container": {"Filename": "test.warc.gz"}, "Envelope": _envelope(page, warc_type)}
-            )
-            _metadata_record(writer, page.url, body.encode())
-        if corrupt_after == i:
-            _metadata_record(writer, page.url, b'{"Envelope": {"WARC-Header-Metadata": ')
+    for uri, body in records:
+        _metadata_record(writer, uri, body)
     return out.getvalue()
 
 

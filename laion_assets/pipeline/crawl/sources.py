@@ -13,7 +13,7 @@ import json
 import re
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO
 from urllib.parse import urljoin, urlsplit
@@ -44,6 +44,7 @@ URL_CANDIDATES = ("url", "image_url", "img_url")
 CAPTION_CANDIDATES = ("caption", "text", "alt", "alt_text")
 LICENSE_CANDIDATES = ("license",)
 PAGE_URL_CANDIDATES = ("page_url",)
+_TEXT_NAMES = {*URL_CANDIDATES, *CAPTION_CANDIDATES, *LICENSE_CANDIDATES, *PAGE_URL_CANDIDATES}
 
 # Columns a reader produces itself. A pass-through source column named like any contract column is
 # renamed `source_<name>`.
@@ -71,8 +72,9 @@ class SourceName:
 def parse_source_name(name: str) -> SourceName:
     """The shard and format of a file in `incoming/`.
 
-    The shard is the stem restricted to `[A-Za-z0-9_-]`. A file of unknown format still names a
-    shard (its last extension removed), so it shows up as a partition that fails with a clear
+    The shard is the stem restricted to `[A-Za-z0-9_-]`, and starts with a letter or digit (an "s"
+    put before another: a key's shard must, `schemas.shard_of_key`). A file of unknown format still
+    names a shard (its last extension removed), so it shows up as a partition that fails with a clear
     message instead of being skipped unnoticed.
     """
     stem, gzipped = (name[: -len(".gz")], True) if name.lower().endswith(".gz") else (name, False)
@@ -82,7 +84,9 @@ def parse_source_name(name: str) -> SourceName:
         fmt, stem = "unknown", stem.rsplit(".", 1)[0] if "." in stem.lstrip(".") else stem
     else:
         fmt, stem = ("wat" if suffix in WAT_SUFFIXES else URL_LIST_FORMATS[suffix]), stem[: -len(suffix)]
-    shard = re.sub(r"[^A-Za-z0-9_-]", "_", stem) or "_"
+    shard = re.sub(r"[^A-Za-z0-9_-]", "_", stem)
+    if not shard[:1].isalnum():  # "(train).csv", "日本語.tsv": their keys would be no keys
+        shard = f"s{shard}"
     return SourceName(name=name, shard=shard, format=fmt, gzipped=gzipped)
 
 
@@ -139,14 +143,21 @@ def _check_gzip_magic(stream: IO[bytes], name: str) -> None:
 
 
 def read_url_list(stream: IO[bytes], source: SourceName, columns: ColumnNames) -> pa.Table:
-    table = _read_table(stream, source.format)
-    url = _find_column(table, columns.url, URL_CANDIDATES, "URL", source.name, required=True)
-    caption = _find_column(table, columns.caption, CAPTION_CANDIDATES, "caption", source.name, required=True)
-    license_ = _find_column(
-        table, columns.license, LICENSE_CANDIDATES, "license", source.name, required=False
-    )
-    page_url = _find_column(table, None, PAGE_URL_CANDIDATES, "page URL", source.name, required=False)
-    picked = {"url": url, "caption": caption, "license": license_, "page_url": page_url}
+    configured = {c for c in (columns.url, columns.caption, columns.license) if c}
+    table = _read_table(stream, source.format, lambda name: name.lower() in _TEXT_NAMES or name in configured)
+    if repeated := sorted(n for n, count in Counter(table.column_names).items() if count > 1):
+        raise SourceError(
+            f"{source.name}: repeated column names {repeated}; columns are {table.column_names}"
+        )
+    picked: dict[str, str | None] = {}
+    for name, what, configured_name, candidates, required in (
+        ("url", "URL", columns.url, URL_CANDIDATES, True),
+        ("caption", "caption", columns.caption, CAPTION_CANDIDATES, True),
+        ("license", "license", columns.license, LICENSE_CANDIDATES, False),
+        ("page_url", "page URL", None, PAGE_URL_CANDIDATES, False),
+    ):
+        taken = {c for c in picked.values() if c}  # a column is one thing: a found one is not found again
+        picked[name] = _find_column(table, configured_name, candidates, what, source.name, required, taken)
     out = {
         name: table.column(col).cast(pa.string()) if col else pa.nulls(table.num_rows, pa.string())
         for name, col in picked.items()
@@ -155,25 +166,41 @@ def read_url_list(stream: IO[bytes], source: SourceName, columns: ColumnNames) -
     used = {c for c in picked.values() if c}
     for name in table.column_names:
         if name not in used:
-            out[f"source_{name}" if name in schemas.CRAWL_METADATA.names else name] = table.column(name)
+            target = name
+            while target in schemas.CRAWL_METADATA.names or (target != name and target in table.column_names):
+                target = f"source_{target}"  # a reserved name passes through renamed, overwriting none
+            out[target] = table.column(name)
     return pa.table(out)
 
 
-def _read_table(stream: IO[bytes], fmt: str) -> pa.Table:
+def _read_table(stream: IO[bytes], fmt: str, is_text: Callable[[str], bool]) -> pa.Table:
+    """The table of a URL list; of a CSV or TSV, the columns `is_text` names as written, strings: by
+    pyarrow's inference a caption "007" became 7, "1e3" 1000, and "NA" or "null" nothing."""
     if fmt == "parquet":
-        return pq.read_table(io.BytesIO(stream.read()))
+        table = pq.read_table(io.BytesIO(stream.read()))
+        table.validate(full=True)  # strings that are not UTF-8: the stages after would fail on them
+        return table
     if fmt == "jsonl":
         return pa_json.read_json(stream)
-    delimiter = "\t" if fmt == "tsv" else ","
-    return pa_csv.read_csv(
-        stream,
-        parse_options=pa_csv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-        convert_options=pa_csv.ConvertOptions(strings_can_be_null=True),
+    data = stream.read()
+    parse = pa_csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
+    names = pa_csv.open_csv(io.BytesIO(data), parse_options=parse).schema.names
+    convert = pa_csv.ConvertOptions(
+        column_types={name: pa.string() for name in names if is_text(name)},
+        strings_can_be_null=True,
+        null_values=[""],
     )
+    return pa_csv.read_csv(io.BytesIO(data), parse_options=parse, convert_options=convert)
 
 
 def _find_column(
-    table: pa.Table, configured: str | None, candidates: tuple[str, ...], what: str, name: str, required: bool
+    table: pa.Table,
+    configured: str | None,
+    candidates: tuple[str, ...],
+    what: str,
+    name: str,
+    required: bool,
+    taken: set[str],
 ) -> str | None:
     if configured:
         if configured not in table.column_names:
@@ -183,7 +210,8 @@ def _find_column(
         return configured
     by_lower = {}
     for col in table.column_names:
-        by_lower.setdefault(col.lower(), col)
+        if col not in taken:
+            by_lower.setdefault(col.lower(), col)
     found = next((by_lower[c] for c in candidates if c in by_lower), None)
     if found is None and required:
         raise SourceError(
@@ -211,17 +239,18 @@ def read_wat(stream: IO[bytes], name: str, min_alt_length: int) -> tuple[pa.Tabl
 def _wat_envelopes(stream: IO[bytes], name: str, dropped: Counter) -> Iterator[tuple[int, dict]]:
     """(record offset, Envelope) of each parseable metadata record; unparseable ones are counted."""
     records = ArchiveIterator(stream, no_record_parse=False, arc2warc=False)
-    seen = 0
+    seen = metadata = 0
     try:
         for record in records:
             seen += 1
             if record.rec_type != "metadata":
                 continue
+            metadata += 1
             payload = record.content_stream().read()
             offset = records.get_record_offset()  # reads the record to its end: take the payload first
             try:
                 envelope = json.loads(payload)["Envelope"]
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: nested past the stack
                 dropped["corrupt_record"] += 1
                 continue
             yield offset, envelope
@@ -230,26 +259,34 @@ def _wat_envelopes(stream: IO[bytes], name: str, dropped: Counter) -> Iterator[t
             raise SourceError(f"{name}: not a readable WAT file: {exc}") from exc
         # A damaged tail: what was read stands, the rest of the file is one counted corrupt record.
         dropped["corrupt_record"] += 1
+    if not metadata:  # an empty file, or a WARC or WET one: not a shard with no images
+        raise SourceError(f"{name}: no WAT metadata records in its {seen} records (a WARC or WET file?)")
 
 
 def _image_links(envelope: dict, min_alt_length: int, dropped: Counter) -> Iterator[tuple]:
-    """(url, caption, page_url, license) for each usable `<img>` of one HTML response."""
-    try:
-        header = envelope["WARC-Header-Metadata"]
-        if header.get("WARC-Type") != "response":
-            return
-        html = envelope["Payload-Metadata"]["HTTP-Response-Metadata"]["HTML-Metadata"]
-        page_url = header["WARC-Target-URI"]
-    except (KeyError, TypeError):
-        return  # not an HTML page: no images to take
-    head = html.get("Head") or {}
-    base = _resolved(page_url, head.get("Base") or "") or page_url
-    links = [link for link in (html.get("Links") or []) if isinstance(link, dict)]
-    license_ = _page_license(links + [x for x in head.get("Link") or [] if isinstance(x, dict)], base)
+    """(url, caption, page_url, license) for each usable `<img>` of one HTML response. Its JSON is
+    taken as it comes: a field of another type than WAT's is missing, a link that is no string is an
+    invalid URL, an alt that is none is short."""
+    header = _dict(_dict(envelope).get("WARC-Header-Metadata"))
+    if header.get("WARC-Type") != "response":
+        return
+    html = _dict(_dict(_dict(envelope).get("Payload-Metadata")).get("HTTP-Response-Metadata")).get(
+        "HTML-Metadata"
+    )
+    page_url = _text(header.get("WARC-Target-URI"))
+    if not isinstance(html, dict) or page_url is None:
+        return  # not an HTML page, or one without a readable address: no images to take
+    head = _dict(html.get("Head"))
+    base = _resolved(page_url, _text(head.get("Base")) or "") or page_url
+    links = [link for link in _list(html.get("Links")) if isinstance(link, dict)]
+    license_ = _page_license(links + [x for x in _list(head.get("Link")) if isinstance(x, dict)], base)
     for link in links:
         if link.get("path") != "IMG@/src" or "url" not in link:
             continue
-        src = str(link["url"]).strip()
+        src = (_text(link["url"]) or "").strip()
+        if not src:
+            dropped[INVALID_URL] += 1
+            continue
         if src.lower().startswith(("data:", "javascript:")):
             dropped["data_or_javascript_url"] += 1
             continue
@@ -260,7 +297,7 @@ def _image_links(envelope: dict, min_alt_length: int, dropped: Counter) -> Itera
         if urlsplit(url).path.lower().endswith((".svg", ".gif")):
             dropped["svg_or_gif"] += 1
             continue
-        alt = clean_text(str(link.get("alt") or ""))
+        alt = clean_text(_text(link.get("alt")) or "")
         if len(alt) < min_alt_length:
             dropped["short_alt"] += 1
             continue
@@ -271,10 +308,30 @@ def _page_license(links: list[dict], base: str) -> str | None:
     """The first Creative Commons URL linked with rel=license, as LAION recorded it."""
     for link in links:
         rel = str(link.get("rel") or "").lower().split()
-        url = _resolved(base, str(link.get("url") or ""))
+        url = _resolved(base, _text(link.get("url")) or "")
         if "license" in rel and url and "creativecommons.org" in url.lower():
             return url
     return None
+
+
+def _dict(value: object) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: object) -> list:
+    return value if isinstance(value, list) else []
+
+
+def _text(value: object) -> str | None:
+    """`value` if it is a string that UTF-8 can hold: JSON's "\\udc80", a lone surrogate, it cannot (a
+    WAT written in Java may hold one), and the parquet could not be written."""
+    if not isinstance(value, str):
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
 
 
 def _resolved(base: str, link: str) -> str | None:
