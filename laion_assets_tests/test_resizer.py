@@ -270,3 +270,66 @@ def test_the_area_shrink_is_opencvs_inter_area_byte_for_byte():
     assert np.array_equal(
         imaging.inter_area(big, (256, 250)), cv2.resize(big, (256, 250), interpolation=cv2.INTER_AREA)
     )
+
+
+def blank_png(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height)).save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("size", "settings", "message"),
+    [
+        # the shorter side brought to 256 first: 153,600x256 before the crop (20000x1 was 5 GB)
+        (
+            (600, 1),
+            ImageSettings(resize_mode="center_crop", max_pixels=100_000),
+            "too large resized: 153600x256",
+        ),
+        (
+            (2, 300),
+            ImageSettings(resize_mode="keep_ratio", encode_format="webp"),
+            "too large for webp: 256x38400",
+        ),
+        ((1, 300), ImageSettings(resize_mode="keep_ratio"), "too large for jpg: 256x76800"),
+    ],
+)
+def test_a_resize_that_memory_or_the_encoder_cannot_take_is_filtered(size, settings, message):
+    # the first allocated its resize; the others ended as failed_to_download, "unexpected: OSError" or
+    # "ValueError" of the encoder, and retry_failed fetched them again at every run
+    with pytest.raises(FilteredSize, match=message) as raised:
+        process_image(blank_png(*size), settings)
+    assert (raised.value.width, raised.value.height) == size
+
+
+def test_a_colour_keyed_png_and_a_narrow_image_come_out_as_img2datasets(tmp_path):
+    # an RGB PNG's transparent colour (tRNS) was left black, where img2dataset's OpenCV reads it as alpha
+    # and whitens it (5 dB apart); a 2x300 image kept its width, so it was upscaled by Lanczos (26 dB)
+    keyed = np.zeros((300, 500, 3), np.uint8)
+    keyed[:, 250:] = 200
+    narrow = np.random.default_rng(0).integers(0, 256, (300, 2, 3), np.uint8)
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    Image.fromarray(keyed).save(sources / "keyed.png", transparency=(0, 0, 0))
+    Image.fromarray(narrow).save(sources / "narrow.png")
+    modes = {"keyed": "border", "narrow": "keep_ratio_largest"}
+    cases = {
+        name: {
+            "image_size": 256,
+            "resize_mode": mode,
+            "resize_only_if_bigger": False,
+            "encode_format": "png",
+            "encode_quality": 9,
+        }
+        for name, mode in modes.items()
+    }
+    found, _ = from_bench("peers").img2dataset_resize(sources, tmp_path / "out", cases)
+    for name, mode in modes.items():
+        ours = process_image(
+            (sources / f"{name}.png").read_bytes(),
+            ImageSettings(resize_mode=mode, encode_format="png", encode_quality=9),
+        )
+        theirs = tmp_path / "out" / f"{name}-{name}.png"
+        assert found[theirs.name][:2] == [ours.width, ours.height], name
+        assert psnr_to_img2dataset(ours.data, theirs) >= MIN_PSNR, name

@@ -36,6 +36,7 @@ INTERPOLATIONS = {
     "lanczos4": Image.Resampling.LANCZOS,
 }
 ENCODE_FORMATS = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
+_MAX_SIDE = {"jpg": 65_500, "webp": 16_383}  # px: the longest side each encoder writes
 _DRAFT_MARGIN = 6  # JPEG draft decoding stops at this many times the target size
 _FLOAT_AREA_MAX_PIXELS = 1_000_000  # `inter_area` shrinks smaller images through float32 (12 MB at most)
 # Pillow's JPEG draft scale -> the name of OpenCV's read flag for the same DCT scaling
@@ -163,6 +164,7 @@ def process_image(data: bytes, settings: ImageSettings) -> ProcessedImage:
     _check_size(width, height, settings)
 
     target = _target_size(width, height, settings)
+    _check_output(target, width, height, settings)
     source_format = image.format
     if target != (width, height) and source_format == "JPEG":
         request = (target[1], target[0]) if orientation in _SWAPS_AXES else target
@@ -183,7 +185,7 @@ def _resized(
 ) -> Image.Image:
     """The opened `image` (of `data`) decoded, turned upright, in RGB and resized to `target`."""
     turned = image.size[::-1] if orientation in _SWAPS_AXES else image.size  # as decoded (after any draft)
-    down = target[0] < turned[0]
+    down = target[0] < turned[0] or target[1] < turned[1]  # a side of 2 px may round back to 2
     filter_ = settings.downscale_interpolation if down else settings.upscale_interpolation
     if filter_ == "area" and down and (pixels := _opencv_jpeg(data, image, orientation)) is not None:
         cv2 = opencv()
@@ -285,6 +287,21 @@ def _check_size(width: int, height: int, settings: ImageSettings) -> None:
         raise FilteredSize(message, width, height)
 
 
+def _check_output(target: tuple[int, int], width: int, height: int, settings: ImageSettings) -> None:
+    """FilteredSize for a resize that memory or the encoder cannot take: an extreme aspect ratio whose
+    shorter side brought to `image_size` makes more than `max_pixels` (20000x1 in center_crop was
+    5,120,000x256 before its crop, 5 GB), or an image over its format's longest side (65,500 px in
+    JPEG, 16,383 in WebP), which the encoder refused with an error of its own."""
+    if target[0] * target[1] > settings.max_pixels:
+        message = f"too large resized: {target[0]}x{target[1]} is over max_pixels={settings.max_pixels}"
+        raise FilteredSize(message, width, height)
+    final = _crop_or_pad_size(target, settings) if not _left_alone(width, height, settings) else target
+    limit = _MAX_SIDE.get(settings.encode_format)
+    if limit and max(final) > limit:
+        message = f"too large for {settings.encode_format}: {final[0]}x{final[1]}, over its {limit} px a side"
+        raise FilteredSize(message, width, height)
+
+
 def _target_size(width: int, height: int, settings: ImageSettings) -> tuple[int, int]:
     """The size to resize to before any crop or border."""
     mode, size = settings.resize_mode, settings.image_size
@@ -308,6 +325,16 @@ def _left_alone(width: int, height: int, settings: ImageSettings) -> bool:
     return settings.resize_only_if_bigger and side <= settings.image_size
 
 
+def _crop_or_pad_size(size: tuple[int, int], settings: ImageSettings) -> tuple[int, int]:
+    """The size `_crop_or_pad` makes of an image of `size`."""
+    side = settings.image_size
+    if settings.resize_mode == "center_crop":
+        return min(side, size[0]), min(side, size[1])
+    if settings.resize_mode == "border":
+        return max(side, size[0]), max(side, size[1])
+    return size
+
+
 def _crop_or_pad(image: Image.Image, settings: ImageSettings) -> Image.Image:
     size = settings.image_size
     if settings.resize_mode == "center_crop":
@@ -322,16 +349,17 @@ def _crop_or_pad(image: Image.Image, settings: ImageSettings) -> Image.Image:
 
 
 def _has_alpha(image: Image.Image) -> bool:
-    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    """Transparency: an alpha channel, or a palette's or an RGB PNG's transparent colour (`tRNS`),
+    which OpenCV reads as alpha for img2dataset."""
+    keyed = image.mode in ("P", "RGB") and "transparency" in image.info
+    return image.mode in ("RGBA", "LA", "PA") or keyed
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     """RGB; transparent pixels become white, as a browser would show them on a white page."""
-    if image.mode == "RGB":
-        return image
     if _has_alpha(image):
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
