@@ -67,6 +67,15 @@ def url_host(url: str) -> str:
         return authority.group(1).lower() if authority else ""
 
 
+def url_hostname(url: str) -> str | None:
+    """A URL's host name, as its fetch looks it up; None for one with none, or a malformed authority
+    (its fetch then fails with the reason)."""
+    try:
+        return urlsplit(url).hostname
+    except ValueError:
+        return None
+
+
 def url_hosts(urls: pa.Array | pa.ChunkedArray) -> pa.Array:
     """`url_host` of each URL: the stored `host` column, so that a query by host reads a small
     dictionary-encoded column instead of parsing every URL."""

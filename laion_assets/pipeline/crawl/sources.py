@@ -267,12 +267,11 @@ def _image_links(envelope: dict, min_alt_length: int, dropped: Counter) -> Itera
     """(url, caption, page_url, license) for each usable `<img>` of one HTML response. Its JSON is
     taken as it comes: a field of another type than WAT's is missing, a link that is no string is an
     invalid URL, an alt that is none is short."""
-    header = _dict(_dict(envelope).get("WARC-Header-Metadata"))
+    envelope = _dict(envelope)
+    header = _dict(envelope.get("WARC-Header-Metadata"))
     if header.get("WARC-Type") != "response":
         return
-    html = _dict(_dict(_dict(envelope).get("Payload-Metadata")).get("HTTP-Response-Metadata")).get(
-        "HTML-Metadata"
-    )
+    html = _dict(_dict(envelope.get("Payload-Metadata")).get("HTTP-Response-Metadata")).get("HTML-Metadata")
     page_url = _text(header.get("WARC-Target-URI"))
     if not isinstance(html, dict) or page_url is None:
         return  # not an HTML page, or one without a readable address: no images to take

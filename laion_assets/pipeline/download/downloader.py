@@ -50,14 +50,7 @@ import pyarrow as pa
 
 from laion_assets import names
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.download.fetch import (
-    Fetched,
-    Fetcher,
-    FetchSettings,
-    HostAnswer,
-    RetryLater,
-    url_hostname,
-)
+from laion_assets.pipeline.download.fetch import Fetched, Fetcher, FetchSettings, HostAnswer, RetryLater
 from laion_assets.pipeline.download.imaging import (
     DecodeError,
     FilteredSize,
@@ -402,7 +395,7 @@ class DownloadWorkers:
         by_host: dict[str | None, dict[P, list[_Job]]] = {}
         for destination, part in parts.items():
             for job in part:
-                by_host.setdefault(url_hostname(job.url), {}).setdefault(destination, []).append(job)
+                by_host.setdefault(schemas.url_hostname(job.url), {}).setdefault(destination, []).append(job)
         for destination, ready in by_host.pop(None, {}).items():
             post(destination, ready, {})
         delivered: set[str] = set()

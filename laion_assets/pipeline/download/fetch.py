@@ -533,15 +533,6 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def url_hostname(url: str) -> str | None:
-    """The host name a URL's fetch looks up; None for one with none, or a malformed URL (its fetch then
-    fails with the reason)."""
-    try:
-        return urlsplit(url).hostname
-    except ValueError:
-        return None
-
-
 def _utf8(header: str) -> str:
     """A header value as UTF-8 where its bytes are (http.py reads headers as latin-1): servers send a
     Location's non-ASCII path as raw UTF-8, which browsers and curl read so."""

@@ -336,13 +336,12 @@ def _crop_or_pad_size(size: tuple[int, int], settings: ImageSettings) -> tuple[i
 
 
 def _crop_or_pad(image: Image.Image, settings: ImageSettings) -> Image.Image:
-    size = settings.image_size
+    w, h = _crop_or_pad_size(image.size, settings)
     if settings.resize_mode == "center_crop":
-        w, h = min(size, image.width), min(size, image.height)
         left, top = (image.width - w) // 2, (image.height - h) // 2
         return image.crop((left, top, left + w, top + h))
-    if settings.resize_mode == "border" and image.size != (size, size):
-        canvas = Image.new("RGB", (max(size, image.width), max(size, image.height)), settings.border_color)
+    if settings.resize_mode == "border" and image.size != (w, h):
+        canvas = Image.new("RGB", (w, h), settings.border_color)
         canvas.paste(image, ((canvas.width - image.width) // 2, (canvas.height - image.height) // 2))
         return canvas
     return image

@@ -24,7 +24,6 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
-from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -115,10 +114,7 @@ class Blocklist:
         """The domain entry a host (with its port, maybe) is under; worked out once per host, since a
         shard has far fewer hosts than links (urlsplit per link was most of the matching's time)."""
         if netloc not in self._hosts:
-            try:
-                hostname = (urlsplit(f"//{netloc}").hostname or "").rstrip(".")
-            except ValueError:  # a malformed authority (an unclosed "[") names no domain
-                hostname = ""
+            hostname = (schemas.url_hostname(f"//{netloc}") or "").rstrip(".")  # malformed: no domain
             domains = self._by_kind[DOMAIN]
             self._hosts[netloc] = next((domains[d] for d in _parent_domains(hostname) if d in domains), None)
         return self._hosts[netloc]
