@@ -412,6 +412,22 @@ def test_retry_failed_refetches_only_failures(web):
     assert [k for k, _ in read_samples(io.BytesIO(second_tar))] == ["s-00000000", "s-00000001"]
 
 
+def test_retry_failed_keeps_no_row_of_a_key_the_crawl_no_longer_has(web):
+    """A taken-down row of the previous result whose key left the crawl (its source file shortened) is not
+    kept: the images parquet holds one row per crawl row."""
+    urls = [web.url("/up/1"), web.url("/up/2"), web.url("/up/3")]
+    first, first_tar, _ = run(urls)
+    rows = first.table.to_pylist()
+    schemas.take_down(rows[2], "list.txt: url")  # as a removal marks a built row
+    previous = (pa.Table.from_pylist(rows, schema=schemas.IMAGES), io.BytesIO(first_tar))
+    settings = DownloadSettings(**{**FAST.__dict__, "retry_failed": True})
+    second, second_tar, _ = run(urls[:2], settings, previous=previous)
+    from laion_assets.pipeline.shard_tar import read_samples
+
+    assert second.table.column("key").to_pylist() == ["s-00000000", "s-00000001"]
+    assert sorted(k for k, _ in read_samples(io.BytesIO(second_tar))) == ["s-00000000", "s-00000001"]
+
+
 def test_metadata_summaries(web):
     urls = [web.url("/404.jpg"), web.url("/img/red.jpg"), web.url("/html.jpg"), web.url("/garbage.jpg")]
     result, _, _ = run(urls)
