@@ -1,7 +1,9 @@
 import json
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -54,6 +56,36 @@ def test_failed_first_write_leaves_nothing(store: DatasetStore):
         f.write(b"x" * 10_000)
         raise RuntimeError("writer died")
     assert not store.exists("images/s.tar")
+
+
+_LONG_NAME = f"crawl_metadata/{'a' * 240}.parquet"  # the shard of a source file named with 248 bytes
+
+_KILLED_LONG_WRITE = f"""
+import os, signal, sys
+from laion_assets.pipeline.storage import DatasetStore
+with DatasetStore(sys.argv[1]).atomic_write({_LONG_NAME!r}) as f:
+    f.write(b"half")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_name_near_the_file_system_limit_is_written_and_its_killed_write_removed(store: DatasetStore):
+    """A file name of 248 bytes is written whole, though its temporary name would have been over 255; the
+    temporary file of a writer killed meanwhile is found and removed."""
+    if not store.is_s3:
+        killed = subprocess.run([sys.executable, "-c", _KILLED_LONG_WRITE, store.root], check=False)
+        assert killed.returncode == -signal.SIGKILL
+        (left,) = (path for path in Path(store.root).rglob("*") if path.is_file())
+        assert ".tmp-" in left.name and len(left.name.encode()) <= 255
+        assert store.remove_abandoned() == [str(left.relative_to(store.root))]
+    store.write_bytes(_LONG_NAME, b"whole")
+    assert store.read_bytes(_LONG_NAME) == b"whole"
+    assert [f.name for f in store.list("crawl_metadata")] == [_LONG_NAME.split("/")[1]]
+    if not store.is_s3:  # no temporary file is left
+        assert [path.name for path in Path(store.root).rglob("*") if path.is_file()] == [
+            f"{'a' * 240}.parquet"
+        ]
 
 
 def test_parquet_roundtrip_with_file_metadata(store: DatasetStore):

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 DEFAULT_ROOT = "./data"
 ROOT_ENV = "LAION_ASSETS_ROOT"
 _TMP_MARK = ".tmp-"
+_NAME_MAX = 255  # bytes in a file's name (ext4, XFS, APFS, ...)
 # A temporary file whose writer is gone: its process has ended (on this host), or, from another host,
 # nothing has touched it for this long. Then a later run removes it.
 ABANDONED_AFTER = datetime.timedelta(hours=6)
@@ -47,9 +48,12 @@ def host_name() -> str:
 
 
 def temporary_name(path: str) -> str:
-    """A temporary name beside `path` that tells who writes it: `.<name>.tmp-<pid>-<random>-<host>`."""
+    """A temporary name beside `path` that tells who writes it: `.<name>.tmp-<pid>-<random>-<host>`, `name`
+    cut short where the whole would be over a file system's 255 bytes (which `path` itself is not)."""
     folder, name = os.path.split(path)
-    return os.path.join(folder, f".{name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:12]}-{host_name()}")
+    tail = f"{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:12]}-{host_name()}"
+    room = max(0, _NAME_MAX - 1 - len(tail.encode()))
+    return os.path.join(folder, f".{name.encode()[:room].decode(errors='ignore')}{tail}")
 
 
 def process_alive(pid: int) -> bool:
