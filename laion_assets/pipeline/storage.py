@@ -88,8 +88,8 @@ def writer_gone(host: str, pid: int, stale: bool) -> bool:
 def is_abandoned(name: str, modified: float, now: float | None = None) -> bool:
     """Whether the temporary file `name` (see `temporary_name`), last modified at `modified` (epoch
     seconds), was left by a writer that is gone. Older names (a bare random tail, `<name>.tmp-<pid>`)
-    count by age alone."""
-    if _TMP_MARK not in name:
+    count by age alone. Only a hidden name is one: `laion.tmp-v2.csv` is somebody's file."""
+    if not name.startswith(".") or _TMP_MARK not in name:
         return False
     stale = (now or time.time()) - modified > ABANDONED_AFTER.total_seconds()
     pid, _, rest = name.rsplit(_TMP_MARK, 1)[1].partition("-")
@@ -266,13 +266,14 @@ class DatasetStore:
         return self.fs.exists(self.path(relpath))
 
     def list(self, folder: str) -> list[StoredFile]:
-        """Files directly in `folder`, sorted by name; hidden, `_`-prefixed and in-flight ones left out."""
+        """Files directly in `folder`, sorted by name; hidden (in-flight ones among them) and `_`-prefixed
+        ones left out."""
         if not self.fs.isdir(self.path(folder)):
             return []
         found = []
         for entry in self.fs.ls(self.path(folder), detail=True):
             name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-            if entry["type"] != "file" or name.startswith((".", "_")) or _TMP_MARK in name:
+            if entry["type"] != "file" or name.startswith((".", "_")):
                 continue
             found.append(StoredFile(name=name, size=int(entry["size"]), fingerprint=_fingerprint(entry)))
         return sorted(found, key=lambda f: f.name)
