@@ -576,6 +576,8 @@ def _worker(
                 batches[job.shard] = []
             if finished:
                 send.send((job.shard, None))
+                with lock:  # the worker serves the whole run: a shard's block list copy goes with it
+                    del left[job.shard], blocked[job.shard], batches[job.shard]
     except BrokenPipeError:
         return
     send.close()
