@@ -6,6 +6,7 @@ import threading
 import time
 import urllib.request
 from dataclasses import replace
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pytest
@@ -315,6 +316,17 @@ def test_per_host_cap(web, processes):
     _, _, rows = run([web.url(f"/slow/{i}") for i in range(8)], settings)
     assert {r["status"] for r in rows.values()} == {schemas.SUCCESS}
     assert web.max_in_flight == 2  # with two workers: one connection each
+
+
+def test_a_urls_user_and_password_are_not_its_host(web):
+    """`host` (the per-host cap's key, the failing-host reports') is the host alone: credentials in a URL
+    were a host of their own and shown in the UI's top_failing_hosts."""
+    port = urlsplit(web.url("/")).port
+    urls = [f"http://user:secret@127.0.0.1:{port}/404.jpg", f"http://127.0.0.1:{port}/img/red.jpg"]
+    result, _, rows = run(urls)
+    assert {row["host"] for row in rows.values()} == {f"127.0.0.1:{port}"}
+    assert rows[urls[0]]["status"] == schemas.FAILED_TO_DOWNLOAD
+    assert "secret" not in str(result.top_failing_hosts())
 
 
 def test_a_dead_worker_process_costs_its_unfinished_rows_only(web, monkeypatch):

@@ -59,12 +59,15 @@ _AUTHORITY = re.compile(r"[^:/?#]*:?//([^/?#]*)")  # what RFC 3986 calls a URL's
 def url_host(url: str) -> str:
     """The host (with its port, if any) a URL is fetched from: what per-host limits and the failing-host
     reports count by, in the downloader's metadata and the dataset card alike. A malformed authority
-    ("http://[::1/a.jpg", which urlsplit refuses) is taken as written: its row fails, not its shard."""
+    ("http://[::1/a.jpg", which urlsplit refuses) is taken as written: its row fails, not its shard. The
+    user name and password a URL may carry before "@" are not the host's: left out, so that they are
+    neither a host of their own nor shown where hosts are."""
     try:
-        return urlsplit(url).netloc.lower()
+        authority = urlsplit(url).netloc
     except ValueError:
-        authority = _AUTHORITY.match(url)
-        return authority.group(1).lower() if authority else ""
+        found = _AUTHORITY.match(url)
+        authority = found.group(1) if found else ""
+    return authority.rpartition("@")[2].lower()
 
 
 def url_hostname(url: str) -> str | None:
