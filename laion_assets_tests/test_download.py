@@ -329,6 +329,23 @@ def test_a_urls_user_and_password_are_not_its_host(web):
     assert "secret" not in str(result.top_failing_hosts())
 
 
+def test_per_host_cap_holds_across_pipelined_shards(web, processes):
+    """The next shard starts while the last one drains, through the run's workers: a host's cap holds
+    across the two, in this process (a small shard's, or `processes: 1`) as in worker processes. Each
+    shard fetched here had its own fetcher with the whole cap, so two at once made it 4."""
+    settings = replace(FAST, per_host_connections=2, max_in_flight=8, processes=processes)
+    shards = {name: [web.url(f"/slow/{name}{i}") for i in range(8)] for name in ("a", "b")}
+    with download.DownloadWorkers(settings) as workers:
+
+        def fetch(name: str, draining: threading.Event):
+            table = crawl_table(shards[name], shard=name)
+            return download_shard(table, settings, io.BytesIO(), draining=draining, workers=workers)
+
+        results = dict(pipelined(list(shards), fetch))
+    assert [results[name].status_counts()[schemas.SUCCESS] for name in shards] == [8, 8]
+    assert web.max_in_flight == 2
+
+
 def test_a_dead_worker_process_costs_its_unfinished_rows_only(web, monkeypatch):
     monkeypatch.setattr(download, "ROWS_PER_PROCESS", 4)
     settings = replace(FAST, per_host_connections=2, max_in_flight=2, processes=2)

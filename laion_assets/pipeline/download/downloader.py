@@ -16,7 +16,7 @@ the shards that run at once: the next shard starts while the last one drains (`d
 rows go to the same workers, so a host's cap and `max_in_flight` hold across the two. They are forked
 from a server that has this module imported already (multiprocessing's forkserver), so a worker starts
 in milliseconds; a shard of `ROWS_PER_PROCESS` rows or fewer, before any has started, is fetched in the
-caller's process. A run's hosts are looked up here, once for all its shards (`_Resolver`), busiest
+caller's process, alone: the next shard waits for it. A run's hosts are looked up here, once for all its shards (`_Resolver`), busiest
 first, and each job goes to be fetched with its host's answer as soon as that is in, not after the
 shard's last lookup. Samples and records come back to this process, which alone writes each tar.
 Images stream into the tar as they finish; only the small per-row records are held until the parquet
@@ -314,6 +314,8 @@ class DownloadWorkers:
         self._routes: dict[int, _Route] = {}  # shard number -> where its results go
         self._shards = itertools.count()
         self._lock = threading.Lock()
+        # held by a shard fetched in this process for its whole fetch, which has the whole caps to itself
+        self._here = threading.Lock()
         self._stopping = threading.Event()
         self._reader: threading.Thread | None = None
         self._resolver = _Resolver(settings)  # the hosts of all the run's shards
@@ -342,31 +344,23 @@ class DownloadWorkers:
         self, jobs: list[_Job], deadline: float, blocked_images: dict[str, str]
     ) -> Iterator[tuple[dict, bytes | None]]:
         """(record, sample) of each job, in the order they finish. A job goes to be fetched once its host's
-        answer is in (`_hand_out`), so a shard's first requests do not wait for the last of its lookups."""
-        if not self._workers and process_count(self._settings, len(jobs)) == 1:
-            fetching = _Fetching(self._settings)
-
-            def hand_out() -> None:
-                try:
-                    self._hand_out(
-                        {fetching: jobs}, lambda _, ready, answers: fetching.add(ready, deadline, answers)
-                    )
-                finally:
-                    fetching.close()
-
-            threading.Thread(target=hand_out, name="hosts", daemon=True).start()
-            for _, record, sample in _decoded(fetching, self._settings, lambda shard: blocked_images):
-                yield record, sample
-            return
-        with self._lock:
-            workers = self._live_workers(process_count(self._settings, len(jobs)))
-            shard = next(self._shards)
-            route = _Route()
-            for i, worker in enumerate(workers):
-                if part := jobs[i :: len(workers)]:
-                    route.unfinished[worker] = {job.key: replace(job, shard=shard) for job in part}
-            self._routes[shard] = route
-            waiting = len(route.unfinished)  # workers that have not finished their part
+        answer is in (`_hand_out`), so a shard's first requests do not wait for the last of its lookups.
+        A shard fetched in this process (before any worker has started) has its own fetcher with the whole
+        `per_host_connections` and `max_in_flight`: no other shard is fetched beside it, the next one waits
+        for its end, so a host's cap holds across shards here too."""
+        with self._here:
+            if not self._workers and process_count(self._settings, len(jobs)) == 1:
+                yield from self._fetch_here(jobs, deadline, blocked_images)
+                return
+            with self._lock:
+                workers = self._live_workers(process_count(self._settings, len(jobs)))
+                shard = next(self._shards)
+                route = _Route()
+                for i, worker in enumerate(workers):
+                    if part := jobs[i :: len(workers)]:
+                        route.unfinished[worker] = {job.key: replace(job, shard=shard) for job in part}
+                self._routes[shard] = route
+                waiting = len(route.unfinished)  # workers that have not finished their part
         parts = {worker: list(part.values()) for worker, part in route.unfinished.items()}
         for worker, part in parts.items():  # how many jobs of the shard will come, and its blocked images
             self._post(worker, shard, (shard, [], deadline, blocked_images, {}, len(part)))
@@ -385,6 +379,24 @@ class DownloadWorkers:
         finally:
             with self._lock:
                 del self._routes[shard]
+
+    def _fetch_here(
+        self, jobs: list[_Job], deadline: float, blocked_images: dict[str, str]
+    ) -> Iterator[tuple[dict, bytes | None]]:
+        """`fetch` in this process: its own fetcher, and the images decoded on this thread."""
+        fetching = _Fetching(self._settings)
+
+        def hand_out() -> None:
+            try:
+                self._hand_out(
+                    {fetching: jobs}, lambda _, ready, answers: fetching.add(ready, deadline, answers)
+                )
+            finally:
+                fetching.close()
+
+        threading.Thread(target=hand_out, name="hosts", daemon=True).start()
+        for _, record, sample in _decoded(fetching, self._settings, lambda shard: blocked_images):
+            yield record, sample
 
     def _hand_out(
         self, parts: dict[P, list[_Job]], post: Callable[[P, list[_Job], dict[str, HostAnswer]], bool | None]
