@@ -244,6 +244,22 @@ def test_tdmrep_well_known_file_is_read_once_per_site_and_its_first_matching_rul
     assert web.hits["/.well-known/tdmrep.json"] == 1
 
 
+def test_a_tdmrep_location_of_many_wildcards_does_not_hold_the_fetch_loop(web):
+    """A location's `*`s were a regex of `.*`s, which backtracks through every way of placing them on a
+    path it does not match: 8 of them against a 60-character path took 71 s, 12 against this one hours,
+    holding the GIL (every thread of the process waited). Now matched piece by piece, never going back."""
+    hostile = "/tdm-site/" + "*a" * 12 + "*b$"
+    web.tdmrep_json = json.dumps(
+        [{"location": hostile, "tdm-reservation": 1}, {"location": "/tdm-site/*.jpg$", "tdm-reservation": 1}]
+    ).encode()
+    paths = ["/tdm-site/" + "a" * 100 + ".jpg", "/tdm-site/" + "a" * 30 + "b", "/up/c.jpg"]
+    urls = [web.url(path) for path in paths]
+    _, _, rows = run(urls)  # before, it never ended: the regex held the GIL, every thread waited
+    assert [rows[u]["status"] for u in urls] == [schemas.OPTED_OUT, schemas.OPTED_OUT, schemas.SUCCESS]
+    assert rows[urls[0]]["error_message"] == "tdmrep.json: tdm-reservation 1 for /tdm-site/*.jpg$ (TDMRep)"
+    assert rows[urls[1]]["error_message"] == f"tdmrep.json: tdm-reservation 1 for {hostile} (TDMRep)"
+
+
 def test_an_image_goes_ahead_of_a_slow_tdmrep_file_which_still_refuses_it(web):
     """A site file slower than `tdmrep_wait` no longer holds its images back: they are requested while it
     is out (this one answers only once the image has been asked for), and its reservation then refuses

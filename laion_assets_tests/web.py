@@ -82,6 +82,7 @@ class TestWeb:
         self.connections: set[tuple[str, int]] = set()  # the client address of each connection served
         self.down: set[str] = set()  # paths answering 503 until removed
         self.robots_txt = ROBOTS_TXT
+        self.tdmrep_json = TDMREP_JSON
         # /.well-known/tdmrep.json answers only once this path has been asked (None: at once)
         self.site_file_held_until: str | None = None
         self._site_file_released = threading.Event()
@@ -176,7 +177,7 @@ class TestWeb:
                     while web.site_file_held_until and not web._site_file_released.wait(0.05):
                         if web._stop.is_set():
                             return None
-                    return self._send(200, TDMREP_JSON, "application/json")
+                    return self._send(200, web.tdmrep_json, "application/json")
                 if route.startswith(("/private/", "/tdm-site/")):
                     return self._send(200, JPEG)
                 if route == "/404.jpg":

@@ -2,14 +2,13 @@
 
 The file is a JSON array of rules `{"location": pattern, "tdm-reservation": 0 | 1, "tdm-policy": url}`.
 A pattern is a URL path as robots.txt writes one: `*` matches any run of characters, a final `$` anchors
-the end, and otherwise it matches every path it is a prefix of. The first rule whose location matches
-applies. The `tdm-reservation` response header is read by the fetcher itself.
+the end, and otherwise it matches every path it is a prefix of (`path_matches`). The first rule whose
+location matches applies. The `tdm-reservation` response header is read by the fetcher itself.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 
 WELL_KNOWN_PATH = "/.well-known/tdmrep.json"
@@ -20,10 +19,10 @@ class TdmRule:
     location: str
     reserved: bool
     policy: str | None
-    pattern: re.Pattern[str]
+    pattern: str  # the location, starting with "/" or "*"
 
     def matches(self, path: str) -> bool:
-        return self.pattern.match(path) is not None
+        return path_matches(self.pattern, path)
 
 
 def parse_rules(body: bytes) -> list[TdmRule]:
@@ -46,7 +45,7 @@ def parse_rules(body: bytes) -> list[TdmRule]:
                 location=location,
                 reserved=str(entry.get("tdm-reservation", "0")).strip() in ("1", "True", "true"),
                 policy=policy if isinstance(policy, str) else None,
-                pattern=_compile(location),
+                pattern=_pattern(location),
             )
         )
     return rules
@@ -61,10 +60,28 @@ def reservation(rules: list[TdmRule], path: str) -> str | None:
     return f"tdmrep.json: tdm-reservation 1 for {rule.location}{policy} (TDMRep)"
 
 
-def _compile(location: str) -> re.Pattern[str]:
-    anchored = location.endswith("$")
-    body = location[:-1] if anchored else location
-    if not body.startswith(("/", "*")):
-        body = "/" + body
-    regex = ".*".join(re.escape(part) for part in body.split("*"))
-    return re.compile(regex + ("$" if anchored else ""))
+def path_matches(pattern: str, path: str) -> bool:
+    """Whether robots.txt's path `pattern` (`*` any run of characters, a final `$` the end) matches the
+    start of `path`. Piece by piece, each `*`-separated piece at its first place after the last: that
+    finds a match wherever there is one, in linear passes, where a regex of `.*`s backtracks through
+    every placement (12 `*`s on a 100-character path took hours, holding the GIL)."""
+    anchored = pattern.endswith("$")
+    first, *pieces = (pattern[:-1] if anchored else pattern).split("*")
+    if not path.startswith(first):
+        return False
+    if not pieces:
+        return not anchored or path == first
+    position = len(first)
+    *middle, last = pieces
+    for piece in middle:
+        found = path.find(piece, position)
+        if found < 0:
+            return False
+        position = found + len(piece)
+    if anchored:
+        return path.endswith(last) and len(path) - len(last) >= position
+    return path.find(last, position) >= 0
+
+
+def _pattern(location: str) -> str:
+    return location if location.startswith(("/", "*")) else "/" + location
