@@ -195,6 +195,47 @@ def test_a_robots_txt_over_512_kb_is_read_up_to_there(web):
     assert web.hits["/private/big-robots.jpg"] == 0
 
 
+def test_robots_txt_rules_are_matched_as_rfc_9309_says(web):
+    """The most specific rule decides, an Allow on a tie; `*` is any run of characters and a final `$` the
+    end; paths compare percent-encoded alike; a byte order mark starts the file. urllib.robotparser, used
+    before, took the first rule that matched (Allow: / let /private/ through), matched `*` and `$`
+    literally, and lost the BOM's group, so each of the refused URLs here was fetched."""
+    web.robots_txt = (
+        "\ufeffUser-agent: *\n"
+        "Allow: /\n"
+        "Disallow: /private/\n"
+        "Allow: /private/free/\n"
+        "Disallow: /up/*.gif$\n"
+        "Disallow: /up/caf%c3%a9/\n"
+    ).encode()
+    settings = replace(FAST, respect_robots_txt=True, respect_tdm_reservation=False)
+    refused = ["/private/a.jpg", "/up/b.gif", "/up/café/c.jpg"]
+    allowed = ["/private/free/d.jpg", "/up/e.gif?size=large", "/up/f.jpg", "/up/cafe/g.jpg"]
+    urls = [web.url(path) for path in refused + allowed]
+    _, _, rows = run(urls, settings)
+    assert [rows[u]["status"] for u in urls] == [schemas.OPTED_OUT] * 3 + [schemas.SUCCESS] * 4
+    assert rows[urls[0]]["error_message"] == "robots.txt: disallows /private/a.jpg for laion_assets"
+    assert web.hits["/private/a.jpg"] == web.hits["/up/b.gif"] == 0
+
+
+def test_robots_txt_groups_are_ours_by_product_token_and_combined(web):
+    """Our groups are those whose product token is ours, case-insensitively, all of them combined, and a
+    blank line does not end one; the `*` group then does not apply. urllib.robotparser, used before, took
+    `laion` for ours (a substring of laion_assets), kept the first group only, and dropped a group's rules
+    after a blank line."""
+    web.robots_txt = (
+        b"User-agent: *\nDisallow: /\n\n"
+        b"User-agent: laion\nDisallow: /up/\n\n"
+        b"User-agent: LAION_assets\nDisallow: /private/\n\n"
+        b"User-agent: otherbot\nUser-agent: laion_assets\n\nDisallow: /up/blocked/\n"
+    )
+    settings = replace(FAST, respect_robots_txt=True, respect_tdm_reservation=False)
+    urls = [web.url(path) for path in ("/up/a.jpg", "/private/b.jpg", "/up/blocked/c.jpg")]
+    _, _, rows = run(urls, settings)
+    assert [rows[u]["status"] for u in urls] == [schemas.SUCCESS, schemas.OPTED_OUT, schemas.OPTED_OUT]
+    assert rows[urls[2]]["error_message"] == "robots.txt: disallows /up/blocked/c.jpg for laion_assets"
+
+
 def test_robots_txt_that_cannot_be_read_disallows_everything(web):
     """RFC 9309 2.3.1.4: a robots.txt unreachable for a server error means complete disallow."""
     settings = DownloadSettings(**{**FAST.__dict__, "respect_robots_txt": True, "retries": 0})

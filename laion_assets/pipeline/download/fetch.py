@@ -26,12 +26,11 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import SplitResult, urljoin, urlsplit
-from urllib.robotparser import RobotFileParser
 
 import aiodns
 
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.download import http, tdmrep
+from laion_assets.pipeline.download import http, robots, tdmrep
 
 T = TypeVar("T")
 # A site's tdmrep.json still out when an image's request went ahead of it, and the image's path and query
@@ -134,7 +133,7 @@ class Fetcher:
         self._resolving: dict[str, asyncio.Future[Address]] = {}
         self._resolver: aiodns.DNSResolver | None = None  # made on the first lookup, on the running loop
         self._lookup_slots = asyncio.Semaphore(settings.dns_lookups)
-        # per (file, origin): robots.txt (RobotFileParser, None, or why every path is refused), tdmrep.json
+        # per (file, origin): robots.txt (robots.Robots, None, or why every path is refused), tdmrep.json
         self._site_files: dict[tuple[str, str], asyncio.Future[Any]] = {}
         # the caller bounds requests in flight, and per host
         headers = {"User-Agent": self.user_agent, "Accept": "image/*,*/*;q=0.5"}
@@ -305,7 +304,7 @@ class Fetcher:
         if isinstance(address, Fetched):
             return address
         if check_site_rules and self.settings.respect_robots_txt:
-            refusal = await self._robots_refusal(parts, url)
+            refusal = await self._robots_refusal(parts)
             if refusal:
                 return Fetched(schemas.OPTED_OUT, error=refusal)
         if check_site_rules and self.settings.respect_tdm_reservation:
@@ -412,12 +411,12 @@ class Fetcher:
             self._site_files[(path, origin)] = asyncio.ensure_future(load(origin))
         return self._site_files[(path, origin)]
 
-    async def _robots_refusal(self, parts: SplitResult, url: str) -> str | None:
-        """Why robots.txt keeps us from `url`, or None when it allows it."""
-        robots = await asyncio.shield(self._site_file("/robots.txt", parts, self._load_robots))
-        if isinstance(robots, str):
-            return robots
-        if robots is None or robots.can_fetch(self.settings.user_agent_token, url):
+    async def _robots_refusal(self, parts: SplitResult) -> str | None:
+        """Why robots.txt keeps us from the URL of `parts`, or None when it allows it."""
+        rules = await asyncio.shield(self._site_file("/robots.txt", parts, self._load_robots))
+        if isinstance(rules, str):
+            return rules
+        if rules is None or rules.allows(self.settings.user_agent_token, _path_and_query(parts)):
             return None
         return f"robots.txt: disallows {parts.path or '/'} for {self.settings.user_agent_token}"
 
@@ -430,7 +429,7 @@ class Fetcher:
             return []
         return tdmrep.parse_rules(fetched.body) if fetched.status == schemas.SUCCESS else []
 
-    async def _load_robots(self, origin: str) -> RobotFileParser | str | None:
+    async def _load_robots(self, origin: str) -> robots.Robots | str | None:
         """The parsed robots.txt; None (allow all) when there is none (4xx) or it cannot be parsed; the
         refusal of every path when it is unreachable (5xx, 429, timeouts and broken connections), as
         RFC 9309 (2.3.1.4) requires."""
@@ -443,9 +442,7 @@ class Fetcher:
             return None
         if fetched.status != schemas.SUCCESS:
             return None
-        parser = RobotFileParser()
-        parser.parse(fetched.body.decode("utf-8", errors="replace").splitlines())
-        return parser
+        return robots.parse(fetched.body)
 
 
 def fetch_one(url: str, settings: FetchSettings) -> Fetched:
