@@ -4,6 +4,7 @@ import multiprocessing
 import tarfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import replace
 from urllib.parse import urlsplit
@@ -158,6 +159,28 @@ def test_size_filters(web):
     assert (small["original_width"], small["original_height"]) == (50, 40)
     assert wide["error_message"] == "aspect ratio: 10.00 is over max_aspect_ratio=3"
     assert rows[web.url("/img/red.jpg")]["status"] == schemas.SUCCESS
+
+
+def test_x_robots_tag_directives_after_a_user_agent_are_that_agents(web):
+    """`otherbot: noindex, noai` addresses both directives to otherbot, as Google's X-Robots-Tag syntax and
+    img2dataset read it: the agent holds until the next one, and each header starts for all robots again.
+    Before, every directive after the first comma was taken for all robots, and the image opted out. A
+    `name:value` directive (max-image-preview:large) or a date's own comma is no user agent."""
+    cases = {
+        ("otherbot: noindex, noai",): None,
+        ("otherbot: noindex, noimageai, nofollow",): None,
+        ("otherbot: noindex, laion_assets: nofollow, noai",): "X-Robots-Tag: noai",
+        ("unavailable_after: Saturday, 01-Jul-2099 00:00:00 GMT, noai",): "X-Robots-Tag: noai",
+        ("max-image-preview:large, noimageai",): "X-Robots-Tag: noimageai",
+        ("otherbot: nofollow, noai", "noimageai"): "X-Robots-Tag: noimageai",
+    }
+    urls = [
+        web.url("/x-robots-tag.jpg?" + urllib.parse.urlencode({"tag": tags}, doseq=True)) for tags in cases
+    ]
+    _, _, rows = run(urls)
+    for url, error in zip(urls, cases.values(), strict=True):
+        assert rows[url]["status"] == (schemas.OPTED_OUT if error else schemas.SUCCESS), url
+        assert rows[url]["error_message"] == error, url
 
 
 def test_pixel_cap_is_configurable(web):

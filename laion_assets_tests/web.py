@@ -227,6 +227,15 @@ class TestWeb:
                     return self._send(200, JPEG, tdm_reservation="0")
                 if route == "/noai.jpg":
                     return self._send(200, JPEG, X_Robots_Tag="max-image-preview:large, noai")
+                if route == "/x-robots-tag.jpg":  # an X-Robots-Tag header for each `tag` of the query
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/jpeg")
+                    self.send_header("Content-Length", str(len(JPEG)))
+                    for tag in parse_qs(query)["tag"]:
+                        self.send_header("X-Robots-Tag", tag)
+                    self.end_headers()
+                    self.wfile.write(JPEG)
+                    return None
                 if route == "/otherbot-noai.jpg":
                     return self._send(200, JPEG, X_Robots_Tag="otherbot: noai")
                 if route == "/big.jpg":  # declares its size up front

@@ -19,6 +19,7 @@ import datetime
 import email.utils
 import ipaddress
 import math
+import re
 import socket
 import ssl
 import time
@@ -44,6 +45,10 @@ _NOT_IMAGE_TYPES = (
     "application/javascript",
 )
 _ROBOTS_MAX_BYTES = 512 * 1024
+# X-Robots-Tag: the directives written `name: value`, whose name is no user agent (nor is a date's part
+# after its comma, which has a space)
+_VALUED_DIRECTIVES = ("max-snippet", "max-image-preview", "max-video-preview", "unavailable_after")
+_AGENT = re.compile(r"[a-z0-9_*-]+")
 # s: the least time an answer is kept. A TTL of 0 (or an /etc/hosts entry, which c-ares reports as 0)
 # would otherwise cost a lookup per request to the host
 _DNS_MIN_SECONDS = 1.0
@@ -387,17 +392,18 @@ class Fetcher:
         return self._resolver
 
     def _opt_out(self, values: list[str]) -> str | None:
-        """The first opt-out directive addressed to all robots or to our token."""
+        """The first opt-out directive addressed to all robots or to our token: a header's directives are
+        for all robots until a `user-agent:` prefix, whose agent's they are until the next one."""
         token = self.settings.user_agent_token.lower()
         for value in values:
+            ours = True
             for part in value.split(","):
                 directive = part.strip().lower()
                 agent, sep, rest = directive.partition(":")
-                if sep:
-                    if agent.strip() not in (token, "*"):
-                        continue
-                    directive = rest.strip()
-                if directive in self.settings.opt_out_directives:
+                agent = agent.strip()
+                if sep and agent not in _VALUED_DIRECTIVES and _AGENT.fullmatch(agent):
+                    ours, directive = agent in (token, "*"), rest.strip()
+                if ours and directive in self.settings.opt_out_directives:
                     return directive
         return None
 
