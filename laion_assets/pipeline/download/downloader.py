@@ -16,11 +16,11 @@ the shards that run at once: the next shard starts while the last one drains (`d
 rows go to the same workers, so a host's cap and `max_in_flight` hold across the two. They are forked
 from a server that has this module imported already (multiprocessing's forkserver), so a worker starts
 in milliseconds; a shard of `ROWS_PER_PROCESS` rows or fewer, before any has started, is fetched in the
-caller's process, alone: the next shard waits for it. A run's hosts are looked up here, once for all its shards (`_Resolver`), busiest
-first, and each job goes to be fetched with its host's answer as soon as that is in, not after the
-shard's last lookup. Samples and records come back to this process, which alone writes each tar.
-Images stream into the tar as they finish; only the small per-row records are held until the parquet
-is written, sorted by key.
+caller's process, alone: the next shard waits for it. A run's hosts are looked up here, once for all its
+shards (`_Resolver`), busiest first, and each job goes to be fetched with its host's answer as soon as
+that is in, not after the shard's last lookup. Samples and records come back to this process, which
+alone writes each tar. Images stream into the tar as they finish; only the small per-row records are
+held until the parquet is written, sorted by key.
 """
 
 from __future__ import annotations
