@@ -338,6 +338,18 @@ def test_an_ipv4_address_is_preferred_when_the_name_has_both(resolver):
     assert fetch._vetted("dual.example", v6_first, allow_private=False) == PUBLIC
 
 
+def test_an_ipv6_address_carrying_a_private_ipv4_one_is_not_public():
+    """NAT64's well-known prefix, 6to4 and the IPv4-compatible form carry an IPv4 address that a gateway
+    delivers to: Python calls them global, so 64:ff9b::a00:1 (10.0.0.1 through NAT64) passed the guard."""
+    for private in ("64:ff9b::a00:1", "64:ff9b::7f00:1", "2002:a00:1::1", "::10.0.0.1", "::127.0.0.1"):
+        address = ipaddress.ip_address(private)
+        vetted = fetch._vetted("carrier.example", [address], allow_private=False)
+        assert isinstance(vetted, fetch.Fetched) and vetted.status == schemas.BLOCKED, private
+        assert vetted.error.startswith(f"private address: carrier.example resolves to {address} ")
+    for public in ("64:ff9b::808:808", "2002:808:808::1", "2606:4700::1"):
+        assert fetch._vetted("carrier.example", [ipaddress.ip_address(public)], allow_private=False) == public
+
+
 # An answer is kept for its TTL
 
 

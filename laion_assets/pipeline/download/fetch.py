@@ -49,6 +49,7 @@ _ROBOTS_MAX_BYTES = 512 * 1024
 # after its comma, which has a space)
 _VALUED_DIRECTIVES = ("max-snippet", "max-image-preview", "max-video-preview", "unavailable_after")
 _AGENT = re.compile(r"[a-z0-9_*-]+")
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 # s: the least time an answer is kept. A TTL of 0 (or an /etc/hosts entry, which c-ares reports as 0)
 # would otherwise cost a lookup per request to the host
 _DNS_MIN_SECONDS = 1.0
@@ -500,7 +501,23 @@ def _preferred(addresses: list[IPAddress]) -> str:
 
 
 def _is_public(address: IPAddress) -> bool:
+    """Global and not multicast; an IPv6 address that carries an IPv4 one, which a gateway delivers to
+    (`_embedded_ipv4`), only where that one is public too: Python calls 64:ff9b::a00:1 global, and on a
+    NAT64 network it reaches 10.0.0.1."""
+    embedded = _embedded_ipv4(address)
+    if embedded is not None and not _is_public(embedded):
+        return False
     return address.is_global and not address.is_multicast
+
+
+def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address inside an IPv6 one of NAT64's well-known prefix (RFC 6052), 6to4's (RFC 3056)
+    or the deprecated IPv4-compatible form (::a.b.c.d); None for any other."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return None
+    if address in _NAT64 or int(address) >> 32 == 0:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address.sixtofour
 
 
 def _is_ip_literal(host: str) -> bool:
