@@ -350,6 +350,28 @@ def test_an_ipv6_address_carrying_a_private_ipv4_one_is_not_public():
         assert fetch._vetted("carrier.example", [ipaddress.ip_address(public)], allow_private=False) == public
 
 
+def test_a_lookup_in_flight_is_shared_after_one_of_its_waiters_is_cancelled():
+    """A request that gives up on a slow lookup (its deadline) leaves the lookup to the others: the next
+    request for the host waits for it instead of starting a second one."""
+    held = threading.Event()
+    with DnsServer({"held.example": Name([PUBLIC], held=held)}) as dns:
+
+        async def cancel_one_then_resolve() -> fetch.Address:
+            async with Fetcher(asking(FETCH, dns)) as fetcher:
+                first = asyncio.ensure_future(fetcher.resolve("held.example"))
+                while not dns.lookups["held.example"]:
+                    await asyncio.sleep(0.01)
+                first.cancel()
+                await asyncio.gather(first, return_exceptions=True)
+                second = asyncio.ensure_future(fetcher.resolve("held.example"))
+                await asyncio.sleep(0.1)  # a second lookup, if one were made, is asked now
+                held.set()
+                return await second
+
+        assert asyncio.run(cancel_one_then_resolve()) == PUBLIC
+        assert dns.lookups["held.example"] == 1
+
+
 # An answer is kept for its TTL
 
 

@@ -348,12 +348,14 @@ class Fetcher:
         cached = self._addresses.get(host)
         if cached and cached.expiry > time.monotonic():
             return cached.address
-        if host not in self._resolving:
-            self._resolving[host] = asyncio.ensure_future(self._lookup(host))
+        lookup = self._resolving.get(host)
+        if lookup is None or lookup.done():  # done: its waiters were all cancelled, and it is stale
+            lookup = self._resolving[host] = asyncio.ensure_future(self._lookup(host))
         try:
-            return await asyncio.shield(self._resolving[host])
+            return await asyncio.shield(lookup)
         finally:
-            self._resolving.pop(host, None)
+            if lookup.done() and self._resolving.get(host) is lookup:  # not where this waiter was cancelled
+                del self._resolving[host]
 
     async def _lookup(self, host: str) -> Address:
         if _is_ip_literal(host):
