@@ -179,6 +179,21 @@ def test_lists_are_read_by_kind_and_bad_entries_are_reported(local_root):
     assert load_active(store).entries == lists.entries
 
 
+def test_a_text_list_saved_with_a_byte_order_mark_and_crlf_is_read(local_root):
+    """Notepad's UTF-8 begins the file with a BOM: the kind on the first line is still the kind (it was
+    refused as no kind, and the list's entries stayed in the dataset)."""
+    store = DatasetStore(local_root)
+    store.write_bytes(
+        f"{BLOCKLIST}/notepad.txt", "\ufeffurl\r\n# asked by mail\r\nhttp://x.org/a.jpg\r\n".encode()
+    )
+    lists = read_lists(store)
+    assert lists.problems == []
+    assert lists.entries.to_pylist() == [
+        {"list": "notepad", "kind": "url", "entry": url_sha256("http://x.org/a.jpg")}
+    ]
+    assert lists.match_url("http://x.org/a.jpg").list == "notepad"
+
+
 def test_downloads_never_request_a_listed_link_or_domain_and_drop_a_listed_image(web, local_root):
     store = DatasetStore(local_root)
     blue, green = WEB_IMAGES["/img/blue.webp"][1], WEB_IMAGES["/img/green.png"][1]

@@ -177,7 +177,7 @@ def read_lists(store: DatasetStore) -> Blocklist:
 def _cells(name: str, suffix: str, data: bytes) -> tuple[list[tuple[str, str, str]], list[ListProblem]]:
     """(where, kind, value) of each non-empty entry of a list file, and the problems of its layout."""
     if suffix == "txt":
-        return _text_cells(name, data.decode("utf-8", errors="replace"))
+        return _text_cells(name, data.decode("utf-8-sig", errors="replace"))  # as Notepad saves it, too
     if suffix == "csv":
         reader = csv.reader(io.StringIO(data.decode("utf-8-sig", errors="replace")))
         header = next(reader, [])
