@@ -55,6 +55,7 @@ from laion_assets.runner import run_takedown
 from laion_assets.service.app import create_app
 from laion_assets.service.settings import ServiceSettings
 from laion_assets_tests.demo_dataset import DEMO_CLIP, DEMO_SHARDS, build_demo_dataset
+from laion_assets_tests.dns_server import DnsServer, Name
 from laion_assets_tests.service_process import running
 from laion_assets_tests.test_download import FAST, crawl_table
 from laion_assets_tests.test_service import Client
@@ -192,6 +193,40 @@ def test_a_text_list_saved_with_a_byte_order_mark_and_crlf_is_read(local_root):
         {"list": "notepad", "kind": "url", "entry": url_sha256("http://x.org/a.jpg")}
     ]
     assert lists.match_url("http://x.org/a.jpg").list == "notepad"
+
+
+def test_a_domain_entry_matches_its_host_written_in_either_idna_form(web, local_root):
+    """A host is fetched by its A-labels (café.example as xn--caf-dma.example): a domain entry in either
+    form matches a link in either (the link in the other form was requested, and a Unicode entry was
+    refused as no domain)."""
+    store = DatasetStore(local_root)
+    store.write_bytes(f"{BLOCKLIST}/ascii.txt", b"domain\nxn--caf-dma.example\n")
+    store.write_bytes(f"{BLOCKLIST}/unicode.txt", "domain\nB\u00fccher.example\n".encode())
+    lists = read_lists(store)
+    assert lists.problems == []
+    assert sorted(lists.entries.column("entry").to_pylist()) == [
+        "xn--bcher-kva.example",
+        "xn--caf-dma.example",
+    ]
+    urls = [
+        f"http://caf\u00e9.example:{web.port}/img/red.jpg",
+        f"http://cdn.xn--bcher-kva.example:{web.port}/img/blue.webp",
+        f"http://b\u00fccher.example.org:{web.port}/img/green.png",  # not a subdomain: fetched
+    ]
+    names = {
+        name: Name(["127.0.0.1"])
+        for name in ("xn--caf-dma.example", "cdn.xn--bcher-kva.example", "xn--bcher-kva.example.org")
+    }
+    with DnsServer(names) as dns:
+        settings = replace(FAST, dns_servers=(dns.server,), respect_tdm_reservation=False)
+        rows = download_shard(crawl_table(urls), settings, io.BytesIO(), blocklist=lists).table.to_pylist()
+    assert [row["error_message"] for row in rows] == [
+        "on a block list: ascii (domain)",
+        "on a block list: unicode (domain)",
+        None,
+    ]
+    assert web.hits["/img/red.jpg"] == web.hits["/img/blue.webp"] == 0  # never requested
+    assert dict(dns.lookups) == {"xn--bcher-kva.example.org": 1}
 
 
 def test_downloads_never_request_a_listed_link_or_domain_and_drop_a_listed_image(web, local_root):

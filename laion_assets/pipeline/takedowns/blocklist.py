@@ -4,7 +4,7 @@ A list is `<name>.txt`, `<name>.csv` or `<name>.parquet`. Each entry is one of `
 - `url`: a link, exactly as crawled;
 - `url_sha256`, `url_md5`: the hex digest of a link's UTF-8 bytes, so that a list need not hold it in clear;
 - `sha256`, `md5`: the hex digest of an image's downloaded bytes (the images parquet's columns);
-- `domain`: a host and every subdomain of it.
+- `domain`: a host and every subdomain of it; a non-ASCII name matched by its A-labels, as it is fetched.
 
 In a CSV or parquet list each column named after a kind holds entries of that kind; a text list names
 its kind on its first line, then has an entry per line (blank lines and `#` comments skipped). A bad
@@ -16,6 +16,7 @@ file and the removal ledger never hold a listed link in clear.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -29,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from laion_assets.pipeline import schemas
+from laion_assets.pipeline.download.http import ascii_host
 from laion_assets.pipeline.parallel import store_map
 from laion_assets.pipeline.storage import BLOCKLIST, BLOCKLIST_ENTRIES, IMAGES, DatasetStore
 
@@ -115,6 +117,8 @@ class Blocklist:
         shard has far fewer hosts than links (urlsplit per link was most of the matching's time)."""
         if netloc not in self._hosts:
             hostname = (schemas.url_hostname(f"//{netloc}") or "").rstrip(".")  # malformed: no domain
+            with contextlib.suppress(ValueError):  # a name IDNA forbids is never fetched: left as it is
+                hostname = ascii_host(hostname)  # as its fetch names it: café.fr is xn--caf-dma.fr
             domains = self._by_kind[DOMAIN]
             self._hosts[netloc] = next((domains[d] for d in _parent_domains(hostname) if d in domains), None)
         return self._hosts[netloc]
@@ -240,6 +244,8 @@ def normalise(kind: str, value: str) -> tuple[str, str | None]:
             return "", f"not a {kind} hex digest ({_HEX[kind]} hex digits): {value[:80]!r}"
         return digest, None
     domain = value.lower().removeprefix("*.").strip(".")
+    with contextlib.suppress(ValueError):  # an IDNA-forbidden name: not a domain, below
+        domain = ascii_host(domain)  # a non-ASCII name as the hosts it matches are fetched: in A-labels
     if not _DOMAIN.fullmatch(domain):
         return "", f"not a domain: {value[:80]!r}"
     return domain, None
