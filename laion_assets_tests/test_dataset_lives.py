@@ -460,6 +460,32 @@ def test_a_stale_lease_that_another_run_takes_over_first_is_left_to_it(store, mo
     assert holder(store, "w") is None and not store.list(LEASES)
 
 
+_CUT_LEASE = """
+import resource, sys
+from laion_assets.pipeline.leases import shard_lease
+from laion_assets.pipeline.storage import DatasetStore
+store = DatasetStore(sys.argv[1])
+store.write_bytes("_leases/other.json", b"{}")  # the folder is there, as in a store in use
+resource.setrlimit(resource.RLIMIT_FSIZE, (16, 16))  # a full disk: the lease's record is cut at 16 bytes
+with shard_lease(store, "w", "run-cut"):
+    print("held", flush=True)
+"""
+
+
+def test_a_lease_whose_writing_failed_leaves_the_shard_to_a_later_run(local_root):
+    """A run whose lease could not be written whole (a full disk here; SIGKILL between the lease's
+    creation and its record did the same) leaves no lease: it used to leave a cut one, which no reader
+    could parse, and every later run was told the shard is busy, for good."""
+    store = DatasetStore(local_root)
+    cut = subprocess.run([sys.executable, "-c", _CUT_LEASE, store.root], capture_output=True)
+    assert cut.returncode != 0 and b"File too large" in cut.stderr and b"held" not in cut.stdout
+    store.remove_abandoned()
+    assert sorted(p.name for p in Path(store.path(LEASES)).iterdir()) == ["other.json"]
+    with shard_lease(store, "w", "this-run"):
+        assert holder(store, "w")["owner"] == "this-run"
+    assert holder(store, "w") is None
+
+
 _ADD_SECTIONS = """
 import sys, time
 from laion_assets.pipeline.settings import add_missing_sections

@@ -4,8 +4,9 @@ one run at a time adding sections to the dataset's settings (`SETTINGS`).
 
 A second run that reaches a shard whose lease a live writer holds gets `ShardBusy`, naming the holder,
 and leaves the shard alone, so a shard's tar and its parquet always come from one run. The lease is
-created exclusively (O_EXCL locally, a conditional PUT on S3) and renewed by a thread while held; a
-holder that is gone (its process ended, on this host) or silent past its expiry no longer holds it.
+created exclusively and whole (a hard link locally, a conditional PUT on S3) and renewed by a thread
+while held; a holder that is gone (its process ended, on this host) or silent past its expiry no longer
+holds it.
 Taking such a lease over replaces it only if it is still the one found stale (S3: a PUT on its ETag;
 locally: under an flock of the leases folder), so of two runs that found it at once, one holds it and
 the other is told it is busy: removing it first, as before, could remove the lease the other had just
@@ -23,7 +24,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from laion_assets.pipeline.storage import LEASES, DatasetStore, host_name, writer_gone
+from laion_assets.pipeline.storage import LEASES, DatasetStore, host_name, temporary_name, writer_gone
 
 LEASE_SECONDS = 600.0  # how long a lease holds without renewal
 RENEW_SECONDS = 60.0
@@ -139,12 +140,19 @@ def _create(store: DatasetStore, path: str, record: dict) -> bool:
         return True
     target = store.path(path)
     os.makedirs(os.path.dirname(target), exist_ok=True)
+    # written whole under a temporary name, then linked to the lease's name only if that is free: a lease
+    # created empty and then written (O_EXCL) stayed cut where its writer was killed or the disk was full,
+    # unreadable, so no later run could take it over; a temporary file left is removed as abandoned
+    tmp = temporary_name(target)
     try:
-        descriptor = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.link(tmp, target)
     except FileExistsError:
         return False
-    with os.fdopen(descriptor, "wb") as f:
-        f.write(data)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
     return True
 
 
