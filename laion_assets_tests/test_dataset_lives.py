@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
+import pyarrow as pa
 import pytest
 import yaml
 from PIL import Image
@@ -32,7 +33,7 @@ from laion_assets.pipeline.catalog import views as catalog
 from laion_assets.pipeline.dedup.deduplicate import recorded_settings
 from laion_assets.pipeline.leases import REMOVALS, ShardBusy, holder, shard_lease
 from laion_assets.pipeline.lineage import incoming_by_shard
-from laion_assets.pipeline.removal import TAKEN_DOWN, RemovedKeys, finish_interrupted
+from laion_assets.pipeline.removal import TAKEN_DOWN, RemovedKeys, finish_interrupted, remove_keys
 from laion_assets.pipeline.settings import DatasetSettings, load_settings, write_settings
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import (
@@ -237,6 +238,40 @@ def test_a_removal_killed_after_its_pending_ledger_is_completed_once(deduplicate
     ledger = catalog.connect(store).execute(f"{claimed} ORDER BY key", [keys]).fetchall()
     assert [key for (key,) in ledger] == sorted(keys)
     assert _leftovers(store) == []
+
+
+def test_a_removal_that_meets_a_shard_being_written_commits_no_ledger(deduplicated, tmp_path):
+    """A takedown whose shard another live run holds stops with ShardBusy before its ledger: the pending
+    one stays for the next removal, which removes the keys once the shard is free. The committed ledger
+    used to be written (and the pending one removed) before any shard was rewritten: it claimed removals
+    that never happened, and nothing was left to complete them."""
+    store = _copy(deduplicated, tmp_path)
+    shard = DEMO_SHARDS[1]
+    keys = store.read_parquet(PAIRS.parquet(shard), columns=["key"]).column("key").to_pylist()[:3]
+    removals = pa.table({"key": keys, "list": ["l"] * 3, "kind": ["url"] * 3, "entry": keys})
+    ledgers = store.list(TAKEDOWNS)  # dedup's
+    holding = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, store.root, shard, "120"], stdout=subprocess.PIPE
+    )
+    try:
+        assert holding.stdout.readline() == b"holding\n"
+        before = _digests(store, shard)  # its lease among them
+        with pytest.raises(ShardBusy, match="being written by run run-elsewhere"):
+            remove_keys(store, removals, TAKEN_DOWN)
+        assert store.list(TAKEDOWNS) == ledgers and len(store.list(TAKEDOWNS_PENDING)) == 1
+        assert _digests(store, shard) == before  # nothing removed, and no ledger says so
+    finally:
+        holding.send_signal(signal.SIGKILL)
+        holding.wait()
+    (finished,) = finish_interrupted(store)
+    assert finished.removed == 3 and finished.shards == [shard] and not store.list(TAKEDOWNS_PENDING)
+    assert not set(keys) & set(
+        store.read_parquet(PAIRS.parquet(shard), columns=["key"]).column("key").to_pylist()
+    )
+    images = store.read_parquet(IMAGES.parquet(shard)).to_pylist()
+    assert {row["status"] for row in images if row["key"] in keys} == {TAKEN_DOWN}
+    ledger = "SELECT count(*), count(DISTINCT key) FROM takedowns WHERE reason = 'taken_down'"
+    assert catalog.connect(store).sql(ledger).fetchone() == (3, 3)
 
 
 def test_a_takedown_killed_part_way_then_run_again_counts_each_removal_once(deduplicated, tmp_path):

@@ -121,7 +121,7 @@ def _complete(store: DatasetStore, name: str) -> RemovalResult:
         with shard_lease(store, shard, f"removal {name}"):
             return _rewrite_shard(store, shard, by_shard[shard], reason)
 
-    written = store_map(rewrite, sorted(by_shard), STORE_REWRITES)
+    written = list(store_map(rewrite, sorted(by_shard), STORE_REWRITES))  # a generator: the shards, now
     keys, tars = pending.column("key").to_pylist(), pending.column(EXPORT_SHARDS).to_pylist()
     hits = {key: held for key, held in zip(keys, tars, strict=True) if held}
     exported = remove_from_exports(store, hits, reason)
