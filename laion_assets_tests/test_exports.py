@@ -25,7 +25,8 @@ from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.catalog import views
 from laion_assets.pipeline.exports.export import SOURCE_SHARD, ExportSettings, read_manifest, write_export
-from laion_assets.pipeline.removal import DUPLICATE, remove_keys
+from laion_assets.pipeline.leases import ShardBusy
+from laion_assets.pipeline.removal import DUPLICATE, finish_interrupted, remove_keys
 from laion_assets.pipeline.settings import SettingsChanged, load_settings
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import (
@@ -34,6 +35,7 @@ from laion_assets.pipeline.storage import (
     RECAPTIONS,
     SCORES,
     TAKEDOWNS,
+    TAKEDOWNS_PENDING,
     DatasetStore,
     Export,
 )
@@ -229,6 +231,57 @@ def test_a_removal_after_the_export_leaves_no_removed_key_in_any_export_shard(de
     )
     assert duplicate not in {key for key, _ in _export_samples(store, "web")}
     assert read_manifest(store, Export("web"))["removed"][DUPLICATE] == 1
+
+
+_HOLD = """
+import sys
+from laion_assets.pipeline.leases import shard_lease
+from laion_assets.pipeline.storage import DatasetStore
+with shard_lease(DatasetStore(sys.argv[1]), sys.argv[2], "a-download"):
+    print("holding", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_removal_completed_later_leaves_no_removed_key_in_an_export_grown_meanwhile(local_demo, tmp_path):
+    """A takedown left pending (its shard was being written by another run) while an export grew by
+    that shard, whose pairs still held the keys: completing it takes them out of the new export tars too
+    (it went by the tars its pending ledger had named, and the keys stayed in the export)."""
+    store = local_demo
+    later, aside = DEMO_SHARDS[1], tmp_path / "aside"
+    for layer in (PAIRS, RECAPTIONS, SCORES, EMBEDDINGS):  # as if the second shard were not built yet
+        os.makedirs(aside / layer.name)
+        for suffix in ("parquet", "tar"):
+            path = Path(store.path(f"{layer.name}/{later}.{suffix}"))
+            if path.exists():
+                shutil.move(path, aside / layer.name / path.name)
+    settings = ExportSettings("all", shard_size=5, shuffle_buffer=4)
+    assert write_export(store, settings).sources_added == [DEMO_SHARDS[0]]
+    for layer in (PAIRS, RECAPTIONS, SCORES, EMBEDDINGS):
+        for path in (aside / layer.name).iterdir():
+            shutil.move(path, store.path(f"{layer.name}/{path.name}"))
+    keys = store.read_parquet(PAIRS.parquet(later), columns=["key"]).column("key").to_pylist()[:3]
+    removals = pa.table({"key": keys, "list": ["l"] * 3, "kind": ["url"] * 3, "entry": ["a", "b", "c"]})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, store.root, later], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout.readline() == b"holding\n"
+        with pytest.raises(ShardBusy):
+            remove_keys(store, removals, schemas.TAKEN_DOWN)
+    finally:
+        holder.communicate(b"")
+    assert store.list(TAKEDOWNS_PENDING)
+    assert write_export(store, settings).sources_added == [later]  # the pairs held the keys still
+    assert set(keys) <= {key for key, _ in _export_samples(store, "all")}
+    (finished,) = finish_interrupted(store)
+    assert finished.removed == 3 and not store.list(TAKEDOWNS_PENDING)
+    assert not set(keys) & {key for key, _ in _export_samples(store, "all")}
+    manifest = read_manifest(store, Export("all"))
+    assert manifest["removed"] == {schemas.TAKEN_DOWN: 3}
+    assert manifest["samples"] == len(_export_samples(store, "all"))
+    ledger = store.read_parquet(finished.ledger)
+    assert all(tars for tars in ledger.column("export_shards").to_pylist())  # the ledger names them
 
 
 def _keys_of(files: dict[str, bytes]) -> set[str]:

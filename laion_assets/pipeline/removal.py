@@ -123,6 +123,13 @@ def _complete(store: DatasetStore, name: str) -> RemovalResult:
 
     written = list(store_map(rewrite, sorted(by_shard), STORE_REWRITES))  # a generator: the shards, now
     keys, tars = pending.column("key").to_pylist(), pending.column(EXPORT_SHARDS).to_pylist()
+    # looked up again: an export grown or rebuilt since the pending ledger was written took the keys
+    # from pairs that still held them, into tars the ledger does not name
+    found = export_hits(store, keys)
+    tars = [sorted({*(held or []), *found.get(key, [])}) for key, held in zip(keys, tars, strict=True)]
+    pending = pending.set_column(
+        pending.schema.get_field_index(EXPORT_SHARDS), EXPORT_SHARDS, pa.array(tars, pa.list_(pa.string()))
+    )
     hits = {key: held for key, held in zip(keys, tars, strict=True) if held}
     exported = remove_from_exports(store, hits, reason)
     ledger_path = f"{TAKEDOWNS}/{name}"
