@@ -350,6 +350,15 @@ def test_bad_export_settings_name_the_export_and_the_file(local_demo):
     assert not store.exists("exports/x/manifest.json")
 
 
+def test_a_where_that_fails_on_the_rows_names_the_export(local_demo):
+    """A `where` DuckDB binds but cannot evaluate on the rows (a caption cast to a number) is a ValueError
+    naming the export, as one it cannot bind is; no manifest claims what the run began."""
+    store = local_demo
+    with pytest.raises(ValueError, match=r"export 'cast': its query cannot run .*Could not convert string"):
+        write_export(store, ExportSettings("cast", where="CAST(caption AS INTEGER) > 0"))
+    assert not store.exists(Export("cast").manifest)
+
+
 def test_a_keys_file_chooses_the_samples(local_demo):
     store = local_demo
     pairs = views.connect(store).sql("SELECT key FROM pairs ORDER BY key").fetchall()

@@ -253,12 +253,21 @@ def read_keys_file(store: DatasetStore, path: str) -> list[str]:
 def _selected_rows(connection: duckdb.DuckDBPyConnection, settings: ExportSettings, source: str) -> pa.Table:
     """The export's rows of the dataset shard `source`, by key, with `source_shard`. Its keys are
     `<source>-<8 digits>`: the range lets DuckDB skip the other shards' files by their statistics, the
-    length keeps out a shard whose name starts with this one's."""
-    table = connection.execute(
-        f"SELECT * FROM ({settings.selection_sql()}) "
-        "WHERE key BETWEEN ? AND ? AND length(key) = ? ORDER BY key",
-        [f"{source}-00000000", f"{source}-99999999", len(source) + 9],
-    ).to_arrow_table()
+    length keeps out a shard whose name starts with this one's. ValueError naming the export where its
+    `where` fails on the rows (a cast of a caption), which the schema's check (no rows) cannot see."""
+    import duckdb  # loaded already: _selection_connection made the connection
+
+    try:
+        table = connection.execute(
+            f"SELECT * FROM ({settings.selection_sql()}) "
+            "WHERE key BETWEEN ? AND ? AND length(key) = ? ORDER BY key",
+            [f"{source}-00000000", f"{source}-99999999", len(source) + 9],
+        ).to_arrow_table()
+    except duckdb.Error as exc:
+        raise ValueError(
+            f"export {settings.name!r}: its query cannot run on shard {source} ({settings.selection_sql()}): "
+            f"{exc}"
+        ) from exc
     return table.append_column(SOURCE_SHARD, pa.array([source] * table.num_rows, pa.string()))
 
 
