@@ -359,6 +359,24 @@ def test_a_where_that_fails_on_the_rows_names_the_export(local_demo):
     assert not store.exists(Export("cast").manifest)
 
 
+def test_a_where_is_one_expression_and_cannot_escape_its_parentheses(local_demo):
+    """A `where` that closes the parentheses it is put in (`true) OR (true`) chose every pair, keys file
+    or not, or broke the query after the check; it is refused, naming the export. A comment on a line of
+    its own and quotes are still one expression."""
+    store = local_demo
+    keys = [
+        key for (key,) in views.connect(store).sql("SELECT key FROM pairs ORDER BY key LIMIT 3").fetchall()
+    ]
+    store.write_bytes("lists/three.txt", "\n".join(keys).encode())
+    for where in ("true) OR (true", "true) --", "true); SELECT 1 AS key; --"):
+        with pytest.raises(ValueError, match=r"export 'three': its where is not one SQL expression"):
+            write_export(store, ExportSettings("three", where=where, keys_file="lists/three.txt"))
+        assert not store.exists(Export("three").manifest)
+    where = "-- the listed ones\ncaption != 'it''s'"
+    write_export(store, ExportSettings("three", where=where, keys_file="lists/three.txt"))
+    assert sorted(key for key, _ in _export_samples(store, "three")) == keys
+
+
 def test_a_keys_file_chooses_the_samples(local_demo):
     store = local_demo
     pairs = views.connect(store).sql("SELECT key FROM pairs ORDER BY key").fetchall()

@@ -220,6 +220,13 @@ def _selection_connection(
     its query once."""
     import duckdb  # where it queries: see catalog.views
 
+    if settings.where.strip():
+        try:  # alone, so that it cannot close the parentheses selection_sql puts it in (`true) OR (true`)
+            duckdb.SQLExpression(settings.where)
+        except duckdb.Error as exc:
+            raise ValueError(
+                f"export {settings.name!r}: its where is not one SQL expression ({settings.where!r}): {exc}"
+            ) from exc
     connection = views.connect(store)
     if settings.keys_file:
         connection.register(_KEYS_TABLE, pa.table({"key": read_keys_file(store, settings.keys_file)}))
