@@ -337,6 +337,70 @@ def test_a_killed_export_leaves_nothing_a_later_run_keeps(local_demo):
     }
 
 
+def _removal_killed_in_its_shard_rewrites(store: DatasetStore, key: str) -> None:
+    """SIGKILL a takedown of `key`, holding the removals' lease as the asset does, once it has begun to
+    rewrite the dataset's shards."""
+    script = textwrap.dedent(
+        f"""
+        import time
+        import pyarrow as pa
+        from laion_assets.pipeline import removal
+        from laion_assets.pipeline.leases import REMOVALS, shard_lease
+        from laion_assets.pipeline.storage import DatasetStore
+        def stall(*args):
+            print("rewriting", flush=True)
+            time.sleep(600)
+        removal._rewrite_shard = stall
+        store = DatasetStore({store.root!r})
+        removals = pa.table({{"key": [{key!r}], "list": ["l"], "kind": ["url"], "entry": ["e"]}})
+        with shard_lease(store, REMOVALS, "killed"):
+            removal.remove_keys(store, removals, removal.TAKEN_DOWN)
+        """
+    )
+    remover = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert remover.stdout.readline().strip() == "rewriting"
+    finally:
+        remover.send_signal(signal.SIGKILL)
+        remover.wait()
+
+
+def test_a_removal_killed_in_its_shard_rewrites_is_pending_and_completed_by_the_next(local_demo):
+    """The removal's ledger is committed only after the shards and exports are rewritten: killed while it
+    rewrites, it leaves its pending ledger and no ledger that claims the key gone, and the next removal
+    (`finish_interrupted`) takes the key out of the pairs and the export."""
+    store = local_demo
+    write_export(store, ExportSettings("web", shard_size=6))
+    key = sorted(key for key, _ in _export_samples(store, "web"))[0]
+    _removal_killed_in_its_shard_rewrites(store, key)
+    assert store.list(TAKEDOWNS_PENDING) and not store.list(TAKEDOWNS)
+    (finished,) = finish_interrupted(store)
+    connection = views.connect(store)
+    assert connection.sql(f"SELECT count(*) FROM pairs WHERE key = '{key}'").fetchone()[0] == 0
+    assert key not in {k for k, _ in _export_samples(store, "web")} and finished.removed == 1
+    assert connection.sql("SELECT count(*) FROM takedowns").fetchone()[0] == 1
+
+
+def test_an_export_written_while_a_removal_is_pending_loses_the_key_when_it_completes(local_demo):
+    """A removal killed in its shard rewrites names the export tars that held its keys when it began;
+    an export written before the next run completes it (its lease is a dead process's) took the key from
+    the pairs not yet rewritten. Completing the removal takes the key out of that export too."""
+    store = local_demo
+    write_export(store, ExportSettings("web", shard_size=6))
+    key = sorted(key for key, _ in _export_samples(store, "web"))[0]
+    _removal_killed_in_its_shard_rewrites(store, key)
+    write_export(store, ExportSettings("late", shard_size=6))
+    assert key in {k for k, _ in _export_samples(store, "late")}
+    assert len(finish_interrupted(store)) == 1
+    for name in ("web", "late"):
+        assert key not in {k for k, _ in _export_samples(store, name)}, name
+        assert read_manifest(store, Export(name))["removed"] == {schemas.TAKEN_DOWN: 1}
+    connection = views.connect(store)
+    assert connection.sql("SELECT count(*) FROM export_samples JOIN takedowns USING (key)").fetchone()[0] == 0
+    (held,) = connection.sql("SELECT export_shards FROM takedowns").fetchone()
+    assert sorted(Path(tar).parent.name for tar in held) == ["late", "web"]
+
+
 def test_bad_export_settings_name_the_export_and_the_file(local_demo):
     store = local_demo
     with pytest.raises(ValueError, match=r"export 'x': its query cannot run .*no_such_column"):
