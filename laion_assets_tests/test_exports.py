@@ -143,24 +143,35 @@ def test_an_export_holds_the_chosen_pairs_in_shuffled_tars_of_a_fixed_size(demo_
     }
 
 
+_BUILT_AFTER_DOWNLOAD = (PAIRS, RECAPTIONS, SCORES, EMBEDDINGS)
+
+
+def _set_aside(store: DatasetStore, shard: str, aside: Path) -> None:
+    """`shard`'s layers after the download moved into `aside`, as if they were not built yet."""
+    for layer in _BUILT_AFTER_DOWNLOAD:
+        os.makedirs(aside / layer.name)
+        for suffix in ("parquet", "tar"):
+            path = Path(store.path(f"{layer.name}/{shard}.{suffix}"))
+            if path.exists():
+                shutil.move(path, aside / layer.name / path.name)
+
+
+def _put_back(store: DatasetStore, aside: Path) -> None:
+    for layer in _BUILT_AFTER_DOWNLOAD:
+        for path in (aside / layer.name).iterdir():
+            shutil.move(path, store.path(f"{layer.name}/{path.name}"))
+
+
 def test_an_export_grows_by_new_shards_and_never_rewrites_those_it_wrote(local_demo, tmp_path):
     store = local_demo
     later, aside = DEMO_SHARDS[1], tmp_path / "aside"
-    aside.mkdir()
-    for layer in (PAIRS, RECAPTIONS, SCORES, EMBEDDINGS):  # as if the second shard were not built yet
-        os.makedirs(aside / layer.name)
-        for suffix in ("parquet", "tar"):
-            path = Path(store.path(f"{layer.name}/{later}.{suffix}"))
-            if path.exists():
-                shutil.move(path, aside / layer.name / path.name)
+    _set_aside(store, later, aside)  # as if the second shard were not built yet
     settings = ExportSettings("all", shard_size=5, shuffle_buffer=4)
     first = write_export(store, settings)
     before = _files(store, Export("all").folder)
     assert first.rebuilt and first.sources_added == [DEMO_SHARDS[0]]
     assert write_export(store, settings).shards_added == []  # nothing new: nothing written
-    for layer in (PAIRS, RECAPTIONS, SCORES, EMBEDDINGS):
-        for path in (aside / layer.name).iterdir():
-            shutil.move(path, store.path(f"{layer.name}/{path.name}"))
+    _put_back(store, aside)
     grown = write_export(store, settings)
     assert grown.sources_added == [later] and not grown.rebuilt
     assert grown.shards_added[0] == f"{len(first.shards_added):05d}"
@@ -249,17 +260,10 @@ def test_a_removal_completed_later_leaves_no_removed_key_in_an_export_grown_mean
     (it went by the tars its pending ledger had named, and the keys stayed in the export)."""
     store = local_demo
     later, aside = DEMO_SHARDS[1], tmp_path / "aside"
-    for layer in (PAIRS, RECAPTIONS, SCORES, EMBEDDINGS):  # as if the second shard were not built yet
-        os.makedirs(aside / layer.name)
-        for suffix in ("parquet", "tar"):
-            path = Path(store.path(f"{layer.name}/{later}.{suffix}"))
-            if path.exists():
-                shutil.move(path, aside / layer.name / path.name)
+    _set_aside(store, later, aside)  # as if the second shard were not built yet
     settings = ExportSettings("all", shard_size=5, shuffle_buffer=4)
     assert write_export(store, settings).sources_added == [DEMO_SHARDS[0]]
-    for layer in (PAIRS, RECAPTIONS, SCORES, EMBEDDINGS):
-        for path in (aside / layer.name).iterdir():
-            shutil.move(path, store.path(f"{layer.name}/{path.name}"))
+    _put_back(store, aside)
     keys = store.read_parquet(PAIRS.parquet(later), columns=["key"]).column("key").to_pylist()[:3]
     removals = pa.table({"key": keys, "list": ["l"] * 3, "kind": ["url"] * 3, "entry": ["a", "b", "c"]})
     holder = subprocess.Popen(
