@@ -297,6 +297,16 @@ def _keys_of(files: dict[str, bytes]) -> set[str]:
     }
 
 
+def _kill_once_it_prints(script: str, line: str) -> None:
+    """Runs `script` in a Python process of its own and SIGKILLs it once it has printed `line`."""
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == line
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+
 def test_a_killed_export_leaves_nothing_a_later_run_keeps(local_demo):
     """SIGKILL the writer in its third shard of a first build: no manifest claims them, and the next run
     removes them and writes the export exactly as a clean run does."""
@@ -316,12 +326,7 @@ def test_a_killed_export_leaves_nothing_a_later_run_keeps(local_demo):
         export.write_export(DatasetStore({store.root!r}), export.ExportSettings("all", shard_size=4))
         """
     )
-    writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert writer.stdout.readline().strip() == "two shards"
-    finally:
-        writer.send_signal(signal.SIGKILL)
-        writer.wait()
+    _kill_once_it_prints(script, "two shards")
     export = Export("all")
     assert (
         not store.exists(export.manifest)
@@ -361,12 +366,7 @@ def _removal_killed_in_its_shard_rewrites(store: DatasetStore, key: str) -> None
             removal.remove_keys(store, removals, removal.TAKEN_DOWN)
         """
     )
-    remover = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert remover.stdout.readline().strip() == "rewriting"
-    finally:
-        remover.send_signal(signal.SIGKILL)
-        remover.wait()
+    _kill_once_it_prints(script, "rewriting")
 
 
 def test_a_removal_killed_in_its_shard_rewrites_is_pending_and_completed_by_the_next(local_demo):
