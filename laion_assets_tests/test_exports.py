@@ -162,6 +162,26 @@ def _put_back(store: DatasetStore, aside: Path) -> None:
             shutil.move(path, store.path(f"{layer.name}/{path.name}"))
 
 
+def test_a_shard_waits_for_a_layer_the_others_have_before_it_is_read(local_demo, tmp_path):
+    """A shard whose recaptions are not built yet (failed, or still running) while the others' are is left
+    for a later run: read at once, its pairs had no re_caption and were skipped, and the shard, listed as
+    read, never came back into the export once its recaptions were built."""
+    store = local_demo
+    later = DEMO_SHARDS[1]
+    recaptions = Path(store.path(f"{RECAPTIONS.name}/{later}.parquet"))
+    shutil.move(recaptions, tmp_path / recaptions.name)
+    settings = ExportSettings("recap", caption="re_caption", shard_size=7)
+    first = write_export(store, settings)
+    assert first.sources_added == [DEMO_SHARDS[0]] and first.waiting == {later: [RECAPTIONS.name]}
+    shutil.move(tmp_path / recaptions.name, recaptions)
+    grown = write_export(store, settings)
+    assert grown.sources_added == [later] and grown.waiting == {}
+    recaptioned = views.connect(store).sql(
+        "SELECT count(*) FROM annotated_pairs WHERE re_caption IS NOT NULL"
+    )
+    assert len(_export_samples(store, "recap")) == recaptioned.fetchone()[0]
+
+
 def test_an_export_grows_by_new_shards_and_never_rewrites_those_it_wrote(local_demo, tmp_path):
     store = local_demo
     later, aside = DEMO_SHARDS[1], tmp_path / "aside"

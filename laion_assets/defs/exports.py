@@ -70,7 +70,12 @@ def training_shards(
             f"export {result.name}: {result.samples_added} samples in {len(result.shards_added)} new shards "
             f"from {len(result.sources_added)} dataset shards" + (" (rebuilt)" if result.rebuilt else "")
         )
-    added = [(r.name, len(r.sources_added), len(r.shards_added), r.samples_added, r.rebuilt) for r in results]
+        for shard, layers in result.waiting.items():
+            context.log.warning(f"export {result.name}: shard {shard} waits for its {' and '.join(layers)}")
+    added = [
+        (r.name, len(r.sources_added), len(r.shards_added), r.samples_added, r.rebuilt, len(r.waiting))
+        for r in results
+    ]
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": sum(r.manifest.get("samples", 0) for r in results),
@@ -78,7 +83,10 @@ def training_shards(
                 markdown.table(SUMMARY_COLUMNS, summary_rows([r.manifest for r in results]), width=200)
             ),
             "this_run": dg.MetadataValue.md(
-                markdown.table(["export", "sources read", "shards added", "samples added", "rebuilt"], added)
+                markdown.table(
+                    ["export", "sources read", "shards added", "samples added", "rebuilt", "shards waiting"],
+                    added,
+                )
             ),
             "settings": dg.MetadataValue.json([dataclasses.asdict(export) for export in settings]),
             "path": dg.MetadataValue.path(dataset.url(EXPORTS)),

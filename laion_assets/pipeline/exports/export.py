@@ -12,7 +12,10 @@ The shuffle is DataComp's resharder's: the source shards in a seeded order, each
 shuffle buffer of `shuffle_buffer` samples, so memory holds the buffer, never the export.
 
 An export grows with the dataset: a run reads only the source shards its manifest does not list, and
-appends shards after the last (so each append may leave one shard short of `shard_size`). Nothing
+appends shards after the last (so each append may leave one shard short of `shard_size`). A shard that
+lacks a layer `annotated_pairs` joins (`scores`, `recaptions`) which the dataset builds for other
+shards waits for it (`waiting`): read before, its rows would have had no recaption or no score, and it
+would never have been read again. Nothing
 written is rewritten unless asked (`reshuffle`), and an export built with other settings refuses to
 grow until then. A removal (takedown or dedup, `pipeline/removal.py`) rewrites the shards that hold a
 removed key (`export_hits`, `remove_from_exports`).
@@ -42,7 +45,7 @@ from laion_assets.pipeline.catalog import views
 from laion_assets.pipeline.pairs.filter import stored_pair_shards
 from laion_assets.pipeline.settings import SettingsChanged, differences
 from laion_assets.pipeline.shard_tar import TarShardWriter, drop_samples, encode_sample, read_samples
-from laion_assets.pipeline.storage import EMBEDDINGS, EXPORTS, PAIRS, DatasetStore, Export
+from laion_assets.pipeline.storage import EMBEDDINGS, EXPORTS, PAIRS, RECAPTIONS, SCORES, DatasetStore, Export
 from laion_assets.pipeline.tables import without_keys
 
 if TYPE_CHECKING:
@@ -101,6 +104,7 @@ class ExportResult:
     shards_added: list[str] = field(default_factory=list)  # the tars this run wrote, by name (`00003`)
     samples_added: int = 0
     rebuilt: bool = False  # written anew (first run, or `reshuffle`)
+    waiting: dict[str, list[str]] = field(default_factory=dict)  # shard -> the layers it waits for
 
 
 def read_manifest(store: DatasetStore, export: Export) -> dict[str, Any] | None:
@@ -146,6 +150,8 @@ def write_export(store: DatasetStore, settings: ExportSettings, reshuffle: bool 
         manifest = _new_manifest(settings)
     _remove_unlisted(store, export, manifest)
     sources = sorted(set(stored_pair_shards(store, f"export {settings.name!r}")) - manifest["sources"].keys())
+    waiting = _waiting(store, sources)
+    sources = [source for source in sources if source not in waiting]
     rng = random.Random(f"{settings.seed}:{len(manifest['appends'])}")
     rng.shuffle(sources)
     connection, schema = _selection_connection(store, settings)
@@ -178,7 +184,21 @@ def write_export(store: DatasetStore, settings: ExportSettings, reshuffle: bool 
             }
         )
         _write_manifest(store, export, manifest)
-    return ExportResult(settings.name, manifest, sources, shards_added, added, rebuilt)
+    return ExportResult(settings.name, manifest, sources, shards_added, added, rebuilt, waiting)
+
+
+def _waiting(store: DatasetStore, sources: list[str]) -> dict[str, list[str]]:
+    """The `sources` that lack a layer the export's rows join (scores, recaptions) which some other shard
+    of the dataset has, and those layers: not read until they are built."""
+    waiting: dict[str, list[str]] = {}
+    for layer in (SCORES, RECAPTIONS):
+        built = {
+            f.name.removesuffix(".parquet") for f in store.list(layer.name) if f.name.endswith(".parquet")
+        }
+        for source in sources:
+            if built and source not in built:
+                waiting.setdefault(source, []).append(layer.name)
+    return waiting
 
 
 def _new_manifest(settings: ExportSettings) -> dict[str, Any]:
