@@ -6,6 +6,7 @@ import io
 import json
 import re
 import shutil
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,13 +24,14 @@ from laion_assets.defs.search import search_index
 from laion_assets.defs.takedowns import blocklist, blocklist_sensor, takedowns
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.catalog import views as duckdb_catalog
-from laion_assets.pipeline.download.downloader import download_shard
+from laion_assets.pipeline.download.downloader import download_shard, write_images
 from laion_assets.pipeline.embeddings.clip import ClipEncoder
 from laion_assets.pipeline.removal import DUPLICATE, RemovedKeys, remove_keys
 from laion_assets.pipeline.settings import load_settings
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import (
     BLOCKLIST,
+    CRAWL_METADATA,
     EMBEDDINGS,
     IMAGES,
     PAIRS,
@@ -57,7 +59,7 @@ from laion_assets.service.settings import ServiceSettings
 from laion_assets_tests.demo_dataset import DEMO_CLIP, DEMO_SHARDS, build_demo_dataset
 from laion_assets_tests.dns_server import DnsServer, Name
 from laion_assets_tests.service_process import running
-from laion_assets_tests.test_download import FAST, crawl_table
+from laion_assets_tests.test_download import FAST, crawl_table, wait_until
 from laion_assets_tests.test_service import Client
 from laion_assets_tests.web import IMAGES as WEB_IMAGES
 
@@ -268,6 +270,33 @@ def test_downloads_never_request_a_listed_link_or_domain_and_drop_a_listed_image
     tar_keys = [key for key, _ in read_samples(io.BytesIO(tar.getvalue()))]
     assert sorted(tar_keys) == [row["key"] for row in rows[4:]]
     assert result.table.num_rows == len(urls)  # no row goes missing
+
+
+def test_a_list_recorded_while_a_shard_downloads_takes_its_rows_down(web, local_root):
+    """The lists recorded while a shard is fetched apply to its rows too: the download checked those it
+    had loaded, and a takedown that ran meanwhile read the shard's rows from before (or none) and runs
+    again only when the lists change, so the listed image stayed in the shard."""
+    store = DatasetStore(local_root)
+    blue = WEB_IMAGES["/img/blue.webp"][1]
+    urls = [web.url("/img/blue.webp"), web.url("/up/kept.jpg"), *(web.url(f"/slow/{i}") for i in range(4))]
+    store.write_parquet(CRAWL_METADATA.parquet("s"), crawl_table(urls))
+
+    def record_a_list_once_the_download_has_begun() -> None:
+        wait_until(lambda: web.hits["/img/blue.webp"])
+        store.write_bytes(f"{BLOCKLIST}/late.csv", f"sha256\n{hashlib.sha256(blue).hexdigest()}\n".encode())
+        write_active(store, read_lists(store))
+
+    recorder = threading.Thread(target=record_a_list_once_the_download_has_begun)
+    recorder.start()
+    result = write_images(store, "s", FAST)
+    recorder.join()
+    rows = store.read_parquet(IMAGES.parquet("s")).to_pylist()
+    assert [row["status"] for row in rows] == [schemas.TAKEN_DOWN] + [schemas.SUCCESS] * 5
+    assert rows[0]["error_message"] == "on a block list: late (sha256)" and rows[0]["url"] is None
+    with store.open(IMAGES.tar("s")) as tar:
+        assert sorted(key for key, _ in read_samples(tar)) == [row["key"] for row in rows[1:]]
+    assert result.status_counts()[schemas.TAKEN_DOWN] == 1
+    assert find_matches(store, load_active(store)).num_rows == 0  # nothing left for a takedown
 
 
 def test_retry_failed_takes_down_the_kept_rows_a_list_names_since(web, local_root):

@@ -59,7 +59,7 @@ from laion_assets.pipeline.download.imaging import (
     process_image,
 )
 from laion_assets.pipeline.lineage import inherited_footer
-from laion_assets.pipeline.shard_tar import TarShardWriter, encode_sample, read_samples
+from laion_assets.pipeline.shard_tar import TarShardWriter, drop_samples, encode_sample, read_samples
 from laion_assets.pipeline.storage import CRAWL_METADATA, IMAGES, DatasetStore
 from laion_assets.pipeline.takedowns.blocklist import Blocklist, load_active
 
@@ -200,7 +200,8 @@ def write_images(
     """`images/<shard>.tar` and `images/<shard>.parquet` from the shard's crawl_metadata; with
     `settings.retry_failed`, only the rows that failed to download last time are fetched again. The block
     lists the `blocklist` asset last recorded apply: a listed link or domain is not requested, a listed
-    image is dropped once fetched; both rows get status `taken_down`."""
+    image is dropped once fetched; both rows get status `taken_down`. So are the rows that lists recorded
+    while the shard was fetched name (`_listed_meanwhile`)."""
     crawl = store.read_parquet(CRAWL_METADATA.parquet(shard))
     tar_path, parquet_path = IMAGES.tar(shard), IMAGES.parquet(shard)
     with contextlib.ExitStack() as stack:
@@ -210,9 +211,33 @@ def write_images(
         tar_out = stack.enter_context(store.atomic_write(tar_path))
         blocklist = load_active(store)
         result = download_shard(crawl, settings, tar_out, previous, progress, blocklist, draining, workers)
+    result = _listed_meanwhile(store, blocklist, result, tar_path)
     footer = {**inherited_footer(crawl), names.SETTINGS_FOOTER: json.dumps(asdict(settings))}
     store.write_parquet(parquet_path, result.table, metadata=footer, **schemas.IMAGES_PARQUET_OPTIONS)
     return result
+
+
+def _listed_meanwhile(
+    store: DatasetStore, used: Blocklist, result: DownloadResult, tar_path: str
+) -> DownloadResult:
+    """`result` with the rows that the lists recorded since `used` was loaded name taken down, and their
+    samples dropped from the tar (written already): a takedown that ran meanwhile found this shard's
+    rows from before, or none, and runs again only when the lists change, so it would never see these."""
+    active = load_active(store)
+    if active.entries.equals(used.entries):
+        return result
+    rows = result.table.to_pylist()
+    taken = set()
+    for row in rows:
+        if row["status"] != schemas.TAKEN_DOWN and (
+            match := active.match_row(row["url"], row["host"], row["sha256"], row["md5"])
+        ):
+            schemas.take_down(row, match.why)
+            taken.add(row["key"])
+    if not taken:
+        return result
+    drop_samples(store, tar_path, taken)
+    return replace(result, table=pa.Table.from_pylist(rows, schema=result.table.schema))
 
 
 def download_shard(
