@@ -372,3 +372,23 @@ def test_checks_fail_on_broken_shards(local_root):
     other_host = good.set_column(good.schema.get_field_index("host"), "host", pa.array(["y.org"] * 2))
     store.write_parquet("pairs/s.parquet", other_host.cast(schemas.PAIRS))
     assert pairs_follow_the_contract(store, "s").description == "shard s: host_not_of_url: 2"
+
+
+def test_the_contract_check_passes_a_shard_the_datacomp_basic_filter_emptied(local_root):
+    """Every pair of a shard removed under `datacomp-basic`: its empty pairs follow the contract. The check
+    summed the filter's empty mask (null, not 0) and raised a TypeError, failing the shard's run."""
+    import dataclasses
+    import json
+
+    from laion_assets.defs.pairs import follows_the_contract as pairs_follow_the_contract
+    from laion_assets.pipeline.storage import DatasetStore
+
+    settings = PairsSettings(preset="datacomp-basic")
+    rows = [{"caption": "two words"}, {"caption": "tiny", "ow": 640, "oh": 100}]
+    result = build_pairs(*shard(rows), settings, CATEGORIES, scores(2, language=["en", "en"]))
+    assert result.table.num_rows == 0 and result.removed["datacomp_basic"] == 1
+    store = DatasetStore(local_root)
+    footer = {names.PAIRS_SETTINGS_FOOTER: json.dumps(dataclasses.asdict(settings))}  # as write_pairs has it
+    store.write_parquet("pairs/s.parquet", result.table, metadata=footer)
+    check = pairs_follow_the_contract(store, "s")
+    assert check.passed and check.description is None

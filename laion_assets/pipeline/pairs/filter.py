@@ -541,6 +541,6 @@ def rule_violations(table: pa.Table, settings: PairsSettings) -> dict[str, int]:
     if settings.deduplicate:
         violations["duplicate_url_caption"] = table.num_rows - keep_first(table, ["url", "caption"]).num_rows
         violations["duplicate_sha256"] = table.num_rows - keep_first(table, ["sha256"]).num_rows
-    if settings.datacomp_basic_filter:
-        violations["datacomp_basic"] = table.num_rows - pc.sum(_datacomp_basic(table)).as_py()
+    if settings.datacomp_basic_filter:  # the sum of an empty mask is null, not 0
+        violations["datacomp_basic"] = table.num_rows - (pc.sum(_datacomp_basic(table)).as_py() or 0)
     return violations
