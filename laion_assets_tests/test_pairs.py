@@ -92,6 +92,14 @@ def test_top_fraction_keeps_the_best():
     assert result.removed["low_similarity"] == 3
 
 
+def test_top_fraction_keeps_no_extra_row_for_float_error():
+    """7 % of 100 rows is 7 of them: 0.07 * 100 is 7.000000000000001 in floats, whose ceiling kept 8."""
+    rows = [{"similarity": 0.2 + i / 1000} for i in range(100)]  # the best last
+    result = run(rows, top_fraction=0.07)
+    assert kept(result) == list(range(93, 100)) and result.removed["low_similarity"] == 93
+    assert kept(run(rows[:50], top_fraction=0.14)) == list(range(43, 50))  # 0.14 * 50: 7.000000000000001
+
+
 def test_caption_length_either_side():
     result = run([{"caption": "abcde"}, {"caption": "abcd"}])
     assert kept(result) == [0] and result.removed["short_caption"] == 1

@@ -470,7 +470,8 @@ def _datacomp_basic(table: pa.Table) -> pa.Array:
 def _similarity_rule(similarity: pa.ChunkedArray, settings: PairsSettings) -> pa.Array:
     if settings.top_fraction <= 0:
         return pc.greater_equal(similarity, settings.min_similarity)
-    keep_count = math.ceil(settings.top_fraction * len(similarity))
+    # rounded first: in floats 0.07 * 100 is 7.000000000000001, whose ceiling would keep a row more
+    keep_count = math.ceil(round(settings.top_fraction * len(similarity), 9))
     values = np.nan_to_num(similarity.to_numpy(zero_copy_only=False).astype(np.float64), nan=-np.inf)
     order = np.argsort(-values, kind="stable")  # ties keep key order
     keep = np.zeros(len(values), bool)
