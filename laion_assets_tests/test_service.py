@@ -1,7 +1,9 @@
 """The CLIP service on a real uvicorn server on a free loopback port, with real models."""
 
 import base64
+import io
 import json
+import struct
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,6 +14,7 @@ import pytest
 import schemathesis
 import torch
 import urllib3
+from PIL import Image
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -170,6 +173,13 @@ def test_compare_gives_cosine_similarities(service, encoder):
     assert service.ok("/clip/compare", body)["similarity"] == [pytest.approx(1.0, abs=TOLERANCE)]
 
 
+def dds_of_an_unknown_format() -> bytes:
+    """A DDS file whose pixel-format flags Pillow does not know: Image.open raises NotImplementedError."""
+    out = io.BytesIO()
+    Image.new("RGBA", (8, 8)).save(out, "DDS")
+    return out.getvalue()[:80] + struct.pack("<I", 0x2000) + out.getvalue()[84:]
+
+
 PNG = image("/img/green.png")
 BAD_REQUESTS = [
     (
@@ -198,6 +208,13 @@ BAD_REQUESTS = [
     ),
     ("truncated image", "/clip/embed_image", {"image": image("/truncated.jpg")}, 400, "image: cannot decode"),
     ("bomb", "/clip/embed_image", {"image": image("/bomb.png")}, 400, "decompression bomb"),
+    (
+        "a decoder's own error",
+        "/clip/compare",
+        {"subject": {"type": "base64", "value": b64(dds_of_an_unknown_format())}, "prompt": "a"},
+        400,
+        "subject: cannot decode: NotImplementedError: Unknown pixel format flags 8192",
+    ),
     ("too many images", "/clip/embed_image", {"image": [PNG] * 9}, 413, "image: 9 items is over max_batch=8"),
     ("too many texts", "/clip/embed_text", {"text": ["a"] * 9}, 413, "text: 9 items is over max_batch=8"),
     ("too many prompts", "/clip/compare", {"subject": PNG, "prompt": ["a"] * 9}, 413, "prompt: 9 items"),

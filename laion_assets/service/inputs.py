@@ -54,7 +54,13 @@ def fetch_image(label: str, url: str, settings: FetchSettings) -> bytes:
 
 
 def open_image(label: str, data: bytes, max_pixels: int) -> Image.Image:
+    """The decoded image; 400 for bytes that are not one. Pillow's plugins raise more than the errors
+    decode_image turns into DecodeError on some broken files (NotImplementedError from DDS, TypeError
+    from TIFF): those are the request's bytes too, not a bug of the service (the downloader, likewise,
+    counts them against the row)."""
     try:
         return decode_image(data, max_pixels)
     except DecodeError as exc:
         raise InputError(400, f"{label}: {exc}") from exc
+    except Exception as exc:
+        raise InputError(400, f"{label}: cannot decode: {type(exc).__name__}: {exc}") from exc
