@@ -36,7 +36,7 @@ from laion_assets.service.settings import ServiceSettings
 from laion_assets_tests.dagster_helpers import TINY_CLIP
 from laion_assets_tests.demo_dataset import DEMO_CLIP
 from laion_assets_tests.service_process import running
-from laion_assets_tests.web import IMAGES
+from laion_assets_tests.web import IMAGES, make_image
 
 KEY = "test-key"
 MAX_IMAGE_BYTES = 1_000_000
@@ -181,6 +181,9 @@ def dds_of_an_unknown_format() -> bytes:
 
 
 PNG = image("/img/green.png")
+# 25,000 x 1 pixels in a PNG of 160 bytes, far under max_pixels; but the tiny model's resize, its shorter side
+# to 64, makes 1,600,000 x 64, over max_pixels: 400 MB of pixels before its crop (5 GB at ViT-B-32's 224)
+ELONGATED = {"type": "base64", "value": b64(make_image("PNG", (25_000, 1)))}
 BAD_REQUESTS = [
     (
         "wrong image type",
@@ -208,6 +211,13 @@ BAD_REQUESTS = [
     ),
     ("truncated image", "/clip/embed_image", {"image": image("/truncated.jpg")}, 400, "image: cannot decode"),
     ("bomb", "/clip/embed_image", {"image": image("/bomb.png")}, 400, "decompression bomb"),
+    (
+        "bomb by its resize",
+        "/clip/embed_image",
+        {"image": ELONGATED},
+        400,
+        "image: decompression bomb: 25000x1 is 1600000x64 resized for the model, over max_pixels=89478485",
+    ),
     (
         "a decoder's own error",
         "/clip/compare",

@@ -44,6 +44,8 @@ class ClipService:
         self.texts = DynamicBatcher(
             self._encode_tokens, self._model_thread, batch, settings.batch_wait, settings.batching
         )
+        size = encoder.model.visual.image_size  # what the model's preprocessing resizes to
+        self._image_side = max(size) if isinstance(size, tuple | list) else int(size)
         self.removed = RemovedKeys(self.store) if self.store is not None else None
         self.index: SearchIndex | None = None
         self.index_problem: tuple[int, str] | None = None  # why /search cannot answer: status, reason
@@ -106,7 +108,7 @@ class ClipService:
         return self._prepare_image(label, decode_base64(label, value, self.settings.max_image_bytes))
 
     def _prepare_image(self, label: str, data: bytes) -> torch.Tensor:
-        return self.encoder.prepare(open_image(label, data, self.settings.max_pixels))
+        return self.encoder.prepare(open_image(label, data, self.settings.max_pixels, self._image_side))
 
     def _encode_images(self, pixels: list[torch.Tensor]) -> np.ndarray:
         import torch

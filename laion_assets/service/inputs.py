@@ -53,14 +53,27 @@ def fetch_image(label: str, url: str, settings: FetchSettings) -> bytes:
     raise InputError(status, f"{label}: cannot fetch {url[:200]}: {fetched.error}")
 
 
-def open_image(label: str, data: bytes, max_pixels: int) -> Image.Image:
+def open_image(label: str, data: bytes, max_pixels: int, side: int) -> Image.Image:
     """The decoded image; 400 for bytes that are not one. Pillow's plugins raise more than the errors
     decode_image turns into DecodeError on some broken files (NotImplementedError from DDS, TypeError
     from TIFF): those are the request's bytes too, not a bug of the service (the downloader, likewise,
-    counts them against the row)."""
+    counts them against the row).
+
+    400 too, as a decompression bomb, for an image the model's resize (its shorter side to `side`) would
+    make over `max_pixels`: 25,000x1 pixels, a PNG of 160 bytes, is 5,600,000x224 (5 GB) for ViT-B-32
+    before its crop."""
     try:
-        return decode_image(data, max_pixels)
+        image = decode_image(data, max_pixels)
     except DecodeError as exc:
         raise InputError(400, f"{label}: {exc}") from exc
     except Exception as exc:
         raise InputError(400, f"{label}: cannot decode: {type(exc).__name__}: {exc}") from exc
+    width, height = image.size
+    resized = (side, side * height // width) if width <= height else (side * width // height, side)
+    if resized[0] * resized[1] > max_pixels:
+        raise InputError(
+            400,
+            f"{label}: decompression bomb: {width}x{height} is {resized[0]}x{resized[1]} resized for the "
+            f"model, over max_pixels={max_pixels}",
+        )
+    return image
