@@ -333,3 +333,16 @@ def test_a_colour_keyed_png_and_a_narrow_image_come_out_as_img2datasets(tmp_path
         theirs = tmp_path / "out" / f"{name}-{name}.png"
         assert found[theirs.name][:2] == [ours.width, ours.height], name
         assert psnr_to_img2dataset(ours.data, theirs) >= MIN_PSNR, name
+
+
+def test_a_decoders_own_error_is_a_decode_error():
+    """Pillow's plugins raise more than OSError and ValueError on some broken files (NotImplementedError
+    from a DDS of unknown pixel-format flags, TypeError from a TIFF whose offset is a fraction): the row is
+    failed_to_decode, not failed_to_download 'unexpected', which retry_failed would fetch again each run."""
+    out = io.BytesIO()
+    Image.new("RGBA", (8, 8)).save(out, "DDS")
+    data = out.getvalue()[:80] + (0x2000).to_bytes(4, "little") + out.getvalue()[84:]
+    with pytest.raises(
+        DecodeError, match=r"^cannot decode: NotImplementedError: Unknown pixel format flags 8192"
+    ):
+        process_image(data, ImageSettings())

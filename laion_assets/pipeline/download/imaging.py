@@ -255,8 +255,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         raise DecodeError("not an image: no known image format in the bytes") from exc
     except Image.DecompressionBombError as exc:
         raise DecodeError(f"decompression bomb: {exc}") from exc
-    except (OSError, ValueError) as exc:
-        raise DecodeError(f"cannot decode: {exc}") from exc
+    except Exception as exc:  # a plugin's own, on a broken file: NotImplementedError from DDS, among others
+        raise DecodeError(_cannot_decode(exc)) from exc
     width, height = image.size
     if width * height > max_pixels:
         raise DecodeError(f"decompression bomb: {width}x{height} pixels is over max_pixels={max_pixels}")
@@ -269,8 +269,15 @@ def _load_rgb(image: Image.Image, orientation: int | None = None) -> Image.Image
     try:
         image.load()
         return _to_rgb(image if orientation == 1 else ImageOps.exif_transpose(image))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DecodeError(f"cannot decode: {exc}") from exc
+    except Exception as exc:  # a plugin's own, on a broken file: TypeError from TIFF, among others
+        raise DecodeError(_cannot_decode(exc)) from exc
+
+
+def _cannot_decode(exc: Exception) -> str:
+    """Why the bytes could not be decoded: the decoder's message, with its error class where that is not the
+    usual OSError or ValueError."""
+    usual = isinstance(exc, (OSError, ValueError, SyntaxError, Image.DecompressionBombError))
+    return f"cannot decode: {exc}" if usual else f"cannot decode: {type(exc).__name__}: {exc}"
 
 
 def _check_size(width: int, height: int, settings: ImageSettings) -> None:
