@@ -254,6 +254,24 @@ def test_run_reruns_a_shard_whose_source_file_was_replaced(local_root, capsys):
     assert "a: up to date" in capsys.readouterr().out
 
 
+def test_a_second_file_making_a_done_shard_fails_it_instead_of_being_ignored(local_root, capsys):
+    """`a.b.csv` makes shard `a_b`, as `a_b.csv` does: once `a_b` was done from `a_b.csv`, the new file
+    was left out of the shard list, and the run said `a_b: up to date` and exited 0."""
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/a_b.csv", A)
+    assert main(["run", "--root", local_root, "--select", "crawl_metadata"]) == 0
+    assert "a_b: crawl_metadata 2 rows" in capsys.readouterr().out
+    store.write_bytes("incoming/a.b.csv", A + b"http://a.com/3.jpg,a bird\n")
+    assert main(["run", "--root", local_root, "--select", "crawl_metadata"]) == 1
+    out = capsys.readouterr().out
+    assert (
+        "a_b: FAILED (crawl_metadata): several files in incoming/ make shard 'a_b': ['a.b.csv', 'a_b.csv']"
+        in out
+    )
+    assert main(["status", "--root", local_root]) == 1
+    assert "a_b: to make: crawl_metadata," in capsys.readouterr().out
+
+
 def test_sql_loads_neither_dagster_nor_the_service_nor_torch(local_root):
     """A query is a fast command: it needs DuckDB and the store, not the definitions or the models."""
     check = (

@@ -40,3 +40,17 @@ def test_a_shard_is_done_when_every_layer_was_made_from_the_current_source(root)
     replaced = incoming_by_shard(store)["a"]
     assert replaced.fingerprint != source.fingerprint
     assert stale_layers(store, {"a": replaced}, layers)["a"] == layers
+
+
+def test_a_shard_that_several_files_make_is_never_done(local_root):
+    """The sensor, the schedule and `run` share this rule: a second file making a done shard is not
+    ignored (the shard's crawl then fails, naming both files)."""
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/a_b.csv", A)
+    source = incoming_by_shard(store)["a_b"]
+    store.write_parquet(CRAWL_METADATA.parquet("a_b"), ROW, metadata=source_footer(source))
+    assert stale_layers(store, {"a_b": source}, [CRAWL_METADATA])["a_b"] == []
+    store.write_bytes("incoming/a.b.csv", A)
+    sources = incoming_by_shard(store)
+    assert list(sources) == ["a_b"]
+    assert stale_layers(store, sources, [CRAWL_METADATA])["a_b"] == [CRAWL_METADATA]

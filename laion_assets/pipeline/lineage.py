@@ -54,9 +54,27 @@ def inherited_footer(upstream: pa.Table) -> dict[str, str]:
 
 
 def incoming_by_shard(store: DatasetStore) -> dict[str, StoredFile]:
-    """The source files in `incoming/`, by the shard each one makes, sorted by shard."""
-    files = {parse_source_name(f.name).shard: f for f in store.list(INCOMING)}
-    return dict(sorted(files.items()))
+    """The source files in `incoming/`, by the shard each one makes, sorted by shard.
+
+    A shard that several files make (`a.b.csv` and `a_b.csv`) stands for all of them: their names and
+    fingerprints joined, which no layer records. So it is never done, even where its layers were made
+    from one of the files, and its crawl runs and fails naming the files (`find_source`) until all but
+    one are renamed; keeping one of the files would leave the others unnoticed."""
+    by_shard: dict[str, list[StoredFile]] = {}
+    for file in store.list(INCOMING):
+        by_shard.setdefault(parse_source_name(file.name).shard, []).append(file)
+    return {shard: _one_file(files) for shard, files in sorted(by_shard.items())}
+
+
+def _one_file(files: list[StoredFile]) -> StoredFile:
+    if len(files) == 1:
+        return files[0]
+    files = sorted(files, key=lambda f: f.name)
+    return StoredFile(
+        name=" + ".join(f.name for f in files),
+        size=sum(f.size for f in files),
+        fingerprint=" + ".join(f.fingerprint for f in files),
+    )
 
 
 def stale_layers(
