@@ -364,6 +364,27 @@ def tiny_models(monkeypatch):
         monkeypatch.setenv(name, value)
 
 
+def test_a_setting_edited_in_exponent_notation_is_the_same_number(
+    local_root, web, tmp_path, tiny_models, capsys
+):
+    """PyYAML read `3e-1` as a string: the runs used 0.3, but `status` reported the pairs built with other
+    settings (`min_similarity: 0.3 -> '3e-1'`) and dedup's rules changed, and exited 1, for ever."""
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/w.csv", f"url,caption\n{web.url('/img/red.jpg')},a photo\n".encode())
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(local_web_config()))
+    select = ",".join([*(a.key.to_user_string() for a in PER_SHARD_ASSETS), names.DUPLICATES_ASSET])
+    assert main(["run", "--root", local_root, "--select", select, "--config", str(config)]) == 0
+    text = Path(store.path(SETTINGS_FILE)).read_text()
+    assert "  min_similarity: 0.3\n" in text and "  eps: 0.01\n" in text
+    text = text.replace("  min_similarity: 0.3\n", "  min_similarity: 3e-1\n")
+    store.write_bytes(SETTINGS_FILE, text.replace("  eps: 0.01\n", "  eps: 1e-2\n").encode())
+    capsys.readouterr()
+    assert main(["status", "--root", local_root]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == ["w: up to date"]
+    assert load_settings(store).section(names.FILTERED_PAIRS_ASSET)["min_similarity"] == 0.3
+
+
 def test_a_shard_whose_every_download_failed_is_whole_not_failed(
     local_root, web, tmp_path, tiny_models, capsys
 ):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -37,6 +38,23 @@ _HEADER = """\
 # other settings than the dataset's refuses until the change is accepted (see docs/cli.md, "The
 # dataset's settings").
 """
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+# YAML 1.1, PyYAML's, reads `eps: 1e-2` or `max_bytes: 2e7` as strings (its floats need a dot and a signed
+# exponent); the runs' configs take them as numbers, but a string never equals the number a layer records,
+# so the layer would be reported built otherwise, and rebuilt by every `--rebuild-stale`. Here they are
+# numbers, as in YAML 1.2, and a string that looks like one is written quoted.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$")
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
 
 
 class SettingsChanged(ValueError):
@@ -71,7 +89,7 @@ def load_settings(store: DatasetStore) -> DatasetSettings | None:
     except FileNotFoundError:
         return None
     try:
-        loaded = yaml.safe_load(text) or {}
+        loaded = yaml.load(text, Loader=_Loader) or {}
     except yaml.YAMLError as exc:
         raise ValueError(f"{store.url(SETTINGS_FILE)}: not valid YAML: {exc}") from exc
     if not isinstance(loaded, dict) or not all(isinstance(v, dict | type(None)) for v in loaded.values()):
@@ -98,8 +116,9 @@ def add_missing_sections(store: DatasetStore, sections: Mapping[str, Mapping[str
 
 
 def write_settings(store: DatasetStore, settings: DatasetSettings) -> None:
-    body = yaml.safe_dump(
+    body = yaml.dump(
         {name: dict(values) for name, values in sorted(settings.sections.items())},
+        Dumper=_Dumper,
         sort_keys=True,
         default_flow_style=False,
     )
