@@ -63,7 +63,9 @@ def run_sql(root: str, query: str, fmt: str = "table", output: Path | None = Non
             raise SystemExit(f"laion-assets: --output must end in one of {list(OUTPUT_FORMATS)}")
         options = "FORMAT json, ARRAY true" if kind == "json" else f"FORMAT {kind}"
         target = duckdb_catalog.quote_literal(str(output))
-        connection.execute(f"COPY ({query.rstrip().rstrip(';')}) TO '{target}' ({options})")
+        # the query ends a statement, as typed: inside `COPY (...)` a trailing `-- comment` or `;` broke it
+        connection.execute(f"CREATE TEMP VIEW laion_assets_output AS\n{query}")
+        connection.execute(f"COPY (FROM laion_assets_output) TO '{target}' ({options})")
         print(f"wrote {output}")
         return
     relation = connection.sql(query)

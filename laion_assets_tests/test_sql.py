@@ -150,6 +150,18 @@ def test_sql_command_formats_and_outputs(root, tmp_path, capsys):
         main(["sql", "--root", root, "--output", str(tmp_path / "hosts.xlsx"), query])
 
 
+def test_sql_output_takes_a_query_ending_in_a_comment(root, tmp_path):
+    """The query was pasted into `COPY (...) TO`: a trailing `-- comment` (as docs/dedup.md's queries end)
+    swallowed the `) TO ...`, and `--output` failed on a query that prints without it."""
+    _two_shards(DatasetStore(root))
+    for n, query in enumerate(
+        ["SELECT count(*) AS n FROM images -- all", "SELECT count(*) AS n FROM images;  -- all"]
+    ):
+        output = tmp_path / f"n{n}.csv"
+        assert main(["sql", "--root", root, "--output", str(output), query]) == 0
+        assert output.read_text().splitlines() == ["n", "4"]
+
+
 def test_unknown_view_is_a_clear_error(local_root):
     with pytest.raises(duckdb.CatalogException, match="pairs"):
         main(["sql", "--root", local_root, "SELECT * FROM pairs"])
