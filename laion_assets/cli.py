@@ -19,6 +19,7 @@ from laion_assets import names
 from laion_assets.demo import DEMO_CAPTION_CHECKPOINT, DEMO_CAPTION_MODEL, DEMO_CHECKPOINT, DEMO_MODEL
 from laion_assets.pipeline.embeddings.clip import ClipSettings
 from laion_assets.pipeline.recaptions.caption import CaptionSettings
+from laion_assets.pipeline.settings import SettingsFileError
 from laion_assets.pipeline.storage import root_from_env
 from laion_assets.service.settings import API_KEY_ENV, MIN_API_KEY_CHARS, ServiceSettings, WeakApiKey
 
@@ -234,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _command(args)
+    except SettingsFileError as exc:  # a hand edit gone wrong: one line naming the file, not a traceback
+        raise SystemExit(f"laion-assets {args.command}: {exc}") from exc
+
+
+def _command(args: argparse.Namespace) -> int:
     root = args.root or root_from_env()
     if args.command == "serve":
         return serve(args, root)

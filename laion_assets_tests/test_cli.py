@@ -2,6 +2,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -149,6 +150,20 @@ def test_unknown_asset_and_bad_config(local_root, tmp_path):
     bad.write_text("resources:\n  store: {}\n")
     with pytest.raises(SystemExit, match="only an `ops:` block"):
         main(["run", "--root", local_root, "--config", str(bad)])
+
+
+def test_a_broken_settings_file_is_one_line_naming_it(local_root):
+    """A hand edit of laion_assets.yaml gone wrong stops `run` and `status` with a line naming the file, as
+    a bad --config does, not with a traceback."""
+    Path(local_root, "incoming").mkdir(parents=True, exist_ok=True)
+    Path(local_root, "laion_assets.yaml").write_text("crawl_metadata: 5\n")
+    for command in ("run", "status"):
+        with pytest.raises(SystemExit) as stopped:
+            main([command, "--root", local_root])
+        assert re.fullmatch(
+            rf"laion-assets {command}: \S*laion_assets.yaml: expected a mapping of sections \(.*\)",
+            str(stopped.value.code),
+        )
 
 
 def test_demo_as_a_user_runs_it(tmp_path, monkeypatch):

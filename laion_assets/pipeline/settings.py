@@ -61,6 +61,10 @@ class SettingsChanged(ValueError):
     """A run would change the dataset with settings other than those it was built with."""
 
 
+class SettingsFileError(ValueError):
+    """The dataset's settings file cannot be read as one; the message names it."""
+
+
 @dataclass(frozen=True)
 class DatasetSettings:
     """Section name (an asset's, `clip`, `captioner` or `scores`) -> field -> value."""
@@ -82,8 +86,8 @@ class DatasetSettings:
 
 
 def load_settings(store: DatasetStore) -> DatasetSettings | None:
-    """The root's settings; None where no run has written them yet. ValueError naming the file if it is
-    not a mapping of sections."""
+    """The root's settings; None where no run has written them yet. SettingsFileError naming the file if
+    it is not a mapping of sections."""
     try:
         text = store.read_bytes(SETTINGS_FILE)  # whole, though another run may be replacing it
     except FileNotFoundError:
@@ -91,9 +95,9 @@ def load_settings(store: DatasetStore) -> DatasetSettings | None:
     try:
         loaded = yaml.load(text, Loader=_Loader) or {}
     except yaml.YAMLError as exc:
-        raise ValueError(f"{store.url(SETTINGS_FILE)}: not valid YAML: {exc}") from exc
+        raise SettingsFileError(f"{store.url(SETTINGS_FILE)}: not valid YAML: {exc}") from exc
     if not isinstance(loaded, dict) or not all(isinstance(v, dict | type(None)) for v in loaded.values()):
-        raise ValueError(
+        raise SettingsFileError(
             f"{store.url(SETTINGS_FILE)}: expected a mapping of sections (asset name -> settings)"
         )
     return DatasetSettings({name: dict(values or {}) for name, values in loaded.items()})
