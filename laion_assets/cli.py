@@ -248,8 +248,13 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "sql":
         if args.query is None:
             sql_shell(root)
-        else:
+            return 0
+        import duckdb  # where it queries: see catalog.views
+
+        try:
             run_sql(root, args.query, args.format, args.output)
+        except duckdb.Error as exc:  # a mistyped query or view: DuckDB's message, as its own CLI prints it
+            raise SystemExit(f"laion-assets sql: {exc}") from exc
         return 0
     if args.command == "init":
         from laion_assets.runner import init_settings

@@ -163,8 +163,11 @@ def test_sql_output_takes_a_query_ending_in_a_comment(root, tmp_path):
 
 
 def test_unknown_view_is_a_clear_error(local_root):
-    with pytest.raises(duckdb.CatalogException, match="pairs"):
+    # one line, DuckDB's message, where it was DuckDB's exception and a traceback
+    with pytest.raises(SystemExit, match=r"^laion-assets sql: Catalog Error: .*pairs"):
         main(["sql", "--root", local_root, "SELECT * FROM pairs"])
+    with pytest.raises(SystemExit, match=r"^laion-assets sql: Parser Error: .*SELEC"):
+        main(["sql", "--root", local_root, "SELEC 1"])
 
 
 def test_catalog_asset_writes_a_database_file_with_the_views(root, tmp_path):
