@@ -278,6 +278,10 @@ class DatasetStore:
             found.append(StoredFile(name=name, size=int(entry["size"]), fingerprint=_fingerprint(entry)))
         return sorted(found, key=lambda f: f.name)
 
+    def shards(self, layer: Layer) -> list[str]:
+        """The shards with a `<layer>/<shard>.parquet`, sorted."""
+        return [f.name.removesuffix(".parquet") for f in self.list(layer.name) if f.name.endswith(".parquet")]
+
     def list_folders(self, folder: str) -> list[str]:
         """The names of the folders directly in `folder`, sorted; hidden and `_`-prefixed ones left out."""
         if not self.fs.isdir(self.path(folder)):

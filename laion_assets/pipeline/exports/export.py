@@ -192,9 +192,7 @@ def _waiting(store: DatasetStore, sources: list[str]) -> dict[str, list[str]]:
     of the dataset has, and those layers: not read until they are built."""
     waiting: dict[str, list[str]] = {}
     for layer in (SCORES, RECAPTIONS):
-        built = {
-            f.name.removesuffix(".parquet") for f in store.list(layer.name) if f.name.endswith(".parquet")
-        }
+        built = set(store.shards(layer))
         for source in sources:
             if built and source not in built:
                 waiting.setdefault(source, []).append(layer.name)

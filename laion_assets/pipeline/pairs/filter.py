@@ -490,7 +490,7 @@ def _vectors(column: pa.ChunkedArray, rows: np.ndarray) -> np.ndarray:
 def stored_pair_shards(store: DatasetStore, purpose: str) -> list[str]:
     """The shards with a `pairs/<shard>.parquet`; ValueError naming the root if there are none, since
     `purpose` (e.g. "the dataset card") needs at least one."""
-    shards = [f.name.removesuffix(".parquet") for f in store.list(PAIRS.name) if f.name.endswith(".parquet")]
+    shards = store.shards(PAIRS)
     if not shards:
         raise ValueError(
             f"no materialised shards under {store.root}: there is no pairs/*.parquet yet; "

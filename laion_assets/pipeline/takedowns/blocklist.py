@@ -266,7 +266,7 @@ def load_active(store: DatasetStore) -> Blocklist:
 def find_matches(store: DatasetStore, blocklist: Blocklist) -> pa.Table:
     """The rows of every shard's images that are on a list and not taken down yet: `schemas.REMOVALS`
     (key, list, kind, entry), sorted by key."""
-    shards = [f.name.removesuffix(".parquet") for f in store.list(IMAGES.name) if f.name.endswith(".parquet")]
+    shards = store.shards(IMAGES)
     found: list[dict[str, str]] = []
     if len(blocklist):
         for matches in store_map(lambda shard: _shard_matches(store, shard, blocklist), shards):
