@@ -52,6 +52,7 @@ from laion_assets.pipeline.storage import (
 from laion_assets.runner import run_pipeline, run_takedown
 from laion_assets_tests.dagster_helpers import LOCAL_WEB, local_web_config
 from laion_assets_tests.demo_dataset import DEMO_CLIP, DEMO_SHARDS, build_demo_dataset
+from laion_assets_tests.pid_namespaces import IN_NEW_PIDS, killed_in_new_pids, needs_new_pids
 
 COPIES = {**dict.fromkeys(EXACT_COPIES, 4), **dict.fromkeys(NEAR_COPIES, 3)}
 DEDUP_ASSETS = [a for a in DATASET_ASSETS if a.key.to_user_string() != names.BLOCKLIST_ASSET]
@@ -492,6 +493,36 @@ def test_a_lease_is_one_writer_s_until_it_ends_or_its_process_is_gone(store):
     with shard_lease(store, "w", "this-run", wait=60):  # waits for the other run's step to end
         assert ending.stdout.readline() == b"released\n" and holder(store, "w")["owner"] == "this-run"
     ending.wait()
+
+
+_TAKE = """
+import sys
+from laion_assets.pipeline.leases import ShardBusy, holder, shard_lease
+from laion_assets.pipeline.storage import DatasetStore
+store = DatasetStore(sys.argv[1])
+try:
+    with shard_lease(store, sys.argv[2], "run-restarted"):
+        print("took it over from", sys.argv[3], "as", holder(store, sys.argv[2])["owner"], flush=True)
+except ShardBusy as busy:
+    print(busy, flush=True)
+"""
+
+
+@needs_new_pids
+def test_a_lease_whose_pid_a_restarted_process_has_is_taken_over(store):
+    """A restarted container's processes get the pids its killed ones had, on the same host name. A lease
+    left by a killed holder whose pid a later process has used to count as held for as long as that
+    process lived: here the later run itself, which was told the shard is busy (by itself) for good."""
+    killed_in_new_pids([sys.executable, "-c", _HOLD, store.root, "w", "120"], b"holding\n")
+    assert json.loads(store.read_bytes(f"{LEASES}/w.json"))["pid"] == 1
+    time.sleep(1.5)  # the later process starts over a second after the lease was written, as it would
+    later = subprocess.run(
+        [*IN_NEW_PIDS, sys.executable, "-c", _TAKE, store.root, "w", "run-elsewhere"],
+        capture_output=True,
+        check=True,
+    )
+    assert later.stdout == b"took it over from run-elsewhere as run-restarted\n"
+    assert holder(store, "w") is None and not store.list(LEASES)
 
 
 def test_a_stale_lease_that_another_run_takes_over_first_is_left_to_it(store, monkeypatch):

@@ -13,6 +13,7 @@ import pytest
 from laion_assets.pipeline import storage
 from laion_assets.pipeline.storage import PAIRS, DatasetStore
 from laion_assets_tests.deployment import wait_for
+from laion_assets_tests.pid_namespaces import IN_NEW_PIDS, killed_in_new_pids, needs_new_pids
 
 
 def test_write_read_list_remove(store: DatasetStore):
@@ -87,6 +88,36 @@ def test_a_name_near_the_file_system_limit_is_written_and_its_killed_write_remov
         assert [path.name for path in Path(store.root).rglob("*") if path.is_file()] == [
             f"{'a' * 240}.parquet"
         ]
+
+
+_HALF_WRITTEN = """
+import sys, time
+from laion_assets.pipeline.storage import DatasetStore
+with DatasetStore(sys.argv[1]).atomic_write("images/s.parquet") as f:
+    f.write(b"half")
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(120)
+"""
+_SWEEP = """
+import sys
+from laion_assets.pipeline.storage import DatasetStore
+print(DatasetStore(sys.argv[1]).remove_abandoned())
+"""
+
+
+@needs_new_pids
+def test_a_killed_write_whose_pid_a_restarted_process_has_is_removed(local_root: str):
+    """A restarted container's processes get the pids its killed ones had, on the same host name: the
+    temporary file of a writer killed as pid 1 used to be kept for as long as a later pid 1 lived (here
+    the sweep's own process), because that pid was alive."""
+    killed_in_new_pids([sys.executable, "-c", _HALF_WRITTEN, local_root], b"writing\n")
+    (left,) = Path(local_root, "images").iterdir()
+    assert ".tmp-1-" in left.name
+    time.sleep(1.5)  # the later process starts over a second after the file was last written, as it would
+    sweep = subprocess.run([*IN_NEW_PIDS, sys.executable, "-c", _SWEEP, local_root], capture_output=True)
+    assert sweep.stdout.decode() == f"{['images/' + left.name]}\n"
+    assert not any(Path(local_root, "images").iterdir())
 
 
 def test_a_file_whose_name_only_holds_tmp_is_listed_and_never_removed(store: DatasetStore):

@@ -5,8 +5,8 @@ one run at a time adding sections to the dataset's settings (`SETTINGS`).
 A second run that reaches a shard whose lease a live writer holds gets `ShardBusy`, naming the holder,
 and leaves the shard alone, so a shard's tar and its parquet always come from one run. The lease is
 created exclusively and whole (a hard link locally, a conditional PUT on S3) and renewed by a thread
-while held; a holder that is gone (its process ended, on this host) or silent past its expiry no longer
-holds it.
+while held; a holder that is gone (on this host: its process ended, or its pid is now a later process's,
+as in a restarted container) or silent past its expiry no longer holds it.
 Taking such a lease over replaces it only if it is still the one found stale (S3: a PUT on its ETag;
 locally: under an flock of the leases folder), so of two runs that found it at once, one holds it and
 the other is told it is busy: removing it first, as before, could remove the lease the other had just
@@ -124,8 +124,9 @@ def _read_version(store: DatasetStore, path: str) -> tuple[dict, str | bytes] | 
 
 
 def _alive(record: dict) -> bool:
-    expired = time.time() >= float(record.get("expires", 0))
-    return not writer_gone(record.get("host", ""), int(record.get("pid", 0)), expired)
+    expires = float(record.get("expires", 0))
+    written = expires - LEASE_SECONDS  # its last renewal
+    return not writer_gone(record.get("host", ""), int(record.get("pid", 0)), time.time() >= expires, written)
 
 
 def _create(store: DatasetStore, path: str, record: dict) -> bool:

@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, TypeVar
 
 import fsspec
@@ -39,6 +40,7 @@ ABANDONED_AFTER = datetime.timedelta(hours=6)
 LEASES = "_leases"  # <shard>.json: the run writing the shard now (pipeline/leases.py)
 WRITERS = "_writers"  # S3: a file per live writing process, so that a later run knows whose uploads these are
 HEARTBEAT_SECONDS = 60.0
+_START_SLACK = 1.0  # seconds a process may seem to start after what it wrote: the clock's steps
 _READ_ATTEMPTS = 5  # reads of a file that another writer replaced each time: then the error stands
 T = TypeVar("T")
 
@@ -79,10 +81,27 @@ def _replaced_while_read(error: BaseException | None) -> bool:
     return False
 
 
-def writer_gone(host: str, pid: int, stale: bool) -> bool:
-    """Whether the process `pid` of `host` that wrote something is gone: on this host, whether it has
-    ended; on another, `stale` (silent too long, by the caller's rule)."""
-    return not process_alive(pid) if host == host_name() else stale
+def process_started(pid: int) -> float | None:
+    """When the process `pid` of this host started (epoch seconds, to 10 ms), where /proc tells; else
+    None."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])  # since boot
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def writer_gone(host: str, pid: int, stale: bool, written: float) -> bool:
+    """Whether the process `pid` of `host` that wrote something at `written` (epoch seconds) is gone: on
+    this host, whether it has ended, or its pid now names a process that started after `written` (a
+    pid used again, as a restarted container's first processes are); on another, `stale` (silent too
+    long, by the caller's rule)."""
+    if host != host_name():
+        return stale
+    if not process_alive(pid):
+        return True
+    started = process_started(pid)
+    return started is not None and started > written + _START_SLACK
 
 
 def is_abandoned(name: str, modified: float, now: float | None = None) -> bool:
@@ -96,7 +115,7 @@ def is_abandoned(name: str, modified: float, now: float | None = None) -> bool:
     host = rest.partition("-")[2]
     if host.startswith(f"{host_name()}."):  # DuckDB adds `.wal` after the name
         host = host_name()
-    return writer_gone(host, int(pid), stale) if pid.isdigit() else stale
+    return writer_gone(host, int(pid), stale, modified) if pid.isdigit() else stale
 
 
 def root_from_env() -> str:
@@ -467,7 +486,7 @@ class DatasetStore:
             except FileNotFoundError:  # it left meanwhile
                 continue
             silent = now - writer["heartbeat"] >= ABANDONED_AFTER.total_seconds()
-            if writer_gone(writer["host"], writer["pid"], silent):
+            if writer_gone(writer["host"], writer["pid"], silent, writer["heartbeat"]):
                 self.fs.rm(path)
             else:
                 written.update(writer["writing"])
