@@ -324,6 +324,29 @@ def test_a_tdmrep_location_of_many_wildcards_does_not_hold_the_fetch_loop(web):
     assert rows[urls[1]]["error_message"] == f"tdmrep.json: tdm-reservation 1 for {hostile} (TDMRep)"
 
 
+def test_a_tdmrep_location_matches_its_paths_however_they_are_percent_encoded(web):
+    """A location and a URL's path are compared percent-encoded alike, as robots.txt's are (RFC 9309
+    2.2.2): a location written in UTF-8 reserves the path a crawl's URL has percent-encoded, and the other
+    way round. They were compared as written, so these images were downloaded against the reservation."""
+    web.tdmrep_json = json.dumps(
+        [
+            {"location": "/tdm-site/été/*", "tdm-reservation": 1},
+            {"location": "/tdm-site/%c3%a0-bas/*", "tdm-reservation": 1},
+            {"location": "/tdm-site/%7Euser/*", "tdm-reservation": 1},
+        ]
+    ).encode()
+    paths = [
+        "/tdm-site/%C3%A9t%C3%A9/a.jpg",
+        "/tdm-site/à-bas/b.jpg",
+        "/tdm-site/~user/c.jpg",
+        "/tdm-site/d.jpg",
+    ]
+    urls = [web.url(path) for path in paths]
+    _, _, rows = run(urls)
+    assert [rows[u]["status"] for u in urls] == [schemas.OPTED_OUT] * 3 + [schemas.SUCCESS]
+    assert rows[urls[0]]["error_message"] == "tdmrep.json: tdm-reservation 1 for /tdm-site/été/* (TDMRep)"
+
+
 def test_an_image_goes_ahead_of_a_slow_tdmrep_file_which_still_refuses_it(web):
     """A site file slower than `tdmrep_wait` no longer holds its images back: they are requested while it
     is out (this one answers only once the image has been asked for), and its reservation then refuses

@@ -2,14 +2,18 @@
 
 The file is a JSON array of rules `{"location": pattern, "tdm-reservation": 0 | 1, "tdm-policy": url}`.
 A pattern is a URL path as robots.txt writes one: `*` matches any run of characters, a final `$` anchors
-the end, and otherwise it matches every path it is a prefix of (`path_matches`). The first rule whose
-location matches applies. The `tdm-reservation` response header is read by the fetcher itself.
+the end, and otherwise it matches every path it is a prefix of (`robots.path_matches`). The first rule whose
+location matches applies; location and path are compared percent-encoded alike, as robots.txt's are
+(a location written `/été/*` reserves `/%C3%A9t%C3%A9/a.jpg`). The `tdm-reservation` response header is
+read by the fetcher itself.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+
+from laion_assets.pipeline.download.robots import normalized_path, path_matches
 
 WELL_KNOWN_PATH = "/.well-known/tdmrep.json"
 
@@ -19,9 +23,10 @@ class TdmRule:
     location: str
     reserved: bool
     policy: str | None
-    pattern: str  # the location, starting with "/" or "*"
+    pattern: str  # the location, starting with "/" or "*", percent-encoded as `normalized_path` does
 
     def matches(self, path: str) -> bool:
+        """Whether the rule covers `path`, percent-encoded as `normalized_path` does."""
         return path_matches(self.pattern, path)
 
 
@@ -53,6 +58,7 @@ def parse_rules(body: bytes) -> list[TdmRule]:
 
 def reservation(rules: list[TdmRule], path: str) -> str | None:
     """Why `path` (with its query) is reserved by the first rule that matches it, or None."""
+    path = normalized_path(path)
     rule = next((rule for rule in rules if rule.matches(path)), None)
     if rule is None or not rule.reserved:
         return None
@@ -60,28 +66,5 @@ def reservation(rules: list[TdmRule], path: str) -> str | None:
     return f"tdmrep.json: tdm-reservation 1 for {rule.location}{policy} (TDMRep)"
 
 
-def path_matches(pattern: str, path: str) -> bool:
-    """Whether robots.txt's path `pattern` (`*` any run of characters, a final `$` the end) matches the
-    start of `path`. Piece by piece, each `*`-separated piece at its first place after the last: that
-    finds a match wherever there is one, in linear passes, where a regex of `.*`s backtracks through
-    every placement (12 `*`s on a 100-character path took hours, holding the GIL)."""
-    anchored = pattern.endswith("$")
-    first, *pieces = (pattern[:-1] if anchored else pattern).split("*")
-    if not path.startswith(first):
-        return False
-    if not pieces:
-        return not anchored or path == first
-    position = len(first)
-    *middle, last = pieces
-    for piece in middle:
-        found = path.find(piece, position)
-        if found < 0:
-            return False
-        position = found + len(piece)
-    if anchored:
-        return path.endswith(last) and len(path) - len(last) >= position
-    return path.find(last, position) >= 0
-
-
 def _pattern(location: str) -> str:
-    return location if location.startswith(("/", "*")) else "/" + location
+    return normalized_path(location if location.startswith(("/", "*")) else "/" + location)
