@@ -525,6 +525,53 @@ def test_a_lease_whose_pid_a_restarted_process_has_is_taken_over(store):
     assert holder(store, "w") is None and not store.list(LEASES)
 
 
+_HOLD_PAUSED = """
+import sys
+from laion_assets.pipeline import leases
+from laion_assets.pipeline.storage import DatasetStore
+leases.LEASE_SECONDS, leases.RENEW_SECONDS = 2.0, 0.2  # a lease that goes stale in 2 s
+with leases.shard_lease(DatasetStore(sys.argv[1]), "w", "run-paused"):
+    print("holding", flush=True)
+    sys.stdin.readline()  # until the test says
+"""
+_ON_ANOTHER_HOST = ["unshare", "--uts", "sh", "-c", 'hostname elsewhere && exec "$0" "$@"']
+
+
+@pytest.mark.skipif(
+    subprocess.run([*_ON_ANOTHER_HOST, "true"], capture_output=True).returncode != 0,
+    reason="needs unshare with new UTS namespaces",
+)
+def test_a_paused_holder_leaves_the_lease_a_run_took_over_and_fails(store):
+    """A holder paused past its lease's expiry (SIGSTOP here; a frozen VM, a long stall) whose lease a
+    run on another host took over as stale: resumed, it used to renew the lease as its own, taking it
+    back, then remove it at its end, so a third run could take the shard while the second wrote. Now it
+    leaves the other run's lease alone and its step fails, saying both may have written the shard."""
+    paused = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_PAUSED, store.root],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert paused.stdout.readline() == b"holding\n"
+    paused.send_signal(signal.SIGSTOP)
+    time.sleep(2.5)  # past its lease's expiry
+    other = subprocess.Popen(
+        [*_ON_ANOTHER_HOST, sys.executable, "-c", _HOLD, store.root, "w", "120"], stdout=subprocess.PIPE
+    )
+    try:
+        assert other.stdout.readline() == b"holding\n"
+        assert holder(store, "w")["host"] == "elsewhere"
+        paused.send_signal(signal.SIGCONT)
+        time.sleep(1)  # its renewal thread wakes several times
+        _, stderr = paused.communicate(b"done\n", timeout=60)
+        assert paused.returncode == 1
+        assert "LeaseLost: w: this run's lease went to run run-elsewhere (host elsewhere" in stderr.decode()
+        assert holder(store, "w")["owner"] == "run-elsewhere"
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_a_stale_lease_that_another_run_takes_over_first_is_left_to_it(store, monkeypatch):
     """Two runs find the lease of a run that is gone at once: the one that takes it over first holds it,
     and the other, whose look at the old lease came before that, is told the shard is busy and leaves

@@ -10,7 +10,9 @@ as in a restarted container) or silent past its expiry no longer holds it.
 Taking such a lease over replaces it only if it is still the one found stale (S3: a PUT on its ETag;
 locally: under an flock of the leases folder), so of two runs that found it at once, one holds it and
 the other is told it is busy: removing it first, as before, could remove the lease the other had just
-taken, and both would write.
+taken, and both would write. For the same reason a holder renews and removes its lease only while it is
+its own: one whose lease was taken over while it was paused leaves it to the new holder and fails
+(`LeaseLost`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ SETTINGS = "dataset.settings"  # held while a run adds the sections the settings
 
 class ShardBusy(RuntimeError):
     """Another live run is writing this shard."""
+
+
+class LeaseLost(RuntimeError):
+    """Another run took this run's lease over as stale while this run held it."""
 
 
 def holder(store: DatasetStore, shard: str) -> dict | None:
@@ -64,11 +70,12 @@ def shard_lease(
             time.sleep(min(poll, wait))
     path = _path(shard)
     done = threading.Event()
+    taken_by: list[dict] = []  # the run that took the lease over while this one held it
 
     def renew() -> None:
-        while not done.wait(RENEW_SECONDS):
+        while not done.wait(RENEW_SECONDS) and not taken_by:
             with contextlib.suppress(Exception):  # a missed renewal only brings the expiry nearer
-                store.write_bytes(path, json.dumps(_record(owner)).encode())
+                _renew(store, path, owner, taken_by)
 
     thread = threading.Thread(target=renew, daemon=True, name=f"lease-{shard}")
     thread.start()
@@ -77,7 +84,32 @@ def shard_lease(
     finally:
         done.set()
         thread.join()
-        store.remove(path)
+        found = _read_version(store, path)
+        if found is not None and not _ours(found[0], owner):
+            taken_by.append(found[0])
+        if not taken_by:
+            store.remove(path)
+    if taken_by:  # its lease is left to the run that has it now
+        raise LeaseLost(
+            f"{shard}: this run's lease went to {describe(taken_by[0])} while this run wrote, after "
+            f"{LEASE_SECONDS:g} s without renewal (a paused process?): both may have written it"
+        )
+
+
+def _renew(store: DatasetStore, path: str, owner: str, taken_by: list[dict]) -> None:
+    """The lease's expiry moved on, if it is still this process's; else who has it goes on `taken_by`
+    (renewing would take it back from a run that took it over as stale, and both would write)."""
+    found = _read_version(store, path)
+    if found is not None and _ours(found[0], owner):
+        if _replace(store, path, found[1], _record(owner)):
+            return
+        found = _read_version(store, path)  # replaced between the read and the write
+    if found is not None and not _ours(found[0], owner):
+        taken_by.append(found[0])
+
+
+def _ours(record: dict, owner: str) -> bool:
+    return (record.get("owner"), record.get("host"), record.get("pid")) == (owner, host_name(), os.getpid())
 
 
 def _take(store: DatasetStore, shard: str, owner: str) -> None:
