@@ -1,6 +1,9 @@
 import io
 import json
 import multiprocessing
+import signal
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -20,6 +23,8 @@ from laion_assets.pipeline.download import fetch
 from laion_assets.pipeline.download.downloader import DownloadSettings, HostScheduler, _Job, download_shard
 from laion_assets.pipeline.download.imaging import ImageSettings, process_image
 from laion_assets.pipeline.parallel import pipelined
+from laion_assets.pipeline.shard_tar import read_samples
+from laion_assets.pipeline.storage import CRAWL_METADATA, IMAGES
 
 # Short timeouts keep the failures quick; the guard is off because the web is on 127.0.0.1.
 FAST = DownloadSettings(
@@ -542,6 +547,41 @@ def test_retry_failed_refetches_only_failures(web):
     from laion_assets.pipeline.shard_tar import read_samples
 
     assert [k for k, _ in read_samples(io.BytesIO(second_tar))] == ["s-00000000", "s-00000001"]
+
+
+_KILLED_BEFORE_ITS_PARQUET = """
+import os, signal, sys
+from laion_assets.pipeline.download.downloader import DownloadSettings, write_images
+from laion_assets.pipeline.storage import IMAGES, DatasetStore
+
+class KilledBeforeItsParquet(DatasetStore):
+    def write_parquet(self, relpath, *args, **kwargs):
+        if relpath == IMAGES.parquet("s"):  # the new tar is in place
+            os.kill(os.getpid(), signal.SIGKILL)
+        super().write_parquet(relpath, *args, **kwargs)
+
+settings = DownloadSettings(allow_private_networks=True, image_size=int(sys.argv[2]), resize_mode="border")
+write_images(KilledBeforeItsParquet(sys.argv[1]), "s", settings)
+"""
+
+
+def test_a_download_killed_between_its_tar_and_its_parquet_leaves_no_parquet_that_claims_the_tar(web, store):
+    """The images tar is written, then its parquet. A shard downloaded again (at another image_size here)
+    by a run killed between the two was left with the new tar beside the old parquet, which still counted
+    as current: 64 px in its rows, 32 px in the tar, for good. Now the old parquet goes as the new tar
+    takes its place, so the shard is not made until a run writes both."""
+    urls = [web.url("/up/1.jpg"), web.url("/up/2.jpg")]
+    store.write_parquet(CRAWL_METADATA.parquet("s"), crawl_table(urls))
+    settings = DownloadSettings(allow_private_networks=True, image_size=64, resize_mode="border")
+    download.write_images(store, "s", settings)
+    assert store.read_parquet(IMAGES.parquet("s")).column("width").to_pylist() == [64, 64]
+    killed = subprocess.run([sys.executable, "-c", _KILLED_BEFORE_ITS_PARQUET, store.root, "32"], check=False)
+    assert killed.returncode == -signal.SIGKILL
+    with store.open(IMAGES.tar("s")) as tar:  # the new tar
+        assert {Image.open(io.BytesIO(m["jpg"])).size for _, m in read_samples(tar)} == {(32, 32)}
+    assert not store.exists(IMAGES.parquet("s"))
+    download.write_images(store, "s", replace(settings, image_size=32))
+    assert store.read_parquet(IMAGES.parquet("s")).column("width").to_pylist() == [32, 32]
 
 
 def test_retry_failed_keeps_no_row_of_a_key_the_crawl_no_longer_has(web):

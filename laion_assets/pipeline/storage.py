@@ -384,6 +384,16 @@ class DatasetStore:
             if os.path.exists(tmp):
                 os.remove(tmp)
 
+    @contextmanager
+    def tar_write(self, layer: Layer, shard: str) -> Iterator[IO[bytes]]:
+        """The shard's tar of `layer`, as `atomic_write` writes it; its parquet, which says the pair is
+        whole, is removed just before the new tar replaces the old one, and the caller writes the new one
+        after. A run killed between the two then leaves the shard without a parquet (to be made again),
+        not a new tar beside an old parquet that still counts as current."""
+        with self.atomic_write(layer.tar(shard)) as f:
+            yield f
+            self.remove(layer.parquet(shard))
+
     def write_bytes(self, relpath: str, data: bytes) -> None:
         with self.atomic_write(relpath) as f:
             f.write(data)

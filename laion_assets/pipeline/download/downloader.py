@@ -208,7 +208,7 @@ def write_images(
         previous = None
         if settings.retry_failed and store.exists(parquet_path) and store.exists(tar_path):
             previous = (store.read_parquet(parquet_path), stack.enter_context(store.open(tar_path)))
-        tar_out = stack.enter_context(store.atomic_write(tar_path))
+        tar_out = stack.enter_context(store.tar_write(IMAGES, shard))
         blocklist = load_active(store)
         result = download_shard(crawl, settings, tar_out, previous, progress, blocklist, draining, workers)
     result = _listed_meanwhile(store, blocklist, result, tar_path)

@@ -234,7 +234,7 @@ def write_pairs(
     )
     with contextlib.ExitStack() as stack:
         images_tar = stack.enter_context(store.open(IMAGES.tar(shard)))
-        out = stack.enter_context(store.atomic_write(PAIRS.tar(shard)))
+        out = stack.enter_context(store.tar_write(PAIRS, shard))
         result.samples_in_tar = write_pairs_tar(images_tar, result.table, out)
     pairs_footer = {
         **inherited_footer(embeddings),
