@@ -1,5 +1,7 @@
 import dataclasses
 import io
+import re
+import tarfile
 
 import dagster as dg
 import numpy as np
@@ -13,7 +15,7 @@ from laion_assets import names
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.download.downloader import download_shard
 from laion_assets.pipeline.embeddings.clip import ClipEncoder, ClipSettings, ModelUnavailable
-from laion_assets.pipeline.embeddings.embed import embed_shard
+from laion_assets.pipeline.embeddings.embed import DamagedImagesTar, embed_shard, write_embeddings
 from laion_assets.pipeline.shard_tar import TarShardWriter, read_samples
 from laion_assets.pipeline.storage import DatasetStore
 from laion_assets.runner import failure_message
@@ -94,6 +96,42 @@ def test_undecodable_stored_image_is_counted_and_skipped(encoder):
     result = embed_shard(images, io.BytesIO(tar.getvalue()), encoder, batch_size=8)
     assert result.table.column("key").to_pylist() == ["s-00000000"]
     assert result.undecodable == ["s-00000001"]
+
+
+def _shard_tar(keys: list[str]) -> bytes:
+    tar = io.BytesIO()
+    with TarShardWriter(tar) as writer:
+        for i, key in enumerate(keys):
+            red = io.BytesIO()
+            Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(red, "JPEG")
+            writer.write(key, {"jpg": red.getvalue(), "txt": b"a red thing"})
+    return tar.getvalue()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda tar, at: tar[:at],  # cut after a whole sample: tarfile takes that for the end
+        lambda tar, at: tar[: at + 700],  # cut inside a member
+        lambda tar, at: tar[:at] + b"\x01" * 512 + tar[at + 512 :],  # a sample's header damaged
+    ],
+    ids=["cut-between-samples", "cut-inside-a-member", "damaged-header"],
+)
+def test_a_damaged_images_tar_is_an_error_naming_it(local_root, encoder, damage):
+    """The samples after a damaged spot of the tar are not dropped without a word: the shard fails,
+    naming the tar, and writes no embeddings."""
+    store = DatasetStore(local_root)
+    keys = [f"s-{i:08d}" for i in range(6)]
+    tar = _shard_tar(keys)
+    with tarfile.open(fileobj=io.BytesIO(tar)) as members:
+        second = next(m.offset for m in members if m.name.startswith(keys[1]))
+    store.write_parquet(
+        "images/s.parquet", pa.table({"key": keys, "caption": ["a red thing"] * 6, "status": ["success"] * 6})
+    )
+    store.write_bytes("images/s.tar", damage(tar, second))
+    with pytest.raises(DamagedImagesTar, match=rf"^{re.escape(store.url('images/s.tar'))} is damaged"):
+        write_embeddings(store, "s", encoder, batch_size=4)
+    assert not store.exists("embeddings/s.parquet")
 
 
 def test_missing_weights_fail_at_once_with_advice():
