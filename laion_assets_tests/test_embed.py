@@ -108,6 +108,16 @@ def _shard_tar(keys: list[str]) -> bytes:
     return tar.getvalue()
 
 
+def test_a_success_row_without_its_sample_is_reported(encoder):
+    """An images parquet and tar that disagree (a run killed between writing the two): the successful rows
+    the tar lacks are named, not dropped without a word."""
+    keys = [f"s-{i:08d}" for i in range(4)]
+    images = pa.table({"key": keys, "caption": ["a red thing"] * 4, "status": ["success"] * 4})
+    result = embed_shard(images, io.BytesIO(_shard_tar([keys[0], keys[2]])), encoder, batch_size=8)
+    assert result.table.column("key").to_pylist() == [keys[0], keys[2]]
+    assert result.missing == [keys[1], keys[3]] and result.undecodable == []
+
+
 @pytest.mark.parametrize(
     "damage",
     [

@@ -42,6 +42,7 @@ class DamagedImagesTar(ValueError):
 class EmbedResult:
     table: pa.Table
     undecodable: list[str]  # keys of successful downloads whose stored image could not be read
+    missing: list[str]  # keys of successful downloads that the tar holds no sample of
     seconds: float
 
 
@@ -75,7 +76,8 @@ def embed_shard(
     out = _Embeddings(encoder.dim)
     for batch in image_batches(tar, set(captions), encoder.prepare, batch_size, workers, undecodable):
         out.add(encoder, batch, captions)
-    return EmbedResult(table=out.table(), undecodable=undecodable, seconds=time.monotonic() - start)
+    missing = sorted(captions.keys() - set(out.keys) - set(undecodable))
+    return EmbedResult(out.table(), undecodable, missing, seconds=time.monotonic() - start)
 
 
 def image_batches(
