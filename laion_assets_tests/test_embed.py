@@ -1,5 +1,6 @@
 import dataclasses
 import io
+import json
 import re
 import tarfile
 
@@ -157,6 +158,33 @@ def test_local_checkpoint_loads_the_same_weights(tmp_path, encoder):
     loaded = ClipEncoder(dataclasses.replace(TINY_CLIP, pretrained=str(checkpoint), seed=12345))
     texts = ["a red square", "a dog"]
     assert torch.equal(loaded.encode_texts(texts), encoder.encode_texts(texts))
+
+
+def test_a_local_dir_models_weights_are_its_files(tmp_path, encoder):
+    """open_clip's `local-dir:<folder>` model loads the folder's own weights and ignores `pretrained`: the
+    identity is the folder's content, not a tag or a seed it was not made with, so the embeddings of weights
+    put in the place of others never pass for theirs."""
+    from laion_assets.pipeline.embeddings.clip import MODEL_CONFIGS
+
+    def folder(name: str, weights: ClipEncoder) -> str:
+        path = tmp_path / name
+        path.mkdir(exist_ok=True)
+        config = json.loads((MODEL_CONFIGS / f"{TINY_CLIP.model}.json").read_text())
+        (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": config}))
+        torch.save(weights.model.state_dict(), path / "open_clip_pytorch_model.bin")
+        return f"local-dir:{path}"
+
+    first = ClipEncoder(dataclasses.replace(TINY_CLIP, model=folder("a", encoder), pretrained="none"))
+    texts = ["a red square"]
+    assert torch.equal(first.encode_texts(texts), encoder.encode_texts(texts))  # the folder's weights
+    assert first.identity.weights.startswith("sha256:")
+
+    other = ClipEncoder(dataclasses.replace(TINY_CLIP, seed=1))
+    replaced = ClipEncoder(dataclasses.replace(TINY_CLIP, model=folder("a", other), pretrained="none"))
+    assert not torch.equal(replaced.encode_texts(texts), first.encode_texts(texts))
+    assert replaced.identity != first.identity
+    copy = ClipEncoder(dataclasses.replace(TINY_CLIP, model=folder("b", encoder), pretrained="openai"))
+    assert copy.identity.weights == first.identity.weights
 
 
 def test_settings_from_environment(monkeypatch):
