@@ -235,6 +235,16 @@ def test_asset_writes_embeddings_and_resumes_after_a_failed_run(root, web):
     assert meta["dagster/row_count"].value == 5 and meta["dim"].value == 64 and meta["device"].value == "cpu"
 
 
+def test_a_batch_size_under_1_is_refused(monkeypatch):
+    """0 or less made one batch of the whole shard (`len(batch) == batch_size` never held): a GPU out of
+    memory on a real shard, far from the setting that caused it."""
+    with pytest.raises(ValueError, match=r"batch_size 0 .* 1 or more"):
+        dataclasses.replace(TINY_CLIP, batch_size=0)
+    monkeypatch.setenv("LAION_ASSETS_CLIP_BATCH_SIZE", "-8")
+    with pytest.raises(ValueError, match=r"batch_size -8 .* 1 or more"):
+        ClipSettings.from_env()
+
+
 def test_model_identity_is_the_model_and_its_weights(tmp_path):
     """One rule for "these embeddings can be compared": same model name and the same weights, a checkpoint
     known by its content (not its path), random weights by their seed."""

@@ -57,6 +57,12 @@ class ClipSettings:
     batch_size: int = 256
     seed: int = 0  # for random weights
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(
+                f"clip batch_size {self.batch_size} ({SETTINGS_ENV['batch_size']}): images a batch, 1 or more"
+            )
+
     @classmethod
     def from_env(cls) -> ClipSettings:
         """The defaults, overridden by the variables of `SETTINGS_ENV` that are set."""
