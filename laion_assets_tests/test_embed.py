@@ -1,5 +1,8 @@
 import dataclasses
 import io
+import json
+import re
+import tarfile
 
 import dagster as dg
 import numpy as np
@@ -13,7 +16,7 @@ from laion_assets import names
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.download.downloader import download_shard
 from laion_assets.pipeline.embeddings.clip import ClipEncoder, ClipSettings, ModelUnavailable
-from laion_assets.pipeline.embeddings.embed import embed_shard
+from laion_assets.pipeline.embeddings.embed import DamagedImagesTar, embed_shard, write_embeddings
 from laion_assets.pipeline.shard_tar import TarShardWriter, read_samples
 from laion_assets.pipeline.storage import DatasetStore
 from laion_assets.runner import failure_message
@@ -96,6 +99,52 @@ def test_undecodable_stored_image_is_counted_and_skipped(encoder):
     assert result.undecodable == ["s-00000001"]
 
 
+def _shard_tar(keys: list[str]) -> bytes:
+    tar = io.BytesIO()
+    with TarShardWriter(tar) as writer:
+        for i, key in enumerate(keys):
+            red = io.BytesIO()
+            Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(red, "JPEG")
+            writer.write(key, {"jpg": red.getvalue(), "txt": b"a red thing"})
+    return tar.getvalue()
+
+
+def test_a_success_row_without_its_sample_is_reported(encoder):
+    """An images parquet and tar that disagree (a run killed between writing the two): the successful rows
+    the tar lacks are named, not dropped without a word."""
+    keys = [f"s-{i:08d}" for i in range(4)]
+    images = pa.table({"key": keys, "caption": ["a red thing"] * 4, "status": ["success"] * 4})
+    result = embed_shard(images, io.BytesIO(_shard_tar([keys[0], keys[2]])), encoder, batch_size=8)
+    assert result.table.column("key").to_pylist() == [keys[0], keys[2]]
+    assert result.missing == [keys[1], keys[3]] and result.undecodable == []
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda tar, at: tar[:at],  # cut after a whole sample: tarfile takes that for the end
+        lambda tar, at: tar[: at + 700],  # cut inside a member
+        lambda tar, at: tar[:at] + b"\x01" * 512 + tar[at + 512 :],  # a sample's header damaged
+    ],
+    ids=["cut-between-samples", "cut-inside-a-member", "damaged-header"],
+)
+def test_a_damaged_images_tar_is_an_error_naming_it(local_root, encoder, damage):
+    """The samples after a damaged spot of the tar are not dropped without a word: the shard fails,
+    naming the tar, and writes no embeddings."""
+    store = DatasetStore(local_root)
+    keys = [f"s-{i:08d}" for i in range(6)]
+    tar = _shard_tar(keys)
+    with tarfile.open(fileobj=io.BytesIO(tar)) as members:
+        second = next(m.offset for m in members if m.name.startswith(keys[1]))
+    store.write_parquet(
+        "images/s.parquet", pa.table({"key": keys, "caption": ["a red thing"] * 6, "status": ["success"] * 6})
+    )
+    store.write_bytes("images/s.tar", damage(tar, second))
+    with pytest.raises(DamagedImagesTar, match=rf"^{re.escape(store.url('images/s.tar'))} is damaged"):
+        write_embeddings(store, "s", encoder, batch_size=4)
+    assert not store.exists("embeddings/s.parquet")
+
+
 def test_missing_weights_fail_at_once_with_advice():
     with pytest.raises(ModelUnavailable, match=r"checkpoint file /no/such/model.bin does not exist"):
         ClipEncoder(dataclasses.replace(TINY_CLIP, pretrained="/no/such/model.bin"))
@@ -109,6 +158,33 @@ def test_local_checkpoint_loads_the_same_weights(tmp_path, encoder):
     loaded = ClipEncoder(dataclasses.replace(TINY_CLIP, pretrained=str(checkpoint), seed=12345))
     texts = ["a red square", "a dog"]
     assert torch.equal(loaded.encode_texts(texts), encoder.encode_texts(texts))
+
+
+def test_a_local_dir_models_weights_are_its_files(tmp_path, encoder):
+    """open_clip's `local-dir:<folder>` model loads the folder's own weights and ignores `pretrained`: the
+    identity is the folder's content, not a tag or a seed it was not made with, so the embeddings of weights
+    put in the place of others never pass for theirs."""
+    from laion_assets.pipeline.embeddings.clip import MODEL_CONFIGS
+
+    def folder(name: str, weights: ClipEncoder) -> str:
+        path = tmp_path / name
+        path.mkdir(exist_ok=True)
+        config = json.loads((MODEL_CONFIGS / f"{TINY_CLIP.model}.json").read_text())
+        (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": config}))
+        torch.save(weights.model.state_dict(), path / "open_clip_pytorch_model.bin")
+        return f"local-dir:{path}"
+
+    first = ClipEncoder(dataclasses.replace(TINY_CLIP, model=folder("a", encoder), pretrained="none"))
+    texts = ["a red square"]
+    assert torch.equal(first.encode_texts(texts), encoder.encode_texts(texts))  # the folder's weights
+    assert first.identity.weights.startswith("sha256:")
+
+    other = ClipEncoder(dataclasses.replace(TINY_CLIP, seed=1))
+    replaced = ClipEncoder(dataclasses.replace(TINY_CLIP, model=folder("a", other), pretrained="none"))
+    assert not torch.equal(replaced.encode_texts(texts), first.encode_texts(texts))
+    assert replaced.identity != first.identity
+    copy = ClipEncoder(dataclasses.replace(TINY_CLIP, model=folder("b", encoder), pretrained="openai"))
+    assert copy.identity.weights == first.identity.weights
 
 
 def test_settings_from_environment(monkeypatch):
@@ -157,6 +233,16 @@ def test_asset_writes_embeddings_and_resumes_after_a_failed_run(root, web):
     assert table.schema.metadata[names.CLIP_PRETRAINED_FOOTER.encode()] == b"none"
     meta = resumed.asset_materializations_for_node("clip_embeddings")[0].metadata
     assert meta["dagster/row_count"].value == 5 and meta["dim"].value == 64 and meta["device"].value == "cpu"
+
+
+def test_a_batch_size_under_1_is_refused(monkeypatch):
+    """0 or less made one batch of the whole shard (`len(batch) == batch_size` never held): a GPU out of
+    memory on a real shard, far from the setting that caused it."""
+    with pytest.raises(ValueError, match=r"batch_size 0 .* 1 or more"):
+        dataclasses.replace(TINY_CLIP, batch_size=0)
+    monkeypatch.setenv("LAION_ASSETS_CLIP_BATCH_SIZE", "-8")
+    with pytest.raises(ValueError, match=r"batch_size -8 .* 1 or more"):
+        ClipSettings.from_env()
 
 
 def test_model_identity_is_the_model_and_its_weights(tmp_path):

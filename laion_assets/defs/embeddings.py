@@ -46,10 +46,14 @@ def clip_embeddings(
         if result.undecodable:
             unread = result.undecodable
             context.log.warning(f"{shard}: {len(unread)} stored images could not be read: {unread[:10]}")
+        if result.missing:
+            absent = result.missing
+            context.log.warning(f"{shard}: {len(absent)} successful images are not in its tar: {absent[:10]}")
         rows = result.table.num_rows
         metadata[shard] = {
             "dagster/row_count": rows,
             "undecodable_images": len(result.undecodable),
+            "images_not_in_tar": len(result.missing),
             "model": encoder.identity.model,
             "pretrained": encoder.identity.pretrained,
             "weights": encoder.identity.weights,

@@ -76,10 +76,26 @@ class TarShardWriter:
         self.close()
 
 
+class _WholeTarInfo(tarfile.TarInfo):
+    """A member header as tarfile reads it, where the end of the data or a damaged header before the
+    end-of-archive blocks is a `tarfile.ReadError`: tarfile takes either for the end of the archive
+    (after its first member), and the samples after it would be lost without a word."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError) as exc:
+            raise tarfile.ReadError(f"the tar ends at byte {tar.offset}, without its end: cut short") from exc
+        except tarfile.InvalidHeaderError as exc:
+            raise tarfile.ReadError(f"a damaged member header at byte {tar.offset}: {exc}") from exc
+
+
 def read_samples(fileobj: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) for each sample of a tar, in order, reading it as a stream."""
+    """(key, {extension: bytes}) for each sample of a tar, in order, reading it as a stream;
+    `tarfile.ReadError` where the tar is cut short or damaged."""
     key, members = None, {}
-    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+    with tarfile.open(fileobj=fileobj, mode="r|", tarinfo=_WholeTarInfo) as tar:
         for info in tar:
             if not info.isfile():
                 continue

@@ -30,6 +30,8 @@ NO_WEIGHTS = "none"
 # Architectures shipped with the package (a tiny one for tests and the offline demo).
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+# open_clip's model names that bring their own weights and ignore `pretrained`
+LOCAL_DIR, HF_HUB = "local-dir:", "hf-hub:"
 # ClipSettings field -> the environment variable that sets it in a deployment
 SETTINGS_ENV = {
     "model": "LAION_ASSETS_CLIP_MODEL",
@@ -54,6 +56,12 @@ class ClipSettings:
     device: str = "auto"  # auto: cuda when present, else cpu
     batch_size: int = 256
     seed: int = 0  # for random weights
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(
+                f"clip batch_size {self.batch_size} ({SETTINGS_ENV['batch_size']}): images a batch, 1 or more"
+            )
 
     @classmethod
     def from_env(cls) -> ClipSettings:
@@ -87,7 +95,8 @@ class ModelIdentity:
 
     @classmethod
     def of(cls, settings: ClipSettings) -> ModelIdentity:
-        return cls(settings.model, weights_id(settings.pretrained, settings.seed), settings.pretrained)
+        weights = weights_id(settings.pretrained, settings.seed, settings.model)
+        return cls(settings.model, weights, settings.pretrained)
 
     @classmethod
     def from_footer(cls, footer: dict[str, str]) -> ModelIdentity | None:
@@ -120,9 +129,16 @@ class ModelIdentity:
         raise ModelMismatch(f"{subject} embedded with {made}, {user} runs {runs}: {advice}")
 
 
-def weights_id(pretrained: str, seed: int) -> str:
+def weights_id(pretrained: str, seed: int, model: str = "") -> str:
     """What the weights are: an open_clip tag as it is, a checkpoint file by the SHA-256 of its content
-    (two copies of one file are the same weights), random weights by their seed."""
+    (two copies of one file are the same weights), random weights by their seed. A `local-dir:` model's
+    are its folder's files, by their content, and a `hf-hub:` model's its repository's: open_clip loads
+    those and ignores `pretrained`."""
+    if model.startswith(LOCAL_DIR):
+        folder = Path(model.removeprefix(LOCAL_DIR)).expanduser()
+        return f"sha256:{folder_sha256(folder)}" if folder.is_dir() else f"missing:{folder.absolute()}"
+    if model.startswith(HF_HUB):
+        return model
     if pretrained.lower() == NO_WEIGHTS:
         return f"random:seed={seed}"
     if _is_path(pretrained):
@@ -137,6 +153,13 @@ def file_sha256(path: Path) -> str:
     """The SHA-256 of a file's content, hashed once per process while its size and mtime stay."""
     stat = path.stat()
     return _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def folder_sha256(folder: Path) -> str:
+    """The SHA-256 of the names and contents of a model folder's config and checkpoint files."""
+    suffixes = (*_CHECKPOINT_SUFFIXES, ".json")
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in suffixes)
+    return hashlib.sha256("".join(f"{f.name}\0{file_sha256(f)}\n" for f in files).encode()).hexdigest()
 
 
 @functools.lru_cache(maxsize=64)

@@ -8,6 +8,7 @@ the normalised embeddings, which are then stored as float16.
 from __future__ import annotations
 
 import io
+import tarfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -33,10 +34,15 @@ from laion_assets.pipeline.storage import EMBEDDINGS, IMAGES, DatasetStore
 T = TypeVar("T")
 
 
+class DamagedImagesTar(ValueError):
+    """A shard's images tar cannot be read to its end."""
+
+
 @dataclass
 class EmbedResult:
     table: pa.Table
     undecodable: list[str]  # keys of successful downloads whose stored image could not be read
+    missing: list[str]  # keys of successful downloads that the tar holds no sample of
     seconds: float
 
 
@@ -45,8 +51,13 @@ def write_embeddings(
 ) -> EmbedResult:
     """`embeddings/<shard>.parquet` from the shard's images; the model and its weights in the footer."""
     images = store.read_parquet(IMAGES.parquet(shard))
-    with store.open(IMAGES.tar(shard)) as tar:
-        result = embed_shard(images, tar, encoder, batch_size, workers)
+    try:
+        with store.open(IMAGES.tar(shard)) as tar:
+            result = embed_shard(images, tar, encoder, batch_size, workers)
+    except tarfile.ReadError as exc:
+        raise DamagedImagesTar(
+            f"{store.url(IMAGES.tar(shard))} is damaged ({exc}): download the shard's images again"
+        ) from exc
     footer = {**inherited_footer(images), **encoder.identity.footer()}
     store.write_parquet(EMBEDDINGS.parquet(shard), result.table, metadata=footer)
     return result
@@ -65,7 +76,8 @@ def embed_shard(
     out = _Embeddings(encoder.dim)
     for batch in image_batches(tar, set(captions), encoder.prepare, batch_size, workers, undecodable):
         out.add(encoder, batch, captions)
-    return EmbedResult(table=out.table(), undecodable=undecodable, seconds=time.monotonic() - start)
+    missing = sorted(captions.keys() - set(out.keys) - set(undecodable))
+    return EmbedResult(out.table(), undecodable, missing, seconds=time.monotonic() - start)
 
 
 def image_batches(

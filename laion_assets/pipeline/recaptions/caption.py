@@ -89,7 +89,8 @@ class CocaCaptioner:
     def describe(self) -> dict[str, str]:
         """What made the captions, for the parquet footer and the materialisation metadata."""
         s = self.settings
-        described = {"captioner": "open_clip CoCa", **asdict(s), "weights": weights_id(s.pretrained, s.seed)}
+        weights = weights_id(s.pretrained, s.seed, s.model)
+        described = {"captioner": "open_clip CoCa", **asdict(s), "weights": weights}
         return {name: str(value) for name, value in described.items() if name not in ("device", "batch_size")}
 
     def caption(self, images: list[Image.Image]) -> list[str]:
