@@ -270,6 +270,50 @@ def test_a_run_that_stopped_part_way_leaves_nothing_the_next_run_trusts(
     assert not list(Path(store.path(DEDUP_STAGED)).glob("*"))
 
 
+@pytest.mark.parametrize(
+    ("step", "stop_at"), [("_reassign", 1), ("_write_members", 2)], ids=["trained", "reassigning"]
+)
+def test_a_run_that_stopped_while_training_again_leaves_nothing_the_next_run_trusts(
+    planted, tmp_path, monkeypatch, step, stop_at
+):
+    """The pairs have grown, so the second run trains the centroids again and assigns the survivors to
+    them; it dies once the new centroids are written, or after the first survivors' file is reassigned.
+    The next run gives what the second would have given."""
+    settings = replace(DEMO_DEDUP, clusters=0, regrow=1.5)
+
+    def first_run(name: str) -> DatasetStore:
+        root = shutil.copytree(planted, tmp_path / name)
+        later = hold_back(root, DEMO_SHARDS[1])
+        store = DatasetStore(str(root))
+        deduplicate(store, settings)
+        bring_back(later, root)
+        return store
+
+    clean = first_run("clean")
+    assert "grew" in deduplicate(clean, settings).centroids
+    store = first_run("root")
+    real = getattr(dedup, step)
+    calls = []
+
+    def stops(*args, **kwargs):
+        calls.append(step)
+        if len(calls) >= stop_at:
+            raise RuntimeError("the machine went away")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dedup, step, stops)
+    with pytest.raises(RuntimeError, match="went away"):
+        deduplicate(store, settings)
+    monkeypatch.undo()
+    again = deduplicate(store, settings)
+    assert again.shards == [DEMO_SHARDS[1]] and again.centroids.startswith("trained on")
+    assert found(store.read_parquet(DUPLICATES)) == found(clean.read_parquet(DUPLICATES))
+    assert sorted(pairs_rows(store)) == sorted(pairs_rows(clean))
+    assert member_keys(store) == member_keys(clean) == sorted(key for key, _ in pairs_rows(store))
+    # and a later run keeps finding the copies of the survivors of both
+    assert deduplicate(store, settings).shards == []
+
+
 def test_max_shards_checks_the_new_shards_over_several_runs_as_one_run_would(planted, tmp_path):
     whole = DatasetStore(str(shutil.copytree(planted, tmp_path / "whole")))
     at_once = found(deduplicate(whole, DEMO_DEDUP).duplicates)
