@@ -230,7 +230,9 @@ def deduplicate(
         else RemovalResult(0, [])
     )
     seconds["removal"] = time.monotonic() - clock
-    seen.update({shard: store.fingerprint(PAIRS.parquet(shard)) for shard in new})
+    for shard in new:  # as checked: a file another run wrote meanwhile differs, and is checked next time
+        read, written = removal.fingerprints.get(PAIRS.parquet(shard), (pairs[shard], pairs[shard]))
+        seen[shard] = written if read == pairs[shard] else pairs[shard]
     runs = dict(zip(done.column("shard").to_pylist(), done.column("run").to_pylist(), strict=True))
     runs.update(dict.fromkeys(new, run))
     trained_by = _trained_by(store) if store.exists(DEDUP_CENTROIDS) else committed
