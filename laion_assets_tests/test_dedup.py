@@ -26,7 +26,7 @@ from laion_assets.pipeline.dedup.deduplicate import (
     deduplicate,
 )
 from laion_assets.pipeline.embeddings.clip import ClipEncoder
-from laion_assets.pipeline.removal import DUPLICATE, RemovedKeys
+from laion_assets.pipeline.removal import DUPLICATE, TAKEN_DOWN, RemovedKeys, remove_keys
 from laion_assets.pipeline.search.index import write_search_index
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import (
@@ -268,6 +268,85 @@ def test_a_run_that_stopped_part_way_leaves_nothing_the_next_run_trusts(
     assert sorted(pairs_rows(store)) == sorted(pairs_rows(whole))
     assert member_keys(store) == sorted(key for key, _ in pairs_rows(store))
     assert not list(Path(store.path(DEDUP_STAGED)).glob("*"))
+
+
+@pytest.mark.parametrize("moment", ["before-the-removal", "after-the-removal"])
+def test_a_shard_rebuilt_while_a_run_checks_it_is_checked_again(planted, tmp_path, monkeypatch, moment):
+    """filtered_pairs writes the shard again (its duplicates back) while a dedup run is between reading
+    it and recording it as checked: the rebuilt file is not the one checked, so the next run checks it."""
+    whole = DatasetStore(str(shutil.copytree(planted, tmp_path / "whole")))
+    deduplicate(whole, DEMO_DEDUP)
+    root = shutil.copytree(planted, tmp_path / "root")
+    store = DatasetStore(str(root))
+    rebuilt = DEMO_SHARDS[1]
+    deduplicate(store, DEMO_DEDUP)
+    # a takedown of one of its pairs: the shard is checked again by the next run
+    key = store.read_parquet(PAIRS.parquet(rebuilt), columns=["key"]).column("key")[0].as_py()
+    gone = pa.table({"key": [key], "list": ["urls"], "kind": ["url"], "entry": ["e"]})
+    remove_keys(store, gone, TAKEN_DOWN)
+    real = dedup.remove_keys
+
+    def rebuild() -> None:  # the planted pairs, but the taken-down one: its duplicates are back
+        table = pq.read_table(Path(planted) / PAIRS.name / f"{rebuilt}.parquet")
+        store.write_parquet(PAIRS.parquet(rebuilt), table.filter(pa.compute.not_equal(table["key"], key)))
+
+    def rebuilt_meanwhile(*args, **kwargs):
+        if moment == "before-the-removal":
+            rebuild()
+        result = real(*args, **kwargs)
+        if moment == "after-the-removal":
+            rebuild()
+        return result
+
+    monkeypatch.setattr(dedup, "remove_keys", rebuilt_meanwhile)
+    assert deduplicate(store, DEMO_DEDUP).shards == [rebuilt]
+    monkeypatch.undo()
+    assert deduplicate(store, DEMO_DEDUP).shards == [rebuilt]
+    assert sorted(pairs_rows(store)) == sorted(row for row in pairs_rows(whole) if row[0] != key)
+
+
+@pytest.mark.parametrize(
+    ("step", "stop_at"), [("_reassign", 1), ("_write_members", 2)], ids=["trained", "reassigning"]
+)
+def test_a_run_that_stopped_while_training_again_leaves_nothing_the_next_run_trusts(
+    planted, tmp_path, monkeypatch, step, stop_at
+):
+    """The pairs have grown, so the second run trains the centroids again and assigns the survivors to
+    them; it dies once the new centroids are written, or after the first survivors' file is reassigned.
+    The next run gives what the second would have given."""
+    settings = replace(DEMO_DEDUP, clusters=0, regrow=1.5)
+
+    def first_run(name: str) -> DatasetStore:
+        root = shutil.copytree(planted, tmp_path / name)
+        later = hold_back(root, DEMO_SHARDS[1])
+        store = DatasetStore(str(root))
+        deduplicate(store, settings)
+        bring_back(later, root)
+        return store
+
+    clean = first_run("clean")
+    assert "grew" in deduplicate(clean, settings).centroids
+    store = first_run("root")
+    real = getattr(dedup, step)
+    calls = []
+
+    def stops(*args, **kwargs):
+        calls.append(step)
+        if len(calls) >= stop_at:
+            raise RuntimeError("the machine went away")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dedup, step, stops)
+    with pytest.raises(RuntimeError, match="went away"):
+        deduplicate(store, settings)
+    monkeypatch.undo()
+    again = deduplicate(store, settings)
+    assert again.shards == [DEMO_SHARDS[1]] and again.centroids.startswith("trained on")
+    assert found(store.read_parquet(DUPLICATES)) == found(clean.read_parquet(DUPLICATES))
+    assert sorted(pairs_rows(store)) == sorted(pairs_rows(clean))
+    assert member_keys(store) == member_keys(clean) == sorted(key for key, _ in pairs_rows(store))
+    # and a later run keeps finding the copies of the survivors of both
+    assert deduplicate(store, settings).shards == []
 
 
 def test_max_shards_checks_the_new_shards_over_several_runs_as_one_run_would(planted, tmp_path):

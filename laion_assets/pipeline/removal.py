@@ -59,6 +59,9 @@ LAYERS = {
 }
 
 
+Fingerprints = dict[str, tuple[str | None, str | None]]
+
+
 @dataclass
 class RemovalResult:
     removed: int  # keys in the ledger
@@ -67,6 +70,8 @@ class RemovalResult:
     ledger: str | None = None  # the ledger file written; None when there was nothing to remove
     by_list: list[tuple[str, str, int]] = field(default_factory=list)  # (list, kind, keys removed)
     by_shard: dict[str, int] = field(default_factory=dict)  # keys removed from each shard
+    # each parquet rewritten: the fingerprint of the file read, and of the file written in its place
+    fingerprints: Fingerprints = field(default_factory=dict)
 
 
 def remove_keys(
@@ -117,7 +122,7 @@ def _complete(store: DatasetStore, name: str) -> RemovalResult:
     for row in pending.select(["key", "list", "kind", "shard"]).to_pylist():
         by_shard.setdefault(row["shard"], {})[row["key"]] = f"{row['list']} ({row['kind']})"
 
-    def rewrite(shard: str) -> list[str]:
+    def rewrite(shard: str) -> tuple[list[str], Fingerprints]:
         with shard_lease(store, shard, f"removal {name}"):
             return _rewrite_shard(store, shard, by_shard[shard], reason)
 
@@ -139,10 +144,11 @@ def _complete(store: DatasetStore, name: str) -> RemovalResult:
     return RemovalResult(
         removed=pending.num_rows,
         shards=sorted(by_shard),
-        files=[path for paths in written for path in paths] + exported,
+        files=[path for paths, _ in written for path in paths] + exported,
         ledger=ledger_path,
         by_list=[(list_, kind, n) for (list_, kind), n in sorted(counts.items())],
         by_shard={shard: len(keys) for shard, keys in sorted(by_shard.items())},
+        fingerprints={path: both for _, fingerprints in written for path, both in fingerprints.items()},
     )
 
 
@@ -162,9 +168,13 @@ def _first_per_key(removals: pa.Table) -> pa.Table:
     return removals.filter(pa.array(keep, pa.bool_())).sort_by("key")
 
 
-def _rewrite_shard(store: DatasetStore, shard: str, removed: dict[str, str], reason: str) -> list[str]:
-    """The shard's files without `removed` (key -> the list and kind it is on); the paths rewritten."""
-    written = []
+def _rewrite_shard(
+    store: DatasetStore, shard: str, removed: dict[str, str], reason: str
+) -> tuple[list[str], Fingerprints]:
+    """The shard's files without `removed` (key -> the list and kind it is on): the paths rewritten, and
+    the fingerprints of each parquet read and written (both under the shard's lease: no other writer's)."""
+    written: list[str] = []
+    fingerprints: Fingerprints = {}
     for layer in LAYERS[reason]:
         if (
             layer.has_tar
@@ -173,7 +183,8 @@ def _rewrite_shard(store: DatasetStore, shard: str, removed: dict[str, str], rea
         ):
             written.append(layer.tar(shard))
         path = layer.parquet(shard)
-        if not store.exists(path):
+        read = store.fingerprint(path)
+        if read is None:
             continue
         table = store.read_parquet(path)
         changed = _taken_down(table, removed) if layer is IMAGES else without_keys(table, removed)
@@ -181,7 +192,8 @@ def _rewrite_shard(store: DatasetStore, shard: str, removed: dict[str, str], rea
             continue
         _write(store, layer, shard, changed, table.num_rows - changed.num_rows, reason)
         written.append(path)
-    return written
+        fingerprints[path] = (read, store.fingerprint(path))
+    return written, fingerprints
 
 
 def _taken_down(images: pa.Table, removed: dict[str, str]) -> pa.Table | None:

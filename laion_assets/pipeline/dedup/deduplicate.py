@@ -84,6 +84,10 @@ RUN_ID = "%Y%m%dT%H%M%S%fZ"  # a run's id, its start time; the state files' name
 RUN_ID_LENGTH = len("20260101T000000000000Z")
 _FOUND = pa.schema([("key", pa.string()), ("duplicate_of", pa.string())])
 _SHARDS = pa.schema([("shard", pa.string()), ("fingerprint", pa.string()), ("run", pa.string())])
+# The run that trained the centroids: in their footer, and in the shards file's once a run that used them
+# finished. A training is only trusted once committed there: the survivors it reassigned are files named
+# after its run, and the files of earlier runs are then superseded.
+TRAINED_BY = "trained_by"
 
 
 @dataclass(frozen=True)
@@ -180,8 +184,12 @@ def deduplicate(
     seen = dict(zip(done.column("shard").to_pylist(), done.column("fingerprint").to_pylist(), strict=True))
     waiting = sorted(shard for shard, fingerprint in pairs.items() if seen.get(shard) != fingerprint)
     new = waiting[: settings.max_shards] if settings.max_shards else waiting
-    if _clear_unfinished(store, set(done.column("run").to_pylist())):
+    committed = store.parquet_metadata(DEDUP_SHARDS).get(TRAINED_BY) if store.exists(DEDUP_SHARDS) else None
+    if _clear_unfinished(store, {*done.column("run").to_pylist(), committed}):
         _drop_found(store, waiting)
+    if _trained_by(store) != committed:  # trained by a run that stopped before it reassigned every survivor
+        store.remove(DEDUP_CENTROIDS)
+    _drop_superseded(store, committed)
     _forget(store, [shard for shard in new if shard in seen])
     connection = catalog.plain_connection(store)
     found: list[pa.Table] = []
@@ -222,9 +230,12 @@ def deduplicate(
         else RemovalResult(0, [])
     )
     seconds["removal"] = time.monotonic() - clock
-    seen.update({shard: store.fingerprint(PAIRS.parquet(shard)) for shard in new})
+    for shard in new:  # as checked: a file another run wrote meanwhile differs, and is checked next time
+        read, written = removal.fingerprints.get(PAIRS.parquet(shard), (pairs[shard], pairs[shard]))
+        seen[shard] = written if read == pairs[shard] else pairs[shard]
     runs = dict(zip(done.column("shard").to_pylist(), done.column("run").to_pylist(), strict=True))
     runs.update(dict.fromkeys(new, run))
+    trained_by = _trained_by(store) if store.exists(DEDUP_CENTROIDS) else committed
     store.write_parquet(
         DEDUP_SHARDS,
         pa.table(
@@ -235,7 +246,9 @@ def deduplicate(
             },
             schema=_SHARDS,
         ),
+        metadata={TRAINED_BY: trained_by} if trained_by else None,
     )
+    _drop_superseded(store, trained_by)
     counts = Counter(duplicates.column("kind").to_pylist())
     by_kind = {k: counts[k] for k in KINDS}
     return DedupResult(
@@ -291,6 +304,21 @@ def _clear_unfinished(store: DatasetStore, finished: set[str]) -> bool:
     for path in unfinished:
         store.remove(path)
     return bool(unfinished)
+
+
+def _trained_by(store: DatasetStore) -> str | None:
+    """The run that trained the stored centroids; None without them, or for centroids trained before runs
+    were recorded."""
+    return store.parquet_metadata(DEDUP_CENTROIDS).get(TRAINED_BY) if store.exists(DEDUP_CENTROIDS) else None
+
+
+def _drop_superseded(store: DatasetStore, trained_by: str | None) -> None:
+    """Remove the member files older than the committed training `trained_by`: its run reassigned them."""
+    if trained_by:
+        for folder in _buckets(store):
+            for stored in store.list(folder):
+                if stored.name[:RUN_ID_LENGTH] < trained_by:
+                    store.remove(f"{folder}/{stored.name}")
 
 
 def _buckets(store: DatasetStore) -> list[str]:
@@ -484,7 +512,7 @@ def _semantic(
             0,
         )
     clock = time.monotonic()
-    centroids, buckets, how = _centroids(store, staged, settings)
+    centroids, buckets, how = _centroids(store, staged, settings, run)
     seconds["training"] = time.monotonic() - clock
     index = _centroid_index(centroids)
     pending = f"{run}-pending"
@@ -496,7 +524,7 @@ def _semantic(
     seconds["assignment"], clock = time.monotonic() - clock, time.monotonic()
     found = []
     for bucket in _buckets(store):
-        found.extend(_dedup_bucket(store, bucket, pending, run, settings))
+        found.extend(_dedup_bucket(store, bucket, pending, run, settings, _trained_by(store) or ""))
     seconds["comparison"] = time.monotonic() - clock
     found.sort(key=lambda row: row[0])
     table = pa.table({"key": [r[0] for r in found], "duplicate_of": [r[1] for r in found]}, schema=_FOUND)
@@ -571,11 +599,12 @@ def _write_member_file(store: DatasetStore, path: str, members: pa.Table) -> Non
 
 
 def _dedup_bucket(
-    store: DatasetStore, folder: str, pending: str, run: str, settings: DedupSettings
+    store: DatasetStore, folder: str, pending: str, run: str, settings: DedupSettings, trained_by: str
 ) -> list[tuple[str, str, float, int | None, str]]:
-    """The new members of one bucket compared with its survivors, cluster by cluster; the survivors
-    written as this run's file of the bucket, the pending files removed."""
-    files = store.list(folder)
+    """The new members of one bucket compared with its survivors (the files since the centroids'
+    training), cluster by cluster; the survivors written as this run's file of the bucket, the pending
+    files removed."""
+    files = [f for f in store.list(folder) if f.name[:RUN_ID_LENGTH] >= trained_by]
     new_files = [f.name for f in files if f.name.startswith(pending)]
     if not new_files:
         return []
@@ -668,13 +697,13 @@ def near_copies(
 
 
 def _centroids(
-    store: DatasetStore, staged: list[str], settings: DedupSettings
+    store: DatasetStore, staged: list[str], settings: DedupSettings, run: str
 ) -> tuple[np.ndarray, int, str]:
-    """The centroids, the number of buckets and how they came: the stored ones, or new ones trained on a
-    sample of the survivors' and the new pairs' vectors (and the survivors assigned again)."""
+    """The centroids, the number of buckets and how they came: the stored ones, or new ones trained by
+    `run` on a sample of the survivors' and the new pairs' vectors (and the survivors assigned again)."""
     members = [f"{folder}/{f.name}" for folder in _buckets(store) for f in store.list(folder)]
     total = sum(store.parquet_num_rows(path) for path in members + staged)
-    why = "retrain set" if settings.retrain else "first run"
+    why = "retrain set" if settings.retrain else "no centroids stored" if members else "first run"
     if store.exists(DEDUP_CENTROIDS) and not settings.retrain:
         stored = unit_rows(store.read_parquet(DEDUP_CENTROIDS).column("centroid"))
         meta = store.parquet_metadata(DEDUP_CENTROIDS)
@@ -725,23 +754,21 @@ def _centroids(
             "trained_on": str(len(vectors)),
             "sized_for": str(total),
             "buckets": str(buckets),
+            TRAINED_BY: run,
         },
     )
-    _reassign(store, centroids, buckets)
+    _reassign(store, members, centroids, buckets, run)
     return centroids.astype(np.float32), buckets, f"trained on {len(vectors)} vectors ({why})"
 
 
-def _reassign(store: DatasetStore, centroids: np.ndarray, buckets: int) -> None:
-    """The stored members put in their new clusters' buckets (after a retraining)."""
+def _reassign(store: DatasetStore, members: list[str], centroids: np.ndarray, buckets: int, run: str) -> None:
+    """The stored members (files) copied to their new clusters' buckets after a retraining by `run`, as
+    files of that run; the old files go once the run has finished (`_drop_superseded`)."""
     index = _centroid_index(centroids)
-    for folder in _buckets(store):
-        for stored in store.list(folder):
-            path = f"{folder}/{stored.name}"
-            part = _members(store.read_parquet(path))
-            store.remove(path)
-            if part.keys:
-                name = f"{stored.name.removesuffix('.parquet')}-{folder.rsplit('/', 1)[-1]}"
-                _write_members(store, part, _nearest(index, part), buckets, name)
+    for number, path in enumerate(members):
+        part = _members(store.read_parquet(path))
+        if part.keys:
+            _write_members(store, part, _nearest(index, part), buckets, f"{run}-reassigned-{number:05d}")
 
 
 def _centroid_index(centroids: np.ndarray) -> faiss.IndexFlatIP:
