@@ -35,6 +35,7 @@ from laion_assets.pipeline.pairs.filter import write_pairs_parquet
 from laion_assets.pipeline.parallel import STORE_REWRITES, store_map
 from laion_assets.pipeline.shard_tar import drop_samples
 from laion_assets.pipeline.storage import (
+    DEDUP_SHARDS,
     EMBEDDINGS,
     IMAGES,
     PAIRS,
@@ -127,6 +128,8 @@ def _complete(store: DatasetStore, name: str) -> RemovalResult:
             return _rewrite_shard(store, shard, by_shard[shard], reason)
 
     written = list(store_map(rewrite, sorted(by_shard), STORE_REWRITES))  # a generator: the shards, now
+    fingerprints = {path: both for _, rewritten in written for path, both in rewritten.items()}
+    _carry_dedup_checks(store, fingerprints)
     keys, tars = pending.column("key").to_pylist(), pending.column(EXPORT_SHARDS).to_pylist()
     # looked up again: an export grown or rebuilt since the pending ledger was written took the keys
     # from pairs that still held them, into tars the ledger does not name
@@ -148,7 +151,7 @@ def _complete(store: DatasetStore, name: str) -> RemovalResult:
         ledger=ledger_path,
         by_list=[(list_, kind, n) for (list_, kind), n in sorted(counts.items())],
         by_shard={shard: len(keys) for shard, keys in sorted(by_shard.items())},
-        fingerprints={path: both for _, fingerprints in written for path, both in fingerprints.items()},
+        fingerprints=fingerprints,
     )
 
 
@@ -157,6 +160,25 @@ def _with_export_shards(store: DatasetStore, ledger: pa.Table) -> pa.Table:
     hits = export_hits(store, ledger.column("key").to_pylist())
     tars = [hits.get(key, []) for key in ledger.column("key").to_pylist()]
     return ledger.append_column(EXPORT_SHARDS, pa.array(tars, pa.list_(pa.string())))
+
+
+def _carry_dedup_checks(store: DatasetStore, fingerprints: Fingerprints) -> None:
+    """Dedup's record of the pairs files it checked (by fingerprint) carried over to the files this
+    removal wrote from them. Dedup checks a shard whose file changed again as new, its kept pairs
+    forgotten, so that after a takedown a pair an earlier run kept went as a duplicate of a newer copy;
+    a removal only takes rows out, so what was checked stays checked."""
+    if not fingerprints or not store.exists(DEDUP_SHARDS):
+        return
+    checked = store.read_parquet(DEDUP_SHARDS)
+    recorded = checked.column("fingerprint").to_pylist()
+    carried = []
+    for shard, fingerprint in zip(checked.column("shard").to_pylist(), recorded, strict=True):
+        read, written = fingerprints.get(PAIRS.parquet(shard), (None, None))
+        carried.append(written if read is not None and read == fingerprint else fingerprint)
+    if carried != recorded:
+        column = checked.schema.get_field_index("fingerprint")
+        carried_column = pa.array(carried, checked.schema.field(column).type)
+        store.write_parquet(DEDUP_SHARDS, checked.set_column(column, "fingerprint", carried_column))
 
 
 def _first_per_key(removals: pa.Table) -> pa.Table:
