@@ -29,7 +29,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -116,26 +115,21 @@ def build_approximate(store: DatasetStore, model: ModelIdentity, retrain: bool =
         and rows <= RETRAIN_GROWTH * previous.trained_rows
     )
     build = f"approximate-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-    with tempfile.TemporaryDirectory(prefix="laion-assets-faiss-") as tmp:
-        local = Path(tmp)
-        started = time.monotonic()
-        if reuse:
-            _copy_from_store(store, previous.path("trained.faiss"), local / "trained.faiss")
-            index = faiss.read_index(str(local / "trained.faiss"))
-            factory, trained_rows = previous.factory, previous.trained_rows
-        else:
-            factory, trained_rows = factory_for(rows, dim), rows
-            index = train(factory, training_sample(_vector_batches(store, dim), rows, lists_for(rows)))
-            faiss.write_index(index, str(local / "trained.faiss"))
-        train_seconds = time.monotonic() - started
-        started = time.monotonic()
-        with store.atomic_write(f"search_index/{build}/vectors.npy") as f:
-            add(index, _vector_batches(store, dim), f, rows)
-        add_seconds = time.monotonic() - started
-        faiss.write_index(index, str(local / "index.faiss"))
-        for name in ("index.faiss", "trained.faiss"):
-            _copy_to_store(local / name, store, f"search_index/{build}/{name}")
-        index_bytes = (local / "index.faiss").stat().st_size
+    started = time.monotonic()
+    if reuse:
+        with store.open(previous.path("trained.faiss")) as f:
+            index = faiss.read_index(faiss.PyCallbackIOReader(f.read))
+        factory, trained_rows = previous.factory, previous.trained_rows
+    else:
+        factory, trained_rows = factory_for(rows, dim), rows
+        index = train(factory, training_sample(_vector_batches(store, dim), rows, lists_for(rows)))
+    _write_index(index, store, f"search_index/{build}/trained.faiss")
+    train_seconds = time.monotonic() - started
+    started = time.monotonic()
+    with store.atomic_write(f"search_index/{build}/vectors.npy") as f:
+        add(index, _vector_batches(store, dim), f, rows)
+    add_seconds = time.monotonic() - started
+    index_bytes = _write_index(index, store, f"search_index/{build}/index.faiss")
     _write_rows(store, f"search_index/{build}/rows.arrow")
     result = ApproximateBuild(
         build=build,
@@ -207,9 +201,19 @@ def _write_rows(store: DatasetStore, relpath: str) -> None:
             writer.close()
 
 
-def _copy_to_store(local: Path, store: DatasetStore, relpath: str) -> None:
-    with open(local, "rb") as src, store.atomic_write(relpath) as dst:
-        shutil.copyfileobj(src, dst, 16 << 20)
+def _write_index(index, store: DatasetStore, relpath: str) -> int:
+    """Writes `index` to the store as it is serialised (no local copy, which a killed run would leave);
+    returns its bytes."""
+    written = 0
+
+    def write(chunk: bytes) -> None:
+        nonlocal written
+        f.write(chunk)
+        written += len(chunk)
+
+    with store.atomic_write(relpath) as f:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(write))
+    return written
 
 
 def _copy_from_store(store: DatasetStore, relpath: str, local: Path) -> None:
