@@ -180,3 +180,52 @@ def test_a_build_killed_while_adding_leaves_nothing_a_rerun_does_not_remove(loca
         ["approximate.json", "index.parquet", built.build, *(f"{built.build}/{n}" for n in FILES)]
     )
     assert len(SearchIndex.load(store)) == 4500
+
+
+def test_an_s3_index_cache_keeps_only_the_current_build(s3_root, tmp_path):
+    """A service on an S3 root copies each build into its cache folder: the copies of earlier builds (a
+    whole vectors.npy each) and one a SIGKILLed service left half-made stayed there for good."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    store = DatasetStore(s3_root)
+    cache = tmp_path / "cache"
+    for shard in ("a", "b"):
+        _write_shard(store, shard, 700)
+    first = write_search_index(store, approximate_from_rows=1000).approximate
+    assert len(SearchIndex.load(store, cache)) == 1400
+    _write_shard(store, "c", 700)
+    second = write_search_index(store, approximate_from_rows=1000).approximate
+    script = textwrap.dedent(
+        f"""
+        import time
+        from pathlib import Path
+        from laion_assets.pipeline.search import faiss_index
+        from laion_assets.pipeline.search.index import SearchIndex
+        from laion_assets.pipeline.storage import DatasetStore
+        copy = faiss_index._copy_from_store
+        def copy_then_stall(store, relpath, local):
+            copy(store, relpath, local)
+            print("copied", flush=True)
+            time.sleep(600)
+        faiss_index._copy_from_store = copy_then_stall
+        SearchIndex.load(DatasetStore({s3_root!r}), Path({str(cache)!r}))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    loader = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert loader.stdout.readline().strip() == "copied"
+    finally:
+        loader.send_signal(signal.SIGKILL)
+        loader.wait()
+    copies = [path for path in cache.rglob("*") if path.is_dir()]
+    assert any(path.name.startswith(f".{second.build}") for path in copies)  # the killed one's, half-made
+
+    assert len(SearchIndex.load(store, cache)) == 2100
+    builds = [path.name for path in cache.rglob("approximate-*") if path.is_dir()]
+    assert builds == [second.build] and first.build != second.build
+    assert not [path for path in cache.rglob(".*")]

@@ -25,6 +25,7 @@ training, and it keeps row numbers as ids without bookkeeping for removed rows.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -43,7 +44,13 @@ import pyarrow.parquet as pq
 
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.embeddings.clip import ModelIdentity
-from laion_assets.pipeline.storage import SEARCH_INDEX, SEARCH_INDEX_APPROXIMATE, DatasetStore
+from laion_assets.pipeline.storage import (
+    SEARCH_INDEX,
+    SEARCH_INDEX_APPROXIMATE,
+    DatasetStore,
+    is_abandoned,
+    temporary_name,
+)
 
 MIN_ROWS = 1_000  # the PQ codebooks need a few hundred vectors to train on; below this, search exactly
 RETRAIN_GROWTH = 4  # a trained index is reused until the dataset has this many times its training rows
@@ -243,16 +250,23 @@ class ApproximateIndex:
 
     @classmethod
     def load(cls, store: DatasetStore, build: ApproximateBuild, cache: Path) -> ApproximateIndex:
-        """The build's files mapped where they are on a local root, or copied once into `cache` from S3."""
+        """The build's files mapped where they are on a local root, or copied once from S3 into a folder of
+        `cache` for the root, which then keeps only this build: earlier builds' copies (a process that maps
+        one keeps its pages) and the half-made copies of killed processes go."""
         if not store.is_s3:
             return cls(Path(store.path(f"search_index/{build.build}")), build)
+        cache = cache / hashlib.sha256(store.root.encode()).hexdigest()[:16]
         folder = cache / build.build
         if not (folder / "rows.arrow").exists():
-            partial = cache / f".{build.build}-{uuid.uuid4().hex}"
+            partial = Path(temporary_name(str(folder)))
             partial.mkdir(parents=True)
             for name in ("index.faiss", "vectors.npy", "rows.arrow"):
                 _copy_from_store(store, build.path(name), partial / name)
             os.replace(partial, folder)
+        for entry in cache.iterdir():
+            in_flight = entry.name.startswith(".") and not is_abandoned(entry.name, entry.stat().st_mtime)
+            if entry != folder and not in_flight:
+                shutil.rmtree(entry, ignore_errors=True)
         return cls(folder, build)
 
     def candidates(self, query: np.ndarray, k: int) -> np.ndarray:
