@@ -355,7 +355,11 @@ def test_a_killed_export_leaves_nothing_a_later_run_keeps(local_demo):
     leftovers = [name for name in os.listdir(store.path(export.folder)) if ".tmp-" in name]
     assert leftovers  # the third tar, half-written
     assert any(leftovers[0] in path for path in store.remove_abandoned())
+    # the two tars no manifest lists are not samples of an export (the demo has no other): no export_samples
+    assert views.EXPORT_SAMPLES_VIEW not in views.view_names(views.connect(store))
     result = write_export(store, ExportSettings("all", shard_size=4))
+    in_view = "SELECT count(*) FROM export_samples WHERE export = 'all'"
+    assert views.connect(store).sql(in_view).fetchone() == (result.manifest["samples"],)
     killed_then_run = _files(store, export.folder)
     shutil.rmtree(store.path(export.folder))
     write_export(store, ExportSettings("all", shard_size=4))

@@ -1,5 +1,7 @@
 """The approximate search index: built past the threshold, searched with exact order, reused on rebuild."""
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -11,6 +13,7 @@ from laion_assets.pipeline.search.index import ApproximateSearchIndex, SearchInd
 from laion_assets.pipeline.storage import EMBEDDINGS, PAIRS, SEARCH_INDEX_APPROXIMATE, DatasetStore
 
 DIM = 64
+FILES = ("index.faiss", "rows.arrow", "trained.faiss", "vectors.npy")
 MODEL = ModelIdentity("laion-assets-tiny", "random:seed=0", "none")
 CENTRES = np.random.default_rng(0).standard_normal((40, DIM)).astype(np.float32)
 
@@ -139,3 +142,90 @@ def test_the_service_answers_search_from_the_approximate_index(local_root):
     # every list is probed at this size, so the candidates hold the exact top ten, in exact order
     assert [r["key"] for r in results] == [h.key for h in exact.search(query, 10)]
     assert all(r["url"] == f"http://x/{r['key']}.jpg" for r in results)
+
+
+def test_a_build_killed_while_adding_leaves_nothing_a_rerun_does_not_remove(local_root, tmp_path):
+    """The FAISS build went through a local temporary folder (trained.faiss, index.faiss: D / 8 + 8 bytes a
+    row) that a SIGKILL left in the system's temp folder for good; the index files now go to the store."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    store = DatasetStore(local_root)
+    for shard in ("a", "b", "c"):
+        _write_shard(store, shard, 1500)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    build = (
+        "import sys; from laion_assets.pipeline.search.index import write_search_index; "
+        "from laion_assets.pipeline.storage import DatasetStore; "
+        "write_search_index(DatasetStore(sys.argv[1]), approximate_from_rows=4000)"
+    )
+    env = {**os.environ, "TMPDIR": str(temp), "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-c", build, local_root], env=env)
+    folder = Path(store.path("search_index"))
+    while not list(folder.glob("approximate-*")):  # trained: its vectors are being added
+        assert process.poll() is None, "the build ended before it was killed"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not list(temp.iterdir())
+
+    store.remove_abandoned()
+    built = write_search_index(store, approximate_from_rows=4000).approximate
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+    assert names == sorted(
+        ["approximate.json", "index.parquet", built.build, *(f"{built.build}/{n}" for n in FILES)]
+    )
+    assert len(SearchIndex.load(store)) == 4500
+
+
+def test_an_s3_index_cache_keeps_only_the_current_build(s3_root, tmp_path):
+    """A service on an S3 root copies each build into its cache folder: the copies of earlier builds (a
+    whole vectors.npy each) and one a SIGKILLed service left half-made stayed there for good."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    store = DatasetStore(s3_root)
+    cache = tmp_path / "cache"
+    for shard in ("a", "b"):
+        _write_shard(store, shard, 700)
+    first = write_search_index(store, approximate_from_rows=1000).approximate
+    assert len(SearchIndex.load(store, cache)) == 1400
+    _write_shard(store, "c", 700)
+    second = write_search_index(store, approximate_from_rows=1000).approximate
+    script = textwrap.dedent(
+        f"""
+        import time
+        from pathlib import Path
+        from laion_assets.pipeline.search import faiss_index
+        from laion_assets.pipeline.search.index import SearchIndex
+        from laion_assets.pipeline.storage import DatasetStore
+        copy = faiss_index._copy_from_store
+        def copy_then_stall(store, relpath, local):
+            copy(store, relpath, local)
+            print("copied", flush=True)
+            time.sleep(600)
+        faiss_index._copy_from_store = copy_then_stall
+        SearchIndex.load(DatasetStore({s3_root!r}), Path({str(cache)!r}))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    loader = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert loader.stdout.readline().strip() == "copied"
+    finally:
+        loader.send_signal(signal.SIGKILL)
+        loader.wait()
+    copies = [path for path in cache.rglob("*") if path.is_dir()]
+    assert any(path.name.startswith(f".{second.build}") for path in copies)  # the killed one's, half-made
+
+    assert len(SearchIndex.load(store, cache)) == 2100
+    builds = [path.name for path in cache.rglob("approximate-*") if path.is_dir()]
+    assert builds == [second.build] and first.build != second.build
+    assert not [path for path in cache.rglob(".*")]

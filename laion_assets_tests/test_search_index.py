@@ -10,6 +10,7 @@ from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.defs.search import search_index
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.embeddings.clip import ModelIdentity, ModelMismatch
+from laion_assets.pipeline.leases import SEARCH_INDEX_BUILD, shard_lease
 from laion_assets.pipeline.search.index import IndexMissing, SearchIndex, write_search_index
 from laion_assets.pipeline.storage import SEARCH_INDEX, DatasetStore
 from laion_assets_tests.dagster_helpers import LOCAL_WEB, TINY_CLIP, materialize_shard
@@ -116,3 +117,23 @@ def test_asset_reports_the_index(local_root, web):
     assert metadata["dagster/row_count"].value == 2 and metadata["shards"].value == 1
     assert metadata["model"].value == TINY_CLIP.model
     assert metadata["path"].value == DatasetStore(local_root).url(SEARCH_INDEX)
+
+
+def test_a_build_while_another_run_builds_fails_and_leaves_the_index_alone(local_root, web):
+    """Two builds at once removed each other's FAISS build folder, and approximate.json could name one of
+    which only rows.arrow was left: the service could not load it. One build holds the index's lease."""
+    instance = dg.DagsterInstance.ephemeral()
+    resources = {"store": DatasetStoreResource(root=local_root)}
+    store = DatasetStore(local_root)
+    _materialize(instance, local_root, web, "a")
+    assert dg.materialize([search_index], resources=resources, instance=instance).success
+    _materialize(instance, local_root, web, "b")
+    with shard_lease(store, SEARCH_INDEX_BUILD, "another-run"):
+        blocked = dg.materialize([search_index], resources=resources, instance=instance, raise_on_error=False)
+    assert not blocked.success
+    assert "dataset.search_index is being written by run another-run" in str(
+        blocked.get_step_failure_events()[0].event_specific_data.error
+    )
+    assert store.read_parquet(SEARCH_INDEX).num_rows == 2  # shard a's pairs, as before
+    assert dg.materialize([search_index], resources=resources, instance=instance).success
+    assert store.read_parquet(SEARCH_INDEX).num_rows == 4

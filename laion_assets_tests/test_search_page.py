@@ -184,3 +184,24 @@ def test_image_route_needs_the_key_and_knows_its_keys(served, browser):
     for public in ("/", "/static/page.js", "/static/page.css"):
         assert request.get(served + public).status == 200, public
     page.close()
+
+
+def test_an_image_of_a_shard_rewritten_since_it_was_scanned_is_its_own(root):
+    """A removal rewrites pairs/<shard>.tar without its samples, which moves the others; the offsets
+    scanned before were used on the new file for RECHECK_SECONDS, so /image served another sample's bytes
+    under the old ETag, which browsers keep for a day."""
+    from laion_assets.pipeline.shard_tar import TarShardWriter, drop_samples
+    from laion_assets.service.page import Pairs
+
+    store = DatasetStore(root)
+    images = {f"a-{i:08d}": bytes([i]) * (700 + 300 * i) for i in range(3)}
+    with store.atomic_write(PAIRS.tar("a")) as f, TarShardWriter(f) as writer:
+        for key, data in images.items():
+            writer.write(key, {"jpg": data, "txt": b"a caption"})
+    pairs = Pairs(store)
+    before = pairs.image("a-00000002")
+    assert before[0] == images["a-00000002"]
+    assert drop_samples(store, PAIRS.tar("a"), {"a-00000000"}) == 1
+    after = pairs.image("a-00000002")
+    assert after[0] == images["a-00000002"] and after[2] != before[2]
+    assert pairs.image("a-00000000") is None

@@ -7,6 +7,7 @@ from laion_assets.defs.dedup import duplicates
 from laion_assets.defs.metadata import reads
 from laion_assets.defs.partitions import DATASET_GROUP, FOLLOWS_ANY_SHARD
 from laion_assets.defs.resources import DatasetStoreResource
+from laion_assets.pipeline.leases import SEARCH_INDEX_BUILD, shard_lease
 from laion_assets.pipeline.search.index import APPROXIMATE_FROM_ROWS, write_search_index
 from laion_assets.pipeline.storage import EMBEDDINGS, PAIRS
 
@@ -30,9 +31,11 @@ def search_index(
     context: dg.AssetExecutionContext, config: SearchIndexConfig, store: DatasetStoreResource
 ) -> dg.MaterializeResult:
     """Every pair of every shard with its image embedding, for nearest-neighbour search by text or image;
-    for a large dataset, an approximate FAISS index of them too."""
+    for a large dataset, an approximate FAISS index of them too. A run that finds another live run
+    building it fails at once (ShardBusy, naming that run) and leaves the index alone."""
     dataset = store.get_store()
-    result = write_search_index(dataset, config.approximate_from_rows, config.retrain)
+    with shard_lease(dataset, SEARCH_INDEX_BUILD, context.run.run_id):
+        result = write_search_index(dataset, config.approximate_from_rows, config.retrain)
     if result.missing_embeddings:
         context.log.warning(
             f"{result.missing_embeddings} pairs have no row in their shard's embeddings and are left out: "

@@ -1,6 +1,7 @@
 """One writer per shard: a lease in the store, `_leases/<shard>.json`, held while a step writes the shard;
-one dataset-level removal at a time (`REMOVALS`, a name no shard can have: shard names have no dot), and
-one run at a time adding sections to the dataset's settings (`SETTINGS`).
+one dataset-level removal at a time (`REMOVALS`, a name no shard can have: shard names have no dot), one
+search index build at a time (`SEARCH_INDEX_BUILD`), and one run at a time adding sections to the dataset's
+settings (`SETTINGS`).
 
 A second run that reaches a shard whose lease a live writer holds gets `ShardBusy`, naming the holder,
 and leaves the shard alone, so a shard's tar and its parquet always come from one run. The lease is
@@ -32,6 +33,8 @@ LEASE_SECONDS = 600.0  # how long a lease holds without renewal
 RENEW_SECONDS = 60.0
 REMOVALS = "dataset.removals"  # held by the takedowns and duplicates assets while they remove
 SETTINGS = "dataset.settings"  # held while a run adds the sections the settings file lacks
+# held by the search_index asset: two builds at once removed each other's FAISS build folder
+SEARCH_INDEX_BUILD = "dataset.search_index"
 
 
 class ShardBusy(RuntimeError):

@@ -319,6 +319,14 @@ class DatasetStore:
         except FileNotFoundError:
             return None
 
+    def opened_fingerprint(self, f: IO[bytes]) -> str:
+        """The fingerprint of the version of a file that `open` gave `f` (no request: S3's ETag is in its
+        details), though the path may hold another by now."""
+        if self.is_s3:
+            return _fingerprint(f.details)
+        stat = os.fstat(f.fileno())
+        return _fingerprint({"size": stat.st_size, "mtime": stat.st_mtime})
+
     def open(self, relpath: str, mode: str = "rb") -> IO[bytes]:
         if "r" not in mode:
             raise ValueError(

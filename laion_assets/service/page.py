@@ -97,6 +97,10 @@ class ShardCache(Generic[T]):
                 self._entries.popitem(last=False)
         return version, value
 
+    def forget(self, shard: str) -> None:
+        with self._lock:
+            self._entries.pop(shard, None)
+
 
 def image_offsets(f: IO[bytes]) -> dict[str, tuple[int, int, str]]:
     """key -> (data offset, size, extension) of each sample's image member in a webdataset tar."""
@@ -146,6 +150,9 @@ class Pairs:
         version, offsets = found
         offset, size, extension = offsets[key]
         with self.store.open(PAIRS.tar(shard)) as f:
+            if self.store.opened_fingerprint(f) != version:  # rewritten (a removal) since it was scanned
+                self.tars.forget(shard)
+                return self.image(key)
             f.seek(offset)
             data = f.read(size)
         etag = hashlib.sha256(f"{version}\0{key}\0{offset}".encode()).hexdigest()[:32]

@@ -33,7 +33,6 @@ from laion_assets.pipeline.storage import (
     CATALOG,
     CRAWL_METADATA,
     DUPLICATES,
-    EXPORTS,
     HOSTS,
     IMAGES,
     PAIRS,
@@ -274,18 +273,24 @@ def annotated_pairs_sql(views: list[str]) -> str:
 
 def _create_export_samples_view(connection: duckdb.DuckDBPyConnection, store: DatasetStore) -> bool:
     """(Re)create `export_samples`: a row per sample of every export, with its export and shard (the tar
-    that holds it), from the exports' per-shard parquet. Dropped when there is no export."""
-    exports = store.list_folders(EXPORTS)
-    if not any(f.name.endswith(".parquet") for name in exports for f in store.list(Export(name).folder)):
+    that holds it), from the per-shard parquet its manifest lists (not those a killed run wrote before its
+    manifest). Dropped when no export lists a shard."""
+    from laion_assets.pipeline.exports.export import stored_exports  # it imports this module
+
+    listed = [
+        f"'{quote_literal(store.url(Export(manifest['name']).parquet(shard['shard'])))}'"
+        for manifest in stored_exports(store)
+        for shard in manifest["shards"]
+    ]
+    if not listed:
         if EXPORT_SAMPLES_VIEW in view_names(connection):
             connection.execute(f"DROP VIEW {EXPORT_SAMPLES_VIEW}")
         return False
-    pattern = quote_literal(store.url(f"{EXPORTS}/*/*.parquet"))
     connection.execute(
         f"CREATE OR REPLACE VIEW {EXPORT_SAMPLES_VIEW} AS SELECT "
         "regexp_extract(filename, '([^/]+)/[0-9]+[.]parquet$', 1) AS export, "
         "regexp_replace(filename, '[.]parquet$', '.tar') AS shard, * EXCLUDE (filename) "
-        f"FROM read_parquet('{pattern}', union_by_name = true, filename = true)"
+        f"FROM read_parquet([{', '.join(listed)}], union_by_name = true, filename = true)"
     )
     return True
 

@@ -25,11 +25,11 @@ training, and it keeps row numbers as ids without bookkeeping for removed rows.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -44,7 +44,13 @@ import pyarrow.parquet as pq
 
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.embeddings.clip import ModelIdentity
-from laion_assets.pipeline.storage import SEARCH_INDEX, SEARCH_INDEX_APPROXIMATE, DatasetStore
+from laion_assets.pipeline.storage import (
+    SEARCH_INDEX,
+    SEARCH_INDEX_APPROXIMATE,
+    DatasetStore,
+    is_abandoned,
+    temporary_name,
+)
 
 MIN_ROWS = 1_000  # the PQ codebooks need a few hundred vectors to train on; below this, search exactly
 RETRAIN_GROWTH = 4  # a trained index is reused until the dataset has this many times its training rows
@@ -116,26 +122,21 @@ def build_approximate(store: DatasetStore, model: ModelIdentity, retrain: bool =
         and rows <= RETRAIN_GROWTH * previous.trained_rows
     )
     build = f"approximate-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-    with tempfile.TemporaryDirectory(prefix="laion-assets-faiss-") as tmp:
-        local = Path(tmp)
-        started = time.monotonic()
-        if reuse:
-            _copy_from_store(store, previous.path("trained.faiss"), local / "trained.faiss")
-            index = faiss.read_index(str(local / "trained.faiss"))
-            factory, trained_rows = previous.factory, previous.trained_rows
-        else:
-            factory, trained_rows = factory_for(rows, dim), rows
-            index = train(factory, training_sample(_vector_batches(store, dim), rows, lists_for(rows)))
-            faiss.write_index(index, str(local / "trained.faiss"))
-        train_seconds = time.monotonic() - started
-        started = time.monotonic()
-        with store.atomic_write(f"search_index/{build}/vectors.npy") as f:
-            add(index, _vector_batches(store, dim), f, rows)
-        add_seconds = time.monotonic() - started
-        faiss.write_index(index, str(local / "index.faiss"))
-        for name in ("index.faiss", "trained.faiss"):
-            _copy_to_store(local / name, store, f"search_index/{build}/{name}")
-        index_bytes = (local / "index.faiss").stat().st_size
+    started = time.monotonic()
+    if reuse:
+        with store.open(previous.path("trained.faiss")) as f:
+            index = faiss.read_index(faiss.PyCallbackIOReader(f.read))
+        factory, trained_rows = previous.factory, previous.trained_rows
+    else:
+        factory, trained_rows = factory_for(rows, dim), rows
+        index = train(factory, training_sample(_vector_batches(store, dim), rows, lists_for(rows)))
+    _write_index(index, store, f"search_index/{build}/trained.faiss")
+    train_seconds = time.monotonic() - started
+    started = time.monotonic()
+    with store.atomic_write(f"search_index/{build}/vectors.npy") as f:
+        add(index, _vector_batches(store, dim), f, rows)
+    add_seconds = time.monotonic() - started
+    index_bytes = _write_index(index, store, f"search_index/{build}/index.faiss")
     _write_rows(store, f"search_index/{build}/rows.arrow")
     result = ApproximateBuild(
         build=build,
@@ -207,9 +208,19 @@ def _write_rows(store: DatasetStore, relpath: str) -> None:
             writer.close()
 
 
-def _copy_to_store(local: Path, store: DatasetStore, relpath: str) -> None:
-    with open(local, "rb") as src, store.atomic_write(relpath) as dst:
-        shutil.copyfileobj(src, dst, 16 << 20)
+def _write_index(index, store: DatasetStore, relpath: str) -> int:
+    """Writes `index` to the store as it is serialised (no local copy, which a killed run would leave);
+    returns its bytes."""
+    written = 0
+
+    def write(chunk: bytes) -> None:
+        nonlocal written
+        f.write(chunk)
+        written += len(chunk)
+
+    with store.atomic_write(relpath) as f:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(write))
+    return written
 
 
 def _copy_from_store(store: DatasetStore, relpath: str, local: Path) -> None:
@@ -239,16 +250,23 @@ class ApproximateIndex:
 
     @classmethod
     def load(cls, store: DatasetStore, build: ApproximateBuild, cache: Path) -> ApproximateIndex:
-        """The build's files mapped where they are on a local root, or copied once into `cache` from S3."""
+        """The build's files mapped where they are on a local root, or copied once from S3 into a folder of
+        `cache` for the root, which then keeps only this build: earlier builds' copies (a process that maps
+        one keeps its pages) and the half-made copies of killed processes go."""
         if not store.is_s3:
             return cls(Path(store.path(f"search_index/{build.build}")), build)
+        cache = cache / hashlib.sha256(store.root.encode()).hexdigest()[:16]
         folder = cache / build.build
         if not (folder / "rows.arrow").exists():
-            partial = cache / f".{build.build}-{uuid.uuid4().hex}"
+            partial = Path(temporary_name(str(folder)))
             partial.mkdir(parents=True)
             for name in ("index.faiss", "vectors.npy", "rows.arrow"):
                 _copy_from_store(store, build.path(name), partial / name)
             os.replace(partial, folder)
+        for entry in cache.iterdir():
+            in_flight = entry.name.startswith(".") and not is_abandoned(entry.name, entry.stat().st_mtime)
+            if entry != folder and not in_flight:
+                shutil.rmtree(entry, ignore_errors=True)
         return cls(folder, build)
 
     def candidates(self, query: np.ndarray, k: int) -> np.ndarray:
