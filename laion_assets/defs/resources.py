@@ -158,6 +158,7 @@ class ChatCaptionerResource(CaptionerResource):
     timeout: float = CH.timeout
     retries: int = CH.retries
     retry_backoff: float = CH.retry_backoff
+    max_retry_after: float = CH.max_retry_after
     jpeg_quality: int = CH.jpeg_quality
 
 
