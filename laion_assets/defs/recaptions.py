@@ -33,7 +33,7 @@ def recaptions(
     """Recap-DataComp-1B's columns for each kept pair: the new caption and both captions' CLIP scores."""
     dataset = store.get_store()
     encoder = clip.get_encoder(dataset)
-    model = captioner.get_captioner()  # loaded once for every shard of the run
+    model = captioner.get_captioner(dataset)  # loaded once for every shard of the run
     record_section(dataset, CAPTIONER_SECTION, model_settings(captioner))
     metadata = {}
     for shard in leased_shards(context, dataset):
