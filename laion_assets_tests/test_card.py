@@ -27,14 +27,20 @@ SHARDS = {
 
 
 def _materialize(
-    instance: dg.DagsterInstance, root: str, web, shard: str, min_similarity: float, selection=None
+    instance: dg.DagsterInstance,
+    root: str,
+    web,
+    shard: str,
+    min_similarity: float,
+    selection=None,
+    paths: list[str] | None = None,
 ):
-    """One shard through every per-shard asset (or `selection`); random CLIP weights, so every pair is
-    kept."""
+    """One shard (its `paths`, else `SHARDS`') through every per-shard asset (or `selection`); random CLIP
+    weights, so every pair is kept."""
     store = DatasetStore(root)
     lines = [
         {"url": web.url(path), "caption": f"a picture of {path} in {shard}", "license": "cc-by-4.0"}
-        for path in SHARDS[shard]
+        for path in paths or SHARDS[shard]
     ]
     store.write_bytes(f"incoming/{shard}.jsonl", "".join(json.dumps(line) + "\n" for line in lines).encode())
     config = {
@@ -200,6 +206,15 @@ def test_asset_puts_the_card_in_its_metadata(local_root, web):
         assert figure.format in ("PNG", "JPEG") and 0 < figure.width <= UI_FIGURE_WIDTH
     assert metadata["dagster/row_count"].value == 2 and metadata["shards"].value == 1
     assert metadata["path"].value == DatasetStore(local_root).url(CARD)
+
+
+def test_a_dataset_without_pairs_has_true_recaption_figures(local_root, web):
+    # every download failed: the shard has an empty recaptions file, so no pair, and no mean of nothing
+    _materialize(dg.DagsterInstance.ephemeral(), local_root, web, "z", -1.0, paths=["/404.jpg", "/404.jpg"])
+    markdown = write_card(DatasetStore(local_root)).markdown
+    assert "0 of 0 pairs recaptioned; the new caption scores higher than the web's for 0 (0.0%)" in markdown
+    assert "| mean CLIP score | none | none |" in markdown
+    assert "| mean length, words | none | none |" in markdown
 
 
 def test_no_shards_is_an_error(root):

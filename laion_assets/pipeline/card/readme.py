@@ -258,8 +258,11 @@ def _recaptions(recap: RecapStats, shards: list[ShardRecord]) -> str:
     comparison = table(
         ["", "web caption (`org_caption`)", "new caption (`re_caption`)"],
         [
-            ("mean CLIP score", f"{means['org_clip_score']:.4f}", f"{means['re_clip_score']:.4f}"),
-            ("mean length, words", f"{means['org_length']:.1f}", f"{means['re_length']:.1f}"),
+            (label, *("none" if means[name] is None else f"{means[name]:{spec}}" for name in columns))
+            for label, spec, columns in (
+                ("mean CLIP score", ".4f", ("org_clip_score", "re_clip_score")),
+                ("mean length, words", ".1f", ("org_length", "re_length")),
+            )
         ],
     )
     examples = table(
