@@ -16,8 +16,9 @@ def table(header: list[str], rows: Iterable[tuple | list], width: int | None = N
 
 
 def cell(value: object, width: int | None = None) -> str:
-    """`value` as one table cell: no pipes or line breaks to break the row; None is blank."""
-    text = "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
+    """`value` as one table cell: no pipes or line breaks to break the row (a lone carriage return ends a
+    markdown line too); None is blank."""
+    text = "" if value is None else " ".join(str(value).replace("|", "\\|").splitlines())
     return shorten(text, width) if width else text
 
 
