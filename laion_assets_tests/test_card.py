@@ -234,6 +234,18 @@ def test_a_caption_with_line_breaks_stays_in_its_table_row(local_root, web):
     assert all(line.count(" | ") == 4 for line in examples[2:])  # five cells each
 
 
+def test_a_caption_s_html_and_markdown_show_as_written(local_root, web):
+    # alt text is text: a tag in it must not render, nor an image link fetch a third party's pixel
+    captions = ['a <img src="http://t.example/p.gif"> square', "a ![pixel](http://t.example/p.gif) *star*"]
+    paths = ["/img/red.jpg", "/img/green.png"]
+    _materialize(dg.DagsterInstance.ephemeral(), local_root, web, "h", -1.0, paths=paths, captions=captions)
+    markdown = write_card(DatasetStore(local_root)).markdown
+    examples = markdown.split("### Examples\n\n", 1)[1].split("\n\n", 1)[0]
+    assert "| h-00000000 | a &lt;img src=&quot;http://t.example/p.gif&quot;&gt; square | " in examples
+    assert "| h-00000001 | a \\!\\[pixel\\](http://t.example/p.gif) \\*star\\* | " in examples
+    assert "<img" not in examples and "![" not in examples
+
+
 def test_no_shards_is_an_error(root):
     store = DatasetStore(root)
     with pytest.raises(ValueError, match=f"no materialised shards under {store.root}"):
