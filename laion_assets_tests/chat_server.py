@@ -1,7 +1,7 @@
 """An OpenAI-compatible chat-completions server on 127.0.0.1 over a real (tiny) model: each request's
 image, sent as a data URL, is captioned by the CoCa it is given. It records every request, checks the
 Bearer key when it has one, and answers the statuses of `script` first, one per request, so that tests
-can make it busy (429), broken (5xx) or slow."""
+can make it busy (429, with `retry_after` as its Retry-After), broken (5xx) or slow."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ class ChatServer:
         self.captioner, self.api_key, self.delay = captioner, api_key, delay
         self.requests: list[dict] = []
         self.script: list[int] = []  # statuses to answer before captioning again
+        self.retry_after = "0"  # the Retry-After of those answers
         self._lock = threading.Lock()
         server = self
 
@@ -38,9 +39,8 @@ class ChatServer:
                 if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
                     status = 401
                 if status != 200:
-                    return self._answer(
-                        status, {"error": {"message": f"scripted {status}"}}, {"Retry-After": "0"}
-                    )
+                    error = {"error": {"message": f"scripted {status}"}}
+                    return self._answer(status, error, {"Retry-After": server.retry_after})
                 time.sleep(server.delay)
                 (image_part,) = [p for p in body["messages"][0]["content"] if p["type"] == "image_url"]
                 data = base64.b64decode(image_part["image_url"]["url"].split(",", 1)[1])

@@ -27,14 +27,23 @@ SHARDS = {
 
 
 def _materialize(
-    instance: dg.DagsterInstance, root: str, web, shard: str, min_similarity: float, selection=None
+    instance: dg.DagsterInstance,
+    root: str,
+    web,
+    shard: str,
+    min_similarity: float,
+    selection=None,
+    paths: list[str] | None = None,
+    captions: list[str] | None = None,
 ):
-    """One shard through every per-shard asset (or `selection`); random CLIP weights, so every pair is
-    kept."""
+    """One shard (its `paths`, else `SHARDS`', with `captions` if given) through every per-shard asset (or
+    `selection`); random CLIP weights, so every pair is kept."""
     store = DatasetStore(root)
+    paths = paths or SHARDS[shard]
+    captions = captions or [f"a picture of {path} in {shard}" for path in paths]
     lines = [
-        {"url": web.url(path), "caption": f"a picture of {path} in {shard}", "license": "cc-by-4.0"}
-        for path in SHARDS[shard]
+        {"url": web.url(path), "caption": caption, "license": "cc-by-4.0"}
+        for path, caption in zip(paths, captions, strict=True)
     ]
     store.write_bytes(f"incoming/{shard}.jsonl", "".join(json.dumps(line) + "\n" for line in lines).encode())
     config = {
@@ -200,6 +209,41 @@ def test_asset_puts_the_card_in_its_metadata(local_root, web):
         assert figure.format in ("PNG", "JPEG") and 0 < figure.width <= UI_FIGURE_WIDTH
     assert metadata["dagster/row_count"].value == 2 and metadata["shards"].value == 1
     assert metadata["path"].value == DatasetStore(local_root).url(CARD)
+
+
+def test_a_dataset_without_pairs_has_true_recaption_figures(local_root, web):
+    # every download failed: the shard has an empty recaptions file, so no pair, and no mean of nothing
+    _materialize(dg.DagsterInstance.ephemeral(), local_root, web, "z", -1.0, paths=["/404.jpg", "/404.jpg"])
+    markdown = write_card(DatasetStore(local_root)).markdown
+    assert "0 of 0 pairs recaptioned; the new caption scores higher than the web's for 0 (0.0%)" in markdown
+    assert "| mean CLIP score | none | none |" in markdown
+    assert "| mean length, words | none | none |" in markdown
+
+
+def test_a_caption_with_line_breaks_stays_in_its_table_row(local_root, web):
+    # a source list's captions keep their inner CRLF and CR; markdown ends a line at either
+    captions = ["a red square\r\non white", "a green\rcircle | here"]
+    paths = ["/img/red.jpg", "/img/green.png"]
+    _materialize(dg.DagsterInstance.ephemeral(), local_root, web, "w", -1.0, paths=paths, captions=captions)
+    markdown = write_card(DatasetStore(local_root)).markdown
+    assert "\r" not in markdown
+    examples = markdown.split("### Examples\n\n", 1)[1].split("\n\n", 1)[0].split("\n")
+    assert len(examples) == 2 + len(captions)  # header, rule, a line per pair
+    assert examples[2].startswith("| w-00000000 | a red square on white | ")
+    assert examples[3].startswith("| w-00000001 | a green circle \\| here | ")
+    assert all(line.count(" | ") == 4 for line in examples[2:])  # five cells each
+
+
+def test_a_caption_s_html_and_markdown_show_as_written(local_root, web):
+    # alt text is text: a tag in it must not render, nor an image link fetch a third party's pixel
+    captions = ['a <img src="http://t.example/p.gif"> square', "a ![pixel](http://t.example/p.gif) *star*"]
+    paths = ["/img/red.jpg", "/img/green.png"]
+    _materialize(dg.DagsterInstance.ephemeral(), local_root, web, "h", -1.0, paths=paths, captions=captions)
+    markdown = write_card(DatasetStore(local_root)).markdown
+    examples = markdown.split("### Examples\n\n", 1)[1].split("\n\n", 1)[0]
+    assert "| h-00000000 | a &lt;img src=&quot;http://t.example/p.gif&quot;&gt; square | " in examples
+    assert "| h-00000001 | a \\!\\[pixel\\](http://t.example/p.gif) \\*star\\* | " in examples
+    assert "<img" not in examples and "![" not in examples
 
 
 def test_no_shards_is_an_error(root):

@@ -75,6 +75,17 @@ def test_busy_and_broken_answers_are_retried(server, images):
     assert len(server.requests) == 3
 
 
+def test_a_retry_after_over_max_retry_after_gives_the_sample_up_not_the_shard(server, images):
+    # a gateway's Retry-After: waited, it would hold the shard for years (and overflow time.sleep)
+    server.retry_after, server.script = "99999999999", [429]
+    failed, captioned = ChatCaptioner(_settings(server, in_flight=1)).caption(images[:2])
+    assert failed == NoCaption(
+        'HTTP 429: {"error": {"message": "scripted 429"}} (Retry-After 1e+11s is over max_retry_after=60s)'
+    )
+    assert isinstance(captioned, str) and captioned
+    assert len(server.requests) == 2  # the 429 was not retried
+
+
 def test_a_caption_that_cannot_be_had_is_a_reason_not_an_exception(server, images):
     server.script = [500] * 4
     (failed,) = ChatCaptioner(_settings(server, in_flight=1)).caption(images[:1])

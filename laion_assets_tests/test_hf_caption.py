@@ -2,16 +2,25 @@
 config with seeded random weights, saved to a folder and loaded from it. Its captions mean nothing;
 shapes, determinism, batching, what is recorded and the errors are what is tested."""
 
+import shutil
 import sys
 
+import dagster as dg
 import pytest
 
+from laion_assets.defs.partitions import shards
+from laion_assets.defs.recaptions import recaptions
+from laion_assets.defs.resources import build_resources
 from laion_assets.demo.train import EVAL_SEED
 from laion_assets.demo.views import pipeline_view
 from laion_assets.demo.world import make_world
 from laion_assets.pipeline.embeddings.clip import ModelUnavailable
+from laion_assets.pipeline.lineage import settings_changes
 from laion_assets.pipeline.recaptions.hf_caption import HfCaptioner, HfCaptionSettings
+from laion_assets.pipeline.settings import CAPTIONER_SECTION, DatasetSettings, load_settings, write_settings
+from laion_assets.pipeline.storage import RECAPTIONS, DatasetStore
 from laion_assets_tests.captioners import BLIP_SPECIAL, BLIP_WORDS, save_tiny_blip
+from laion_assets_tests.demo_dataset import DEMO_CLIP, DEMO_SHARDS
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +71,23 @@ def test_without_transformers_the_error_names_the_extra(blip, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
     with pytest.raises(ModelUnavailable, match=r"laion_assets\[recap\]"):
         captioner(blip)
+
+
+def test_the_dataset_keeps_which_transformers_model_recaptioned_it(blip, demo_root, tmp_path):
+    """The first recaptions run writes the dataset's `captioner` section from the captioner it used: for a
+    transformers captioner, its folder. Another folder in the settings then makes the shard's recaptions
+    stale, as another CoCa does."""
+    shutil.copytree(demo_root, tmp_path / "data")
+    store, shard = DatasetStore(str(tmp_path / "data")), DEMO_SHARDS[0]
+    sections = load_settings(store).sections
+    write_settings(store, DatasetSettings({k: v for k, v in sections.items() if k != CAPTIONER_SECTION}))
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(shards.name, [shard])
+    hf = HfCaptionSettings(model_path=str(blip), device="cpu", max_new_tokens=6)
+    resources = build_resources(store.root, DEMO_CLIP, hf)
+    assert dg.materialize([recaptions], partition_key=shard, resources=resources, instance=instance).success
+    assert load_settings(store).section(CAPTIONER_SECTION) == {"model_path": str(blip)}
+    assert settings_changes(store, [shard], load_settings(store)) == {}
+    other = load_settings(store).with_sections({CAPTIONER_SECTION: {"model_path": "/models/other"}})
+    changes = settings_changes(store, [shard], other)
+    assert changes == {shard: {RECAPTIONS.name: [f"model_path: {str(blip)!r} -> '/models/other'"]}}

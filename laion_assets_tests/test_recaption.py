@@ -149,3 +149,27 @@ def test_the_ui_shows_beams_only_for_beam_search():
     greedy = {"decoding": "greedy", "beams": "4", "max_tokens": "30"}
     assert shown_settings(greedy) == {"decoding": "greedy", "max_tokens": "30"}
     assert shown_settings({**greedy, "decoding": "beam"}) == {**greedy, "decoding": "beam"}
+
+
+def test_a_deployment_recaptions_with_the_dataset_s_captioner(demo_copy, monkeypatch):
+    """Resources from the environment, as the UI's runs, the sensor's and the schedule's have them: with no
+    LAION_ASSETS_CAPTION_* variable set, the captioner is the dataset's (`captioner` in its settings), as
+    the CLIP model is, not open_clip's default CoCa."""
+    import dagster as dg
+
+    from laion_assets.defs.partitions import shards
+    from laion_assets.defs.recaptions import recaptions
+    from laion_assets.defs.resources import build_resources
+
+    for name in ("CHAT_BASE_URL", "HF_CAPTION_MODEL", "CAPTION_MODEL", "CAPTION_PRETRAINED", "CLIP_MODEL"):
+        monkeypatch.delenv(f"LAION_ASSETS_{name}", raising=False)
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(shards.name, [SHARD])
+    result = dg.materialize(
+        [recaptions], partition_key=SHARD, resources=build_resources(demo_copy.root), instance=instance
+    )
+    assert result.success
+    described = json.loads(
+        footer(demo_copy.read_parquet(RECAPTIONS.parquet(SHARD)).schema)[names.CAPTIONER_FOOTER]
+    )
+    assert (described["model"], described["pretrained"]) == (DEMO_CAPTION_MODEL, "none")

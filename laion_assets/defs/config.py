@@ -87,6 +87,6 @@ def record_section(store: DatasetStore, name: str, values: dict) -> DatasetSetti
     return None if stored.section(name) == values else stored
 
 
-def model_settings(resource: object) -> dict:
-    """The fields of a model resource that shape what it makes (`settings.MODEL_FIELDS` it has)."""
-    return {name: getattr(resource, name) for name in MODEL_FIELDS if hasattr(resource, name)}
+def model_settings(resource: object, fields: tuple[str, ...] = MODEL_FIELDS) -> dict:
+    """The fields of a model resource that shape what it makes (those of `fields` it has)."""
+    return {name: getattr(resource, name) for name in fields if hasattr(resource, name)}

@@ -12,7 +12,7 @@ from laion_assets.defs.partitions import leased_shards, per_shard_asset
 from laion_assets.defs.resources import CaptionerResource, ClipEncoderResource, DatasetStoreResource
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.recaptions.recaption import write_recaptions
-from laion_assets.pipeline.settings import CAPTIONER_SECTION
+from laion_assets.pipeline.settings import CAPTIONER_FIELDS, CAPTIONER_SECTION
 from laion_assets.pipeline.storage import PAIRS, RECAPTIONS, DatasetStore
 
 
@@ -33,8 +33,8 @@ def recaptions(
     """Recap-DataComp-1B's columns for each kept pair: the new caption and both captions' CLIP scores."""
     dataset = store.get_store()
     encoder = clip.get_encoder(dataset)
-    model = captioner.get_captioner()  # loaded once for every shard of the run
-    record_section(dataset, CAPTIONER_SECTION, model_settings(captioner))
+    model = captioner.get_captioner(dataset)  # loaded once for every shard of the run
+    record_section(dataset, CAPTIONER_SECTION, model_settings(captioner, CAPTIONER_FIELDS))
     metadata = {}
     for shard in leased_shards(context, dataset):
         result = write_recaptions(dataset, shard, model, encoder)

@@ -19,6 +19,7 @@ from laion_assets.pipeline.recaptions.recaption import Captioner
 from laion_assets.pipeline.scores import score
 from laion_assets.pipeline.scores.score import Scorers, ScoreSettings
 from laion_assets.pipeline.settings import (
+    CAPTIONER_SECTION,
     CLIP_SECTION,
     MODEL_FIELDS,
     SCORES_SECTION,
@@ -115,17 +116,24 @@ class CaptionerResource(dg.ConfigurableResource):
 
     _captioner: Captioner | None = PrivateAttr(default=None)
 
-    def get_captioner(self) -> Captioner:
+    def get_captioner(self, dataset: DatasetStore) -> Captioner:
         if self._captioner is None:
-            self._captioner = self.captioner_type(settings_from(self, self.settings_type))
+            self._captioner = self.captioner_type(self.captioner_settings(dataset))
         return self._captioner
+
+    def captioner_settings(self, dataset: DatasetStore) -> object:
+        """The captioner's settings for a run on `dataset`."""
+        return settings_from(self, self.settings_type)
 
 
 CS = CaptionSettings
 
 
 class CocaCaptionerResource(CaptionerResource):
-    """open_clip CoCa, decoded greedily (as Recap-DataComp-1B decoded) or by beam search."""
+    """open_clip CoCa, decoded greedily (as Recap-DataComp-1B decoded) or by beam search.
+
+    With `from_dataset` (a deployment's resource), the model is the dataset's (its settings' `captioner`
+    section) where the LAION_ASSETS_CAPTION_* variables do not name one, as `laion-assets run` finds it."""
 
     settings_type, captioner_type, environment = CaptionSettings, CocaCaptioner, caption.SETTINGS_ENV
 
@@ -137,6 +145,15 @@ class CocaCaptionerResource(CaptionerResource):
     beams: int = CS.beams
     max_tokens: int = CS.max_tokens
     seed: int = CS.seed
+    from_dataset: bool = False
+
+    def captioner_settings(self, dataset: DatasetStore) -> CaptionSettings:
+        settings = settings_from(self, CaptionSettings)
+        if self.from_dataset:
+            settings = dataset_models(
+                settings, dataset, CAPTIONER_SECTION, MODEL_FIELDS, caption.SETTINGS_ENV
+            )
+        return settings
 
 
 CH = ChatCaptionSettings
@@ -158,6 +175,7 @@ class ChatCaptionerResource(CaptionerResource):
     timeout: float = CH.timeout
     retries: int = CH.retries
     retry_backoff: float = CH.retry_backoff
+    max_retry_after: float = CH.max_retry_after
     jpeg_quality: int = CH.jpeg_quality
 
 
@@ -233,6 +251,8 @@ def captioner_resource(settings: CaptionerSettings | None = None) -> CaptionerRe
         resource = next(r for r in _CAPTIONER_RESOURCES if r.settings_type is type(settings))
         return resource(**dataclasses.asdict(settings))
     chosen = environment_captioner()
+    if chosen is CocaCaptionerResource:
+        return chosen(**_fields_from_env(chosen.environment), from_dataset=True)
     return chosen(**_fields_from_env(chosen.environment))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from laion_assets.pipeline import schemas
 from laion_assets.pipeline.card.settings import CardSettings
 from laion_assets.pipeline.card.stats import CardStats, DuplicateStats, RecapStats, ScoreStats, ShardRecord
 from laion_assets.pipeline.exports.export import SUMMARY_COLUMNS, summary_rows
-from laion_assets.pipeline.markdown import shorten, table
+from laion_assets.pipeline.markdown import literal, shorten, table
 from laion_assets.pipeline.pairs.filter import SCORE_FILTERS
 from laion_assets.pipeline.storage import PAIRS, RECAPTIONS, SCORES, Export
 
@@ -205,8 +206,8 @@ def _duplicates(duplicates: DuplicateStats) -> str:
         )
     examples = [
         (
-            f'<img src="{url}" width="96"> {caption}',
-            f'<img src="{kept_url}" width="96"> {kept_caption}',
+            f'<img src="{html.escape(url)}" width="96"> {literal(caption)}',
+            f'<img src="{html.escape(kept_url)}" width="96"> {literal(kept_caption)}',
             f"{cosine:.4f}",
         )
         for _, url, caption, _, kept_url, kept_caption, cosine in duplicates.examples
@@ -258,14 +259,17 @@ def _recaptions(recap: RecapStats, shards: list[ShardRecord]) -> str:
     comparison = table(
         ["", "web caption (`org_caption`)", "new caption (`re_caption`)"],
         [
-            ("mean CLIP score", f"{means['org_clip_score']:.4f}", f"{means['re_clip_score']:.4f}"),
-            ("mean length, words", f"{means['org_length']:.1f}", f"{means['re_length']:.1f}"),
+            (label, *("none" if means[name] is None else f"{means[name]:{spec}}" for name in columns))
+            for label, spec, columns in (
+                ("mean CLIP score", ".4f", ("org_clip_score", "re_clip_score")),
+                ("mean length, words", ".1f", ("org_length", "re_length")),
+            )
         ],
     )
     examples = table(
         ["key", "web caption", "score", "new caption", "score"],
         [
-            (key, shorten(org, 60), f"{o:.3f}", shorten(new, 80), f"{r:.3f}")
+            (key, literal(shorten(org, 60)), f"{o:.3f}", literal(shorten(new, 80)), f"{r:.3f}")
             for key, org, new, o, r in recap.examples
         ],
     )

@@ -55,7 +55,7 @@ class RecapStats:
     pairs: int
     recaptioned: int  # with a new caption (the rest have re_caption_error)
     above: int  # of those, pairs whose new caption scores higher than the web's
-    means: dict[str, float]  # org_clip_score, re_clip_score, org_length, re_length: over the recaptioned
+    means: dict[str, float | None]  # {org,re}_clip_score, {org,re}_length over the recaptioned; None if none
     score_bins: dict[str, Bins]  # org_clip_score / re_clip_score, in SIMILARITY_BIN bins
     length_bins: dict[str, Bins]  # org_length / re_length, in words
     examples: list[tuple[str, str, str, float, float]]  # key, org_caption, re_caption, both scores
@@ -294,7 +294,7 @@ def _recap_stats(connection: duckdb.DuckDBPyConnection) -> RecapStats:
         return connection.execute(sql).fetchall()
 
     pairs, recaptioned, above, *sums = rows(
-        "SELECT sum(n)::BIGINT, coalesce(sum(n) FILTER (recaptioned), 0)::BIGINT, "
+        "SELECT coalesce(sum(n), 0)::BIGINT, coalesce(sum(n) FILTER (recaptioned), 0)::BIGINT, "
         "coalesce(sum(n) FILTER (above), 0)::BIGINT, "
         "sum(org_score_sum) FILTER (recaptioned), sum(re_score_sum), "
         "sum(org_length_sum) FILTER (recaptioned), sum(re_length_sum) FROM card_recaptions"
@@ -304,7 +304,10 @@ def _recap_stats(connection: duckdb.DuckDBPyConnection) -> RecapStats:
         pairs=pairs,
         recaptioned=recaptioned,
         above=above,
-        means={name: float(sum_ or 0) / max(1, recaptioned) for name, sum_ in zip(names, sums, strict=True)},
+        means={
+            name: float(sum_) / recaptioned if recaptioned else None
+            for name, sum_ in zip(names, sums, strict=True)
+        },
         score_bins={name: _bins(rows, name) for name in names[:2]},
         length_bins={name: _bins(rows, name) for name in names[2:]},
         examples=rows(

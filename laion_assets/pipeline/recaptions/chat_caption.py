@@ -3,7 +3,8 @@ served to billions of images (vLLM or SGLang, many replicas behind one URL).
 
 Each image goes as a JPEG data URL in a `content` part beside the text prompt; the answer's first
 choice is the caption. Requests run `in_flight` at a time; 429 and 5xx answers, timeouts and broken
-connections are retried with exponential backoff (a 429's or 503's Retry-After honoured). A sample
+connections are retried with exponential backoff (a 429's or 503's Retry-After honoured up to
+`max_retry_after`; a longer one gives the sample up at once, as the downloader does). A sample
 whose caption cannot be had gets a `NoCaption` with the reason, never an exception for the shard.
 """
 
@@ -49,6 +50,7 @@ class ChatCaptionSettings:
     timeout: float = 120.0  # seconds per request
     retries: int = 3  # extra attempts after 429, 5xx, timeouts and broken connections
     retry_backoff: float = 1.0  # seconds, doubled at each attempt
+    max_retry_after: float = 60.0  # seconds: a longer Retry-After gives the sample up at once
     jpeg_quality: int = 90  # of the image sent
 
 
@@ -87,6 +89,9 @@ class ChatCaptioner:
                 return self._post(body)
             except _Retryable as exc:
                 tries = f" (gave up after {attempt + 1} attempts)" if attempt else ""
+                if exc.retry_after is not None and exc.retry_after > s.max_retry_after:
+                    over = f"Retry-After {exc.retry_after:g}s is over max_retry_after={s.max_retry_after:g}s"
+                    return NoCaption(f"{exc} ({over})")
                 if attempt == s.retries:
                     return NoCaption(f"{exc}{tries}")
                 time.sleep(exc.retry_after if exc.retry_after is not None else s.retry_backoff * 2**attempt)
