@@ -116,6 +116,17 @@ def test_run_select_runs_the_dataset_assets_in_the_pipelines_order(with_copies, 
     assert f"{len(pairs)} pairs from {len(DEMO_SHARDS)} shards" in store.read_bytes("card/README.md").decode()
 
 
+def test_a_bad_value_in_the_settings_file_fails_the_run_with_one_line_naming_it(local_root):
+    """A hand edit of laion_assets.yaml with a value of the wrong type: the run fails naming the file, its
+    section and the field, not with pydantic's report on a config class the user never wrote."""
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/a.csv", b"url,caption\nhttp://a.com/1.jpg,a cat\n")
+    write_settings(store, DatasetSettings({names.CRAWL_METADATA_ASSET: {"min_alt_length": "five"}}))
+    (outcome,) = run_pipeline(local_root, PER_SHARD_ASSETS[:1], {}, echo=lambda _: None, clip=DEMO_CLIP)
+    assert outcome.error.startswith(f"{store.url(SETTINGS_FILE)}, section crawl_metadata: min_alt_length: ")
+    assert "'five'" in outcome.error and "\n" not in outcome.error
+
+
 def test_a_takedown_changes_no_byte_of_a_shard_its_list_does_not_match(deduplicated, tmp_path):
     """The takedown flow runs dedup again, with the dataset's settings: the other shard keeps its bytes."""
     store = _copy(deduplicated, tmp_path)
