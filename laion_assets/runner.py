@@ -210,7 +210,8 @@ def run_pipeline(
                 outcomes.extend(
                     _materialize_group(instance, defs, store, sources, group, todo, run_config, echo, force)
                 )
-        after = [a for a in assets if a not in PER_SHARD_ASSETS and a not in before]
+        # in the pipeline's order, not the order asked for: dedup removes rows the card and index count
+        after = [a for a in ALL_ASSETS if a in assets and a not in PER_SHARD_ASSETS and a not in before]
         outcomes.extend(
             _materialize_dataset_asset(instance, defs, asset, echo, run_config) for asset in after
         )

@@ -1,5 +1,6 @@
 import datetime
 import json
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -44,7 +45,7 @@ def test_sensor_adds_shards_once_and_reruns_changed_files(root):
         ("CC-MAIN-0001", "CC-MAIN-0001.warc.wat.gz"),
         ("a", "a.csv"),
     ]
-    assert set(json.loads(first.cursor)) == {"a.csv", "CC-MAIN-0001.warc.wat.gz"}
+    assert set(json.loads(first.cursor)["files"]) == {"a.csv", "CC-MAIN-0001.warc.wat.gz"}
 
     second = _tick(instance, root, first.cursor)
     assert second.run_requests == [] and second.dynamic_partitions_requests == []
@@ -59,6 +60,31 @@ def test_sensor_adds_shards_once_and_reruns_changed_files(root):
     first_a = next(r for r in first.run_requests if r.partition_key == "a")
     assert requests["a"].run_key != first_a.run_key  # a new key, so the daemon does not drop it as seen
     assert [r.partition_keys for r in third.dynamic_partitions_requests] == [["b"]]
+
+
+def test_a_file_restored_to_content_it_had_before_runs_again(root):
+    """The daemon drops a run request whose key an earlier run of the sensor had: a file restored to
+    its first content (on S3 a re-upload has the same ETag; locally `cp -p` keeps size and mtime) must
+    get a new key, or its shard keeps the edit's rows for good."""
+    store = DatasetStore(root)
+    instance = dg.DagsterInstance.ephemeral()
+
+    def write(content: bytes) -> None:
+        store.write_bytes("incoming/a.csv", content)
+        if not store.is_s3:
+            os.utime(store.path("incoming/a.csv"), (1_767_225_600, 1_767_225_600))
+
+    write(GOOD)
+    first = _tick(instance, root, None)
+    write(GOOD + b"http://a.com/2.jpg,an edit\n")
+    second = _tick(instance, root, first.cursor)
+    write(GOOD)
+    third = _tick(instance, root, second.cursor)
+    keys = [request.run_key for tick in (first, second, third) for request in tick.run_requests]
+    assert len(keys) == 3 and len(set(keys)) == 3
+    assert third.run_requests[0].tags["laion_assets/trigger"] == "changed"
+    # a cursor of before the count, the files alone, is still read: nothing new, nothing to run
+    assert _tick(instance, root, json.dumps(json.loads(third.cursor)["files"])).run_requests == []
 
 
 def test_sensor_requested_run_materialises_the_shard(local_root, web):

@@ -43,6 +43,7 @@ from laion_assets.pipeline.storage import (
     IMAGES,
     LEASES,
     PAIRS,
+    SEARCH_INDEX,
     SETTINGS_FILE,
     TAKEDOWNS,
     TAKEDOWNS_PENDING,
@@ -59,10 +60,16 @@ DEDUP_ASSETS = [a for a in DATASET_ASSETS if a.key.to_user_string() != names.BLO
 
 
 @pytest.fixture(scope="module")
-def deduplicated(tmp_path_factory) -> str:
+def with_copies(tmp_path_factory) -> str:
+    """The planted demo world, its shards built, no dataset-level asset yet; read-only (copy it)."""
+    return build_demo_dataset(str(tmp_path_factory.mktemp("copies") / "data"), copies=COPIES)
+
+
+@pytest.fixture(scope="module")
+def deduplicated(with_copies, tmp_path_factory) -> str:
     """The planted demo world, deduplicated with the demo's settings (not the code's defaults) by a first
     `laion-assets run` of the dataset-level assets; read-only (copy it)."""
-    root = build_demo_dataset(str(tmp_path_factory.mktemp("lives") / "data"), copies=COPIES)
+    root = str(shutil.copytree(with_copies, tmp_path_factory.mktemp("lives") / "data"))
     run_config = {"ops": {names.DUPLICATES_ASSET: {"config": DEMO_DEDUP_CONFIG}}}
     outcomes = run_pipeline(root, DEDUP_ASSETS, run_config, echo=lambda _: None, clip=DEMO_CLIP)
     assert not any(o.error for o in outcomes)
@@ -89,6 +96,36 @@ def test_the_first_run_writes_the_settings_and_a_later_run_reads_them(deduplicat
     assert settings.section(names.DOWNLOADED_IMAGES_ASSET)["allow_private_networks"] is True
     assert settings.section("clip")["model"] == DEMO_CLIP.model
     assert "accept_settings_change" not in settings.section(names.DUPLICATES_ASSET)  # a one-run field
+
+
+def test_run_select_runs_the_dataset_assets_in_the_pipelines_order(with_copies, tmp_path, monkeypatch):
+    """`--select dataset_card,search_index,duplicates` run as typed built the card and the index before
+    dedup removed rows: the card counted the removed pairs and the index served them."""
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    store = _copy(with_copies, tmp_path)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"ops": {names.DUPLICATES_ASSET: {"config": DEMO_DEDUP_CONFIG}}}))
+    select = ",".join([names.DATASET_CARD_ASSET, names.SEARCH_INDEX_ASSET, names.DUPLICATES_ASSET])
+    assert main(["run", "--root", store.root, "--select", select, "--config", str(config)]) == 0
+    pairs = {
+        k
+        for s in DEMO_SHARDS
+        for k in store.read_parquet(PAIRS.parquet(s), columns=["key"])["key"].to_pylist()
+    }
+    assert store.read_parquet(DUPLICATES).num_rows > 0  # dedup removed some
+    assert set(store.read_parquet(SEARCH_INDEX, columns=["key"])["key"].to_pylist()) == pairs
+    assert f"{len(pairs)} pairs from {len(DEMO_SHARDS)} shards" in store.read_bytes("card/README.md").decode()
+
+
+def test_a_bad_value_in_the_settings_file_fails_the_run_with_one_line_naming_it(local_root):
+    """A hand edit of laion_assets.yaml with a value of the wrong type: the run fails naming the file, its
+    section and the field, not with pydantic's report on a config class the user never wrote."""
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/a.csv", b"url,caption\nhttp://a.com/1.jpg,a cat\n")
+    write_settings(store, DatasetSettings({names.CRAWL_METADATA_ASSET: {"min_alt_length": "five"}}))
+    (outcome,) = run_pipeline(local_root, PER_SHARD_ASSETS[:1], {}, echo=lambda _: None, clip=DEMO_CLIP)
+    assert outcome.error.startswith(f"{store.url(SETTINGS_FILE)}, section crawl_metadata: min_alt_length: ")
+    assert "'five'" in outcome.error and "\n" not in outcome.error
 
 
 def test_a_takedown_changes_no_byte_of_a_shard_its_list_does_not_match(deduplicated, tmp_path):

@@ -33,8 +33,11 @@ def incoming_files_sensor(
     file counts once; a file replaced with new content gets its shard run again. A file the sensor
     has not seen whose shard is done in the store, made from that same content (by `laion-assets run`
     or the demo), gets its partition but no run. New shards share runs of `LAION_ASSETS_SHARDS_PER_RUN`.
+    The cursor also counts the ticks that requested runs, and a run's key names its tick: the daemon
+    drops a request whose key an earlier run had, so a key of the content alone would never run a file
+    restored to content it had before, or removed and added again.
     """
-    seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+    seen, ticks = _read_cursor(context.cursor)
     dataset = store.get_store()
     sources = incoming_by_shard(dataset)
     known = set(context.instance.get_dynamic_partitions(shards.name))
@@ -43,14 +46,16 @@ def incoming_files_sensor(
     done = done_shards(dataset, unseen)
     new_shards = [shard for shard in changed if shard not in known]
     to_run = [shard for shard in changed if shard not in done]
+    tick = ticks + 1 if to_run else ticks
     run_requests = [
-        _run_request({shard: changed[shard] for shard in run}, seen)
+        _run_request({shard: changed[shard] for shard in run}, seen, tick)
         for run in _runs(to_run, new_shards, shards_per_run())
     ]
+    files = {f.name: f.fingerprint for f in sources.values()}
     return dg.SensorResult(
         run_requests=run_requests,
         dynamic_partitions_requests=[shards.build_add_request(new_shards)] if new_shards else [],
-        cursor=json.dumps({f.name: f.fingerprint for f in sources.values()}, sort_keys=True),
+        cursor=json.dumps({"files": files, "ticks": tick}, sort_keys=True),
         skip_reason=None if run_requests else f"no new or changed files among {len(sources)} in incoming/",
     )
 
@@ -76,14 +81,24 @@ def _runs(to_run: list[str], new_shards: list[str], per_run: int) -> list[list[s
     return runs + [[shard] for shard in to_run if shard not in new]
 
 
-def _run_request(files: dict[str, StoredFile], seen: dict[str, str]) -> dg.RunRequest:
-    """A run of the shards of `files` (shard -> its file; consecutive partitions), keyed by their content."""
+def _read_cursor(cursor: str | None) -> tuple[dict[str, str], int]:
+    """The files the sensor has seen (name -> fingerprint) and its ticks that requested runs. A cursor
+    written before the count is the files alone."""
+    loaded = json.loads(cursor) if cursor else {}
+    if isinstance(loaded.get("files"), dict):  # "files" in incoming/ would map to a fingerprint
+        return loaded["files"], loaded["ticks"]
+    return loaded, 0
+
+
+def _run_request(files: dict[str, StoredFile], seen: dict[str, str], tick: int) -> dg.RunRequest:
+    """A run of the shards of `files` (shard -> its file; consecutive partitions), keyed by their content
+    and the sensor's `tick`."""
     file_names = [file.name for file in files.values()]
     trigger = "changed" if any(name in seen for name in file_names) else "new"
     if len(files) == 1:
         ((shard, file),) = files.items()
         return dg.RunRequest(
-            run_key=f"{file.name}:{file.fingerprint}",
+            run_key=f"{file.name}:{file.fingerprint}:{tick}",
             partition_key=shard,
             tags={names.SOURCE_FILE_TAG: file.name, names.TRIGGER_TAG: trigger},
         )
@@ -91,7 +106,7 @@ def _run_request(files: dict[str, StoredFile], seen: dict[str, str]) -> dg.RunRe
     first, *_, last = files
     span = f"{file_names[0]}..{file_names[-1]}"
     return dg.RunRequest(
-        run_key=f"{span}:{hashlib.sha256(content.encode()).hexdigest()[:16]}",
+        run_key=f"{span}:{hashlib.sha256(content.encode()).hexdigest()[:16]}:{tick}",
         tags={**range_tags(first, last), names.SOURCE_FILE_TAG: span, names.TRIGGER_TAG: trigger},
     )
 

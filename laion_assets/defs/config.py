@@ -6,8 +6,15 @@ import os
 import typing
 from pathlib import Path
 
-from laion_assets.pipeline.settings import MODEL_FIELDS, DatasetSettings, add_missing_sections
-from laion_assets.pipeline.storage import DatasetStore
+import pydantic
+
+from laion_assets.pipeline.settings import (
+    MODEL_FIELDS,
+    DatasetSettings,
+    SettingsFileError,
+    add_missing_sections,
+)
+from laion_assets.pipeline.storage import SETTINGS_FILE, DatasetStore
 
 if typing.TYPE_CHECKING:
     import dagster as dg
@@ -77,7 +84,13 @@ def dataset_config(context: "dg.AssetExecutionContext", config: C, store: Datase
         return config
     fields = type(config).model_fields
     section = {k: v for k, v in stored.section(name).items() if k in fields and k not in RUN_ONLY_FIELDS}
-    return type(config)(**{**section, **explicit_config(context.run.run_config, name)})
+    try:
+        return type(config)(**{**section, **explicit_config(context.run.run_config, name)})
+    except pydantic.ValidationError as exc:  # the run's own config was checked when it was launched
+        wrong = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e['input']!r})" for e in exc.errors()
+        )
+        raise SettingsFileError(f"{store.url(SETTINGS_FILE)}, section {name}: {wrong}") from None
 
 
 def record_section(store: DatasetStore, name: str, values: dict) -> DatasetSettings | None:
