@@ -406,6 +406,7 @@ CHART_KEYS = {
     "dagsterDaemon.backfills": {"useThreads", "numWorkers", "numSubmitWorkers"},
     "concurrency": {"enabled", "pools", "runs"},
     "concurrency.pools": {"defaultLimit", "granularity", "opGranularityRunBuffer"},
+    "concurrency.runs": {"maxConcurrentRuns", "tagConcurrencyLimits"},
     "telemetry": {"enabled"},
 }
 
@@ -453,6 +454,60 @@ def test_helm_values_use_only_the_charts_keys_and_match_the_instance_yaml():
             "numSubmitWorkers": instance[section]["num_submit_workers"],
         }
     assert values["telemetry"]["enabled"] is instance["telemetry"]["enabled"] is False
+
+
+def _chart_instance(values: dict) -> dict:
+    """The run queue and concurrency sections of the dagster.yaml that Dagster's chart (1.13) renders from
+    `values`, as its templates helpers/instance/_run-coordinator.tpl and _concurrency.tpl write them (no
+    helm here to render them): with `concurrency.enabled`, the queue's `max_concurrent_runs` is written
+    only where the values set it, beside a `concurrency:` block with the pools and runs they set."""
+    queue = values["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]
+    concurrency = values.get("concurrency", {})
+    enabled = concurrency.get("enabled", False)
+    queue_config = {}
+    if not enabled or queue.get("maxConcurrentRuns") is not None:
+        queue_config["max_concurrent_runs"] = queue.get("maxConcurrentRuns", -1)
+    for key, name in (
+        ("dequeueIntervalSeconds", "dequeue_interval_seconds"),
+        ("dequeueUseThreads", "dequeue_use_threads"),
+        ("dequeueNumWorkers", "dequeue_num_workers"),
+    ):
+        if queue.get(key):
+            queue_config[name] = queue[key]
+    instance = {
+        "run_coordinator": {
+            "module": "dagster._core.run_coordinator",
+            "class": "QueuedRunCoordinator",
+            "config": queue_config,
+        }
+    }
+    if enabled:
+        pools, runs = concurrency.get("pools", {}), concurrency.get("runs", {})
+        rendered = {}
+        if pools.get("defaultLimit") is not None:
+            rendered["pools"] = {"default_limit": pools["defaultLimit"]}
+        if runs.get("maxConcurrentRuns") is not None:
+            rendered["runs"] = {"max_concurrent_runs": runs["maxConcurrentRuns"]}
+        instance["concurrency"] = rendered
+    return instance
+
+
+def test_the_instance_the_chart_renders_from_the_helm_values_loads(tmp_path):
+    """Dagster refuses an instance whose run coordinator sets `max_concurrent_runs` beside a `concurrency:`
+    block: the webserver, the daemon and every run pod would stop at start-up."""
+    from dagster._config import validate_config
+    from dagster._core.instance.config import dagster_instance_config
+    from dagster._core.run_coordinator import QueuedRunCoordinator
+
+    values = yaml.safe_load((DEPLOY / "helm" / "values.yaml").read_text())
+    rendered = _chart_instance(values)
+    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(rendered))
+    config, _ = dagster_instance_config(str(tmp_path), "dagster.yaml")
+    queue = config["run_coordinator"]["config"]
+    assert validate_config(QueuedRunCoordinator.config_type(), queue).success
+    # the run limit the values mean, and the one the instance gets
+    assert config["concurrency"]["runs"]["max_concurrent_runs"] == 256
+    assert config["concurrency"]["pools"]["default_limit"] == 1
 
 
 @pytest.mark.parametrize(
