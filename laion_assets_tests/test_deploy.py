@@ -329,6 +329,52 @@ def _backfill_the_uis_way(instance: dg.DagsterInstance, deployment: Deployment, 
     assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
 
 
+def test_set_pools_runs_in_the_charts_daemon_pod(tmp_path):
+    """On Kubernetes the script is fed to the daemon's pod (`kubectl exec -i ... bash -s < set-pools.sh`):
+    that pod holds the instance, but runs Dagster's own image, with no laion_assets and no copy of the
+    script. Here: a real PostgreSQL, the script on stdin, and a laion_assets that cannot be imported."""
+    postgres = Postgres().start()
+    try:
+        no_project = tmp_path / "dagster_image"
+        (no_project / "laion_assets").mkdir(parents=True)
+        (no_project / "laion_assets" / "__init__.py").write_text(
+            "raise ImportError('laion_assets is not in the daemon image')\n"
+        )
+        env = {
+            **os.environ,
+            **postgres.env(),
+            "DAGSTER_HOME": str(dagster_home(tmp_path, RUN_LIMIT)),
+            "PYTHONPATH": str(no_project),
+            "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+            "GPU_POOL_LIMIT": "8",
+            "DOWNLOAD_POOL_LIMIT": "64",
+        }
+        done = subprocess.run(
+            ["bash", "-s"],
+            input=(DEPLOY / "set-pools.sh").read_text(),
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env=env,
+            cwd=tmp_path,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        check = (
+            "import dagster as dg; from dagster._daemon.asset_daemon import get_auto_materialize_paused\n"
+            "with dg.DagsterInstance.get() as i:\n"
+            "    info = i.event_log_storage.get_concurrency_info\n"
+            "    slots = [info(pool).slot_count for pool in ('gpu', 'download')]\n"
+            "    print(*slots, get_auto_materialize_paused(i))"
+        )
+        read = subprocess.run(
+            [sys.executable, "-c", check], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path
+        )
+        assert read.returncode == 0, read.stderr
+        assert read.stdout.split() == ["8", "64", "False"]
+    finally:
+        postgres.stop()
+
+
 @pytest.mark.parametrize("path", ["docker-compose.yml", "workspace.yaml"])
 def test_deploy_yaml_files_parse(path):
     assert isinstance(yaml.safe_load((DEPLOY / path).read_text()), dict)
