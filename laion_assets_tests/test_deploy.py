@@ -329,6 +329,52 @@ def _backfill_the_uis_way(instance: dg.DagsterInstance, deployment: Deployment, 
     assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
 
 
+def test_set_pools_runs_in_the_charts_daemon_pod(tmp_path):
+    """On Kubernetes the script is fed to the daemon's pod (`kubectl exec -i ... bash -s < set-pools.sh`):
+    that pod holds the instance, but runs Dagster's own image, with no laion_assets and no copy of the
+    script. Here: a real PostgreSQL, the script on stdin, and a laion_assets that cannot be imported."""
+    postgres = Postgres().start()
+    try:
+        no_project = tmp_path / "dagster_image"
+        (no_project / "laion_assets").mkdir(parents=True)
+        (no_project / "laion_assets" / "__init__.py").write_text(
+            "raise ImportError('laion_assets is not in the daemon image')\n"
+        )
+        env = {
+            **os.environ,
+            **postgres.env(),
+            "DAGSTER_HOME": str(dagster_home(tmp_path, RUN_LIMIT)),
+            "PYTHONPATH": str(no_project),
+            "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+            "GPU_POOL_LIMIT": "8",
+            "DOWNLOAD_POOL_LIMIT": "64",
+        }
+        done = subprocess.run(
+            ["bash", "-s"],
+            input=(DEPLOY / "set-pools.sh").read_text(),
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env=env,
+            cwd=tmp_path,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        check = (
+            "import dagster as dg; from dagster._daemon.asset_daemon import get_auto_materialize_paused\n"
+            "with dg.DagsterInstance.get() as i:\n"
+            "    info = i.event_log_storage.get_concurrency_info\n"
+            "    slots = [info(pool).slot_count for pool in ('gpu', 'download')]\n"
+            "    print(*slots, get_auto_materialize_paused(i))"
+        )
+        read = subprocess.run(
+            [sys.executable, "-c", check], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path
+        )
+        assert read.returncode == 0, read.stderr
+        assert read.stdout.split() == ["8", "64", "False"]
+    finally:
+        postgres.stop()
+
+
 @pytest.mark.parametrize("path", ["docker-compose.yml", "workspace.yaml"])
 def test_deploy_yaml_files_parse(path):
     assert isinstance(yaml.safe_load((DEPLOY / path).read_text()), dict)
@@ -406,6 +452,7 @@ CHART_KEYS = {
     "dagsterDaemon.backfills": {"useThreads", "numWorkers", "numSubmitWorkers"},
     "concurrency": {"enabled", "pools", "runs"},
     "concurrency.pools": {"defaultLimit", "granularity", "opGranularityRunBuffer"},
+    "concurrency.runs": {"maxConcurrentRuns", "tagConcurrencyLimits"},
     "telemetry": {"enabled"},
 }
 
@@ -453,6 +500,60 @@ def test_helm_values_use_only_the_charts_keys_and_match_the_instance_yaml():
             "numSubmitWorkers": instance[section]["num_submit_workers"],
         }
     assert values["telemetry"]["enabled"] is instance["telemetry"]["enabled"] is False
+
+
+def _chart_instance(values: dict) -> dict:
+    """The run queue and concurrency sections of the dagster.yaml that Dagster's chart (1.13) renders from
+    `values`, as its templates helpers/instance/_run-coordinator.tpl and _concurrency.tpl write them (no
+    helm here to render them): with `concurrency.enabled`, the queue's `max_concurrent_runs` is written
+    only where the values set it, beside a `concurrency:` block with the pools and runs they set."""
+    queue = values["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]
+    concurrency = values.get("concurrency", {})
+    enabled = concurrency.get("enabled", False)
+    queue_config = {}
+    if not enabled or queue.get("maxConcurrentRuns") is not None:
+        queue_config["max_concurrent_runs"] = queue.get("maxConcurrentRuns", -1)
+    for key, name in (
+        ("dequeueIntervalSeconds", "dequeue_interval_seconds"),
+        ("dequeueUseThreads", "dequeue_use_threads"),
+        ("dequeueNumWorkers", "dequeue_num_workers"),
+    ):
+        if queue.get(key):
+            queue_config[name] = queue[key]
+    instance = {
+        "run_coordinator": {
+            "module": "dagster._core.run_coordinator",
+            "class": "QueuedRunCoordinator",
+            "config": queue_config,
+        }
+    }
+    if enabled:
+        pools, runs = concurrency.get("pools", {}), concurrency.get("runs", {})
+        rendered = {}
+        if pools.get("defaultLimit") is not None:
+            rendered["pools"] = {"default_limit": pools["defaultLimit"]}
+        if runs.get("maxConcurrentRuns") is not None:
+            rendered["runs"] = {"max_concurrent_runs": runs["maxConcurrentRuns"]}
+        instance["concurrency"] = rendered
+    return instance
+
+
+def test_the_instance_the_chart_renders_from_the_helm_values_loads(tmp_path):
+    """Dagster refuses an instance whose run coordinator sets `max_concurrent_runs` beside a `concurrency:`
+    block: the webserver, the daemon and every run pod would stop at start-up."""
+    from dagster._config import validate_config
+    from dagster._core.instance.config import dagster_instance_config
+    from dagster._core.run_coordinator import QueuedRunCoordinator
+
+    values = yaml.safe_load((DEPLOY / "helm" / "values.yaml").read_text())
+    rendered = _chart_instance(values)
+    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(rendered))
+    config, _ = dagster_instance_config(str(tmp_path), "dagster.yaml")
+    queue = config["run_coordinator"]["config"]
+    assert validate_config(QueuedRunCoordinator.config_type(), queue).success
+    # the run limit the values mean, and the one the instance gets
+    assert config["concurrency"]["runs"]["max_concurrent_runs"] == 256
+    assert config["concurrency"]["pools"]["default_limit"] == 1
 
 
 @pytest.mark.parametrize(

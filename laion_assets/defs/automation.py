@@ -188,8 +188,8 @@ def unpause_the_ui_automation_badge(instance: dg.DagsterInstance) -> None:
 
     The UI's "Auto-materialize off" badge reads that switch, which is on in a new instance (anything but
     "false"); our automation is `automation_sensor`, which the switch does not stop, so the badge would
-    say automation is paused while it runs. The demo and deploy/set-pools.sh call this, as the UI's
-    /health toggle would. (Dagster has no public call for it.)"""
+    say automation is paused while it runs. The demo calls this, as the UI's /health toggle would, and
+    deploy/set-pools.sh makes the same call with Dagster alone. (Dagster has no public call for it.)"""
     from dagster._daemon.asset_daemon import set_auto_materialize_paused
 
     set_auto_materialize_paused(instance, False)
