@@ -591,6 +591,9 @@ def test_heavy_assets_size_their_pods_and_run_in_their_pools():
     assert resources(embed)["limits"]["nvidia.com/gpu"] == "1"
     cpu = resources(download)["requests"]
     assert {"cpu", "memory"} <= set(cpu)
+    # the download step starts a worker per core of its container's CPU limit (cpu.max), the whole node
+    # without one: the limit is what the request sized
+    assert resources(download)["limits"]["cpu"] == cpu["cpu"]
     assert (embed.op.pool, download.op.pool) == (names.GPU_POOL, names.DOWNLOAD_POOL)
 
 

@@ -17,8 +17,10 @@ def pod_resources(requests: dict[str, str], limits: dict[str, str]) -> dict[str,
 
 
 # A download step: requests on an event loop, images decoded in a process per core; a 10,000-row shard
-# peaks under 1 GB.
-DOWNLOAD_POD = pod_resources({"cpu": "2", "memory": "2Gi"}, {"memory": "4Gi"})
+# peaks under 1 GB. Its CPU limit is what the step counts its cores by (`usable_cores`, the container's
+# cpu.max): with a request alone it saw the whole node, and started a worker per node core under the
+# pod's memory limit.
+DOWNLOAD_POD = pod_resources({"cpu": "2", "memory": "2Gi"}, {"cpu": "2", "memory": "4Gi"})
 # An embedding step: one GPU, and CPU cores to decode ahead of it.
 GPU_POD = pod_resources({"cpu": "4", "memory": "8Gi"}, {"memory": "16Gi", "nvidia.com/gpu": "1"})
 
