@@ -181,7 +181,12 @@ def _read_table(stream: IO[bytes], fmt: str, is_text: Callable[[str], bool]) -> 
         table.validate(full=True)  # strings that are not UTF-8: the stages after would fail on them
         return table
     if fmt == "jsonl":
-        return pa_json.read_json(stream)
+        data = stream.read()
+        table = pa_json.read_json(io.BytesIO(data))
+        schema = pa.schema([f.with_type(_strings_kept(f.type)) for f in table.schema])
+        if schema == table.schema:
+            return table
+        return pa_json.read_json(io.BytesIO(data), parse_options=pa_json.ParseOptions(explicit_schema=schema))
     data = stream.read()
     parse = pa_csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
     names = pa_csv.open_csv(io.BytesIO(data), parse_options=parse).schema.names
@@ -191,6 +196,18 @@ def _read_table(stream: IO[bytes], fmt: str, is_text: Callable[[str], bool]) -> 
         null_values=[""],
     )
     return pa_csv.read_csv(io.BytesIO(data), parse_options=parse, convert_options=convert)
+
+
+def _strings_kept(type_: pa.DataType) -> pa.DataType:
+    """`type_` with strings again where pyarrow's JSON reader made timestamps of strings that look like
+    dates: a caption "2021-01-01" read "2021-01-01 00:00:00", a time with an offset moved to UTC."""
+    if pa.types.is_timestamp(type_):
+        return pa.string()
+    if pa.types.is_struct(type_):
+        return pa.struct([f.with_type(_strings_kept(f.type)) for f in type_])
+    if pa.types.is_list(type_):
+        return pa.list_(type_.value_field.with_type(_strings_kept(type_.value_type)))
+    return type_
 
 
 def _find_column(
