@@ -133,6 +133,24 @@ def test_damaged_tail_keeps_what_was_read(local_root):
     assert result.dropped["corrupt_record"] == 1
 
 
+def test_a_cut_warcio_takes_for_the_end_of_the_file_is_counted(local_root):
+    # warcio ends quietly where a file stops a few bytes into a gzip member or inside its trailer, or inside
+    # an uncompressed record's header: the rest of the file was lost and nothing said so
+    store = DatasetStore(local_root)
+    data = wat_bytes(PAGES)
+    last = _crawl(store, data).table.column("source_offset")[-1].as_py()  # the last page's record
+    raw = gzip.decompress(data)
+    for name, cut, rows in [
+        (WAT_NAME, data[: last + 10], 5),
+        (WAT_NAME, data[:-4], 6),  # every record is whole, but the file goes on
+        ("uncompressed.warc.wat", raw[: raw.rindex(b"WARC/1.0") + 20], 5),
+    ]:
+        result = _crawl(store, cut, name)
+        assert (result.table.num_rows, result.dropped.get("corrupt_record")) == (rows, 1), (name, len(cut))
+    # a cut in the blank lines after the last record loses nothing
+    assert "corrupt_record" not in _crawl(store, raw[:-2], "uncompressed.warc.wat").dropped
+
+
 def test_not_a_wat_file(local_root):
     with pytest.raises(SourceError, match=rf"{WAT_NAME}: not a readable gzip file"):
         _crawl(DatasetStore(local_root), b"<html>not a warc</html>")
