@@ -1,9 +1,10 @@
 import gzip
+from collections import Counter
 
 import pytest
 
 from laion_assets.pipeline.crawl.metadata import CrawlSettings, build_crawl_metadata
-from laion_assets.pipeline.crawl.sources import SourceError, parse_source_name
+from laion_assets.pipeline.crawl.sources import SourceError, _wat_envelopes, parse_source_name
 from laion_assets.pipeline.storage import DatasetStore
 from laion_assets_tests.wat_files import Page, _envelope, img, license_link, payload, wat_bytes, wat_of
 
@@ -243,3 +244,18 @@ def test_wat_json_of_other_types_than_wats_is_taken_as_missing(local_root):
 def test_a_wat_without_metadata_records_is_a_source_error_not_an_empty_shard(local_root, data, records):
     with pytest.raises(SourceError, match=rf"{WAT_NAME}: no WAT metadata records in its {records} records"):
         _crawl(DatasetStore(local_root), data)
+
+
+def test_a_wat_replaced_on_s3_while_read_is_an_error_not_a_damaged_tail(s3_root):
+    # s3fs refuses the ranges of a replaced object; that was taken for a damaged tail: the shard kept the
+    # first pages of the old file and counted one corrupt record
+    store = DatasetStore(s3_root)
+    pages = [Page(f"https://p{i}.example/", links=[img(f"/{i}.jpg", f"Image {i}")]) for i in range(500)]
+    store.write_bytes(f"incoming/{WAT_NAME}", wat_bytes(pages))
+    # a block far smaller than the file, as s3fs's 50 MiB one is beside a real WAT file
+    with store.fs.open(store.path(f"incoming/{WAT_NAME}"), "rb", block_size=16_384) as f:
+        envelopes = _wat_envelopes(f, WAT_NAME, Counter())
+        next(envelopes)
+        store.write_bytes(f"incoming/{WAT_NAME}", wat_bytes(pages[:3]))
+        with pytest.raises(SourceError, match=rf"{WAT_NAME}: replaced while it was read"):
+            list(envelopes)

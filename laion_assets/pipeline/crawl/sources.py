@@ -28,6 +28,7 @@ from warcio.exceptions import ArchiveLoadFailed
 
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.printable import printable
+from laion_assets.pipeline.storage import replaced_while_read
 
 URL_LIST_FORMATS = {
     ".parquet": "parquet",
@@ -279,6 +280,8 @@ def _wat_envelopes(stream: IO[bytes], name: str, dropped: Counter) -> Iterator[t
                 continue
             yield last[0], envelope
     except (ArchiveLoadFailed, OSError, EOFError, zlib.error) as exc:
+        if replaced_while_read(exc):  # on S3: the rest would come from another version, no damaged tail
+            raise SourceError(f"{name}: replaced while it was read; run the shard again") from exc
         if seen == 0:
             raise SourceError(f"{name}: not a readable WAT file: {exc}") from exc
         # A damaged tail: what was read stands, the rest of the file is one counted corrupt record.
