@@ -253,3 +253,17 @@ def test_a_parquet_string_that_is_not_utf8_is_a_source_error(local_root):
 def test_a_shard_starts_with_a_letter_or_digit_so_its_keys_are_keys(name, shard):
     assert parse_source_name(name).shard == shard
     assert schemas.shard_of_key(schemas.make_key(shard, 0)) == shard
+
+
+def test_a_jsonl_lists_strings_are_read_as_written(local_root):
+    # pyarrow's JSON reader takes strings that look like dates for timestamps: the caption "2021-01-01"
+    # became "2021-01-01 00:00:00", and a passed-through "+02:00" time was moved to UTC
+    rows = [
+        {"url": "http://a.com/1.jpg", "caption": "2021-01-01", "taken": "2021-01-01T10:00:00+02:00", "n": 1},
+        {"url": "http://a.com/2.jpg", "caption": "2021-01-02", "taken": "2021-01-02", "n": 2},
+    ]
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    table = _crawl(DatasetStore(local_root), "dates.jsonl", data).table
+    assert table.column("caption").to_pylist() == ["2021-01-01", "2021-01-02"]
+    assert table.column("taken").to_pylist() == ["2021-01-01T10:00:00+02:00", "2021-01-02"]
+    assert table.schema.field("n").type == pa.int64()  # other types are still inferred

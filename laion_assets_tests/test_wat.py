@@ -1,9 +1,10 @@
 import gzip
+from collections import Counter
 
 import pytest
 
 from laion_assets.pipeline.crawl.metadata import CrawlSettings, build_crawl_metadata
-from laion_assets.pipeline.crawl.sources import SourceError, parse_source_name
+from laion_assets.pipeline.crawl.sources import SourceError, _wat_envelopes, parse_source_name
 from laion_assets.pipeline.storage import DatasetStore
 from laion_assets_tests.wat_files import Page, _envelope, img, license_link, payload, wat_bytes, wat_of
 
@@ -133,6 +134,24 @@ def test_damaged_tail_keeps_what_was_read(local_root):
     assert result.dropped["corrupt_record"] == 1
 
 
+def test_a_cut_warcio_takes_for_the_end_of_the_file_is_counted(local_root):
+    # warcio ends quietly where a file stops a few bytes into a gzip member or inside its trailer, or inside
+    # an uncompressed record's header: the rest of the file was lost and nothing said so
+    store = DatasetStore(local_root)
+    data = wat_bytes(PAGES)
+    last = _crawl(store, data).table.column("source_offset")[-1].as_py()  # the last page's record
+    raw = gzip.decompress(data)
+    for name, cut, rows in [
+        (WAT_NAME, data[: last + 10], 5),
+        (WAT_NAME, data[:-4], 6),  # every record is whole, but the file goes on
+        ("uncompressed.warc.wat", raw[: raw.rindex(b"WARC/1.0") + 20], 5),
+    ]:
+        result = _crawl(store, cut, name)
+        assert (result.table.num_rows, result.dropped.get("corrupt_record")) == (rows, 1), (name, len(cut))
+    # a cut in the blank lines after the last record loses nothing
+    assert "corrupt_record" not in _crawl(store, raw[:-2], "uncompressed.warc.wat").dropped
+
+
 def test_not_a_wat_file(local_root):
     with pytest.raises(SourceError, match=rf"{WAT_NAME}: not a readable gzip file"):
         _crawl(DatasetStore(local_root), b"<html>not a warc</html>")
@@ -225,3 +244,18 @@ def test_wat_json_of_other_types_than_wats_is_taken_as_missing(local_root):
 def test_a_wat_without_metadata_records_is_a_source_error_not_an_empty_shard(local_root, data, records):
     with pytest.raises(SourceError, match=rf"{WAT_NAME}: no WAT metadata records in its {records} records"):
         _crawl(DatasetStore(local_root), data)
+
+
+def test_a_wat_replaced_on_s3_while_read_is_an_error_not_a_damaged_tail(s3_root):
+    # s3fs refuses the ranges of a replaced object; that was taken for a damaged tail: the shard kept the
+    # first pages of the old file and counted one corrupt record
+    store = DatasetStore(s3_root)
+    pages = [Page(f"https://p{i}.example/", links=[img(f"/{i}.jpg", f"Image {i}")]) for i in range(500)]
+    store.write_bytes(f"incoming/{WAT_NAME}", wat_bytes(pages))
+    # a block far smaller than the file, as s3fs's 50 MiB one is beside a real WAT file
+    with store.fs.open(store.path(f"incoming/{WAT_NAME}"), "rb", block_size=16_384) as f:
+        envelopes = _wat_envelopes(f, WAT_NAME, Counter())
+        next(envelopes)
+        store.write_bytes(f"incoming/{WAT_NAME}", wat_bytes(pages[:3]))
+        with pytest.raises(SourceError, match=rf"{WAT_NAME}: replaced while it was read"):
+            list(envelopes)

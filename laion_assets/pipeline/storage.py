@@ -68,7 +68,7 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def _replaced_while_read(error: BaseException | None) -> bool:
+def replaced_while_read(error: BaseException | None) -> bool:
     """Whether `error`, or an error it came from, is S3's answer to a read of a version now replaced:
     s3fs's FileExpired, or PreconditionFailed on a GET that named the ETag first seen."""
     from s3fs.utils import FileExpired  # here: a local root never imports s3fs
@@ -359,7 +359,7 @@ class DatasetStore:
                 with self.open(relpath) as f:
                     return read(f)
             except OSError as exc:
-                if attempt == _READ_ATTEMPTS or not (self.is_s3 and _replaced_while_read(exc)):
+                if attempt == _READ_ATTEMPTS or not (self.is_s3 and replaced_while_read(exc)):
                     raise
             attempt += 1
 

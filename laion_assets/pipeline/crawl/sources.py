@@ -28,6 +28,7 @@ from warcio.exceptions import ArchiveLoadFailed
 
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.printable import printable
+from laion_assets.pipeline.storage import replaced_while_read
 
 URL_LIST_FORMATS = {
     ".parquet": "parquet",
@@ -181,7 +182,12 @@ def _read_table(stream: IO[bytes], fmt: str, is_text: Callable[[str], bool]) -> 
         table.validate(full=True)  # strings that are not UTF-8: the stages after would fail on them
         return table
     if fmt == "jsonl":
-        return pa_json.read_json(stream)
+        data = stream.read()
+        table = pa_json.read_json(io.BytesIO(data))
+        schema = pa.schema([f.with_type(_strings_kept(f.type)) for f in table.schema])
+        if schema == table.schema:
+            return table
+        return pa_json.read_json(io.BytesIO(data), parse_options=pa_json.ParseOptions(explicit_schema=schema))
     data = stream.read()
     parse = pa_csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
     names = pa_csv.open_csv(io.BytesIO(data), parse_options=parse).schema.names
@@ -191,6 +197,18 @@ def _read_table(stream: IO[bytes], fmt: str, is_text: Callable[[str], bool]) -> 
         null_values=[""],
     )
     return pa_csv.read_csv(io.BytesIO(data), parse_options=parse, convert_options=convert)
+
+
+def _strings_kept(type_: pa.DataType) -> pa.DataType:
+    """`type_` with strings again where pyarrow's JSON reader made timestamps of strings that look like
+    dates: a caption "2021-01-01" read "2021-01-01 00:00:00", a time with an offset moved to UTC."""
+    if pa.types.is_timestamp(type_):
+        return pa.string()
+    if pa.types.is_struct(type_):
+        return pa.struct([f.with_type(_strings_kept(f.type)) for f in type_])
+    if pa.types.is_list(type_):
+        return pa.list_(type_.value_field.with_type(_strings_kept(type_.value_type)))
+    return type_
 
 
 def _find_column(
@@ -240,27 +258,60 @@ def _wat_envelopes(stream: IO[bytes], name: str, dropped: Counter) -> Iterator[t
     """(record offset, Envelope) of each parseable metadata record; unparseable ones are counted."""
     records = ArchiveIterator(stream, no_record_parse=False, arc2warc=False)
     seen = metadata = 0
+    last, whole = (0, 0), True  # the offset and length of the last record read, and whether it was whole
     try:
         for record in records:
             seen += 1
-            if record.rec_type != "metadata":
+            is_metadata = record.rec_type == "metadata"
+            payload = record.content_stream().read() if is_metadata else b""
+            last = records.get_record_offset(), records.get_record_length()  # these read to the record's end
+            metadata += is_metadata
+            # a record cut short (in its header or its content) is what warcio found of it
+            whole = record.length is not None and (not is_metadata or len(payload) == record.length)
+            if not whole:
+                dropped["corrupt_record"] += 1
                 continue
-            metadata += 1
-            payload = record.content_stream().read()
-            offset = records.get_record_offset()  # reads the record to its end: take the payload first
+            if not is_metadata:
+                continue
             try:
                 envelope = json.loads(payload)["Envelope"]
             except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: nested past the stack
                 dropped["corrupt_record"] += 1
                 continue
-            yield offset, envelope
+            yield last[0], envelope
     except (ArchiveLoadFailed, OSError, EOFError, zlib.error) as exc:
+        if replaced_while_read(exc):  # on S3: the rest would come from another version, no damaged tail
+            raise SourceError(f"{name}: replaced while it was read; run the shard again") from exc
         if seen == 0:
             raise SourceError(f"{name}: not a readable WAT file: {exc}") from exc
         # A damaged tail: what was read stands, the rest of the file is one counted corrupt record.
         dropped["corrupt_record"] += 1
+    else:
+        if seen and whole and _cut_short(stream, *last):
+            dropped["corrupt_record"] += 1
     if not metadata:  # an empty file, or a WARC or WET one: not a shard with no images
         raise SourceError(f"{name}: no WAT metadata records in its {seen} records (a WARC or WET file?)")
+
+
+def _cut_short(stream: IO[bytes], offset: int, length: int) -> bool:
+    """Whether bytes no record could be read from follow the last whole record (at `offset`, `length`
+    long): warcio ends quietly where a file stops inside a gzip member's first bytes or its trailer, or
+    where a member cannot be decompressed."""
+    chunks = iter(lambda: stream.read(1 << 20), b"")
+    stream.seek(offset)
+    if stream.read(2) != b"\x1f\x8b":  # uncompressed: only the blank lines that end a record may follow
+        stream.seek(offset + length)
+        return any(chunk.strip() for chunk in chunks)
+    stream.seek(offset)
+    member = zlib.decompressobj(wbits=31)
+    try:
+        for chunk in chunks:
+            member.decompress(chunk)
+            if member.eof:
+                return bool(member.unused_data or stream.read(1))
+    except zlib.error:
+        return True
+    return True  # the member's end is missing
 
 
 def _image_links(envelope: dict, min_alt_length: int, dropped: Counter) -> Iterator[tuple]:
