@@ -14,7 +14,7 @@ from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
 from laion_assets import names
 from laion_assets.definitions import DATASET_ASSETS, SETTINGS_SECTIONS, build_definitions
-from laion_assets.defs.config import config_values, explicit_config
+from laion_assets.defs.config import RUN_ONLY_FIELDS, config_values, explicit_config
 from laion_assets.defs.jobs import PER_SHARD_ASSETS
 from laion_assets.defs.metadata import layer_of
 from laion_assets.defs.partitions import SHARDS_PER_RUN_ENV, range_tags, shards, shards_per_run
@@ -34,6 +34,7 @@ from laion_assets.pipeline.scores.score import MODEL_FIELDS as SCORE_MODEL_FIELD
 from laion_assets.pipeline.scores.score import SETTINGS_ENV as SCORES_ENV
 from laion_assets.pipeline.scores.score import ScoreSettings
 from laion_assets.pipeline.settings import (
+    CAPTIONER_FIELDS,
     CAPTIONER_SECTION,
     CLIP_SECTION,
     MODEL_FIELDS,
@@ -41,6 +42,7 @@ from laion_assets.pipeline.settings import (
     DatasetSettings,
     add_missing_sections,
     load_settings,
+    unknown_settings,
 )
 from laion_assets.pipeline.storage import BLOCKLIST, INCOMING, SETTINGS_FILE, DatasetStore
 
@@ -100,6 +102,19 @@ def dagster_instance() -> Iterator[dg.DagsterInstance]:
         yield dg.DagsterInstance.ephemeral()
 
 
+def settings_warnings(store: DatasetStore) -> list[str]:
+    """A line per section and field of the dataset's settings file that no run reads (a misspelt key, a
+    field an older version wrote): `settings.unknown_settings`."""
+    settings = load_settings(store)
+    if settings is None:
+        return []
+    known = {name: set(config.model_fields) - RUN_ONLY_FIELDS for name, config in SETTINGS_SECTIONS.items()}
+    models = {CLIP_SECTION: MODEL_FIELDS, CAPTIONER_SECTION: CAPTIONER_FIELDS}
+    return unknown_settings(
+        settings, {**known, **models, SCORES_SECTION: SCORE_MODEL_FIELDS}, store.url(SETTINGS_FILE)
+    )
+
+
 def prepare_settings(
     store: DatasetStore,
     run_config: dict,
@@ -156,6 +171,8 @@ def run_pipeline(
     store = DatasetStore(root)
     for path in store.remove_abandoned():
         echo(f"removed {path}, left by a run that was killed")
+    for line in settings_warnings(store):
+        echo(line)
     defs = build_definitions(root, *prepare_settings(store, run_config, clip, captioner, scorers))
     sources = incoming_by_shard(store)
     echo(f"{len(sources)} shards in {store.url(INCOMING)}")
@@ -370,6 +387,8 @@ def run_takedown(root: str, list_file: Path, echo: Callable[[str], None] = print
     if list_file.suffix.lower() not in LIST_SUFFIXES:
         raise ValueError(f"{list_file}: a block list is a {', '.join(LIST_SUFFIXES)} file")
     store = DatasetStore(root)
+    for line in settings_warnings(store):
+        echo(line)
     defs = build_definitions(root, *prepare_settings(store, {}))
     target = f"{BLOCKLIST}/{list_file.name}"
     store.write_bytes(target, list_file.read_bytes())
@@ -425,7 +444,10 @@ def dataset_status(root: str) -> tuple[list[str], bool]:
     sources = incoming_by_shard(store)
     not_done = stale_layers(store, sources, [layer_of(a) for a in PER_SHARD_ASSETS])
     changed = settings_changes(store, list(sources), current)
-    lines = [f"{len(sources)} shards in {store.url(INCOMING)}; settings {store.url(SETTINGS_FILE)}"]
+    lines = [
+        f"{len(sources)} shards in {store.url(INCOMING)}; settings {store.url(SETTINGS_FILE)}",
+        *settings_warnings(store),
+    ]
     for shard in sources:
         if not not_done[shard] and shard not in changed:
             lines.append(f"{shard}: up to date")

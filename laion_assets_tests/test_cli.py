@@ -299,3 +299,30 @@ def test_sql_loads_neither_dagster_nor_the_service_nor_torch(local_root):
     )
     assert done.returncode == 0, done.stderr
     assert "42" in done.stdout and done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_misspelt_setting_is_named_by_run_and_status(local_root, capsys):
+    """`image_sise: 384` under downloaded_images was dropped without a word: `status` said up to date and
+    the user believed the dataset's image size changed. `run` and `status` name the file, the section and
+    the key (a field an older version wrote, since removed, is reported alike: ignored, not an error)."""
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/a.csv", A)
+    assert main(["run", "--root", local_root, "--select", "crawl_metadata"]) == 0
+    settings = Path(store.path("laion_assets.yaml"))
+    text = settings.read_text().replace("downloaded_images:\n", "downloaded_images:\n  image_sise: 384\n")
+    settings.write_text(text + "filtered_pair:\n  min_similarity: 0.5\nclip:\n  pretraned: none\n")
+    capsys.readouterr()
+    url = store.url("laion_assets.yaml")
+    expected = [
+        f"{url}, section clip: pretraned is not one of its settings (did you mean pretrained?): ignored",
+        f"{url}, section downloaded_images: image_sise is not one of its settings (did you mean "
+        "image_size?): ignored",
+        f"{url}: filtered_pair is not a section (did you mean filtered_pairs?): ignored",
+    ]
+    assert main(["status", "--root", local_root]) == 1  # the shard's other layers are still to make
+    out = capsys.readouterr().out.splitlines()
+    assert [line for line in out if "ignored" in line] == expected
+    assert main(["run", "--root", local_root, "--select", "crawl_metadata"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line for line in out if "ignored" in line] == expected
+    assert "a: up to date" in out
