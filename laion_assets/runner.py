@@ -27,7 +27,7 @@ from laion_assets.pipeline.dedup.deduplicate import recorded_settings as recorde
 from laion_assets.pipeline.embeddings.clip import SETTINGS_ENV as CLIP_ENV
 from laion_assets.pipeline.embeddings.clip import ClipSettings, values_from_env
 from laion_assets.pipeline.leases import describe, holder
-from laion_assets.pipeline.lineage import incoming_by_shard, settings_changes, stale_layers
+from laion_assets.pipeline.lineage import incoming_by_shard, settings_changes, sourceless_shards, stale_layers
 from laion_assets.pipeline.recaptions.caption import SETTINGS_ENV as CAPTION_ENV
 from laion_assets.pipeline.recaptions.caption import CaptionSettings
 from laion_assets.pipeline.scores.score import MODEL_FIELDS as SCORE_MODEL_FIELDS
@@ -442,7 +442,8 @@ def dataset_status(root: str) -> tuple[list[str], bool]:
     if current is None:
         return [f"no settings in {store.url(SETTINGS_FILE)} yet: the first run writes them"], False
     sources = incoming_by_shard(store)
-    not_done = stale_layers(store, sources, [layer_of(a) for a in PER_SHARD_ASSETS])
+    per_shard = [layer_of(a) for a in PER_SHARD_ASSETS]
+    not_done = stale_layers(store, sources, per_shard)
     changed = settings_changes(store, list(sources), current)
     lines = [
         f"{len(sources)} shards in {store.url(INCOMING)}; settings {store.url(SETTINGS_FILE)}",
@@ -456,6 +457,11 @@ def dataset_status(root: str) -> tuple[list[str], bool]:
             lines.append(f"{shard}: to make: {', '.join(layer.name for layer in not_done[shard])}")
         for layer_name, changes in changed.get(shard, {}).items():
             lines.append(f"{shard}: {layer_name} built with other settings: {'; '.join(changes)}")
+    for shard, layers in sourceless_shards(store, sources, per_shard).items():
+        lines.append(
+            f"{shard}: built ({', '.join(layer.name for layer in layers)}) but no file in {INCOMING}/ makes "
+            "it: its layers stay in the dataset, and no run makes them again"
+        )
     dedup = current.section(names.DUPLICATES_ASSET)
     dedup_changes = rule_changes(store, dedup) if dedup else []
     if dedup_changes:

@@ -326,3 +326,22 @@ def test_a_misspelt_setting_is_named_by_run_and_status(local_root, capsys):
     out = capsys.readouterr().out.splitlines()
     assert [line for line in out if "ignored" in line] == expected
     assert "a: up to date" in out
+
+
+def test_status_names_a_built_shard_whose_source_file_is_gone(local_root, capsys):
+    """A source file removed from incoming/ left its shard's layers in the dataset (the catalog, card and
+    index read them), but `status` listed only the files in incoming/: the shard vanished from its report
+    without a word, and nothing could ever make it again."""
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/a.csv", A)
+    store.write_bytes("incoming/b.csv", A)
+    assert main(["run", "--root", local_root, "--select", "crawl_metadata"]) == 0
+    Path(store.path("incoming/b.csv")).unlink()
+    capsys.readouterr()
+    assert main(["status", "--root", local_root]) == 1  # a's other layers are still to make
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("a: to make: ")
+    assert out[2] == (
+        "b: built (crawl_metadata) but no file in incoming/ makes it: its layers stay in the dataset, "
+        "and no run makes them again"
+    )

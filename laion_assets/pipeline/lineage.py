@@ -98,6 +98,20 @@ def stale_layers(
     return stale
 
 
+def sourceless_shards(
+    store: DatasetStore, sources: Mapping[str, StoredFile], layers: Sequence[Layer]
+) -> dict[str, list[Layer]]:
+    """shard -> its layers of `layers` that have a file, for each shard no file of `sources` makes (its
+    source was removed from incoming/): the dataset keeps them, and no run makes them again."""
+    found: dict[str, list[Layer]] = {}
+    for layer in layers:
+        for file in store.list(layer.name):
+            shard = file.name.removesuffix(".parquet")
+            if shard != file.name and shard not in sources:
+                found.setdefault(shard, []).append(layer)
+    return dict(sorted(found.items()))
+
+
 # The columns a layer's file must have to be current: one written before a column joined the contract
 # (`host`) is made again, as one made from an older source is. The other layers' columns vary (a URL
 # list's own columns, the model's dimension).
