@@ -438,17 +438,15 @@ def dataset_status(root: str) -> tuple[list[str], bool]:
     from laion_assets.pipeline.dedup.deduplicate import rule_changes
 
     store = DatasetStore(root)
-    current = load_settings(store)
-    if current is None:
-        return [f"no settings in {store.url(SETTINGS_FILE)} yet: the first run writes them"], False
+    stored = load_settings(store)
+    current = stored or DatasetSettings()  # before the first run: nothing built otherwise, all to make
     sources = incoming_by_shard(store)
     per_shard = [layer_of(a) for a in PER_SHARD_ASSETS]
     not_done = stale_layers(store, sources, per_shard)
     changed = settings_changes(store, list(sources), current)
-    lines = [
-        f"{len(sources)} shards in {store.url(INCOMING)}; settings {store.url(SETTINGS_FILE)}",
-        *settings_warnings(store),
-    ]
+    url = store.url(SETTINGS_FILE)
+    settings = f"no settings in {url} yet: the first run writes them" if stored is None else f"settings {url}"
+    lines = [f"{len(sources)} shards in {store.url(INCOMING)}; {settings}", *settings_warnings(store)]
     for shard in sources:
         if not not_done[shard] and shard not in changed:
             lines.append(f"{shard}: up to date")

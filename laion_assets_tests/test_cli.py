@@ -345,3 +345,14 @@ def test_status_names_a_built_shard_whose_source_file_is_gone(local_root, capsys
         "b: built (crawl_metadata) but no file in incoming/ makes it: its layers stay in the dataset, "
         "and no run makes them again"
     )
+
+
+def test_status_before_the_first_run_lists_the_shards_to_make(local_root, capsys):
+    """A root with files in incoming/ and no settings file yet (no run so far, or a dataset built before
+    the file existed): `status` said only that the first run writes the settings, and exited 0, as if
+    nothing were left to do."""
+    DatasetStore(local_root).write_bytes("incoming/a.csv", A)
+    assert main(["status", "--root", local_root]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("laion_assets.yaml yet: the first run writes them")
+    assert out[1].startswith("a: to make: crawl_metadata, images, ")
