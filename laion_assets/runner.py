@@ -14,6 +14,7 @@ from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
 from laion_assets import names
 from laion_assets.definitions import DATASET_ASSETS, SETTINGS_SECTIONS, build_definitions
+from laion_assets.definitions import defs as project_definitions
 from laion_assets.defs.config import RUN_ONLY_FIELDS, config_values, explicit_config
 from laion_assets.defs.jobs import PER_SHARD_ASSETS
 from laion_assets.defs.metadata import layer_of
@@ -41,6 +42,7 @@ from laion_assets.pipeline.settings import (
     SCORES_SECTION,
     DatasetSettings,
     add_missing_sections,
+    did_you_mean,
     load_settings,
     unknown_settings,
 )
@@ -100,6 +102,30 @@ def dagster_instance() -> Iterator[dg.DagsterInstance]:
             yield instance
     else:
         yield dg.DagsterInstance.ephemeral()
+
+
+def check_run_config(run_config: dict) -> None:
+    """ValueError naming each op of `run_config` that is in none of the project's jobs, and each field of
+    an op's config that its asset lacks or that has the wrong type, as the launchpad refuses them. The
+    runner keeps only the selected assets' blocks, so a misspelt asset was dropped without a word (and
+    the first run wrote the dataset's settings from the defaults it fell back on)."""
+    jobs = [project_definitions.resolve_job_def(name) for name in (names.SHARD_JOB, names.DATASET_JOB)]
+    ops = (run_config or {}).get("ops") or {}
+    if not isinstance(ops, dict):
+        raise ValueError(f"`ops:` maps asset names to their blocks, got {ops!r}")
+    problems = []
+    for op, block in ops.items():
+        job = next((job for job in jobs if op in job.graph.node_dict), None)
+        if job is None:
+            assets = (asset.key.to_user_string() for asset in ALL_ASSETS)
+            problems.append(f"{op} is not an asset{did_you_mean(op, assets)}")
+            continue
+        try:
+            dg.validate_run_config(job, {"ops": {op: block}})
+        except dg.DagsterInvalidConfigError as exc:  # each error's message ends with the whole schema
+            problems.extend(error.message.split(". Expected:")[0] for error in exc.errors)
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def settings_warnings(store: DatasetStore) -> list[str]:

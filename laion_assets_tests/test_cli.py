@@ -150,6 +150,11 @@ def test_unknown_asset_and_bad_config(local_root, tmp_path):
     bad.write_text("resources:\n  store: {}\n")
     with pytest.raises(SystemExit, match="only an `ops:` block"):
         main(["run", "--root", local_root, "--config", str(bad)])
+    bad.write_text("ops: [\n")  # not YAML, or no file: one line naming it too, not a traceback
+    with pytest.raises(SystemExit, match=rf"laion-assets: {bad}: while parsing a flow node expected"):
+        main(["run", "--root", local_root, "--config", str(bad)])
+    with pytest.raises(SystemExit, match=rf"laion-assets: {tmp_path}/none.yaml: \[Errno 2\] No such file"):
+        main(["init", "--root", local_root, "--config", str(tmp_path / "none.yaml")])
 
 
 def test_a_broken_settings_file_is_one_line_naming_it(local_root):
@@ -356,3 +361,36 @@ def test_status_before_the_first_run_lists_the_shards_to_make(local_root, capsys
     out = capsys.readouterr().out.splitlines()
     assert out[0].endswith("laion_assets.yaml yet: the first run writes them")
     assert out[1].startswith("a: to make: crawl_metadata, images, ")
+
+
+def test_a_run_config_with_an_unknown_asset_or_field_is_refused_before_anything_is_written(
+    local_root, tmp_path
+):
+    """A misspelt asset in --config (`crawl_metdata`) was dropped without a word, and the first run wrote
+    the dataset's settings from the defaults it fell back on; a misspelt field or a value of the wrong type
+    ended in Dagster's traceback (the settings file already written). Each is one line naming the file
+    and what is wrong, as the launchpad refuses them, and the root is left as it was."""
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/a.csv", A)
+    for config, wrong in (
+        (
+            "crawl_metdata:\n    config:\n      url_column: link",
+            r"crawl_metdata is not an asset \(did you mean crawl_metadata\?\)",
+        ),
+        (
+            "crawl_metadata:\n    config:\n      url_colum: link",
+            r'unexpected config entry "url_colum" at path root:ops:crawl_metadata:config',
+        ),
+        (
+            "crawl_metadata:\n    config:\n      min_alt_length: five",
+            r"root:ops:crawl_metadata:config:min_alt_length. Value \"five\"",
+        ),
+    ):
+        path = tmp_path / "run.yaml"
+        path.write_text(f"ops:\n  {config}\n")
+        for command in ("run", "init"):
+            with pytest.raises(SystemExit) as stopped:
+                main([command, "--root", local_root, "--config", str(path)])
+            assert re.fullmatch(rf"laion-assets: {path}: .*{wrong}.*", str(stopped.value.code))
+            assert "\n" not in str(stopped.value.code)
+        assert sorted(os.listdir(local_root)) == ["incoming"]

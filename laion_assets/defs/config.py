@@ -40,7 +40,10 @@ def read_run_config(path: Path) -> dict:
     """A launchpad-style run config file: `ops: {<asset>: {config: {...}}}`. ValueError if it is not one."""
     import yaml
 
-    config = yaml.safe_load(path.read_text()) or {}
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: {' '.join(str(exc).split())}") from exc
     if not isinstance(config, dict) or set(config) - {"ops"}:
         raise ValueError(f"{path}: expected a mapping with only an `ops:` block, got {config!r}")
     return config

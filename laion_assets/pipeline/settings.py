@@ -142,15 +142,16 @@ def unknown_settings(
     lines = []
     for name in sorted(settings.sections):
         if name not in known:
-            lines.append(f"{where}: {name} is not a section{_did_you_mean(name, known)}: ignored")
+            lines.append(f"{where}: {name} is not a section{did_you_mean(name, known)}: ignored")
             continue
         for key in sorted(set(settings.section(name)) - set(known[name])):
-            hint = _did_you_mean(key, known[name])
+            hint = did_you_mean(key, known[name])
             lines.append(f"{where}, section {name}: {key} is not one of its settings{hint}: ignored")
     return lines
 
 
-def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """` (did you mean <the closest of choices>?)`, or nothing where none is close."""
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {close[0]}?)" if close else ""
 
