@@ -42,11 +42,19 @@ def select_assets(names: list[str] | None) -> list[dg.AssetsDefinition]:
 def load_run_config(path: Path | None) -> dict:
     """A launchpad-style run config file: `ops: {<asset>: {config: {...}}}`."""
     from laion_assets.defs.config import read_run_config
+    from laion_assets.runner import check_run_config
 
+    if path is None:
+        return {}
     try:
-        return read_run_config(path) if path else {}
+        config = read_run_config(path)
     except ValueError as exc:
         raise SystemExit(f"laion-assets: {exc}") from exc
+    try:
+        check_run_config(config)
+    except ValueError as exc:
+        raise SystemExit(f"laion-assets: {path}: {exc}") from exc
+    return config
 
 
 OUTPUT_FORMATS = {".csv": "csv", ".json": "json", ".parquet": "parquet"}

@@ -62,6 +62,8 @@ READS_METADATA = "laion_assets/reads"
 # Parquet footer keys (file key-value metadata), each value a string
 # JSON {"file", "fingerprint"}: the incoming content a per-shard file was made from
 SOURCE_FOOTER = "laion_assets.source"
+# a per-shard file after the first layer: a digest of what the file it was made from records about itself
+MADE_FROM_FOOTER = "laion_assets.made_from"
 CLIP_MODEL_FOOTER = "laion_assets.clip_model"  # embeddings, search index: open_clip model name
 CLIP_PRETRAINED_FOOTER = "laion_assets.clip_pretrained"  # the pretrained tag, checkpoint path or "none"
 CLIP_WEIGHTS_FOOTER = "laion_assets.clip_weights"  # the weights: tag, sha256 or seed (clip.weights_id)

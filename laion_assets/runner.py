@@ -14,7 +14,8 @@ from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
 from laion_assets import names
 from laion_assets.definitions import DATASET_ASSETS, SETTINGS_SECTIONS, build_definitions
-from laion_assets.defs.config import config_values, explicit_config
+from laion_assets.definitions import defs as project_definitions
+from laion_assets.defs.config import RUN_ONLY_FIELDS, config_values, explicit_config
 from laion_assets.defs.jobs import PER_SHARD_ASSETS
 from laion_assets.defs.metadata import layer_of
 from laion_assets.defs.partitions import SHARDS_PER_RUN_ENV, range_tags, shards, shards_per_run
@@ -27,20 +28,23 @@ from laion_assets.pipeline.dedup.deduplicate import recorded_settings as recorde
 from laion_assets.pipeline.embeddings.clip import SETTINGS_ENV as CLIP_ENV
 from laion_assets.pipeline.embeddings.clip import ClipSettings, values_from_env
 from laion_assets.pipeline.leases import describe, holder
-from laion_assets.pipeline.lineage import incoming_by_shard, settings_changes, stale_layers
+from laion_assets.pipeline.lineage import incoming_by_shard, settings_changes, sourceless_shards, stale_layers
 from laion_assets.pipeline.recaptions.caption import SETTINGS_ENV as CAPTION_ENV
 from laion_assets.pipeline.recaptions.caption import CaptionSettings
 from laion_assets.pipeline.scores.score import MODEL_FIELDS as SCORE_MODEL_FIELDS
 from laion_assets.pipeline.scores.score import SETTINGS_ENV as SCORES_ENV
 from laion_assets.pipeline.scores.score import ScoreSettings
 from laion_assets.pipeline.settings import (
+    CAPTIONER_FIELDS,
     CAPTIONER_SECTION,
     CLIP_SECTION,
     MODEL_FIELDS,
     SCORES_SECTION,
     DatasetSettings,
     add_missing_sections,
+    did_you_mean,
     load_settings,
+    unknown_settings,
 )
 from laion_assets.pipeline.storage import BLOCKLIST, INCOMING, SETTINGS_FILE, DatasetStore
 
@@ -100,6 +104,43 @@ def dagster_instance() -> Iterator[dg.DagsterInstance]:
         yield dg.DagsterInstance.ephemeral()
 
 
+def check_run_config(run_config: dict) -> None:
+    """ValueError naming each op of `run_config` that is in none of the project's jobs, and each field of
+    an op's config that its asset lacks or that has the wrong type, as the launchpad refuses them. The
+    runner keeps only the selected assets' blocks, so a misspelt asset was dropped without a word (and
+    the first run wrote the dataset's settings from the defaults it fell back on)."""
+    jobs = [project_definitions.resolve_job_def(name) for name in (names.SHARD_JOB, names.DATASET_JOB)]
+    ops = (run_config or {}).get("ops") or {}
+    if not isinstance(ops, dict):
+        raise ValueError(f"`ops:` maps asset names to their blocks, got {ops!r}")
+    problems = []
+    for op, block in ops.items():
+        job = next((job for job in jobs if op in job.graph.node_dict), None)
+        if job is None:
+            assets = (asset.key.to_user_string() for asset in ALL_ASSETS)
+            problems.append(f"{op} is not an asset{did_you_mean(op, assets)}")
+            continue
+        try:
+            dg.validate_run_config(job, {"ops": {op: block}})
+        except dg.DagsterInvalidConfigError as exc:  # each error's message ends with the whole schema
+            problems.extend(error.message.split(". Expected:")[0] for error in exc.errors)
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def settings_warnings(store: DatasetStore) -> list[str]:
+    """A line per section and field of the dataset's settings file that no run reads (a misspelt key, a
+    field an older version wrote): `settings.unknown_settings`."""
+    settings = load_settings(store)
+    if settings is None:
+        return []
+    known = {name: set(config.model_fields) - RUN_ONLY_FIELDS for name, config in SETTINGS_SECTIONS.items()}
+    models = {CLIP_SECTION: MODEL_FIELDS, CAPTIONER_SECTION: CAPTIONER_FIELDS}
+    return unknown_settings(
+        settings, {**known, **models, SCORES_SECTION: SCORE_MODEL_FIELDS}, store.url(SETTINGS_FILE)
+    )
+
+
 def prepare_settings(
     store: DatasetStore,
     run_config: dict,
@@ -156,6 +197,8 @@ def run_pipeline(
     store = DatasetStore(root)
     for path in store.remove_abandoned():
         echo(f"removed {path}, left by a run that was killed")
+    for line in settings_warnings(store):
+        echo(line)
     defs = build_definitions(root, *prepare_settings(store, run_config, clip, captioner, scorers))
     sources = incoming_by_shard(store)
     echo(f"{len(sources)} shards in {store.url(INCOMING)}")
@@ -370,6 +413,8 @@ def run_takedown(root: str, list_file: Path, echo: Callable[[str], None] = print
     if list_file.suffix.lower() not in LIST_SUFFIXES:
         raise ValueError(f"{list_file}: a block list is a {', '.join(LIST_SUFFIXES)} file")
     store = DatasetStore(root)
+    for line in settings_warnings(store):
+        echo(line)
     defs = build_definitions(root, *prepare_settings(store, {}))
     target = f"{BLOCKLIST}/{list_file.name}"
     store.write_bytes(target, list_file.read_bytes())
@@ -419,13 +464,15 @@ def dataset_status(root: str) -> tuple[list[str], bool]:
     from laion_assets.pipeline.dedup.deduplicate import rule_changes
 
     store = DatasetStore(root)
-    current = load_settings(store)
-    if current is None:
-        return [f"no settings in {store.url(SETTINGS_FILE)} yet: the first run writes them"], False
+    stored = load_settings(store)
+    current = stored or DatasetSettings()  # before the first run: nothing built otherwise, all to make
     sources = incoming_by_shard(store)
-    not_done = stale_layers(store, sources, [layer_of(a) for a in PER_SHARD_ASSETS])
+    per_shard = [layer_of(a) for a in PER_SHARD_ASSETS]
+    not_done = stale_layers(store, sources, per_shard)
     changed = settings_changes(store, list(sources), current)
-    lines = [f"{len(sources)} shards in {store.url(INCOMING)}; settings {store.url(SETTINGS_FILE)}"]
+    url = store.url(SETTINGS_FILE)
+    settings = f"no settings in {url} yet: the first run writes them" if stored is None else f"settings {url}"
+    lines = [f"{len(sources)} shards in {store.url(INCOMING)}; {settings}", *settings_warnings(store)]
     for shard in sources:
         if not not_done[shard] and shard not in changed:
             lines.append(f"{shard}: up to date")
@@ -434,6 +481,11 @@ def dataset_status(root: str) -> tuple[list[str], bool]:
             lines.append(f"{shard}: to make: {', '.join(layer.name for layer in not_done[shard])}")
         for layer_name, changes in changed.get(shard, {}).items():
             lines.append(f"{shard}: {layer_name} built with other settings: {'; '.join(changes)}")
+    for shard, layers in sourceless_shards(store, sources, per_shard).items():
+        lines.append(
+            f"{shard}: built ({', '.join(layer.name for layer in layers)}) but no file in {INCOMING}/ makes "
+            "it: its layers stay in the dataset, and no run makes them again"
+        )
     dedup = current.section(names.DUPLICATES_ASSET)
     dedup_changes = rule_changes(store, dedup) if dedup else []
     if dedup_changes:

@@ -150,6 +150,11 @@ def test_unknown_asset_and_bad_config(local_root, tmp_path):
     bad.write_text("resources:\n  store: {}\n")
     with pytest.raises(SystemExit, match="only an `ops:` block"):
         main(["run", "--root", local_root, "--config", str(bad)])
+    bad.write_text("ops: [\n")  # not YAML, or no file: one line naming it too, not a traceback
+    with pytest.raises(SystemExit, match=rf"laion-assets: {bad}: while parsing a flow node expected"):
+        main(["run", "--root", local_root, "--config", str(bad)])
+    with pytest.raises(SystemExit, match=rf"laion-assets: {tmp_path}/none.yaml: \[Errno 2\] No such file"):
+        main(["init", "--root", local_root, "--config", str(tmp_path / "none.yaml")])
 
 
 def test_a_broken_settings_file_is_one_line_naming_it(local_root):
@@ -299,3 +304,93 @@ def test_sql_loads_neither_dagster_nor_the_service_nor_torch(local_root):
     )
     assert done.returncode == 0, done.stderr
     assert "42" in done.stdout and done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_misspelt_setting_is_named_by_run_and_status(local_root, capsys):
+    """`image_sise: 384` under downloaded_images was dropped without a word: `status` said up to date and
+    the user believed the dataset's image size changed. `run` and `status` name the file, the section and
+    the key (a field an older version wrote, since removed, is reported alike: ignored, not an error)."""
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/a.csv", A)
+    assert main(["run", "--root", local_root, "--select", "crawl_metadata"]) == 0
+    settings = Path(store.path("laion_assets.yaml"))
+    text = settings.read_text().replace("downloaded_images:\n", "downloaded_images:\n  image_sise: 384\n")
+    settings.write_text(text + "filtered_pair:\n  min_similarity: 0.5\nclip:\n  pretraned: none\n")
+    capsys.readouterr()
+    url = store.url("laion_assets.yaml")
+    expected = [
+        f"{url}, section clip: pretraned is not one of its settings (did you mean pretrained?): ignored",
+        f"{url}, section downloaded_images: image_sise is not one of its settings (did you mean "
+        "image_size?): ignored",
+        f"{url}: filtered_pair is not a section (did you mean filtered_pairs?): ignored",
+    ]
+    assert main(["status", "--root", local_root]) == 1  # the shard's other layers are still to make
+    out = capsys.readouterr().out.splitlines()
+    assert [line for line in out if "ignored" in line] == expected
+    assert main(["run", "--root", local_root, "--select", "crawl_metadata"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line for line in out if "ignored" in line] == expected
+    assert "a: up to date" in out
+
+
+def test_status_names_a_built_shard_whose_source_file_is_gone(local_root, capsys):
+    """A source file removed from incoming/ left its shard's layers in the dataset (the catalog, card and
+    index read them), but `status` listed only the files in incoming/: the shard vanished from its report
+    without a word, and nothing could ever make it again."""
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/a.csv", A)
+    store.write_bytes("incoming/b.csv", A)
+    assert main(["run", "--root", local_root, "--select", "crawl_metadata"]) == 0
+    Path(store.path("incoming/b.csv")).unlink()
+    capsys.readouterr()
+    assert main(["status", "--root", local_root]) == 1  # a's other layers are still to make
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("a: to make: ")
+    assert out[2] == (
+        "b: built (crawl_metadata) but no file in incoming/ makes it: its layers stay in the dataset, "
+        "and no run makes them again"
+    )
+
+
+def test_status_before_the_first_run_lists_the_shards_to_make(local_root, capsys):
+    """A root with files in incoming/ and no settings file yet (no run so far, or a dataset built before
+    the file existed): `status` said only that the first run writes the settings, and exited 0, as if
+    nothing were left to do."""
+    DatasetStore(local_root).write_bytes("incoming/a.csv", A)
+    assert main(["status", "--root", local_root]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("laion_assets.yaml yet: the first run writes them")
+    assert out[1].startswith("a: to make: crawl_metadata, images, ")
+
+
+def test_a_run_config_with_an_unknown_asset_or_field_is_refused_before_anything_is_written(
+    local_root, tmp_path
+):
+    """A misspelt asset in --config (`crawl_metdata`) was dropped without a word, and the first run wrote
+    the dataset's settings from the defaults it fell back on; a misspelt field or a value of the wrong type
+    ended in Dagster's traceback (the settings file already written). Each is one line naming the file
+    and what is wrong, as the launchpad refuses them, and the root is left as it was."""
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/a.csv", A)
+    for config, wrong in (
+        (
+            "crawl_metdata:\n    config:\n      url_column: link",
+            r"crawl_metdata is not an asset \(did you mean crawl_metadata\?\)",
+        ),
+        (
+            "crawl_metadata:\n    config:\n      url_colum: link",
+            r'unexpected config entry "url_colum" at path root:ops:crawl_metadata:config',
+        ),
+        (
+            "crawl_metadata:\n    config:\n      min_alt_length: five",
+            r"root:ops:crawl_metadata:config:min_alt_length. Value \"five\"",
+        ),
+    ):
+        path = tmp_path / "run.yaml"
+        path.write_text(f"ops:\n  {config}\n")
+        for command in ("run", "init"):
+            with pytest.raises(SystemExit) as stopped:
+                main([command, "--root", local_root, "--config", str(path)])
+            assert re.fullmatch(rf"laion-assets: {path}: .*{wrong}.*", str(stopped.value.code))
+            assert "\n" not in str(stopped.value.code)
+        assert sorted(os.listdir(local_root)) == ["incoming"]

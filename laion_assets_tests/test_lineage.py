@@ -1,3 +1,5 @@
+import json
+
 import pyarrow as pa
 
 from laion_assets.pipeline import schemas
@@ -54,3 +56,34 @@ def test_a_shard_that_several_files_make_is_never_done(local_root):
     sources = incoming_by_shard(store)
     assert list(sources) == ["a_b"]
     assert stale_layers(store, sources, [CRAWL_METADATA])["a_b"] == [CRAWL_METADATA]
+
+
+def test_a_layer_made_from_an_upstream_file_since_rebuilt_otherwise_is_stale(local_root):
+    """`run --select downloaded_images --rebuild-stale` rebuilt the images at a new image_size and left the
+    embeddings and pairs made from the old ones: they record the same source, so `status` said up to
+    date, and no run made them again. A layer records what the file it was made from says about itself
+    (source, settings, and what that one was made from); a rebuild with the same of these, or a removal's
+    rewrite, which keeps the footer, leaves the layers after it current."""
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/a.csv", A)
+    sources = incoming_by_shard(store)
+    layers = [CRAWL_METADATA, IMAGES, EMBEDDINGS]
+    store.write_parquet(CRAWL_METADATA.parquet("a"), ROW, metadata=source_footer(sources["a"]))
+
+    def build(layer, upstream, settings: dict) -> None:
+        made_from = inherited_footer(store.read_parquet(upstream.parquet("a")))
+        table = IMAGES_ROWS if layer is IMAGES else ROW
+        store.write_parquet(
+            layer.parquet("a"), table, metadata={**made_from, "laion_assets.settings": json.dumps(settings)}
+        )
+
+    build(IMAGES, CRAWL_METADATA, {"image_size": 256})
+    build(EMBEDDINGS, IMAGES, {})
+    assert stale_layers(store, sources, layers)["a"] == []
+    build(IMAGES, CRAWL_METADATA, {"image_size": 256})  # again, as it was: the embeddings stay current
+    assert stale_layers(store, sources, layers)["a"] == []
+    build(IMAGES, CRAWL_METADATA, {"image_size": 128})
+    assert stale_layers(store, sources, layers)["a"] == [EMBEDDINGS]
+    assert stale_layers(store, sources, [EMBEDDINGS])["a"] == [EMBEDDINGS]  # asked for on its own too
+    build(EMBEDDINGS, IMAGES, {})
+    assert stale_layers(store, sources, layers)["a"] == []

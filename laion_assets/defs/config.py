@@ -13,6 +13,7 @@ from laion_assets.pipeline.settings import (
     DatasetSettings,
     SettingsFileError,
     add_missing_sections,
+    unknown_settings,
 )
 from laion_assets.pipeline.storage import SETTINGS_FILE, DatasetStore
 
@@ -39,7 +40,10 @@ def read_run_config(path: Path) -> dict:
     """A launchpad-style run config file: `ops: {<asset>: {config: {...}}}`. ValueError if it is not one."""
     import yaml
 
-    config = yaml.safe_load(path.read_text()) or {}
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: {' '.join(str(exc).split())}") from exc
     if not isinstance(config, dict) or set(config) - {"ops"}:
         raise ValueError(f"{path}: expected a mapping with only an `ops:` block, got {config!r}")
     return config
@@ -82,8 +86,11 @@ def dataset_config(context: "dg.AssetExecutionContext", config: C, store: Datase
     stored = record_section(store, name, config_values(config))
     if stored is None:
         return config
-    fields = type(config).model_fields
-    section = {k: v for k, v in stored.section(name).items() if k in fields and k not in RUN_ONLY_FIELDS}
+    own = stored.section(name)
+    fields = set(type(config).model_fields) - RUN_ONLY_FIELDS
+    for line in unknown_settings(DatasetSettings({name: own}), {name: fields}, store.url(SETTINGS_FILE)):
+        context.log.warning(line)  # in the run's log, wherever it was launched
+    section = {k: v for k, v in own.items() if k in fields}
     try:
         return type(config)(**{**section, **explicit_config(context.run.run_config, name)})
     except pydantic.ValidationError as exc:  # the run's own config was checked when it was launched

@@ -10,6 +10,7 @@ again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -48,9 +49,39 @@ def source_footer(file: StoredFile) -> dict[str, str]:
 
 
 def inherited_footer(upstream: pa.Table) -> dict[str, str]:
-    """The source entry of `upstream`, a table read from the layer before, for a file made from it."""
-    source = footer(upstream.schema).get(names.SOURCE_FOOTER)
-    return {names.SOURCE_FOOTER: source} if source else {}
+    """The source entry of `upstream`, a table read from the layer before, for a file made from it, and
+    what that file was (`_identity`)."""
+    stored = footer(upstream.schema)
+    source = stored.get(names.SOURCE_FOOTER)
+    return {names.SOURCE_FOOTER: source, names.MADE_FROM_FOOTER: _identity(stored)} if source else {}
+
+
+# What a layer's file records about how it was made: its source, its settings, and what it was made from.
+# A removal rewrites a file's rows with its footer; a run writes these again only if it rebuilds it.
+_IDENTITY_FOOTERS = (
+    names.SOURCE_FOOTER,
+    names.MADE_FROM_FOOTER,
+    names.SETTINGS_FOOTER,
+    names.CLIP_MODEL_FOOTER,
+    names.CLIP_PRETRAINED_FOOTER,
+    names.CLIP_WEIGHTS_FOOTER,
+    names.SCORES_FOOTER,
+    names.PAIRS_SETTINGS_FOOTER,
+    names.CAPTIONER_FOOTER,
+)
+# The layer whose file each layer's writer reads for inherited_footer.
+_MADE_FROM = {
+    IMAGES: CRAWL_METADATA,
+    EMBEDDINGS: IMAGES,
+    SCORES: EMBEDDINGS,
+    PAIRS: EMBEDDINGS,
+    RECAPTIONS: PAIRS,
+}
+
+
+def _identity(stored: Mapping[str, str]) -> str:
+    recorded = {key: stored[key] for key in _IDENTITY_FOOTERS if key in stored}
+    return hashlib.sha256(json.dumps(recorded, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def incoming_by_shard(store: DatasetStore) -> dict[str, StoredFile]:
@@ -86,16 +117,41 @@ def stale_layers(
     The footers are read as `_stored_schemas` reads them."""
     if not sources:
         return {}
-    stored = _stored_schemas(store, sources, layers)
-    made_from = {item: _recorded_source(item[1], schema) for item, schema in stored}
+    upstream = [_MADE_FROM[layer] for layer in layers if layer in _MADE_FROM]
+    stored = dict(_stored_schemas(store, sources, dict.fromkeys([*layers, *upstream])))
     stale = {}
     for shard, source in sources.items():
         now = source_footer(source)[names.SOURCE_FOOTER]
         first = next(
-            (i for i, layer in enumerate(layers) if made_from.get((shard, layer)) != now), len(layers)
+            (i for i, layer in enumerate(layers) if not _current(stored, shard, layer, now)), len(layers)
         )
         stale[shard] = list(layers[first:])
     return stale
+
+
+def _current(stored: Mapping[tuple[str, Layer], pa.Schema], shard: str, layer: Layer, source: str) -> bool:
+    """Whether the file of `layer` records `source` and was made from the file before it as it is now
+    (files written before they recorded it are taken to be)."""
+    schema = stored.get((shard, layer))
+    if schema is None or _recorded_source(layer, schema) != source:
+        return False
+    made_from = footer(schema).get(names.MADE_FROM_FOOTER)
+    upstream = stored.get((shard, _MADE_FROM.get(layer)))
+    return made_from is None or upstream is None or made_from == _identity(footer(upstream))
+
+
+def sourceless_shards(
+    store: DatasetStore, sources: Mapping[str, StoredFile], layers: Sequence[Layer]
+) -> dict[str, list[Layer]]:
+    """shard -> its layers of `layers` that have a file, for each shard no file of `sources` makes (its
+    source was removed from incoming/): the dataset keeps them, and no run makes them again."""
+    found: dict[str, list[Layer]] = {}
+    for layer in layers:
+        for file in store.list(layer.name):
+            shard = file.name.removesuffix(".parquet")
+            if shard != file.name and shard not in sources:
+                found.setdefault(shard, []).append(layer)
+    return dict(sorted(found.items()))
 
 
 # The columns a layer's file must have to be current: one written before a column joined the contract

@@ -10,9 +10,10 @@ status`), and a removal with other settings refuses until the change is accepted
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -129,6 +130,30 @@ def write_settings(store: DatasetStore, settings: DatasetSettings) -> None:
         default_flow_style=False,
     )
     store.write_bytes(SETTINGS_FILE, (_HEADER + body).encode())
+
+
+def unknown_settings(
+    settings: DatasetSettings, known: Mapping[str, Collection[str]], where: str
+) -> list[str]:
+    """A line, naming the file `where`, per section of `settings` that `known` (section -> its fields)
+    lacks, and per field of a section that is not one of its fields. The runs ignore them, so a misspelt
+    key would change nothing without a word; a field an older version wrote, since removed, is one too,
+    and it stays a warning, never an error, so that an older dataset still runs."""
+    lines = []
+    for name in sorted(settings.sections):
+        if name not in known:
+            lines.append(f"{where}: {name} is not a section{did_you_mean(name, known)}: ignored")
+            continue
+        for key in sorted(set(settings.section(name)) - set(known[name])):
+            hint = did_you_mean(key, known[name])
+            lines.append(f"{where}, section {name}: {key} is not one of its settings{hint}: ignored")
+    return lines
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """` (did you mean <the closest of choices>?)`, or nothing where none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
