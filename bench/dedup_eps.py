@@ -13,6 +13,7 @@ the planted copies (`demo.score.score_duplicates`).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -23,11 +24,13 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # the test suite's demo data
 
 from smoke import parse_args
 
+from laion_assets.demo import DEMO_WATERMARK_MODEL
 from laion_assets.demo.run import DEMO_DEDUP_CONFIG
 from laion_assets.demo.score import score_duplicates
 from laion_assets.demo.world import EXACT_COPIES, NEAR_COPIES, make_world
 from laion_assets.pipeline.catalog import views as catalog
 from laion_assets.pipeline.dedup.deduplicate import DedupSettings, deduplicate
+from laion_assets.pipeline.scores.score import SETTINGS_ENV as SCORES_ENV
 from laion_assets.pipeline.storage import DUPLICATES, DatasetStore
 from laion_assets_tests.demo_dataset import DEMO_IMAGES, build_demo_dataset
 
@@ -38,6 +41,8 @@ PHASH_BITS = 10
 
 def main() -> None:
     parse_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))  # already tiny: --smoke is it
+    # the demo's watermark model, as the demo scores its world: LAION's default would be downloaded
+    os.environ[SCORES_ENV["watermark_model"]] = str(DEMO_WATERMARK_MODEL)
     work = Path(tempfile.mkdtemp(prefix="dedup-eps-"))
     planted = build_demo_dataset(str(work / "planted"), copies=COPIES)
     world = make_world(images=DEMO_IMAGES, failures={}, copies=COPIES)

@@ -29,6 +29,7 @@ from smoke import parse_args
 
 from laion_assets import names
 from laion_assets.defs.partitions import SHARDS_PER_RUN_ENV
+from laion_assets.demo import DEMO_WATERMARK_MODEL
 from laion_assets.pipeline.storage import DatasetStore
 from laion_assets_tests.dagster_helpers import LOCAL_WEB
 from laion_assets_tests.deployment import Deployment, Postgres, dagster_home, wait_for
@@ -106,6 +107,7 @@ def main() -> None:
             "LAION_ASSETS_CLIP_PRETRAINED": "none",
             "LAION_ASSETS_CAPTION_MODEL": "laion-assets-demo-coca",  # recaptions: no weights from a hub
             "LAION_ASSETS_CAPTION_PRETRAINED": "none",
+            "LAION_ASSETS_WATERMARK_MODEL": str(DEMO_WATERMARK_MODEL),  # quality_scores: the same
             "LAION_ASSETS_RUN_CONFIG": str(run_config),
             "HF_HUB_OFFLINE": "1",
             "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
