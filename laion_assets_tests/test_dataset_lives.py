@@ -53,6 +53,7 @@ from laion_assets.pipeline.storage import (
 from laion_assets.runner import run_pipeline, run_takedown
 from laion_assets_tests.dagster_helpers import LOCAL_WEB, local_web_config
 from laion_assets_tests.demo_dataset import DEMO_CLIP, DEMO_SHARDS, build_demo_dataset
+from laion_assets_tests.deployment import wait_for
 from laion_assets_tests.pid_namespaces import IN_NEW_PIDS, killed_in_new_pids, needs_new_pids
 
 COPIES = {**dict.fromkeys(EXACT_COPIES, 4), **dict.fromkeys(NEAR_COPIES, 3)}
@@ -543,6 +544,25 @@ try:
 except ShardBusy as busy:
     print(busy, flush=True)
 """
+
+
+def test_a_lease_whose_holder_was_killed_and_not_yet_reaped_is_taken_over(store):
+    """A killed holder whose parent has not reaped it yet is a zombie: its pid still takes signals, so it
+    counted as alive and its shard as busy until the parent got to it (a killed run worker, while its
+    busy code server has not: the run's retry is then told the shard is busy). It has ended: the lease
+    is taken over."""
+    holding = subprocess.Popen([sys.executable, "-c", _HOLD, store.root, "w", "120"], stdout=subprocess.PIPE)
+    try:
+        assert holding.stdout.readline() == b"holding\n"
+        holding.send_signal(signal.SIGKILL)
+        wait_for(
+            lambda: Path(f"/proc/{holding.pid}/stat").read_text().split(") ")[1][0] == "Z", 30, "a zombie"
+        )
+        with shard_lease(store, "w", "this-run"):  # not reaped yet
+            assert holder(store, "w")["owner"] == "this-run"
+    finally:
+        holding.kill()
+        holding.wait()
 
 
 @needs_new_pids

@@ -59,13 +59,19 @@ def temporary_name(path: str) -> str:
 
 
 def process_alive(pid: int) -> bool:
+    """Whether the process `pid` of this host runs: a zombie (ended, its parent has not reaped it yet, as
+    a busy code server may not for a while) does not, though signals still reach its pid."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):  # it ended meanwhile, or there is no /proc to tell (macOS)
+        return not Path("/proc/self").exists()
+    return state not in ("Z", "X")
 
 
 def replaced_while_read(error: BaseException | None) -> bool:
