@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.crawl.metadata import CrawlSettings, build_crawl_metadata
+from laion_assets.pipeline.crawl.metadata import CrawlSettings, build_crawl_metadata, write_crawl_metadata
 from laion_assets.pipeline.crawl.sources import ColumnNames, SourceError, find_source, parse_source_name
 from laion_assets.pipeline.printable import MAX_MESSAGE
-from laion_assets.pipeline.storage import DatasetStore
+from laion_assets.pipeline.storage import CRAWL_METADATA, DatasetStore
 
 
 @pytest.mark.parametrize(
@@ -253,6 +253,16 @@ def test_a_parquet_string_that_is_not_utf8_is_a_source_error(local_root):
 def test_a_shard_starts_with_a_letter_or_digit_so_its_keys_are_keys(name, shard):
     assert parse_source_name(name).shard == shard
     assert schemas.shard_of_key(schemas.make_key(shard, 0)) == shard
+
+
+def test_a_column_parquet_cannot_hold_is_an_error_naming_the_file(local_root):
+    """A JSON list whose field is `{}` in every row: pyarrow cannot write an empty struct, and its error
+    named no file. It is a SourceError naming the source file, and no shard is written."""
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/e.jsonl", b'{"url": "http://a.com/1.jpg", "caption": "a cat", "meta": {}}\n')
+    with pytest.raises(SourceError, match=r"incoming/e.jsonl: its columns cannot be stored: .*'meta'"):
+        write_crawl_metadata(store, "e", CrawlSettings())
+    assert not store.exists(CRAWL_METADATA.parquet("e"))
 
 
 def test_a_jsonl_lists_strings_are_read_as_written(local_root):

@@ -12,7 +12,14 @@ import pyarrow.compute as pc
 
 from laion_assets import names
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.crawl.sources import INVALID_URL, ColumnNames, SourceName, find_source, read_source
+from laion_assets.pipeline.crawl.sources import (
+    INVALID_URL,
+    ColumnNames,
+    SourceError,
+    SourceName,
+    find_source,
+    read_source,
+)
 from laion_assets.pipeline.lineage import source_footer
 from laion_assets.pipeline.storage import CRAWL_METADATA, INCOMING, DatasetStore
 from laion_assets.pipeline.tables import keep_first
@@ -55,7 +62,12 @@ def write_crawl_metadata(store: DatasetStore, shard: str, settings: CrawlSetting
     result = build_crawl_metadata(store, source, settings)
     path = CRAWL_METADATA.parquet(shard)
     footer = {**source_footer(files[source.name]), names.SETTINGS_FOOTER: json.dumps(settings.recorded())}
-    store.write_parquet(path, result.table, metadata=footer)
+    try:
+        store.write_parquet(path, result.table, metadata=footer)
+    except pa.ArrowException as exc:  # a passed-through column parquet cannot hold (a JSON `{}` in each row)
+        raise SourceError(
+            f"{store.url(f'{INCOMING}/{source.name}')}: its columns cannot be stored: {exc}"
+        ) from exc
     return dataclasses.replace(result, source=source, path=path)
 
 
