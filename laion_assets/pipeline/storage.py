@@ -67,11 +67,10 @@ def process_alive(pid: int) -> bool:
         return False
     except PermissionError:
         pass
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):  # it ended meanwhile, or there is no /proc to tell (macOS)
+    fields = _proc_stat(pid)
+    if fields is None:  # it ended meanwhile, or there is no /proc to tell (macOS)
         return not Path("/proc/self").exists()
-    return state not in ("Z", "X")
+    return fields[0] not in ("Z", "X")  # its state
 
 
 def replaced_while_read(error: BaseException | None) -> bool:
@@ -90,11 +89,20 @@ def replaced_while_read(error: BaseException | None) -> bool:
 def process_started(pid: int) -> float | None:
     """When the process `pid` of this host started (epoch seconds, to 10 ms), where /proc tells; else
     None."""
-    try:
-        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])  # since boot
-    except (OSError, ValueError, IndexError):
+    fields = _proc_stat(pid)
+    if fields is None:
         return None
+    ticks = int(fields[19])  # its start, in clock ticks since boot
     return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of `/proc/<pid>/stat` after the command name (its state first); None where there is
+    none to read."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
 
 def writer_gone(host: str, pid: int, stale: bool, written: float) -> bool:
