@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from laion_assets import names
+from laion_assets.defs.jobs import PER_SHARD_ASSETS
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import DatasetStore
 from laion_assets_tests.dagster_helpers import LOCAL_WEB
@@ -152,6 +153,37 @@ def _print_what_went_wrong(deployment: Deployment) -> None:
     """Each failed run's tags, engine events and step errors; the daemon's warnings and errors; each
     log's tail."""
     with dg.DagsterInstance.get() as instance:
+        print("--- every run: id, job, partition or range, status, selection, who launched it, step timeline")
+        for record in sorted(instance.get_run_records(), key=lambda r: r.create_timestamp):
+            run, tags = record.dagster_run, record.dagster_run.tags
+            shards = tags.get("dagster/partition") or tags.get("dagster/asset_partition_range_start")
+            launcher = {
+                k: v
+                for k, v in tags.items()
+                if k.startswith(
+                    (
+                        "dagster/sensor",
+                        "dagster/schedule",
+                        "dagster/backfill",
+                        "dagster/parent",
+                        "dagster/auto",
+                        "dagster/tick",
+                    )
+                )
+            }
+            steps = [
+                f"{e.timestamp:.0f} {e.step_key} {e.dagster_event.event_type_value}"
+                for e in _events(instance, run.run_id)
+                if e.is_dagster_event
+                and e.step_key
+                and e.dagster_event.event_type_value in ("STEP_START", "STEP_SUCCESS", "STEP_FAILURE")
+            ]
+            print(
+                f"  {run.run_id[:8]} {run.job_name} {shards} {run.status.value} "
+                f"{sorted(k.to_user_string() for k in run.asset_selection or [])} {launcher} "
+                f"created {record.create_timestamp.timestamp():.0f} {steps}"
+            )
+        _print_automation_requests(instance)
         for run in _runs(instance):
             if run.status == dg.DagsterRunStatus.FAILURE:
                 print(f"--- failed run {run.run_id}: {dict(run.tags)}")
@@ -175,6 +207,35 @@ def _print_what_went_wrong(deployment: Deployment) -> None:
     print("--- daemon warnings and errors\n" + "\n".join(trouble[-80:]))
     for name in ("daemon", "code_server", "webserver"):
         print(f"--- {name} log (tail)\n{deployment.log(name)[-4000:]}")
+
+
+def _print_automation_requests(instance: dg.DagsterInstance) -> None:
+    """Each automation evaluation that launched a run of a per-shard asset, with its condition tree: what
+    was true for which shards."""
+
+    def shown(subset) -> object:
+        value = subset.value
+        return sorted(value.get_partition_keys()) if hasattr(value, "get_partition_keys") else value
+
+    def walk(evaluation, depth: int) -> None:
+        node = evaluation.condition_snapshot
+        print(
+            f"{'  ' * depth}{node.label or node.name or node.description[:60]}: "
+            f"{shown(evaluation.true_subset)}"
+        )
+        for child in evaluation.child_evaluations:
+            walk(child, depth + 1)
+
+    for asset in PER_SHARD_ASSETS:
+        for record in instance.schedule_storage.get_auto_materialize_asset_evaluations(asset.key, 100):
+            with_runs = record.get_evaluation_with_run_ids()
+            if with_runs.run_ids:
+                print(
+                    f"--- {asset.key.to_user_string()}: evaluation {record.evaluation_id} "
+                    f"at {record.timestamp:.0f} "
+                    f"launched {sorted(with_runs.run_ids)}"
+                )
+                walk(with_runs.evaluation, 1)
 
 
 def _url_list(urls: list[str]) -> bytes:
