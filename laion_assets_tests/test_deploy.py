@@ -142,6 +142,15 @@ def _exercise_deployment(tmp_path, s3_root, web, monkeypatch, postgres: Postgres
             _catalog_and_card_follow(instance, store)
             # two shards show the UI's backfill through; all six would only queue its runs again (minutes)
             _backfill_the_uis_way(instance, deployment, shards[:2])
+            # Automation only followed with the dataset-level assets: the sensor's runs, the retry and
+            # the backfill's runs planned every per-shard asset, and no second run raced them.
+            per_shard = {asset.key for asset in PER_SHARD_ASSETS}
+            automation_runs = _runs(instance, **{"dagster/sensor_name": names.FOLLOW_UPSTREAM_SENSOR})
+            assert automation_runs and not [
+                (r.run_id, r.tags.get("dagster/partition"), r.asset_selection)
+                for r in automation_runs
+                if per_shard & set(r.asset_selection or per_shard)
+            ]
     except BaseException:
         _print_what_went_wrong(deployment)
         raise
@@ -214,8 +223,8 @@ def _print_automation_requests(instance: dg.DagsterInstance) -> None:
     was true for which shards."""
 
     def shown(subset) -> object:
-        value = subset.value
-        return sorted(value.get_partition_keys()) if hasattr(value, "get_partition_keys") else value
+        value = subset.value  # a dynamic partitions' subset, or a bool
+        return sorted(value.subset) if hasattr(value, "subset") else value
 
     def walk(evaluation, depth: int) -> None:
         node = evaluation.condition_snapshot

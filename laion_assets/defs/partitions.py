@@ -59,14 +59,28 @@ def range_tags(first: str, last: str) -> dict[str, str]:
 # `backfill_policy` on an asset is "beta" in Dagster 1.13; the policy above is its plainest form.
 warnings.filterwarnings("ignore", message="Parameter `backfill_policy` of function `asset`")
 
-# A per-shard asset runs when its upstream shard is updated by a run that did not include it, e.g. a
-# person re-materialising crawl_metadata alone. The sensor's runs include every per-shard asset. Not
-# where the shard's last run failed on this asset: its upstream was updated by that same run, and the
-# run's retry (or the catch-up schedule) is already the one to finish it; a second run would race the
-# retry for the shard's lease, and one of the two would fail.
-FOLLOWS_ITS_SHARD = (dg.AutomationCondition.eager() & ~dg.AutomationCondition.execution_failed()).with_label(
-    "eager, unless its last run failed"
-)
+# A per-shard asset runs when its upstream shard is updated by a run that did not plan it, e.g. a
+# person re-materialising crawl_metadata alone. Not after a run of shard_pipeline: that run plans every
+# per-shard asset of its shards, and where it failed, its retry (or the catch-up schedule) is the one to
+# finish the shard; a second run would race it for the shard's lease, and one of the two would fail.
+# Dagster's `eager()` left this to its gates (in progress, failed), which can lapse between a run's
+# failure and its retry, and it also fires for every new partition (`newly_missing`), which only the
+# sensor's runs create here.
+_UPSTREAM_UPDATED_ALONE = dg.AutomationCondition.any_deps_match(
+    (
+        dg.AutomationCondition.newly_updated()
+        & ~dg.AutomationCondition.executed_with_root_target()
+        & ~dg.AutomationCondition.executed_with_tags(tag_values={names.JOB_TAG: names.SHARD_JOB})
+    )
+    | dg.AutomationCondition.will_be_requested()
+).with_label(f"its upstream shard updated by a run that did not plan it, not {names.SHARD_JOB}")
+FOLLOWS_ITS_SHARD = (
+    _UPSTREAM_UPDATED_ALONE.since_last_handled()
+    & ~dg.AutomationCondition.any_deps_missing()
+    & ~dg.AutomationCondition.any_deps_in_progress()
+    & ~dg.AutomationCondition.in_progress()
+    & ~dg.AutomationCondition.execution_failed()
+).with_label("follows its upstream shard, unless its last run failed")
 
 # A dataset-level asset runs once any shard of its upstream has been updated and no shard of it is
 # being materialised: during a backfill of many shards it waits for the end. Unlike `eager()`, it
