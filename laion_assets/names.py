@@ -53,9 +53,6 @@ POOL_SLOTS_SENSOR = "pool_slots_sensor"  # hands a free pool slot to a step left
 # Run tags
 SOURCE_FILE_TAG = "laion_assets/source_file"  # the incoming file of a sensor run; `first..last` for several
 TRIGGER_TAG = "laion_assets/trigger"  # new | changed | catch-up | cli | blocklist
-# Every run of shard_pipeline carries JOB_TAG=SHARD_JOB (the job's own tags, which its sensor, schedule,
-# backfill and retry runs all get): automation conditions can filter runs by tag, not by job.
-JOB_TAG = "laion_assets/job"
 # Asset definition metadata: the store layer (folder) an asset writes its shard files into.
 LAYER_METADATA = "laion_assets/layer"
 # Asset definition metadata of a dataset-level asset: the store layers it reads, comma-separated. Its deps

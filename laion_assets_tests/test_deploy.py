@@ -142,8 +142,8 @@ def _exercise_deployment(tmp_path, s3_root, web, monkeypatch, postgres: Postgres
             _catalog_and_card_follow(instance, store)
             # two shards show the UI's backfill through; all six would only queue its runs again (minutes)
             _backfill_the_uis_way(instance, deployment, shards[:2])
-            # Automation only followed with the dataset-level assets: the sensor's runs, the retry and
-            # the backfill's runs planned every per-shard asset, and no second run raced them.
+            # Automation only ran dataset-level assets: the sensor's runs, the retry and the backfill's
+            # runs made every per-shard asset, and no second run raced them.
             per_shard = {asset.key for asset in PER_SHARD_ASSETS}
             automation_runs = _runs(instance, **{"dagster/sensor_name": names.FOLLOW_UPSTREAM_SENSOR})
             assert automation_runs and not [
@@ -192,7 +192,6 @@ def _print_what_went_wrong(deployment: Deployment) -> None:
                 f"{sorted(k.to_user_string() for k in run.asset_selection or [])} {launcher} "
                 f"created {record.create_timestamp.timestamp():.0f} {steps}"
             )
-        _print_automation_requests(instance)
         for run in _runs(instance):
             if run.status == dg.DagsterRunStatus.FAILURE:
                 print(f"--- failed run {run.run_id}: {dict(run.tags)}")
@@ -216,35 +215,6 @@ def _print_what_went_wrong(deployment: Deployment) -> None:
     print("--- daemon warnings and errors\n" + "\n".join(trouble[-80:]))
     for name in ("daemon", "code_server", "webserver"):
         print(f"--- {name} log (tail)\n{deployment.log(name)[-4000:]}")
-
-
-def _print_automation_requests(instance: dg.DagsterInstance) -> None:
-    """Each automation evaluation that launched a run of a per-shard asset, with its condition tree: what
-    was true for which shards."""
-
-    def shown(subset) -> object:
-        value = subset.value  # a dynamic partitions' subset, or a bool
-        return sorted(value.subset) if hasattr(value, "subset") else value
-
-    def walk(evaluation, depth: int) -> None:
-        node = evaluation.condition_snapshot
-        print(
-            f"{'  ' * depth}{node.label or node.name or node.description[:60]}: "
-            f"{shown(evaluation.true_subset)}"
-        )
-        for child in evaluation.child_evaluations:
-            walk(child, depth + 1)
-
-    for asset in PER_SHARD_ASSETS:
-        for record in instance.schedule_storage.get_auto_materialize_asset_evaluations(asset.key, 100):
-            with_runs = record.get_evaluation_with_run_ids()
-            if with_runs.run_ids:
-                print(
-                    f"--- {asset.key.to_user_string()}: evaluation {record.evaluation_id} "
-                    f"at {record.timestamp:.0f} "
-                    f"launched {sorted(with_runs.run_ids)}"
-                )
-                walk(with_runs.evaluation, 1)
 
 
 def _url_list(urls: list[str]) -> bytes:

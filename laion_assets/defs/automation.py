@@ -116,8 +116,8 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
     target=dg.AssetSelection.all(),
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=30,
-    description="Requests the assets whose automation condition holds: a per-shard asset after its upstream "
-    "shard changed alone, the dataset-level assets (catalog, card) after any shard changed.",
+    description="Requests the dataset-level assets (dedup, training shards, catalog, card, search index) "
+    "after any shard changed and no shard is being made.",
 )
 
 

@@ -31,6 +31,5 @@ shard_job = dg.define_asset_job(
     names.SHARD_JOB,
     selection=dg.AssetSelection.assets(*PER_SHARD_ASSETS),
     description="Every per-shard asset for one shard, in dependency order, with its checks.",
-    tags={names.JOB_TAG: names.SHARD_JOB},
     config=deployment_run_config(),
 )

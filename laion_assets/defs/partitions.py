@@ -59,29 +59,10 @@ def range_tags(first: str, last: str) -> dict[str, str]:
 # `backfill_policy` on an asset is "beta" in Dagster 1.13; the policy above is its plainest form.
 warnings.filterwarnings("ignore", message="Parameter `backfill_policy` of function `asset`")
 
-# A per-shard asset runs when its upstream shard is updated by a run that did not plan it, e.g. a
-# person re-materialising crawl_metadata alone. Not after a run of shard_pipeline: that run plans every
-# per-shard asset of its shards, and where it failed, its retry (or the catch-up schedule) is the one to
-# finish the shard; a second run would race it for the shard's lease, and one of the two would fail.
-# Dagster's `eager()` left this to its gates (in progress, failed), which can lapse between a run's
-# failure and its retry, and it also fires for every new partition (`newly_missing`), which only the
-# sensor's runs create here.
-_UPSTREAM_UPDATED_ALONE = dg.AutomationCondition.any_deps_match(
-    (
-        dg.AutomationCondition.newly_updated()
-        & ~dg.AutomationCondition.executed_with_root_target()
-        & ~dg.AutomationCondition.executed_with_tags(tag_values={names.JOB_TAG: names.SHARD_JOB})
-    )
-    | dg.AutomationCondition.will_be_requested()
-).with_label(f"its upstream shard updated by a run that did not plan it, not {names.SHARD_JOB}")
-FOLLOWS_ITS_SHARD = (
-    _UPSTREAM_UPDATED_ALONE.since_last_handled()
-    & ~dg.AutomationCondition.any_deps_missing()
-    & ~dg.AutomationCondition.any_deps_in_progress()
-    & ~dg.AutomationCondition.in_progress()
-    & ~dg.AutomationCondition.execution_failed()
-).with_label("follows its upstream shard, unless its last run failed")
-
+# A per-shard asset has no automation condition: the runs that make a shard (the sensor's, their
+# retries, the catch-up schedule's, a backfill's) plan every per-shard asset, and a second run would race
+# them for the shard's lease. Dagster 1.13's conditions could not tell those runs apart on a real
+# deployment (docs/automation.md): `eager()` re-ran assets that a shard's own run had just made.
 # A dataset-level asset runs once any shard of its upstream has been updated and no shard of it is
 # being materialised: during a backfill of many shards it waits for the end. Unlike `eager()`, it
 # does not wait for every shard to exist, which a failed shard would prevent forever.
@@ -108,14 +89,12 @@ def per_shard_asset(
     **options: object,
 ) -> Callable[[Callable[..., dg.MaterializeResult]], dg.AssetsDefinition]:
     """The decorator of a per-shard asset: a partition per shard, the shards' backfill policy and group,
-    `layer` as the store layer it writes (`writes_layer`). With an `upstream` asset it follows that
-    asset's shard (FOLLOWS_ITS_SHARD); without one it starts from the incoming sensor. `options`: more
-    of `dg.asset`'s (pool, op_tags)."""
+    `layer` as the store layer it writes (`writes_layer`), and `upstream` (the asset it is made from) as
+    its dependency. `options`: more of `dg.asset`'s (pool, op_tags)."""
     return dg.asset(
         name=name,
         partitions_def=shards,
         backfill_policy=SHARD_BACKFILL,
-        automation_condition=FOLLOWS_ITS_SHARD if upstream else None,
         deps=[upstream] if upstream else None,
         group_name=SHARD_GROUP,
         kinds=kinds,
