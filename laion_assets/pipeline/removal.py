@@ -171,14 +171,20 @@ def _carry_dedup_checks(store: DatasetStore, fingerprints: Fingerprints) -> None
         return
     checked = store.read_parquet(DEDUP_SHARDS)
     recorded = checked.column("fingerprint").to_pylist()
-    carried = []
-    for shard, fingerprint in zip(checked.column("shard").to_pylist(), recorded, strict=True):
-        read, written = fingerprints.get(PAIRS.parquet(shard), (None, None))
-        carried.append(written if read is not None and read == fingerprint else fingerprint)
+    shards = checked.column("shard").to_pylist()
+    carried = [carried_check(fingerprints, shard, fp) for shard, fp in zip(shards, recorded, strict=True)]
     if carried != recorded:
         column = checked.schema.get_field_index("fingerprint")
         carried_column = pa.array(carried, checked.schema.field(column).type)
         store.write_parquet(DEDUP_SHARDS, checked.set_column(column, "fingerprint", carried_column))
+
+
+def carried_check(fingerprints: Fingerprints, shard: str, checked: str | None) -> str | None:
+    """What a check of `shard`'s pairs file, made when its fingerprint was `checked`, holds for after a
+    removal that read and wrote `fingerprints`: the file the removal wrote from that very file, or still
+    the file checked when the removal read another one (written meanwhile) or none."""
+    read, written = fingerprints.get(PAIRS.parquet(shard), (None, None))
+    return written if read is not None and read == checked else checked
 
 
 def _first_per_key(removals: pa.Table) -> pa.Table:

@@ -50,7 +50,13 @@ from laion_assets import names
 from laion_assets.pipeline import schemas, storage
 from laion_assets.pipeline.catalog import views as catalog
 from laion_assets.pipeline.pairs.filter import stored_pair_shards
-from laion_assets.pipeline.removal import DUPLICATE, RemovalResult, finish_interrupted, remove_keys
+from laion_assets.pipeline.removal import (
+    DUPLICATE,
+    RemovalResult,
+    carried_check,
+    finish_interrupted,
+    remove_keys,
+)
 from laion_assets.pipeline.settings import SettingsChanged, differences
 from laion_assets.pipeline.storage import (
     DEDUP_CENTROIDS,
@@ -231,8 +237,7 @@ def deduplicate(
     )
     seconds["removal"] = time.monotonic() - clock
     for shard in new:  # as checked: a file another run wrote meanwhile differs, and is checked next time
-        read, written = removal.fingerprints.get(PAIRS.parquet(shard), (pairs[shard], pairs[shard]))
-        seen[shard] = written if read == pairs[shard] else pairs[shard]
+        seen[shard] = carried_check(removal.fingerprints, shard, pairs[shard])
     runs = dict(zip(done.column("shard").to_pylist(), done.column("run").to_pylist(), strict=True))
     runs.update(dict.fromkeys(new, run))
     trained_by = _trained_by(store) if store.exists(DEDUP_CENTROIDS) else committed
