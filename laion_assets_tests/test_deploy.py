@@ -19,6 +19,15 @@ from laion_assets_tests.dagster_helpers import LOCAL_WEB
 from laion_assets_tests.deployment import DEPLOY, Deployment, Postgres, dagster_home, wait_for
 
 RUN_LIMIT, DOWNLOAD_LIMIT = 3, 2  # small, so that six shards must queue
+# the tags that say what launched a run: a sensor (and its tick), a schedule, a backfill, a retry
+LAUNCHER_TAGS = (
+    "dagster/sensor",
+    "dagster/tick",
+    "dagster/schedule",
+    "dagster/backfill",
+    "dagster/parent",
+    "dagster/auto",
+)
 SLOW_URLS = 120  # the shard killed mid-download: 120 answers of 0.3 s, 8 at a time
 
 
@@ -166,20 +175,7 @@ def _print_what_went_wrong(deployment: Deployment) -> None:
         for record in sorted(instance.get_run_records(), key=lambda r: r.create_timestamp):
             run, tags = record.dagster_run, record.dagster_run.tags
             shards = tags.get("dagster/partition") or tags.get("dagster/asset_partition_range_start")
-            launcher = {
-                k: v
-                for k, v in tags.items()
-                if k.startswith(
-                    (
-                        "dagster/sensor",
-                        "dagster/schedule",
-                        "dagster/backfill",
-                        "dagster/parent",
-                        "dagster/auto",
-                        "dagster/tick",
-                    )
-                )
-            }
+            launcher = {k: v for k, v in tags.items() if k.startswith(LAUNCHER_TAGS)}
             steps = [
                 f"{e.timestamp:.0f} {e.step_key} {e.dagster_event.event_type_value}"
                 for e in _events(instance, run.run_id)

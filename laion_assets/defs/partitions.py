@@ -63,6 +63,7 @@ warnings.filterwarnings("ignore", message="Parameter `backfill_policy` of functi
 # retries, the catch-up schedule's, a backfill's) plan every per-shard asset, and a second run would race
 # them for the shard's lease. Dagster 1.13's conditions could not tell those runs apart on a real
 # deployment (docs/automation.md): `eager()` re-ran assets that a shard's own run had just made.
+
 # A dataset-level asset runs once any shard of its upstream has been updated and no shard of it is
 # being materialised: during a backfill of many shards it waits for the end. Unlike `eager()`, it
 # does not wait for every shard to exist, which a failed shard would prevent forever.
