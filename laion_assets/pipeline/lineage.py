@@ -147,9 +147,8 @@ def sourceless_shards(
     source was removed from incoming/): the dataset keeps them, and no run makes them again."""
     found: dict[str, list[Layer]] = {}
     for layer in layers:
-        for file in store.list(layer.name):
-            shard = file.name.removesuffix(".parquet")
-            if shard != file.name and shard not in sources:
+        for shard in store.shards(layer):
+            if shard not in sources:
                 found.setdefault(shard, []).append(layer)
     return dict(sorted(found.items()))
 
