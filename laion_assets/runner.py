@@ -128,10 +128,9 @@ def check_run_config(run_config: dict) -> None:
         raise ValueError("; ".join(problems))
 
 
-def settings_warnings(store: DatasetStore) -> list[str]:
-    """A line per section and field of the dataset's settings file that no run reads (a misspelt key, a
-    field an older version wrote): `settings.unknown_settings`."""
-    settings = load_settings(store)
+def settings_warnings(store: DatasetStore, settings: DatasetSettings | None) -> list[str]:
+    """A line per section and field of the dataset's settings file (`settings`, as read from `store`) that
+    no run reads (a misspelt key, a field an older version wrote): `settings.unknown_settings`."""
     if settings is None:
         return []
     known = {name: set(config.model_fields) - RUN_ONLY_FIELDS for name, config in SETTINGS_SECTIONS.items()}
@@ -197,7 +196,7 @@ def run_pipeline(
     store = DatasetStore(root)
     for path in store.remove_abandoned():
         echo(f"removed {path}, left by a run that was killed")
-    for line in settings_warnings(store):
+    for line in settings_warnings(store, load_settings(store)):
         echo(line)
     defs = build_definitions(root, *prepare_settings(store, run_config, clip, captioner, scorers))
     sources = incoming_by_shard(store)
@@ -413,7 +412,7 @@ def run_takedown(root: str, list_file: Path, echo: Callable[[str], None] = print
     if list_file.suffix.lower() not in LIST_SUFFIXES:
         raise ValueError(f"{list_file}: a block list is a {', '.join(LIST_SUFFIXES)} file")
     store = DatasetStore(root)
-    for line in settings_warnings(store):
+    for line in settings_warnings(store, load_settings(store)):
         echo(line)
     defs = build_definitions(root, *prepare_settings(store, {}))
     target = f"{BLOCKLIST}/{list_file.name}"
@@ -472,7 +471,7 @@ def dataset_status(root: str) -> tuple[list[str], bool]:
     changed = settings_changes(store, list(sources), current)
     url = store.url(SETTINGS_FILE)
     settings = f"no settings in {url} yet: the first run writes them" if stored is None else f"settings {url}"
-    lines = [f"{len(sources)} shards in {store.url(INCOMING)}; {settings}", *settings_warnings(store)]
+    lines = [f"{len(sources)} shards in {store.url(INCOMING)}; {settings}", *settings_warnings(store, stored)]
     for shard in sources:
         if not not_done[shard] and shard not in changed:
             lines.append(f"{shard}: up to date")
