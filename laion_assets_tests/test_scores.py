@@ -25,6 +25,7 @@ from laion_assets.pipeline.scores.language import LanguageIdentifier
 from laion_assets.pipeline.scores.score import (
     DEMO_AESTHETIC_HEAD,
     DEMO_PUNSAFE_HEAD,
+    HEAD_SCORES,
     Scorers,
     ScoreSettings,
     write_scores,
@@ -239,15 +240,30 @@ def test_the_documented_score_queries_run_on_the_demo_dataset(demo_root):
 
 
 def test_auto_picks_laions_head_for_the_clip_and_never_downloads_offline(tmp_path, monkeypatch):
-    """For OpenAI's L/14, `auto` takes LAION-Aesthetics v2 (before v1) and the L/14 NSFW head; offline,
-    it refuses, naming the file to put in the cache."""
+    """For OpenAI's L/14 (open_clip's `ViT-L-14-quickgelu`), `auto` takes LAION-Aesthetics v2 (before v1)
+    and the L/14 NSFW head; offline, it refuses, naming the file to put in the cache."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     scorers = Scorers(ScoreSettings(watermark_model="none", device="cpu"))
-    l14 = ModelIdentity("ViT-L-14", "openai", "openai")
+    l14 = ModelIdentity("ViT-L-14-quickgelu", "openai", "openai")
     with pytest.raises(ModelUnavailable, match=r"sac\+logos\+ava1-l14-linearMSE\.pth"):
         scorers.head("aesthetic_head", l14, 768, "s")
     with pytest.raises(ModelUnavailable, match=r"clip_ViT-L-14_openai_binary_nsfw_head\.pth"):
         scorers.head("punsafe_head", l14, 768, "s")
+
+
+def test_laions_heads_are_for_openais_clip_as_open_clip_builds_it():
+    """LAION's heads read OpenAI's CLIP, whose transformer has QuickGELU. open_clip builds that model from
+    the `openai` weights under the `-quickgelu` names; under `ViT-L-14` it builds a GELU model (open_clip
+    only warns), whose embeddings the heads were not trained on, so `auto` gives it none."""
+    import open_clip
+
+    for tag, published in PUBLISHED.items():
+        if published.clip is not None:
+            assert open_clip.get_model_config(published.clip.model).get("quick_gelu"), tag
+            assert open_clip.get_pretrained_cfg(published.clip.model, published.clip.pretrained), tag
+    scorers = Scorers(ScoreSettings(watermark_model="none", device="cpu"))
+    gelu = ModelIdentity("ViT-L-14", "openai", "openai")
+    assert [scorers.head(setting, gelu, 768, "s") for setting in HEAD_SCORES] == [None, None]
 
 
 def test_a_head_that_records_no_clip_is_refused(tmp_path):

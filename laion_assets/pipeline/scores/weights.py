@@ -37,7 +37,9 @@ class PublishedWeights:
 
 
 def _openai(model: str) -> ModelIdentity:
-    return ModelIdentity(model, weights_id("openai", 0), "openai")
+    """OpenAI's CLIP `model` as open_clip builds it: its `-quickgelu` name, for OpenAI's transformer has
+    QuickGELU; open_clip 3 builds `model` itself with GELU from the same weights, and only warns."""
+    return ModelIdentity(f"{model}-quickgelu", weights_id("openai", 0), "openai")
 
 
 _NSFW = (
