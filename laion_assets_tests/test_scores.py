@@ -213,6 +213,21 @@ def test_scores_record_their_models_and_tiny_clip_has_no_heads(tmp_path):
     assert '"punsafe_head": "auto"' in footer
 
 
+def test_a_shard_with_no_embedded_image_records_the_heads_of_its_clip(tmp_path):
+    """No image of the shard downloaded: no rows, and the footer names the heads its CLIP's images are
+    scored with, as its other shards' do (not `none`, which says a score is not computed: the card would
+    list the shard apart, as scored without them)."""
+    store = DatasetStore(str(tmp_path / "data"))
+    demo_clip = ModelIdentity.of(ClipSettings(model=DEMO_MODEL, pretrained=str(DEMO_CHECKPOINT)))
+    empty = pa.Table.from_pylist([], schema=schemas.embeddings(64))
+    store.write_parquet(EMBEDDINGS.parquet("s"), empty, metadata=demo_clip.footer())
+    store.write_parquet("images/s.parquet", pa.table({"key": ["s-00000000"], "caption": ["a red ring"]}))
+    result = write_scores(store, "s", Scorers(ScoreSettings(watermark_model="none", device="cpu")))
+    assert store.read_parquet(SCORES.parquet("s")).num_rows == 0
+    assert result.weights["punsafe"] == load_checkpoint(str(DEMO_PUNSAFE_HEAD), "punsafe_head").weights
+    assert result.weights["aesthetic"] == load_checkpoint(str(DEMO_AESTHETIC_HEAD), "aesthetic_head").weights
+
+
 def test_demo_heads_record_the_clip_they_read():
     demo_clip = ModelIdentity.of(ClipSettings(model=DEMO_MODEL, pretrained=str(DEMO_CHECKPOINT)))
     for path in (DEMO_PUNSAFE_HEAD, DEMO_AESTHETIC_HEAD):

@@ -184,7 +184,7 @@ def write_scores(store: DatasetStore, shard: str, scorers: Scorers, workers: int
     weights = {}
     vectors = unit_rows(embeddings.column("image_embedding"))
     for setting, score in HEAD_SCORES.items():
-        loaded = scorers.head(setting, clip, vectors.shape[1], shard) if clip is not None and keys else None
+        loaded = scorers.head(setting, clip, vectors.shape[1], shard) if clip is not None else None
         weights[score] = loaded[1] if loaded else OFF
         columns[score] = (
             run_head(loaded[0], vectors, scorers.settings.batch_size) if loaded else [None] * len(keys)
