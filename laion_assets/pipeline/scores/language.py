@@ -20,7 +20,8 @@ def _py3langid():
 
 
 class LanguageIdentifier:
-    """ISO 639-1 code and confidence (0-1) of each text; None for an empty one."""
+    """The language code (ISO 639-1 where the language has one, else the identifier's own, e.g. `yue`,
+    `zh-Latn`) and confidence (0-1) of each text; None for an empty one."""
 
     def __init__(self, name: str) -> None:
         if name not in LANGUAGE_IDS:
