@@ -187,7 +187,8 @@ RECAPTIONS = pa.schema(
 # LAION-Aesthetics' scores under their meaning: `punsafe` and `pwatermark` probabilities (0-1), `aesthetic`
 # on LAION's 1-10 rating scale, and the caption's `language` code with the identifier's confidence (ISO 639-1
 # where the language has one; otherwise the identifier's own: py3langid's `yue`, `zxx`, CLD3's `zh-Latn`).
-# A score that was not computed (its model set to `none`) is null; so is the language of an empty caption.
+# A score that was not computed (its model set to `none`, or `auto` found no head for the CLIP) is null;
+# so is `pwatermark` where the stored image could not be decoded, and the language of an empty caption.
 SCORES = pa.schema(
     [
         pa.field("key", pa.string(), nullable=False),
