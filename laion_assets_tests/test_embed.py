@@ -287,3 +287,17 @@ def test_the_tokenizer_cache_is_bounded_and_tokens_unchanged(monkeypatch):
     assert len(bounded.tokenizer.cache) <= 100 + len(fixed) and fixed <= set(bounded.tokenizer.cache)
     assert torch.equal(tokens, open_clip.get_tokenizer(TINY_CLIP.model)(texts))  # what open_clip gives
     assert torch.equal(bounded.tokenize(texts), tokens)  # and again, after evictions
+
+
+def test_weights_trained_with_another_activation_are_refused_before_loading():
+    """open_clip 3 builds `ViT-B-32` with GELU whatever the tag, and only warns when the tag's weights
+    were trained with QuickGELU (OpenAI's, LAION-400M's): their embeddings would be off without a word."""
+    with pytest.raises(ModelUnavailable, match=r"'openai'.* QuickGELU.*model 'ViT-B-32-quickgelu'"):
+        ClipEncoder(ClipSettings(model="ViT-B-32", pretrained="openai", device="cpu"))
+    with pytest.raises(ModelUnavailable, match=r"'laion400m_e32'.* QuickGELU.*model 'ViT-B-32-quickgelu'"):
+        ClipEncoder(ClipSettings(model="ViT-B-32", pretrained="laion400m_e32", device="cpu"))
+    with pytest.raises(ModelUnavailable, match=r"'openai'.* QuickGELU.*model 'ViT-L-14-quickgelu'"):
+        ClipEncoder(ClipSettings(model="ViT-L-14", pretrained="openai", device="cpu"))
+    # the matching name gets past the check, to the weights (which this offline machine lacks)
+    with pytest.raises(ModelUnavailable, match=r"^cannot load open_clip model 'ViT-B-32-quickgelu'"):
+        ClipEncoder(ClipSettings(model="ViT-B-32-quickgelu", pretrained="openai", device="cpu"))

@@ -220,6 +220,8 @@ def load_open_clip(settings: OpenClipModel, variable: str, resource: str) -> tup
     weights = None if pretrained.lower() == NO_WEIGHTS else pretrained
     if weights and _is_path(weights) and not Path(weights).is_file():
         raise ModelUnavailable(f"checkpoint file {weights} does not exist")
+    if weights and (mismatch := _activation_mismatch(model, weights)):
+        raise ModelUnavailable(mismatch)
     if weights is None:
         torch.manual_seed(seed)
     try:
@@ -234,6 +236,23 @@ def load_open_clip(settings: OpenClipModel, variable: str, resource: str) -> tup
             f"{variable}=/path/to/it, or `pretrained` in the {resource} resource config"
         ) from exc
     return loaded.eval(), preprocess
+
+
+def _activation_mismatch(model: str, pretrained: str) -> str | None:
+    """Why open_clip would run the `pretrained` tag's weights with another activation than they were
+    trained with, or None. OpenAI's, LAION-400M's, MetaCLIP's and DFN's CLIPs use QuickGELU; open_clip 3
+    builds a config without it (`ViT-B-32`, `ViT-L-14`) from their weights with GELU, only warning, and
+    the embeddings are off. (A tag that does not say QuickGELU says nothing: open_clip omits it for some.)"""
+    import open_clip
+
+    config, trained = open_clip.get_model_config(model), open_clip.get_pretrained_cfg(model, pretrained)
+    if config is None or not trained.get("quick_gelu") or config.get("quick_gelu"):
+        return None
+    return (
+        f"open_clip's weights {pretrained!r} were trained with QuickGELU, and its model {model!r} would "
+        f"run them with GELU: the embeddings would be off; use model '{model}-quickgelu' (open_clip has "
+        f"one for each such tag) with pretrained={pretrained!r}"
+    )
 
 
 class ClipEncoder:
