@@ -235,3 +235,32 @@ def test_a_stalled_response_times_out_after_the_read_timeout(serve):
     server = serve(answer)
     with pytest.raises(http.ReadTimeout):
         get_all([f"http://127.0.0.1:{server.port}/"], read_timeout=0.3)
+
+
+@pytest.mark.parametrize(
+    "start, line, end",
+    [
+        (b"HTTP/1.1 200 OK\r\n", b"X-Pad: " + b"a" * 1000 + b"\r\n", b""),
+        (b"HTTP/1.1 200 OK\r\nX-Pad: ", b"a" * 1000, b"\r\n"),
+        (
+            b"",
+            b"HTTP/1.1 103 Early Hints\r\nLink: </" + b"a" * 1000 + b">; rel=preload\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n",
+        ),
+    ],
+    ids=["header lines", "one header line", "interim responses"],
+)
+def test_a_response_head_without_end_is_refused_past_its_bound(serve, start, line, end):
+    """10 MB before the body: header lines, one line, or 103s. All of it was kept (headers have no
+    max_bytes), as long as the server sent it, and an endless line cost time quadratic in its length."""
+
+    def answer(request: bytes, connection: socket.socket) -> bool:
+        connection.sendall(start)
+        for _ in range(10_000):
+            connection.sendall(line)
+        connection.sendall(end + b"Content-Length: 2\r\n\r\nok")
+        return True
+
+    server = serve(answer)
+    with pytest.raises(http.BadResponse, match="response head is over 262144 bytes"):
+        get_all([f"http://127.0.0.1:{server.port}/"])

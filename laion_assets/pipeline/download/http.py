@@ -23,6 +23,9 @@ import idna
 KEEPALIVE_SECONDS = 15.0  # an idle connection is closed after this long (servers close theirs too)
 _PATH_SAFE = "/%:@!$&'()*+,;=-._~"  # what stays as it is in a path; the rest is percent-encoded
 _QUERY_SAFE = _PATH_SAFE + "?"
+# bytes: the most a response's head (status line and headers, those of 1xx responses before it included)
+# may take, as Chrome bounds it; headers have no max_bytes of their own
+_MAX_HEAD_BYTES = 256 * 1024
 
 
 class HttpError(Exception):
@@ -129,6 +132,7 @@ class _Connection(asyncio.Protocol):
         self._keep_alive = False
         self._until_close = False  # no Content-Length and not chunked: the body ends with the connection
         self._received = False
+        self._head_size = 0  # bytes received before the final response's headers were complete
         self._timer: asyncio.TimerHandle | None = None
         self._read_timeout = 0.0
         self._last_data = 0.0
@@ -184,6 +188,11 @@ class _Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(BadResponse(f"malformed response: {exc}"))
+            return
+        if not self._headers_done.done():
+            self._head_size += len(data)
+            if self._head_size > _MAX_HEAD_BYTES:
+                self._fail(BadResponse(f"response head is over {_MAX_HEAD_BYTES} bytes"))
 
     def eof_received(self) -> bool:
         return False  # close the transport
