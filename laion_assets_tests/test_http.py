@@ -264,3 +264,22 @@ def test_a_response_head_without_end_is_refused_past_its_bound(serve, start, lin
     server = serve(answer)
     with pytest.raises(http.BadResponse, match="response head is over 262144 bytes"):
         get_all([f"http://127.0.0.1:{server.port}/"])
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        b"HTTP/1.1 200 OK\nContent-Type: image/jpeg\nContent-Length: 5\n\nhello",
+        b"HTTP/1.0 200 OK\nContent-Type: image/jpeg\n\nhello",
+    ],
+    ids=["with a length", "ended by closing"],
+)
+def test_a_head_whose_lines_end_in_a_bare_lf_is_read(serve, response):
+    # as browsers, curl and http.client (img2dataset's) read it (RFC 9112 2.2 lets a recipient): llhttp
+    # refused it ("Missing expected CR after response line")
+    def answer(request: bytes, connection: socket.socket) -> bool:
+        connection.sendall(response)
+        return False
+
+    server = serve(answer)
+    assert get_all([f"http://127.0.0.1:{server.port}/a.jpg"]) == [(200, b"hello")]

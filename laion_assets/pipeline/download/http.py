@@ -142,6 +142,8 @@ class _Connection(asyncio.Protocol):
         """Sends `data` (a whole request); the future gets the response once its headers are in."""
         self._reset()
         self._parser = httptools.HttpResponseParser(self)
+        # lines ended by a bare LF, as browsers and http.client read them (RFC 9112 2.2 lets a recipient)
+        self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
         self._limit, self._read_timeout = limit, read_timeout
         self._headers_done = self._loop.create_future()
         self._body_done = self._loop.create_future()
