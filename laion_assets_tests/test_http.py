@@ -283,3 +283,20 @@ def test_a_head_whose_lines_end_in_a_bare_lf_is_read(serve, response):
 
     server = serve(answer)
     assert get_all([f"http://127.0.0.1:{server.port}/a.jpg"]) == [(200, b"hello")]
+
+
+def test_a_chunked_body_with_a_content_length_too_is_read_as_chunked_on_a_connection_not_kept(serve):
+    # RFC 9112 6.3: Transfer-Encoding overrides Content-Length, as browsers and http.client read it (llhttp
+    # refused the response); such a response may be an attempt at response splitting, so its connection
+    # is not used again
+    def answer(request: bytes, connection: socket.socket) -> bool:
+        connection.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\n"
+        )
+        return True
+
+    server = serve(answer)
+    url = f"http://127.0.0.1:{server.port}/a.jpg"
+    assert get_all([url, url]) == [(200, b"hello")] * 2
+    assert server.connections == 2

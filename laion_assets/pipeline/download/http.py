@@ -142,8 +142,9 @@ class _Connection(asyncio.Protocol):
         """Sends `data` (a whole request); the future gets the response once its headers are in."""
         self._reset()
         self._parser = httptools.HttpResponseParser(self)
-        # lines ended by a bare LF, as browsers and http.client read them (RFC 9112 2.2 lets a recipient)
-        self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
+        # lines ended by a bare LF, as browsers and http.client read them (RFC 9112 2.2 lets a recipient);
+        # a chunked body with a Content-Length too, read as chunked (RFC 9112 6.3), as they read it
+        self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True, lenient_chunked_length=True)
         self._limit, self._read_timeout = limit, read_timeout
         self._headers_done = self._loop.create_future()
         self._body_done = self._loop.create_future()
@@ -248,7 +249,11 @@ class _Connection(asyncio.Protocol):
         if 100 <= self._status < 200:
             return
         self._complete = True
-        self._keep_alive = self._parser.should_keep_alive()  # llhttp knows it in this callback only
+        headers = self._headers
+        # framed twice: maybe response splitting (RFC 9112 6.3), so what follows on the stream is not trusted
+        framed_twice = "chunked" in headers.get("Transfer-Encoding").lower() and headers.get("Content-Length")
+        # llhttp knows it in this callback only
+        self._keep_alive = self._parser.should_keep_alive() and not framed_twice
         self._cancel_timer()
         self._finish_body()
 
