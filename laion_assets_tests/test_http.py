@@ -300,3 +300,39 @@ def test_a_chunked_body_with_a_content_length_too_is_read_as_chunked_on_a_connec
     url = f"http://127.0.0.1:{server.port}/a.jpg"
     assert get_all([url, url]) == [(200, b"hello")] * 2
     assert server.connections == 2
+
+
+@pytest.mark.parametrize(
+    "fields, body, read",
+    [
+        (
+            b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+            b"5\r\nhello\r\n",
+            None,
+        ),  # no last chunk
+        (b"Transfer-Encoding: chunked, gzip\r\n", b"hello", b"hello"),
+        (b"Content-Length: 2\r\nTransfer-Encoding: gzip\r\n", b"hello", b"hello"),
+    ],
+    ids=[
+        "chunked in a second field, cut short",
+        "chunked, then another coding",
+        "another coding and a length",
+    ],
+)
+def test_a_body_is_chunked_where_its_last_transfer_coding_is_and_else_ends_with_the_connection(
+    serve, fields, body, read
+):
+    # RFC 9112 6.3, as llhttp frames it: the first field's value decided whether the body was chunked, and
+    # a Content-Length that Transfer-Encoding overrides whether it ended with the connection, so a chunked
+    # body cut short was taken whole, and one ended by closing was taken as broken
+    def answer(request: bytes, connection: socket.socket) -> bool:
+        connection.sendall(b"HTTP/1.1 200 OK\r\n" + fields + b"\r\n" + body)
+        return False
+
+    server = serve(answer)
+    url = f"http://127.0.0.1:{server.port}/a.jpg"
+    if read is None:
+        with pytest.raises(http.ConnectionBroken):
+            get_all([url])
+    else:
+        assert get_all([url]) == [(200, read)]

@@ -130,7 +130,7 @@ class _Connection(asyncio.Protocol):
         self._limit = 0
         self._complete = False
         self._keep_alive = False
-        self._until_close = False  # no Content-Length and not chunked: the body ends with the connection
+        self._until_close = False  # the body ends with the connection (`_ends_with_the_connection`)
         self._received = False
         self._head_size = 0  # bytes received before the final response's headers were complete
         self._timer: asyncio.TimerHandle | None = None
@@ -229,9 +229,7 @@ class _Connection(asyncio.Protocol):
         if 100 <= self._status < 200:
             return  # an interim response (103 Early Hints): the real one follows
         headers = self._headers
-        chunked = "chunked" in headers.get("Transfer-Encoding").lower()
-        no_body = self._status in (204, 304)
-        self._until_close = not chunked and not headers.get("Content-Length") and not no_body
+        self._until_close = _ends_with_the_connection(self._status, headers)
         response = Response(self, self._status, self._reason.decode("latin-1").strip(), headers)
         if not self._headers_done.done():
             self._headers_done.set_result(response)
@@ -251,7 +249,7 @@ class _Connection(asyncio.Protocol):
         self._complete = True
         headers = self._headers
         # framed twice: maybe response splitting (RFC 9112 6.3), so what follows on the stream is not trusted
-        framed_twice = "chunked" in headers.get("Transfer-Encoding").lower() and headers.get("Content-Length")
+        framed_twice = headers.get("Transfer-Encoding") and headers.get("Content-Length")
         # llhttp knows it in this callback only
         self._keep_alive = self._parser.should_keep_alive() and not framed_twice
         self._cancel_timer()
@@ -290,6 +288,18 @@ def ascii_host(host: str) -> str:
     name IDNA forbids. An ASCII name is left as it is: DNS names in use hold what IDNA refuses ("_")."""
     host = host.rstrip(".").lower()
     return host if host.isascii() else idna.encode(host, uts46=True).decode("ascii")
+
+
+def _ends_with_the_connection(status: int, headers: Headers) -> bool:
+    """Whether the body ends with the connection, as RFC 9112 6.3 frames it and llhttp reads it: a status
+    with a body, and Transfer-Encoding whose last coding (of all its fields) is not chunked, whatever the
+    Content-Length; without Transfer-Encoding, no Content-Length."""
+    if status in (204, 304):
+        return False
+    codings = ",".join(headers.getall("Transfer-Encoding"))
+    if codings:
+        return codings.split(",")[-1].strip().lower() != "chunked"
+    return not headers.get("Content-Length")
 
 
 def _retrieve(future: asyncio.Future) -> None:
