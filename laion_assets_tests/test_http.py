@@ -235,3 +235,104 @@ def test_a_stalled_response_times_out_after_the_read_timeout(serve):
     server = serve(answer)
     with pytest.raises(http.ReadTimeout):
         get_all([f"http://127.0.0.1:{server.port}/"], read_timeout=0.3)
+
+
+@pytest.mark.parametrize(
+    "start, line, end",
+    [
+        (b"HTTP/1.1 200 OK\r\n", b"X-Pad: " + b"a" * 1000 + b"\r\n", b""),
+        (b"HTTP/1.1 200 OK\r\nX-Pad: ", b"a" * 1000, b"\r\n"),
+        (
+            b"",
+            b"HTTP/1.1 103 Early Hints\r\nLink: </" + b"a" * 1000 + b">; rel=preload\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n",
+        ),
+    ],
+    ids=["header lines", "one header line", "interim responses"],
+)
+def test_a_response_head_without_end_is_refused_past_its_bound(serve, start, line, end):
+    """10 MB before the body: header lines, one line, or 103s. All of it was kept (headers have no
+    max_bytes), as long as the server sent it, and an endless line cost time quadratic in its length."""
+
+    def answer(request: bytes, connection: socket.socket) -> bool:
+        connection.sendall(start)
+        for _ in range(10_000):
+            connection.sendall(line)
+        connection.sendall(end + b"Content-Length: 2\r\n\r\nok")
+        return True
+
+    server = serve(answer)
+    with pytest.raises(http.BadResponse, match="response head is over 262144 bytes"):
+        get_all([f"http://127.0.0.1:{server.port}/"])
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        b"HTTP/1.1 200 OK\nContent-Type: image/jpeg\nContent-Length: 5\n\nhello",
+        b"HTTP/1.0 200 OK\nContent-Type: image/jpeg\n\nhello",
+    ],
+    ids=["with a length", "ended by closing"],
+)
+def test_a_head_whose_lines_end_in_a_bare_lf_is_read(serve, response):
+    # as browsers, curl and http.client (img2dataset's) read it (RFC 9112 2.2 lets a recipient): llhttp
+    # refused it ("Missing expected CR after response line")
+    def answer(request: bytes, connection: socket.socket) -> bool:
+        connection.sendall(response)
+        return False
+
+    server = serve(answer)
+    assert get_all([f"http://127.0.0.1:{server.port}/a.jpg"]) == [(200, b"hello")]
+
+
+def test_a_chunked_body_with_a_content_length_too_is_read_as_chunked_on_a_connection_not_kept(serve):
+    # RFC 9112 6.3: Transfer-Encoding overrides Content-Length, as browsers and http.client read it (llhttp
+    # refused the response); such a response may be an attempt at response splitting, so its connection
+    # is not used again
+    def answer(request: bytes, connection: socket.socket) -> bool:
+        connection.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\n"
+        )
+        return True
+
+    server = serve(answer)
+    url = f"http://127.0.0.1:{server.port}/a.jpg"
+    assert get_all([url, url]) == [(200, b"hello")] * 2
+    assert server.connections == 2
+
+
+@pytest.mark.parametrize(
+    "fields, body, read",
+    [
+        (
+            b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+            b"5\r\nhello\r\n",
+            None,
+        ),  # no last chunk
+        (b"Transfer-Encoding: chunked, gzip\r\n", b"hello", b"hello"),
+        (b"Content-Length: 2\r\nTransfer-Encoding: gzip\r\n", b"hello", b"hello"),
+    ],
+    ids=[
+        "chunked in a second field, cut short",
+        "chunked, then another coding",
+        "another coding and a length",
+    ],
+)
+def test_a_body_is_chunked_where_its_last_transfer_coding_is_and_else_ends_with_the_connection(
+    serve, fields, body, read
+):
+    # RFC 9112 6.3, as llhttp frames it: the first field's value decided whether the body was chunked, and
+    # a Content-Length that Transfer-Encoding overrides whether it ended with the connection, so a chunked
+    # body cut short was taken whole, and one ended by closing was taken as broken
+    def answer(request: bytes, connection: socket.socket) -> bool:
+        connection.sendall(b"HTTP/1.1 200 OK\r\n" + fields + b"\r\n" + body)
+        return False
+
+    server = serve(answer)
+    url = f"http://127.0.0.1:{server.port}/a.jpg"
+    if read is None:
+        with pytest.raises(http.ConnectionBroken):
+            get_all([url])
+    else:
+        assert get_all([url]) == [(200, read)]

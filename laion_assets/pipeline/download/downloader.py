@@ -4,7 +4,8 @@ On the real web a request mostly waits (hundreds of ms for the first byte, secon
 so throughput is set by how many are in flight. Each worker fetches on an asyncio event loop (uvloop
 where installed) with up to its share of `max_in_flight` requests at once: a URL that never answers
 costs a socket, not a thread. A scheduler hands out URLs from the host with the most still queued,
-never more than `per_host_connections` at once on one host; a retry waits out its backoff off the
+never more than `per_host_connections` at once on one host (the URL's: a redirect's hops count under
+it, whatever their host); a retry waits out its backoff off the
 books and goes to the back of its host's queue, so it never holds back fresh URLs. Bodies are decoded,
 resized and encoded by the worker's main thread, one image at a time, beside the loop's thread. A
 request's slot is freed once its body is in; the bodies waiting for the CPU, and those still arriving

@@ -23,6 +23,9 @@ import idna
 KEEPALIVE_SECONDS = 15.0  # an idle connection is closed after this long (servers close theirs too)
 _PATH_SAFE = "/%:@!$&'()*+,;=-._~"  # what stays as it is in a path; the rest is percent-encoded
 _QUERY_SAFE = _PATH_SAFE + "?"
+# bytes: the most a response's head (status line and headers, those of 1xx responses before it included)
+# may take, as Chrome bounds it; headers have no max_bytes of their own
+_MAX_HEAD_BYTES = 256 * 1024
 
 
 class HttpError(Exception):
@@ -127,8 +130,9 @@ class _Connection(asyncio.Protocol):
         self._limit = 0
         self._complete = False
         self._keep_alive = False
-        self._until_close = False  # no Content-Length and not chunked: the body ends with the connection
+        self._until_close = False  # the body ends with the connection (`_ends_with_the_connection`)
         self._received = False
+        self._head_size = 0  # bytes received before the final response's headers were complete
         self._timer: asyncio.TimerHandle | None = None
         self._read_timeout = 0.0
         self._last_data = 0.0
@@ -138,6 +142,9 @@ class _Connection(asyncio.Protocol):
         """Sends `data` (a whole request); the future gets the response once its headers are in."""
         self._reset()
         self._parser = httptools.HttpResponseParser(self)
+        # lines ended by a bare LF, as browsers and http.client read them (RFC 9112 2.2 lets a recipient);
+        # a chunked body with a Content-Length too, read as chunked (RFC 9112 6.3), as they read it
+        self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True, lenient_chunked_length=True)
         self._limit, self._read_timeout = limit, read_timeout
         self._headers_done = self._loop.create_future()
         self._body_done = self._loop.create_future()
@@ -184,6 +191,11 @@ class _Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(BadResponse(f"malformed response: {exc}"))
+            return
+        if not self._headers_done.done():
+            self._head_size += len(data)
+            if self._head_size > _MAX_HEAD_BYTES:
+                self._fail(BadResponse(f"response head is over {_MAX_HEAD_BYTES} bytes"))
 
     def eof_received(self) -> bool:
         return False  # close the transport
@@ -217,9 +229,7 @@ class _Connection(asyncio.Protocol):
         if 100 <= self._status < 200:
             return  # an interim response (103 Early Hints): the real one follows
         headers = self._headers
-        chunked = "chunked" in headers.get("Transfer-Encoding").lower()
-        no_body = self._status in (204, 304)
-        self._until_close = not chunked and not headers.get("Content-Length") and not no_body
+        self._until_close = _ends_with_the_connection(self._status, headers)
         response = Response(self, self._status, self._reason.decode("latin-1").strip(), headers)
         if not self._headers_done.done():
             self._headers_done.set_result(response)
@@ -237,7 +247,11 @@ class _Connection(asyncio.Protocol):
         if 100 <= self._status < 200:
             return
         self._complete = True
-        self._keep_alive = self._parser.should_keep_alive()  # llhttp knows it in this callback only
+        headers = self._headers
+        # framed twice: maybe response splitting (RFC 9112 6.3), so what follows on the stream is not trusted
+        framed_twice = headers.get("Transfer-Encoding") and headers.get("Content-Length")
+        # llhttp knows it in this callback only
+        self._keep_alive = self._parser.should_keep_alive() and not framed_twice
         self._cancel_timer()
         self._finish_body()
 
@@ -274,6 +288,18 @@ def ascii_host(host: str) -> str:
     name IDNA forbids. An ASCII name is left as it is: DNS names in use hold what IDNA refuses ("_")."""
     host = host.rstrip(".").lower()
     return host if host.isascii() else idna.encode(host, uts46=True).decode("ascii")
+
+
+def _ends_with_the_connection(status: int, headers: Headers) -> bool:
+    """Whether the body ends with the connection, as RFC 9112 6.3 frames it and llhttp reads it: a status
+    with a body, and Transfer-Encoding whose last coding (of all its fields) is not chunked, whatever the
+    Content-Length; without Transfer-Encoding, no Content-Length."""
+    if status in (204, 304):
+        return False
+    codings = ",".join(headers.getall("Transfer-Encoding"))
+    if codings:
+        return codings.split(",")[-1].strip().lower() != "chunked"
+    return not headers.get("Content-Length")
 
 
 def _retrieve(future: asyncio.Future) -> None:
