@@ -525,6 +525,23 @@ def test_a_keys_file_chooses_the_samples(local_demo):
     assert sorted(key for key, _ in _export_samples(store, "listed4")) == sorted(chosen[:4])
 
 
+def test_a_keys_file_that_changed_is_a_change_of_the_export_settings(local_demo):
+    """Other keys in the same keys file make another subset, as another `where` does: the export refuses
+    to grow, naming the file, until it is rebuilt on request. It kept the old keys' samples and took none
+    of the new ones, without a word."""
+    store = local_demo
+    keys = [key for (key,) in views.connect(store).sql("SELECT key FROM pairs ORDER BY key").fetchall()]
+    store.write_bytes("lists/chosen.txt", "\n".join(keys[:10]).encode())
+    settings = ExportSettings("listed", keys_file="lists/chosen.txt")
+    write_export(store, settings)
+    assert write_export(store, settings).shards_added == []  # the same keys: nothing to do
+    store.write_bytes("lists/chosen.txt", "\n".join(keys[10:30]).encode())
+    with pytest.raises(SettingsChanged, match=r"keys_file lists/chosen.txt lists other keys.*reshuffle"):
+        write_export(store, settings)
+    write_export(store, settings, reshuffle=True)
+    assert sorted(key for key, _ in _export_samples(store, "listed")) == keys[10:30]
+
+
 def test_the_asset_writes_the_exports_of_the_dataset_settings_and_shows_them(local_demo):
     store = local_demo
     resources = {"store": DatasetStoreResource(root=store.root)}

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import io
 import json
 import random
@@ -137,12 +138,15 @@ def write_export(store: DatasetStore, settings: ExportSettings, reshuffle: bool 
     """Add to the export the pairs of the dataset shards it has not read yet (all of them, in new shards
     from `00000`, on the first run or with `reshuffle`). SettingsChanged where the export was built with
     other settings and `reshuffle` is not set; ValueError naming the export for a `where` DuckDB cannot
-    run or a keys file it cannot read."""
+    run or a keys file it cannot read. Other keys in the keys file are other settings."""
     settings.check()
     export = Export(settings.name)
     manifest = read_manifest(store, export)
+    keys = read_keys_file(store, settings.keys_file) if settings.keys_file else None
     if manifest is not None and not reshuffle:
         changed = differences(manifest["settings"], dataclasses.asdict(settings))
+        if keys is not None and manifest.get("keys_sha256", _keys_digest(keys)) != _keys_digest(keys):
+            changed.append(f"keys_file {settings.keys_file} lists other keys")
         if changed:
             raise SettingsChanged(
                 f"export {settings.name!r} in {store.url(export.folder)} was built with other settings "
@@ -154,6 +158,8 @@ def write_export(store: DatasetStore, settings: ExportSettings, reshuffle: bool 
         store.remove(export.manifest)  # first, so that no manifest claims the shards while they change
         store.remove(export.sizes)
         manifest = _new_manifest(settings)
+        if keys is not None:
+            manifest["keys_sha256"] = _keys_digest(keys)
     _remove_unlisted(store, export, manifest)
     made_from = manifest.setdefault("made_from", {})  # manifests before it: their sources count as current
     reread = _rebuilt_since_read(store, made_from)
@@ -165,7 +171,7 @@ def write_export(store: DatasetStore, settings: ExportSettings, reshuffle: bool 
     read_from = identities(store, sources, _READ_LAYERS)  # before reading: a rebuild meanwhile shows later
     rng = random.Random(f"{settings.seed}:{len(manifest['appends'])}")
     rng.shuffle(sources)
-    connection, schema = _selection_connection(store, settings)
+    connection, schema = _selection_connection(store, settings, keys)
     buffer = _ShuffleBuffer(settings.shuffle_buffer, rng)
     skipped: Counter[str] = Counter()
     with _ShardSink(store, export, len(manifest["shards"]), settings, schema) as sink:
@@ -269,9 +275,9 @@ def _remove_unlisted(store: DatasetStore, export: Export, manifest: dict[str, An
 
 
 def _selection_connection(
-    store: DatasetStore, settings: ExportSettings
+    store: DatasetStore, settings: ExportSettings, keys: list[str] | None
 ) -> tuple[duckdb.DuckDBPyConnection, pa.Schema]:
-    """The catalog's views and the keys file's keys; the schema of the export's rows, which also checks
+    """The catalog's views and the keys file's `keys`; the schema of the export's rows, which also checks
     its query once."""
     import duckdb  # where it queries: see catalog.views
 
@@ -283,8 +289,8 @@ def _selection_connection(
                 f"export {settings.name!r}: its where is not one SQL expression ({settings.where!r}): {exc}"
             ) from exc
     connection = views.connect(store)
-    if settings.keys_file:
-        connection.register(_KEYS_TABLE, pa.table({"key": read_keys_file(store, settings.keys_file)}))
+    if keys is not None:
+        connection.register(_KEYS_TABLE, pa.table({"key": keys}))
     try:
         schema = connection.execute(f"{settings.selection_sql()} LIMIT 0").to_arrow_table().schema
     except duckdb.Error as exc:
@@ -310,6 +316,12 @@ def read_keys_file(store: DatasetStore, path: str) -> list[str]:
             f"{location}: not a keys file (a .txt with a key a line, or a .parquet with a `key` column): "
             f"{exc}"
         ) from exc
+
+
+def _keys_digest(keys: list[str]) -> str:
+    """What a keys file lists, whatever its order, duplicates or format: a manifest records it, so that the
+    same file with other keys reads as a change of the export's settings."""
+    return hashlib.sha256("\n".join(sorted(set(keys))).encode()).hexdigest()
 
 
 def _selected_rows(connection: duckdb.DuckDBPyConnection, settings: ExportSettings, source: str) -> pa.Table:
