@@ -21,6 +21,7 @@ import webdataset
 
 from laion_assets import names
 from laion_assets.defs.exports import training_shards
+from laion_assets.defs.jobs import PER_SHARD_ASSETS
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.catalog import views
@@ -39,7 +40,8 @@ from laion_assets.pipeline.storage import (
     DatasetStore,
     Export,
 )
-from laion_assets_tests.demo_dataset import DEMO_SHARDS
+from laion_assets_tests.dagster_helpers import materialize_shard
+from laion_assets_tests.demo_dataset import DEMO_CLIP, DEMO_SHARDS
 
 RECAP = ExportSettings(
     "recap", where="NOT duplicate", caption="re_caption", shard_size=7, seed=3, embeddings=True
@@ -211,6 +213,48 @@ def test_an_export_grows_by_new_shards_and_never_rewrites_those_it_wrote(local_d
     assert sorted(f.name for f in store.list(Export("all").folder) if f.name.endswith(".tar")) == [
         f"{s['shard']}.tar" for s in rebuilt.manifest["shards"]
     ]
+
+
+def test_a_shard_rebuilt_after_it_was_exported_is_read_again(local_demo):
+    """A shard whose pairs are rebuilt (another threshold, a changed source file) after an export read it:
+    the next run takes its old samples out of the export and reads it again; the tars that held none of
+    them keep their bytes. The export kept the pairs the rebuild had dropped, for ever."""
+    store = local_demo
+    rebuilt = DEMO_SHARDS[1]
+    settings = ExportSettings("all", shard_size=5, shuffle_buffer=0)
+    write_export(store, settings)
+    before = _files(store, Export("all").folder)
+    similarity = views.connect(store).sql(
+        f"SELECT median(similarity) FROM pairs WHERE key LIKE '{rebuilt}-%'"
+    )
+    config = {"ops": {"filtered_pairs": {"config": {"min_similarity": similarity.fetchone()[0]}}}}
+    assert materialize_shard(
+        dg.DagsterInstance.ephemeral(), store.root, rebuilt, config, PER_SHARD_ASSETS[4:], DEMO_CLIP
+    ).success
+    pairs = {
+        row["key"]: row
+        for row in views.connect(store).sql("SELECT * FROM pairs").to_arrow_table().to_pylist()
+    }
+    grown = write_export(store, settings)
+    assert grown.sources_added == [rebuilt]
+    samples = _export_samples(store, "all")
+    assert sorted(key for key, _ in samples) == sorted(pairs)
+    for key, members in samples:
+        assert json.loads(members["json"])["similarity"] == pairs[key]["similarity"]
+    manifest = read_manifest(store, Export("all"))
+    assert manifest["samples"] == len(pairs) and manifest["sources"][rebuilt] == sum(
+        schemas.shard_of_key(key) == rebuilt for key in pairs
+    )
+    assert json.loads(store.open(Export("all").sizes).read()) == {
+        f"{s['shard']}.tar": s["samples"] for s in manifest["shards"]
+    }
+    after = _files(store, Export("all").folder)
+    for name, data in before.items():
+        if name.endswith(".tar") and all(
+            schemas.shard_of_key(key) != rebuilt for key in _keys_of({name: data})
+        ):
+            assert after[name] == data, name
+    assert write_export(store, settings).sources_added == []  # read once
 
 
 def test_a_removal_after_the_export_leaves_no_removed_key_in_any_export_shard(demo_store):
@@ -479,6 +523,23 @@ def test_a_keys_file_chooses_the_samples(local_demo):
     assert sorted(key for key, _ in _export_samples(store, "listed")) == sorted(chosen)
     write_export(store, ExportSettings("listed4", keys_file="lists/chosen.parquet", where="similarity > 0"))
     assert sorted(key for key, _ in _export_samples(store, "listed4")) == sorted(chosen[:4])
+
+
+def test_a_keys_file_that_changed_is_a_change_of_the_export_settings(local_demo):
+    """Other keys in the same keys file make another subset, as another `where` does: the export refuses
+    to grow, naming the file, until it is rebuilt on request. It kept the old keys' samples and took none
+    of the new ones, without a word."""
+    store = local_demo
+    keys = [key for (key,) in views.connect(store).sql("SELECT key FROM pairs ORDER BY key").fetchall()]
+    store.write_bytes("lists/chosen.txt", "\n".join(keys[:10]).encode())
+    settings = ExportSettings("listed", keys_file="lists/chosen.txt")
+    write_export(store, settings)
+    assert write_export(store, settings).shards_added == []  # the same keys: nothing to do
+    store.write_bytes("lists/chosen.txt", "\n".join(keys[10:30]).encode())
+    with pytest.raises(SettingsChanged, match=r"keys_file lists/chosen.txt lists other keys.*reshuffle"):
+        write_export(store, settings)
+    write_export(store, settings, reshuffle=True)
+    assert sorted(key for key, _ in _export_samples(store, "listed")) == keys[10:30]
 
 
 def test_the_asset_writes_the_exports_of_the_dataset_settings_and_shows_them(local_demo):

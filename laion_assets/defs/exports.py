@@ -56,7 +56,8 @@ def training_shards(
     context: dg.AssetExecutionContext, config: TrainingShardsConfig, store: DatasetStoreResource
 ) -> dg.MaterializeResult:
     """Shuffled webdataset tars of a fixed number of samples for each export, with per-shard stats and a
-    manifest; new dataset shards add new tars, and the tars written stay as they are."""
+    manifest; new dataset shards add new tars, and the tars written stay as they are but for the samples of a
+    dataset shard rebuilt since, which is read again."""
     dataset = store.get_store()
     config = dataset_config(context, config, dataset)
     settings = [ExportSettings(**export.model_dump()) for export in config.exports]
@@ -70,6 +71,8 @@ def training_shards(
             f"export {result.name}: {result.samples_added} samples in {len(result.shards_added)} new shards "
             f"from {len(result.sources_added)} dataset shards" + (" (rebuilt)" if result.rebuilt else "")
         )
+        if result.reread:
+            context.log.info(f"export {result.name}: read again, rebuilt since: {', '.join(result.reread)}")
         for shard, layers in result.waiting.items():
             context.log.warning(f"export {result.name}: shard {shard} waits for its {' and '.join(layers)}")
     added = [

@@ -84,6 +84,17 @@ def _identity(stored: Mapping[str, str]) -> str:
     return hashlib.sha256(json.dumps(recorded, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def identities(
+    store: DatasetStore, shards: Iterable[str], layers: Iterable[Layer]
+) -> dict[str, dict[str, str]]:
+    """shard -> layer name -> what its file is, for each file of `layers` that `shards` have: a rebuild
+    changes it (another source, other settings, made from another upstream), a removal's rewrite keeps it."""
+    found: dict[str, dict[str, str]] = {}
+    for (shard, layer), schema in _stored_schemas(store, shards, layers):
+        found.setdefault(shard, {})[layer.name] = _identity(footer(schema))
+    return found
+
+
 def incoming_by_shard(store: DatasetStore) -> dict[str, StoredFile]:
     """The source files in `incoming/`, by the shard each one makes, sorted by shard.
 

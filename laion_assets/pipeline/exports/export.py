@@ -12,11 +12,13 @@ The shuffle is DataComp's resharder's: the source shards in a seeded order, each
 shuffle buffer of `shuffle_buffer` samples, so memory holds the buffer, never the export.
 
 An export grows with the dataset: a run reads only the source shards its manifest does not list, and
-appends shards after the last (so each append may leave one shard short of `shard_size`). A shard that
+appends shards after the last (so each append may leave one shard short of `shard_size`). A source shard
+whose pairs, scores or recaptions were rebuilt after it was read (another source file, other settings)
+is read again: its old samples are taken out of the tars that hold them first. A shard that
 lacks a layer `annotated_pairs` joins (`scores`, `recaptions`) which the dataset builds for other
 shards waits for it (`waiting`): read before, its rows would have had no recaption or no score, and it
 would never have been read again. Nothing
-written is rewritten unless asked (`reshuffle`), and an export built with other settings refuses to
+else written is rewritten unless asked (`reshuffle`), and an export built with other settings refuses to
 grow until then. A removal (takedown or dedup, `pipeline/removal.py`) rewrites the shards that hold a
 removed key (`export_hits`, `remove_from_exports`).
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import io
 import json
 import random
@@ -42,6 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from laion_assets.pipeline.catalog import views
+from laion_assets.pipeline.lineage import identities
 from laion_assets.pipeline.pairs.filter import stored_pair_shards
 from laion_assets.pipeline.settings import SettingsChanged, differences
 from laion_assets.pipeline.shard_tar import TarShardWriter, drop_samples, encode_sample, read_samples
@@ -55,6 +59,8 @@ CAPTION_FIELDS = ("caption", "re_caption")  # what a sample's txt can hold
 SOURCE_SHARD = "source_shard"  # the column (and json field) naming the dataset shard a sample came from
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 _KEY_FILE_SUFFIXES = (".txt", ".parquet")
+# The layers of a source shard an export's rows come from: when one is rebuilt, the shard is read again.
+_READ_LAYERS = (PAIRS, SCORES, RECAPTIONS)
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,7 @@ class ExportResult:
     samples_added: int = 0
     rebuilt: bool = False  # written anew (first run, or `reshuffle`)
     waiting: dict[str, list[str]] = field(default_factory=dict)  # shard -> the layers it waits for
+    reread: list[str] = field(default_factory=list)  # the dataset shards rebuilt since they were read
 
 
 def read_manifest(store: DatasetStore, export: Export) -> dict[str, Any] | None:
@@ -131,12 +138,15 @@ def write_export(store: DatasetStore, settings: ExportSettings, reshuffle: bool 
     """Add to the export the pairs of the dataset shards it has not read yet (all of them, in new shards
     from `00000`, on the first run or with `reshuffle`). SettingsChanged where the export was built with
     other settings and `reshuffle` is not set; ValueError naming the export for a `where` DuckDB cannot
-    run or a keys file it cannot read."""
+    run or a keys file it cannot read. Other keys in the keys file are other settings."""
     settings.check()
     export = Export(settings.name)
     manifest = read_manifest(store, export)
+    keys = read_keys_file(store, settings.keys_file) if settings.keys_file else None
     if manifest is not None and not reshuffle:
         changed = differences(manifest["settings"], dataclasses.asdict(settings))
+        if keys is not None and manifest.get("keys_sha256", _keys_digest(keys)) != _keys_digest(keys):
+            changed.append(f"keys_file {settings.keys_file} lists other keys")
         if changed:
             raise SettingsChanged(
                 f"export {settings.name!r} in {store.url(export.folder)} was built with other settings "
@@ -148,13 +158,20 @@ def write_export(store: DatasetStore, settings: ExportSettings, reshuffle: bool 
         store.remove(export.manifest)  # first, so that no manifest claims the shards while they change
         store.remove(export.sizes)
         manifest = _new_manifest(settings)
+        if keys is not None:
+            manifest["keys_sha256"] = _keys_digest(keys)
     _remove_unlisted(store, export, manifest)
+    made_from = manifest.setdefault("made_from", {})  # manifests before it: their sources count as current
+    reread = _rebuilt_since_read(store, made_from)
+    if reread:
+        _drop_sources(store, export, manifest, reread)
     sources = sorted(set(stored_pair_shards(store, f"export {settings.name!r}")) - manifest["sources"].keys())
     waiting = _waiting(store, sources)
     sources = [source for source in sources if source not in waiting]
+    read_from = identities(store, sources, _READ_LAYERS)  # before reading: a rebuild meanwhile shows later
     rng = random.Random(f"{settings.seed}:{len(manifest['appends'])}")
     rng.shuffle(sources)
-    connection, schema = _selection_connection(store, settings)
+    connection, schema = _selection_connection(store, settings, keys)
     buffer = _ShuffleBuffer(settings.shuffle_buffer, rng)
     skipped: Counter[str] = Counter()
     with _ShardSink(store, export, len(manifest["shards"]), settings, schema) as sink:
@@ -164,6 +181,7 @@ def write_export(store: DatasetStore, settings: ExportSettings, reshuffle: bool 
                 for ready in buffer.push(sample):
                     sink.write(ready)
             manifest["sources"][source] = selected.num_rows
+            made_from[source] = read_from.get(source, {})
         for ready in buffer.drain():
             sink.write(ready)
     connection.close()
@@ -173,7 +191,7 @@ def write_export(store: DatasetStore, settings: ExportSettings, reshuffle: bool 
     manifest["shards"] += sink.shards
     for reason, count in skipped.items():
         manifest["skipped"][reason] = manifest["skipped"].get(reason, 0) + count
-    if sources or rebuilt:
+    if sources or rebuilt or reread:
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         manifest["appends"].append(
             {
@@ -184,7 +202,31 @@ def write_export(store: DatasetStore, settings: ExportSettings, reshuffle: bool 
             }
         )
         _write_manifest(store, export, manifest)
-    return ExportResult(settings.name, manifest, sources, shards_added, added, rebuilt, waiting)
+    return ExportResult(settings.name, manifest, sources, shards_added, added, rebuilt, waiting, reread)
+
+
+def _rebuilt_since_read(store: DatasetStore, made_from: Mapping[str, dict[str, str]]) -> list[str]:
+    """The sources read whose layers of `_READ_LAYERS` are not the files they were read from now: rebuilt,
+    built since, or gone."""
+    now = identities(store, made_from, _READ_LAYERS)
+    return sorted(source for source, read in made_from.items() if now.get(source, {}) != read)
+
+
+def _drop_sources(store: DatasetStore, export: Export, manifest: dict[str, Any], dropped: list[str]) -> None:
+    """Take the samples of the sources `dropped` out of the export's shards (tar, then parquet and stats)
+    and out of its manifest, which lists them as not read. A shard whose parquet has fewer rows than its
+    entry says was rewritten by a run killed before its manifest: its entry is made again from its files."""
+    for shard in manifest["shards"]:
+        rows = store.read_parquet(export.parquet(shard["shard"]), columns=["key", SOURCE_SHARD])
+        hit = pc.is_in(rows.column(SOURCE_SHARD), value_set=pa.array(dropped, pa.string()))
+        keys = set(rows.filter(hit).column("key").to_pylist())
+        if keys or rows.num_rows != shard["samples"]:
+            shard.update(
+                _without_samples(store, export, shard["shard"], keys, manifest["settings"]["caption"])
+            )
+    for source in dropped:
+        manifest["sources"].pop(source, None)
+        manifest["made_from"].pop(source)
 
 
 def _waiting(store: DatasetStore, sources: list[str]) -> dict[str, list[str]]:
@@ -208,6 +250,7 @@ def _new_manifest(settings: ExportSettings) -> dict[str, Any]:
         "sources": {},  # dataset shard -> pairs it selected
         "skipped": {},  # why -> selected pairs not written (no caption of the export's kind, no image)
         "removed": {},  # removal reason -> samples removed since
+        "made_from": {},  # dataset shard -> layer -> the identity of the file it was read from (lineage)
         "appends": [],  # a record per run that added shards
     }
 
@@ -232,9 +275,9 @@ def _remove_unlisted(store: DatasetStore, export: Export, manifest: dict[str, An
 
 
 def _selection_connection(
-    store: DatasetStore, settings: ExportSettings
+    store: DatasetStore, settings: ExportSettings, keys: list[str] | None
 ) -> tuple[duckdb.DuckDBPyConnection, pa.Schema]:
-    """The catalog's views and the keys file's keys; the schema of the export's rows, which also checks
+    """The catalog's views and the keys file's `keys`; the schema of the export's rows, which also checks
     its query once."""
     import duckdb  # where it queries: see catalog.views
 
@@ -246,8 +289,8 @@ def _selection_connection(
                 f"export {settings.name!r}: its where is not one SQL expression ({settings.where!r}): {exc}"
             ) from exc
     connection = views.connect(store)
-    if settings.keys_file:
-        connection.register(_KEYS_TABLE, pa.table({"key": read_keys_file(store, settings.keys_file)}))
+    if keys is not None:
+        connection.register(_KEYS_TABLE, pa.table({"key": keys}))
     try:
         schema = connection.execute(f"{settings.selection_sql()} LIMIT 0").to_arrow_table().schema
     except duckdb.Error as exc:
@@ -273,6 +316,12 @@ def read_keys_file(store: DatasetStore, path: str) -> list[str]:
             f"{location}: not a keys file (a .txt with a key a line, or a .parquet with a `key` column): "
             f"{exc}"
         ) from exc
+
+
+def _keys_digest(keys: list[str]) -> str:
+    """What a keys file lists, whatever its order, duplicates or format: a manifest records it, so that the
+    same file with other keys reads as a change of the export's settings."""
+    return hashlib.sha256("\n".join(sorted(set(keys))).encode()).hexdigest()
 
 
 def _selected_rows(connection: duckdb.DuckDBPyConnection, settings: ExportSettings, source: str) -> pa.Table:
@@ -370,6 +419,17 @@ class _ShuffleBuffer:
         self.rng.shuffle(self.held)
         while self.held:
             yield self.held.pop()
+
+
+def _without_samples(
+    store: DatasetStore, export: Export, shard: str, keys: Collection[str], caption: str
+) -> dict:
+    """Rewrite the export's shard without the samples of `keys` (those it still holds): the tar, then its
+    parquet and stats. Its entry in the manifest."""
+    drop_samples(store, export.tar(shard), keys)
+    rows = store.read_parquet(export.parquet(shard))
+    kept = without_keys(rows, keys)
+    return _write_shard_files(store, export, shard, rows if kept is None else kept, caption)
 
 
 def _write_shard_files(store: DatasetStore, export: Export, shard: str, rows: pa.Table, caption: str) -> dict:
@@ -493,12 +553,8 @@ def remove_from_exports(store: DatasetStore, hits: Mapping[str, list[str]], reas
             removed = by_tar.get(export.tar(shard["shard"]))
             if not removed:
                 continue
-            drop_samples(store, export.tar(shard["shard"]), removed)
-            rows = store.read_parquet(export.parquet(shard["shard"]))
-            kept = without_keys(rows, removed)
-            if kept is None:  # its rows are gone already: a rerun finishing the job
-                kept = rows
-            entry = _write_shard_files(store, export, shard["shard"], kept, manifest["settings"]["caption"])
+            # a rerun finishing the job finds the tar or its rows without them already
+            entry = _without_samples(store, export, shard["shard"], removed, manifest["settings"]["caption"])
             removed_now = shard["samples"] - entry["samples"]
             manifest["removed"][reason] = manifest["removed"].get(reason, 0) + removed_now
             shard.update(entry)
