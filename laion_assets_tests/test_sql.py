@@ -2,6 +2,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -189,6 +190,42 @@ def test_catalog_asset_writes_a_database_file_with_the_views(root, tmp_path):
         catalog.enable_s3(connection)
     assert connection.sql("SELECT count(*) FROM images").fetchall() == [(4,)]
     assert connection.sql("SELECT count(*) FROM crawl_metadata").fetchall() == [(2,)]
+
+
+def test_a_killed_sessions_wal_is_not_replayed_onto_the_rewritten_catalog_file(local_root):
+    """`duckdb data/catalog.duckdb` opens the file read-write; a session killed before its checkpoint
+    leaves catalog.duckdb.wal, and DuckDB replays a WAL onto whatever file has its name: the catalog
+    written next showed that session's changes (here its own `images` view) in place of its own views."""
+    store = DatasetStore(local_root)
+    _two_shards(store)
+    database = store.path("catalog.duckdb")
+    catalog.write_catalog(store, database)
+    session = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time, duckdb\n"
+            f"connection = duckdb.connect({database!r})\n"
+            "connection.execute(\"CREATE OR REPLACE VIEW images AS SELECT 'mine' AS status\")\n"
+            "print('changed', flush=True)\n"
+            "time.sleep(600)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert session.stdout.readline() == "changed\n"
+    finally:
+        session.send_signal(signal.SIGKILL)
+        session.wait()
+    assert os.path.exists(f"{database}.wal")
+    catalog.write_catalog(store, database)
+    connection = duckdb.connect(database, read_only=True)
+    assert connection.sql("SELECT status, count(*) FROM images GROUP BY 1 ORDER BY 1").fetchall() == [
+        ("failed_to_download", 1),
+        ("opted_out", 1),
+        ("success", 2),
+    ]
 
 
 def test_a_moved_root_is_queried_at_once_and_its_catalog_file_rebuilt_by_one_command(

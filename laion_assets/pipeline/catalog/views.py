@@ -20,6 +20,7 @@ library (27 to 44 MB of RSS, as much of it as the page cache holds).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -154,6 +155,10 @@ def write_catalog(store: DatasetStore, database: str) -> list[str]:
         views = view_names(connection)
     finally:
         connection.close()
+    # a WAL beside the old file (a session on it killed before its checkpoint) is the old file's: DuckDB
+    # would replay it onto the new one, whatever that holds
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(f"{database}.wal")
     os.replace(tmp, database)
     return sorted(views)
 
