@@ -78,6 +78,8 @@ def run_sql(root: str, query: str, fmt: str = "table", output: Path | None = Non
         print(f"wrote {output}")
         return
     relation = connection.sql(query)
+    if relation is None:  # a statement without a result: COPY ... TO, SET, CREATE ...
+        return
     if fmt == "table":
         relation.show(max_rows=100, max_width=200)
         return

@@ -163,6 +163,17 @@ def test_sql_output_takes_a_query_ending_in_a_comment(root, tmp_path):
         assert output.read_text().splitlines() == ["n", "4"]
 
 
+def test_sql_runs_a_statement_that_returns_no_rows(root, tmp_path, capsys):
+    """DuckDB's own `COPY (...) TO` (or a SET) returns no relation: the command wrote the file, then
+    ended in an AttributeError traceback and exit status 1."""
+    _two_shards(DatasetStore(root))
+    for fmt in ("table", "csv", "json"):
+        target = tmp_path / f"images-{fmt}.parquet"
+        assert main(["sql", "--root", root, "--format", fmt, f"COPY (FROM images) TO '{target}'"]) == 0
+        assert pq.read_table(target).num_rows == 4
+    assert capsys.readouterr().out == ""
+
+
 def test_unknown_view_is_a_clear_error(local_root):
     # one line, DuckDB's message, where it was DuckDB's exception and a traceback
     with pytest.raises(SystemExit, match=r"^laion-assets sql: Catalog Error: .*pairs"):
