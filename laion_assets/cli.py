@@ -92,6 +92,20 @@ def run_sql(root: str, query: str, fmt: str = "table", output: Path | None = Non
         print(json.dumps([dict(zip(columns, row, strict=True)) for row in rows], default=str, indent=1))
 
 
+def what_root_has(root: str) -> str:
+    """One line for a query that named a view `root` lacks: its views, or why it has none."""
+    from laion_assets.pipeline.catalog import views as duckdb_catalog
+    from laion_assets.pipeline.storage import DatasetStore
+
+    store = DatasetStore(root)
+    views = duckdb_catalog.view_names(duckdb_catalog.connect(store))
+    if views:
+        return f"the views of {store.root}: {', '.join(sorted(views))}"
+    if not store.exists(""):
+        return f"no dataset at {store.root}: nothing is stored there (--root, else $LAION_ASSETS_ROOT)"
+    return f"{store.root} has no views yet: no layer has parquet files there"
+
+
 def sql_shell(root: str) -> None:
     """An interactive shell on the DuckDB views of `root`, as DuckDB's own: a statement ends with `;`,
     `.tables` lists the views, `.quit` or the end of input leaves."""
@@ -263,7 +277,9 @@ def _command(args: argparse.Namespace) -> int:
 
         try:
             run_sql(root, args.query, args.format, args.output)
-        except duckdb.Error as exc:  # a mistyped query or view: DuckDB's message, as its own CLI prints it
+        except duckdb.CatalogException as exc:  # a view the root lacks: a mistyped view, or root
+            raise SystemExit(f"laion-assets sql: {exc}\n{what_root_has(root)}") from exc
+        except duckdb.Error as exc:  # a mistyped query: DuckDB's message, as its own CLI prints it
             raise SystemExit(f"laion-assets sql: {exc}") from exc
         return 0
     if args.command == "init":

@@ -182,6 +182,29 @@ def test_unknown_view_is_a_clear_error(local_root):
         main(["sql", "--root", local_root, "SELEC 1"])
 
 
+def test_a_query_naming_a_missing_view_says_what_the_root_has(root, tmp_path):
+    """DuckDB's message alone ("Table with name images does not exist! Did you mean "pg_namespace"?")
+    did not say that the root was mistyped, or had nothing built yet, or which views it has."""
+    store = DatasetStore(root)
+    for output in ([], ["--output", str(tmp_path / "out.csv")]):
+        with pytest.raises(
+            SystemExit,
+            match=rf"(?s)^laion-assets sql: Catalog Error: .*images.*\n"
+            rf"no dataset at {re.escape(store.root)}: nothing is stored there",
+        ):
+            main(["sql", "--root", root, *output, "SELECT * FROM images"])
+    store.write_bytes("incoming/a.csv", b"url,caption\nhttp://a.com/1.jpg,a cat\n")
+    with pytest.raises(
+        SystemExit, match=rf"\n{re.escape(store.root)} has no views yet: no layer has parquet"
+    ):
+        main(["sql", "--root", root, "SELECT * FROM images"])
+    _two_shards(store)
+    with pytest.raises(
+        SystemExit, match=rf"\nthe views of {re.escape(store.root)}: crawl_metadata, hosts, images$"
+    ):
+        main(["sql", "--root", root, "SELECT * FROM pairs"])
+
+
 def test_catalog_asset_writes_a_database_file_with_the_views(root, tmp_path):
     import dagster as dg
 
