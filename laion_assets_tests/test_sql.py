@@ -262,6 +262,34 @@ def test_a_killed_sessions_wal_is_not_replayed_onto_the_rewritten_catalog_file(l
     ]
 
 
+def test_the_duckdb_shell_reads_an_s3_catalog_as_docs_sql_md_says(s3_root, tmp_path):
+    """docs/sql.md's set-up for DuckDB's own shell on an S3 root's catalog file, run as written (the
+    venv's binaries for `.venv/bin/`; moto's endpoint added as it says): it gave `LOAD httpfs`, which the
+    shell refuses for an extension not installed, and a credential_chain secret, whose `aws` extension
+    is not in the wheel and cannot be downloaded."""
+    store = DatasetStore(s3_root)
+    _two_shards(store)
+    database = str(tmp_path / "c.duckdb")
+    catalog.write_catalog(store, database)
+    text = SQL_DOCS.read_text()
+    install = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "INSTALL" in b)
+    session = next(b for b in re.findall(r"```sql\n(.*?)```", text, re.S) if "CREATE SECRET" in b)
+    endpoint = os.environ["AWS_ENDPOINT_URL"].removeprefix("http://")
+    session = session.replace("));", f"), ENDPOINT '{endpoint}', URL_STYLE 'path', USE_SSL false);")
+    venv = f"{os.path.dirname(sys.executable)}/"
+    env = {**os.environ, "HOME": str(tmp_path)}  # the extension is installed under ~/.duckdb
+    subprocess.run(["bash", "-c", install.replace(".venv/bin/", venv)], env=env, check=True, timeout=120)
+    done = subprocess.run(
+        [f"{venv}duckdb", "-readonly", "-csv", database],
+        input=f"{session}SELECT count(*) AS n FROM images;\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and done.stdout.split()[-2:] == ["n", "4"], done.stdout + done.stderr
+
+
 def test_a_moved_root_is_queried_at_once_and_its_catalog_file_rebuilt_by_one_command(
     local_root, tmp_path, capsys, monkeypatch
 ):
