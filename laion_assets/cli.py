@@ -6,6 +6,7 @@ Each sub-command imports what it needs when it runs: `sql` never loads Dagster, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import gc
@@ -60,21 +61,37 @@ def load_run_config(path: Path | None) -> dict:
 OUTPUT_FORMATS = {".csv": "csv", ".json": "json", ".parquet": "parquet"}
 
 
-def run_sql(root: str, query: str, fmt: str = "table", output: Path | None = None) -> None:
-    """Run `query` against the DuckDB views of `root`; print it, or write it to `output`."""
+def run_sql(root: str, query: str, fmt: str = "table", output: str | None = None) -> None:
+    """Run `query` against the DuckDB views of `root`; print it, or write it to `output`: a local file,
+    written under a temporary name and renamed, or an s3:// URL (an upload DuckDB completes at its end)."""
     from laion_assets.pipeline.catalog import views as duckdb_catalog
-    from laion_assets.pipeline.storage import DatasetStore
+    from laion_assets.pipeline.storage import DatasetStore, remove_abandoned_beside, temporary_name
 
-    connection = duckdb_catalog.connect(DatasetStore(root))
+    store = DatasetStore(root)
+    connection = duckdb_catalog.connect(store)
     if output is not None:
-        kind = OUTPUT_FORMATS.get(output.suffix.lower())
+        kind = OUTPUT_FORMATS.get(os.path.splitext(output)[1].lower())
         if kind is None:
             raise SystemExit(f"laion-assets: --output must end in one of {list(OUTPUT_FORMATS)}")
+        to_s3 = output.startswith("s3://")
+        if to_s3 and not store.is_s3:
+            duckdb_catalog.enable_s3(connection)
+        if not to_s3:
+            remove_abandoned_beside(output)  # what a killed query left
+        target = output if to_s3 else temporary_name(os.path.abspath(output))
         options = "FORMAT json, ARRAY true" if kind == "json" else f"FORMAT {kind}"
-        target = duckdb_catalog.quote_literal(str(output))
         # the query ends a statement, as typed: inside `COPY (...)` a trailing `-- comment` or `;` broke it
         connection.execute(f"CREATE TEMP VIEW laion_assets_output AS\n{query}")
-        connection.execute(f"COPY (FROM laion_assets_output) TO '{target}' ({options})")
+        try:
+            connection.execute(
+                f"COPY (FROM laion_assets_output) TO '{duckdb_catalog.quote_literal(target)}' ({options})"
+            )
+            if not to_s3:
+                os.replace(target, output)
+        finally:
+            if not to_s3:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(target)
         print(f"wrote {output}")
         return
     relation = connection.sql(query)
@@ -211,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--root", default=None, help=root_help)
     sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
     sql.add_argument(
-        "--output", type=Path, default=None, help="write the result to a .csv, .json or .parquet file"
+        "--output", default=None, help="write the result to a .csv, .json or .parquet file, local or s3://"
     )
 
     takedown = sub.add_parser(

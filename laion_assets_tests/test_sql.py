@@ -14,7 +14,7 @@ import pytest
 
 from laion_assets.cli import main
 from laion_assets.pipeline.catalog import views as catalog
-from laion_assets.pipeline.storage import DatasetStore
+from laion_assets.pipeline.storage import DatasetStore, temporary_name
 
 
 def _two_shards(store: DatasetStore) -> None:
@@ -579,3 +579,24 @@ def test_sql_without_a_query_is_an_interactive_shell(local_root):
     cells = [line.strip("│ ") for line in lines if line.startswith("│")]
     assert cells == ["n", "int64", "4", "answer", "int32", "42"]
     assert any("CatalogException:" in line and "nowhere" in line for line in lines)  # and it went on
+
+
+def test_sql_output_goes_to_s3_or_whole_to_a_local_file(local_root, s3_root, tmp_path):
+    """--output took a path only: `s3://bucket/x.parquet` became `s3:/bucket/x.parquet`, a local folder."""
+    query = "SELECT count(*) AS n FROM images"
+    folder = tmp_path / "out"
+    folder.mkdir()
+    _two_shards(DatasetStore(local_root))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    left = folder / Path(temporary_name(str(folder / "n.parquet"))).name.replace(
+        f"-{os.getpid()}-", f"-{int(gone.stdout)}-"
+    )
+    left.write_bytes(b"PAR1 half")  # the temporary file of a query killed while it wrote
+    assert main(["sql", "--root", local_root, "--output", str(folder / "n.parquet"), query]) == 0
+    assert os.listdir(folder) == ["n.parquet"]  # written under a temporary name, then renamed
+    assert pq.read_table(folder / "n.parquet").to_pylist() == [{"n": 4}]
+    _two_shards(DatasetStore(s3_root))
+    for n, root in enumerate((local_root, s3_root)):  # from a local root too: DuckDB then needs S3 set up
+        assert main(["sql", "--root", root, "--output", f"{s3_root}/queries/n{n}.csv", query]) == 0
+        assert DatasetStore(s3_root).read_bytes(f"queries/n{n}.csv").decode().splitlines() == ["n", "4"]
+    assert not Path("s3:").exists()

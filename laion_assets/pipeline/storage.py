@@ -132,6 +132,16 @@ def is_abandoned(name: str, modified: float, now: float | None = None) -> bool:
     return writer_gone(host, int(pid), stale, modified) if pid.isdigit() else stale
 
 
+def remove_abandoned_beside(path: str) -> None:
+    """Remove the temporary files of `path` (see `temporary_name`) that writers now gone left beside it:
+    for a local file outside a root (the catalog's, a query's --output), which `remove_abandoned` misses."""
+    folder, name = os.path.split(os.path.abspath(path))
+    for entry in os.scandir(folder):
+        if entry.name.startswith(f".{name}") and is_abandoned(entry.name, entry.stat().st_mtime):
+            with contextlib.suppress(FileNotFoundError):  # another run removed it first
+                os.remove(entry.path)
+
+
 def root_from_env() -> str:
     return os.environ.get(ROOT_ENV) or DEFAULT_ROOT
 

@@ -44,7 +44,7 @@ from laion_assets.pipeline.storage import (
     DatasetStore,
     Export,
     S3Settings,
-    is_abandoned,
+    remove_abandoned_beside,
     temporary_name,
 )
 
@@ -128,7 +128,7 @@ def enable_s3(connection: duckdb.DuckDBPyConnection) -> None:
     """httpfs from the wheel and an S3 secret from AWS_*: what a session needs to read an S3 root.
 
     A secret lives in the session, not in a database file, so every connection to a catalog of an S3
-    root calls this (the duckdb CLI: LOAD httpfs; CREATE SECRET (TYPE s3, PROVIDER credential_chain))."""
+    root calls this (DuckDB's own shell: docs/sql.md)."""
     connection.execute(f"LOAD '{quote_literal(str(httpfs_extension_path()))}'")
     connection.execute(_s3_secret_sql(S3Settings.from_env()))
 
@@ -141,12 +141,8 @@ def default_catalog_path(store: DatasetStore) -> str:
 def write_catalog(store: DatasetStore, database: str) -> list[str]:
     """`hosts/hosts.parquet` from the images, then a DuckDB database file with the views, replaced whole.
     Returns the view names."""
-    folder = os.path.dirname(os.path.abspath(database))
-    os.makedirs(folder, exist_ok=True)
-    for name in os.listdir(folder):  # a database file (or its WAL) a killed run left half-written
-        path = os.path.join(folder, name)
-        if name.startswith(f".{os.path.basename(database)}") and is_abandoned(name, os.stat(path).st_mtime):
-            os.remove(path)
+    os.makedirs(os.path.dirname(os.path.abspath(database)), exist_ok=True)
+    remove_abandoned_beside(database)  # a database file (or its WAL) a killed run left half-written
     tmp = temporary_name(database)
     connection = connect(store, tmp)
     try:
