@@ -15,7 +15,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -38,7 +38,9 @@ _CHUNK = 256  # images decoded and captioned at once
 
 
 class Captioner(Protocol):
-    """CocaCaptioner, ChatCaptioner: a caption, or the reason there is none, per image."""
+    """CocaCaptioner, ChatCaptioner, HfCaptioner: a caption, or the reason there is none, per image."""
+
+    settings: Any  # the captioner's settings dataclass
 
     def caption(self, images: list[Image.Image]) -> Sequence[str | NoCaption]: ...
 
