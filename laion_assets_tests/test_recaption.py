@@ -206,3 +206,23 @@ def test_decoding_is_the_dataset_s_and_a_shard_decoded_otherwise_is_stale(demo_c
     write_settings(demo_copy, settings.with_sections({CAPTIONER_SECTION: {**section, "decoding": "beam"}}))
     deployed = build_resources(demo_copy.root)["captioner"].captioner_settings(demo_copy)
     assert (deployed.decoding, deployed.max_tokens) == ("beam", 8)
+
+
+def test_an_empty_caption_is_a_row_with_the_reason(demo_copy):
+    """A captioner whose first token is end-of-text answers "" (a CoCa here; a transformers model can too):
+    the row has no caption and says why, as for the chat endpoint's empty answer, not a recaption of no
+    words that the counts, the card and `WHERE re_caption IS NOT NULL` take for one."""
+    import torch
+
+    captioner = varied_coca()
+    decoder = captioner.model.text_decoder
+    with torch.no_grad():  # every position's output the same vector, which end-of-text alone matches
+        decoder.ln_final.weight.zero_()
+        decoder.ln_final.bias.fill_(1.0)
+        decoder.text_projection.zero_()
+        decoder.text_projection[:, captioner.eot] = 1.0
+    result = write_recaptions(demo_copy, SHARD, captioner, ClipEncoder(DEMO_CLIP))
+    rows = result.table.to_pylist()
+    assert rows and all(row["re_caption"] is None for row in rows)
+    assert all(row["re_caption_error"] == "empty caption" and row["re_length"] is None for row in rows)
+    assert (result.summary()["recaptioned"], result.summary()["failed"]) == (0, len(rows))
