@@ -109,6 +109,17 @@ def test_a_slow_server_times_out_per_request(coca, images):
     assert late == NoCaption("timeout: no answer within 0.3s (gave up after 2 attempts)")
 
 
+def test_a_server_that_drips_its_answer_times_out_per_request(coca, images):
+    """The timeout bounds the whole request: a server that sends its answer a byte at a time, each byte well
+    within the timeout of the one before (a stalled gateway), is given up at the timeout, not after it."""
+    dripping = ChatServer(coca, drip=0.05)  # about 150 bytes: 7.5 s per answer
+    try:
+        (late,) = ChatCaptioner(_settings(dripping, timeout=0.5, retries=1)).caption(images[:1])
+    finally:
+        dripping.stop()
+    assert late == NoCaption("timeout: no answer within 0.5s (gave up after 2 attempts)")
+
+
 def test_the_description_never_holds_the_key(server):
     described = ChatCaptioner(_settings(server)).describe()
     assert described["captioner"] == "chat completions" and described["model"] == "llava-tiny"
