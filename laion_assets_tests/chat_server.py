@@ -27,6 +27,7 @@ class ChatServer:
         self.requests: list[dict] = []
         self.script: list[int] = []  # statuses to answer before captioning again
         self.retry_after = "0"  # the Retry-After of those answers
+        self.answers: list[str] = []  # captions to answer, one per request, before the model's again
         self._lock = threading.Lock()
         server = self
 
@@ -49,6 +50,7 @@ class ChatServer:
                 data = base64.b64decode(image_part["image_url"]["url"].split(",", 1)[1])
                 with server._lock:  # one model, one caption at a time
                     text = server.captioner.caption([Image.open(io.BytesIO(data)).convert("RGB")])[0]
+                    text = server.answers.pop(0) if server.answers else text
                 choice = {
                     "index": 0,
                     "message": {"role": "assistant", "content": text},

@@ -138,3 +138,18 @@ def test_recaptions_through_the_endpoint_keep_failed_rows(server, demo_root, tmp
     assert len(failed) == 1 and failed[0]["re_caption_error"].startswith("HTTP 400")
     assert failed[0]["re_clip_score"] is None and failed[0]["org_clip_score"] is not None
     assert all(row["re_caption"] and row["re_clip_score"] is not None for row in rows if row is not failed[0])
+
+
+def test_an_answer_that_is_not_unicode_is_a_reason_not_a_failed_shard(server, demo_root, tmp_path):
+    """JSON may escape a lone surrogate (half an emoji, cut): Python reads it into a str that UTF-8, the
+    tokenizer and the parquet cannot hold: kept, it failed the shard; now it is the sample's reason."""
+    shutil.copytree(demo_root, tmp_path / "data")
+    store = DatasetStore(str(tmp_path / "data"))
+    server.answers = ["a red \ud83d circle"]
+    captioner = ChatCaptioner(_settings(server, in_flight=1))
+    rows = write_recaptions(store, DEMO_SHARDS[0], captioner, ClipEncoder(DEMO_CLIP)).table.to_pylist()
+    failed = [row for row in rows if row["re_caption"] is None]
+    assert [row["re_caption_error"] for row in failed] == [
+        "the caption is not valid Unicode: 'a red \\ud83d circle'"
+    ]
+    assert all(row["re_caption"] and row["re_clip_score"] is not None for row in rows if row is not failed[0])

@@ -141,11 +141,16 @@ class ChatCaptioner:
             raise _Unusable(f"unexpected answer: {data[:200]!r}") from exc
         if not isinstance(content, str) or not content.strip():
             raise _Unusable("empty caption in the answer")
+        try:  # JSON may escape a lone surrogate, which no UTF-8 text can hold
+            content.encode()
+        except UnicodeEncodeError as exc:
+            raise _Unusable(f"the caption is not valid Unicode: {content[:200]!r}") from exc
         return content.strip()
 
 
 class _Unusable(Exception):
-    """An answer that retrying will not mend (4xx other than 429, a malformed body)."""
+    """An answer that retrying will not mend (4xx other than 429, a malformed body, a caption that is not
+    valid Unicode)."""
 
 
 def _read_before(response: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
