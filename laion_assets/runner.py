@@ -38,6 +38,7 @@ from laion_assets.pipeline.settings import (
     CAPTIONER_FIELDS,
     CAPTIONER_SECTION,
     CLIP_SECTION,
+    COCA_FIELDS,
     MODEL_FIELDS,
     SCORES_SECTION,
     DatasetSettings,
@@ -161,7 +162,7 @@ def prepare_settings(
         )
     if captioner is None and environment_captioner() is CocaCaptionerResource:
         env = values_from_env(CAPTION_ENV)
-        captioner = stored.recorded_in(CaptionSettings(), CAPTIONER_SECTION, MODEL_FIELDS, env)
+        captioner = stored.recorded_in(CaptionSettings(), CAPTIONER_SECTION, COCA_FIELDS, env)
     if scorers is None:
         env = values_from_env(SCORES_ENV)
         scorers = stored.recorded_in(ScoreSettings(), SCORES_SECTION, SCORE_MODEL_FIELDS, env)

@@ -1,7 +1,8 @@
 """An OpenAI-compatible chat-completions server on 127.0.0.1 over a real (tiny) model: each request's
 image, sent as a data URL, is captioned by the CoCa it is given. It records every request, checks the
 Bearer key when it has one, and answers the statuses of `script` first, one per request, so that tests
-can make it busy (429, with `retry_after` as its Retry-After), broken (5xx) or slow."""
+can make it busy (429, with `retry_after` as its Retry-After), broken (5xx), slow to answer (`delay`) or
+slow to send its answer (`drip`: seconds between its bytes, as a stalled gateway sends them)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,14 @@ from laion_assets.pipeline.recaptions.caption import CocaCaptioner
 
 
 class ChatServer:
-    def __init__(self, captioner: CocaCaptioner, api_key: str = "", delay: float = 0.0) -> None:
-        self.captioner, self.api_key, self.delay = captioner, api_key, delay
+    def __init__(
+        self, captioner: CocaCaptioner, api_key: str = "", delay: float = 0.0, drip: float = 0.0
+    ) -> None:
+        self.captioner, self.api_key, self.delay, self.drip = captioner, api_key, delay, drip
         self.requests: list[dict] = []
         self.script: list[int] = []  # statuses to answer before captioning again
         self.retry_after = "0"  # the Retry-After of those answers
+        self.answers: list[str] = []  # captions to answer, one per request, before the model's again
         self._lock = threading.Lock()
         server = self
 
@@ -46,6 +50,7 @@ class ChatServer:
                 data = base64.b64decode(image_part["image_url"]["url"].split(",", 1)[1])
                 with server._lock:  # one model, one caption at a time
                     text = server.captioner.caption([Image.open(io.BytesIO(data)).convert("RGB")])[0]
+                    text = server.answers.pop(0) if server.answers else text
                 choice = {
                     "index": 0,
                     "message": {"role": "assistant", "content": text},
@@ -62,7 +67,10 @@ class ChatServer:
                     self.send_header(name, value)
                 self.end_headers()
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up
-                    self.wfile.write(data)
+                    for piece in [data[i : i + 1] for i in range(len(data))] if server.drip else [data]:
+                        self.wfile.write(piece)
+                        self.wfile.flush()
+                        time.sleep(server.drip)
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"

@@ -109,6 +109,17 @@ def test_a_slow_server_times_out_per_request(coca, images):
     assert late == NoCaption("timeout: no answer within 0.3s (gave up after 2 attempts)")
 
 
+def test_a_server_that_drips_its_answer_times_out_per_request(coca, images):
+    """The timeout bounds the whole request: a server that sends its answer a byte at a time, each byte well
+    within the timeout of the one before (a stalled gateway), is given up at the timeout, not after it."""
+    dripping = ChatServer(coca, drip=0.05)  # about 150 bytes: 7.5 s per answer
+    try:
+        (late,) = ChatCaptioner(_settings(dripping, timeout=0.5, retries=1)).caption(images[:1])
+    finally:
+        dripping.stop()
+    assert late == NoCaption("timeout: no answer within 0.5s (gave up after 2 attempts)")
+
+
 def test_the_description_never_holds_the_key(server):
     described = ChatCaptioner(_settings(server)).describe()
     assert described["captioner"] == "chat completions" and described["model"] == "llava-tiny"
@@ -126,4 +137,19 @@ def test_recaptions_through_the_endpoint_keep_failed_rows(server, demo_root, tmp
     failed = [row for row in rows if row["re_caption"] is None]
     assert len(failed) == 1 and failed[0]["re_caption_error"].startswith("HTTP 400")
     assert failed[0]["re_clip_score"] is None and failed[0]["org_clip_score"] is not None
+    assert all(row["re_caption"] and row["re_clip_score"] is not None for row in rows if row is not failed[0])
+
+
+def test_an_answer_that_is_not_unicode_is_a_reason_not_a_failed_shard(server, demo_root, tmp_path):
+    """JSON may escape a lone surrogate (half an emoji, cut): Python reads it into a str that UTF-8, the
+    tokenizer and the parquet cannot hold: kept, it failed the shard; now it is the sample's reason."""
+    shutil.copytree(demo_root, tmp_path / "data")
+    store = DatasetStore(str(tmp_path / "data"))
+    server.answers = ["a red \ud83d circle"]
+    captioner = ChatCaptioner(_settings(server, in_flight=1))
+    rows = write_recaptions(store, DEMO_SHARDS[0], captioner, ClipEncoder(DEMO_CLIP)).table.to_pylist()
+    failed = [row for row in rows if row["re_caption"] is None]
+    assert [row["re_caption_error"] for row in failed] == [
+        "the caption is not valid Unicode: 'a red \\ud83d circle'"
+    ]
     assert all(row["re_caption"] and row["re_clip_score"] is not None for row in rows if row is not failed[0])

@@ -86,7 +86,7 @@ def test_the_dataset_keeps_which_transformers_model_recaptioned_it(blip, demo_ro
     hf = HfCaptionSettings(model_path=str(blip), device="cpu", max_new_tokens=6)
     resources = build_resources(store.root, DEMO_CLIP, hf)
     assert dg.materialize([recaptions], partition_key=shard, resources=resources, instance=instance).success
-    assert load_settings(store).section(CAPTIONER_SECTION) == {"model_path": str(blip)}
+    assert load_settings(store).section(CAPTIONER_SECTION) == {"model_path": str(blip), "max_new_tokens": 6}
     assert settings_changes(store, [shard], load_settings(store)) == {}
     other = load_settings(store).with_sections({CAPTIONER_SECTION: {"model_path": "/models/other"}})
     changes = settings_changes(store, [shard], other)

@@ -173,3 +173,56 @@ def test_a_deployment_recaptions_with_the_dataset_s_captioner(demo_copy, monkeyp
         footer(demo_copy.read_parquet(RECAPTIONS.parquet(SHARD)).schema)[names.CAPTIONER_FOOTER]
     )
     assert (described["model"], described["pretrained"]) == (DEMO_CAPTION_MODEL, "none")
+
+
+def test_decoding_is_the_dataset_s_and_a_shard_decoded_otherwise_is_stale(demo_copy, monkeypatch):
+    """Decoding and length shape the captions as the model does: the dataset's settings record them (the
+    demo's recaptions wrote its `captioner` section), a deployment's CoCa decodes as they say, and a shard
+    recaptioned otherwise (a run's own resource config) is reported stale, not mixed in silently."""
+    from dataclasses import replace
+
+    import dagster as dg
+
+    from laion_assets.defs.partitions import shards
+    from laion_assets.defs.recaptions import recaptions
+    from laion_assets.defs.resources import build_resources
+    from laion_assets.pipeline.lineage import settings_changes
+    from laion_assets.pipeline.settings import CAPTIONER_SECTION, load_settings, write_settings
+    from laion_assets_tests.captioners import RANDOM_COCA
+
+    section = load_settings(demo_copy).section(CAPTIONER_SECTION)
+    assert (section["decoding"], section["beams"], section["max_tokens"]) == ("greedy", 4, 8)
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(shards.name, [SHARD])
+    beam = build_resources(demo_copy.root, DEMO_CLIP, replace(RANDOM_COCA, decoding="beam"))
+    assert dg.materialize([recaptions], partition_key=SHARD, resources=beam, instance=instance).success
+    assert load_settings(demo_copy).section(CAPTIONER_SECTION) == section  # the run's config, for that run
+    changes = settings_changes(demo_copy, list(DEMO_SHARDS), load_settings(demo_copy))
+    assert changes == {SHARD: {RECAPTIONS.name: ["decoding: 'beam' -> 'greedy'"]}}
+
+    for name in ("CHAT_BASE_URL", "HF_CAPTION_MODEL", "CAPTION_MODEL", "CAPTION_PRETRAINED"):
+        monkeypatch.delenv(f"LAION_ASSETS_{name}", raising=False)
+    settings = load_settings(demo_copy)
+    write_settings(demo_copy, settings.with_sections({CAPTIONER_SECTION: {**section, "decoding": "beam"}}))
+    deployed = build_resources(demo_copy.root)["captioner"].captioner_settings(demo_copy)
+    assert (deployed.decoding, deployed.max_tokens) == ("beam", 8)
+
+
+def test_an_empty_caption_is_a_row_with_the_reason(demo_copy):
+    """A captioner whose first token is end-of-text answers "" (a CoCa here; a transformers model can too):
+    the row has no caption and says why, as for the chat endpoint's empty answer, not a recaption of no
+    words that the counts, the card and `WHERE re_caption IS NOT NULL` take for one."""
+    import torch
+
+    captioner = varied_coca()
+    decoder = captioner.model.text_decoder
+    with torch.no_grad():  # every position's output the same vector, which end-of-text alone matches
+        decoder.ln_final.weight.zero_()
+        decoder.ln_final.bias.fill_(1.0)
+        decoder.text_projection.zero_()
+        decoder.text_projection[:, captioner.eot] = 1.0
+    result = write_recaptions(demo_copy, SHARD, captioner, ClipEncoder(DEMO_CLIP))
+    rows = result.table.to_pylist()
+    assert rows and all(row["re_caption"] is None for row in rows)
+    assert all(row["re_caption_error"] == "empty caption" and row["re_length"] is None for row in rows)
+    assert (result.summary()["recaptioned"], result.summary()["failed"]) == (0, len(rows))

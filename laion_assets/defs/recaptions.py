@@ -1,17 +1,19 @@
 """The `recaptions` asset: a new caption for each kept pair, Recap-DataComp-1B's way, beside the web's."""
 
+import dataclasses
+
 import dagster as dg
 
 from laion_assets import names
 from laion_assets.defs.checks import problems_found, shard_check
-from laion_assets.defs.config import model_settings, record_section
+from laion_assets.defs.config import record_section
 from laion_assets.defs.execution import GPU_POD
 from laion_assets.defs.metadata import preview, shards_materialized
 from laion_assets.defs.pairs import filtered_pairs
 from laion_assets.defs.partitions import leased_shards, per_shard_asset
 from laion_assets.defs.resources import CaptionerResource, ClipEncoderResource, DatasetStoreResource
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.recaptions.recaption import write_recaptions
+from laion_assets.pipeline.recaptions.recaption import Captioner, write_recaptions
 from laion_assets.pipeline.settings import CAPTIONER_FIELDS, CAPTIONER_SECTION
 from laion_assets.pipeline.storage import PAIRS, RECAPTIONS, DatasetStore
 
@@ -34,7 +36,7 @@ def recaptions(
     dataset = store.get_store()
     encoder = clip.get_encoder(dataset)
     model = captioner.get_captioner(dataset)  # loaded once for every shard of the run
-    record_section(dataset, CAPTIONER_SECTION, model_settings(captioner, CAPTIONER_FIELDS))
+    record_section(dataset, CAPTIONER_SECTION, recorded_settings(model))
     metadata = {}
     for shard in leased_shards(context, dataset):
         result = write_recaptions(dataset, shard, model, encoder)
@@ -79,3 +81,12 @@ def shown_settings(described: dict[str, str]) -> dict[str, str]:
     """The captioner's settings as the UI shows them: `beams` only where decoding uses them (the footer
     keeps them all)."""
     return {k: v for k, v in described.items() if k != "beams" or described.get("decoding") == "beam"}
+
+
+def recorded_settings(captioner: Captioner) -> dict:
+    """The captioner's settings that shape its captions, for the dataset's `captioner` section: those of
+    `CAPTIONER_FIELDS` that its footer records as they are set (a transformers model with no chat
+    template reads no prompt, and its footer records none), so that a shard it recaptions is current."""
+    described = captioner.describe()
+    settings = dataclasses.asdict(captioner.settings)
+    return {k: v for k, v in settings.items() if k in CAPTIONER_FIELDS and described.get(k) == str(v)}

@@ -21,6 +21,7 @@ from laion_assets.pipeline.scores.score import Scorers, ScoreSettings
 from laion_assets.pipeline.settings import (
     CAPTIONER_SECTION,
     CLIP_SECTION,
+    COCA_FIELDS,
     MODEL_FIELDS,
     SCORES_SECTION,
     DatasetSettings,
@@ -132,8 +133,9 @@ CS = CaptionSettings
 class CocaCaptionerResource(CaptionerResource):
     """open_clip CoCa, decoded greedily (as Recap-DataComp-1B decoded) or by beam search.
 
-    With `from_dataset` (a deployment's resource), the model is the dataset's (its settings' `captioner`
-    section) where the LAION_ASSETS_CAPTION_* variables do not name one, as `laion-assets run` finds it."""
+    With `from_dataset` (a deployment's resource), the model, decoding and length are the dataset's (its
+    settings' `captioner` section) where the LAION_ASSETS_CAPTION_* variables do not name them, as
+    `laion-assets run` finds them."""
 
     settings_type, captioner_type, environment = CaptionSettings, CocaCaptioner, caption.SETTINGS_ENV
 
@@ -150,9 +152,7 @@ class CocaCaptionerResource(CaptionerResource):
     def captioner_settings(self, dataset: DatasetStore) -> CaptionSettings:
         settings = settings_from(self, CaptionSettings)
         if self.from_dataset:
-            settings = dataset_models(
-                settings, dataset, CAPTIONER_SECTION, MODEL_FIELDS, caption.SETTINGS_ENV
-            )
+            settings = dataset_models(settings, dataset, CAPTIONER_SECTION, COCA_FIELDS, caption.SETTINGS_ENV)
         return settings
 
 

@@ -31,8 +31,18 @@ SCORES_SECTION = "scores"  # the quality_scores models
 SETTINGS_WAIT = 60.0  # how long a run waits for another to finish adding its sections
 # The model fields that shape embeddings and captions; device and batch size do not.
 MODEL_FIELDS = ("model", "pretrained", "seed")
-# The captioner's: those of a CoCa or a chat endpoint's model, and a transformers captioner's folder.
-CAPTIONER_FIELDS = (*MODEL_FIELDS, "model_path")
+# A CoCa captioner's: its model's, and the decoding and length, which shape its captions as much.
+COCA_FIELDS = (*MODEL_FIELDS, "decoding", "beams", "max_tokens")
+# The captioner's: a CoCa's; a chat endpoint's model, prompt, length and temperature; a transformers
+# captioner's folder, prompt and length.
+CAPTIONER_FIELDS = (
+    *COCA_FIELDS,
+    "model_path",
+    "prompt",
+    "max_completion_tokens",
+    "temperature",
+    "max_new_tokens",
+)
 _HEADER = """\
 # The settings that shape this dataset's content, read by every run on this root: `laion-assets run`,
 # `takedown` and `demo`, the sensors, the catch-up schedule and runs launched from the Dagster UI.

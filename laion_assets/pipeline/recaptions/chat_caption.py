@@ -47,7 +47,7 @@ class ChatCaptionSettings:
     max_completion_tokens: int = 128  # Recap-DataComp-1B's
     temperature: float = 0.0  # greedy, as Recap decoded
     in_flight: int = 16  # requests at once
-    timeout: float = 120.0  # seconds per request
+    timeout: float = 120.0  # seconds per request, the answer read whole within them
     retries: int = 3  # extra attempts after 429, 5xx, timeouts and broken connections
     retry_backoff: float = 1.0  # seconds, doubled at each attempt
     max_retry_after: float = 60.0  # seconds: a longer Retry-After gives the sample up at once
@@ -119,30 +119,53 @@ class ChatCaptioner:
         }
 
     def _post(self, body: bytes) -> str:
+        timeout = self.settings.timeout
+        deadline = time.monotonic() + timeout
         try:
             response = self.http.request(
-                "POST", self.url, body=body, headers=self.headers, timeout=self.settings.timeout
+                "POST", self.url, body=body, headers=self.headers, timeout=timeout, preload_content=False
             )
-        except urllib3.exceptions.TimeoutError as exc:
-            raise _Retryable(f"timeout: no answer within {self.settings.timeout:g}s") from exc
+            data = _read_before(response, deadline)
+        except (urllib3.exceptions.TimeoutError, TimeoutError) as exc:
+            raise _Retryable(f"timeout: no answer within {timeout:g}s") from exc
         except HTTPError as exc:
             raise _Retryable(f"connection failed: {exc}") from exc
         if response.status == 429 or response.status >= 500:
             wait = retry_after_seconds(response.headers.get("Retry-After"))
-            raise _Retryable(f"HTTP {response.status}: {_detail(response.data)}", wait)
+            raise _Retryable(f"HTTP {response.status}: {_detail(data)}", wait)
         if response.status != 200:
-            raise _Unusable(f"HTTP {response.status}: {_detail(response.data)}")
+            raise _Unusable(f"HTTP {response.status}: {_detail(data)}")
         try:
-            content = json.loads(response.data)["choices"][0]["message"]["content"]
+            content = json.loads(data)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise _Unusable(f"unexpected answer: {response.data[:200]!r}") from exc
+            raise _Unusable(f"unexpected answer: {data[:200]!r}") from exc
         if not isinstance(content, str) or not content.strip():
             raise _Unusable("empty caption in the answer")
+        try:  # JSON may escape a lone surrogate, which no UTF-8 text can hold
+            content.encode()
+        except UnicodeEncodeError as exc:
+            raise _Unusable(f"the caption is not valid Unicode: {content[:200]!r}") from exc
         return content.strip()
 
 
 class _Unusable(Exception):
-    """An answer that retrying will not mend (4xx other than 429, a malformed body)."""
+    """An answer that retrying will not mend (4xx other than 429, a malformed body, a caption that is not
+    valid Unicode)."""
+
+
+def _read_before(response: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
+    """The answer's body, read as it comes until `deadline`: the per-read timeout alone would let a server
+    that sends a byte at a time hold the request as long as it likes."""
+    chunks = []
+    try:
+        while chunk := response.read1(65536):
+            if time.monotonic() > deadline:
+                response.close()  # the rest unread: its connection is not reused
+                raise TimeoutError
+            chunks.append(chunk)
+    finally:
+        response.release_conn()
+    return b"".join(chunks)
 
 
 def _detail(data: bytes) -> str:

@@ -4,8 +4,8 @@ pipeline's own CLIP beside the web's caption.
 The images are the kept samples of `pairs/<shard>.tar`; the web caption's score is the pair's stored
 similarity (`embeddings`, image against caption); the new caption's is the same image embedding against
 the new caption's text embedding, so both come from one model, and the encoder must be the model that
-made the embeddings. A sample whose image cannot be read or captioned keeps its row, with a null
-`re_caption` and the reason.
+made the embeddings. A sample whose image cannot be read or captioned, or whose caption is empty, keeps
+its row, with a null `re_caption` and the reason.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -38,7 +38,9 @@ _CHUNK = 256  # images decoded and captioned at once
 
 
 class Captioner(Protocol):
-    """CocaCaptioner, ChatCaptioner: a caption, or the reason there is none, per image."""
+    """CocaCaptioner, ChatCaptioner, HfCaptioner: a caption, or the reason there is none, per image."""
+
+    settings: Any  # the captioner's settings dataclass
 
     def caption(self, images: list[Image.Image]) -> Sequence[str | NoCaption]: ...
 
@@ -149,6 +151,8 @@ def _caption_samples(
         for (key, _), result in zip(chunk, results, strict=True):
             if isinstance(result, NoCaption):
                 errors[key] = result.reason
+            elif not result.strip():  # end-of-text first: no words to train on
+                errors[key] = "empty caption"
             else:
                 captions[key] = result
         chunk.clear()
