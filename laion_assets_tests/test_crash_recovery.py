@@ -2,6 +2,7 @@
 writes, then run again; the root must hold what one clean run leaves, and nothing else."""
 
 import functools
+import json
 import os
 import signal
 import subprocess
@@ -37,17 +38,20 @@ from laion_assets.pipeline.storage import (
     TAKEDOWNS_PENDING,
     WRITERS,
     DatasetStore,
+    Export,
     host_name,
 )
 
 IMAGES_IN_WORLD = 40
 SHARDS = ("synthetic-web-0", "synthetic-web-1")
 FIRST = SHARDS[0]
+EXPORT = "all"
 RUN_CONFIG = {
     "ops": {
         "downloaded_images": {"config": DOWNLOAD_CONFIG},
         "filtered_pairs": {"config": {"write_embeddings": True}},
         "duplicates": {"config": DEMO_DEDUP_CONFIG},
+        "training_shards": {"config": {"exports": [{"name": EXPORT, "shard_size": 8}]}},
     }
 }
 ENV = {
@@ -178,9 +182,24 @@ def _rows(store: DatasetStore, path: str) -> list[dict]:
     return store.read_parquet(path).to_pylist() if store.exists(path) else []
 
 
+def _export_shards(store: DatasetStore) -> tuple[list[str], bytes, list[str]]:
+    """The export's files, its sizes.json and its keys, each shard's tar holding its parquet's keys. Which
+    shard holds a key is left out: the shuffle takes each source's samples in its pairs tar's order, the
+    order its downloads ended in."""
+    export = Export(EXPORT)
+    keys = []
+    for shard in json.loads(store.read_bytes(export.manifest))["shards"]:
+        in_tar = list(_samples(store, export.tar(shard["shard"])))
+        in_parquet = store.read_parquet(export.parquet(shard["shard"]), columns=["key"]).column("key")
+        assert in_tar == in_parquet.to_pylist() and len(in_tar) == shard["samples"], shard
+        keys += in_tar
+    return [f.name for f in store.list(export.folder)], store.read_bytes(export.sizes), sorted(keys)
+
+
 def assert_as_one_clean_run(store: DatasetStore, clean: DatasetStore) -> None:
     """Every layer holds the clean run's rows, no temporary file, lease, writer or pending ledger is
-    left, each removal is in the ledgers once, and the catalog and search index agree with the pairs."""
+    left, each removal is in the ledgers once, the export holds the clean run's samples, and the catalog and
+    search index agree with the pairs."""
     assert [path for path in store.fs.find(store.path("")) if ".tmp-" in path] == []
     if store.is_s3:
         bucket, _, prefix = store.path("").partition("/")
@@ -203,6 +222,7 @@ def assert_as_one_clean_run(store: DatasetStore, clean: DatasetStore) -> None:
     ledger = "SELECT reason, count(*), count(DISTINCT key) FROM takedowns GROUP BY 1 ORDER BY 1"
     assert connection.sql(ledger).fetchall() == clean_connection.sql(ledger).fetchall()
     assert all(n == distinct for _, n, distinct in connection.sql(ledger).fetchall())
+    assert _export_shards(store) == _export_shards(clean)
     pairs = {key for (key,) in connection.sql("SELECT key FROM pairs").fetchall()}
     index = set(store.read_parquet(SEARCH_INDEX, columns=["key"]).column("key").to_pylist())
     assert index == pairs and store.exists(DUPLICATES) and store.list(TAKEDOWNS)
