@@ -79,3 +79,5 @@ SCORES_FOOTER = "laion_assets.scores"  # scores: JSON, the score settings and th
 CAPTIONER_FOOTER = "laion_assets.captioner"  # recaptions: JSON, the captioner, its weights and decoding
 # JSON {"shard", "source_file", "run_id", "materialized_at" (UTC ISO 8601), "code_version"}
 PROVENANCE_FOOTER = "laion_assets.provenance"
+# a removal's pending ledger: JSON {shard: [fingerprint, provenance]}, its shards' pairs files before it
+PAIRS_READ_FOOTER = "laion_assets.pairs_read"

@@ -2,10 +2,12 @@
 writes, then run again; the root must hold what one clean run leaves, and nothing else."""
 
 import functools
+import json
 import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,22 +30,28 @@ from laion_assets.pipeline.storage import (
     INCOMING,
     LEASES,
     PAIRS,
+    PAIRS_EMBEDDINGS,
     RECAPTIONS,
+    SCORES,
     SEARCH_INDEX,
     TAKEDOWNS,
     TAKEDOWNS_PENDING,
     WRITERS,
     DatasetStore,
+    Export,
     host_name,
 )
 
 IMAGES_IN_WORLD = 40
 SHARDS = ("synthetic-web-0", "synthetic-web-1")
 FIRST = SHARDS[0]
+EXPORT = "all"
 RUN_CONFIG = {
     "ops": {
         "downloaded_images": {"config": DOWNLOAD_CONFIG},
+        "filtered_pairs": {"config": {"write_embeddings": True}},
         "duplicates": {"config": DEMO_DEDUP_CONFIG},
+        "training_shards": {"config": {"exports": [{"name": EXPORT, "shard_size": 8}]}},
     }
 }
 ENV = {
@@ -174,9 +182,24 @@ def _rows(store: DatasetStore, path: str) -> list[dict]:
     return store.read_parquet(path).to_pylist() if store.exists(path) else []
 
 
+def _export_shards(store: DatasetStore) -> tuple[list[str], bytes, list[str]]:
+    """The export's files, its sizes.json and its keys, each shard's tar holding its parquet's keys. Which
+    shard holds a key is left out: the shuffle takes each source's samples in its pairs tar's order, the
+    order its downloads ended in."""
+    export = Export(EXPORT)
+    keys = []
+    for shard in json.loads(store.read_bytes(export.manifest))["shards"]:
+        in_tar = list(_samples(store, export.tar(shard["shard"])))
+        in_parquet = store.read_parquet(export.parquet(shard["shard"]), columns=["key"]).column("key")
+        assert in_tar == in_parquet.to_pylist() and len(in_tar) == shard["samples"], shard
+        keys += in_tar
+    return [f.name for f in store.list(export.folder)], store.read_bytes(export.sizes), sorted(keys)
+
+
 def assert_as_one_clean_run(store: DatasetStore, clean: DatasetStore) -> None:
     """Every layer holds the clean run's rows, no temporary file, lease, writer or pending ledger is
-    left, each removal is in the ledgers once, and the catalog and search index agree with the pairs."""
+    left, each removal is in the ledgers once, the export holds the clean run's samples, and the catalog and
+    search index agree with the pairs."""
     assert [path for path in store.fs.find(store.path("")) if ".tmp-" in path] == []
     if store.is_s3:
         bucket, _, prefix = store.path("").partition("/")
@@ -185,8 +208,12 @@ def assert_as_one_clean_run(store: DatasetStore, clean: DatasetStore) -> None:
     this_test = f"{host_name()}-{os.getpid()}-"  # the writer of the sources, alive
     assert [entry.name for entry in store.list(WRITERS) if not entry.name.startswith(this_test)] == []
     for shard in SHARDS:
-        for layer in (CRAWL_METADATA, IMAGES, EMBEDDINGS, PAIRS, RECAPTIONS):
+        for layer in (CRAWL_METADATA, IMAGES, EMBEDDINGS, PAIRS, PAIRS_EMBEDDINGS, RECAPTIONS):
             assert _rows(store, layer.parquet(shard)) == _rows(clean, layer.parquet(shard)), (layer, shard)
+        # the scores of the same rows: the images are scored in the order their downloads ended, and the
+        # watermark model's convolutions over a batch in another order may end in other last bits
+        scores = [s.read_parquet(SCORES.parquet(shard), columns=["key", "language"]) for s in (store, clean)]
+        assert scores[0] == scores[1], shard
         for layer in (IMAGES, PAIRS):  # the same samples, byte for byte (downloads end in any order)
             assert _samples(store, layer.tar(shard)) == _samples(clean, layer.tar(shard)), (layer, shard)
     found = "SELECT key, kind, duplicate_of FROM duplicates ORDER BY key"
@@ -195,6 +222,7 @@ def assert_as_one_clean_run(store: DatasetStore, clean: DatasetStore) -> None:
     ledger = "SELECT reason, count(*), count(DISTINCT key) FROM takedowns GROUP BY 1 ORDER BY 1"
     assert connection.sql(ledger).fetchall() == clean_connection.sql(ledger).fetchall()
     assert all(n == distinct for _, n, distinct in connection.sql(ledger).fetchall())
+    assert _export_shards(store) == _export_shards(clean)
     pairs = {key for (key,) in connection.sql("SELECT key FROM pairs").fetchall()}
     index = set(store.read_parquet(SEARCH_INDEX, columns=["key"]).column("key").to_pylist())
     assert index == pairs and store.exists(DUPLICATES) and store.list(TAKEDOWNS)
@@ -218,5 +246,50 @@ def test_a_run_killed_inside_a_step_then_run_again_leaves_what_one_clean_run_lea
     else:
         pytest.fail(f"the run ended 3 times before it could be killed in {step}")
     assert store.list(INCOMING)
+    assert _run(store, config, tmp_path) == 0
+    assert_as_one_clean_run(store, clean)
+
+
+# A run that SIGKILLs itself at one write of the store, in its own process: "before" the write of the
+# first path matching the pattern begins, "inside" it (written whole, not yet renamed or completed), or
+# "after" it is committed, before whatever the run writes next.
+_KILLED_AT_WRITE = textwrap.dedent(
+    """
+    import contextlib, fnmatch, os, runpy, signal, sys
+    from laion_assets.pipeline.storage import DatasetStore
+    when, pattern = sys.argv.pop(1), sys.argv.pop(1)
+    atomic_write = DatasetStore.atomic_write
+
+    @contextlib.contextmanager
+    def killed_at(self, relpath):
+        hit = fnmatch.fnmatchcase(relpath, pattern)
+        if hit and when == "before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        with atomic_write(self, relpath) as f:
+            yield f
+            if hit and when == "inside":
+                os.kill(os.getpid(), signal.SIGKILL)
+        if hit and when == "after":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    DatasetStore.atomic_write = killed_at
+    runpy.run_module("laion_assets.cli", run_name="__main__", alter_sys=True)
+    """
+)
+# Kill points between two writes that must agree.
+KILL_POINTS = {
+    "pairs_embeddings, after the pairs": ("before", PAIRS_EMBEDDINGS.parquet(FIRST)),
+}
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_a_run_killed_at_a_write_then_run_again_leaves_what_one_clean_run_leaves(
+    point, slow_web, config, clean, tmp_path
+):
+    when, pattern = KILL_POINTS[point]
+    store = _new_root(str(tmp_path / "data"), slow_web)
+    command = [sys.executable, "-c", _KILLED_AT_WRITE, when, pattern, *_command(store.root, config)[3:]]
+    killed = subprocess.run(command, env=_env(), cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr  # it reached the write
     assert _run(store, config, tmp_path) == 0
     assert_as_one_clean_run(store, clean)

@@ -3,6 +3,9 @@
 import json
 import math
 import shutil
+import signal
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,6 +39,8 @@ from laion_assets.pipeline.storage import (
     DUPLICATES,
     PAIRS,
     SEARCH_INDEX,
+    TAKEDOWNS,
+    TAKEDOWNS_PENDING,
     DatasetStore,
 )
 from laion_assets.service.app import create_app
@@ -176,6 +181,57 @@ def test_a_takedown_does_not_make_the_next_run_remove_pairs_an_earlier_run_kept(
     remove_keys(store, taken, TAKEN_DOWN)
     bring_back(later, root)
     second = deduplicate(store, DEMO_DEDUP)
+    assert second.shards == [DEMO_SHARDS[0]]  # only the new shard is checked
+    assert {schemas.shard_of_key(key) for key in second.duplicates.column("key").to_pylist()} == {
+        DEMO_SHARDS[0]
+    }
+    now = store.read_parquet(PAIRS.parquet(DEMO_SHARDS[1]), columns=["key"]).column("key").to_pylist()
+    assert sorted(now) == kept[:-1]
+
+
+# A takedown of one key of `shard` that SIGKILLs its own process once the shard's pairs file is rewritten,
+# before anything after it (the other layers, dedup's record of what it checked, the ledger).
+_TAKEDOWN_KILLED_AFTER_PAIRS = """
+import contextlib, os, signal, sys
+import pyarrow as pa
+from laion_assets.pipeline.removal import TAKEN_DOWN, remove_keys
+from laion_assets.pipeline.storage import PAIRS, DatasetStore
+root, shard, key = sys.argv[1:]
+atomic_write = DatasetStore.atomic_write
+
+@contextlib.contextmanager
+def killed_after_pairs(self, relpath):
+    with atomic_write(self, relpath) as f:
+        yield f
+    if relpath == PAIRS.parquet(shard):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+DatasetStore.atomic_write = killed_after_pairs
+taken = pa.table({"key": [key], "list": ["l"], "kind": ["url"], "entry": ["e"]})
+remove_keys(DatasetStore(root), taken, TAKEN_DOWN)
+"""
+
+
+def test_a_takedown_killed_after_a_checked_shards_pairs_keeps_them_checked(planted, tmp_path):
+    """The takedown of the test above SIGKILLed right after it rewrote the checked shard's pairs: the next
+    dedup run completes it first, and then checks only the new shard and keeps what the first run kept, as
+    after an uninterrupted takedown. The completion found the pairs rewritten already and carried nothing
+    over, so dedup took the shard for a rebuilt one and checked it again as new."""
+    root = shutil.copytree(planted, tmp_path / "dataset")
+    later = hold_back(root, DEMO_SHARDS[0])
+    store = DatasetStore(str(root))
+    assert deduplicate(store, DEMO_DEDUP).shards == [DEMO_SHARDS[1]]
+    kept = sorted(
+        store.read_parquet(PAIRS.parquet(DEMO_SHARDS[1]), columns=["key"]).column("key").to_pylist()
+    )
+    ledgers = store.list(TAKEDOWNS)  # dedup's
+    script = [sys.executable, "-c", _TAKEDOWN_KILLED_AFTER_PAIRS, store.root, DEMO_SHARDS[1], kept[-1]]
+    assert subprocess.run(script, check=False).returncode == -signal.SIGKILL
+    (pending,) = store.list(TAKEDOWNS_PENDING)
+    assert store.list(TAKEDOWNS) == ledgers  # no ledger claims the takedown yet
+    bring_back(later, root)
+    second = deduplicate(store, DEMO_DEDUP)
+    assert not store.list(TAKEDOWNS_PENDING) and pending.name in {f.name for f in store.list(TAKEDOWNS)}
     assert second.shards == [DEMO_SHARDS[0]]  # only the new shard is checked
     assert {schemas.shard_of_key(key) for key in second.duplicates.column("key").to_pylist()} == {
         DEMO_SHARDS[0]

@@ -14,7 +14,9 @@ The ledger is two-phase, so that it never claims a removal that has not happened
 twice: `takedowns/pending/<timestamp>.parquet` first (a search service filters its keys at once), then
 the shards, then `takedowns/<timestamp>.parquet`, the ledger every reader counts, and the pending file
 goes. A run cut short leaves a pending ledger, which the next removal (`finish_interrupted`) completes
-before it looks for anything new: the same keys, removed once, under the same name.
+before it looks for anything new: the same keys, removed once, under the same name. The pending ledger
+records which pairs files it was begun on, so that dedup's record of a checked file is carried over to
+the file the cut-short run wrote from it, too.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from laion_assets.pipeline.storage import (
     DatasetStore,
     Layer,
 )
+from laion_assets.pipeline.storage import footer as footer_of
 from laion_assets.pipeline.tables import without_keys
 
 TAKEN_DOWN = schemas.TAKEN_DOWN
@@ -100,6 +103,8 @@ def remove_keys(
     ledger = ledger.append_column("removed_at", pa.array([now] * len(keys), pa.timestamp("us", tz="UTC")))
     ledger = _with_export_shards(store, ledger)
     name = f"{now.strftime('%Y%m%dT%H%M%S%fZ')}.parquet"
+    read = {shard: _pairs_build(store, shard) for shard in sorted(set(shards))}
+    footer = {**(footer or {}), names.PAIRS_READ_FOOTER: json.dumps(read)}
     store.write_parquet(f"{TAKEDOWNS_PENDING}/{name}", schemas.conform(ledger, schemas.LEDGER), footer)
     return _complete(store, name)
 
@@ -122,10 +127,11 @@ def _complete(store: DatasetStore, name: str) -> RemovalResult:
     by_shard: dict[str, dict[str, str]] = {}
     for row in pending.select(["key", "list", "kind", "shard"]).to_pylist():
         by_shard.setdefault(row["shard"], {})[row["key"]] = f"{row['list']} ({row['kind']})"
+    read = json.loads(footer_of(pending.schema).get(names.PAIRS_READ_FOOTER, "{}"))
 
     def rewrite(shard: str) -> tuple[list[str], Fingerprints]:
         with shard_lease(store, shard, f"removal {name}"):
-            return _rewrite_shard(store, shard, by_shard[shard], reason)
+            return _rewrite_shard(store, shard, by_shard[shard], reason, read.get(shard))
 
     written = list(store_map(rewrite, sorted(by_shard), STORE_REWRITES))  # a generator: the shards, now
     fingerprints = {path: both for _, rewritten in written for path, both in rewritten.items()}
@@ -187,6 +193,15 @@ def carried_check(fingerprints: Fingerprints, shard: str, checked: str | None) -
     return written if read is not None and read == checked else checked
 
 
+def _pairs_build(store: DatasetStore, shard: str) -> tuple[str | None, str | None]:
+    """The fingerprint of the shard's pairs file and the build it records (its provenance, which a removal
+    keeps and a rebuild changes); (None, None) without one."""
+    fingerprint = store.fingerprint(PAIRS.parquet(shard))
+    if fingerprint is None:
+        return None, None
+    return fingerprint, store.parquet_metadata(PAIRS.parquet(shard)).get(names.PROVENANCE_FOOTER)
+
+
 def _first_per_key(removals: pa.Table) -> pa.Table:
     seen: set[str] = set()
     keep = []
@@ -197,10 +212,17 @@ def _first_per_key(removals: pa.Table) -> pa.Table:
 
 
 def _rewrite_shard(
-    store: DatasetStore, shard: str, removed: dict[str, str], reason: str
+    store: DatasetStore,
+    shard: str,
+    removed: dict[str, str],
+    reason: str,
+    pairs_read: list[str | None] | None,
 ) -> tuple[list[str], Fingerprints]:
     """The shard's files without `removed` (key -> the list and kind it is on): the paths rewritten, and
-    the fingerprints of each parquet read and written (both under the shard's lease: no other writer's)."""
+    the fingerprints of each parquet read and written (both under the shard's lease: no other writer's).
+    A pairs file that holds none of them though it is no longer the one the removal was begun on
+    (`pairs_read`, `_pairs_build`) but the same build counts as written from it: by a run of this removal
+    that was cut short before dedup's record was carried over."""
     written: list[str] = []
     fingerprints: Fingerprints = {}
     for layer in LAYERS[reason]:
@@ -217,6 +239,9 @@ def _rewrite_shard(
         table = store.read_parquet(path)
         changed = _taken_down(table, removed) if layer is IMAGES else without_keys(table, removed)
         if changed is None:
+            build = footer_of(table.schema).get(names.PROVENANCE_FOOTER)
+            if layer is PAIRS and pairs_read and pairs_read[0] != read and pairs_read[1] == build:
+                fingerprints[path] = (pairs_read[0], read)
             continue
         _write(store, layer, shard, changed, table.num_rows - changed.num_rows, reason)
         written.append(path)

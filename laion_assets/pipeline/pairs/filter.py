@@ -242,9 +242,9 @@ def write_pairs(
         names.PAIRS_FUNNEL_FOOTER: json.dumps({"rows_in": result.rows_in, "removed": result.removed}),
         names.PROVENANCE_FOOTER: json.dumps(_provenance(shard, crawl, run_id)),
     }
-    write_pairs_parquet(store, shard, result.table, pairs_footer)
-    if write_embeddings:
+    if write_embeddings:  # before the parquet, which says the shard's pairs are whole (store.tar_write)
         store.write_parquet(PAIRS_EMBEDDINGS.parquet(shard), result.embeddings, metadata=embeddings_footer)
+    write_pairs_parquet(store, shard, result.table, pairs_footer)
     return result
 
 
