@@ -164,12 +164,9 @@ def test_a_new_shard_is_checked_against_the_stored_state_as_a_full_run_would(pla
     assert sorted(pairs_rows(store)) == sorted(pairs_rows(whole))
 
 
-def test_a_takedown_does_not_make_the_next_run_remove_pairs_an_earlier_run_kept(planted, tmp_path):
-    """A pair kept by an earlier run is never removed for a newer copy (docs/dedup.md). A takedown
-    rewrites the pairs file of a checked shard; dedup took that file for a rebuilt one, forgot what it had
-    kept there and checked it again as new, and the next run, over a shard added since, removed pairs
-    of it that the first run had kept (the smallest key wins among new pairs). A removal's rewrite now
-    stays checked."""
+def _one_shard_checked(planted: Path, tmp_path: Path) -> tuple[Path, Path, DatasetStore, list[str]]:
+    """A copy of the planted dataset whose first shard is held back and whose second dedup has checked:
+    its root, where the first shard waits, its store, and the second shard's pair keys."""
     root = shutil.copytree(planted, tmp_path / "dataset")
     later = hold_back(root, DEMO_SHARDS[0])
     store = DatasetStore(str(root))
@@ -177,16 +174,32 @@ def test_a_takedown_does_not_make_the_next_run_remove_pairs_an_earlier_run_kept(
     kept = sorted(
         store.read_parquet(PAIRS.parquet(DEMO_SHARDS[1]), columns=["key"]).column("key").to_pylist()
     )
-    taken = pa.table({"key": [kept[-1]], "list": ["list.txt"], "kind": ["url"], "entry": ["e"]})
-    remove_keys(store, taken, TAKEN_DOWN)
+    return root, later, store, kept
+
+
+def _only_the_new_shard_is_checked(root: Path, later: Path, store: DatasetStore, kept: list[str]) -> None:
+    """The first shard back and dedup again: only it is checked, and the second keeps what it kept but its
+    last key, taken down."""
     bring_back(later, root)
     second = deduplicate(store, DEMO_DEDUP)
-    assert second.shards == [DEMO_SHARDS[0]]  # only the new shard is checked
+    assert second.shards == [DEMO_SHARDS[0]]
     assert {schemas.shard_of_key(key) for key in second.duplicates.column("key").to_pylist()} == {
         DEMO_SHARDS[0]
     }
     now = store.read_parquet(PAIRS.parquet(DEMO_SHARDS[1]), columns=["key"]).column("key").to_pylist()
     assert sorted(now) == kept[:-1]
+
+
+def test_a_takedown_does_not_make_the_next_run_remove_pairs_an_earlier_run_kept(planted, tmp_path):
+    """A pair kept by an earlier run is never removed for a newer copy (docs/dedup.md). A takedown
+    rewrites the pairs file of a checked shard; dedup took that file for a rebuilt one, forgot what it had
+    kept there and checked it again as new, and the next run, over a shard added since, removed pairs
+    of it that the first run had kept (the smallest key wins among new pairs). A removal's rewrite now
+    stays checked."""
+    root, later, store, kept = _one_shard_checked(planted, tmp_path)
+    taken = pa.table({"key": [kept[-1]], "list": ["list.txt"], "kind": ["url"], "entry": ["e"]})
+    remove_keys(store, taken, TAKEN_DOWN)
+    _only_the_new_shard_is_checked(root, later, store, kept)
 
 
 # A takedown of one key of `shard` that SIGKILLs its own process once the shard's pairs file is rewritten,
@@ -217,27 +230,14 @@ def test_a_takedown_killed_after_a_checked_shards_pairs_keeps_them_checked(plant
     dedup run completes it first, and then checks only the new shard and keeps what the first run kept, as
     after an uninterrupted takedown. The completion found the pairs rewritten already and carried nothing
     over, so dedup took the shard for a rebuilt one and checked it again as new."""
-    root = shutil.copytree(planted, tmp_path / "dataset")
-    later = hold_back(root, DEMO_SHARDS[0])
-    store = DatasetStore(str(root))
-    assert deduplicate(store, DEMO_DEDUP).shards == [DEMO_SHARDS[1]]
-    kept = sorted(
-        store.read_parquet(PAIRS.parquet(DEMO_SHARDS[1]), columns=["key"]).column("key").to_pylist()
-    )
+    root, later, store, kept = _one_shard_checked(planted, tmp_path)
     ledgers = store.list(TAKEDOWNS)  # dedup's
     script = [sys.executable, "-c", _TAKEDOWN_KILLED_AFTER_PAIRS, store.root, DEMO_SHARDS[1], kept[-1]]
     assert subprocess.run(script, check=False).returncode == -signal.SIGKILL
     (pending,) = store.list(TAKEDOWNS_PENDING)
     assert store.list(TAKEDOWNS) == ledgers  # no ledger claims the takedown yet
-    bring_back(later, root)
-    second = deduplicate(store, DEMO_DEDUP)
+    _only_the_new_shard_is_checked(root, later, store, kept)
     assert not store.list(TAKEDOWNS_PENDING) and pending.name in {f.name for f in store.list(TAKEDOWNS)}
-    assert second.shards == [DEMO_SHARDS[0]]  # only the new shard is checked
-    assert {schemas.shard_of_key(key) for key in second.duplicates.column("key").to_pylist()} == {
-        DEMO_SHARDS[0]
-    }
-    now = store.read_parquet(PAIRS.parquet(DEMO_SHARDS[1]), columns=["key"]).column("key").to_pylist()
-    assert sorted(now) == kept[:-1]
 
 
 def test_recorded_only_the_duplicates_stay_and_pairs_unique_leaves_them_out(planted, tmp_path):
