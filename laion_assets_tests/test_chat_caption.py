@@ -14,7 +14,12 @@ from laion_assets.demo.views import pipeline_view
 from laion_assets.demo.world import make_world
 from laion_assets.pipeline.embeddings.clip import ClipEncoder
 from laion_assets.pipeline.recaptions.caption import NoCaption
-from laion_assets.pipeline.recaptions.chat_caption import RECAP_PROMPT, ChatCaptioner, ChatCaptionSettings
+from laion_assets.pipeline.recaptions.chat_caption import (
+    MAX_ANSWER_BYTES,
+    RECAP_PROMPT,
+    ChatCaptioner,
+    ChatCaptionSettings,
+)
 from laion_assets.pipeline.recaptions.recaption import write_recaptions
 from laion_assets.pipeline.storage import RECAPTIONS, DatasetStore
 from laion_assets_tests.captioners import varied_coca
@@ -118,6 +123,16 @@ def test_a_server_that_drips_its_answer_times_out_per_request(coca, images):
     finally:
         dripping.stop()
     assert late == NoCaption("timeout: no answer within 0.5s (gave up after 2 attempts)")
+
+
+def test_an_answer_over_the_size_bound_is_given_up_unread(server, images):
+    """A broken server or gateway may send an answer without end: it was held whole in memory. A chat
+    answer of a caption is a few KB; over `MAX_ANSWER_BYTES` the rest is not read."""
+    server.answers = ["word " * (MAX_ANSWER_BYTES // 5 + 1)]
+    (huge,) = ChatCaptioner(_settings(server)).caption(images[:1])
+    assert huge == NoCaption(f"unexpected answer: over {MAX_ANSWER_BYTES} bytes")
+    (fine,) = ChatCaptioner(_settings(server)).caption(images[:1])  # the server's next answer is its model's
+    assert isinstance(fine, str) and fine
 
 
 def test_the_description_never_holds_the_key(server):

@@ -36,6 +36,8 @@ SETTINGS_ENV = {
     "model": "LAION_ASSETS_CHAT_MODEL",
     "api_key": "LAION_ASSETS_CHAT_API_KEY",
 }
+# bytes: the most of an answer read; a caption's is a few KB, so more is a broken server or gateway
+MAX_ANSWER_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -154,13 +156,17 @@ class _Unusable(Exception):
 
 
 def _read_before(response: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
-    """The answer's body, read as it comes until `deadline`: the per-read timeout alone would let a server
-    that sends a byte at a time hold the request as long as it likes."""
-    chunks = []
+    """The answer's body, read as it comes until `deadline` and up to `MAX_ANSWER_BYTES`: the per-read
+    timeout alone would let a server that sends a byte at a time hold the request as long as it likes,
+    and one that sends without end fill the memory."""
+    chunks, size = [], 0
     try:
         while chunk := response.read1(65536):
-            if time.monotonic() > deadline:
+            size += len(chunk)
+            if time.monotonic() > deadline or size > MAX_ANSWER_BYTES:
                 response.close()  # the rest unread: its connection is not reused
+                if size > MAX_ANSWER_BYTES:
+                    raise _Unusable(f"unexpected answer: over {MAX_ANSWER_BYTES} bytes")
                 raise TimeoutError
             chunks.append(chunk)
     finally:
