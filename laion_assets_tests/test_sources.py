@@ -277,3 +277,17 @@ def test_a_jsonl_lists_strings_are_read_as_written(local_root):
     assert table.column("caption").to_pylist() == ["2021-01-01", "2021-01-02"]
     assert table.column("taken").to_pylist() == ["2021-01-01T10:00:00+02:00", "2021-01-02"]
     assert table.schema.field("n").type == pa.int64()  # other types are still inferred
+
+
+def test_a_jsonl_line_that_is_not_a_json_object_is_counted_not_the_shards_end(local_root):
+    # one such line made the whole file unreadable: "JSON parse error: Invalid value. in row 1"
+    lines = [
+        b'{"url": "http://a.com/1.jpg", "caption": "a cat"}',
+        b"not json",
+        b"[1, 2]",
+        b'{"url": "http://a',
+    ]
+    lines.append(b'{"url": "http://a.com/2.jpg", "caption": "a dog"}')
+    result = _crawl(DatasetStore(local_root), "j.jsonl", b"\n".join(lines) + b"\n")
+    assert result.table.column("caption").to_pylist() == ["a cat", "a dog"]
+    assert result.dropped["corrupt_record"] == 3

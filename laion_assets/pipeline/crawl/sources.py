@@ -52,6 +52,8 @@ _TEXT_NAMES = {*URL_CANDIDATES, *CAPTION_CANDIDATES, *LICENSE_CANDIDATES, *PAGE_
 READER_COLUMNS = ("url", "caption", "page_url", "license", "source_offset")
 # a drop's reason: missing, not an absolute http(s) URL, or an image link that cannot be resolved
 INVALID_URL = "invalid_url"
+# a drop's reason: a WAT record or a URL list's line that cannot be read
+CORRUPT_RECORD = "corrupt_record"
 
 
 class SourceError(ValueError):
@@ -127,7 +129,7 @@ def read_source(stream: IO[bytes], source: SourceName, columns: ColumnNames, min
             return read_wat(stream, source.name, min_alt_length)
         if source.gzipped:
             stream = gzip.GzipFile(fileobj=stream, mode="rb")
-        return read_url_list(stream, source, columns), Counter()
+        return read_url_list(stream, source, columns)
     except SourceError:
         raise
     except (OSError, EOFError, zlib.error, pa.ArrowException, UnicodeDecodeError) as exc:
@@ -143,9 +145,12 @@ def _check_gzip_magic(stream: IO[bytes], name: str) -> None:
 # URL lists
 
 
-def read_url_list(stream: IO[bytes], source: SourceName, columns: ColumnNames) -> pa.Table:
+def read_url_list(stream: IO[bytes], source: SourceName, columns: ColumnNames) -> tuple[pa.Table, Counter]:
     configured = {c for c in (columns.url, columns.caption, columns.license) if c}
-    table = _read_table(stream, source.format, lambda name: name.lower() in _TEXT_NAMES or name in configured)
+    dropped: Counter = Counter()
+    table = _read_table(
+        stream, source.format, lambda name: name.lower() in _TEXT_NAMES or name in configured, dropped
+    )
     if repeated := sorted(n for n, count in Counter(table.column_names).items() if count > 1):
         raise SourceError(
             f"{source.name}: repeated column names {repeated}; columns are {table.column_names}"
@@ -171,19 +176,26 @@ def read_url_list(stream: IO[bytes], source: SourceName, columns: ColumnNames) -
             while target in schemas.CRAWL_METADATA.names or (target != name and target in table.column_names):
                 target = f"source_{target}"  # a reserved name passes through renamed, overwriting none
             out[target] = table.column(name)
-    return pa.table(out)
+    return pa.table(out), dropped
 
 
-def _read_table(stream: IO[bytes], fmt: str, is_text: Callable[[str], bool]) -> pa.Table:
+def _read_table(stream: IO[bytes], fmt: str, is_text: Callable[[str], bool], dropped: Counter) -> pa.Table:
     """The table of a URL list; of a CSV or TSV, the columns `is_text` names as written, strings: by
-    pyarrow's inference a caption "007" became 7, "1e3" 1000, and "NA" or "null" nothing."""
+    pyarrow's inference a caption "007" became 7, "1e3" 1000, and "NA" or "null" nothing. A JSONL line
+    that is no JSON object is counted in `dropped`, not read."""
     if fmt == "parquet":
         table = pq.read_table(io.BytesIO(stream.read()))
         table.validate(full=True)  # strings that are not UTF-8: the stages after would fail on them
         return table
     if fmt == "jsonl":
         data = stream.read()
-        table = pa_json.read_json(io.BytesIO(data))
+        try:
+            table = pa_json.read_json(io.BytesIO(data))
+        except pa.ArrowInvalid:  # one bad line stopped the whole file: read again without such lines
+            data = _json_object_lines(data, dropped)
+            if not data:  # no line is one: the reader's own error says more
+                raise
+            table = pa_json.read_json(io.BytesIO(data))
         schema = pa.schema([f.with_type(_strings_kept(f.type)) for f in table.schema])
         if schema == table.schema:
             return table
@@ -197,6 +209,23 @@ def _read_table(stream: IO[bytes], fmt: str, is_text: Callable[[str], bool]) -> 
         null_values=[""],
     )
     return pa_csv.read_csv(io.BytesIO(data), parse_options=parse, convert_options=convert)
+
+
+def _json_object_lines(data: bytes, dropped: Counter) -> bytes:
+    """The lines of a JSONL file that are JSON objects; every other line but a blank one is counted."""
+    kept = []
+    for line in data.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            is_object = isinstance(json.loads(line), dict)
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            is_object = False
+        if is_object:
+            kept.append(line)
+        else:
+            dropped[CORRUPT_RECORD] += 1
+    return b"\n".join(kept)
 
 
 def _strings_kept(type_: pa.DataType) -> pa.DataType:
@@ -269,14 +298,14 @@ def _wat_envelopes(stream: IO[bytes], name: str, dropped: Counter) -> Iterator[t
             # a record cut short (in its header or its content) is what warcio found of it
             whole = record.length is not None and (not is_metadata or len(payload) == record.length)
             if not whole:
-                dropped["corrupt_record"] += 1
+                dropped[CORRUPT_RECORD] += 1
                 continue
             if not is_metadata:
                 continue
             try:
                 envelope = json.loads(payload)["Envelope"]
             except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: nested past the stack
-                dropped["corrupt_record"] += 1
+                dropped[CORRUPT_RECORD] += 1
                 continue
             yield last[0], envelope
     except (ArchiveLoadFailed, OSError, EOFError, zlib.error) as exc:
@@ -285,10 +314,10 @@ def _wat_envelopes(stream: IO[bytes], name: str, dropped: Counter) -> Iterator[t
         if seen == 0:
             raise SourceError(f"{name}: not a readable WAT file: {exc}") from exc
         # A damaged tail: what was read stands, the rest of the file is one counted corrupt record.
-        dropped["corrupt_record"] += 1
+        dropped[CORRUPT_RECORD] += 1
     else:
         if seen and whole and _cut_short(stream, *last):
-            dropped["corrupt_record"] += 1
+            dropped[CORRUPT_RECORD] += 1
     if not metadata:  # an empty file, or a WARC or WET one: not a shard with no images
         raise SourceError(f"{name}: no WAT metadata records in its {seen} records (a WARC or WET file?)")
 
