@@ -291,3 +291,14 @@ def test_a_jsonl_line_that_is_not_a_json_object_is_counted_not_the_shards_end(lo
     result = _crawl(DatasetStore(local_root), "j.jsonl", b"\n".join(lines) + b"\n")
     assert result.table.column("caption").to_pylist() == ["a cat", "a dog"]
     assert result.dropped["corrupt_record"] == 3
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv"])
+def test_a_csv_or_tsv_row_with_other_than_the_headers_fields_is_counted_not_the_shards_end(local_root, fmt):
+    # one such row (a tab in a TSV caption) made the whole file unreadable: "Expected 2 columns, got 3"
+    rows = [["url", "caption"], ["http://a.com/1.jpg", "a cat"], ["http://a.com/2.jpg", "a", "b"]]
+    rows += [["http://a.com/3.jpg"], ["http://a.com/4.jpg", "a dog"]]
+    lines = ["\t".join(row) if fmt == "tsv" else ",".join(row) for row in rows]
+    result = _crawl(DatasetStore(local_root), f"r.{fmt}", ("\n".join(lines) + "\n").encode())
+    assert result.table.column("caption").to_pylist() == ["a cat", "a dog"]
+    assert result.dropped["corrupt_record"] == 2

@@ -182,7 +182,8 @@ def read_url_list(stream: IO[bytes], source: SourceName, columns: ColumnNames) -
 def _read_table(stream: IO[bytes], fmt: str, is_text: Callable[[str], bool], dropped: Counter) -> pa.Table:
     """The table of a URL list; of a CSV or TSV, the columns `is_text` names as written, strings: by
     pyarrow's inference a caption "007" became 7, "1e3" 1000, and "NA" or "null" nothing. A JSONL line
-    that is no JSON object is counted in `dropped`, not read."""
+    that is no JSON object, or a CSV or TSV row whose fields are not the header's, is counted in
+    `dropped`, not read."""
     if fmt == "parquet":
         table = pq.read_table(io.BytesIO(stream.read()))
         table.validate(full=True)  # strings that are not UTF-8: the stages after would fail on them
@@ -201,14 +202,25 @@ def _read_table(stream: IO[bytes], fmt: str, is_text: Callable[[str], bool], dro
             return table
         return pa_json.read_json(io.BytesIO(data), parse_options=pa_json.ParseOptions(explicit_schema=schema))
     data = stream.read()
-    parse = pa_csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
+    parse = pa_csv.ParseOptions(
+        delimiter="\t" if fmt == "tsv" else ",",
+        newlines_in_values=True,
+        invalid_row_handler=lambda row: "skip",  # counted where the rows are read, below
+    )
     names = pa_csv.open_csv(io.BytesIO(data), parse_options=parse).schema.names
     convert = pa_csv.ConvertOptions(
         column_types={name: pa.string() for name in names if is_text(name)},
         strings_can_be_null=True,
         null_values=[""],
     )
+    parse.invalid_row_handler = lambda row: _skipped(dropped)
     return pa_csv.read_csv(io.BytesIO(data), parse_options=parse, convert_options=convert)
+
+
+def _skipped(dropped: Counter) -> str:
+    """A CSV or TSV row with more or fewer fields than the header: counted, and skipped."""
+    dropped[CORRUPT_RECORD] += 1
+    return "skip"
 
 
 def _json_object_lines(data: bytes, dropped: Counter) -> bytes:
