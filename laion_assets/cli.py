@@ -256,7 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"accept a key under {MIN_API_KEY_CHARS} characters",
     )
-    serve.add_argument("--max-batch", type=int, default=ServiceSettings.max_batch, help="items per request")
+    serve.add_argument(
+        "--max-batch",
+        type=int,
+        default=ServiceSettings.max_batch,
+        help="images or compare prompts per request",
+    )
     serve.add_argument("--max-image-bytes", type=int, default=ServiceSettings.max_image_bytes)
     serve.add_argument(
         "--batch-wait-ms",

@@ -118,6 +118,14 @@ def test_a_batch_of_images_in_one_request(open_url, encoder, images):
     close([a["embeddings"][0] for a in answers], expected_images(encoder, references))
 
 
+def test_texts_in_any_number_in_one_request(open_url, encoder):
+    """Roboflow's server embeds any number of texts in one request (its CLIP_MAX_BATCH_SIZE bounds only
+    images and compare prompts), and the client sends a list of texts whole: 50 class names."""
+    texts = [f"a photo of thing number {i}" for i in range(50)]
+    answer = InferenceHTTPClient(api_url=open_url).get_clip_text_embeddings(text=texts)
+    close(answer["embeddings"], expected_texts(encoder, texts))
+
+
 @pytest.mark.parametrize(
     "transport",
     ["v1 JSON body", "v0 query", "Bearer header", "body and Bearer header"],

@@ -226,7 +226,13 @@ BAD_REQUESTS = [
         "subject: cannot decode: NotImplementedError: Unknown pixel format flags 8192",
     ),
     ("too many images", "/clip/embed_image", {"image": [PNG] * 9}, 413, "image: 9 items is over max_batch=8"),
-    ("too many texts", "/clip/embed_text", {"text": ["a"] * 9}, 413, "text: 9 items is over max_batch=8"),
+    (
+        "too many texts",
+        "/clip/embed_text",
+        {"text": ["a"] * 1001},
+        413,
+        "text: 1001 items is over max_texts=1000",
+    ),
     ("too many prompts", "/clip/compare", {"subject": PNG, "prompt": ["a"] * 9}, 413, "prompt: 9 items"),
     (
         "image too large",

@@ -72,8 +72,15 @@ class ClipService:
             raise InputError(400, f"clip_version_id {clip_version_id!r}: this service runs {self.model!r}")
 
     def check_count(self, field: str, count: int) -> None:
-        if count > self.settings.max_batch:
-            raise InputError(413, f"{field}: {count} items is over max_batch={self.settings.max_batch}")
+        """413 over max_texts for /clip/embed_text's texts (Roboflow's server takes any number, in batches),
+        over max_batch for images and compare prompts (its CLIP_MAX_BATCH_SIZE)."""
+        limit, name = (
+            (self.settings.max_texts, "max_texts")
+            if field == "text"
+            else (self.settings.max_batch, "max_batch")
+        )
+        if count > limit:
+            raise InputError(413, f"{field}: {count} items is over {name}={limit}")
 
     # embeddings
 
@@ -93,7 +100,9 @@ class ClipService:
         with self.texts.preparing():
             texts = [text for _, text in items]
             tokens = await loop.run_in_executor(self._prepare, self.encoder.tokenize, texts)
-        return await self.texts(list(tokens))
+        size = self.encoder.settings.batch_size  # many texts go to the model a batch at a time
+        chunks = [list(tokens[start : start + size]) for start in range(0, len(tokens), size)]
+        return np.concatenate(await asyncio.gather(*(self.texts(chunk) for chunk in chunks)))
 
     async def _pixels(self, label: str, image: m.ImageInput) -> torch.Tensor:
         loop = asyncio.get_running_loop()

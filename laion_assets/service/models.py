@@ -110,7 +110,8 @@ class InfoResponse(BaseModel):
     pretrained: str
     device: str
     dim: int
-    max_batch: int = Field(description="most images, texts or prompts in one request")
+    max_batch: int = Field(description="most images, or compare prompts, in one request")
+    max_texts: int = Field(description="most texts in one /clip/embed_text request")
     max_image_bytes: int
     batching: bool
     search_index_rows: int | None = Field(description="rows of the loaded search index; null if none")

@@ -138,6 +138,7 @@ def info_router(service: ClipService) -> APIRouter:
             device=str(service.encoder.device),
             dim=service.encoder.dim,
             max_batch=service.settings.max_batch,
+            max_texts=service.settings.max_texts,
             max_image_bytes=service.settings.max_image_bytes,
             batching=service.settings.batching,
             search_index_rows=len(service.index) if service.index is not None else None,

@@ -21,7 +21,8 @@ class ServiceSettings:
     port: int = 9001
     root: str | None = None  # the dataset root whose search index /search answers from
     api_key: str | None = None  # when set, every route but the docs requires it
-    max_batch: int = 8  # images, texts or prompts per request, as Roboflow's CLIP_MAX_BATCH_SIZE
+    max_batch: int = 8  # images or compare prompts per request, as Roboflow's CLIP_MAX_BATCH_SIZE
+    max_texts: int = 1000  # texts per /clip/embed_text request: Roboflow's server takes any number there
     max_image_bytes: int = 5_000_000  # per image, after base64 decoding or as fetched
     max_pixels: int = ImageSettings.max_pixels  # decompression-bomb cap, as the downloader's
     max_text_chars: int = 10_000
