@@ -73,25 +73,28 @@ def run_sql(root: str, query: str, fmt: str = "table", output: str | None = None
         kind = OUTPUT_FORMATS.get(os.path.splitext(output)[1].lower())
         if kind is None:
             raise SystemExit(f"laion-assets: --output must end in one of {list(OUTPUT_FORMATS)}")
-        to_s3 = output.startswith("s3://")
-        if to_s3 and not store.is_s3:
-            duckdb_catalog.enable_s3(connection)
-        if not to_s3:
-            remove_abandoned_beside(output)  # what a killed query left
-        target = output if to_s3 else temporary_name(os.path.abspath(output))
         options = "FORMAT json, ARRAY true" if kind == "json" else f"FORMAT {kind}"
         # the query ends a statement, as typed: inside `COPY (...)` a trailing `-- comment` or `;` broke it
         connection.execute(f"CREATE TEMP VIEW laion_assets_output AS\n{query}")
-        try:
-            connection.execute(
-                f"COPY (FROM laion_assets_output) TO '{duckdb_catalog.quote_literal(target)}' ({options})"
-            )
-            if not to_s3:
-                os.replace(target, output)
-        finally:
-            if not to_s3:
+
+        def copy_to(target: str) -> None:
+            quoted = duckdb_catalog.quote_literal(target)
+            connection.execute(f"COPY (FROM laion_assets_output) TO '{quoted}' ({options})")
+
+        if output.startswith("s3://"):
+            if not store.is_s3:
+                duckdb_catalog.enable_s3(connection)
+            copy_to(output)
+        else:
+            remove_abandoned_beside(output)  # what a killed query left
+            tmp = temporary_name(os.path.abspath(output))
+            try:
+                copy_to(tmp)
+                os.replace(tmp, output)
+            except BaseException:
                 with contextlib.suppress(FileNotFoundError):
-                    os.remove(target)
+                    os.remove(tmp)
+                raise
         print(f"wrote {output}")
         return
     relation = connection.sql(query)
