@@ -18,7 +18,13 @@ from laion_assets.demo import DEMO_CHECKPOINT, DEMO_MODEL
 from laion_assets.demo.world import FOREIGN, aesthetic_truth, is_unsafe, make_world
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.catalog import views as catalog
-from laion_assets.pipeline.embeddings.clip import ClipSettings, ModelIdentity, ModelMismatch, ModelUnavailable
+from laion_assets.pipeline.embeddings.clip import (
+    ClipSettings,
+    ModelIdentity,
+    ModelMismatch,
+    ModelUnavailable,
+    values_from_env,
+)
 from laion_assets.pipeline.pairs.filter import PairsSettings, stored_scores
 from laion_assets.pipeline.scores.heads import build_head
 from laion_assets.pipeline.scores.language import LanguageIdentifier
@@ -26,6 +32,8 @@ from laion_assets.pipeline.scores.score import (
     DEMO_AESTHETIC_HEAD,
     DEMO_PUNSAFE_HEAD,
     HEAD_SCORES,
+    MODEL_FIELDS,
+    SETTINGS_ENV,
     Scorers,
     ScoreSettings,
     write_scores,
@@ -339,3 +347,25 @@ def test_the_shipped_score_models_hold_their_figures_on_a_held_out_world():
     )
     assert figures.punsafe.true_positive and figures.pwatermark.true_positive
     assert figures.holds(), figures.lines()
+
+
+@pytest.mark.parametrize(
+    ("section", "env", "refusal"),
+    [
+        ("  aesthetic_head:\n", {}, r"scores aesthetic_head: expected a name or a path, got None"),
+        ("", {"batch_size": "0"}, r"scores batch_size 0 \(LAION_ASSETS_SCORES_BATCH_SIZE\): .* 1 or more"),
+    ],
+)
+def test_score_settings_no_run_can_use_are_refused_naming_the_setting(
+    tmp_path, monkeypatch, section, env, refusal
+):
+    """A `scores` section whose head is left empty (YAML reads None), or a batch of 0 images: refused where
+    the run's settings are made, as every entry point makes them, naming the setting; not an AttributeError,
+    pydantic's traceback or range()'s 'arg 3 must not be zero' deep in a run."""
+    for name, value in env.items():
+        monkeypatch.setenv(SETTINGS_ENV[name], value)
+    store = DatasetStore(str(tmp_path / "data"))
+    store.write_bytes("laion_assets.yaml", f"scores:\n  punsafe_head: auto\n{section}".encode())
+    environment = values_from_env(SETTINGS_ENV)
+    with pytest.raises(ValueError, match=refusal):
+        load_settings(store).recorded_in(ScoreSettings(), "scores", MODEL_FIELDS, environment)

@@ -79,6 +79,18 @@ class ScoreSettings:
     device: str = "auto"  # auto: cuda when present, else cpu
     batch_size: int = 64
 
+    def __post_init__(self) -> None:
+        """ValueError for a value no run can use (a YAML `aesthetic_head:` left empty reads as None)."""
+        for name in MODEL_FIELDS:
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(
+                    f"scores {name}: expected a name or a path, got {getattr(self, name)!r} "
+                    f"({SETTINGS_ENV[name]}, or `{name}` in the dataset's `scores` settings)"
+                )
+        if self.batch_size < 1:
+            variable = SETTINGS_ENV["batch_size"]
+            raise ValueError(f"scores batch_size {self.batch_size} ({variable}): images a batch, 1 or more")
+
 
 @dataclass
 class ScoresResult:
