@@ -346,3 +346,22 @@ def test_a_decoders_own_error_is_a_decode_error():
         DecodeError, match=r"^cannot decode: NotImplementedError: Unknown pixel format flags 8192"
     ):
         process_image(data, ImageSettings())
+
+
+def test_webp_quality_over_100_is_lossless_as_in_img2dataset(sources, tmp_path):
+    """img2dataset asks OpenCV for lossless WebP with an encode_quality over 100; Pillow refused such a
+    quality ('invalid configuration') at every image, so each row of a shard ended failed_to_download
+    'unexpected: ValueError', and retry_failed fetched them all again at every run."""
+    options = {"image_size": 256, "resize_mode": "border", "resize_only_if_bigger": False}
+    options |= {"encode_format": "webp", "encode_quality": 101}
+    found, _ = from_bench("peers").img2dataset_resize(sources, tmp_path, {"lossless": options})
+    settings = ImageSettings(**options)
+    for source in sorted(sources.iterdir()):
+        ours = process_image(source.read_bytes(), settings)
+        theirs = tmp_path / f"lossless-{source.stem}.webp"
+        assert found[theirs.name][:2] == [ours.width, ours.height]
+        assert psnr_to_img2dataset(ours.data, theirs) == float("inf"), source.name
+        lossy = process_image(source.read_bytes(), replace(settings, encode_quality=100))
+        assert len(ours.data) > len(lossy.data) * 2
+    with pytest.raises(ValueError, match="encode_quality -1 is not a JPEG or WebP quality"):
+        ImageSettings(encode_format="webp", encode_quality=-1)

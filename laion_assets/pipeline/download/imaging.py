@@ -84,7 +84,9 @@ class ImageSettings:
     downscale_interpolation: str = "area"  # img2dataset's defaults
     upscale_interpolation: str = "lanczos"
     encode_format: str = "jpg"
-    encode_quality: int = 95  # JPEG and WebP quality; for PNG the zlib compression level, 0-9
+    # JPEG and WebP quality, 0-100 (over 100: lossless WebP, as OpenCV writes it for img2dataset); for PNG
+    # the zlib compression level, 0-9
+    encode_quality: int = 95
     skip_reencode: bool = False  # an image neither resized nor turned keeps its bytes if in encode_format
     min_image_size: int = 0
     max_image_area: int = 0  # width x height; larger images are filtered_size (0: no limit)
@@ -105,6 +107,8 @@ class ImageSettings:
             raise ValueError(
                 f"encode_quality {self.encode_quality} is not a PNG compression level: for png it is 0-9"
             )
+        if self.encode_format != "png" and self.encode_quality < 0:
+            raise ValueError(f"encode_quality {self.encode_quality} is not a JPEG or WebP quality: 0-100")
         ImageColor.getrgb(self.border_color)  # ValueError: unknown color specifier
 
 
@@ -237,11 +241,14 @@ def _encode(image: Image.Image, settings: ImageSettings) -> bytes:
     (Pillow would write its JPEG comment again), as OpenCV does not in img2dataset."""
     image.info = {}
     fmt = ENCODE_FORMATS[settings.encode_format]
-    quality = (
-        {"compress_level": settings.encode_quality} if fmt == "PNG" else {"quality": settings.encode_quality}
-    )
+    if fmt == "PNG":
+        options = {"compress_level": settings.encode_quality}
+    elif fmt == "WEBP" and settings.encode_quality > 100:
+        options = {"lossless": True}
+    else:
+        options = {"quality": settings.encode_quality}
     out = io.BytesIO()
-    image.save(out, fmt, **quality)
+    image.save(out, fmt, **options)
     return out.getvalue()
 
 
