@@ -365,3 +365,21 @@ def test_webp_quality_over_100_is_lossless_as_in_img2dataset(sources, tmp_path):
         assert len(ours.data) > len(lossy.data) * 2
     with pytest.raises(ValueError, match="encode_quality -1 is not a JPEG or WebP quality"):
         ImageSettings(encode_format="webp", encode_quality=-1)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_a_16_bit_greyscale_image_keeps_its_greys(fmt):
+    """Pillow opens a 16-bit greyscale PNG or TIFF as I;16, whose conversion to RGB clips every value over
+    255: the image came out all white (so does img2dataset's, whose OpenCV saturates 16 bits to 8), where
+    a 16-bit colour PNG, which Pillow reads by its high bytes, kept its colours."""
+    rng = np.random.default_rng(5)
+    grey = rng.integers(0, 256, (90, 120), dtype=np.uint8)
+    deep = io.BytesIO()
+    Image.fromarray(grey.astype(np.uint16) * 256 + rng.integers(0, 256, grey.shape, dtype=np.uint16)).save(
+        deep, fmt
+    )
+    assert Image.open(deep).mode == "I;16"
+    shallow = io.BytesIO()
+    Image.fromarray(grey).save(shallow, "PNG")
+    for settings in (ImageSettings(resize_mode="no", encode_format="png", encode_quality=1), ImageSettings()):
+        assert process_image(deep.getvalue(), settings) == process_image(shallow.getvalue(), settings)

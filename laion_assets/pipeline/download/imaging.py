@@ -369,7 +369,10 @@ def _has_alpha(image: Image.Image) -> bool:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB; transparent pixels become white, as a browser would show them on a white page."""
+    """RGB; transparent pixels become white, as a browser would show them on a white page. 16-bit greys
+    keep their high bytes, as Pillow reads 16-bit colour (its own conversion clips them to white)."""
+    if image.mode.startswith("I;16"):
+        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
     if _has_alpha(image):
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
