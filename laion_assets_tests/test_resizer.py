@@ -383,3 +383,20 @@ def test_a_16_bit_greyscale_image_keeps_its_greys(fmt):
     Image.fromarray(grey).save(shallow, "PNG")
     for settings in (ImageSettings(resize_mode="no", encode_format="png", encode_quality=1), ImageSettings()):
         assert process_image(deep.getvalue(), settings) == process_image(shallow.getvalue(), settings)
+
+
+def test_a_multi_picture_jpeg_is_a_jpeg():
+    """Phones write JPEGs with more pictures after the first (MPF: depth and gain maps), which Pillow names
+    MPO: skip_reencode re-encoded them (img2dataset keeps them, a JPEG to imghdr), and a large one was
+    decoded whole by Pillow, without the draft and the OpenCV decode a JPEG gets (three times the CPU
+    on a 12 MP photo), its pixels other than the same picture's as a plain JPEG."""
+    first = Image.open(io.BytesIO(photo(2400, 1600, seed=9)))
+    multi, plain = io.BytesIO(), io.BytesIO()
+    first.save(multi, "MPO", save_all=True, append_images=[first.resize((240, 160))], quality=90)
+    first.save(plain, "JPEG", quality=90)
+    assert Image.open(multi).format == "MPO"
+    kept = ImageSettings(resize_mode="no", skip_reencode=True)
+    assert process_image(multi.getvalue(), kept).data == multi.getvalue()
+    # drafted at 1/2 and 1/4 as the plain JPEG is
+    for settings in (ImageSettings(image_size=128), ImageSettings(image_size=64, resize_mode="center_crop")):
+        assert process_image(multi.getvalue(), settings) == process_image(plain.getvalue(), settings)

@@ -169,7 +169,7 @@ def process_image(data: bytes, settings: ImageSettings) -> ProcessedImage:
 
     target = _target_size(width, height, settings)
     _check_output(target, width, height, settings)
-    source_format = image.format
+    source_format = _format(image)
     if target != (width, height) and source_format == "JPEG":
         request = (target[1], target[0]) if orientation in _SWAPS_AXES else target
         image.draft("RGB", (request[0] * _DRAFT_MARGIN, request[1] * _DRAFT_MARGIN))
@@ -207,13 +207,19 @@ def _opencv_jpeg(data: bytes, image: Image.Image, orientation: int) -> np.ndarra
     the same libjpeg-turbo decode as Pillow's, without copying a full-size image out of Pillow (a sixth of
     `process_image` on a web-sized photo). None where Pillow decodes: another format or mode, a turn, no end
     marker (Pillow says a truncated file is one; OpenCV fills it in grey), or a decode OpenCV refuses."""
-    if image.format != "JPEG" or image.mode != "RGB" or orientation != 1 or not data.endswith(b"\xff\xd9"):
+    if _format(image) != "JPEG" or image.mode != "RGB" or orientation != 1 or not data.endswith(b"\xff\xd9"):
         return None
     scale = image.decoderconfig[0] if image.decoderconfig else 1
     cv2 = opencv()
     read = getattr(cv2, _OPENCV_READ[scale]) | cv2.IMREAD_IGNORE_ORIENTATION
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), read)
     return pixels if pixels is not None and pixels.shape[1::-1] == image.size else None
+
+
+def _format(image: Image.Image) -> str | None:
+    """Pillow's name of the image's format; a JPEG with more pictures after the first (phones' depth and gain
+    maps), which Pillow names MPO, is a JPEG."""
+    return "JPEG" if image.format == "MPO" else image.format
 
 
 def area_resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
