@@ -1,11 +1,11 @@
 """Decode, orient, filter, resize and encode one downloaded image.
 
-The output is meant to be img2dataset's: its modes, sizes, decisions and interpolation names, and its
-downscale, OpenCV's INTER_AREA (each output pixel the mean of the input area it covers, partial pixels
-weighted by their share), run by OpenCV itself: Pillow has no such filter (its BOX weighs whole pixels,
-31 dB PSNR from OpenCV on img2dataset's own test photos). Pillow reads the header and EXIF, turns by EXIF,
-upscales (Lanczos) and encodes; it decodes too, except an upright colour JPEG that is shrunk, which OpenCV
-decodes into the array it resizes (`_opencv_jpeg`: the same pixels, without a full-size copy). A JPEG of
+The output is meant to be img2dataset's: its modes, sizes, decisions and interpolations, run by OpenCV
+itself, its downscale OpenCV's INTER_AREA (each output pixel the mean of the input area it covers, partial
+pixels weighted by their share): Pillow has no such filter (its BOX weighs whole pixels, 31 dB PSNR from
+OpenCV on img2dataset's own test photos). Pillow reads the header and EXIF, turns by EXIF and encodes; it
+decodes too, except an upright colour JPEG that is shrunk, which OpenCV decodes into the array it resizes
+(`_opencv_jpeg`: the same pixels, without a full-size copy). A JPEG of
 twelve times the target size or more is decoded with libjpeg's DCT scaling (Pillow's `draft`: 1/2, 1/4 or
 1/8) to no less than six times the target, which saves most of a camera photo's decode and stays 37 dB or
 more from a full decode on photos, pages of text and noise alike. Nearer the target it strays on text:
@@ -24,16 +24,17 @@ import numpy as np
 from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
-# img2dataset's interpolation names (and its aliases), as Pillow filters
+# img2dataset's interpolation names (and its aliases), as the names of its OpenCV flags: Pillow's filters
+# are others (antialiased shrinks, nearest at pixel centres, a box for an area upscale), 26-37 dB away
 INTERPOLATIONS = {
-    "nearest": Image.Resampling.NEAREST,
-    "linear": Image.Resampling.BILINEAR,
-    "bilinear": Image.Resampling.BILINEAR,
-    "cubic": Image.Resampling.BICUBIC,
-    "bicubic": Image.Resampling.BICUBIC,
-    "area": Image.Resampling.BOX,  # upscaling only: downscales are `area_resize`
-    "lanczos": Image.Resampling.LANCZOS,
-    "lanczos4": Image.Resampling.LANCZOS,
+    "nearest": "INTER_NEAREST",
+    "linear": "INTER_LINEAR",
+    "bilinear": "INTER_LINEAR",
+    "cubic": "INTER_CUBIC",
+    "bicubic": "INTER_CUBIC",
+    "area": "INTER_AREA",  # a shrink by area is `area_resize`
+    "lanczos": "INTER_LANCZOS4",
+    "lanczos4": "INTER_LANCZOS4",
 }
 ENCODE_FORMATS = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
 _MAX_SIDE = {"jpg": 65_500, "webp": 16_383}  # px: the longest side each encoder writes
@@ -170,7 +171,8 @@ def process_image(data: bytes, settings: ImageSettings) -> ProcessedImage:
     target = _target_size(width, height, settings)
     _check_output(target, width, height, settings)
     source_format = _format(image)
-    if target != (width, height) and source_format == "JPEG":
+    # the DCT scaling averages, as INTER_AREA does; OpenCV's other filters shrink the whole image unaveraged
+    if target != (width, height) and source_format == "JPEG" and settings.downscale_interpolation == "area":
         request = (target[1], target[0]) if orientation in _SWAPS_AXES else target
         image.draft("RGB", (request[0] * _DRAFT_MARGIN, request[1] * _DRAFT_MARGIN))
     transparent = _has_alpha(image)
@@ -199,7 +201,9 @@ def _resized(
         return image
     if filter_ == "area" and down:
         return area_resize(image, target)
-    return image.resize(target, INTERPOLATIONS[filter_])
+    cv2 = opencv()
+    flag = getattr(cv2, INTERPOLATIONS[filter_])
+    return Image.fromarray(cv2.resize(np.asarray(image), target, interpolation=flag))
 
 
 def _opencv_jpeg(data: bytes, image: Image.Image, orientation: int) -> np.ndarray | None:
