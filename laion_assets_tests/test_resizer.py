@@ -346,3 +346,98 @@ def test_a_decoders_own_error_is_a_decode_error():
         DecodeError, match=r"^cannot decode: NotImplementedError: Unknown pixel format flags 8192"
     ):
         process_image(data, ImageSettings())
+
+
+def test_webp_quality_over_100_is_lossless_as_in_img2dataset(sources, tmp_path):
+    """img2dataset asks OpenCV for lossless WebP with an encode_quality over 100; Pillow refused such a
+    quality ('invalid configuration') at every image, so each row of a shard ended failed_to_download
+    'unexpected: ValueError', and retry_failed fetched them all again at every run."""
+    options = {"image_size": 256, "resize_mode": "border", "resize_only_if_bigger": False}
+    options |= {"encode_format": "webp", "encode_quality": 101}
+    found, _ = from_bench("peers").img2dataset_resize(sources, tmp_path, {"lossless": options})
+    settings = ImageSettings(**options)
+    for source in sorted(sources.iterdir()):
+        ours = process_image(source.read_bytes(), settings)
+        theirs = tmp_path / f"lossless-{source.stem}.webp"
+        assert found[theirs.name][:2] == [ours.width, ours.height]
+        assert psnr_to_img2dataset(ours.data, theirs) == float("inf"), source.name
+        lossy = process_image(source.read_bytes(), replace(settings, encode_quality=100))
+        assert len(ours.data) > len(lossy.data) * 2
+    with pytest.raises(ValueError, match="encode_quality -1 is not a JPEG or WebP quality"):
+        ImageSettings(encode_format="webp", encode_quality=-1)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_a_16_bit_greyscale_image_keeps_its_greys(fmt):
+    """Pillow opens a 16-bit greyscale PNG or TIFF as I;16, whose conversion to RGB clips every value over
+    255: the image came out all white (so does img2dataset's, whose OpenCV saturates 16 bits to 8), where
+    a 16-bit colour PNG, which Pillow reads by its high bytes, kept its colours."""
+    rng = np.random.default_rng(5)
+    grey = rng.integers(0, 256, (90, 120), dtype=np.uint8)
+    deep = io.BytesIO()
+    Image.fromarray(grey.astype(np.uint16) * 256 + rng.integers(0, 256, grey.shape, dtype=np.uint16)).save(
+        deep, fmt
+    )
+    assert Image.open(deep).mode == "I;16"
+    shallow = io.BytesIO()
+    Image.fromarray(grey).save(shallow, "PNG")
+    for settings in (ImageSettings(resize_mode="no", encode_format="png", encode_quality=1), ImageSettings()):
+        assert process_image(deep.getvalue(), settings) == process_image(shallow.getvalue(), settings)
+
+
+def test_a_multi_picture_jpeg_is_a_jpeg():
+    """Phones write JPEGs with more pictures after the first (MPF: depth and gain maps), which Pillow names
+    MPO: skip_reencode re-encoded them (img2dataset keeps them, a JPEG to imghdr), and a large one was
+    decoded whole by Pillow, without the draft and the OpenCV decode a JPEG gets (three times the CPU
+    on a 12 MP photo), its pixels other than the same picture's as a plain JPEG."""
+    first = Image.open(io.BytesIO(photo(2400, 1600, seed=9)))
+    multi, plain = io.BytesIO(), io.BytesIO()
+    first.save(multi, "MPO", save_all=True, append_images=[first.resize((240, 160))], quality=90)
+    first.save(plain, "JPEG", quality=90)
+    assert Image.open(multi).format == "MPO"
+    kept = ImageSettings(resize_mode="no", skip_reencode=True)
+    assert process_image(multi.getvalue(), kept).data == multi.getvalue()
+    # drafted at 1/2 and 1/4 as the plain JPEG is
+    for settings in (ImageSettings(image_size=128), ImageSettings(image_size=64, resize_mode="center_crop")):
+        assert process_image(multi.getvalue(), settings) == process_image(plain.getvalue(), settings)
+
+
+# (downscale, upscale): each name once as either
+INTERPOLATION_CASES = [
+    ("nearest", "bilinear"),
+    ("bilinear", "bicubic"),
+    ("bicubic", "lanczos"),
+    ("lanczos", "area"),
+    ("area", "nearest"),
+]
+
+
+def test_every_interpolation_is_img2datasets(sources, tmp_path):
+    """img2dataset resizes with OpenCV's own filters; Pillow's were used for all but the area shrink: its
+    shrinks are antialiased where OpenCV's nearest, bilinear, bicubic and Lanczos are not, its nearest
+    samples pixel centres, and its area upscale is a box: 26 to 37 dB from img2dataset's pixels. A large
+    JPEG was drafted (DCT-averaged) before any shrink, where img2dataset's OpenCV shrinks the whole image:
+    a page of text came out 12 to 16 dB away."""
+    folder = tmp_path / "sources"
+    folder.mkdir()
+    for source in sources.iterdir():
+        (folder / source.name).write_bytes(source.read_bytes())
+    (folder / "text_3349_2511.jpg").write_bytes(from_bench("download").page_of_text(3349, 2511))
+    cases = {
+        f"{down}-{up}": {
+            "image_size": 128,  # the page drafted at 1/2; 123x456 enlarged, the others shrunk
+            "resize_mode": "keep_ratio",
+            "resize_only_if_bigger": False,
+            "downscale_interpolation": down,
+            "upscale_interpolation": up,
+        }
+        for down, up in INTERPOLATION_CASES
+    }
+    found, _ = from_bench("peers").img2dataset_resize(folder, tmp_path, cases)
+    for case, options in cases.items():
+        settings = ImageSettings(**{k: v for k, v in options.items() if k != "resize_only_if_bigger"})
+        for source in sorted(folder.iterdir()):
+            name = f"{case}-{source.stem}.jpg"
+            ours = process_image(source.read_bytes(), settings)
+            assert [ours.width, ours.height] == found[name][:2], name
+            assert psnr_to_img2dataset(ours.data, tmp_path / name) >= MIN_PSNR, name

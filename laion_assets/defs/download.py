@@ -40,7 +40,7 @@ class DownloadImagesConfig(dg.Config):
     downscale_interpolation: str = D.downscale_interpolation  # nearest, bilinear, bicubic, area, lanczos
     upscale_interpolation: str = D.upscale_interpolation
     encode_format: str = D.encode_format  # jpg, webp or png
-    encode_quality: int = D.encode_quality  # for png, the compression level 0-9 (img2dataset's)
+    encode_quality: int = D.encode_quality  # 0-100, over 100 lossless webp; png: compression level 0-9
     skip_reencode: bool = D.skip_reencode  # keep the original bytes when nothing is resized
     min_image_size: int = D.min_image_size  # shorter side, pixels; smaller images are filtered_size
     max_image_area: int = D.max_image_area  # width x height; larger images are filtered_size (0: none)

@@ -1,11 +1,11 @@
 """Decode, orient, filter, resize and encode one downloaded image.
 
-The output is meant to be img2dataset's: its modes, sizes, decisions and interpolation names, and its
-downscale, OpenCV's INTER_AREA (each output pixel the mean of the input area it covers, partial pixels
-weighted by their share), run by OpenCV itself: Pillow has no such filter (its BOX weighs whole pixels,
-31 dB PSNR from OpenCV on img2dataset's own test photos). Pillow reads the header and EXIF, turns by EXIF,
-upscales (Lanczos) and encodes; it decodes too, except an upright colour JPEG that is shrunk, which OpenCV
-decodes into the array it resizes (`_opencv_jpeg`: the same pixels, without a full-size copy). A JPEG of
+The output is meant to be img2dataset's: its modes, sizes, decisions and interpolations, run by OpenCV
+itself, its downscale OpenCV's INTER_AREA (each output pixel the mean of the input area it covers, partial
+pixels weighted by their share): Pillow has no such filter (its BOX weighs whole pixels, 31 dB PSNR from
+OpenCV on img2dataset's own test photos). Pillow reads the header and EXIF, turns by EXIF and encodes; it
+decodes too, except an upright colour JPEG that is shrunk, which OpenCV decodes into the array it resizes
+(`_opencv_jpeg`: the same pixels, without a full-size copy). A JPEG of
 twelve times the target size or more is decoded with libjpeg's DCT scaling (Pillow's `draft`: 1/2, 1/4 or
 1/8) to no less than six times the target, which saves most of a camera photo's decode and stays 37 dB or
 more from a full decode on photos, pages of text and noise alike. Nearer the target it strays on text:
@@ -24,16 +24,17 @@ import numpy as np
 from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
-# img2dataset's interpolation names (and its aliases), as Pillow filters
+# img2dataset's interpolation names (and its aliases), as the names of its OpenCV flags: Pillow's filters
+# are others (antialiased shrinks, nearest at pixel centres, a box for an area upscale), 26-37 dB away
 INTERPOLATIONS = {
-    "nearest": Image.Resampling.NEAREST,
-    "linear": Image.Resampling.BILINEAR,
-    "bilinear": Image.Resampling.BILINEAR,
-    "cubic": Image.Resampling.BICUBIC,
-    "bicubic": Image.Resampling.BICUBIC,
-    "area": Image.Resampling.BOX,  # upscaling only: downscales are `area_resize`
-    "lanczos": Image.Resampling.LANCZOS,
-    "lanczos4": Image.Resampling.LANCZOS,
+    "nearest": "INTER_NEAREST",
+    "linear": "INTER_LINEAR",
+    "bilinear": "INTER_LINEAR",
+    "cubic": "INTER_CUBIC",
+    "bicubic": "INTER_CUBIC",
+    "area": "INTER_AREA",  # a shrink by area is `area_resize`
+    "lanczos": "INTER_LANCZOS4",
+    "lanczos4": "INTER_LANCZOS4",
 }
 ENCODE_FORMATS = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
 _MAX_SIDE = {"jpg": 65_500, "webp": 16_383}  # px: the longest side each encoder writes
@@ -84,7 +85,9 @@ class ImageSettings:
     downscale_interpolation: str = "area"  # img2dataset's defaults
     upscale_interpolation: str = "lanczos"
     encode_format: str = "jpg"
-    encode_quality: int = 95  # JPEG and WebP quality; for PNG the zlib compression level, 0-9
+    # JPEG and WebP quality, 0-100 (over 100: lossless WebP, as OpenCV writes it for img2dataset); for PNG
+    # the zlib compression level, 0-9
+    encode_quality: int = 95
     skip_reencode: bool = False  # an image neither resized nor turned keeps its bytes if in encode_format
     min_image_size: int = 0
     max_image_area: int = 0  # width x height; larger images are filtered_size (0: no limit)
@@ -105,6 +108,8 @@ class ImageSettings:
             raise ValueError(
                 f"encode_quality {self.encode_quality} is not a PNG compression level: for png it is 0-9"
             )
+        if self.encode_format != "png" and self.encode_quality < 0:
+            raise ValueError(f"encode_quality {self.encode_quality} is not a JPEG or WebP quality: 0-100")
         ImageColor.getrgb(self.border_color)  # ValueError: unknown color specifier
 
 
@@ -165,8 +170,9 @@ def process_image(data: bytes, settings: ImageSettings) -> ProcessedImage:
 
     target = _target_size(width, height, settings)
     _check_output(target, width, height, settings)
-    source_format = image.format
-    if target != (width, height) and source_format == "JPEG":
+    source_format = _format(image)
+    # the DCT scaling averages, as INTER_AREA does; OpenCV's other filters shrink the whole image unaveraged
+    if target != (width, height) and source_format == "JPEG" and settings.downscale_interpolation == "area":
         request = (target[1], target[0]) if orientation in _SWAPS_AXES else target
         image.draft("RGB", (request[0] * _DRAFT_MARGIN, request[1] * _DRAFT_MARGIN))
     transparent = _has_alpha(image)
@@ -195,7 +201,9 @@ def _resized(
         return image
     if filter_ == "area" and down:
         return area_resize(image, target)
-    return image.resize(target, INTERPOLATIONS[filter_])
+    cv2 = opencv()
+    flag = getattr(cv2, INTERPOLATIONS[filter_])
+    return Image.fromarray(cv2.resize(np.asarray(image), target, interpolation=flag))
 
 
 def _opencv_jpeg(data: bytes, image: Image.Image, orientation: int) -> np.ndarray | None:
@@ -203,13 +211,19 @@ def _opencv_jpeg(data: bytes, image: Image.Image, orientation: int) -> np.ndarra
     the same libjpeg-turbo decode as Pillow's, without copying a full-size image out of Pillow (a sixth of
     `process_image` on a web-sized photo). None where Pillow decodes: another format or mode, a turn, no end
     marker (Pillow says a truncated file is one; OpenCV fills it in grey), or a decode OpenCV refuses."""
-    if image.format != "JPEG" or image.mode != "RGB" or orientation != 1 or not data.endswith(b"\xff\xd9"):
+    if _format(image) != "JPEG" or image.mode != "RGB" or orientation != 1 or not data.endswith(b"\xff\xd9"):
         return None
     scale = image.decoderconfig[0] if image.decoderconfig else 1
     cv2 = opencv()
     read = getattr(cv2, _OPENCV_READ[scale]) | cv2.IMREAD_IGNORE_ORIENTATION
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), read)
     return pixels if pixels is not None and pixels.shape[1::-1] == image.size else None
+
+
+def _format(image: Image.Image) -> str | None:
+    """Pillow's name of the image's format; a JPEG with more pictures after the first (phones' depth and gain
+    maps), which Pillow names MPO, is a JPEG."""
+    return "JPEG" if image.format == "MPO" else image.format
 
 
 def area_resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -237,11 +251,14 @@ def _encode(image: Image.Image, settings: ImageSettings) -> bytes:
     (Pillow would write its JPEG comment again), as OpenCV does not in img2dataset."""
     image.info = {}
     fmt = ENCODE_FORMATS[settings.encode_format]
-    quality = (
-        {"compress_level": settings.encode_quality} if fmt == "PNG" else {"quality": settings.encode_quality}
-    )
+    if fmt == "PNG":
+        options = {"compress_level": settings.encode_quality}
+    elif fmt == "WEBP" and settings.encode_quality > 100:
+        options = {"lossless": True}
+    else:
+        options = {"quality": settings.encode_quality}
     out = io.BytesIO()
-    image.save(out, fmt, **quality)
+    image.save(out, fmt, **options)
     return out.getvalue()
 
 
@@ -362,7 +379,10 @@ def _has_alpha(image: Image.Image) -> bool:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB; transparent pixels become white, as a browser would show them on a white page."""
+    """RGB; transparent pixels become white, as a browser would show them on a white page. 16-bit greys
+    keep their high bytes, as Pillow reads 16-bit colour (its own conversion clips them to white)."""
+    if image.mode.startswith("I;16"):
+        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
     if _has_alpha(image):
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
