@@ -76,6 +76,7 @@ DEDUP_SETTINGS_FOOTER = "laion_assets.dedup_settings"  # duplicates.parquet: JSO
 # a ledger: the list of changes ("field: before -> after") its run accepted
 SETTINGS_CHANGE_FOOTER = "laion_assets.settings_change"
 SCORES_FOOTER = "laion_assets.scores"  # scores: JSON, the score settings and the weights of each score
+SCORES_READ_FOOTER = "laion_assets.scores_read"  # pairs: what the scores file their rules read was
 CAPTIONER_FOOTER = "laion_assets.captioner"  # recaptions: JSON, the captioner, its weights and decoding
 # JSON {"shard", "source_file", "run_id", "materialized_at" (UTC ISO 8601), "code_version"}
 PROVENANCE_FOOTER = "laion_assets.provenance"

@@ -2,9 +2,16 @@ import json
 
 import pyarrow as pa
 
+from laion_assets import names
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.lineage import incoming_by_shard, inherited_footer, source_footer, stale_layers
-from laion_assets.pipeline.storage import CRAWL_METADATA, EMBEDDINGS, IMAGES, DatasetStore
+from laion_assets.pipeline.lineage import (
+    identity_of,
+    incoming_by_shard,
+    inherited_footer,
+    source_footer,
+    stale_layers,
+)
+from laion_assets.pipeline.storage import CRAWL_METADATA, EMBEDDINGS, IMAGES, PAIRS, SCORES, DatasetStore
 
 A = b"url,caption\nhttp://a.com/1.jpg,a cat\n"
 ROW = pa.table({"key": ["a-00000000"]})
@@ -86,4 +93,34 @@ def test_a_layer_made_from_an_upstream_file_since_rebuilt_otherwise_is_stale(loc
     assert stale_layers(store, sources, layers)["a"] == [EMBEDDINGS]
     assert stale_layers(store, sources, [EMBEDDINGS])["a"] == [EMBEDDINGS]  # asked for on its own too
     build(EMBEDDINGS, IMAGES, {})
+    assert stale_layers(store, sources, layers)["a"] == []
+
+
+def test_pairs_filtered_on_scores_since_rebuilt_otherwise_are_stale(local_root):
+    """Pairs whose rules read the quality scores (a LAION-Aesthetics preset) were reported up to date after
+    `run --select quality_scores --rebuild-stale` rebuilt the scores with another head: they record only
+    the embeddings they were made from. They record the scores file they read too; pairs that read none
+    stay current whatever the scores become."""
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/a.csv", A)
+    sources = incoming_by_shard(store)
+    layers = [CRAWL_METADATA, IMAGES, EMBEDDINGS, SCORES, PAIRS]
+    store.write_parquet(CRAWL_METADATA.parquet("a"), ROW, metadata=source_footer(sources["a"]))
+
+    def write(layer, metadata: dict) -> None:
+        table = IMAGES_ROWS if layer is IMAGES else schemas.PAIRS.empty_table() if layer is PAIRS else ROW
+        store.write_parquet(layer.parquet("a"), table, metadata=metadata)
+
+    write(IMAGES, inherited_footer(store.read_parquet(CRAWL_METADATA.parquet("a"))))
+    write(EMBEDDINGS, inherited_footer(store.read_parquet(IMAGES.parquet("a"))))
+    from_embeddings = inherited_footer(store.read_parquet(EMBEDDINGS.parquet("a")))
+    write(SCORES, {**from_embeddings, names.SCORES_FOOTER: json.dumps({"aesthetic": "head-1"})})
+    read = {names.SCORES_READ_FOOTER: identity_of(store.read_parquet(SCORES.parquet("a"), columns=["key"]))}
+    write(PAIRS, {**from_embeddings, **read})
+    assert stale_layers(store, sources, layers)["a"] == []
+
+    write(SCORES, {**from_embeddings, names.SCORES_FOOTER: json.dumps({"aesthetic": "head-2"})})
+    assert stale_layers(store, sources, layers)["a"] == [PAIRS]
+    assert stale_layers(store, sources, [PAIRS])["a"] == [PAIRS]  # asked for on its own too
+    write(PAIRS, from_embeddings)  # rules that read no scores
     assert stale_layers(store, sources, layers)["a"] == []

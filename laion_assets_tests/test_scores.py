@@ -25,6 +25,7 @@ from laion_assets.pipeline.embeddings.clip import (
     ModelUnavailable,
     values_from_env,
 )
+from laion_assets.pipeline.lineage import incoming_by_shard, stale_layers
 from laion_assets.pipeline.pairs.filter import PairsSettings, stored_scores
 from laion_assets.pipeline.scores.heads import build_head
 from laion_assets.pipeline.scores.language import LanguageIdentifier
@@ -41,7 +42,7 @@ from laion_assets.pipeline.scores.score import (
 from laion_assets.pipeline.scores.watermark import build_watermark_model
 from laion_assets.pipeline.scores.weights import PUBLISHED, load_checkpoint, save_checkpoint
 from laion_assets.pipeline.settings import load_settings
-from laion_assets.pipeline.storage import EMBEDDINGS, SCORES, DatasetStore
+from laion_assets.pipeline.storage import EMBEDDINGS, PAIRS, SCORES, DatasetStore, footer
 from laion_assets_tests.dagster_helpers import materialize_shard
 from laion_assets_tests.demo_dataset import DEMO_CLIP, DEMO_SHARDS
 from laion_assets_tests.short_captions import SHORT_CAPTIONS
@@ -300,7 +301,8 @@ def test_a_head_that_records_no_clip_is_refused(tmp_path):
 def test_a_preset_filters_the_pairs_on_the_stored_scores(demo_root, tmp_path):
     """`preset: laion-aesthetics-6` in filtered_pairs' run config, on the demo's shards: every pair kept
     passes the subset's rules, the funnel counts what each rule removed, the pairs' footer records the
-    preset, and the dataset's settings stay as they were."""
+    preset and the scores file it read (so scores rebuilt otherwise make the pairs stale), and the
+    dataset's settings stay as they were."""
     root = str(tmp_path / "data")
     shutil.copytree(demo_root, root)
     config = {"ops": {"filtered_pairs": {"config": {"preset": "laion-aesthetics-6"}}}}
@@ -320,6 +322,12 @@ def test_a_preset_filters_the_pairs_on_the_stored_scores(demo_root, tmp_path):
     recorded = json.loads(store.parquet_metadata(f"pairs/{shard}.parquet")[names.PAIRS_SETTINGS_FOOTER])
     assert recorded["preset"] == "laion-aesthetics-6"
     assert load_settings(store).section("filtered_pairs")["preset"] == ""  # a run's config: that run only
+    source = {shard: incoming_by_shard(store)[shard]}
+    assert stale_layers(store, source, [SCORES, PAIRS])[shard] == []
+    scores = store.read_parquet(SCORES.parquet(shard))  # as another head would score them
+    other_head = {**footer(scores.schema), names.SCORES_FOOTER: json.dumps({"aesthetic_head": "another"})}
+    store.write_parquet(SCORES.parquet(shard), scores, metadata=other_head)
+    assert stale_layers(store, source, [SCORES, PAIRS])[shard] == [PAIRS]
 
 
 def test_a_rule_on_a_score_that_was_not_computed_refuses_naming_the_file(tmp_path):

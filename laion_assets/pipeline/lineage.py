@@ -66,6 +66,7 @@ _IDENTITY_FOOTERS = (
     names.CLIP_PRETRAINED_FOOTER,
     names.CLIP_WEIGHTS_FOOTER,
     names.SCORES_FOOTER,
+    names.SCORES_READ_FOOTER,
     names.PAIRS_SETTINGS_FOOTER,
     names.CAPTIONER_FOOTER,
 )
@@ -77,11 +78,19 @@ _MADE_FROM = {
     PAIRS: EMBEDDINGS,
     RECAPTIONS: PAIRS,
 }
+# A file a layer's writer reads beside that one when its settings ask for it, and the footer entry that
+# records what it was (`identity_of`): pairs whose rules filter on quality scores.
+_ALSO_READ = {PAIRS: (SCORES, names.SCORES_READ_FOOTER)}
 
 
 def _identity(stored: Mapping[str, str]) -> str:
     recorded = {key: stored[key] for key in _IDENTITY_FOOTERS if key in stored}
     return hashlib.sha256(json.dumps(recorded, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def identity_of(table: pa.Table) -> str:
+    """What the file `table` was read from is (`identities`), for a file whose writer also read it."""
+    return _identity(footer(table.schema))
 
 
 def identities(
@@ -129,6 +138,7 @@ def stale_layers(
     if not sources:
         return {}
     upstream = [_MADE_FROM[layer] for layer in layers if layer in _MADE_FROM]
+    upstream += [_ALSO_READ[layer][0] for layer in layers if layer in _ALSO_READ]
     stored = dict(_stored_schemas(store, sources, dict.fromkeys([*layers, *upstream])))
     stale = {}
     for shard, source in sources.items():
@@ -141,14 +151,21 @@ def stale_layers(
 
 
 def _current(stored: Mapping[tuple[str, Layer], pa.Schema], shard: str, layer: Layer, source: str) -> bool:
-    """Whether the file of `layer` records `source` and was made from the file before it as it is now
-    (files written before they recorded it are taken to be)."""
+    """Whether the file of `layer` records `source`, was made from the file before it as it is now (files
+    written before they recorded it are taken to be), and read any other file (`_ALSO_READ`) as it is now."""
     schema = stored.get((shard, layer))
     if schema is None or _recorded_source(layer, schema) != source:
         return False
     made_from = footer(schema).get(names.MADE_FROM_FOOTER)
     upstream = stored.get((shard, _MADE_FROM.get(layer)))
-    return made_from is None or upstream is None or made_from == _identity(footer(upstream))
+    if made_from is not None and upstream is not None and made_from != _identity(footer(upstream)):
+        return False
+    other_layer, entry = _ALSO_READ.get(layer, (None, ""))
+    read = footer(schema).get(entry)
+    if read is None:
+        return True
+    other = stored.get((shard, other_layer))
+    return other is not None and read == _identity(footer(other))
 
 
 def sourceless_shards(

@@ -44,7 +44,7 @@ import pyarrow.compute as pc
 from laion_assets import names
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.embeddings.clip import ModelIdentity
-from laion_assets.pipeline.lineage import inherited_footer
+from laion_assets.pipeline.lineage import identity_of, inherited_footer
 from laion_assets.pipeline.shard_tar import TarShardWriter, read_samples
 from laion_assets.pipeline.storage import (
     CRAWL_METADATA,
@@ -223,13 +223,14 @@ def write_pairs(
     crawl = store.read_parquet(CRAWL_METADATA.parquet(shard))
     categories = NsfwCategories.load(lambda texts: encoder.encode_texts(texts).cpu().numpy())
     rules = settings.resolved()
+    scores = stored_scores(store, shard, rules)
     result = build_pairs(
         crawl,
         store.read_parquet(IMAGES.parquet(shard)),
         embeddings,
         settings,
         categories,
-        stored_scores(store, shard, rules),
+        scores,
         *image_based_inputs(rules),
     )
     with contextlib.ExitStack() as stack:
@@ -238,6 +239,7 @@ def write_pairs(
         result.samples_in_tar = write_pairs_tar(images_tar, result.table, out)
     pairs_footer = {
         **inherited_footer(embeddings),
+        **({} if scores is None else {names.SCORES_READ_FOOTER: identity_of(scores)}),
         names.PAIRS_SETTINGS_FOOTER: json.dumps(dataclasses.asdict(settings)),
         names.PAIRS_FUNNEL_FOOTER: json.dumps({"rows_in": result.rows_in, "removed": result.removed}),
         names.PROVENANCE_FOOTER: json.dumps(_provenance(shard, crawl, run_id)),
