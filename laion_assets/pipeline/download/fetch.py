@@ -544,8 +544,9 @@ def retry_after_seconds(value: str | None) -> float | None:
     unreadable."""
     if not value:
         return None
-    if value.strip().isdigit():
-        return float(value.strip())
+    delay = value.strip()
+    if delay.isascii() and delay.isdigit():  # isdigit() alone passes "¹", which float() refuses
+        return float(delay)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
