@@ -188,6 +188,16 @@ def test_x_robots_tag_directives_after_a_user_agent_are_that_agents(web):
         assert rows[url]["error_message"] == error, url
 
 
+def test_opt_out_directives_are_matched_whatever_their_case_and_spaces_in_the_settings(web):
+    """The header's directives are read lower-cased; the setting's were taken as written, so
+    `opt_out_directives: [NoAI]` honoured no opt-out at all. img2dataset strips and lower-cases both."""
+    settings = replace(FAST, opt_out_directives=("NoAI", " NOIMAGEAI "))
+    urls = [web.url("/noai.jpg"), web.url("/x-robots-tag.jpg?tag=noimageai")]
+    _, _, rows = run(urls, settings)
+    assert [rows[url]["error_message"] for url in urls] == ["X-Robots-Tag: noai", "X-Robots-Tag: noimageai"]
+    assert {rows[url]["status"] for url in urls} == {schemas.OPTED_OUT}
+
+
 def test_pixel_cap_is_configurable(web):
     settings = DownloadSettings(**{**FAST.__dict__, "max_pixels": 100_000})
     _, _, rows = run([web.url("/img/red.jpg")], settings)

@@ -135,6 +135,8 @@ class Fetcher:
     def __init__(self, settings: FetchSettings, ssl_context: ssl.SSLContext | None = None) -> None:
         self.settings = settings
         self.user_agent = f"Mozilla/5.0 (compatible; {settings.user_agent_token}; image-text dataset builder)"
+        # as the header's are read, and img2dataset reads its `disallowed_header_directives`
+        self._opt_out_directives = frozenset(d.strip().lower() for d in settings.opt_out_directives)
         self._addresses: dict[str, HostAnswer] = {}
         self._resolving: dict[str, asyncio.Future[Address]] = {}
         self._resolver: aiodns.DNSResolver | None = None  # made on the first lookup, on the running loop
@@ -406,7 +408,7 @@ class Fetcher:
                 agent = agent.strip()
                 if sep and agent not in _VALUED_DIRECTIVES and _AGENT.fullmatch(agent):
                     ours, directive = agent in (token, "*"), rest.strip()
-                if ours and directive in self.settings.opt_out_directives:
+                if ours and directive in self._opt_out_directives:
                     return directive
         return None
 
