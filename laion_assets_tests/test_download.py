@@ -323,6 +323,16 @@ def test_tdmrep_well_known_file_is_read_once_per_site_and_its_first_matching_rul
     assert web.hits["/.well-known/tdmrep.json"] == 1
 
 
+def test_a_tdmrep_file_that_starts_with_a_byte_order_mark_still_reserves(web):
+    """json.loads refuses a text that starts with U+FEFF, and the file was taken for one that cannot be
+    parsed: a site that saved its tdmrep.json with a BOM (as Windows editors do) reserved nothing, and its
+    images were stored. RFC 8259 lets a parser skip it; robots.txt's is skipped already."""
+    web.tdmrep_json = b"\xef\xbb\xbf" + web.tdmrep_json
+    _, _, rows = run([web.url("/tdm-site/a.jpg")])
+    assert rows[web.url("/tdm-site/a.jpg")]["status"] == schemas.OPTED_OUT
+    assert web.hits["/tdm-site/a.jpg"] == 0
+
+
 def test_a_tdmrep_location_of_many_wildcards_does_not_hold_the_fetch_loop(web):
     """A location's `*`s were a regex of `.*`s, which backtracks through every way of placing them on a
     path it does not match: 8 of them against a 60-character path took 71 s, 12 against this one hours,
