@@ -471,3 +471,15 @@ def test_a_dns_server_that_never_answers_fails_the_host_at_dns_timeout(web):
     error = "dns: cannot resolve silent.example: no answer within dns_timeout=0.5s"
     assert [rows[url]["error_message"] for url in urls[:-1]] == [error] * 6
     assert rows[urls[-1]]["status"] == schemas.SUCCESS
+
+
+def test_a_name_on_the_local_use_nat64_prefix_is_not_fetched(web):
+    """RFC 8215's 64:ff9b:1::/48 is a site's own NAT64 prefix: its gateway delivers 64:ff9b:1:a00:0:100::
+    to 10.0.0.1. Python before 3.12.4 calls the prefix global, and a name answering it passed the guard
+    and was connected to; it is refused as the well-known prefix's private IPv4 addresses are."""
+    local_nat64 = "64:ff9b:1:a00:0:100::"
+    with DnsServer({"nat64.example": Name([local_nat64])}) as dns:
+        url = f"http://nat64.example:{web.port}/img/red.jpg"
+        _, _, rows = run([url], asking(GUARDED, dns))
+    assert rows[url]["status"] == schemas.BLOCKED
+    assert rows[url]["error_message"].startswith(f"private address: nat64.example resolves to {local_nat64} ")

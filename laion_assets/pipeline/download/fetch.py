@@ -50,6 +50,9 @@ _ROBOTS_MAX_BYTES = 512 * 1024
 _VALUED_DIRECTIVES = ("max-snippet", "max-image-preview", "max-video-preview", "unavailable_after")
 _AGENT = re.compile(r"[a-z0-9_*-]+")
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+# RFC 8215: a network's own NAT64 prefix, whose addresses reach IPv4 ones inside it (Python calls it
+# global before 3.12.4)
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
 # s: the least time an answer is kept. A TTL of 0 (or an /etc/hosts entry, which c-ares reports as 0)
 # would otherwise cost a lookup per request to the host
 _DNS_MIN_SECONDS = 1.0
@@ -507,9 +510,11 @@ def _preferred(addresses: list[IPAddress]) -> str:
 def _is_public(address: IPAddress) -> bool:
     """Global and not multicast; an IPv6 address that carries an IPv4 one, which a gateway delivers to
     (`_embedded_ipv4`), only where that one is public too: Python calls 64:ff9b::a00:1 global, and on a
-    NAT64 network it reaches 10.0.0.1."""
+    NAT64 network it reaches 10.0.0.1. None of a local-use NAT64 prefix, whatever it carries."""
     embedded = _embedded_ipv4(address)
     if embedded is not None and not _is_public(embedded):
+        return False
+    if address in _LOCAL_NAT64:
         return False
     return address.is_global and not address.is_multicast
 
