@@ -877,7 +877,7 @@ def test_worker_processes_use_the_hosts_resolved_once_in_the_steps_process(web, 
     refusal = fetch.Fetched(schemas.BLOCKED, error="private address: as the step's process resolved it")
     resolved = []
 
-    def resolve(resolver, hosts, deliver):
+    def resolve(resolver, hosts, deliver, deadline):
         resolved.append(sorted(hosts))
         deliver(dict.fromkeys(hosts, fetch.HostAnswer(time.monotonic() + 300, refusal)))
 
@@ -892,7 +892,7 @@ def test_worker_processes_use_the_hosts_resolved_once_in_the_steps_process(web, 
 def test_rows_whose_hosts_were_not_looked_up_fail_when_the_lookups_break(web, processes, monkeypatch):
     """A bug in the host lookups costs their rows a recorded failure each, not the shard or the rows."""
 
-    def resolve(resolver, hosts, deliver):
+    def resolve(resolver, hosts, deliver, deadline):
         deliver({hosts[0]: fetch.HostAnswer(time.monotonic() + 300, None)})
         raise RuntimeError("a bug")
 

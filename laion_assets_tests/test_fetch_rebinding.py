@@ -483,3 +483,23 @@ def test_a_name_on_the_local_use_nat64_prefix_is_not_fetched(web):
         _, _, rows = run([url], asking(GUARDED, dns))
     assert rows[url]["status"] == schemas.BLOCKED
     assert rows[url]["error_message"].startswith(f"private address: nat64.example resolves to {local_nat64} ")
+
+
+@pytest.mark.parametrize("processes", [1, 2], ids=["one process", "two worker processes"])
+def test_lookups_not_started_by_the_shard_deadline_are_never_started(monkeypatch, processes):
+    """The shard's hosts were each looked up, `dns_lookups` at a time, whatever its deadline: a resolver
+    that hangs held the shard for hosts / dns_lookups x dns_timeout, past shard_timeout, and left the
+    next shard's lookups queued behind them. At the deadline the lookups not started are not, and every
+    row not started fails as the deadline says."""
+    monkeypatch.setattr(download, "ROWS_PER_PROCESS", 4)
+    never = threading.Event()  # the DNS server holds every answer: a resolver that hangs
+    hosts = [f"h{i}.example" for i in range(6)]
+    urls = [f"http://{host}/{n}.jpg" for host in hosts for n in range(6 - hosts.index(host))]  # h0 first
+    with DnsServer({host: Name([PUBLIC], held=never) for host in hosts}) as dns:
+        settings = asking(GUARDED, dns, processes=processes, dns_lookups=1, dns_timeout=3, shard_timeout=1)
+        _, _, rows = run(urls, settings)
+        never.set()
+    assert set(dns.lookups) == {"h0.example"}
+    assert {row["error_message"] for row in rows.values()} == {
+        "shard deadline: not started within shard_timeout=1s"
+    }

@@ -346,13 +346,17 @@ class Fetcher:
         """The kept answers of `hosts` (resolved), for another Fetcher to `remember`."""
         return {host: self._addresses[host.rstrip(".").lower()] for host in hosts}
 
+    def kept(self, host: str) -> bool:
+        """Whether `host`'s answer is kept and fresh: `resolve` gives it at once."""
+        cached = self._addresses.get(host.rstrip(".").lower())
+        return cached is not None and cached.expiry > time.monotonic()
+
     async def resolve(self, host: str) -> Address:
         """`host`'s answer, from the cache while it is fresh; one lookup at a time per host, `dns_lookups`
         in all, each bounded by `dns_timeout`."""
         host = host.rstrip(".").lower()
-        cached = self._addresses.get(host)
-        if cached and cached.expiry > time.monotonic():
-            return cached.address
+        if self.kept(host):
+            return self._addresses[host].address
         lookup = self._resolving.get(host)
         if lookup is None or lookup.done():  # done: its waiters were all cancelled, and it is stale
             lookup = self._resolving[host] = asyncio.ensure_future(self._lookup(host))
