@@ -905,6 +905,15 @@ def test_rows_whose_hosts_were_not_looked_up_fail_when_the_lookups_break(web, pr
     }
 
 
+@pytest.mark.parametrize("name", ["max_in_flight", "per_host_connections", "dns_lookups"])
+def test_a_bound_of_zero_requests_or_lookups_at_once_is_refused_with_its_name(name):
+    """0 reads as "no limit" where 0 turns the setting off elsewhere (max_image_area, processes), but here
+    it started no request (or lookup): the shard never ended, whatever shard_timeout, holding its lease
+    and its run. The settings refuse it in one line."""
+    with pytest.raises(ValueError, match=f"^{name}=0: "):
+        replace(FAST, shard_timeout=2, processes=1, **{name: 0})
+
+
 def test_a_host_that_does_not_resolve_fails_each_of_its_rows_with_one_error(web, processes):
     urls = [f"http://no-such-host.invalid/{i}.jpg" for i in range(6)] + [web.url("/up/1")]
     _, _, rows = run(urls, replace(FAST, processes=processes))

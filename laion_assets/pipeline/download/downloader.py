@@ -93,6 +93,12 @@ class DownloadSettings(FetchSettings, ImageSettings):
     shard_timeout: float = 3600.0  # seconds for the whole shard; rows not fetched by then fail
     retry_failed: bool = False  # refetch only the failed_to_download rows of the previous result
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("max_in_flight", "per_host_connections", "dns_lookups"):
+            if (value := getattr(self, name)) < 1:  # 0 is no limit to no one: it starts nothing, ever
+                raise ValueError(f"{name}={value}: at least 1 is needed, or no request or lookup starts")
+
 
 @dataclass(frozen=True)
 class _Job:
