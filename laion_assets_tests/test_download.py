@@ -188,6 +188,16 @@ def test_x_robots_tag_directives_after_a_user_agent_are_that_agents(web):
         assert rows[url]["error_message"] == error, url
 
 
+def test_opt_out_directives_are_matched_whatever_their_case_and_spaces_in_the_settings(web):
+    """The header's directives are read lower-cased; the setting's were taken as written, so
+    `opt_out_directives: [NoAI]` honoured no opt-out at all. img2dataset strips and lower-cases both."""
+    settings = replace(FAST, opt_out_directives=("NoAI", " NOIMAGEAI "))
+    urls = [web.url("/noai.jpg"), web.url("/x-robots-tag.jpg?tag=noimageai")]
+    _, _, rows = run(urls, settings)
+    assert [rows[url]["error_message"] for url in urls] == ["X-Robots-Tag: noai", "X-Robots-Tag: noimageai"]
+    assert {rows[url]["status"] for url in urls} == {schemas.OPTED_OUT}
+
+
 def test_pixel_cap_is_configurable(web):
     settings = DownloadSettings(**{**FAST.__dict__, "max_pixels": 100_000})
     _, _, rows = run([web.url("/img/red.jpg")], settings)
@@ -311,6 +321,16 @@ def test_tdmrep_well_known_file_is_read_once_per_site_and_its_first_matching_rul
     _, _, ignored = run(urls[:1], DownloadSettings(**{**FAST.__dict__, "respect_tdm_reservation": False}))
     assert ignored[urls[0]]["status"] == schemas.SUCCESS
     assert web.hits["/.well-known/tdmrep.json"] == 1
+
+
+def test_a_tdmrep_file_that_starts_with_a_byte_order_mark_still_reserves(web):
+    """json.loads refuses a text that starts with U+FEFF, and the file was taken for one that cannot be
+    parsed: a site that saved its tdmrep.json with a BOM (as Windows editors do) reserved nothing, and its
+    images were stored. RFC 8259 lets a parser skip it; robots.txt's is skipped already."""
+    web.tdmrep_json = b"\xef\xbb\xbf" + web.tdmrep_json
+    _, _, rows = run([web.url("/tdm-site/a.jpg")])
+    assert rows[web.url("/tdm-site/a.jpg")]["status"] == schemas.OPTED_OUT
+    assert web.hits["/tdm-site/a.jpg"] == 0
 
 
 def test_a_tdmrep_location_of_many_wildcards_does_not_hold_the_fetch_loop(web):
@@ -857,7 +877,7 @@ def test_worker_processes_use_the_hosts_resolved_once_in_the_steps_process(web, 
     refusal = fetch.Fetched(schemas.BLOCKED, error="private address: as the step's process resolved it")
     resolved = []
 
-    def resolve(resolver, hosts, deliver):
+    def resolve(resolver, hosts, deliver, deadline):
         resolved.append(sorted(hosts))
         deliver(dict.fromkeys(hosts, fetch.HostAnswer(time.monotonic() + 300, refusal)))
 
@@ -872,7 +892,7 @@ def test_worker_processes_use_the_hosts_resolved_once_in_the_steps_process(web, 
 def test_rows_whose_hosts_were_not_looked_up_fail_when_the_lookups_break(web, processes, monkeypatch):
     """A bug in the host lookups costs their rows a recorded failure each, not the shard or the rows."""
 
-    def resolve(resolver, hosts, deliver):
+    def resolve(resolver, hosts, deliver, deadline):
         deliver({hosts[0]: fetch.HostAnswer(time.monotonic() + 300, None)})
         raise RuntimeError("a bug")
 
@@ -883,6 +903,15 @@ def test_rows_whose_hosts_were_not_looked_up_fail_when_the_lookups_break(web, pr
     assert {rows[url]["error_message"] for url in urls[6:]} == {
         "unexpected: host lookups ended: RuntimeError: a bug"
     }
+
+
+@pytest.mark.parametrize("name", ["max_in_flight", "per_host_connections", "dns_lookups"])
+def test_a_bound_of_zero_requests_or_lookups_at_once_is_refused_with_its_name(name):
+    """0 reads as "no limit" where 0 turns the setting off elsewhere (max_image_area, processes), but here
+    it started no request (or lookup): the shard never ended, whatever shard_timeout, holding its lease
+    and its run. The settings refuse it in one line."""
+    with pytest.raises(ValueError, match=f"^{name}=0: "):
+        replace(FAST, shard_timeout=2, processes=1, **{name: 0})
 
 
 def test_a_host_that_does_not_resolve_fails_each_of_its_rows_with_one_error(web, processes):

@@ -161,3 +161,13 @@ def test_a_non_ascii_host_is_named_by_the_same_a_label_to_dns_and_in_host(serve)
         assert fetched.status == schemas.SUCCESS
         assert dns.lookups["xn--strae-oqa.example"] == 1
     assert f"Host: xn--strae-oqa.example:{server.port}".encode() in server.requests[0].split(b"\r\n")
+
+
+def test_a_retry_after_of_a_digit_python_calls_a_digit_but_float_refuses_is_no_wait(serve):
+    # str.isdigit() holds for "¹" (0xB9 read as latin-1), float() refuses it: the ValueError left the fetch,
+    # a 500 of the service and an "unexpected" row of the downloader, where a 429 is the server's answer
+    busy = b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: \xb9\r\nContent-Length: 0\r\n\r\n"
+    server = serve({"/a.jpg": busy})
+    fetched = fetch_one(f"http://127.0.0.1:{server.port}/a.jpg", SITE)
+    assert (fetched.status, fetched.error) == (schemas.FAILED_TO_DOWNLOAD, "HTTP 429: Too Many Requests")
+    assert fetch.retry_after_seconds("\xb9") is None

@@ -471,3 +471,35 @@ def test_a_dns_server_that_never_answers_fails_the_host_at_dns_timeout(web):
     error = "dns: cannot resolve silent.example: no answer within dns_timeout=0.5s"
     assert [rows[url]["error_message"] for url in urls[:-1]] == [error] * 6
     assert rows[urls[-1]]["status"] == schemas.SUCCESS
+
+
+def test_a_name_on_the_local_use_nat64_prefix_is_not_fetched(web):
+    """RFC 8215's 64:ff9b:1::/48 is a site's own NAT64 prefix: its gateway delivers 64:ff9b:1:a00:0:100::
+    to 10.0.0.1. Python before 3.12.4 calls the prefix global, and a name answering it passed the guard
+    and was connected to; it is refused as the well-known prefix's private IPv4 addresses are."""
+    local_nat64 = "64:ff9b:1:a00:0:100::"
+    with DnsServer({"nat64.example": Name([local_nat64])}) as dns:
+        url = f"http://nat64.example:{web.port}/img/red.jpg"
+        _, _, rows = run([url], asking(GUARDED, dns))
+    assert rows[url]["status"] == schemas.BLOCKED
+    assert rows[url]["error_message"].startswith(f"private address: nat64.example resolves to {local_nat64} ")
+
+
+@pytest.mark.parametrize("processes", [1, 2], ids=["one process", "two worker processes"])
+def test_lookups_not_started_by_the_shard_deadline_are_never_started(monkeypatch, processes):
+    """The shard's hosts were each looked up, `dns_lookups` at a time, whatever its deadline: a resolver
+    that hangs held the shard for hosts / dns_lookups x dns_timeout, past shard_timeout, and left the
+    next shard's lookups queued behind them. At the deadline the lookups not started are not, and every
+    row not started fails as the deadline says."""
+    monkeypatch.setattr(download, "ROWS_PER_PROCESS", 4)
+    never = threading.Event()  # the DNS server holds every answer: a resolver that hangs
+    hosts = [f"h{i}.example" for i in range(6)]
+    urls = [f"http://{host}/{n}.jpg" for host in hosts for n in range(6 - hosts.index(host))]  # h0 first
+    with DnsServer({host: Name([PUBLIC], held=never) for host in hosts}) as dns:
+        settings = asking(GUARDED, dns, processes=processes, dns_lookups=1, dns_timeout=3, shard_timeout=1)
+        _, _, rows = run(urls, settings)
+        never.set()
+    assert set(dns.lookups) == {"h0.example"}
+    assert {row["error_message"] for row in rows.values()} == {
+        "shard deadline: not started within shard_timeout=1s"
+    }

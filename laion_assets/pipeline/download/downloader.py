@@ -93,6 +93,12 @@ class DownloadSettings(FetchSettings, ImageSettings):
     shard_timeout: float = 3600.0  # seconds for the whole shard; rows not fetched by then fail
     retry_failed: bool = False  # refetch only the failed_to_download rows of the previous result
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("max_in_flight", "per_host_connections", "dns_lookups"):
+            if (value := getattr(self, name)) < 1:  # 0 is no limit to no one: it starts nothing, ever
+                raise ValueError(f"{name}={value}: at least 1 is needed, or no request or lookup starts")
+
 
 @dataclass(frozen=True)
 class _Job:
@@ -394,7 +400,8 @@ class DownloadWorkers:
         def post(worker: _WorkerProcess, ready: list[_Job], answers: dict[str, HostAnswer]) -> bool:
             return self._post(worker, shard, (shard, ready, deadline, None, answers, 0))
 
-        threading.Thread(target=self._hand_out, args=(parts, post), name="hosts", daemon=True).start()
+        args = (parts, post, deadline)
+        threading.Thread(target=self._hand_out, args=args, name="hosts", daemon=True).start()
         try:
             while waiting:
                 result = route.results.get()
@@ -415,7 +422,9 @@ class DownloadWorkers:
         def hand_out() -> None:
             try:
                 self._hand_out(
-                    {fetching: jobs}, lambda _, ready, answers: fetching.add(ready, deadline, answers)
+                    {fetching: jobs},
+                    lambda _, ready, answers: fetching.add(ready, deadline, answers),
+                    deadline,
                 )
             finally:
                 fetching.close()
@@ -425,11 +434,15 @@ class DownloadWorkers:
             yield record, sample
 
     def _hand_out(
-        self, parts: dict[P, list[_Job]], post: Callable[[P, list[_Job], dict[str, HostAnswer]], bool | None]
+        self,
+        parts: dict[P, list[_Job]],
+        post: Callable[[P, list[_Job], dict[str, HostAnswer]], bool | None],
+        deadline: float,
     ) -> None:
         """Each of `parts` (a worker's jobs, or this process's) posted to it as their hosts' answers come
         in, with those answers: the run's resolver looks the hosts up busiest first. The jobs with no host
-        to look up (a malformed URL) go first. Stops where `post` returns False."""
+        to look up (a malformed URL) go first; at the shard's `deadline`, those whose hosts have no answer
+        yet, without one (they fail there as not started). Stops where `post` returns False."""
         by_host: dict[str | None, dict[P, list[_Job]]] = {}
         for destination, part in parts.items():
             for job in part:
@@ -438,22 +451,26 @@ class DownloadWorkers:
             post(destination, ready, {})
         delivered: set[str] = set()
 
-        def deliver(answers: dict[str, HostAnswer]) -> bool:
-            delivered.update(answers)
+        def deliver(hosts: list[str], answers: dict[str, HostAnswer]) -> bool:
+            """The jobs of `hosts` posted, with their answers where `answers` has them."""
+            delivered.update(hosts)
             for destination in parts:
-                if hosts := [host for host in answers if destination in by_host[host]]:
-                    ready = [job for host in hosts for job in by_host[host][destination]]
-                    if post(destination, ready, {host: answers[host] for host in hosts}) is False:
+                if mine := [host for host in hosts if destination in by_host[host]]:
+                    ready = [job for host in mine for job in by_host[host][destination]]
+                    if post(destination, ready, {h: answers[h] for h in mine if h in answers}) is False:
                         return False
             return True
 
         hosts = sorted(by_host, key=lambda host: -sum(map(len, by_host[host].values())))
         try:
-            self._resolver.resolve(hosts, deliver)
+            self._resolver.resolve(hosts, lambda answers: deliver(list(answers), answers), deadline)
         except Exception as exc:  # a bug, or the run ending: the rows not handed out yet fail, not vanish
             error = f"unexpected: host lookups ended: {type(exc).__name__}: {exc}"
             failed = HostAnswer(math.inf, Fetched(schemas.FAILED_TO_DOWNLOAD, error=error))
-            deliver({host: failed for host in hosts if host not in delivered})
+            left = [host for host in hosts if host not in delivered]
+            deliver(left, {host: failed for host in left})
+            return
+        deliver([host for host in hosts if host not in delivered], {})  # the deadline came first
 
     def _post(self, worker: _WorkerProcess, shard: int, message: tuple) -> bool:
         """`message` sent to `worker`, unless it is dead (if it died a moment ago, its rows fail); False
@@ -635,10 +652,14 @@ class _Resolver:
         self._serving = threading.Event()
         self._lock = threading.Lock()
 
-    def resolve(self, hosts: list[str], deliver: Callable[[dict[str, HostAnswer]], bool]) -> None:
+    def resolve(
+        self, hosts: list[str], deliver: Callable[[dict[str, HostAnswer]], bool], deadline: float
+    ) -> None:
         """Each of `hosts`' answer (its vetted address, or why it is refused, and until when it holds),
         looked up `dns_lookups` at a time in `hosts`' order and handed to `deliver` as they come, those
-        that come within `_ANSWERS_TOGETHER` of each other at once, until `deliver` returns False."""
+        that come within `_ANSWERS_TOGETHER` of each other at once, until `deliver` returns False or
+        `deadline` (time.monotonic) passes: no lookup starts after it, and the answers not in by then
+        are not handed on."""
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -648,7 +669,7 @@ class _Resolver:
         self._serving.wait()
         if self._fetcher is None:
             raise RuntimeError("the run's host lookups have ended")
-        asyncio.run_coroutine_threadsafe(self._resolve(hosts, deliver), self._loop).result()
+        asyncio.run_coroutine_threadsafe(self._resolve(hosts, deliver, deadline), self._loop).result()
 
     def close(self) -> None:
         if self._thread is not None:
@@ -666,17 +687,30 @@ class _Resolver:
             self._fetcher = None  # `resolve` then refuses, where it would wait on a loop that is gone
             self._serving.set()
 
-    async def _resolve(self, hosts: list[str], deliver: Callable[[dict[str, HostAnswer]], bool]) -> None:
+    async def _resolve(
+        self, hosts: list[str], deliver: Callable[[dict[str, HostAnswer]], bool], deadline: float
+    ) -> None:
         answered: list[str] = []
+        # a lookup starts once one before it is done, not all at once: those cancelled at the deadline were
+        # never started, and take no slot of the run's lookups from the next shard's
+        slots = asyncio.Semaphore(self._settings.dns_lookups)
 
         async def look_up(host: str) -> None:
-            await self._fetcher.resolve(host)
+            if self._fetcher.kept(host):
+                await self._fetcher.resolve(host)
+            else:
+                async with slots:
+                    await self._fetcher.resolve(host)
             answered.append(host)
 
         pending = {asyncio.ensure_future(look_up(host)) for host in hosts}
         try:
             while pending:
-                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                done, pending = await asyncio.wait(
+                    pending, timeout=deadline - time.monotonic(), return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:  # the deadline
+                    return
                 if pending:
                     _, pending = await asyncio.wait(pending, timeout=_ANSWERS_TOGETHER)
                 batch, answered[:] = self._fetcher.answers(answered), []

@@ -50,6 +50,9 @@ _ROBOTS_MAX_BYTES = 512 * 1024
 _VALUED_DIRECTIVES = ("max-snippet", "max-image-preview", "max-video-preview", "unavailable_after")
 _AGENT = re.compile(r"[a-z0-9_*-]+")
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+# RFC 8215: a network's own NAT64 prefix, whose addresses reach IPv4 ones inside it (Python calls it
+# global before 3.12.4)
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
 # s: the least time an answer is kept. A TTL of 0 (or an /etc/hosts entry, which c-ares reports as 0)
 # would otherwise cost a lookup per request to the host
 _DNS_MIN_SECONDS = 1.0
@@ -135,6 +138,8 @@ class Fetcher:
     def __init__(self, settings: FetchSettings, ssl_context: ssl.SSLContext | None = None) -> None:
         self.settings = settings
         self.user_agent = f"Mozilla/5.0 (compatible; {settings.user_agent_token}; image-text dataset builder)"
+        # as the header's are read, and img2dataset reads its `disallowed_header_directives`
+        self._opt_out_directives = frozenset(d.strip().lower() for d in settings.opt_out_directives)
         self._addresses: dict[str, HostAnswer] = {}
         self._resolving: dict[str, asyncio.Future[Address]] = {}
         self._resolver: aiodns.DNSResolver | None = None  # made on the first lookup, on the running loop
@@ -341,13 +346,17 @@ class Fetcher:
         """The kept answers of `hosts` (resolved), for another Fetcher to `remember`."""
         return {host: self._addresses[host.rstrip(".").lower()] for host in hosts}
 
+    def kept(self, host: str) -> bool:
+        """Whether `host`'s answer is kept and fresh: `resolve` gives it at once."""
+        cached = self._addresses.get(host.rstrip(".").lower())
+        return cached is not None and cached.expiry > time.monotonic()
+
     async def resolve(self, host: str) -> Address:
         """`host`'s answer, from the cache while it is fresh; one lookup at a time per host, `dns_lookups`
         in all, each bounded by `dns_timeout`."""
         host = host.rstrip(".").lower()
-        cached = self._addresses.get(host)
-        if cached and cached.expiry > time.monotonic():
-            return cached.address
+        if self.kept(host):
+            return self._addresses[host].address
         lookup = self._resolving.get(host)
         if lookup is None or lookup.done():  # done: its waiters were all cancelled, and it is stale
             lookup = self._resolving[host] = asyncio.ensure_future(self._lookup(host))
@@ -406,7 +415,7 @@ class Fetcher:
                 agent = agent.strip()
                 if sep and agent not in _VALUED_DIRECTIVES and _AGENT.fullmatch(agent):
                     ours, directive = agent in (token, "*"), rest.strip()
-                if ours and directive in self.settings.opt_out_directives:
+                if ours and directive in self._opt_out_directives:
                     return directive
         return None
 
@@ -505,9 +514,11 @@ def _preferred(addresses: list[IPAddress]) -> str:
 def _is_public(address: IPAddress) -> bool:
     """Global and not multicast; an IPv6 address that carries an IPv4 one, which a gateway delivers to
     (`_embedded_ipv4`), only where that one is public too: Python calls 64:ff9b::a00:1 global, and on a
-    NAT64 network it reaches 10.0.0.1."""
+    NAT64 network it reaches 10.0.0.1. None of a local-use NAT64 prefix, whatever it carries."""
     embedded = _embedded_ipv4(address)
     if embedded is not None and not _is_public(embedded):
+        return False
+    if address in _LOCAL_NAT64:
         return False
     return address.is_global and not address.is_multicast
 
@@ -544,8 +555,9 @@ def retry_after_seconds(value: str | None) -> float | None:
     unreadable."""
     if not value:
         return None
-    if value.strip().isdigit():
-        return float(value.strip())
+    delay = value.strip()
+    if delay.isascii() and delay.isdigit():  # isdigit() alone passes "¹", which float() refuses
+        return float(delay)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):

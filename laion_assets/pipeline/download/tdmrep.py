@@ -34,7 +34,7 @@ def parse_rules(body: bytes) -> list[TdmRule]:
     """The rules of a tdmrep.json; entries that are not rules (no string location) are skipped, and a
     file that is not a JSON array has none."""
     try:
-        data = json.loads(body.decode("utf-8", errors="replace"))
+        data = json.loads(body.decode("utf-8-sig", errors="replace"))  # a byte order mark skipped
     except (ValueError, RecursionError):  # RecursionError: arrays nested deeper than Python's stack
         return []
     if not isinstance(data, list):
