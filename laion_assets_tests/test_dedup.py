@@ -154,6 +154,11 @@ def test_a_new_shard_is_checked_against_the_stored_state_as_a_full_run_would(pla
     assert second.removal.shards == [DEMO_SHARDS[1]]
     assert found(first.duplicates) | found(second.duplicates) == at_once
     assert found(store.read_parquet(DUPLICATES)) == at_once
+    # a run with no new shard (the automation's after a takedown) leaves the centroids alone, and says so
+    # (the UI shows these): not "off" with 0 clusters, as if near-copy dedup were turned off
+    idle = deduplicate(store, DEMO_DEDUP)
+    assert idle.shards == [] and idle.centroids.startswith("not needed: no new vectors (stored: trained")
+    assert (idle.clusters, idle.buckets) == (second.clusters, 3)
 
     # a shard rebuilt since (filtered_pairs materialised again) has its duplicates back: checked again
     for suffix in (".parquet", ".tar"):

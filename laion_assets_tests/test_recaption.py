@@ -225,4 +225,7 @@ def test_an_empty_caption_is_a_row_with_the_reason(demo_copy):
     rows = result.table.to_pylist()
     assert rows and all(row["re_caption"] is None for row in rows)
     assert all(row["re_caption_error"] == "empty caption" and row["re_length"] is None for row in rows)
-    assert (result.summary()["recaptioned"], result.summary()["failed"]) == (0, len(rows))
+    summary = result.summary()
+    assert (summary["recaptioned"], summary["failed"]) == (0, len(rows))
+    # the asset's metadata in the UI: no scores, not recaptions that all score a cosine of 0.0
+    assert summary["re_clip_score_mean"] is None and summary["share_re_above_org"] is None

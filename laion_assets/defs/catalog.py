@@ -9,7 +9,7 @@ from laion_assets.defs.metadata import reads
 from laion_assets.defs.partitions import DATASET_GROUP, FOLLOWS_ANY_SHARD
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline.catalog import views as duckdb_catalog
-from laion_assets.pipeline.storage import DUPLICATES, EXPORTS, SHARD_LAYERS, TAKEDOWNS
+from laion_assets.pipeline.storage import BLOCKLIST_ENTRIES, DUPLICATES, EXPORTS, SHARD_LAYERS, TAKEDOWNS
 
 
 class CatalogConfig(dg.Config):
@@ -22,7 +22,7 @@ class CatalogConfig(dg.Config):
     name=names.CATALOG_ASSET,
     deps=[training_shards],  # after every removal and export
     group_name=DATASET_GROUP,
-    metadata=reads(*SHARD_LAYERS, TAKEDOWNS, DUPLICATES, EXPORTS),
+    metadata=reads(*SHARD_LAYERS, TAKEDOWNS, BLOCKLIST_ENTRIES, DUPLICATES, EXPORTS),
     kinds={"duckdb"},
     automation_condition=FOLLOWS_ANY_SHARD,
 )

@@ -121,7 +121,9 @@ class DedupResult:
     left: int  # new shards left for a later run (`max_shards`)
     duplicates: pa.Table  # schemas.DUPLICATES, the rows found this run
     removal: RemovalResult
-    centroids: str  # "trained on N vectors (why)", or "reused (trained ...)", or "off"
+    # "trained on N vectors (why)", "reused (trained ...)", "not needed: no new vectors (stored: ...)",
+    # "none yet: ..." or "off"
+    centroids: str
     clusters: int = 0
     buckets: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
@@ -215,6 +217,8 @@ def deduplicate(
             store, new, exact_finds, settings, run, now, seconds
         )
         found.append(semantic)
+    elif settings.semantic or settings.max_phash_distance >= 0:
+        centroids, clusters, buckets = _stored_centroids(store)
     seconds["semantic"], clock = time.monotonic() - clock, time.monotonic()
     duplicates = pa.concat_tables(found) if found else schemas.DUPLICATES.empty_table()
     removed = set(duplicates.column("key").to_pylist())
@@ -512,9 +516,7 @@ def _semantic(
     if not staged:
         return (
             _duplicates(pa.table({"key": [], "duplicate_of": []}, schema=_FOUND), [], now),
-            "no vectors",
-            0,
-            0,
+            *_stored_centroids(store),
         )
     clock = time.monotonic()
     centroids, buckets, how = _centroids(store, staged, settings, run)
@@ -699,6 +701,19 @@ def near_copies(
                 kept[row] = False
             else:
                 kept[row] = True
+
+
+def _stored_centroids(store: DatasetStore) -> tuple[str, int, int]:
+    """How a run that compares no new vectors describes the centroids (as `_semantic` does), their clusters
+    and buckets: the stored ones, untouched, or none yet."""
+    if not store.exists(DEDUP_CENTROIDS):
+        return "none yet: no new vectors to train on", 0, 0
+    meta = store.parquet_metadata(DEDUP_CENTROIDS)
+    return (
+        f"not needed: no new vectors (stored: trained {meta['trained_at']} on {meta['trained_on']} vectors)",
+        store.parquet_num_rows(DEDUP_CENTROIDS),
+        int(meta["buckets"]),
+    )
 
 
 def _centroids(

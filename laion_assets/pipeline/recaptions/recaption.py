@@ -52,22 +52,23 @@ class RecaptionResult:
     table: pa.Table
     seconds: float
 
-    def summary(self) -> dict[str, float | int]:
-        """Mean and quantiles of both scores, and the share of pairs whose new caption scores higher."""
+    def summary(self) -> dict[str, float | int | None]:
+        """Mean and quantiles of both scores over the recaptioned pairs, and the share of them whose new
+        caption scores higher; None where no pair was recaptioned (a score of 0.0 would be a cosine)."""
         scored = self.table.filter(pa.compute.is_valid(self.table.column("re_caption")))
         org = np.asarray(scored.column("org_clip_score").to_pylist(), dtype=np.float64)
         new = np.asarray(scored.column("re_clip_score").to_pylist(), dtype=np.float64)
-        summary: dict[str, float | int] = {
+        summary: dict[str, float | int | None] = {
             "recaptioned": scored.num_rows,
             "failed": self.table.num_rows - scored.num_rows,
         }
         for name, values in (("org_clip_score", org), ("re_clip_score", new)):
-            summary[f"{name}_mean"] = round(float(values.mean()), 4) if len(values) else 0.0
+            summary[f"{name}_mean"] = round(float(values.mean()), 4) if len(values) else None
             for q in QUANTILES:
                 summary[f"{name}_p{round(q * 100)}"] = (
-                    round(float(np.quantile(values, q)), 4) if len(values) else 0.0
+                    round(float(np.quantile(values, q)), 4) if len(values) else None
                 )
-        summary["share_re_above_org"] = round(float((new > org).mean()), 4) if len(new) else 0.0
+        summary["share_re_above_org"] = round(float((new > org).mean()), 4) if len(new) else None
         return summary
 
 
