@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Sets the named pool limits of a deployment's instance (PostgreSQL storage; SQLite refuses them), and
-# turns off the legacy automation pause that the UI's badge reads (below).
+# Sets the named pool limits of a deployment's instance (its PostgreSQL storage; a SQLite instance takes
+# them too), and turns off the legacy automation pause that the UI's badge reads (below).
 # Named limits are instance state, not dagster.yaml keys in Dagster 1.13: run this once after the
 # instance's database exists, and again whenever the cluster changes size. It needs Dagster and the
 # instance, not laion_assets: on Kubernetes it runs in the daemon's pod (Dagster's own image), read
