@@ -244,6 +244,8 @@ def write_pairs(
     }
     if write_embeddings:  # before the parquet, which says the shard's pairs are whole (store.tar_write)
         store.write_parquet(PAIRS_EMBEDDINGS.parquet(shard), result.embeddings, metadata=embeddings_footer)
+    else:  # an earlier run's holds other rows, maybe another model's vectors, and dedup would read it
+        store.remove(PAIRS_EMBEDDINGS.parquet(shard))
     write_pairs_parquet(store, shard, result.table, pairs_footer)
     return result
 
