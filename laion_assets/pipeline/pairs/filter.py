@@ -128,6 +128,12 @@ class PairsSettings:
     image_based_centroids: str = ""  # .npy of cluster centroids; empty: k-means of the shard's images
     preset: str = ""  # one of PRESETS
 
+    @classmethod
+    def from_footer(cls, recorded: dict) -> PairsSettings:
+        """The settings a pairs file's footer records (`names.PAIRS_SETTINGS_FOOTER`, whose JSON holds the
+        tuples as lists)."""
+        return cls(**{name: tuple(v) if isinstance(v, list) else v for name, v in recorded.items()})
+
     def resolved(self) -> PairsSettings:
         """The settings the rules apply: the preset's values, under the fields set to other than their
         defaults. ValueError for an unknown preset."""
