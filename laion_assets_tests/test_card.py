@@ -37,13 +37,14 @@ def _materialize(
     captions: list[str] | None = None,
     preset: str = "",
 ):
-    """One shard (its `paths`, else `SHARDS`', with `captions` if given) through every per-shard asset (or
-    `selection`), the pairs' rules a `preset` if given; random CLIP weights, so every pair is kept."""
+    """One shard (its `paths` or whole URLs, else `SHARDS`', with `captions` if given) through every
+    per-shard asset (or `selection`), the pairs' rules a `preset` if given; random CLIP weights, so every
+    pair is kept."""
     store = DatasetStore(root)
     paths = paths or SHARDS[shard]
     captions = captions or [f"a picture of {path} in {shard}" for path in paths]
     lines = [
-        {"url": web.url(path), "caption": caption, "license": "cc-by-4.0"}
+        {"url": path if "://" in path else web.url(path), "caption": caption, "license": "cc-by-4.0"}
         for path, caption in zip(paths, captions, strict=True)
     ]
     store.write_bytes(f"incoming/{shard}.jsonl", "".join(json.dumps(line) + "\n" for line in lines).encode())
@@ -247,6 +248,16 @@ def test_a_caption_s_html_and_markdown_show_as_written(local_root, web):
     assert "| h-00000000 | a &lt;img src=&quot;http://t.example/p.gif&quot;&gt; square | " in examples
     assert "| h-00000001 | a \\!\\[pixel\\](http://t.example/p.gif) \\*star\\* | " in examples
     assert "<img" not in examples and "![" not in examples
+
+
+def test_a_failing_host_s_html_shows_as_written(local_root, web):
+    # a crawled URL's host is the page's to write; `\\` being `/` to a browser, this one was an image that
+    # loaded a third party's pixel wherever the card was shown
+    paths = ["/img/red.jpg", "http://<img src=\\\\t.example\\p.gif>/a.jpg"]
+    _materialize(dg.DagsterInstance.ephemeral(), local_root, web, "v", -1.0, paths=paths)
+    markdown = write_card(DatasetStore(local_root)).markdown
+    hosts = markdown.split("failing hosts\n\n", 1)[1].split("\n## ", 1)[0]
+    assert "| &lt;img src=\\\\\\\\t.example\\\\p.gif&gt; | 1 |" in hosts and "<img" not in hosts
 
 
 def test_the_card_gives_the_rules_a_preset_applied(local_root, web):
