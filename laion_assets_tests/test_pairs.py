@@ -428,3 +428,24 @@ def test_a_rerun_without_write_embeddings_leaves_no_earlier_pairs_embeddings(loc
     pairs(min_similarity=-1.0, write_embeddings=False)
     assert store.read_parquet("pairs/r.parquet").num_rows == 2
     assert not store.exists("pairs_embeddings/r.parquet")
+
+
+def test_the_provenance_of_a_source_without_rows_names_its_file(local_root):
+    """The provenance took the source file from the first crawl row: a source file without any (a CSV of its
+    header alone) made pairs whose provenance, and the card's, said the file was not recorded."""
+    import json
+
+    import dagster as dg
+
+    from laion_assets.pipeline.storage import DatasetStore
+    from laion_assets_tests.dagster_helpers import materialize_shard
+
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/e.csv", b"url,caption\n")
+    instance = dg.DagsterInstance.ephemeral()
+    embedded = ["crawl_metadata", "downloaded_images", "clip_embeddings"]
+    assert materialize_shard(instance, local_root, "e", selection=embedded).success
+    assert materialize_shard(instance, local_root, "e", selection=["filtered_pairs"]).success
+    assert store.read_parquet("pairs/e.parquet").num_rows == 0
+    provenance = json.loads(store.parquet_metadata("pairs/e.parquet")[names.PROVENANCE_FOOTER])
+    assert provenance["source_file"] == "e.csv"

@@ -276,9 +276,10 @@ def write_pairs_parquet(
 
 
 def _provenance(shard: str, crawl: pa.Table, run_id: str) -> dict[str, str | None]:
+    source = footer(crawl.schema).get(names.SOURCE_FOOTER)  # recorded for a source without rows too
     return {
         "shard": shard,
-        "source_file": crawl.column("source_file")[0].as_py() if crawl.num_rows else None,
+        "source_file": json.loads(source)["file"] if source else None,
         "run_id": run_id,
         "materialized_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "code_version": importlib.metadata.version("laion_assets"),
