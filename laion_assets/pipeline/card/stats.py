@@ -263,11 +263,13 @@ def _duplicate_stats(store: DatasetStore, connection: duckdb.DuckDBPyConnection)
     counts = dict(connection.execute("SELECT kind, count(*) FROM duplicates GROUP BY 1").fetchall())
     stored_footer = store.parquet_metadata(DUPLICATES)
     footer = stored_footer.get(names.DEDUP_SETTINGS_FOOTER)
+    # a copy or its original taken down since is not shown: its url and caption are gone from images
     examples = connection.execute(
         "SELECT d.key, a.url, a.caption, d.duplicate_of, b.url, b.caption, d.cosine FROM duplicates d "
         "JOIN images a ON a.key = d.key JOIN images b ON b.key = d.duplicate_of "
-        "WHERE list_contains(?, d.kind) ORDER BY md5(d.key), d.key LIMIT ?",
-        [list(NEAR_KINDS), DUPLICATE_EXAMPLES],
+        "WHERE list_contains(?, d.kind) AND a.status <> ? AND b.status <> ? "
+        "ORDER BY md5(d.key), d.key LIMIT ?",
+        [list(NEAR_KINDS), schemas.TAKEN_DOWN, schemas.TAKEN_DOWN, DUPLICATE_EXAMPLES],
     ).fetchall()
     return DuplicateStats(
         by_kind=[(kind, counts.get(kind, 0)) for kind in KINDS],
