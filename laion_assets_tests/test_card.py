@@ -35,21 +35,25 @@ def _materialize(
     selection=None,
     paths: list[str] | None = None,
     captions: list[str] | None = None,
+    preset: str = "",
 ):
-    """One shard (its `paths`, else `SHARDS`', with `captions` if given) through every per-shard asset (or
-    `selection`); random CLIP weights, so every pair is kept."""
+    """One shard (its `paths` or whole URLs, else `SHARDS`', with `captions` if given) through every
+    per-shard asset (or `selection`), the pairs' rules a `preset` if given; random CLIP weights, so every
+    pair is kept."""
     store = DatasetStore(root)
     paths = paths or SHARDS[shard]
     captions = captions or [f"a picture of {path} in {shard}" for path in paths]
     lines = [
-        {"url": web.url(path), "caption": caption, "license": "cc-by-4.0"}
+        {"url": path if "://" in path else web.url(path), "caption": caption, "license": "cc-by-4.0"}
         for path, caption in zip(paths, captions, strict=True)
     ]
     store.write_bytes(f"incoming/{shard}.jsonl", "".join(json.dumps(line) + "\n" for line in lines).encode())
     config = {
         "ops": {
             "downloaded_images": {"config": LOCAL_WEB},
-            "filtered_pairs": {"config": {"min_similarity": min_similarity, "drop_minors": False}},
+            "filtered_pairs": {
+                "config": {"min_similarity": min_similarity, "drop_minors": False, "preset": preset}
+            },
         }
     }
     result = materialize_shard(instance, root, shard, config, selection=selection)
@@ -244,6 +248,30 @@ def test_a_caption_s_html_and_markdown_show_as_written(local_root, web):
     assert "| h-00000000 | a &lt;img src=&quot;http://t.example/p.gif&quot;&gt; square | " in examples
     assert "| h-00000001 | a \\!\\[pixel\\](http://t.example/p.gif) \\*star\\* | " in examples
     assert "<img" not in examples and "![" not in examples
+
+
+def test_a_failing_host_s_html_shows_as_written(local_root, web):
+    # a crawled URL's host is the page's to write; `\\` being `/` to a browser, this one was an image that
+    # loaded a third party's pixel wherever the card was shown
+    paths = ["/img/red.jpg", "http://<img src=\\\\t.example\\p.gif>/a.jpg"]
+    _materialize(dg.DagsterInstance.ephemeral(), local_root, web, "v", -1.0, paths=paths)
+    markdown = write_card(DatasetStore(local_root)).markdown
+    hosts = markdown.split("failing hosts\n\n", 1)[1].split("\n## ", 1)[0]
+    assert "| &lt;img src=\\\\\\\\t.example\\\\p.gif&gt; | 1 |" in hosts and "<img" not in hosts
+
+
+def test_the_card_gives_the_rules_a_preset_applied(local_root, web):
+    """A shard filtered by `datacomp-clip-score` kept its top 30 %; its footer records the preset and the
+    fields as set (top_fraction 0, min_similarity 0.3), which the card showed as the rules, and the
+    similarity histogram marked a threshold of 0.3 that no pair was filtered by."""
+    from laion_assets.pipeline.card.stats import gather_stats
+
+    store = DatasetStore(local_root)
+    _materialize(dg.DagsterInstance.ephemeral(), local_root, web, "a", 0.3, preset="datacomp-clip-score")
+    assert store.read_parquet("pairs/a.parquet").num_rows == 1  # of the two images, the top 30 %
+    markdown = write_card(store).markdown
+    assert "| top_fraction | 0.3 |" in markdown and "| preset | datacomp-clip-score |" in markdown
+    assert gather_stats(store, CardSettings()).thresholds() == []  # no threshold line on the histogram
 
 
 def test_no_shards_is_an_error(root):

@@ -282,6 +282,21 @@ def test_the_card_says_what_dedup_removed(planted, tmp_path):
     assert section.count("<img ") == 2 * min(4, near) > 0
 
 
+def test_the_card_shows_no_near_copy_taken_down_since(planted, tmp_path):
+    """A takedown after dedup of the pair a near copy repeats leaves its images row without url and
+    caption: the card's examples joined it and failed on the missing url (AttributeError), so no card
+    could be made until the duplicates were found again. A taken-down image is not shown at all."""
+    from laion_assets.pipeline.card import CardSettings, write_card
+
+    store = DatasetStore(str(shutil.copytree(planted, tmp_path / "root")))
+    result = deduplicate(store, DEMO_DEDUP)
+    taken = next(r["duplicate_of"] for r in result.duplicates.to_pylist() if r["kind"] in NEAR_KINDS)
+    (url,) = catalog.connect(store).sql("SELECT url FROM images WHERE key = ?", params=[taken]).fetchone()
+    remove_keys(store, pa.table({"key": [taken], "list": ["l"], "kind": ["url"], "entry": ["e"]}), TAKEN_DOWN)
+    section = write_card(store, CardSettings()).markdown.split("## Duplicates", 1)[1].split("\n## ", 1)[0]
+    assert url not in section
+
+
 def test_centroids_sized_for_a_small_first_run_are_trained_again_once_the_pairs_have_grown(planted, tmp_path):
     settings = replace(DEMO_DEDUP, clusters=0, buckets=0, regrow=1.5)
     root = shutil.copytree(planted, tmp_path / "root")

@@ -400,3 +400,52 @@ def test_the_contract_check_passes_a_shard_the_datacomp_basic_filter_emptied(loc
     store.write_parquet("pairs/s.parquet", result.table, metadata=footer)
     check = pairs_follow_the_contract(store, "s")
     assert check.passed and check.description is None
+
+
+def test_a_rerun_without_write_embeddings_leaves_no_earlier_pairs_embeddings(local_root, web):
+    """pairs_embeddings/ of an earlier run with `write_embeddings` stayed beside pairs made again without it:
+    its rows were the earlier pairs' (here none, the threshold being higher), and dedup, which reads it
+    where it exists, found no vector for the new pairs."""
+    import dagster as dg
+
+    from laion_assets.pipeline.storage import DatasetStore
+    from laion_assets_tests.dagster_helpers import LOCAL_WEB, materialize_shard
+
+    store = DatasetStore(local_root)
+    rows = "".join(f"{web.url(path)},a picture of {path}\n" for path in ("/img/red.jpg", "/img/green.png"))
+    store.write_bytes("incoming/r.csv", f"url,caption\n{rows}".encode())
+    instance = dg.DagsterInstance.ephemeral()
+    embedded = ["crawl_metadata", "downloaded_images", "clip_embeddings"]
+    downloads = {"ops": {"downloaded_images": {"config": LOCAL_WEB}}}
+    assert materialize_shard(instance, local_root, "r", downloads, selection=embedded).success
+
+    def pairs(**config) -> None:
+        run_config = {"ops": {"filtered_pairs": {"config": {"drop_minors": False, **config}}}}
+        assert materialize_shard(instance, local_root, "r", run_config, selection=["filtered_pairs"]).success
+
+    pairs(min_similarity=1.0, write_embeddings=True)
+    assert store.read_parquet("pairs_embeddings/r.parquet").num_rows == 0
+    pairs(min_similarity=-1.0, write_embeddings=False)
+    assert store.read_parquet("pairs/r.parquet").num_rows == 2
+    assert not store.exists("pairs_embeddings/r.parquet")
+
+
+def test_the_provenance_of_a_source_without_rows_names_its_file(local_root):
+    """The provenance took the source file from the first crawl row: a source file without any (a CSV of its
+    header alone) made pairs whose provenance, and the card's, said the file was not recorded."""
+    import json
+
+    import dagster as dg
+
+    from laion_assets.pipeline.storage import DatasetStore
+    from laion_assets_tests.dagster_helpers import materialize_shard
+
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/e.csv", b"url,caption\n")
+    instance = dg.DagsterInstance.ephemeral()
+    embedded = ["crawl_metadata", "downloaded_images", "clip_embeddings"]
+    assert materialize_shard(instance, local_root, "e", selection=embedded).success
+    assert materialize_shard(instance, local_root, "e", selection=["filtered_pairs"]).success
+    assert store.read_parquet("pairs/e.parquet").num_rows == 0
+    provenance = json.loads(store.parquet_metadata("pairs/e.parquet")[names.PROVENANCE_FOOTER])
+    assert provenance["source_file"] == "e.csv"

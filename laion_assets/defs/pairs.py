@@ -78,7 +78,7 @@ def follows_the_contract(dataset: DatasetStore, shard: str) -> dg.AssetCheckResu
         problems = {"schema": f"columns {table.schema.names} differ from the contract {schemas.PAIRS.names}"}
     else:
         stored = (table.schema.metadata or {}).get(names.PAIRS_SETTINGS_FOOTER.encode())
-        settings = PairsSettings(**json.loads(stored)) if stored else PairsSettings()
+        settings = PairsSettings.from_footer(json.loads(stored)) if stored else PairsSettings()
         keys = table.column("key").to_pylist()
         problems = {"repeated_keys": len(keys) - len(set(keys)), **rule_violations(table, settings)}
     return problems_found(shard, problems)

@@ -331,12 +331,15 @@ def _score_filters(settings: dict) -> dict:
 
 
 def _downloads(stats: CardStats, settings: CardSettings) -> str:
+    # a crawled URL's host and its fetch's error are the web's text: shown as written, never rendered
+    errors = [(literal(error), n) for error, n in stats.top_errors]
+    hosts = [(literal(host), n) for host, n in stats.top_hosts]
     return (
         "## Download outcomes\n\n"
         f"{table(['status', 'rows'], stats.statuses)}\n\n"
-        f"### Top {settings.top_n} error classes\n\n{table(['error', 'rows'], stats.top_errors)}\n\n"
+        f"### Top {settings.top_n} error classes\n\n{table(['error', 'rows'], errors)}\n\n"
         f"### Top {settings.top_n} failing hosts\n\n"
-        f"Rows that failed to download or decode, by host.\n\n{table(['host', 'rows'], stats.top_hosts)}"
+        f"Rows that failed to download or decode, by host.\n\n{table(['host', 'rows'], hosts)}"
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from laion_assets import names
@@ -15,7 +15,7 @@ from laion_assets.pipeline.catalog import views as catalog
 from laion_assets.pipeline.dedup.deduplicate import KINDS, NEAR_KINDS
 from laion_assets.pipeline.embeddings.clip import ModelIdentity
 from laion_assets.pipeline.exports.export import stored_exports
-from laion_assets.pipeline.pairs.filter import FUNNEL, stored_pair_shards
+from laion_assets.pipeline.pairs.filter import FUNNEL, PairsSettings, stored_pair_shards
 from laion_assets.pipeline.parallel import store_map
 from laion_assets.pipeline.storage import DUPLICATES, EMBEDDINGS, PAIRS, RECAPTIONS, SCORES, DatasetStore
 
@@ -36,7 +36,7 @@ class ShardRecord:
     """What one shard's parquet file metadata says (None where it was not recorded)."""
 
     shard: str
-    settings: dict | None
+    settings: dict | None  # the rules' settings as they applied: a preset's values in place, its name kept
     funnel: dict | None  # {"rows_in": n, "removed": {rule: n}}
     provenance: dict | None
     model: ModelIdentity | None  # of its embeddings
@@ -263,11 +263,13 @@ def _duplicate_stats(store: DatasetStore, connection: duckdb.DuckDBPyConnection)
     counts = dict(connection.execute("SELECT kind, count(*) FROM duplicates GROUP BY 1").fetchall())
     stored_footer = store.parquet_metadata(DUPLICATES)
     footer = stored_footer.get(names.DEDUP_SETTINGS_FOOTER)
+    # a copy or its original taken down since is not shown: its url and caption are gone from images
     examples = connection.execute(
         "SELECT d.key, a.url, a.caption, d.duplicate_of, b.url, b.caption, d.cosine FROM duplicates d "
         "JOIN images a ON a.key = d.key JOIN images b ON b.key = d.duplicate_of "
-        "WHERE list_contains(?, d.kind) ORDER BY md5(d.key), d.key LIMIT ?",
-        [list(NEAR_KINDS), DUPLICATE_EXAMPLES],
+        "WHERE list_contains(?, d.kind) AND a.status <> ? AND b.status <> ? "
+        "ORDER BY md5(d.key), d.key LIMIT ?",
+        [list(NEAR_KINDS), schemas.TAKEN_DOWN, schemas.TAKEN_DOWN, DUPLICATE_EXAMPLES],
     ).fetchall()
     return DuplicateStats(
         by_kind=[(kind, counts.get(kind, 0)) for kind in KINDS],
@@ -357,10 +359,19 @@ def _shard_record(store: DatasetStore, shard: str) -> ShardRecord:
 
     return ShardRecord(
         shard=shard,
-        settings=loaded(names.PAIRS_SETTINGS_FOOTER),
+        settings=_applied(loaded(names.PAIRS_SETTINGS_FOOTER)),
         funnel=loaded(names.PAIRS_FUNNEL_FOOTER),
         provenance=loaded(names.PROVENANCE_FOOTER),
         model=ModelIdentity.from_footer(embeddings),
         captioner=loaded(names.CAPTIONER_FOOTER, recaptions),
         scores=loaded(names.SCORES_FOOTER, scores),
     )
+
+
+def _applied(recorded: dict | None) -> dict | None:
+    """A pairs footer's settings as the rules applied them: the footer records the preset's name and the
+    fields as set, and a preset's values (`datacomp-clip-score`'s top_fraction) are in no field of it."""
+    if recorded is None:
+        return None
+    rules = asdict(PairsSettings.from_footer(recorded).resolved())
+    return json.loads(json.dumps({**rules, "preset": recorded.get("preset", "")}))

@@ -128,6 +128,12 @@ class PairsSettings:
     image_based_centroids: str = ""  # .npy of cluster centroids; empty: k-means of the shard's images
     preset: str = ""  # one of PRESETS
 
+    @classmethod
+    def from_footer(cls, recorded: dict) -> PairsSettings:
+        """The settings a pairs file's footer records (`names.PAIRS_SETTINGS_FOOTER`, whose JSON holds the
+        tuples as lists)."""
+        return cls(**{name: tuple(v) if isinstance(v, list) else v for name, v in recorded.items()})
+
     def resolved(self) -> PairsSettings:
         """The settings the rules apply: the preset's values, under the fields set to other than their
         defaults. ValueError for an unknown preset."""
@@ -246,6 +252,8 @@ def write_pairs(
     }
     if write_embeddings:  # before the parquet, which says the shard's pairs are whole (store.tar_write)
         store.write_parquet(PAIRS_EMBEDDINGS.parquet(shard), result.embeddings, metadata=embeddings_footer)
+    else:  # an earlier run's holds other rows, maybe another model's vectors, and dedup would read it
+        store.remove(PAIRS_EMBEDDINGS.parquet(shard))
     write_pairs_parquet(store, shard, result.table, pairs_footer)
     return result
 
@@ -270,9 +278,10 @@ def write_pairs_parquet(
 
 
 def _provenance(shard: str, crawl: pa.Table, run_id: str) -> dict[str, str | None]:
+    source = footer(crawl.schema).get(names.SOURCE_FOOTER)  # recorded for a source without rows too
     return {
         "shard": shard,
-        "source_file": crawl.column("source_file")[0].as_py() if crawl.num_rows else None,
+        "source_file": json.loads(source)["file"] if source else None,
         "run_id": run_id,
         "materialized_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "code_version": importlib.metadata.version("laion_assets"),
