@@ -248,6 +248,20 @@ def test_previews_fit_the_ui_numbers_rounded_and_text_cut():
     assert shown.splitlines()[-1] == f"| s-00000001 | 0.3123 | {'x' * 39}… |"
 
 
+def test_a_preview_shows_a_captions_html_and_images_as_written():
+    """A crawled caption is the web's text: its markdown image, HTML and emphasis showed in the UI's preview
+    as an image loaded from the caption's host, a tag and italics."""
+    from markdown import markdown as rendered
+
+    from laion_assets.defs.metadata import preview
+
+    captions = ["![x](http://t.example/p.gif)", '<img src="http://t.example/p.gif">', "*a* | b"]
+    html = rendered(preview(pa.table({"caption": captions}), ["caption"]).value, extensions=["tables"])
+    assert html.count("<td>") == 3
+    assert "<img" not in html and "<em>" not in html
+    assert "![x](http://t.example/p.gif)" in html and "*a* | b" in html
+
+
 def test_the_lineage_opens_on_three_groups_that_say_what_they_hold():
     graph = defs.get_repository_def().asset_graph
     groups: dict[str, set[str]] = {}

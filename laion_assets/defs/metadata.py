@@ -32,10 +32,19 @@ def layer_of(asset: dg.AssetsDefinition) -> Layer:
 
 def preview(table: pa.Table, columns: list[str], rows: int = 5, width: int = 40) -> dg.MetadataValue:
     """The first rows as a markdown table that fits the UI's metadata panel: text cut to `width`
-    characters, numbers to 4 decimals (a float32 similarity printed whole has 16)."""
+    characters and shown as written (a caption's HTML, links and images are the web's), numbers to 4
+    decimals (a float32 similarity printed whole has 16)."""
     head = table.select(columns).slice(0, rows).to_pylist()
-    cells = ([f"{v:.4f}" if isinstance(v := row[c], float) else v for c in columns] for row in head)
-    return dg.MetadataValue.md(markdown.table(columns, cells, width))
+    cells = ([_shown(row[column], width) for column in columns] for row in head)
+    return dg.MetadataValue.md(markdown.table(columns, cells))
+
+
+def _shown(value: object, width: int) -> object:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, str):
+        return markdown.literal(markdown.shorten(value, width))
+    return value
 
 
 def counts_table(counts: list[tuple[str, int]], label: str) -> dg.MetadataValue:
