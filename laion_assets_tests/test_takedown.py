@@ -24,6 +24,7 @@ from laion_assets.defs.search import search_index
 from laion_assets.defs.takedowns import blocklist, blocklist_sensor, takedowns
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.catalog import views as duckdb_catalog
+from laion_assets.pipeline.dedup.deduplicate import deduplicate
 from laion_assets.pipeline.download.downloader import download_shard, write_images
 from laion_assets.pipeline.embeddings.clip import ClipEncoder
 from laion_assets.pipeline.removal import DUPLICATE, RemovedKeys, remove_keys
@@ -32,6 +33,8 @@ from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import (
     BLOCKLIST,
     CRAWL_METADATA,
+    DEDUP_HASHES,
+    DEDUP_MEMBERS,
     EMBEDDINGS,
     IMAGES,
     PAIRS,
@@ -59,6 +62,7 @@ from laion_assets.service.settings import ServiceSettings
 from laion_assets_tests.demo_dataset import DEMO_CLIP, DEMO_SHARDS, build_demo_dataset
 from laion_assets_tests.dns_server import DnsServer, Name
 from laion_assets_tests.service_process import running
+from laion_assets_tests.test_dedup import COPIES, DEMO_DEDUP
 from laion_assets_tests.test_download import FAST, crawl_table, wait_until
 from laion_assets_tests.test_service import Client
 from laion_assets_tests.web import IMAGES as WEB_IMAGES
@@ -524,6 +528,56 @@ def test_the_removal_of_duplicates_keeps_their_images_and_embeddings(dataset: Da
         remove_keys(store, removals, "spam")
     assert remove_keys(store, removals.slice(0, 0), DUPLICATE).ledger is None
     assert pq.read_table(store.path(result.ledger)).column("reason").to_pylist() == [DUPLICATE] * 2
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> str:
+    """The demo world with test_dedup's planted copies, some with the original in one shard and the copy in
+    the other; read-only."""
+    return build_demo_dataset(str(tmp_path_factory.mktemp("planted") / "data"), copies=COPIES)
+
+
+def _dedup_state_keys(store: DatasetStore) -> set[str]:
+    """The keys of every survivor dedup keeps: its hashes and its members' embeddings."""
+    paths = [
+        path
+        for folder in (DEDUP_HASHES, DEDUP_MEMBERS)
+        if store.fs.isdir(store.path(folder))
+        for path in store.fs.find(store.path(folder))
+        if path.endswith(".parquet")
+    ]
+    return {key for path in paths for key in pq.read_table(path, columns=["key"]).column("key").to_pylist()}
+
+
+def test_a_taken_down_sample_leaves_dedups_state_and_a_later_copy_of_it_stays(planted, tmp_path):
+    """Dedup checked the first shard, then a sample of it was taken down by its link. Its hashes and
+    embedding leave dedup's state with it, and the copy of its image at another link that the next shard
+    brings is kept: it was removed as a duplicate of the sample the dataset no longer held (so the image
+    left the dataset though only one link was listed), and the state kept the removed image's embedding."""
+    store = DatasetStore(str(shutil.copytree(planted, tmp_path / "data")))
+    by_sha: dict[str, list[dict]] = {}
+    for shard in DEMO_SHARDS:
+        for row in store.read_parquet(PAIRS.parquet(shard)).to_pylist():
+            by_sha.setdefault(row["sha256"], []).append(row)
+    original, copy = next(
+        rows
+        for rows in by_sha.values()
+        if len(rows) == 2
+        and [schemas.shard_of_key(row["key"]) for row in rows] == [TOUCHED, UNTOUCHED]
+        and rows[0]["url"] != rows[1]["url"]
+    )
+    assert deduplicate(store, replace(DEMO_DEDUP, max_shards=1)).shards == [TOUCHED]
+    assert original["key"] in _dedup_state_keys(store)
+
+    store.write_bytes(f"{BLOCKLIST}/request.txt", f"url\n{original['url']}\n".encode())
+    removal = remove_keys(store, find_matches(store, read_lists(store)), schemas.TAKEN_DOWN)
+    assert removal.removed == 1 and removal.shards == [TOUCHED]
+    assert original["key"] not in _dedup_state_keys(store)
+
+    second = deduplicate(store, DEMO_DEDUP)
+    assert second.shards == [UNTOUCHED]
+    assert original["key"] not in second.duplicates.column("duplicate_of").to_pylist()
+    assert copy["key"] in _keys(store, PAIRS.parquet(UNTOUCHED))
 
 
 def test_a_removal_on_s3_rewrites_the_shard_and_its_ledger_is_seen_at_once(built, s3_root):

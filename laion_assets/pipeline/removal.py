@@ -3,7 +3,9 @@
 A takedown (`TAKEN_DOWN`) empties the sample everywhere: its image leaves `images/<shard>.tar`, its
 images row stays with status `taken_down` (url and caption null, so no row goes missing and no link is
 left in clear), and its rows leave embeddings, pairs (parquet and tar), pairs_embeddings and
-recaptions. A duplicate (`DUPLICATE`, dataset-level dedup) only leaves the dataset: pairs, their tar,
+recaptions, and dedup's survivors (its hashes and embedding in `duplicates/state/`, so that a copy a later
+shard brings is not removed as a duplicate of a sample the dataset no longer holds). A duplicate
+(`DUPLICATE`, dataset-level dedup) only leaves the dataset: pairs, their tar,
 pairs_embeddings and recaptions. Nothing is downloaded again. Either way the sample leaves every
 training-shards export that holds it (`exports/`), and the ledger's `export_shards` names those tars.
 
@@ -137,6 +139,10 @@ def _complete(store: DatasetStore, name: str) -> RemovalResult:
     fingerprints = {path: both for _, rewritten in written for path, both in rewritten.items()}
     _carry_dedup_checks(store, fingerprints)
     keys, tars = pending.column("key").to_pylist(), pending.column(EXPORT_SHARDS).to_pylist()
+    if reason == TAKEN_DOWN:
+        from laion_assets.pipeline.dedup.deduplicate import forget_taken_down  # it imports this module
+
+        forget_taken_down(store, keys)
     # looked up again: an export grown or rebuilt since the pending ledger was written took the keys
     # from pairs that still held them, into tars the ledger does not name
     found = export_hits(store, keys)
