@@ -201,6 +201,28 @@ def test_a_text_list_saved_with_a_byte_order_mark_and_crlf_is_read(local_root):
     assert lists.match_url("http://x.org/a.jpg").list == "notepad"
 
 
+def test_an_entry_that_is_not_utf8_is_reported_not_changed(local_root):
+    """A list saved in Latin-1 or Windows-1252 (a link with an accented letter): the entry is reported. Its
+    bytes were read as U+FFFD and the replaced link recorded, silently: its hash matched no crawled link,
+    so the listed sample stayed in the dataset."""
+    store = DatasetStore(local_root)
+    store.write_bytes(
+        f"{BLOCKLIST}/latin.txt", "url\nhttp://x.org/caf\u00e9.jpg\nhttp://x.org/a.jpg\n".encode("latin-1")
+    )
+    store.write_bytes(
+        f"{BLOCKLIST}/windows.csv", "url,domain\nhttp://x.org/\u00e9t\u00e9.jpg,\n".encode("cp1252")
+    )
+    lists = read_lists(store)
+    assert lists.entries.to_pylist() == [
+        {"list": "latin", "kind": "url", "entry": url_sha256("http://x.org/a.jpg")}
+    ]
+    assert [(p.list, p.where) for p in lists.problems] == [
+        ("latin.txt", "line 2"),
+        ("windows.csv", "row 1, column url"),
+    ]
+    assert all(p.problem.startswith("not UTF-8 text") for p in lists.problems)
+
+
 def test_a_domain_entry_matches_its_host_written_in_either_idna_form(web, local_root):
     """A host is fetched by its A-labels (café.example as xn--caf-dma.example): a domain entry in either
     form matches a link in either (the link in the other form was requested, and a Unicode entry was
