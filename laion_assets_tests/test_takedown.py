@@ -635,6 +635,21 @@ def test_the_takedown_command_takes_only_a_list(local_root, tmp_path):
     assert not DatasetStore(local_root).list(BLOCKLIST)
 
 
+def test_the_takedown_command_never_replaces_another_list_of_the_same_name(local_root, tmp_path):
+    """Two requests saved under one name: the second is refused, naming the list it would replace. It was
+    copied over the first, whose entries were then no longer active: their links were downloaded again by
+    the next shard that held them, and kept."""
+    store = DatasetStore(local_root)
+    first = "url\nhttp://x.org/first.jpg\n"
+    store.write_bytes(f"{BLOCKLIST}/requests.csv", first.encode())
+    second = tmp_path / "requests.csv"
+    second.write_text("url\nhttp://x.org/second.jpg\n")
+    with pytest.raises(SystemExit, match=re.escape(f"{store.url(BLOCKLIST)}/requests.csv exists")):
+        main(["takedown", str(second), "--root", local_root])
+    assert store.read_bytes(f"{BLOCKLIST}/requests.csv") == first.encode()
+    assert read_lists(store).match_url("http://x.org/first.jpg").list == "requests"
+
+
 def test_takedowns_says_nothing_matched_where_it_does_not_materialise(local_root):
     """With no match it writes nothing and does not materialise (so nothing after it is rebuilt), and an
     observation of the asset says so, for the UI, where it would otherwise only be "Never materialized"."""
