@@ -4,8 +4,12 @@ matched samples out of every layer, the rest untouched to the byte, the ledger r
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -62,6 +66,7 @@ from laion_assets.service.settings import ServiceSettings
 from laion_assets_tests.demo_dataset import DEMO_CLIP, DEMO_SHARDS, build_demo_dataset
 from laion_assets_tests.dns_server import DnsServer, Name
 from laion_assets_tests.service_process import running
+from laion_assets_tests.test_crash_recovery import _KILLED_AT_WRITE
 from laion_assets_tests.test_dedup import COPIES, DEMO_DEDUP
 from laion_assets_tests.test_download import FAST, crawl_table, wait_until
 from laion_assets_tests.test_service import Client
@@ -528,6 +533,37 @@ def test_a_takedown_removes_the_matched_samples_from_every_layer_and_nothing_els
     assert names.DUPLICATES_ASSET in load_settings(store).sections
     assert "takedowns: 0 samples removed from 0 shards" in lines
     assert "search_index: not rebuilt" in lines
+
+
+def test_a_takedown_killed_before_the_search_index_and_card_are_rebuilt_is_finished_by_its_rerun(
+    dataset: DatasetStore, tmp_path
+):
+    """`laion-assets takedown` SIGKILLed after its removal was committed, at the search index's write: the
+    rerun rebuilds the index and the card. It found nothing left to remove, did not materialise, and left
+    the removed samples' links and captions in the search index and their images in the card's grid,
+    saying "search_index: not rebuilt"."""
+    store = dataset
+    listed = store.read_parquet(PAIRS.parquet(TOUCHED)).to_pylist()[:2]
+    list_file = tmp_path / "request.txt"
+    list_file.write_text("url\n" + "".join(f"{row['url']}\n" for row in listed))
+    env = {**os.environ, "LAION_ASSETS_CLIP_MODEL": DEMO_CLIP.model}
+    env["LAION_ASSETS_CLIP_PRETRAINED"] = DEMO_CLIP.pretrained
+    command = [sys.executable, "-c", _KILLED_AT_WRITE, "before", SEARCH_INDEX]
+    command += ["takedown", str(list_file), "--root", store.root]
+    killed = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    keys = {row["key"] for row in listed}
+    assert len(store.list(TAKEDOWNS)) == 1 and keys <= set(_keys(store, SEARCH_INDEX))  # where it stopped
+
+    lines: list[str] = []
+    assert run_takedown(store.root, list_file, echo=lines.append) == 0
+    assert "search_index: not rebuilt" not in lines and "dataset_card: not rebuilt" not in lines
+    assert not keys & set(_keys(store, SEARCH_INDEX))
+    assert "| taken_down | request | url | 2 |" in store.read_bytes("card/README.md").decode()
+    assert len(store.list(TAKEDOWNS)) == 1  # the removal once
+    again: list[str] = []
+    assert run_takedown(store.root, list_file, echo=again.append) == 0
+    assert "search_index: not rebuilt" in again  # done: a rerun is a no-op again
 
 
 def test_the_removal_of_duplicates_keeps_their_images_and_embeddings(dataset: DatasetStore):

@@ -39,6 +39,7 @@ from laion_assets.pipeline.pairs.filter import write_pairs_parquet
 from laion_assets.pipeline.parallel import STORE_REWRITES, store_map
 from laion_assets.pipeline.shard_tar import drop_samples
 from laion_assets.pipeline.storage import (
+    CARD,
     DEDUP_SHARDS,
     EMBEDDINGS,
     IMAGES,
@@ -46,6 +47,8 @@ from laion_assets.pipeline.storage import (
     PAIRS_EMBEDDINGS,
     RECAPTIONS,
     SCORES,
+    SEARCH_INDEX,
+    SEARCH_INDEX_APPROXIMATE,
     TAKEDOWNS,
     TAKEDOWNS_PENDING,
     DatasetStore,
@@ -63,6 +66,9 @@ LAYERS = {
     TAKEN_DOWN: (RECAPTIONS, PAIRS_EMBEDDINGS, PAIRS, SCORES, EMBEDDINGS, IMAGES),
     DUPLICATE: (RECAPTIONS, PAIRS_EMBEDDINGS, PAIRS),
 }
+# Built from every shard after a removal, and holding samples' links, captions or images: the search index
+# (its file, and the FAISS build it names) and the card (its sample grid).
+FOLLOWERS = (SEARCH_INDEX, SEARCH_INDEX_APPROXIMATE, CARD)
 
 
 Fingerprints = dict[str, tuple[str | None, str | None]]
@@ -165,6 +171,31 @@ def _complete(store: DatasetStore, name: str) -> RemovalResult:
         by_shard={shard: len(keys) for shard, keys in sorted(by_shard.items())},
         fingerprints=fingerprints,
     )
+
+
+def built_before_last_removal(store: DatasetStore) -> list[str]:
+    """The `FOLLOWERS` older than the last removal ledger committed: a run cut short after its removal and
+    before their rebuild left them holding the samples it removed, and a rerun finds nothing to remove."""
+    folder = store.path(TAKEDOWNS)
+    if not store.fs.isdir(folder):
+        return []
+    ledgers = [
+        entry
+        for entry in store.fs.ls(folder, detail=True)
+        if entry["type"] == "file" and entry["name"].endswith(".parquet")
+    ]
+    if not ledgers:
+        return []
+    last = max(_modified(entry) for entry in ledgers)
+    return [
+        path for path in FOLLOWERS if store.exists(path) and _modified(store.fs.info(store.path(path))) < last
+    ]
+
+
+def _modified(entry: dict) -> float:
+    """When a listed file was written: local `mtime`, or S3's `LastModified`."""
+    when = entry.get("mtime") or entry.get("LastModified")
+    return when.timestamp() if isinstance(when, datetime.datetime) else float(when)
 
 
 def _with_export_shards(store: DatasetStore, ledger: pa.Table) -> pa.Table:
