@@ -413,11 +413,15 @@ def run_takedown(root: str, list_file: Path, echo: Callable[[str], None] = print
     if list_file.suffix.lower() not in LIST_SUFFIXES:
         raise ValueError(f"{list_file}: a block list is a {', '.join(LIST_SUFFIXES)} file")
     store = DatasetStore(root)
+    target, data = f"{BLOCKLIST}/{list_file.name}", list_file.read_bytes()
+    if store.exists(target) and store.read_bytes(target) != data:  # its entries would no longer apply
+        raise ValueError(
+            f"{store.url(target)} exists with other entries: name this list otherwise, or edit that one"
+        )
     for line in settings_warnings(store, load_settings(store)):
         echo(line)
     defs = build_definitions(root, *prepare_settings(store, {}))
-    target = f"{BLOCKLIST}/{list_file.name}"
-    store.write_bytes(target, list_file.read_bytes())
+    store.write_bytes(target, data)
     echo(f"copied {list_file} to {store.url(target)}")
     with dagster_instance() as instance:
         result = run_job(

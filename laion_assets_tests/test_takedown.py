@@ -4,8 +4,12 @@ matched samples out of every layer, the rest untouched to the byte, the ledger r
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +28,7 @@ from laion_assets.defs.search import search_index
 from laion_assets.defs.takedowns import blocklist, blocklist_sensor, takedowns
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.catalog import views as duckdb_catalog
+from laion_assets.pipeline.dedup.deduplicate import deduplicate
 from laion_assets.pipeline.download.downloader import download_shard, write_images
 from laion_assets.pipeline.embeddings.clip import ClipEncoder
 from laion_assets.pipeline.removal import DUPLICATE, RemovedKeys, remove_keys
@@ -32,6 +37,8 @@ from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import (
     BLOCKLIST,
     CRAWL_METADATA,
+    DEDUP_HASHES,
+    DEDUP_MEMBERS,
     EMBEDDINGS,
     IMAGES,
     PAIRS,
@@ -59,6 +66,8 @@ from laion_assets.service.settings import ServiceSettings
 from laion_assets_tests.demo_dataset import DEMO_CLIP, DEMO_SHARDS, build_demo_dataset
 from laion_assets_tests.dns_server import DnsServer, Name
 from laion_assets_tests.service_process import running
+from laion_assets_tests.test_crash_recovery import _KILLED_AT_WRITE
+from laion_assets_tests.test_dedup import COPIES, DEMO_DEDUP
 from laion_assets_tests.test_download import FAST, crawl_table, wait_until
 from laion_assets_tests.test_service import Client
 from laion_assets_tests.web import IMAGES as WEB_IMAGES
@@ -195,6 +204,28 @@ def test_a_text_list_saved_with_a_byte_order_mark_and_crlf_is_read(local_root):
         {"list": "notepad", "kind": "url", "entry": url_sha256("http://x.org/a.jpg")}
     ]
     assert lists.match_url("http://x.org/a.jpg").list == "notepad"
+
+
+def test_an_entry_that_is_not_utf8_is_reported_not_changed(local_root):
+    """A list saved in Latin-1 or Windows-1252 (a link with an accented letter): the entry is reported. Its
+    bytes were read as U+FFFD and the replaced link recorded, silently: its hash matched no crawled link,
+    so the listed sample stayed in the dataset."""
+    store = DatasetStore(local_root)
+    store.write_bytes(
+        f"{BLOCKLIST}/latin.txt", "url\nhttp://x.org/caf\u00e9.jpg\nhttp://x.org/a.jpg\n".encode("latin-1")
+    )
+    store.write_bytes(
+        f"{BLOCKLIST}/windows.csv", "url,domain\nhttp://x.org/\u00e9t\u00e9.jpg,\n".encode("cp1252")
+    )
+    lists = read_lists(store)
+    assert lists.entries.to_pylist() == [
+        {"list": "latin", "kind": "url", "entry": url_sha256("http://x.org/a.jpg")}
+    ]
+    assert [(p.list, p.where) for p in lists.problems] == [
+        ("latin.txt", "line 2"),
+        ("windows.csv", "row 1, column url"),
+    ]
+    assert all(p.problem.startswith("not UTF-8 text") for p in lists.problems)
 
 
 def test_a_domain_entry_matches_its_host_written_in_either_idna_form(web, local_root):
@@ -504,6 +535,37 @@ def test_a_takedown_removes_the_matched_samples_from_every_layer_and_nothing_els
     assert "search_index: not rebuilt" in lines
 
 
+def test_a_takedown_killed_before_the_search_index_and_card_are_rebuilt_is_finished_by_its_rerun(
+    dataset: DatasetStore, tmp_path
+):
+    """`laion-assets takedown` SIGKILLed after its removal was committed, at the search index's write: the
+    rerun rebuilds the index and the card. It found nothing left to remove, did not materialise, and left
+    the removed samples' links and captions in the search index and their images in the card's grid,
+    saying "search_index: not rebuilt"."""
+    store = dataset
+    listed = store.read_parquet(PAIRS.parquet(TOUCHED)).to_pylist()[:2]
+    list_file = tmp_path / "request.txt"
+    list_file.write_text("url\n" + "".join(f"{row['url']}\n" for row in listed))
+    env = {**os.environ, "LAION_ASSETS_CLIP_MODEL": DEMO_CLIP.model}
+    env["LAION_ASSETS_CLIP_PRETRAINED"] = DEMO_CLIP.pretrained
+    command = [sys.executable, "-c", _KILLED_AT_WRITE, "before", SEARCH_INDEX]
+    command += ["takedown", str(list_file), "--root", store.root]
+    killed = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    keys = {row["key"] for row in listed}
+    assert len(store.list(TAKEDOWNS)) == 1 and keys <= set(_keys(store, SEARCH_INDEX))  # where it stopped
+
+    lines: list[str] = []
+    assert run_takedown(store.root, list_file, echo=lines.append) == 0
+    assert "search_index: not rebuilt" not in lines and "dataset_card: not rebuilt" not in lines
+    assert not keys & set(_keys(store, SEARCH_INDEX))
+    assert "| taken_down | request | url | 2 |" in store.read_bytes("card/README.md").decode()
+    assert len(store.list(TAKEDOWNS)) == 1  # the removal once
+    again: list[str] = []
+    assert run_takedown(store.root, list_file, echo=again.append) == 0
+    assert "search_index: not rebuilt" in again  # done: a rerun is a no-op again
+
+
 def test_the_removal_of_duplicates_keeps_their_images_and_embeddings(dataset: DatasetStore):
     store = dataset
     keys = _keys(store, PAIRS.parquet(UNTOUCHED))[:2]
@@ -524,6 +586,56 @@ def test_the_removal_of_duplicates_keeps_their_images_and_embeddings(dataset: Da
         remove_keys(store, removals, "spam")
     assert remove_keys(store, removals.slice(0, 0), DUPLICATE).ledger is None
     assert pq.read_table(store.path(result.ledger)).column("reason").to_pylist() == [DUPLICATE] * 2
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> str:
+    """The demo world with test_dedup's planted copies, some with the original in one shard and the copy in
+    the other; read-only."""
+    return build_demo_dataset(str(tmp_path_factory.mktemp("planted") / "data"), copies=COPIES)
+
+
+def _dedup_state_keys(store: DatasetStore) -> set[str]:
+    """The keys of every survivor dedup keeps: its hashes and its members' embeddings."""
+    paths = [
+        path
+        for folder in (DEDUP_HASHES, DEDUP_MEMBERS)
+        if store.fs.isdir(store.path(folder))
+        for path in store.fs.find(store.path(folder))
+        if path.endswith(".parquet")
+    ]
+    return {key for path in paths for key in pq.read_table(path, columns=["key"]).column("key").to_pylist()}
+
+
+def test_a_taken_down_sample_leaves_dedups_state_and_a_later_copy_of_it_stays(planted, tmp_path):
+    """Dedup checked the first shard, then a sample of it was taken down by its link. Its hashes and
+    embedding leave dedup's state with it, and the copy of its image at another link that the next shard
+    brings is kept: it was removed as a duplicate of the sample the dataset no longer held (so the image
+    left the dataset though only one link was listed), and the state kept the removed image's embedding."""
+    store = DatasetStore(str(shutil.copytree(planted, tmp_path / "data")))
+    by_sha: dict[str, list[dict]] = {}
+    for shard in DEMO_SHARDS:
+        for row in store.read_parquet(PAIRS.parquet(shard)).to_pylist():
+            by_sha.setdefault(row["sha256"], []).append(row)
+    original, copy = next(
+        rows
+        for rows in by_sha.values()
+        if len(rows) == 2
+        and [schemas.shard_of_key(row["key"]) for row in rows] == [TOUCHED, UNTOUCHED]
+        and rows[0]["url"] != rows[1]["url"]
+    )
+    assert deduplicate(store, replace(DEMO_DEDUP, max_shards=1)).shards == [TOUCHED]
+    assert original["key"] in _dedup_state_keys(store)
+
+    store.write_bytes(f"{BLOCKLIST}/request.txt", f"url\n{original['url']}\n".encode())
+    removal = remove_keys(store, find_matches(store, read_lists(store)), schemas.TAKEN_DOWN)
+    assert removal.removed == 1 and removal.shards == [TOUCHED]
+    assert original["key"] not in _dedup_state_keys(store)
+
+    second = deduplicate(store, DEMO_DEDUP)
+    assert second.shards == [UNTOUCHED]
+    assert original["key"] not in second.duplicates.column("duplicate_of").to_pylist()
+    assert copy["key"] in _keys(store, PAIRS.parquet(UNTOUCHED))
 
 
 def test_a_removal_on_s3_rewrites_the_shard_and_its_ledger_is_seen_at_once(built, s3_root):
@@ -557,6 +669,21 @@ def test_the_takedown_command_takes_only_a_list(local_root, tmp_path):
     with pytest.raises(SystemExit, match="No such file"):
         main(["takedown", str(tmp_path / "missing.csv"), "--root", local_root])
     assert not DatasetStore(local_root).list(BLOCKLIST)
+
+
+def test_the_takedown_command_never_replaces_another_list_of_the_same_name(local_root, tmp_path):
+    """Two requests saved under one name: the second is refused, naming the list it would replace. It was
+    copied over the first, whose entries were then no longer active: their links were downloaded again by
+    the next shard that held them, and kept."""
+    store = DatasetStore(local_root)
+    first = "url\nhttp://x.org/first.jpg\n"
+    store.write_bytes(f"{BLOCKLIST}/requests.csv", first.encode())
+    second = tmp_path / "requests.csv"
+    second.write_text("url\nhttp://x.org/second.jpg\n")
+    with pytest.raises(SystemExit, match=re.escape(f"{store.url(BLOCKLIST)}/requests.csv exists")):
+        main(["takedown", str(second), "--root", local_root])
+    assert store.read_bytes(f"{BLOCKLIST}/requests.csv") == first.encode()
+    assert read_lists(store).match_url("http://x.org/first.jpg").list == "requests"
 
 
 def test_takedowns_says_nothing_matched_where_it_does_not_materialise(local_root):

@@ -20,8 +20,13 @@ from laion_assets.defs.recaptions import recaptions
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline import markdown
 from laion_assets.pipeline.leases import REMOVALS, shard_lease
-from laion_assets.pipeline.removal import TAKEN_DOWN, finish_interrupted, remove_keys
-from laion_assets.pipeline.storage import BLOCKLIST, BLOCKLIST_ENTRIES, SHARD_LAYERS, DatasetStore
+from laion_assets.pipeline.removal import (
+    TAKEN_DOWN,
+    built_before_last_removal,
+    finish_interrupted,
+    remove_keys,
+)
+from laion_assets.pipeline.storage import BLOCKLIST, BLOCKLIST_ENTRIES, SHARD_LAYERS, TAKEDOWNS, DatasetStore
 from laion_assets.pipeline.takedowns.blocklist import find_matches, load_active, read_lists, write_active
 
 # How long a removal (takedowns, duplicates) waits for another run's to end; then it fails, naming it.
@@ -88,9 +93,13 @@ def _take_down(context: dg.AssetExecutionContext, dataset: DatasetStore) -> Iter
             context.log_event(observation)
         for observation in rewritten_exports(dataset, removal, why):
             context.log_event(observation)
+    behind: list[str] = []
     if not result.removed:
         context.log.info("no stored sample is on an active block list: nothing to remove")
-        if not finished:
+        behind = [] if finished else built_before_last_removal(dataset)
+        if behind:  # a run cut short after its removal: materialised all the same, so the job rebuilds them
+            context.log.warning(f"built before the last removal, rebuilt now: {', '.join(behind)}")
+        elif not finished:
             # the UI's word for an asset that never materialised is "Never materialized": say why here
             context.log_event(
                 dg.AssetObservation(
@@ -99,7 +108,8 @@ def _take_down(context: dg.AssetExecutionContext, dataset: DatasetStore) -> Iter
                 )
             )
             return
-        result = finished[-1]
+        else:
+            result = finished[-1]
     yield dg.MaterializeResult(
         metadata={
             "dagster/row_count": result.removed,
@@ -110,7 +120,8 @@ def _take_down(context: dg.AssetExecutionContext, dataset: DatasetStore) -> Iter
                 markdown.table(["list", "kind", "removed"], result.by_list)
             ),
             "shards": ", ".join(result.shards[:20]) + (" ..." if len(result.shards) > 20 else ""),
-            "path": dg.MetadataValue.path(dataset.url(result.ledger)),  # the ledger
+            "built_before_last_removal": ", ".join(behind),
+            "path": dg.MetadataValue.path(dataset.url(result.ledger or TAKEDOWNS)),  # the ledger
         }
     )
 

@@ -3,7 +3,9 @@
 A takedown (`TAKEN_DOWN`) empties the sample everywhere: its image leaves `images/<shard>.tar`, its
 images row stays with status `taken_down` (url and caption null, so no row goes missing and no link is
 left in clear), and its rows leave embeddings, pairs (parquet and tar), pairs_embeddings and
-recaptions. A duplicate (`DUPLICATE`, dataset-level dedup) only leaves the dataset: pairs, their tar,
+recaptions, and dedup's survivors (its hashes and embedding in `duplicates/state/`, so that a copy a later
+shard brings is not removed as a duplicate of a sample the dataset no longer holds). A duplicate
+(`DUPLICATE`, dataset-level dedup) only leaves the dataset: pairs, their tar,
 pairs_embeddings and recaptions. Nothing is downloaded again. Either way the sample leaves every
 training-shards export that holds it (`exports/`), and the ledger's `export_shards` names those tars.
 
@@ -37,6 +39,7 @@ from laion_assets.pipeline.pairs.filter import write_pairs_parquet
 from laion_assets.pipeline.parallel import STORE_REWRITES, store_map
 from laion_assets.pipeline.shard_tar import drop_samples
 from laion_assets.pipeline.storage import (
+    CARD,
     DEDUP_SHARDS,
     EMBEDDINGS,
     IMAGES,
@@ -44,6 +47,8 @@ from laion_assets.pipeline.storage import (
     PAIRS_EMBEDDINGS,
     RECAPTIONS,
     SCORES,
+    SEARCH_INDEX,
+    SEARCH_INDEX_APPROXIMATE,
     TAKEDOWNS,
     TAKEDOWNS_PENDING,
     DatasetStore,
@@ -61,6 +66,9 @@ LAYERS = {
     TAKEN_DOWN: (RECAPTIONS, PAIRS_EMBEDDINGS, PAIRS, SCORES, EMBEDDINGS, IMAGES),
     DUPLICATE: (RECAPTIONS, PAIRS_EMBEDDINGS, PAIRS),
 }
+# Built from every shard after a removal, and holding samples' links, captions or images: the search index
+# (its file, and the FAISS build it names) and the card (its sample grid).
+FOLLOWERS = (SEARCH_INDEX, SEARCH_INDEX_APPROXIMATE, CARD)
 
 
 Fingerprints = dict[str, tuple[str | None, str | None]]
@@ -137,6 +145,10 @@ def _complete(store: DatasetStore, name: str) -> RemovalResult:
     fingerprints = {path: both for _, rewritten in written for path, both in rewritten.items()}
     _carry_dedup_checks(store, fingerprints)
     keys, tars = pending.column("key").to_pylist(), pending.column(EXPORT_SHARDS).to_pylist()
+    if reason == TAKEN_DOWN:
+        from laion_assets.pipeline.dedup.deduplicate import forget_taken_down  # it imports this module
+
+        forget_taken_down(store, keys)
     # looked up again: an export grown or rebuilt since the pending ledger was written took the keys
     # from pairs that still held them, into tars the ledger does not name
     found = export_hits(store, keys)
@@ -159,6 +171,31 @@ def _complete(store: DatasetStore, name: str) -> RemovalResult:
         by_shard={shard: len(keys) for shard, keys in sorted(by_shard.items())},
         fingerprints=fingerprints,
     )
+
+
+def built_before_last_removal(store: DatasetStore) -> list[str]:
+    """The `FOLLOWERS` older than the last removal ledger committed: a run cut short after its removal and
+    before their rebuild left them holding the samples it removed, and a rerun finds nothing to remove."""
+    folder = store.path(TAKEDOWNS)
+    if not store.fs.isdir(folder):
+        return []
+    ledgers = [
+        entry
+        for entry in store.fs.ls(folder, detail=True)
+        if entry["type"] == "file" and entry["name"].endswith(".parquet")
+    ]
+    if not ledgers:
+        return []
+    last = max(_modified(entry) for entry in ledgers)
+    return [
+        path for path in FOLLOWERS if store.exists(path) and _modified(store.fs.info(store.path(path))) < last
+    ]
+
+
+def _modified(entry: dict) -> float:
+    """When a listed file was written: local `mtime`, or S3's `LastModified`."""
+    when = entry.get("mtime") or entry.get("LastModified")
+    return when.timestamp() if isinstance(when, datetime.datetime) else float(when)
 
 
 def _with_export_shards(store: DatasetStore, ledger: pa.Table) -> pa.Table:

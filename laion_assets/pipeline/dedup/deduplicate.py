@@ -37,7 +37,7 @@ import math
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -274,18 +274,30 @@ def _forget(store: DatasetStore, shards: list[str]) -> None:
     are checked again as new."""
     if not shards:
         return
+    _drop_survivors(store, lambda keys: pc.is_in(_shards_of(keys), pa.array(shards)))
+    _drop_found(store, shards)
+
+
+def forget_taken_down(store: DatasetStore, keys: Collection[str]) -> None:
+    """Drop taken-down `keys` from the survivors: a sample out of the dataset keeps no copy of it out (a
+    copy a later shard brings is no duplicate), and its hashes and embedding leave the state with it."""
+    wanted = pa.array(sorted(set(keys)), pa.string())
+    _drop_survivors(store, lambda found: pc.is_in(found, value_set=wanted))
+
+
+def _drop_survivors(store: DatasetStore, dropped: Callable[[pa.Array], pa.Array]) -> None:
+    """Rewrite each state file of survivors (hashes, members) holding a key `dropped` marks, without it."""
     for folder in (DEDUP_HASHES, *_buckets(store)):
         for stored in store.list(folder):
             path = f"{folder}/{stored.name}"
-            table = store.read_parquet(path)
-            keep = pc.invert(pc.is_in(_shards_of(table.column("key")), pa.array(shards)))
-            if pc.all(keep).as_py():
+            if not pc.any(dropped(store.read_parquet(path, columns=["key"]).column("key"))).as_py():
                 continue
+            table = store.read_parquet(path)
+            keep = pc.invert(dropped(table.column("key")))
             if folder == DEDUP_HASHES:
                 store.write_parquet(path, table.filter(keep))
             else:
                 _write_member_file(store, path, table.filter(keep))
-    _drop_found(store, shards)
 
 
 def _drop_found(store: DatasetStore, shards: list[str]) -> None:

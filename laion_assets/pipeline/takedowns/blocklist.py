@@ -8,7 +8,8 @@ A list is `<name>.txt`, `<name>.csv` or `<name>.parquet`. Each entry is one of `
 
 In a CSV or parquet list each column named after a kind holds entries of that kind; a text list names
 its kind on its first line, then has an entry per line (blank lines and `#` comments skipped). A bad
-entry (a malformed hash, a link without a host) or an unknown column is reported, never skipped silently.
+entry (a malformed hash, a link without a host, text that is not UTF-8) or an unknown column is
+reported, never skipped silently.
 
 The active entries are recorded as hashes: a `url` entry is kept as its `url_sha256`, so the recorded
 file and the removal ledger never hold a listed link in clear.
@@ -180,10 +181,11 @@ def read_lists(store: DatasetStore) -> Blocklist:
 
 def _cells(name: str, suffix: str, data: bytes) -> tuple[list[tuple[str, str, str]], list[ListProblem]]:
     """(where, kind, value) of each non-empty entry of a list file, and the problems of its layout."""
+    # a byte that is not UTF-8 is kept as a lone surrogate, so that `normalise` reports its entry
     if suffix == "txt":
-        return _text_cells(name, data.decode("utf-8-sig", errors="replace"))  # as Notepad saves it, too
+        return _text_cells(name, data.decode("utf-8-sig", errors="surrogateescape"))  # as Notepad saves it
     if suffix == "csv":
-        reader = csv.reader(io.StringIO(data.decode("utf-8-sig", errors="replace")))
+        reader = csv.reader(io.StringIO(data.decode("utf-8-sig", errors="surrogateescape")))
         header = next(reader, [])
         columns = {i: column.strip().lower() for i, column in enumerate(header)}
         records = ((n, dict(enumerate(row))) for n, row in enumerate(reader, 1))
@@ -232,6 +234,10 @@ def _text_cells(name: str, text: str) -> tuple[list[tuple[str, str, str]], list[
 def normalise(kind: str, value: str) -> tuple[str, str | None]:
     """The entry as recorded (a lower-case hash or domain; a link's sha256), or a problem."""
     value = value.strip()
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # a list saved in Latin-1 or cp1252: no crawled link has these bytes
+        return "", f"not UTF-8 text (save the list as UTF-8): {value[:80]!r}"
     if kind == URL:
         # not urlsplit's fields: it refuses a malformed authority (an unclosed "["), which a crawl row
         # may hold all the same (it is matched by its text)
