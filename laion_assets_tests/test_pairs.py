@@ -402,6 +402,34 @@ def test_the_contract_check_passes_a_shard_the_datacomp_basic_filter_emptied(loc
     assert check.passed and check.description is None
 
 
+def test_the_contract_check_reads_the_scores_a_rule_filters_on(local_root):
+    """The check said it found no row breaking an active rule, and re-checked none on the quality scores:
+    pairs of `laion-aesthetics-6` whose scores were rebuilt lower, or removed, passed it."""
+    import dataclasses
+    import json
+
+    from laion_assets.defs.pairs import follows_the_contract as pairs_follow_the_contract
+    from laion_assets.pipeline.storage import DatasetStore
+
+    settings = PairsSettings(preset="laion-aesthetics-6")
+    aesthetic = [6.5, 5.0, 7.0]
+    made_with = scores(3, punsafe=[0.1] * 3, pwatermark=[0.1] * 3, aesthetic=aesthetic)
+    result = build_pairs(*shard([{}, {}, {}]), settings, CATEGORIES, made_with)
+    assert kept(result) == [0, 2]
+    store = DatasetStore(local_root)
+    footer = {names.PAIRS_SETTINGS_FOOTER: json.dumps(dataclasses.asdict(settings))}  # as write_pairs has it
+    store.write_parquet("pairs/s.parquet", result.table, metadata=footer)
+    store.write_parquet("scores/s.parquet", made_with)
+    assert pairs_follow_the_contract(store, "s").passed
+    lower = scores(3, punsafe=[0.1, 0.1, 0.6], pwatermark=[0.1] * 3, aesthetic=[5.9, 5.0, 7.0])
+    store.write_parquet("scores/s.parquet", lower)
+    check = pairs_follow_the_contract(store, "s")
+    assert check.description == "shard s: punsafe: 1, aesthetic: 1"
+    store.remove("scores/s.parquet")
+    check = pairs_follow_the_contract(store, "s")
+    assert not check.passed and "materialise quality_scores for it first" in check.description
+
+
 def test_a_rerun_without_write_embeddings_leaves_no_earlier_pairs_embeddings(local_root, web):
     """pairs_embeddings/ of an earlier run with `write_embeddings` stayed beside pairs made again without it:
     its rows were the earlier pairs' (here none, the threshold being higher), and dedup, which reads it

@@ -13,7 +13,7 @@ from laion_assets.defs.partitions import leased_shards, per_shard_asset
 from laion_assets.defs.resources import ClipEncoderResource, DatasetStoreResource
 from laion_assets.defs.scores import quality_scores
 from laion_assets.pipeline import schemas
-from laion_assets.pipeline.pairs.filter import PairsSettings, rule_violations, write_pairs
+from laion_assets.pipeline.pairs.filter import PairsSettings, rule_violations, stored_scores, write_pairs
 from laion_assets.pipeline.storage import PAIRS, DatasetStore
 
 P = PairsSettings  # every default below is the pipeline's own
@@ -72,16 +72,23 @@ def filtered_pairs(
 
 def follows_the_contract(dataset: DatasetStore, shard: str) -> dg.AssetCheckResult:
     """`pairs` has exactly the contract's schema, unique keys, each `host` its URL's, and no row that
-    breaks an active rule."""
+    breaks an active rule but the minors and image-based ones (the rules on quality scores read the shard's
+    scores)."""
     table = dataset.read_parquet(PAIRS.parquet(shard))
     if table.schema.remove_metadata() != schemas.PAIRS:
         problems = {"schema": f"columns {table.schema.names} differ from the contract {schemas.PAIRS.names}"}
-    else:
-        stored = (table.schema.metadata or {}).get(names.PAIRS_SETTINGS_FOOTER.encode())
-        settings = PairsSettings.from_footer(json.loads(stored)) if stored else PairsSettings()
-        keys = table.column("key").to_pylist()
-        problems = {"repeated_keys": len(keys) - len(set(keys)), **rule_violations(table, settings)}
-    return problems_found(shard, problems)
+        return problems_found(shard, problems)
+    stored = (table.schema.metadata or {}).get(names.PAIRS_SETTINGS_FOOTER.encode())
+    settings = PairsSettings.from_footer(json.loads(stored)) if stored else PairsSettings()
+    keys = table.column("key").to_pylist()
+    problems: dict[str, object] = {"repeated_keys": len(keys) - len(set(keys))}
+    scores = None
+    if table.num_rows:
+        try:
+            scores = stored_scores(dataset, shard, settings.resolved())
+        except ValueError as missing:  # its scores removed, or made by a model with no such score
+            problems["scores"] = str(missing)
+    return problems_found(shard, {**problems, **rule_violations(table, settings, scores)})
 
 
 follows_the_contract_check = shard_check(

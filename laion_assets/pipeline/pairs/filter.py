@@ -288,6 +288,22 @@ def _provenance(shard: str, crawl: pa.Table, run_id: str) -> dict[str, str | Non
     }
 
 
+def score_rules(settings: PairsSettings) -> list[tuple[str, Callable[[pa.Table], pa.ChunkedArray]]]:
+    """Each active rule on the quality scores (of resolved `settings`), in funnel order, with the rows of a
+    table with the scores joined that it keeps (null where a row has no score: it cannot pass)."""
+    rules: list[tuple[str, Callable[[pa.Table], pa.ChunkedArray]]] = []
+    if settings.languages:
+        languages = pa.array(settings.languages, pa.string())
+        rules.append(("language", lambda t: pc.is_in(t.column("language"), languages)))
+    if settings.max_punsafe is not None:
+        rules.append(("punsafe", lambda t: pc.less(t.column("punsafe"), settings.max_punsafe)))
+    if settings.max_pwatermark is not None:
+        rules.append(("pwatermark", lambda t: pc.less(t.column("pwatermark"), settings.max_pwatermark)))
+    if settings.min_aesthetic is not None:
+        rules.append(("aesthetic", lambda t: pc.greater_equal(t.column("aesthetic"), settings.min_aesthetic)))
+    return rules
+
+
 def stored_scores(store: DatasetStore, shard: str, settings: PairsSettings) -> pa.Table | None:
     """The shard's quality scores the active rules of `settings` (resolved) read; None when none does.
     ValueError naming the file where it is missing or lacks a score a rule needs."""
@@ -417,14 +433,8 @@ def build_pairs(
     drop("low_similarity", _similarity_rule(table.column("similarity"), settings))
     if scores is not None:
         table = table.join(scores, "key", join_type="left outer").sort_by("key")
-    if settings.languages:
-        drop("language", pc.is_in(table.column("language"), pa.array(settings.languages, pa.string())))
-    if settings.max_punsafe is not None:
-        drop("punsafe", pc.less(table.column("punsafe"), settings.max_punsafe))
-    if settings.max_pwatermark is not None:
-        drop("pwatermark", pc.less(table.column("pwatermark"), settings.max_pwatermark))
-    if settings.min_aesthetic is not None:
-        drop("aesthetic", pc.greater_equal(table.column("aesthetic"), settings.min_aesthetic))
+    for rule, keeps in score_rules(settings):
+        drop(rule, keeps(table))
     if reference is not None:
         vectors = _vectors(embeddings.column("image_embedding"), table.column("_embedding_row").to_numpy())
         drop("image_based", pa.array(image_based_keep(vectors, reference, centroids)))
@@ -529,12 +539,15 @@ def write_pairs_tar(images_tar: IO[bytes], pairs: pa.Table, out: IO[bytes]) -> i
         return writer.samples
 
 
-def rule_violations(table: pa.Table, settings: PairsSettings) -> dict[str, int]:
+def rule_violations(
+    table: pa.Table, settings: PairsSettings, scores: pa.Table | None = None
+) -> dict[str, int]:
     """Rows of a pairs table that break a rule the settings made active, or whose `host` is not their
-    URL's (all zero for a sound shard).
+    URL's (all zero for a sound shard). The rules on the quality scores are checked against `scores`, the
+    shard's (`stored_scores`), where given.
 
-    The minors, score and image-based rules need what the shard's table does not hold, and are not
-    re-checked here."""
+    The minors and image-based rules need what the shard's files do not hold, and are not re-checked
+    here."""
     settings = settings.resolved()
     captions = table.column("caption").to_pylist()
     similarity = table.column("similarity").to_numpy(zero_copy_only=False)
@@ -555,4 +568,8 @@ def rule_violations(table: pa.Table, settings: PairsSettings) -> dict[str, int]:
         violations["duplicate_sha256"] = table.num_rows - keep_first(table, ["sha256"]).num_rows
     if settings.datacomp_basic_filter:  # the sum of an empty mask is null, not 0
         violations["datacomp_basic"] = table.num_rows - (pc.sum(_datacomp_basic(table)).as_py() or 0)
+    if scores is not None:
+        scored = table.select(["key"]).join(scores, "key", join_type="left outer")
+        for rule, keeps in score_rules(settings):
+            violations[rule] = scored.num_rows - (pc.sum(pc.fill_null(keeps(scored), False)).as_py() or 0)
     return violations
