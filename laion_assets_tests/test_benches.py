@@ -23,13 +23,13 @@ BENCHES = sorted(path.name for path in BENCH.glob("*.py") if path.name not in HE
 BESIDE = ("run_overhead.py", "scale.py")
 
 
-def _smoke(name: str) -> subprocess.CompletedProcess:
+def _smoke(name: str, *flags: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("DAGSTER_HOME", None)
     # as a user runs a bench: without the watermark model conftest names for the tests' own processes
     env.pop(SCORES_ENV["watermark_model"], None)
     return subprocess.run(
-        [sys.executable, str(BENCH / name), "--smoke"],
+        [sys.executable, str(BENCH / name), "--smoke", *flags],
         cwd=BENCH.parent,
         env=env,
         capture_output=True,
@@ -61,3 +61,18 @@ def test_the_bench_runs_in_its_smoke_mode(name, beside):
 
 def test_the_lane_beside_holds_benches_that_exist():
     assert set(BESIDE) <= set(BENCHES)
+
+
+@pytest.mark.parametrize(
+    ("name", "flags", "error"),
+    [
+        ("dedup.py", ["--peer-queries", "5000"], "Cannot take a larger sample than population"),
+        ("export.py", ["--shard-size", "0"], "shard_size 0 must be at least 1"),
+    ],
+)
+def test_a_bench_ends_with_the_error_of_its_measuring_process(name, flags, error):
+    """A bench that measures in a process of its own exits with that process's error, where it used to
+    wait for its result forever (the smoke's timeout ended it)."""
+    done = _smoke(name, *flags)
+    assert done.returncode != 0
+    assert error in done.stderr
