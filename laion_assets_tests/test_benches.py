@@ -2,10 +2,13 @@
 a schema or an API that breaks a bench fails here; the figures of a smoke run mean nothing."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,24 +26,39 @@ BENCHES = sorted(path.name for path in BENCH.glob("*.py") if path.name not in HE
 BESIDE = ("run_overhead.py", "scale.py")
 
 
-def _smoke(name: str, *flags: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+@dataclass(frozen=True)
+class Smoke:
+    done: subprocess.CompletedProcess
+    left: list[str]  # what the run left in its temporary folder
+
+
+def _smoke(name: str, *flags: str) -> Smoke:
+    """`bench/<name> --smoke <flags>`, with a temporary folder (TMPDIR) of its own."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"smoke-{Path(name).stem}-"))
+    tmp.chmod(0o1777)  # as /tmp: PostgreSQL's own user makes its folder there
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp)}
     env.pop("DAGSTER_HOME", None)
     # as a user runs a bench: without the watermark model conftest names for the tests' own processes
     env.pop(SCORES_ENV["watermark_model"], None)
-    return subprocess.run(
-        [sys.executable, str(BENCH / name), "--smoke", *flags],
-        cwd=BENCH.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    try:
+        done = subprocess.run(
+            [sys.executable, str(BENCH / name), "--smoke", *flags],
+            cwd=BENCH.parent,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
+        # torch's cache of compiled kernels is the user's, kept across runs on purpose
+        left = sorted(path.name for path in tmp.iterdir() if not path.name.startswith("torchinductor_"))
+        return Smoke(done, left)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def beside(request) -> Iterator[dict[str, Future]]:
+def beside(request) -> Iterator[dict[str, Future[Smoke]]]:
     """The smoke runs of the deployment benches this session runs, one after the other, started with
     this module's first test."""
     chosen = {
@@ -54,9 +72,11 @@ def beside(request) -> Iterator[dict[str, Future]]:
 
 @pytest.mark.parametrize("name", BENCHES)
 def test_the_bench_runs_in_its_smoke_mode(name, beside):
-    done = beside[name].result() if name in beside else _smoke(name)
+    smoke = beside[name].result() if name in beside else _smoke(name)
+    done = smoke.done
     assert done.returncode == 0, f"bench/{name} --smoke failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert done.stdout.strip(), f"bench/{name} --smoke printed nothing"
+    assert smoke.left == [], f"bench/{name} --smoke left these in its temporary folder"
 
 
 def test_the_lane_beside_holds_benches_that_exist():
@@ -73,6 +93,7 @@ def test_the_lane_beside_holds_benches_that_exist():
 def test_a_bench_ends_with_the_error_of_its_measuring_process(name, flags, error):
     """A bench that measures in a process of its own exits with that process's error, where it used to
     wait for its result forever (the smoke's timeout ended it)."""
-    done = _smoke(name, *flags)
-    assert done.returncode != 0
-    assert error in done.stderr
+    smoke = _smoke(name, *flags)
+    assert smoke.done.returncode != 0
+    assert error in smoke.done.stderr
+    assert smoke.left == []
