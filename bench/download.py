@@ -49,6 +49,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -262,7 +263,9 @@ def run_img2dataset(binary: Path, url_list: pa.Table, shards: int, tuning: list[
         *("--timeout", "10", "--retries", "0", "--enable_wandb", "False"),
         *tuning,
     ]
-    return timed(command), count_successes(out.glob("*.parquet"))
+    with tempfile.TemporaryDirectory() as tmp:  # wandb, which img2dataset imports, leaves folders there
+        run = timed(command, env={**os.environ, "TMPDIR": tmp})
+    return run, count_successes(out.glob("*.parquet"))
 
 
 def run_ours(url_list: pa.Table, shards: int, fields: dict, check: bool = True) -> tuple[Timed, int]:
