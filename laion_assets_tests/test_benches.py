@@ -3,6 +3,7 @@ a schema or an API that breaks a bench fails here; the figures of a smoke run me
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -97,3 +98,16 @@ def test_a_bench_ends_with_the_error_of_its_measuring_process(name, flags, error
     assert smoke.done.returncode != 0
     assert error in smoke.done.stderr
     assert smoke.left == []
+
+
+def test_the_download_bench_refuses_a_port_something_else_answers_on():
+    """A server left on the loopback web's port (by a killed run, say) ends the bench with that said,
+    instead of the tools' requests going to it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        smoke = _smoke("download.py", "--web", "loopback", "--port", str(port))
+    assert smoke.done.returncode != 0
+    assert f"127.0.0.1:{port} is taken" in smoke.done.stderr
+    assert "img2dataset " not in smoke.done.stdout  # no tool ran
