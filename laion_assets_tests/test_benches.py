@@ -2,6 +2,7 @@
 a schema or an API that breaks a bench fails here; the figures of a smoke run mean nothing."""
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -25,6 +26,52 @@ BENCHES = sorted(path.name for path in BENCH.glob("*.py") if path.name not in HE
 # for both. They share no port or folder with the rest (PostgreSQL and moto on free ports, their own
 # temporary folders).
 BESIDE = ("run_overhead.py", "scale.py")
+
+N = r"[\d,.]+"  # a printed figure
+# What each bench's smoke run must print, as regular expressions over its stdout (multiline): its figure,
+# the peer's and their ratio, and peak memory, so that a bench that stops printing one fails here.
+PRINTS = {
+    "caption.py": [
+        r"^model .*ratio .*peak MiB$",
+        rf"^laion-assets-demo-coca +\d+ +{N} +{N} +{N}x +{N} +{N}$",
+    ],
+    "dedup.py": [
+        rf"^full: .* peak RSS {N} MiB",
+        rf"^peer .* peak RSS {N} MiB.* {N}x as fast as brute force$",
+    ],
+    "dedup_eps.py": [rf"^\| both \(the demo\).* \| \d+ \| {N} \| {N} \(\d+/\d+\) \|$"],
+    "download.py": [
+        rf"^small +photo +img2dataset +\d+ +{N} +{N} +{N} +{N} *$",
+        rf"^small +photo +laion_assets +\d+ +{N} +{N} +{N} +{N} +{N}x$",
+        rf"^ours at defaults +\d+ +{N} +{N} +{N} +{N} ",
+        rf"^latency web ratio, ours at defaults vs img2dataset at defaults: {N}x$",
+        rf"^by name +\d+ +{N} +{N} +{N} +{N} ",
+        rf"^dns web ratio, by name vs by address: {N}x$",
+    ],
+    "embed.py": [r"^variant +images/s +peak MB$", rf"^stage +{N} +{N}$", rf"^ratio stage / plain: {N}x$"],
+    "export.py": [rf"^ours: .* peak RSS {N} MiB$", rf"^peer: .* peak RSS {N} MiB$", rf"^ratio .*: {N}x$"],
+    "latency_web.py": [rf"^127\.0\.0\.2:\d+/i/0\.jpg: \d+ in {N} s, planned \d+ in {N} s$"],
+    "query.py": [
+        rf"^downloads by status +{N} +{N} +{N} M +{N} +{N} M +{N}$",
+        rf"^peak RSS: {N} MiB with the views",
+    ],
+    "resize.py": [
+        rf"^img2dataset \(OpenCV, full decode\) +{N} +{N}$",
+        rf"^laion_assets \(full decode\) +{N} +{N} +{N}x +{N}dB$",
+    ],
+    "run_overhead.py": [
+        r"shard\(s\)/run: .*peak RSS",
+        rf"fixed cost per run -?{N} s; runs of \d+ shards take {N}x",
+    ],
+    "scale.py": [rf"\(peak RSS {N} MB\)$", rf"^  ratio {N}x$"],
+    "scores.py": [rf"^nsfw-b32 \(512-d\) +{N} +{N} +{N} +{N}$", rf"^py3langid / cld3 captions/s: {N}$"],
+    "search.py": [rf"{N}x  \(default\)$", rf"peak RSS {N} MB"],
+    "serve.py": [
+        rf"^/clip/embed_text +1 +{N} +{N} +{N}x",
+        rf"^server peak RSS: batcher on {N} MB, off {N} MB$",
+    ],
+    "takedown.py": [rf"^find_matches .* peak RSS {N} MiB$", rf"^ratio .*: {N}x$"],
+}
 
 
 @dataclass(frozen=True)
@@ -76,8 +123,13 @@ def test_the_bench_runs_in_its_smoke_mode(name, beside):
     smoke = beside[name].result() if name in beside else _smoke(name)
     done = smoke.done
     assert done.returncode == 0, f"bench/{name} --smoke failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    assert done.stdout.strip(), f"bench/{name} --smoke printed nothing"
+    missing = [pattern for pattern in PRINTS[name] if not re.search(pattern, done.stdout, re.MULTILINE)]
+    assert not missing, f"bench/{name} --smoke did not print {missing}:\n{done.stdout[-3000:]}"
     assert smoke.left == [], f"bench/{name} --smoke left these in its temporary folder"
+
+
+def test_every_bench_says_what_it_prints():
+    assert set(PRINTS) == set(BENCHES)
 
 
 def test_the_lane_beside_holds_benches_that_exist():
