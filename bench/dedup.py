@@ -28,6 +28,7 @@ import shutil
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import faiss
@@ -117,19 +118,15 @@ def generate(root: Path, rows: int, shard_rows: int) -> None:
     (root / "done").touch()
 
 
+def _measured(target, *args):
+    return target(*args), peak_rss_mib()
+
+
 def _in_child(target, *args):
-    """`target(*args)`'s result and the child's peak RSS, in MiB."""
-    queue = multiprocessing.get_context("fork").Queue()
-
-    def run() -> None:
-        result = target(*args)
-        queue.put((result, peak_rss_mib()))
-
-    process = multiprocessing.get_context("fork").Process(target=run)
-    process.start()
-    out = queue.get()
-    process.join()
-    return out
+    """`target(*args)`'s result and the child's peak RSS, in MiB; what it raised, or that it died, raised
+    here."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+        return pool.submit(_measured, target, *args).result()
 
 
 # The function of `pipeline/dedup/deduplicate.py` a sample of the stack is in (the innermost one

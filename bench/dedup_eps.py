@@ -43,42 +43,43 @@ def main() -> None:
     parse_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))  # already tiny: --smoke is it
     # the demo's watermark model, as the demo scores its world: LAION's default would be downloaded
     os.environ[SCORES_ENV["watermark_model"]] = str(DEMO_WATERMARK_MODEL)
-    work = Path(tempfile.mkdtemp(prefix="dedup-eps-"))
-    planted = build_demo_dataset(str(work / "planted"), copies=COPIES)
-    world = make_world(images=DEMO_IMAGES, failures={}, copies=COPIES)
-    before = catalog.connect(DatasetStore(planted)).sql("SELECT key, url FROM pairs").fetchall()
-    runs = [(f"semantic, 1 - eps = {1 - eps:g}", DedupSettings(eps=eps)) for eps in EPS]
-    runs += [
-        (
-            f"perceptual, <= {PHASH_BITS} bits, 1 - perceptual_eps = {1 - eps:g}",
-            DedupSettings(semantic=False, max_phash_distance=PHASH_BITS, perceptual_eps=eps),
+    with tempfile.TemporaryDirectory(prefix="dedup-eps-") as folder:
+        work = Path(folder)
+        planted = build_demo_dataset(str(work / "planted"), copies=COPIES)
+        world = make_world(images=DEMO_IMAGES, failures={}, copies=COPIES)
+        before = catalog.connect(DatasetStore(planted)).sql("SELECT key, url FROM pairs").fetchall()
+        runs = [(f"semantic, 1 - eps = {1 - eps:g}", DedupSettings(eps=eps)) for eps in EPS]
+        runs += [
+            (
+                f"perceptual, <= {PHASH_BITS} bits, 1 - perceptual_eps = {1 - eps:g}",
+                DedupSettings(semantic=False, max_phash_distance=PHASH_BITS, perceptual_eps=eps),
+            )
+            for eps in EPS
+        ]
+        demo = DedupSettings(**DEMO_DEDUP_CONFIG)
+        runs.append(
+            (
+                f"both (the demo): 1 - eps = {1 - demo.eps:g}; <= {demo.max_phash_distance} bits, "
+                f"1 - perceptual_eps = {1 - demo.perceptual_eps:g}",
+                demo,
+            )
         )
-        for eps in EPS
-    ]
-    demo = DedupSettings(**DEMO_DEDUP_CONFIG)
-    runs.append(
-        (
-            f"both (the demo): 1 - eps = {1 - demo.eps:g}; <= {demo.max_phash_distance} bits, "
-            f"1 - perceptual_eps = {1 - demo.perceptual_eps:g}",
-            demo,
-        )
-    )
-    print("| near-copy kinds | removed as near copies | precision | recall |")
-    print("|---|---|---|---|")
-    for number, (name, settings) in enumerate(runs):
-        root = work / f"run-{number}"
-        shutil.copytree(planted, root)
-        store = DatasetStore(str(root))
-        deduplicate(store, replace(settings, clusters=4))
-        table = store.read_parquet(DUPLICATES)
-        rows = list(zip(*(table.column(c).to_pylist() for c in ("key", "duplicate_of", "kind")), strict=True))
-        score = score_duplicates(world, before, rows)
-        figures = score.figures()
-        print(
-            f"| {name} | {score.near_removed} | {figures['near_precision']:.2f} | "
-            f"{figures['near_recall']:.2f} ({score.near_found}/{score.near_planted}) |"
-        )
-    shutil.rmtree(work)
+        print("| near-copy kinds | removed as near copies | precision | recall |")
+        print("|---|---|---|---|")
+        for number, (name, settings) in enumerate(runs):
+            root = work / f"run-{number}"
+            shutil.copytree(planted, root)
+            store = DatasetStore(str(root))
+            deduplicate(store, replace(settings, clusters=4))
+            table = store.read_parquet(DUPLICATES)
+            columns = (table.column(c).to_pylist() for c in ("key", "duplicate_of", "kind"))
+            rows = list(zip(*columns, strict=True))
+            score = score_duplicates(world, before, rows)
+            figures = score.figures()
+            print(
+                f"| {name} | {score.near_removed} | {figures['near_precision']:.2f} | "
+                f"{figures['near_recall']:.2f} ({score.near_found}/{score.near_planted}) |"
+            )
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -73,6 +74,7 @@ from smoke import parse_args
 from laion_assets.pipeline.download.downloader import DownloadSettings
 from laion_assets.pipeline.download.imaging import ImageSettings, process_image
 from laion_assets.pipeline.download.tdmrep import WELL_KNOWN_PATH as TDMREP_PATH
+from laion_assets_tests.deployment import free_port, listening
 from laion_assets_tests.dns_server import DnsServer, Name
 
 # "ours tuned": on top of our defaults
@@ -150,7 +152,13 @@ http {{ access_log off; sendfile on; tcp_nopush on; keepalive_timeout 65; keepal
 
 
 def serve(folder: Path, port: int, server: str) -> subprocess.Popen:
-    """A static server of `folder` on 127.0.0.1:`port`: photo_server.py, Python's http.server or nginx."""
+    """A static server of `folder` on 127.0.0.1:`port` (photo_server.py, Python's http.server or nginx),
+    returned once it accepts connections. A port something else already answers on ends the bench: the
+    tools' requests would go there (to a server a killed run left, say), not to the server named."""
+    if listening(port):
+        raise SystemExit(
+            f"127.0.0.1:{port} is taken, by a server an earlier run left? Stop it, or give --port another"
+        )
     if server == "nginx":
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         if not Path(nginx).exists():
@@ -164,9 +172,12 @@ def serve(folder: Path, port: int, server: str) -> subprocess.Popen:
     else:
         command = [sys.executable, str(Path(__file__).parent / "photo_server.py"), str(port), str(folder)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1.0)
-    if process.poll() is not None:
-        raise SystemExit(f"{server} did not start on port {port}")
+    deadline = time.monotonic() + 60
+    while not listening(port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise SystemExit(f"{server} did not start on port {port}")
+        time.sleep(0.1)
     return process
 
 
@@ -262,7 +273,9 @@ def run_img2dataset(binary: Path, url_list: pa.Table, shards: int, tuning: list[
         *("--timeout", "10", "--retries", "0", "--enable_wandb", "False"),
         *tuning,
     ]
-    return timed(command), count_successes(out.glob("*.parquet"))
+    with tempfile.TemporaryDirectory() as tmp:  # wandb, which img2dataset imports, leaves folders there
+        run = timed(command, env={**os.environ, "TMPDIR": tmp})
+    return run, count_successes(out.glob("*.parquet"))
 
 
 def run_ours(url_list: pa.Table, shards: int, fields: dict, check: bool = True) -> tuple[Timed, int]:
@@ -326,6 +339,7 @@ def main() -> None:
         median=0.02,
         cap=0.2,
         names=8,
+        port=free_port(),  # not 8731: a CI run beside another, or after a killed one, finds it taken
     )
     if args.harsh:  # its values, except where an argument was given
         for name, value in HARSH.items():

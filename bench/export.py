@@ -24,6 +24,7 @@ import multiprocessing
 import resource
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -92,24 +93,17 @@ def peer(root: str, shard_size: int, buffer: int) -> int:
     return written
 
 
-def _child(name: str, root: str, shard_size: int, buffer: int, pipe) -> None:
+def _child(name: str, root: str, shard_size: int, buffer: int) -> tuple[int, float, float]:
     start = time.perf_counter()
     samples = {"ours": ours, "peer": peer}[name](root, shard_size, buffer)
-    pipe.send(
-        (samples, time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    )
+    return samples, time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def timed(name: str, root: str, shard_size: int, buffer: int) -> tuple[int, float, float]:
-    """(samples, seconds, peak RSS in MiB) of `name` in a process of its own."""
-    receive, send = multiprocessing.Pipe(duplex=False)
-    process = multiprocessing.get_context("spawn").Process(
-        target=_child, args=(name, root, shard_size, buffer, send)
-    )
-    process.start()
-    result = receive.recv()
-    process.join()
-    return result
+    """(samples, seconds, peak RSS in MiB) of `name` in a process of its own; what it raised, or that it
+    died, raised here."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_child, name, root, shard_size, buffer).result()
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ import os
 import resource
 import sys
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import yaml
@@ -72,7 +73,8 @@ def measure(work: Path, env: dict, web: TestWeb, executor: str, per_run: int, ar
     finally:
         deployment.stop()
     failed = [r.dagster_run.run_id for r in runs if r.dagster_run.status != dg.DagsterRunStatus.SUCCESS]
-    assert not failed, f"runs failed: {failed} (logs in {folder})"
+    log = deployment.log("code_server")[-3000:]  # the runs' own output: the folder goes with the bench
+    assert not failed, f"runs failed: {failed}; the code server's log ends:\n{log}"
     seconds = sum(r.end_time - r.start_time for r in runs)
     span = max(r.end_time for r in runs) - min(r.start_time for r in runs)
     shards_per_s = args.shards / span
@@ -93,12 +95,14 @@ def main() -> None:
     parser.add_argument("--executors", default="in_process,multiprocess")
     args = parse_args(parser, shards=2, per_run=2, urls=3, executors="in_process")
     print(f"machine: {os.cpu_count()} cores; {args.shards} shards of {args.urls} URLs; one run at a time")
-    work = Path(tempfile.mkdtemp(prefix="laion-overhead-"))
-    run_config = work / "run.yaml"
-    run_config.write_text(yaml.safe_dump({"ops": {"downloaded_images": {"config": LOCAL_WEB}}}))
-    postgres = Postgres().start()
-    web = TestWeb().start()
-    try:
+    with tempfile.TemporaryDirectory(prefix="laion-overhead-") as folder, ExitStack() as stack:
+        work = Path(folder)
+        run_config = work / "run.yaml"
+        run_config.write_text(yaml.safe_dump({"ops": {"downloaded_images": {"config": LOCAL_WEB}}}))
+        postgres = Postgres().start()
+        stack.callback(postgres.stop)
+        web = TestWeb().start()
+        stack.callback(web.stop)
         env = {
             **os.environ,
             **postgres.env(),
@@ -122,9 +126,6 @@ def main() -> None:
                 f"{grouped[1] / one[1]:.2f}x the time of one-shard runs",
                 flush=True,
             )
-    finally:
-        web.stop()
-        postgres.stop()
 
 
 if __name__ == "__main__":

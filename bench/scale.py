@@ -190,7 +190,12 @@ def main() -> None:
     )
     print(f"machine: {os.cpu_count()} cores; shards {args.shards}; dataset shards {args.dataset_shards}")
 
-    work = Path(tempfile.mkdtemp(prefix="laion-scale-"))
+    with tempfile.TemporaryDirectory(prefix="laion-scale-") as folder, contextlib.ExitStack() as stack:
+        measure(Path(folder), stack, args)
+
+
+def measure(work: Path, stack: contextlib.ExitStack, args: argparse.Namespace) -> None:
+    """The parts of --parts; the servers it starts stop with `stack`."""
     s3_port = free_port()
     # moto in a process of its own, so that it does not share this process's GIL with the clients
     moto = subprocess.Popen(
@@ -198,6 +203,8 @@ def main() -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    stack.callback(moto.wait)
+    stack.callback(moto.terminate)
     wait_for(lambda: listening(s3_port), 60, "moto's S3 server")
     env = {
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
@@ -210,6 +217,7 @@ def main() -> None:
     s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
     s3.create_bucket(Bucket=BUCKET)
     postgres = Postgres().start()
+    stack.callback(postgres.stop)
     os.environ.update(postgres.env())
     home = dagster_home(work, max_concurrent_runs=0)  # the queue paused: runs are submitted, none starts
     os.environ["DAGSTER_HOME"] = str(home)
@@ -217,29 +225,23 @@ def main() -> None:
     os.environ["LAION_ASSETS_ROOT"] = root
     store = DatasetStore(root)
     shard_names = [f"shard-{i:06d}" for i in range(args.shards)]
-    try:
-        parts = args.parts.split(",")
-        with dg.DagsterInstance.get() as instance:
+    parts = args.parts.split(",")
+    with dg.DagsterInstance.get() as instance:
+        timed(f"register {args.shards} partitions", instance.add_dynamic_partitions, "shards", shard_names)
+        if "sensor" in parts:
             timed(
-                f"register {args.shards} partitions", instance.add_dynamic_partitions, "shards", shard_names
+                f"put {args.shards} files into incoming/ (setup)",
+                put_objects,
+                s3,
+                [(f"laion/incoming/{s}.csv", b"url,caption\n") for s in shard_names],
             )
-            if "sensor" in parts:
-                timed(
-                    f"put {args.shards} files into incoming/ (setup)",
-                    put_objects,
-                    s3,
-                    [(f"laion/incoming/{s}.csv", b"url,caption\n") for s in shard_names],
-                )
-                sensor_ticks(instance, root, store)
-                # The incoming files go again, so that the deployments below time the backfills alone.
-                store.fs.rm(store.path("incoming"), recursive=True)
-            if "dataset" in parts:
-                dataset_assets(store, args, s3)
-            if "deployment" in parts:
-                deployment_figures(instance, work, args, shard_names)
-    finally:
-        postgres.stop()
-        moto.terminate()
+            sensor_ticks(instance, root, store)
+            # The incoming files go again, so that the deployments below time the backfills alone.
+            store.fs.rm(store.path("incoming"), recursive=True)
+        if "dataset" in parts:
+            dataset_assets(store, args, s3, work)
+        if "deployment" in parts:
+            deployment_figures(instance, work, args, shard_names)
 
 
 def sensor_ticks(instance: dg.DagsterInstance, root: str, store: DatasetStore) -> None:
@@ -274,7 +276,7 @@ def sensor_ticks(instance: dg.DagsterInstance, root: str, store: DatasetStore) -
     print(f"  ratio {peer / ours:.1f}x", flush=True)
 
 
-def dataset_assets(store: DatasetStore, args, s3) -> None:
+def dataset_assets(store: DatasetStore, args, s3, work: Path) -> None:
     rng = np.random.default_rng(0)
     shards = [f"pairs-{i:05d}" for i in range(args.dataset_shards)]
     bodies = [
@@ -308,7 +310,7 @@ def dataset_assets(store: DatasetStore, args, s3) -> None:
         "catalog (views over every layer)",
         catalog.write_catalog,
         store,
-        str(Path(tempfile.mkdtemp()) / "c.duckdb"),
+        str(work / "catalog.duckdb"),
     )
     _, ours = timed("search_index (8 shards in flight)", write_search_index, store)
     with parallel_reads(1):

@@ -7,7 +7,8 @@ Starts `laion-assets serve` in its own process, once with the batcher and once w
 (nothing downloaded), and drives `/clip/embed_text` and `/clip/embed_image` with `--requests`
 requests each from 1 and from 16 client threads over keep-alive connections: one caption or one image
 per request (a 256 px photo-like JPEG as the downloader stores it, in base64), after a few unmeasured
-warm-up requests. Prints requests/s, p50 and p99 latency and the ratio batcher on / off.
+warm-up requests. Prints requests/s, p50 and p99 latency, the ratio batcher on / off, and the server's
+peak RSS in each mode (it is one process).
 
 Then times exact search (`SearchIndex.search`) over `--index-rows` random normalised embeddings, the
 figure behind APPROXIMATE_FROM_ROWS (search.py).
@@ -194,9 +195,10 @@ def soak(args: argparse.Namespace) -> None:
         raise SystemExit(f"{errors} answers were 5xx")
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """A process's resident memory now (VmRSS) or at its peak so far (VmHWM)."""
     for row in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if row.startswith("VmRSS:"):
+        if row.startswith(f"{field}:"):
             return int(row.split()[1]) / 1024
     return float("nan")
 
@@ -223,6 +225,7 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     bodies = request_bodies(args.requests + WARM_UP)
     results: dict[tuple[str, int, bool], dict] = {}
+    peak_mb: dict[bool, float] = {}  # the server's peak RSS, batcher on and off
     with tempfile.TemporaryDirectory() as root:
         for batching in (True, False):
             server, url, info = start_server(args, batching, root)
@@ -237,6 +240,7 @@ def main() -> None:
                             f"p99 {result['p99_ms']:>8.1f} ms",
                             flush=True,
                         )
+                peak_mb[batching] = rss_mb(server.pid, "VmHWM")
             finally:
                 server.terminate()
                 server.wait(30)
@@ -256,6 +260,7 @@ def main() -> None:
                     f"{off['p50_ms']:.0f} / {off['p99_ms']:.0f}",
                 )
             )
+    print(f"server peak RSS: batcher on {peak_mb[True]:,.0f} MB, off {peak_mb[False]:,.0f} MB")
     if args.index_rows:
         p50 = time_search(args.index_rows)
         print(f"\nexact search, top 10 of {args.index_rows:,} rows x 512: p50 {1000 * p50:.0f} ms")
