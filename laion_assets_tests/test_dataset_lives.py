@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -34,7 +35,7 @@ from laion_assets.pipeline.dedup.deduplicate import recorded_settings
 from laion_assets.pipeline.leases import REMOVALS, ShardBusy, holder, shard_lease
 from laion_assets.pipeline.lineage import incoming_by_shard
 from laion_assets.pipeline.removal import TAKEN_DOWN, RemovedKeys, finish_interrupted, remove_keys
-from laion_assets.pipeline.settings import DatasetSettings, load_settings, write_settings
+from laion_assets.pipeline.settings import DatasetSettings, SettingsFileError, load_settings, write_settings
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import (
     CRAWL_METADATA,
@@ -127,6 +128,39 @@ def test_a_bad_value_in_the_settings_file_fails_the_run_with_one_line_naming_it(
     (outcome,) = run_pipeline(local_root, PER_SHARD_ASSETS[:1], {}, echo=lambda _: None, clip=DEMO_CLIP)
     assert outcome.error.startswith(f"{store.url(SETTINGS_FILE)}, section crawl_metadata: min_alt_length: ")
     assert "'five'" in outcome.error and "\n" not in outcome.error
+
+
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        ("clip:\n  pretrained:\n", "section clip: pretrained: expected str, got None"),
+        ("clip:\n  seed: one\n", "section clip: seed: expected int, got 'one'"),
+        ("captioner:\n  decoding: beams\n", "section captioner: decoding 'beams' is not one of"),
+        ("scores:\n  watermark_model: false\n", "section scores: watermark_model: expected str, got False"),
+    ],
+)
+def test_a_bad_model_value_in_the_settings_file_is_one_line_naming_it(local_root, monkeypatch, edit, says):
+    """A hand edit of a model section (`pretrained:` left empty for random weights, say) reached the model
+    resource or open_clip as it was: `run` ended in pydantic's traceback, and a deployment's step failed
+    further on, naming neither the file nor the field."""
+    for variable in ("LAION_ASSETS_CLIP_PRETRAINED", "LAION_ASSETS_WATERMARK_MODEL"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("LAION_ASSETS_ROOT", local_root)
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/a.csv", b"url,caption\nhttp://a.com/1.jpg,a cat\n")
+    store.write_bytes(SETTINGS_FILE, edit.encode())
+    with pytest.raises(SystemExit) as stopped:
+        main(["run", "--root", local_root, "--select", names.CRAWL_METADATA_ASSET])
+    assert str(stopped.value.code).startswith(f"laion-assets run: {store.url(SETTINGS_FILE)}, {says}")
+    deployment = build_resources()  # a run launched from the UI reads the file in its step
+    section = edit.split(":")[0]
+    with pytest.raises(SettingsFileError, match=f"^{re.escape(store.url(SETTINGS_FILE))}, {says}"):
+        if section == "clip":
+            deployment["clip"].get_encoder(store)
+        elif section == "captioner":
+            deployment["captioner"].captioner_settings(store)
+        else:
+            deployment["scorers"].get_scorers(store)
 
 
 def test_a_takedown_changes_no_byte_of_a_shard_its_list_does_not_match(deduplicated, tmp_path):
