@@ -127,23 +127,27 @@ def _fits(value: Any, hint: Any) -> bool:
 
 
 def load_settings(store: DatasetStore) -> DatasetSettings | None:
-    """The root's settings; None where no run has written them yet. SettingsFileError naming the file if
-    it is not a mapping of sections."""
+    """The root's settings; None where no run has written them yet. SettingsFileError, one line naming the
+    file, if it is not a mapping of sections, each a mapping of named fields."""
     try:
         text = store.read_bytes(SETTINGS_FILE)  # whole, though another run may be replacing it
     except FileNotFoundError:
         return None
+    url = store.url(SETTINGS_FILE)
     try:
         loaded = yaml.load(text, Loader=_Loader) or {}
     except yaml.YAMLError as exc:
-        raise SettingsFileError(f"{store.url(SETTINGS_FILE)}: not valid YAML: {exc}") from exc
+        raise SettingsFileError(f"{url}: not valid YAML: {' '.join(str(exc).split())}") from exc
     if not isinstance(loaded, dict) or not all(isinstance(v, dict | type(None)) for v in loaded.values()):
-        raise SettingsFileError(
-            f"{store.url(SETTINGS_FILE)}: expected a mapping of sections (asset name -> settings)"
-        )
-    return DatasetSettings(
-        {name: dict(values or {}) for name, values in loaded.items()}, store.url(SETTINGS_FILE)
-    )
+        raise SettingsFileError(f"{url}: expected a mapping of sections (asset name -> settings)")
+    sections = {name: dict(values or {}) for name, values in loaded.items()}
+    # `on:` or `2024:` is a bool or an int to YAML: sorting and matching the names failed on it (TypeError)
+    keys = [*sections, *(key for values in sections.values() for key in values)]
+    unnamed = next((key for key in keys if not isinstance(key, str)), None)
+    if unnamed is not None:
+        kind = type(unnamed).__name__
+        raise SettingsFileError(f"{url}: a key is read as {kind} {unnamed!r}, not a name: quote it")
+    return DatasetSettings(sections, url)
 
 
 def add_missing_sections(store: DatasetStore, sections: Mapping[str, Mapping[str, Any]]) -> DatasetSettings:
