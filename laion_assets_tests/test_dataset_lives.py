@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -506,6 +507,40 @@ def test_two_runs_on_one_root_write_each_shard_once(local_root, web, tmp_path, t
     successes = [key for key, status in statuses if status == "success"]
     assert sorted(in_tar) == sorted(successes) and len(successes) == 400
     assert not lease.exists() and _leftovers(store) == []
+
+
+def test_a_shard_another_run_takes_after_the_plan_is_skipped_not_failed(local_root, web, tiny_models):
+    """Two overlapping `laion-assets run`s: the second takes a shard the first planned but had not reached
+    (its crawl done, its download waiting behind the others). The first run's step met the lease and the
+    shard was reported FAILED, the run exiting 1, where a shard busy at the plan is `skipped`."""
+    store = DatasetStore(local_root)
+    for shard in ("a", "b", "c"):
+        urls = "".join(f"{web.url(f'/slow/{shard}{i}.jpg')},a photo\n" for i in range(16))
+        store.write_bytes(f"incoming/{shard}.csv", f"url,caption\n{urls}".encode())
+    taken, done = threading.Event(), threading.Event()
+
+    def other_run() -> None:  # takes c once its crawl is written, before the downloads reach it
+        while not Path(store.path(CRAWL_METADATA.parquet("c"))).exists():
+            time.sleep(0.005)
+        with shard_lease(store, "c", "other-run", wait=60, poll=0.005):  # once the crawl step lets it go
+            taken.set()
+            done.wait()
+
+    other = threading.Thread(target=other_run)
+    other.start()
+    slow = local_web_config()  # 16 images of 0.3 s, 2 at a time: a shard's download takes 2.4 s
+    slow["ops"]["downloaded_images"]["config"] = {**LOCAL_WEB, "per_host_connections": 2}
+    try:
+        outcomes = run_pipeline(local_root, PER_SHARD_ASSETS[:2], slow, echo=lambda _: None, clip=DEMO_CLIP)
+    finally:
+        done.set()
+        other.join()
+    assert taken.is_set()
+    by_shard = {outcome.shard: outcome for outcome in outcomes}
+    assert by_shard["c"].error is None
+    assert by_shard["c"].skipped.startswith("c is being written by run other-run")
+    assert not by_shard["a"].error and not by_shard["b"].error
+    assert not store.exists(IMAGES.parquet("c")) and store.parquet_num_rows(IMAGES.parquet("b")) == 16
 
 
 def test_the_ui_shows_the_row_counts_a_removal_left(deduplicated, tmp_path, monkeypatch):
