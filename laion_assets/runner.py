@@ -11,6 +11,7 @@ import dagster as dg
 from dagster._core.definitions.repository_definition import SINGLETON_REPOSITORY_NAME
 from dagster._core.remote_origin import InProcessCodeLocationOrigin, RemoteJobOrigin, RemoteRepositoryOrigin
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+from dagster._utils.error import SerializableErrorInfo
 
 from laion_assets import names
 from laion_assets.definitions import DATASET_ASSETS, SETTINGS_SECTIONS, build_definitions
@@ -27,7 +28,7 @@ from laion_assets.defs.resources import (
 from laion_assets.pipeline.dedup.deduplicate import recorded_settings as recorded_dedup_settings
 from laion_assets.pipeline.embeddings.clip import SETTINGS_ENV as CLIP_ENV
 from laion_assets.pipeline.embeddings.clip import ClipSettings, values_from_env
-from laion_assets.pipeline.leases import describe, holder
+from laion_assets.pipeline.leases import ShardBusy, describe, holder
 from laion_assets.pipeline.lineage import incoming_by_shard, settings_changes, sourceless_shards, stale_layers
 from laion_assets.pipeline.recaptions.caption import SETTINGS_ENV as CAPTION_ENV
 from laion_assets.pipeline.recaptions.caption import CaptionSettings
@@ -372,6 +373,9 @@ def _materialize(
         tags={names.TRIGGER_TAG: "cli", **(range_tags(group[0], group[-1]) if len(group) > 1 else {})},
     )
     error = failure_message(result)
+    if len(group) == 1 and getattr(_first_error(result), "cls_name", None) == ShardBusy.__name__:
+        # another run took the shard since this one planned it: left to it, as the plan leaves a busy one
+        return [ShardOutcome(group[0], skipped=error)]
     outcomes = {shard: ShardOutcome(shard, ran=asset_names, error=error) for shard in group}
     for name in asset_names:
         for materialization in result.asset_materializations_for_node(name):
@@ -396,13 +400,18 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str | None:
     Dagster wraps the asset's exception; that exception may itself wrap a library error, and its own
     message (with the advice in it) is the one to show. None if no step failed.
     """
+    error = _first_error(result)
+    return None if error is None else error.message.strip().split(f"{error.cls_name}: ", 1)[-1]
+
+
+def _first_error(result: dg.ExecuteInProcessResult) -> SerializableErrorInfo | None:
     failure = next((e for e in result.all_events if e.is_step_failure), None)
     if failure is None:
         return None
     error = failure.step_failure_data.error
     while error.cause is not None and error.cls_name.startswith("Dagster"):
         error = error.cause
-    return error.message.strip().split(f"{error.cls_name}: ", 1)[-1]
+    return error
 
 
 def run_takedown(root: str, list_file: Path, echo: Callable[[str], None] = print) -> int:

@@ -171,6 +171,26 @@ def test_a_broken_settings_file_is_one_line_naming_it(local_root):
         )
 
 
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("downloaded_images:\n  on: 5\n", "a key is read as bool True, not a name: quote it"),
+        ("crawl_metadata: {}\n2024: {}\n", "a key is read as int 2024, not a name: quote it"),
+        ("crawl_metadata:\n  url_column: [link\n", "not valid YAML: while parsing a flow sequence .*line 2"),
+    ],
+)
+def test_a_settings_file_with_unnamed_keys_or_cut_short_is_one_line_naming_it(local_root, text, says):
+    """YAML reads `on:` as a bool and `2024:` as an int: sorting and matching the names raised TypeError out
+    of `status` and `run`; and a syntax error was PyYAML's message over several lines."""
+    Path(local_root, "incoming").mkdir(parents=True, exist_ok=True)
+    Path(local_root, "laion_assets.yaml").write_text(text)
+    for command in ("run", "status"):
+        with pytest.raises(SystemExit) as stopped:
+            main([command, "--root", local_root])
+        line = str(stopped.value.code)
+        assert re.fullmatch(rf"laion-assets {command}: \S*laion_assets.yaml: {says}.*", line)
+
+
 def test_demo_as_a_user_runs_it(tmp_path, monkeypatch):
     """The installed console script, in a fresh folder, with the default root and no network: the
     synthetic web's mismatched captions are caught by the CLIP filter with the demo's own model, and

@@ -6,10 +6,12 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +36,7 @@ from laion_assets.pipeline.dedup.deduplicate import recorded_settings
 from laion_assets.pipeline.leases import REMOVALS, ShardBusy, holder, shard_lease
 from laion_assets.pipeline.lineage import incoming_by_shard
 from laion_assets.pipeline.removal import TAKEN_DOWN, RemovedKeys, finish_interrupted, remove_keys
-from laion_assets.pipeline.settings import DatasetSettings, load_settings, write_settings
+from laion_assets.pipeline.settings import DatasetSettings, SettingsFileError, load_settings, write_settings
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import (
     CRAWL_METADATA,
@@ -127,6 +129,39 @@ def test_a_bad_value_in_the_settings_file_fails_the_run_with_one_line_naming_it(
     (outcome,) = run_pipeline(local_root, PER_SHARD_ASSETS[:1], {}, echo=lambda _: None, clip=DEMO_CLIP)
     assert outcome.error.startswith(f"{store.url(SETTINGS_FILE)}, section crawl_metadata: min_alt_length: ")
     assert "'five'" in outcome.error and "\n" not in outcome.error
+
+
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        ("clip:\n  pretrained:\n", "section clip: pretrained: expected str, got None"),
+        ("clip:\n  seed: one\n", "section clip: seed: expected int, got 'one'"),
+        ("captioner:\n  decoding: beams\n", "section captioner: decoding 'beams' is not one of"),
+        ("scores:\n  watermark_model: false\n", "section scores: watermark_model: expected str, got False"),
+    ],
+)
+def test_a_bad_model_value_in_the_settings_file_is_one_line_naming_it(local_root, monkeypatch, edit, says):
+    """A hand edit of a model section (`pretrained:` left empty for random weights, say) reached the model
+    resource or open_clip as it was: `run` ended in pydantic's traceback, and a deployment's step failed
+    further on, naming neither the file nor the field."""
+    for variable in ("LAION_ASSETS_CLIP_PRETRAINED", "LAION_ASSETS_WATERMARK_MODEL"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("LAION_ASSETS_ROOT", local_root)
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/a.csv", b"url,caption\nhttp://a.com/1.jpg,a cat\n")
+    store.write_bytes(SETTINGS_FILE, edit.encode())
+    with pytest.raises(SystemExit) as stopped:
+        main(["run", "--root", local_root, "--select", names.CRAWL_METADATA_ASSET])
+    assert str(stopped.value.code).startswith(f"laion-assets run: {store.url(SETTINGS_FILE)}, {says}")
+    deployment = build_resources()  # a run launched from the UI reads the file in its step
+    section = edit.split(":")[0]
+    with pytest.raises(SettingsFileError, match=f"^{re.escape(store.url(SETTINGS_FILE))}, {says}"):
+        if section == "clip":
+            deployment["clip"].get_encoder(store)
+        elif section == "captioner":
+            deployment["captioner"].captioner_settings(store)
+        else:
+            deployment["scorers"].get_scorers(store)
 
 
 def test_a_takedown_changes_no_byte_of_a_shard_its_list_does_not_match(deduplicated, tmp_path):
@@ -472,6 +507,40 @@ def test_two_runs_on_one_root_write_each_shard_once(local_root, web, tmp_path, t
     successes = [key for key, status in statuses if status == "success"]
     assert sorted(in_tar) == sorted(successes) and len(successes) == 400
     assert not lease.exists() and _leftovers(store) == []
+
+
+def test_a_shard_another_run_takes_after_the_plan_is_skipped_not_failed(local_root, web, tiny_models):
+    """Two overlapping `laion-assets run`s: the second takes a shard the first planned but had not reached
+    (its crawl done, its download waiting behind the others). The first run's step met the lease and the
+    shard was reported FAILED, the run exiting 1, where a shard busy at the plan is `skipped`."""
+    store = DatasetStore(local_root)
+    for shard in ("a", "b", "c"):
+        urls = "".join(f"{web.url(f'/slow/{shard}{i}.jpg')},a photo\n" for i in range(16))
+        store.write_bytes(f"incoming/{shard}.csv", f"url,caption\n{urls}".encode())
+    taken, done = threading.Event(), threading.Event()
+
+    def other_run() -> None:  # takes c once its crawl is written, before the downloads reach it
+        while not Path(store.path(CRAWL_METADATA.parquet("c"))).exists():
+            time.sleep(0.005)
+        with shard_lease(store, "c", "other-run", wait=60, poll=0.005):  # once the crawl step lets it go
+            taken.set()
+            done.wait()
+
+    other = threading.Thread(target=other_run)
+    other.start()
+    slow = local_web_config()  # 16 images of 0.3 s, 2 at a time: a shard's download takes 2.4 s
+    slow["ops"]["downloaded_images"]["config"] = {**LOCAL_WEB, "per_host_connections": 2}
+    try:
+        outcomes = run_pipeline(local_root, PER_SHARD_ASSETS[:2], slow, echo=lambda _: None, clip=DEMO_CLIP)
+    finally:
+        done.set()
+        other.join()
+    assert taken.is_set()
+    by_shard = {outcome.shard: outcome for outcome in outcomes}
+    assert by_shard["c"].error is None
+    assert by_shard["c"].skipped.startswith("c is being written by run other-run")
+    assert not by_shard["a"].error and not by_shard["b"].error
+    assert not store.exists(IMAGES.parquet("c")) and store.parquet_num_rows(IMAGES.parquet("b")) == 16
 
 
 def test_the_ui_shows_the_row_counts_a_removal_left(deduplicated, tmp_path, monkeypatch):

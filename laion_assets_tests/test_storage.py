@@ -221,3 +221,25 @@ def test_a_parquet_file_reads_whole_while_another_process_replaces_it(store: Dat
     finally:
         writer.kill()
         writer.wait()
+
+
+def test_an_upload_another_tool_is_making_under_the_root_is_left_alone(s3_root):
+    """`aws s3 cp urls.parquet s3://bucket/laion/incoming/` (docs/storage.md) uploads a large file in
+    parts. Every run's sweep aborted each incomplete upload under the root that no live laion-assets writer
+    named: a run or sensor tick that started meanwhile aborted the user's upload, which then failed."""
+    import boto3
+
+    store = DatasetStore(s3_root)
+    store.write_bytes("incoming/small.csv", b"url,caption\n")  # this process is a writer of the root too
+    bucket, _, key = store.path("incoming/big.parquet").partition("/")
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])  # the other tool's own client
+    upload = s3.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+    part = s3.upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"PAR1")
+    assert store.remove_abandoned() == []
+    s3.complete_multipart_upload(
+        Bucket=bucket,
+        Key=key,
+        UploadId=upload,
+        MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": part["ETag"]}]},
+    )
+    assert store.read_bytes("incoming/big.parquet") == b"PAR1"

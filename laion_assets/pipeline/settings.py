@@ -13,6 +13,8 @@ import dataclasses
 import difflib
 import json
 import re
+import types
+import typing
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -83,37 +85,69 @@ class DatasetSettings:
     """Section name (an asset's, `clip`, `captioner` or `scores`) -> field -> value."""
 
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    source: str = SETTINGS_FILE  # the file they were read from, for errors
 
     def section(self, name: str) -> dict[str, Any]:
         return dict(self.sections.get(name) or {})
 
     def with_sections(self, sections: Mapping[str, Mapping[str, Any]]) -> DatasetSettings:
         """These settings with `sections` added or replaced."""
-        return DatasetSettings({**self.sections, **{k: dict(v) for k, v in sections.items()}})
+        return dataclasses.replace(
+            self, sections={**self.sections, **{k: dict(v) for k, v in sections.items()}}
+        )
 
     def recorded_in(self, base: T, section: str, fields: Iterable[str], overrides: Mapping[str, Any]) -> T:
         """`base` (a model's settings dataclass) with the `fields` that `section` records, and `overrides`
-        (the environment's, say) over them: how every entry point finds the dataset's models."""
-        chosen = {k: v for k, v in self.section(section).items() if k in fields}
-        return dataclasses.replace(base, **{**chosen, **overrides})
+        (the environment's, say) over them: how every entry point finds the dataset's models.
+        SettingsFileError, naming the file, where a recorded value is not one the field takes (a hand edit's
+        `pretrained:` left empty reached open_clip as None)."""
+        chosen = {k: v for k, v in self.section(section).items() if k in fields and k not in overrides}
+        hints = typing.get_type_hints(type(base))
+        wrong = [
+            f"{k}: expected {getattr(hints[k], '__name__', hints[k])}, got {v!r}"
+            for k, v in chosen.items()
+            if not _fits(v, hints[k])
+        ]
+        try:
+            if wrong:
+                raise ValueError("; ".join(wrong))
+            recorded = dataclasses.replace(base, **chosen)  # its own checks (a decoding it lacks, ...)
+        except ValueError as exc:
+            raise SettingsFileError(f"{self.source}, section {section}: {exc}") from None
+        return dataclasses.replace(recorded, **overrides)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether `value` is of the type `hint` names (an int where a float is asked for too)."""
+    if hint is float:
+        hint = float | int
+    if not isinstance(hint, type | types.UnionType):  # a generic (tuple[str, ...]): not checked
+        return True
+    return isinstance(value, hint) and not (isinstance(value, bool) and hint is not bool)
 
 
 def load_settings(store: DatasetStore) -> DatasetSettings | None:
-    """The root's settings; None where no run has written them yet. SettingsFileError naming the file if
-    it is not a mapping of sections."""
+    """The root's settings; None where no run has written them yet. SettingsFileError, one line naming the
+    file, if it is not a mapping of sections, each a mapping of named fields."""
     try:
         text = store.read_bytes(SETTINGS_FILE)  # whole, though another run may be replacing it
     except FileNotFoundError:
         return None
+    url = store.url(SETTINGS_FILE)
     try:
         loaded = yaml.load(text, Loader=_Loader) or {}
     except yaml.YAMLError as exc:
-        raise SettingsFileError(f"{store.url(SETTINGS_FILE)}: not valid YAML: {exc}") from exc
+        raise SettingsFileError(f"{url}: not valid YAML: {' '.join(str(exc).split())}") from exc
     if not isinstance(loaded, dict) or not all(isinstance(v, dict | type(None)) for v in loaded.values()):
-        raise SettingsFileError(
-            f"{store.url(SETTINGS_FILE)}: expected a mapping of sections (asset name -> settings)"
-        )
-    return DatasetSettings({name: dict(values or {}) for name, values in loaded.items()})
+        raise SettingsFileError(f"{url}: expected a mapping of sections (asset name -> settings)")
+    sections = {name: dict(values or {}) for name, values in loaded.items()}
+    # `on:` or `2024:` is a bool or an int to YAML: sorting and matching the names failed on it (TypeError)
+    keys = [*sections, *(key for values in sections.values() for key in values)]
+    unnamed = next((key for key in keys if not isinstance(key, str)), None)
+    if unnamed is not None:
+        kind = type(unnamed).__name__
+        raise SettingsFileError(f"{url}: a key is read as {kind} {unnamed!r}, not a name: quote it")
+    return DatasetSettings(sections, url)
 
 
 def add_missing_sections(store: DatasetStore, sections: Mapping[str, Mapping[str, Any]]) -> DatasetSettings:

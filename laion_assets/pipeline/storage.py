@@ -498,29 +498,47 @@ class DatasetStore:
         return sorted(removed)
 
     def _abort_abandoned_uploads(self) -> list[str]:
-        """Abort the uploads under the root that no live writer names. Writers of this host whose
-        process has ended, and others silent for ABANDONED_AFTER, are not live (and their entries go).
-        The uploads are listed first: a writer names a key before it begins uploading it."""
+        """Abort the uploads under the root of the keys that writers now gone name in `_writers/` and no
+        live writer names, then remove those writers' entries. Writers of this host whose process has
+        ended, and others silent for ABANDONED_AFTER, are gone. An upload no writer names is another
+        tool's (`aws s3 cp` into incoming/) and is left alone. The uploads are listed first: a writer
+        names a key before it begins uploading it."""
         bucket, _, prefix = self._base.partition("/")
-        listing = {"Bucket": bucket, "Prefix": f"{prefix}/" if prefix else ""}
-        uploads = self.fs.call_s3("list_multipart_uploads", **listing).get("Uploads", [])
-        written = self._live_writers_keys()
+        uploads = self._incomplete_uploads(bucket, f"{prefix}/" if prefix else "")
+        live, gone = self._writers_keys()
+        abandoned = set().union(*gone.values()) - live
         aborted = []
         for upload in uploads:
-            if f"{bucket}/{upload['Key']}" in written:
+            if f"{bucket}/{upload['Key']}" not in abandoned:
                 continue
             with contextlib.suppress(FileNotFoundError):  # completed meanwhile
                 self.fs.call_s3(
                     "abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
                 )
             aborted.append(f"<upload of {upload['Key'][len(prefix) + 1 if prefix else 0 :]}>")
+        for entry, keys in gone.items():
+            if not keys & live:  # else its upload of a key a live writer writes too waits for a later run
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm(entry)
         return sorted(aborted)
 
-    def _live_writers_keys(self) -> set[str]:
-        """The keys the live writers of `_writers/` are uploading; the entries of writers that are gone
-        are removed."""
+    def _incomplete_uploads(self, bucket: str, prefix: str) -> list[dict]:
+        """Every incomplete multipart upload under `prefix`, past the 1,000 of one listing."""
+        uploads: list[dict] = []
+        marker: dict[str, str] = {}
+        while True:
+            page = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **marker)
+            uploads.extend(page.get("Uploads", []))
+            if not page.get("IsTruncated"):
+                return uploads
+            marker = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+
+    def _writers_keys(self) -> tuple[set[str], dict[str, set[str]]]:
+        """The keys the live writers of `_writers/` are uploading, and each gone writer's entry with the
+        keys it was uploading."""
         now = time.time()
-        written: set[str] = set()
+        live: set[str] = set()
+        gone: dict[str, set[str]] = {}
         for entry in self.list(WRITERS):
             path = self.path(f"{WRITERS}/{entry.name}")
             try:
@@ -529,10 +547,10 @@ class DatasetStore:
                 continue
             silent = now - writer["heartbeat"] >= ABANDONED_AFTER.total_seconds()
             if writer_gone(writer["host"], writer["pid"], silent, writer["heartbeat"]):
-                self.fs.rm(path)
+                gone[path] = set(writer["writing"])
             else:
-                written.update(writer["writing"])
-        return written
+                live.update(writer["writing"])
+        return live, gone
 
 
 def footer(schema: pa.Schema) -> dict[str, str]:
@@ -549,8 +567,9 @@ def _fingerprint(entry: dict) -> str:
 
 class _Writer:
     """This process's entry in `{root}/_writers/` on S3: who it is and the keys it is uploading, kept
-    fresh by a heartbeat thread and removed at exit. A later run aborts only the uploads no live writer
-    names (S3's own upload dates cannot tell: some servers, moto among them, make them up)."""
+    fresh by a heartbeat thread and removed at exit. A later run aborts only the uploads of keys that
+    writers now gone named (S3's own upload dates cannot tell: some servers, moto among them, make them
+    up; nor can S3 tell whose an upload is)."""
 
     def __init__(self, store: DatasetStore) -> None:
         self.store = store
