@@ -50,7 +50,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -67,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the test suit
 
 from latency_web import Answer, Latency, host_address, photo_files, photo_index, plan
 from latency_web import start as start_latency_web
+from memory import tree_memory_peaks
 from peers import WORK, ensure_peer
 from PIL import Image, ImageDraw
 from smoke import parse_args
@@ -181,35 +181,6 @@ def serve(folder: Path, port: int, server: str) -> subprocess.Popen:
     return process
 
 
-def tree_memory_bytes(root_pid: int) -> tuple[int, int]:
-    """Resident memory of a process and all its descendants, from /proc: the sum of their RSS, which
-    counts a page shared by several of them (a library's code, what a forked worker inherits) once in
-    each, and the sum of their PSS, which splits each such page among them: the tree's own memory."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    tree, frontier = {root_pid}, [root_pid]
-    while frontier:
-        pid = frontier.pop()
-        children = [c for c, p in parents.items() if p == pid and c not in tree]
-        tree.update(children)
-        frontier.extend(children)
-    rss = pss = 0
-    for pid in tree:
-        try:
-            rss += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-            pss += int(rollup.split("\nPss:", 1)[1].split()[0]) * 1024
-        except (OSError, IndexError, ValueError):
-            continue
-    return rss, pss
-
-
 @dataclass(frozen=True)
 class Timed:
     seconds: float
@@ -226,21 +197,10 @@ def timed(command: list[str], env: dict | None = None, check: bool = True) -> Ti
     ends the bench."""
     started, start = time.time(), time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    peak_rss = peak_pss = 0
-    stop = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak_rss, peak_pss
-        while not stop.wait(0.2):
-            rss, pss = tree_memory_bytes(process.pid)
-            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    output, _ = process.communicate()
-    seconds = time.perf_counter() - start
-    stop.set()
-    sampler.join()
+    with tree_memory_peaks(process.pid) as peaks:
+        output, _ = process.communicate()
+        seconds = time.perf_counter() - start
+    peak_rss, peak_pss = peaks
     if check and process.returncode != 0:
         raise SystemExit(f"{command[0]} failed:\n{output[-3000:]}")
     return Timed(seconds, peak_rss, peak_pss, output, process.returncode, started, time.time())

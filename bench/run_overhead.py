@@ -8,14 +8,15 @@ a code server, webserver and daemon on deploy/dagster.yaml with one run at a tim
 URL files into `incoming/` and lets the sensor launch their runs. From the run records it prints the
 shards' run time, the runs' summed duration and the fixed cost per run:
 (summed duration of the one-shard runs - that of the grouped runs) / (the difference in run counts).
-Peak memory is this process's; the runs are other processes.
+Peak memory is the RSS summed over this process and the deployment's (the code server, which runs the
+in-process runs, their run workers, the webserver and the daemon; PostgreSQL detaches itself and is left
+out).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import tempfile
 from contextlib import ExitStack
@@ -26,6 +27,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dagster as dg
+from memory import tree_memory_peaks
 from smoke import parse_args
 
 from laion_assets import names
@@ -59,19 +61,20 @@ def measure(work: Path, env: dict, web: TestWeb, executor: str, per_run: int, ar
         "LAION_ASSETS_EXECUTOR": executor,
         SHARDS_PER_RUN_ENV: str(per_run),
     }
-    deployment = Deployment(folder, run_env).start()
-    try:
-        with dg.DagsterInstance.get() as instance:
-            expected = -(-args.shards // per_run)
+    with tree_memory_peaks(os.getpid()) as peaks:
+        deployment = Deployment(folder, run_env).start()
+        try:
+            with dg.DagsterInstance.get() as instance:
+                expected = -(-args.shards // per_run)
 
-            def finished() -> list[dg.RunRecord] | None:
-                runs = shard_runs(instance, prefix)
-                done = len(runs) == expected and all(r.dagster_run.is_finished for r in runs)
-                return runs if done else None
+                def finished() -> list[dg.RunRecord] | None:
+                    runs = shard_runs(instance, prefix)
+                    done = len(runs) == expected and all(r.dagster_run.is_finished for r in runs)
+                    return runs if done else None
 
-            runs = wait_for(finished, 1800, f"the {label} runs", interval=2)
-    finally:
-        deployment.stop()
+                runs = wait_for(finished, 1800, f"the {label} runs", interval=2)
+        finally:
+            deployment.stop()
     failed = [r.dagster_run.run_id for r in runs if r.dagster_run.status != dg.DagsterRunStatus.SUCCESS]
     log = deployment.log("code_server")[-3000:]  # the runs' own output: the folder goes with the bench
     assert not failed, f"runs failed: {failed}; the code server's log ends:\n{log}"
@@ -81,7 +84,7 @@ def measure(work: Path, env: dict, web: TestWeb, executor: str, per_run: int, ar
     print(
         f"{executor:12} {per_run:2} shard(s)/run: {len(runs)} runs, {seconds:.1f} s summed, "
         f"{span:.1f} s first start to last end = {shards_per_s:.2f} shards/s "
-        f"(peak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB)",
+        f"(peak RSS {peaks[0] / 2**20:.0f} MB with the deployment's processes)",
         flush=True,
     )
     return len(runs), seconds

@@ -16,7 +16,8 @@ and a real dagster-webserver and dagster-daemon on deploy/dagster.yaml with the 
 - catalog, dataset_card and search_index over --dataset-shards small pair shards on S3, against the
   same footer reads one at a time (the peer).
 
-Prints seconds, rates and peak memory (this process's RSS; the servers are other processes).
+Prints seconds, rates and peak memory: the RSS summed over this process and its servers (moto, the
+webserver, the daemon; PostgreSQL detaches itself and is left out), sampled through each step.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -42,6 +42,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dagster as dg
+from memory import tree_memory_peaks
 from smoke import parse_args
 
 from laion_assets import names
@@ -70,15 +71,12 @@ def _tiny_jpeg() -> bytes:
 TINY_JPEG = _tiny_jpeg()
 
 
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def timed(label: str, fn, *args, **kwargs):
     start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    seconds = time.perf_counter() - start
-    print(f"{label}: {seconds:.2f} s (peak RSS {peak_mb():.0f} MB)", flush=True)
+    with tree_memory_peaks(os.getpid()) as peaks:
+        result = fn(*args, **kwargs)
+        seconds = time.perf_counter() - start
+    print(f"{label}: {seconds:.2f} s (peak RSS {peaks[0] / 2**20:.0f} MB with the servers)", flush=True)
     return result, seconds
 
 

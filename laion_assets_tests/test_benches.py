@@ -18,7 +18,12 @@ import pytest
 from laion_assets.pipeline.scores.score import SETTINGS_ENV as SCORES_ENV
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-HELPERS = {"smoke.py", "photo_server.py", "peers.py"}  # imported by the benches, not benches themselves
+HELPERS = {
+    "smoke.py",
+    "photo_server.py",
+    "peers.py",
+    "memory.py",
+}  # imported by the benches, not benches themselves
 # every bench, found anew, so that a new one without `--smoke` fails here (argparse refuses the flag)
 BENCHES = sorted(path.name for path in BENCH.glob("*.py") if path.name not in HELPERS)
 # Benches that start a deployment (PostgreSQL, a code server, a daemon) spend most of their minutes waiting
@@ -60,10 +65,10 @@ PRINTS = {
         rf"^laion_assets \(full decode\) +{N} +{N} +{N}x +{N}dB$",
     ],
     "run_overhead.py": [
-        r"shard\(s\)/run: .*peak RSS",
+        rf"shard\(s\)/run: .*\(peak RSS {N} MB with the deployment's processes\)$",
         rf"fixed cost per run -?{N} s; runs of \d+ shards take {N}x",
     ],
-    "scale.py": [rf"\(peak RSS {N} MB\)$", rf"^  ratio {N}x$"],
+    "scale.py": [rf"\(peak RSS {N} MB with the servers\)$", rf"^  ratio {N}x$"],
     "scores.py": [rf"^nsfw-b32 \(512-d\) +{N} +{N} +{N} +{N}$", rf"^py3langid / cld3 captions/s: {N}$"],
     "search.py": [rf"{N}x  \(default\)$", rf"peak RSS {N} MB"],
     "serve.py": [
