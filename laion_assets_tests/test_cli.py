@@ -13,9 +13,9 @@ from laion_assets import names
 from laion_assets.cli import main
 from laion_assets.defs.partitions import shards
 from laion_assets.demo.run import DEMO_COPIES
-from laion_assets.pipeline.storage import DatasetStore
+from laion_assets.pipeline.storage import SETTINGS_FILE, DatasetStore
 from laion_assets_tests.dagster_helpers import local_web_config, shard_pipeline
-from laion_assets_tests.service_process import serving
+from laion_assets_tests.service_process import TINY_MODEL_ENV, serving
 
 A = b"url,caption\nhttp://a.com/1.jpg,a cat\nhttp://a.com/2.jpg,a dog\n"
 B = b'{"link": "http://b.com/1.jpg", "caption": "a bird"}\n'
@@ -242,6 +242,19 @@ def test_serve_answers_with_the_model_from_the_environment(local_root):
         assert (info.json()["model"], info.json()["max_batch"]) == ("laion-assets-tiny", 2)
         assert "no search index at" in info.json()["search_index_problem"]
         assert http.request("GET", f"{url}/info", timeout=10).status == 401
+
+
+def test_serve_answers_with_the_model_the_dataset_records(local_root, monkeypatch):
+    """Without the LAION_ASSETS_CLIP_* variables, `serve --root` embeds with the model of the dataset's
+    settings, as `run` and `takedown` do: the model that filtered it and built its search index."""
+    for variable in TINY_MODEL_ENV:
+        monkeypatch.delenv(variable, raising=False)
+    clip = {"model": "laion-assets-tiny", "pretrained": "none", "seed": 0}
+    DatasetStore(local_root).write_bytes(SETTINGS_FILE, yaml.safe_dump({"clip": clip}).encode())
+    with serving("--root", local_root, model_env={}) as served:
+        info = urllib3.PoolManager(retries=False).request("GET", f"{served.url}/info", timeout=10)
+        assert info.status == 200, info.data
+        assert (info.json()["model"], info.json()["pretrained"]) == ("laion-assets-tiny", "none")
 
 
 def test_serve_refuses_a_short_key_unless_allowed(monkeypatch, tmp_path):
