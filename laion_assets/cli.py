@@ -329,7 +329,7 @@ def _command(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             raise SystemExit(f"laion-assets takedown: {exc}") from exc
     if args.command == "demo":
-        from laion_assets.demo.run import run_demo
+        from laion_assets.demo.run import RootInUse, run_demo
 
         clip = dataclasses.replace(ClipSettings.from_env(), model=args.model, pretrained=args.pretrained)
         captioner = dataclasses.replace(
@@ -339,7 +339,10 @@ def _command(args: argparse.Namespace) -> int:
 
         if args.images < MIN_IMAGES:
             raise SystemExit(f"laion-assets demo: --images must be at least {MIN_IMAGES}, got {args.images}")
-        return run_demo(root, clip, captioner, images=args.images)
+        try:
+            return run_demo(root, clip, captioner, images=args.images)
+        except RootInUse as exc:
+            raise SystemExit(f"laion-assets demo: {exc}") from exc
     if args.select is None or names.DOWNLOADED_IMAGES_ASSET in args.select.split(","):
         from laion_assets.pipeline.download.downloader import start_worker_server
 

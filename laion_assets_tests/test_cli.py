@@ -231,6 +231,20 @@ def test_demo_as_a_user_runs_it(tmp_path, monkeypatch):
         assert instance.nux_enabled is False  # no "Join the Dagster community" dialog over the UI
 
 
+def test_demo_leaves_a_root_holding_another_dataset_alone(local_root, tmp_path):
+    """`demo` and `run` share the default root (./data, or $LAION_ASSETS_ROOT): on a root that holds the
+    user's own dataset, the demo would replace its settings and rebuild its shards with the demo's models."""
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/a.csv", A)
+    settings = b"crawl_metadata:\n  url_column: link\ndownloaded_images:\n  image_size: 384\n"
+    store.write_bytes(SETTINGS_FILE, settings)
+    with pytest.raises(SystemExit, match=r"laion-assets demo: .*data holds a dataset that is not the demo's"):
+        main(["demo", "--root", local_root, "--images", "12"])
+    assert store.read_bytes(SETTINGS_FILE) == settings
+    assert [f.name for f in store.list("incoming")] == ["a.csv"]
+    assert not store.exists("crawl_metadata/a.parquet")
+
+
 def test_serve_answers_with_the_model_from_the_environment(local_root):
     """The installed console script serves on the port it is given, with the key and model it is given."""
     key = "a-key-of-24-characters-x"  # at least 16: a shorter one is refused (see below)
