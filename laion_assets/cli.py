@@ -20,8 +20,8 @@ from laion_assets import names
 from laion_assets.demo import DEMO_CAPTION_CHECKPOINT, DEMO_CAPTION_MODEL, DEMO_CHECKPOINT, DEMO_MODEL
 from laion_assets.pipeline.embeddings.clip import ClipSettings
 from laion_assets.pipeline.recaptions.caption import CaptionSettings
-from laion_assets.pipeline.settings import SettingsFileError
-from laion_assets.pipeline.storage import root_from_env
+from laion_assets.pipeline.settings import DatasetSettings, SettingsFileError, load_settings
+from laion_assets.pipeline.storage import DatasetStore, root_from_env
 from laion_assets.service.settings import API_KEY_ENV, MIN_API_KEY_CHARS, ServiceSettings, WeakApiKey
 
 if TYPE_CHECKING:
@@ -329,7 +329,7 @@ def _command(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             raise SystemExit(f"laion-assets takedown: {exc}") from exc
     if args.command == "demo":
-        from laion_assets.demo.run import run_demo
+        from laion_assets.demo.run import RootInUse, run_demo
 
         clip = dataclasses.replace(ClipSettings.from_env(), model=args.model, pretrained=args.pretrained)
         captioner = dataclasses.replace(
@@ -339,7 +339,10 @@ def _command(args: argparse.Namespace) -> int:
 
         if args.images < MIN_IMAGES:
             raise SystemExit(f"laion-assets demo: --images must be at least {MIN_IMAGES}, got {args.images}")
-        return run_demo(root, clip, captioner, images=args.images)
+        try:
+            return run_demo(root, clip, captioner, images=args.images)
+        except RootInUse as exc:
+            raise SystemExit(f"laion-assets demo: {exc}") from exc
     if args.select is None or names.DOWNLOADED_IMAGES_ASSET in args.select.split(","):
         from laion_assets.pipeline.download.downloader import start_worker_server
 
@@ -371,8 +374,9 @@ def serve(args: argparse.Namespace, root: str) -> int:
         allow_private_networks=args.allow_private_networks,
         allow_short_api_key=args.allow_short_api_key,
     )
+    clip = ClipSettings.from_dataset(load_settings(DatasetStore(root)) or DatasetSettings())
     try:
-        serve_clip(settings, ClipSettings.from_env())
+        serve_clip(settings, clip)
     except (ModelUnavailable, WeakApiKey) as exc:
         raise SystemExit(f"laion-assets serve: {exc}") from exc
     return 0

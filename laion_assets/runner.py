@@ -26,7 +26,6 @@ from laion_assets.defs.resources import (
     environment_captioner,
 )
 from laion_assets.pipeline.dedup.deduplicate import recorded_settings as recorded_dedup_settings
-from laion_assets.pipeline.embeddings.clip import SETTINGS_ENV as CLIP_ENV
 from laion_assets.pipeline.embeddings.clip import ClipSettings, values_from_env
 from laion_assets.pipeline.leases import ShardBusy, describe, holder
 from laion_assets.pipeline.lineage import incoming_by_shard, settings_changes, sourceless_shards, stale_layers
@@ -158,9 +157,7 @@ def prepare_settings(
     are the score models (`scores`, under the variables of `score.SETTINGS_ENV`)."""
     stored = load_settings(store) or DatasetSettings()
     if clip_settings is None:
-        clip_settings = stored.recorded_in(
-            ClipSettings(), CLIP_SECTION, MODEL_FIELDS, values_from_env(CLIP_ENV)
-        )
+        clip_settings = ClipSettings.from_dataset(stored)
     if captioner is None and environment_captioner() is CocaCaptionerResource:
         env = values_from_env(CAPTION_ENV)
         captioner = stored.recorded_in(CaptionSettings(), CAPTIONER_SECTION, COCA_FIELDS, env)

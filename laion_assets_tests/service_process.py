@@ -28,9 +28,9 @@ class Served:
 
 
 @contextmanager
-def serving(*args: str) -> Iterator[Served]:
-    """`laion-assets serve` with the tiny model on a free loopback port, as its own process, once it
-    answers (the OpenAPI schema is public, key or not)."""
+def serving(*args: str, model_env: dict[str, str] = TINY_MODEL_ENV) -> Iterator[Served]:
+    """`laion-assets serve` with the model of `model_env` (the tiny one; none: the dataset's) on a free
+    loopback port, as its own process, once it answers (the OpenAPI schema is public, key or not)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -38,7 +38,7 @@ def serving(*args: str) -> Iterator[Served]:
     command = [script, "serve", "--port", str(port), *args]
     log_path = Path(tempfile.mkstemp(prefix="laion-assets-serve-", suffix=".log")[1])
     log = open(log_path, "wb")  # noqa: SIM115 - closed when the server is
-    server = subprocess.Popen(command, env={**os.environ, **TINY_MODEL_ENV}, stdout=log, stderr=log)
+    server = subprocess.Popen(command, env={**os.environ, **model_env}, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     http = urllib3.PoolManager(retries=False)
     deadline = time.monotonic() + 120

@@ -13,9 +13,9 @@ from laion_assets import names
 from laion_assets.cli import main
 from laion_assets.defs.partitions import shards
 from laion_assets.demo.run import DEMO_COPIES
-from laion_assets.pipeline.storage import DatasetStore
+from laion_assets.pipeline.storage import SETTINGS_FILE, DatasetStore
 from laion_assets_tests.dagster_helpers import local_web_config, shard_pipeline
-from laion_assets_tests.service_process import serving
+from laion_assets_tests.service_process import TINY_MODEL_ENV, serving
 
 A = b"url,caption\nhttp://a.com/1.jpg,a cat\nhttp://a.com/2.jpg,a dog\n"
 B = b'{"link": "http://b.com/1.jpg", "caption": "a bird"}\n'
@@ -251,6 +251,20 @@ def test_demo_as_a_user_runs_it(tmp_path, monkeypatch):
         assert instance.nux_enabled is False  # no "Join the Dagster community" dialog over the UI
 
 
+def test_demo_leaves_a_root_holding_another_dataset_alone(local_root, tmp_path):
+    """`demo` and `run` share the default root (./data, or $LAION_ASSETS_ROOT): on a root that holds the
+    user's own dataset, the demo would replace its settings and rebuild its shards with the demo's models."""
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/a.csv", A)
+    settings = b"crawl_metadata:\n  url_column: link\ndownloaded_images:\n  image_size: 384\n"
+    store.write_bytes(SETTINGS_FILE, settings)
+    with pytest.raises(SystemExit, match=r"laion-assets demo: .*data holds a dataset that is not the demo's"):
+        main(["demo", "--root", local_root, "--images", "12"])
+    assert store.read_bytes(SETTINGS_FILE) == settings
+    assert [f.name for f in store.list("incoming")] == ["a.csv"]
+    assert not store.exists("crawl_metadata/a.parquet")
+
+
 def test_serve_answers_with_the_model_from_the_environment(local_root):
     """The installed console script serves on the port it is given, with the key and model it is given."""
     key = "a-key-of-24-characters-x"  # at least 16: a shorter one is refused (see below)
@@ -262,6 +276,19 @@ def test_serve_answers_with_the_model_from_the_environment(local_root):
         assert (info.json()["model"], info.json()["max_batch"]) == ("laion-assets-tiny", 2)
         assert "no search index at" in info.json()["search_index_problem"]
         assert http.request("GET", f"{url}/info", timeout=10).status == 401
+
+
+def test_serve_answers_with_the_model_the_dataset_records(local_root, monkeypatch):
+    """Without the LAION_ASSETS_CLIP_* variables, `serve --root` embeds with the model of the dataset's
+    settings, as `run` and `takedown` do: the model that filtered it and built its search index."""
+    for variable in TINY_MODEL_ENV:
+        monkeypatch.delenv(variable, raising=False)
+    clip = {"model": "laion-assets-tiny", "pretrained": "none", "seed": 0}
+    DatasetStore(local_root).write_bytes(SETTINGS_FILE, yaml.safe_dump({"clip": clip}).encode())
+    with serving("--root", local_root, model_env={}) as served:
+        info = urllib3.PoolManager(retries=False).request("GET", f"{served.url}/info", timeout=10)
+        assert info.status == 200, info.data
+        assert (info.json()["model"], info.json()["pretrained"]) == ("laion-assets-tiny", "none")
 
 
 def test_serve_refuses_a_short_key_unless_allowed(monkeypatch, tmp_path):

@@ -2,6 +2,7 @@
 asset, and the CLIP filter scored against the captions known to be mismatched."""
 
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -34,10 +35,19 @@ from laion_assets.pipeline.embeddings.clip import ClipSettings
 from laion_assets.pipeline.exports.export import stored_exports
 from laion_assets.pipeline.recaptions.caption import CaptionSettings
 from laion_assets.pipeline.scores.score import ScoreSettings
-from laion_assets.pipeline.storage import CARD_FIGURES, INCOMING, PAIRS, SETTINGS_FILE, DatasetStore, Export
+from laion_assets.pipeline.storage import (
+    CARD_FIGURES,
+    CRAWL_METADATA,
+    INCOMING,
+    PAIRS,
+    SETTINGS_FILE,
+    DatasetStore,
+    Export,
+)
 from laion_assets.runner import ALL_ASSETS, run_pipeline
 
 SOURCE_PREFIX = "synthetic-web"
+DEMO_SOURCE = re.compile(rf"{SOURCE_PREFIX}-\d+\.parquet")  # its URL lists, and the shards made from them
 # Downloads from 127.0.0.1: the private-network guard off, failures quick.
 DOWNLOAD_CONFIG = {
     "allow_private_networks": True,
@@ -76,6 +86,29 @@ WATERMARKED_FRACTION = 0.15
 # what the model places within eps 0.002, and the perceptual kind (hashes 10 bits apart at most, among
 # images the model sees as close) copies it places a little further, e.g. cropped ones.
 DEMO_DEDUP_CONFIG = {"eps": 0.002, "max_phash_distance": 10, "perceptual_eps": 0.02}
+
+
+class RootInUse(ValueError):
+    """The root holds a dataset that is not the demo's, which the demo would take over."""
+
+
+def check_root_is_the_demos(store: DatasetStore) -> None:
+    """RootInUse naming the sources and shards in `store` that the demo did not write. `demo` and `run`
+    share the default root (./data, or $LAION_ASSETS_ROOT), and the demo replaces the dataset's settings
+    and rebuilds every shard with its own models."""
+    others = [
+        f"{folder}/{f.name}"
+        for folder in (INCOMING, CRAWL_METADATA.name)
+        for f in store.list(folder)
+        if not DEMO_SOURCE.fullmatch(f.name)
+    ]
+    if others:
+        listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise RootInUse(
+            f"{store.root} holds a dataset that is not the demo's ({listed}): the demo would replace its "
+            f"settings ({SETTINGS_FILE}) and rebuild its shards with the demo's models. Give the demo a "
+            "root of its own: laion-assets demo --root demo-data"
+        )
 
 
 def write_sources(store: DatasetStore, rows: list[dict[str, str | None]], shards: int) -> list[str]:
@@ -128,6 +161,7 @@ def run_demo(
     echo: Callable[[str], None] = print,
 ) -> int:
     store = DatasetStore(root)
+    check_root_is_the_demos(store)
     world = make_world(
         images=images,
         copies=demo_copies(images),

@@ -19,10 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from laion_assets import names
+from laion_assets.pipeline.settings import CLIP_SECTION, MODEL_FIELDS
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
+
+    from laion_assets.pipeline.settings import DatasetSettings
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "datacomp_xl_s13b_b90k"
@@ -67,6 +70,12 @@ class ClipSettings:
     def from_env(cls) -> ClipSettings:
         """The defaults, overridden by the variables of `SETTINGS_ENV` that are set."""
         return cls(**values_from_env(SETTINGS_ENV))
+
+    @classmethod
+    def from_dataset(cls, stored: DatasetSettings) -> ClipSettings:
+        """The model a dataset's settings record (its `clip` section), under the variables of `SETTINGS_ENV`
+        that are set: the CLIP of every entry point on that dataset."""
+        return stored.recorded_in(cls(), CLIP_SECTION, MODEL_FIELDS, values_from_env(SETTINGS_ENV))
 
 
 def values_from_env(variables: dict[str, str]) -> dict[str, str | int]:
