@@ -414,12 +414,16 @@ def _first_error(result: dg.ExecuteInProcessResult) -> SerializableErrorInfo | N
 def run_takedown(root: str, list_file: Path, echo: Callable[[str], None] = print) -> int:
     """Copy `list_file` into `{root}/blocklist/` and run the takedown job, as the blocklist sensor does:
     the lists recorded, what they match removed, then dedup, the search index, catalog and card."""
-    from laion_assets.pipeline.takedowns.blocklist import LIST_SUFFIXES
+    from laion_assets.pipeline.takedowns.blocklist import LIST_SUFFIXES, read_list
 
     if list_file.suffix.lower() not in LIST_SUFFIXES:
         raise ValueError(f"{list_file}: a block list is a {', '.join(LIST_SUFFIXES)} file")
     store = DatasetStore(root)
     target, data = f"{BLOCKLIST}/{list_file.name}", list_file.read_bytes()
+    entries, problems = read_list(list_file.name, data)
+    if not entries:  # copied, it would take nothing down and warn at every later takedown
+        found = "; ".join(f"{problem.where}: {problem.problem}" for problem in problems[:3]) or "it is empty"
+        raise ValueError(f"{list_file}: no entry to take down, nothing copied ({found})")
     if store.exists(target) and store.read_bytes(target) != data:  # its entries would no longer apply
         raise ValueError(
             f"{store.url(target)} exists with other entries: name this list otherwise, or edit that one"

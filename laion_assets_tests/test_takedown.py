@@ -686,6 +686,24 @@ def test_the_takedown_command_never_replaces_another_list_of_the_same_name(local
     assert read_lists(store).match_url("http://x.org/first.jpg").list == "requests"
 
 
+def test_the_takedown_command_refuses_a_list_with_no_entry_it_can_read(local_root, tmp_path):
+    """A .txt list of bare links, without its kind on the first line: `takedown` exited 0 having removed
+    nothing, and left the file in blocklist/, where every later takedown warned of it again."""
+    bare = tmp_path / "request.txt"
+    bare.write_text("http://x.org/a.jpg\nhttp://x.org/b.jpg\n")
+    with pytest.raises(
+        SystemExit, match=r"request\.txt: no entry to take down, nothing copied \(line 1: the first"
+    ):
+        main(["takedown", str(bare), "--root", local_root])
+    empty = tmp_path / "empty.csv"
+    empty.write_text("url\n")
+    with pytest.raises(
+        SystemExit, match=r"empty\.csv: no entry to take down, nothing copied \(it is empty\)"
+    ):
+        main(["takedown", str(empty), "--root", local_root])
+    assert not DatasetStore(local_root).list(BLOCKLIST)
+
+
 def test_takedowns_says_nothing_matched_where_it_does_not_materialise(local_root):
     """With no match it writes nothing and does not materialise (so nothing after it is rebuilt), and an
     observation of the asset says so, for the UI, where it would otherwise only be "Never materialized"."""

@@ -158,25 +158,34 @@ def read_lists(store: DatasetStore) -> Blocklist:
     rows: list[dict[str, str]] = []
     problems: list[ListProblem] = []
     for file in store.list(BLOCKLIST):
-        name, dot, suffix = file.name.rpartition(".")
+        _, dot, suffix = file.name.rpartition(".")
         if not dot or f".{suffix.lower()}" not in LIST_SUFFIXES:
             problems.append(
                 ListProblem(file.name, "file", f"not a list: name it <name>{'|'.join(LIST_SUFFIXES)}")
             )
             continue
         with store.open(f"{BLOCKLIST}/{file.name}") as f:
-            data = f.read()
-        cells, file_problems = _cells(file.name, suffix.lower(), data)
-        problems.extend(file_problems)
-        seen: set[tuple[str, str]] = set()
-        for where, kind, value in cells:
-            entry, problem = normalise(kind, value)
-            if problem:
-                problems.append(ListProblem(file.name, where, problem))
-            elif (kind, entry) not in seen:
-                seen.add((kind, entry))
-                rows.append({"list": name, "kind": kind, "entry": entry})
+            file_rows, file_problems = read_list(file.name, f.read())
+        rows += file_rows
+        problems += file_problems
     return Blocklist(pa.Table.from_pylist(rows, schema=schemas.BLOCKLIST_ENTRIES), problems)
+
+
+def read_list(file_name: str, data: bytes) -> tuple[list[dict[str, str]], list[ListProblem]]:
+    """The entries of one list file (a name ending in one of LIST_SUFFIXES), deduplicated, as rows of
+    schemas.BLOCKLIST_ENTRIES, and its problems."""
+    name, _, suffix = file_name.rpartition(".")
+    cells, problems = _cells(file_name, suffix.lower(), data)
+    rows: list[dict[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for where, kind, value in cells:
+        entry, problem = normalise(kind, value)
+        if problem:
+            problems.append(ListProblem(file_name, where, problem))
+        elif (kind, entry) not in seen:
+            seen.add((kind, entry))
+            rows.append({"list": name, "kind": kind, "entry": entry})
+    return rows, problems
 
 
 def _cells(name: str, suffix: str, data: bytes) -> tuple[list[tuple[str, str, str]], list[ListProblem]]:
