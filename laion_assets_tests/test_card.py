@@ -48,14 +48,12 @@ def _materialize(
         for path, caption in zip(paths, captions, strict=True)
     ]
     store.write_bytes(f"incoming/{shard}.jsonl", "".join(json.dumps(line) + "\n" for line in lines).encode())
-    config = {
-        "ops": {
-            "downloaded_images": {"config": LOCAL_WEB},
-            "filtered_pairs": {
-                "config": {"min_similarity": min_similarity, "drop_minors": False, "preset": preset}
-            },
+    ops = {"downloaded_images": {"config": LOCAL_WEB}}
+    if selection is None or "filtered_pairs" in selection:
+        ops["filtered_pairs"] = {
+            "config": {"min_similarity": min_similarity, "drop_minors": False, "preset": preset}
         }
-    }
+    config = {"ops": ops}
     result = materialize_shard(instance, root, shard, config, selection=selection)
     assert result.success
     return result
@@ -168,6 +166,44 @@ def test_card_over_two_shards(root, web):
     for path in again.figures:
         with store.open(path) as f:
             assert f.read() == figures[path]
+
+
+def test_every_count_is_over_the_shards_that_have_pairs(root, web):
+    """Shard b crawled, downloaded, embedded and scored, its pairs not built yet: its rows were counted in
+    the crawl rows, downloads, embedded images, statuses, errors, failing hosts, similarity histogram and
+    quality scores, while the pairs, the shard count and the funnel were a's alone ("2 pairs from 1
+    shards: 7 crawl rows")."""
+    from laion_assets.pipeline.card.stats import gather_stats
+
+    store = DatasetStore(root)
+    instance = dg.DagsterInstance.ephemeral()
+    _materialize(instance, root, web, "a", -1.0)
+    before_pairs = ["crawl_metadata", "downloaded_images", "clip_embeddings", "quality_scores"]
+    _materialize(instance, root, web, "b", -1.0, selection=before_pairs)
+
+    markdown = write_card(store).markdown
+    images = store.read_parquet("images/a.parquet").to_pylist()
+    statuses = {status: sum(r["status"] == status for r in images) for status in schemas.STATUSES}
+    crawl_rows, embedded = (
+        store.parquet_num_rows(f"{layer}/a.parquet") for layer in ("crawl_metadata", "embeddings")
+    )
+    pairs = store.parquet_num_rows("pairs/a.parquet")
+    assert (
+        f"{pairs} pairs from 1 shards: {crawl_rows} crawl rows, {statuses[schemas.SUCCESS]} images "
+        f"downloaded, {embedded} embedded. Every number and figure of this card is over these shards. 1 more "
+        "shards are being built and have no pairs yet: nothing of theirs is counted on this card (b)."
+    ) in markdown
+    assert "| a.jsonl |" in markdown and "b.jsonl" not in markdown
+    for status, n in statuses.items():
+        assert f"| {status} | {n} |" in markdown
+    failed = statuses[schemas.FAILED_TO_DOWNLOAD] + statuses[schemas.FAILED_TO_DECODE]
+    assert f"| HTTP 404 | {statuses[schemas.FAILED_TO_DOWNLOAD]} |" in markdown
+    assert f"| 127.0.0.1:{web.port} | {failed} |" in markdown
+    assert f"for each of the {embedded} embedded images" in markdown
+    stats = gather_stats(store, CardSettings())
+    assert sum(n for _, n in stats.similarity_bins) == embedded
+    assert sum(n for _, n in stats.size_bins["original_width"]) == statuses[schemas.SUCCESS]
+    assert stats.scores.scored == embedded and stats.in_progress == ["b"]
 
 
 def test_without_recaptions_the_card_has_no_recap_config(root, web):

@@ -114,10 +114,17 @@ def render_markdown(stats: CardStats, settings: CardSettings, figures: list[str]
 
 def _description(stats: CardStats, settings: CardSettings) -> str:
     sources = table(["source file", "crawl rows"], stats.sources)
+    in_progress = (
+        f" {len(stats.in_progress)} more shards are being built and have no pairs yet: nothing of theirs "
+        f"is counted on this card ({_shard_names(stats.in_progress)})."
+        if stats.in_progress
+        else ""
+    )
     return (
         f"## Dataset description\n\n{settings.description}\n\n"
         f"{stats.pairs} pairs from {len(stats.shards)} shards: {stats.crawl_rows} crawl rows, "
-        f"{stats.downloaded} images downloaded, {stats.embedded} embedded.\n\n"
+        f"{stats.downloaded} images downloaded, {stats.embedded} embedded. Every number and figure of this "
+        f"card is over these shards.{in_progress}\n\n"
         "To publish it, upload the dataset root with this file as its `README.md` and `card/figures/` as "
         f"`figures/`: the `configs` above point at `{DATA_FILES}`, relative to the root. The same pairs, "
         "with their images, are webdataset shards in `pairs/<shard>.tar`.\n\n"

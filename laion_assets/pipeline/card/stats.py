@@ -17,7 +17,15 @@ from laion_assets.pipeline.embeddings.clip import ModelIdentity
 from laion_assets.pipeline.exports.export import stored_exports
 from laion_assets.pipeline.pairs.filter import FUNNEL, PairsSettings, stored_pair_shards
 from laion_assets.pipeline.parallel import store_map
-from laion_assets.pipeline.storage import DUPLICATES, EMBEDDINGS, PAIRS, RECAPTIONS, SCORES, DatasetStore
+from laion_assets.pipeline.storage import (
+    DUPLICATES,
+    EMBEDDINGS,
+    PAIRS,
+    RECAPTIONS,
+    SCORES,
+    SHARD_LAYERS,
+    DatasetStore,
+)
 
 if TYPE_CHECKING:
     import duckdb
@@ -83,6 +91,9 @@ class DuplicateStats:
 
 @dataclass
 class CardStats:
+    """Every count and figure is over the shards that have pairs (`shards`); the shards still being built,
+    with some layer but no pairs yet, are only named (`in_progress`)."""
+
     shards: list[ShardRecord]  # sorted by shard
     crawl_rows: int
     downloaded: int
@@ -102,6 +113,7 @@ class CardStats:
     duplicates: DuplicateStats | None = None  # None until dedup has run
     scores: ScoreStats | None = None  # None until some shard has quality scores
     exports: list[dict] = field(default_factory=list)  # the manifest of each training-shards export
+    in_progress: list[str] = field(default_factory=list)  # shards with some layer stored but no pairs yet
 
     def funnel(self) -> tuple[int, dict[str, int]]:
         """Rows in and rows removed by each rule, summed over the shards that recorded a funnel."""
@@ -130,12 +142,15 @@ class CardStats:
 def gather_stats(store: DatasetStore, settings: CardSettings) -> CardStats:
     """Everything the card shows, from the stored shards. Raises ValueError if there are none."""
     shards = stored_pair_shards(store, "the dataset card")
-    connection = catalog.connect(store)
+    connection = catalog.connect(store, shards=shards)
     try:
         records = list(store_map(lambda shard: _shard_record(store, shard), shards))
-        return _stats(store, connection, records, settings)
+        stats = _stats(store, connection, records, settings)
     finally:
         connection.close()
+    stored = {shard for layer in SHARD_LAYERS for shard in store.shards(layer)}
+    stats.in_progress = sorted(stored - set(shards))
+    return stats
 
 
 def _stats(
@@ -209,7 +224,9 @@ def _stats(
         samples=rows("SELECT key, caption FROM pairs ORDER BY md5(key), key LIMIT ?", settings.grid_samples),
         recaptions=_recap_stats(connection) if RECAPTIONS.name in catalog.view_names(connection) else None,
         removals=rows(
-            "SELECT reason, list, kind, count(DISTINCT key) FROM takedowns GROUP BY ALL ORDER BY ALL"
+            "SELECT reason, list, kind, count(DISTINCT key) FROM takedowns WHERE list_contains(?, shard) "
+            "GROUP BY ALL ORDER BY ALL",
+            [record.shard for record in shards],
         )
         if "takedowns" in catalog.view_names(connection)
         else [],
