@@ -206,6 +206,23 @@ def test_every_count_is_over_the_shards_that_have_pairs(root, web):
     assert stats.scores.scored == embedded and stats.in_progress == ["b"]
 
 
+def test_a_source_without_rows_is_in_the_sources(local_root, web):
+    """A header-only CSV makes a shard of no rows, with pairs (none): the card counted it among its shards
+    and left it out of the Sources table, whose rows came from grouping the crawl rows."""
+    store = DatasetStore(local_root)
+    instance = dg.DagsterInstance.ephemeral()
+    _materialize(instance, local_root, web, "a", -1.0)
+    store.write_bytes("incoming/e.csv", b"url,caption\n")
+    config = {"ops": {"downloaded_images": {"config": LOCAL_WEB}}}
+    assert materialize_shard(instance, local_root, "e", config).success
+    assert store.parquet_num_rows("pairs/e.parquet") == 0
+
+    markdown = write_card(store).markdown
+    assert "2 pairs from 2 shards: 3 crawl rows" in markdown
+    sources = markdown.split("### Sources\n\n", 1)[1].split("\n\n## ", 1)[0]
+    assert sources.endswith("| source file | crawl rows |\n|---|---|\n| a.jsonl | 3 |\n| e.csv | 0 |")
+
+
 def test_without_recaptions_the_card_has_no_recap_config(root, web):
     before_recaptions = [
         "crawl_metadata",

@@ -190,7 +190,10 @@ def _stats(
         "SELECT floor(similarity / ?)::BIGINT AS bin, count(*) FROM embeddings GROUP BY 1 ORDER BY 1",
         SIMILARITY_BIN,
     )
-    sources = rows("SELECT source_file, count(*) FROM crawl_metadata GROUP BY 1 ORDER BY 1")
+    # a source without rows (a header-only CSV) is in no group: its shard's provenance names it
+    recorded = {r.provenance.get("source_file") for r in shards if r.provenance} - {None}
+    counted = dict(rows("SELECT source_file, count(*) FROM crawl_metadata GROUP BY 1"))
+    sources = sorted({**dict.fromkeys(recorded, 0), **counted}.items())
     return CardStats(
         shards=shards,
         crawl_rows=sum(n for _, n in sources),
