@@ -2,6 +2,10 @@ import base64
 import io
 import json
 import re
+import signal
+import subprocess
+import sys
+import textwrap
 
 import dagster as dg
 import pytest
@@ -16,7 +20,7 @@ from laion_assets.pipeline.card import UI_FIGURE_WIDTH, CardSettings, write_card
 from laion_assets.pipeline.card.readme import size_category
 from laion_assets.pipeline.catalog import views as catalog
 from laion_assets.pipeline.pairs.filter import FUNNEL
-from laion_assets.pipeline.storage import CARD, DatasetStore
+from laion_assets.pipeline.storage import CARD, CARD_FIGURES, DatasetStore
 from laion_assets_tests.dagster_helpers import LOCAL_WEB, materialize_shard
 
 # shard -> image paths on the test web; each has a 404, `b` also an image that does not decode
@@ -120,7 +124,8 @@ def test_card_over_two_shards(root, web):
             image = Image.open(io.BytesIO(f.read()))
             assert image.format == "PNG" and image.width > 100
         assert f"](figures/{path.rsplit('/', 1)[1]})" in markdown
-    assert {p.rsplit("/", 1)[1] for p in result.figures} == {
+    # each figure named by its content: `similarity-<hash>.png`
+    assert {re.sub(r"-[0-9a-f]{12}[.]png$", ".png", p.rsplit("/", 1)[1]) for p in result.figures} == {
         "similarity.png",
         "image_sizes.png",
         "nsfw.png",
@@ -223,6 +228,62 @@ def test_a_source_without_rows_is_in_the_sources(local_root, web):
     assert sources.endswith("| source file | crawl rows |\n|---|---|\n| a.jsonl | 3 |\n| e.csv | 0 |")
 
 
+# A card written in its own process, which SIGKILLs itself as the README's write begins.
+_KILLED_AT_README = textwrap.dedent(
+    """
+    import os, signal, sys
+    from laion_assets.pipeline.card import CardSettings, write_card
+    from laion_assets.pipeline.storage import CARD, CARD_FIGURES, DatasetStore
+    atomic_write = DatasetStore.atomic_write
+
+    def killed_at_readme(self, relpath):
+        if relpath == CARD:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return atomic_write(self, relpath)
+
+    DatasetStore.atomic_write = killed_at_readme
+    write_card(DatasetStore(sys.argv[1]), CardSettings(grid_samples=int(sys.argv[2])))
+    """
+)
+
+
+def _card_on_disk(store: DatasetStore) -> tuple[str, dict[str, bytes]]:
+    """The README and every file in card/figures/."""
+    figures = {f.name: store.read_bytes(f"{CARD_FIGURES}/{f.name}") for f in store.list(CARD_FIGURES)}
+    return store.read_bytes(CARD).decode(), figures
+
+
+def _linked(markdown: str) -> set[str]:
+    return set(re.findall(r"\]\(figures/([^)]+)\)", markdown))
+
+
+def test_the_card_leaves_only_the_figures_it_links_and_changes_them_with_its_readme(local_root, web):
+    """The figures went to fixed names, before the README, and none was ever removed: a figure the new card
+    no longer links (the recaptions', once they were dropped) stayed in card/figures/ for ever, and a card
+    run killed before its README left the old README showing the new run's figures."""
+    store = DatasetStore(local_root)
+    _materialize(dg.DagsterInstance.ephemeral(), local_root, web, "a", -1.0)
+    write_card(store, CardSettings(grid_samples=1))
+    old_readme, old_figures = _card_on_disk(store)
+    assert _linked(old_readme) == set(old_figures)
+
+    # killed as it writes the README of a card with another sample grid: the old card stays whole
+    command = [sys.executable, "-c", _KILLED_AT_README, local_root, "2"]
+    killed = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    readme, figures = _card_on_disk(store)
+    assert readme == old_readme
+    assert {name: figures[name] for name in _linked(readme)} == old_figures
+
+    # the recaptions dropped: the next card links no recaption figure, and only its figures are left
+    store.remove("recaptions/a.parquet")
+    result = write_card(store, CardSettings(grid_samples=2))
+    readme, figures = _card_on_disk(store)
+    assert readme == result.markdown and "## Recaptions" not in readme
+    assert _linked(readme) == set(figures) == {path.rsplit("/", 1)[1] for path in result.figures}
+    assert not any(name.startswith(("recaption_scores", "caption_lengths")) for name in figures)
+
+
 def test_without_recaptions_the_card_has_no_recap_config(root, web):
     before_recaptions = [
         "crawl_metadata",
@@ -235,7 +296,9 @@ def test_without_recaptions_the_card_has_no_recap_config(root, web):
     result = write_card(DatasetStore(root))
     assert [c["config_name"] for c in _front_matter(result.markdown)["configs"]] == ["default"]
     assert "## Recaptions" not in result.markdown
-    assert not any(p.endswith(("recaption_scores.png", "caption_lengths.png")) for p in result.figures)
+    shown = [p.rsplit("/", 1)[1] for p in result.figures]
+    assert not any(name.startswith(("recaption_scores-", "caption_lengths-")) for name in shown)
+    assert any(name.startswith("similarity-") for name in shown)
 
 
 def test_asset_puts_the_card_in_its_metadata(local_root, web):

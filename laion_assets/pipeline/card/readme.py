@@ -68,8 +68,9 @@ def size_category(rows: int) -> str:
 # markdown
 
 
-def render_markdown(stats: CardStats, settings: CardSettings, figures: list[str]) -> str:
-    """The card: YAML front matter for the Hub, then the sections; `figures` are file names in figures/."""
+def render_markdown(stats: CardStats, settings: CardSettings, figures: dict[str, str]) -> str:
+    """The card: YAML front matter for the Hub, then the sections; `figures`: each figure's file name in
+    figures/, by the figure's name (`similarity.png`)."""
     header = {
         "pretty_name": settings.pretty_name,
         "license": settings.license,
@@ -350,7 +351,7 @@ def _downloads(stats: CardStats, settings: CardSettings) -> str:
     )
 
 
-def _figures(figures: list[str]) -> str:
+def _figures(figures: dict[str, str]) -> str:
     captions = {
         "similarity.png": "CLIP similarity of every embedded image, with the threshold",
         "image_sizes.png": "Original sizes of the downloaded images",
@@ -362,7 +363,9 @@ def _figures(figures: list[str]) -> str:
         "scores.png": "Quality scores of every embedded image",
         "languages.png": "Languages of the captions",
     }
-    return "## Figures\n\n" + "\n\n".join(f"![{captions[name]}](figures/{name})" for name in figures)
+    return "## Figures\n\n" + "\n\n".join(
+        f"![{captions[name]}](figures/{file})" for name, file in figures.items()
+    )
 
 
 def _provenance(stats: CardStats) -> str:
