@@ -331,6 +331,30 @@ def test_asset_puts_the_card_in_its_metadata(local_root, web):
     assert metadata["path"].value == DatasetStore(local_root).url(CARD)
 
 
+def test_the_recaptions_count_the_pairs_of_every_shard(local_root, web):
+    """Shard b filtered, its recaptions not made yet: the card read "2 of 2 pairs recaptioned" of 4 pairs,
+    the count of pairs being the recaptions' rows."""
+    store = DatasetStore(local_root)
+    instance = dg.DagsterInstance.ephemeral()
+    _materialize(instance, local_root, web, "a", -1.0)
+    before_recaptions = [
+        "crawl_metadata",
+        "downloaded_images",
+        "clip_embeddings",
+        "quality_scores",
+        "filtered_pairs",
+    ]
+    _materialize(instance, local_root, web, "b", -1.0, selection=before_recaptions)
+    pairs = [store.parquet_num_rows(f"pairs/{shard}.parquet") for shard in ("a", "b")]
+    recaptioned = store.parquet_num_rows("recaptions/a.parquet")
+    assert recaptioned == pairs[0] and pairs[1] > 0
+
+    markdown = write_card(store).markdown
+    assert f"{sum(pairs)} pairs from 2 shards" in markdown
+    assert f"{recaptioned} of {sum(pairs)} pairs recaptioned; " in markdown
+    assert "The pairs of shard b have no recaptions yet." in markdown
+
+
 def test_a_dataset_without_pairs_has_true_recaption_figures(local_root, web):
     # every download failed: the shard has an empty recaptions file, so no pair, and no mean of nothing
     _materialize(dg.DagsterInstance.ephemeral(), local_root, web, "z", -1.0, paths=["/404.jpg", "/404.jpg"])

@@ -98,7 +98,7 @@ def render_markdown(stats: CardStats, settings: CardSettings, figures: dict[str,
         _removals(stats),
         *([_duplicates(stats.duplicates)] if stats.duplicates else []),
         *([_scores(stats.scores, stats.shards)] if stats.scores else []),
-        *([_recaptions(stats.recaptions, stats.shards)] if stats.recaptions else []),
+        *([_recaptions(stats.recaptions, stats.shards, stats.pairs)] if stats.recaptions else []),
         *([_exports(stats.exports)] if stats.exports else []),
         _downloads(stats, settings),
         _figures(figures),
@@ -261,7 +261,7 @@ def _exports(manifests: list[dict]) -> str:
     )
 
 
-def _recaptions(recap: RecapStats, shards: list[ShardRecord]) -> str:
+def _recaptions(recap: RecapStats, shards: list[ShardRecord], pairs: int) -> str:
     share = recap.above / max(1, recap.recaptioned)
     means = recap.means
     comparison = table(
@@ -286,6 +286,13 @@ def _recaptions(recap: RecapStats, shards: list[ShardRecord]) -> str:
         (", ".join(f"{name}: {value}" for name, value in json.loads(captioner).items()), _shard_names(names))
         for captioner, names in described
     ]
+    missing = [r.shard for r in shards if not r.captioner]  # every recaptions file records its captioner
+    pending = (
+        f" The pairs of shard{'s' if len(missing) > 1 else ''} {_shard_names(missing)} have no "
+        "recaptions yet."
+        if missing
+        else ""
+    )
     return (
         "## Recaptions\n\n"
         f"The `recap` config is `{RECAP_DATA_FILES}`: a new caption for each kept pair, beside the web's, "
@@ -293,8 +300,8 @@ def _recaptions(recap: RecapStats, shards: list[ShardRecord]) -> str:
         "`re_clip_score`, `org_length`, `re_length`, `sha256`) and `re_caption_error` where there is "
         "none. Both scores are the pipeline's own CLIP, the model of the `similarity` column. To train on "
         "the new captions, join the two configs on `key`.\n\n"
-        f"{recap.recaptioned} of {recap.pairs} pairs recaptioned; the new caption scores higher than the "
-        f"web's for {recap.above} ({share:.1%}).\n\n{comparison}\n\n### Examples\n\n{examples}\n\n"
+        f"{recap.recaptioned} of {pairs} pairs recaptioned; the new caption scores higher than the "
+        f"web's for {recap.above} ({share:.1%}).{pending}\n\n{comparison}\n\n### Examples\n\n{examples}\n\n"
         f"### Captioners\n\n{table(['captioner', 'shards'], captioners)}"
     )
 

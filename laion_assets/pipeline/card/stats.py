@@ -60,7 +60,6 @@ Bins = list[tuple[int, int]]  # (bin, rows)
 class RecapStats:
     """The recaptions against the web's captions: both scored by the pipeline's CLIP."""
 
-    pairs: int
     recaptioned: int  # with a new caption (the rest have re_caption_error)
     above: int  # of those, pairs whose new caption scores higher than the web's
     means: dict[str, float | None]  # {org,re}_clip_score, {org,re}_length over the recaptioned; None if none
@@ -315,15 +314,14 @@ def _recap_stats(connection: duckdb.DuckDBPyConnection) -> RecapStats:
     def rows(sql: str) -> list[tuple]:
         return connection.execute(sql).fetchall()
 
-    pairs, recaptioned, above, *sums = rows(
-        "SELECT coalesce(sum(n), 0)::BIGINT, coalesce(sum(n) FILTER (recaptioned), 0)::BIGINT, "
+    recaptioned, above, *sums = rows(
+        "SELECT coalesce(sum(n) FILTER (recaptioned), 0)::BIGINT, "
         "coalesce(sum(n) FILTER (above), 0)::BIGINT, "
         "sum(org_score_sum) FILTER (recaptioned), sum(re_score_sum), "
         "sum(org_length_sum) FILTER (recaptioned), sum(re_length_sum) FROM card_recaptions"
     )[0]
     names = ("org_clip_score", "re_clip_score", "org_length", "re_length")
     return RecapStats(
-        pairs=pairs,
         recaptioned=recaptioned,
         above=above,
         means={
