@@ -52,12 +52,13 @@ def _materialize(
         for path, caption in zip(paths, captions, strict=True)
     ]
     store.write_bytes(f"incoming/{shard}.jsonl", "".join(json.dumps(line) + "\n" for line in lines).encode())
-    ops = {"downloaded_images": {"config": LOCAL_WEB}}
-    if selection is None or "filtered_pairs" in selection:
-        ops["filtered_pairs"] = {
+    ops = {
+        "downloaded_images": {"config": LOCAL_WEB},
+        "filtered_pairs": {
             "config": {"min_similarity": min_similarity, "drop_minors": False, "preset": preset}
-        }
-    config = {"ops": ops}
+        },
+    }
+    config = {"ops": {op: c for op, c in ops.items() if selection is None or op in selection}}
     result = materialize_shard(instance, root, shard, config, selection=selection)
     assert result.success
     return result
@@ -139,7 +140,7 @@ def test_card_over_two_shards(root, web):
     # the quality scores: the tiny random CLIP has no head (`auto` finds none), the watermark and the
     # language are computed for every embedded image
     scored, pwatermark = catalog.connect(store).sql("SELECT count(*), avg(pwatermark) FROM scores").fetchone()
-    assert f"for each of the {scored} embedded images" in markdown
+    assert f"for {scored} of the {scored} embedded images" in markdown  # every one scored
     assert "| punsafe | not computed |" in markdown and "| aesthetic | not computed |" in markdown
     assert f"| pwatermark | {pwatermark:.4f} |" in markdown
     assert "| punsafe: none, pwatermark: sha256:" in markdown
@@ -204,7 +205,7 @@ def test_every_count_is_over_the_shards_that_have_pairs(root, web):
     failed = statuses[schemas.FAILED_TO_DOWNLOAD] + statuses[schemas.FAILED_TO_DECODE]
     assert f"| HTTP 404 | {statuses[schemas.FAILED_TO_DOWNLOAD]} |" in markdown
     assert f"| 127.0.0.1:{web.port} | {failed} |" in markdown
-    assert f"for each of the {embedded} embedded images" in markdown
+    assert f"for {embedded} of the {embedded} embedded images" in markdown
     stats = gather_stats(store, CardSettings())
     assert sum(n for _, n in stats.similarity_bins) == embedded
     assert sum(n for _, n in stats.size_bins["original_width"]) == statuses[schemas.SUCCESS]
@@ -353,6 +354,33 @@ def test_the_recaptions_count_the_pairs_of_every_shard(local_root, web):
     assert f"{sum(pairs)} pairs from 2 shards" in markdown
     assert f"{recaptioned} of {sum(pairs)} pairs recaptioned; " in markdown
     assert "The pairs of shard b have no recaptions yet." in markdown
+
+
+def test_the_quality_scores_say_which_embedded_images_they_cover(local_root, web):
+    """Shard b's pairs made with no quality scores (no rule reads them; its quality_scores step run
+    later, or failed): the card said the scores were "for each of the 2 embedded images" of 4."""
+    store = DatasetStore(local_root)
+    instance = dg.DagsterInstance.ephemeral()
+    _materialize(instance, local_root, web, "a", -1.0)
+    _materialize(
+        instance,
+        local_root,
+        web,
+        "b",
+        -1.0,
+        selection=["crawl_metadata", "downloaded_images", "clip_embeddings"],
+    )
+    _materialize(instance, local_root, web, "b", -1.0, selection=["filtered_pairs"])
+    assert store.exists("pairs/b.parquet") and not store.exists("scores/b.parquet")
+    scored, embedded = (
+        sum(store.parquet_num_rows(f"{layer}/{shard}.parquet") for shard in shards)
+        for layer, shards in (("scores", ["a"]), ("embeddings", ["a", "b"]))
+    )
+
+    markdown = write_card(store).markdown
+    assert f"{embedded} embedded." in markdown and scored < embedded
+    assert f"for {scored} of the {embedded} embedded images" in markdown
+    assert "The images of shard b have no quality scores yet." in markdown
 
 
 def test_a_dataset_without_pairs_has_true_recaption_figures(local_root, web):

@@ -97,7 +97,7 @@ def render_markdown(stats: CardStats, settings: CardSettings, figures: dict[str,
         _funnel(stats),
         _removals(stats),
         *([_duplicates(stats.duplicates)] if stats.duplicates else []),
-        *([_scores(stats.scores, stats.shards)] if stats.scores else []),
+        *([_scores(stats.scores, stats.shards, stats.embedded)] if stats.scores else []),
         *([_recaptions(stats.recaptions, stats.shards, stats.pairs)] if stats.recaptions else []),
         *([_exports(stats.exports)] if stats.exports else []),
         _downloads(stats, settings),
@@ -287,12 +287,7 @@ def _recaptions(recap: RecapStats, shards: list[ShardRecord], pairs: int) -> str
         for captioner, names in described
     ]
     missing = [r.shard for r in shards if not r.captioner]  # every recaptions file records its captioner
-    pending = (
-        f" The pairs of shard{'s' if len(missing) > 1 else ''} {_shard_names(missing)} have no "
-        "recaptions yet."
-        if missing
-        else ""
-    )
+    pending = f" The pairs of {_shards_phrase(missing)} have no recaptions yet." if missing else ""
     return (
         "## Recaptions\n\n"
         f"The `recap` config is `{RECAP_DATA_FILES}`: a new caption for each kept pair, beside the web's, "
@@ -306,7 +301,7 @@ def _recaptions(recap: RecapStats, shards: list[ShardRecord], pairs: int) -> str
     )
 
 
-def _scores(scores: ScoreStats, shards: list[ShardRecord]) -> str:
+def _scores(scores: ScoreStats, shards: list[ShardRecord], embedded: int) -> str:
     means = [
         (column, "not computed" if mean is None else f"{mean:.4f}") for column, mean in scores.means.items()
     ]
@@ -320,11 +315,13 @@ def _scores(scores: ScoreStats, shards: list[ShardRecord]) -> str:
         (", ".join(f"{k}: {v}" for k, v in json.loads(f).items()) or "none", _shard_names(n))
         for f, n in filters
     ]
+    missing = [r.shard for r in shards if not r.scores]  # every scores file records its models
+    pending = f" The images of {_shards_phrase(missing)} have no quality scores yet." if missing else ""
     return (
         "## Quality scores\n\n"
         "LAION-5B's `punsafe` and `pwatermark`, LAION-Aesthetics' `aesthetic` (1-10) and the caption's "
-        f"`language`, for each of the {scores.scored} embedded images, in `{SCORES.parquet_glob}` (join on "
-        "`key`; the catalog's `scored_pairs` view does).\n\n"
+        f"`language`, for {scores.scored} of the {embedded} embedded images, in `{SCORES.parquet_glob}` "
+        f"(join on `key`; the catalog's `scored_pairs` view does).{pending}\n\n"
         f"{table(['score', 'mean'], means)}\n\n"
         f"### Languages\n\n{table(['language', 'images'], scores.languages)}\n\n"
         f"### Models\n\n{table(['weights of each score', 'shards'], models)}\n\n"
@@ -367,7 +364,7 @@ def _figures(figures: dict[str, str]) -> str:
         "samples.png": "Sample pairs",
         "recaption_scores.png": "CLIP scores of the web captions and the new captions",
         "caption_lengths.png": "Lengths of the web captions and the new captions",
-        "scores.png": "Quality scores of every embedded image",
+        "scores.png": "Quality scores of the scored images",
         "languages.png": "Languages of the captions",
     }
     return "## Figures\n\n" + "\n\n".join(
@@ -409,6 +406,11 @@ def _groups(
     for record in shards:
         groups.setdefault(value(record), []).append(record.shard)
     return list(groups.items())
+
+
+def _shards_phrase(shards: list[str]) -> str:
+    """`shard a` or `shards a, b`."""
+    return f"shard{'s' if len(shards) > 1 else ''} {_shard_names(shards)}"
 
 
 def _shard_names(shards: list[str], shown: int = 5) -> str:

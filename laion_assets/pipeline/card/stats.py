@@ -70,7 +70,7 @@ class RecapStats:
 
 @dataclass
 class ScoreStats:
-    """The quality scores of every embedded image, from the `scores` view."""
+    """The quality scores of the images scored, from the `scores` view."""
 
     scored: int  # rows
     bins: dict[str, Bins]  # punsafe, pwatermark (PROBABILITY_BIN), aesthetic (AESTHETIC_BIN): (bin, rows)
