@@ -2,6 +2,10 @@ import base64
 import io
 import json
 import re
+import signal
+import subprocess
+import sys
+import textwrap
 
 import dagster as dg
 import pytest
@@ -16,7 +20,7 @@ from laion_assets.pipeline.card import UI_FIGURE_WIDTH, CardSettings, write_card
 from laion_assets.pipeline.card.readme import size_category
 from laion_assets.pipeline.catalog import views as catalog
 from laion_assets.pipeline.pairs.filter import FUNNEL
-from laion_assets.pipeline.storage import CARD, DatasetStore
+from laion_assets.pipeline.storage import CARD, CARD_FIGURES, DatasetStore
 from laion_assets_tests.dagster_helpers import LOCAL_WEB, materialize_shard
 
 # shard -> image paths on the test web; each has a 404, `b` also an image that does not decode
@@ -48,14 +52,13 @@ def _materialize(
         for path, caption in zip(paths, captions, strict=True)
     ]
     store.write_bytes(f"incoming/{shard}.jsonl", "".join(json.dumps(line) + "\n" for line in lines).encode())
-    config = {
-        "ops": {
-            "downloaded_images": {"config": LOCAL_WEB},
-            "filtered_pairs": {
-                "config": {"min_similarity": min_similarity, "drop_minors": False, "preset": preset}
-            },
-        }
+    ops = {
+        "downloaded_images": {"config": LOCAL_WEB},
+        "filtered_pairs": {
+            "config": {"min_similarity": min_similarity, "drop_minors": False, "preset": preset}
+        },
     }
+    config = {"ops": {op: c for op, c in ops.items() if selection is None or op in selection}}
     result = materialize_shard(instance, root, shard, config, selection=selection)
     assert result.success
     return result
@@ -122,7 +125,8 @@ def test_card_over_two_shards(root, web):
             image = Image.open(io.BytesIO(f.read()))
             assert image.format == "PNG" and image.width > 100
         assert f"](figures/{path.rsplit('/', 1)[1]})" in markdown
-    assert {p.rsplit("/", 1)[1] for p in result.figures} == {
+    # each figure named by its content: `similarity-<hash>.png`
+    assert {re.sub(r"-[0-9a-f]{12}[.]png$", ".png", p.rsplit("/", 1)[1]) for p in result.figures} == {
         "similarity.png",
         "image_sizes.png",
         "nsfw.png",
@@ -136,7 +140,7 @@ def test_card_over_two_shards(root, web):
     # the quality scores: the tiny random CLIP has no head (`auto` finds none), the watermark and the
     # language are computed for every embedded image
     scored, pwatermark = catalog.connect(store).sql("SELECT count(*), avg(pwatermark) FROM scores").fetchone()
-    assert f"for each of the {scored} embedded images" in markdown
+    assert f"for {scored} of the {scored} embedded images" in markdown  # every one scored
     assert "| punsafe | not computed |" in markdown and "| aesthetic | not computed |" in markdown
     assert f"| pwatermark | {pwatermark:.4f} |" in markdown
     assert "| punsafe: none, pwatermark: sha256:" in markdown
@@ -170,6 +174,117 @@ def test_card_over_two_shards(root, web):
             assert f.read() == figures[path]
 
 
+def test_every_count_is_over_the_shards_that_have_pairs(root, web):
+    """Shard b crawled, downloaded, embedded and scored, its pairs not built yet: its rows were counted in
+    the crawl rows, downloads, embedded images, statuses, errors, failing hosts, similarity histogram and
+    quality scores, while the pairs, the shard count and the funnel were a's alone ("2 pairs from 1
+    shards: 7 crawl rows")."""
+    from laion_assets.pipeline.card.stats import gather_stats
+
+    store = DatasetStore(root)
+    instance = dg.DagsterInstance.ephemeral()
+    _materialize(instance, root, web, "a", -1.0)
+    before_pairs = ["crawl_metadata", "downloaded_images", "clip_embeddings", "quality_scores"]
+    _materialize(instance, root, web, "b", -1.0, selection=before_pairs)
+
+    markdown = write_card(store).markdown
+    images = store.read_parquet("images/a.parquet").to_pylist()
+    statuses = {status: sum(r["status"] == status for r in images) for status in schemas.STATUSES}
+    crawl_rows, embedded = (
+        store.parquet_num_rows(f"{layer}/a.parquet") for layer in ("crawl_metadata", "embeddings")
+    )
+    pairs = store.parquet_num_rows("pairs/a.parquet")
+    assert (
+        f"{pairs} pairs from 1 shards: {crawl_rows} crawl rows, {statuses[schemas.SUCCESS]} images "
+        f"downloaded, {embedded} embedded. Every number and figure of this card is over these shards. 1 more "
+        "shards are being built and have no pairs yet: nothing of theirs is counted on this card (b)."
+    ) in markdown
+    assert "| a.jsonl |" in markdown and "b.jsonl" not in markdown
+    for status, n in statuses.items():
+        assert f"| {status} | {n} |" in markdown
+    failed = statuses[schemas.FAILED_TO_DOWNLOAD] + statuses[schemas.FAILED_TO_DECODE]
+    assert f"| HTTP 404 | {statuses[schemas.FAILED_TO_DOWNLOAD]} |" in markdown
+    assert f"| 127.0.0.1:{web.port} | {failed} |" in markdown
+    assert f"for {embedded} of the {embedded} embedded images" in markdown
+    stats = gather_stats(store, CardSettings())
+    assert sum(n for _, n in stats.similarity_bins) == embedded
+    assert sum(n for _, n in stats.size_bins["original_width"]) == statuses[schemas.SUCCESS]
+    assert stats.scores.scored == embedded and stats.in_progress == ["b"]
+
+
+def test_a_source_without_rows_is_in_the_sources(local_root, web):
+    """A header-only CSV makes a shard of no rows, with pairs (none): the card counted it among its shards
+    and left it out of the Sources table, whose rows came from grouping the crawl rows."""
+    store = DatasetStore(local_root)
+    instance = dg.DagsterInstance.ephemeral()
+    _materialize(instance, local_root, web, "a", -1.0)
+    store.write_bytes("incoming/e.csv", b"url,caption\n")
+    config = {"ops": {"downloaded_images": {"config": LOCAL_WEB}}}
+    assert materialize_shard(instance, local_root, "e", config).success
+    assert store.parquet_num_rows("pairs/e.parquet") == 0
+
+    markdown = write_card(store).markdown
+    assert "2 pairs from 2 shards: 3 crawl rows" in markdown
+    sources = markdown.split("### Sources\n\n", 1)[1].split("\n\n## ", 1)[0]
+    assert sources.endswith("| source file | crawl rows |\n|---|---|\n| a.jsonl | 3 |\n| e.csv | 0 |")
+
+
+# A card written in its own process, which SIGKILLs itself as the README's write begins.
+_KILLED_AT_README = textwrap.dedent(
+    """
+    import os, signal, sys
+    from laion_assets.pipeline.card import CardSettings, write_card
+    from laion_assets.pipeline.storage import CARD, CARD_FIGURES, DatasetStore
+    atomic_write = DatasetStore.atomic_write
+
+    def killed_at_readme(self, relpath):
+        if relpath == CARD:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return atomic_write(self, relpath)
+
+    DatasetStore.atomic_write = killed_at_readme
+    write_card(DatasetStore(sys.argv[1]), CardSettings(grid_samples=int(sys.argv[2])))
+    """
+)
+
+
+def _card_on_disk(store: DatasetStore) -> tuple[str, dict[str, bytes]]:
+    """The README and every file in card/figures/."""
+    figures = {f.name: store.read_bytes(f"{CARD_FIGURES}/{f.name}") for f in store.list(CARD_FIGURES)}
+    return store.read_bytes(CARD).decode(), figures
+
+
+def _linked(markdown: str) -> set[str]:
+    return set(re.findall(r"\]\(figures/([^)]+)\)", markdown))
+
+
+def test_the_card_leaves_only_the_figures_it_links_and_changes_them_with_its_readme(local_root, web):
+    """The figures went to fixed names, before the README, and none was ever removed: a figure the new card
+    no longer links (the recaptions', once they were dropped) stayed in card/figures/ for ever, and a card
+    run killed before its README left the old README showing the new run's figures."""
+    store = DatasetStore(local_root)
+    _materialize(dg.DagsterInstance.ephemeral(), local_root, web, "a", -1.0)
+    write_card(store, CardSettings(grid_samples=1))
+    old_readme, old_figures = _card_on_disk(store)
+    assert _linked(old_readme) == set(old_figures)
+
+    # killed as it writes the README of a card with another sample grid: the old card stays whole
+    command = [sys.executable, "-c", _KILLED_AT_README, local_root, "2"]
+    killed = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    readme, figures = _card_on_disk(store)
+    assert readme == old_readme
+    assert {name: figures[name] for name in _linked(readme)} == old_figures
+
+    # the recaptions dropped: the next card links no recaption figure, and only its figures are left
+    store.remove("recaptions/a.parquet")
+    result = write_card(store, CardSettings(grid_samples=2))
+    readme, figures = _card_on_disk(store)
+    assert readme == result.markdown and "## Recaptions" not in readme
+    assert _linked(readme) == set(figures) == {path.rsplit("/", 1)[1] for path in result.figures}
+    assert not any(name.startswith(("recaption_scores", "caption_lengths")) for name in figures)
+
+
 def test_without_recaptions_the_card_has_no_recap_config(root, web):
     before_recaptions = [
         "crawl_metadata",
@@ -182,7 +297,9 @@ def test_without_recaptions_the_card_has_no_recap_config(root, web):
     result = write_card(DatasetStore(root))
     assert [c["config_name"] for c in _front_matter(result.markdown)["configs"]] == ["default"]
     assert "## Recaptions" not in result.markdown
-    assert not any(p.endswith(("recaption_scores.png", "caption_lengths.png")) for p in result.figures)
+    shown = [p.rsplit("/", 1)[1] for p in result.figures]
+    assert not any(name.startswith(("recaption_scores-", "caption_lengths-")) for name in shown)
+    assert any(name.startswith("similarity-") for name in shown)
 
 
 def test_asset_puts_the_card_in_its_metadata(local_root, web):
@@ -213,6 +330,57 @@ def test_asset_puts_the_card_in_its_metadata(local_root, web):
         assert figure.format in ("PNG", "JPEG") and 0 < figure.width <= UI_FIGURE_WIDTH
     assert metadata["dagster/row_count"].value == 2 and metadata["shards"].value == 1
     assert metadata["path"].value == DatasetStore(local_root).url(CARD)
+
+
+def test_the_recaptions_count_the_pairs_of_every_shard(local_root, web):
+    """Shard b filtered, its recaptions not made yet: the card read "2 of 2 pairs recaptioned" of 4 pairs,
+    the count of pairs being the recaptions' rows."""
+    store = DatasetStore(local_root)
+    instance = dg.DagsterInstance.ephemeral()
+    _materialize(instance, local_root, web, "a", -1.0)
+    before_recaptions = [
+        "crawl_metadata",
+        "downloaded_images",
+        "clip_embeddings",
+        "quality_scores",
+        "filtered_pairs",
+    ]
+    _materialize(instance, local_root, web, "b", -1.0, selection=before_recaptions)
+    pairs = [store.parquet_num_rows(f"pairs/{shard}.parquet") for shard in ("a", "b")]
+    recaptioned = store.parquet_num_rows("recaptions/a.parquet")
+    assert recaptioned == pairs[0] and pairs[1] > 0
+
+    markdown = write_card(store).markdown
+    assert f"{sum(pairs)} pairs from 2 shards" in markdown
+    assert f"{recaptioned} of {sum(pairs)} pairs recaptioned; " in markdown
+    assert "The pairs of shard b have no recaptions yet." in markdown
+
+
+def test_the_quality_scores_say_which_embedded_images_they_cover(local_root, web):
+    """Shard b's pairs made with no quality scores (no rule reads them; its quality_scores step run
+    later, or failed): the card said the scores were "for each of the 2 embedded images" of 4."""
+    store = DatasetStore(local_root)
+    instance = dg.DagsterInstance.ephemeral()
+    _materialize(instance, local_root, web, "a", -1.0)
+    _materialize(
+        instance,
+        local_root,
+        web,
+        "b",
+        -1.0,
+        selection=["crawl_metadata", "downloaded_images", "clip_embeddings"],
+    )
+    _materialize(instance, local_root, web, "b", -1.0, selection=["filtered_pairs"])
+    assert store.exists("pairs/b.parquet") and not store.exists("scores/b.parquet")
+    scored, embedded = (
+        sum(store.parquet_num_rows(f"{layer}/{shard}.parquet") for shard in shards)
+        for layer, shards in (("scores", ["a"]), ("embeddings", ["a", "b"]))
+    )
+
+    markdown = write_card(store).markdown
+    assert f"{embedded} embedded." in markdown and scored < embedded
+    assert f"for {scored} of the {embedded} embedded images" in markdown
+    assert "The images of shard b have no quality scores yet." in markdown
 
 
 def test_a_dataset_without_pairs_has_true_recaption_figures(local_root, web):

@@ -7,6 +7,7 @@ markdown. The card is the same for the same stored data (provenance timestamps a
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 from dataclasses import dataclass
 
@@ -38,26 +39,39 @@ class CardResult:
 
 
 def write_card(store: DatasetStore, settings: CardSettings | None = None) -> CardResult:
-    """Write `card/README.md` and `card/figures/*.png` under the store's root (figures first)."""
+    """Write `card/figures/<figure>-<hash>.png`, then `card/README.md`, under the store's root; then
+    remove the figures it does not link.
+
+    A figure's name is its content's: the README's write switches the card to its figures at once, the
+    old README's staying in place until then, so a run killed before it leaves the old card whole (and
+    figures no card links, which the next run removes)."""
     settings = settings or CardSettings()
     stats = gather_stats(store, settings)
     figures = {**render_figures(stats), "samples.png": sample_grid(store, stats.samples)}
-    paths = []
+    files = {name: _content_name(name, png) for name, png in figures.items()}
     for name, png in figures.items():
-        paths.append(f"{CARD_FIGURES}/{name}")
-        store.write_bytes(paths[-1], png)
-    markdown = render_markdown(stats, settings, list(figures))
+        store.write_bytes(f"{CARD_FIGURES}/{files[name]}", png)
+    markdown = render_markdown(stats, settings, files)
     store.write_bytes(CARD, markdown.encode())
+    for stored in store.list(CARD_FIGURES):  # an earlier card's, or a killed run's
+        if stored.name not in files.values():
+            store.remove(f"{CARD_FIGURES}/{stored.name}")
     return CardResult(
         markdown=markdown,
-        ui_markdown=card_for_ui(markdown, figures),
+        ui_markdown=card_for_ui(markdown, {files[name]: png for name, png in figures.items()}),
         readme=CARD,
-        figures=paths,
+        figures=[f"{CARD_FIGURES}/{file}" for file in files.values()],
         shards=len(stats.shards),
         pairs=stats.pairs,
         crawl_rows=stats.crawl_rows,
         downloaded=stats.downloaded,
     )
+
+
+def _content_name(name: str, png: bytes) -> str:
+    """`similarity.png` as `similarity-<12 hex digits of its SHA-256>.png`."""
+    stem, _, suffix = name.rpartition(".")
+    return f"{stem}-{hashlib.sha256(png).hexdigest()[:12]}.{suffix}"
 
 
 def card_for_ui(markdown: str, figures: dict[str, bytes]) -> str:

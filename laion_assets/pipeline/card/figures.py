@@ -116,7 +116,7 @@ def _score_histograms(scores: ScoreStats) -> bytes:
         starts = np.array([b for b, _ in bins], float) * width
         ax.bar(starts, [n for _, n in bins], width, align="edge")
         ax.set(title=label if bins else f"{label}: not computed", xlabel=label, ylabel="images")
-    figure.suptitle("Quality scores of every embedded image")
+    figure.suptitle("Quality scores of the scored images")
     return _png(figure)
 
 

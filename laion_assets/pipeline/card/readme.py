@@ -68,8 +68,9 @@ def size_category(rows: int) -> str:
 # markdown
 
 
-def render_markdown(stats: CardStats, settings: CardSettings, figures: list[str]) -> str:
-    """The card: YAML front matter for the Hub, then the sections; `figures` are file names in figures/."""
+def render_markdown(stats: CardStats, settings: CardSettings, figures: dict[str, str]) -> str:
+    """The card: YAML front matter for the Hub, then the sections; `figures`: each figure's file name in
+    figures/, by the figure's name (`similarity.png`)."""
     header = {
         "pretty_name": settings.pretty_name,
         "license": settings.license,
@@ -96,8 +97,8 @@ def render_markdown(stats: CardStats, settings: CardSettings, figures: list[str]
         _funnel(stats),
         _removals(stats),
         *([_duplicates(stats.duplicates)] if stats.duplicates else []),
-        *([_scores(stats.scores, stats.shards)] if stats.scores else []),
-        *([_recaptions(stats.recaptions, stats.shards)] if stats.recaptions else []),
+        *([_scores(stats.scores, stats.shards, stats.embedded)] if stats.scores else []),
+        *([_recaptions(stats.recaptions, stats.shards, stats.pairs)] if stats.recaptions else []),
         *([_exports(stats.exports)] if stats.exports else []),
         _downloads(stats, settings),
         _figures(figures),
@@ -114,10 +115,17 @@ def render_markdown(stats: CardStats, settings: CardSettings, figures: list[str]
 
 def _description(stats: CardStats, settings: CardSettings) -> str:
     sources = table(["source file", "crawl rows"], stats.sources)
+    in_progress = (
+        f" {len(stats.in_progress)} more shards are being built and have no pairs yet: nothing of theirs "
+        f"is counted on this card ({_shard_names(stats.in_progress)})."
+        if stats.in_progress
+        else ""
+    )
     return (
         f"## Dataset description\n\n{settings.description}\n\n"
         f"{stats.pairs} pairs from {len(stats.shards)} shards: {stats.crawl_rows} crawl rows, "
-        f"{stats.downloaded} images downloaded, {stats.embedded} embedded.\n\n"
+        f"{stats.downloaded} images downloaded, {stats.embedded} embedded. Every number and figure of this "
+        f"card is over these shards.{in_progress}\n\n"
         "To publish it, upload the dataset root with this file as its `README.md` and `card/figures/` as "
         f"`figures/`: the `configs` above point at `{DATA_FILES}`, relative to the root. The same pairs, "
         "with their images, are webdataset shards in `pairs/<shard>.tar`.\n\n"
@@ -253,7 +261,7 @@ def _exports(manifests: list[dict]) -> str:
     )
 
 
-def _recaptions(recap: RecapStats, shards: list[ShardRecord]) -> str:
+def _recaptions(recap: RecapStats, shards: list[ShardRecord], pairs: int) -> str:
     share = recap.above / max(1, recap.recaptioned)
     means = recap.means
     comparison = table(
@@ -278,6 +286,8 @@ def _recaptions(recap: RecapStats, shards: list[ShardRecord]) -> str:
         (", ".join(f"{name}: {value}" for name, value in json.loads(captioner).items()), _shard_names(names))
         for captioner, names in described
     ]
+    missing = [r.shard for r in shards if not r.captioner]  # every recaptions file records its captioner
+    pending = f" The pairs of {_shards_phrase(missing)} have no recaptions yet." if missing else ""
     return (
         "## Recaptions\n\n"
         f"The `recap` config is `{RECAP_DATA_FILES}`: a new caption for each kept pair, beside the web's, "
@@ -285,13 +295,13 @@ def _recaptions(recap: RecapStats, shards: list[ShardRecord]) -> str:
         "`re_clip_score`, `org_length`, `re_length`, `sha256`) and `re_caption_error` where there is "
         "none. Both scores are the pipeline's own CLIP, the model of the `similarity` column. To train on "
         "the new captions, join the two configs on `key`.\n\n"
-        f"{recap.recaptioned} of {recap.pairs} pairs recaptioned; the new caption scores higher than the "
-        f"web's for {recap.above} ({share:.1%}).\n\n{comparison}\n\n### Examples\n\n{examples}\n\n"
+        f"{recap.recaptioned} of {pairs} pairs recaptioned; the new caption scores higher than the "
+        f"web's for {recap.above} ({share:.1%}).{pending}\n\n{comparison}\n\n### Examples\n\n{examples}\n\n"
         f"### Captioners\n\n{table(['captioner', 'shards'], captioners)}"
     )
 
 
-def _scores(scores: ScoreStats, shards: list[ShardRecord]) -> str:
+def _scores(scores: ScoreStats, shards: list[ShardRecord], embedded: int) -> str:
     means = [
         (column, "not computed" if mean is None else f"{mean:.4f}") for column, mean in scores.means.items()
     ]
@@ -305,11 +315,13 @@ def _scores(scores: ScoreStats, shards: list[ShardRecord]) -> str:
         (", ".join(f"{k}: {v}" for k, v in json.loads(f).items()) or "none", _shard_names(n))
         for f, n in filters
     ]
+    missing = [r.shard for r in shards if not r.scores]  # every scores file records its models
+    pending = f" The images of {_shards_phrase(missing)} have no quality scores yet." if missing else ""
     return (
         "## Quality scores\n\n"
         "LAION-5B's `punsafe` and `pwatermark`, LAION-Aesthetics' `aesthetic` (1-10) and the caption's "
-        f"`language`, for each of the {scores.scored} embedded images, in `{SCORES.parquet_glob}` (join on "
-        "`key`; the catalog's `scored_pairs` view does).\n\n"
+        f"`language`, for {scores.scored} of the {embedded} embedded images, in `{SCORES.parquet_glob}` "
+        f"(join on `key`; the catalog's `scored_pairs` view does).{pending}\n\n"
         f"{table(['score', 'mean'], means)}\n\n"
         f"### Languages\n\n{table(['language', 'images'], scores.languages)}\n\n"
         f"### Models\n\n{table(['weights of each score', 'shards'], models)}\n\n"
@@ -343,7 +355,7 @@ def _downloads(stats: CardStats, settings: CardSettings) -> str:
     )
 
 
-def _figures(figures: list[str]) -> str:
+def _figures(figures: dict[str, str]) -> str:
     captions = {
         "similarity.png": "CLIP similarity of every embedded image, with the threshold",
         "image_sizes.png": "Original sizes of the downloaded images",
@@ -352,10 +364,12 @@ def _figures(figures: list[str]) -> str:
         "samples.png": "Sample pairs",
         "recaption_scores.png": "CLIP scores of the web captions and the new captions",
         "caption_lengths.png": "Lengths of the web captions and the new captions",
-        "scores.png": "Quality scores of every embedded image",
+        "scores.png": "Quality scores of the scored images",
         "languages.png": "Languages of the captions",
     }
-    return "## Figures\n\n" + "\n\n".join(f"![{captions[name]}](figures/{name})" for name in figures)
+    return "## Figures\n\n" + "\n\n".join(
+        f"![{captions[name]}](figures/{file})" for name, file in figures.items()
+    )
 
 
 def _provenance(stats: CardStats) -> str:
@@ -392,6 +406,11 @@ def _groups(
     for record in shards:
         groups.setdefault(value(record), []).append(record.shard)
     return list(groups.items())
+
+
+def _shards_phrase(shards: list[str]) -> str:
+    """`shard a` or `shards a, b`."""
+    return f"shard{'s' if len(shards) > 1 else ''} {_shard_names(shards)}"
 
 
 def _shard_names(shards: list[str], shown: int = 5) -> str:

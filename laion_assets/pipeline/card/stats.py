@@ -17,7 +17,15 @@ from laion_assets.pipeline.embeddings.clip import ModelIdentity
 from laion_assets.pipeline.exports.export import stored_exports
 from laion_assets.pipeline.pairs.filter import FUNNEL, PairsSettings, stored_pair_shards
 from laion_assets.pipeline.parallel import store_map
-from laion_assets.pipeline.storage import DUPLICATES, EMBEDDINGS, PAIRS, RECAPTIONS, SCORES, DatasetStore
+from laion_assets.pipeline.storage import (
+    DUPLICATES,
+    EMBEDDINGS,
+    PAIRS,
+    RECAPTIONS,
+    SCORES,
+    SHARD_LAYERS,
+    DatasetStore,
+)
 
 if TYPE_CHECKING:
     import duckdb
@@ -52,7 +60,6 @@ Bins = list[tuple[int, int]]  # (bin, rows)
 class RecapStats:
     """The recaptions against the web's captions: both scored by the pipeline's CLIP."""
 
-    pairs: int
     recaptioned: int  # with a new caption (the rest have re_caption_error)
     above: int  # of those, pairs whose new caption scores higher than the web's
     means: dict[str, float | None]  # {org,re}_clip_score, {org,re}_length over the recaptioned; None if none
@@ -63,7 +70,7 @@ class RecapStats:
 
 @dataclass
 class ScoreStats:
-    """The quality scores of every embedded image, from the `scores` view."""
+    """The quality scores of the images scored, from the `scores` view."""
 
     scored: int  # rows
     bins: dict[str, Bins]  # punsafe, pwatermark (PROBABILITY_BIN), aesthetic (AESTHETIC_BIN): (bin, rows)
@@ -83,6 +90,9 @@ class DuplicateStats:
 
 @dataclass
 class CardStats:
+    """Every count and figure is over the shards that have pairs (`shards`); the shards still being built,
+    with some layer but no pairs yet, are only named (`in_progress`)."""
+
     shards: list[ShardRecord]  # sorted by shard
     crawl_rows: int
     downloaded: int
@@ -102,6 +112,7 @@ class CardStats:
     duplicates: DuplicateStats | None = None  # None until dedup has run
     scores: ScoreStats | None = None  # None until some shard has quality scores
     exports: list[dict] = field(default_factory=list)  # the manifest of each training-shards export
+    in_progress: list[str] = field(default_factory=list)  # shards with some layer stored but no pairs yet
 
     def funnel(self) -> tuple[int, dict[str, int]]:
         """Rows in and rows removed by each rule, summed over the shards that recorded a funnel."""
@@ -130,12 +141,15 @@ class CardStats:
 def gather_stats(store: DatasetStore, settings: CardSettings) -> CardStats:
     """Everything the card shows, from the stored shards. Raises ValueError if there are none."""
     shards = stored_pair_shards(store, "the dataset card")
-    connection = catalog.connect(store)
+    connection = catalog.connect(store, shards=shards)
     try:
         records = list(store_map(lambda shard: _shard_record(store, shard), shards))
-        return _stats(store, connection, records, settings)
+        stats = _stats(store, connection, records, settings)
     finally:
         connection.close()
+    stored = {shard for layer in SHARD_LAYERS for shard in store.shards(layer)}
+    stats.in_progress = sorted(stored - set(shards))
+    return stats
 
 
 def _stats(
@@ -175,7 +189,10 @@ def _stats(
         "SELECT floor(similarity / ?)::BIGINT AS bin, count(*) FROM embeddings GROUP BY 1 ORDER BY 1",
         SIMILARITY_BIN,
     )
-    sources = rows("SELECT source_file, count(*) FROM crawl_metadata GROUP BY 1 ORDER BY 1")
+    # a source without rows (a header-only CSV) is in no group: its shard's provenance names it
+    recorded = {r.provenance.get("source_file") for r in shards if r.provenance} - {None}
+    counted = dict(rows("SELECT source_file, count(*) FROM crawl_metadata GROUP BY 1"))
+    sources = sorted({**dict.fromkeys(recorded, 0), **counted}.items())
     return CardStats(
         shards=shards,
         crawl_rows=sum(n for _, n in sources),
@@ -209,7 +226,9 @@ def _stats(
         samples=rows("SELECT key, caption FROM pairs ORDER BY md5(key), key LIMIT ?", settings.grid_samples),
         recaptions=_recap_stats(connection) if RECAPTIONS.name in catalog.view_names(connection) else None,
         removals=rows(
-            "SELECT reason, list, kind, count(DISTINCT key) FROM takedowns GROUP BY ALL ORDER BY ALL"
+            "SELECT reason, list, kind, count(DISTINCT key) FROM takedowns WHERE list_contains(?, shard) "
+            "GROUP BY ALL ORDER BY ALL",
+            [record.shard for record in shards],
         )
         if "takedowns" in catalog.view_names(connection)
         else [],
@@ -295,15 +314,14 @@ def _recap_stats(connection: duckdb.DuckDBPyConnection) -> RecapStats:
     def rows(sql: str) -> list[tuple]:
         return connection.execute(sql).fetchall()
 
-    pairs, recaptioned, above, *sums = rows(
-        "SELECT coalesce(sum(n), 0)::BIGINT, coalesce(sum(n) FILTER (recaptioned), 0)::BIGINT, "
+    recaptioned, above, *sums = rows(
+        "SELECT coalesce(sum(n) FILTER (recaptioned), 0)::BIGINT, "
         "coalesce(sum(n) FILTER (above), 0)::BIGINT, "
         "sum(org_score_sum) FILTER (recaptioned), sum(re_score_sum), "
         "sum(org_length_sum) FILTER (recaptioned), sum(re_length_sum) FROM card_recaptions"
     )[0]
     names = ("org_clip_score", "re_clip_score", "org_length", "re_length")
     return RecapStats(
-        pairs=pairs,
         recaptioned=recaptioned,
         above=above,
         means={

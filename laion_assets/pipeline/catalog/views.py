@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -115,12 +116,15 @@ def plain_connection(store: DatasetStore, database: str = ":memory:") -> duckdb.
     return connection
 
 
-def connect(store: DatasetStore, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with a view for each layer that has parquet files under the store's root."""
+def connect(
+    store: DatasetStore, database: str = ":memory:", shards: Collection[str] | None = None
+) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with a view for each layer that has parquet files under the store's root; the
+    per-shard layers' views over `shards` only, where given (see `create_views`)."""
     connection = plain_connection(store, database)
     connection.create_function("url_host", schemas.url_host, ["VARCHAR"], "VARCHAR")
     connection.create_function("error_class", schemas.error_class, ["VARCHAR"], "VARCHAR")
-    create_views(connection, store)
+    create_views(connection, store, shards)
     return connection
 
 
@@ -191,21 +195,29 @@ def write_hosts(store: DatasetStore, connection: duckdb.DuckDBPyConnection) -> i
     return hosts.num_rows
 
 
-def create_views(connection: duckdb.DuckDBPyConnection, store: DatasetStore) -> list[str]:
-    """(Re)create the views; a layer with no files yet gets none. `hosts` reads hosts/hosts.parquet where
-    the catalog has written it, else groups the images itself. Returns the view names."""
+def create_views(
+    connection: duckdb.DuckDBPyConnection, store: DatasetStore, shards: Collection[str] | None = None
+) -> list[str]:
+    """(Re)create the views; a layer with no files yet gets none. With `shards`, each per-shard layer's view
+    reads those shards' files only, and `hosts` groups their images; otherwise `hosts` reads
+    hosts/hosts.parquet where the catalog has written it, else groups the images itself. Returns the view
+    names."""
     created = []
     for layer in SHARD_LAYERS:
-        if not any(f.name.endswith(".parquet") for f in store.list(layer.name)):
+        stored = store.shards(layer)
+        if shards is not None:
+            stored = [shard for shard in stored if shard in shards]
+        if not stored:
             continue
-        pattern = quote_literal(store.url(layer.parquet_glob))
+        paths = [layer.parquet_glob] if shards is None else [layer.parquet(shard) for shard in stored]
+        files = ", ".join("'" + quote_literal(store.url(path)) + "'" for path in paths)
         # URL lists pass their own extra columns through, so crawl_metadata shards may differ and need
         # union_by_name, which reads every file's footer when the view is bound. The other layers have
         # one schema: their views read a footer only when a query reads that file.
         union = "true" if layer == CRAWL_METADATA else "false"
         connection.execute(
-            f"CREATE OR REPLACE VIEW {layer.name} AS "
-            f"SELECT * FROM read_parquet('{pattern}', union_by_name = {union})"
+            f"CREATE OR REPLACE VIEW {layer.name} AS SELECT * FROM "
+            f"read_parquet([{files}], union_by_name = {union})"
         )
         created.append(layer.name)
     for view, folder, pattern in _DATASET_VIEWS:
@@ -218,7 +230,7 @@ def create_views(connection: duckdb.DuckDBPyConnection, store: DatasetStore) -> 
             created.append(view)
         elif view in view_names(connection):
             connection.execute(f"DROP VIEW {view}")
-    if _create_hosts_view(connection, store, has_images=IMAGES.name in created):
+    if _create_hosts_view(connection, store, IMAGES.name in created, from_file=shards is None):
         created.append(HOSTS_VIEW)
     if PAIRS.name in created:
         unique = f"ANTI JOIN {DUPLICATES_VIEW} d USING (key)" if DUPLICATES_VIEW in created else ""
@@ -304,10 +316,12 @@ _DATASET_VIEWS = (
 )
 
 
-def _create_hosts_view(connection: duckdb.DuckDBPyConnection, store: DatasetStore, has_images: bool) -> bool:
-    """(Re)create `hosts`: over hosts/hosts.parquet where it is written, else over the images; dropped
-    when there are neither. Whether there is one."""
-    if store.exists(HOSTS):
+def _create_hosts_view(
+    connection: duckdb.DuckDBPyConnection, store: DatasetStore, has_images: bool, from_file: bool = True
+) -> bool:
+    """(Re)create `hosts`: over hosts/hosts.parquet where it is written and `from_file`, else over the
+    images; dropped when there are neither. Whether there is one."""
+    if from_file and store.exists(HOSTS):
         pattern = quote_literal(store.url(HOSTS))
         connection.execute(f"CREATE OR REPLACE VIEW {HOSTS_VIEW} AS SELECT * FROM read_parquet('{pattern}')")
         return True
