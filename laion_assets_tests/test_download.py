@@ -773,6 +773,33 @@ def test_the_next_shard_starts_while_the_last_one_drains(web):
     assert ended[second[0]] < ended[first[0]]
 
 
+def test_a_failed_item_starts_no_other_and_the_one_under_way_is_finished_and_yielded_first():
+    """pipelined(): where an item fails, the item started beside it (its shard's files written) is
+    finished and yielded before the error is raised, so the caller can record it; none starts after. Its
+    result was dropped, and an item that failed before draining still started the next one."""
+    started = []
+
+    def work(item: str, draining: threading.Event) -> str:
+        started.append(item)
+        if item == "b":  # fails as it drains: c is under way
+            draining.set()
+            wait_until(lambda: "c" in started)
+            raise ValueError("b is bad")
+        if item == "d":  # fails before draining: nothing more starts
+            raise ValueError("d is bad")
+        return item.upper()
+
+    for items, error, done in (("abcz", "b is bad", ["a", "c"]), ("adz", "d is bad", ["a"])):
+        started.clear()
+        yielded = []
+        with pytest.raises(ValueError, match=error):
+            for item, result in pipelined(list(items), work):
+                yielded.append(item)
+                assert result == item.upper()
+        assert yielded == done
+        assert "z" not in started
+
+
 def test_images_waiting_for_the_cpu_do_not_hold_requests_back(web, monkeypatch):
     """A slot is its request's alone: while the first image's decode waits, every other URL is requested
     (with 2 slots for 12 URLs)."""
