@@ -96,7 +96,7 @@ def downloaded_images(
 
     # the next shard starts fetching while the last one waits on its slowest hosts
     with workers, shards_written(context) as metadata:
-        for shard, result in pipelined(context.partition_keys, download):
+        for shard, result in pipelined(context.partition_keys, download, workers.stop):
             counts = result.status_counts()
             rows = result.table.num_rows
             metadata[shard] = {
