@@ -1,8 +1,12 @@
 import dagster as dg
 
+from laion_assets import names
+from laion_assets.definitions import build_definitions
+from laion_assets.defs.partitions import range_tags, shards
 from laion_assets.pipeline.storage import DatasetStore
 from laion_assets.runner import failure_message
-from laion_assets_tests.dagster_helpers import materialize_shard
+from laion_assets_tests.captioners import RANDOM_COCA
+from laion_assets_tests.dagster_helpers import TINY_CLIP, materialize_shard
 from laion_assets_tests.wat_files import Page, img, wat_bytes
 
 CRAWL = ["crawl_metadata"]  # these tests are about reading sources; their URLs go nowhere
@@ -76,3 +80,27 @@ def test_wat_shard_on_s3(s3_root):
     assert store.read_parquet("crawl_metadata/seg-1.parquet").column("url").to_pylist() == [
         "https://x.example/a.jpg"
     ]
+
+
+def test_a_bad_file_in_the_middle_of_a_run_over_several_shards_fails_alone(local_root):
+    """A run over a, b, c whose b is not a readable file fails with b's message; a, written before it, is
+    recorded materialised with its own rows (before, the failed step recorded none of its shards, so the
+    UI showed a failed while its parquet was done)."""
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/a.csv", URLS)
+    store.write_bytes("incoming/b.jsonl.gz", b"not gzip")
+    store.write_bytes("incoming/c.csv", URLS)
+    job = build_definitions(local_root, TINY_CLIP, RANDOM_COCA).resolve_job_def(names.SHARD_JOB)
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(shards.name, list("abc"))
+    key = dg.AssetKey("crawl_metadata")
+    result = job.execute_in_process(
+        instance=instance, tags=range_tags("a", "c"), asset_selection=[key], raise_on_error=False
+    )
+    assert failure_message(result).startswith("b.jsonl.gz: not a readable gzip file")
+    assert instance.get_materialized_partitions(key) == {"a"}
+    statuses = instance.get_status_by_partition(key, list("abc"), shards)
+    assert statuses["b"] == dg.AssetPartitionStatus.FAILED
+    (record,) = instance.fetch_materializations(key, limit=10).records
+    assert record.asset_materialization.metadata["dagster/row_count"].value == 2
+    assert store.exists("crawl_metadata/a.parquet") and not store.exists("crawl_metadata/c.parquet")

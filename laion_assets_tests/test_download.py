@@ -22,9 +22,10 @@ from laion_assets.pipeline.download import downloader as download
 from laion_assets.pipeline.download import fetch
 from laion_assets.pipeline.download.downloader import DownloadSettings, HostScheduler, _Job, download_shard
 from laion_assets.pipeline.download.imaging import ImageSettings, process_image
+from laion_assets.pipeline.leases import shard_lease
 from laion_assets.pipeline.parallel import pipelined
 from laion_assets.pipeline.shard_tar import read_samples
-from laion_assets.pipeline.storage import CRAWL_METADATA, IMAGES
+from laion_assets.pipeline.storage import CRAWL_METADATA, IMAGES, DatasetStore
 
 # Short timeouts keep the failures quick; the guard is off because the web is on 127.0.0.1.
 FAST = DownloadSettings(
@@ -771,6 +772,58 @@ def test_the_next_shard_starts_while_the_last_one_drains(web):
     assert second_result.status_counts()[schemas.SUCCESS] == 3
     # the second shard was fetched and done while the drip still held the first one
     assert ended[second[0]] < ended[first[0]]
+
+
+def test_a_failed_item_starts_no_other_and_the_one_under_way_is_finished_and_yielded_first():
+    """pipelined(): where an item fails, the item started beside it (its shard's files written) is
+    finished and yielded before the error is raised, so the caller can record it; none starts after. Its
+    result was dropped, and an item that failed before draining still started the next one."""
+    started = []
+
+    def work(item: str, draining: threading.Event) -> str:
+        started.append(item)
+        if item == "b":  # fails as it drains: c is under way
+            draining.set()
+            wait_until(lambda: "c" in started)
+            raise ValueError("b is bad")
+        if item == "d":  # fails before draining: nothing more starts
+            raise ValueError("d is bad")
+        return item.upper()
+
+    for items, error, done in (("abcz", "b is bad", ["a", "c"]), ("adz", "d is bad", ["a"])):
+        started.clear()
+        yielded = []
+        with pytest.raises(ValueError, match=error):
+            for item, result in pipelined(list(items), work):
+                yielded.append(item)
+                assert result == item.upper()
+        assert yielded == done
+        assert "z" not in started
+
+
+def test_a_run_that_stops_ends_its_shards_under_way_and_writes_none_of_them(local_root, web, monkeypatch):
+    """A run that stops while shard b downloads (an error or an interrupt in the step's thread: here the
+    step closes pipelined()) ends b at once through the workers' `stop`: b writes no tar and no parquet,
+    and lets its lease go. Before, the step waited for b's whole download and wrote it, unrecorded."""
+    monkeypatch.setattr(download, "ROWS_PER_PROCESS", 1)
+    settings = replace(FAST, processes=2, request_timeout=60, retries=0)
+    store = DatasetStore(local_root)
+    shards = {"a": [web.url("/up/a0"), web.url("/up/a1")], "b": [web.url("/drip.jpg"), web.url("/up/b1")]}
+    for shard, urls in shards.items():
+        store.write_parquet(CRAWL_METADATA.parquet(shard), crawl_table(urls, shard=shard))
+    with download.DownloadWorkers(settings) as workers:
+
+        def work(shard: str, draining: threading.Event):
+            with shard_lease(store, shard, "run"):
+                return download.write_images(store, shard, settings, None, draining, workers)
+
+        results = pipelined(list(shards), work, workers.stop)
+        assert next(results)[0] == "a"
+        wait_until(lambda: web.hits["/drip.jpg"])
+        results.close()
+    assert store.exists(IMAGES.parquet("a"))
+    assert not store.exists(IMAGES.parquet("b")) and not store.exists(IMAGES.tar("b"))
+    assert not store.exists("_leases/b.json")
 
 
 def test_images_waiting_for_the_cpu_do_not_hold_requests_back(web, monkeypatch):

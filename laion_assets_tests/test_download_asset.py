@@ -1,10 +1,17 @@
+from pathlib import Path
+
 import dagster as dg
 
+from laion_assets import names
+from laion_assets.definitions import build_definitions
 from laion_assets.defs.download import one_row_per_crawl_row
+from laion_assets.defs.partitions import range_tags, shards
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import DatasetStore
-from laion_assets_tests.dagster_helpers import LOCAL_WEB, local_web_config, materialize_shard
+from laion_assets.runner import failure_message
+from laion_assets_tests.captioners import RANDOM_COCA
+from laion_assets_tests.dagster_helpers import LOCAL_WEB, TINY_CLIP, local_web_config, materialize_shard
 
 
 def _url_list(web, paths: list[str]) -> bytes:
@@ -82,3 +89,40 @@ def test_run_config_yaml_with_resize_mode_no(local_root, web):
     assert materialize_shard(dg.DagsterInstance.ephemeral(), local_root, "s", run_config, selection).success
     row = store.read_parquet("images/s.parquet").to_pylist()[0]
     assert (row["width"], row["height"]) == (row["original_width"], row["original_height"]) == (640, 480)
+
+
+def test_a_failed_shard_of_a_run_over_several_fails_alone_and_the_shards_written_are_materialised(
+    local_root, web
+):
+    """A run over a, b, c whose b fails (its tar cannot be written): a, done before b, and c, under way
+    when b failed, have their files, and each is recorded materialised with its own metadata; b alone is
+    failed, with its error. Before, the step recorded none of them, so the UI showed a and c failed while
+    their files were done, and the catch-up schedule downloaded them again."""
+    store = DatasetStore(local_root)
+    for shard in "abc":
+        store.write_bytes(f"incoming/{shard}.jsonl", _url_list(web, ["/img/red.jpg", f"/up/{shard}"]))
+    (Path(local_root) / "images" / "b.tar").mkdir(parents=True)
+    job = build_definitions(local_root, TINY_CLIP, RANDOM_COCA).resolve_job_def(names.SHARD_JOB)
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(shards.name, list("abc"))
+    result = job.execute_in_process(
+        instance=instance,
+        run_config=local_web_config(),
+        tags=range_tags("a", "c"),
+        asset_selection=[dg.AssetKey("crawl_metadata"), dg.AssetKey("downloaded_images")],
+        raise_on_error=False,
+    )
+    assert not result.success
+    assert "b.tar" in failure_message(result)
+    key = dg.AssetKey("downloaded_images")
+    assert instance.get_materialized_partitions(key) == {"a", "c"}
+    statuses = instance.get_status_by_partition(key, list("abc"), shards)
+    assert statuses["b"] == dg.AssetPartitionStatus.FAILED
+    for shard in "ac":
+        assert store.read_parquet(f"images/{shard}.parquet").column("status").to_pylist() == ["success"] * 2
+    records = instance.fetch_materializations(key, limit=10).records
+    materialized = {r.asset_materialization.partition: r.asset_materialization.metadata for r in records}
+    assert set(materialized) == {"a", "c"}
+    assert all(metadata["dagster/row_count"].value == 2 for metadata in materialized.values())
+    assert not store.exists("images/b.parquet")
+    assert not list((Path(local_root) / "_leases").iterdir())  # each shard's lease let go

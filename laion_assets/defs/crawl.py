@@ -4,7 +4,7 @@ import dagster as dg
 
 from laion_assets import names
 from laion_assets.defs.config import dataset_config
-from laion_assets.defs.metadata import preview, shards_materialized
+from laion_assets.defs.metadata import preview, shards_materialized, shards_written
 from laion_assets.defs.partitions import leased_shards, per_shard_asset
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline.crawl.metadata import CrawlSettings, write_crawl_metadata
@@ -32,16 +32,16 @@ def crawl_metadata(
     """Image URLs and captions from one source file (URL list or WAT), cleaned, deduplicated and keyed."""
     dataset = store.get_store()
     settings = dataset_config(context, config, dataset).settings()
-    metadata = {}
-    for shard in leased_shards(context, dataset):
-        result = write_crawl_metadata(dataset, shard, settings)
-        metadata[shard] = {
-            "dagster/row_count": result.table.num_rows,
-            "rows_read": result.rows_read,
-            **{f"dropped/{reason}": n for reason, n in result.dropped.items()},
-            "source_file": result.source.name,
-            "format": result.source.format,
-            "path": dg.MetadataValue.path(dataset.url(result.path)),
-            "preview": preview(result.table, ["key", "url", "caption", "license"]),
-        }
+    with shards_written(context) as metadata:
+        for shard in leased_shards(context, dataset):
+            result = write_crawl_metadata(dataset, shard, settings)
+            metadata[shard] = {
+                "dagster/row_count": result.table.num_rows,
+                "rows_read": result.rows_read,
+                **{f"dropped/{reason}": n for reason, n in result.dropped.items()},
+                "source_file": result.source.name,
+                "format": result.source.format,
+                "path": dg.MetadataValue.path(dataset.url(result.path)),
+                "preview": preview(result.table, ["key", "url", "caption", "license"]),
+            }
     return shards_materialized(metadata)

@@ -11,7 +11,7 @@ from laion_assets.defs.checks import shard_check
 from laion_assets.defs.config import config_values, dataset_config, settings_from
 from laion_assets.defs.crawl import crawl_metadata
 from laion_assets.defs.execution import DOWNLOAD_POD
-from laion_assets.defs.metadata import counts_table, preview, shards_materialized
+from laion_assets.defs.metadata import counts_table, preview, shards_materialized, shards_written
 from laion_assets.defs.partitions import per_shard_asset
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline import schemas
@@ -88,8 +88,6 @@ def downloaded_images(
     dataset = store.get_store()
     config = dataset_config(context, config, dataset)
     settings = settings_from(config, DownloadSettings)
-    metadata = {}
-
     workers = DownloadWorkers(settings)  # shared by the shards: as many processes as cores in all
 
     def download(shard: str, draining: threading.Event) -> DownloadResult:
@@ -97,8 +95,8 @@ def downloaded_images(
             return write_images(dataset, shard, settings, context.log.info, draining, workers)
 
     # the next shard starts fetching while the last one waits on its slowest hosts
-    with workers:
-        for shard, result in pipelined(context.partition_keys, download):
+    with workers, shards_written(context) as metadata:
+        for shard, result in pipelined(context.partition_keys, download, workers.stop):
             counts = result.status_counts()
             rows = result.table.num_rows
             metadata[shard] = {

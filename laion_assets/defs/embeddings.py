@@ -7,7 +7,7 @@ from laion_assets.defs.checks import shard_check
 from laion_assets.defs.config import model_settings, record_section
 from laion_assets.defs.download import downloaded_images
 from laion_assets.defs.execution import GPU_POD
-from laion_assets.defs.metadata import preview, shards_materialized, similarity_quantiles
+from laion_assets.defs.metadata import preview, shards_materialized, shards_written, similarity_quantiles
 from laion_assets.defs.partitions import leased_shards, per_shard_asset
 from laion_assets.defs.resources import ClipEncoderResource, DatasetStoreResource
 from laion_assets.pipeline import schemas
@@ -40,31 +40,33 @@ def clip_embeddings(
     dataset = store.get_store()
     encoder = clip.get_encoder(dataset)  # loaded once for every shard of the run
     record_section(dataset, CLIP_SECTION, model_settings(clip))
-    metadata = {}
-    for shard in leased_shards(context, dataset):
-        result = write_embeddings(dataset, shard, encoder, clip.batch_size, config.preprocess_workers)
-        if result.undecodable:
-            unread = result.undecodable
-            context.log.warning(f"{shard}: {len(unread)} stored images could not be read: {unread[:10]}")
-        if result.missing:
-            absent = result.missing
-            context.log.warning(f"{shard}: {len(absent)} successful images are not in its tar: {absent[:10]}")
-        rows = result.table.num_rows
-        metadata[shard] = {
-            "dagster/row_count": rows,
-            "undecodable_images": len(result.undecodable),
-            "images_not_in_tar": len(result.missing),
-            "model": encoder.identity.model,
-            "pretrained": encoder.identity.pretrained,
-            "weights": encoder.identity.weights,
-            "device": str(encoder.device),
-            "dim": encoder.dim,
-            "similarity_p10_p50_p90": similarity_quantiles(result.table),
-            "seconds": round(result.seconds, 2),
-            "images_per_second": round(rows / result.seconds, 1) if result.seconds else 0.0,
-            "path": dg.MetadataValue.path(dataset.url(EMBEDDINGS.parquet(shard))),
-            "preview": preview(result.table, ["key", "similarity"]),
-        }
+    with shards_written(context) as metadata:
+        for shard in leased_shards(context, dataset):
+            result = write_embeddings(dataset, shard, encoder, clip.batch_size, config.preprocess_workers)
+            if result.undecodable:
+                unread = result.undecodable
+                context.log.warning(f"{shard}: {len(unread)} stored images could not be read: {unread[:10]}")
+            if result.missing:
+                absent = result.missing
+                context.log.warning(
+                    f"{shard}: {len(absent)} successful images are not in its tar: {absent[:10]}"
+                )
+            rows = result.table.num_rows
+            metadata[shard] = {
+                "dagster/row_count": rows,
+                "undecodable_images": len(result.undecodable),
+                "images_not_in_tar": len(result.missing),
+                "model": encoder.identity.model,
+                "pretrained": encoder.identity.pretrained,
+                "weights": encoder.identity.weights,
+                "device": str(encoder.device),
+                "dim": encoder.dim,
+                "similarity_p10_p50_p90": similarity_quantiles(result.table),
+                "seconds": round(result.seconds, 2),
+                "images_per_second": round(rows / result.seconds, 1) if result.seconds else 0.0,
+                "path": dg.MetadataValue.path(dataset.url(EMBEDDINGS.parquet(shard))),
+                "preview": preview(result.table, ["key", "similarity"]),
+            }
     return shards_materialized(metadata)
 
 

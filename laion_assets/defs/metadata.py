@@ -1,5 +1,8 @@
 """Helpers for the metadata that assets attach to their definitions and materialisations."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import dagster as dg
 import numpy as np
 import pyarrow as pa
@@ -83,6 +86,22 @@ def shards_materialized(metadata_by_shard: dict[str, dict]) -> dg.MaterializeRes
     return dg.MaterializeResult(
         metadata={"shards_in_run": len(records), "shards": dg.MetadataValue.table(records, schema)}
     )
+
+
+@contextmanager
+def shards_written(context: dg.AssetExecutionContext) -> Iterator[dict[str, dict]]:
+    """The metadata of each shard the step writes, by shard, for `shards_materialized`. Where the step
+    fails part-way through its run's shards, each shard written before the failure is recorded as
+    materialised first, with its own metadata, and the failure then fails the step: Dagster counts every
+    shard of a failed step as failed, so the UI showed shards whose files were written as failed, and the
+    catch-up schedule made them again."""
+    metadata: dict[str, dict] = {}
+    try:
+        yield metadata
+    except BaseException:
+        for shard, values in metadata.items():
+            context.log_event(dg.AssetMaterialization(context.asset_key, partition=shard, metadata=values))
+        raise
 
 
 def rewritten_partitions(

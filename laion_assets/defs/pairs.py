@@ -8,7 +8,7 @@ import pydantic
 from laion_assets import names
 from laion_assets.defs.checks import problems_found, shard_check
 from laion_assets.defs.config import config_values, dataset_config, settings_from
-from laion_assets.defs.metadata import preview, shards_materialized, similarity_quantiles
+from laion_assets.defs.metadata import preview, shards_materialized, shards_written, similarity_quantiles
 from laion_assets.defs.partitions import leased_shards, per_shard_asset
 from laion_assets.defs.resources import ClipEncoderResource, DatasetStoreResource
 from laion_assets.defs.scores import quality_scores
@@ -53,20 +53,22 @@ def filtered_pairs(
     config = dataset_config(context, config, dataset)
     settings = settings_from(config, PairsSettings)
     encoder = clip.get_encoder(dataset)
-    metadata = {}
-    for shard in leased_shards(context, dataset):
-        result = write_pairs(dataset, shard, settings, encoder, context.run.run_id, config.write_embeddings)
-        metadata[shard] = {
-            "dagster/row_count": result.table.num_rows,
-            "rows_in": result.rows_in,
-            **{f"removed/{rule}": n for rule, n in result.removed.items()},
-            **{f"nsfw/{tag}": n for tag, n in result.nsfw.items()},
-            "samples_in_tar": result.samples_in_tar,
-            "similarity_p10_p50_p90": similarity_quantiles(result.table),
-            "settings": dg.MetadataValue.json(config_values(config)),  # as this run used them
-            "path": dg.MetadataValue.path(dataset.url(PAIRS.parquet(shard))),
-            "preview": preview(result.table, ["key", "caption", "similarity", "nsfw"]),
-        }
+    with shards_written(context) as metadata:
+        for shard in leased_shards(context, dataset):
+            result = write_pairs(
+                dataset, shard, settings, encoder, context.run.run_id, config.write_embeddings
+            )
+            metadata[shard] = {
+                "dagster/row_count": result.table.num_rows,
+                "rows_in": result.rows_in,
+                **{f"removed/{rule}": n for rule, n in result.removed.items()},
+                **{f"nsfw/{tag}": n for tag, n in result.nsfw.items()},
+                "samples_in_tar": result.samples_in_tar,
+                "similarity_p10_p50_p90": similarity_quantiles(result.table),
+                "settings": dg.MetadataValue.json(config_values(config)),  # as this run used them
+                "path": dg.MetadataValue.path(dataset.url(PAIRS.parquet(shard))),
+                "preview": preview(result.table, ["key", "caption", "similarity", "nsfw"]),
+            }
     return shards_materialized(metadata)
 
 

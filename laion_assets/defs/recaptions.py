@@ -8,7 +8,7 @@ from laion_assets import names
 from laion_assets.defs.checks import problems_found, shard_check
 from laion_assets.defs.config import record_section
 from laion_assets.defs.execution import GPU_POD
-from laion_assets.defs.metadata import preview, shards_materialized
+from laion_assets.defs.metadata import preview, shards_materialized, shards_written
 from laion_assets.defs.pairs import filtered_pairs
 from laion_assets.defs.partitions import leased_shards, per_shard_asset
 from laion_assets.defs.resources import CaptionerResource, ClipEncoderResource, DatasetStoreResource
@@ -37,22 +37,24 @@ def recaptions(
     encoder = clip.get_encoder(dataset)
     model = captioner.get_captioner(dataset)  # loaded once for every shard of the run
     record_section(dataset, CAPTIONER_SECTION, recorded_settings(model))
-    metadata = {}
-    for shard in leased_shards(context, dataset):
-        result = write_recaptions(dataset, shard, model, encoder)
-        summary = result.summary()
-        if summary["failed"]:
-            context.log.warning(f"{shard}: {summary['failed']} pairs got no caption (see re_caption_error)")
-        rows = result.table.num_rows
-        metadata[shard] = {
-            "dagster/row_count": rows,
-            **summary,
-            **{f"captioner/{name}": value for name, value in shown_settings(model.describe()).items()},
-            "seconds": round(result.seconds, 2),
-            "captions_per_second": round(rows / result.seconds, 1) if result.seconds else 0.0,
-            "path": dg.MetadataValue.path(dataset.url(RECAPTIONS.parquet(shard))),
-            "preview": preview(result.table, ["key", "org_caption", "re_caption", "re_clip_score"]),
-        }
+    with shards_written(context) as metadata:
+        for shard in leased_shards(context, dataset):
+            result = write_recaptions(dataset, shard, model, encoder)
+            summary = result.summary()
+            if summary["failed"]:
+                context.log.warning(
+                    f"{shard}: {summary['failed']} pairs got no caption (see re_caption_error)"
+                )
+            rows = result.table.num_rows
+            metadata[shard] = {
+                "dagster/row_count": rows,
+                **summary,
+                **{f"captioner/{name}": value for name, value in shown_settings(model.describe()).items()},
+                "seconds": round(result.seconds, 2),
+                "captions_per_second": round(rows / result.seconds, 1) if result.seconds else 0.0,
+                "path": dg.MetadataValue.path(dataset.url(RECAPTIONS.parquet(shard))),
+                "preview": preview(result.table, ["key", "org_caption", "re_caption", "re_clip_score"]),
+            }
     return shards_materialized(metadata)
 
 

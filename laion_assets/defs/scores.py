@@ -10,7 +10,7 @@ from laion_assets.defs.checks import problems_found, shard_check
 from laion_assets.defs.config import record_section
 from laion_assets.defs.embeddings import clip_embeddings
 from laion_assets.defs.execution import GPU_POD
-from laion_assets.defs.metadata import preview, shards_materialized
+from laion_assets.defs.metadata import preview, shards_materialized, shards_written
 from laion_assets.defs.partitions import leased_shards, per_shard_asset
 from laion_assets.defs.resources import DatasetStoreResource, ScorersResource
 from laion_assets.pipeline import schemas
@@ -35,26 +35,26 @@ def quality_scores(
     dataset = store.get_store()
     models = scorers.get_scorers(dataset)  # loaded once for every shard of the run
     record_section(dataset, SCORES_SECTION, models.describe())
-    metadata = {}
-    for shard in leased_shards(context, dataset):
-        result = write_scores(dataset, shard, models)
-        if result.undecodable:
-            unread = result.undecodable
-            context.log.warning(f"{shard}: {len(unread)} stored images could not be read: {unread[:10]}")
-        rows = result.table.num_rows
-        metadata[shard] = {
-            "dagster/row_count": rows,
-            **{f"mean/{score}": value for score, value in score_means(result.table).items()},
-            **{f"weights/{score}": weights for score, weights in result.weights.items()},
-            "languages": dg.MetadataValue.json(
-                dict(Counter(result.table.column("language").to_pylist()).most_common())
-            ),
-            "undecodable_images": len(result.undecodable),
-            "seconds": round(result.seconds, 2),
-            "images_per_second": round(rows / result.seconds, 1) if result.seconds else 0.0,
-            "path": dg.MetadataValue.path(dataset.url(SCORES.parquet(shard))),
-            "preview": preview(result.table, ["key", "punsafe", "pwatermark", "aesthetic", "language"]),
-        }
+    with shards_written(context) as metadata:
+        for shard in leased_shards(context, dataset):
+            result = write_scores(dataset, shard, models)
+            if result.undecodable:
+                unread = result.undecodable
+                context.log.warning(f"{shard}: {len(unread)} stored images could not be read: {unread[:10]}")
+            rows = result.table.num_rows
+            metadata[shard] = {
+                "dagster/row_count": rows,
+                **{f"mean/{score}": value for score, value in score_means(result.table).items()},
+                **{f"weights/{score}": weights for score, weights in result.weights.items()},
+                "languages": dg.MetadataValue.json(
+                    dict(Counter(result.table.column("language").to_pylist()).most_common())
+                ),
+                "undecodable_images": len(result.undecodable),
+                "seconds": round(result.seconds, 2),
+                "images_per_second": round(rows / result.seconds, 1) if result.seconds else 0.0,
+                "path": dg.MetadataValue.path(dataset.url(SCORES.parquet(shard))),
+                "preview": preview(result.table, ["key", "punsafe", "pwatermark", "aesthetic", "language"]),
+            }
     return shards_materialized(metadata)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -43,10 +43,18 @@ def store_map(
         yield from ordered_map(pool, fn, items, lookahead or 4 * workers)
 
 
-def pipelined(items: Iterable[T], work: Callable[[T, threading.Event], R]) -> Iterator[tuple[T, R]]:
+def pipelined(
+    items: Iterable[T], work: Callable[[T, threading.Event], R], stop: Callable[[], None] | None = None
+) -> Iterator[tuple[T, R]]:
     """`work(item, draining)` for each item, results in order; the next item starts as soon as the one
     before sets `draining` (only its tail is left: a shard's slowest hosts) or ends, so two run at
-    once at most and the next one's work fills the time the last one spends waiting on its tail."""
+    once at most and the next one's work fills the time the last one spends waiting on its tail.
+
+    Where an item fails, no item starts after it, and the one started beside it is finished and yielded
+    before the failure is raised: its work (a shard's files) is done, and the caller records it. Where
+    the caller stops (an error or an interrupt in its thread, or it closes the iterator), `stop()` is
+    called before the items under way are waited for, so that they end at once: a terminated run
+    waited for the whole download of the shards it had under way."""
 
     def run(item: T, draining: threading.Event) -> R:
         try:
@@ -54,15 +62,30 @@ def pipelined(items: Iterable[T], work: Callable[[T, threading.Event], R]) -> It
         finally:
             draining.set()
 
+    failure: Exception | None = None
     with ThreadPoolExecutor(2, thread_name_prefix="pipelined") as pool:
-        previous = None
-        for item in items:
-            if previous is not None:
-                previous[2].wait()
-            draining = threading.Event()
-            current = (item, pool.submit(run, item, draining), draining)
-            if previous is not None:
-                yield previous[0], previous[1].result()
-            previous = current
-        if previous is not None:
-            yield previous[0], previous[1].result()
+        try:
+            started: deque[tuple[T, Future[R], threading.Event]] = deque()
+            for item in items:
+                if started:
+                    started[-1][2].wait()
+                    if started[-1][1].done() and started[-1][1].exception() is not None:
+                        break  # failed before draining: the run ends with it
+                draining = threading.Event()
+                started.append((item, pool.submit(run, item, draining), draining))
+                if len(started) == 2:
+                    done, future, _ = started.popleft()
+                    if (failure := future.exception()) is not None:
+                        break
+                    yield done, future.result()
+            for done, future, _ in started:  # the last item, or the one under way when one failed
+                if future.exception() is None:
+                    yield done, future.result()
+                else:
+                    failure = failure or future.exception()
+        except BaseException:
+            if stop is not None:
+                stop()
+            raise
+    if failure is not None:
+        raise failure

@@ -100,6 +100,13 @@ class DownloadSettings(FetchSettings, ImageSettings):
                 raise ValueError(f"{name}={value}: at least 1 is needed, or no request or lookup starts")
 
 
+class DownloadStopped(RuntimeError):
+    """The run's downloads were stopped (`DownloadWorkers.stop`) before this shard was done."""
+
+
+_STOPPED = object()  # put on a shard's results by `DownloadWorkers.stop`
+
+
 @dataclass(frozen=True)
 class _Job:
     key: str
@@ -349,6 +356,7 @@ class DownloadWorkers:
         # held by a shard fetched in this process for its whole fetch, which has the whole caps to itself
         self._here = threading.Lock()
         self._stopping = threading.Event()
+        self._stopped = threading.Event()  # `stop`: no shard is to finish
         self._reader: threading.Thread | None = None
         self._resolver = _Resolver(settings)  # the hosts of all the run's shards
 
@@ -372,6 +380,15 @@ class DownloadWorkers:
             worker.process.join()
         self._resolver.close()
 
+    def stop(self) -> None:
+        """Ends the shards being fetched, and any that starts after: each one's `fetch` raises
+        DownloadStopped, so the shard writes nothing (the run is ending on an error or an interrupt, and
+        a shard whose rows it no longer waits for must not be recorded with them failed)."""
+        with self._lock:
+            self._stopped.set()
+            for route in self._routes.values():
+                route.results.put(_STOPPED)
+
     def fetch(
         self, jobs: list[_Job], deadline: float, blocked_images: dict[str, str]
     ) -> Iterator[tuple[dict, bytes | None]]:
@@ -385,6 +402,8 @@ class DownloadWorkers:
                 yield from self._fetch_here(jobs, deadline, blocked_images)
                 return
             with self._lock:
+                if self._stopped.is_set():
+                    raise DownloadStopped("the run's downloads were stopped")
                 workers = self._live_workers(process_count(self._settings, len(jobs)))
                 shard = next(self._shards)
                 route = _Route()
@@ -407,6 +426,8 @@ class DownloadWorkers:
                 result = route.results.get()
                 if result is None:
                     waiting -= 1
+                elif result is _STOPPED:
+                    raise DownloadStopped("the run's downloads were stopped")
                 else:
                     yield result
         finally:
@@ -431,6 +452,8 @@ class DownloadWorkers:
 
         threading.Thread(target=hand_out, name="hosts", daemon=True).start()
         for _, record, sample in _decoded(fetching, self._settings, lambda shard: blocked_images):
+            if self._stopped.is_set():  # a small shard: it ends at its next row
+                raise DownloadStopped("the run's downloads were stopped")
             yield record, sample
 
     def _hand_out(
