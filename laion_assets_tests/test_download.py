@@ -605,6 +605,26 @@ def test_a_download_killed_between_its_tar_and_its_parquet_leaves_no_parquet_tha
     assert store.read_parquet(IMAGES.parquet("s")).column("width").to_pylist() == [32, 32]
 
 
+def test_retry_failed_keeps_no_sample_made_with_other_image_settings(web, store):
+    """`retry_failed` with another image_size than the shard was made at (the dataset's settings changed,
+    or the run's config) kept the earlier 64 px samples beside new 32 px ones, under a footer recording
+    32 px for all. Where the image settings differ, every row is fetched again."""
+    urls = [web.url("/up/1.jpg"), web.url("/down/2.jpg")]
+    web.down.add("/down/2.jpg")
+    store.write_parquet(CRAWL_METADATA.parquet("s"), crawl_table(urls))
+    settings = DownloadSettings(allow_private_networks=True, image_size=64, resize_mode="border")
+    download.write_images(store, "s", settings)
+    assert store.read_parquet(IMAGES.parquet("s")).column("width").to_pylist() == [64, None]
+    web.down.clear()
+    retried = download.write_images(store, "s", replace(settings, image_size=32, retry_failed=True))
+    assert (retried.fetched, retried.reused) == (2, 0)
+    assert store.read_parquet(IMAGES.parquet("s")).column("width").to_pylist() == [32, 32]
+    with store.open(IMAGES.tar("s")) as tar:
+        assert {Image.open(io.BytesIO(m["jpg"])).size for _, m in read_samples(tar)} == {(32, 32)}
+    again = download.write_images(store, "s", replace(settings, image_size=32, retry_failed=True))
+    assert (again.fetched, again.reused) == (0, 2)  # the same settings: the successes are kept
+
+
 def test_retry_failed_keeps_no_row_of_a_key_the_crawl_no_longer_has(web):
     """A taken-down row of the previous result whose key left the crawl (its source file shortened) is not
     kept: the images parquet holds one row per crawl row."""

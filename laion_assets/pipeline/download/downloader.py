@@ -43,7 +43,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import IO, TypeVar
 
@@ -220,7 +220,7 @@ def write_images(
     tar_path, parquet_path = IMAGES.tar(shard), IMAGES.parquet(shard)
     with contextlib.ExitStack() as stack:
         previous = None
-        if settings.retry_failed and store.exists(parquet_path) and store.exists(tar_path):
+        if settings.retry_failed and _made_as_now(store, parquet_path, settings) and store.exists(tar_path):
             previous = (store.read_parquet(parquet_path), stack.enter_context(store.open(tar_path)))
         tar_out = stack.enter_context(store.tar_write(IMAGES, shard))
         blocklist = load_active(store)
@@ -229,6 +229,16 @@ def write_images(
     footer = {**inherited_footer(crawl), names.SETTINGS_FOOTER: json.dumps(asdict(settings))}
     store.write_parquet(parquet_path, result.table, metadata=footer, **schemas.IMAGES_PARQUET_OPTIONS)
     return result
+
+
+def _made_as_now(store: DatasetStore, parquet_path: str, settings: DownloadSettings) -> bool:
+    """Whether the images parquet at `parquet_path` exists and records the image settings (size, mode,
+    format...) of `settings`: only then may `retry_failed` keep its samples beside new ones."""
+    if not store.exists(parquet_path):
+        return False
+    recorded = json.loads(store.parquet_metadata(parquet_path).get(names.SETTINGS_FOOTER, "{}"))
+    now = json.loads(json.dumps(asdict(settings)))  # as the footer holds them (tuples as lists)
+    return all(recorded.get(f.name) == now[f.name] for f in fields(ImageSettings))
 
 
 def _listed_meanwhile(
