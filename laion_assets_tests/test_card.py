@@ -30,6 +30,16 @@ SHARDS = {
 }
 
 
+# the per-shard assets up to the pairs: a shard whose recaptions are not made yet
+BEFORE_RECAPTIONS = [
+    "crawl_metadata",
+    "downloaded_images",
+    "clip_embeddings",
+    "quality_scores",
+    "filtered_pairs",
+]
+
+
 def _materialize(
     instance: dg.DagsterInstance,
     root: str,
@@ -286,14 +296,7 @@ def test_the_card_leaves_only_the_figures_it_links_and_changes_them_with_its_rea
 
 
 def test_without_recaptions_the_card_has_no_recap_config(root, web):
-    before_recaptions = [
-        "crawl_metadata",
-        "downloaded_images",
-        "clip_embeddings",
-        "quality_scores",
-        "filtered_pairs",
-    ]
-    _materialize(dg.DagsterInstance.ephemeral(), root, web, "a", -1.0, selection=before_recaptions)
+    _materialize(dg.DagsterInstance.ephemeral(), root, web, "a", -1.0, selection=BEFORE_RECAPTIONS)
     result = write_card(DatasetStore(root))
     assert [c["config_name"] for c in _front_matter(result.markdown)["configs"]] == ["default"]
     assert "## Recaptions" not in result.markdown
@@ -338,14 +341,7 @@ def test_the_recaptions_count_the_pairs_of_every_shard(local_root, web):
     store = DatasetStore(local_root)
     instance = dg.DagsterInstance.ephemeral()
     _materialize(instance, local_root, web, "a", -1.0)
-    before_recaptions = [
-        "crawl_metadata",
-        "downloaded_images",
-        "clip_embeddings",
-        "quality_scores",
-        "filtered_pairs",
-    ]
-    _materialize(instance, local_root, web, "b", -1.0, selection=before_recaptions)
+    _materialize(instance, local_root, web, "b", -1.0, selection=BEFORE_RECAPTIONS)
     pairs = [store.parquet_num_rows(f"pairs/{shard}.parquet") for shard in ("a", "b")]
     recaptioned = store.parquet_num_rows("recaptions/a.parquet")
     assert recaptioned == pairs[0] and pairs[1] > 0
