@@ -360,7 +360,7 @@ def test_the_shipped_score_models_hold_their_figures_on_a_held_out_world():
 @pytest.mark.parametrize(
     ("section", "env", "refusal"),
     [
-        ("  aesthetic_head:\n", {}, r"scores aesthetic_head: expected a name or a path, got None"),
+        ("  aesthetic_head:\n", {}, r"laion_assets\.yaml, section scores: aesthetic_head: expected str, got"),
         ("", {"batch_size": "0"}, r"scores batch_size 0 \(LAION_ASSETS_SCORES_BATCH_SIZE\): .* 1 or more"),
     ],
 )
