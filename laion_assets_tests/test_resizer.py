@@ -14,7 +14,13 @@ import pytest
 from PIL import Image
 
 from laion_assets.pipeline.download import imaging
-from laion_assets.pipeline.download.imaging import DecodeError, FilteredSize, ImageSettings, process_image
+from laion_assets.pipeline.download.imaging import (
+    PILLOW_MAX_PIXELS,
+    DecodeError,
+    FilteredSize,
+    ImageSettings,
+    process_image,
+)
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 # the sizes of img2dataset's test images (tests/resize_test_image), portrait, landscape and near square
@@ -365,6 +371,21 @@ def test_webp_quality_over_100_is_lossless_as_in_img2dataset(sources, tmp_path):
         assert len(ours.data) > len(lossy.data) * 2
     with pytest.raises(ValueError, match="encode_quality -1 is not a JPEG or WebP quality"):
         ImageSettings(encode_format="webp", encode_quality=-1)
+
+
+def test_max_pixels_is_honoured_up_to_pillows_own_limit_and_refused_above():
+    """Pillow refuses an image over PILLOW_MAX_PIXELS whatever `max_pixels` says: a setting of 300,000,000
+    failed a 20000x9000 PNG with Pillow's message of a limit the user never set. Such a setting, and 0
+    (every image a bomb), are refused; up to the limit, `max_pixels` decides."""
+    for value in (0, PILLOW_MAX_PIXELS + 1, 300_000_000):
+        with pytest.raises(ValueError, match=f"max_pixels {value} is not 1-{PILLOW_MAX_PIXELS}"):
+            ImageSettings(max_pixels=value)
+    flat = io.BytesIO()
+    Image.new("L", (10_000, 9_000), 128).save(flat, "PNG")  # 90 MP: over Pillow's default, under its limit
+    with pytest.raises(DecodeError, match="decompression bomb: 10000x9000 pixels is over max_pixels="):
+        process_image(flat.getvalue(), ImageSettings())
+    resized = process_image(flat.getvalue(), ImageSettings(max_pixels=PILLOW_MAX_PIXELS))
+    assert (resized.width, resized.height, resized.original_width) == (256, 256, 10_000)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "TIFF"])

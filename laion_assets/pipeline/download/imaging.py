@@ -40,6 +40,9 @@ ENCODE_FORMATS = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
 _MAX_SIDE = {"jpg": 65_500, "webp": 16_383}  # px: the longest side each encoder writes
 _DRAFT_MARGIN = 6  # JPEG draft decoding stops at this many times the target size
 _FLOAT_AREA_MAX_PIXELS = 1_000_000  # `inter_area` shrinks smaller images through float32 (12 MB at most)
+# Pillow refuses to open an image over twice its MAX_IMAGE_PIXELS whatever `max_pixels` says; raising its
+# limit would lift it for every use of Pillow in the process
+PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 # Pillow's JPEG draft scale -> the name of OpenCV's read flag for the same DCT scaling
 _OPENCV_READ = {
     1: "IMREAD_COLOR",
@@ -92,7 +95,7 @@ class ImageSettings:
     min_image_size: int = 0
     max_image_area: int = 0  # width x height; larger images are filtered_size (0: no limit)
     max_aspect_ratio: float = 0.0  # 0: no limit
-    max_pixels: int = 89_478_485  # decompression-bomb cap (Pillow's own default): failed_to_decode
+    max_pixels: int = 89_478_485  # bombs are failed_to_decode; Pillow's default; 1-PILLOW_MAX_PIXELS
 
     def __post_init__(self) -> None:
         if self.resize_mode is False:
@@ -110,6 +113,11 @@ class ImageSettings:
             )
         if self.encode_format != "png" and self.encode_quality < 0:
             raise ValueError(f"encode_quality {self.encode_quality} is not a JPEG or WebP quality: 0-100")
+        if not 1 <= self.max_pixels <= PILLOW_MAX_PIXELS:
+            raise ValueError(
+                f"max_pixels {self.max_pixels} is not 1-{PILLOW_MAX_PIXELS} (Pillow refuses an image of "
+                f"more pixels than {PILLOW_MAX_PIXELS} as a decompression bomb, whatever max_pixels says)"
+            )
         ImageColor.getrgb(self.border_color)  # ValueError: unknown color specifier
 
 
