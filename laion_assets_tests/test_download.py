@@ -527,6 +527,28 @@ def test_scheduler_keeps_each_host_within_its_cap():
     assert scheduler.next().host == "a"
 
 
+def test_one_host_written_four_ways_is_one_host_under_its_cap():
+    """A trailing dot, the scheme's default port and capitals name the same host: they counted as four hosts,
+    so a list that wrote a site four ways sent it four times `per_host_connections` requests at once."""
+    urls = [
+        "http://img.example/0",
+        "http://IMG.example./1",
+        "http://img.example:80/2",
+        "https://img.example:443/3",
+    ]
+    scheduler = HostScheduler([_Job(f"k{i}", url, "c") for i, url in enumerate(urls)], per_host=1)
+    first = scheduler.next()
+    assert first.host == "img.example" and scheduler.next() is None
+    scheduler.done(first)
+    assert scheduler.next().host == "img.example"
+    # another port is another server, whatever the scheme
+    assert [schemas.url_host(u) for u in ("http://a.b:8080/", "https://a.b:80/", "http://[::1]:80/")] == [
+        "a.b:8080",
+        "a.b:80",
+        "[::1]",
+    ]
+
+
 def test_shard_deadline_fails_the_rest_with_a_reason(web):
     settings = DownloadSettings(**{**FAST.__dict__, "shard_timeout": 1.0, "max_in_flight": 1, "retries": 0})
     result, _, rows = run(

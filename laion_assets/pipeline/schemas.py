@@ -54,20 +54,27 @@ def take_down(row: dict, why: str) -> dict:
 
 FAILURES = (FAILED_TO_DOWNLOAD, FAILED_TO_DECODE)  # the statuses that count against a host
 _AUTHORITY = re.compile(r"[^:/?#]*:?//([^/?#]*)")  # what RFC 3986 calls a URL's authority
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
 
 
 def url_host(url: str) -> str:
     """The host (with its port, if any) a URL is fetched from: what per-host limits and the failing-host
-    reports count by, in the downloader's metadata and the dataset card alike. A malformed authority
-    ("http://[::1/a.jpg", which urlsplit refuses) is taken as written: its row fails, not its shard. The
-    user name and password a URL may carry before "@" are not the host's: left out, so that they are
-    neither a host of their own nor shown where hosts are."""
+    reports count by, in the downloader's metadata and the dataset card alike. One host however written:
+    lower-cased, without a name's trailing dot or the scheme's default port (they were hosts of their own,
+    each with its own `per_host_connections`). A malformed authority ("http://[::1/a.jpg", which urlsplit
+    refuses) is taken as written: its row fails, not its shard. The user name and password a URL may carry
+    before "@" are not the host's: left out, so that they are neither a host of their own nor shown where
+    hosts are."""
     try:
-        authority = urlsplit(url).netloc
+        parts = urlsplit(url)
+        scheme, authority = parts.scheme, parts.netloc
     except ValueError:
         found = _AUTHORITY.match(url)
-        authority = found.group(1) if found else ""
-    return authority.rpartition("@")[2].lower()
+        scheme, authority = url.partition(":")[0].lower(), found.group(1) if found else ""
+    host = authority.rpartition("@")[2].lower()
+    name, _, port = host.rpartition(":") if ":" in host and not host.endswith("]") else (host, "", "")
+    name = name.rstrip(".")
+    return f"{name}:{port}" if port and port != _DEFAULT_PORTS.get(scheme) else name
 
 
 def url_hostname(url: str) -> str | None:
