@@ -302,3 +302,20 @@ def test_a_csv_or_tsv_row_with_other_than_the_headers_fields_is_counted_not_the_
     result = _crawl(DatasetStore(local_root), f"r.{fmt}", ("\n".join(lines) + "\n").encode())
     assert result.table.column("caption").to_pylist() == ["a cat", "a dog"]
     assert result.dropped["corrupt_record"] == 2
+
+
+def test_a_jsonl_line_that_is_not_utf8_is_counted_not_stored_or_the_shards_end(local_root):
+    # pyarrow's JSON reader took such bytes into its strings: in a caption the crawl failed on a raw
+    # "Invalid UTF8 sequence in input" naming no file; in a passed-through column they reached the parquet,
+    # which DuckDB (the catalog) then refused to read; a lone surrogate, escaped, failed the whole file
+    lines = [
+        b'{"url": "http://a.com/1.jpg", "caption": "a cat", "note": "ok"}',
+        b'{"url": "http://a.com/2.jpg", "caption": "un caf\xe9", "note": "ok"}',  # Latin-1
+        b'{"url": "http://a.com/3.jpg", "caption": "a dog", "note": "caf\xe9"}',
+        '{"url": "http://a.com/4.jpg", "caption": "a café", "note": "ok"}'.encode(),
+        b'{"url": "http://a.com/5.jpg", "caption": "a lone \\ud83d surrogate"}',  # pyarrow refused the file
+    ]
+    result = _crawl(DatasetStore(local_root), "latin.jsonl", b"\n".join(lines) + b"\n")
+    result.table.validate(full=True)
+    assert result.table.column("caption").to_pylist() == ["a cat", "a café"]
+    assert result.dropped["corrupt_record"] == 3

@@ -191,16 +191,16 @@ def _read_table(stream: IO[bytes], fmt: str, is_text: Callable[[str], bool], dro
     if fmt == "jsonl":
         data = stream.read()
         try:
-            table = pa_json.read_json(io.BytesIO(data))
+            table = _read_json(data)
         except pa.ArrowInvalid:  # one bad line stopped the whole file: read again without such lines
             data = _json_object_lines(data, dropped)
             if not data:  # no line is one: the reader's own error says more
                 raise
-            table = pa_json.read_json(io.BytesIO(data))
+            table = _read_json(data)
         schema = pa.schema([f.with_type(_strings_kept(f.type)) for f in table.schema])
         if schema == table.schema:
             return table
-        return pa_json.read_json(io.BytesIO(data), parse_options=pa_json.ParseOptions(explicit_schema=schema))
+        return _read_json(data, pa_json.ParseOptions(explicit_schema=schema))
     data = stream.read()
     parse = pa_csv.ParseOptions(
         delimiter="\t" if fmt == "tsv" else ",",
@@ -217,6 +217,15 @@ def _read_table(stream: IO[bytes], fmt: str, is_text: Callable[[str], bool], dro
     return pa_csv.read_csv(io.BytesIO(data), parse_options=parse, convert_options=convert)
 
 
+def _read_json(data: bytes, parse: pa_json.ParseOptions | None = None) -> pa.Table:
+    """pyarrow's JSON reader passes bytes that are not UTF-8 into its strings unchecked: such a line
+    failed the crawl on a raw ArrowInvalid naming no file, or, in a passed-through column, reached the
+    parquet, which DuckDB then refuses to read."""
+    table = pa_json.read_json(io.BytesIO(data), parse_options=parse)
+    table.validate(full=True)
+    return table
+
+
 def _skipped(dropped: Counter) -> str:
     """A CSV or TSV row with more or fewer fields than the header: counted, and skipped."""
     dropped[CORRUPT_RECORD] += 1
@@ -224,14 +233,18 @@ def _skipped(dropped: Counter) -> str:
 
 
 def _json_object_lines(data: bytes, dropped: Counter) -> bytes:
-    """The lines of a JSONL file that are JSON objects; every other line but a blank one is counted."""
+    """The lines of a JSONL file that are JSON objects in UTF-8; every other line but a blank one is
+    counted."""
     kept = []
     for line in data.split(b"\n"):
         if not line.strip():
             continue
         try:
-            is_object = isinstance(json.loads(line), dict)
-        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            value = json.loads(line)
+            is_object = isinstance(value, dict)
+            if is_object:  # a lone surrogate JSON escapes ("\ud83d") UTF-8 cannot hold, nor pyarrow read
+                json.dumps(value, ensure_ascii=False).encode()
+        except (ValueError, RecursionError):  # UnicodeDecodeError and UnicodeEncodeError are ValueErrors
             is_object = False
         if is_object:
             kept.append(line)
