@@ -319,3 +319,25 @@ def test_a_jsonl_line_that_is_not_utf8_is_counted_not_stored_or_the_shards_end(l
     result.table.validate(full=True)
     assert result.table.column("caption").to_pylist() == ["a cat", "a café"]
     assert result.dropped["corrupt_record"] == 3
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("e.jsonl", b""),  # pyarrow: "Empty JSON file"
+        ("e.jsonl", b"\n \r\n"),  # "no URL column found; columns are []"
+        ("e.jsonl.gz", gzip.compress(b"", mtime=0)),
+        ("e.csv", b""),  # "Empty CSV file"
+        ("e.csv", b"\xef\xbb\xbf"),  # a spreadsheet's empty sheet, with its byte-order mark
+        ("e.csv", b"url,caption"),  # a header alone, unended: "Empty CSV file or block"
+        ("e.tsv", b"\xef\xbb\xbfurl\tcaption"),
+    ],
+)
+def test_a_url_list_without_rows_is_a_shard_of_no_rows_in_every_text_format(local_root, name, data):
+    """A header-only CSV made a shard of no rows, while an empty jsonl or csv (and a header without its
+    line end) failed the crawl: a URL list with no rows is a shard of no rows, whatever its format."""
+    store = DatasetStore(local_root)
+    header_only = _crawl(store, "h.csv", b"url,caption\n").table
+    result = _crawl(store, name, data)
+    assert result.table.schema == header_only.schema
+    assert (result.table.num_rows, result.rows_read) == (0, 0)

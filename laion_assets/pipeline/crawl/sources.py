@@ -7,6 +7,7 @@ shared by every format (valid URL, non-empty caption, dedup) are applied later i
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
 import json
@@ -50,6 +51,7 @@ _TEXT_NAMES = {*URL_CANDIDATES, *CAPTION_CANDIDATES, *LICENSE_CANDIDATES, *PAGE_
 # Columns a reader produces itself. A pass-through source column named like any contract column is
 # renamed `source_<name>`.
 READER_COLUMNS = ("url", "caption", "page_url", "license", "source_offset")
+_READER_SCHEMA = pa.schema([(c, pa.int64() if c == "source_offset" else pa.string()) for c in READER_COLUMNS])
 # a drop's reason: missing, not an absolute http(s) URL, or an image link that cannot be resolved
 INVALID_URL = "invalid_url"
 # a drop's reason: a WAT record or a URL list's line that cannot be read
@@ -151,6 +153,8 @@ def read_url_list(stream: IO[bytes], source: SourceName, columns: ColumnNames) -
     table = _read_table(
         stream, source.format, lambda name: name.lower() in _TEXT_NAMES or name in configured, dropped
     )
+    if table.num_columns == table.num_rows == 0:  # an empty file: no rows, as a header-only csv has
+        return _READER_SCHEMA.empty_table(), dropped
     if repeated := sorted(n for n, count in Counter(table.column_names).items() if count > 1):
         raise SourceError(
             f"{source.name}: repeated column names {repeated}; columns are {table.column_names}"
@@ -183,13 +187,16 @@ def _read_table(stream: IO[bytes], fmt: str, is_text: Callable[[str], bool], dro
     """The table of a URL list; of a CSV or TSV, the columns `is_text` names as written, strings: by
     pyarrow's inference a caption "007" became 7, "1e3" 1000, and "NA" or "null" nothing. A JSONL line
     that is no JSON object, or a CSV or TSV row whose fields are not the header's, is counted in
-    `dropped`, not read."""
+    `dropped`, not read. A CSV, TSV or JSONL file of nothing but blanks (and a byte-order mark) has no
+    columns and no rows."""
     if fmt == "parquet":
         table = pq.read_table(io.BytesIO(stream.read()))
         table.validate(full=True)  # strings that are not UTF-8: the stages after would fail on them
         return table
+    data = stream.read()
+    if not data.removeprefix(codecs.BOM_UTF8).strip():  # pyarrow: "Empty JSON file", "Empty CSV file"
+        return pa.table({})
     if fmt == "jsonl":
-        data = stream.read()
         try:
             table = _read_json(data)
         except pa.ArrowInvalid:  # one bad line stopped the whole file: read again without such lines
@@ -201,7 +208,8 @@ def _read_table(stream: IO[bytes], fmt: str, is_text: Callable[[str], bool], dro
         if schema == table.schema:
             return table
         return _read_json(data, pa_json.ParseOptions(explicit_schema=schema))
-    data = stream.read()
+    if b"\n" not in data and b"\r" not in data:  # a header alone, unended: pyarrow read no columns in it
+        data += b"\n"
     parse = pa_csv.ParseOptions(
         delimiter="\t" if fmt == "tsv" else ",",
         newlines_in_values=True,
@@ -304,8 +312,7 @@ def read_wat(stream: IO[bytes], name: str, min_alt_length: int) -> tuple[pa.Tabl
         for row in _image_links(envelope, min_alt_length, dropped):
             for column, value in zip(READER_COLUMNS, (*row, offset), strict=True):
                 rows[column].append(value)
-    schema = pa.schema([(c, pa.int64() if c == "source_offset" else pa.string()) for c in READER_COLUMNS])
-    return pa.table(rows, schema=schema), dropped
+    return pa.table(rows, schema=_READER_SCHEMA), dropped
 
 
 def _wat_envelopes(stream: IO[bytes], name: str, dropped: Counter) -> Iterator[tuple[int, dict]]:
