@@ -16,7 +16,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import ftfy
@@ -51,6 +51,9 @@ _TEXT_NAMES = {*URL_CANDIDATES, *CAPTION_CANDIDATES, *LICENSE_CANDIDATES, *PAGE_
 # Columns a reader produces itself. A pass-through source column named like any contract column is
 # renamed `source_<name>`.
 READER_COLUMNS = ("url", "caption", "page_url", "license", "source_offset")
+_BLOCK_SIZE = 1 << 20  # pyarrow's CSV and JSON readers' own
+_MAX_BLOCK_SIZE = (1 << 31) - 1  # theirs take an int32
+_T = TypeVar("_T")
 _READER_SCHEMA = pa.schema([(c, pa.int64() if c == "source_offset" else pa.string()) for c in READER_COLUMNS])
 # a drop's reason: missing, not an absolute http(s) URL, or an image link that cannot be resolved
 INVALID_URL = "invalid_url"
@@ -210,34 +213,62 @@ def _read_table(stream: IO[bytes], fmt: str, is_text: Callable[[str], bool], dro
         return _read_json(data, pa_json.ParseOptions(explicit_schema=schema))
     if b"\n" not in data and b"\r" not in data:  # a header alone, unended: pyarrow read no columns in it
         data += b"\n"
-    parse = pa_csv.ParseOptions(
-        delimiter="\t" if fmt == "tsv" else ",",
-        newlines_in_values=True,
-        invalid_row_handler=lambda row: "skip",  # counted where the rows are read, below
-    )
-    names = pa_csv.open_csv(io.BytesIO(data), parse_options=parse).schema.names
+    table, skipped = _whole_rows(lambda block: _read_csv(data, fmt == "tsv", is_text, block), len(data))
+    if skipped:
+        dropped[CORRUPT_RECORD] += skipped
+    return table
+
+
+def _read_csv(
+    data: bytes, tsv: bool, is_text: Callable[[str], bool], block_size: int
+) -> tuple[pa.Table, int]:
+    """The table of a CSV or TSV file, and the count of its rows with more or fewer fields than the
+    header, which are skipped."""
+    skipped = 0
+
+    def skip(row: object) -> str:
+        nonlocal skipped
+        skipped += 1
+        return "skip"
+
+    read = pa_csv.ReadOptions(block_size=block_size)
+    parse = pa_csv.ParseOptions(delimiter="\t" if tsv else ",", newlines_in_values=True)
+    parse.invalid_row_handler = lambda row: "skip"  # counted where the rows are read, below
+    names = pa_csv.open_csv(io.BytesIO(data), read_options=read, parse_options=parse).schema.names
     convert = pa_csv.ConvertOptions(
         column_types={name: pa.string() for name in names if is_text(name)},
         strings_can_be_null=True,
         null_values=[""],
     )
-    parse.invalid_row_handler = lambda row: _skipped(dropped)
-    return pa_csv.read_csv(io.BytesIO(data), parse_options=parse, convert_options=convert)
+    parse.invalid_row_handler = skip
+    table = pa_csv.read_csv(io.BytesIO(data), read_options=read, parse_options=parse, convert_options=convert)
+    return table, skipped
 
 
 def _read_json(data: bytes, parse: pa_json.ParseOptions | None = None) -> pa.Table:
     """pyarrow's JSON reader passes bytes that are not UTF-8 into its strings unchecked: such a line
     failed the crawl on a raw ArrowInvalid naming no file, or, in a passed-through column, reached the
     parquet, which DuckDB then refuses to read."""
-    table = pa_json.read_json(io.BytesIO(data), parse_options=parse)
+
+    def read(block_size: int) -> pa.Table:
+        options = pa_json.ReadOptions(block_size=block_size)
+        return pa_json.read_json(io.BytesIO(data), read_options=options, parse_options=parse)
+
+    table = _whole_rows(read, len(data))
     table.validate(full=True)
     return table
 
 
-def _skipped(dropped: Counter) -> str:
-    """A CSV or TSV row with more or fewer fields than the header: counted, and skipped."""
-    dropped[CORRUPT_RECORD] += 1
-    return "skip"
+def _whole_rows(read: Callable[[int], _T], size: int) -> _T:
+    """`read(block_size)` in pyarrow's blocks of 1 MiB, or, where a row is longer than that, in one block
+    of the whole file: one such row (a long caption, an embedded thumbnail) failed the whole file with
+    "straddling object straddles two block boundaries (try to increase block size?)"."""
+    try:
+        return read(_BLOCK_SIZE)
+    except pa.ArrowInvalid as exc:
+        if "straddl" not in str(exc):
+            raise
+        return read(min(size + 1, _MAX_BLOCK_SIZE))
 
 
 def _json_object_lines(data: bytes, dropped: Counter) -> bytes:
