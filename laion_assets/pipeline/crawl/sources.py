@@ -374,6 +374,11 @@ def _wat_envelopes(stream: IO[bytes], name: str, dropped: Counter) -> Iterator[t
     except (ArchiveLoadFailed, OSError, EOFError, zlib.error) as exc:
         if replaced_while_read(exc):  # on S3: the rest would come from another version, no damaged tail
             raise SourceError(f"{name}: replaced while it was read; run the shard again") from exc
+        if "non-chunked gzip" in str(exc):  # warcio's word for it: whole, not a damaged tail
+            raise SourceError(
+                f"{name}: gzipped as one stream; a WAT file has a gzip member per record (its offsets "
+                f"are those of the records): recompress it with `warcio recompress {name} <new file>`"
+            ) from exc
         if seen == 0:
             raise SourceError(f"{name}: not a readable WAT file: {exc}") from exc
         # A damaged tail: what was read stands, the rest of the file is one counted corrupt record.
