@@ -8,11 +8,15 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
+from laion_assets import names
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.crawl.metadata import CrawlSettings, build_crawl_metadata, write_crawl_metadata
 from laion_assets.pipeline.crawl.sources import ColumnNames, SourceError, find_source, parse_source_name
+from laion_assets.pipeline.lineage import settings_changes
 from laion_assets.pipeline.printable import MAX_MESSAGE
+from laion_assets.pipeline.settings import DatasetSettings
 from laion_assets.pipeline.storage import CRAWL_METADATA, DatasetStore
+from laion_assets_tests.wat_files import Page, img, wat_bytes
 
 
 @pytest.mark.parametrize(
@@ -363,3 +367,24 @@ def test_a_row_longer_than_pyarrows_block_is_read_not_the_shards_end(local_root,
     result = _crawl(DatasetStore(local_root), f"long.{fmt}", ("\n".join(lines) + "\n").encode())
     assert result.table.column("caption").to_pylist() == ["a dog", long_caption.strip(), "a fox"]
     assert result.dropped["corrupt_record"] == 1
+
+
+def test_a_shard_is_reported_built_with_other_settings_only_for_settings_that_shape_it(local_root):
+    """The footer recorded every crawl setting for every format: a change of `min_alt_length` (a WAT
+    file's rule) reported each URL list's crawl_metadata built with other settings, and one of
+    `url_column` each WAT file's; `--rebuild-stale` made them again, their images too (the crawl's
+    footer is part of what the images were made from), for the same rows."""
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/urls.csv", _encode(IMG2DATASET, "csv"))
+    page = Page("https://x.example/", links=[img("a.jpg", "a long enough caption")])
+    store.write_bytes("incoming/seg.warc.wat.gz", wat_bytes([page]))
+    for shard in ("urls", "seg"):
+        write_crawl_metadata(store, shard, CrawlSettings())
+
+    def changes(**section) -> dict:
+        settings = DatasetSettings({names.CRAWL_METADATA_ASSET: section})
+        return settings_changes(store, ["urls", "seg"], settings)
+
+    assert changes(min_alt_length=5, url_column=None) == {}
+    assert changes(min_alt_length=3) == {"seg": {"crawl_metadata": ["min_alt_length: 5 -> 3"]}}
+    assert changes(url_column="link") == {"urls": {"crawl_metadata": ["url_column: None -> 'link'"]}}
