@@ -8,11 +8,15 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
+from laion_assets import names
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.crawl.metadata import CrawlSettings, build_crawl_metadata, write_crawl_metadata
 from laion_assets.pipeline.crawl.sources import ColumnNames, SourceError, find_source, parse_source_name
+from laion_assets.pipeline.lineage import settings_changes
 from laion_assets.pipeline.printable import MAX_MESSAGE
+from laion_assets.pipeline.settings import DatasetSettings
 from laion_assets.pipeline.storage import CRAWL_METADATA, DatasetStore
+from laion_assets_tests.wat_files import Page, img, wat_bytes
 
 
 @pytest.mark.parametrize(
@@ -302,3 +306,85 @@ def test_a_csv_or_tsv_row_with_other_than_the_headers_fields_is_counted_not_the_
     result = _crawl(DatasetStore(local_root), f"r.{fmt}", ("\n".join(lines) + "\n").encode())
     assert result.table.column("caption").to_pylist() == ["a cat", "a dog"]
     assert result.dropped["corrupt_record"] == 2
+
+
+def test_a_jsonl_line_that_is_not_utf8_is_counted_not_stored_or_the_shards_end(local_root):
+    # pyarrow's JSON reader took such bytes into its strings: in a caption the crawl failed on a raw
+    # "Invalid UTF8 sequence in input" naming no file; in a passed-through column they reached the parquet,
+    # which DuckDB (the catalog) then refused to read; a lone surrogate, escaped, failed the whole file
+    lines = [
+        b'{"url": "http://a.com/1.jpg", "caption": "a cat", "note": "ok"}',
+        b'{"url": "http://a.com/2.jpg", "caption": "un caf\xe9", "note": "ok"}',  # Latin-1
+        b'{"url": "http://a.com/3.jpg", "caption": "a dog", "note": "caf\xe9"}',
+        '{"url": "http://a.com/4.jpg", "caption": "a café", "note": "ok"}'.encode(),
+        b'{"url": "http://a.com/5.jpg", "caption": "a lone \\ud83d surrogate"}',  # pyarrow refused the file
+    ]
+    result = _crawl(DatasetStore(local_root), "latin.jsonl", b"\n".join(lines) + b"\n")
+    result.table.validate(full=True)
+    assert result.table.column("caption").to_pylist() == ["a cat", "a café"]
+    assert result.dropped["corrupt_record"] == 3
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("e.jsonl", b""),  # pyarrow: "Empty JSON file"
+        ("e.jsonl", b"\n \r\n"),  # "no URL column found; columns are []"
+        ("e.jsonl.gz", gzip.compress(b"", mtime=0)),
+        ("e.csv", b""),  # "Empty CSV file"
+        ("e.csv", b"\xef\xbb\xbf"),  # a spreadsheet's empty sheet, with its byte-order mark
+        ("e.csv", b"url,caption"),  # a header alone, unended: "Empty CSV file or block"
+        ("e.tsv", b"\xef\xbb\xbfurl\tcaption"),
+    ],
+)
+def test_a_url_list_without_rows_is_a_shard_of_no_rows_in_every_text_format(local_root, name, data):
+    """A header-only CSV made a shard of no rows, while an empty jsonl or csv (and a header without its
+    line end) failed the crawl: a URL list with no rows is a shard of no rows, whatever its format."""
+    store = DatasetStore(local_root)
+    header_only = _crawl(store, "h.csv", b"url,caption\n").table
+    result = _crawl(store, name, data)
+    assert result.table.schema == header_only.schema
+    assert (result.table.num_rows, result.rows_read) == (0, 0)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl"])
+def test_a_row_longer_than_pyarrows_block_is_read_not_the_shards_end(local_root, fmt):
+    # pyarrow reads in blocks of 1 MiB: one longer row (a long caption, an embedded thumbnail) failed the
+    # whole file with "straddling object straddles two block boundaries (try to increase block size?)"
+    long_caption = "a cat " * 400_000  # 2.4 MB
+    rows = [
+        ("http://a.com/1.jpg", "a dog"),
+        ("http://a.com/2.jpg", long_caption),
+        ("http://a.com/3.jpg", "a fox"),
+    ]
+    if fmt == "jsonl":
+        lines = [json.dumps({"url": url, "caption": caption}) for url, caption in rows]
+        lines.insert(1, "not json")
+    else:
+        separator = "\t" if fmt == "tsv" else ","
+        lines = [separator.join(["url", "caption"]), *(separator.join(row) for row in rows)]
+        lines.insert(2, separator.join(["http://a.com/x.jpg", "a", "b"]))  # counted once, not per read
+    result = _crawl(DatasetStore(local_root), f"long.{fmt}", ("\n".join(lines) + "\n").encode())
+    assert result.table.column("caption").to_pylist() == ["a dog", long_caption.strip(), "a fox"]
+    assert result.dropped["corrupt_record"] == 1
+
+
+def test_a_shard_is_reported_built_with_other_settings_only_for_settings_that_shape_it(local_root):
+    """The footer recorded every crawl setting for every format: a change of `min_alt_length` (a WAT
+    file's rule) reported each URL list's crawl_metadata built with other settings, and one of
+    `url_column` each WAT file's; `--rebuild-stale` made them again, their images too (the crawl's
+    footer is part of what the images were made from), for the same rows."""
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/urls.csv", _encode(IMG2DATASET, "csv"))
+    page = Page("https://x.example/", links=[img("a.jpg", "a long enough caption")])
+    store.write_bytes("incoming/seg.warc.wat.gz", wat_bytes([page]))
+    for shard in ("urls", "seg"):
+        write_crawl_metadata(store, shard, CrawlSettings())
+
+    def changes(**section) -> dict:
+        settings = DatasetSettings({names.CRAWL_METADATA_ASSET: section})
+        return settings_changes(store, ["urls", "seg"], settings)
+
+    assert changes(min_alt_length=5, url_column=None) == {}
+    assert changes(min_alt_length=3) == {"seg": {"crawl_metadata": ["min_alt_length: 5 -> 3"]}}
+    assert changes(url_column="link") == {"urls": {"crawl_metadata": ["url_column: None -> 'link'"]}}

@@ -259,3 +259,15 @@ def test_a_wat_replaced_on_s3_while_read_is_an_error_not_a_damaged_tail(s3_root)
         store.write_bytes(f"incoming/{WAT_NAME}", wat_bytes(pages[:3]))
         with pytest.raises(SourceError, match=rf"{WAT_NAME}: replaced while it was read"):
             list(envelopes)
+
+
+@pytest.mark.parametrize("first", ["warcinfo", "metadata"])
+def test_a_wat_gzipped_as_one_stream_is_a_source_error_not_a_damaged_tail(local_root, first):
+    # `gzip file.warc.wat` makes one member of every record; warcio reads the first record and stops. That
+    # was taken for a damaged tail: behind a warcinfo record, "no WAT metadata records (a WARC or WET
+    # file?)"; behind a metadata record, a shard of the first page alone and one corrupt_record
+    raw = gzip.decompress(wat_bytes(PAGES))
+    if first == "metadata":
+        raw = raw[raw.index(b"WARC/1.0", 1) :]  # the warcinfo record left out
+    with pytest.raises(SourceError, match=rf"{WAT_NAME}: gzipped as one stream.*warcio recompress"):
+        _crawl(DatasetStore(local_root), gzip.compress(raw))

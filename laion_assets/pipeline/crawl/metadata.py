@@ -35,14 +35,17 @@ class CrawlSettings:
     columns: ColumnNames = field(default_factory=ColumnNames)
     min_alt_length: int = 5  # WAT alt text shorter than this is dropped, as LAION did
 
-    def recorded(self) -> dict[str, str | int | None]:
-        """As the footer records them: named as the crawl_metadata run config names them."""
+    def recorded(self, source_format: str) -> dict[str, str | int | None]:
+        """As the footer of a shard of `source_format` records them, named as the crawl_metadata run config
+        names them: those that shape it alone (a URL list's column names, a WAT file's alt-text rule), so
+        that a change to the others does not report it built with other settings."""
+        if source_format == "wat":
+            return {"min_alt_length": self.min_alt_length}
         columns = self.columns
         return {
             "url_column": columns.url,
             "caption_column": columns.caption,
             "license_column": columns.license,
-            "min_alt_length": self.min_alt_length,
         }
 
 
@@ -61,7 +64,8 @@ def write_crawl_metadata(store: DatasetStore, shard: str, settings: CrawlSetting
     source = find_source(list(files), shard)
     result = build_crawl_metadata(store, source, settings)
     path = CRAWL_METADATA.parquet(shard)
-    footer = {**source_footer(files[source.name]), names.SETTINGS_FOOTER: json.dumps(settings.recorded())}
+    recorded = json.dumps(settings.recorded(source.format))
+    footer = {**source_footer(files[source.name]), names.SETTINGS_FOOTER: recorded}
     try:
         store.write_parquet(path, result.table, metadata=footer)
     except pa.ArrowException as exc:  # a passed-through column parquet cannot hold (a JSON `{}` in each row)

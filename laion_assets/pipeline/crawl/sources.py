@@ -7,6 +7,7 @@ shared by every format (valid URL, non-empty caption, dedup) are applied later i
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
 import json
@@ -15,7 +16,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import ftfy
@@ -50,6 +51,10 @@ _TEXT_NAMES = {*URL_CANDIDATES, *CAPTION_CANDIDATES, *LICENSE_CANDIDATES, *PAGE_
 # Columns a reader produces itself. A pass-through source column named like any contract column is
 # renamed `source_<name>`.
 READER_COLUMNS = ("url", "caption", "page_url", "license", "source_offset")
+_BLOCK_SIZE = 1 << 20  # pyarrow's CSV and JSON readers' own
+_MAX_BLOCK_SIZE = (1 << 31) - 1  # theirs take an int32
+_T = TypeVar("_T")
+_READER_SCHEMA = pa.schema([(c, pa.int64() if c == "source_offset" else pa.string()) for c in READER_COLUMNS])
 # a drop's reason: missing, not an absolute http(s) URL, or an image link that cannot be resolved
 INVALID_URL = "invalid_url"
 # a drop's reason: a WAT record or a URL list's line that cannot be read
@@ -151,6 +156,8 @@ def read_url_list(stream: IO[bytes], source: SourceName, columns: ColumnNames) -
     table = _read_table(
         stream, source.format, lambda name: name.lower() in _TEXT_NAMES or name in configured, dropped
     )
+    if table.num_columns == table.num_rows == 0:  # an empty file: no rows, as a header-only csv has
+        return _READER_SCHEMA.empty_table(), dropped
     if repeated := sorted(n for n, count in Counter(table.column_names).items() if count > 1):
         raise SourceError(
             f"{source.name}: repeated column names {repeated}; columns are {table.column_names}"
@@ -183,55 +190,100 @@ def _read_table(stream: IO[bytes], fmt: str, is_text: Callable[[str], bool], dro
     """The table of a URL list; of a CSV or TSV, the columns `is_text` names as written, strings: by
     pyarrow's inference a caption "007" became 7, "1e3" 1000, and "NA" or "null" nothing. A JSONL line
     that is no JSON object, or a CSV or TSV row whose fields are not the header's, is counted in
-    `dropped`, not read."""
+    `dropped`, not read. A CSV, TSV or JSONL file of nothing but blanks (and a byte-order mark) has no
+    columns and no rows."""
     if fmt == "parquet":
         table = pq.read_table(io.BytesIO(stream.read()))
         table.validate(full=True)  # strings that are not UTF-8: the stages after would fail on them
         return table
+    data = stream.read()
+    if not data.removeprefix(codecs.BOM_UTF8).strip():  # pyarrow: "Empty JSON file", "Empty CSV file"
+        return pa.table({})
     if fmt == "jsonl":
-        data = stream.read()
         try:
-            table = pa_json.read_json(io.BytesIO(data))
+            table = _read_json(data)
         except pa.ArrowInvalid:  # one bad line stopped the whole file: read again without such lines
             data = _json_object_lines(data, dropped)
             if not data:  # no line is one: the reader's own error says more
                 raise
-            table = pa_json.read_json(io.BytesIO(data))
+            table = _read_json(data)
         schema = pa.schema([f.with_type(_strings_kept(f.type)) for f in table.schema])
         if schema == table.schema:
             return table
-        return pa_json.read_json(io.BytesIO(data), parse_options=pa_json.ParseOptions(explicit_schema=schema))
-    data = stream.read()
-    parse = pa_csv.ParseOptions(
-        delimiter="\t" if fmt == "tsv" else ",",
-        newlines_in_values=True,
-        invalid_row_handler=lambda row: "skip",  # counted where the rows are read, below
-    )
-    names = pa_csv.open_csv(io.BytesIO(data), parse_options=parse).schema.names
+        return _read_json(data, pa_json.ParseOptions(explicit_schema=schema))
+    if b"\n" not in data and b"\r" not in data:  # a header alone, unended: pyarrow read no columns in it
+        data += b"\n"
+    table, skipped = _whole_rows(lambda block: _read_csv(data, fmt == "tsv", is_text, block), len(data))
+    if skipped:
+        dropped[CORRUPT_RECORD] += skipped
+    return table
+
+
+def _read_csv(
+    data: bytes, tsv: bool, is_text: Callable[[str], bool], block_size: int
+) -> tuple[pa.Table, int]:
+    """The table of a CSV or TSV file, and the count of its rows with more or fewer fields than the
+    header, which are skipped."""
+    skipped = 0
+
+    def skip(row: object) -> str:
+        nonlocal skipped
+        skipped += 1
+        return "skip"
+
+    read = pa_csv.ReadOptions(block_size=block_size)
+    parse = pa_csv.ParseOptions(delimiter="\t" if tsv else ",", newlines_in_values=True)
+    parse.invalid_row_handler = lambda row: "skip"  # counted where the rows are read, below
+    names = pa_csv.open_csv(io.BytesIO(data), read_options=read, parse_options=parse).schema.names
     convert = pa_csv.ConvertOptions(
         column_types={name: pa.string() for name in names if is_text(name)},
         strings_can_be_null=True,
         null_values=[""],
     )
-    parse.invalid_row_handler = lambda row: _skipped(dropped)
-    return pa_csv.read_csv(io.BytesIO(data), parse_options=parse, convert_options=convert)
+    parse.invalid_row_handler = skip
+    table = pa_csv.read_csv(io.BytesIO(data), read_options=read, parse_options=parse, convert_options=convert)
+    return table, skipped
 
 
-def _skipped(dropped: Counter) -> str:
-    """A CSV or TSV row with more or fewer fields than the header: counted, and skipped."""
-    dropped[CORRUPT_RECORD] += 1
-    return "skip"
+def _read_json(data: bytes, parse: pa_json.ParseOptions | None = None) -> pa.Table:
+    """pyarrow's JSON reader passes bytes that are not UTF-8 into its strings unchecked: such a line
+    failed the crawl on a raw ArrowInvalid naming no file, or, in a passed-through column, reached the
+    parquet, which DuckDB then refuses to read."""
+
+    def read(block_size: int) -> pa.Table:
+        options = pa_json.ReadOptions(block_size=block_size)
+        return pa_json.read_json(io.BytesIO(data), read_options=options, parse_options=parse)
+
+    table = _whole_rows(read, len(data))
+    table.validate(full=True)
+    return table
+
+
+def _whole_rows(read: Callable[[int], _T], size: int) -> _T:
+    """`read(block_size)` in pyarrow's blocks of 1 MiB, or, where a row is longer than that, in one block
+    of the whole file: one such row (a long caption, an embedded thumbnail) failed the whole file with
+    "straddling object straddles two block boundaries (try to increase block size?)"."""
+    try:
+        return read(_BLOCK_SIZE)
+    except pa.ArrowInvalid as exc:
+        if "straddl" not in str(exc):
+            raise
+        return read(min(size + 1, _MAX_BLOCK_SIZE))
 
 
 def _json_object_lines(data: bytes, dropped: Counter) -> bytes:
-    """The lines of a JSONL file that are JSON objects; every other line but a blank one is counted."""
+    """The lines of a JSONL file that are JSON objects in UTF-8; every other line but a blank one is
+    counted."""
     kept = []
     for line in data.split(b"\n"):
         if not line.strip():
             continue
         try:
-            is_object = isinstance(json.loads(line), dict)
-        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            value = json.loads(line)
+            is_object = isinstance(value, dict)
+            if is_object:  # a lone surrogate JSON escapes ("\ud83d") UTF-8 cannot hold, nor pyarrow read
+                json.dumps(value, ensure_ascii=False).encode()
+        except (ValueError, RecursionError):  # UnicodeDecodeError and UnicodeEncodeError are ValueErrors
             is_object = False
         if is_object:
             kept.append(line)
@@ -291,8 +343,7 @@ def read_wat(stream: IO[bytes], name: str, min_alt_length: int) -> tuple[pa.Tabl
         for row in _image_links(envelope, min_alt_length, dropped):
             for column, value in zip(READER_COLUMNS, (*row, offset), strict=True):
                 rows[column].append(value)
-    schema = pa.schema([(c, pa.int64() if c == "source_offset" else pa.string()) for c in READER_COLUMNS])
-    return pa.table(rows, schema=schema), dropped
+    return pa.table(rows, schema=_READER_SCHEMA), dropped
 
 
 def _wat_envelopes(stream: IO[bytes], name: str, dropped: Counter) -> Iterator[tuple[int, dict]]:
@@ -323,6 +374,11 @@ def _wat_envelopes(stream: IO[bytes], name: str, dropped: Counter) -> Iterator[t
     except (ArchiveLoadFailed, OSError, EOFError, zlib.error) as exc:
         if replaced_while_read(exc):  # on S3: the rest would come from another version, no damaged tail
             raise SourceError(f"{name}: replaced while it was read; run the shard again") from exc
+        if "non-chunked gzip" in str(exc):  # warcio's word for it: whole, not a damaged tail
+            raise SourceError(
+                f"{name}: gzipped as one stream; a WAT file has a gzip member per record (its offsets "
+                f"are those of the records): recompress it with `warcio recompress {name} <new file>`"
+            ) from exc
         if seen == 0:
             raise SourceError(f"{name}: not a readable WAT file: {exc}") from exc
         # A damaged tail: what was read stands, the rest of the file is one counted corrupt record.
