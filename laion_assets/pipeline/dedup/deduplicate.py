@@ -51,6 +51,7 @@ from laion_assets.pipeline import schemas, storage
 from laion_assets.pipeline.catalog import views as catalog
 from laion_assets.pipeline.embeddings.clip import ModelIdentity, ModelMismatch
 from laion_assets.pipeline.pairs.filter import stored_pair_shards
+from laion_assets.pipeline.parallel import store_map
 from laion_assets.pipeline.removal import (
     DUPLICATE,
     RemovalResult,
@@ -284,10 +285,9 @@ def _embedded_with(
     when they differ, or differ from `stored` (the model of the state's survivors) while shards checked
     before (`old`) keep survivors there: cosines across two models' embeddings mean nothing."""
     by_model: dict[ModelIdentity | None, list[str]] = {}
-    for shard in new:
-        by_model.setdefault(
-            ModelIdentity.from_footer(store.parquet_metadata(_vectors_path(store, shard))), []
-        ).append(shard)
+    footers = store_map(lambda shard: store.parquet_metadata(_vectors_path(store, shard)), new)
+    for shard, footer in zip(new, footers, strict=True):  # a round trip each on S3: read in parallel
+        by_model.setdefault(ModelIdentity.from_footer(footer), []).append(shard)
     model = next(iter(by_model))
     if len(by_model) > 1 or (stored is not None and model != stored and old):
         listed = "; ".join(f"{m or 'not recorded'}: {', '.join(shards)}" for m, shards in by_model.items())
