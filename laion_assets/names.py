@@ -64,6 +64,9 @@ READS_METADATA = "laion_assets/reads"
 SOURCE_FOOTER = "laion_assets.source"
 # a per-shard file after the first layer: a digest of what the file it was made from records about itself
 MADE_FROM_FOOTER = "laion_assets.made_from"
+# images: a digest of the rows the layers after it read (lineage.content_footer), which a download again
+# with the same settings changes only where the web answered otherwise
+CONTENT_FOOTER = "laion_assets.content"
 CLIP_MODEL_FOOTER = "laion_assets.clip_model"  # embeddings, search index: open_clip model name
 CLIP_PRETRAINED_FOOTER = "laion_assets.clip_pretrained"  # the pretrained tag, checkpoint path or "none"
 CLIP_WEIGHTS_FOOTER = "laion_assets.clip_weights"  # the weights: tag, sha256 or seed (clip.weights_id)

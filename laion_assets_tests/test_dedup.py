@@ -9,10 +9,13 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
+from laion_assets.demo import DEMO_CHECKPOINT
 from laion_assets.demo.run import DEMO_DEDUP_CONFIG
 from laion_assets.demo.score import score_duplicates
 from laion_assets.demo.world import EXACT_COPIES, NEAR_COPIES, make_world
@@ -28,7 +31,7 @@ from laion_assets.pipeline.dedup.deduplicate import (
     DedupSettings,
     deduplicate,
 )
-from laion_assets.pipeline.embeddings.clip import ClipEncoder
+from laion_assets.pipeline.embeddings.clip import ClipEncoder, ClipSettings, ModelMismatch
 from laion_assets.pipeline.removal import DUPLICATE, TAKEN_DOWN, RemovedKeys, remove_keys
 from laion_assets.pipeline.search.index import write_search_index
 from laion_assets.pipeline.shard_tar import read_samples
@@ -45,6 +48,7 @@ from laion_assets.pipeline.storage import (
 )
 from laion_assets.service.app import create_app
 from laion_assets.service.settings import ServiceSettings
+from laion_assets_tests.dagster_helpers import materialize_shard
 from laion_assets_tests.demo_dataset import DEMO_CLIP, DEMO_IMAGES, DEMO_SHARDS, build_demo_dataset
 from laion_assets_tests.service_process import running
 from laion_assets_tests.test_service import Client
@@ -457,3 +461,44 @@ def test_max_shards_checks_the_new_shards_over_several_runs_as_one_run_would(pla
     assert [(run.shards, run.left) for run in runs] == [([DEMO_SHARDS[0]], 1), ([DEMO_SHARDS[1]], 0), ([], 0)]
     assert found(store.read_parquet(DUPLICATES)) == at_once
     assert sorted(pairs_rows(store)) == sorted(pairs_rows(whole))
+
+
+def another_space(tmp_path: Path) -> ClipSettings:
+    """The demo model with the outputs of both its projections permuted: as good a model (each image's
+    cosine with its caption unchanged), whose embeddings lie in another space than the demo model's."""
+    weights = torch.load(DEMO_CHECKPOINT, map_location="cpu")
+    order = torch.randperm(weights["text_projection"].shape[1], generator=torch.Generator().manual_seed(1))
+    for name in ("visual.proj", "text_projection"):
+        weights[name] = weights[name][:, order]
+    torch.save(weights, tmp_path / "permuted.pt")
+    return replace(DEMO_CLIP, pretrained=str(tmp_path / "permuted.pt"))
+
+
+def test_embeddings_of_another_model_are_never_compared_with_the_survivors(planted, tmp_path):
+    """A shard embedded with another model than the state's survivors (the dataset's CLIP changed, the
+    other shards not yet embedded again): its cosines with them mean nothing. The run refused nothing and
+    missed every near copy across the two shards; it now refuses before writing anything, and once every
+    shard is embedded with the new model, checks them all with centroids trained on it."""
+    root = shutil.copytree(planted, tmp_path / "root")
+    later = hold_back(root, DEMO_SHARDS[1])
+    store = DatasetStore(str(root))
+    assert deduplicate(store, DEMO_DEDUP).shards == [DEMO_SHARDS[0]]
+    bring_back(later, root)
+    other, instance = another_space(tmp_path), dg.DagsterInstance.ephemeral()
+    embedded = ["clip_embeddings", "quality_scores", "filtered_pairs"]
+    assert materialize_shard(instance, str(root), DEMO_SHARDS[1], selection=embedded, clip=other).success
+    recorded, pairs = store.read_parquet(DUPLICATES), pairs_rows(store)
+    with pytest.raises(
+        ModelMismatch, match=rf"permuted\.pt: {DEMO_SHARDS[1]}; the shards checked before with "
+    ):
+        deduplicate(store, DEMO_DEDUP)
+    assert store.read_parquet(DUPLICATES).equals(recorded) and sorted(pairs_rows(store)) == sorted(pairs)
+
+    assert materialize_shard(instance, str(root), DEMO_SHARDS[0], selection=embedded, clip=other).success
+    fresh = shutil.copytree(root, tmp_path / "fresh")
+    shutil.rmtree(fresh / DUPLICATES.split("/")[0])
+    at_once = deduplicate(DatasetStore(str(fresh)), DEMO_DEDUP)
+    again = deduplicate(store, DEMO_DEDUP)
+    assert again.shards == list(DEMO_SHARDS) and again.centroids.startswith("trained on")
+    assert found(store.read_parquet(DUPLICATES)) == found(at_once.duplicates)
+    assert {kind for _, _, kind in found(at_once.duplicates)} >= set(NEAR_KINDS)

@@ -17,8 +17,9 @@ from laion_assets.pipeline import schemas
 from laion_assets.pipeline.download.downloader import download_shard
 from laion_assets.pipeline.embeddings.clip import ClipEncoder, ClipSettings, ModelUnavailable
 from laion_assets.pipeline.embeddings.embed import DamagedImagesTar, embed_shard, write_embeddings
+from laion_assets.pipeline.lineage import incoming_by_shard, stale_layers
 from laion_assets.pipeline.shard_tar import TarShardWriter, read_samples
-from laion_assets.pipeline.storage import DatasetStore
+from laion_assets.pipeline.storage import CRAWL_METADATA, EMBEDDINGS, IMAGES, DatasetStore
 from laion_assets.runner import failure_message
 from laion_assets_tests.dagster_helpers import TINY_CLIP, local_web_config, materialize_shard
 from laion_assets_tests.test_download import FAST, crawl_table
@@ -301,3 +302,34 @@ def test_weights_trained_with_another_activation_are_refused_before_loading():
     # the matching name gets past the check, to the weights (which this offline machine lacks)
     with pytest.raises(ModelUnavailable, match=r"^cannot load open_clip model 'ViT-B-32-quickgelu'"):
         ClipEncoder(ClipSettings(model="ViT-B-32-quickgelu", pretrained="openai", device="cpu"))
+
+
+def test_embeddings_made_before_the_images_were_downloaded_again_are_not_current(local_root, web):
+    """The images downloaded again with the same settings, the web answering otherwise (a host back up):
+    every footer the images record was as before, so lineage took the embeddings made from the first
+    download for current, and no run gave the image that came back an embedding (nor a pair)."""
+    store = DatasetStore(local_root)
+    paths = ["/img/red.jpg", "/down/a.jpg", "/img/blue.webp"]
+    store.write_bytes(
+        "incoming/e.jsonl",
+        "".join(f'{{"url": "{web.url(p)}", "caption": "a picture at {p}"}}\n' for p in paths).encode(),
+    )
+    instance, layers = dg.DagsterInstance.ephemeral(), [CRAWL_METADATA, IMAGES, EMBEDDINGS]
+    web.down.add("/down/a.jpg")
+    first = ["crawl_metadata", "downloaded_images", "clip_embeddings"]
+    assert materialize_shard(instance, local_root, "e", local_web_config(), selection=first).success
+    assert store.read_parquet(EMBEDDINGS.parquet("e")).column("key").to_pylist() == [
+        "e-00000000",
+        "e-00000002",
+    ]
+    assert stale_layers(store, incoming_by_shard(store), layers) == {"e": []}
+
+    web.down.clear()
+    again = ["downloaded_images"]
+    assert materialize_shard(instance, local_root, "e", local_web_config(), selection=again).success
+    assert store.read_parquet(IMAGES.parquet("e")).column("status").to_pylist() == [schemas.SUCCESS] * 3
+    assert stale_layers(store, incoming_by_shard(store), layers) == {"e": [EMBEDDINGS]}
+    # the same outcome downloaded again leaves them current
+    assert materialize_shard(instance, local_root, "e", local_web_config(), selection=first).success
+    assert materialize_shard(instance, local_root, "e", local_web_config(), selection=again).success
+    assert stale_layers(store, incoming_by_shard(store), layers) == {"e": []}

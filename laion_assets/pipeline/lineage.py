@@ -56,11 +56,26 @@ def inherited_footer(upstream: pa.Table) -> dict[str, str]:
     return {names.SOURCE_FOOTER: source, names.MADE_FROM_FOOTER: _identity(stored)} if source else {}
 
 
+# The columns of images that the layers after it read.
+CONTENT_COLUMNS = ("key", "caption", "status", "sha256")
+
+
+def content_footer(images: pa.Table) -> dict[str, str]:
+    """The footer entry of an images file that tells its `CONTENT_COLUMNS` from another download's: its
+    source and settings do not fix what a download gets (the web answers otherwise another day), so the
+    files made from the last download are not current after one that came out otherwise."""
+    digest = hashlib.sha256()
+    for row in zip(*(images.column(name).to_pylist() for name in CONTENT_COLUMNS), strict=True):
+        digest.update(json.dumps(row).encode())
+    return {names.CONTENT_FOOTER: digest.hexdigest()[:32]}
+
+
 # What a layer's file records about how it was made: its source, its settings, and what it was made from.
 # A removal rewrites a file's rows with its footer; a run writes these again only if it rebuilds it.
 _IDENTITY_FOOTERS = (
     names.SOURCE_FOOTER,
     names.MADE_FROM_FOOTER,
+    names.CONTENT_FOOTER,
     names.SETTINGS_FOOTER,
     names.CLIP_MODEL_FOOTER,
     names.CLIP_PRETRAINED_FOOTER,

@@ -49,7 +49,9 @@ import pyarrow.parquet as pq
 from laion_assets import names
 from laion_assets.pipeline import schemas, storage
 from laion_assets.pipeline.catalog import views as catalog
+from laion_assets.pipeline.embeddings.clip import ModelIdentity, ModelMismatch
 from laion_assets.pipeline.pairs.filter import stored_pair_shards
+from laion_assets.pipeline.parallel import store_map
 from laion_assets.pipeline.removal import (
     DUPLICATE,
     RemovalResult,
@@ -192,7 +194,17 @@ def deduplicate(
     seen = dict(zip(done.column("shard").to_pylist(), done.column("fingerprint").to_pylist(), strict=True))
     waiting = sorted(shard for shard, fingerprint in pairs.items() if seen.get(shard) != fingerprint)
     new = waiting[: settings.max_shards] if settings.max_shards else waiting
-    committed = store.parquet_metadata(DEDUP_SHARDS).get(TRAINED_BY) if store.exists(DEDUP_SHARDS) else None
+    state = store.parquet_metadata(DEDUP_SHARDS) if store.exists(DEDUP_SHARDS) else {}
+    committed = state.get(TRAINED_BY)
+    near = settings.semantic or settings.max_phash_distance >= 0
+    model = ModelIdentity.from_footer(state)
+    if near and new:
+        model, before = (
+            _embedded_with(store, new, [shard for shard in seen if shard not in new], model),
+            model,
+        )
+        if before is not None and model != before:  # every shard checked again: the old model's go
+            store.remove(DEDUP_CENTROIDS)
     if _clear_unfinished(store, {*done.column("run").to_pylist(), committed}):
         _drop_found(store, waiting)
     if _trained_by(store) != committed:  # trained by a run that stopped before it reassigned every survivor
@@ -211,13 +223,13 @@ def deduplicate(
     seconds["exact"], clock = time.monotonic() - clock, time.monotonic()
     centroids = "off"
     clusters = buckets = 0
-    if (settings.semantic or settings.max_phash_distance >= 0) and new:
+    if near and new:
         exact_finds = {key for table in found for key in table.column("key").to_pylist()}
         semantic, centroids, clusters, buckets = _semantic(
             store, new, exact_finds, settings, run, now, seconds
         )
         found.append(semantic)
-    elif settings.semantic or settings.max_phash_distance >= 0:
+    elif near:
         centroids, clusters, buckets = _stored_centroids(store)
     seconds["semantic"], clock = time.monotonic() - clock, time.monotonic()
     duplicates = pa.concat_tables(found) if found else schemas.DUPLICATES.empty_table()
@@ -255,7 +267,8 @@ def deduplicate(
             },
             schema=_SHARDS,
         ),
-        metadata={TRAINED_BY: trained_by} if trained_by else None,
+        metadata={**({TRAINED_BY: trained_by} if trained_by else {}), **(model.footer() if model else {})}
+        or None,
     )
     _drop_superseded(store, trained_by)
     counts = Counter(duplicates.column("kind").to_pylist())
@@ -263,6 +276,34 @@ def deduplicate(
     return DedupResult(
         run, new, len(waiting) - len(new), duplicates, removal, centroids, clusters, buckets, by_kind, seconds
     )
+
+
+def _embedded_with(
+    store: DatasetStore, new: list[str], old: list[str], stored: ModelIdentity | None
+) -> ModelIdentity | None:
+    """The model that embedded the vectors of the `new` shards. ModelMismatch, before anything is written,
+    when they differ, or differ from `stored` (the model of the state's survivors) while shards checked
+    before (`old`) keep survivors there: cosines across two models' embeddings mean nothing."""
+    by_model: dict[ModelIdentity | None, list[str]] = {}
+    footers = store_map(lambda shard: store.parquet_metadata(_vectors_path(store, shard)), new)
+    for shard, footer in zip(new, footers, strict=True):  # a round trip each on S3: read in parallel
+        by_model.setdefault(ModelIdentity.from_footer(footer), []).append(shard)
+    model = next(iter(by_model))
+    if len(by_model) > 1 or (stored is not None and model != stored and old):
+        listed = "; ".join(f"{m or 'not recorded'}: {', '.join(shards)}" for m, shards in by_model.items())
+        before = f"; the shards checked before with {stored}" if stored is not None and old else ""
+        raise ModelMismatch(
+            f"dedup compares image embeddings of one model only: the new shards were embedded with {listed}"
+            f"{before}. Re-materialise clip_embeddings (and the layers after it) of the shards made with "
+            "another model than the dataset's, then run dedup again"
+        )
+    return model
+
+
+def _vectors_path(store: DatasetStore, shard: str) -> str:
+    """The file of the shard's pairs' image embeddings that dedup reads."""
+    kept = PAIRS_EMBEDDINGS.parquet(shard)
+    return kept if store.exists(kept) else EMBEDDINGS.parquet(shard)
 
 
 def _read_or_empty(store: DatasetStore, path: str, schema: pa.Schema) -> pa.Table:
@@ -494,8 +535,7 @@ class _Vectors:
 
 def _shard_vectors(store: DatasetStore, shard: str, keep: set[str]) -> _Vectors:
     """The image embeddings and perceptual hashes of the shard's pairs in `keep`, sorted by key."""
-    layer = PAIRS_EMBEDDINGS if store.exists(PAIRS_EMBEDDINGS.parquet(shard)) else EMBEDDINGS
-    table = store.read_parquet(layer.parquet(shard), columns=["key", "image_embedding"])
+    table = store.read_parquet(_vectors_path(store, shard), columns=["key", "image_embedding"])
     table = table.filter(pc.is_in(table.column("key"), pa.array(sorted(keep), pa.string()))).sort_by("key")
     images = store.read_parquet(IMAGES.parquet(shard))
     phash = (

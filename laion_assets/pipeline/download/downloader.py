@@ -59,7 +59,7 @@ from laion_assets.pipeline.download.imaging import (
     opencv,
     process_image,
 )
-from laion_assets.pipeline.lineage import inherited_footer
+from laion_assets.pipeline.lineage import content_footer, inherited_footer
 from laion_assets.pipeline.shard_tar import TarShardWriter, drop_samples, encode_sample, read_samples
 from laion_assets.pipeline.storage import CRAWL_METADATA, IMAGES, DatasetStore
 from laion_assets.pipeline.takedowns.blocklist import Blocklist, load_active
@@ -226,7 +226,11 @@ def write_images(
         blocklist = load_active(store)
         result = download_shard(crawl, settings, tar_out, previous, progress, blocklist, draining, workers)
     result = _listed_meanwhile(store, blocklist, result, tar_path)
-    footer = {**inherited_footer(crawl), names.SETTINGS_FOOTER: json.dumps(asdict(settings))}
+    footer = {
+        **inherited_footer(crawl),
+        **content_footer(result.table),
+        names.SETTINGS_FOOTER: json.dumps(asdict(settings)),
+    }
     store.write_parquet(parquet_path, result.table, metadata=footer, **schemas.IMAGES_PARQUET_OPTIONS)
     return result
 
