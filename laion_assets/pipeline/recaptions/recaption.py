@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -101,7 +102,12 @@ def write_recaptions(
         vectors = np.empty((0, encoder.dim), np.float32)
     org_scores = np.asarray(embeddings.column("similarity").to_pylist(), dtype=np.float64)[order]
 
-    new, errors = _caption_samples(store, shard, set(keys), captioner)
+    try:
+        new, errors = _caption_samples(store, shard, set(keys), captioner)
+    except tarfile.ReadError as exc:
+        raise ValueError(
+            f"{store.url(PAIRS.tar(shard))} is damaged ({exc}): make the shard's filtered_pairs again"
+        ) from exc
     texts = [new.get(key) for key in keys]
     scores = np.full(len(keys), np.nan)
     have = [i for i, text in enumerate(texts) if text is not None]
