@@ -4,6 +4,7 @@ CoCa (chat_server.py). vLLM itself was not run here: see docs/stages/recaptions.
 import base64
 import io
 import shutil
+import socket
 from dataclasses import replace
 
 import pytest
@@ -112,6 +113,21 @@ def test_a_slow_server_times_out_per_request(coca, images):
     finally:
         slow.stop()
     assert late == NoCaption("timeout: no answer within 0.3s (gave up after 2 attempts)")
+
+
+def test_a_refused_connection_is_recorded_as_one_not_as_a_timeout(images):
+    """urllib3's NewConnectionError (refused, unreachable, no such host) is a subclass of its
+    ConnectTimeoutError: the sample's reason said 'timeout: no answer within 120s' of an endpoint that
+    refused at once, sending whoever read it after a slow server rather than a wrong URL or a server down."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    settings = ChatCaptionSettings(base_url=url, model="m", retries=1, retry_backoff=0)
+    (refused,) = ChatCaptioner(settings).caption(images[:1])
+    assert isinstance(refused, NoCaption)
+    assert refused.reason.startswith("connection failed: ") and "refused" in refused.reason
+    assert refused.reason.endswith("(gave up after 2 attempts)")
 
 
 def test_a_server_that_drips_its_answer_times_out_per_request(coca, images):

@@ -128,6 +128,8 @@ class ChatCaptioner:
                 "POST", self.url, body=body, headers=self.headers, timeout=timeout, preload_content=False
             )
             data = _read_before(response, deadline)
+        except urllib3.exceptions.NewConnectionError as exc:  # refused, unreachable: a TimeoutError subclass
+            raise _Retryable(f"connection failed: {exc}") from exc
         except (urllib3.exceptions.TimeoutError, TimeoutError) as exc:
             raise _Retryable(f"timeout: no answer within {timeout:g}s") from exc
         except HTTPError as exc:
