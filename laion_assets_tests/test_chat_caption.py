@@ -184,3 +184,26 @@ def test_an_answer_that_is_not_unicode_is_a_reason_not_a_failed_shard(server, de
         "the caption is not valid Unicode: 'a red \\ud83d circle'"
     ]
     assert all(row["re_caption"] and row["re_clip_score"] is not None for row in rows if row is not failed[0])
+
+
+def test_a_shard_the_endpoint_never_answered_is_not_written(server, demo_root, tmp_path):
+    """The endpoint down (or busy past its retries) for a whole shard: a file of rows that all say
+    'connection failed' would be a materialised, done shard that no later run recaptions; the shard fails,
+    nothing written, and is captioned when the endpoint is back. One image answered keeps the shard."""
+    from laion_assets.pipeline.recaptions.recaption import CaptionerUnreachable
+
+    shutil.copytree(demo_root, tmp_path / "data")
+    store, shard = DatasetStore(str(tmp_path / "data")), DEMO_SHARDS[0]
+    with store.open(RECAPTIONS.parquet(shard)) as f:
+        before = f.read()
+    busy = ChatCaptioner(_settings(server, in_flight=1, retries=0))
+    server.script = [503] * 1000
+    none = rf"^shard {shard}: the captioner captioned none of its \d+ images \(HTTP 503"
+    with pytest.raises(CaptionerUnreachable, match=none):
+        write_recaptions(store, shard, busy, ClipEncoder(DEMO_CLIP))
+    with store.open(RECAPTIONS.parquet(shard)) as f:
+        assert f.read() == before
+    server.script = [503] * (len(server.requests) - 1)  # all but the last image
+    rows = write_recaptions(store, shard, busy, ClipEncoder(DEMO_CLIP)).table.to_pylist()
+    assert sum(row["re_caption"] is not None for row in rows) == 1
+    assert all(row["re_caption_error"].startswith("HTTP 503") for row in rows if row["re_caption"] is None)

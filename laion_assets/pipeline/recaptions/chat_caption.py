@@ -93,9 +93,9 @@ class ChatCaptioner:
                 tries = f" (gave up after {attempt + 1} attempts)" if attempt else ""
                 if exc.retry_after is not None and exc.retry_after > s.max_retry_after:
                     over = f"Retry-After {exc.retry_after:g}s is over max_retry_after={s.max_retry_after:g}s"
-                    return NoCaption(f"{exc} ({over})")
+                    return NoCaption(f"{exc} ({over})", unreachable=True)
                 if attempt == s.retries:
-                    return NoCaption(f"{exc}{tries}")
+                    return NoCaption(f"{exc}{tries}", unreachable=True)
                 time.sleep(exc.retry_after if exc.retry_after is not None else s.retry_backoff * 2**attempt)
             except _Unusable as exc:
                 return NoCaption(str(exc))
