@@ -4,6 +4,7 @@ CoCa (chat_server.py). vLLM itself was not run here: see docs/stages/recaptions.
 import base64
 import io
 import shutil
+import socket
 from dataclasses import replace
 
 import pytest
@@ -114,6 +115,21 @@ def test_a_slow_server_times_out_per_request(coca, images):
     assert late == NoCaption("timeout: no answer within 0.3s (gave up after 2 attempts)")
 
 
+def test_a_refused_connection_is_recorded_as_one_not_as_a_timeout(images):
+    """urllib3's NewConnectionError (refused, unreachable, no such host) is a subclass of its
+    ConnectTimeoutError: the sample's reason said 'timeout: no answer within 120s' of an endpoint that
+    refused at once, sending whoever read it after a slow server rather than a wrong URL or a server down."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    settings = ChatCaptionSettings(base_url=url, model="m", retries=1, retry_backoff=0)
+    (refused,) = ChatCaptioner(settings).caption(images[:1])
+    assert isinstance(refused, NoCaption)
+    assert refused.reason.startswith("connection failed: ") and "refused" in refused.reason
+    assert refused.reason.endswith("(gave up after 2 attempts)")
+
+
 def test_a_server_that_drips_its_answer_times_out_per_request(coca, images):
     """The timeout bounds the whole request: a server that sends its answer a byte at a time, each byte well
     within the timeout of the one before (a stalled gateway), is given up at the timeout, not after it."""
@@ -168,3 +184,26 @@ def test_an_answer_that_is_not_unicode_is_a_reason_not_a_failed_shard(server, de
         "the caption is not valid Unicode: 'a red \\ud83d circle'"
     ]
     assert all(row["re_caption"] and row["re_clip_score"] is not None for row in rows if row is not failed[0])
+
+
+def test_a_shard_the_endpoint_never_answered_is_not_written(server, demo_root, tmp_path):
+    """The endpoint down (or busy past its retries) for a whole shard: a file of rows that all say
+    'connection failed' would be a materialised, done shard that no later run recaptions; the shard fails,
+    nothing written, and is captioned when the endpoint is back. One image answered keeps the shard."""
+    from laion_assets.pipeline.recaptions.recaption import CaptionerUnreachable
+
+    shutil.copytree(demo_root, tmp_path / "data")
+    store, shard = DatasetStore(str(tmp_path / "data")), DEMO_SHARDS[0]
+    with store.open(RECAPTIONS.parquet(shard)) as f:
+        before = f.read()
+    busy = ChatCaptioner(_settings(server, in_flight=1, retries=0))
+    server.script = [503] * 1000
+    none = rf"^shard {shard}: the captioner captioned none of its \d+ images \(HTTP 503"
+    with pytest.raises(CaptionerUnreachable, match=none):
+        write_recaptions(store, shard, busy, ClipEncoder(DEMO_CLIP))
+    with store.open(RECAPTIONS.parquet(shard)) as f:
+        assert f.read() == before
+    server.script = [503] * (len(server.requests) - 1)  # all but the last image
+    rows = write_recaptions(store, shard, busy, ClipEncoder(DEMO_CLIP)).table.to_pylist()
+    assert sum(row["re_caption"] is not None for row in rows) == 1
+    assert all(row["re_caption_error"].startswith("HTTP 503") for row in rows if row["re_caption"] is None)

@@ -14,7 +14,7 @@ from laion_assets.defs.resources import build_resources
 from laion_assets.demo.train import EVAL_SEED
 from laion_assets.demo.views import pipeline_view
 from laion_assets.demo.world import make_world
-from laion_assets.pipeline.embeddings.clip import ModelUnavailable
+from laion_assets.pipeline.embeddings.clip import ClipEncoder, ModelUnavailable
 from laion_assets.pipeline.lineage import settings_changes
 from laion_assets.pipeline.recaptions.hf_caption import HfCaptioner, HfCaptionSettings
 from laion_assets.pipeline.settings import CAPTIONER_SECTION, DatasetSettings, load_settings, write_settings
@@ -91,3 +91,22 @@ def test_the_dataset_keeps_which_transformers_model_recaptioned_it(blip, demo_ro
     other = load_settings(store).with_sections({CAPTIONER_SECTION: {"model_path": "/models/other"}})
     changes = settings_changes(store, [shard], other)
     assert changes == {shard: {RECAPTIONS.name: [f"model_path: {str(blip)!r} -> '/models/other'"]}}
+
+
+def test_recaptions_by_another_kind_of_captioner_are_stale(blip, demo_root, tmp_path):
+    """A dataset recaptioned by a transformers model, then a shard by a CoCa (a run with no
+    LAION_ASSETS_HF_CAPTION_MODEL set) or through a chat endpoint: their footers hold none of the
+    section's fields (model_path, max_new_tokens), and that is a difference, not an agreement: the shard is
+    reported stale, not mixed in silently."""
+    from laion_assets.pipeline.recaptions.recaption import write_recaptions
+    from laion_assets_tests.captioners import varied_coca
+
+    shutil.copytree(demo_root, tmp_path / "data")
+    store, shard = DatasetStore(str(tmp_path / "data")), DEMO_SHARDS[0]
+    section = {"model_path": str(blip), "max_new_tokens": 6}
+    settings = load_settings(store).with_sections({CAPTIONER_SECTION: section})
+    write_recaptions(store, shard, captioner(blip), ClipEncoder(DEMO_CLIP))
+    assert settings_changes(store, [shard], settings) == {}
+    write_recaptions(store, shard, varied_coca(), ClipEncoder(DEMO_CLIP))
+    unset = ["max_new_tokens: '(unset)' -> '6'", f"model_path: '(unset)' -> {str(blip)!r}"]
+    assert settings_changes(store, [shard], settings) == {shard: {RECAPTIONS.name: unset}}

@@ -2,6 +2,7 @@
 see captioners.py), the demo CLIP that made the embeddings scores."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -98,6 +99,18 @@ def test_a_sample_missing_or_unreadable_keeps_its_row_with_the_reason(demo_copy,
     assert rows[gone]["re_clip_score"] is None and rows[gone]["re_length"] is None
     assert rows[gone]["org_clip_score"] is not None
     assert sum(row["re_caption"] is not None for row in rows.values()) == len(samples) - 2
+
+
+def test_a_damaged_pairs_tar_is_an_error_naming_it(demo_copy, captioner):
+    """A pairs tar cut short (a copy interrupted, a disk full): the error names the file and what to do,
+    as the embeddings stage's does for the images tar, not tarfile's bare 'cut short'."""
+    with demo_copy.open(PAIRS.tar(SHARD)) as f:
+        whole = f.read()
+    with demo_copy.atomic_write(PAIRS.tar(SHARD)) as out:
+        out.write(whole[: len(whole) // 2])
+    url = re.escape(demo_copy.url(PAIRS.tar(SHARD)))
+    with pytest.raises(ValueError, match=rf"^{url} is damaged \(.+\): .*filtered_pairs"):
+        write_recaptions(demo_copy, SHARD, captioner, ClipEncoder(DEMO_CLIP))
 
 
 def test_scores_need_the_model_that_made_the_embeddings(demo_copy, captioner):

@@ -284,10 +284,14 @@ def settings_changes(
         current = settings.section(SECTION_OF_LAYER[layer])
         if recorded is None or not current:
             continue
-        shared = (recorded.keys() & current.keys()) - HOW_NOT_WHAT
+        # every captioner's footer records all its section's fields: one it lacks is another captioner's
+        compared = current.keys() if layer is RECAPTIONS else recorded.keys() & current.keys()
+        compared -= HOW_NOT_WHAT
         if layer in (RECAPTIONS, SCORES):  # their footers hold strings
             current = {k: str(v) for k, v in current.items()}
-        found = differences({k: recorded[k] for k in shared}, {k: current[k] for k in shared})
+        found = differences(
+            {k: recorded[k] for k in compared if k in recorded}, {k: current[k] for k in compared}
+        )
         if found:
             changed.setdefault(shard, {})[layer.name] = found
     return changed

@@ -12,7 +12,7 @@ torch and open_clip are imported when a captioner is built.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from laion_assets.pipeline.embeddings.clip import (
@@ -42,9 +42,12 @@ _SOT, _EOT = "<start_of_text>", "<end_of_text>"
 
 @dataclass(frozen=True)
 class NoCaption:
-    """A sample a captioner could not caption, and why (its row keeps a null re_caption)."""
+    """A sample a captioner could not caption, and why (its row keeps a null re_caption). `unreachable`:
+    the captioner could not be had (a chat endpoint down, busy or broken past its retries), not this
+    image's fault."""
 
     reason: str
+    unreachable: bool = field(default=False, compare=False)  # the reason says it; equal reasons are equal
 
 
 @dataclass(frozen=True)

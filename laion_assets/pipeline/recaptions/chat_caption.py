@@ -93,9 +93,9 @@ class ChatCaptioner:
                 tries = f" (gave up after {attempt + 1} attempts)" if attempt else ""
                 if exc.retry_after is not None and exc.retry_after > s.max_retry_after:
                     over = f"Retry-After {exc.retry_after:g}s is over max_retry_after={s.max_retry_after:g}s"
-                    return NoCaption(f"{exc} ({over})")
+                    return NoCaption(f"{exc} ({over})", unreachable=True)
                 if attempt == s.retries:
-                    return NoCaption(f"{exc}{tries}")
+                    return NoCaption(f"{exc}{tries}", unreachable=True)
                 time.sleep(exc.retry_after if exc.retry_after is not None else s.retry_backoff * 2**attempt)
             except _Unusable as exc:
                 return NoCaption(str(exc))
@@ -128,6 +128,8 @@ class ChatCaptioner:
                 "POST", self.url, body=body, headers=self.headers, timeout=timeout, preload_content=False
             )
             data = _read_before(response, deadline)
+        except urllib3.exceptions.NewConnectionError as exc:  # refused, unreachable: a TimeoutError subclass
+            raise _Retryable(f"connection failed: {exc}") from exc
         except (urllib3.exceptions.TimeoutError, TimeoutError) as exc:
             raise _Retryable(f"timeout: no answer within {timeout:g}s") from exc
         except HTTPError as exc:

@@ -5,13 +5,15 @@ The images are the kept samples of `pairs/<shard>.tar`; the web caption's score 
 similarity (`embeddings`, image against caption); the new caption's is the same image embedding against
 the new caption's text embedding, so both come from one model, and the encoder must be the model that
 made the embeddings. A sample whose image cannot be read or captioned, or whose caption is empty, keeps
-its row, with a null `re_caption` and the reason.
+its row, with a null `re_caption` and the reason; but a shard none of whose images got a caption because
+the captioner could not be reached is not written, so that a later run captions it.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import tarfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +37,10 @@ if TYPE_CHECKING:
 
 QUANTILES = (0.1, 0.5, 0.9)
 _CHUNK = 256  # images decoded and captioned at once
+
+
+class CaptionerUnreachable(RuntimeError):
+    """No image of a shard was captioned, the captioner unreachable for each: nothing is written."""
 
 
 class Captioner(Protocol):
@@ -101,7 +107,18 @@ def write_recaptions(
         vectors = np.empty((0, encoder.dim), np.float32)
     org_scores = np.asarray(embeddings.column("similarity").to_pylist(), dtype=np.float64)[order]
 
-    new, errors = _caption_samples(store, shard, set(keys), captioner)
+    try:
+        new, errors = _caption_samples(store, shard, set(keys), captioner)
+    except tarfile.ReadError as exc:
+        raise ValueError(
+            f"{store.url(PAIRS.tar(shard))} is damaged ({exc}): make the shard's filtered_pairs again"
+        ) from exc
+    if errors and not new and all(error.unreachable for error in errors.values()):
+        raise CaptionerUnreachable(
+            f"shard {shard}: the captioner captioned none of its {len(errors)} images "
+            f"({next(iter(errors.values())).reason}); {RECAPTIONS.parquet(shard)} not written"
+        )
+    reasons = {key: error.reason for key, error in errors.items()}
     texts = [new.get(key) for key in keys]
     scores = np.full(len(keys), np.nan)
     have = [i for i, text in enumerate(texts) if text is not None]
@@ -122,7 +139,7 @@ def write_recaptions(
             ),
             "sha256": pairs.column("sha256"),
             "re_caption_error": pa.array(
-                [None if key in new else errors.get(key, "no image in the pairs tar") for key in keys],
+                [None if key in new else reasons.get(key, "no image in the pairs tar") for key in keys],
                 pa.string(),
             ),
         }
@@ -139,21 +156,21 @@ def write_recaptions(
 
 def _caption_samples(
     store: DatasetStore, shard: str, keys: set[str], captioner: Captioner
-) -> tuple[dict[str, str], dict[str, str]]:
+) -> tuple[dict[str, str], dict[str, NoCaption]]:
     """The new caption of each of `keys` found in `pairs/<shard>.tar`, and why the others have none.
     Images are decoded and captioned `_CHUNK` at a time: a shard's 10,000 decoded at once would hold
     about 2 GB of pixels."""
     captions: dict[str, str] = {}
-    errors: dict[str, str] = {}
+    errors: dict[str, NoCaption] = {}
     chunk: list[tuple[str, Image.Image]] = []
 
     def caption_chunk() -> None:
         results = captioner.caption([image for _, image in chunk])
         for (key, _), result in zip(chunk, results, strict=True):
             if isinstance(result, NoCaption):
-                errors[key] = result.reason
+                errors[key] = result
             elif not result.strip():  # end-of-text first: no words to train on
-                errors[key] = "empty caption"
+                errors[key] = NoCaption("empty caption")
             else:
                 captions[key] = result
         chunk.clear()
@@ -166,7 +183,7 @@ def _caption_samples(
                 with Image.open(io.BytesIO(stored_image_bytes(members))) as image:
                     chunk.append((key, image.convert("RGB")))
             except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-                errors[key] = f"cannot decode: {exc}"
+                errors[key] = NoCaption(f"cannot decode: {exc}")
             if len(chunk) >= _CHUNK:
                 caption_chunk()
     if chunk:
