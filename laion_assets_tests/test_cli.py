@@ -441,3 +441,33 @@ def test_a_run_config_with_an_unknown_asset_or_field_is_refused_before_anything_
             assert re.fullmatch(rf"laion-assets: {path}: .*{wrong}.*", str(stopped.value.code))
             assert "\n" not in str(stopped.value.code)
         assert sorted(os.listdir(local_root)) == ["incoming"]
+
+
+@pytest.mark.parametrize("command", [["run", "--select", "crawl_metadata"], ["status"], ["takedown"]])
+def test_a_mistyped_root_is_refused_not_made_a_new_dataset(root, tmp_path, command):
+    """A --root (or $LAION_ASSETS_ROOT) where nothing is stored, a typo's: `run` made a new dataset there
+    (settings, block list entries, catalog) and failed with Dagster's tracebacks; `takedown` copied the list
+    there, removed nothing from the real dataset and exited 0; `status` reported nothing to do. Each is one
+    line naming the root, and nothing is written there."""
+    if command == ["takedown"]:
+        listed = tmp_path / "takedown.txt"
+        listed.write_text("url\nhttp://a.com/1.jpg\n")
+        command = ["takedown", str(listed)]
+    with pytest.raises(SystemExit) as stopped:
+        main([*command, "--root", root])
+    store = DatasetStore(root)
+    assert str(stopped.value.code) == (
+        f"laion-assets {command[0]}: no dataset at {store.root}: nothing is stored there "
+        "(--root, else $LAION_ASSETS_ROOT)"
+    )
+    assert not store.exists("")
+
+
+def test_a_root_that_is_a_file_is_one_line_naming_it(tmp_path):
+    not_a_folder = tmp_path / "data"
+    not_a_folder.write_text("")
+    for command in ("run", "status"):
+        with pytest.raises(SystemExit) as stopped:
+            main([command, "--root", str(not_a_folder)])
+        says = f"laion-assets {command}: no dataset at {not_a_folder}: it is a file"
+        assert str(stopped.value.code) == says
