@@ -86,6 +86,9 @@ def run_sql(root: str, query: str, fmt: str = "table", output: str | None = None
                 duckdb_catalog.enable_s3(connection)
             copy_to(output)
         else:
+            folder = os.path.dirname(os.path.abspath(output))
+            if not os.path.isdir(folder):
+                raise SystemExit(f"laion-assets sql: --output {output}: no folder {folder}")
             remove_abandoned_beside(output)  # what a killed query left
             tmp = temporary_name(os.path.abspath(output))
             try:
