@@ -471,3 +471,14 @@ def test_a_root_that_is_a_file_is_one_line_naming_it(tmp_path):
             main([command, "--root", str(not_a_folder)])
         says = f"laion-assets {command}: no dataset at {not_a_folder}: it is a file"
         assert str(stopped.value.code) == says
+
+
+def test_a_run_config_reads_exponent_numbers_as_the_launchpad_and_the_settings_file_do(local_root, tmp_path):
+    """`eps: 2e-2` is a number to the launchpad's YAML (1.2) and in laion_assets.yaml, but --config (and
+    $LAION_ASSETS_RUN_CONFIG) read it with PyYAML's 1.1 rules, as the string "2e-2": refused, "not valid for
+    expected type Float"."""
+    config = tmp_path / "run.yaml"
+    config.write_text("ops:\n  duplicates:\n    config:\n      eps: 2e-2\n")
+    assert main(["init", "--root", local_root, "--config", str(config)]) == 0
+    written = yaml.safe_load(Path(local_root, SETTINGS_FILE).read_text())
+    assert written["duplicates"]["eps"] == 0.02
