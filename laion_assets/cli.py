@@ -357,7 +357,7 @@ def _command(args: argparse.Namespace) -> int:
         start_worker_server()  # it imports the download code on the other core while Dagster loads here
     from laion_assets.runner import run_pipeline
 
-    assets = select_assets(args.select.split(",") if args.select else None)
+    assets = select_assets(args.select.split(",") if args.select is not None else None)
     run_config = load_run_config(args.config)
     require_dataset(root, args.command)
     if args.accept_settings_change:

@@ -146,6 +146,9 @@ def test_run_downloads_from_the_local_web(root, web, tmp_path, capsys, monkeypat
 def test_unknown_asset_and_bad_config(local_root, tmp_path):
     with pytest.raises(SystemExit, match=r"unknown assets \['nope'\]"):
         main(["run", "--root", local_root, "--select", "nope"])
+    # an empty selection (`--select "$ASSETS"`, the variable unset) selected every asset, downloads and all
+    with pytest.raises(SystemExit, match=r"unknown assets \[''\]"):
+        main(["run", "--root", local_root, "--select", ""])
     bad = tmp_path / "bad.yaml"
     bad.write_text("resources:\n  store: {}\n")
     with pytest.raises(SystemExit, match="only an `ops:` block"):
