@@ -86,6 +86,9 @@ def run_sql(root: str, query: str, fmt: str = "table", output: str | None = None
                 duckdb_catalog.enable_s3(connection)
             copy_to(output)
         else:
+            folder = os.path.dirname(os.path.abspath(output))
+            if not os.path.isdir(folder):
+                raise SystemExit(f"laion-assets sql: --output {output}: no folder {folder}")
             remove_abandoned_beside(output)  # what a killed query left
             tmp = temporary_name(os.path.abspath(output))
             try:
@@ -112,18 +115,22 @@ def run_sql(root: str, query: str, fmt: str = "table", output: str | None = None
         print(json.dumps([dict(zip(columns, row, strict=True)) for row in rows], default=str, indent=1))
 
 
+def require_dataset(root: str, command: str) -> None:
+    """Stop `command` where `root` holds no dataset: a mistyped root would otherwise be made a new one."""
+    problem = DatasetStore(root).no_dataset_here()
+    if problem:
+        raise SystemExit(f"laion-assets {command}: {problem}")
+
+
 def what_root_has(root: str) -> str:
     """One line for a query that named a view `root` lacks: its views, or why it has none."""
     from laion_assets.pipeline.catalog import views as duckdb_catalog
-    from laion_assets.pipeline.storage import DatasetStore
 
     store = DatasetStore(root)
     views = duckdb_catalog.view_names(duckdb_catalog.connect(store))
     if views:
         return f"the views of {store.root}: {', '.join(sorted(views))}"
-    if not store.exists(""):
-        return f"no dataset at {store.root}: nothing is stored there (--root, else $LAION_ASSETS_ROOT)"
-    return f"{store.root} has no views yet: no layer has parquet files there"
+    return store.no_dataset_here() or f"{store.root} has no views yet: no layer has parquet files there"
 
 
 def sql_shell(root: str) -> None:
@@ -318,6 +325,7 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "status":
         from laion_assets.runner import dataset_status
 
+        require_dataset(root, args.command)
         lines, stale = dataset_status(root)
         print("\n".join(lines))
         return 1 if stale else 0
@@ -349,8 +357,9 @@ def _command(args: argparse.Namespace) -> int:
         start_worker_server()  # it imports the download code on the other core while Dagster loads here
     from laion_assets.runner import run_pipeline
 
-    assets = select_assets(args.select.split(",") if args.select else None)
+    assets = select_assets(args.select.split(",") if args.select is not None else None)
     run_config = load_run_config(args.config)
+    require_dataset(root, args.command)
     if args.accept_settings_change:
         block = run_config.setdefault("ops", {}).setdefault(names.DUPLICATES_ASSET, {})
         block.setdefault("config", {})["accept_settings_change"] = True

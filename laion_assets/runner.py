@@ -424,6 +424,8 @@ def run_takedown(root: str, list_file: Path, echo: Callable[[str], None] = print
     if not entries:  # copied, it would take nothing down and warn at every later takedown
         found = "; ".join(f"{problem.where}: {problem.problem}" for problem in problems[:3]) or "it is empty"
         raise ValueError(f"{list_file}: no entry to take down, nothing copied ({found})")
+    if problem := store.no_dataset_here():  # a mistyped root: the list would take nothing down there
+        raise ValueError(problem)
     if store.exists(target) and store.read_bytes(target) != data:  # its entries would no longer apply
         raise ValueError(
             f"{store.url(target)} exists with other entries: name this list otherwise, or edit that one"

@@ -146,6 +146,9 @@ def test_run_downloads_from_the_local_web(root, web, tmp_path, capsys, monkeypat
 def test_unknown_asset_and_bad_config(local_root, tmp_path):
     with pytest.raises(SystemExit, match=r"unknown assets \['nope'\]"):
         main(["run", "--root", local_root, "--select", "nope"])
+    # an empty selection (`--select "$ASSETS"`, the variable unset) selected every asset, downloads and all
+    with pytest.raises(SystemExit, match=r"unknown assets \[''\]"):
+        main(["run", "--root", local_root, "--select", ""])
     bad = tmp_path / "bad.yaml"
     bad.write_text("resources:\n  store: {}\n")
     with pytest.raises(SystemExit, match="only an `ops:` block"):
@@ -441,3 +444,44 @@ def test_a_run_config_with_an_unknown_asset_or_field_is_refused_before_anything_
             assert re.fullmatch(rf"laion-assets: {path}: .*{wrong}.*", str(stopped.value.code))
             assert "\n" not in str(stopped.value.code)
         assert sorted(os.listdir(local_root)) == ["incoming"]
+
+
+@pytest.mark.parametrize("command", [["run", "--select", "crawl_metadata"], ["status"], ["takedown"]])
+def test_a_mistyped_root_is_refused_not_made_a_new_dataset(root, tmp_path, command):
+    """A --root (or $LAION_ASSETS_ROOT) where nothing is stored, a typo's: `run` made a new dataset there
+    (settings, block list entries, catalog) and failed with Dagster's tracebacks; `takedown` copied the list
+    there, removed nothing from the real dataset and exited 0; `status` reported nothing to do. Each is one
+    line naming the root, and nothing is written there."""
+    if command == ["takedown"]:
+        listed = tmp_path / "takedown.txt"
+        listed.write_text("url\nhttp://a.com/1.jpg\n")
+        command = ["takedown", str(listed)]
+    with pytest.raises(SystemExit) as stopped:
+        main([*command, "--root", root])
+    store = DatasetStore(root)
+    assert str(stopped.value.code) == (
+        f"laion-assets {command[0]}: no dataset at {store.root}: nothing is stored there "
+        "(--root, else $LAION_ASSETS_ROOT)"
+    )
+    assert not store.exists("")
+
+
+def test_a_root_that_is_a_file_is_one_line_naming_it(tmp_path):
+    not_a_folder = tmp_path / "data"
+    not_a_folder.write_text("")
+    for command in ("run", "status"):
+        with pytest.raises(SystemExit) as stopped:
+            main([command, "--root", str(not_a_folder)])
+        says = f"laion-assets {command}: no dataset at {not_a_folder}: it is a file"
+        assert str(stopped.value.code) == says
+
+
+def test_a_run_config_reads_exponent_numbers_as_the_launchpad_and_the_settings_file_do(local_root, tmp_path):
+    """`eps: 2e-2` is a number to the launchpad's YAML (1.2) and in laion_assets.yaml, but --config (and
+    $LAION_ASSETS_RUN_CONFIG) read it with PyYAML's 1.1 rules, as the string "2e-2": refused, "not valid for
+    expected type Float"."""
+    config = tmp_path / "run.yaml"
+    config.write_text("ops:\n  duplicates:\n    config:\n      eps: 2e-2\n")
+    assert main(["init", "--root", local_root, "--config", str(config)]) == 0
+    written = yaml.safe_load(Path(local_root, SETTINGS_FILE).read_text())
+    assert written["duplicates"]["eps"] == 0.02

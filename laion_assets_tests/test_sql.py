@@ -600,3 +600,14 @@ def test_sql_output_goes_to_s3_or_whole_to_a_local_file(local_root, s3_root, tmp
         assert main(["sql", "--root", root, "--output", f"{s3_root}/queries/n{n}.csv", query]) == 0
         assert DatasetStore(s3_root).read_bytes(f"queries/n{n}.csv").decode().splitlines() == ["n", "4"]
     assert not Path("s3:").exists()
+
+
+def test_sql_output_into_a_folder_that_does_not_exist_is_one_line_naming_it(local_root, tmp_path):
+    """--output into a missing folder ended in a FileNotFoundError traceback (from the look for a killed
+    query's temporary file), not a line saying which folder is missing."""
+    _two_shards(DatasetStore(local_root))
+    output = tmp_path / "no-such-folder" / "n.csv"
+    with pytest.raises(SystemExit) as stopped:
+        main(["sql", "--root", local_root, "--output", str(output), "SELECT count(*) AS n FROM images"])
+    assert str(stopped.value.code) == f"laion-assets sql: --output {output}: no folder {output.parent}"
+    assert not output.parent.exists()

@@ -13,6 +13,7 @@ from laion_assets.pipeline.settings import (
     DatasetSettings,
     SettingsFileError,
     add_missing_sections,
+    read_yaml,
     unknown_settings,
 )
 from laion_assets.pipeline.storage import SETTINGS_FILE, DatasetStore
@@ -41,7 +42,7 @@ def read_run_config(path: Path) -> dict:
     import yaml
 
     try:
-        config = yaml.safe_load(path.read_text()) or {}
+        config = read_yaml(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ValueError(f"{path}: {' '.join(str(exc).split())}") from exc
     if not isinstance(config, dict) or set(config) - {"ops"}:

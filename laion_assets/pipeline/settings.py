@@ -72,6 +72,12 @@ for _cls in (_Loader, _Dumper):
     _cls.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
 
 
+def read_yaml(text: str | bytes) -> Any:
+    """`text` read as YAML, exponent numbers as numbers (see `_EXPONENT_FLOAT`): the settings file's rule,
+    and a run config file's, as the launchpad's YAML reads it."""
+    return yaml.load(text, Loader=_Loader)
+
+
 class SettingsChanged(ValueError):
     """A run would change the dataset with settings other than those it was built with."""
 
@@ -135,7 +141,7 @@ def load_settings(store: DatasetStore) -> DatasetSettings | None:
         return None
     url = store.url(SETTINGS_FILE)
     try:
-        loaded = yaml.load(text, Loader=_Loader) or {}
+        loaded = read_yaml(text) or {}
     except yaml.YAMLError as exc:
         raise SettingsFileError(f"{url}: not valid YAML: {' '.join(str(exc).split())}") from exc
     if not isinstance(loaded, dict) or not all(isinstance(v, dict | type(None)) for v in loaded.values()):

@@ -308,6 +308,15 @@ class DatasetStore:
     def exists(self, relpath: str) -> bool:
         return self.fs.exists(self.path(relpath))
 
+    def no_dataset_here(self) -> str | None:
+        """Why the root cannot hold a dataset (nothing is stored there, or it is a file), else None: a
+        mistyped root is refused by the commands that would otherwise begin a dataset there."""
+        if self.fs.isfile(self._base):
+            return f"no dataset at {self.root}: it is a file"
+        if not self.fs.isdir(self._base):
+            return f"no dataset at {self.root}: nothing is stored there (--root, else $LAION_ASSETS_ROOT)"
+        return None
+
     def list(self, folder: str) -> list[StoredFile]:
         """Files directly in `folder`, sorted by name; hidden (in-flight ones among them) and `_`-prefixed
         ones left out."""
