@@ -21,9 +21,12 @@ from laion_assets.defs.jobs import PER_SHARD_ASSETS
 from laion_assets.defs.metadata import layer_of
 from laion_assets.defs.partitions import SHARDS_PER_RUN_ENV, range_tags, shards, shards_per_run
 from laion_assets.defs.resources import (
+    HF_FIELDS,
     CaptionerSettings,
     CocaCaptionerResource,
+    HfCaptionerResource,
     environment_captioner,
+    recorded_captioner,
 )
 from laion_assets.pipeline.dedup.deduplicate import recorded_settings as recorded_dedup_settings
 from laion_assets.pipeline.embeddings.clip import ClipSettings, values_from_env
@@ -31,6 +34,8 @@ from laion_assets.pipeline.leases import ShardBusy, describe, holder
 from laion_assets.pipeline.lineage import incoming_by_shard, settings_changes, sourceless_shards, stale_layers
 from laion_assets.pipeline.recaptions.caption import SETTINGS_ENV as CAPTION_ENV
 from laion_assets.pipeline.recaptions.caption import CaptionSettings
+from laion_assets.pipeline.recaptions.hf_caption import SETTINGS_ENV as HF_CAPTION_ENV
+from laion_assets.pipeline.recaptions.hf_caption import HfCaptionSettings
 from laion_assets.pipeline.scores.score import MODEL_FIELDS as SCORE_MODEL_FIELDS
 from laion_assets.pipeline.scores.score import SETTINGS_ENV as SCORES_ENV
 from laion_assets.pipeline.scores.score import ScoreSettings
@@ -153,14 +158,22 @@ def prepare_settings(
     written by the assets that use them (`defs.config.record_section`), so they name what was used.
 
     Without `clip_settings`, the model is the dataset's (its `clip` section) under the LAION_ASSETS_CLIP_*
-    variables that are set; so is the CoCa captioner, where the environment chooses no other kind, and so
-    are the score models (`scores`, under the variables of `score.SETTINGS_ENV`)."""
+    variables that are set; so is the captioner, where the environment chooses no kind: the dataset's
+    CoCa or transformers model (a chat endpoint's address is not recorded: see `refuse_another_captioner`),
+    and so are the score models (`scores`, under the variables of `score.SETTINGS_ENV`)."""
     stored = load_settings(store) or DatasetSettings()
     if clip_settings is None:
         clip_settings = ClipSettings.from_dataset(stored)
     if captioner is None and environment_captioner() is CocaCaptionerResource:
-        env = values_from_env(CAPTION_ENV)
-        captioner = stored.recorded_in(CaptionSettings(), CAPTIONER_SECTION, COCA_FIELDS, env)
+        recorded = recorded_captioner(stored)
+        if recorded is HfCaptionerResource:  # its folder is recorded: the run follows the dataset
+            env = values_from_env(HF_CAPTION_ENV)
+            base = HfCaptionSettings(model_path="")
+            captioner = stored.recorded_in(base, CAPTIONER_SECTION, HF_FIELDS, env)
+        elif recorded is CocaCaptionerResource:
+            env = values_from_env(CAPTION_ENV)
+            captioner = stored.recorded_in(CaptionSettings(), CAPTIONER_SECTION, COCA_FIELDS, env)
+        # a chat endpoint's section records no address: the recaptions asset refuses (OtherCaptioner)
     if scorers is None:
         env = values_from_env(SCORES_ENV)
         scorers = stored.recorded_in(ScoreSettings(), SCORES_SECTION, SCORE_MODEL_FIELDS, env)

@@ -2,6 +2,7 @@
 config with seeded random weights, saved to a folder and loaded from it. Its captions mean nothing;
 shapes, determinism, batching, what is recorded and the errors are what is tested."""
 
+import dataclasses
 import shutil
 import sys
 
@@ -110,3 +111,35 @@ def test_recaptions_by_another_kind_of_captioner_are_stale(blip, demo_root, tmp_
     write_recaptions(store, shard, varied_coca(), ClipEncoder(DEMO_CLIP))
     unset = ["max_new_tokens: '(unset)' -> '6'", f"model_path: '(unset)' -> {str(blip)!r}"]
     assert settings_changes(store, [shard], settings) == {shard: {RECAPTIONS.name: unset}}
+
+
+def test_a_run_naming_no_captioner_follows_the_dataset_s_kind(blip, demo_root, tmp_path, monkeypatch):
+    """With no captioner variable set, a run made a CoCa (the hub's default model, on a user's machine)
+    whatever the dataset's `captioner` section recorded, and rebuilt a transformers model's recaptions
+    with it. `laion-assets run` now follows the section's transformers folder; a deployment's resource,
+    and any run on a chat endpoint's dataset (whose address is not recorded), refuse in one line."""
+    from laion_assets.defs.resources import OtherCaptioner, captioner_resource
+    from laion_assets.pipeline.recaptions import chat_caption, hf_caption
+    from laion_assets.runner import prepare_settings
+
+    for variable in (*chat_caption.SETTINGS_ENV.values(), *hf_caption.SETTINGS_ENV.values()):
+        monkeypatch.delenv(variable, raising=False)
+    shutil.copytree(demo_root, tmp_path / "data")
+    store, shard = DatasetStore(str(tmp_path / "data")), DEMO_SHARDS[0]
+    section = {"model_path": str(blip), "max_new_tokens": 6}
+    write_settings(store, load_settings(store).with_sections({CAPTIONER_SECTION: section}))
+    _, chosen, _ = prepare_settings(store, {})
+    assert chosen == HfCaptionSettings(model_path=str(blip), max_new_tokens=6)
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(shards.name, [shard])
+    resources = build_resources(store.root, DEMO_CLIP, dataclasses.replace(chosen, device="cpu"))
+    assert dg.materialize([recaptions], partition_key=shard, resources=resources, instance=instance).success
+    assert settings_changes(store, [shard], load_settings(store)) == {}  # the folder's captions, as recorded
+    with pytest.raises(OtherCaptioner, match=r"transformers captioner .* set LAION_ASSETS_HF_CAPTION_MODEL"):
+        captioner_resource().captioner_settings(store)
+
+    chat = {"model": "llava", "max_completion_tokens": 128, "temperature": 0.0}
+    write_settings(store, load_settings(store).with_sections({CAPTIONER_SECTION: chat}))
+    assert prepare_settings(store, {})[1] is None
+    with pytest.raises(OtherCaptioner, match=r"a chat endpoint captioner .* set LAION_ASSETS_CHAT_BASE_URL"):
+        captioner_resource().captioner_settings(store)

@@ -27,7 +27,7 @@ from laion_assets.pipeline.settings import (
     DatasetSettings,
     load_settings,
 )
-from laion_assets.pipeline.storage import DEFAULT_ROOT, ROOT_ENV, DatasetStore
+from laion_assets.pipeline.storage import DEFAULT_ROOT, ROOT_ENV, SETTINGS_FILE, DatasetStore
 
 if TYPE_CHECKING:
     import duckdb
@@ -114,6 +114,7 @@ class CaptionerResource(dg.ConfigurableResource):
     settings_type: ClassVar[type]
     captioner_type: ClassVar[type]
     environment: ClassVar[dict[str, str]]
+    kind: ClassVar[str]  # as messages name it
 
     _captioner: Captioner | None = PrivateAttr(default=None)
 
@@ -138,6 +139,7 @@ class CocaCaptionerResource(CaptionerResource):
     `laion-assets run` finds them."""
 
     settings_type, captioner_type, environment = CaptionSettings, CocaCaptioner, caption.SETTINGS_ENV
+    kind = "CoCa"
 
     model: str = CS.model
     pretrained: str = CS.pretrained  # an open_clip tag, a checkpoint path, or "none" (random, seeded)
@@ -152,6 +154,7 @@ class CocaCaptionerResource(CaptionerResource):
     def captioner_settings(self, dataset: DatasetStore) -> CaptionSettings:
         settings = settings_from(self, CaptionSettings)
         if self.from_dataset:
+            refuse_another_captioner(dataset)
             settings = dataset_models(settings, dataset, CAPTIONER_SECTION, COCA_FIELDS, caption.SETTINGS_ENV)
         return settings
 
@@ -164,6 +167,7 @@ class ChatCaptionerResource(CaptionerResource):
 
     settings_type, captioner_type = ChatCaptionSettings, ChatCaptioner
     environment = chat_caption.SETTINGS_ENV
+    kind = "chat endpoint"
 
     base_url: str
     model: str
@@ -186,6 +190,7 @@ class HfCaptionerResource(CaptionerResource):
     """A Hugging Face image-to-text model from a local folder (BLIP-, LLaVA-style; the `recap` extra)."""
 
     settings_type, captioner_type, environment = HfCaptionSettings, HfCaptioner, hf_caption.SETTINGS_ENV
+    kind = "transformers"
 
     model_path: str
     prompt: str = HF.prompt  # for chat models only
@@ -254,6 +259,39 @@ def captioner_resource(settings: CaptionerSettings | None = None) -> CaptionerRe
     if chosen is CocaCaptionerResource:
         return chosen(**_fields_from_env(chosen.environment), from_dataset=True)
     return chosen(**_fields_from_env(chosen.environment))
+
+
+# The fields of a transformers captioner's section (`defs.recaptions.recorded_settings` keeps those set).
+HF_FIELDS = ("model_path", "prompt", "max_new_tokens")
+
+
+class OtherCaptioner(ValueError):
+    """The dataset's captions are another kind of captioner's than the one a run would use."""
+
+
+def recorded_captioner(stored: DatasetSettings) -> type[CaptionerResource]:
+    """The kind of captioner the dataset's `captioner` section records, by the fields only that kind
+    has; CoCa where it has none of the others'."""
+    section = stored.section(CAPTIONER_SECTION)
+    if "model_path" in section:
+        return HfCaptionerResource
+    if section.keys() & {"max_completion_tokens", "temperature"}:
+        return ChatCaptionerResource
+    return CocaCaptionerResource
+
+
+def refuse_another_captioner(dataset: DatasetStore) -> None:
+    """OtherCaptioner where the dataset was recaptioned by another kind than CoCa, which a run uses when
+    the environment names no captioner: its captions would be mixed in with theirs."""
+    stored = load_settings(dataset) or DatasetSettings()
+    recorded = recorded_captioner(stored)
+    if recorded is not CocaCaptionerResource:
+        variable = next(iter(recorded.environment.values()))  # the one that chooses that kind
+        raise OtherCaptioner(
+            f"{dataset.url(SETTINGS_FILE)}: its captioner section records a {recorded.kind} captioner "
+            f"({stored.section(CAPTIONER_SECTION)}), not CoCa: set {variable} to recaption with it, or "
+            "change the section to change captioners"
+        )
 
 
 def environment_captioner() -> type[CaptionerResource]:
