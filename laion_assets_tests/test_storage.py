@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -188,6 +189,37 @@ def test_the_writer_entry_beats_only_while_an_upload_runs(s3_root, monkeypatch):
         assert opened["writing"] == [store.path("b.bin")]
         # while it runs, the heartbeat keeps rewriting the entry
         wait_for(lambda: read_entry()["heartbeat"] > opened["heartbeat"], 60, "a heartbeat during the upload")
+
+
+def test_the_writer_entry_names_every_upload_of_threads_writing_at_once(s3_root):
+    """A removal rewrites up to STORE_REWRITES shards' tars at once, each a multipart upload. Each upload's
+    beat wrote the entry with the keys of the moment, and two beats' PUTs could land in the other order:
+    the entry then named only some of the uploads under way, and a run killed then left the others' parts
+    (a 51 MiB part each, in 4 of 4 tries) for no later run to abort."""
+    store = DatasetStore(s3_root)
+    threads = 8
+    for attempt in range(20):  # the beats' PUTs land out of order in about half of the attempts
+        inside, leave = threading.Barrier(threads + 1), threading.Event()
+        paths = [f"images/{attempt}-{n}.tar" for n in range(threads)]
+
+        def upload(path: str, inside: threading.Barrier, leave: threading.Event) -> None:
+            with store.atomic_write(path) as f:
+                f.write(b"x")
+                inside.wait()
+                leave.wait()
+
+        uploads = [threading.Thread(target=upload, args=(path, inside, leave)) for path in paths]
+        for thread in uploads:
+            thread.start()
+        try:
+            inside.wait()
+            (entry,) = store.list(storage.WRITERS)
+            named = json.loads(store.fs.cat_file(store.path(f"{storage.WRITERS}/{entry.name}")))["writing"]
+            assert sorted(named) == sorted(store.path(path) for path in paths), attempt
+        finally:
+            leave.set()
+            for thread in uploads:
+                thread.join()
 
 
 _REWRITE_PARQUET = """

@@ -585,6 +585,7 @@ class _Writer:
         self.entry = store.path(f"{WRITERS}/{host_name()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json")
         self.writing: Counter[str] = Counter()
         self.lock = threading.Lock()
+        self.beating = threading.Lock()  # one beat at a time: see `beat`
         threading.Thread(target=self._keep_beating, daemon=True, name="laion-assets-writer").start()
         atexit.register(self._leave)
 
@@ -602,10 +603,14 @@ class _Writer:
                 self.writing += Counter()  # drops the keys no longer written
 
     def beat(self) -> None:
-        with self.lock:
-            record = {"host": host_name(), "pid": os.getpid(), "writing": list(self.writing)}
-        record["heartbeat"] = time.time()
-        self.store.fs.pipe(self.entry, json.dumps(record).encode())
+        """The entry written with the keys uploaded now. Beats run one at a time, so that a beat of threads
+        uploading at once (or the heartbeat's) never lands after a later one, naming fewer keys than are
+        being uploaded: a run killed then would leave the others' uploads for no later run to abort."""
+        with self.beating:
+            with self.lock:
+                record = {"host": host_name(), "pid": os.getpid(), "writing": list(self.writing)}
+            record["heartbeat"] = time.time()
+            self.store.fs.pipe(self.entry, json.dumps(record).encode())
 
     def _keep_beating(self) -> None:
         """Beats only while an upload runs: an idle writer's entry may go stale, as it names nothing, and a
