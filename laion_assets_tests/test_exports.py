@@ -22,13 +22,14 @@ import webdataset
 from laion_assets import names
 from laion_assets.defs.exports import training_shards
 from laion_assets.defs.jobs import PER_SHARD_ASSETS
+from laion_assets.defs.metadata import rewritten_exports
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.catalog import views
 from laion_assets.pipeline.exports.export import SOURCE_SHARD, ExportSettings, read_manifest, write_export
 from laion_assets.pipeline.leases import ShardBusy
 from laion_assets.pipeline.removal import DUPLICATE, finish_interrupted, remove_keys
-from laion_assets.pipeline.settings import SettingsChanged, load_settings
+from laion_assets.pipeline.settings import SettingsChanged, load_settings, write_settings
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import (
     EMBEDDINGS,
@@ -568,6 +569,38 @@ def test_the_asset_writes_the_exports_of_the_dataset_settings_and_shows_them(loc
     failed = dg.materialize([training_shards], resources=resources, run_config=bad, raise_on_error=False)
     assert not failed.success and "reshuffle names exports the settings do not have: nope" in str(
         failed.get_step_failure_events()[0].event_specific_data.error
+    )
+
+
+def test_the_asset_and_a_removal_count_the_same_exports(local_demo):
+    """An export the settings no longer name stays under exports/, and removals, the catalog and the card
+    still count it: the asset's materialisation counts it too. It counted only the exports of its run's
+    settings (48 samples) while a removal's observation counted every stored one (94), so the UI's row
+    count of `training_shards` swung between the two."""
+    store = local_demo
+    resources = {"store": DatasetStoreResource(root=store.root)}
+    config = {"exports": [{"name": "web", "shard_size": 10}, {"name": "recap", "caption": "re_caption"}]}
+    dg.materialize(
+        [training_shards],
+        resources=resources,
+        run_config={"ops": {names.TRAINING_SHARDS_ASSET: {"config": config}}},
+    )
+    settings = load_settings(store)
+    write_settings(
+        store, settings.with_sections({names.TRAINING_SHARDS_ASSET: {"exports": config["exports"][:1]}})
+    )
+    key = sorted(key for key, _ in _export_samples(store, "recap"))[0]
+    removal = remove_keys(
+        store, pa.table({"key": [key], "list": ["l"], "kind": ["url"], "entry": ["a"]}), schemas.TAKEN_DOWN
+    )
+    observed = rewritten_exports(store, removal, "a takedown")[0].metadata
+    result = dg.materialize([training_shards], resources=resources)
+    metadata = result.asset_materializations_for_node(names.TRAINING_SHARDS_ASSET)[0].metadata
+    stored = sum(read_manifest(store, Export(name))["samples"] for name in ("web", "recap"))
+    assert metadata["dagster/row_count"].value == observed["dagster/row_count"].value == stored
+    assert (
+        metadata["exports"].value == observed["exports"].value
+        and "| recap | re_caption |" in observed["exports"].value
     )
 
 
