@@ -2,6 +2,7 @@
 tars of a fixed size, grown by new shards, emptied of removed keys, and read by the trainers users have:
 open_clip's own trainer, webdataset and Hugging Face `datasets`."""
 
+import dataclasses
 import io
 import json
 import os
@@ -26,6 +27,7 @@ from laion_assets.defs.metadata import rewritten_exports
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.catalog import views
+from laion_assets.pipeline.dedup.deduplicate import deduplicate
 from laion_assets.pipeline.exports.export import SOURCE_SHARD, ExportSettings, read_manifest, write_export
 from laion_assets.pipeline.leases import ShardBusy
 from laion_assets.pipeline.removal import DUPLICATE, finish_interrupted, remove_keys
@@ -42,7 +44,8 @@ from laion_assets.pipeline.storage import (
     Export,
 )
 from laion_assets_tests.dagster_helpers import materialize_shard
-from laion_assets_tests.demo_dataset import DEMO_CLIP, DEMO_SHARDS
+from laion_assets_tests.demo_dataset import DEMO_CLIP, DEMO_SHARDS, build_demo_dataset
+from laion_assets_tests.test_dedup import COPIES, DEMO_DEDUP
 
 RECAP = ExportSettings(
     "recap", where="NOT duplicate", caption="re_caption", shard_size=7, seed=3, embeddings=True
@@ -214,6 +217,28 @@ def test_an_export_grows_by_new_shards_and_never_rewrites_those_it_wrote(local_d
     assert sorted(f.name for f in store.list(Export("all").folder) if f.name.endswith(".tar")) == [
         f"{s['shard']}.tar" for s in rebuilt.manifest["shards"]
     ]
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> str:
+    """The demo dataset with the copies dedup must find planted across its shards; read-only."""
+    return build_demo_dataset(str(tmp_path_factory.mktemp("planted") / "data"), copies=COPIES)
+
+
+def test_a_shard_waits_for_dedup_to_check_it_before_it_is_read(planted, tmp_path):
+    """Dedup that only records its finds (`remove: false`) and checks one shard a run: the export of
+    `NOT duplicate` read the other shard before dedup had flagged its copies, and kept them for ever (15
+    of the planted copies). It waits for dedup's check now, and then leaves the copies out."""
+    store = DatasetStore(shutil.copytree(planted, tmp_path / "data").as_posix())
+    dedup = dataclasses.replace(DEMO_DEDUP, remove=False, max_shards=1)
+    settings = ExportSettings("unique", where="NOT duplicate")
+    deduplicate(store, dedup)
+    first = write_export(store, settings)
+    assert first.sources_added == [DEMO_SHARDS[0]] and first.waiting == {DEMO_SHARDS[1]: ["duplicates"]}
+    assert deduplicate(store, dedup).duplicates.num_rows > 0
+    assert write_export(store, settings).sources_added == [DEMO_SHARDS[1]]
+    unique = views.connect(store).sql("SELECT key FROM annotated_pairs WHERE NOT duplicate").fetchall()
+    assert sorted(key for key, _ in _export_samples(store, "unique")) == sorted(key for (key,) in unique)
 
 
 def test_a_shard_rebuilt_after_it_was_exported_is_read_again(local_demo):
