@@ -17,6 +17,7 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import webdataset
 
@@ -281,6 +282,33 @@ def test_a_shard_rebuilt_after_it_was_exported_is_read_again(local_demo):
         ):
             assert after[name] == data, name
     assert write_export(store, settings).sources_added == []  # read once
+
+
+def test_a_shard_read_again_counts_its_skipped_pairs_once(local_demo):
+    """Three pairs whose captioner failed are skipped by an export of `re_caption`; the shard's pairs are
+    rebuilt, recaptioned whole, and read again. The manifest still said 3 skipped on top of the rows the
+    second read skipped (none), while every selected pair was in the export."""
+    store = local_demo
+    shard = DEMO_SHARDS[1]
+    recaptions = store.read_parquet(RECAPTIONS.parquet(shard))
+    failed = pa.array([i < 3 for i in range(recaptions.num_rows)])
+    for column, value in (("re_caption", None), ("re_caption_error", "the captioner failed")):
+        index = recaptions.schema.get_field_index(column)
+        recaptions = recaptions.set_column(
+            index, column, pc.if_else(failed, pa.scalar(value, pa.string()), recaptions.column(index))
+        )
+    store.write_parquet(RECAPTIONS.parquet(shard), recaptions)  # its footer kept: as the stage wrote it
+    settings = ExportSettings("recap", caption="re_caption", shard_size=7)
+    assert write_export(store, settings).manifest["skipped"] == {"no re_caption": 3}
+    similarity = views.connect(store).sql(f"SELECT median(similarity) FROM pairs WHERE key LIKE '{shard}-%'")
+    config = {"ops": {"filtered_pairs": {"config": {"min_similarity": similarity.fetchone()[0]}}}}
+    assert materialize_shard(
+        dg.DagsterInstance.ephemeral(), store.root, shard, config, PER_SHARD_ASSETS[4:], DEMO_CLIP
+    ).success
+    manifest = write_export(store, settings).manifest
+    selected = views.connect(store).sql("SELECT count(*) FROM annotated_pairs WHERE re_caption IS NOT NULL")
+    assert manifest["samples"] == selected.fetchone()[0] == sum(manifest["sources"].values())
+    assert sum(manifest["skipped"].values()) == 0
 
 
 def test_a_removal_after_the_export_leaves_no_removed_key_in_any_export_shard(demo_store):

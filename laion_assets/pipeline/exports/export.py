@@ -173,6 +173,7 @@ def write_export(store: DatasetStore, settings: ExportSettings, reshuffle: bool 
             manifest["keys_sha256"] = _keys_digest(keys)
     _remove_unlisted(store, export, manifest)
     made_from = manifest.setdefault("made_from", {})  # manifests before it: their sources count as current
+    manifest.setdefault("skipped_by_source", {})  # manifests before it: their skips stay counted
     reread = _rebuilt_since_read(store, made_from)
     if reread:
         _drop_sources(store, export, manifest, reread)
@@ -188,10 +189,14 @@ def write_export(store: DatasetStore, settings: ExportSettings, reshuffle: bool 
     with _ShardSink(store, export, len(manifest["shards"]), settings, schema) as sink:
         for source in sources:
             selected = _selected_rows(connection, settings, source)
-            for sample in _samples(store, source, selected, settings, skipped):
+            of_source: Counter[str] = Counter()
+            for sample in _samples(store, source, selected, settings, of_source):
                 for ready in buffer.push(sample):
                     sink.write(ready)
             manifest["sources"][source] = selected.num_rows
+            if of_source:
+                manifest["skipped_by_source"][source] = dict(of_source)
+            skipped += of_source
             made_from[source] = read_from.get(source, {})
         for ready in buffer.drain():
             sink.write(ready)
@@ -238,6 +243,8 @@ def _drop_sources(store: DatasetStore, export: Export, manifest: dict[str, Any],
     for source in dropped:
         manifest["sources"].pop(source, None)
         manifest["made_from"].pop(source)
+        for reason, count in manifest["skipped_by_source"].pop(source, {}).items():
+            manifest["skipped"][reason] -= count
 
 
 def _waiting(store: DatasetStore, sources: list[str]) -> dict[str, list[str]]:
@@ -268,6 +275,7 @@ def _new_manifest(settings: ExportSettings) -> dict[str, Any]:
         "shards": [],  # {"shard", "samples", "bytes"}, in order
         "sources": {},  # dataset shard -> pairs it selected
         "skipped": {},  # why -> selected pairs not written (no caption of the export's kind, no image)
+        "skipped_by_source": {},  # dataset shard -> why -> its pairs in `skipped`, taken back when read again
         "removed": {},  # removal reason -> samples removed since
         "made_from": {},  # dataset shard -> layer -> the identity of the file it was read from (lineage)
         "appends": [],  # a record per run that added shards
