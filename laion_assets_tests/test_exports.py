@@ -2,6 +2,7 @@
 tars of a fixed size, grown by new shards, emptied of removed keys, and read by the trainers users have:
 open_clip's own trainer, webdataset and Hugging Face `datasets`."""
 
+import dataclasses
 import io
 import json
 import os
@@ -16,19 +17,22 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import webdataset
 
 from laion_assets import names
 from laion_assets.defs.exports import training_shards
 from laion_assets.defs.jobs import PER_SHARD_ASSETS
+from laion_assets.defs.metadata import rewritten_exports
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.catalog import views
+from laion_assets.pipeline.dedup.deduplicate import deduplicate
 from laion_assets.pipeline.exports.export import SOURCE_SHARD, ExportSettings, read_manifest, write_export
 from laion_assets.pipeline.leases import ShardBusy
 from laion_assets.pipeline.removal import DUPLICATE, finish_interrupted, remove_keys
-from laion_assets.pipeline.settings import SettingsChanged, load_settings
+from laion_assets.pipeline.settings import SettingsChanged, load_settings, write_settings
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import (
     EMBEDDINGS,
@@ -41,7 +45,8 @@ from laion_assets.pipeline.storage import (
     Export,
 )
 from laion_assets_tests.dagster_helpers import materialize_shard
-from laion_assets_tests.demo_dataset import DEMO_CLIP, DEMO_SHARDS
+from laion_assets_tests.demo_dataset import DEMO_CLIP, DEMO_SHARDS, build_demo_dataset
+from laion_assets_tests.test_dedup import COPIES, DEMO_DEDUP
 
 RECAP = ExportSettings(
     "recap", where="NOT duplicate", caption="re_caption", shard_size=7, seed=3, embeddings=True
@@ -215,6 +220,28 @@ def test_an_export_grows_by_new_shards_and_never_rewrites_those_it_wrote(local_d
     ]
 
 
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> str:
+    """The demo dataset with the copies dedup must find planted across its shards; read-only."""
+    return build_demo_dataset(str(tmp_path_factory.mktemp("planted") / "data"), copies=COPIES)
+
+
+def test_a_shard_waits_for_dedup_to_check_it_before_it_is_read(planted, tmp_path):
+    """Dedup that only records its finds (`remove: false`) and checks one shard a run: the export of
+    `NOT duplicate` read the other shard before dedup had flagged its copies, and kept them for ever (15
+    of the planted copies). It waits for dedup's check now, and then leaves the copies out."""
+    store = DatasetStore(shutil.copytree(planted, tmp_path / "data").as_posix())
+    dedup = dataclasses.replace(DEMO_DEDUP, remove=False, max_shards=1)
+    settings = ExportSettings("unique", where="NOT duplicate")
+    deduplicate(store, dedup)
+    first = write_export(store, settings)
+    assert first.sources_added == [DEMO_SHARDS[0]] and first.waiting == {DEMO_SHARDS[1]: ["duplicates"]}
+    assert deduplicate(store, dedup).duplicates.num_rows > 0
+    assert write_export(store, settings).sources_added == [DEMO_SHARDS[1]]
+    unique = views.connect(store).sql("SELECT key FROM annotated_pairs WHERE NOT duplicate").fetchall()
+    assert sorted(key for key, _ in _export_samples(store, "unique")) == sorted(key for (key,) in unique)
+
+
 def test_a_shard_rebuilt_after_it_was_exported_is_read_again(local_demo):
     """A shard whose pairs are rebuilt (another threshold, a changed source file) after an export read it:
     the next run takes its old samples out of the export and reads it again; the tars that held none of
@@ -255,6 +282,33 @@ def test_a_shard_rebuilt_after_it_was_exported_is_read_again(local_demo):
         ):
             assert after[name] == data, name
     assert write_export(store, settings).sources_added == []  # read once
+
+
+def test_a_shard_read_again_counts_its_skipped_pairs_once(local_demo):
+    """Three pairs whose captioner failed are skipped by an export of `re_caption`; the shard's pairs are
+    rebuilt, recaptioned whole, and read again. The manifest still said 3 skipped on top of the rows the
+    second read skipped (none), while every selected pair was in the export."""
+    store = local_demo
+    shard = DEMO_SHARDS[1]
+    recaptions = store.read_parquet(RECAPTIONS.parquet(shard))
+    failed = pa.array([i < 3 for i in range(recaptions.num_rows)])
+    for column, value in (("re_caption", None), ("re_caption_error", "the captioner failed")):
+        index = recaptions.schema.get_field_index(column)
+        recaptions = recaptions.set_column(
+            index, column, pc.if_else(failed, pa.scalar(value, pa.string()), recaptions.column(index))
+        )
+    store.write_parquet(RECAPTIONS.parquet(shard), recaptions)  # its footer kept: as the stage wrote it
+    settings = ExportSettings("recap", caption="re_caption", shard_size=7)
+    assert write_export(store, settings).manifest["skipped"] == {"no re_caption": 3}
+    similarity = views.connect(store).sql(f"SELECT median(similarity) FROM pairs WHERE key LIKE '{shard}-%'")
+    config = {"ops": {"filtered_pairs": {"config": {"min_similarity": similarity.fetchone()[0]}}}}
+    assert materialize_shard(
+        dg.DagsterInstance.ephemeral(), store.root, shard, config, PER_SHARD_ASSETS[4:], DEMO_CLIP
+    ).success
+    manifest = write_export(store, settings).manifest
+    selected = views.connect(store).sql("SELECT count(*) FROM annotated_pairs WHERE re_caption IS NOT NULL")
+    assert manifest["samples"] == selected.fetchone()[0] == sum(manifest["sources"].values())
+    assert sum(manifest["skipped"].values()) == 0
 
 
 def test_a_removal_after_the_export_leaves_no_removed_key_in_any_export_shard(demo_store):
@@ -568,6 +622,38 @@ def test_the_asset_writes_the_exports_of_the_dataset_settings_and_shows_them(loc
     failed = dg.materialize([training_shards], resources=resources, run_config=bad, raise_on_error=False)
     assert not failed.success and "reshuffle names exports the settings do not have: nope" in str(
         failed.get_step_failure_events()[0].event_specific_data.error
+    )
+
+
+def test_the_asset_and_a_removal_count_the_same_exports(local_demo):
+    """An export the settings no longer name stays under exports/, and removals, the catalog and the card
+    still count it: the asset's materialisation counts it too. It counted only the exports of its run's
+    settings (48 samples) while a removal's observation counted every stored one (94), so the UI's row
+    count of `training_shards` swung between the two."""
+    store = local_demo
+    resources = {"store": DatasetStoreResource(root=store.root)}
+    config = {"exports": [{"name": "web", "shard_size": 10}, {"name": "recap", "caption": "re_caption"}]}
+    dg.materialize(
+        [training_shards],
+        resources=resources,
+        run_config={"ops": {names.TRAINING_SHARDS_ASSET: {"config": config}}},
+    )
+    settings = load_settings(store)
+    write_settings(
+        store, settings.with_sections({names.TRAINING_SHARDS_ASSET: {"exports": config["exports"][:1]}})
+    )
+    key = sorted(key for key, _ in _export_samples(store, "recap"))[0]
+    removal = remove_keys(
+        store, pa.table({"key": [key], "list": ["l"], "kind": ["url"], "entry": ["a"]}), schemas.TAKEN_DOWN
+    )
+    observed = rewritten_exports(store, removal, "a takedown")[0].metadata
+    result = dg.materialize([training_shards], resources=resources)
+    metadata = result.asset_materializations_for_node(names.TRAINING_SHARDS_ASSET)[0].metadata
+    stored = sum(read_manifest(store, Export(name))["samples"] for name in ("web", "recap"))
+    assert metadata["dagster/row_count"].value == observed["dagster/row_count"].value == stored
+    assert (
+        metadata["exports"].value == observed["exports"].value
+        and "| recap | re_caption |" in observed["exports"].value
     )
 
 

@@ -9,12 +9,12 @@ import pydantic
 from laion_assets import names
 from laion_assets.defs.config import dataset_config
 from laion_assets.defs.dedup import duplicates
-from laion_assets.defs.metadata import reads
+from laion_assets.defs.metadata import exports_metadata, reads
 from laion_assets.defs.partitions import DATASET_GROUP, FOLLOWS_ANY_SHARD
 from laion_assets.defs.resources import DatasetStoreResource
 from laion_assets.defs.takedowns import REMOVALS_WAIT
 from laion_assets.pipeline import markdown
-from laion_assets.pipeline.exports.export import SUMMARY_COLUMNS, ExportSettings, summary_rows, write_export
+from laion_assets.pipeline.exports.export import ExportSettings, write_export
 from laion_assets.pipeline.leases import REMOVALS, shard_lease
 from laion_assets.pipeline.storage import DUPLICATES, EMBEDDINGS, EXPORTS, PAIRS, RECAPTIONS, SCORES
 
@@ -81,10 +81,7 @@ def training_shards(
     ]
     return dg.MaterializeResult(
         metadata={
-            "dagster/row_count": sum(r.manifest.get("samples", 0) for r in results),
-            "exports": dg.MetadataValue.md(
-                markdown.table(SUMMARY_COLUMNS, summary_rows([r.manifest for r in results]), width=200)
-            ),
+            **exports_metadata(dataset),  # every export stored, as a removal's observation counts them
             "this_run": dg.MetadataValue.md(
                 markdown.table(
                     ["export", "sources read", "shards added", "samples added", "rebuilt", "shards waiting"],

@@ -2,6 +2,7 @@
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import dagster as dg
 import numpy as np
@@ -138,14 +139,22 @@ def rewritten_exports(store: DatasetStore, removal: RemovalResult, why: str) -> 
     tars = [path for path in removal.files if path.startswith(f"{EXPORTS}/")]
     if not tars:
         return []
-    manifests = stored_exports(store)
     return [
         dg.AssetObservation(
             asset_key=dg.AssetKey(names.TRAINING_SHARDS_ASSET),
             metadata={
-                "dagster/row_count": sum(m.get("samples", 0) for m in manifests),
-                "exports": dg.MetadataValue.md(markdown.table(SUMMARY_COLUMNS, summary_rows(manifests), 200)),
+                **exports_metadata(store),
                 "changed_by": f"{why} rewrote {len(tars)} export shards: {', '.join(tars[:20])}",
             },
         )
     ]
+
+
+def exports_metadata(store: DatasetStore) -> dict[str, Any]:
+    """`training_shards`' row count and table: every export under `exports/` (those the settings no longer
+    name included: they stay, and removals, the catalog and the card still count them)."""
+    manifests = stored_exports(store)
+    return {
+        "dagster/row_count": sum(m.get("samples", 0) for m in manifests),
+        "exports": dg.MetadataValue.md(markdown.table(SUMMARY_COLUMNS, summary_rows(manifests), 200)),
+    }

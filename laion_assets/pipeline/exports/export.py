@@ -17,7 +17,8 @@ whose pairs, scores or recaptions were rebuilt after it was read (another source
 is read again: its old samples are taken out of the tars that hold them first. A shard that
 lacks a layer `annotated_pairs` joins (`scores`, `recaptions`) which the dataset builds for other
 shards waits for it (`waiting`): read before, its rows would have had no recaption or no score, and it
-would never have been read again. Nothing
+would never have been read again. So does a shard whose pairs dedup (where the dataset runs it) has not
+checked yet: its `duplicate` flags are not known. Nothing
 else written is rewritten unless asked (`reshuffle`), and an export built with other settings refuses to
 grow until then. A removal (takedown or dedup, `pipeline/removal.py`) rewrites the shards that hold a
 removed key (`export_hits`, `remove_from_exports`).
@@ -44,12 +45,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from laion_assets import names
 from laion_assets.pipeline.catalog import views
 from laion_assets.pipeline.lineage import identities
 from laion_assets.pipeline.pairs.filter import stored_pair_shards
 from laion_assets.pipeline.settings import SettingsChanged, differences
 from laion_assets.pipeline.shard_tar import TarShardWriter, drop_samples, encode_sample, read_samples
-from laion_assets.pipeline.storage import EMBEDDINGS, EXPORTS, PAIRS, RECAPTIONS, SCORES, DatasetStore, Export
+from laion_assets.pipeline.storage import (
+    DEDUP_SHARDS,
+    EMBEDDINGS,
+    EXPORTS,
+    PAIRS,
+    RECAPTIONS,
+    SCORES,
+    DatasetStore,
+    Export,
+)
 from laion_assets.pipeline.tables import without_keys
 
 if TYPE_CHECKING:
@@ -162,6 +173,7 @@ def write_export(store: DatasetStore, settings: ExportSettings, reshuffle: bool 
             manifest["keys_sha256"] = _keys_digest(keys)
     _remove_unlisted(store, export, manifest)
     made_from = manifest.setdefault("made_from", {})  # manifests before it: their sources count as current
+    manifest.setdefault("skipped_by_source", {})  # manifests before it: their skips stay counted
     reread = _rebuilt_since_read(store, made_from)
     if reread:
         _drop_sources(store, export, manifest, reread)
@@ -177,10 +189,14 @@ def write_export(store: DatasetStore, settings: ExportSettings, reshuffle: bool 
     with _ShardSink(store, export, len(manifest["shards"]), settings, schema) as sink:
         for source in sources:
             selected = _selected_rows(connection, settings, source)
-            for sample in _samples(store, source, selected, settings, skipped):
+            of_source: Counter[str] = Counter()
+            for sample in _samples(store, source, selected, settings, of_source):
                 for ready in buffer.push(sample):
                     sink.write(ready)
             manifest["sources"][source] = selected.num_rows
+            if of_source:
+                manifest["skipped_by_source"][source] = dict(of_source)
+            skipped += of_source
             made_from[source] = read_from.get(source, {})
         for ready in buffer.drain():
             sink.write(ready)
@@ -227,17 +243,27 @@ def _drop_sources(store: DatasetStore, export: Export, manifest: dict[str, Any],
     for source in dropped:
         manifest["sources"].pop(source, None)
         manifest["made_from"].pop(source)
+        for reason, count in manifest["skipped_by_source"].pop(source, {}).items():
+            manifest["skipped"][reason] -= count
 
 
 def _waiting(store: DatasetStore, sources: list[str]) -> dict[str, list[str]]:
     """The `sources` that lack a layer the export's rows join (scores, recaptions) which some other shard
-    of the dataset has, and those layers: not read until they are built."""
+    of the dataset has, or whose pairs dataset-level dedup (where it runs) has not checked as they are now,
+    and those layers: not read until they are built. Read before dedup, a pair's `duplicate` is false, and
+    dedup recording it later (`remove: false`) would never take it out of an export of `NOT duplicate`."""
     waiting: dict[str, list[str]] = {}
     for layer in (SCORES, RECAPTIONS):
         built = set(store.shards(layer))
         for source in sources:
             if built and source not in built:
                 waiting.setdefault(source, []).append(layer.name)
+    if store.exists(DEDUP_SHARDS):
+        done = store.read_parquet(DEDUP_SHARDS, columns=["shard", "fingerprint"]).to_pylist()
+        checked = {row["shard"]: row["fingerprint"] for row in done}  # the pairs file each check read
+        for source in sources:
+            if checked.get(source) != store.fingerprint(PAIRS.parquet(source)):
+                waiting.setdefault(source, []).append(names.DUPLICATES_ASSET)
     return waiting
 
 
@@ -249,6 +275,7 @@ def _new_manifest(settings: ExportSettings) -> dict[str, Any]:
         "shards": [],  # {"shard", "samples", "bytes"}, in order
         "sources": {},  # dataset shard -> pairs it selected
         "skipped": {},  # why -> selected pairs not written (no caption of the export's kind, no image)
+        "skipped_by_source": {},  # dataset shard -> why -> its pairs in `skipped`, taken back when read again
         "removed": {},  # removal reason -> samples removed since
         "made_from": {},  # dataset shard -> layer -> the identity of the file it was read from (lineage)
         "appends": [],  # a record per run that added shards
