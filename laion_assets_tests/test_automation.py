@@ -16,6 +16,7 @@ from laion_assets.defs.resources import DatasetStoreResource, build_resources
 from laion_assets.names import SOURCE_FILE_TAG
 from laion_assets.pipeline.leases import shard_lease
 from laion_assets.pipeline.storage import SEARCH_INDEX, SETTINGS_FILE, DatasetStore
+from laion_assets.runner import dataset_status
 from laion_assets_tests.captioners import RANDOM_COCA
 from laion_assets_tests.dagster_helpers import TINY_CLIP, local_web_config, materialize_shard
 
@@ -177,6 +178,20 @@ def test_schedule_requests_missing_and_failed_shards(local_root, web):
         assert isinstance(skipped, dg.SkipReason)
         assert "4 shards have layers built with other settings" in skipped.skip_message
         assert "images: image_size: 256 -> 384" in skipped.skip_message
+
+
+def test_schedule_leaves_a_failed_shard_made_since_on_another_instance(local_root, web):
+    """A shard whose run failed here, made since by `laion-assets run` on its own instance: `laion-assets
+    status` says it is up to date, and the schedule must not download and embed it all over again."""
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/a.csv", b"link,words\nx,y\n")
+    config = local_web_config()
+    with dg.instance_for_test() as instance:
+        assert not materialize_shard(instance, local_root, "a", config).success
+        store.write_bytes("incoming/a.csv", f"url,caption\n{web.url('/img/red.jpg')},a red square\n".encode())
+        assert materialize_shard(dg.DagsterInstance.ephemeral(), local_root, "a", config).success
+        assert "a: up to date" in dataset_status(local_root)[0]
+        assert isinstance(_schedule(instance, local_root), dg.SkipReason)
 
 
 def _requested(evaluation) -> dict[str, set]:

@@ -158,8 +158,8 @@ def shards_to_catch_up(
     instance: dg.DagsterInstance, dataset: DatasetStore, sources: dict[str, StoredFile]
 ) -> list[str]:
     """Shards (of `sources`, shard -> its file) where the last attempt at some per-shard asset failed, or
-    where some per-shard asset was never materialised in this instance and the shard is not done in the
-    store either (it is after `laion-assets run` on another instance)."""
+    some per-shard asset was never materialised in this instance, and that are not done in the store
+    either (they are after `laion-assets run` on another instance, as `laion-assets status` says)."""
     keys = list(sources)
     failed: set[str] = set()
     never: set[str] = set()
@@ -167,8 +167,8 @@ def shards_to_catch_up(
         statuses = instance.get_status_by_partition(asset.key, keys, shards) or {}
         failed.update(key for key in keys if statuses.get(key) == dg.AssetPartitionStatus.FAILED)
         never.update(key for key in keys if statuses.get(key) is None)
-    done = done_shards(dataset, {key: sources[key] for key in never - failed})
-    return [key for key in keys if key in failed or (key in never and key not in done)]
+    done = done_shards(dataset, {key: sources[key] for key in failed | never})
+    return [key for key in keys if key in failed | never and key not in done]
 
 
 def settings_report(dataset: DatasetStore, shard_names: list[str]) -> str:
