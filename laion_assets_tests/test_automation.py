@@ -14,7 +14,9 @@ from laion_assets.defs.jobs import PER_SHARD_ASSETS, PER_SHARD_CHECKS
 from laion_assets.defs.partitions import SHARDS_PER_RUN_ENV, shards, shards_per_run
 from laion_assets.defs.resources import DatasetStoreResource, build_resources
 from laion_assets.names import SOURCE_FILE_TAG
+from laion_assets.pipeline.leases import shard_lease
 from laion_assets.pipeline.storage import SEARCH_INDEX, SETTINGS_FILE, DatasetStore
+from laion_assets.runner import dataset_status
 from laion_assets_tests.captioners import RANDOM_COCA
 from laion_assets_tests.dagster_helpers import TINY_CLIP, local_web_config, materialize_shard
 
@@ -87,6 +89,35 @@ def test_a_file_restored_to_content_it_had_before_runs_again(root):
     assert _tick(instance, root, json.dumps(json.loads(third.cursor)["files"])).run_requests == []
 
 
+def test_a_file_changed_while_its_shard_is_being_made_runs_after_that_run(root):
+    """A file replaced while a run makes its shard (the end of an upload the sensor saw half-written): a run
+    requested then fails on the shard's lease, and the new content waited for the nightly catch-up. The
+    sensor leaves the file for a tick after that run; the same for a shard a `laion-assets run` writes."""
+    store = DatasetStore(root)
+    instance = dg.DagsterInstance.ephemeral()
+    store.write_bytes("incoming/a.csv", GOOD)
+    first = _tick(instance, root, None)
+    (request,) = first.run_requests
+    job = build_definitions(root, TINY_CLIP, RANDOM_COCA).resolve_job_def("shard_pipeline")
+    # the daemon submits the sensor's run: a queued run plans the shard's assets
+    run = instance.create_run_for_job(job, tags={**request.tags, "dagster/partition": "a"})
+
+    store.write_bytes("incoming/a.csv", GOOD + b"http://a.com/2.jpg,the rest of the upload\n")
+    waiting = _tick(instance, root, first.cursor)
+    assert waiting.run_requests == []
+    assert waiting.skip_reason.skip_message == "1 changed files wait for the runs making their shards: a"
+    instance.report_run_canceled(run)
+    (again,) = _tick(instance, root, waiting.cursor).run_requests
+    assert again.partition_key == "a" and again.tags["laion_assets/trigger"] == "changed"
+
+    store.write_bytes("incoming/b.csv", GOOD)
+    with shard_lease(store, "b", "a laion-assets run"):
+        held = _tick(instance, root, waiting.cursor)
+        assert [r.partition_key for r in held.run_requests] == ["a"]
+        assert "b" not in instance.get_dynamic_partitions(shards.name)
+    assert [r.partition_key for r in _tick(instance, root, held.cursor).run_requests] == ["b"]
+
+
 def test_sensor_requested_run_materialises_the_shard(local_root, web):
     store = DatasetStore(local_root)
     store.write_bytes("incoming/a.csv", f"url,caption\n{web.url('/img/red.jpg')},a red square\n".encode())
@@ -147,6 +178,20 @@ def test_schedule_requests_missing_and_failed_shards(local_root, web):
         assert isinstance(skipped, dg.SkipReason)
         assert "4 shards have layers built with other settings" in skipped.skip_message
         assert "images: image_size: 256 -> 384" in skipped.skip_message
+
+
+def test_schedule_leaves_a_failed_shard_made_since_on_another_instance(local_root, web):
+    """A shard whose run failed here, made since by `laion-assets run` on its own instance: `laion-assets
+    status` says it is up to date, and the schedule must not download and embed it all over again."""
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/a.csv", b"link,words\nx,y\n")
+    config = local_web_config()
+    with dg.instance_for_test() as instance:
+        assert not materialize_shard(instance, local_root, "a", config).success
+        store.write_bytes("incoming/a.csv", f"url,caption\n{web.url('/img/red.jpg')},a red square\n".encode())
+        assert materialize_shard(dg.DagsterInstance.ephemeral(), local_root, "a", config).success
+        assert "a: up to date" in dataset_status(local_root)[0]
+        assert isinstance(_schedule(instance, local_root), dg.SkipReason)
 
 
 def _requested(evaluation) -> dict[str, set]:

@@ -11,6 +11,7 @@ from laion_assets.defs.jobs import PER_SHARD_ASSETS, shard_job
 from laion_assets.defs.metadata import layer_of
 from laion_assets.defs.partitions import range_tags, shards, shards_per_run
 from laion_assets.defs.resources import DatasetStoreResource
+from laion_assets.pipeline.leases import holders
 from laion_assets.pipeline.lineage import incoming_by_shard, settings_changes, stale_layers
 from laion_assets.pipeline.settings import DatasetSettings, load_settings
 from laion_assets.pipeline.storage import SETTINGS_FILE, DatasetStore, StoredFile
@@ -42,6 +43,8 @@ def incoming_files_sensor(
     sources = incoming_by_shard(dataset)
     known = set(context.instance.get_dynamic_partitions(shards.name))
     changed = {shard: file for shard, file in sources.items() if seen.get(file.name) != file.fingerprint}
+    busy = being_made(context.instance, dataset, list(changed), known)
+    changed = {shard: file for shard, file in changed.items() if shard not in busy}
     unseen = {shard: file for shard, file in changed.items() if file.name not in seen}
     done = done_shards(dataset, unseen)
     new_shards = [shard for shard in changed if shard not in known]
@@ -52,12 +55,37 @@ def incoming_files_sensor(
         for run in _runs(to_run, new_shards, shards_per_run())
     ]
     files = {f.name: f.fingerprint for f in sources.values()}
+    for name in (sources[shard].name for shard in busy):  # seen as before: a tick after the run sees it
+        if name in seen:
+            files[name] = seen[name]
+        else:
+            del files[name]
+    waiting = f"{len(busy)} changed files wait for the runs making their shards: {', '.join(busy)}"
+    if busy and run_requests:
+        context.log.info(waiting)
     return dg.SensorResult(
         run_requests=run_requests,
         dynamic_partitions_requests=[shards.build_add_request(new_shards)] if new_shards else [],
         cursor=json.dumps({"files": files, "ticks": tick}, sort_keys=True),
-        skip_reason=None if run_requests else f"no new or changed files among {len(sources)} in incoming/",
+        skip_reason=None
+        if run_requests
+        else (waiting if busy else f"no new or changed files among {len(sources)} in incoming/"),
     )
+
+
+def being_made(
+    instance: dg.DagsterInstance, dataset: DatasetStore, shard_names: list[str], known: set[str]
+) -> list[str]:
+    """The shards of `shard_names` that a run of `instance` plans to materialise and has not ended (of
+    the partitions `known`), or whose lease a live writer holds (a `laion-assets run`, another instance).
+    A run requested for one of them now would fail on the lease, and the file's new content would wait
+    for the catch-up."""
+    busy = set(holders(dataset, shard_names))
+    partitions = [shard for shard in shard_names if shard in known]
+    for asset in PER_SHARD_ASSETS:
+        statuses = instance.get_status_by_partition(asset.key, partitions, shards) or {}
+        busy.update(key for key, status in statuses.items() if status == dg.AssetPartitionStatus.IN_PROGRESS)
+    return sorted(busy)
 
 
 def _runs(to_run: list[str], new_shards: list[str], per_run: int) -> list[list[str]]:
@@ -130,8 +158,8 @@ def shards_to_catch_up(
     instance: dg.DagsterInstance, dataset: DatasetStore, sources: dict[str, StoredFile]
 ) -> list[str]:
     """Shards (of `sources`, shard -> its file) where the last attempt at some per-shard asset failed, or
-    where some per-shard asset was never materialised in this instance and the shard is not done in the
-    store either (it is after `laion-assets run` on another instance)."""
+    some per-shard asset was never materialised in this instance, and that are not done in the store
+    either (they are after `laion-assets run` on another instance, as `laion-assets status` says)."""
     keys = list(sources)
     failed: set[str] = set()
     never: set[str] = set()
@@ -139,8 +167,8 @@ def shards_to_catch_up(
         statuses = instance.get_status_by_partition(asset.key, keys, shards) or {}
         failed.update(key for key in keys if statuses.get(key) == dg.AssetPartitionStatus.FAILED)
         never.update(key for key in keys if statuses.get(key) is None)
-    done = done_shards(dataset, {key: sources[key] for key in never - failed})
-    return [key for key in keys if key in failed or (key in never and key not in done)]
+    done = done_shards(dataset, {key: sources[key] for key in failed | never})
+    return [key for key in keys if key in failed | never and key not in done]
 
 
 def settings_report(dataset: DatasetStore, shard_names: list[str]) -> str:

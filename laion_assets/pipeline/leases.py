@@ -25,7 +25,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from laion_assets.pipeline.storage import LEASES, DatasetStore, host_name, temporary_name, writer_gone
 
@@ -49,6 +49,15 @@ def holder(store: DatasetStore, shard: str) -> dict | None:
     """The live holder of the shard's lease (host, pid, owner, expires), or None."""
     record = _read(store, shard)
     return record if record is not None and _alive(record) else None
+
+
+def holders(store: DatasetStore, shards: Iterable[str]) -> dict[str, dict]:
+    """The live holders of the leases of `shards` that have one (shard -> its holder): one listing of the
+    leases, then a read of each lease found."""
+    wanted = set(shards)
+    leased = [f.name.removesuffix(".json") for f in store.list(LEASES) if f.name.endswith(".json")]
+    found = {shard: holder(store, shard) for shard in leased if shard in wanted}
+    return {shard: record for shard, record in found.items() if record is not None}
 
 
 def describe(record: dict) -> str:
