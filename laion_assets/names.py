@@ -60,7 +60,8 @@ LAYER_METADATA = "laion_assets/layer"
 READS_METADATA = "laion_assets/reads"
 
 # Parquet footer keys (file key-value metadata), each value a string
-# JSON {"file", "fingerprint"}: the incoming content a per-shard file was made from
+# JSON {"file", "fingerprint", "size", "sha256"}: the incoming content a per-shard file was made from (files
+# written before size and sha256 were recorded have the first two)
 SOURCE_FOOTER = "laion_assets.source"
 # a per-shard file after the first layer: a digest of what the file it was made from records about itself
 MADE_FROM_FOOTER = "laion_assets.made_from"

@@ -1,9 +1,18 @@
+import hashlib
 import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
 
 import pyarrow as pa
+import pytest
+import yaml
 
 from laion_assets import names
+from laion_assets.cli import main
 from laion_assets.pipeline import schemas
+from laion_assets.pipeline.crawl.metadata import CrawlSettings, write_crawl_metadata
 from laion_assets.pipeline.lineage import (
     identity_of,
     incoming_by_shard,
@@ -11,7 +20,17 @@ from laion_assets.pipeline.lineage import (
     source_footer,
     stale_layers,
 )
-from laion_assets.pipeline.storage import CRAWL_METADATA, EMBEDDINGS, IMAGES, PAIRS, SCORES, DatasetStore
+from laion_assets.pipeline.storage import (
+    CRAWL_METADATA,
+    EMBEDDINGS,
+    IMAGES,
+    PAIRS,
+    RECAPTIONS,
+    SCORES,
+    DatasetStore,
+)
+from laion_assets_tests.dagster_helpers import local_web_config
+from laion_assets_tests.web import TestWeb as Web
 
 A = b"url,caption\nhttp://a.com/1.jpg,a cat\n"
 ROW = pa.table({"key": ["a-00000000"]})
@@ -124,3 +143,111 @@ def test_pairs_filtered_on_scores_since_rebuilt_otherwise_are_stale(local_root):
     assert stale_layers(store, sources, [PAIRS])["a"] == [PAIRS]  # asked for on its own too
     write(PAIRS, from_embeddings)  # rules that read no scores
     assert stale_layers(store, sources, layers)["a"] == []
+
+
+# A dataset built by `laion-assets run` (every per-shard layer, from the test web), shared by the tests
+# below, so read-only: copy it to change it.
+TINY_MODELS = {
+    "LAION_ASSETS_CLIP_MODEL": "laion-assets-tiny",
+    "LAION_ASSETS_CLIP_PRETRAINED": "none",
+    "LAION_ASSETS_CAPTION_MODEL": "laion-assets-demo-coca",
+    "LAION_ASSETS_CAPTION_PRETRAINED": "none",
+}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Iterator[tuple[str, Web, str]]:
+    """(the dataset's root, the web it was downloaded from, the run config file)."""
+    web = Web().start()
+    tmp = tmp_path_factory.mktemp("built")
+    root = str(tmp / "data")
+    config = tmp / "run.yaml"
+    run_config = local_web_config()
+    run_config["ops"]["filtered_pairs"] = {"config": {"min_similarity": -1.0, "drop_minors": False}}
+    config.write_text(yaml.safe_dump(run_config))
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("DAGSTER_HOME", raising=False)
+        env.chdir(tmp)
+        for key, value in TINY_MODELS.items():
+            env.setenv(key, value)
+        urls = [web.url("/img/red.jpg"), web.url("/404.jpg"), web.url("/img/blue.webp")]
+        rows = "".join(f"{url},image {i}\n" for i, url in enumerate(urls))
+        DatasetStore(root).write_bytes("incoming/w.csv", f"url,caption\n{rows}".encode())
+        assert main(["run", "--root", root, "--config", str(config)]) == 0
+        yield root, web, str(config)
+    web.stop()
+
+
+def _shard_files(root: str) -> dict[str, bytes]:
+    """Each per-shard file under `root` (its parquets and tars), by its path under the root."""
+    return {
+        str(path.relative_to(root)): path.read_bytes()
+        for path in sorted(Path(root).rglob("w.*"))
+        if path.parent.name != "incoming"
+    }
+
+
+def test_a_copied_root_is_done_and_a_run_over_it_downloads_nothing(built, tmp_path, capsys, monkeypatch):
+    """A root copied without keeping mtimes (`cp -r`, an rsync without -t) recorded other fingerprints
+    for every source (size and mtime): `status` reported every layer to make, and `run` downloaded the
+    whole dataset again and rewrote it. A source is the same when its content is: the footers record its
+    size and sha256 too, and the digest of a copy is kept in the root, so it is read once."""
+    root, web, config = built
+    copy = str(tmp_path / "copy")
+    shutil.copytree(root, copy, copy_function=shutil.copy)  # new mtimes
+    store = DatasetStore(copy)
+    source = incoming_by_shard(store)["w"]
+    assert source.fingerprint != incoming_by_shard(DatasetStore(root))["w"].fingerprint
+    monkeypatch.chdir(tmp_path)
+    for key, value in TINY_MODELS.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    files, asked = _shard_files(copy), sum(web.hits.values())
+    capsys.readouterr()
+
+    assert main(["status", "--root", copy]) == 0
+    assert "w: up to date" in capsys.readouterr().out
+    assert main(["run", "--root", copy, "--config", config]) == 0
+    assert "w: up to date" in capsys.readouterr().out
+    assert sum(web.hits.values()) == asked
+    assert _shard_files(copy) == files
+    # the copy's digest is kept in the root under its fingerprint now
+    digest = hashlib.sha256(Path(store.path("incoming/w.csv")).read_bytes()).hexdigest()
+    assert json.loads(store.read_bytes("_lineage/digests.json")) == {"w.csv": [source.fingerprint, digest]}
+
+    # a layer made after the copy carries the source entry of the layer before, and is judged the same way
+    Path(store.path(RECAPTIONS.parquet("w"))).unlink()
+    assert main(["run", "--root", copy, "--config", config]) == 0
+    assert "w: recaptions 2 rows" in capsys.readouterr().out
+    assert main(["status", "--root", copy]) == 0
+    assert sum(web.hits.values()) == asked
+
+
+def test_a_root_uploaded_to_s3_is_done(built, s3_root, capsys):
+    """Moved from a local folder to S3, every source's fingerprint is another kind (an ETag, not size and
+    mtime): every shard was to be made again."""
+    root, _, _ = built
+    store = DatasetStore(s3_root)
+    store.fs.put(f"{root}/", store.path(""), recursive=True)
+    assert incoming_by_shard(store)["w"].fingerprint.startswith("etag:")
+    capsys.readouterr()
+    assert main(["status", "--root", s3_root]) == 0
+    assert "w: up to date" in capsys.readouterr().out
+
+
+def test_a_source_is_the_same_when_its_content_is(root):
+    """The crawl records its source's size and sha256. Touched (a new mtime), a source is still the one its
+    layers were made from; rewritten with other bytes of the same size, it is not."""
+    store = DatasetStore(root)
+    store.write_bytes("incoming/a.csv", A)
+    write_crawl_metadata(store, "a", CrawlSettings())
+    recorded = json.loads(store.parquet_metadata(CRAWL_METADATA.parquet("a"))[names.SOURCE_FOOTER])
+    assert (recorded["size"], recorded["sha256"]) == (len(A), hashlib.sha256(A).hexdigest())
+    if not store.is_s3:
+        os.utime(store.path("incoming/a.csv"), (1_000_000_000, 1_000_000_000))
+        assert stale_layers(store, incoming_by_shard(store), [CRAWL_METADATA])["a"] == []
+
+    store.write_bytes("incoming/a.csv", A.replace(b"a cat", b"a cow"))  # the same size
+    assert stale_layers(store, incoming_by_shard(store), [CRAWL_METADATA])["a"] == [CRAWL_METADATA]
+    store.write_bytes("incoming/a.csv", A)  # its content again, a new mtime
+    assert stale_layers(store, incoming_by_shard(store), [CRAWL_METADATA])["a"] == []

@@ -2,14 +2,20 @@
 schedule share.
 
 Every per-shard parquet records in its footer the incoming content it was made from (the source file's
-name and fingerprint), copied down from the layer before it. A layer of a shard is current when its
-parquet exists, records the content the source file has now and has the contract's columns. A shard is
-done when every layer asked for is current; when one is not, it and every layer after it must be made
-again.
+name and fingerprint, and, since they were recorded, its size and sha256), copied down from the layer
+before it. A layer of a shard is current when its parquet exists, records the content the source file
+has now and has the contract's columns. A shard is done when every layer asked for is current; when one
+is not, it and every layer after it must be made again.
+
+The file has the recorded content when its name is the one recorded and its fingerprint is too (no
+read), or, where the fingerprint is another (a root copied without its mtimes, or moved to S3, where it
+is an ETag), when its size and sha256 are the recorded ones. That digest is read once per file and
+fingerprint: the root keeps it (`SOURCE_DIGESTS`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,16 +42,32 @@ from laion_assets.pipeline.storage import (
     PAIRS,
     RECAPTIONS,
     SCORES,
+    SOURCE_DIGESTS,
     DatasetStore,
     Layer,
     StoredFile,
     footer,
+    replaced_while_read,
 )
 
 
-def source_footer(file: StoredFile) -> dict[str, str]:
-    """The footer entry of a crawl_metadata parquet read from `file`."""
-    return {names.SOURCE_FOOTER: json.dumps({"file": file.name, "fingerprint": file.fingerprint})}
+def source_footer(file: StoredFile, sha256: str | None = None) -> dict[str, str]:
+    """The footer entry of a crawl_metadata parquet read from `file`, whose content has the digest `sha256`
+    (`source_digest`) where it is known."""
+    entry: dict[str, str | int] = {"file": file.name, "fingerprint": file.fingerprint}
+    if sha256 is not None:
+        entry |= {"size": file.size, "sha256": sha256}
+    return {names.SOURCE_FOOTER: json.dumps(entry)}
+
+
+def source_digest(store: DatasetStore, name: str) -> tuple[str, str]:
+    """The fingerprint and the sha256 of one version of `incoming/<name>`: one more sequential read of the
+    whole file, so that a copy of it, whose fingerprint is another, is known for the same content."""
+    digest = hashlib.sha256()
+    with store.open(f"{INCOMING}/{name}") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+        return store.opened_fingerprint(f), digest.hexdigest()
 
 
 def inherited_footer(upstream: pa.Table) -> dict[str, str]:
@@ -155,21 +177,100 @@ def stale_layers(
     upstream = [_MADE_FROM[layer] for layer in layers if layer in _MADE_FROM]
     upstream += [_ALSO_READ[layer][0] for layer in layers if layer in _ALSO_READ]
     stored = dict(_stored_schemas(store, sources, dict.fromkeys([*layers, *upstream])))
+    recorded = {(shard, layer): _recorded_source(layer, schema) for (shard, layer), schema in stored.items()}
+    to_read = {
+        shard
+        for (shard, layer), entry in recorded.items()
+        if layer in layers and entry is not None and _same_source(sources[shard], entry, None) is None
+    }
+    digests = _digests_now(store, {shard: sources[shard] for shard in sorted(to_read)})
     stale = {}
     for shard, source in sources.items():
-        now = source_footer(source)[names.SOURCE_FOOTER]
+        now = (source, digests.get(shard))
         first = next(
-            (i for i, layer in enumerate(layers) if not _current(stored, shard, layer, now)), len(layers)
+            (i for i, layer in enumerate(layers) if not _current(stored, recorded, shard, layer, now)),
+            len(layers),
         )
         stale[shard] = list(layers[first:])
     return stale
 
 
-def _current(stored: Mapping[tuple[str, Layer], pa.Schema], shard: str, layer: Layer, source: str) -> bool:
-    """Whether the file of `layer` records `source`, was made from the file before it as it is now (files
-    written before they recorded it are taken to be), and read any other file (`_ALSO_READ`) as it is now."""
-    schema = stored.get((shard, layer))
-    if schema is None or _recorded_source(layer, schema) != source:
+def _same_source(file: StoredFile, entry: dict, sha256: str | None) -> bool | None:
+    """Whether `file`, as it is now, is the source that a layer's footer `entry` records: the same name and
+    fingerprint, or the same name, size and content, where the entry records its digest and `sha256` is
+    the file's now. None where that digest would tell and is not given."""
+    if entry.get("file") != file.name:
+        return False
+    if entry.get("fingerprint") == file.fingerprint:
+        return True
+    if entry.get("sha256") is None or entry.get("size") != file.size:
+        return False
+    return None if sha256 is None else entry["sha256"] == sha256
+
+
+def _digests_now(store: DatasetStore, files: Mapping[str, StoredFile]) -> dict[str, str]:
+    """shard -> the sha256 of its file of `files` (shard -> its source file), as it is now: from the root's
+    record (`SOURCE_DIGESTS`) where it has the file's fingerprint now, else read (`source_digest`) and
+    added to it. A file replaced since it was listed is left out (its shard is not done). The record is
+    shared by every run, sensor tick and `status`: a lost or unreadable one, or a write of it that fails
+    (a root this process may only read) or that another's write replaces, costs a read of a file again."""
+    if not files:
+        return {}
+    known = _read_digests(store)
+    unknown = sorted(
+        {file.name for file in files.values() if known.get(file.name, ["", ""])[0] != file.fingerprint}
+    )
+    found = zip(unknown, store_map(lambda name: _digest_if_there(store, name), unknown, 4), strict=True)
+    read = {name: list(digest) for name, digest in found if digest is not None}
+    if read:
+        with contextlib.suppress(OSError):
+            store.write_bytes(SOURCE_DIGESTS, json.dumps({**known, **read}, sort_keys=True).encode())
+        known |= read
+    return {
+        shard: known[file.name][1]
+        for shard, file in files.items()
+        if known.get(file.name, [""])[0] == file.fingerprint
+    }
+
+
+def _digest_if_there(store: DatasetStore, name: str) -> tuple[str, str] | None:
+    """`source_digest`, or None where the file was removed or replaced while it was read."""
+    try:
+        return source_digest(store, name)
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError) or (store.is_s3 and replaced_while_read(exc)):
+            return None
+        raise
+
+
+def _read_digests(store: DatasetStore) -> dict[str, list[str]]:
+    """The root's record of its sources' digests (name -> [fingerprint, sha256]); empty where it has none
+    that can be read."""
+    try:
+        loaded = json.loads(store.read_bytes(SOURCE_DIGESTS))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(loaded, dict):
+        return {}
+    return {
+        name: list(pair)
+        for name, pair in loaded.items()
+        if isinstance(pair, list) and len(pair) == 2 and all(isinstance(part, str) for part in pair)
+    }
+
+
+def _current(
+    stored: Mapping[tuple[str, Layer], pa.Schema],
+    recorded: Mapping[tuple[str, Layer], dict | None],
+    shard: str,
+    layer: Layer,
+    source: tuple[StoredFile, str | None],
+) -> bool:
+    """Whether the file of `layer` records the shard's `source` (its file now, and that file's sha256 where
+    it was read) as its `recorded` entry, was made from the file before it as it is now (files written
+    before they recorded it are taken to be), and read any other file (`_ALSO_READ`) as it is now."""
+    schema, entry = stored.get((shard, layer)), recorded.get((shard, layer))
+    if schema is None or entry is None or not _same_source(source[0], entry, source[1]):
         return False
     made_from = footer(schema).get(names.MADE_FROM_FOOTER)
     upstream = stored.get((shard, _MADE_FROM.get(layer)))
@@ -202,11 +303,13 @@ def sourceless_shards(
 _CONTRACT_COLUMNS = {IMAGES: frozenset(schemas.IMAGES.names), PAIRS: frozenset(schemas.PAIRS.names)}
 
 
-def _recorded_source(layer: Layer, schema: pa.Schema) -> str | None:
-    """The source a layer's file records, or None when it lacks a column of the contract."""
+def _recorded_source(layer: Layer, schema: pa.Schema) -> dict | None:
+    """The source a layer's file records (`source_footer`'s entry), or None when it records none or lacks a
+    column of the contract."""
     if not _CONTRACT_COLUMNS.get(layer, frozenset()) <= set(schema.names):
         return None
-    return footer(schema).get(names.SOURCE_FOOTER)
+    entry = footer(schema).get(names.SOURCE_FOOTER)
+    return json.loads(entry) if entry else None
 
 
 def _stored_schemas(

@@ -39,6 +39,9 @@ _NAME_MAX = 255  # bytes in a file's name (ext4, XFS, APFS, ...)
 ABANDONED_AFTER = datetime.timedelta(hours=6)
 LEASES = "_leases"  # <shard>.json: the run writing the shard now (pipeline/leases.py)
 WRITERS = "_writers"  # S3: a file per live writing process, so that a later run knows whose uploads these are
+# JSON {name: [fingerprint, sha256]}: the digest of each file in incoming/ that lineage.py had to read (a
+# copy of the root gave it another fingerprint), so that it reads it once; lost, it is read again
+SOURCE_DIGESTS = "_lineage/digests.json"
 HEARTBEAT_SECONDS = 60.0
 _START_SLACK = 1.0  # seconds a process may seem to start after what it wrote: the clock's steps
 _READ_ATTEMPTS = 5  # reads of a file that another writer replaced each time: then the error stands
@@ -239,7 +242,8 @@ class StoredFile:
 
     name: str
     size: int
-    fingerprint: str  # changes when the file's content is replaced (ETag on S3, size+mtime locally)
+    # changes when the file's content is replaced (ETag on S3, size+mtime locally), and when it is copied
+    fingerprint: str
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from laion_assets.pipeline.crawl.sources import (
     find_source,
     read_source,
 )
-from laion_assets.pipeline.lineage import source_footer
+from laion_assets.pipeline.lineage import source_digest, source_footer
 from laion_assets.pipeline.storage import CRAWL_METADATA, INCOMING, DatasetStore
 from laion_assets.pipeline.tables import keep_first
 
@@ -59,13 +59,17 @@ class CrawlResult:
 
 
 def write_crawl_metadata(store: DatasetStore, shard: str, settings: CrawlSettings) -> CrawlResult:
-    """`crawl_metadata/<shard>.parquet` from the shard's file in `incoming/`, which its footer records."""
+    """`crawl_metadata/<shard>.parquet` from the shard's file in `incoming/`, which its footer records: its
+    name, fingerprint, size and sha256 (`lineage.source_footer`; the digest costs one more read of it)."""
     files = {f.name: f for f in store.list(INCOMING)}
     source = find_source(list(files), shard)
     result = build_crawl_metadata(store, source, settings)
     path = CRAWL_METADATA.parquet(shard)
     recorded = json.dumps(settings.recorded(source.format))
-    footer = {**source_footer(files[source.name]), names.SETTINGS_FOOTER: recorded}
+    listed = files[source.name]
+    fingerprint, sha256 = source_digest(store, source.name)
+    read = sha256 if fingerprint == listed.fingerprint else None  # else replaced since: recorded as before
+    footer = {**source_footer(listed, read), names.SETTINGS_FOOTER: recorded}
     try:
         store.write_parquet(path, result.table, metadata=footer)
     except pa.ArrowException as exc:  # a passed-through column parquet cannot hold (a JSON `{}` in each row)
