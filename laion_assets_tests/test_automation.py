@@ -180,6 +180,25 @@ def test_schedule_requests_missing_and_failed_shards(local_root, web):
         assert "images: image_size: 256 -> 384" in skipped.skip_message
 
 
+def test_a_file_touched_with_the_same_content_is_not_run_again(local_root, web):
+    """`touch`, or a copy of the same bytes, gives a file a new fingerprint (size and mtime). Its shard is
+    still done, since lineage compares content; the sensor, which asked lineage only about files it had
+    never seen, downloaded and rewrote it all over again. A real change still runs."""
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/a.csv", f"url,caption\n{web.url('/img/red.jpg')},a red square\n".encode())
+    instance = dg.DagsterInstance.ephemeral()
+    first = _tick(instance, local_root, None)
+    (request,) = first.run_requests
+    assert materialize_shard(instance, local_root, request.partition_key, local_web_config()).success
+    source = Path(local_root) / "incoming" / "a.csv"
+    later = source.stat().st_mtime + 60
+    os.utime(source, (later, later))
+    touched = _tick(instance, local_root, first.cursor)
+    assert touched.run_requests == [] and "a: up to date" in dataset_status(local_root)[0]
+    store.write_bytes("incoming/a.csv", f"url,caption\n{web.url('/img/blue.webp')},a blue square\n".encode())
+    assert [r.partition_key for r in _tick(instance, local_root, touched.cursor).run_requests] == ["a"]
+
+
 def test_schedule_leaves_a_failed_shard_made_since_on_another_instance(local_root, web):
     """A shard whose run failed here, made since by `laion-assets run` on its own instance: `laion-assets
     status` says it is up to date, and the schedule must not download and embed it all over again."""

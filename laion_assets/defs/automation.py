@@ -31,9 +31,10 @@ def incoming_files_sensor(
     """Adds a shard for each new file in `{root}/incoming/` and runs its assets.
 
     The cursor maps each file name to its content fingerprint (S3 ETag, or size and mtime), so a
-    file counts once; a file replaced with new content gets its shard run again. A file the sensor
-    has not seen whose shard is done in the store, made from that same content (by `laion-assets run`
-    or the demo), gets its partition but no run. New shards share runs of `LAION_ASSETS_SHARDS_PER_RUN`.
+    file counts once; a file replaced with new content gets its shard run again. A new or changed file
+    whose shard is done in the store, made from that same content (by `laion-assets run` or the demo, or
+    before a `touch` or a copy: lineage compares content), gets its partition but no run. New shards
+    share runs of `LAION_ASSETS_SHARDS_PER_RUN`.
     The cursor also counts the ticks that requested runs, and a run's key names its tick: the daemon
     drops a request whose key an earlier run had, so a key of the content alone would never run a file
     restored to content it had before, or removed and added again.
@@ -45,8 +46,7 @@ def incoming_files_sensor(
     changed = {shard: file for shard, file in sources.items() if seen.get(file.name) != file.fingerprint}
     busy = being_made(context.instance, dataset, list(changed), known)
     changed = {shard: file for shard, file in changed.items() if shard not in busy}
-    unseen = {shard: file for shard, file in changed.items() if file.name not in seen}
-    done = done_shards(dataset, unseen)
+    done = done_shards(dataset, changed)  # a file touched, copied or re-uploaded with the same content too
     new_shards = [shard for shard in changed if shard not in known]
     to_run = [shard for shard in changed if shard not in done]
     tick = ticks + 1 if to_run else ticks
