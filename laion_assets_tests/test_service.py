@@ -510,3 +510,31 @@ def test_a_search_waiting_on_the_stores_ledgers_holds_up_no_other_request(s3_roo
         assert answer.status == 200 and not search.done()
         proxy.released.set()
         assert search.result()[0] == 200
+
+
+def test_texts_tokenised_in_parallel_threads_all_get_their_tokens(monkeypatch):
+    """The service tokenises in its prepare threads. The tokenizer's word cache, bounded so that a service's
+    endless new words do not grow it for ever, dropped its oldest word unguarded: two threads dropped the same
+    one (KeyError), or one dropped a word the other had just found in it, and the request was a 500."""
+    import random
+    import string
+    import sys
+
+    from laion_assets.pipeline.embeddings import clip
+
+    monkeypatch.setattr(clip, "TOKENIZER_CACHE_WORDS", 5)  # each new word drops one, as in a busy service
+    encoder = ClipEncoder(TINY_CLIP)
+    texts = [
+        [" ".join("".join(random.Random(f"{t}-{i}").choices(string.ascii_lowercase, k=8)) for _ in range(8))]
+        for t in range(4)
+        for i in range(400)
+    ]
+    expected = [encoder.tokenize(text) for text in texts]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns often, as many busy ones do
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(encoder.tokenize, texts))
+    finally:
+        sys.setswitchinterval(switch)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
