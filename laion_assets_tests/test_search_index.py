@@ -2,6 +2,7 @@ import json
 
 import dagster as dg
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
@@ -11,6 +12,7 @@ from laion_assets.defs.search import search_index
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.embeddings.clip import ModelIdentity, ModelMismatch
 from laion_assets.pipeline.leases import SEARCH_INDEX_BUILD, shard_lease
+from laion_assets.pipeline.removal import TAKEN_DOWN, RemovedKeys, remove_keys
 from laion_assets.pipeline.search.index import IndexMissing, SearchIndex, write_search_index
 from laion_assets.pipeline.storage import SEARCH_INDEX, DatasetStore
 from laion_assets_tests.dagster_helpers import LOCAL_WEB, TINY_CLIP, materialize_shard
@@ -137,3 +139,29 @@ def test_a_build_while_another_run_builds_fails_and_leaves_the_index_alone(local
     assert store.read_parquet(SEARCH_INDEX).num_rows == 2  # shard a's pairs, as before
     assert dg.materialize([search_index], resources=resources, instance=instance).success
     assert store.read_parquet(SEARCH_INDEX).num_rows == 4
+
+
+def test_a_removal_committed_while_a_search_lists_the_ledgers_is_never_answered(local_root):
+    """RemovedKeys listed takedowns/ and then takedowns/pending/: a removal committed between the two (its
+    ledger written to the first, its pending one then removed from the second) was in neither, and a search
+    of the index built before it answered with the removed pair."""
+    from laion_assets_tests.test_faiss_index import _write_shard
+
+    store = DatasetStore(local_root)
+    _write_shard(store, "a", 20)
+    write_search_index(store)
+    index, removed = SearchIndex.load(store), RemovedKeys(store)
+    assert removed.current() == frozenset()
+    listing = store.list
+
+    def list_then_remove(folder: str) -> list:
+        found = listing(folder)
+        if store.list is list_then_remove:  # a removal runs to its end between the two listings
+            del store.list
+            ledger = {"key": ["a-00000003"], "list": ["urls.txt"], "kind": ["url"], "entry": ["x"]}
+            remove_keys(store, pa.table(ledger), TAKEN_DOWN)
+        return found
+
+    store.list = list_then_remove
+    query = index.vectors[3]
+    assert "a-00000003" not in {hit.key for hit in index.search(query, 5, removed.current())}

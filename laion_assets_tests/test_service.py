@@ -1,9 +1,12 @@
 """The CLIP service on a real uvicorn server on a free loopback port, with real models."""
 
 import base64
+import contextlib
 import io
 import json
+import socket
 import struct
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,6 +31,7 @@ from laion_assets.demo.world import make_world
 from laion_assets.pipeline.catalog import views as catalog
 from laion_assets.pipeline.download.imaging import decode_image
 from laion_assets.pipeline.embeddings.clip import ClipEncoder
+from laion_assets.pipeline.search.index import write_search_index
 from laion_assets.pipeline.shard_tar import read_samples
 from laion_assets.pipeline.storage import SEARCH_INDEX, DatasetStore
 from laion_assets.service.app import create_app
@@ -444,3 +448,93 @@ def test_search_waits_for_an_index_of_its_model(demo_root, demo_encoder, encoder
             in answer["detail"]
         )
         assert client.post("/clip/embed_text", {"text": "a red circle"})[0] == 200
+
+
+class HoldingProxy:
+    """A TCP proxy on loopback to `upstream` (host, port) that, while held, keeps what clients send: an S3
+    endpoint that stops answering."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.released = threading.Event()
+        self.released.set()
+        self.holding = threading.Event()  # set once a request waits on the hold
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            server = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket, held: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if held and not self.released.is_set():
+                    self.holding.set()
+                    self.released.wait()
+                target.sendall(data)
+        with contextlib.suppress(OSError):
+            target.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.released.set()
+        self.listener.close()
+
+
+def test_a_search_waiting_on_the_stores_ledgers_holds_up_no_other_request(s3_root, s3_endpoint, monkeypatch):
+    """/search listed the removal ledgers (two S3 requests a query) on the event loop: while S3 was slow
+    to answer, every request of the service, the CLIP routes' too, waited behind it."""
+    from laion_assets_tests.test_faiss_index import _write_shard
+
+    encoder = ClipEncoder(TINY_CLIP)
+    _write_shard(DatasetStore(s3_root), "a", 20, model=encoder.identity)
+    write_search_index(DatasetStore(s3_root))
+    proxy = HoldingProxy(urllib3.util.parse_url(s3_endpoint).netloc.split(":"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)  # the service's store goes through the proxy
+    app = create_app(ServiceSettings(root=s3_root), encoder)
+    with ThreadPoolExecutor(1) as pool, running(app) as url, contextlib.closing(proxy):
+        client = Client(url, key=None)
+        assert len(client.ok("/search", {"text": "a red circle"})["results"]) == 10
+        proxy.released.clear()
+        search = pool.submit(client.post, "/search", {"text": "a red circle"})
+        assert proxy.holding.wait(60)  # the search waits on S3
+        body, headers = json.dumps({"text": "a"}).encode(), {"Content-Type": "application/json"}
+        answer = client.http.request("POST", url + "/clip/embed_text", body=body, headers=headers, timeout=30)
+        assert answer.status == 200 and not search.done()
+        proxy.released.set()
+        assert search.result()[0] == 200
+
+
+def test_texts_tokenised_in_parallel_threads_all_get_their_tokens(monkeypatch):
+    """The service tokenises in its prepare threads. The tokenizer's word cache, bounded so that a service's
+    endless new words do not grow it for ever, dropped its oldest word unguarded: two threads dropped the same
+    one (KeyError), or one dropped a word the other had just found in it, and the request was a 500."""
+    import random
+    import string
+    import sys
+
+    from laion_assets.pipeline.embeddings import clip
+
+    monkeypatch.setattr(clip, "TOKENIZER_CACHE_WORDS", 5)  # each new word drops one, as in a busy service
+    encoder = ClipEncoder(TINY_CLIP)
+    texts = [
+        [" ".join("".join(random.Random(f"{t}-{i}").choices(string.ascii_lowercase, k=8)) for _ in range(8))]
+        for t in range(4)
+        for i in range(400)
+    ]
+    expected = [encoder.tokenize(text) for text in texts]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns often, as many busy ones do
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(encoder.tokenize, texts))
+    finally:
+        sys.setswitchinterval(switch)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))

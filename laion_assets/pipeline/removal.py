@@ -328,9 +328,11 @@ class RemovedKeys:
         self._lock = threading.Lock()
 
     def current(self) -> frozenset[str]:
+        # pending ones first: a removal commits its ledger before it removes the pending one, so one that
+        # commits between the two listings is in the second
         listed = {
             f"{folder}/{f.name}": f.fingerprint
-            for folder in (TAKEDOWNS, TAKEDOWNS_PENDING)
+            for folder in (TAKEDOWNS_PENDING, TAKEDOWNS)
             for f in self.store.list(folder)
             if f.name.endswith(".parquet")
         }

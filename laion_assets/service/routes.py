@@ -20,6 +20,7 @@ from laion_assets.service.inputs import InputError
 from laion_assets.service.settings import ServiceSettings
 
 if TYPE_CHECKING:
+    from laion_assets.pipeline.search.index import Hit
     from laion_assets.service.clip_service import ClipService
 
 API_KEY_HEADER = "X-API-Key"
@@ -118,7 +119,11 @@ def search_router(service: ClipService) -> APIRouter:
             query = await service.embed("image", [("image", request.image)])
         else:
             query = await service.embed("text", [("text", request.text)])
-        hits = await asyncio.to_thread(index.search, query[0], request.top_k, service.removed_keys())
+
+        def nearest() -> list[Hit]:  # the removal ledgers are listed here: S3 requests, off the event loop
+            return index.search(query[0], request.top_k, service.removed_keys())
+
+        hits = await asyncio.to_thread(nearest)
         return m.SearchResponse(
             results=[m.SearchHit(**dataclasses.asdict(hit)) for hit in hits], time=time.perf_counter() - start
         )

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,6 +280,8 @@ class ClipEncoder:
         self.tokenizer = open_clip.get_tokenizer(settings.model)
         if isinstance(getattr(self.tokenizer, "cache", None), dict):  # open_clip's BPE tokenizer
             self.tokenizer.cache = BoundedCache(self.tokenizer.cache, TOKENIZER_CACHE_WORDS)
+        # the bounded cache drops words, unguarded: one thread at a time (pure Python, so no loss)
+        self._tokenizing = threading.Lock()
         self.dim = int(open_clip.get_model_config(settings.model)["embed_dim"])
 
     def _autocast(self):
@@ -301,8 +304,9 @@ class ClipEncoder:
         return self.encode_tokens(self.tokenize(texts))
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
-        """The model's tokens of `texts` (truncated to its context length), on the CPU."""
-        return self.tokenizer(texts)
+        """The model's tokens of `texts` (truncated to its context length), on the CPU; thread-safe."""
+        with self._tokenizing:
+            return self.tokenizer(texts)
 
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         import torch
