@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -363,6 +364,37 @@ def _backfill_the_uis_way(instance: dg.DagsterInstance, deployment: Deployment, 
     runs = _runs(instance, **{"dagster/backfill": backfill_id})
     assert sorted(r.tags["dagster/partition"] for r in runs) == sorted(shards)
     assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+
+
+def _processes_in(folder) -> list[int]:
+    """The processes working in `folder`: a deployment's servers and their children."""
+    found = []
+    for proc in os.listdir("/proc"):
+        try:
+            if proc.isdigit() and os.readlink(f"/proc/{proc}/cwd") == str(folder):
+                found.append(int(proc))
+        except OSError:  # gone, or a zombie
+            pass
+    return found
+
+
+def test_a_server_that_does_not_come_up_stops_those_started(tmp_path):
+    """The webserver's port is taken: start() fails naming the webserver, and leaves neither the code
+    server nor the daemon running."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry: {enabled: false}\n")
+    deployment = Deployment(tmp_path, {**os.environ, "DAGSTER_HOME": str(home)})
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", deployment.web_port))
+        taken.listen()
+        try:
+            with pytest.raises(AssertionError, match="webserver"):
+                deployment.start()
+            assert _processes_in(tmp_path) == []
+        finally:
+            for pid in _processes_in(tmp_path):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_set_pools_runs_in_the_charts_daemon_pod(tmp_path):
