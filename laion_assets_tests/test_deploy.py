@@ -448,6 +448,15 @@ def test_deploy_yaml_files_parse(path):
     assert isinstance(yaml.safe_load((DEPLOY / path).read_text()), dict)
 
 
+def test_compose_restarts_every_service_that_exits():
+    """A daemon killed (out of memory, SIGKILL) or stopped by a dead thread must come back: nothing else
+    runs the sensors, the queue, run monitoring or retries on one host. Kubernetes restarts pods itself."""
+    services = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    assert {name: spec.get("restart") for name, spec in services.items()} == dict.fromkeys(
+        ("postgres", "code", "webserver", "daemon"), "unless-stopped"
+    )
+
+
 # The keys of Dagster's Helm chart (1.13) in the sections these values use, from the chart's
 # values.schema.json. Most of these sections reject any other key there (`additionalProperties: false`);
 # here every section is held to them, so a misspelt key fails the test rather than being ignored.
