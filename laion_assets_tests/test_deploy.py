@@ -457,6 +457,24 @@ def test_compose_restarts_every_service_that_exits():
     )
 
 
+def test_compose_passes_every_variable_the_definitions_read():
+    """A container sees only the variables compose names: one left out is silently its default there, e.g.
+    the CLIP model, which the dataset then records."""
+    from laion_assets.defs.config import RUN_CONFIG_ENV
+    from laion_assets.defs.execution import EXECUTOR_ENV
+    from laion_assets.defs.partitions import SHARDS_PER_RUN_ENV
+    from laion_assets.pipeline.embeddings import clip
+    from laion_assets.pipeline.recaptions import caption, chat_caption, hf_caption
+    from laion_assets.pipeline.scores import score
+    from laion_assets.pipeline.storage import ROOT_ENV
+
+    read = {ROOT_ENV, EXECUTOR_ENV, SHARDS_PER_RUN_ENV, RUN_CONFIG_ENV}
+    for module in (clip, caption, chat_caption, hf_caption, score):
+        read |= set(module.SETTINGS_ENV.values())
+    passed = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["x-laion-env"]
+    assert sorted(read - set(passed)) == []
+
+
 # The keys of Dagster's Helm chart (1.13) in the sections these values use, from the chart's
 # values.schema.json. Most of these sections reject any other key there (`additionalProperties: false`);
 # here every section is held to them, so a misspelt key fails the test rather than being ignored.
