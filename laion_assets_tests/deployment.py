@@ -150,34 +150,49 @@ class Deployment:
         return process
 
     def start(self) -> Deployment:
-        self._start(
-            "code_server",
-            str(BIN / "dagster"),
-            "code-server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.code_port),
-            "--module-name",
-            "laion_assets.definitions",
-            "--location-name",
-            "laion_assets",
-        )
-        wait_for(lambda: listening(self.code_port), 120, "the code server")
-        self._start(
-            "webserver",
-            str(BIN / "dagster-webserver"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.web_port),
-            "--workspace",
-            str(self.workspace),
-        )
-        self._start("daemon", str(BIN / "dagster-daemon"), "run", "--workspace", str(self.workspace))
-        wait_for(self._webserver_up, 120, "the webserver")
+        """The three servers, each up; a server that does not come up stops those already started."""
+        try:
+            code_server = self._start(
+                "code_server",
+                str(BIN / "dagster"),
+                "code-server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.code_port),
+                "--module-name",
+                "laion_assets.definitions",
+                "--location-name",
+                "laion_assets",
+            )
+            self._wait_up("code_server", code_server, lambda: listening(self.code_port))
+            webserver = self._start(
+                "webserver",
+                str(BIN / "dagster-webserver"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.web_port),
+                "--workspace",
+                str(self.workspace),
+            )
+            self._start("daemon", str(BIN / "dagster-daemon"), "run", "--workspace", str(self.workspace))
+            self._wait_up("webserver", webserver, self._webserver_up)
+        except BaseException:
+            self.stop()
+            raise
         return self
+
+    def _wait_up(self, name: str, process: subprocess.Popen, condition: Callable[[], object]) -> None:
+        """Waits for `condition`; AssertionError with the log's tail as soon as `process` exits instead."""
+
+        def up() -> object:
+            exited = process.poll()
+            assert exited is None, f"the {name} exited with {exited}: {self.log(name)[-2000:]}"
+            return condition()
+
+        wait_for(up, 120, f"the {name}")
 
     def stop(self) -> None:
         self._stack.close()

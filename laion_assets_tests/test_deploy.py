@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -365,6 +366,37 @@ def _backfill_the_uis_way(instance: dg.DagsterInstance, deployment: Deployment, 
     assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
 
 
+def _processes_in(folder) -> list[int]:
+    """The processes working in `folder`: a deployment's servers and their children."""
+    found = []
+    for proc in os.listdir("/proc"):
+        try:
+            if proc.isdigit() and os.readlink(f"/proc/{proc}/cwd") == str(folder):
+                found.append(int(proc))
+        except OSError:  # gone, or a zombie
+            pass
+    return found
+
+
+def test_a_server_that_does_not_come_up_stops_those_started(tmp_path):
+    """The webserver's port is taken: start() fails naming the webserver, and leaves neither the code
+    server nor the daemon running."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry: {enabled: false}\n")
+    deployment = Deployment(tmp_path, {**os.environ, "DAGSTER_HOME": str(home)})
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", deployment.web_port))
+        taken.listen()
+        try:
+            with pytest.raises(AssertionError, match="webserver"):
+                deployment.start()
+            assert _processes_in(tmp_path) == []
+        finally:
+            for pid in _processes_in(tmp_path):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_set_pools_runs_in_the_charts_daemon_pod(tmp_path):
     """On Kubernetes the script is fed to the daemon's pod (`kubectl exec -i ... bash -s < set-pools.sh`):
     that pod holds the instance, but runs Dagster's own image, with no laion_assets and no copy of the
@@ -414,6 +446,33 @@ def test_set_pools_runs_in_the_charts_daemon_pod(tmp_path):
 @pytest.mark.parametrize("path", ["docker-compose.yml", "workspace.yaml"])
 def test_deploy_yaml_files_parse(path):
     assert isinstance(yaml.safe_load((DEPLOY / path).read_text()), dict)
+
+
+def test_compose_restarts_every_service_that_exits():
+    """A daemon killed (out of memory, SIGKILL) or stopped by a dead thread must come back: nothing else
+    runs the sensors, the queue, run monitoring or retries on one host. Kubernetes restarts pods itself."""
+    services = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    assert {name: spec.get("restart") for name, spec in services.items()} == dict.fromkeys(
+        ("postgres", "code", "webserver", "daemon"), "unless-stopped"
+    )
+
+
+def test_compose_passes_every_variable_the_definitions_read():
+    """A container sees only the variables compose names: one left out is silently its default there, e.g.
+    the CLIP model, which the dataset then records."""
+    from laion_assets.defs.config import RUN_CONFIG_ENV
+    from laion_assets.defs.execution import EXECUTOR_ENV
+    from laion_assets.defs.partitions import SHARDS_PER_RUN_ENV
+    from laion_assets.pipeline.embeddings import clip
+    from laion_assets.pipeline.recaptions import caption, chat_caption, hf_caption
+    from laion_assets.pipeline.scores import score
+    from laion_assets.pipeline.storage import ROOT_ENV
+
+    read = {ROOT_ENV, EXECUTOR_ENV, SHARDS_PER_RUN_ENV, RUN_CONFIG_ENV}
+    for module in (clip, caption, chat_caption, hf_caption, score):
+        read |= set(module.SETTINGS_ENV.values())
+    passed = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["x-laion-env"]
+    assert sorted(read - set(passed)) == []
 
 
 # The keys of Dagster's Helm chart (1.13) in the sections these values use, from the chart's
