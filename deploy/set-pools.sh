@@ -5,7 +5,7 @@
 # instance's database exists, and again whenever the cluster changes size. It needs Dagster and the
 # instance, not laion_assets: on Kubernetes it runs in the daemon's pod (Dagster's own image), read
 # from stdin: kubectl exec -i deploy/dagster-daemon -- bash -s < deploy/set-pools.sh
-#   GPU_POOL_LIMIT       runs of clip_embeddings at once: the number of GPUs (default 1)
+#   GPU_POOL_LIMIT       steps of the gpu pool at once (clip_embeddings, quality_scores, recaptions): GPUs (1)
 #   DOWNLOAD_POOL_LIMIT  shards downloading at once, so a cluster does not flood one site (default 4)
 set -euo pipefail
 : "${DAGSTER_HOME:?set DAGSTER_HOME to the folder holding deploy/dagster.yaml}"
