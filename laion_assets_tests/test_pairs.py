@@ -509,3 +509,18 @@ def test_a_preset_no_run_can_use_is_refused_before_it_becomes_the_datasets_setti
     assert load_settings(store).section("filtered_pairs")["preset"] == ""
     with pytest.raises(ValueError, match=r"top_fraction 1\.5: a fraction of the pairs, 0 to 1"):
         PairsSettings(top_fraction=1.5)
+
+
+def test_minors_named_in_the_plural_are_dropped_too():
+    """The minors rule matched whole words of its list only: a caption of "teens", "girls" or "toddlers" on
+    an image tagged NSFW or UNSURE was kept (LAION's rule matched its terms inside the caption)."""
+    from laion_assets.pipeline.pairs.filter import CATEGORIES_FILE
+
+    unsure = unit(1.0, 0.0, 0.9, 0.0)  # explicit a, landscape → UNSURE
+    captions = ["two kids on a bed", "a kid on a bed", "an adult on a bed"]
+    result = run([{"image": unsure, "caption": caption} for caption in captions])
+    assert kept(result) == [2] and result.removed["minors"] == 2
+    shipped = NsfwCategories.load(lambda texts: np.eye(len(texts), 4, dtype=np.float32), CATEGORIES_FILE)
+    for caption in ("hot teens", "Schoolgirls, uniforms", "toddlers at the beach", "young girls"):
+        assert shipped.names_a_minor(caption), caption
+    assert not shipped.names_a_minor("a girlfriend's boyish haircut", "a landscape", "a beach")

@@ -193,8 +193,9 @@ class NsfwCategories:
         return tags, [(self.names[a], self.names[b]) for a, b in nearest]
 
     def names_a_minor(self, *texts: str) -> bool:
+        """Whether a word of `texts`, or its singular (a trailing "s" off), is one of `minors`."""
         words = set(re.findall(r"[a-z]+", " ".join(texts).lower()))
-        return any(word in words for word in self.minors)
+        return any(word in self.minors or word.removesuffix("s") in self.minors for word in words)
 
 
 @dataclass
