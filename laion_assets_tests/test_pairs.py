@@ -477,3 +477,50 @@ def test_the_provenance_of_a_source_without_rows_names_its_file(local_root):
     assert store.read_parquet("pairs/e.parquet").num_rows == 0
     provenance = json.loads(store.parquet_metadata("pairs/e.parquet")[names.PROVENANCE_FOOTER])
     assert provenance["source_file"] == "e.csv"
+
+
+def test_a_preset_no_run_can_use_is_refused_before_it_becomes_the_datasets_setting(local_root, web):
+    """A first run of filtered_pairs with a mistyped preset failed only once it filtered a shard, after its
+    config had been written to the dataset's settings as their `filtered_pairs` section: every later run,
+    however configured, kept failing on the preset no one had asked for any more."""
+    import dagster as dg
+
+    from laion_assets.pipeline.settings import load_settings
+    from laion_assets.pipeline.storage import DatasetStore
+    from laion_assets.runner import failure_message
+    from laion_assets_tests.dagster_helpers import LOCAL_WEB, materialize_shard
+
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/t.csv", f"url,caption\n{web.url('/img/red.jpg')},a red square\n".encode())
+    instance = dg.DagsterInstance.ephemeral()
+    embedded = ["crawl_metadata", "downloaded_images", "clip_embeddings"]
+    downloads = {"ops": {"downloaded_images": {"config": LOCAL_WEB}}}
+    assert materialize_shard(instance, local_root, "t", downloads, selection=embedded).success
+
+    def pairs(**config) -> dg.ExecuteInProcessResult:
+        run_config = {"ops": {"filtered_pairs": {"config": {"drop_minors": False, **config}}}}
+        return materialize_shard(instance, local_root, "t", run_config, selection=["filtered_pairs"])
+
+    mistyped = pairs(preset="laion-aesthetic-6")
+    assert not mistyped.success and "unknown preset 'laion-aesthetic-6'" in failure_message(mistyped)
+    assert "filtered_pairs" not in load_settings(store).sections
+    assert not pairs(top_fraction=1.5).success
+    assert pairs(min_similarity=-1.0).success
+    assert load_settings(store).section("filtered_pairs")["preset"] == ""
+    with pytest.raises(ValueError, match=r"top_fraction 1\.5: a fraction of the pairs, 0 to 1"):
+        PairsSettings(top_fraction=1.5)
+
+
+def test_minors_named_in_the_plural_are_dropped_too():
+    """The minors rule matched whole words of its list only: a caption of "teens", "girls" or "toddlers" on
+    an image tagged NSFW or UNSURE was kept (LAION's rule matched its terms inside the caption)."""
+    from laion_assets.pipeline.pairs.filter import CATEGORIES_FILE
+
+    unsure = unit(1.0, 0.0, 0.9, 0.0)  # explicit a, landscape → UNSURE
+    captions = ["two kids on a bed", "a kid on a bed", "an adult on a bed"]
+    result = run([{"image": unsure, "caption": caption} for caption in captions])
+    assert kept(result) == [2] and result.removed["minors"] == 2
+    shipped = NsfwCategories.load(lambda texts: np.eye(len(texts), 4, dtype=np.float32), CATEGORIES_FILE)
+    for caption in ("hot teens", "Schoolgirls, uniforms", "toddlers at the beach", "young girls"):
+        assert shipped.names_a_minor(caption), caption
+    assert not shipped.names_a_minor("a girlfriend's boyish haircut", "a landscape", "a beach")

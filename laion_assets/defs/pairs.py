@@ -50,6 +50,7 @@ def filtered_pairs(
 ) -> dg.MaterializeResult:
     """Pairs that pass the rules (CLIP similarity, caption, dedup, NSFW/minors), as parquet and webdataset."""
     dataset = store.get_store()
+    settings_from(config, PairsSettings)  # a run's config that no run can use fails before it is recorded
     config = dataset_config(context, config, dataset)
     settings = settings_from(config, PairsSettings)
     encoder = clip.get_encoder(dataset)

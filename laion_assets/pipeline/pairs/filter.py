@@ -128,6 +128,13 @@ class PairsSettings:
     image_based_centroids: str = ""  # .npy of cluster centroids; empty: k-means of the shard's images
     preset: str = ""  # one of PRESETS
 
+    def __post_init__(self) -> None:
+        """ValueError for a value no run can use, before a run records it in the dataset's settings."""
+        if self.preset and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
+        if not 0 <= self.top_fraction <= 1:
+            raise ValueError(f"top_fraction {self.top_fraction}: a fraction of the pairs, 0 to 1 (0: off)")
+
     @classmethod
     def from_footer(cls, recorded: dict) -> PairsSettings:
         """The settings a pairs file's footer records (`names.PAIRS_SETTINGS_FOOTER`, whose JSON holds the
@@ -136,11 +143,9 @@ class PairsSettings:
 
     def resolved(self) -> PairsSettings:
         """The settings the rules apply: the preset's values, under the fields set to other than their
-        defaults. ValueError for an unknown preset."""
+        defaults."""
         if not self.preset:
             return self
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
         defaults = PairsSettings()
         chosen = {
             name: value
@@ -188,8 +193,9 @@ class NsfwCategories:
         return tags, [(self.names[a], self.names[b]) for a, b in nearest]
 
     def names_a_minor(self, *texts: str) -> bool:
+        """Whether a word of `texts`, or its singular (a trailing "s" off), is one of `minors`."""
         words = set(re.findall(r"[a-z]+", " ".join(texts).lower()))
-        return any(word in words for word in self.minors)
+        return any(word in self.minors or word.removesuffix("s") in self.minors for word in words)
 
 
 @dataclass
