@@ -663,6 +663,25 @@ def test_retry_failed_keeps_no_row_of_a_key_the_crawl_no_longer_has(web):
     assert sorted(k for k, _ in read_samples(io.BytesIO(second_tar))) == ["s-00000000", "s-00000001"]
 
 
+def test_retry_failed_fetches_again_a_row_whose_caption_the_crawl_changed(web):
+    """A source re-crawled with a corrected caption keeps its keys and URLs: `retry_failed` kept the old
+    row, so the images parquet and the sample's `.txt` and `.json` said the old caption, against the
+    crawl_metadata it was made from. Now such a row is fetched again, with the crawl's caption."""
+    urls = [web.url("/up/1"), web.url("/up/2")]
+    first, first_tar, _ = run(urls)
+    crawl = crawl_table(urls).set_column(2, "caption", pa.array(["caption 0", "corrected"]))
+    settings = replace(FAST, retry_failed=True)
+    tar = io.BytesIO()
+    second = download_shard(crawl, settings, tar, (first.table, io.BytesIO(first_tar)))
+    assert (second.fetched, second.reused) == (1, 1)
+    assert second.table.column("caption").to_pylist() == ["caption 0", "corrected"]
+    samples = dict(read_samples(io.BytesIO(tar.getvalue())))
+    assert {k: (m["txt"].decode(), json.loads(m["json"])["caption"]) for k, m in samples.items()} == {
+        "s-00000000": ("caption 0", "caption 0"),
+        "s-00000001": ("corrected", "corrected"),
+    }
+
+
 def test_metadata_summaries(web):
     urls = [web.url("/404.jpg"), web.url("/img/red.jpg"), web.url("/html.jpg"), web.url("/garbage.jpg")]
     result, _, _ = run(urls)

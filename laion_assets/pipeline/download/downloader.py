@@ -998,16 +998,18 @@ def _record(job: _Job, status: str, error: str | None, http_status: int | None =
 def _reuse(
     jobs: list[_Job], table: pa.Table, tar: IO[bytes], writer: TarShardWriter, blocklist: Blocklist
 ) -> dict[str, dict]:
-    """Previous records to keep (same key and url, or taken down; not failed_to_download; a key the crawl
-    still has: one row per crawl row); copies their samples, but for the rows the block list names now:
-    those are taken down, as a fresh download's would be, and their samples left out of the new tar."""
-    urls = {job.key: job.url for job in jobs}
+    """Previous records to keep (same key, url and caption, or taken down; not failed_to_download; a key
+    the crawl still has: one row per crawl row); copies their samples, but for the rows the block list
+    names now: those are taken down, as a fresh download's would be, and their samples left out of the new
+    tar. A row whose caption the crawl changed is fetched again: its record and its sample's `.txt` and
+    `.json` would keep the old one."""
+    crawled = {job.key: (job.url, job.caption) for job in jobs}
     candidates = {
         row["key"]: {"host": schemas.url_host(row["url"] or ""), **row}  # a file from before `host` lacks it
         for row in table.to_pylist()
         if row["status"] != schemas.FAILED_TO_DOWNLOAD
-        and row["key"] in urls
-        and (urls[row["key"]] == row["url"] or row["status"] == schemas.TAKEN_DOWN)
+        and row["key"] in crawled
+        and (crawled[row["key"]] == (row["url"], row["caption"]) or row["status"] == schemas.TAKEN_DOWN)
     }
     for row in candidates.values():
         if row["status"] != schemas.TAKEN_DOWN and (
