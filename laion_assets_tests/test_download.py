@@ -647,6 +647,30 @@ def test_retry_failed_keeps_no_sample_made_with_other_image_settings(web, store)
     assert (again.fetched, again.reused) == (0, 2)  # the same settings: the successes are kept
 
 
+def test_retry_failed_keeps_no_row_made_under_other_opt_out_rules(web, local_root):
+    """A shard downloaded without `noai` among the opt-out directives, then retried with it: the image its
+    site marked `noai` was kept as a success, under a footer that recorded the new directives, so the
+    shard claimed an opt-out it never applied (and lineage saw no setting changed). Where a setting of what
+    the shard holds differs, every row is fetched again."""
+    store = DatasetStore(local_root)
+    urls = [web.url("/noai.jpg"), web.url("/down/2.jpg")]
+    web.down.add("/down/2.jpg")
+    store.write_parquet(CRAWL_METADATA.parquet("s"), crawl_table(urls))
+    download.write_images(store, "s", replace(FAST, opt_out_directives=()))
+    web.down.clear()
+    retried = download.write_images(store, "s", replace(FAST, retry_failed=True))
+    assert (retried.fetched, retried.reused) == (2, 0)
+    assert store.read_parquet(IMAGES.parquet("s")).column("status").to_pylist() == [
+        schemas.OPTED_OUT,
+        schemas.SUCCESS,
+    ]
+    with store.open(IMAGES.tar("s")) as tar:
+        assert [k for k, _ in read_samples(tar)] == ["s-00000001"]
+    # a setting of how rows are fetched (a timeout) keeps them
+    again = download.write_images(store, "s", replace(FAST, retry_failed=True, read_timeout=2))
+    assert (again.fetched, again.reused) == (0, 2)
+
+
 def test_retry_failed_keeps_no_row_of_a_key_the_crawl_no_longer_has(web):
     """A taken-down row of the previous result whose key left the crawl (its source file shortened) is not
     kept: the images parquet holds one row per crawl row."""

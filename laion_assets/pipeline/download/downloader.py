@@ -43,7 +43,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, TypeVar
 
@@ -59,7 +59,7 @@ from laion_assets.pipeline.download.imaging import (
     opencv,
     process_image,
 )
-from laion_assets.pipeline.lineage import content_footer, inherited_footer
+from laion_assets.pipeline.lineage import HOW_NOT_WHAT, content_footer, inherited_footer
 from laion_assets.pipeline.shard_tar import TarShardWriter, drop_samples, encode_sample, read_samples
 from laion_assets.pipeline.storage import CRAWL_METADATA, IMAGES, DatasetStore
 from laion_assets.pipeline.takedowns.blocklist import Blocklist, load_active
@@ -236,13 +236,15 @@ def write_images(
 
 
 def _made_as_now(store: DatasetStore, parquet_path: str, settings: DownloadSettings) -> bool:
-    """Whether the images parquet at `parquet_path` exists and records the image settings (size, mode,
-    format...) of `settings`: only then may `retry_failed` keep its samples beside new ones."""
+    """Whether the images parquet at `parquet_path` exists and records the settings of `settings` that
+    shape what a shard holds (image size, mode and format, the opt-out rules, `max_bytes`...: all but
+    lineage's `HOW_NOT_WHAT`): only then may `retry_failed` keep its rows beside new ones, under a footer
+    that records `settings` for all of them."""
     if not store.exists(parquet_path):
         return False
     recorded = json.loads(store.parquet_metadata(parquet_path).get(names.SETTINGS_FOOTER, "{}"))
     now = json.loads(json.dumps(asdict(settings)))  # as the footer holds them (tuples as lists)
-    return all(recorded.get(f.name) == now[f.name] for f in fields(ImageSettings))
+    return all(recorded.get(name) == value for name, value in now.items() if name not in HOW_NOT_WHAT)
 
 
 def _listed_meanwhile(
