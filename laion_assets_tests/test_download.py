@@ -671,6 +671,25 @@ def test_retry_failed_keeps_no_row_made_under_other_opt_out_rules(web, local_roo
     assert (again.fetched, again.reused) == (0, 2)
 
 
+def test_retry_failed_over_a_damaged_tar_names_it_and_leaves_the_shard_as_it_was(web, local_root):
+    """A previous tar cut short stopped a `retry_failed` run with tarfile's bare `ReadError: unexpected end
+    of data`, naming neither the file nor what to do."""
+    store = DatasetStore(local_root)
+    urls = [web.url("/up/1.jpg"), web.url("/up/2.jpg"), web.url("/down/3.jpg")]
+    web.down.add("/down/3.jpg")
+    store.write_parquet(CRAWL_METADATA.parquet("s"), crawl_table(urls))
+    download.write_images(store, "s", FAST)
+    with store.open(IMAGES.tar("s")) as tar:
+        cut = tar.read()[:1500]
+    store.write_bytes(IMAGES.tar("s"), cut)
+    web.down.clear()
+    with pytest.raises(ValueError, match=r"images/s\.tar is damaged \(.*\): retry_failed cannot keep"):
+        download.write_images(store, "s", replace(FAST, retry_failed=True))
+    with store.open(IMAGES.tar("s")) as tar:
+        assert tar.read() == cut
+    assert store.read_parquet(IMAGES.parquet("s")).num_rows == 3
+
+
 def test_retry_failed_keeps_no_row_of_a_key_the_crawl_no_longer_has(web):
     """A taken-down row of the previous result whose key left the crawl (its source file shortened) is not
     kept: the images parquet holds one row per crawl row."""

@@ -39,6 +39,7 @@ import multiprocessing.connection
 import multiprocessing.forkserver
 import os
 import queue
+import tarfile
 import threading
 import time
 from collections import Counter, deque
@@ -224,7 +225,14 @@ def write_images(
             previous = (store.read_parquet(parquet_path), stack.enter_context(store.open(tar_path)))
         tar_out = stack.enter_context(store.tar_write(IMAGES, shard))
         blocklist = load_active(store)
-        result = download_shard(crawl, settings, tar_out, previous, progress, blocklist, draining, workers)
+        try:
+            args = (crawl, settings, tar_out, previous, progress, blocklist, draining, workers)
+            result = download_shard(*args)
+        except tarfile.ReadError as exc:  # only the previous tar is read
+            raise ValueError(
+                f"{store.url(tar_path)} is damaged ({exc}): retry_failed cannot keep its samples; "
+                "download the shard again without retry_failed"
+            ) from exc
     result = _listed_meanwhile(store, blocklist, result, tar_path)
     footer = {
         **inherited_footer(crawl),
