@@ -647,6 +647,49 @@ def test_retry_failed_keeps_no_sample_made_with_other_image_settings(web, store)
     assert (again.fetched, again.reused) == (0, 2)  # the same settings: the successes are kept
 
 
+def test_retry_failed_keeps_no_row_made_under_other_opt_out_rules(web, local_root):
+    """A shard downloaded without `noai` among the opt-out directives, then retried with it: the image its
+    site marked `noai` was kept as a success, under a footer that recorded the new directives, so the
+    shard claimed an opt-out it never applied (and lineage saw no setting changed). Where a setting of what
+    the shard holds differs, every row is fetched again."""
+    store = DatasetStore(local_root)
+    urls = [web.url("/noai.jpg"), web.url("/down/2.jpg")]
+    web.down.add("/down/2.jpg")
+    store.write_parquet(CRAWL_METADATA.parquet("s"), crawl_table(urls))
+    download.write_images(store, "s", replace(FAST, opt_out_directives=()))
+    web.down.clear()
+    retried = download.write_images(store, "s", replace(FAST, retry_failed=True))
+    assert (retried.fetched, retried.reused) == (2, 0)
+    assert store.read_parquet(IMAGES.parquet("s")).column("status").to_pylist() == [
+        schemas.OPTED_OUT,
+        schemas.SUCCESS,
+    ]
+    with store.open(IMAGES.tar("s")) as tar:
+        assert [k for k, _ in read_samples(tar)] == ["s-00000001"]
+    # a setting of how rows are fetched (a timeout) keeps them
+    again = download.write_images(store, "s", replace(FAST, retry_failed=True, read_timeout=2))
+    assert (again.fetched, again.reused) == (0, 2)
+
+
+def test_retry_failed_over_a_damaged_tar_names_it_and_leaves_the_shard_as_it_was(web, local_root):
+    """A previous tar cut short stopped a `retry_failed` run with tarfile's bare `ReadError: unexpected end
+    of data`, naming neither the file nor what to do."""
+    store = DatasetStore(local_root)
+    urls = [web.url("/up/1.jpg"), web.url("/up/2.jpg"), web.url("/down/3.jpg")]
+    web.down.add("/down/3.jpg")
+    store.write_parquet(CRAWL_METADATA.parquet("s"), crawl_table(urls))
+    download.write_images(store, "s", FAST)
+    with store.open(IMAGES.tar("s")) as tar:
+        cut = tar.read()[:1500]
+    store.write_bytes(IMAGES.tar("s"), cut)
+    web.down.clear()
+    with pytest.raises(ValueError, match=r"images/s\.tar is damaged \(.*\): retry_failed cannot keep"):
+        download.write_images(store, "s", replace(FAST, retry_failed=True))
+    with store.open(IMAGES.tar("s")) as tar:
+        assert tar.read() == cut
+    assert store.read_parquet(IMAGES.parquet("s")).num_rows == 3
+
+
 def test_retry_failed_keeps_no_row_of_a_key_the_crawl_no_longer_has(web):
     """A taken-down row of the previous result whose key left the crawl (its source file shortened) is not
     kept: the images parquet holds one row per crawl row."""
@@ -661,6 +704,25 @@ def test_retry_failed_keeps_no_row_of_a_key_the_crawl_no_longer_has(web):
 
     assert second.table.column("key").to_pylist() == ["s-00000000", "s-00000001"]
     assert sorted(k for k, _ in read_samples(io.BytesIO(second_tar))) == ["s-00000000", "s-00000001"]
+
+
+def test_retry_failed_fetches_again_a_row_whose_caption_the_crawl_changed(web):
+    """A source re-crawled with a corrected caption keeps its keys and URLs: `retry_failed` kept the old
+    row, so the images parquet and the sample's `.txt` and `.json` said the old caption, against the
+    crawl_metadata it was made from. Now such a row is fetched again, with the crawl's caption."""
+    urls = [web.url("/up/1"), web.url("/up/2")]
+    first, first_tar, _ = run(urls)
+    crawl = crawl_table(urls).set_column(2, "caption", pa.array(["caption 0", "corrected"]))
+    settings = replace(FAST, retry_failed=True)
+    tar = io.BytesIO()
+    second = download_shard(crawl, settings, tar, (first.table, io.BytesIO(first_tar)))
+    assert (second.fetched, second.reused) == (1, 1)
+    assert second.table.column("caption").to_pylist() == ["caption 0", "corrected"]
+    samples = dict(read_samples(io.BytesIO(tar.getvalue())))
+    assert {k: (m["txt"].decode(), json.loads(m["json"])["caption"]) for k, m in samples.items()} == {
+        "s-00000000": ("caption 0", "caption 0"),
+        "s-00000001": ("corrected", "corrected"),
+    }
 
 
 def test_metadata_summaries(web):

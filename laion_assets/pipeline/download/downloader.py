@@ -39,11 +39,12 @@ import multiprocessing.connection
 import multiprocessing.forkserver
 import os
 import queue
+import tarfile
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, TypeVar
 
@@ -59,7 +60,7 @@ from laion_assets.pipeline.download.imaging import (
     opencv,
     process_image,
 )
-from laion_assets.pipeline.lineage import content_footer, inherited_footer
+from laion_assets.pipeline.lineage import HOW_NOT_WHAT, content_footer, inherited_footer
 from laion_assets.pipeline.shard_tar import TarShardWriter, drop_samples, encode_sample, read_samples
 from laion_assets.pipeline.storage import CRAWL_METADATA, IMAGES, DatasetStore
 from laion_assets.pipeline.takedowns.blocklist import Blocklist, load_active
@@ -224,7 +225,14 @@ def write_images(
             previous = (store.read_parquet(parquet_path), stack.enter_context(store.open(tar_path)))
         tar_out = stack.enter_context(store.tar_write(IMAGES, shard))
         blocklist = load_active(store)
-        result = download_shard(crawl, settings, tar_out, previous, progress, blocklist, draining, workers)
+        try:
+            args = (crawl, settings, tar_out, previous, progress, blocklist, draining, workers)
+            result = download_shard(*args)
+        except tarfile.ReadError as exc:  # only the previous tar is read
+            raise ValueError(
+                f"{store.url(tar_path)} is damaged ({exc}): retry_failed cannot keep its samples; "
+                "download the shard again without retry_failed"
+            ) from exc
     result = _listed_meanwhile(store, blocklist, result, tar_path)
     footer = {
         **inherited_footer(crawl),
@@ -236,13 +244,15 @@ def write_images(
 
 
 def _made_as_now(store: DatasetStore, parquet_path: str, settings: DownloadSettings) -> bool:
-    """Whether the images parquet at `parquet_path` exists and records the image settings (size, mode,
-    format...) of `settings`: only then may `retry_failed` keep its samples beside new ones."""
+    """Whether the images parquet at `parquet_path` exists and records the settings of `settings` that
+    shape what a shard holds (image size, mode and format, the opt-out rules, `max_bytes`...: all but
+    lineage's `HOW_NOT_WHAT`): only then may `retry_failed` keep its rows beside new ones, under a footer
+    that records `settings` for all of them."""
     if not store.exists(parquet_path):
         return False
     recorded = json.loads(store.parquet_metadata(parquet_path).get(names.SETTINGS_FOOTER, "{}"))
     now = json.loads(json.dumps(asdict(settings)))  # as the footer holds them (tuples as lists)
-    return all(recorded.get(f.name) == now[f.name] for f in fields(ImageSettings))
+    return all(recorded.get(name) == value for name, value in now.items() if name not in HOW_NOT_WHAT)
 
 
 def _listed_meanwhile(
@@ -998,16 +1008,18 @@ def _record(job: _Job, status: str, error: str | None, http_status: int | None =
 def _reuse(
     jobs: list[_Job], table: pa.Table, tar: IO[bytes], writer: TarShardWriter, blocklist: Blocklist
 ) -> dict[str, dict]:
-    """Previous records to keep (same key and url, or taken down; not failed_to_download; a key the crawl
-    still has: one row per crawl row); copies their samples, but for the rows the block list names now:
-    those are taken down, as a fresh download's would be, and their samples left out of the new tar."""
-    urls = {job.key: job.url for job in jobs}
+    """Previous records to keep (same key, url and caption, or taken down; not failed_to_download; a key
+    the crawl still has: one row per crawl row); copies their samples, but for the rows the block list
+    names now: those are taken down, as a fresh download's would be, and their samples left out of the new
+    tar. A row whose caption the crawl changed is fetched again: its record and its sample's `.txt` and
+    `.json` would keep the old one."""
+    crawled = {job.key: (job.url, job.caption) for job in jobs}
     candidates = {
         row["key"]: {"host": schemas.url_host(row["url"] or ""), **row}  # a file from before `host` lacks it
         for row in table.to_pylist()
         if row["status"] != schemas.FAILED_TO_DOWNLOAD
-        and row["key"] in urls
-        and (urls[row["key"]] == row["url"] or row["status"] == schemas.TAKEN_DOWN)
+        and row["key"] in crawled
+        and (crawled[row["key"]] == (row["url"], row["caption"]) or row["status"] == schemas.TAKEN_DOWN)
     }
     for row in candidates.values():
         if row["status"] != schemas.TAKEN_DOWN and (
