@@ -128,8 +128,12 @@ def check_run_config(run_config: dict) -> None:
             continue
         try:
             dg.validate_run_config(job, {"ops": {op: block}})
+            if op in SETTINGS_SECTIONS:  # values of the right type that no run can use
+                SETTINGS_SECTIONS[op](**explicit_config(run_config, op)).settings()
         except dg.DagsterInvalidConfigError as exc:  # each error's message ends with the whole schema
             problems.extend(error.message.split(". Expected:")[0] for error in exc.errors)
+        except ValueError as exc:
+            problems.append(f"{op}: {exc}")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -177,11 +181,14 @@ def prepare_settings(
     if scorers is None:
         env = values_from_env(SCORES_ENV)
         scorers = stored.recorded_in(ScoreSettings(), SCORES_SECTION, SCORE_MODEL_FIELDS, env)
-    missing = {
-        name: config_values(config_type(**explicit_config(run_config, name)))
+    configs = {
+        name: config_type(**explicit_config(run_config, name))
         for name, config_type in SETTINGS_SECTIONS.items()
         if name not in stored.sections
     }
+    for config in configs.values():
+        config.settings()  # one no run can use fails here, before it becomes the dataset's settings
+    missing = {name: config_values(config) for name, config in configs.items()}
     if names.DUPLICATES_ASSET in missing and (recorded_dedup := recorded_dedup_settings(store)):
         missing[names.DUPLICATES_ASSET].update(recorded_dedup)  # a dataset deduplicated before the file
     if missing:

@@ -160,6 +160,24 @@ def test_unknown_asset_and_bad_config(local_root, tmp_path):
         main(["init", "--root", local_root, "--config", str(tmp_path / "none.yaml")])
 
 
+def test_a_run_config_no_run_can_use_never_becomes_the_dataset_s_settings(local_root, tmp_path):
+    """`max_pixels: 0` is of the right type, so the launchpad's check took it; the first run wrote it into
+    laion_assets.yaml before the downloader refused it, and every later run, whatever its config, failed
+    on it until the file was edited by hand. It is now refused in one line naming the file, first."""
+    Path(local_root, "incoming").mkdir(parents=True, exist_ok=True)
+    DatasetStore(local_root).write_bytes("incoming/a.csv", b"url,caption\nhttp://a.example/1.jpg,a cat\n")
+    config = tmp_path / "run.yaml"
+    config.write_text("ops:\n  downloaded_images:\n    config:\n      max_pixels: 0\n")
+    for command in ("run", "init"):
+        with pytest.raises(SystemExit) as stopped:
+            main([command, "--root", local_root, "--config", str(config)])
+        assert str(stopped.value.code) == (
+            f"laion-assets: {config}: downloaded_images: max_pixels 0 is not 1-178956970 (Pillow refuses an "
+            "image of more pixels than 178956970 as a decompression bomb, whatever max_pixels says)"
+        )
+    assert not Path(local_root, "laion_assets.yaml").exists()
+
+
 def test_a_broken_settings_file_is_one_line_naming_it(local_root):
     """A hand edit of laion_assets.yaml gone wrong stops `run` and `status` with a line naming the file, as
     a bad --config does, not with a traceback."""

@@ -91,6 +91,21 @@ def test_run_config_yaml_with_resize_mode_no(local_root, web):
     assert (row["width"], row["height"]) == (row["original_width"], row["original_height"]) == (640, 480)
 
 
+def test_a_launched_config_no_run_can_use_is_not_recorded_as_the_dataset_s(local_root, web):
+    """A run launched from the UI with `max_pixels: 0` (the right type, so the launchpad takes it): the
+    first run wrote it into laion_assets.yaml before the downloader refused it, and every later run failed
+    on it. The step now fails first; the next run, with no such value, downloads."""
+    store = DatasetStore(local_root)
+    store.write_bytes("incoming/s.jsonl", _url_list(web, ["/img/red.jpg"]))
+    bad = {"ops": {"downloaded_images": {"config": {**LOCAL_WEB, "max_pixels": 0}}}}
+    selection = ["crawl_metadata", "downloaded_images"]
+    instance = dg.DagsterInstance.ephemeral()
+    assert not materialize_shard(instance, local_root, "s", bad, selection).success
+    assert "max_pixels" not in store.read_bytes("laion_assets.yaml").decode()
+    assert materialize_shard(instance, local_root, "s", local_web_config(), selection).success
+    assert store.read_parquet("images/s.parquet").column("status").to_pylist() == ["success"]
+
+
 def test_a_failed_shard_of_a_run_over_several_fails_alone_and_the_shards_written_are_materialised(
     local_root, web
 ):

@@ -24,6 +24,9 @@ class DatasetCardConfig(dg.Config):
     grid_samples: int = S.grid_samples
     top_n: int = S.top_n  # rows in the error, host and licence lists
 
+    def settings(self) -> CardSettings:
+        return settings_from(self, CardSettings)
+
 
 @dg.asset(
     name=names.DATASET_CARD_ASSET,
@@ -38,7 +41,7 @@ def dataset_card(
 ) -> dg.MaterializeResult:
     """README.md with YAML header, features, funnel, download outcomes, figures, samples and provenance."""
     dataset = store.get_store()
-    result = write_card(dataset, settings_from(dataset_config(context, config, dataset), CardSettings))
+    result = write_card(dataset, dataset_config(context, config, dataset).settings())
     return dg.MaterializeResult(
         metadata={
             "card": dg.MetadataValue.md(result.ui_markdown),  # the file is the Hub's card

@@ -82,8 +82,11 @@ def config_values(config: "dg.Config") -> dict:
 def dataset_config(context: "dg.AssetExecutionContext", config: C, store: DatasetStore) -> C:
     """The asset's config as this run uses it: the dataset's settings for the asset (`laion_assets.yaml`),
     with the fields the run's own config sets over them. Where the file has no section for the asset
-    yet, this run's config becomes it (the first run writes the dataset's settings)."""
+    yet, this run's config becomes it (the first run writes the dataset's settings); the config's
+    `settings()` (each such config has one) first refuses one that no run can use, which would else stay
+    the dataset's and fail every later run."""
     name = context.asset_key.to_user_string()
+    config.settings()
     stored = record_section(store, name, config_values(config))
     if stored is None:
         return config

@@ -41,6 +41,9 @@ class DuplicatesConfig(dg.Config):
     # run only: dedup with other rules than the dataset's (which would remove pairs from every shard)
     accept_settings_change: bool = False
 
+    def settings(self) -> DedupSettings:
+        return settings_from(self, DedupSettings)
+
 
 @dg.asset(
     name=names.DUPLICATES_ASSET,
@@ -57,7 +60,7 @@ def duplicates(
     (only the shards that hold one are rewritten) and listed in duplicates/duplicates.parquet."""
     dataset = store.get_store()
     config = dataset_config(context, config, dataset)
-    settings = settings_from(config, DedupSettings)
+    settings = config.settings()
     with shard_lease(dataset, REMOVALS, context.run.run_id, wait=REMOVALS_WAIT):  # one removal at a time
         result = deduplicate(dataset, settings, accept_settings_change=config.accept_settings_change)
     why = f"duplicates run {context.run.run_id[:8]}"

@@ -72,6 +72,9 @@ class DownloadImagesConfig(dg.Config):
     shard_timeout: float = D.shard_timeout
     retry_failed: bool = D.retry_failed  # fetch again only the rows that failed to download last time
 
+    def settings(self) -> DownloadSettings:
+        return settings_from(self, DownloadSettings)
+
 
 @per_shard_asset(
     names.DOWNLOADED_IMAGES_ASSET,
@@ -87,7 +90,7 @@ def downloaded_images(
     """Each crawl row fetched, resized into `images/<shard>.tar`, its outcome in `images/<shard>.parquet`."""
     dataset = store.get_store()
     config = dataset_config(context, config, dataset)
-    settings = settings_from(config, DownloadSettings)
+    settings = config.settings()
     workers = DownloadWorkers(settings)  # shared by the shards: as many processes as cores in all
 
     def download(shard: str, draining: threading.Event) -> DownloadResult:

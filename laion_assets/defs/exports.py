@@ -43,6 +43,9 @@ class TrainingShardsConfig(dg.Config):
     # run only: rebuild these exports whole, shuffled anew, with these settings
     reshuffle: list[str] = pydantic.Field(default_factory=list)
 
+    def settings(self) -> list[ExportSettings]:
+        return [ExportSettings(**export.model_dump()) for export in self.exports]
+
 
 @dg.asset(
     name=names.TRAINING_SHARDS_ASSET,
@@ -60,7 +63,7 @@ def training_shards(
     dataset shard rebuilt since, which is read again."""
     dataset = store.get_store()
     config = dataset_config(context, config, dataset)
-    settings = [ExportSettings(**export.model_dump()) for export in config.exports]
+    settings = config.settings()
     unknown = sorted(set(config.reshuffle) - {export.name for export in settings})
     if unknown:
         raise ValueError(f"reshuffle names exports the settings do not have: {', '.join(unknown)}")

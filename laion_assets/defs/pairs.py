@@ -40,6 +40,9 @@ class FilteredPairsConfig(dg.Config):
     preset: str = P.preset
     write_embeddings: bool = False  # also pairs_embeddings/<shard>.parquet, LAION-400M's embeddings config
 
+    def settings(self) -> PairsSettings:
+        return settings_from(self, PairsSettings)
+
 
 @per_shard_asset(names.FILTERED_PAIRS_ASSET, PAIRS, kinds={"parquet", "webdataset"}, upstream=quality_scores)
 def filtered_pairs(
@@ -50,9 +53,8 @@ def filtered_pairs(
 ) -> dg.MaterializeResult:
     """Pairs that pass the rules (CLIP similarity, caption, dedup, NSFW/minors), as parquet and webdataset."""
     dataset = store.get_store()
-    settings_from(config, PairsSettings)  # a run's config that no run can use fails before it is recorded
     config = dataset_config(context, config, dataset)
-    settings = settings_from(config, PairsSettings)
+    settings = config.settings()
     encoder = clip.get_encoder(dataset)
     with shards_written(context) as metadata:
         for shard in leased_shards(context, dataset):
