@@ -191,6 +191,22 @@ def test_lists_are_read_by_kind_and_bad_entries_are_reported(local_root):
     assert load_active(store).entries == lists.entries
 
 
+def test_the_blocklist_metadata_counts_a_list_whose_every_entry_is_a_problem(local_root):
+    """A list dropped into blocklist/ (as the sensor picks it up) whose every entry is malformed: the
+    asset said `lists: 1` for the two lists there and left the bad one out of its table, so it read as if
+    the list had never been found."""
+    store = DatasetStore(local_root)
+    store.write_bytes(f"{BLOCKLIST}/partner.csv", b"url,md5\nnot a link,zz\nftp://x.org/a.jpg,123\n")
+    store.write_bytes(f"{BLOCKLIST}/requests.txt", b"domain\nexample.org\n")
+    result = dg.materialize([blocklist], resources={"store": DatasetStoreResource(root=local_root)})
+    metadata = result.asset_materializations_for_node(names.BLOCKLIST_ASSET)[0].metadata
+    assert metadata["dagster/row_count"].value == 1 and metadata["problems"].value == 4
+    assert metadata["lists"].value == 2 and metadata["lists_without_entries"].value == 1
+    table = metadata["entries_by_list"].value
+    assert "| requests | domain | 1 |" in table
+    assert "| partner | none: every entry is a problem | 0 |" in table
+
+
 def test_a_text_list_saved_with_a_byte_order_mark_and_crlf_is_read(local_root):
     """Notepad's UTF-8 begins the file with a BOM: the kind on the first line is still the kind (it was
     refused as no kind, and the list's entries stayed in the dataset)."""
