@@ -191,6 +191,22 @@ def test_lists_are_read_by_kind_and_bad_entries_are_reported(local_root):
     assert load_active(store).entries == lists.entries
 
 
+def test_the_blocklist_metadata_counts_a_list_whose_every_entry_is_a_problem(local_root):
+    """A list dropped into blocklist/ (as the sensor picks it up) whose every entry is malformed: the
+    asset said `lists: 1` for the two lists there and left the bad one out of its table, so it read as if
+    the list had never been found."""
+    store = DatasetStore(local_root)
+    store.write_bytes(f"{BLOCKLIST}/partner.csv", b"url,md5\nnot a link,zz\nftp://x.org/a.jpg,123\n")
+    store.write_bytes(f"{BLOCKLIST}/requests.txt", b"domain\nexample.org\n")
+    result = dg.materialize([blocklist], resources={"store": DatasetStoreResource(root=local_root)})
+    metadata = result.asset_materializations_for_node(names.BLOCKLIST_ASSET)[0].metadata
+    assert metadata["dagster/row_count"].value == 1 and metadata["problems"].value == 4
+    assert metadata["lists"].value == 2 and metadata["lists_without_entries"].value == 1
+    table = metadata["entries_by_list"].value
+    assert "| requests | domain | 1 |" in table
+    assert "| partner | none: every entry is a problem | 0 |" in table
+
+
 def test_a_text_list_saved_with_a_byte_order_mark_and_crlf_is_read(local_root):
     """Notepad's UTF-8 begins the file with a BOM: the kind on the first line is still the kind (it was
     refused as no kind, and the list's entries stayed in the dataset)."""
@@ -482,7 +498,7 @@ def test_a_takedown_removes_the_matched_samples_from_every_layer_and_nothing_els
         else:
             assert row == next(r for r in images.to_pylist() if r["key"] == row["key"])
     funnel = json.loads(store.parquet_metadata(PAIRS.parquet(TOUCHED))[names.PAIRS_FUNNEL_FOOTER])
-    assert funnel["removed"]["taken_down"] == len(removed & set(pairs.column("key").to_pylist()))
+    assert funnel["removed"]["taken_down_after_build"] == len(removed & set(pairs.column("key").to_pylist()))
 
     # The DuckDB views: no removed key among the dataset's rows; the images rows say why.
     connection = duckdb_catalog.connect(store)
@@ -564,6 +580,31 @@ def test_a_takedown_killed_before_the_search_index_and_card_are_rebuilt_is_finis
     again: list[str] = []
     assert run_takedown(store.root, list_file, echo=again.append) == 0
     assert "search_index: not rebuilt" in again  # done: a rerun is a no-op again
+
+
+def _card_funnel(store: DatasetStore) -> list[list[str]]:
+    """The card's funnel table: [rule, removed, remaining, kept] per row, `rows in` first."""
+    section = store.read_bytes("card/README.md").decode().split("## Filtering funnel", 1)[1]
+    lines = [line for line in section.split("\n## ", 1)[0].splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
+
+
+def test_a_takedown_after_the_build_is_the_last_step_of_the_cards_funnel(dataset: DatasetStore):
+    """A takedown removes pairs that passed every rule, but the pairs funnel counted them under the
+    build's first rule, `taken_down`: the card then said each later rule saw fewer rows and kept a smaller
+    share of them (with every pair of a host taken down, `low_similarity` "kept 45%" where it kept 78%)."""
+    store = dataset
+    before = _card_funnel(store)
+    keys = _keys(store, PAIRS.parquet(TOUCHED))[:6]
+    removals = pa.table({"key": keys, "list": ["l"] * 6, "kind": ["url"] * 6, "entry": keys})
+    remove_keys(store, removals, schemas.TAKEN_DOWN)
+    resources = {"store": DatasetStoreResource(root=store.root)}
+    assert dg.materialize([catalog, dataset_card], resources=resources).success
+    after = _card_funnel(store)
+    assert after[:-1] == before[:-1]  # every rule of the build removed and kept what it did
+    remaining, share = int(before[-2][2]), f"{1 - 6 / int(before[-2][2]):.1%}"
+    assert before[-1][:2] == ["taken_down_after_build", "0"]
+    assert after[-1] == ["taken_down_after_build", "6", str(remaining - 6), share]
 
 
 def test_the_removal_of_duplicates_keeps_their_images_and_embeddings(dataset: DatasetStore):

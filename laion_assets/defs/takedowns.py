@@ -43,12 +43,14 @@ def blocklist(context: dg.AssetExecutionContext, store: DatasetStoreResource) ->
     for problem in lists.problems:
         context.log.warning(f"block list {problem.list}, {problem.where}: {problem.problem}")
     problems = [(p.list, p.where, p.problem) for p in lists.problems]
+    unread = [(name, "none: every entry is a problem", 0) for name in lists.without_entries()]
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": len(lists),
-            "lists": len({name for name, _, _ in lists.counts()}),
+            "lists": len(lists.lists),
+            "lists_without_entries": len(unread),
             "entries_by_list": dg.MetadataValue.md(
-                markdown.table(["list", "kind", "entries"], lists.counts())
+                markdown.table(["list", "kind", "entries"], lists.counts() + unread)
             ),
             "problems": len(problems),
             "problem_entries": dg.MetadataValue.md(

@@ -66,6 +66,9 @@ LAYERS = {
     TAKEN_DOWN: (RECAPTIONS, PAIRS_EMBEDDINGS, PAIRS, SCORES, EMBEDDINGS, IMAGES),
     DUPLICATE: (RECAPTIONS, PAIRS_EMBEDDINGS, PAIRS),
 }
+# The pairs funnel's rule each reason's removal counts under: the last ones, since the pairs it removes
+# passed every rule of the build.
+FUNNEL_RULE = {TAKEN_DOWN: "taken_down_after_build", DUPLICATE: DUPLICATE}
 # Built from every shard after a removal, and holding samples' links, captions or images: the search index
 # (its file, and the FAISS build it names) and the card (its sample grid).
 FOLLOWERS = (SEARCH_INDEX, SEARCH_INDEX_APPROXIMATE, CARD)
@@ -302,12 +305,13 @@ def _taken_down(images: pa.Table, removed: dict[str, str]) -> pa.Table | None:
 
 def _write(store: DatasetStore, layer: Layer, shard: str, table: pa.Table, dropped: int, reason: str) -> None:
     """`table` over the layer's file of `shard`, encoded as its writer does, with its footer; a pairs
-    file's funnel counts the rows dropped under `reason`."""
+    file's funnel counts the rows dropped under `reason`'s rule (`FUNNEL_RULE`)."""
     if layer is PAIRS:
         metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
         if names.PAIRS_FUNNEL_FOOTER in metadata:
             funnel = json.loads(metadata[names.PAIRS_FUNNEL_FOOTER])
-            funnel["removed"][reason] = funnel["removed"].get(reason, 0) + dropped
+            rule = FUNNEL_RULE[reason]
+            funnel["removed"][rule] = funnel["removed"].get(rule, 0) + dropped
             metadata[names.PAIRS_FUNNEL_FOOTER] = json.dumps(funnel)
         write_pairs_parquet(store, shard, table, metadata)
     elif layer is IMAGES:

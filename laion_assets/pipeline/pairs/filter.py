@@ -17,6 +17,8 @@ Rules, in the order of the funnel:
    embeddings: kept when the image's nearest cluster centroid is one that is nearest to a reference.
 8. `minors`: tagged NSFW or UNSURE while the caption or the two nearest categories name a minor.
 9. `duplicate`: removed after the build by dataset-level dedup (removal.py), never by `build_pairs`.
+10. `taken_down_after_build`: removed after the build by a takedown (removal.py): pairs that passed every
+   rule above, so counted after them, never by `build_pairs` (a rebuild counts them under `taken_down`).
 
 A `preset` names a set of these settings that reproduces a known dataset's rules (PRESETS); a field
 set to other than its default overrides the preset's value for it.
@@ -78,6 +80,7 @@ FUNNEL = (
     "image_based",
     "minors",
     "duplicate",
+    "taken_down_after_build",
 )
 
 

@@ -72,6 +72,7 @@ class Blocklist:
 
     entries: pa.Table
     problems: list[ListProblem] = field(default_factory=list)
+    lists: list[str] = field(default_factory=list)  # every list read, by name, entries or none
     _hosts: dict[str, Match | None] = field(default_factory=dict, repr=False)  # netloc -> its domain match
 
     @classmethod
@@ -87,6 +88,11 @@ class Blocklist:
             self.entries.column("list").to_pylist(), self.entries.column("kind").to_pylist(), strict=True
         )
         return [(name, kind, n) for (name, kind), n in sorted(Counter(pairs).items())]
+
+    def without_entries(self) -> list[str]:
+        """The lists read that have no entry to take down: each of their entries is a problem."""
+        active = set(self.entries.column("list").to_pylist())
+        return [name for name in self.lists if name not in active]
 
     @cached_property
     def _by_kind(self) -> dict[str, dict[str, Match]]:
@@ -157,6 +163,7 @@ def read_lists(store: DatasetStore) -> Blocklist:
     """Every list in `{root}/blocklist/`, entries deduplicated within each list, in list order."""
     rows: list[dict[str, str]] = []
     problems: list[ListProblem] = []
+    lists: list[str] = []
     for file in store.list(BLOCKLIST):
         _, dot, suffix = file.name.rpartition(".")
         if not dot or f".{suffix.lower()}" not in LIST_SUFFIXES:
@@ -166,9 +173,10 @@ def read_lists(store: DatasetStore) -> Blocklist:
             continue
         with store.open(f"{BLOCKLIST}/{file.name}") as f:
             file_rows, file_problems = read_list(file.name, f.read())
+        lists.append(file.name.rpartition(".")[0])
         rows += file_rows
         problems += file_problems
-    return Blocklist(pa.Table.from_pylist(rows, schema=schemas.BLOCKLIST_ENTRIES), problems)
+    return Blocklist(pa.Table.from_pylist(rows, schema=schemas.BLOCKLIST_ENTRIES), problems, lists)
 
 
 def read_list(file_name: str, data: bytes) -> tuple[list[dict[str, str]], list[ListProblem]]:
