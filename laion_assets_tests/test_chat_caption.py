@@ -207,3 +207,26 @@ def test_a_shard_the_endpoint_never_answered_is_not_written(server, demo_root, t
     rows = write_recaptions(store, shard, busy, ClipEncoder(DEMO_CLIP)).table.to_pylist()
     assert sum(row["re_caption"] is not None for row in rows) == 1
     assert all(row["re_caption_error"].startswith("HTTP 503") for row in rows if row["re_caption"] is None)
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_a_shard_the_endpoint_refused_throughout_is_not_written(server, demo_root, tmp_path, status):
+    """A wrong key (401, 403) or a wrong route or model name (404) refuses every image alike: the endpoint's
+    fault, not an image's. The shard was written as a file of failed rows, a done shard no later run
+    recaptioned; it fails, nothing written, as when the endpoint is down. A 400 stays an image's own."""
+    from laion_assets.pipeline.recaptions.recaption import CaptionerUnreachable
+
+    shutil.copytree(demo_root, tmp_path / "data")
+    store, shard = DatasetStore(str(tmp_path / "data")), DEMO_SHARDS[0]
+    with store.open(RECAPTIONS.parquet(shard)) as f:
+        before = f.read()
+    server.script = [status] * 1000
+    refused = ChatCaptioner(_settings(server, in_flight=1))
+    with pytest.raises(CaptionerUnreachable, match=rf"captioned none of its \d+ images \(HTTP {status}"):
+        write_recaptions(store, shard, refused, ClipEncoder(DEMO_CLIP))
+    with store.open(RECAPTIONS.parquet(shard)) as f:
+        assert f.read() == before
+    server.script = [400] * 1000
+    rows = write_recaptions(store, shard, refused, ClipEncoder(DEMO_CLIP)).table.to_pylist()
+    server.script = []
+    assert rows and all(row["re_caption_error"].startswith("HTTP 400") for row in rows)

@@ -43,8 +43,8 @@ _SOT, _EOT = "<start_of_text>", "<end_of_text>"
 @dataclass(frozen=True)
 class NoCaption:
     """A sample a captioner could not caption, and why (its row keeps a null re_caption). `unreachable`:
-    the captioner could not be had (a chat endpoint down, busy or broken past its retries), not this
-    image's fault."""
+    the captioner could not be had (a chat endpoint down, busy or broken past its retries, or refusing
+    every request: a wrong key, route or model name), not this image's fault."""
 
     reason: str
     unreachable: bool = field(default=False, compare=False)  # the reason says it; equal reasons are equal

@@ -98,7 +98,7 @@ class ChatCaptioner:
                     return NoCaption(f"{exc}{tries}", unreachable=True)
                 time.sleep(exc.retry_after if exc.retry_after is not None else s.retry_backoff * 2**attempt)
             except _Unusable as exc:
-                return NoCaption(str(exc))
+                return NoCaption(str(exc), unreachable=exc.endpoint)
         raise AssertionError("unreachable")
 
     def _request(self, image: Image.Image) -> dict:
@@ -138,7 +138,7 @@ class ChatCaptioner:
             wait = retry_after_seconds(response.headers.get("Retry-After"))
             raise _Retryable(f"HTTP {response.status}: {_detail(data)}", wait)
         if response.status != 200:
-            raise _Unusable(f"HTTP {response.status}: {_detail(data)}")
+            raise _Unusable(f"HTTP {response.status}: {_detail(data)}", response.status in _REFUSALS)
         try:
             content = json.loads(data)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError) as exc:
@@ -154,7 +154,15 @@ class ChatCaptioner:
 
 class _Unusable(Exception):
     """An answer that retrying will not mend (4xx other than 429, a malformed body, a caption that is not
-    valid Unicode)."""
+    valid Unicode); `endpoint`: one the endpoint gives every image alike (`_REFUSALS`)."""
+
+    def __init__(self, message: str, endpoint: bool = False) -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
+
+
+# A wrong key (401, 403), or a wrong route or model name (404): the deployment's fault, not an image's
+_REFUSALS = (401, 403, 404)
 
 
 def _read_before(response: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
