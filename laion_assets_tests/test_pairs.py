@@ -511,6 +511,15 @@ def test_a_preset_no_run_can_use_is_refused_before_it_becomes_the_datasets_setti
         PairsSettings(top_fraction=1.5)
 
 
+def test_a_language_code_the_scores_never_write_is_refused():
+    """Codes are matched as the scores write them: `languages: [EN]` dropped every caption, with nothing
+    but a funnel of `language` rejections to say why."""
+    assert PairsSettings(languages=("en", "fil", "ja-Latn")).languages == ("en", "fil", "ja-Latn")
+    for code in ("EN", "english", "en_US", ""):
+        with pytest.raises(ValueError, match=f"languages: {code!r} is not a language code as the scores"):
+            PairsSettings(languages=(code,))
+
+
 def test_minors_named_in_the_plural_are_dropped_too():
     """The minors rule matched whole words of its list only: a caption of "teens", "girls" or "toddlers" on
     an image tagged NSFW or UNSURE was kept (LAION's rule matched its terms inside the caption)."""

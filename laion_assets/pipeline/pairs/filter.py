@@ -115,6 +115,9 @@ SCORE_FILTERS = (
 )
 
 
+_LANGUAGE_CODE = re.compile(r"[a-z]{2,3}(-[A-Z][a-z]{3})?")  # what the language IDs of `scores` write
+
+
 @dataclass(frozen=True)
 class PairsSettings:
     min_similarity: float = 0.3  # LAION-400M's threshold for ViT-B/32
@@ -137,6 +140,12 @@ class PairsSettings:
             raise ValueError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
         if not 0 <= self.top_fraction <= 1:
             raise ValueError(f"top_fraction {self.top_fraction}: a fraction of the pairs, 0 to 1 (0: off)")
+        for code in self.languages:  # matched as written: `EN` kept no caption, with no word why
+            if not isinstance(code, str) or not _LANGUAGE_CODE.fullmatch(code):
+                raise ValueError(
+                    f"languages: {code!r} is not a language code as the scores write them (ISO 639-1, lower "
+                    "case, as `en`; cld3's romanised ones as `ja-Latn`)"
+                )
 
     @classmethod
     def from_footer(cls, recorded: dict) -> PairsSettings:
