@@ -25,6 +25,7 @@ from laion_assets.defs.resources import (
     CaptionerSettings,
     CocaCaptionerResource,
     HfCaptionerResource,
+    coca_named,
     environment_captioner,
     recorded_captioner,
 )
@@ -169,7 +170,7 @@ def prepare_settings(
     if clip_settings is None:
         clip_settings = ClipSettings.from_dataset(stored)
     if captioner is None and environment_captioner() is CocaCaptionerResource:
-        recorded = recorded_captioner(stored)
+        recorded = CocaCaptionerResource if coca_named() else recorded_captioner(stored)
         if recorded is HfCaptionerResource:  # its folder is recorded: the run follows the dataset
             env = values_from_env(HF_CAPTION_ENV)
             base = HfCaptionSettings(model_path="")

@@ -23,6 +23,8 @@ from laion_assets.pipeline.storage import RECAPTIONS, DatasetStore
 from laion_assets_tests.captioners import BLIP_SPECIAL, BLIP_WORDS, save_tiny_blip
 from laion_assets_tests.demo_dataset import DEMO_CLIP, DEMO_SHARDS
 
+CAPTION_MODEL = "LAION_ASSETS_CAPTION_MODEL"  # names a CoCa: a choice of that kind
+
 
 @pytest.fixture(scope="module")
 def blip(tmp_path_factory):
@@ -122,7 +124,7 @@ def test_a_run_naming_no_captioner_follows_the_dataset_s_kind(blip, demo_root, t
     from laion_assets.pipeline.recaptions import chat_caption, hf_caption
     from laion_assets.runner import prepare_settings
 
-    for variable in (*chat_caption.SETTINGS_ENV.values(), *hf_caption.SETTINGS_ENV.values()):
+    for variable in (*chat_caption.SETTINGS_ENV.values(), *hf_caption.SETTINGS_ENV.values(), CAPTION_MODEL):
         monkeypatch.delenv(variable, raising=False)
     shutil.copytree(demo_root, tmp_path / "data")
     store, shard = DatasetStore(str(tmp_path / "data")), DEMO_SHARDS[0]
@@ -137,6 +139,10 @@ def test_a_run_naming_no_captioner_follows_the_dataset_s_kind(blip, demo_root, t
     assert settings_changes(store, [shard], load_settings(store)) == {}  # the folder's captions, as recorded
     with pytest.raises(OtherCaptioner, match=r"transformers captioner .* set LAION_ASSETS_HF_CAPTION_MODEL"):
         captioner_resource().captioner_settings(store)
+    monkeypatch.setenv(CAPTION_MODEL, "coca_ViT-B-32")  # CoCa named: the user's choice
+    assert prepare_settings(store, {})[1].model == "coca_ViT-B-32"
+    assert captioner_resource().captioner_settings(store).model == "coca_ViT-B-32"
+    monkeypatch.delenv(CAPTION_MODEL)
 
     chat = {"model": "llava", "max_completion_tokens": 128, "temperature": 0.0}
     write_settings(store, load_settings(store).with_sections({CAPTIONER_SECTION: chat}))

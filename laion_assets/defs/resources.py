@@ -280,9 +280,17 @@ def recorded_captioner(stored: DatasetSettings) -> type[CaptionerResource]:
     return CocaCaptionerResource
 
 
+def coca_named() -> bool:
+    """Whether the environment names a CoCa model ($LAION_ASSETS_CAPTION_MODEL): a choice of that kind,
+    where without it CoCa is only what a run falls back on."""
+    return bool(os.environ.get(caption.SETTINGS_ENV["model"]))
+
+
 def refuse_another_captioner(dataset: DatasetStore) -> None:
     """OtherCaptioner where the dataset was recaptioned by another kind than CoCa, which a run uses when
     the environment names no captioner: its captions would be mixed in with theirs."""
+    if coca_named():
+        return
     stored = load_settings(dataset) or DatasetSettings()
     recorded = recorded_captioner(stored)
     if recorded is not CocaCaptionerResource:
