@@ -16,9 +16,9 @@ from laion_assets import names
 from laion_assets.pipeline import schemas
 from laion_assets.pipeline.download.downloader import download_shard
 from laion_assets.pipeline.embeddings.clip import ClipEncoder, ClipSettings, ModelUnavailable
-from laion_assets.pipeline.embeddings.embed import DamagedImagesTar, embed_shard, write_embeddings
+from laion_assets.pipeline.embeddings.embed import embed_shard, write_embeddings
 from laion_assets.pipeline.lineage import incoming_by_shard, stale_layers
-from laion_assets.pipeline.shard_tar import TarShardWriter, read_samples
+from laion_assets.pipeline.shard_tar import DamagedTar, TarShardWriter, read_samples
 from laion_assets.pipeline.storage import CRAWL_METADATA, EMBEDDINGS, IMAGES, DatasetStore
 from laion_assets.runner import failure_message
 from laion_assets_tests.dagster_helpers import TINY_CLIP, local_web_config, materialize_shard
@@ -141,7 +141,7 @@ def test_a_damaged_images_tar_is_an_error_naming_it(local_root, encoder, damage)
         "images/s.parquet", pa.table({"key": keys, "caption": ["a red thing"] * 6, "status": ["success"] * 6})
     )
     store.write_bytes("images/s.tar", damage(tar, second))
-    with pytest.raises(DamagedImagesTar, match=rf"^{re.escape(store.url('images/s.tar'))} is damaged"):
+    with pytest.raises(DamagedTar, match=rf"^{re.escape(store.url('images/s.tar'))} is damaged"):
         write_embeddings(store, "s", encoder, batch_size=4)
     assert not store.exists("embeddings/s.parquet")
 

@@ -91,6 +91,20 @@ class _WholeTarInfo(tarfile.TarInfo):
             raise tarfile.ReadError(f"a damaged member header at byte {tar.offset}: {exc}") from exc
 
 
+class DamagedTar(ValueError):
+    """A stored tar cannot be read to its end: named, with what to do about it."""
+
+
+@contextlib.contextmanager
+def reading(url: str, remedy: str) -> Iterator[None]:
+    """The block's `tarfile.ReadError` (a tar of `url` cut short or damaged) as a DamagedTar naming it and
+    `remedy`: one line, where tarfile's own names no file."""
+    try:
+        yield
+    except tarfile.ReadError as exc:
+        raise DamagedTar(f"{url} is damaged ({exc}): {remedy}") from exc
+
+
 def read_samples(fileobj: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) for each sample of a tar, in order, reading it as a stream;
     `tarfile.ReadError` where the tar is cut short or damaged."""

@@ -39,7 +39,6 @@ import multiprocessing.connection
 import multiprocessing.forkserver
 import os
 import queue
-import tarfile
 import threading
 import time
 from collections import Counter, deque
@@ -61,7 +60,7 @@ from laion_assets.pipeline.download.imaging import (
     process_image,
 )
 from laion_assets.pipeline.lineage import HOW_NOT_WHAT, content_footer, inherited_footer
-from laion_assets.pipeline.shard_tar import TarShardWriter, drop_samples, encode_sample, read_samples
+from laion_assets.pipeline.shard_tar import TarShardWriter, drop_samples, encode_sample, read_samples, reading
 from laion_assets.pipeline.storage import CRAWL_METADATA, IMAGES, DatasetStore
 from laion_assets.pipeline.takedowns.blocklist import Blocklist, load_active
 
@@ -225,14 +224,10 @@ def write_images(
             previous = (store.read_parquet(parquet_path), stack.enter_context(store.open(tar_path)))
         tar_out = stack.enter_context(store.tar_write(IMAGES, shard))
         blocklist = load_active(store)
-        try:
+        remedy = "retry_failed cannot keep its samples; download the shard again without retry_failed"
+        with reading(store.url(tar_path), remedy):  # only the previous tar is read
             args = (crawl, settings, tar_out, previous, progress, blocklist, draining, workers)
             result = download_shard(*args)
-        except tarfile.ReadError as exc:  # only the previous tar is read
-            raise ValueError(
-                f"{store.url(tar_path)} is damaged ({exc}): retry_failed cannot keep its samples; "
-                "download the shard again without retry_failed"
-            ) from exc
     result = _listed_meanwhile(store, blocklist, result, tar_path)
     footer = {
         **inherited_footer(crawl),

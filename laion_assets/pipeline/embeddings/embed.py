@@ -8,7 +8,6 @@ the normalised embeddings, which are then stored as float16.
 from __future__ import annotations
 
 import io
-import tarfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,14 +27,10 @@ if TYPE_CHECKING:
 from laion_assets.pipeline.download.imaging import stored_image_bytes
 from laion_assets.pipeline.lineage import inherited_footer
 from laion_assets.pipeline.parallel import ordered_map
-from laion_assets.pipeline.shard_tar import read_samples
+from laion_assets.pipeline.shard_tar import read_samples, reading
 from laion_assets.pipeline.storage import EMBEDDINGS, IMAGES, DatasetStore
 
 T = TypeVar("T")
-
-
-class DamagedImagesTar(ValueError):
-    """A shard's images tar cannot be read to its end."""
 
 
 @dataclass
@@ -51,13 +46,9 @@ def write_embeddings(
 ) -> EmbedResult:
     """`embeddings/<shard>.parquet` from the shard's images; the model and its weights in the footer."""
     images = store.read_parquet(IMAGES.parquet(shard))
-    try:
-        with store.open(IMAGES.tar(shard)) as tar:
-            result = embed_shard(images, tar, encoder, batch_size, workers)
-    except tarfile.ReadError as exc:
-        raise DamagedImagesTar(
-            f"{store.url(IMAGES.tar(shard))} is damaged ({exc}): download the shard's images again"
-        ) from exc
+    damaged = reading(store.url(IMAGES.tar(shard)), "download the shard's images again")
+    with damaged, store.open(IMAGES.tar(shard)) as tar:
+        result = embed_shard(images, tar, encoder, batch_size, workers)
     footer = {**inherited_footer(images), **encoder.identity.footer()}
     store.write_parquet(EMBEDDINGS.parquet(shard), result.table, metadata=footer)
     return result

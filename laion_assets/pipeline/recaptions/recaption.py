@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from laion_assets.pipeline.download.imaging import stored_image_bytes
 from laion_assets.pipeline.embeddings.clip import ModelIdentity
 from laion_assets.pipeline.lineage import inherited_footer
 from laion_assets.pipeline.recaptions.caption import NoCaption
-from laion_assets.pipeline.shard_tar import read_samples
+from laion_assets.pipeline.shard_tar import read_samples, reading
 from laion_assets.pipeline.storage import EMBEDDINGS, PAIRS, RECAPTIONS, DatasetStore, footer
 
 if TYPE_CHECKING:
@@ -107,12 +106,8 @@ def write_recaptions(
         vectors = np.empty((0, encoder.dim), np.float32)
     org_scores = np.asarray(embeddings.column("similarity").to_pylist(), dtype=np.float64)[order]
 
-    try:
+    with reading(store.url(PAIRS.tar(shard)), "make the shard's filtered_pairs again"):
         new, errors = _caption_samples(store, shard, set(keys), captioner)
-    except tarfile.ReadError as exc:
-        raise ValueError(
-            f"{store.url(PAIRS.tar(shard))} is damaged ({exc}): make the shard's filtered_pairs again"
-        ) from exc
     if errors and not new and all(error.unreachable for error in errors.values()):
         raise CaptionerUnreachable(
             f"shard {shard}: the captioner captioned none of its {len(errors)} images "
