@@ -118,6 +118,11 @@ class CaptionerResource(dg.ConfigurableResource):
 
     _captioner: Captioner | None = PrivateAttr(default=None)
 
+    @classmethod
+    def chosen_by(cls) -> str:
+        """The environment variable whose setting chooses this kind: the first of `environment`."""
+        return next(iter(cls.environment.values()))
+
     def get_captioner(self, dataset: DatasetStore) -> Captioner:
         if self._captioner is None:
             self._captioner = self.captioner_type(self.captioner_settings(dataset))
@@ -283,7 +288,7 @@ def recorded_captioner(stored: DatasetSettings) -> type[CaptionerResource]:
 def coca_named() -> bool:
     """Whether the environment names a CoCa model ($LAION_ASSETS_CAPTION_MODEL): a choice of that kind,
     where without it CoCa is only what a run falls back on."""
-    return bool(os.environ.get(caption.SETTINGS_ENV["model"]))
+    return bool(os.environ.get(CocaCaptionerResource.chosen_by()))
 
 
 def refuse_another_captioner(dataset: DatasetStore) -> None:
@@ -294,17 +299,16 @@ def refuse_another_captioner(dataset: DatasetStore) -> None:
     stored = load_settings(dataset) or DatasetSettings()
     recorded = recorded_captioner(stored)
     if recorded is not CocaCaptionerResource:
-        variable = next(iter(recorded.environment.values()))  # the one that chooses that kind
         raise OtherCaptioner(
             f"{dataset.url(SETTINGS_FILE)}: its captioner section records a {recorded.kind} captioner "
-            f"({stored.section(CAPTIONER_SECTION)}), not CoCa: set {variable} to recaption with it, or "
-            "change the section to change captioners"
+            f"({stored.section(CAPTIONER_SECTION)}), not CoCa: set {recorded.chosen_by()} to recaption with "
+            "it, or change the section to change captioners"
         )
 
 
 def environment_captioner() -> type[CaptionerResource]:
     """The kind of captioner the environment chooses: the first whose first variable is set, else CoCa."""
-    switched_on = (r for r in _CAPTIONER_RESOURCES if os.environ.get(next(iter(r.environment.values()))))
+    switched_on = (r for r in _CAPTIONER_RESOURCES if os.environ.get(r.chosen_by()))
     return next(switched_on, CocaCaptionerResource)
 
 
